@@ -1,0 +1,1 @@
+"""Built-in dataset plugins of fsmis-bench (import name ``fsmis_datasets``)."""

@@ -1,0 +1,27 @@
+"""Registers the built-in datasets and settings, through the public entry-point group."""
+
+from __future__ import annotations
+
+from fsmis_bench.plugins import hookimpl
+
+
+@hookimpl
+def fsmis_register_datasets(registry) -> None:
+    registry.register("abd_mri", "fsmis_datasets.preprocessed:AbdominalMRI",
+                      description="CHAOS T2-SPIR, 20 scans (CHAOST2/ layout)")
+    registry.register("abd_ct", "fsmis_datasets.preprocessed:AbdominalCT",
+                      description="Synapse/BTCV 'SABS', 30 scans (SABS/ layout)")
+    registry.register("card_mri", "fsmis_datasets.preprocessed:CardiacMRI",
+                      description="MS-CMRSeg bSSFP, 35 scans (CMR/ layout)")
+    registry.register("nifti_folder", "fsmis_datasets.nifti_folder:NiftiFolder",
+                      description="your own image/label NIfTI pairs, label map in config")
+    registry.register("phantom", "fsmis_datasets.phantom:Phantom",
+                      description="procedural abdominal volumes (CT/MRI-like), no files; the default")
+
+
+@hookimpl
+def fsmis_register_settings(registry) -> None:
+    registry.register("1", "builtins:None",
+                      description="train on all non-fold scans; test organs may appear unlabelled")
+    registry.register("2", "builtins:None",
+                      description="also drop training slices showing a test organ (exclusion=any|all)")

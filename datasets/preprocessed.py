@@ -1,0 +1,143 @@
+"""The three datasets of the FSMIS literature, in their shared preprocessed layout.
+
+``<root>/<FOLDER>/<images>/image_<id>.nii.gz`` + ``label_<id>.nii.gz``, pseudo-labels in
+``<root>/<FOLDER>/supervoxels_<n>/superpix-MIDDLE_<id>.nii.gz`` (PROTOCOL.md §1). A user who
+prepared data for SSL-ALPNet, ADNet, Q-Net or SD-FSMIS points ``data_root`` at that folder.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+from fsmis_bench.data.base import Volume, VolumeDataset
+from fsmis_bench.data.nifti import numeric_sort, read_nifti
+from fsmis_bench.errors import DataError
+from fsmis_bench.protocol.folds import FOLDS
+
+_ABDOMINAL_GROUPS = (("liver", "spleen"), ("left_kidney", "right_kidney"))
+
+
+class PreprocessedLayout(VolumeDataset):
+    """A dataset stored in the field's preprocessed layout."""
+
+    folder: ClassVar[str]
+    image_dir: ClassVar[str]
+    n_supervoxels: ClassVar[int]
+    fold_key: ClassVar[str]
+
+    def __init__(self, root=None, **options) -> None:
+        super().__init__(root, **options)
+        self.n_supervoxels = int(options.get("n_supervoxels") or type(self).n_supervoxels)
+
+    @property
+    def folds(self):  # type: ignore[override]
+        return FOLDS[self.fold_key]
+
+    def layout(self) -> str:
+        return (
+            f"<data_root>/{self.folder}/{self.image_dir}/image_<id>.nii.gz and label_<id>.nii.gz, "
+            f"pseudo-labels in <data_root>/{self.folder}/supervoxels_{self.n_supervoxels}/"
+            "superpix-MIDDLE_<id>.nii.gz"
+        )
+
+    @property
+    def image_root(self) -> Path:
+        if self.root is None:
+            raise DataError(
+                f"{self.name} needs a data root, and none is set",
+                hint=f"pass data_root=<dir> or set FSMIS_DATA_ROOT; expected layout: {self.layout()}",
+            )
+        path = self.root / self.folder / self.image_dir
+        if not path.is_dir():
+            raise DataError(
+                f"{self.name}: {path} does not exist",
+                hint=f"expected layout: {self.layout()} "
+                f"(raw downloads: `fsmis-bench prepare {self.name} --raw <dir> --out <data_root>`)",
+            )
+        return path
+
+    @property
+    def supervoxel_root(self) -> Path:
+        return self.image_root.parent / f"supervoxels_{self.n_supervoxels}"
+
+    def _case_ids(self) -> list[str]:
+        ids = [
+            m.group(1)
+            for p in self.image_root.iterdir()
+            if (m := re.fullmatch(r"image_(.+)\.nii(\.gz)?", p.name))
+        ]
+        if not ids:
+            raise DataError(
+                f"{self.name}: no image_<id>.nii.gz files in {self.image_root}",
+                hint=f"expected layout: {self.layout()}",
+            )
+        return numeric_sort(ids)
+
+    def _file(self, directory: Path, stem: str) -> Path:
+        for suffix in (".nii.gz", ".nii"):
+            candidate = directory / f"{stem}{suffix}"
+            if candidate.exists():
+                return candidate
+        return directory / f"{stem}.nii.gz"
+
+    def _load(self, case_id: str, with_supervoxels: bool) -> Volume:
+        image, spacing = read_nifti(self._file(self.image_root, f"image_{case_id}"), np.float32)
+        label, _ = read_nifti(self._file(self.image_root, f"label_{case_id}"), np.int32)
+        supervoxels = None
+        if with_supervoxels:
+            path = self._file(self.supervoxel_root, f"superpix-MIDDLE_{case_id}")
+            if not path.exists():
+                raise DataError(
+                    f"{self.name}: no supervoxels for case {case_id} ({path})",
+                    hint=f"generate them with `fsmis-bench supervoxels {self.name} --root <data_root>`, "
+                    "or train with protocol.train_labels=gt",
+                )
+            supervoxels, _ = read_nifti(path, np.int32)
+        return Volume(case_id, image, label, supervoxels, spacing)
+
+
+class AbdominalMRI(PreprocessedLayout):
+    """CHAOS T2-SPIR abdominal MRI: 20 scans, liver 1, right kidney 2, left kidney 3, spleen 4."""
+
+    folder = "CHAOST2"
+    image_dir = "chaos_MR_T2_normalized"
+    n_supervoxels = 5000
+    fold_key = "abd_mri"
+    label_map = {"liver": 1, "right_kidney": 2, "left_kidney": 3, "spleen": 4}
+    test_organs = ("liver", "right_kidney", "left_kidney", "spleen")
+    setting2_groups = _ABDOMINAL_GROUPS
+    modality = "mri"
+
+
+class AbdominalCT(PreprocessedLayout):
+    """Synapse/BTCV 'SABS' abdominal CT: 30 scans, 13 organs; four are test organs."""
+
+    folder = "SABS"
+    image_dir = "sabs_CT_normalized"
+    n_supervoxels = 5000
+    fold_key = "abd_ct"
+    label_map = {
+        "spleen": 1, "right_kidney": 2, "left_kidney": 3, "gallbladder": 4, "esophagus": 5,
+        "liver": 6, "stomach": 7, "aorta": 8, "ivc": 9, "portal_splenic_vein": 10,
+        "pancreas": 11, "right_adrenal": 12, "left_adrenal": 13,
+    }
+    test_organs = ("liver", "right_kidney", "left_kidney", "spleen")
+    setting2_groups = _ABDOMINAL_GROUPS
+    modality = "ct"
+
+
+class CardiacMRI(PreprocessedLayout):
+    """MS-CMRSeg bSSFP cardiac MRI: 35 scans, LV myocardium 200, LV blood pool 500, RV 600."""
+
+    folder = "CMR"
+    image_dir = "cmr_MR_normalized"
+    n_supervoxels = 1000
+    fold_key = "card_mri"
+    label_map = {"lv_myo": 200, "lv_bp": 500, "rv": 600}
+    test_organs = ("lv_bp", "lv_myo", "rv")
+    setting2_groups = ()
+    modality = "mri"

@@ -1,0 +1,104 @@
+"""Typed, lazy name registries.
+
+A registry maps a name to a *factory* (a class or callable) plus the plugin that
+contributed it. Entries may be given as ``"module:attr"`` strings so that heavy
+modules (diffusers, transformers) are imported only when the entry is used.
+Registering a name twice fails loudly; looking up an unknown name lists the known ones.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from dataclasses import dataclass, field
+from typing import Callable, Generic, Iterator, TypeVar, Union
+
+from .errors import NameCollisionError, UnknownNameError
+
+T = TypeVar("T")
+
+
+@dataclass
+class Entry(Generic[T]):
+    """One registered name."""
+
+    name: str
+    target: Union[str, Callable[..., T]]
+    plugin: str
+    description: str = ""
+    _resolved: Callable[..., T] | None = field(default=None, repr=False)
+
+    def load(self) -> Callable[..., T]:
+        """Import (once) and return the factory."""
+        if self._resolved is None:
+            if isinstance(self.target, str):
+                module_name, _, attr = self.target.partition(":")
+                obj = importlib.import_module(module_name)
+                for part in attr.split("."):
+                    obj = getattr(obj, part)
+                self._resolved = obj  # type: ignore[assignment]
+            else:
+                self._resolved = self.target
+        return self._resolved  # type: ignore[return-value]
+
+
+class Registry(Generic[T]):
+    """A named collection of factories of one kind (methods, datasets, ...).
+
+    Args:
+        kind: what the registry holds, used in error messages (e.g. ``"method"``).
+    """
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._entries: dict[str, Entry[T]] = {}
+
+    def register(
+        self,
+        name: str,
+        target: Union[str, Callable[..., T]],
+        *,
+        plugin: str = "<unknown>",
+        description: str = "",
+    ) -> None:
+        """Add ``name``; raises :class:`NameCollisionError` if it is taken."""
+        if name in self._entries:
+            other = self._entries[name].plugin
+            raise NameCollisionError(
+                f"{self.kind} {name!r} is registered twice: by plugin {other!r} and by {plugin!r}",
+                hint="rename one of them; names are global across all installed plugins",
+            )
+        self._entries[name] = Entry(name, target, plugin, description)
+
+    def entry(self, name: str) -> Entry[T]:
+        """The entry for ``name``; unknown names raise with the list of known ones."""
+        try:
+            return self._entries[name]
+        except KeyError:
+            known = sorted(self._entries)
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise UnknownNameError(
+                f"unknown {self.kind} {name!r}; known {self.kind}s: {', '.join(known) or '(none)'}",
+                hint=hint + "run `fsmis-bench list` to see every name with the plugin it came from",
+            ) from None
+
+    def get(self, name: str) -> Callable[..., T]:
+        """The (imported) factory registered as ``name``."""
+        return self.entry(name).load()
+
+    def build(self, name: str, *args, **kwargs) -> T:
+        """Call the factory registered as ``name``."""
+        return self.get(name)(*args, **kwargs)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[Entry[T]]:
+        return iter(sorted(self._entries.values(), key=lambda e: e.name))
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)

@@ -1,0 +1,132 @@
+"""``fsmis-bench``: run, eval, report, list, describe, prepare, supervoxels, check-data.
+
+Run-type commands take Hydra overrides::
+
+    fsmis-bench run method=prototype dataset=abd_mri setting=1 fold=0 seed=0
+    fsmis-bench run -m method=support_copy,prototype fold=0,1,2,3,4
+
+User errors print one message and a hint, and exit with status 2; nothing already
+written is removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+from .errors import FsmisError
+
+_SUBCOMMAND_MODULES = (
+    "fsmis_bench.reporting.commands",
+    "fsmis_methods._describe",
+    "fsmis_bench.preparation.commands",
+)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .config import compose, expand_sweep
+    from .runner import execute
+
+    overrides = list(args.overrides)
+    checkpoint = None
+    if args.command == "eval":
+        kept = []
+        for item in overrides:
+            if item.startswith("checkpoint="):
+                checkpoint = Path(item.split("=", 1)[1]).expanduser()
+                if not checkpoint.is_file():
+                    raise FsmisError(f"checkpoint {checkpoint} does not exist", hint="pass the path of a final.pt")
+            else:
+                kept.append(item)
+        overrides = kept
+    runs = expand_sweep(overrides) if args.multirun else [overrides]
+    if not args.multirun and any("," in o.split("=", 1)[-1] and not o.split("=", 1)[-1].startswith("[") for o in overrides):
+        raise FsmisError("comma-separated values describe a sweep", hint="add -m to run every combination")
+    configs = [compose(r) for r in runs]  # every config is checked before anything runs
+    failures = []
+    for index, (run_overrides, cfg) in enumerate(zip(runs, configs)):
+        if len(configs) > 1:
+            print(f"[{index + 1}/{len(configs)}] {' '.join(run_overrides)}", file=sys.stderr)
+        try:
+            run_dir = execute(cfg, allow_training=args.command == "run", checkpoint=checkpoint)
+            print(run_dir)
+        except FsmisError as exc:
+            if len(configs) == 1:
+                raise
+            failures.append((run_overrides, exc))
+            print(f"error: {exc}", file=sys.stderr)
+    if failures:
+        print(f"{len(failures)} of {len(configs)} runs failed; finished runs are kept:", file=sys.stderr)
+        for run_overrides, exc in failures:
+            print(f"  {' '.join(run_overrides)}: {exc.message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    from .plugins import registries
+
+    rows = [
+        {"kind": kind, "name": entry.name, "plugin": entry.plugin, "description": entry.description}
+        for kind, registry in registries().all().items()
+        for entry in registry
+    ]
+    if args.format == "json":
+        print(json.dumps(rows, indent=2))
+        return 0
+    widths = {k: max(len(k), *(len(r[k]) for r in rows)) for k in ("kind", "name", "plugin")}
+    header = "  ".join(k.ljust(widths[k]) for k in widths) + "  description"
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        print("  ".join(row[k].ljust(widths[k]) for k in widths) + "  " + row["description"])
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fsmis-bench",
+        description="Few-shot medical image segmentation benchmark.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, help_text in (
+        ("run", "train if the method needs it, then evaluate (default: prototype on phantom)"),
+        ("eval", "evaluate a trained checkpoint (found by config, or checkpoint=PATH)"),
+    ):
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        command.add_argument("-m", "--multirun", action="store_true", help="sweep comma-separated values")
+        command.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. method=prototype fold=0")
+        command.set_defaults(func=_run)
+    listing = sub.add_parser("list", help="methods, datasets, settings and backbones with their plugins")
+    listing.add_argument("--format", choices=("table", "json"), default="table")
+    listing.set_defaults(func=_list)
+    for module_name in _SUBCOMMAND_MODULES:
+        if importlib.util.find_spec(module_name) is not None:
+            importlib.import_module(module_name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except FsmisError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        if exc.hint:
+            print(f"  hint: {exc.hint}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; finished work is kept and the same command resumes", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""The dataset interface.
+
+A dataset plugin subclasses :class:`VolumeDataset`: it lists case ids in their canonical
+(numeric) order, loads one :class:`Volume` at a time, and declares its organ label map,
+its test organs and its folds. Everything episodic (folds, support choice, chunks,
+training episodes) is built on top of this by :mod:`fsmis_bench.protocol` and
+:mod:`fsmis_bench.training`, so every dataset is evaluated identically.
+"""
+
+from __future__ import annotations
+
+import functools
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+from ..errors import DataError
+
+#: The one organ vocabulary. Datasets map these names to their own label values, and
+#: cross-domain runs match organs by these names.
+ORGANS: tuple[str, ...] = (
+    "liver",
+    "spleen",
+    "left_kidney",
+    "right_kidney",
+    "gallbladder",
+    "esophagus",
+    "stomach",
+    "aorta",
+    "ivc",
+    "portal_splenic_vein",
+    "pancreas",
+    "right_adrenal",
+    "left_adrenal",
+    "lv_myo",
+    "lv_bp",
+    "rv",
+)
+
+
+@dataclass
+class Volume:
+    """One scan, slices first.
+
+    Attributes:
+        case_id: the scan's id as in its file names (e.g. ``"13"``).
+        image: ``(Z, H, W)`` float32 intensities as stored (not normalised).
+        label: ``(Z, H, W)`` int32 label values of the dataset's label map.
+        supervoxels: ``(Z, H, W)`` int32 pseudo-label ids (0 = background), or None.
+        spacing: voxel size in mm as ``(z, y, x)``.
+    """
+
+    case_id: str
+    image: np.ndarray
+    label: np.ndarray
+    supervoxels: np.ndarray | None = None
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
+
+    def __post_init__(self) -> None:
+        if self.image.ndim != 3 or self.image.shape != self.label.shape:
+            raise DataError(
+                f"case {self.case_id}: image {self.image.shape} and label {self.label.shape} "
+                "must be 3-D arrays of the same shape",
+                hint="check that the image and label files belong together",
+            )
+        if self.supervoxels is not None and self.supervoxels.shape != self.image.shape:
+            raise DataError(
+                f"case {self.case_id}: supervoxels {self.supervoxels.shape} do not match "
+                f"the image {self.image.shape}",
+                hint="regenerate them with `fsmis-bench supervoxels`",
+            )
+
+    @property
+    def num_slices(self) -> int:
+        return int(self.image.shape[0])
+
+    def organ_mask(self, label_value: int) -> np.ndarray:
+        """``(Z, H, W)`` bool mask of one label value."""
+        return self.label == label_value
+
+
+def normalise_volume(image: np.ndarray, mode: str) -> np.ndarray:
+    """Per-volume intensity normalisation applied before slicing.
+
+    Args:
+        image: ``(Z, H, W)`` intensities.
+        mode: ``"zscore"`` (ADNet family) or ``"minmax"`` (SD-FSMIS, to [-1, 1]).
+    Returns:
+        ``(Z, H, W)`` float32.
+    """
+    image = image.astype(np.float32, copy=False)
+    if mode == "zscore":
+        return (image - image.mean()) / max(float(image.std()), 1e-6)
+    if mode == "minmax":
+        lo, hi = float(image.min()), float(image.max())
+        return (image - lo) / max(hi - lo, 1e-6) * 2.0 - 1.0
+    if mode == "none":
+        return image
+    raise ValueError(f"unknown normalisation {mode!r}; use zscore, minmax or none")
+
+
+class VolumeDataset(ABC):
+    """Base class of dataset plugins.
+
+    Args:
+        root: the data root (``data_root=`` / ``FSMIS_DATA_ROOT``); datasets without
+            files (``phantom``) ignore it.
+        **options: the dataset's config group entries.
+
+    Subclasses set the class attributes and implement :meth:`_case_ids` and :meth:`_load`.
+    """
+
+    #: organ name (from :data:`ORGANS`) -> label value
+    label_map: ClassVar[dict[str, int]] = {}
+    #: organs evaluated, in table order
+    test_organs: ClassVar[tuple[str, ...]] = ()
+    #: fold k -> indices into :meth:`case_ids`
+    folds: ClassVar[tuple[tuple[int, ...], ...]] = ()
+    #: setting-2 organ groups: training for a group drops slices showing its organs
+    setting2_groups: ClassVar[tuple[tuple[str, ...], ...]] = ()
+    modality: ClassVar[str] = "mri"
+
+    def __init__(self, root: str | Path | None = None, **options) -> None:
+        self.root = Path(root).expanduser() if root not in (None, "", "null") else None
+        self.options = options
+        self._cache: dict[tuple[str, bool], Volume] = {}
+
+    # -- to implement -------------------------------------------------------------------
+    @abstractmethod
+    def _case_ids(self) -> list[str]:
+        """Case ids in canonical order (numeric where ids are numbers)."""
+
+    @abstractmethod
+    def _load(self, case_id: str, with_supervoxels: bool) -> Volume:
+        """Read one volume."""
+
+    # -- provided -----------------------------------------------------------------------
+    @functools.cached_property
+    def _ids(self) -> list[str]:
+        return list(self._case_ids())
+
+    def case_ids(self) -> list[str]:
+        return list(self._ids)
+
+    def load(self, case_id: str, with_supervoxels: bool = False) -> Volume:
+        """The volume ``case_id``, cached for the lifetime of this dataset object."""
+        key = (case_id, with_supervoxels)
+        if key not in self._cache:
+            if case_id not in self._ids:
+                raise DataError(f"{self.name}: no case {case_id!r}; cases are {self._ids}")
+            if (case_id, True) in self._cache:
+                return self._cache[(case_id, True)]
+            self._cache[key] = self._load(case_id, with_supervoxels)
+        return self._cache[key]
+
+    @property
+    def name(self) -> str:
+        return getattr(self, "registered_name", type(self).__name__)
+
+    def organ_value(self, organ: str) -> int:
+        try:
+            return self.label_map[organ]
+        except KeyError:
+            raise DataError(
+                f"dataset {self.name} has no organ {organ!r}; it has {sorted(self.label_map)}"
+            ) from None
+
+    def fold_cases(self, fold: int) -> list[str]:
+        """Case ids of fold ``fold``, in order."""
+        from ..protocol.folds import fold_indices
+
+        return [self._ids[i] for i in fold_indices(self.folds, fold, len(self._ids), self.name)]
+
+    def train_cases(self, fold: int) -> list[str]:
+        """Every case not in fold ``fold`` (all cases when ``fold`` is None: cross-domain)."""
+        if fold is None:
+            return self.case_ids()
+        held_out = set(self.fold_cases(fold))
+        return [c for c in self._ids if c not in held_out]

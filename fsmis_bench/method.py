@@ -1,0 +1,107 @@
+"""The interface every method implements. The engine owns everything else.
+
+A method never writes a loop, never touches an optimiser, a device or a file. It says:
+
+* which parameters train, at which learning rate (:meth:`Method.param_groups`);
+* the loss on a batch of training episodes (:meth:`Method.training_loss`);
+* the mask for a chunk of query slices given the support (:meth:`Method.predict`).
+
+Shapes: ``B`` episodes, ``S`` support shots, ``Q`` query slices, images ``(1, H, W)``.
+Images arrive normalised per volume as the method's :attr:`Method.input_norm` asks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+
+@dataclass
+class EpisodeBatch:
+    """A batch of training episodes.
+
+    Attributes:
+        support_images: ``(B, S, 1, H, W)`` float.
+        support_masks: ``(B, S, 1, H, W)`` float in {0, 1}.
+        query_images: ``(B, 1, H, W)`` float.
+        query_masks: ``(B, 1, H, W)`` float in {0, 1}.
+    """
+
+    support_images: torch.Tensor
+    support_masks: torch.Tensor
+    query_images: torch.Tensor
+    query_masks: torch.Tensor
+
+    def to(self, device: torch.device | str) -> "EpisodeBatch":
+        return EpisodeBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.query_images.shape[0])
+
+
+class Method(nn.Module):
+    """Base class of all method plugins.
+
+    Args:
+        cfg: the full resolved run config; a method reads ``cfg.method`` (its own group),
+            and where relevant ``cfg.backbone``, ``cfg.pretrained`` and ``cfg.weights_root``.
+    """
+
+    #: False for training-free methods: the engine skips training entirely.
+    needs_training: ClassVar[bool] = True
+    #: per-volume intensity normalisation the method expects: "zscore" or "minmax".
+    input_norm: ClassVar[str] = "zscore"
+
+    def __init__(self, cfg: DictConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+
+    # -- training ----------------------------------------------------------------------
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Optimiser parameter groups: ``[{"name": str, "params": [...], "lr": float}]``.
+
+        The default trains every parameter that requires grad at ``cfg.method.lr``.
+        """
+        params = [p for p in self.parameters() if p.requires_grad]
+        return [{"name": "all", "params": params, "lr": float(self.cfg.method.get("lr", 1e-4))}]
+
+    def training_loss(self, batch: EpisodeBatch) -> torch.Tensor:
+        """Scalar loss on one batch of episodes."""
+        raise NotImplementedError(f"{type(self).__name__} is trainable but has no training_loss")
+
+    def forward(self, batch: EpisodeBatch) -> torch.Tensor:
+        # The engine calls the module itself so that multi-GPU wrappers see a forward pass.
+        return self.training_loss(batch)
+
+    # -- inference ---------------------------------------------------------------------
+    def predict(
+        self,
+        support_images: torch.Tensor,
+        support_masks: torch.Tensor,
+        query_images: torch.Tensor,
+    ) -> torch.Tensor:
+        """Segment a chunk of query slices with one support.
+
+        Args:
+            support_images: ``(S, 1, H, W)``.
+            support_masks: ``(S, 1, H, W)`` in {0, 1}.
+            query_images: ``(Q, 1, H, W)`` — all query slices of the chunk, so the support
+                can be encoded once and reused.
+        Returns:
+            ``(Q, H, W)`` bool foreground masks.
+        """
+        raise NotImplementedError
+
+    # -- introspection -----------------------------------------------------------------
+    def components(self) -> dict[str, nn.Module]:
+        """Named parts for ``fsmis-bench describe`` (default: the direct children)."""
+        return dict(self.named_children())
+
+    def uses_random_weights(self) -> bool:
+        """True when a component that should be pretrained was built with random weights."""
+        return False

@@ -1,0 +1,63 @@
+"""File helpers shared by preparation, supervoxels and checks: atomic NIfTI writes, ids."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+#: Marker in the names of half-written files; a crashed run leaves only these behind.
+PARTIAL_TAG = ".partial-"
+
+_ID_PATTERN = re.compile(r"^(?:image|label|superpix-[A-Za-z]+)_(\d+)\.nii\.gz$")
+
+
+def case_id_of(path: Path) -> str | None:
+    """The numeric id in ``image_<id>.nii.gz`` / ``label_<id>`` / ``superpix-*_<id>``."""
+    match = _ID_PATTERN.match(Path(path).name)
+    return match.group(1) if match else None
+
+
+def sorted_case_ids(image_dir: Path) -> list[str]:
+    """Ids of every ``image_<id>.nii.gz`` in ``image_dir``, in numeric order."""
+    ids = [case_id_of(p) for p in Path(image_dir).glob("image_*.nii.gz")]
+    return sorted((i for i in ids if i is not None), key=int)
+
+
+def write_image_atomic(image: sitk.Image, path: Path) -> None:
+    """Write ``image`` to ``path`` through a temporary file and a rename.
+
+    An interrupted write leaves a ``*.partial-<pid>.nii.gz`` file, never a truncated
+    ``path``, so "the file exists" always means "the file is complete".
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name[:-7]}{PARTIAL_TAG}{os.getpid()}.nii.gz")
+    try:
+        sitk.WriteImage(image, str(tmp), True)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def remove_stale_partials(folder: Path) -> list[Path]:
+    """Delete half-written files a killed run left in ``folder``; returns what it removed."""
+    removed: list[Path] = []
+    if not Path(folder).is_dir():
+        return removed
+    for path in Path(folder).glob(f".*{PARTIAL_TAG}*"):
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def array_to_image(array: np.ndarray, reference: sitk.Image | None) -> sitk.Image:
+    """``(Z, Y, X)`` array -> SimpleITK image with ``reference``'s geometry (if given)."""
+    image = sitk.GetImageFromArray(array)
+    if reference is not None:
+        image.CopyInformation(reference)
+    return image

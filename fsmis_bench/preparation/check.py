@@ -1,0 +1,232 @@
+"""``check-data``: verify a prepared data root before a run.
+
+:func:`check_dataset` reads every case of one dataset and reports, per case, whether the
+image has its label, whether shapes and geometry agree, whether the label values are the
+dataset's, which test organs are missing, and whether supervoxels exist with the right
+shape. The harness calls it to refuse a broken root; the CLI prints its table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from ._io import case_id_of, sorted_case_ids
+from .facts import DATASET_FACTS, DatasetFacts, dataset_facts
+from .supervoxels import supervoxel_path
+
+__all__ = ["DATASET_FACTS", "CaseRow", "CheckReport", "check_dataset", "format_report"]
+
+#: Expected in-plane size (x, y) of every prepared volume of the three datasets.
+IN_PLANE_SIZE = (256, 256)
+_GEOMETRY_TOLERANCE = 1e-3
+
+
+@dataclass
+class CaseRow:
+    """One line of the summary table."""
+
+    case_id: str
+    shape: tuple[int, ...] | None = None  # (Z, Y, X)
+    spacing: tuple[float, ...] | None = None  # (z, y, x) mm
+    labels: list[int] = field(default_factory=list)
+    missing_organs: list[str] = field(default_factory=list)
+    supervoxels: str = "-"  # "ok", "missing", "shape ..." or "-" (not checked)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+@dataclass
+class CheckReport:
+    """Result of :func:`check_dataset`; ``ok`` is False when any problem was found."""
+
+    dataset: str
+    root: Path
+    rows: list[CaseRow] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _read_info(path: Path) -> sitk.ImageFileReader:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    return reader
+
+
+def _geometry_differs(a: sitk.Image, b: sitk.Image) -> str | None:
+    for what, x, y in (
+        ("spacing", a.GetSpacing(), b.GetSpacing()),
+        ("origin", a.GetOrigin(), b.GetOrigin()),
+        ("direction", a.GetDirection(), b.GetDirection()),
+    ):
+        if not np.allclose(x, y, atol=_GEOMETRY_TOLERANCE):
+            return f"{what} {tuple(round(v, 4) for v in x)} vs {tuple(round(v, 4) for v in y)}"
+    return None
+
+
+def _check_case(
+    facts: DatasetFacts, image_dir: Path, sv_dir: Path | None, case_id: str
+) -> CaseRow:
+    row = CaseRow(case_id=case_id)
+    image_path = image_dir / f"image_{case_id}.nii.gz"
+    label_path = image_dir / f"label_{case_id}.nii.gz"
+    if not label_path.exists():
+        row.problems.append(f"{label_path.name} is missing")
+        return row
+    try:
+        image = sitk.ReadImage(str(image_path))
+    except RuntimeError as error:
+        row.problems.append(f"{image_path.name} cannot be read ({str(error).strip().splitlines()[-1]})")
+        return row
+    try:
+        label = sitk.ReadImage(str(label_path))
+    except RuntimeError as error:
+        row.problems.append(f"{label_path.name} cannot be read ({str(error).strip().splitlines()[-1]})")
+        return row
+    image_array = sitk.GetArrayFromImage(image)
+    label_array = sitk.GetArrayFromImage(label)
+    row.shape = tuple(int(s) for s in image_array.shape)
+    row.spacing = tuple(round(float(s), 3) for s in image.GetSpacing()[::-1])
+    if image_array.ndim != 3:
+        row.problems.append(f"{image_path.name} is {image_array.ndim}-D, expected 3-D")
+        return row
+    if label_array.shape != image_array.shape:
+        row.problems.append(f"label shape {label_array.shape} != image shape {image_array.shape}")
+        return row
+    if tuple(image_array.shape[:0:-1]) != IN_PLANE_SIZE:
+        row.problems.append(
+            f"in-plane size {image_array.shape[2]}x{image_array.shape[1]}, expected "
+            f"{IN_PLANE_SIZE[0]}x{IN_PLANE_SIZE[1]} (slices must run along the last NIfTI axis)"
+        )
+    geometry = _geometry_differs(image, label)
+    if geometry:
+        row.problems.append(f"image and label geometry differ: {geometry}")
+    if not np.isfinite(image_array).all():
+        row.problems.append(f"{image_path.name} holds NaN or infinite values")
+    elif np.ptp(image_array) == 0:
+        row.problems.append(f"{image_path.name} is constant")
+    if not np.all(np.mod(label_array, 1) == 0):
+        row.problems.append(f"{label_path.name} holds non-integer values")
+    values = np.unique(label_array.astype(np.int64))
+    row.labels = [int(v) for v in values if v != 0]
+    known = set(facts.label_map.values()) | {0}
+    unknown = [int(v) for v in values if int(v) not in known]
+    if unknown:
+        row.problems.append(f"unknown label values {unknown} (known: {sorted(known - {0})})")
+    present = set(row.labels)
+    row.missing_organs = [o for o in facts.test_organs if facts.label_map[o] not in present]
+    if row.missing_organs:
+        row.problems.append(f"test organ(s) absent: {', '.join(row.missing_organs)}")
+    if sv_dir is not None:
+        sv_path = supervoxel_path(sv_dir, case_id)
+        if not sv_path.exists():
+            row.supervoxels = "missing"
+            row.problems.append(f"supervoxels {sv_path.name} missing in {sv_dir.name}/")
+        else:
+            try:
+                sv_size = _read_info(sv_path).GetSize()[::-1]
+            except RuntimeError:
+                row.supervoxels = "unreadable"
+                row.problems.append(f"{sv_path.name} cannot be read")
+            else:
+                if tuple(sv_size) != image_array.shape:
+                    row.supervoxels = f"shape {tuple(sv_size)}"
+                    row.problems.append(f"supervoxels {tuple(sv_size)} != image {image_array.shape}")
+                else:
+                    row.supervoxels = "ok"
+    return row
+
+
+def check_dataset(
+    name: str,
+    root: Path,
+    require_supervoxels: bool = True,
+    n_sv: int | None = None,
+) -> CheckReport:
+    """Verify the prepared root of dataset ``name`` (``abd_mri``, ``abd_ct``, ``card_mri``).
+
+    Args:
+        name: dataset name (key of :data:`DATASET_FACTS`).
+        root: the data root holding ``CHAOST2/``, ``SABS/``, ``CMR/``.
+        require_supervoxels: also require ``supervoxels_<n_sv>/superpix-MIDDLE_<id>``.
+        n_sv: supervoxel folder suffix; the dataset's default when None.
+    Returns:
+        A :class:`CheckReport`; ``report.problems`` lists each problem prefixed by its case.
+    """
+    facts = dataset_facts(name)
+    root = Path(root).expanduser()
+    report = CheckReport(dataset=name, root=root)
+    image_dir = facts.image_dir(root)
+    if not image_dir.is_dir():
+        report.problems.append(f"folder {image_dir} does not exist")
+        return report
+    ids = sorted_case_ids(image_dir)
+    if not ids:
+        report.problems.append(f"no image_<id>.nii.gz files in {image_dir}")
+        return report
+    orphans = sorted(
+        (case_id_of(p) for p in image_dir.glob("label_*.nii.gz") if case_id_of(p) not in ids),
+        key=lambda s: int(s) if s and s.isdigit() else 0,
+    )
+    for orphan in orphans:
+        report.problems.append(f"label_{orphan}.nii.gz has no image_{orphan}.nii.gz")
+    sv_dir = facts.supervoxel_dir(root, n_sv) if require_supervoxels else None
+    if sv_dir is not None and not sv_dir.is_dir():
+        report.problems.append(
+            f"supervoxel folder {sv_dir} does not exist "
+            f"(make it with `fsmis-bench supervoxels {name} --root {root}`)"
+        )
+        sv_dir_for_rows = None
+    else:
+        sv_dir_for_rows = sv_dir
+    for case_id in ids:
+        row = _check_case(facts, image_dir, sv_dir_for_rows, case_id)
+        if sv_dir is not None and sv_dir_for_rows is None:
+            row.supervoxels = "missing"
+        report.rows.append(row)
+        report.problems.extend(f"case {case_id}: {p}" for p in row.problems)
+    spacings = {r.spacing[1:] for r in report.rows if r.spacing}
+    if len(spacings) > 1:
+        report.problems.append(f"in-plane spacing differs between cases: {sorted(spacings)}")
+    return report
+
+
+def format_report(report: CheckReport) -> str:
+    """A fixed-width table (one row per case) followed by the problems, if any."""
+    facts = DATASET_FACTS[report.dataset]
+    header = ("case", "shape (Z,Y,X)", "spacing (z,y,x) mm", "labels", "missing organs", "supervoxels", "status")
+    table = [header]
+    for row in report.rows:
+        table.append(
+            (
+                row.case_id,
+                "x".join(map(str, row.shape)) if row.shape else "?",
+                ", ".join(f"{s:g}" for s in row.spacing) if row.spacing else "?",
+                " ".join(map(str, row.labels)) or "-",
+                ", ".join(row.missing_organs) or "-",
+                row.supervoxels,
+                "ok" if row.ok else "PROBLEM",
+            )
+        )
+    widths = [max(len(str(line[i])) for line in table) for i in range(len(header))]
+    lines = [f"{report.dataset}: {facts.image_dir(report.root)}"]
+    for i, line in enumerate(table):
+        lines.append("  ".join(str(cell).ljust(width) for cell, width in zip(line, widths)).rstrip())
+        if i == 0:
+            lines.append("  ".join("-" * width for width in widths))
+    if report.ok:
+        lines.append(f"OK: {len(report.rows)} case(s), no problems")
+    else:
+        lines.append(f"FAILED: {len(report.problems)} problem(s)")
+        lines.extend(f"  - {p}" for p in report.problems)
+    return "\n".join(lines)

@@ -1,0 +1,149 @@
+"""CLI subcommands ``prepare``, ``supervoxels`` and ``check-data``.
+
+``register(subparsers)`` adds them to the ``fsmis-bench`` parser; each sets
+``func=<callable(args) -> int>``. User errors raise :class:`~fsmis_bench.errors.FsmisError`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from ..errors import DataError
+from .facts import DATASET_FACTS, dataset_facts
+
+PREPARERS = ("abd_mri", "abd_ct", "card_mri")
+DATA_ROOT_ENV = "FSMIS_DATA_ROOT"
+
+
+def _root_from(args: argparse.Namespace) -> Path:
+    root = args.root or os.environ.get(DATA_ROOT_ENV)
+    if not root:
+        raise DataError("no data root given", hint=f"pass --root DIR or set {DATA_ROOT_ENV}")
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"data root {root} does not exist", hint="pass the folder holding CHAOST2/, SABS/, CMR/")
+    return root
+
+
+def run_prepare(args: argparse.Namespace) -> int:
+    from . import btcv, chaos, cmr
+    from .common import RawDataError, prepare_cases
+
+    facts = dataset_facts(args.dataset)
+    raw = Path(args.raw).expanduser()
+    if not raw.is_dir():
+        raise DataError(f"raw folder {raw} does not exist", hint="pass the unpacked release with --raw")
+    module = {"abd_mri": chaos, "abd_ct": btcv, "card_mri": cmr}[args.dataset]
+    try:
+        cases, problems = module.find_cases(raw)
+    except RawDataError as error:
+        raise DataError(str(error), hint="check --raw: it must point at the unpacked release") from None
+    out_dir = facts.image_dir(Path(args.out).expanduser())
+    summary = prepare_cases(cases, out_dir, force=args.force, progress=not args.no_progress, failed=problems)
+    print(summary.format())
+    if not summary.ok:
+        print(
+            f"{len(summary.failed)} raw case(s) could not be prepared (named above); the others are done. "
+            "Fix or remove those files and run the same command again: finished cases are skipped.",
+            file=sys.stderr,
+        )
+        return 2
+    return 0
+
+
+def run_supervoxels(args: argparse.Namespace) -> int:
+    from .supervoxels import compare_supervoxels, format_comparison, generate_supervoxels
+
+    facts = dataset_facts(args.dataset)
+    root = _root_from(args)
+    n_sv = args.n_sv or (facts.n_sv if args.method == "felzenszwalb3d" else 400)
+    image_dir = facts.image_dir(root)
+    if not image_dir.is_dir():
+        raise DataError(f"{image_dir} does not exist", hint=f"prepare it with `fsmis-bench prepare {args.dataset}`")
+    out_dir = Path(args.out).expanduser() if args.out else facts.supervoxel_dir(root, n_sv)
+    run = generate_supervoxels(
+        image_dir,
+        out_dir,
+        n_sv,
+        method=args.method,
+        workers=args.workers,
+        force=args.force,
+        spacing_zyx=tuple(args.spacing) if args.spacing else None,
+        progress=not args.no_progress,
+    )
+    print(
+        f"supervoxels ({args.method}, n_sv={n_sv}) in {out_dir}: {len(run.written)} written in "
+        f"{run.seconds:.1f} s, {len(run.skipped)} already there (kept; --force to redo), {len(run.failed)} failed"
+    )
+    for case_id, message in run.failed:
+        print(f"  FAILED case {case_id}: {message}")
+    if args.compare_to:
+        rows = compare_supervoxels(out_dir, Path(args.compare_to).expanduser())
+        print(f"\nours: {out_dir}\nreference: {args.compare_to}\n")
+        print(format_comparison(rows))
+    return 0 if run.ok else 2
+
+
+def run_check_data(args: argparse.Namespace) -> int:
+    from .check import check_dataset, format_report
+
+    report = check_dataset(args.dataset, _root_from(args), require_supervoxels=not args.no_supervoxels, n_sv=args.n_sv)
+    print(format_report(report))
+    return 0 if report.ok else 2
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``prepare``, ``supervoxels`` and ``check-data`` to the CLI."""
+    names = sorted(DATASET_FACTS)
+
+    prepare = subparsers.add_parser(
+        "prepare",
+        help="convert a raw public release into the prepared layout",
+        description=(
+            "Convert a raw release (CHAOS DICOM, BTCV NIfTI, MS-CMRSeg NIfTI) into "
+            "<out>/<DATASET>/<images>/image_<id>.nii.gz + label_<id>.nii.gz. Finished cases "
+            "are skipped, so an interrupted run resumes; existing files are only replaced "
+            "with --force."
+        ),
+    )
+    prepare.add_argument("dataset", choices=PREPARERS)
+    prepare.add_argument("--raw", required=True, help="unpacked release (CHAOS_Train_Sets, BTCV RawData, MS-CMRSeg folder)")
+    prepare.add_argument("--out", required=True, help="data root to write into (gets CHAOST2/, SABS/ or CMR/)")
+    prepare.add_argument("--force", action="store_true", help="overwrite cases that are already prepared")
+    prepare.add_argument("--no-progress", action="store_true", help="no progress bar")
+    prepare.set_defaults(func=run_prepare)
+
+    supervoxels = subparsers.add_parser(
+        "supervoxels",
+        help="make supervoxel pseudo-labels for a prepared dataset",
+        description=(
+            "Felzenszwalb supervoxels (ADNet 3-D by default, SSL-ALPNet 2-D as an option) into "
+            "<root>/<DATASET>/supervoxels_<n>/superpix-MIDDLE_<id>.nii.gz. Existing files are "
+            "kept unless --force."
+        ),
+    )
+    supervoxels.add_argument("dataset", choices=names)
+    supervoxels.add_argument("--root", help=f"data root (default: ${DATA_ROOT_ENV})")
+    supervoxels.add_argument("--n-sv", type=int, default=None, help="min_size (default 5000 abdomen, 1000 cardiac; 400 for 2-D)")
+    supervoxels.add_argument("--method", choices=("felzenszwalb3d", "felzenszwalb2d"), default="felzenszwalb3d")
+    supervoxels.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="volumes in parallel")
+    supervoxels.add_argument("--force", action="store_true", help="recompute existing supervoxel files")
+    supervoxels.add_argument("--out", help="write here instead of <root>/<DATASET>/supervoxels_<n>")
+    supervoxels.add_argument("--spacing", type=float, nargs=3, metavar=("Z", "Y", "X"), help="override header spacing (mm)")
+    supervoxels.add_argument("--compare-to", help="reference supervoxel folder: print a per-scan comparison table")
+    supervoxels.add_argument("--no-progress", action="store_true", help="no progress bar")
+    supervoxels.set_defaults(func=run_supervoxels)
+
+    check = subparsers.add_parser(
+        "check-data",
+        help="verify a prepared data root",
+        description="Check images, labels, organs and supervoxels of one dataset; exit 0 if OK, 2 otherwise.",
+    )
+    check.add_argument("dataset", choices=names)
+    check.add_argument("--root", help=f"data root (default: ${DATA_ROOT_ENV})")
+    check.add_argument("--n-sv", type=int, default=None, help="supervoxel folder suffix (default: the dataset's)")
+    check.add_argument("--no-supervoxels", action="store_true", help="do not require supervoxels")
+    check.set_defaults(func=run_check_data)

@@ -1,0 +1,52 @@
+"""Fixed cross-validation folds (PROTOCOL.md §2).
+
+Folds index into the id-sorted scan list and overlap by one scan: the last fold wraps
+around to scan 0. Training for fold k uses every scan outside fold k.
+"""
+
+from __future__ import annotations
+
+from ..errors import ConfigError
+
+
+def _five_folds(n_cases: int, width: int) -> tuple[tuple[int, ...], ...]:
+    """Folds of ``width + 1`` consecutive scans sharing their edges; the last wraps to 0."""
+    folds = [tuple(range(k * width, k * width + width + 1)) for k in range(4)]
+    folds.append(tuple(range(4 * width, n_cases)) + (0,))
+    return tuple(folds)
+
+
+FOLDS: dict[str, tuple[tuple[int, ...], ...]] = {
+    "abd_mri": _five_folds(20, 4),  # {0-4}, {4-8}, {8-12}, {12-16}, {16-19, 0}
+    "abd_ct": _five_folds(30, 6),  # {0-6}, ..., {24-29, 0}
+    "card_mri": _five_folds(35, 7),  # {0-7}, ..., {28-34, 0}
+}
+
+
+def folds_for(n_cases: int) -> tuple[tuple[int, ...], ...]:
+    """The same five-fold pattern for a dataset of any size (phantom, NIfTI folders)."""
+    if n_cases < 6:
+        raise ConfigError(
+            f"a dataset needs at least 6 scans for the 5-fold protocol, found {n_cases}",
+            hint="add scans, or set explicit folds in the dataset config (folds: [[0,1,2], ...])",
+        )
+    width = max(1, n_cases // 5)
+    return _five_folds(n_cases, width)
+
+
+def fold_indices(
+    folds: tuple[tuple[int, ...], ...], fold: int, n_cases: int, dataset: str = "dataset"
+) -> tuple[int, ...]:
+    """Indices of fold ``fold``, validated against the number of scans found."""
+    if not isinstance(fold, int) or not 0 <= fold < len(folds):
+        raise ConfigError(
+            f"fold={fold!r} does not exist for {dataset}",
+            hint=f"use fold=0..{len(folds) - 1}",
+        )
+    indices = folds[fold]
+    if max(indices) >= n_cases:
+        raise ConfigError(
+            f"{dataset} fold {fold} needs scan index {max(indices)} but only {n_cases} scans were found",
+            hint="check that the data root holds every scan of the dataset",
+        )
+    return indices

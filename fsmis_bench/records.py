@@ -1,0 +1,217 @@
+"""Run records: one directory per run, plain JSON/CSV/NPZ artefacts.
+
+``<results_dir>/<method>/<dataset>/setting<k>/fold<f>/seed<s>-<hash8>/`` where
+``<dataset>`` is the test dataset (``<train>_to_<test>`` for cross-domain runs) and
+``<hash8>`` the start of the resolved config's hash: a run with a different config gets a
+different directory, so nothing is ever overwritten; an identical finished run is found
+and not recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf
+
+CASE_COLUMNS = [
+    "method", "dataset", "train_dataset", "setting", "fold", "seed", "organ", "case_id",
+    "dice", "tp", "fp", "fn",
+]
+COMPLETE = "COMPLETE"
+
+# Config keys that do not change what a run computes, so they stay out of its hash.
+_UNHASHED = ("results_dir", "data_root", "weights_root", "device", "train.num_workers")
+# Keys that decide the trained weights; evaluation-only options are left out so that a
+# re-evaluation under another protocol option reuses the checkpoint.
+_TRAINING_KEYS = (
+    "method", "backbone", "dataset", "setting", "fold", "seed", "pretrained", "fidelity",
+    "mixed_precision", "train", "protocol.exclusion", "protocol.train_labels",
+    "protocol.min_fg_pixels", "protocol.test_dataset",
+)
+
+
+def _plain(cfg: DictConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def _digest(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _drop(data: dict[str, Any], dotted: str) -> None:
+    head, _, rest = dotted.partition(".")
+    if rest and isinstance(data.get(head), dict):
+        _drop(data[head], rest)
+    elif not rest:
+        data.pop(head, None)
+
+
+def _pick(data: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        data = data.get(part) if isinstance(data, dict) else None
+    return data
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """SHA-256 of the resolved config without paths and device choice."""
+    data = _plain(cfg)
+    for key in _UNHASHED:
+        _drop(data, key)
+    return _digest(data)
+
+
+def training_hash(cfg: DictConfig) -> str:
+    """SHA-256 of only the keys that decide the trained weights."""
+    data = _plain(cfg)
+    train = _pick(data, "train")
+    if isinstance(train, dict):
+        train.pop("num_workers", None)
+    return _digest({key: _pick(data, key) for key in _TRAINING_KEYS})
+
+
+def test_dataset_name(cfg: DictConfig) -> str:
+    return str(cfg.protocol.get("test_dataset") or cfg.dataset.name)
+
+
+def run_dir_for(cfg: DictConfig) -> Path:
+    """The record directory of the run that ``cfg`` describes."""
+    test = test_dataset_name(cfg)
+    dataset = test if test == cfg.dataset.name else f"{cfg.dataset.name}_to_{test}"
+    return (
+        Path(str(cfg.results_dir)).expanduser()
+        / str(cfg.method.name)
+        / dataset
+        / f"setting{cfg.setting}"
+        / f"fold{cfg.fold}"
+        / f"seed{cfg.seed}-{config_hash(cfg)[:8]}"
+    )
+
+
+def non_standard_options(cfg: DictConfig, random_weights: bool) -> list[str]:
+    """Every deviation from the standard protocol, for report markers."""
+    marks = []
+    protocol = cfg.protocol
+    if protocol.exclusion != "any" and int(cfg.setting) == 2:
+        marks.append(f"exclusion={protocol.exclusion}")
+    if protocol.dice != "per_volume":
+        marks.append(f"dice={protocol.dice}")
+    if protocol.train_labels != "supervoxels":
+        marks.append(f"train_labels={protocol.train_labels}")
+    if int(protocol.supp_idx) != 2:
+        marks.append(f"supp_idx={protocol.supp_idx}")
+    if int(protocol.n_part) != 3:
+        marks.append(f"n_part={protocol.n_part}")
+    if int(protocol.n_shot) != 1:
+        marks.append(f"n_shot={protocol.n_shot}")
+    if random_weights:
+        marks.append("random_weights")
+    return marks
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in ("fsmis-bench", "torch", "diffusers", "transformers", "accelerate", "monai", "numpy"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def atomic_write(path: Path, data: bytes | str) -> None:
+    """Write via a temporary file and rename, so a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mode = "wb" if isinstance(data, bytes) else "w"
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, mode) as handle:
+        handle.write(data)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    atomic_write(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())
+
+
+# -- predictions ----------------------------------------------------------------------
+def save_predictions(path: Path, predictions: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]) -> None:
+    """Store predicted masks compressed: bit-packed, one entry per (organ, case).
+
+    Args:
+        predictions: ``(organ, case_id) -> (slice_indices (K,), pred (K, H, W) bool)``.
+    """
+    arrays: dict[str, np.ndarray] = {}
+    for (organ, case_id), (slices, pred) in predictions.items():
+        key = f"{organ}/{case_id}"
+        arrays[f"{key}/slices"] = np.asarray(slices, dtype=np.int32)
+        arrays[f"{key}/shape"] = np.asarray(pred.shape, dtype=np.int32)
+        arrays[f"{key}/bits"] = np.packbits(np.asarray(pred, dtype=bool).ravel())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.npz")
+    np.savez_compressed(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def load_predictions(run_dir: Path) -> dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]:
+    """Inverse of :func:`save_predictions` for a run directory or an ``.npz`` file.
+
+    Returns:
+        ``(organ, case_id) -> (slice_indices (K,), pred (K, H, W) bool)``; empty if the
+        run saved no predictions.
+    """
+    path = Path(run_dir)
+    if path.is_dir():
+        path = path / "predictions.npz"
+    if not path.exists():
+        return {}
+    out = {}
+    with np.load(path) as data:
+        keys = {name.rsplit("/", 1)[0] for name in data.files}
+        for key in sorted(keys):
+            organ, case_id = key.split("/", 1)
+            shape = tuple(int(s) for s in data[f"{key}/shape"])
+            bits = np.unpackbits(data[f"{key}/bits"], count=int(np.prod(shape)))
+            out[(organ, case_id)] = (data[f"{key}/slices"], bits.reshape(shape).astype(bool))
+    return out
+
+
+# -- reading records ----------------------------------------------------------------------
+@dataclass
+class RunRecord:
+    """A run directory as read back from disk."""
+
+    path: Path
+    info: dict[str, Any]
+
+    @property
+    def complete(self) -> bool:
+        return (self.path / COMPLETE).exists()
+
+    def cases(self) -> pd.DataFrame:
+        return pd.read_csv(self.path / "cases.csv", dtype={"case_id": str})
+
+
+def iter_runs(results_dir: Path, include_incomplete: bool = False) -> Iterator[RunRecord]:
+    """Every run under ``results_dir`` (finished ones only, by default)."""
+    for info_path in sorted(Path(results_dir).glob("**/run.json")):
+        record = RunRecord(info_path.parent, read_json(info_path))
+        if include_incomplete or record.complete:
+            yield record

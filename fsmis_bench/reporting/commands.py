@@ -1,0 +1,218 @@
+"""The ``fsmis-bench report`` command and :func:`write_report` for scripts.
+
+Examples::
+
+    fsmis-bench report                          # main comparison as Markdown
+    fsmis-bench report --format csv > folds.csv # organ score per fold, long format
+    fsmis-bench report --compare sdfsmis adnet  # paired statistics per organ
+    fsmis-bench report --out report/            # everything, incl. report/report.html
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ..errors import FsmisError
+from . import figures as figures_module
+from . import stats
+from .collect import Results, default_results_dir, load_results, long_fold_csv, per_case_scores, summarise_runs
+from .html import render_html
+from .qualitative import DatasetLoader, default_loader, parse_slices, write_qualitative
+from .tables import all_tables, frame_to_latex, frame_to_markdown, main_table
+
+REPORT_HTML = "report.html"
+
+
+def _log(text: str) -> None:
+    print(text, file=sys.stderr)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-")
+
+
+def _prepare_out_dir(out_dir: Path, force: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FsmisError(f"{out_dir} exists and is not a folder", hint="choose another --out")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+        raise FsmisError(
+            f"report folder {out_dir} is not empty",
+            hint="choose a new --out folder, or pass --force to overwrite the report files in it",
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def write_report(
+    results_dir: str | Path,
+    out_dir: str | Path,
+    data_root: str | Path | None = None,
+    force: bool = False,
+    *,
+    compare: Sequence[tuple[str, str]] | None = None,
+    slices: str | None = None,
+    show_std: bool = False,
+    include_published: bool = True,
+    dataset_loader: DatasetLoader | None = None,
+    n_boot: int = 10000,
+    log: Callable[[str], None] = _log,
+) -> Path:
+    """Write the full report of ``results_dir`` into ``out_dir``.
+
+    Layout: ``report.html`` (self-contained), ``tables/`` (every table as ``.md``, ``.tex``
+    and ``.csv``, plus ``fold_scores.csv``, ``per_volume.csv``, ``runs.csv``, the paired
+    comparisons and bootstrap intervals) and ``figures/`` (``.png`` + ``.pdf``).
+
+    Args:
+        data_root: images for the qualitative figure (default ``FSMIS_DATA_ROOT``); without
+            data the figure is skipped with a note.
+        force: write into a non-empty ``out_dir`` (same-named files are replaced).
+        compare: (A, B) method labels; default: the best unmarked method against each other.
+        slices: ``[dataset:]organ:case_id:z,...`` for the qualitative figure.
+        dataset_loader: name -> dataset object; overrides ``data_root`` (tests, scripts).
+    Returns:
+        ``out_dir``.
+    Raises:
+        FsmisError: missing results folder, non-empty ``out_dir`` without ``force``, or an
+            unknown method in ``compare``.
+    """
+    out = Path(out_dir).expanduser()
+    results = load_results(results_dir)
+    named_slices = parse_slices(slices)
+    pairs = list(compare) if compare else stats.default_pairs(results)
+    # resolve the comparison names before writing anything, so a typo leaves no half report
+    per_case = per_case_scores(results)
+    for a, b in pairs:
+        stats.resolve(per_case, a), stats.resolve(per_case, b)
+    _prepare_out_dir(out, force)
+    tables_dir, figures_dir = out / "tables", out / "figures"
+    tables_dir.mkdir(exist_ok=True)
+    notes: list[str] = []
+    if results.empty:
+        notes.append(f"No finished runs under {results.root}; only published numbers are shown.")
+    if results.unfinished:
+        notes.append(f"{len(results.unfinished)} unfinished run(s) (no COMPLETE marker) are not counted; see Runs.")
+
+    steps = tqdm(total=5, desc="report", unit="step", file=sys.stderr, leave=False)
+    tables = all_tables(results, include_published, show_std)
+    for table in tables:
+        if table.is_empty():
+            continue
+        (tables_dir / f"{table.name}.md").write_text(table.to_markdown(), encoding="utf-8")
+        (tables_dir / f"{table.name}.tex").write_text(table.to_latex(), encoding="utf-8")
+        (tables_dir / f"{table.name}.csv").write_text(table.to_csv(), encoding="utf-8")
+    long_fold_csv(results).to_csv(tables_dir / "fold_scores.csv", index=False)
+    per_case.to_csv(tables_dir / "per_volume.csv", index=False)
+    run_summary = summarise_runs(results)
+    results.runs.to_csv(tables_dir / "runs.csv", index=False)
+    steps.update()
+
+    comparisons = []
+    for a, b in pairs:
+        frame = stats.compare(results, a, b, n_boot=n_boot)
+        shown = stats.format_compare(frame)
+        stem = f"compare_{_slug(a)}_vs_{_slug(b)}"
+        frame.to_csv(tables_dir / f"{stem}.csv", index=False)
+        (tables_dir / f"{stem}.md").write_text(f"**A = {a} vs B = {b}**\n\n" + frame_to_markdown(shown), encoding="utf-8")
+        (tables_dir / f"{stem}.tex").write_text(frame_to_latex(shown, f"{a} vs {b}: paired comparison", stem), encoding="utf-8")
+        comparisons.append((frame["A"].iloc[0] if len(frame) else a, frame["B"].iloc[0] if len(frame) else b, shown))
+    intervals = stats.confidence_intervals(results, n_boot=n_boot)
+    if not intervals.empty:
+        intervals.to_csv(tables_dir / "bootstrap_ci.csv", index=False)
+        (tables_dir / "bootstrap_ci.md").write_text(frame_to_markdown(intervals, "{:.2f}"), encoding="utf-8")
+        (tables_dir / "bootstrap_ci.tex").write_text(
+            frame_to_latex(intervals, "Mean Dice (%) per query volume, 95% bootstrap CI", "bootstrap_ci", "{:.2f}"),
+            encoding="utf-8")
+    steps.update()
+
+    figures = figures_module.write_figures(results, figures_dir)
+    steps.update()
+    loader = dataset_loader
+    if loader is None:
+        root = data_root if data_root not in (None, "") else os.environ.get("FSMIS_DATA_ROOT")
+        loader = default_loader(root) if root else None
+
+    def note(text: str) -> None:
+        notes.append(text.removeprefix("note: "))
+        log(text)
+
+    qualitative = write_qualitative(results, figures_dir, loader, named_slices, log=note)
+    steps.update()
+
+    captions = dict(figures_module.CAPTIONS)
+    for name in qualitative:
+        captions[name] = (f"Qualitative results ({name.removeprefix('qualitative_')}): image with ground-truth "
+                          "contour (green), then each method's predicted contour (red; ground truth dashed).")
+    page = render_html(results, tables, {**figures, **qualitative}, captions, comparisons, intervals, run_summary, notes)
+    (out / REPORT_HTML).write_text(page, encoding="utf-8")
+    steps.update()
+    steps.close()
+    return out
+
+
+def _run(args: argparse.Namespace) -> int:
+    results_dir = Path(args.results) if args.results else default_results_dir()
+    compare = [tuple(args.compare)] if args.compare else None
+    if args.out:
+        out = write_report(
+            results_dir, args.out, data_root=args.data_root, force=args.force, compare=compare,
+            slices=args.slices, show_std=args.std, include_published=not args.no_published, n_boot=args.n_boot,
+        )
+        print(out / REPORT_HTML)
+        return 0
+    results = load_results(results_dir)
+    if results.empty:
+        _log(f"note: no finished runs under {results_dir}")
+    if compare:
+        frame = stats.compare(results, *compare[0], n_boot=args.n_boot)
+        if frame.empty:
+            _log(f"note: {compare[0][0]} and {compare[0][1]} share no query volumes")
+        if args.format == "csv":
+            sys.stdout.write(frame.to_csv(index=False))
+        elif args.format == "latex":
+            sys.stdout.write(frame_to_latex(stats.format_compare(frame), f"{args.compare[0]} vs {args.compare[1]}", "compare"))
+        else:
+            sys.stdout.write(f"A = {args.compare[0]}, B = {args.compare[1]} (Dice %, 95% bootstrap CI; "
+                             "Wilcoxon signed-rank; r_rb = rank-biserial)\n\n")
+            sys.stdout.write(frame_to_markdown(stats.format_compare(frame)))
+        return 0
+    if args.format == "csv":
+        sys.stdout.write(long_fold_csv(results).to_csv(index=False))
+        return 0
+    table = main_table(results, include_published=not args.no_published, show_std=args.std)
+    sys.stdout.write(table.to_latex() if args.format == "latex" else table.to_markdown())
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``report`` to the CLI."""
+    parser = subparsers.add_parser(
+        "report",
+        help="tables, statistics, figures and an HTML page from run records",
+        description="Aggregate finished run records into the paper's tables (beside the published numbers), "
+                    "paired statistics, figures and a self-contained HTML report.",
+    )
+    parser.add_argument("--results", default=None,
+                        help="results folder (default: $FSMIS_RESULTS_DIR or ./results)")
+    parser.add_argument("--format", choices=("md", "csv", "latex"), default="md",
+                        help="stdout format: md/latex = main comparison table; csv = organ score per fold "
+                             "(method,dataset,setting,fold,organ,dice 0-1,...)")
+    parser.add_argument("--out", default=None, help="write the full report (tables, figures, report.html) here")
+    parser.add_argument("--force", action="store_true", help="allow --out to be a non-empty folder")
+    parser.add_argument("--compare", nargs=2, metavar=("A", "B"),
+                        help="paired per-organ statistics of two methods (name or 'method [variant]')")
+    parser.add_argument("--slices", default=None,
+                        help="qualitative slices as [dataset:]organ:case_id:z,... (default: per organ the largest "
+                             "ground-truth slice of fold 0's first query case)")
+    parser.add_argument("--data-root", default=None,
+                        help="data for the qualitative figure (default: $FSMIS_DATA_ROOT; skipped without data)")
+    parser.add_argument("--std", action="store_true", help="show ± std across folds in the tables")
+    parser.add_argument("--no-published", action="store_true", help="leave the published numbers out of the tables")
+    parser.add_argument("--n-boot", type=int, default=10000, help="bootstrap resamples (default 10000)")
+    parser.set_defaults(func=_run)

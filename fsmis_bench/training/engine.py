@@ -1,0 +1,222 @@
+"""The one training loop every method shares.
+
+The engine owns the optimiser (AdamW with the method's parameter groups), the learning-
+rate schedule, gradient accumulation and clipping, seeding, device placement and mixed
+precision (through ``accelerate``, so ``accelerate launch`` runs it on several GPUs),
+the progress bar, periodic checkpoints and resuming. A checkpoint holds only what
+training changes — trainable parameters, buffers, optimiser, schedule, the sampler's
+random stream and the loss log — so frozen multi-GB backbones are never copied.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+
+from ..errors import ConfigError
+from ..method import Method
+from ..records import atomic_write
+from .episodes import EpisodeSampler
+
+
+def make_accelerator(cfg: DictConfig, grad_accum: int = 1):
+    """An ``accelerate.Accelerator`` honouring ``device`` and ``mixed_precision``."""
+    from accelerate import Accelerator
+
+    device = str(cfg.get("device", "auto"))
+    use_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda was asked for, but no CUDA device is visible", hint="use device=cpu")
+    precision = str(cfg.get("mixed_precision", "auto"))
+    if precision == "auto":
+        precision = "no" if use_cpu else "bf16"
+    return Accelerator(cpu=use_cpu, mixed_precision=precision, gradient_accumulation_steps=grad_accum)
+
+
+def _schedule(name: str, total: int, warmup: int):
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        if name == "constant":
+            return 1.0
+        if name == "linear":
+            return max(0.0, 1.0 - progress)
+        if name == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        raise ConfigError(f"train.schedule={name!r} is unknown", hint="use constant, linear or cosine")
+
+    return factor
+
+
+def _trainable_state(method: Method) -> dict[str, torch.Tensor]:
+    trainable = {n for n, p in method.named_parameters() if p.requires_grad}
+    buffers = {n for n, _ in method.named_buffers()}
+    return {k: v.detach().cpu() for k, v in method.state_dict().items() if k in trainable | buffers}
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    seconds: float
+    final_loss: float | None
+    log: list[dict[str, Any]] = field(default_factory=list)
+
+
+class _Interrupt:
+    """Turns SIGTERM into KeyboardInterrupt so a cluster pre-emption saves a checkpoint."""
+
+    def __enter__(self):
+        self._previous = signal.getsignal(signal.SIGTERM)
+        try:
+            signal.signal(signal.SIGTERM, self._raise)
+        except ValueError:  # not in the main thread
+            self._previous = None
+        return self
+
+    @staticmethod
+    def _raise(signum, frame):
+        raise KeyboardInterrupt
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+        return False
+
+
+def train(
+    method: Method,
+    sampler: EpisodeSampler,
+    cfg: DictConfig,
+    checkpoint_dir: Path,
+    *,
+    description: str = "train",
+    accelerator=None,
+) -> TrainResult:
+    """Train ``method`` for ``cfg.train.steps`` optimiser steps, resuming if possible.
+
+    Checkpoints go to ``checkpoint_dir/last.pt`` every ``train.checkpoint_every`` steps
+    and on interruption; ``final.pt`` holds the finished weights. The loss log is written
+    to ``checkpoint_dir/train_log.csv``.
+    """
+    tcfg = cfg.train
+    steps, accum = int(tcfg.steps), int(tcfg.grad_accum)
+    if steps < 1 or accum < 1:
+        raise ConfigError("train.steps and train.grad_accum must be at least 1")
+    accelerator = accelerator or make_accelerator(cfg, accum)
+    groups = method.param_groups()
+    for group in groups:
+        group.setdefault("initial_lr", group["lr"])
+    optimizer = torch.optim.AdamW(
+        [{k: v for k, v in g.items() if k != "name"} for g in groups],
+        weight_decay=float(tcfg.weight_decay),
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _schedule(str(tcfg.schedule), steps, int(tcfg.warmup_steps))
+    )
+    # The schedule is stepped by hand once per optimiser step, so it is not prepared.
+    method, optimizer = accelerator.prepare(method, optimizer)
+    inner: Method = accelerator.unwrap_model(method)
+
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    last = checkpoint_dir / "last.pt"
+    start, log, elapsed_before = 0, [], 0.0
+    if last.exists():
+        state = torch.load(last, map_location="cpu", weights_only=False)
+        inner.load_state_dict(state["model"], strict=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        sampler.load_state_dict(state["sampler"])
+        torch.set_rng_state(state["torch_rng"])
+        start, log, elapsed_before = state["step"], state["log"], state.get("seconds", 0.0)
+        tqdm.write(f"resuming {description} from step {start} ({last})", file=sys.stderr)
+
+    def save(step: int, seconds: float) -> None:
+        if not accelerator.is_main_process:
+            return
+        state = {
+            "model": _trainable_state(inner),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "sampler": sampler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "step": step,
+            "log": log,
+            "seconds": seconds,
+        }
+        tmp = last.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, last)
+        _write_log(checkpoint_dir / "train_log.csv", log)
+
+    method.train()
+    began = time.time()
+    step = start
+    bar = tqdm(
+        total=steps, initial=start, desc=description, file=sys.stderr, dynamic_ncols=True,
+        disable=not accelerator.is_main_process or os.environ.get("FSMIS_NO_PROGRESS") == "1",
+    )
+    with _Interrupt():
+        try:
+            while step < steps:
+                running = 0.0
+                for _ in range(accum):
+                    batch = sampler.batch(int(tcfg.batch_size)).to(accelerator.device)
+                    with accelerator.accumulate(method), accelerator.autocast():
+                        loss = method(batch)  # forward == training_loss; through the DDP wrapper
+                        if not torch.isfinite(loss):
+                            raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}")
+                        accelerator.backward(loss)
+                        if accelerator.sync_gradients and float(tcfg.grad_clip) > 0:
+                            accelerator.clip_grad_norm_(method.parameters(), float(tcfg.grad_clip))
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                    running += float(loss.detach()) / accum
+                scheduler.step()
+                step += 1
+                bar.update(1)
+                seconds = elapsed_before + time.time() - began
+                if step % int(tcfg.log_every) == 0 or step == steps:
+                    log.append({"step": step, "loss": running, "lr": scheduler.get_last_lr()[0], "elapsed_s": round(seconds, 2)})
+                    bar.set_postfix(loss=f"{running:.4f}")
+                if step % int(tcfg.checkpoint_every) == 0 and step < steps:
+                    save(step, seconds)
+        except KeyboardInterrupt:
+            save(step, elapsed_before + time.time() - began)
+            bar.close()
+            tqdm.write(f"interrupted at step {step}; checkpoint saved, rerun the same command to resume", file=sys.stderr)
+            raise
+    bar.close()
+    seconds = elapsed_before + time.time() - began
+    save(step, seconds)
+    if accelerator.is_main_process:
+        torch.save({"model": _trainable_state(inner), "step": step}, checkpoint_dir / "final.pt")
+    method.eval()
+    return TrainResult(step, seconds, log[-1]["loss"] if log else None, log)
+
+
+def load_weights(method: Method, checkpoint: Path) -> int:
+    """Load a ``final.pt`` or ``last.pt`` into ``method``; returns its step."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    missing, unexpected = method.load_state_dict(state["model"], strict=False)
+    if unexpected:
+        raise ConfigError(
+            f"checkpoint {checkpoint} does not fit {type(method).__name__}: unexpected keys {unexpected[:3]}",
+            hint="evaluate it with the method and backbone it was trained with",
+        )
+    return int(state.get("step", 0))
+
+
+def _write_log(path: Path, log: list[dict[str, Any]]) -> None:
+    lines = ["step,loss,lr,elapsed_s"] + [f"{r['step']},{r['loss']:.6g},{r['lr']:.6g},{r['elapsed_s']}" for r in log]
+    atomic_write(path, "\n".join(lines) + "\n")

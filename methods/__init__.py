@@ -1,0 +1,1 @@
+"""Built-in method plugins of fsmis-bench (import name ``fsmis_methods``)."""

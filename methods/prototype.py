@@ -1,0 +1,97 @@
+"""``prototype``: a PANet-style prototype network on a small CNN trained from scratch.
+
+Support features are masked-average-pooled into a foreground and a background prototype;
+each query position is classified by scaled cosine similarity to the two. Training adds
+PANet's prototype-alignment loss (the query's predicted mask, used as a support, must
+segment the support back). Fast enough for CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fsmis_bench.method import EpisodeBatch, Method
+
+
+def _block(in_channels: int, out_channels: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+        nn.GroupNorm(8, out_channels),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+        nn.GroupNorm(8, out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+class Encoder(nn.Module):
+    """``(B, 1, H, W)`` -> ``(B, C, H/4, W/4)`` features."""
+
+    def __init__(self, width: int = 32, out_channels: int = 64) -> None:
+        super().__init__()
+        self.stages = nn.Sequential(
+            _block(1, width), nn.MaxPool2d(2),
+            _block(width, width * 2), nn.MaxPool2d(2),
+            _block(width * 2, width * 4),
+            nn.Conv2d(width * 4, out_channels, 1),
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.stages(images)
+
+
+def masked_average(features: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Prototype ``(B, C)`` of ``(B, C, h, w)`` features under ``(B, 1, H, W)`` masks."""
+    masks = F.interpolate(masks, size=features.shape[-2:], mode="bilinear", align_corners=False)
+    return (features * masks).sum((2, 3)) / (masks.sum((2, 3)) + 1e-5)
+
+
+def cosine_logits(features: torch.Tensor, prototypes: torch.Tensor, scale: float) -> torch.Tensor:
+    """``(B, P, h, w)`` scaled cosine similarity of ``(B, C, h, w)`` features to ``(B, P, C)`` prototypes."""
+    return scale * F.cosine_similarity(features.unsqueeze(1), prototypes[..., None, None], dim=2)
+
+
+class PrototypeNet(Method):
+    """Config (``method/prototype.yaml``): ``width``, ``feature_dim``, ``scale``, ``align_weight``, ``lr``."""
+
+    input_norm = "zscore"
+
+    def __init__(self, cfg) -> None:
+        super().__init__(cfg)
+        m = cfg.method
+        self.encoder = Encoder(int(m.get("width", 32)), int(m.get("feature_dim", 64)))
+        self.scale = float(m.get("scale", 20.0))
+        self.align_weight = float(m.get("align_weight", 1.0))
+
+    def _logits(self, support_images, support_masks, query_images) -> torch.Tensor:
+        """``(B, 2, H, W)`` background/foreground logits; supports ``(B, S, 1, H, W)``."""
+        batch, shots = support_images.shape[:2]
+        support_features = self.encoder(support_images.flatten(0, 1))
+        query_features = self.encoder(query_images)
+        masks = support_masks.flatten(0, 1)
+        foreground = masked_average(support_features, masks).view(batch, shots, -1).mean(1)
+        background = masked_average(support_features, 1 - masks).view(batch, shots, -1).mean(1)
+        prototypes = torch.stack([background, foreground], dim=1)
+        logits = cosine_logits(query_features, prototypes, self.scale)
+        return F.interpolate(logits, size=query_images.shape[-2:], mode="bilinear", align_corners=False)
+
+    def training_loss(self, batch: EpisodeBatch) -> torch.Tensor:
+        logits = self._logits(batch.support_images, batch.support_masks, batch.query_images)
+        loss = F.cross_entropy(logits, batch.query_masks[:, 0].long())
+        if self.align_weight > 0:
+            predicted = logits.softmax(1)[:, 1:2]
+            back = self._logits(batch.query_images.unsqueeze(1), predicted.unsqueeze(1), batch.support_images[:, 0])
+            loss = loss + self.align_weight * F.cross_entropy(back, batch.support_masks[:, 0, 0].long())
+        return loss
+
+    def predict(self, support_images, support_masks, query_images) -> torch.Tensor:
+        """Support ``(S, 1, H, W)`` is shared by every query slice ``(Q, 1, H, W)``."""
+        support_features = self.encoder(support_images)
+        foreground = masked_average(support_features, support_masks).mean(0)
+        background = masked_average(support_features, 1 - support_masks).mean(0)
+        prototypes = torch.stack([background, foreground])[None].expand(query_images.shape[0], 2, -1)
+        logits = cosine_logits(self.encoder(query_images), prototypes, self.scale)
+        logits = F.interpolate(logits, size=query_images.shape[-2:], mode="bilinear", align_corners=False)
+        return logits.argmax(1).bool()

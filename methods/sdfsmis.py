@@ -1,0 +1,648 @@
+"""SD-FSMIS: Stable Diffusion adapted for few-shot medical image segmentation.
+
+Li et al., "SD-FSMIS: Adapting Stable Diffusion for Few-Shot Medical Image Segmentation"
+(arXiv 2604.03134); PROTOCOL.md §6 lists the paper text and where the released code differs.
+
+The idea, in the order a forward pass runs:
+
+1. **Latents.** A frozen VAE encodes the grey images and the masks (replicated to 3
+   channels, in [-1, 1]) to 4-channel latents.
+2. **Support pass.** The support image latent ++ support mask latent (8 channels) enters
+   the U-Net through its own ``support_conv_in`` (Marigold-initialised from the pretrained
+   ``conv_in``). The pass leaves, in an :class:`AttentionBank`, what the query will look at.
+3. **Support-Image Interaction (SII)**, ``method.sii``:
+   ``cross_attention`` (paper) — an added cross-attention in every transformer block from
+   the query's tokens to the support's tokens of that block; ``kv_concat`` (code) — the
+   query's self-attention attends over its own and the support's keys/values. Machinery in
+   ``_sd_attention.py``.
+4. **Query Enhancement (QE)** (variants with QE): a support foreground prototype (masked
+   average of the support image latent) finds confident query positions by cosine
+   similarity; their mean, the *query prototype*, is broadcast and concatenated to the query
+   latent (8 channels into ``query_conv_in``, Marigold-initialised).
+5. **Visual-to-Textual Condition Translation (VTCT)** (variants with VTCT): a frozen image
+   encoder's patch tokens, masked-averaged under the support mask, go through an MLP to one
+   "text" token ``E`` that replaces the prompt embedding as ``encoder_hidden_states``.
+   Without VTCT the conditioning is the backbone's empty-prompt embedding.
+6. **One-step objective.** The U-Net's output is turned into an estimate of the query-mask
+   latent and compared (MSE) with the VAE latent of the true query mask; see
+   :meth:`SDFSMIS.mask_latent_estimate` for the paper's DDIM t=999 and the code's degenerate t=1.
+7. **Mask.** The estimate is VAE-decoded, its 3 channels averaged and thresholded
+   (absolute or relative), optionally keeping the largest connected component per slice.
+
+Every paper/code difference is a named ``cfg.method`` option whose ``null`` default follows
+``cfg.fidelity``; ``FIDELITY_DEFAULTS`` below is the table. The registered variants
+(``sdfsmis``, ``sdfsmis_sii``, ``sdfsmis_qe``, ``sdfsmis_vtct``) are the paper's ablations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from scipy import ndimage
+from torch import nn
+
+from fsmis_bench.errors import ConfigError
+from fsmis_bench.method import EpisodeBatch, Method
+
+from ._sd_attention import (
+    SUPPORT_ATTENTION_FORMS,
+    AttentionBank,
+    bank_kwargs,
+    install_support_attention,
+    support_attention_parameters,
+)
+
+#: paper text vs released code, per option (PROTOCOL.md §6). ``null`` options follow ``cfg.fidelity``.
+FIDELITY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "sii": {"paper": "cross_attention", "code": "kv_concat"},
+    "qe_form": {"paper": "cosine", "code": "fg_bg_softmax"},
+    "vtct_encoder": {"paper": "dinov2_small", "code": "dinov2_base"},
+    "objective": {"paper": "ddim_t999", "code": "degenerate_t1"},
+    "threshold": {"paper": "absolute", "code": "relative"},
+    "lcc": {"paper": False, "code": True},
+    # Not the method's to apply: the engine owns the protocol and the optimiser. Exposed
+    # through :meth:`SDFSMIS.protocol_hints` so a run can follow the code in one switch.
+    "train_labels": {"paper": "supervoxels", "code": "gt"},
+    "grad_accum": {"paper": 1, "code": 4},
+    "schedule": {"paper": "constant", "code": "linear"},
+}
+OBJECTIVES = ("ddim_t999", "degenerate_t1")
+QE_FORMS = ("cosine", "fg_bg_softmax")
+THRESHOLDS = ("absolute", "relative")
+#: DDPM schedule of SD-1.x/2.x: scaled_linear betas 0.00085..0.012 over 1000 steps.
+TRAIN_TIMESTEPS = 1000
+BETA_START, BETA_END = 0.00085, 0.012
+
+
+def sd_alphas_cumprod() -> torch.Tensor:
+    """``alpha_bar_t`` of the SD DDPM schedule, ``(1000,)`` float64 (``alpha_bar_999 = 0.00466``)."""
+    betas = torch.linspace(BETA_START**0.5, BETA_END**0.5, TRAIN_TIMESTEPS, dtype=torch.float64) ** 2
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+# ---------------------------------------------------------------------------------------
+# Query Enhancement: prototypes on the latent grid (pure functions, pinned by the tests)
+# ---------------------------------------------------------------------------------------
+def masked_average(features: torch.Tensor, weights: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Masked average pooling over shots and positions.
+
+    Args:
+        features: ``(B, S, C, h, w)``.
+        weights: ``(B, S, 1, h, w)`` in [0, 1].
+    Returns:
+        ``(B, C)``: ``sum(w * f) / sum(w)`` over shots and positions.
+    """
+    return (features * weights).sum(dim=(1, 3, 4)) / weights.sum(dim=(1, 3, 4)).clamp_min(eps)
+
+
+def topk_count(latent_width: int, ratio: float) -> int:
+    """The fallback's ``k = int(ratio * latent width)``, at least 1 (6 for a 32-wide latent)."""
+    return max(1, int(ratio * latent_width))
+
+
+def _mean_of_selected(query: torch.Tensor, score: torch.Tensor, selected: torch.Tensor, k: int) -> torch.Tensor:
+    """Mean query latent over ``selected`` positions; where none is selected, over the top ``k`` by ``score``.
+
+    ``query (B, C, h, w)``, ``score``/``selected`` ``(B, h, w)``; returns ``(B, C)``.
+    """
+    flat_score = score.flatten(1)
+    weights = selected.flatten(1).to(query.dtype)
+    empty = weights.sum(dim=1) == 0
+    if empty.any():
+        top = flat_score.topk(min(k, flat_score.shape[1]), dim=1).indices
+        fallback = torch.zeros_like(weights).scatter_(1, top, 1.0)
+        weights = torch.where(empty[:, None], fallback, weights)
+    return (query.flatten(2) * weights[:, None]).sum(-1) / weights.sum(-1, keepdim=True)
+
+
+def query_prototype_cosine(
+    query: torch.Tensor, fg_prototype: torch.Tensor, tau: float, k: int
+) -> torch.Tensor:
+    """Paper QE: mean of the query latents whose cosine similarity to ``P_s`` exceeds ``tau``.
+
+    When no position passes ``tau`` (the paper does not say what happens), the top ``k``
+    positions by similarity are used, the same fallback as the released code's form.
+
+    Args:
+        query: ``(B, C, h, w)`` query image latent.
+        fg_prototype: ``(B, C)`` support foreground prototype ``P_s``.
+    Returns:
+        ``(B, C)`` query prototype ``P_q``.
+    """
+    similarity = F.cosine_similarity(query, fg_prototype[:, :, None, None], dim=1)
+    return _mean_of_selected(query, similarity, similarity > tau, k)
+
+
+def query_prototype_fg_bg(
+    query: torch.Tensor, fg_prototype: torch.Tensor, bg_prototype: torch.Tensor, tau: float, k: int
+) -> torch.Tensor:
+    """Code QE: softmax over the (fg, bg) cosine maps; mean of the positions with fg probability > ``tau``,
+    falling back to the top ``k`` by fg probability.
+
+    Args:
+        query: ``(B, C, h, w)``; ``fg_prototype``, ``bg_prototype``: ``(B, C)``.
+    Returns:
+        ``(B, C)``.
+    """
+    cos_fg = F.cosine_similarity(query, fg_prototype[:, :, None, None], dim=1)
+    cos_bg = F.cosine_similarity(query, bg_prototype[:, :, None, None], dim=1)
+    fg_probability = torch.softmax(torch.stack([cos_fg, cos_bg]), dim=0)[0]
+    return _mean_of_selected(query, fg_probability, fg_probability > tau, k)
+
+
+# ---------------------------------------------------------------------------------------
+# VTCT: support image + mask -> one "text" token
+# ---------------------------------------------------------------------------------------
+class VTCTProjector(nn.Module):
+    """The VTCT MLP (the released code's shape; the paper gives none):
+    ``Linear(d, 2t), LN, GELU, 2 x [Linear(2t, 2t), LN, GELU], Linear(2t, t)``.
+
+    Args:
+        in_dim: image-encoder token width ``d``.
+        text_dim: U-Net cross-attention width ``t``.
+    """
+
+    def __init__(self, in_dim: int, text_dim: int) -> None:
+        super().__init__()
+        hidden = 2 * text_dim
+        layers: list[nn.Module] = [nn.Linear(in_dim, hidden), nn.LayerNorm(hidden), nn.GELU()]
+        for _ in range(2):
+            layers += [nn.Linear(hidden, hidden), nn.LayerNorm(hidden), nn.GELU()]
+        layers.append(nn.Linear(hidden, text_dim))
+        self.mlp = nn.Sequential(*layers)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        """``(..., d)`` -> ``(..., t)``."""
+        return self.mlp(pooled)
+
+
+def masked_token_average(tokens: torch.Tensor, masks: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Average of the patch tokens under the mask resized to the patch grid and > 0.5.
+
+    A mask too small to cover half of any patch would select nothing; then the resized
+    (soft) mask itself weights the average, so a tiny organ still gives its own feature.
+
+    Args:
+        tokens: ``(N, gh * gw, d)``; masks: ``(N, 1, H, W)`` in {0, 1}.
+    Returns:
+        ``(N, d)``.
+    """
+    soft = F.interpolate(masks.float(), size=grid, mode="bilinear", align_corners=False).flatten(1)
+    hard = (soft > 0.5).to(tokens.dtype)
+    weights = torch.where(hard.sum(1, keepdim=True) > 0, hard, soft.to(tokens.dtype))
+    return (tokens * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp_min(1e-6)
+
+
+# ---------------------------------------------------------------------------------------
+# masks from the decoded prediction
+# ---------------------------------------------------------------------------------------
+def threshold_decoded(decoded: torch.Tensor, mode: str, value: float) -> torch.Tensor:
+    """Foreground from the channel-averaged decoded prediction.
+
+    Args:
+        decoded: ``(Q, H, W)`` in the image space of the VAE, i.e. about [-1, 1]
+            (background -1, foreground +1).
+        mode: ``absolute``: ``decoded > value`` (paper default value 0, the midpoint of the
+            two mask levels); ``relative`` (code): rescaled to [0, 1] as an image would be,
+            ``p > value * max(p)`` per slice (default value 0.25).
+    Returns:
+        ``(Q, H, W)`` bool.
+    """
+    if mode == "absolute":
+        return decoded > value
+    if mode == "relative":
+        p = ((decoded + 1.0) / 2.0).clamp(0.0, 1.0)
+        peak = p.flatten(1).amax(dim=1).clamp_min(1e-6)
+        return p > value * peak[:, None, None]
+    raise ConfigError(f"unknown threshold {mode!r}", hint=f"method.threshold must be one of {THRESHOLDS}")
+
+
+def largest_component(masks: torch.Tensor) -> torch.Tensor:
+    """Keep the largest 8-connected component of each slice; ``(Q, H, W)`` bool -> same."""
+    out = np.zeros(tuple(masks.shape), dtype=bool)
+    for i, mask in enumerate(masks.cpu().numpy()):
+        labels, count = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+        if count:
+            sizes = np.bincount(labels.ravel())[1:]
+            out[i] = labels == (int(np.argmax(sizes)) + 1)
+    return torch.from_numpy(out).to(masks.device)
+
+
+# ---------------------------------------------------------------------------------------
+# the method
+# ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SDFSMISOptions:
+    """``cfg.method`` resolved against ``cfg.fidelity`` (every field concrete)."""
+
+    sii: str
+    qe: bool
+    qe_form: str
+    qe_tau: float
+    qe_topk_ratio: float
+    vtct: bool
+    vtct_encoder: str | None
+    objective: str
+    threshold: str
+    threshold_value: float
+    lcc: bool
+    predict_batch_size: int
+    gradient_checkpointing: bool
+    lr: float
+    lr_vtct: float
+
+    @property
+    def timestep(self) -> int:
+        return TRAIN_TIMESTEPS - 1 if self.objective == "ddim_t999" else 1
+
+
+@dataclass
+class SupportContext:
+    """Everything the query pass needs from the support, computed once per episode/chunk.
+
+    Attributes:
+        bank: the support pass's K/V (``kv_concat``) or block tokens (``cross_attention``).
+        conditioning: ``(B or 1, L, t)`` ``encoder_hidden_states`` (``E`` or the empty prompt).
+        fg_prototype, bg_prototype: ``(B or 1, C)`` support latent prototypes (QE), else None.
+        shots: ``S``.
+    """
+
+    bank: AttentionBank
+    conditioning: torch.Tensor
+    fg_prototype: torch.Tensor | None
+    bg_prototype: torch.Tensor | None
+    shots: int
+
+    def for_batch(self, batch: int) -> "SupportContext":
+        """Broadcast a batch-1 context to ``batch`` queries (views, no copies)."""
+
+        def grow(x: torch.Tensor | None) -> torch.Tensor | None:
+            if x is None or x.shape[0] == batch:
+                return x
+            return x.expand(batch, *x.shape[1:])
+
+        return SupportContext(self.bank, grow(self.conditioning), grow(self.fg_prototype), grow(self.bg_prototype), self.shots)
+
+
+class SDFSMIS(Method):
+    """SD-FSMIS (full: SII + QE + VTCT). Subclasses fix the ablation variants.
+
+    Trainable: the U-Net, the new input convs and SII layers (``method.lr``, 1e-5) and the
+    VTCT MLP (``method.lr_vtct``, 5e-5). Frozen: the VAE and the image encoder.
+    """
+
+    input_norm: ClassVar[str] = "minmax"
+    #: the variant's modules when ``cfg.method`` does not name them.
+    default_qe: ClassVar[bool] = True
+    default_vtct: ClassVar[bool] = True
+
+    def __init__(self, cfg: DictConfig) -> None:
+        super().__init__(cfg)
+        from ._sd_components import (
+            backbone_sources,
+            build_image_encoder,
+            build_unet,
+            build_vae,
+            expand_conv_in,
+            load_text_embedding,
+        )
+
+        self.fidelity = str(cfg.get("fidelity", "paper"))
+        if self.fidelity not in ("paper", "code"):
+            raise ConfigError(f"unknown fidelity {self.fidelity!r}", hint="use fidelity=paper or fidelity=code")
+        self.options = self.resolve_options(cfg.method, self.fidelity)
+        opts = self.options
+        backbone = backbone_sources(cfg.backbone, self.fidelity)
+        self.prediction_type = backbone.prediction_type
+        pretrained = bool(cfg.get("pretrained", True))
+        weights_root = cfg.get("weights_root")
+
+        self.vae = build_vae(backbone.vae, pretrained=pretrained, source=backbone.vae_source, weights_root=weights_root)
+        self.unet = build_unet(
+            backbone.unet, pretrained=pretrained, source=backbone.source,
+            weights_root=weights_root, cross_attention_dim=backbone.cross_attention_dim,
+        )
+        latent_channels = self.vae.latent_channels
+        if self.unet.config.in_channels != latent_channels:
+            raise ConfigError(
+                f"U-Net takes {self.unet.config.in_channels} channels but the VAE gives {latent_channels}",
+                hint="pick a backbone whose vae and unet belong together",
+            )
+        # The method owns the U-Net's input convs: conv_in becomes the identity and the
+        # query/support convs run before the U-Net (UNet2DConditionModel.forward does not
+        # look at the channel count of its input).
+        pretrained_conv_in = self.unet.conv_in
+        self.support_conv_in = expand_conv_in(pretrained_conv_in, 2 * latent_channels)
+        self.query_conv_in = expand_conv_in(pretrained_conv_in, 2 * latent_channels) if opts.qe else pretrained_conv_in
+        self.unet.conv_in = nn.Identity()
+        self.support_attention_keys = install_support_attention(self.unet, opts.sii)
+        if opts.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        text_dim = int(self.unet.config.cross_attention_dim)
+
+        self.image_encoder = None
+        self.vtct_mlp = None
+        if opts.vtct:
+            encoder_kind = opts.vtct_encoder or backbone.image_encoder
+            source = backbone.image_encoder_source if encoder_kind == backbone.image_encoder else None
+            self.image_encoder = build_image_encoder(
+                encoder_kind, pretrained=pretrained, source=source, weights_root=weights_root
+            )
+            self.image_encoder.requires_grad_(False)
+            self.vtct_mlp = VTCTProjector(self.image_encoder.dim, text_dim)
+            self.register_buffer("empty_prompt", None, persistent=False)
+        else:
+            prompt = load_text_embedding(
+                backbone.unet, pretrained=pretrained, source=backbone.source,
+                weights_root=weights_root, cross_attention_dim=text_dim,
+            )
+            self.register_buffer("empty_prompt", prompt, persistent=False)
+        self.vae.requires_grad_(False)
+        self.register_buffer("alphas_cumprod", sd_alphas_cumprod().float(), persistent=False)
+
+    # -- configuration -------------------------------------------------------------------
+    @classmethod
+    def resolve_options(cls, method_cfg: DictConfig, fidelity: str) -> SDFSMISOptions:
+        """Fill every ``null`` option from ``FIDELITY_DEFAULTS[option][fidelity]`` and validate."""
+        get = method_cfg.get
+
+        def pick(name: str) -> Any:
+            value = get(name)
+            return FIDELITY_DEFAULTS[name][fidelity] if value is None else value
+
+        objective = str(pick("objective"))
+        threshold = str(pick("threshold"))
+        threshold_value = get("threshold_value")
+        if threshold_value is None:
+            threshold_value = 0.0 if threshold == "absolute" else 0.25
+        opts = SDFSMISOptions(
+            sii=str(pick("sii")),
+            qe=bool(cls.default_qe if get("qe") is None else get("qe")),
+            qe_form=str(pick("qe_form")),
+            qe_tau=float(get("qe_tau") if get("qe_tau") is not None else 0.7),
+            qe_topk_ratio=float(get("qe_topk_ratio") if get("qe_topk_ratio") is not None else 0.1875),
+            vtct=bool(cls.default_vtct if get("vtct") is None else get("vtct")),
+            # null: the backbone's image_encoder, which itself follows fidelity when null
+            vtct_encoder=None if get("vtct_encoder") is None else str(get("vtct_encoder")),
+            objective=objective,
+            threshold=threshold,
+            threshold_value=float(threshold_value),
+            lcc=bool(pick("lcc")),
+            predict_batch_size=int(get("predict_batch_size") or 8),
+            gradient_checkpointing=bool(get("gradient_checkpointing") or False),
+            lr=float(get("lr") or 1e-5),
+            lr_vtct=float(get("lr_vtct") or 5e-5),
+        )
+        for name, value, allowed in (
+            ("sii", opts.sii, SUPPORT_ATTENTION_FORMS),
+            ("qe_form", opts.qe_form, QE_FORMS),
+            ("objective", opts.objective, OBJECTIVES),
+            ("threshold", opts.threshold, THRESHOLDS),
+        ):
+            if value not in allowed:
+                raise ConfigError(
+                    f"method.{name}={value!r} is not one of {', '.join(allowed)}",
+                    hint=f"set method.{name}=null to follow fidelity, or pick one of {', '.join(allowed)}",
+                )
+        return opts
+
+    def protocol_hints(self) -> dict[str, Any]:
+        """Settings outside the method that the chosen fidelity implies (for the engine/user)."""
+        return {key: FIDELITY_DEFAULTS[key][self.fidelity] for key in ("train_labels", "grad_accum", "schedule")}
+
+    # -- parameters ----------------------------------------------------------------------
+    def param_groups(self) -> list[dict[str, Any]]:
+        # the SII layers live inside the U-Net, so the U-Net group already holds them
+        # (the U-Net's own conv_in is now query_conv_in, outside self.unet)
+        main = [*self.unet.parameters(), *self.support_conv_in.parameters(), *self.query_conv_in.parameters()]
+        groups = [{"name": "unet", "params": [p for p in main if p.requires_grad], "lr": self.options.lr}]
+        if self.vtct_mlp is not None:
+            groups.append({"name": "vtct", "params": list(self.vtct_mlp.parameters()), "lr": self.options.lr_vtct})
+        return groups
+
+    def added_attention_parameters(self) -> list[nn.Parameter]:
+        """The SII layers (empty for ``kv_concat``)."""
+        return support_attention_parameters(self.unet)
+
+    def components(self) -> dict[str, nn.Module]:
+        parts: dict[str, nn.Module] = {"unet": self.unet, "vae": self.vae}
+        parts["support_conv_in"] = self.support_conv_in
+        parts["query_conv_in"] = self.query_conv_in
+        if self.image_encoder is not None:
+            parts["image_encoder"] = self.image_encoder
+            parts["vtct_mlp"] = self.vtct_mlp
+        return parts
+
+    def uses_random_weights(self) -> bool:
+        frozen = [self.vae] + ([self.image_encoder] if self.image_encoder is not None else [])
+        return bool(getattr(self.unet, "random_weights", False)) or any(m.random_weights for m in frozen)
+
+    # -- latents -------------------------------------------------------------------------
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """``(N, 1, H, W)`` in [-1, 1] -> ``(N, C, h, w)`` latents (frozen VAE, no autograd)."""
+        with torch.no_grad():
+            return self.vae.encode(images.float().expand(-1, 3, -1, -1)).detach()
+
+    def encode_masks(self, masks: torch.Tensor) -> torch.Tensor:
+        """``(N, 1, H, W)`` in {0, 1} -> ``(N, C, h, w)``: the mask as a [-1, 1] 3-channel image, encoded."""
+        return self.encode_images(masks.float() * 2.0 - 1.0)
+
+    # -- support side --------------------------------------------------------------------
+    def vtct_condition(self, support_images: torch.Tensor, support_masks: torch.Tensor) -> torch.Tensor:
+        """``E``: ``(B, S, 1, H, W)`` images and masks -> ``(B, 1, t)``, the shots' ``E`` averaged."""
+        b, s = support_images.shape[:2]
+        with torch.no_grad():
+            tokens = self.image_encoder(support_images.flatten(0, 1).float().expand(-1, 3, -1, -1))
+            pooled = masked_token_average(tokens, support_masks.flatten(0, 1), self.image_encoder.grid)
+        condition = self.vtct_mlp(pooled.detach()).view(b, s, -1)
+        return condition.mean(dim=1, keepdim=True)
+
+    def encode_support(self, support_images: torch.Tensor, support_masks: torch.Tensor) -> SupportContext:
+        """Run the support side once.
+
+        Args:
+            support_images: ``(B, S, 1, H, W)``; support_masks: ``(B, S, 1, H, W)``.
+        Returns:
+            the :class:`SupportContext` for ``B`` episodes.
+        """
+        b, s = support_images.shape[:2]
+        image_latents = self.encode_images(support_images.flatten(0, 1))
+        mask_latents = self.encode_masks(support_masks.flatten(0, 1))
+        if self.vtct_mlp is not None:
+            conditioning = self.vtct_condition(support_images, support_masks)
+        else:
+            conditioning = self.empty_prompt.expand(b, -1, -1)
+
+        fg_prototype = bg_prototype = None
+        if self.options.qe:
+            grid = image_latents.shape[-2:]
+            weights = F.interpolate(support_masks.flatten(0, 1).float(), size=grid, mode="area")
+            latents = image_latents.view(b, s, *image_latents.shape[1:])
+            weights = weights.view(b, s, 1, *grid)
+            fg_prototype = masked_average(latents, weights)
+            bg_prototype = masked_average(latents, 1.0 - weights)
+
+        bank = AttentionBank()
+        support_input = self.support_conv_in(torch.cat([image_latents, mask_latents], dim=1))
+        self.unet(
+            support_input,
+            self._timesteps(b * s, support_input.device),
+            encoder_hidden_states=conditioning.repeat_interleave(s, dim=0),
+            cross_attention_kwargs=bank_kwargs(bank, "write", s),
+        )
+        return SupportContext(bank, conditioning, fg_prototype, bg_prototype, s)
+
+    # -- query side ----------------------------------------------------------------------
+    def query_prototype(self, query_latents: torch.Tensor, support: SupportContext) -> torch.Tensor:
+        """QE's ``P_q``: ``(B, C, h, w)`` -> ``(B, C)``."""
+        opts = self.options
+        k = topk_count(query_latents.shape[-1], opts.qe_topk_ratio)
+        if opts.qe_form == "cosine":
+            return query_prototype_cosine(query_latents, support.fg_prototype, opts.qe_tau, k)
+        return query_prototype_fg_bg(query_latents, support.fg_prototype, support.bg_prototype, opts.qe_tau, k)
+
+    def query_pass(self, query_latents: torch.Tensor, support: SupportContext) -> torch.Tensor:
+        """The U-Net on the query, reading the support: ``(B, C, h, w)`` -> raw output ``(B, C, h, w)``."""
+        b = query_latents.shape[0]
+        support = support.for_batch(b)
+        query_input = query_latents
+        if self.options.qe:
+            prototype = self.query_prototype(query_latents, support)
+            query_input = torch.cat([query_latents, prototype[:, :, None, None].expand_as(query_latents)], dim=1)
+        return self.unet(
+            self.query_conv_in(query_input),
+            self._timesteps(b, query_latents.device),
+            encoder_hidden_states=support.conditioning,
+            cross_attention_kwargs=bank_kwargs(support.bank, "read", support.shots),
+        ).sample
+
+    def mask_latent_estimate(self, model_output: torch.Tensor, query_latents: torch.Tensor) -> torch.Tensor:
+        """The U-Net output as an estimate of the query-mask latent ``x0``.
+
+        ``ddim_t999`` (paper, "single-step DDIM at t = 999"): the U-Net sees the clean query
+        latent as ``x_t`` at timestep 999 of the SD DDPM schedule (scaled_linear betas
+        0.00085..0.012, 1000 steps, ``a = alpha_bar_999 = 0.00466``), and its output is read
+        per the backbone's ``prediction_type`` as one DDIM step to ``t = 0``:
+        ``epsilon``: ``x0 = (x_t - sqrt(1 - a) * out) / sqrt(a)``;
+        ``v_prediction``: ``x0 = sqrt(a) * x_t - sqrt(1 - a) * out``; ``sample``: ``x0 = out``.
+
+        ``degenerate_t1`` (code): the released code's scheduler has ``beta = 1`` so
+        ``alpha_bar = 0`` and, with v-prediction, ``x0 = -out`` (the U-Net input is the clean
+        query latent at timestep 1). Its loss against the negated mask latent equals the MSE
+        of this ``x0`` against the mask latent.
+        """
+        # float32: at t=999 the epsilon form divides by sqrt(a) = 0.068
+        model_output, query_latents = model_output.float(), query_latents.float()
+        if self.options.objective == "degenerate_t1":
+            return -model_output
+        a = self.alphas_cumprod[self.options.timestep]
+        if self.prediction_type == "epsilon":
+            return (query_latents - (1 - a).sqrt() * model_output) / a.sqrt()
+        if self.prediction_type == "v_prediction":
+            return a.sqrt() * query_latents - (1 - a).sqrt() * model_output
+        if self.prediction_type == "sample":
+            return model_output
+        raise ConfigError(
+            f"unknown prediction_type {self.prediction_type!r}",
+            hint="backbone.prediction_type must be epsilon, v_prediction or sample",
+        )
+
+    def _timesteps(self, batch: int, device: torch.device) -> torch.Tensor:
+        return torch.full((batch,), self.options.timestep, dtype=torch.long, device=device)
+
+    # -- Method interface ----------------------------------------------------------------
+    def training_loss(self, batch: EpisodeBatch) -> torch.Tensor:
+        """MSE between the estimated and the true query-mask latent."""
+        support = self.encode_support(batch.support_images, batch.support_masks)
+        query_latents = self.encode_images(batch.query_images)
+        target = self.encode_masks(batch.query_masks)
+        estimate = self.mask_latent_estimate(self.query_pass(query_latents, support), query_latents)
+        return F.mse_loss(estimate.float(), target.float())
+
+    def decode_masks(self, mask_latents: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """``(Q, C, h, w)`` latents -> ``(Q, H, W)`` bool (decode, mean of 3 channels, threshold, LCC)."""
+        decoded = self.vae.decode(mask_latents.float()).float().mean(dim=1, keepdim=True)
+        if tuple(decoded.shape[-2:]) != tuple(size):
+            decoded = F.interpolate(decoded, size=size, mode="bilinear", align_corners=False)
+        masks = threshold_decoded(decoded[:, 0], self.options.threshold, self.options.threshold_value)
+        return largest_component(masks) if self.options.lcc else masks
+
+    @torch.no_grad()
+    def predict(
+        self,
+        support_images: torch.Tensor,
+        support_masks: torch.Tensor,
+        query_images: torch.Tensor,
+    ) -> torch.Tensor:
+        """The support is encoded once (one U-Net pass) and shared by every query slice;
+        query slices run in batches of ``method.predict_batch_size``."""
+        support = self.encode_support(support_images[None], support_masks[None])
+        masks = []
+        for chunk in query_images.split(self.options.predict_batch_size):
+            query_latents = self.encode_images(chunk)
+            estimate = self.mask_latent_estimate(self.query_pass(query_latents, support), query_latents)
+            masks.append(self.decode_masks(estimate, tuple(chunk.shape[-2:])))
+        return torch.cat(masks)
+
+    def predict_uncached(
+        self,
+        support_images: torch.Tensor,
+        support_masks: torch.Tensor,
+        query_images: torch.Tensor,
+    ) -> torch.Tensor:
+        """Reference path without the support cache: the support re-encoded for every slice
+        (same result as :meth:`predict`, used by the tests and the benchmark)."""
+        with torch.no_grad():
+            out = []
+            for query in query_images.split(1):
+                support = self.encode_support(support_images[None], support_masks[None])
+                query_latents = self.encode_images(query)
+                estimate = self.mask_latent_estimate(self.query_pass(query_latents, support), query_latents)
+                out.append(self.decode_masks(estimate, tuple(query.shape[-2:])))
+            return torch.cat(out)
+
+
+class SDFSMISSii(SDFSMIS):
+    """Ablation: SII only (no QE, no VTCT: empty-prompt conditioning)."""
+
+    default_qe = False
+    default_vtct = False
+
+
+class SDFSMISQe(SDFSMIS):
+    """Ablation: SII + QE."""
+
+    default_qe = True
+    default_vtct = False
+
+
+class SDFSMISVtct(SDFSMIS):
+    """Ablation: SII + VTCT."""
+
+    default_qe = False
+    default_vtct = True
+
+
+__all__ = [
+    "FIDELITY_DEFAULTS",
+    "SDFSMIS",
+    "SDFSMISQe",
+    "SDFSMISSii",
+    "SDFSMISVtct",
+    "SDFSMISOptions",
+    "SupportContext",
+    "VTCTProjector",
+    "largest_component",
+    "masked_average",
+    "masked_token_average",
+    "query_prototype_cosine",
+    "query_prototype_fg_bg",
+    "sd_alphas_cumprod",
+    "threshold_decoded",
+    "topk_count",
+]

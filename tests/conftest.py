@@ -1,0 +1,46 @@
+"""Shared fixtures: real-data paths (skipped with a reason when absent) and temp roots."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _shared(name: str, env: str) -> Path | None:
+    value = os.environ.get(env)
+    candidates = [Path(value)] if value else []
+    candidates.append(REPO.parent / "shared" / name)
+    for path in candidates:
+        if path.is_dir():
+            return path
+    return None
+
+
+@pytest.fixture(scope="session")
+def real_data_root() -> Path:
+    """The real CHAOS/CMR root (``FSMIS_DATA_ROOT``); skips the test when absent."""
+    root = _shared("data", "FSMIS_DATA_ROOT")
+    if root is None or not (root / "CHAOST2").is_dir():
+        pytest.skip("real data not found: set FSMIS_DATA_ROOT to the folder holding CHAOST2/ and CMR/")
+    return root
+
+
+@pytest.fixture(scope="session")
+def real_weights_root() -> Path:
+    """The real TAESD weights root (``FSMIS_WEIGHTS_ROOT``); skips the test when absent."""
+    root = _shared("weights", "FSMIS_WEIGHTS_ROOT")
+    if root is None or not (root / "taesd").is_dir():
+        pytest.skip("real weights not found: set FSMIS_WEIGHTS_ROOT to the folder holding taesd/")
+    return root
+
+
+@pytest.fixture()
+def results_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh results root, also exported as FSMIS_RESULTS_DIR."""
+    out = tmp_path / "results"
+    monkeypatch.setenv("FSMIS_RESULTS_DIR", str(out))
+    return out
