@@ -28,6 +28,7 @@ from torch import nn
 ROW_COMPONENT = "component"
 ROW_ADDED = "added"
 ROW_MODIFIED = "modified"
+ROW_REMOVED = "removed"
 ROW_OTHER = "other"
 ROW_TOTAL = "total"
 
@@ -66,15 +67,17 @@ def _added_category(name: str) -> str:
     return "added (other)"
 
 
-def _unet_changes(unet: nn.Module) -> tuple[dict[str, list[tuple[str, nn.Parameter]]], list[tuple[str, nn.Parameter]]]:
+def _unet_changes(unet: nn.Module) -> tuple[dict[str, list[tuple[str, nn.Parameter]]], list[tuple[str, nn.Parameter]], dict[str, int]]:
     """Parameters of ``unet`` absent from the stock architecture of its config, grouped by
-    category, and stock parameters whose shape differs from that architecture."""
+    category; stock layers whose shape differs from that architecture; and stock layers the
+    method removed (e.g. a ``conv_in`` moved out of the U-Net), with their stock counts."""
     from diffusers import UNet2DConditionModel
 
     # weightless reference: no allocation, ~1 s for the SD-sized architectures
     with torch.device("meta"):
         reference = UNet2DConditionModel.from_config(unet.config)
     stock = {name: tuple(p.shape) for name, p in reference.named_parameters()}
+    stock_modules = {name for name, _ in reference.named_modules()}
     added: dict[str, list[tuple[str, nn.Parameter]]] = {}
     modified: list[tuple[str, nn.Parameter]] = []
     named = list(unet.named_parameters())
@@ -82,10 +85,39 @@ def _unet_changes(unet: nn.Module) -> tuple[dict[str, list[tuple[str, nn.Paramet
     reshaped_owners = {n.rsplit(".", 1)[0] for n, p in named if n in stock and tuple(p.shape) != stock[n]}
     for name, param in named:
         if name not in stock:
-            added.setdefault(_added_category(name), []).append((name, param))
+            root = _added_root(name, stock_modules)
+            added.setdefault(_added_category(root), []).append((root, param))
         elif name.rsplit(".", 1)[0] in reshaped_owners:
             modified.append((name, param))
-    return added, modified
+    present = {n for n, _ in named}
+    removed: dict[str, int] = {}
+    for name, param in reference.named_parameters():
+        if name not in present:
+            owner = name.rsplit(".", 1)[0]
+            removed[owner] = removed.get(owner, 0) + param.numel()
+    return added, modified, removed
+
+
+def _added_root(param_name: str, stock_modules: set[str]) -> str:
+    """The outermost module on the path to ``param_name`` that the stock U-Net lacks."""
+    parts = param_name.split(".")
+    for end in range(1, len(parts)):
+        prefix = ".".join(parts[:end])
+        if prefix not in stock_modules:
+            return prefix
+    return param_name  # a bare parameter added to a stock module
+
+
+def _describe_modules(unet: nn.Module, roots: list[str]) -> str:
+    """``"Attention x16 + LayerNorm x16"`` for the distinct added modules ``roots``."""
+    counts: dict[str, int] = {}
+    for root in dict.fromkeys(roots):
+        try:
+            cls = type(unet.get_submodule(root)).__name__
+        except AttributeError:
+            cls = "Parameter"
+        counts[cls] = counts.get(cls, 0) + 1
+    return " + ".join(f"{cls} x{n}" for cls, n in sorted(counts.items()))
 
 
 def _is_unet(module: nn.Module) -> bool:
@@ -99,11 +131,12 @@ def _is_unet(module: nn.Module) -> bool:
 def describe_method(method: nn.Module) -> list[dict[str, Any]]:
     """One row per component (+ U-Net added/modified layers, ``(other)``, and ``total``).
 
-    Each row: ``component``, ``kind`` (component | added | modified | other | total),
+    Each row: ``component``, ``kind`` (component | added | modified | removed | other | total),
     ``class``, ``params``, ``trainable_params``, ``trained`` (yes | no | partial | -),
     ``random_weights`` (bool, or None when the component does not say), ``parent`` (the
-    component an added/modified row belongs to). Added/modified rows detail their parent and
-    are not counted again: the ``component`` and ``other`` rows sum to ``total``.
+    component an added/modified/removed row belongs to). Those rows detail their parent and
+    are not counted again (a ``removed`` row gives the stock count of layers the method took
+    out of the U-Net): the ``component`` and ``other`` rows sum to ``total``.
     """
     components = method.components() if hasattr(method, "components") else dict(method.named_children())
     rows: list[dict[str, Any]] = []
@@ -120,12 +153,18 @@ def describe_method(method: nn.Module) -> list[dict[str, Any]]:
             (f"{name}.{sub}", m) for sub, m in module.named_modules() if sub and _is_unet(m)
         ]
         for unet_name, unet in unets:
-            added, modified = _unet_changes(unet)
+            added, modified, removed = _unet_changes(unet)
             for category, named in sorted(added.items()):
-                rows.append(_row(f"{unet_name}: {category}", ROW_ADDED, "+".join(sorted({type_name(unet, n) for n, _ in named})), [p for _, p in named], None, parent=name))
+                rows.append(_row(f"{unet_name}: {category}", ROW_ADDED, _describe_modules(unet, [n for n, _ in named]), [p for _, p in named], None, parent=name))
             if modified:
                 labels = sorted({n.rsplit(".", 1)[0] for n, _ in modified})
                 rows.append(_row(f"{unet_name}: modified {', '.join(labels)}", ROW_MODIFIED, "reshaped", [p for _, p in modified], None, parent=name))
+            if removed:
+                # stock layers the method took out (not part of any count below)
+                row = _row(f"{unet_name}: removed {', '.join(sorted(removed))}", ROW_REMOVED, "stock layer", [], None, parent=name)
+                row["params"] = int(sum(removed.values()))
+                row["trained"] = "-"
+                rows.append(row)
     rest = [p for p in method.parameters() if id(p) not in seen]
     if rest:
         rows.append(_row("(other)", ROW_OTHER, "-", rest, None))
@@ -134,15 +173,6 @@ def describe_method(method: nn.Module) -> list[dict[str, Any]]:
     uses_random = uses_random or any(r["random_weights"] for r in rows if r["kind"] == ROW_COMPONENT)
     rows.append(_row("total", ROW_TOTAL, type(method).__name__, all_params, uses_random))
     return rows
-
-
-def type_name(root: nn.Module, param_name: str) -> str:
-    """Class of the module that owns ``param_name`` inside ``root``."""
-    owner = param_name.rsplit(".", 1)[0]
-    try:
-        return type(root.get_submodule(owner)).__name__
-    except AttributeError:
-        return "?"
 
 
 def describe_report(method: nn.Module, overrides: list[str] | None = None) -> dict[str, Any]:
@@ -177,7 +207,7 @@ def format_table(report: dict[str, Any]) -> str:
     header = ("component", "class", "params", "trainable", "trained", "random weights")
     lines: list[tuple[str, ...]] = []
     for row in report["components"]:
-        indent = "  " if row["kind"] in (ROW_ADDED, ROW_MODIFIED) else ""
+        indent = "  " if row["kind"] in (ROW_ADDED, ROW_MODIFIED, ROW_REMOVED) else ""
         rw = row["random_weights"]
         lines.append((
             indent + row["component"],
@@ -205,6 +235,8 @@ def format_table(report: dict[str, Any]) -> str:
     body = [fmt(line) for line in lines[:-1]]
     title = f"{report['method']}  backbone={report['backbone']}  pretrained={report['pretrained']}  fidelity={report['fidelity']}"
     out = [title, fmt(header), rule, *body, rule, fmt(lines[-1])]
+    if report.get("meta"):
+        out.append("note: built on the meta device (--meta): architecture and counts only, no weights loaded")
     if report["random_weights"]:
         out.append("note: random weights where pretrained ones are expected (smoke run; results are not comparable)")
     return "\n".join(out)
@@ -212,9 +244,22 @@ def format_table(report: dict[str, Any]) -> str:
 
 def _run(args: argparse.Namespace) -> int:
     from fsmis_bench.api import build_method
+    from fsmis_bench.errors import ConfigError
 
-    method = build_method(list(args.overrides))
-    report = describe_report(method, list(args.overrides))
+    overrides = list(args.overrides)
+    if args.meta:
+        if any(o.split("=", 1)[0].lstrip("+") == "pretrained" and o.split("=", 1)[1].lower() != "false" for o in overrides if "=" in o):
+            raise ConfigError("--meta builds the architecture only and cannot load pretrained weights",
+                              hint="drop --meta, or use pretrained=false")
+        if not any(o.split("=", 1)[0].lstrip("+") == "pretrained" for o in overrides):
+            overrides.append("pretrained=false")
+        # weightless build: exact parameter counts in seconds, no memory for the weights
+        with torch.device("meta"):
+            method = build_method(overrides)
+    else:
+        method = build_method(overrides)
+    report = describe_report(method, overrides)
+    report["meta"] = bool(args.meta)
     if args.format == "json":
         print(json.dumps(report, indent=2))
     else:
@@ -236,4 +281,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("overrides", nargs="*", help="config overrides key=value (method=..., backbone=..., pretrained=false)")
     parser.add_argument("--format", choices=("table", "json"), default="table", help="output format (default: table)")
+    parser.add_argument(
+        "--meta",
+        action="store_true",
+        help="count parameters without allocating weights (meta device, implies pretrained=false); "
+        "fast for the SD backbones",
+    )
     parser.set_defaults(func=_run)

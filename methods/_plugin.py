@@ -18,6 +18,11 @@ def fsmis_register_methods(registry) -> None:
         "fsmis_methods.prototype:PrototypeNet",
         description="PANet-style masked-average prototype + cosine on a small CNN",
     )
+    registry.register("sdfsmis", "fsmis_methods.sdfsmis:SDFSMIS", description="SD-FSMIS full: SII + QE + VTCT (paper)")
+    registry.register("sdfsmis_sii", "fsmis_methods.sdfsmis:SDFSMISSii", description="SD-FSMIS ablation: SII only")
+    registry.register("sdfsmis_qe", "fsmis_methods.sdfsmis:SDFSMISQe", description="SD-FSMIS ablation: SII + QE")
+    registry.register("sdfsmis_vtct", "fsmis_methods.sdfsmis:SDFSMISVtct", description="SD-FSMIS ablation: SII + VTCT")
+    registry.register("diffews", "fsmis_methods.diffews:DiffewS", description="DiffewS: SD U-Net with K/V-bank support attention, one-step (NeurIPS 2024)")
 
 
 @hookimpl

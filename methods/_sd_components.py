@@ -168,13 +168,17 @@ def _load_resolved(cls: Any, what: str, resolved: ResolvedSource, source: Any, w
         )
     if resolved.kind == "hub":
         offline = hub_offline()
-        try:
-            if subfolder:
-                return cls.from_pretrained(resolved.location, subfolder=subfolder, local_files_only=offline, **kwargs)
-            return cls.from_pretrained(resolved.location, local_files_only=offline, **kwargs)
-        except (OSError, ValueError, EnvironmentError) as exc:
-            detail = "the hub is unreachable and the id is not in the local cache" if offline else f"hub load failed: {type(exc).__name__}"
-            raise _missing_weights(what, source, weights_root, hub_id or resolved.location, resolved.tried, detail) from None
+        # a pipeline repo keeps the model in `subfolder`; a single-model repo (madebyollin/taesd,
+        # facebook/dinov2-small) at its root
+        attempts = [{"subfolder": subfolder}, {}] if subfolder else [{}]
+        error: Exception | None = None
+        for extra in attempts:
+            try:
+                return cls.from_pretrained(resolved.location, local_files_only=offline, **extra, **kwargs)
+            except (OSError, ValueError) as exc:
+                error = exc
+        detail = "the hub is unreachable and the id is not in the local cache" if offline else f"hub load failed: {type(error).__name__}: {error}".splitlines()[0]
+        raise _missing_weights(what, source, weights_root, hub_id or resolved.location, resolved.tried, detail) from None
     raise _missing_weights(what, source, weights_root, hub_id, resolved.tried, detail="a single file is not supported here")
 
 

@@ -74,6 +74,21 @@ def test_added_unet_layers_are_listed_with_counts(method: _HandBuiltDiffusionMet
     assert conv["params"] == 8 * 32 * 9 + 32
     assert attn["params"] == 32 * 32 + 32
     assert conv["parent"] == attn["parent"] == "unet" and conv["kind"] == attn["kind"] == "added"
+    assert conv["class"] == "Conv2d x1" and attn["class"] == "Linear x1"
+
+
+def test_layer_moved_out_of_the_unet_is_reported_as_removed() -> None:
+    torch.manual_seed(0)
+    holder = nn.Module()
+    holder.unet = sdc.build_unet("tiny", pretrained=False, source=None, weights_root=None)
+    holder.support_conv_in = sdc.expand_conv_in(holder.unet.conv_in, 8)
+    holder.unet.conv_in = nn.Identity()  # what SD-FSMIS does: the method owns the input convs
+    rows = _describe.describe_method(holder)
+    named = _by_name(rows)
+    assert named["unet: removed conv_in"]["params"] == 4 * 32 * 9 + 32
+    assert named["support_conv_in"]["params"] == 8 * 32 * 9 + 32
+    summed = sum(r["params"] for r in rows if r["kind"] in ("component", "other"))
+    assert summed == rows[-1]["params"] == sum(p.numel() for p in holder.parameters())
 
 
 def test_reshaped_stock_layer_is_reported_as_modified() -> None:
@@ -122,7 +137,7 @@ def test_register_adds_describe_subcommand() -> None:
     _describe.register(sub)
     args = parser.parse_args(["describe", "method=sdfsmis", "backbone=sd15", "pretrained=false", "--format", "json"])
     assert args.overrides == ["method=sdfsmis", "backbone=sd15", "pretrained=false"]
-    assert args.format == "json" and callable(args.func)
+    assert args.format == "json" and callable(args.func) and args.meta is False
 
 
 def test_describe_command_end_to_end(capsys: pytest.CaptureFixture[str]) -> None:
@@ -134,3 +149,14 @@ def test_describe_command_end_to_end(capsys: pytest.CaptureFixture[str]) -> None
     assert args.func(args) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["total_params"] == sum(r["params"] for r in report["components"] if r["kind"] in ("component", "other"))
+
+
+def test_meta_flag_refuses_pretrained_weights() -> None:
+    pytest.importorskip("fsmis_bench.api", reason="fsmis_bench.api not written yet")
+    from fsmis_bench.errors import ConfigError
+
+    parser = argparse.ArgumentParser(prog="fsmis-bench")
+    _describe.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["describe", "method=prototype", "pretrained=true", "--meta"])
+    with pytest.raises(ConfigError):
+        args.func(args)

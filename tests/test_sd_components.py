@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -220,3 +221,28 @@ def test_backbone_configs(name: str, unet: str, dim: int, prediction: str) -> No
         assert paper.vae_source == paper.source
     with pytest.raises(ConfigError):
         sdc.backbone_sources(OmegaConf.load(REPO / "configs" / "backbone" / "none.yaml"))
+
+
+# -- the prepared GPU check, smoke-run on the CPU -------------------------------------------
+@pytest.mark.slow
+@pytest.mark.skipif(
+    os.environ.get("FSMIS_SLOW_TESTS", "") != "1",
+    reason="~20-50 s on 2 CPU cores; set FSMIS_SLOW_TESTS=1 to run the GPU script's CPU smoke check",
+)
+def test_gpu_check_script_smoke_runs_on_cpu(capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib.util
+    import json
+
+    from fsmis_bench.plugins import registries
+
+    if "sdfsmis" not in registries().methods:
+        pytest.skip("method sdfsmis is not registered yet")
+    spec = importlib.util.spec_from_file_location("gpu_sd15_check", REPO / "benchmarks" / "gpu_sd15_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    argv = ["--device", "cpu", "--tiny", "--size", "64", "--steps", "1", "--warmup", "0", "--slices", "2"]
+    assert module.main(argv) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["backbone"] == "tiny" and result["random_weights"] is True
+    assert result["train"]["fp32"]["loss_finite"] and result["train"]["fp32"]["median_s"] > 0
+    assert result["predict"]["fp32"]["chunk_slices"] == 2 and result["predict"]["fp32"]["per_slice_median_s"] > 0

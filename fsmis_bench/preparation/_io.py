@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
 import os
 import re
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -61,3 +63,29 @@ def array_to_image(array: np.ndarray, reference: sitk.Image | None) -> sitk.Imag
     if reference is not None:
         image.CopyInformation(reference)
     return image
+
+
+def gzip_problem(path: Path) -> str | None:
+    """Why a ``.gz`` file is damaged (truncated or corrupt stream), or None when it is whole.
+
+    SimpleITK reads a truncated ``.nii.gz`` without complaint and fills the missing voxels
+    with zeros, so every reader here checks the stream first.
+    """
+    path = Path(path)
+    if not path.name.endswith(".gz"):
+        return None
+    try:
+        with gzip.open(path, "rb") as stream:
+            while stream.read(1 << 24):
+                pass
+    except (EOFError, OSError, zlib.error) as error:
+        return f"damaged gzip stream ({error})"
+    return None
+
+
+def read_image_checked(path: Path) -> sitk.Image:
+    """``sitk.ReadImage`` that refuses truncated or corrupt files with a ``RuntimeError``."""
+    problem = gzip_problem(path)
+    if problem:
+        raise RuntimeError(problem)
+    return sitk.ReadImage(str(path))

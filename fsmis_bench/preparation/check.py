@@ -11,10 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
-from ._io import case_id_of, sorted_case_ids
+from ._io import case_id_of, gzip_problem, sorted_case_ids
 from .facts import DATASET_FACTS, DatasetFacts, dataset_facts
 from .supervoxels import supervoxel_path
 
@@ -63,7 +64,21 @@ def _read_info(path: Path) -> sitk.ImageFileReader:
     return reader
 
 
-def _geometry_differs(a: sitk.Image, b: sitk.Image) -> str | None:
+def _read_volume(path: Path) -> tuple[sitk.ImageFileReader, np.ndarray]:
+    """Header (SimpleITK) and ``(Z, Y, X)`` voxels of a NIfTI file, decompressed once.
+
+    The voxels come from nibabel, which (unlike SimpleITK) refuses a truncated ``.gz``;
+    its ``(X, Y, Z)`` array transposed is SimpleITK's ``(Z, Y, X)`` array.
+    """
+    info = _read_info(path)
+    try:
+        array = np.asarray(nib.load(str(path)).dataobj)
+    except Exception as error:  # noqa: BLE001 - any failure means the file is damaged
+        raise RuntimeError(f"{type(error).__name__}: {error}") from None
+    return info, array.T
+
+
+def _geometry_differs(a, b) -> str | None:
     for what, x, y in (
         ("spacing", a.GetSpacing(), b.GetSpacing()),
         ("origin", a.GetOrigin(), b.GetOrigin()),
@@ -84,17 +99,15 @@ def _check_case(
         row.problems.append(f"{label_path.name} is missing")
         return row
     try:
-        image = sitk.ReadImage(str(image_path))
+        image, image_array = _read_volume(image_path)
     except RuntimeError as error:
         row.problems.append(f"{image_path.name} cannot be read ({str(error).strip().splitlines()[-1]})")
         return row
     try:
-        label = sitk.ReadImage(str(label_path))
+        label, label_array = _read_volume(label_path)
     except RuntimeError as error:
         row.problems.append(f"{label_path.name} cannot be read ({str(error).strip().splitlines()[-1]})")
         return row
-    image_array = sitk.GetArrayFromImage(image)
-    label_array = sitk.GetArrayFromImage(label)
     row.shape = tuple(int(s) for s in image_array.shape)
     row.spacing = tuple(round(float(s), 3) for s in image.GetSpacing()[::-1])
     if image_array.ndim != 3:
@@ -133,11 +146,14 @@ def _check_case(
             row.supervoxels = "missing"
             row.problems.append(f"supervoxels {sv_path.name} missing in {sv_dir.name}/")
         else:
+            damage = gzip_problem(sv_path)
             try:
+                if damage:
+                    raise RuntimeError(damage)
                 sv_size = _read_info(sv_path).GetSize()[::-1]
-            except RuntimeError:
+            except RuntimeError as error:
                 row.supervoxels = "unreadable"
-                row.problems.append(f"{sv_path.name} cannot be read")
+                row.problems.append(f"{sv_path.name} cannot be read ({str(error).strip().splitlines()[-1]})")
             else:
                 if tuple(sv_size) != image_array.shape:
                     row.supervoxels = f"shape {tuple(sv_size)}"

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from ._io import remove_stale_partials, write_image_atomic
+from ._io import read_image_checked, remove_stale_partials, write_image_atomic
 
 #: In-plane size of every prepared volume.
 TARGET_IN_PLANE = (256, 256)
@@ -155,7 +155,7 @@ def same_grid(a: sitk.Image, b: sitk.Image, tolerance: float = 1e-3) -> bool:
 def read_nifti(path: Path) -> sitk.Image:
     """Read a NIfTI file, turning reader failures into a :class:`RawDataError` naming it."""
     try:
-        return sitk.ReadImage(str(path))
+        return read_image_checked(path)
     except RuntimeError as error:
         last = str(error).strip().splitlines()[-1] if str(error).strip() else "unreadable"
         raise RawDataError(f"{path}: cannot be read ({last})") from None

@@ -30,7 +30,7 @@ from skimage.measure import label as connected_components
 
 from ..errors import DataError
 from ._felzenszwalb import HAVE_NUMBA, felzenszwalb_3d
-from ._io import remove_stale_partials, sorted_case_ids, write_image_atomic
+from ._io import read_image_checked, remove_stale_partials, sorted_case_ids, write_image_atomic
 
 METHODS: tuple[str, ...] = ("felzenszwalb3d", "felzenszwalb2d")
 #: Body-mask threshold on the 0..255 image (ADNet's ``fg_thresh``).
@@ -177,7 +177,7 @@ def _one_volume(job: tuple) -> tuple[str, str, str, float]:
     case_id, image_path, out_path, n_sv, method, spacing_zyx = job
     start = time.perf_counter()
     try:
-        image = sitk.ReadImage(str(image_path))
+        image = read_image_checked(Path(image_path))
         array = sitk.GetArrayFromImage(image)
         if method == "felzenszwalb3d":
             spacing = spacing_zyx or tuple(float(s) for s in image.GetSpacing()[::-1])

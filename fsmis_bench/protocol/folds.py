@@ -25,9 +25,9 @@ FOLDS: dict[str, tuple[tuple[int, ...], ...]] = {
 
 def folds_for(n_cases: int) -> tuple[tuple[int, ...], ...]:
     """The same five-fold pattern for a dataset of any size (phantom, NIfTI folders)."""
-    if n_cases < 6:
+    if n_cases < 10:
         raise ConfigError(
-            f"a dataset needs at least 6 scans for the 5-fold protocol, found {n_cases}",
+            f"the default 5-fold protocol needs at least 10 scans (3 per fold), found {n_cases}",
             hint="add scans, or set explicit folds in the dataset config (folds: [[0,1,2], ...])",
         )
     width = max(1, n_cases // 5)

@@ -11,7 +11,6 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -22,7 +21,7 @@ from tqdm import tqdm
 from ..errors import FsmisError
 from . import figures as figures_module
 from . import stats
-from .collect import Results, default_results_dir, load_results, long_fold_csv, per_case_scores, summarise_runs
+from .collect import default_results_dir, load_results, long_fold_csv, per_case_scores, summarise_runs
 from .html import render_html
 from .qualitative import DatasetLoader, default_loader, parse_slices, write_qualitative
 from .tables import all_tables, frame_to_latex, frame_to_markdown, main_table
@@ -133,10 +132,9 @@ def write_report(
 
     figures = figures_module.write_figures(results, figures_dir)
     steps.update()
-    loader = dataset_loader
-    if loader is None:
-        root = data_root if data_root not in (None, "") else os.environ.get("FSMIS_DATA_ROOT")
-        loader = default_loader(root) if root else None
+    # without a data root the loader is still tried: file-free datasets (phantom) need none,
+    # the others fail to load and the figure is skipped with a note
+    loader = dataset_loader or default_loader(data_root)
 
     def note(text: str) -> None:
         notes.append(text.removeprefix("note: "))

@@ -8,6 +8,7 @@ matplotlib Figure, or None when the results hold nothing to draw (e.g. no settin
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -124,9 +125,12 @@ def _grid(n_panels: int, row_height: float) -> tuple[plt.Figure, list[plt.Axes]]
     return fig, flat[:n_panels]
 
 
-def _shared_legend(fig: plt.Figure, palette: dict[str, tuple], title: str = "Method") -> None:
+def _shared_legend(fig: plt.Figure, palette: dict[str, tuple], title: str = "Method", lines: bool = False) -> None:
     """One legend for all panels, below them; the panels are laid out above it."""
-    handles = [plt.Rectangle((0, 0), 1, 1, color=colour) for colour in palette.values()]
+    if lines:
+        handles = [plt.Line2D([0], [0], color=colour, linewidth=1.5) for colour in palette.values()]
+    else:
+        handles = [plt.Rectangle((0, 0), 1, 1, color=colour) for colour in palette.values()]
     longest = max(len(label) for label in palette)
     ncol = max(1, min(len(palette), int(WIDTH_IN * 72 / (FONT_PT * 0.6 * longest + 30))))
     fig.legend(handles, list(palette), title=title, loc="lower center", ncol=ncol, frameon=False,
@@ -177,7 +181,10 @@ def volume_distribution_figure(results: Results) -> plt.Figure | None:
             order = [organ_label(o) for o in sorted(data["organ"].unique(), key=organ_sort_key)]
             hue_order = [label for label in palette if label in set(data["label"])]
             common = dict(data=data, x="organ_name", y="dice_pct", hue="label", order=order, hue_order=hue_order, ax=ax)
-            sns.boxplot(**common, palette=palette, showfliers=False, linewidth=0.6, fill=False, legend=False)
+            with warnings.catch_warnings():
+                # seaborn 0.13 still passes boxplot(vert=...), deprecated in matplotlib 3.11
+                warnings.filterwarnings("ignore", message=".*vert.*", category=matplotlib.MatplotlibDeprecationWarning)
+                sns.boxplot(**common, palette=palette, showfliers=False, linewidth=0.6, fill=False, legend=False)
             sns.stripplot(**common, palette=palette, dodge=True, size=1.6, alpha=0.55, jitter=0.15, legend=False)
             ax.set_title(panel)
             ax.set_xlabel("")
@@ -271,7 +278,7 @@ def train_loss_figure(results: Results, weight: float = 0.9) -> plt.Figure | Non
             ax.set_title(panel)
             ax.set_xlabel("training step")
             ax.set_ylabel(f"loss (EMA {weight:g})")
-        _shared_legend(fig, palette)
+        _shared_legend(fig, palette, lines=True)
     return fig
 
 

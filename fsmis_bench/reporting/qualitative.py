@@ -244,8 +244,13 @@ def write_qualitative(
         setting = int(with_predictions.loc[with_predictions["dataset"] == dataset, "setting"].min())
         try:
             dataset_obj = loader(dataset)
+        except Exception as exc:  # noqa: BLE001 - missing data must never abort the report
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            log(f"note: qualitative figure for {dataset} skipped: data not available ({reason})")
+            continue
+        try:
             fig = qualitative_figure(results, dataset, setting, dataset_obj, named)
-        except (FsmisError, OSError, ImportError, KeyError, ValueError) as exc:
+        except (FsmisError, OSError) as exc:  # files that fail to load lazily
             log(f"note: qualitative figure for {dataset} skipped: data not available ({str(exc).splitlines()[0]})")
             continue
         if fig is None:

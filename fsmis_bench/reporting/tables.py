@@ -13,7 +13,7 @@ from __future__ import annotations
 import html
 import math
 import re
-from collections.abc import Hashable, Iterable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -343,9 +343,9 @@ def _measured_rows(
     results: Results,
     scores: pd.DataFrame,
     groups: dict[Hashable, set[str]],
-    extra_labels: "callable",
-    group_key: "callable",
-    sort_key: "callable" = lambda method, variant, setting: (setting, method, variant),
+    extra_labels: Callable[[str, str], dict[str, str]],
+    group_key: Callable[[str, str], Hashable],
+    sort_key: Callable[[str, str, int], tuple] = lambda method, variant, setting: (setting, method, variant),
 ) -> list[Row]:
     """One row per (method, variant, setting) of ``scores``; fills ``groups`` with organs."""
     flags = run_flags(results).set_index(["method", "variant"])
@@ -382,8 +382,8 @@ def _measured_rows(
 def _published_rows(
     published: pd.DataFrame,
     groups: dict[Hashable, set[str]],
-    extra_labels: "callable",
-    group_key: "callable",
+    extra_labels: Callable[[str, str], dict[str, str]],
+    group_key: Callable[[str, str], Hashable],
 ) -> list[Row]:
     rows = []
     order = published[["method", "setting", "backbone"]].drop_duplicates()
@@ -422,14 +422,15 @@ def _ensure_means(rows: list[Row], groups: list[tuple[Hashable, str, list[str]]]
     for row in rows:
         if row.source != "measured":
             continue
-        for key, _, organs in groups:
+        for key, title, organs in groups:
             present = [o for o in organs if o != "mean" and (key, o) in row.values]
             if present and len(present) < len(organs) - 1:
                 if "incomplete" not in row.markers:
                     row.markers.insert(0, "incomplete")
                 # a mean over fewer organs is not comparable with the other rows' means
                 row.values[(key, "mean")] = Cell(float("nan"))
-                row.notes.append(f"{row.labels['Method']}: no {', '.join(o for o in organs[:-1] if o not in present)} on {key[1]}")
+                missing = ", ".join(organ_label(o) for o in organs[:-1] if o not in present)
+                row.notes.append(f"{row.labels['Method']}: no {missing} on {title}, so no mean")
 
 
 def _include_published(include: bool, table: int) -> pd.DataFrame:
@@ -585,7 +586,3 @@ def frame_to_html(frame: pd.DataFrame, float_format: str = "{:.4g}") -> str:
         parts.append("<tr>" + "".join(f"<td{a}>{text(v)}</td>" for v, a in zip(row, align)) + "</tr>")
     parts.append("</tbody></table>")
     return "".join(parts)
-
-
-def iter_nonempty(tables: Iterable[Table]) -> list[Table]:
-    return [t for t in tables if not t.is_empty()]

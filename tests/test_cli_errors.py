@@ -1,0 +1,95 @@
+"""Bad input: one clear message and exit status 2, no traceback, nothing written lost."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from fsmis_bench.cli import main
+
+
+def _write_folder(folder: Path, n: int = 10, organ_missing_in: int | None = None) -> None:
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(1, n + 1):
+        image = rng.normal(100, 10, size=(32, 32, 8)).astype(np.float32)
+        label = np.zeros((32, 32, 8), dtype=np.uint8)
+        if i != organ_missing_in:
+            label[8:20, 8:20, 2:7] = 1
+        nib.save(nib.Nifti1Image(image, np.eye(4)), str(folder / f"image_{i}.nii.gz"))
+        nib.save(nib.Nifti1Image(label, np.eye(4)), str(folder / f"label_{i}.nii.gz"))
+
+
+def _folder_args(folder: Path) -> list[str]:
+    return ["dataset=nifti_folder", f"dataset.path={folder}", "dataset.label_map={liver:1}", "method=support_copy"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["run", "method=nope"], "unknown method 'nope'; known methods: .*prototype.*support_copy"),
+        (["run", "dataset=abd_mry"], "unknown dataset 'abd_mry'"),
+        (["run", "fold=7", "method=support_copy"], "fold=7 does not exist"),
+        (["run", "setting=3"], "unknown setting '3'"),
+        (["run", "protocol.dice=mean"], "protocol.dice='mean' is not allowed"),
+        (["run", "nonsense"], "cannot read the argument 'nonsense'"),
+        (["run", "method=support_copy", "fold=0,1"], "comma-separated values describe a sweep"),
+    ],
+)
+def test_bad_arguments(argv, message, capsys, results_dir):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ")
+    assert __import__("re").search(message, err), err
+    assert "Traceback" not in err
+    assert not results_dir.exists()
+
+
+def test_missing_data_root(capsys, results_dir, tmp_path, monkeypatch):
+    monkeypatch.delenv("FSMIS_DATA_ROOT", raising=False)
+    assert main(["run", "method=support_copy", "dataset=abd_mri"]) == 2
+    assert "needs a data root" in capsys.readouterr().err
+    assert main(["run", "method=support_copy", "dataset=abd_mri", f"data_root={tmp_path / 'nowhere'}"]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "CHAOST2/chaos_MR_T2_normalized/image_<id>.nii.gz" in err
+
+
+def test_corrupt_nifti(tmp_path, capsys, results_dir):
+    folder = tmp_path / "scans"
+    _write_folder(folder)
+    (folder / "image_3.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
+    assert main(["run", *_folder_args(folder)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read" in err and "image_3.nii.gz" in err
+    assert not results_dir.exists()
+
+
+def test_support_without_the_organ(tmp_path, capsys, results_dir):
+    folder = tmp_path / "scans"
+    _write_folder(folder, organ_missing_in=3)  # fold 0 = scans 1,2,3; support = position 2 = id 3
+    assert main(["run", *_folder_args(folder)]) == 2
+    err = capsys.readouterr().err
+    assert "support scan 3 shows liver in 0 slices" in err and "supp_idx" in err
+    assert main(["run", *_folder_args(folder), "protocol.supp_idx=0"]) == 0
+
+
+def test_failed_run_in_a_sweep_keeps_finished_runs(tmp_path, capsys, results_dir):
+    folder = tmp_path / "scans"
+    _write_folder(folder, organ_missing_in=5)  # fold 0 = ids 1,2,3 (support 3); fold 1 = ids 3,4,5 (support 5 lacks it)
+    assert main(["run", "-m", *_folder_args(folder), "fold=0,1"]) == 2
+    err = capsys.readouterr().err
+    assert "1 of 2 runs failed; finished runs are kept" in err
+    assert len(list(results_dir.glob("support_copy/nifti_folder/setting1/fold0/*/COMPLETE"))) == 1
+
+
+def test_console_script_prints_no_traceback(results_dir):
+    done = subprocess.run(
+        [sys.executable, "-m", "fsmis_bench.cli", "run", "method=nope"], capture_output=True, text=True
+    )
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr and "unknown method 'nope'" in done.stderr

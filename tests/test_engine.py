@@ -1,0 +1,120 @@
+"""The shared engine: records, no recomputation, resume after a kill, reuse of checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from fsmis_bench.cli import main
+
+SMALL = [
+    "method=prototype", "dataset=phantom", "dataset.size=64", "dataset.n_slices=16",
+    "method.width=8", "method.feature_dim=16", "train.image_size=64", "train.batch_size=2",
+    "protocol.min_fg_pixels=20",
+]
+
+
+def _run_dirs(results: Path) -> list[Path]:
+    return sorted(p.parent for p in results.glob("**/run.json"))
+
+
+def test_run_writes_a_complete_record_and_is_not_recomputed(results_dir, capsys):
+    argv = ["run", *SMALL, "train.steps=4", "train.log_every=2"]
+    assert main(argv) == 0
+    (run_dir,) = _run_dirs(results_dir)
+    assert run_dir.relative_to(results_dir).parts[:4] == ("prototype", "phantom", "setting1", "fold0")
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["status"] == "complete" and info["non_standard"] == [] and info["random_weights"] is False
+    assert len(info["config_hash"]) == 64 and "torch" in info["versions"]
+    cases = pd.read_csv(run_dir / "cases.csv")
+    assert list(cases.columns[:8]) == ["method", "dataset", "train_dataset", "setting", "fold", "seed", "organ", "case_id"]
+    assert set(cases.organ) == {"liver", "spleen", "left_kidney", "right_kidney"}
+    assert cases.dice.between(0, 1).all()
+    assert (run_dir / "COMPLETE").exists() and (run_dir / "predictions.npz").exists()
+    assert list(pd.read_csv(run_dir / "train_log.csv").step) == [2, 4]
+    before = (run_dir / "cases.csv").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "already complete, not recomputed" in capsys.readouterr().err
+    assert (run_dir / "cases.csv").stat().st_mtime_ns == before
+    # Another config never overwrites: a new directory appears beside the first.
+    assert main([*argv, "seed=1"]) == 0
+    assert len(_run_dirs(results_dir)) == 2
+
+
+def test_eval_reuses_the_trained_checkpoint_for_another_protocol_option(results_dir, capsys):
+    assert main(["run", *SMALL, "train.steps=3"]) == 0
+    capsys.readouterr()
+    assert main(["eval", *SMALL, "train.steps=3", "protocol.dice=pooled"]) == 0
+    assert "using trained weights" in capsys.readouterr().err
+    pooled = [d for d in _run_dirs(results_dir) if "dice=pooled" in json.loads((d / "run.json").read_text())["non_standard"]]
+    assert len(pooled) == 1 and not (pooled[0] / "checkpoints").exists()
+    assert main(["eval", *SMALL, "train.steps=5"]) == 2
+    assert "no trained checkpoint" in capsys.readouterr().err
+
+
+def test_setting2_trains_one_model_per_organ_group(results_dir):
+    assert main(["run", *SMALL, "train.steps=2", "setting=2"]) == 0
+    (run_dir,) = _run_dirs(results_dir)
+    groups = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert groups == ["left_kidney+right_kidney", "liver+spleen"]
+    assert set(pd.read_csv(run_dir / "train_log.csv").group) == set(groups)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_and_matches_an_uninterrupted_one(tmp_path):
+    argv = [sys.executable, "-m", "fsmis_bench.cli", "run", *SMALL, "train.steps=30", "train.checkpoint_every=4"]
+    env = {**os.environ, "FSMIS_NO_PROGRESS": "1"}
+    reference = subprocess.run(argv, env={**env, "FSMIS_RESULTS_DIR": str(tmp_path / "a")}, capture_output=True, text=True)
+    assert reference.returncode == 0, reference.stderr
+
+    interrupted = {**env, "FSMIS_RESULTS_DIR": str(tmp_path / "b")}
+    process = subprocess.Popen(argv, env=interrupted, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list((tmp_path / "b").glob("**/checkpoints/all/last.pt")) and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    (run_b,) = _run_dirs(tmp_path / "b")
+    assert not (run_b / "COMPLETE").exists()
+
+    resumed = subprocess.run(argv, env=interrupted, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stderr
+    (run_a,) = _run_dirs(tmp_path / "a")
+    files = lambda d: sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file())  # noqa: E731
+    assert files(run_a) == files(run_b)
+    a, b = pd.read_csv(run_a / "cases.csv"), pd.read_csv(run_b / "cases.csv")
+    pd.testing.assert_frame_equal(a, b)  # the resumed stream of episodes is the same
+
+
+def test_interrupt_saves_a_checkpoint(results_dir, monkeypatch, capsys):
+    from fsmis_bench.training import episodes
+
+    calls = {"n": 0}
+    original = episodes.EpisodeSampler.batch
+
+    def flaky(self, batch_size):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(self, batch_size)
+
+    monkeypatch.setattr(episodes.EpisodeSampler, "batch", flaky)
+    assert main(["run", *SMALL, "train.steps=6"]) == 130
+    (checkpoint,) = results_dir.glob("**/checkpoints/all/last.pt")
+    import torch
+
+    assert torch.load(checkpoint, weights_only=False)["step"] == 2
+    monkeypatch.setattr(episodes.EpisodeSampler, "batch", original)
+    assert main(["run", *SMALL, "train.steps=6"]) == 0
+    assert "resuming" in capsys.readouterr().err

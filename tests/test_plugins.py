@@ -1,0 +1,125 @@
+"""Registry and plugin discovery, the out-of-tree example plugin end to end, and the
+contract every registered method must honour."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fsmis_bench import plugins
+from fsmis_bench._registry import Registry
+from fsmis_bench.cli import main
+from fsmis_bench.errors import NameCollisionError, UnknownNameError
+from fsmis_bench.method import EpisodeBatch
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "threshold_plugin"
+
+
+def test_registry_collision_and_unknown_name():
+    registry = Registry("method")
+    registry.register("alpha", dict, plugin="p1")
+    with pytest.raises(NameCollisionError, match="registered twice.*p1.*p2"):
+        registry.register("alpha", dict, plugin="p2")
+    with pytest.raises(UnknownNameError, match="known methods: alpha") as info:
+        registry.get("alpah")
+    assert "did you mean 'alpha'" in info.value.hint
+
+
+def test_registry_is_lazy():
+    registry = Registry("thing")
+    registry.register("lazy", "no_such_module_anywhere:Thing", plugin="p")
+    assert "lazy" in registry  # registering imported nothing
+    with pytest.raises(ModuleNotFoundError):
+        registry.get("lazy")
+
+
+def test_builtins_register_through_the_entry_point_group():
+    regs = plugins.registries()
+    for kind, registry, name in (("method", regs.methods, "prototype"), ("dataset", regs.datasets, "abd_mri")):
+        assert registry.entry(name).plugin.startswith("builtin_"), kind
+    assert {"abd_mri", "abd_ct", "card_mri", "nifti_folder", "phantom"} <= set(regs.datasets.names())
+    assert {"1", "2"} <= set(regs.settings.names())
+
+
+@pytest.fixture()
+def installed_example_plugin(tmp_path, monkeypatch):
+    """Make the example plugin discoverable exactly as `pip install` would: a dist-info
+    with an entry point in the group, on sys.path."""
+    site = tmp_path / "site"
+    dist = site / "fsmis_threshold_plugin-0.1.0.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: fsmis-threshold-plugin\nVersion: 0.1.0\n")
+    (dist / "entry_points.txt").write_text("[fsmis_bench.plugins]\nthreshold = fsmis_threshold\n")
+    monkeypatch.syspath_prepend(str(EXAMPLE))
+    monkeypatch.syspath_prepend(str(site))
+    plugins.plugin_manager.cache_clear()
+    plugins.registries.cache_clear()
+    yield
+    sys.modules.pop("fsmis_threshold", None)
+    plugins.plugin_manager.cache_clear()
+    plugins.registries.cache_clear()
+
+
+def test_out_of_tree_plugin_end_to_end(installed_example_plugin, results_dir, capsys):
+    entry = plugins.registries().methods.entry("intensity_window")
+    assert entry.plugin == "threshold (fsmis-threshold-plugin)"
+    assert main(["list"]) == 0
+    assert "intensity_window" in capsys.readouterr().out
+    assert main(["run", "method=intensity_window", "dataset=phantom", "fold=1"]) == 0
+    (cases,) = results_dir.glob("intensity_window/phantom/setting1/fold1/*/cases.csv")
+    assert (cases.parent / "COMPLETE").exists()
+    assert len(cases.read_text().splitlines()) > 1
+
+
+def test_plugin_name_collision_is_reported(monkeypatch):
+    class Duplicate:
+        @plugins.hookimpl
+        def fsmis_register_methods(self, registry):
+            registry.register("prototype", dict)
+
+    plugins.register_plugin(Duplicate(), "duplicate")
+    try:
+        with pytest.raises(NameCollisionError, match="'prototype' is registered twice"):
+            plugins.registries()
+    finally:
+        plugins.unregister_plugin("duplicate")
+
+
+# -- the method contract --------------------------------------------------------------------
+def _method_overrides(name: str) -> list[str]:
+    from fsmis_bench.config import compose
+
+    overrides = [f"method={name}", "dataset=phantom"]
+    if compose(overrides).method.get("default_backbone"):
+        overrides += ["backbone=tiny", "pretrained=false"]
+    return overrides
+
+
+@pytest.mark.parametrize("name", plugins.registries().methods.names())
+def test_method_contract(name):
+    from fsmis_bench.api import build_method
+
+    torch.manual_seed(0)
+    method = build_method(_method_overrides(name))
+    assert method.input_norm in ("zscore", "minmax")
+    size = 64
+    support_images = torch.randn(1, 1, size, size)
+    support_masks = torch.zeros(1, 1, size, size)
+    support_masks[..., 16:40, 20:44] = 1
+    query_images = torch.randn(3, 1, size, size)
+    method.eval()
+    with torch.no_grad():
+        mask = method.predict(support_images, support_masks, query_images)
+    assert mask.shape == (3, size, size) and mask.dtype == torch.bool
+    if method.needs_training:
+        groups = method.param_groups()
+        assert groups and all(g["params"] and g["lr"] > 0 for g in groups)
+        method.train()
+        batch = EpisodeBatch(support_images[None], support_masks[None], query_images[:1], support_masks)
+        loss = method(batch)
+        assert loss.ndim == 0 and torch.isfinite(loss)
+        loss.backward()
+        assert any(p.grad is not None for g in groups for p in g["params"])

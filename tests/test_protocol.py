@@ -1,0 +1,189 @@
+"""EP1 protocol pinned against hand-computed cases (PROTOCOL.md §2–§4)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fsmis_bench.data.base import Volume, VolumeDataset
+from fsmis_bench.errors import ConfigError, DataError
+from fsmis_bench.protocol import (
+    FOLDS, build_test_episodes, chunk_edges, confusion_counts, dice_from_counts, eval_groups,
+    excluded_slices, fold_indices, fold_organ_scores, support_positions,
+)
+from fsmis_bench.protocol.ep1 import support_case_positions
+
+
+@pytest.mark.parametrize(
+    "dataset, fold, expected",
+    [
+        ("abd_mri", 0, (0, 1, 2, 3, 4)),
+        ("abd_mri", 1, (4, 5, 6, 7, 8)),
+        ("abd_mri", 3, (12, 13, 14, 15, 16)),
+        ("abd_mri", 4, (16, 17, 18, 19, 0)),
+        ("abd_ct", 0, (0, 1, 2, 3, 4, 5, 6)),
+        ("abd_ct", 4, (24, 25, 26, 27, 28, 29, 0)),
+        ("card_mri", 0, tuple(range(0, 8))),
+        ("card_mri", 2, tuple(range(14, 22))),
+        ("card_mri", 4, (28, 29, 30, 31, 32, 33, 34, 0)),
+    ],
+)
+def test_folds(dataset, fold, expected):
+    assert FOLDS[dataset][fold] == expected
+
+
+def test_every_scan_is_tested_and_folds_overlap_by_one():
+    for name, n in (("abd_mri", 20), ("abd_ct", 30), ("card_mri", 35)):
+        folds = FOLDS[name]
+        assert set().union(*folds) == set(range(n))
+        for a, b in zip(folds, folds[1:] + folds[:1]):
+            assert len(set(a) & set(b)) == 1
+
+
+@pytest.mark.parametrize("fold", [-1, 5, 7])
+def test_bad_fold_is_a_clear_error(fold):
+    with pytest.raises(ConfigError, match="fold"):
+        fold_indices(FOLDS["abd_mri"], fold, 20, "abd_mri")
+
+
+def test_fold_needing_missing_scans_is_a_clear_error():
+    with pytest.raises(ConfigError, match="only 10 scans"):
+        fold_indices(FOLDS["abd_mri"], 3, 10, "abd_mri")
+
+
+@pytest.mark.parametrize(
+    "n_labelled, n_part, expected",
+    [
+        (12, 3, [2, 6, 10]),  # p = 1/6, 1/2, 5/6 -> int(2.0), int(6.0), int(10.0)
+        (10, 3, [1, 5, 8]),  # int(1.67), int(5.0), int(8.33)
+        (7, 3, [1, 3, 5]),  # int(1.17), int(3.5), int(5.83)
+        (3, 3, [0, 1, 2]),
+        (9, 1, [4]),  # n = 1: p = 0.5
+        (20, 5, [2, 6, 10, 14, 18]),  # p = 0.1, 0.3, 0.5, 0.7, 0.9
+    ],
+)
+def test_support_positions(n_labelled, n_part, expected):
+    assert support_positions(n_labelled, n_part) == expected
+
+
+@pytest.mark.parametrize(
+    "n_query, n_part, expected",
+    [
+        (12, 3, [0, 4, 8, 12]),
+        (10, 3, [0, 3, 6, 10]),  # linspace 0, 3.33, 6.67, 10
+        (2, 3, [0, 0, 1, 2]),  # first chunk empty
+        (7, 1, [0, 7]),
+    ],
+)
+def test_chunk_edges(n_query, n_part, expected):
+    assert chunk_edges(n_query, n_part) == expected
+
+
+@pytest.mark.parametrize(
+    "fold_size, supp_idx, n_shot, expected",
+    [(5, 2, 1, [2]), (5, -1, 1, [4]), (8, 3, 1, [3]), (5, 4, 2, [4, 0])],
+)
+def test_support_case_positions(fold_size, supp_idx, n_shot, expected):
+    assert support_case_positions(fold_size, supp_idx, n_shot) == expected
+
+
+def test_support_index_outside_fold_is_a_clear_error():
+    with pytest.raises(ConfigError, match="supp_idx"):
+        support_case_positions(5, 5, 1)
+
+
+class _Toy(VolumeDataset):
+    """Five 10-slice scans; organ 1 in hand-chosen slices."""
+
+    label_map = {"liver": 1, "spleen": 2, "left_kidney": 3, "right_kidney": 4}
+    test_organs = ("liver", "spleen", "left_kidney", "right_kidney")
+    setting2_groups = (("liver", "spleen"), ("left_kidney", "right_kidney"))
+    folds = ((0, 1, 2, 3, 4),) * 5
+    liver_slices = {"a": [2, 3, 4], "b": [1, 2, 3, 4, 5, 6], "c": [3, 4, 5, 6, 7, 8], "d": [], "e": [0, 9]}
+
+    def _case_ids(self):
+        return list("abcde")
+
+    def _load(self, case_id, with_supervoxels):
+        label = np.zeros((10, 4, 4), dtype=np.int32)
+        for z in self.liver_slices[case_id]:
+            label[z, 1:3, 1:3] = 1
+        image = np.arange(160, dtype=np.float32).reshape(10, 4, 4)
+        return Volume(case_id, image, label)
+
+
+def test_test_episodes_follow_ep1():
+    dataset = _Toy()
+    support, queries = build_test_episodes(dataset, list("abcde"), "liver", supp_idx=2, n_part=3)
+    assert support.case_ids == ["c"]
+    # c's labelled slices 3..8 (C = 6): positions int(6/6)=1, int(3)=3, int(5)=5 -> z 4, 6, 8
+    assert support.slice_indices[:, 0].tolist() == [4, 6, 8]
+    # d has no liver and is skipped; the support c is not a query
+    assert [q.case_id for q in queries] == ["a", "b", "e"]
+    b = queries[1]
+    assert b.slice_indices.tolist() == [1, 2, 3, 4, 5, 6]
+    assert b.edges == [0, 2, 4, 6]
+    assert b.images.shape == (6, 4, 4) and b.masks.all(axis=(1, 2)).sum() == 0 and b.masks.any(axis=(1, 2)).all()
+
+
+def test_support_without_the_organ_is_a_clear_error():
+    dataset = _Toy()
+    with pytest.raises(DataError, match="support scan d shows liver in 0 slices"):
+        build_test_episodes(dataset, list("abcde"), "liver", supp_idx=3, n_part=3)
+
+
+def test_confusion_and_dice_by_hand():
+    pred = np.array([[1, 1, 0, 0]], dtype=bool)
+    truth = np.array([[1, 0, 1, 0]], dtype=bool)
+    assert confusion_counts(pred, truth) == (1, 1, 1)
+    assert dice_from_counts(1, 1, 1) == pytest.approx(2 / 4)
+    assert dice_from_counts(0, 0, 0) == 1.0
+    assert dice_from_counts(0, 3, 0) == 0.0
+
+
+def test_per_volume_and_pooled_dice_differ_as_computed_by_hand():
+    cases = pd.DataFrame(
+        {
+            "method": "m", "dataset": "d", "setting": 1, "fold": 0, "organ": "liver",
+            "case_id": ["1", "2"],
+            # case 1: TP 90 FP 10 FN 0 -> 180/190; case 2: TP 1 FP 0 FN 9 -> 2/11
+            "tp": [90, 1], "fp": [10, 0], "fn": [0, 9],
+        }
+    )
+    cases["dice"] = [180 / 190, 2 / 11]
+    per_volume = fold_organ_scores(cases, "per_volume")["dice"].item()
+    pooled = fold_organ_scores(cases, "pooled")["dice"].item()
+    assert per_volume == pytest.approx((180 / 190 + 2 / 11) / 2)
+    assert pooled == pytest.approx(2 * 91 / (2 * 91 + 10 + 9))
+    with pytest.raises(ConfigError):
+        fold_organ_scores(cases, "mean")
+
+
+def test_exclusion_forms():
+    label = np.zeros((5, 2, 2), dtype=np.int32)
+    label[0, 0, 0] = 1  # liver only
+    label[1, 0, 0], label[1, 0, 1] = 1, 4  # liver + spleen
+    label[2] = [[1, 2], [3, 4]]  # all four
+    label[3, 1, 1] = 2  # right kidney only
+    values = [1, 4, 3, 2]
+    assert excluded_slices(label, [1, 4], "any").tolist() == [True, True, True, False, False]
+    assert excluded_slices(label, values, "all").tolist() == [False, False, True, False, False]
+    assert excluded_slices(label, values, "none").tolist() == [False] * 5
+    with pytest.raises(ConfigError):
+        excluded_slices(label, values, "some")
+
+
+def test_eval_groups_per_setting():
+    toy = _Toy()
+    (one,) = eval_groups(toy, toy, 1)
+    assert one.organs == toy.test_organs and one.exclusion == "none"
+    any_groups = eval_groups(toy, toy, 2, "any")
+    assert [g.organs for g in any_groups] == [("liver", "spleen"), ("left_kidney", "right_kidney")]
+    assert all(g.exclusion == "any" and g.excluded_organs == g.organs for g in any_groups)
+    (legacy,) = eval_groups(toy, toy, 2, "all")
+    assert legacy.exclusion == "all" and set(legacy.excluded_organs) == set(toy.test_organs)
+    gt = eval_groups(toy, toy, 1, "any", "gt")
+    assert gt[0].train_organs == ("left_kidney", "right_kidney") and gt[0].exclusion == "none"
+    with pytest.raises(ConfigError):
+        eval_groups(toy, toy, 3)

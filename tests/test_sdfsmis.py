@@ -1,0 +1,473 @@
+"""SD-FSMIS on the tiny backbone: QE pinned by hand, SII uses the support in both forms,
+frozen parts stay frozen, Marigold init, the K/V bank's shot layout, the objectives, the
+mask read-out, the registered variants' contract, and (slow) overfitting a real CHAOS episode."""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from fsmis_bench.method import EpisodeBatch
+from fsmis_methods._sd_attention import AttentionBank, bank_kwargs, support_attention_parameters
+from fsmis_methods.sdfsmis import (
+    FIDELITY_DEFAULTS,
+    SDFSMIS,
+    SDFSMISQe,
+    SDFSMISSii,
+    SDFSMISVtct,
+    largest_component,
+    masked_average,
+    masked_token_average,
+    query_prototype_cosine,
+    query_prototype_fg_bg,
+    sd_alphas_cumprod,
+    threshold_decoded,
+    topk_count,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+SIZE = 64  # identity codec: 64 px -> 32 x 32 latents, like SD's 256 px -> 32 x 32
+
+TINY_BACKBONE = {
+    "name": "tiny",
+    "unet": "tiny",
+    "vae": "identity",
+    "cross_attention_dim": 64,
+    "image_encoder": "tiny",
+    "source": None,
+    "vae_source": None,
+    "image_encoder_source": None,
+    "prediction_type": "epsilon",
+}
+
+
+def make_cfg(method: dict | None = None, fidelity: str = "paper", **backbone):
+    return OmegaConf.create(
+        {
+            "pretrained": False,
+            "weights_root": None,
+            "fidelity": fidelity,
+            "backbone": {**TINY_BACKBONE, **backbone},
+            "method": {"name": "sdfsmis", **(method or {})},
+            "train": {"image_size": SIZE},
+        }
+    )
+
+
+def build(cls=SDFSMIS, method: dict | None = None, fidelity: str = "paper", seed: int = 0, **backbone):
+    torch.manual_seed(seed)
+    return cls(make_cfg(method, fidelity, **backbone))
+
+
+def blob_masks(n: int, size: int = SIZE, seed: int = 0) -> torch.Tensor:
+    """``(n, 1, size, size)`` masks with one rectangle each."""
+    g = torch.Generator().manual_seed(seed)
+    masks = torch.zeros(n, 1, size, size)
+    for i in range(n):
+        y, x = torch.randint(4, size // 2, (2,), generator=g).tolist()
+        h, w = torch.randint(8, size // 2, (2,), generator=g).tolist()
+        masks[i, :, y : y + h, x : x + w] = 1.0
+    return masks
+
+
+def images(n: int, seed: int, size: int = SIZE) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 1, size, size, generator=g) * 2 - 1
+
+
+def episode(b: int = 2, s: int = 1, seed: int = 0) -> EpisodeBatch:
+    return EpisodeBatch(
+        support_images=images(b * s, seed).view(b, s, 1, SIZE, SIZE),
+        support_masks=blob_masks(b * s, seed=seed).view(b, s, 1, SIZE, SIZE),
+        query_images=images(b, seed + 100),
+        query_masks=blob_masks(b, seed=seed + 100),
+    )
+
+
+def query_output(model: SDFSMIS, support_images, support_masks, query_images) -> torch.Tensor:
+    """Raw U-Net output of the query pass, ``(Q, 4, h, w)``."""
+    with torch.no_grad():
+        support = model.encode_support(support_images[None], support_masks[None])
+        return model.query_pass(model.encode_images(query_images), support)
+
+
+# ---------------------------------------------------------------------------------------
+# QE, pinned against hand-computed prototypes
+# ---------------------------------------------------------------------------------------
+# three query positions on a 1 x 3 latent grid, 2 channels: [1, 0], [0, 1], [1, 1]
+QUERY = torch.tensor([[[[1.0, 0.0, 1.0]], [[0.0, 1.0, 1.0]]]])  # (1, 2, 1, 3)
+
+
+def test_masked_average_by_hand():
+    features = torch.tensor([[[[[1.0, 3.0]], [[2.0, 4.0]]], [[[5.0, 7.0]], [[6.0, 8.0]]]]])  # (1, S=2, C=2, 1, 2)
+    weights = torch.tensor([[[[[1.0, 0.0]]], [[[0.5, 0.5]]]]])  # (1, 2, 1, 1, 2)
+    # (1*[1,2] + 0.5*[5,6] + 0.5*[7,8]) / 2 = ([1,2] + [6,7]) / 2
+    assert torch.allclose(masked_average(features, weights), torch.tensor([[3.5, 4.5]]))
+
+
+def test_qe_paper_cosine_by_hand():
+    # cos to P_s = [1, 0]: 1, 0, 0.7071 -> positions 0 and 2 pass tau = 0.7
+    proto = query_prototype_cosine(QUERY, torch.tensor([[1.0, 0.0]]), tau=0.7, k=1)
+    assert torch.allclose(proto, torch.tensor([[1.0, 0.5]]))
+    # tau = 0.75: only position 0
+    proto = query_prototype_cosine(QUERY, torch.tensor([[1.0, 0.0]]), tau=0.75, k=1)
+    assert torch.allclose(proto, torch.tensor([[1.0, 0.0]]))
+
+
+def test_qe_paper_fallback_when_nothing_passes_tau():
+    # cos to [1, -1]: 0.7071, -0.7071, 0 -> nothing passes 0.8; top-1 = position 0, top-2 adds position 2
+    p_s = torch.tensor([[1.0, -1.0]])
+    assert torch.allclose(query_prototype_cosine(QUERY, p_s, tau=0.8, k=1), torch.tensor([[1.0, 0.0]]))
+    assert torch.allclose(query_prototype_cosine(QUERY, p_s, tau=0.8, k=2), torch.tensor([[1.0, 0.5]]))
+
+
+def test_qe_code_fg_bg_softmax_by_hand():
+    fg, bg = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+    # cos_fg = 1, 0, .7071; cos_bg = 0, 1, .7071 -> p_fg = e/(e+1) = 0.731, 0.269, 0.5
+    p_fg = torch.softmax(torch.tensor([[1.0, 0.0, 0.7071], [0.0, 1.0, 0.7071]]), dim=0)[0]
+    assert p_fg[0] > 0.7 > p_fg[2]
+    assert torch.allclose(query_prototype_fg_bg(QUERY, fg, bg, tau=0.7, k=2), torch.tensor([[1.0, 0.0]]))
+    # nothing reaches 0.8: top-2 by p_fg = positions 0 and 2
+    assert torch.allclose(query_prototype_fg_bg(QUERY, fg, bg, tau=0.8, k=2), torch.tensor([[1.0, 0.5]]))
+    # per-episode fallback: episode 0 selects normally; episode 1 (positions [0,1], [1,1],
+    # [1,1]: p_fg = .269, .5, .5) has nothing above 0.7 and falls back to its top-1, a [1, 1]
+    query = torch.cat([QUERY, torch.tensor([[[[0.0, 1.0, 1.0]], [[1.0, 1.0, 1.0]]]])])
+    out = query_prototype_fg_bg(query, fg.repeat(2, 1), bg.repeat(2, 1), tau=0.7, k=1)
+    assert torch.allclose(out, torch.tensor([[1.0, 0.0], [1.0, 1.0]]))
+
+
+def test_topk_count_matches_code():
+    assert topk_count(32, 0.1875) == 6
+    assert topk_count(2, 0.1875) == 1
+
+
+def test_support_prototypes_are_masked_latent_averages():
+    model = build(SDFSMISQe)
+    support, mask = images(1, 3), torch.zeros(1, 1, SIZE, SIZE)
+    mask[..., :32, :] = 1.0  # top half -> latent rows 0..15 exactly
+    context = model.encode_support(support[None], mask[None])
+    latents = F.pixel_unshuffle(support, 2)[0]  # the identity codec's latent
+    assert torch.allclose(context.fg_prototype[0], latents[:, :16].mean(dim=(1, 2)), atol=1e-6)
+    assert torch.allclose(context.bg_prototype[0], latents[:, 16:].mean(dim=(1, 2)), atol=1e-6)
+
+
+def test_masked_token_average_by_hand():
+    tokens = torch.arange(4.0).view(1, 4, 1)  # 2 x 2 grid
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., :4, :4] = 1.0  # exactly the top-left patch
+    assert masked_token_average(tokens, mask, (2, 2)).item() == pytest.approx(0.0)
+    mask[..., :4, :] = 1.0  # top row
+    assert masked_token_average(tokens, mask, (2, 2)).item() == pytest.approx(0.5)
+
+
+# ---------------------------------------------------------------------------------------
+# SII uses the support (both forms)
+# ---------------------------------------------------------------------------------------
+def _perturb_sii_output(model: SDFSMIS) -> None:
+    """Give the zero-initialised SII output projections the values training would give them."""
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in support_attention_parameters(model.unet):
+            if p.ndim == 2 and not p.abs().sum():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+
+
+@pytest.mark.parametrize("sii", ["cross_attention", "kv_concat"])
+def test_sii_output_depends_on_support(sii):
+    model = build(SDFSMISSii, {"sii": sii}).eval()
+    query = images(2, 50)
+    mask = blob_masks(1, seed=1)
+    if sii == "cross_attention":
+        # zero-initialised output: at init the support has no say (pretrained behaviour kept)
+        a = query_output(model, images(1, 1), mask, query)
+        b = query_output(model, images(1, 2), blob_masks(1, seed=2), query)
+        assert torch.equal(a, b)
+        _perturb_sii_output(model)
+    a = query_output(model, images(1, 1), mask, query)
+    b = query_output(model, images(1, 2), mask, query)  # another support image
+    c = query_output(model, images(1, 1), blob_masks(1, seed=2), query)  # another support mask
+    assert (a - b).abs().max() > 1e-4
+    assert (a - c).abs().max() > 1e-4
+
+
+def test_sii_layers_are_zero_initialised_and_copied_from_self_attention():
+    model = build(SDFSMISSii)
+    blocks = [m for m in model.unet.modules() if hasattr(m, "sii_attn")]
+    assert len(blocks) == len(model.support_attention_keys) > 0
+    for block in blocks:
+        assert not block.sii_attn.to_out[0].weight.abs().sum() and not block.sii_attn.to_out[0].bias.abs().sum()
+        assert torch.equal(block.sii_attn.to_q.weight, block.attn1.to_q.weight)
+        assert torch.equal(block.sii_norm.weight, block.norm1.weight)
+
+
+def test_kv_concat_bank_concatenates_shots_along_tokens():
+    model = build(SDFSMISSii, {"sii": "kv_concat"}).eval()
+    shots = 3
+    sup, masks = images(shots, 1), blob_masks(shots, seed=1)
+    with torch.no_grad():
+        one = model.encode_support(sup[:1][None], masks[:1][None]).bank
+        many = model.encode_support(sup[None], masks[None]).bank
+    assert set(one.entries) == set(many.entries) == set(model.support_attention_keys)
+    for name, (key, value) in many.entries.items():
+        k1, _ = one.entries[name]
+        assert key.shape == value.shape == (1, shots * k1.shape[1], k1.shape[2])
+        # shot 0's tokens are exactly the 1-shot bank
+        assert torch.allclose(key[:, : k1.shape[1]], k1, atol=1e-5)
+    # the query attends over a set of tokens: shot order does not matter
+    query = images(2, 9)
+    a = query_output(model, sup, masks, query)
+    b = query_output(model, sup.flip(0), masks.flip(0), query)
+    assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_bank_broadcasts_one_support_to_many_queries():
+    bank = AttentionBank()
+    bank.put("x", (torch.randn(2, 5, 3),), shots=2)  # one episode, two shots
+    (entry,) = bank.get("x", batch=4)
+    assert entry.shape == (4, 10, 3) and entry.stride(0) == 0  # a view, no copy
+    with pytest.raises(RuntimeError, match="no entry"):
+        bank.get("y", batch=1)
+
+
+# ---------------------------------------------------------------------------------------
+# Marigold init
+# ---------------------------------------------------------------------------------------
+def test_marigold_init_of_the_added_convs():
+    model = build(SDFSMISSii)  # query_conv_in is the pretrained 4-channel conv_in
+    z = torch.randn(2, 4, 16, 16)
+    original = model.query_conv_in
+    assert original.in_channels == 4 and model.support_conv_in.in_channels == 8
+    assert torch.allclose(model.support_conv_in(torch.cat([z, z], 1)), original(z), atol=1e-5)
+
+    full = build(SDFSMIS)  # with QE the query conv is 8 channels, same init from the same conv_in
+    assert full.query_conv_in.in_channels == 8
+    assert torch.equal(full.query_conv_in.weight, full.support_conv_in.weight)
+    assert torch.equal(full.query_conv_in.bias, full.support_conv_in.bias)
+    reference = copy.deepcopy(full.query_conv_in)
+    with torch.no_grad():
+        reference.weight.copy_(full.query_conv_in.weight[:, :4] * 2)
+    # an 8 -> C conv whose halves each equal half the 4 -> C conv: conv8(z ++ z) == conv4(z)
+    conv4 = torch.nn.functional.conv2d(z, reference.weight[:, :4], full.query_conv_in.bias, padding=1)
+    assert torch.allclose(full.query_conv_in(torch.cat([z, z], 1)), conv4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------
+# frozen vs trained parts
+# ---------------------------------------------------------------------------------------
+def test_frozen_parts_get_no_gradient_and_do_not_change():
+    model = build(SDFSMIS, vae="taesd")  # random TAESD: a codec with parameters
+    model.train()
+    frozen = {"vae": model.vae, "image_encoder": model.image_encoder}
+    before = {name: copy.deepcopy(m.state_dict()) for name, m in frozen.items()}
+    trained = {
+        "unet_conv_out": model.unet.conv_out.weight,
+        "support_conv_in": model.support_conv_in.weight,
+        "query_conv_in": model.query_conv_in.weight,
+        "vtct_mlp": model.vtct_mlp.mlp[0].weight,
+        "sii_out": next(b.sii_attn.to_out[0].weight for b in model.unet.modules() if hasattr(b, "sii_attn")),
+    }
+    trained_before = {k: v.detach().clone() for k, v in trained.items()}
+
+    groups = model.param_groups()
+    assert {g["name"]: g["lr"] for g in groups} == {"unet": 1e-5, "vtct": 5e-5}
+    grouped = {id(p) for g in groups for p in g["params"]}
+    assert grouped == {id(p) for p in model.parameters() if p.requires_grad}
+    for m in frozen.values():
+        assert all(not p.requires_grad and id(p) not in grouped for p in m.parameters())
+
+    optimiser = torch.optim.AdamW(groups, weight_decay=1e-2)
+    loss = model.training_loss(episode(b=1))
+    loss.backward()
+    for m in frozen.values():
+        assert all(p.grad is None for p in m.parameters())
+    assert all(v.grad is not None and v.grad.abs().sum() > 0 for v in trained.values())
+    optimiser.step()
+    for name, m in frozen.items():
+        for key, value in m.state_dict().items():
+            assert torch.equal(value, before[name][key]), f"{name}.{key} changed"
+        assert not m.training  # frozen parts stay in eval mode under model.train()
+    for key, value in trained.items():
+        assert not torch.equal(value, trained_before[key]), f"{key} did not change"
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    batch = episode(b=1, s=2)
+    grads = []
+    for checkpointing in (False, True):
+        model = build(SDFSMISSii, {"sii": "kv_concat", "gradient_checkpointing": checkpointing}, seed=3)
+        model.training_loss(batch).backward()
+        grads.append(model.support_conv_in.weight.grad.clone())  # reaches the support only via the bank
+    assert grads[0].abs().sum() > 0
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------
+# objectives and read-out
+# ---------------------------------------------------------------------------------------
+def test_alpha_bar_999_of_the_sd_schedule():
+    assert sd_alphas_cumprod()[999].item() == pytest.approx(0.0046601, rel=1e-4)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_ddim_t999_inverts_the_forward_process(prediction_type):
+    model = build(SDFSMISSii, prediction_type=prediction_type)
+    a = sd_alphas_cumprod()[999].float()
+    x0, eps = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    output = eps if prediction_type == "epsilon" else a.sqrt() * eps - (1 - a).sqrt() * x0
+    assert torch.allclose(model.mask_latent_estimate(output, x_t), x0, atol=1e-4)
+
+
+def test_degenerate_t1_objective_is_negated_output():
+    model = build(SDFSMISSii, fidelity="code")
+    assert model.options.objective == "degenerate_t1" and model.options.timestep == 1
+    out = torch.randn(1, 4, 8, 8)
+    assert torch.equal(model.mask_latent_estimate(out, torch.randn_like(out)), -out)
+
+
+def test_thresholds_and_largest_component():
+    decoded = torch.tensor([[[-1.0, -0.2, 0.1, 0.9]]])
+    assert threshold_decoded(decoded, "absolute", 0.0).tolist() == [[[False, False, True, True]]]
+    # relative: p = (x+1)/2 = 0, .4, .55, .95; 0.25 * .95 = .2375
+    assert threshold_decoded(decoded, "relative", 0.25).tolist() == [[[False, True, True, True]]]
+    masks = torch.zeros(2, 8, 8, dtype=torch.bool)
+    masks[0, :3, :3] = True
+    masks[0, 6:, 6:] = True  # 4 px, smaller
+    out = largest_component(masks)
+    assert out[0].sum() == 9 and out[0, :3, :3].all() and not out[1].any()
+
+
+def test_fidelity_switches_every_difference_and_options_override():
+    paper = SDFSMIS.resolve_options(OmegaConf.create({}), "paper")
+    code = SDFSMIS.resolve_options(OmegaConf.create({}), "code")
+    for name in ("sii", "qe_form", "objective", "threshold", "lcc"):
+        assert getattr(paper, name) == FIDELITY_DEFAULTS[name]["paper"]
+        assert getattr(code, name) == FIDELITY_DEFAULTS[name]["code"]
+    assert (paper.threshold_value, code.threshold_value) == (0.0, 0.25)
+    mixed = SDFSMIS.resolve_options(OmegaConf.create({"sii": "kv_concat", "lcc": True}), "paper")
+    assert (mixed.sii, mixed.lcc, mixed.objective) == ("kv_concat", True, "ddim_t999")
+    assert build(SDFSMISSii, fidelity="code").protocol_hints() == {"train_labels": "gt", "grad_accum": 4, "schedule": "linear"}
+
+
+def test_cached_batched_predict_equals_per_slice_recomputation():
+    model = build(SDFSMIS, {"predict_batch_size": 3}).eval()
+    _perturb_sii_output(model)
+    sup, masks, queries = images(1, 1), blob_masks(1, seed=1), images(7, 2)
+    cached = model.predict(sup, masks, queries)
+    assert cached.shape == (7, SIZE, SIZE) and cached.dtype == torch.bool
+    assert torch.equal(cached, model.predict_uncached(sup, masks, queries))
+
+
+# ---------------------------------------------------------------------------------------
+# contract of every registered variant, built from its config file
+# ---------------------------------------------------------------------------------------
+VARIANTS = {"sdfsmis": SDFSMIS, "sdfsmis_sii": SDFSMISSii, "sdfsmis_qe": SDFSMISQe, "sdfsmis_vtct": SDFSMISVtct}
+
+
+def method_config(name: str) -> dict:
+    cfg = OmegaConf.load(REPO / "configs" / "method" / f"{name}.yaml")
+    return OmegaConf.to_container(cfg.method)
+
+
+def registered_target(name: str) -> str:
+    """The ``module:Class`` string the built-in plugin registers for ``name``."""
+    from fsmis_methods import _plugin
+
+    found: dict[str, str] = {}
+
+    class Collect:
+        def register(self, key, target, description=""):
+            found[key] = target
+
+    _plugin.fsmis_register_methods(Collect())
+    if name not in found:
+        pytest.fail(f"{name} is not registered in methods/_plugin.py")
+    return found[name]
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_registered_variant_contract(name):
+    import importlib
+
+    module, _, attr = registered_target(name).partition(":")
+    cls = getattr(importlib.import_module(module), attr)
+    assert cls is VARIANTS[name]
+    method_cfg = method_config(name)
+    assert method_cfg["name"] == name
+    torch.manual_seed(0)
+    model = cls(make_cfg({k: v for k, v in method_cfg.items() if k != "name"} | {"name": name}))
+    expect_qe, expect_vtct = {"sdfsmis": (True, True), "sdfsmis_sii": (False, False), "sdfsmis_qe": (True, False), "sdfsmis_vtct": (False, True)}[name]
+    assert (model.options.qe, model.options.vtct) == (expect_qe, expect_vtct)
+    assert model.input_norm == "minmax" and model.needs_training
+    model.train()
+    loss = model.training_loss(episode(b=2, s=1))
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    loss.backward()
+    model.eval()
+    batch = episode(b=1, s=2)
+    out = model.predict(batch.support_images[0], batch.support_masks[0], images(3, 5))
+    assert out.shape == (3, SIZE, SIZE) and out.dtype == torch.bool
+    parts = model.components()
+    assert {"unet", "vae", "support_conv_in", "query_conv_in"} <= set(parts)
+    assert ("vtct_mlp" in parts) == ("image_encoder" in parts) == expect_vtct
+    assert model.uses_random_weights()  # tiny U-Net: random weights, flagged
+
+
+# ---------------------------------------------------------------------------------------
+# overfitting one real CHAOS episode
+# ---------------------------------------------------------------------------------------
+def chaos_liver_pair(root: Path, size: int) -> tuple[torch.Tensor, ...]:
+    """Two adjacent liver slices of CHAOS scan 1, min-max normalised to [-1, 1] per volume,
+    downsampled to ``size``: support image/mask, query image/mask, each ``(1, 1, size, size)``."""
+    import nibabel as nib
+
+    folder = root / "CHAOST2" / "chaos_MR_T2_normalized"
+    image = np.asarray(nib.load(folder / "image_1.nii.gz").dataobj, dtype=np.float32)
+    label = np.asarray(nib.load(folder / "label_1.nii.gz").dataobj)
+    image = (image - image.min()) / (image.max() - image.min()) * 2 - 1
+    liver = (label == 1).sum(axis=(0, 1))
+    z = int(np.argmax(liver))  # the slice with the most liver and its neighbour
+    out = []
+    for s in (z, z + 1):
+        img = torch.from_numpy(image[..., s].copy())[None, None]
+        msk = torch.from_numpy((label[..., s] == 1).astype(np.float32))[None, None]
+        out += [F.interpolate(img, size=(size, size), mode="area"), (F.interpolate(msk, size=(size, size), mode="area") > 0.5).float()]
+    return tuple(out)
+
+
+@pytest.mark.slow
+def test_tiny_sdfsmis_overfits_a_real_chaos_episode(real_data_root):
+    support, support_mask, query, query_mask = chaos_liver_pair(real_data_root, SIZE)
+    model = build(SDFSMIS, prediction_type="v_prediction")
+    optimiser = torch.optim.Adam([p for g in model.param_groups() for p in g["params"]], lr=1e-3)
+    batch = EpisodeBatch(support[None], support_mask[None], query, query_mask)
+    truth = query_mask[0, 0].bool()
+
+    def dice() -> float:
+        model.eval()
+        pred = model.predict(support, support_mask, query)[0]
+        model.train()
+        return float(2 * (pred & truth).sum() / (pred.sum() + truth.sum()))
+
+    start, best, steps = time.perf_counter(), 0.0, 0
+    model.train()
+    for steps in range(1, 301):
+        loss = model.training_loss(batch)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        if steps % 25 == 0:
+            best = dice()
+            if best > 0.9:
+                break
+    elapsed = time.perf_counter() - start
+    print(f"overfit: {steps} steps, {elapsed:.1f} s, Dice {best:.4f}")
+    assert best > 0.9, f"Dice {best:.3f} after {steps} steps"
+    assert elapsed < 180
