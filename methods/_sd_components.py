@@ -158,10 +158,19 @@ def _from_pretrained(cls: Any, what: str, source: str | None, weights_root: Any,
 def _load_resolved(cls: Any, what: str, resolved: ResolvedSource, source: Any, weights_root: Any, hub_id: str | None, *, subfolder: str | None, **kwargs: Any) -> Any:
     if resolved.kind == "dir":
         base = Path(resolved.location)
+        extra: dict[str, Any] | None = None
         if subfolder and (base / subfolder / "config.json").is_file():
-            return cls.from_pretrained(str(base), subfolder=subfolder, local_files_only=True, **kwargs)
-        if (base / "config.json").is_file():
-            return cls.from_pretrained(str(base), local_files_only=True, **kwargs)
+            extra = {"subfolder": subfolder}
+        elif (base / "config.json").is_file():
+            extra = {}
+        if extra is not None:
+            try:
+                return cls.from_pretrained(str(base), local_files_only=True, **extra, **kwargs)
+            except (OSError, ValueError) as exc:  # config present, weights missing or broken
+                raise _missing_weights(
+                    what, source, weights_root, hub_id, resolved.tried,
+                    detail=f"{base}: {type(exc).__name__}: {exc}".splitlines()[0],
+                ) from None
         raise _missing_weights(
             what, source, weights_root, hub_id, resolved.tried,
             detail=f"{base} has neither {subfolder}/config.json nor config.json",

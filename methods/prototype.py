@@ -27,12 +27,13 @@ def _block(in_channels: int, out_channels: int) -> nn.Sequential:
 
 
 class Encoder(nn.Module):
-    """``(B, 1, H, W)`` -> ``(B, C, H/4, W/4)`` features."""
+    """``(B, 1, H, W)`` -> ``(B, C, H/8, W/8)`` features (PANet's VGG works at 1/8 too)."""
 
     def __init__(self, width: int = 32, out_channels: int = 64) -> None:
         super().__init__()
         self.stages = nn.Sequential(
-            _block(1, width), nn.MaxPool2d(2),
+            nn.Conv2d(1, width, 5, stride=2, padding=2), nn.ReLU(inplace=True),
+            _block(width, width), nn.MaxPool2d(2),
             _block(width, width * 2), nn.MaxPool2d(2),
             _block(width * 2, width * 4),
             nn.Conv2d(width * 4, out_channels, 1),

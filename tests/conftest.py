@@ -44,3 +44,11 @@ def results_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     out = tmp_path / "results"
     monkeypatch.setenv("FSMIS_RESULTS_DIR", str(out))
     return out
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Two xdist workers on two cores: one torch thread each avoids oversubscription.
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)

@@ -188,6 +188,12 @@ def test_missing_sd_weights_offline_gives_hint(tmp_path: Path, monkeypatch: pyte
             sdc.build_unet("sd15", pretrained=True, source="empty_sd", weights_root=str(tmp_path))
         with pytest.raises(FsmisError):
             sdc.build_image_encoder("dinov2_small", pretrained=True, source=None, weights_root=str(tmp_path))
+        # a single file that is not an SD checkpoint: one error, no traceback from the converter
+        from safetensors.torch import save_file
+
+        save_file({"not_a_unet": torch.zeros(2)}, str(tmp_path / "wrong.safetensors"))
+        with pytest.raises(FsmisError, match="single file"):
+            sdc.build_unet("sd15", pretrained=True, source="wrong.safetensors", weights_root=str(tmp_path))
     finally:
         sdc.hub_offline.cache_clear()
 

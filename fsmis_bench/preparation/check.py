@@ -190,10 +190,8 @@ def check_dataset(
     if not ids:
         report.problems.append(f"no image_<id>.nii.gz files in {image_dir}")
         return report
-    orphans = sorted(
-        (case_id_of(p) for p in image_dir.glob("label_*.nii.gz") if case_id_of(p) not in ids),
-        key=lambda s: int(s) if s and s.isdigit() else 0,
-    )
+    label_ids = (case_id_of(p) for p in image_dir.glob("label_*.nii.gz"))
+    orphans = sorted((i for i in label_ids if i is not None and i not in ids), key=int)
     for orphan in orphans:
         report.problems.append(f"label_{orphan}.nii.gz has no image_{orphan}.nii.gz")
     sv_dir = facts.supervoxel_dir(root, n_sv) if require_supervoxels else None

@@ -148,23 +148,3 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     check.add_argument("--no-supervoxels", action="store_true", help="do not require supervoxels")
     check.set_defaults(func=run_check_data)
 
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (``python -m fsmis_bench.preparation.commands ...``) for these
-    three subcommands; ``fsmis-bench`` offers the same once its CLI registers them."""
-    from ..errors import FsmisError
-
-    parser = argparse.ArgumentParser(prog="python -m fsmis_bench.preparation.commands")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args))
-    except FsmisError as error:
-        print(f"error: {error.message}", file=sys.stderr)
-        if error.hint:
-            print(f"  hint: {error.hint}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

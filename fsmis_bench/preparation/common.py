@@ -36,7 +36,7 @@ def clip_top_percent(array: np.ndarray, percent: float = 0.5) -> np.ndarray:
 
 
 def resample_to_spacing(
-    image: sitk.Image, spacing_xyz: tuple[float, float, float], interpolator: int
+    image: sitk.Image, spacing_xyz: tuple[float | None, float | None, float | None], interpolator: int
 ) -> sitk.Image:
     """Resample to ``spacing_xyz`` keeping origin and direction; size = round(extent / spacing).
 

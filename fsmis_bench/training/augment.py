@@ -1,9 +1,13 @@
-"""Training-episode augmentations (PROTOCOL.md §5), built on MONAI transforms.
+"""Training-episode augmentations (PROTOCOL.md §5).
 
 Gamma in [0.5, 1.5]; affine (rotate ±5°, translate ±5 px, scale 0.9–1.2, shear ±5°)
-followed by elastic deformation (alpha 10, sigma 5). The image and its mask get the same
-geometric transform; the mask is resampled with nearest neighbour. Randomness comes from
-the caller's generator so that a resumed run draws the same episodes.
+followed by elastic deformation (alpha 10, sigma 5, the Simard/scipy convention:
+a uniform random displacement field smoothed by a Gaussian of ``sigma`` px and scaled by
+``alpha``). Affine and elastic are composed into one sampling grid, so the image is
+interpolated once; the mask takes the same grid with nearest-neighbour sampling.
+Randomness comes from the caller's generator so that a resumed run draws the same
+episodes. (MONAI's ``Rand2DElastic`` does the same job but cost ~0.3 s per 256² slice on
+2 cores, which dominated CPU training; this costs about a millisecond.)
 """
 
 from __future__ import annotations
@@ -12,43 +16,63 @@ import math
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from scipy.ndimage import gaussian_filter
 
 
 class EpisodeAugmenter:
     """Augments one ``(H, W)`` slice and its mask."""
 
-    def __init__(self) -> None:
-        from monai.transforms import Rand2DElastic
+    def __init__(
+        self,
+        gamma: tuple[float, float] = (0.5, 1.5),
+        rotate_deg: float = 5.0,
+        translate_px: float = 5.0,
+        scale: tuple[float, float] = (0.9, 1.2),
+        shear_deg: float = 5.0,
+        elastic_alpha: float = 10.0,
+        elastic_sigma: float = 5.0,
+    ) -> None:
+        self.gamma = gamma
+        self.rotate = math.radians(rotate_deg)
+        self.translate = translate_px
+        self.scale = scale
+        self.shear = math.radians(shear_deg)
+        self.alpha = elastic_alpha
+        self.sigma = elastic_sigma
 
-        degrees = math.radians(5)
-        shear = math.tan(math.radians(5))
-        # Rand2DElastic applies the affine and the elastic field in one resampling.
-        self._geometric = Rand2DElastic(
-            spacing=(5, 5),  # control-point spacing ~ sigma 5 px
-            magnitude_range=(0, 10 / 5),  # displacement up to ~alpha 10 px spread over sigma 5
-            prob=1.0,
-            rotate_range=(degrees,),
-            shear_range=(shear, shear),
-            translate_range=(5, 5),
-            scale_range=((-0.1, 0.2), (-0.1, 0.2)),  # MONAI adds 1: scale in 0.9–1.2
-            padding_mode="zeros",
+    def grid(self, height: int, width: int, rng: np.random.Generator) -> torch.Tensor:
+        """``(1, H, W, 2)`` sampling grid in normalised coordinates (affine then elastic)."""
+        angle = rng.uniform(-self.rotate, self.rotate)
+        shear = rng.uniform(-self.shear, self.shear)
+        scale = rng.uniform(*self.scale)
+        shift = rng.uniform(-self.translate, self.translate, size=2)
+        rotation = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+        shearing = np.array([[1.0, math.tan(shear)], [0.0, 1.0]])
+        # The grid maps output to input coordinates, hence the inverse of the forward map.
+        forward = rotation @ shearing * scale
+        inverse = np.linalg.inv(forward)
+        offset = -inverse @ (shift * 2 / np.array([width, height]))
+        theta = torch.tensor(np.concatenate([inverse, offset[:, None]], axis=1), dtype=torch.float32)[None]
+        grid = F.affine_grid(theta, [1, 1, height, width], align_corners=False)
+        displacement = np.stack(
+            [gaussian_filter(rng.uniform(-1, 1, size=(height, width)), self.sigma, mode="constant") * self.alpha
+             for _ in range(2)],
+            axis=-1,
         )
+        # Pixels -> normalised units (x first in grid_sample's last axis).
+        displacement = displacement * (2 / np.array([width, height]))
+        return grid + torch.from_numpy(displacement.astype(np.float32))[None]
 
     def __call__(
         self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Returns the augmented ``(H, W)`` image and ``(H, W)`` bool mask."""
+        """Returns the augmented ``(H, W)`` float32 image and ``(H, W)`` bool mask."""
         lo, hi = float(image.min()), float(image.max())
         span = max(hi - lo, 1e-6)
-        gamma = rng.uniform(0.5, 1.5)
-        image = ((image - lo) / span) ** gamma * span + lo
-
-        self._geometric.set_random_state(seed=int(rng.integers(2**31 - 1)))
-        stacked = torch.from_numpy(np.stack([image, mask.astype(np.float32)])).float()
-        self._geometric.randomize(stacked.shape[1:])
-        out_image = self._geometric(stacked[:1], randomize=False, mode="bilinear")
-        out_mask = self._geometric(stacked[1:], randomize=False, mode="nearest")
-        return (
-            np.asarray(out_image[0], dtype=np.float32),
-            np.asarray(out_mask[0]) > 0.5,
-        )
+        image = ((image - lo) / span) ** rng.uniform(*self.gamma) * span + lo
+        grid = self.grid(*image.shape, rng)
+        pair = torch.from_numpy(np.stack([image, mask]).astype(np.float32))[:, None]
+        warped_image = F.grid_sample(pair[:1], grid, mode="bilinear", padding_mode="border", align_corners=False)
+        warped_mask = F.grid_sample(pair[1:], grid, mode="nearest", padding_mode="zeros", align_corners=False)
+        return warped_image[0, 0].numpy(), warped_mask[0, 0].numpy() > 0.5

@@ -115,7 +115,7 @@ class EpisodeSampler:
             first, second = case.classes[z] == cls, case.classes[z + 1] == cls
             if max(first.sum(), second.sum()) < self.min_fg_pixels:
                 continue
-            slices = [(case.image[z], first), (case.image[z + 1], second)]
+            slices = [self._fit(case.image[z], first), self._fit(case.image[z + 1], second)]
             if self.rng.uniform() < 0.5:
                 slices.reverse()
             if self.augmenter is not None:
@@ -128,11 +128,18 @@ class EpisodeSampler:
             hint="lower protocol.min_fg_pixels, or check the training labels",
         )
 
+    def _fit(self, image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Resize to the training size first, so augmentation runs at the model's size."""
+        if self.image_size is None or image.shape == (self.image_size, self.image_size):
+            return image, mask
+        image = resize_slices(torch.from_numpy(image)[None], self.image_size)[0].numpy()
+        mask = resize_slices(torch.from_numpy(mask.astype(np.float32))[None], self.image_size, nearest=True)[0].numpy()
+        return image, mask > 0.5
+
     def batch(self, batch_size: int) -> EpisodeBatch:
         """``batch_size`` episodes as tensors (one support shot)."""
         episodes = [self.sample() for _ in range(batch_size)]
         stack = [torch.from_numpy(np.stack([e[k] for e in episodes]).astype(np.float32)) for k in range(4)]
-        stack = [resize_slices(t, self.image_size, nearest=k % 2 == 1) for k, t in enumerate(stack)]
         support_images, support_masks, query_images, query_masks = (t.unsqueeze(1) for t in stack)
         return EpisodeBatch(
             support_images=support_images.unsqueeze(1),

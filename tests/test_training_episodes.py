@@ -1,0 +1,106 @@
+"""Training episodes (PROTOCOL.md §5) and their augmentation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fsmis_bench.data.base import Volume, VolumeDataset
+from fsmis_bench.errors import DataError
+from fsmis_bench.protocol.settings import EvalGroup
+from fsmis_bench.training.augment import EpisodeAugmenter
+from fsmis_bench.training.episodes import EpisodeSampler
+
+
+class _Stack(VolumeDataset):
+    """One scan: supervoxel 7 in slices 2-5 (30x30 px), supervoxel 9 tiny (3x3 px) in 0-1;
+    liver (label 1) in slices 3-4."""
+
+    label_map = {"liver": 1, "spleen": 4}
+    test_organs = ("liver", "spleen")
+
+    def _case_ids(self):
+        return ["1", "2"]
+
+    def _load(self, case_id, with_supervoxels):
+        label = np.zeros((8, 40, 40), dtype=np.int32)
+        label[3:5, 5:25, 5:25] = 1
+        sv = np.zeros_like(label)
+        sv[2:6, 5:35, 5:35] = 7
+        sv[0:2, 0:3, 0:3] = 9
+        image = np.random.default_rng(int(case_id)).normal(size=label.shape).astype(np.float32)
+        return Volume(case_id, image, label, sv)
+
+
+def test_pairs_are_adjacent_slices_of_one_class_and_respect_the_size_floor():
+    sampler = EpisodeSampler(_Stack(), ["1"], EvalGroup("all", ("liver",)), augment=False, min_fg_pixels=200)
+    assert {k: v.tolist() for k, v in sampler.cases[0].pairs.items()} == {7: [2, 3, 4], 9: [0]}
+    for _ in range(20):  # class 9 (9 px) is always rejected; class 7 (900 px) always accepted
+        support_image, support_mask, query_image, query_mask = sampler.sample()
+        assert support_mask.sum() == query_mask.sum() == 900
+
+
+def test_setting2_exclusion_removes_slices_from_pairs():
+    group = EvalGroup("liver", ("liver",), ("liver",), "any")
+    sampler = EpisodeSampler(_Stack(), ["1"], group, augment=False, min_fg_pixels=0)
+    # Slices 3 and 4 show the liver and are dropped, which breaks every pair of class 7
+    # (2-3, 3-4, 4-5); only class 9's pair (0, 1) is left.
+    assert {k: v.tolist() for k, v in sampler.cases[0].pairs.items()} == {9: [0]}
+    assert sampler.excluded_slice_count == 2
+
+
+def test_gt_training_labels_use_only_the_allowed_organs():
+    group = EvalGroup("spleen", ("spleen",), train_organs=("liver",))
+    sampler = EpisodeSampler(_Stack(), ["1"], group, train_labels="gt", augment=False)
+    assert {k: v.tolist() for k, v in sampler.cases[0].pairs.items()} == {1: [3]}
+
+
+def test_no_episode_possible_is_a_clear_error():
+    group = EvalGroup("spleen", ("spleen",), train_organs=("spleen",))
+    with pytest.raises(DataError, match="no training episode"):
+        EpisodeSampler(_Stack(), ["1"], group, train_labels="gt")
+
+
+def test_batches_have_the_interface_shapes_and_are_reproducible():
+    first = EpisodeSampler(_Stack(), ["1", "2"], EvalGroup("all", ("liver",)), image_size=32, seed=3).batch(4)
+    again = EpisodeSampler(_Stack(), ["1", "2"], EvalGroup("all", ("liver",)), image_size=32, seed=3).batch(4)
+    assert first.support_images.shape == (4, 1, 1, 32, 32) and first.query_masks.shape == (4, 1, 32, 32)
+    assert torch.equal(first.query_images, again.query_images)
+    assert set(first.support_masks.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_augmentation_with_neutral_parameters_is_the_identity():
+    neutral = EpisodeAugmenter(gamma=(1, 1), rotate_deg=0, translate_px=0, scale=(1, 1), shear_deg=0, elastic_alpha=0)
+    image = np.random.default_rng(0).random((32, 32)).astype(np.float32)
+    mask = image > 0.5
+    out_image, out_mask = neutral(image, mask, np.random.default_rng(1))
+    np.testing.assert_allclose(out_image, image, atol=1e-5)
+    assert (out_mask == mask).all()
+
+
+def test_augmentation_translation_moves_content_by_pixels():
+    shift_only = EpisodeAugmenter(gamma=(1, 1), rotate_deg=0, translate_px=5, scale=(1, 1), shear_deg=0, elastic_alpha=0)
+    mask = np.zeros((40, 40), dtype=bool)
+    mask[10:20, 10:20] = True
+    rng = np.random.default_rng(0)
+    expected_shift = np.random.default_rng(0)
+    _, moved = shift_only(mask.astype(np.float32), mask, rng)
+    # replay the generator: gamma, angle, shear, scale, then the shift (x, y)
+    expected_shift.uniform(1, 1), expected_shift.uniform(0, 0), expected_shift.uniform(0, 0), expected_shift.uniform(1, 1)
+    dx, dy = expected_shift.uniform(-5, 5, size=2)
+    ys, xs = np.nonzero(moved)
+    assert xs.mean() - 14.5 == pytest.approx(dx, abs=0.6)
+    assert ys.mean() - 14.5 == pytest.approx(dy, abs=0.6)
+
+
+def test_full_augmentation_keeps_masks_binary_and_mostly_in_place():
+    augmenter = EpisodeAugmenter()
+    mask = np.zeros((64, 64), dtype=bool)
+    mask[20:44, 20:44] = True
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        image, out = augmenter(np.random.default_rng(1).random((64, 64)).astype(np.float32), mask, rng)
+        assert out.dtype == bool and image.shape == (64, 64)
+        overlap = (out & mask).sum() / mask.sum()
+        assert 0.5 < overlap and 0.6 < out.sum() / mask.sum() < 1.6
