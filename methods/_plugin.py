@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from fsmis_bench.plugins import hookimpl
 
 
@@ -31,11 +30,5 @@ def fsmis_register_backbones(registry) -> None:
     registry.register("tiny", "builtins:None", description="tiny U-Net + TAESD + tiny encoder, for CPU")
     registry.register("sd15", "builtins:None", description="Stable Diffusion 1.5 (paper default)")
     registry.register("sd21", "builtins:None", description="Stable Diffusion 2.1 (comparison)")
-
-
-@hookimpl
-def fsmis_config_dirs() -> list[str]:
-    # Built-in method configs live in the package's own configs/; nothing extra here.
-    return []
 
 

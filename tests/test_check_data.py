@@ -72,7 +72,9 @@ def test_copy_passes_then_each_damage_is_named(chaos_copy, capsys):
     # 1: spleen removed; 2: an unknown label value; 3: supervoxels of the wrong shape
     _rewrite_label(images / "label_1.nii.gz", lambda a: a.__setitem__(a == 4, 0))
     _rewrite_label(images / "label_2.nii.gz", lambda a: a.__setitem__((0, 0, 0), 7))
-    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((3, 256, 256), np.int32)), str(svs / "superpix-MIDDLE_3.nii.gz"))
+    sitk.WriteImage(
+        sitk.GetImageFromArray(np.zeros((3, 256, 256), np.int32)), str(svs / "superpix-MIDDLE_3.nii.gz")
+    )
     report = check_dataset("abd_mri", chaos_copy)
     assert not report.ok
     text = "\n".join(report.problems)
@@ -126,7 +128,9 @@ def _synthetic_root(root: Path, dataset: str, shape=(3, 256, 256), labels=(1, 2,
             itk = sitk.GetImageFromArray(array)
             itk.SetSpacing((1.5, 1.5, 3.0))
             sitk.WriteImage(itk, str(images / f"{name}.nii.gz"))
-        sitk.WriteImage(sitk.GetImageFromArray(np.ones(shape, np.int32)), str(svs / f"superpix-MIDDLE_{case_id}.nii.gz"))
+        sitk.WriteImage(
+            sitk.GetImageFromArray(np.ones(shape, np.int32)), str(svs / f"superpix-MIDDLE_{case_id}.nii.gz")
+        )
     return root
 
 

@@ -36,7 +36,9 @@ def _chaos_volume(seed: int) -> tuple[np.ndarray, np.ndarray]:
     return image, grey
 
 
-def write_chaos_raw(raw: Path, patients: tuple[int, ...] = (1, 3)) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+def write_chaos_raw(
+    raw: Path, patients: tuple[int, ...] = (1, 3)
+) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """A CHAOS_Train_Sets-like tree with DICOM series and PNG masks; returns the truth."""
     import pydicom
     from pydicom.dataset import Dataset, FileMetaDataset
@@ -154,7 +156,12 @@ def centroid_physical(image: sitk.Image, mask_zyx: np.ndarray) -> np.ndarray:
 def chaos_prepared(tmp_path_factory):
     base = tmp_path_factory.mktemp("chaos")
     truth = write_chaos_raw(base / "raw")
-    assert run_cli("prepare", "abd_mri", "--raw", str(base / "raw"), "--out", str(base / "root"), "--no-progress") == 0
+    assert (
+        run_cli(
+            "prepare", "abd_mri", "--raw", str(base / "raw"), "--out", str(base / "root"), "--no-progress"
+        )
+        == 0
+    )
     return base, truth
 
 
@@ -162,7 +169,10 @@ def test_chaos_geometry_matches_the_prepared_convention(chaos_prepared):
     base, _ = chaos_prepared
     folder = base / "root" / "CHAOST2" / "chaos_MR_T2_normalized"
     assert sorted(p.name for p in folder.iterdir()) == [
-        "image_1.nii.gz", "image_3.nii.gz", "label_1.nii.gz", "label_3.nii.gz"
+        "image_1.nii.gz",
+        "image_3.nii.gz",
+        "label_1.nii.gz",
+        "label_3.nii.gz",
     ]
     nii = nib.load(folder / "image_1.nii.gz")
     assert nii.header.get_data_dtype() == np.float64
@@ -198,7 +208,9 @@ def test_chaos_labels_land_where_they_were_in_patient_space(chaos_prepared):
 
 def test_chaos_intensities_are_clipped_integers(chaos_prepared):
     base, truth = chaos_prepared
-    image = sitk.GetArrayFromImage(sitk.ReadImage(str(base / "root" / "CHAOST2" / "chaos_MR_T2_normalized" / "image_1.nii.gz")))
+    image = sitk.GetArrayFromImage(
+        sitk.ReadImage(str(base / "root" / "CHAOST2" / "chaos_MR_T2_normalized" / "image_1.nii.gz"))
+    )
     raw = truth[1][0].astype(float)
     assert image.min() >= 0
     assert image.max() <= np.percentile(raw, 99.5) + 1e-6
@@ -222,7 +234,9 @@ def test_chaos_resume_and_force(chaos_prepared, capsys):
     assert sitk.ReadImage(str(image_path)).GetSize() == (2, 2, 2)  # not overwritten
     assert run_cli("prepare", "abd_mri", "--raw", str(raw), "--out", str(root), "--no-progress") == 0
     assert "0 written, 2 skipped" in capsys.readouterr().out
-    assert run_cli("prepare", "abd_mri", "--raw", str(raw), "--out", str(root), "--force", "--no-progress") == 0
+    assert (
+        run_cli("prepare", "abd_mri", "--raw", str(raw), "--out", str(root), "--force", "--no-progress") == 0
+    )
     assert "2 written" in capsys.readouterr().out
     assert sitk.ReadImage(str(image_path)).GetSize() == (256, 256, CHAOS_SLICES)
 
@@ -262,9 +276,16 @@ def test_interrupted_write_leaves_no_file(tmp_path, monkeypatch):
 def test_btcv_window_crop_resample(tmp_path):
     raw = tmp_path / "RawData"
     write_btcv_raw(raw)
-    assert run_cli("prepare", "abd_ct", "--raw", str(raw), "--out", str(tmp_path / "root"), "--no-progress") == 0
+    assert (
+        run_cli("prepare", "abd_ct", "--raw", str(raw), "--out", str(tmp_path / "root"), "--no-progress") == 0
+    )
     folder = tmp_path / "root" / "SABS" / "sabs_CT_normalized"
-    assert sorted(p.name for p in folder.iterdir()) == ["image_1.nii.gz", "image_2.nii.gz", "label_1.nii.gz", "label_2.nii.gz"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "image_1.nii.gz",
+        "image_2.nii.gz",
+        "label_1.nii.gz",
+        "label_2.nii.gz",
+    ]
     image_img = sitk.ReadImage(str(folder / "image_1.nii.gz"))
     label_img = sitk.ReadImage(str(folder / "label_1.nii.gz"))
     assert nib.load(folder / "image_1.nii.gz").shape == (256, 256, 4)
@@ -285,7 +306,10 @@ def test_btcv_window_crop_resample(tmp_path):
 def test_btcv_label_grid_mismatch_is_reported(tmp_path, capsys):
     raw = tmp_path / "RawData"
     write_btcv_raw(raw, ids=(1, 2))
-    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((3, 96, 96), np.int16)), str(raw / "Training" / "label" / "label0002.nii.gz"))
+    sitk.WriteImage(
+        sitk.GetImageFromArray(np.zeros((3, 96, 96), np.int16)),
+        str(raw / "Training" / "label" / "label0002.nii.gz"),
+    )
     code = run_cli("prepare", "abd_ct", "--raw", str(raw), "--out", str(tmp_path / "root"), "--no-progress")
     out = capsys.readouterr().out
     assert code == 2 and "label0002.nii.gz" in out and "does not match" in out and "1 written" in out
@@ -297,7 +321,10 @@ def test_btcv_label_grid_mismatch_is_reported(tmp_path, capsys):
 def test_cmr_inplane_resample_keeps_orientation_and_labels(tmp_path):
     raw = tmp_path / "MS-CMRSeg"
     write_cmr_raw(raw)
-    assert run_cli("prepare", "card_mri", "--raw", str(raw), "--out", str(tmp_path / "root"), "--no-progress") == 0
+    assert (
+        run_cli("prepare", "card_mri", "--raw", str(raw), "--out", str(tmp_path / "root"), "--no-progress")
+        == 0
+    )
     folder = tmp_path / "root" / "CMR" / "cmr_MR_normalized"
     image_img = sitk.ReadImage(str(folder / "image_2.nii.gz"))
     label_img = sitk.ReadImage(str(folder / "label_2.nii.gz"))

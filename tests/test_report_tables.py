@@ -6,6 +6,7 @@ import argparse
 import io
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -243,3 +244,17 @@ def test_cli_formats(records: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 def test_missing_results_dir_is_a_user_error(tmp_path: Path) -> None:
     with pytest.raises(FsmisError, match="does not exist"):
         load_results(tmp_path / "nope")
+
+
+def test_same_identity_twice_keeps_the_latest_and_says_so(tmp_path: Path) -> None:
+    first = write_record(tmp_path, "alpha", "abd_mri", 1, 0, 0, [vol("liver", "1", 0.5)])
+    second = first.with_name("seed0-ffffffff")  # same method/variant/fold/seed, other config
+    shutil.copytree(first, second)
+    info = json.loads((second / "run.json").read_text())
+    info["finished_at"] = "2026-02-01T00:00:00"
+    (second / "run.json").write_text(json.dumps(info))
+    (second / "cases.csv").write_text((second / "cases.csv").read_text().replace(",0.5,25,25,25", ",0.7,35,15,15"))
+    results = load_results(tmp_path)
+    assert results.runs["run_dir"].tolist() == [str(second)]
+    assert results.fold_scores["dice"].tolist() == [pytest.approx(0.7)]
+    assert any("superseded" in note and str(first) in note for note in results.notes)

@@ -168,8 +168,17 @@ def test_compare_table_of_identical_folders(tmp_path, capsys):
     ref = tmp_path / "reference"
     generate_supervoxels(images, ref, 100, progress=False)
     code = run_cli(
-        "supervoxels", "abd_mri", "--root", str(tmp_path / "root"), "--n-sv", "100",
-        "--workers", "1", "--compare-to", str(ref), "--no-progress",
+        "supervoxels",
+        "abd_mri",
+        "--root",
+        str(tmp_path / "root"),
+        "--n-sv",
+        "100",
+        "--workers",
+        "1",
+        "--compare-to",
+        str(ref),
+        "--no-progress",
     )
     assert code == 0
     out = capsys.readouterr().out
@@ -192,7 +201,9 @@ def test_best_match_iou_and_stats():
 @pytest.mark.skipif(not HAVE_NUMBA, reason="numba not installed: a real scan takes minutes in pure Python")
 def test_supervoxels_on_one_real_cmr_scan_resemble_the_reference(real_data_root):
     image = sitk.ReadImage(str(real_data_root / "CMR" / "cmr_MR_normalized" / "image_4.nii.gz"))
-    reference = sitk.GetArrayFromImage(sitk.ReadImage(str(real_data_root / "CMR" / "supervoxels_1000" / "superpix-MIDDLE_4.nii.gz")))
+    reference = sitk.GetArrayFromImage(
+        sitk.ReadImage(str(real_data_root / "CMR" / "supervoxels_1000" / "superpix-MIDDLE_4.nii.gz"))
+    )
     ours = supervoxels_3d(sitk.GetArrayFromImage(image), image.GetSpacing()[::-1], n_sv=1000)
     assert ours.shape == reference.shape
     assert np.array_equal(ours > 0, reference > 0)  # same body mask

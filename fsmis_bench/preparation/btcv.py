@@ -70,12 +70,16 @@ def load_case(image_path: Path, label_path: Path) -> tuple[sitk.Image, sitk.Imag
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise RawDataError(f"{image_path}: expected a 3-D single-channel CT volume")
     if not same_grid(image, label):
-        raise RawDataError(f"{label_path}: grid {label.GetSize()} does not match {image_path.name} {image.GetSize()}")
+        raise RawDataError(
+            f"{label_path}: grid {label.GetSize()} does not match {image_path.name} {image.GetSize()}"
+        )
     label_array = sitk.GetArrayFromImage(label)
     values = np.unique(label_array)
     bad = [v for v in values if v != int(v) or not 0 <= v <= MAX_LABEL]
     if bad:
-        raise RawDataError(f"{label_path}: unexpected label values {[float(v) for v in bad[:8]]} (expected 0..{MAX_LABEL})")
+        raise RawDataError(
+            f"{label_path}: unexpected label values {[float(v) for v in bad[:8]]} (expected 0..{MAX_LABEL})"
+        )
     return prepare_volume(image, label)
 
 
@@ -83,7 +87,9 @@ def prepare_volume(image: sitk.Image, label: sitk.Image) -> tuple[sitk.Image, si
     """Window, crop and resample one BTCV volume (SimpleITK images)."""
     size_x, size_y, size_z = image.GetSize()
     if min(size_x, size_y) <= 2 * BORDER_CROP:
-        raise RawDataError(f"in-plane size {size_x}x{size_y} is too small to crop {BORDER_CROP} px per border")
+        raise RawDataError(
+            f"in-plane size {size_x}x{size_y} is too small to crop {BORDER_CROP} px per border"
+        )
     low, high = HU_WINDOW
     array = np.clip(sitk.GetArrayFromImage(image).astype(np.float64), low, high)
     array = (array - low) / (high - low) * 255.0

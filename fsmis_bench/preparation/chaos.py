@@ -46,9 +46,7 @@ def _mr_dir(raw: Path) -> Path:
         return raw / "MR"
     if any((d / "T2SPIR").is_dir() for d in raw.iterdir() if d.is_dir()):
         return raw
-    raise RawDataError(
-        f"{raw}: no MR/<patient>/T2SPIR folders (expected the CHAOS_Train_Sets release)"
-    )
+    raise RawDataError(f"{raw}: no MR/<patient>/T2SPIR folders (expected the CHAOS_Train_Sets release)")
 
 
 def find_cases(raw: Path) -> tuple[list[RawCase], list[tuple[str, str]]]:
@@ -57,7 +55,9 @@ def find_cases(raw: Path) -> tuple[list[RawCase], list[tuple[str, str]]]:
     mr = _mr_dir(raw)
     cases: list[RawCase] = []
     problems: list[tuple[str, str]] = []
-    for patient in sorted((d for d in mr.iterdir() if d.is_dir()), key=lambda d: (not d.name.isdigit(), d.name)):
+    for patient in sorted(
+        (d for d in mr.iterdir() if d.is_dir()), key=lambda d: (not d.name.isdigit(), d.name)
+    ):
         if not patient.name.isdigit():
             problems.append((patient.name, f"{patient}: patient folder name is not a number; skipped"))
             continue
@@ -77,9 +77,13 @@ def _read_slice(path: Path):
         position = np.array([float(v) for v in ds.ImagePositionPatient], dtype=float)
         spacing = [float(v) for v in ds.PixelSpacing]
     except Exception as error:  # noqa: BLE001 - any failure means this file is unusable
-        raise RawDataError(f"{path}: not a readable DICOM image slice ({type(error).__name__}: {error})") from None
+        raise RawDataError(
+            f"{path}: not a readable DICOM image slice ({type(error).__name__}: {error})"
+        ) from None
     if pixels.ndim != 2 or orientation.size != 6 or position.size != 3 or len(spacing) != 2:
-        raise RawDataError(f"{path}: unexpected DICOM geometry (pixels {pixels.shape}, orientation {orientation.size} values)")
+        raise RawDataError(
+            f"{path}: unexpected DICOM geometry (pixels {pixels.shape}, orientation {orientation.size} values)"
+        )
     slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
     intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
     return pixels * slope + intercept, orientation, position, spacing
@@ -93,7 +97,9 @@ def _read_mask(path: Path, shape: tuple[int, int]) -> np.ndarray:
     if grey.ndim == 3:  # an RGB(A) export of a grey mask: the channels are equal
         grey = grey[..., 0]
     if grey.shape != shape:
-        raise RawDataError(f"{path}: mask is {grey.shape[1]}x{grey.shape[0]}, its DICOM slice {shape[1]}x{shape[0]}")
+        raise RawDataError(
+            f"{path}: mask is {grey.shape[1]}x{grey.shape[0]}, its DICOM slice {shape[1]}x{shape[0]}"
+        )
     label = np.zeros(grey.shape, dtype=np.uint8)
     matched = grey == 0
     for low, high, value in GREY_BANDS:
@@ -143,7 +149,9 @@ def load_case(series: Path) -> tuple[sitk.Image, sitk.Image]:
 
     missing = [s[0].name for s in slices if s[0].stem not in masks]
     if missing:
-        raise RawDataError(f"{ground_dir}: no mask for {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
+        raise RawDataError(
+            f"{ground_dir}: no mask for {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else "")
+        )
     volume = np.stack([s[1] for s in slices])  # (Z, rows, cols)
     labels = np.stack([_read_mask(masks[s[0].stem], s[1].shape) for s in slices])
 

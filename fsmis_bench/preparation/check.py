@@ -89,9 +89,7 @@ def _geometry_differs(a, b) -> str | None:
     return None
 
 
-def _check_case(
-    facts: DatasetFacts, image_dir: Path, sv_dir: Path | None, case_id: str
-) -> CaseRow:
+def _check_case(facts: DatasetFacts, image_dir: Path, sv_dir: Path | None, case_id: str) -> CaseRow:
     row = CaseRow(case_id=case_id)
     image_path = image_dir / f"image_{case_id}.nii.gz"
     label_path = image_dir / f"label_{case_id}.nii.gz"
@@ -218,7 +216,15 @@ def check_dataset(
 def format_report(report: CheckReport) -> str:
     """A fixed-width table (one row per case) followed by the problems, if any."""
     facts = DATASET_FACTS[report.dataset]
-    header = ("case", "shape (Z,Y,X)", "spacing (z,y,x) mm", "labels", "missing organs", "supervoxels", "status")
+    header = (
+        "case",
+        "shape (Z,Y,X)",
+        "spacing (z,y,x) mm",
+        "labels",
+        "missing organs",
+        "supervoxels",
+        "status",
+    )
     table = [header]
     for row in report.rows:
         table.append(
@@ -235,7 +241,9 @@ def format_report(report: CheckReport) -> str:
     widths = [max(len(str(line[i])) for line in table) for i in range(len(header))]
     lines = [f"{report.dataset}: {facts.image_dir(report.root)}"]
     for i, line in enumerate(table):
-        lines.append("  ".join(str(cell).ljust(width) for cell, width in zip(line, widths)).rstrip())
+        lines.append(
+            "  ".join(str(cell).ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        )
         if i == 0:
             lines.append("  ".join("-" * width for width in widths))
     if report.ok:

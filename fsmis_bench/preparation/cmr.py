@@ -47,7 +47,9 @@ def find_cases(raw: Path) -> tuple[list[RawCase], list[tuple[str, str]]]:
             continue
         case_id = str(int(match.group(1)))
         if case_id in found:
-            problems.append((case_id, f"{path}: second copy of patient {case_id} (first: {found[case_id]}); skipped"))
+            problems.append(
+                (case_id, f"{path}: second copy of patient {case_id} (first: {found[case_id]}); skipped")
+            )
             continue
         found[case_id] = path
     if not found and not problems:
@@ -70,7 +72,9 @@ def load_case(image_path: Path, label_path: Path) -> tuple[sitk.Image, sitk.Imag
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise RawDataError(f"{image_path}: expected a 3-D single-channel volume")
     if not same_grid(image, label):
-        raise RawDataError(f"{label_path}: grid {label.GetSize()} does not match {image_path.name} {image.GetSize()}")
+        raise RawDataError(
+            f"{label_path}: grid {label.GetSize()} does not match {image_path.name} {image.GetSize()}"
+        )
     values = np.unique(sitk.GetArrayFromImage(label))
     bad = [float(v) for v in values if v not in LABEL_VALUES]
     if bad:

@@ -24,7 +24,9 @@ def _root_from(args: argparse.Namespace) -> Path:
         raise DataError("no data root given", hint=f"pass --root DIR or set {DATA_ROOT_ENV}")
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise DataError(f"data root {root} does not exist", hint="pass the folder holding CHAOST2/, SABS/, CMR/")
+        raise DataError(
+            f"data root {root} does not exist", hint="pass the folder holding CHAOST2/, SABS/, CMR/"
+        )
     return root
 
 
@@ -62,7 +64,9 @@ def run_supervoxels(args: argparse.Namespace) -> int:
     n_sv = args.n_sv or (facts.n_sv if args.method == "felzenszwalb3d" else 400)
     image_dir = facts.image_dir(root)
     if not image_dir.is_dir():
-        raise DataError(f"{image_dir} does not exist", hint=f"prepare it with `fsmis-bench prepare {args.dataset}`")
+        raise DataError(
+            f"{image_dir} does not exist", hint=f"prepare it with `fsmis-bench prepare {args.dataset}`"
+        )
     out_dir = Path(args.out).expanduser() if args.out else facts.supervoxel_dir(root, n_sv)
     run = generate_supervoxels(
         image_dir,
@@ -90,7 +94,9 @@ def run_supervoxels(args: argparse.Namespace) -> int:
 def run_check_data(args: argparse.Namespace) -> int:
     from .check import check_dataset, format_report
 
-    report = check_dataset(args.dataset, _root_from(args), require_supervoxels=not args.no_supervoxels, n_sv=args.n_sv)
+    report = check_dataset(
+        args.dataset, _root_from(args), require_supervoxels=not args.no_supervoxels, n_sv=args.n_sv
+    )
     print(format_report(report))
     return 0 if report.ok else 2
 
@@ -110,8 +116,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     prepare.add_argument("dataset", choices=PREPARERS)
-    prepare.add_argument("--raw", required=True, help="unpacked release (CHAOS_Train_Sets, BTCV RawData, MS-CMRSeg folder)")
-    prepare.add_argument("--out", required=True, help="data root to write into (gets CHAOST2/, SABS/ or CMR/)")
+    prepare.add_argument(
+        "--raw", required=True, help="unpacked release (CHAOS_Train_Sets, BTCV RawData, MS-CMRSeg folder)"
+    )
+    prepare.add_argument(
+        "--out", required=True, help="data root to write into (gets CHAOST2/, SABS/ or CMR/)"
+    )
     prepare.add_argument("--force", action="store_true", help="overwrite cases that are already prepared")
     prepare.add_argument("--no-progress", action="store_true", help="no progress bar")
     prepare.set_defaults(func=run_prepare)
@@ -127,13 +137,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     supervoxels.add_argument("dataset", choices=names)
     supervoxels.add_argument("--root", help=f"data root (default: ${DATA_ROOT_ENV})")
-    supervoxels.add_argument("--n-sv", type=int, default=None, help="min_size (default 5000 abdomen, 1000 cardiac; 400 for 2-D)")
-    supervoxels.add_argument("--method", choices=("felzenszwalb3d", "felzenszwalb2d"), default="felzenszwalb3d")
-    supervoxels.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="volumes in parallel")
+    supervoxels.add_argument(
+        "--n-sv", type=int, default=None, help="min_size (default 5000 abdomen, 1000 cardiac; 400 for 2-D)"
+    )
+    supervoxels.add_argument(
+        "--method", choices=("felzenszwalb3d", "felzenszwalb2d"), default="felzenszwalb3d"
+    )
+    supervoxels.add_argument(
+        "--workers", type=int, default=min(4, os.cpu_count() or 1), help="volumes in parallel"
+    )
     supervoxels.add_argument("--force", action="store_true", help="recompute existing supervoxel files")
     supervoxels.add_argument("--out", help="write here instead of <root>/<DATASET>/supervoxels_<n>")
-    supervoxels.add_argument("--spacing", type=float, nargs=3, metavar=("Z", "Y", "X"), help="override header spacing (mm)")
-    supervoxels.add_argument("--compare-to", help="reference supervoxel folder: print a per-scan comparison table")
+    supervoxels.add_argument(
+        "--spacing", type=float, nargs=3, metavar=("Z", "Y", "X"), help="override header spacing (mm)"
+    )
+    supervoxels.add_argument(
+        "--compare-to", help="reference supervoxel folder: print a per-scan comparison table"
+    )
     supervoxels.add_argument("--no-progress", action="store_true", help="no progress bar")
     supervoxels.set_defaults(func=run_supervoxels)
 
@@ -144,7 +164,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     check.add_argument("dataset", choices=names)
     check.add_argument("--root", help=f"data root (default: ${DATA_ROOT_ENV})")
-    check.add_argument("--n-sv", type=int, default=None, help="supervoxel folder suffix (default: the dataset's)")
+    check.add_argument(
+        "--n-sv", type=int, default=None, help="supervoxel folder suffix (default: the dataset's)"
+    )
     check.add_argument("--no-supervoxels", action="store_true", help="do not require supervoxels")
     check.set_defaults(func=run_check_data)
-

@@ -44,7 +44,8 @@ def resample_to_spacing(
     """
     old_spacing = np.array(image.GetSpacing(), dtype=float)
     new_spacing = np.array(
-        [o if (s is None or s <= 0) else s for s, o in zip(spacing_xyz, old_spacing)], dtype=float
+        [o if (s is None or s <= 0) else s for s, o in zip(spacing_xyz, old_spacing, strict=True)],
+        dtype=float,
     )
     old_size = np.array(image.GetSize(), dtype=float)
     new_size = [max(1, int(round(n))) for n in old_size * old_spacing / new_spacing]
@@ -85,7 +86,9 @@ def resample_to_size(image: sitk.Image, size_xyz: tuple[int, int, int], interpol
     )
 
 
-def resample_labels_per_class(label: sitk.Image, resample: Callable[[sitk.Image, int], sitk.Image]) -> sitk.Image:
+def resample_labels_per_class(
+    label: sitk.Image, resample: Callable[[sitk.Image, int], sitk.Image]
+) -> sitk.Image:
     """Resample a label map class by class: each class's mask linearly, then the arg-max.
 
     Smoother than nearest neighbour when shrinking, and no value outside the input's
@@ -187,7 +190,9 @@ class PrepareSummary:
         return not self.failed
 
     def format(self) -> str:
-        lines = [f"prepared into {self.out_dir}: {len(self.written)} written, {len(self.skipped)} skipped, {len(self.failed)} failed"]
+        lines = [
+            f"prepared into {self.out_dir}: {len(self.written)} written, {len(self.skipped)} skipped, {len(self.failed)} failed"
+        ]
         if self.skipped:
             lines.append(
                 f"  skipped (already prepared, not overwritten; pass --force to redo): {', '.join(self.skipped)}"

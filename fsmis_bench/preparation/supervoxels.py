@@ -239,7 +239,13 @@ def generate_supervoxels(
     results = []
     from tqdm import tqdm
 
-    bar = tqdm(total=len(jobs), desc=f"supervoxels {method} n={n_sv}", unit="vol", disable=not progress or not jobs, file=sys.stderr)
+    bar = tqdm(
+        total=len(jobs),
+        desc=f"supervoxels {method} n={n_sv}",
+        unit="vol",
+        disable=not progress or not jobs,
+        file=sys.stderr,
+    )
     if workers <= 1 or len(jobs) <= 1:
         for job in jobs:
             results.append(_one_volume(job))
@@ -286,7 +292,10 @@ def ensure_supervoxels(
     run = generate_supervoxels(image_dir, out_dir, n_sv, method=method, workers=workers, spacing_zyx=spacing)
     if run.failed:
         names = "; ".join(f"case {cid}: {msg}" for cid, msg in run.failed)
-        raise DataError(f"supervoxel generation failed for {len(run.failed)} scan(s): {names}", hint="run `fsmis-bench check-data` on the root")
+        raise DataError(
+            f"supervoxel generation failed for {len(run.failed)} scan(s): {names}",
+            hint="run `fsmis-bench check-data` on the root",
+        )
     return out_dir
 
 
@@ -309,7 +318,9 @@ def supervoxel_stats(segments: np.ndarray) -> SupervoxelStats:
     sizes = sizes[sizes > 0]
     if sizes.size == 0:
         return SupervoxelStats(0, 0.0, 0, 0, 0)
-    return SupervoxelStats(int(sizes.size), float(np.median(sizes)), int(sizes.min()), int(sizes.max()), int(sizes.sum()))
+    return SupervoxelStats(
+        int(sizes.size), float(np.median(sizes)), int(sizes.min()), int(sizes.max()), int(sizes.sum())
+    )
 
 
 def best_match_iou(reference: np.ndarray, ours: np.ndarray) -> float:
@@ -335,10 +346,14 @@ def compare_supervoxels(ours_dir: Path, reference_dir: Path) -> list[dict]:
     """Per-scan comparison of two supervoxel folders (ids present in both)."""
     ours_dir, reference_dir = Path(ours_dir), Path(reference_dir)
     ours_ids = {p.name[len(SUPERVOXEL_PREFIX) : -7] for p in ours_dir.glob(f"{SUPERVOXEL_PREFIX}*.nii.gz")}
-    ref_ids = {p.name[len(SUPERVOXEL_PREFIX) : -7] for p in reference_dir.glob(f"{SUPERVOXEL_PREFIX}*.nii.gz")}
+    ref_ids = {
+        p.name[len(SUPERVOXEL_PREFIX) : -7] for p in reference_dir.glob(f"{SUPERVOXEL_PREFIX}*.nii.gz")
+    }
     common = sorted(ours_ids & ref_ids, key=lambda s: int(s) if s.isdigit() else s)
     if not common:
-        raise DataError(f"no scan has supervoxels in both {ours_dir} and {reference_dir}", hint="generate them first")
+        raise DataError(
+            f"no scan has supervoxels in both {ours_dir} and {reference_dir}", hint="generate them first"
+        )
     rows = []
     for case_id in common:
         ours = sitk.GetArrayFromImage(sitk.ReadImage(str(supervoxel_path(ours_dir, case_id))))

@@ -67,6 +67,7 @@ DATASET_LABELS: dict[str, str] = {
     "abd_mri": "Abd-MRI",
     "abd_ct": "Abd-CT",
     "card_mri": "Card-MRI",
+    "phantom": "Phantom",
 }
 
 #: the columns that identify one table row of measured results (besides setting/datasets)

@@ -90,6 +90,8 @@ def write_report(
     for a, b in pairs:
         stats.resolve(per_case, a), stats.resolve(per_case, b)
     _prepare_out_dir(out, force)
+    for text in results.notes:
+        log(f"note: {text}")
     tables_dir, figures_dir = out / "tables", out / "figures"
     tables_dir.mkdir(exist_ok=True)
     notes: list[str] = []
@@ -167,6 +169,10 @@ def _run(args: argparse.Namespace) -> int:
     results = load_results(results_dir)
     if results.empty:
         _log(f"note: no finished runs under {results_dir}")
+    if results.unfinished:
+        _log(f"note: {len(results.unfinished)} unfinished run(s) without COMPLETE are not counted")
+    for text in results.notes:
+        _log(f"note: {text}")
     if compare:
         frame = stats.compare(results, *compare[0], n_boot=args.n_boot)
         if frame.empty:

@@ -220,6 +220,11 @@ def setting_drop_figure(results: Results) -> plt.Figure | None:
         sns.barplot(data=frame, y="label", x="drop", hue="dataset", order=order, hue_order=datasets,
                     palette="Set2", orient="h", ax=ax)
         ax.axvline(0, color="black", linewidth=0.8)
+        for container in ax.containers:  # the numbers, so a zero drop is visible too
+            ax.bar_label(container, fmt="%+.1f", padding=2, fontsize=FONT_PT)
+        low, high = min(0.0, frame["drop"].min()), max(0.0, frame["drop"].max())
+        pad = max(high - low, 2.0) * 0.15  # room for the labels; at least a ±0.3 pp axis
+        ax.set_xlim(low - pad, high + pad)
         ax.set_xlabel("Setting 1 − setting 2 mean Dice (percentage points; > 0: lower in setting 2)")
         ax.set_ylabel("")
         ax.legend(title="Dataset", frameon=False, loc="best")
@@ -243,7 +248,8 @@ def smooth(values: np.ndarray, weight: float = 0.9) -> np.ndarray:
 
 
 def train_loss_figure(results: Results, weight: float = 0.9) -> plt.Figure | None:
-    """Smoothed training loss per method: mean over folds and seeds, band = std."""
+    """Smoothed training loss per method: mean over folds, seeds and setting-2 organ groups,
+    band = std."""
     if not results.train_logs:
         return None
     runs = results.runs.set_index("run_dir")
@@ -253,14 +259,18 @@ def train_loss_figure(results: Results, weight: float = 0.9) -> plt.Figure | Non
         if log.empty or not {"step", "loss"} <= set(log.columns):
             continue
         run = runs.loc[run_dir]
-        frames.append(pd.DataFrame({
-            "step": log["step"].to_numpy(),
-            "loss": smooth(log["loss"].to_numpy(), weight),
-            "label": labels.get((run["method"], run["variant"]), row_label(run["method"], run["variant"])),
-            "panel": f"trained on {dataset_label(run['train_dataset'])} · setting {run['setting']}",
-            "_order": [(dataset_sort_key(run["train_dataset"]), int(run["setting"]))] * len(log),
-            "run": run_dir,
-        }))
+        # setting 2 trains one model per organ group; each group is its own curve
+        groups = log.groupby("group", sort=False) if "group" in log.columns else [("", log)]
+        for group_name, group_log in groups:
+            group_log = group_log.sort_values("step")
+            frames.append(pd.DataFrame({
+                "step": group_log["step"].to_numpy(),
+                "loss": smooth(group_log["loss"].to_numpy(), weight),
+                "label": labels.get((run["method"], run["variant"]), row_label(run["method"], run["variant"])),
+                "panel": f"trained on {dataset_label(run['train_dataset'])} · setting {run['setting']}",
+                "_order": [(dataset_sort_key(run["train_dataset"]), int(run["setting"]))] * len(group_log),
+                "run": f"{run_dir}:{group_name}",
+            }))
     if not frames:
         return None
     frame = pd.concat(frames, ignore_index=True)

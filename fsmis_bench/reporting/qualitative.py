@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .. import records
 from ..errors import FsmisError
 from .collect import Results, dataset_label, dataset_sort_key, organ_label, organ_sort_key, row_label
 from .figures import WIDTH_IN, paper_style, save_figure
-from .synthetic import prediction_key
 
 #: predictions of one run: (organ, case_id) -> (slice indices (K,), masks (K, H, W) bool)
 Predictions = dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]
@@ -39,36 +39,11 @@ class SliceChoice:
 
 
 def load_predictions(run_dir: str | Path) -> Predictions:
-    """Predicted masks of one run.
+    """Predicted masks of one run (empty without ``predictions.npz``).
 
-    Uses ``fsmis_bench.records.load_predictions`` (the engine's format) when it exists, else
-    reads the reporting fallback format (keys ``slices__<organ>__<case>`` and
-    ``pred__<organ>__<case>``). A run without ``predictions.npz`` has none.
+    Thin wrapper of :func:`fsmis_bench.records.load_predictions`, the engine's format.
     """
-    path = Path(run_dir) / "predictions.npz"
-    if not path.is_file():
-        return {}
-    try:
-        from ..records import load_predictions as engine_load  # type: ignore[attr-defined]
-    except ImportError:
-        engine_load = None
-    if engine_load is not None:
-        try:
-            return dict(engine_load(run_dir))
-        except (KeyError, ValueError):
-            pass  # written by the fallback writer below, not by the engine
-    predictions: Predictions = {}
-    with np.load(path) as archive:
-        for key in archive.files:
-            kind, _, rest = key.partition("__")
-            if kind != "slices":
-                continue
-            organ, _, case_id = rest.partition("__")
-            predictions[(organ, case_id)] = (
-                archive[key].astype(np.int64),
-                archive[prediction_key("pred", organ, case_id)].astype(bool),
-            )
-    return predictions
+    return dict(records.load_predictions(Path(run_dir)))
 
 
 def parse_slices(text: str | None) -> list[tuple[str | None, str, str, int]]:

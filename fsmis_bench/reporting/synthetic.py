@@ -1,7 +1,8 @@
 """Synthetic run records and a tiny synthetic dataset, for tests and the report demo.
 
 :func:`write_run` writes one run folder in exactly the engine's record format
-(``run.json``, ``cases.csv``, ``train_log.csv``, ``predictions.npz``, ``COMPLETE``), so the
+(``run.json``, ``cases.csv``, ``train_log.csv``, ``predictions.npz`` through
+:func:`fsmis_bench.records.save_predictions`, ``COMPLETE``), so the
 reporting code can be exercised without training anything. :class:`SyntheticDataset` has the
 dataset API the qualitative figure needs (``label_map``, ``load``, ``fold_cases``).
 """
@@ -17,15 +18,11 @@ import numpy as np
 import pandas as pd
 
 from ..data.base import Volume
+from ..records import save_predictions
 
 #: cases.csv column order of the engine
 CASES_HEADER = ["method", "dataset", "train_dataset", "setting", "fold", "seed", "organ",
                 "case_id", "dice", "tp", "fp", "fn"]
-
-
-def prediction_key(kind: str, organ: str, case_id: str) -> str:
-    """npz key of the fallback prediction format: ``slices__<organ>__<case>`` / ``pred__...``."""
-    return f"{kind}__{organ}__{case_id}"
 
 
 def write_run(
@@ -62,7 +59,8 @@ def write_run(
     config = {"method": method, "dataset": train_dataset, "test_dataset": dataset, "setting": setting, "fold": fold,
               "seed": seed, "backbone": backbone, "fidelity": fidelity, "flags": flags, "dice": dice}
     config_hash = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8]
-    run_dir = Path(results_dir) / method / dataset / f"setting{setting}" / f"fold{fold}" / f"seed{seed}-{config_hash}"
+    folder = dataset if train_dataset == dataset else f"{train_dataset}_to_{dataset}"
+    run_dir = Path(results_dir) / method / folder / f"setting{setting}" / f"fold{fold}" / f"seed{seed}-{config_hash}"
     run_dir.mkdir(parents=True, exist_ok=True)
     meta = {
         "method": method, "dataset": train_dataset, "test_dataset": dataset, "setting": setting, "fold": fold,
@@ -83,11 +81,7 @@ def write_run(
     if train_log is not None:
         train_log.to_csv(run_dir / "train_log.csv", index=False)
     if predictions is not None:
-        arrays = {}
-        for (organ, case_id), (slices, pred) in predictions.items():
-            arrays[prediction_key("slices", organ, case_id)] = np.asarray(slices, dtype=np.int64)
-            arrays[prediction_key("pred", organ, case_id)] = np.asarray(pred, dtype=bool)
-        np.savez_compressed(run_dir / "predictions.npz", **arrays)
+        save_predictions(run_dir / "predictions.npz", predictions)
     if complete:
         (run_dir / "COMPLETE").write_text("")
     return run_dir

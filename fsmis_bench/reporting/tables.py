@@ -206,7 +206,7 @@ class Table:
         n_values = len(self.columns())
         spec = "l" * n_labels + "r" * n_values
         lines = [
-            "% requires \\usepackage{booktabs} (and amssymb for \\checkmark)",
+            "% requires \\usepackage{booktabs,graphicx} (and amssymb for \\checkmark)",
             "\\begin{table}[t]",
             "\\centering",
             f"\\caption{{{_tex_escape(self.title)}}}",
