@@ -16,26 +16,32 @@ import numpy as np
 from fsmis_bench.data.base import Volume, VolumeDataset
 from fsmis_bench.data.nifti import numeric_sort, read_nifti
 from fsmis_bench.errors import DataError
+from fsmis_bench.preparation.facts import DATASET_FACTS, DatasetFacts
 from fsmis_bench.protocol.folds import FOLDS
 
 _ABDOMINAL_GROUPS = (("liver", "spleen"), ("left_kidney", "right_kidney"))
 
 
 class PreprocessedLayout(VolumeDataset):
-    """A dataset stored in the field's preprocessed layout."""
+    """A dataset stored in the field's preprocessed layout, described by its
+    :class:`~fsmis_bench.preparation.facts.DatasetFacts` (folders, label map, test organs)."""
 
-    folder: ClassVar[str]
-    image_dir: ClassVar[str]
-    n_supervoxels: ClassVar[int]
-    fold_key: ClassVar[str]
+    facts: ClassVar[DatasetFacts]
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.label_map = dict(cls.facts.label_map)
+        cls.test_organs = tuple(cls.facts.test_organs)
+        cls.folder = cls.facts.folder
+        cls.image_dir = cls.facts.image_folder
 
     def __init__(self, root=None, **options) -> None:
         super().__init__(root, **options)
-        self.n_supervoxels = int(options.get("n_supervoxels") or type(self).n_supervoxels)
+        self.n_supervoxels = int(options.get("n_supervoxels") or self.facts.n_sv)
 
     @property
     def folds(self):  # type: ignore[override]
-        return FOLDS[self.fold_key]
+        return FOLDS[self.facts.name]
 
     def layout(self) -> str:
         return (
@@ -103,12 +109,7 @@ class PreprocessedLayout(VolumeDataset):
 class AbdominalMRI(PreprocessedLayout):
     """CHAOS T2-SPIR abdominal MRI: 20 scans, liver 1, right kidney 2, left kidney 3, spleen 4."""
 
-    folder = "CHAOST2"
-    image_dir = "chaos_MR_T2_normalized"
-    n_supervoxels = 5000
-    fold_key = "abd_mri"
-    label_map = {"liver": 1, "right_kidney": 2, "left_kidney": 3, "spleen": 4}
-    test_organs = ("liver", "right_kidney", "left_kidney", "spleen")
+    facts = DATASET_FACTS["abd_mri"]
     setting2_groups = _ABDOMINAL_GROUPS
     modality = "mri"
 
@@ -116,16 +117,7 @@ class AbdominalMRI(PreprocessedLayout):
 class AbdominalCT(PreprocessedLayout):
     """Synapse/BTCV 'SABS' abdominal CT: 30 scans, 13 organs; four are test organs."""
 
-    folder = "SABS"
-    image_dir = "sabs_CT_normalized"
-    n_supervoxels = 5000
-    fold_key = "abd_ct"
-    label_map = {
-        "spleen": 1, "right_kidney": 2, "left_kidney": 3, "gallbladder": 4, "esophagus": 5,
-        "liver": 6, "stomach": 7, "aorta": 8, "ivc": 9, "portal_splenic_vein": 10,
-        "pancreas": 11, "right_adrenal": 12, "left_adrenal": 13,
-    }
-    test_organs = ("liver", "right_kidney", "left_kidney", "spleen")
+    facts = DATASET_FACTS["abd_ct"]
     setting2_groups = _ABDOMINAL_GROUPS
     modality = "ct"
 
@@ -133,11 +125,6 @@ class AbdominalCT(PreprocessedLayout):
 class CardiacMRI(PreprocessedLayout):
     """MS-CMRSeg bSSFP cardiac MRI: 35 scans, LV myocardium 200, LV blood pool 500, RV 600."""
 
-    folder = "CMR"
-    image_dir = "cmr_MR_normalized"
-    n_supervoxels = 1000
-    fold_key = "card_mri"
-    label_map = {"lv_myo": 200, "lv_bp": 500, "rv": 600}
-    test_organs = ("lv_bp", "lv_myo", "rv")
+    facts = DATASET_FACTS["card_mri"]
     setting2_groups = ()
     modality = "mri"

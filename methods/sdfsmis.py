@@ -589,23 +589,6 @@ class SDFSMIS(Method):
             masks.append(self.decode_masks(estimate, tuple(chunk.shape[-2:])))
         return torch.cat(masks)
 
-    def predict_uncached(
-        self,
-        support_images: torch.Tensor,
-        support_masks: torch.Tensor,
-        query_images: torch.Tensor,
-    ) -> torch.Tensor:
-        """Reference path without the support cache: the support re-encoded for every slice
-        (same result as :meth:`predict`, used by the tests and the benchmark)."""
-        with torch.no_grad():
-            out = []
-            for query in query_images.split(1):
-                support = self.encode_support(support_images[None], support_masks[None])
-                query_latents = self.encode_images(query)
-                estimate = self.mask_latent_estimate(self.query_pass(query_latents, support), query_latents)
-                out.append(self.decode_masks(estimate, tuple(query.shape[-2:])))
-            return torch.cat(out)
-
 
 class SDFSMISSii(SDFSMIS):
     """Ablation: SII only (no QE, no VTCT: empty-prompt conditioning)."""

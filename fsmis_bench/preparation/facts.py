@@ -1,7 +1,7 @@
 """The one table of prepared-dataset facts (folders, label maps, test organs).
 
-Preparation, supervoxel generation and ``check-data`` all read this table; the dataset
-plugins can import it too instead of repeating the numbers.
+Preparation, supervoxel generation, ``check-data`` and the built-in dataset plugins
+(``datasets/preprocessed.py``) all read this table.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ class DatasetFacts:
         n_sv: supervoxel ``min_size`` of the ADNet recipe; pseudo-labels live in
             ``<folder>/supervoxels_<n_sv>/superpix-MIDDLE_<id>.nii.gz``.
         label_map: organ name -> label value.
-        test_organs: organs evaluated by the protocol (each must appear in every scan).
+        test_organs: organs evaluated by the protocol (each must appear in every scan),
+            in the column order of the papers' tables.
     """
 
     name: str
@@ -47,7 +48,7 @@ DATASET_FACTS: dict[str, DatasetFacts] = {
         image_folder="chaos_MR_T2_normalized",
         n_sv=5000,
         label_map={"liver": 1, "right_kidney": 2, "left_kidney": 3, "spleen": 4},
-        test_organs=("liver", "right_kidney", "left_kidney", "spleen"),
+        test_organs=("spleen", "liver", "left_kidney", "right_kidney"),
     ),
     "abd_ct": DatasetFacts(
         name="abd_ct",
@@ -69,7 +70,7 @@ DATASET_FACTS: dict[str, DatasetFacts] = {
             "right_adrenal": 12,
             "left_adrenal": 13,
         },
-        test_organs=("liver", "spleen", "left_kidney", "right_kidney"),
+        test_organs=("spleen", "liver", "left_kidney", "right_kidney"),
     ),
     "card_mri": DatasetFacts(
         name="card_mri",
@@ -77,7 +78,7 @@ DATASET_FACTS: dict[str, DatasetFacts] = {
         image_folder="cmr_MR_normalized",
         n_sv=1000,
         label_map={"lv_myo": 200, "lv_bp": 500, "rv": 600},
-        test_organs=("lv_myo", "lv_bp", "rv"),
+        test_organs=("lv_bp", "lv_myo", "rv"),
     ),
 }
 
