@@ -118,7 +118,6 @@ def measure_training(method: Any, batch: Any, device: torch.device, precision: s
     times = _timed(step, device, warmup, steps)
     peak = _peak_gib(device)
     optimizer.zero_grad(set_to_none=True)
-    del optimizer
     _reset_memory(device)
     return {**_summary(times), "peak_mem_gib": peak, "loss_finite": all(math.isfinite(v) for v in losses)}
 

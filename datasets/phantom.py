@@ -37,7 +37,7 @@ class Phantom(VolumeDataset):
     """
 
     label_map = {"liver": 1, "right_kidney": 2, "left_kidney": 3, "spleen": 4}
-    test_organs = ("liver", "right_kidney", "left_kidney", "spleen")
+    test_organs = ("spleen", "liver", "left_kidney", "right_kidney")
     setting2_groups = (("liver", "spleen"), ("left_kidney", "right_kidney"))
 
     def __init__(self, root=None, **options) -> None:

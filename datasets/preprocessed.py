@@ -7,6 +7,7 @@ prepared data for SSL-ALPNet, ADNet, Q-Net or SD-FSMIS points ``data_root`` at t
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import ClassVar
@@ -38,6 +39,9 @@ class PreprocessedLayout(VolumeDataset):
     def __init__(self, root=None, **options) -> None:
         super().__init__(root, **options)
         self.n_supervoxels = int(options.get("n_supervoxels") or self.facts.n_sv)
+        # Another set of pseudo-labels (e.g. ones generated elsewhere), absolute or
+        # relative to the data root; default: <FOLDER>/supervoxels_<n>.
+        self.supervoxel_dir = options.get("supervoxel_dir")
 
     @property
     def folds(self):  # type: ignore[override]
@@ -68,7 +72,25 @@ class PreprocessedLayout(VolumeDataset):
 
     @property
     def supervoxel_root(self) -> Path:
+        if self.supervoxel_dir:
+            path = Path(str(self.supervoxel_dir)).expanduser()
+            return path if path.is_absolute() or self.root is None else self.root / path
         return self.image_root.parent / f"supervoxels_{self.n_supervoxels}"
+
+    def ensure_supervoxels(self) -> None:
+        """Generate the ADNet supervoxels when the default folder lacks some (PROTOCOL.md §1)."""
+        missing = [c for c in self.case_ids() if not self._file(self.supervoxel_root, f"superpix-MIDDLE_{c}").exists()]
+        if not missing or self.supervoxel_dir:
+            return
+        if not os.access(self.image_root.parent, os.W_OK):
+            raise DataError(
+                f"{self.name}: {len(missing)} scans lack supervoxels and {self.image_root.parent} is read-only",
+                hint=f"generate them elsewhere with `fsmis-bench supervoxels {self.name} --root <data_root> "
+                "--out <dir>` and pass dataset.supervoxel_dir=<dir>",
+            )
+        from fsmis_bench.preparation import ensure_supervoxels
+
+        ensure_supervoxels(self.image_root.parent, self.n_supervoxels, workers=os.cpu_count() or 1)
 
     def _case_ids(self) -> list[str]:
         ids = [

@@ -13,18 +13,21 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 from .errors import FsmisError
 
-_SUBCOMMAND_MODULES = (
-    "fsmis_bench.reporting.commands",
-    "fsmis_methods._describe",
-    "fsmis_bench.preparation.commands",
-)
+# Subcommands defined elsewhere, by the module that registers them. Only the module of the
+# command being run is imported, so `fsmis-bench run` does not pay for seaborn & co.
+_SUBCOMMAND_MODULES = {
+    "report": "fsmis_bench.reporting.commands",
+    "describe": "fsmis_methods._describe",
+    "prepare": "fsmis_bench.preparation.commands",
+    "supervoxels": "fsmis_bench.preparation.commands",
+    "check-data": "fsmis_bench.preparation.commands",
+}
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -87,7 +90,8 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser; with ``command`` given, only that command's module is imported."""
     parser = argparse.ArgumentParser(
         prog="fsmis-bench",
         description="Few-shot medical image segmentation benchmark.",
@@ -97,21 +101,24 @@ def build_parser() -> argparse.ArgumentParser:
         ("run", "train if the method needs it, then evaluate (default: prototype on phantom)"),
         ("eval", "evaluate a trained checkpoint (found by config, or checkpoint=PATH)"),
     ):
-        command = sub.add_parser(name, help=help_text, description=help_text)
-        command.add_argument("-m", "--multirun", action="store_true", help="sweep comma-separated values")
-        command.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. method=prototype fold=0")
-        command.set_defaults(func=_run)
+        run_parser = sub.add_parser(name, help=help_text, description=help_text)
+        run_parser.add_argument("-m", "--multirun", action="store_true", help="sweep comma-separated values")
+        run_parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. method=prototype fold=0")
+        run_parser.set_defaults(func=_run)
     listing = sub.add_parser("list", help="methods, datasets, settings and backbones with their plugins")
     listing.add_argument("--format", choices=("table", "json"), default="table")
     listing.set_defaults(func=_list)
-    for module_name in _SUBCOMMAND_MODULES:
-        if importlib.util.find_spec(module_name) is not None:
-            importlib.import_module(module_name).register(sub)
+    wanted = {_SUBCOMMAND_MODULES[command]} if command in _SUBCOMMAND_MODULES else set(_SUBCOMMAND_MODULES.values())
+    if command in ("run", "eval", "list"):
+        wanted = set()
+    for module_name in sorted(wanted):
+        importlib.import_module(module_name).register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
         parser.print_help()

@@ -13,7 +13,6 @@ and implements any of the hooks below.
 from __future__ import annotations
 
 import functools
-import importlib.metadata as importlib_metadata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any

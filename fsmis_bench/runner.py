@@ -70,6 +70,10 @@ def plan(cfg: DictConfig) -> RunPlan:
         test_dataset = build_dataset({"name": test_name}, cfg.data_root)
     groups = eval_groups(train_dataset, test_dataset, int(cfg.setting), str(cfg.protocol.exclusion),
                          str(cfg.protocol.train_labels))
+    if method_cls.needs_training and cfg.protocol.train_labels == "supervoxels":
+        ensure = getattr(train_dataset, "ensure_supervoxels", None)
+        if ensure is not None:
+            ensure()
     fold_cases = test_dataset.fold_cases(int(cfg.fold))
     episodes = {}
     for group in groups:

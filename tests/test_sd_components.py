@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -231,10 +230,6 @@ def test_backbone_configs(name: str, unet: str, dim: int, prediction: str) -> No
 
 # -- the prepared GPU check, smoke-run on the CPU -------------------------------------------
 @pytest.mark.slow
-@pytest.mark.skipif(
-    os.environ.get("FSMIS_SLOW_TESTS", "") != "1",
-    reason="~20-50 s on 2 CPU cores; set FSMIS_SLOW_TESTS=1 to run the GPU script's CPU smoke check",
-)
 def test_gpu_check_script_smoke_runs_on_cpu(capsys: pytest.CaptureFixture[str]) -> None:
     import importlib.util
     import json

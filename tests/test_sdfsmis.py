@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from fsmis_bench.method import EpisodeBatch
-from fsmis_methods._sd_attention import AttentionBank, bank_kwargs, support_attention_parameters
+from fsmis_methods._sd_attention import AttentionBank, support_attention_parameters
 from fsmis_methods.sdfsmis import (
     FIDELITY_DEFAULTS,
     SDFSMIS,

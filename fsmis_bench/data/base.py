@@ -19,13 +19,18 @@ import numpy as np
 
 from ..errors import DataError
 
-#: The one organ vocabulary. Datasets map these names to their own label values, and
-#: cross-domain runs match organs by these names.
+#: The one organ vocabulary. Datasets map these names to their own label values,
+#: cross-domain runs match organs by these names, and reports order organs by it.
 ORGANS: tuple[str, ...] = (
-    "liver",
+    # the test organs, in the column order of the papers' tables
     "spleen",
+    "liver",
     "left_kidney",
     "right_kidney",
+    "lv_bp",
+    "lv_myo",
+    "rv",
+    # the other SABS organs
     "gallbladder",
     "esophagus",
     "stomach",
@@ -35,9 +40,6 @@ ORGANS: tuple[str, ...] = (
     "pancreas",
     "right_adrenal",
     "left_adrenal",
-    "lv_myo",
-    "lv_bp",
-    "rv",
 )
 
 

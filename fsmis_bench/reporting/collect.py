@@ -23,30 +23,14 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..data.base import ORGANS
 from ..errors import FsmisError
 
 #: folds of every dataset in the EP1 protocol (PROTOCOL.md §2)
 N_FOLDS = 5
 
 #: organ order in tables and figures: the paper's abdominal order, then cardiac, then the rest
-ORGAN_ORDER: tuple[str, ...] = (
-    "spleen",
-    "liver",
-    "left_kidney",
-    "right_kidney",
-    "lv_bp",
-    "lv_myo",
-    "rv",
-    "gallbladder",
-    "esophagus",
-    "stomach",
-    "aorta",
-    "ivc",
-    "portal_splenic_vein",
-    "pancreas",
-    "right_adrenal",
-    "left_adrenal",
-)
+ORGAN_ORDER: tuple[str, ...] = ORGANS
 
 #: display names of organs in table headers
 ORGAN_LABELS: dict[str, str] = {
