@@ -94,11 +94,13 @@ def compose(overrides: list[str] | None = None) -> DictConfig:
             if "backbone" not in given and default_backbone:
                 cfg = hydra_compose("config", overrides=overrides + extra + [f"backbone={default_backbone}"])
     except (HydraException, OmegaConfBaseException) as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise ConfigError(
-            f"invalid configuration: {first}",
-            hint="check the override names (`fsmis-bench list`); new keys need a leading '+'",
-        ) from None
+        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+        hint = "check the override names (`fsmis-bench list`); new keys need a leading '+'"
+        if any(line.startswith("Available options") for line in lines):
+            start = next(i for i, line in enumerate(lines) if line.startswith("Available options"))
+            options = [line for line in lines[start + 1:] if not line.startswith(("Config search path", "provider="))]
+            hint = f"{lines[start].rstrip(':')}: {', '.join(options)}"
+        raise ConfigError(f"invalid configuration: {lines[0]}", hint=hint) from None
     # Hydra puts its own node in composed configs; runs record only ours.
     with_hydra = OmegaConf.to_container(cfg, resolve=False)
     with_hydra.pop("hydra", None)

@@ -71,8 +71,9 @@ class AttentionBank:
             stored.append(tensor.reshape(total // shots, shots * tokens, channels))
         self.entries[name] = tuple(stored)
 
-    def get(self, name: str, batch: int) -> tuple[torch.Tensor, ...]:
-        """The entries of layer ``name`` for a read pass of batch ``batch``: ``(batch, S*N, C)``."""
+    def get(self, name: str, batch: int | None) -> tuple[torch.Tensor, ...]:
+        """The entries of layer ``name`` for a read pass of batch ``batch``: ``(batch, S*N, C)``
+        (``batch=None``: as stored, ``(B or 1, S*N, C)``)."""
         try:
             tensors = self.entries[name]
         except KeyError:
@@ -80,7 +81,7 @@ class AttentionBank:
                 f"support attention bank has no entry for {name!r}: run the support pass first"
             ) from None
         stored_batch = tensors[0].shape[0]
-        if stored_batch == batch:
+        if batch is None or stored_batch == batch:
             return tensors
         if stored_batch == 1:
             return tuple(t.expand(batch, -1, -1) for t in tensors)
@@ -115,6 +116,33 @@ class PlainAttnProcessor(AttnProcessor2_0):
         return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
 
 
+def multi_head_attention(attn: Attention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """SDPA with ``attn``'s heads and output projection on projected tokens.
+
+    Args:
+        query: ``(B, N, D)``; key, value: ``(B, M, D)`` or ``(1, M, D)`` (broadcast to ``B``).
+    Returns:
+        ``(B, N, C)`` (before any residual).
+    """
+    batch, tokens, _ = query.shape
+    head_dim = query.shape[-1] // attn.heads
+    key, value = key.to(query.dtype), value.to(query.dtype)
+    if key.shape[0] != batch:
+        key, value = key.expand(batch, -1, -1), value.expand(batch, -1, -1)
+
+    def split_heads(x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(batch, x.shape[1], attn.heads, head_dim).transpose(1, 2)
+
+    query, key, value = split_heads(query), split_heads(key), split_heads(value)
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    out = F.scaled_dot_product_attention(query, key, value)
+    out = out.transpose(1, 2).reshape(batch, tokens, attn.heads * head_dim).to(query.dtype)
+    return attn.to_out[1](attn.to_out[0](out))
+
+
 class KVBankSelfAttnProcessor:
     """Self-attention that writes its K/V to the bank, or reads the support's K/V from it.
 
@@ -141,30 +169,16 @@ class KVBankSelfAttnProcessor:
             raise RuntimeError("KVBankSelfAttnProcessor handles plain token self-attention only")
         if attention_mask is not None:
             raise RuntimeError("KVBankSelfAttnProcessor does not support attention masks")
-        batch, tokens, _ = hidden_states.shape
         query = attn.to_q(hidden_states)
         key = attn.to_k(hidden_states)
         value = attn.to_v(hidden_states)
         if bank is not None and bank_mode == "write":
             bank.put(self.name, (key, value), shots)
         elif bank is not None and bank_mode == "read":
-            support_key, support_value = bank.get(self.name, batch)
+            support_key, support_value = bank.get(self.name, hidden_states.shape[0])
             key = torch.cat([key, support_key.to(key.dtype)], dim=1)
             value = torch.cat([value, support_value.to(value.dtype)], dim=1)
-
-        head_dim = query.shape[-1] // attn.heads
-
-        def split_heads(x: torch.Tensor) -> torch.Tensor:
-            return x.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-
-        query, key, value = split_heads(query), split_heads(key), split_heads(value)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        out = F.scaled_dot_product_attention(query, key, value)
-        out = out.transpose(1, 2).reshape(batch, tokens, attn.heads * head_dim).to(query.dtype)
-        out = attn.to_out[1](attn.to_out[0](out))
+        out = multi_head_attention(attn, query, key, value)
         if attn.residual_connection:
             out = out + hidden_states
         return out / attn.rescale_output_factor
@@ -226,10 +240,14 @@ class SupportCrossAttentionBlock(BasicTransformerBlock):
         if bank is not None and mode == "write":
             bank.put(self.sii_name, (hidden_states,), shots)
         elif bank is not None and mode == "read":
-            (support_tokens,) = bank.get(self.sii_name, hidden_states.shape[0])
-            hidden_states = hidden_states + self.sii_attn(
-                self.sii_norm(hidden_states),
-                encoder_hidden_states=self.sii_norm(support_tokens.to(hidden_states.dtype)),
+            # one support shared by many query slices: its keys/values are projected once
+            (support_tokens,) = bank.get(self.sii_name, None)
+            support_tokens = self.sii_norm(support_tokens.to(hidden_states.dtype))
+            hidden_states = hidden_states + multi_head_attention(
+                self.sii_attn,
+                self.sii_attn.to_q(self.sii_norm(hidden_states)),
+                self.sii_attn.to_k(support_tokens),
+                self.sii_attn.to_v(support_tokens),
             )
         if self.attn2 is not None:
             hidden_states = hidden_states + self.attn2(

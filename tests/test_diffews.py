@@ -12,7 +12,9 @@ from omegaconf import OmegaConf
 from fsmis_methods._sd_attention import KVBankSelfAttnProcessor, support_attention_parameters
 from fsmis_methods.diffews import DiffewS
 
-from test_sdfsmis import SIZE, blob_masks, episode, images, make_cfg, method_config, query_output, registered_target
+from test_sdfsmis import (  # noqa: F401  (single_thread: the autouse fixture, shared)
+    SIZE, blob_masks, episode, images, make_cfg, method_config, query_output, registered_target, single_thread,
+)
 
 
 @pytest.fixture(scope="module")

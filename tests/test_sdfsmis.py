@@ -49,6 +49,16 @@ TINY_BACKBONE = {
 }
 
 
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """One intra-op thread for these small models: as fast as two on an idle 2-core machine,
+    and immune to the slowdown of spinning OpenMP threads when other processes load the CPUs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_cfg(method: dict | None = None, fidelity: str = "paper", **backbone) -> DictConfig:
     return OmegaConf.create(
         {
@@ -302,13 +312,24 @@ def test_frozen_parts_get_no_gradient_and_do_not_change():
         assert not torch.equal(value, trained_before[key]), f"{key} did not change"
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
+@pytest.mark.parametrize("sii", ["kv_concat", "cross_attention"])
+def test_gradient_checkpointing_gives_the_same_gradients(sii, monkeypatch):
+    # checkpointing re-runs blocks in the backward pass; the bank travels in the call's
+    # arguments, so the support pass is recomputed as a support pass
+    import torch.utils.checkpoint as checkpoint_module
+
+    calls = []
+    original = checkpoint_module.checkpoint
+    monkeypatch.setattr(checkpoint_module, "checkpoint", lambda fn, *a, **k: calls.append(1) or original(fn, *a, **k))
     batch = episode(b=1, s=2)
     grads = []
     for checkpointing in (False, True):
-        model = build(SDFSMISSii, {"sii": "kv_concat", "gradient_checkpointing": checkpointing}, seed=3)
+        calls.clear()
+        model = build(SDFSMISSii, {"sii": sii, "gradient_checkpointing": checkpointing}, seed=3)
+        _perturb_sii_output(model)
         model.training_loss(batch).backward()
         grads.append(model.support_conv_in.weight.grad.clone())  # reaches the support only via the bank
+        assert bool(calls) == checkpointing
     assert grads[0].abs().sum() > 0
     assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-6)
 
@@ -459,18 +480,8 @@ def chaos_liver_pair(root: Path, size: int) -> tuple[torch.Tensor, ...]:
     return tuple(out)
 
 
-@pytest.fixture()
-def one_thread():
-    """One intra-op thread: on a busy 2-core machine, two spinning OpenMP threads run this
-    loop ~3x slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.slow
-def test_tiny_sdfsmis_overfits_a_real_chaos_episode(real_data_root, one_thread):
+def test_tiny_sdfsmis_overfits_a_real_chaos_episode(real_data_root):
     """Paper configuration (SII cross-attention, QE, VTCT, DDIM t=999) on a v-prediction tiny
     U-Net (as SD-2.1): with an epsilon U-Net the t=999 estimate divides the output error by
     sqrt(alpha_bar_999) = 0.068, and the tiny model needs far more steps."""

@@ -1,0 +1,56 @@
+"""Config composition: defaults, presets, sweeps, hashes."""
+
+from __future__ import annotations
+
+import pytest
+
+from fsmis_bench.config import compose, config_dir, expand_sweep
+from fsmis_bench.errors import ConfigError
+from fsmis_bench.records import config_hash, non_standard_options, run_dir_for, training_hash
+
+
+def test_default_run_is_prototype_on_phantom():
+    cfg = compose([])
+    assert (cfg.method.name, cfg.dataset.name, cfg.setting, cfg.fold, cfg.seed) == ("prototype", "phantom", 1, 0, 0)
+    assert cfg.backbone.name == "none" and cfg.fidelity == "paper"
+    assert (config_dir() / "config.yaml").is_file()
+    assert "hydra" not in cfg
+
+
+def test_diffusion_methods_get_their_default_backbone_unless_given():
+    assert compose(["method=sdfsmis"]).backbone.name == "sd15"
+    assert compose(["method=sdfsmis", "backbone=tiny"]).backbone.name == "tiny"
+    assert compose(["method=diffews", "backbone=sd21"]).backbone.cross_attention_dim == 1024
+
+
+def test_fidelity_code_switches_every_harness_level_difference():
+    paper, code = compose(["method=sdfsmis"]), compose(["method=sdfsmis", "fidelity=code"])
+    assert (paper.protocol.train_labels, paper.protocol.dice, paper.train.grad_accum) == ("supervoxels", "per_volume", 1)
+    assert code.fidelity == "code"
+    assert (code.protocol.train_labels, code.protocol.dice, code.protocol.exclusion) == ("gt", "pooled", "all")
+    assert (code.train.grad_accum, code.train.schedule) == (4, "linear")
+    assert compose(["fidelity=code", "train.grad_accum=2"]).train.grad_accum == 2  # the command line wins
+    marks = non_standard_options(compose(["fidelity=code", "setting=2"]), random_weights=False)
+    assert marks == ["exclusion=all", "dice=pooled", "train_labels=gt"]
+
+
+def test_unknown_preset_lists_the_options():
+    with pytest.raises(ConfigError) as info:
+        compose(["fidelity=codes"])
+    assert "code, paper" in info.value.hint
+
+
+def test_sweep_expansion():
+    runs = expand_sweep(["method=a,b", "fold=range(0,3)", "seed=1"])
+    assert len(runs) == 6
+    assert ["method=a", "fold=0", "seed=1"] in runs and ["method=b", "fold=2", "seed=1"] in runs
+
+
+def test_hashes_ignore_paths_and_training_hash_ignores_evaluation_options(tmp_path):
+    base = compose(["method=prototype"])
+    moved = compose(["method=prototype", f"results_dir={tmp_path}", "data_root=/elsewhere", "device=cpu"])
+    assert config_hash(base) == config_hash(moved)
+    pooled = compose(["method=prototype", "protocol.dice=pooled"])
+    assert config_hash(base) != config_hash(pooled) and training_hash(base) == training_hash(pooled)
+    assert training_hash(base) != training_hash(compose(["method=prototype", "train.steps=7"]))
+    assert run_dir_for(base).parent == run_dir_for(pooled).parent  # siblings: same method/dataset/setting/fold
