@@ -50,6 +50,3 @@ class DiffewS(SDFSMIS):
         merged = {key: method_cfg.get(key) for key in method_cfg}
         merged.update(DIFFEWS_FIXED)
         return super().resolve_options(DictConfig(merged), fidelity)
-
-    def protocol_hints(self) -> dict[str, Any]:
-        return {}

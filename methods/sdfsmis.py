@@ -32,6 +32,20 @@ The idea, in the order a forward pass runs:
 Every paper/code difference is a named ``cfg.method`` option whose ``null`` default follows
 ``cfg.fidelity``; ``FIDELITY_DEFAULTS`` below is the table. The registered variants
 (``sdfsmis``, ``sdfsmis_sii``, ``sdfsmis_qe``, ``sdfsmis_vtct``) are the paper's ablations.
+
+Choices the paper leaves open, made here:
+
+* SII layer: LayerNorm and q/k/v copied from the block's self-attention, output projection
+  zero-initialised (the pretrained U-Net's behaviour is exact at step 0); see ``_sd_attention``.
+* DDIM t = 999: the clean query latent is ``x_t``; the output becomes ``x0`` by the DDIM
+  formula for the backbone's ``prediction_type`` (:meth:`SDFSMIS.mask_latent_estimate`).
+* Paper QE when no query position passes tau: the top ``k`` positions (the code's fallback).
+* Masks resized to the latent grid by area averaging (soft weights); to the VTCT patch grid
+  bilinearly and > 0.5 (soft weights if no patch passes).
+* Absolute threshold: ``> 0`` on the decoded mean, the midpoint of the mask levels -1 and +1.
+  Relative threshold (code): ``> 0.25 x max`` per slice after mapping [-1, 1] to [0, 1].
+* Shots: prototypes pool all shots' masked positions; ``E`` is the mean of the shots' ``E``;
+  the SII/K-V bank concatenates the shots' tokens.
 """
 
 from __future__ import annotations
@@ -56,6 +70,14 @@ from ._sd_attention import (
     install_support_attention,
     support_attention_parameters,
 )
+from ._sd_components import (
+    backbone_sources,
+    build_image_encoder,
+    build_unet,
+    build_vae,
+    expand_conv_in,
+    load_text_embedding,
+)
 
 #: paper text vs released code, per option (PROTOCOL.md §6). ``null`` options follow ``cfg.fidelity``.
 FIDELITY_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -65,11 +87,8 @@ FIDELITY_DEFAULTS: dict[str, dict[str, Any]] = {
     "objective": {"paper": "ddim_t999", "code": "degenerate_t1"},
     "threshold": {"paper": "absolute", "code": "relative"},
     "lcc": {"paper": False, "code": True},
-    # Not the method's to apply: the engine owns the protocol and the optimiser. Exposed
-    # through :meth:`SDFSMIS.protocol_hints` so a run can follow the code in one switch.
-    "train_labels": {"paper": "supervoxels", "code": "gt"},
-    "grad_accum": {"paper": 1, "code": 4},
-    "schedule": {"paper": "constant", "code": "linear"},
+    # The harness-level differences (training labels, pooled Dice, legacy exclusion,
+    # gradient accumulation, linear decay) are set by the config group configs/fidelity/.
 }
 OBJECTIVES = ("ddim_t999", "degenerate_t1")
 QE_FORMS = ("cosine", "fg_bg_softmax")
@@ -278,7 +297,7 @@ class SupportContext:
     bg_prototype: torch.Tensor | None
     shots: int
 
-    def for_batch(self, batch: int) -> "SupportContext":
+    def for_batch(self, batch: int) -> SupportContext:
         """Broadcast a batch-1 context to ``batch`` queries (views, no copies)."""
 
         def grow(x: torch.Tensor | None) -> torch.Tensor | None:
@@ -303,15 +322,6 @@ class SDFSMIS(Method):
 
     def __init__(self, cfg: DictConfig) -> None:
         super().__init__(cfg)
-        from ._sd_components import (
-            backbone_sources,
-            build_image_encoder,
-            build_unet,
-            build_vae,
-            expand_conv_in,
-            load_text_embedding,
-        )
-
         self.fidelity = str(cfg.get("fidelity", "paper"))
         if self.fidelity not in ("paper", "code"):
             raise ConfigError(f"unknown fidelity {self.fidelity!r}", hint="use fidelity=paper or fidelity=code")
@@ -410,10 +420,6 @@ class SDFSMIS(Method):
                     hint=f"set method.{name}=null to follow fidelity, or pick one of {', '.join(allowed)}",
                 )
         return opts
-
-    def protocol_hints(self) -> dict[str, Any]:
-        """Settings outside the method that the chosen fidelity implies (for the engine/user)."""
-        return {key: FIDELITY_DEFAULTS[key][self.fidelity] for key in ("train_labels", "grad_accum", "schedule")}
 
     # -- parameters ----------------------------------------------------------------------
     def param_groups(self) -> list[dict[str, Any]]:
@@ -614,10 +620,10 @@ class SDFSMISVtct(SDFSMIS):
 __all__ = [
     "FIDELITY_DEFAULTS",
     "SDFSMIS",
+    "SDFSMISOptions",
     "SDFSMISQe",
     "SDFSMISSii",
     "SDFSMISVtct",
-    "SDFSMISOptions",
     "SupportContext",
     "VTCTProjector",
     "largest_component",

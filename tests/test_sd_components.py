@@ -212,7 +212,7 @@ def test_text_embedding_without_weights_is_a_documented_zero_tensor() -> None:
 
 
 @pytest.mark.parametrize("name, unet, dim, prediction", [
-    ("sd15", "sd15", 768, "epsilon"), ("sd21", "sd21", 1024, "v_prediction"), ("tiny", "tiny", 64, "epsilon"),
+    ("sd15", "sd15", 768, "epsilon"), ("sd21", "sd21", 1024, "v_prediction"), ("tiny", "tiny", 64, "v_prediction"),
 ])
 def test_backbone_configs(name: str, unet: str, dim: int, prediction: str) -> None:
     cfg = OmegaConf.load(REPO / "configs" / "backbone" / f"{name}.yaml")
