@@ -114,6 +114,10 @@ def non_standard_options(cfg: DictConfig, random_weights: bool) -> list[str]:
         marks.append(f"n_part={protocol.n_part}")
     if int(protocol.n_shot) != 1:
         marks.append(f"n_shot={protocol.n_shot}")
+    if protocol.get("organs"):
+        marks.append("organs=" + "+".join(protocol.organs))
+    if protocol.get("max_queries") is not None:
+        marks.append(f"max_queries={protocol.max_queries}")
     if random_weights:
         marks.append("random_weights")
     return marks

@@ -75,16 +75,29 @@ def plan(cfg: DictConfig) -> RunPlan:
         if ensure is not None:
             ensure()
     fold_cases = test_dataset.fold_cases(int(cfg.fold))
+    # Smoke runs may evaluate a subset (marked non-standard in the record).
+    only_organs = list(cfg.protocol.get("organs") or [])
+    unknown = [o for o in only_organs if o not in test_dataset.test_organs]
+    if unknown:
+        raise ConfigError(
+            f"protocol.organs names organs that {test_dataset.name} does not test: {unknown}",
+            hint=f"its test organs are {list(test_dataset.test_organs)}",
+        )
+    max_queries = cfg.protocol.get("max_queries")
     episodes = {}
     for group in groups:
         episodes[group.name] = []
         for organ in group.organs:
+            if only_organs and organ not in only_organs:
+                continue
             support, queries = build_test_episodes(
                 test_dataset, fold_cases, organ, supp_idx=int(cfg.protocol.supp_idx),
                 n_part=int(cfg.protocol.n_part), n_shot=int(cfg.protocol.n_shot),
                 norm=method_cls.input_norm,
             )
-            episodes[group.name].append(OrganEpisodes(organ, support, queries))
+            episodes[group.name].append(OrganEpisodes(organ, support, queries[:max_queries]))
+    groups = [g for g in groups if episodes[g.name]]
+    episodes = {g.name: episodes[g.name] for g in groups}
     return RunPlan(cfg, run_dir_for(cfg), train_dataset, test_dataset, groups, episodes)
 
 

@@ -118,3 +118,12 @@ def test_interrupt_saves_a_checkpoint(results_dir, monkeypatch, capsys):
     monkeypatch.setattr(episodes.EpisodeSampler, "batch", original)
     assert main(["run", *SMALL, "train.steps=6"]) == 0
     assert "resuming" in capsys.readouterr().err
+
+
+def test_smoke_subset_is_evaluated_and_marked(results_dir):
+    assert main(["run", "method=support_copy", "protocol.organs=[liver]", "protocol.max_queries=1", "setting=2"]) == 0
+    (run_dir,) = _run_dirs(results_dir)
+    cases = pd.read_csv(run_dir / "cases.csv")
+    assert list(cases.organ) == ["liver"]
+    assert json.loads((run_dir / "run.json").read_text())["non_standard"] == ["organs=liver", "max_queries=1"]
+    assert main(["run", "method=support_copy", "protocol.organs=[heart]"]) == 2
