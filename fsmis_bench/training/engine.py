@@ -106,7 +106,7 @@ def train(
     """Train ``method`` for ``cfg.train.steps`` optimiser steps, resuming if possible.
 
     Checkpoints go to ``checkpoint_dir/last.pt`` every ``train.checkpoint_every`` steps
-    and on interruption; ``final.pt`` holds the finished weights. The loss log is written
+    and on interruption; ``final.pt`` holds the finished weights and replaces ``last.pt``. The loss log is written
     to ``checkpoint_dir/train_log.csv``.
     """
     tcfg = cfg.train
@@ -198,9 +198,13 @@ def train(
             raise
     bar.close()
     seconds = elapsed_before + time.time() - began
-    save(step, seconds)
     if accelerator.is_main_process:
-        torch.save({"model": _trainable_state(inner), "step": step}, checkpoint_dir / "final.pt")
+        _write_log(checkpoint_dir / "train_log.csv", log)
+        final = checkpoint_dir / "final.pt"
+        torch.save({"model": _trainable_state(inner), "step": step}, final.with_suffix(".tmp"))
+        os.replace(final.with_suffix(".tmp"), final)
+        # The resume state (optimiser moments: twice the trainable weights) is dead weight now.
+        last.unlink(missing_ok=True)
     method.eval()
     return TrainResult(step, seconds, log[-1]["loss"] if log else None, log)
 
