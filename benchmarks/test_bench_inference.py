@@ -22,18 +22,6 @@ REPO = Path(__file__).resolve().parents[1]
 QUERY_SLICES = 12
 
 
-def predict_per_slice(model: SDFSMIS, support_images, support_masks, query_images) -> torch.Tensor:
-    """Naive: the whole support side (VAE, VTCT, U-Net support pass) recomputed per slice."""
-    with torch.no_grad():
-        out = []
-        for query in query_images.split(1):
-            support = model.encode_support(support_images[None], support_masks[None])
-            latents = model.encode_images(query)
-            estimate = model.mask_latent_estimate(model.query_pass(latents, support), latents)
-            out.append(model.decode_masks(estimate, tuple(query.shape[-2:])))
-        return torch.cat(out)
-
-
 @pytest.fixture(scope="module", params=[("taesd", 128), ("identity", 64)], ids=["taesd128", "identity64"])
 def chunk(request):
     vae, size = request.param
@@ -68,5 +56,5 @@ def test_cached_support_batched_queries(benchmark, chunk):
 @pytest.mark.benchmark(group="sdfsmis-inference-12-slices")
 def test_naive_support_per_slice(benchmark, chunk):
     model, support, mask, queries = chunk
-    out = benchmark.pedantic(predict_per_slice, args=(model, support, mask, queries), rounds=3, warmup_rounds=1)
+    out = benchmark.pedantic(model.predict_uncached, args=(support, mask, queries), rounds=3, warmup_rounds=1)
     assert torch.equal(out, model.predict(support, mask, queries))

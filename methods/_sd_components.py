@@ -515,13 +515,13 @@ def unet_config(kind: str, cross_attention_dim: int | None = None) -> dict[str, 
         mid_block_scale_factor=1,
         norm_eps=1e-5,
     )
+    # Both SD versions share the block layout (PROTOCOL.md §8); they differ in attention.
+    sd_layout = dict(block_out_channels=[320, 640, 1280, 1280], layers_per_block=2, norm_num_groups=32)
     if kind == "sd15":
         cfg = dict(
             common,
+            **sd_layout,
             sample_size=64,
-            block_out_channels=[320, 640, 1280, 1280],
-            layers_per_block=2,
-            norm_num_groups=32,
             cross_attention_dim=768,
             attention_head_dim=8,
             use_linear_projection=False,
@@ -530,10 +530,8 @@ def unet_config(kind: str, cross_attention_dim: int | None = None) -> dict[str, 
     elif kind == "sd21":
         cfg = dict(
             common,
+            **sd_layout,
             sample_size=96,
-            block_out_channels=[320, 640, 1280, 1280],
-            layers_per_block=2,
-            norm_num_groups=32,
             cross_attention_dim=1024,
             attention_head_dim=[5, 10, 20, 20],
             use_linear_projection=True,

@@ -579,6 +579,24 @@ class SDFSMIS(Method):
         return largest_component(masks) if self.options.lcc else masks
 
     @torch.no_grad()
+    def predict_uncached(
+        self,
+        support_images: torch.Tensor,
+        support_masks: torch.Tensor,
+        query_images: torch.Tensor,
+    ) -> torch.Tensor:
+        """The naive path :meth:`predict` improves on: the support side (VAE, VTCT, U-Net
+        support pass) re-run for every query slice, one slice at a time. Kept as the
+        reference the cached path is tested and benchmarked against."""
+        masks = []
+        for query in query_images.split(1):
+            support = self.encode_support(support_images[None], support_masks[None])
+            latents = self.encode_images(query)
+            estimate = self.mask_latent_estimate(self.query_pass(latents, support), latents)
+            masks.append(self.decode_masks(estimate, tuple(query.shape[-2:])))
+        return torch.cat(masks)
+
+    @torch.no_grad()
     def predict(
         self,
         support_images: torch.Tensor,

@@ -381,25 +381,13 @@ def test_fidelity_switches_every_difference_and_options_override():
     assert (mixed.sii, mixed.lcc, mixed.objective) == ("kv_concat", True, "ddim_t999")
 
 
-def predict_per_slice(model: SDFSMIS, support_images, support_masks, query_images) -> torch.Tensor:
-    """The naive path: the support re-encoded for every query slice, one slice at a time."""
-    with torch.no_grad():
-        out = []
-        for query in query_images.split(1):
-            support = model.encode_support(support_images[None], support_masks[None])
-            latents = model.encode_images(query)
-            estimate = model.mask_latent_estimate(model.query_pass(latents, support), latents)
-            out.append(model.decode_masks(estimate, tuple(query.shape[-2:])))
-        return torch.cat(out)
-
-
 def test_cached_batched_predict_equals_per_slice_recomputation():
     model = build(SDFSMIS, {"predict_batch_size": 3}).eval()
     _perturb_sii_output(model)
     sup, masks, queries = images(1, 1), blob_masks(1, seed=1), images(4, 2)
     cached = model.predict(sup, masks, queries)
     assert cached.shape == (4, SIZE, SIZE) and cached.dtype == torch.bool
-    assert torch.equal(cached, predict_per_slice(model, sup, masks, queries))
+    assert torch.equal(cached, model.predict_uncached(sup, masks, queries))
 
 
 # ---------------------------------------------------------------------------------------
