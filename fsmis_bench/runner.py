@@ -9,6 +9,9 @@ it stopped, and a finished run is never recomputed or overwritten.
 from __future__ import annotations
 
 import sys
+import fcntl
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -164,6 +167,28 @@ def execute(cfg: DictConfig, *, allow_training: bool = True, checkpoint: Path | 
         tqdm.write(f"already complete, not recomputed: {run_dir}", file=sys.stderr)
         return run_dir
     p = plan(cfg)
+    with _exclusive(run_dir):
+        return _execute(p, cfg, run_dir, allow_training, checkpoint)
+
+
+@contextmanager
+def _exclusive(run_dir: Path) -> Iterator[None]:
+    """One process per run directory; the OS drops the lock if the process dies."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(
+                f"{run_dir} is being computed by another process right now",
+                hint="let that process finish; rerunning afterwards reuses its result",
+            ) from None
+        yield
+
+
+def _execute(p: RunPlan, cfg: DictConfig, run_dir: Path, allow_training: bool, checkpoint: Path | None) -> Path:
+    if (run_dir / COMPLETE).exists():  # finished by another process while we planned
+        return run_dir
     accelerator = make_accelerator(cfg, int(cfg.train.grad_accum))
     probe = build_method(cfg)
     info = _prepare_dir(cfg, run_dir, probe.uses_random_weights())

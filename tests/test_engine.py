@@ -127,3 +127,19 @@ def test_smoke_subset_is_evaluated_and_marked(results_dir):
     assert list(cases.organ) == ["liver"]
     assert json.loads((run_dir / "run.json").read_text())["non_standard"] == ["organs=liver", "max_queries=1"]
     assert main(["run", "method=support_copy", "protocol.organs=[heart]"]) == 2
+
+
+def test_a_run_directory_has_one_writer(results_dir, capsys):
+    import fcntl
+
+    from fsmis_bench.config import compose
+    from fsmis_bench.records import run_dir_for
+
+    argv = ["run", *SMALL, "train.steps=2"]
+    run_dir = run_dir_for(compose(argv[1:]))
+    run_dir.mkdir(parents=True)
+    with open(run_dir / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as another live process would
+        assert main(argv) == 2
+        assert "being computed by another process" in capsys.readouterr().err
+    assert main(argv) == 0  # the lock goes with its holder
