@@ -29,4 +29,4 @@ wait "$first" "$second"
 
 fsmis-bench report --out "$OUT" --force
 # Keep the small, viewable files in the repository; the PDF/LaTeX twins are regenerated.
-find "$OUT" -name '*.pdf' -delete
+find "$OUT" \( -name '*.pdf' -o -name '*.tex' \) -delete
