@@ -21,7 +21,7 @@ def fsmis_register_datasets(registry) -> None:
 
 @hookimpl
 def fsmis_register_settings(registry) -> None:
-    registry.register("1", "builtins:None",
+    registry.register("1", None,
                       description="train on all non-fold scans; test organs may appear unlabelled")
-    registry.register("2", "builtins:None",
+    registry.register("2", None,
                       description="also drop training slices showing a test organ (exclusion=any|all)")

@@ -23,7 +23,7 @@ class Entry(Generic[T]):
     """One registered name."""
 
     name: str
-    target: Union[str, Callable[..., T]]
+    target: Union[str, Callable[..., T], None]
     plugin: str
     description: str = ""
     _resolved: Callable[..., T] | None = field(default=None, repr=False)
@@ -56,12 +56,15 @@ class Registry(Generic[T]):
     def register(
         self,
         name: str,
-        target: Union[str, Callable[..., T]],
+        target: Union[str, Callable[..., T], None],
         *,
         plugin: str = "<unknown>",
         description: str = "",
     ) -> None:
-        """Add ``name``; raises :class:`NameCollisionError` if it is taken."""
+        """Add ``name``; raises :class:`NameCollisionError` if it is taken.
+
+        ``target`` may be None for names that only select config (settings, backbones).
+        """
         if name in self._entries:
             other = self._entries[name].plugin
             raise NameCollisionError(

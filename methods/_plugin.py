@@ -26,9 +26,9 @@ def fsmis_register_methods(registry) -> None:
 
 @hookimpl
 def fsmis_register_backbones(registry) -> None:
-    registry.register("none", "builtins:None", description="no diffusion backbone")
-    registry.register("tiny", "builtins:None", description="tiny U-Net + TAESD + tiny encoder, for CPU")
-    registry.register("sd15", "builtins:None", description="Stable Diffusion 1.5 (paper default)")
-    registry.register("sd21", "builtins:None", description="Stable Diffusion 2.1 (comparison)")
+    registry.register("none", None, description="no diffusion backbone")
+    registry.register("tiny", None, description="tiny U-Net + TAESD + tiny encoder, for CPU")
+    registry.register("sd15", None, description="Stable Diffusion 1.5 (paper default)")
+    registry.register("sd21", None, description="Stable Diffusion 2.1 (comparison)")
 
 
