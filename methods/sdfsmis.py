@@ -10,7 +10,7 @@ The idea, in the order a forward pass runs:
 2. **Support pass.** The support image latent ++ support mask latent (8 channels) enters
    the U-Net through its own ``support_conv_in`` (Marigold-initialised from the pretrained
    ``conv_in``). The pass leaves, in an :class:`AttentionBank`, what the query will look at.
-3. **Support-Image Interaction (SII)**, ``method.sii``:
+3. **Support-Query Interaction (SII)**, ``method.sii``:
    ``cross_attention`` (paper) — an added cross-attention in every transformer block from
    the query's tokens to the support's tokens of that block; ``kv_concat`` (code) — the
    query's self-attention attends over its own and the support's keys/values. Machinery in
