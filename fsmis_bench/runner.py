@@ -26,6 +26,7 @@ from .evaluation import OrganEpisodes, evaluate
 from .method import Method
 from .plugins import registries
 from .protocol.ep1 import build_test_episodes
+from .protocol.metrics import fold_organ_scores
 from .protocol.settings import EvalGroup, eval_groups
 from .records import (
     CASE_COLUMNS, COMPLETE, atomic_write, config_hash, load_predictions, non_standard_options,
@@ -264,5 +265,6 @@ def _finish(run_dir: Path, p: RunPlan, info: dict) -> None:
     info.update(finished_at=now(), status="complete")
     write_json(run_dir / "run.json", info)
     atomic_write(run_dir / COMPLETE, now() + "\n")
-    summary = cases.groupby("organ", sort=False)["dice"].mean()
-    tqdm.write(f"done: {run_dir}\n" + summary.to_string(float_format=lambda v: f"{v:.4f}"), file=sys.stderr)
+    summary = fold_organ_scores(cases, str(p.cfg.protocol.dice)).set_index("organ")["dice"]
+    tqdm.write(f"done: {run_dir} (Dice, {p.cfg.protocol.dice})\n" + summary.to_string(float_format=lambda v: f"{v:.4f}"),
+               file=sys.stderr)
