@@ -1,0 +1,116 @@
+"""Frozen image encoders for VTCT: DINOv2-small (paper), DINOv2-base (code), a tiny ViT."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fsmis_bench.errors import ConfigError
+from ._sd_weights import (  # noqa: F401
+    HUB_IDS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    _freeze,
+    _from_pretrained,
+    resolve_source,
+)
+
+
+# ---------------------------------------------------------------------------------------
+# image encoder (VTCT)
+# ---------------------------------------------------------------------------------------
+def dinov2_config(kind: str) -> dict[str, Any]:
+    """``transformers.Dinov2Config`` arguments of an encoder kind (PROTOCOL.md §8)."""
+    common = dict(patch_size=14, image_size=518, mlp_ratio=4, num_hidden_layers=12, layerscale_value=1.0, hidden_act="gelu", layer_norm_eps=1e-6)
+    if kind == "dinov2_small":
+        return dict(common, hidden_size=384, num_attention_heads=6)
+    if kind == "dinov2_base":
+        return dict(common, hidden_size=768, num_attention_heads=12)
+    if kind == "tiny":
+        return dict(patch_size=8, image_size=64, mlp_ratio=2, num_hidden_layers=2, hidden_size=32, num_attention_heads=2, layerscale_value=1.0, hidden_act="gelu", layer_norm_eps=1e-6)
+    raise ConfigError(f"unknown image encoder {kind!r}", hint="backbone.image_encoder must be one of: dinov2_small, dinov2_base, tiny (or null)")
+
+
+#: input resolution of each encoder kind (224 px -> a 16 x 16 patch grid for DINOv2).
+ENCODER_INPUT_SIZE = {"dinov2_small": 224, "dinov2_base": 224, "tiny": 64}
+
+
+class ImageTokenEncoder(nn.Module):
+    """Frozen ViT patch-token encoder.
+
+    ``forward(images (B, 3, H, W) in [-1, 1]) -> (B, gh * gw, dim)`` patch tokens (CLS
+    dropped), after resizing to ``input_size`` and ImageNet normalisation. Runs without
+    autograd and stays in eval mode.
+
+    Attributes:
+        name: encoder kind.
+        dim: token width ``d``.
+        grid: patch grid ``(gh, gw)``.
+        input_size: side of the square input.
+        random_weights: True when an encoder that should be pretrained has random weights.
+    """
+
+    def __init__(self, name: str, model: nn.Module, input_size: int, *, random_weights: bool) -> None:
+        super().__init__()
+        self.name = name
+        self.model = _freeze(model)
+        self.input_size = int(input_size)
+        patch = int(model.config.patch_size)
+        self.dim = int(model.config.hidden_size)
+        self.grid = (self.input_size // patch, self.input_size // patch)
+        self.random_weights = bool(random_weights)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def train(self, mode: bool = True) -> "ImageTokenEncoder":
+        return super().train(False)
+
+    def forward(self, images: Tensor) -> Tensor:
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"image encoder expects (B, 3, H, W), got {tuple(images.shape)}")
+        with torch.no_grad():
+            x = (images.float() + 1.0) / 2.0
+            if x.shape[-2:] != (self.input_size, self.input_size):
+                x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False, antialias=True)
+            x = (x - self.mean) / self.std
+            hidden = self.model(pixel_values=x).last_hidden_state
+            return hidden[:, 1:]  # DINOv2 small/base have no register tokens
+
+    def extra_repr(self) -> str:
+        return f"name={self.name}, dim={self.dim}, grid={self.grid}, input_size={self.input_size}, random_weights={self.random_weights}"
+
+
+def build_image_encoder(kind: str, *, pretrained: bool, source: str | None, weights_root: str | None) -> ImageTokenEncoder:
+    """Build the frozen VTCT image encoder.
+
+    Args:
+        kind: ``dinov2_small`` (paper, d = 384, 22,056,576 params), ``dinov2_base`` (released
+            code, d = 768) or ``tiny`` (random 2-layer ViT, d = 32, for CPU tests).
+        pretrained: load weights (``tiny`` has none: always random, flagged).
+        source: a local ``transformers`` model dir or a hub id (default: the facebook/ id);
+            relative paths under ``weights_root`` first.
+        weights_root: root of local weights.
+    """
+    from transformers import Dinov2Config, Dinov2Model
+
+    cfg = dinov2_config(kind)
+    size = ENCODER_INPUT_SIZE[kind]
+    if not pretrained or kind == "tiny":
+        return ImageTokenEncoder(kind, Dinov2Model(Dinov2Config(**cfg)), size, random_weights=True)
+    source = source or HUB_IDS[kind]
+    resolved = resolve_source(source, weights_root)
+    if resolved.kind == "file":
+        raise ConfigError(
+            f"image encoder source {source!r} is a single file",
+            hint="point backbone.image_encoder_source at a transformers model folder or a hub id",
+        )
+    model = _from_pretrained(Dinov2Model, f"DINOv2 ({kind})", source, weights_root, HUB_IDS[kind], subfolder=None)
+    if int(model.config.hidden_size) != cfg["hidden_size"]:
+        raise ConfigError(
+            f"weights at {source!r} have hidden size {model.config.hidden_size}, not {cfg['hidden_size']} ({kind})",
+            hint=f"point backbone.image_encoder_source at {HUB_IDS[kind]} weights",
+        )
+    return ImageTokenEncoder(kind, model.float(), size, random_weights=False)

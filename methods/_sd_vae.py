@@ -1,0 +1,224 @@
+"""Frozen image <-> latent codecs: the SD KL-VAE, TAESD (original single-file release
+or diffusers layout), and an exact parameter-free codec for tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fsmis_bench.errors import ConfigError
+from ._sd_weights import (  # noqa: F401
+    HUB_IDS,
+    SD_VAE_SCALING,
+    _freeze,
+    _from_pretrained,
+    _hub_hint,
+    _missing_weights,
+    _single_file,
+    resolve_source,
+)
+
+
+# ---------------------------------------------------------------------------------------
+# latent codecs
+# ---------------------------------------------------------------------------------------
+class LatentCodec(nn.Module):
+    """A frozen image <-> latent codec.
+
+    ``encode`` maps images ``(B, 3, H, W)`` in [-1, 1] to scaled latents
+    ``(B, latent_channels, H / downsample, W / downsample)``; it runs without autograd (the
+    codec is frozen and its inputs are data). ``decode`` is the inverse and is differentiable
+    with respect to the latents. The codec stays in eval mode whatever ``train()`` says.
+
+    Attributes:
+        name: ``sd``, ``taesd`` or ``identity``.
+        latent_channels: ``C`` of the latents.
+        downsample: spatial factor ``d``.
+        scaling_factor: multiplier applied after encoding (0.18215 for the SD VAE).
+        random_weights: True when a codec that should be pretrained has random weights.
+    """
+
+    name: str = "codec"
+    latent_channels: int = 4
+    downsample: int = 8
+    scaling_factor: float = 1.0
+
+    def __init__(self, *, random_weights: bool) -> None:
+        super().__init__()
+        self.random_weights = bool(random_weights)
+
+    def train(self, mode: bool = True) -> "LatentCodec":
+        return super().train(False)
+
+    def encode(self, images: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def decode(self, latents: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _check(self, images: Tensor) -> None:
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"{self.name} codec expects (B, 3, H, W) images, got {tuple(images.shape)}")
+        if images.shape[-1] % self.downsample or images.shape[-2] % self.downsample:
+            raise ValueError(f"{self.name} codec needs H, W divisible by {self.downsample}, got {tuple(images.shape[-2:])}")
+
+    def extra_repr(self) -> str:
+        return f"name={self.name}, C={self.latent_channels}, d={self.downsample}, scaling={self.scaling_factor}, random_weights={self.random_weights}"
+
+
+class KLCodec(LatentCodec):
+    """The Stable Diffusion KL-VAE; ``encode`` returns the scaled posterior mean (deterministic)."""
+
+    name = "sd"
+
+    def __init__(self, vae: nn.Module, *, random_weights: bool) -> None:
+        super().__init__(random_weights=random_weights)
+        self.vae = _freeze(vae)
+        self.latent_channels = int(vae.config.latent_channels)
+        self.downsample = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.scaling_factor = float(vae.config.scaling_factor or SD_VAE_SCALING)
+
+    def encode(self, images: Tensor) -> Tensor:
+        self._check(images)
+        with torch.no_grad():
+            return self.vae.encode(images).latent_dist.mean * self.scaling_factor
+
+    def decode(self, latents: Tensor) -> Tensor:
+        return self.vae.decode(latents / self.scaling_factor).sample
+
+
+class TinyCodec(LatentCodec):
+    """TAESD (``diffusers.AutoencoderTiny``): SD-compatible 4 x H/8 latents, scaling 1.0."""
+
+    name = "taesd"
+
+    def __init__(self, vae: nn.Module, *, random_weights: bool) -> None:
+        super().__init__(random_weights=random_weights)
+        self.vae = _freeze(vae)
+        self.latent_channels = int(vae.config.latent_channels)
+        self.downsample = 2 ** (len(vae.config.encoder_block_out_channels) - 1)
+        self.scaling_factor = float(vae.config.scaling_factor)
+
+    def encode(self, images: Tensor) -> Tensor:
+        self._check(images)
+        with torch.no_grad():
+            return self.vae.encode(images).latents * self.scaling_factor
+
+    def decode(self, latents: Tensor) -> Tensor:
+        return self.vae.decode(latents / self.scaling_factor).sample
+
+
+class IdentityCodec(LatentCodec):
+    """Exact, parameter-free codec for tests: grey -> pixel-unshuffle by 2 -> ``(B, 4, H/2, W/2)``.
+
+    ``decode(encode(x))`` equals the grey image replicated to 3 channels, exactly.
+    """
+
+    name = "identity"
+    latent_channels = 4
+    downsample = 2
+    scaling_factor = 1.0
+
+    def __init__(self) -> None:
+        super().__init__(random_weights=False)
+
+    def encode(self, images: Tensor) -> Tensor:
+        self._check(images)
+        first = images[:, :1]
+        # replicated grey input (what the methods feed) stays bit-exact; RGB is averaged
+        grey = first if torch.equal(first.expand_as(images), images) else images.mean(dim=1, keepdim=True)
+        return F.pixel_unshuffle(grey, 2)
+
+    def decode(self, latents: Tensor) -> Tensor:
+        return F.pixel_shuffle(latents, 2).expand(-1, 3, -1, -1).contiguous()
+
+
+def sd_vae_config() -> dict[str, Any]:
+    """The SD-1.x/2.x KL-VAE architecture (PROTOCOL.md §8)."""
+    return dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        block_out_channels=[128, 256, 512, 512],
+        layers_per_block=2,
+        act_fn="silu",
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=512,
+        scaling_factor=SD_VAE_SCALING,
+    )
+
+
+def _taesd_from_original(encoder_file: Path, decoder_file: Path) -> nn.Module:
+    """Load the original single-file TAESD release into ``AutoencoderTiny`` (strict).
+
+    The original decoder's index 0 is a parameter-free clamp that ``AutoencoderTiny`` folds
+    into its forward, so decoder index ``i`` becomes ``layers.<i-1>``.
+    """
+    from diffusers import AutoencoderTiny
+    from safetensors.torch import load_file
+
+    state: dict[str, Tensor] = {}
+    for key, value in load_file(str(encoder_file)).items():
+        state[f"encoder.layers.{key}"] = value.float()
+    for key, value in load_file(str(decoder_file)).items():
+        index, rest = key.split(".", 1)
+        state[f"decoder.layers.{int(index) - 1}.{rest}"] = value.float()
+    model = AutoencoderTiny()
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def build_vae(kind: str, *, pretrained: bool, source: str | None, weights_root: str | None) -> LatentCodec:
+    """Build a frozen :class:`LatentCodec`.
+
+    Args:
+        kind: ``"sd"`` (SD KL-VAE, 83,653,863 params, latents x 0.18215), ``"taesd"``
+            (``AutoencoderTiny``, scaling 1.0) or ``"identity"`` (exact, parameter-free).
+        pretrained: load weights; False builds the architecture with random weights
+            (``random_weights=True``).
+        source: for ``sd``: a diffusers pipeline dir (``vae/`` subfolder) or the VAE dir itself,
+            a single-file checkpoint, or a hub id; for ``taesd``: a folder holding the original
+            ``taesd_{encoder,decoder}.safetensors``, a diffusers-layout folder, or the hub id
+            ``madebyollin/taesd`` (default: ``<weights_root>/taesd``). Relative paths are looked
+            up under ``weights_root`` first.
+        weights_root: root of local weights (``FSMIS_WEIGHTS_ROOT``).
+    """
+    if kind == "identity":
+        return IdentityCodec()
+    if kind == "sd":
+        from diffusers import AutoencoderKL
+
+        if not pretrained:
+            return KLCodec(AutoencoderKL(**sd_vae_config()), random_weights=True)
+        resolved = resolve_source(source, weights_root)
+        if resolved.kind == "file":
+            vae = _single_file(AutoencoderKL, resolved.location, sd_vae_config(), "Stable Diffusion VAE")
+        else:
+            vae = _from_pretrained(AutoencoderKL, "Stable Diffusion VAE", source, weights_root, _hub_hint(source, "sd15"), subfolder="vae")
+        return KLCodec(vae.float(), random_weights=False)
+    if kind == "taesd":
+        from diffusers import AutoencoderTiny
+
+        if not pretrained:
+            return TinyCodec(AutoencoderTiny(), random_weights=True)
+        source = source or "taesd"
+        resolved = resolve_source(source, weights_root)
+        if resolved.kind == "dir":
+            base = Path(resolved.location)
+            enc, dec = base / "taesd_encoder.safetensors", base / "taesd_decoder.safetensors"
+            if enc.is_file() and dec.is_file():
+                return TinyCodec(_taesd_from_original(enc, dec), random_weights=False)
+            if not (base / "config.json").is_file() and not (base / "vae" / "config.json").is_file():
+                raise _missing_weights(
+                    "TAESD", source, weights_root, HUB_IDS["taesd"], resolved.tried,
+                    detail=f"{base} holds neither taesd_encoder/decoder.safetensors nor a diffusers config.json",
+                )
+        vae = _from_pretrained(AutoencoderTiny, "TAESD", source, weights_root, HUB_IDS["taesd"], subfolder="vae")
+        return TinyCodec(vae.float(), random_weights=False)
+    raise ConfigError(f"unknown VAE kind {kind!r}", hint="backbone.vae must be one of: sd, taesd, identity")
