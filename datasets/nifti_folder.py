@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from fsmis_bench.data.base import ORGANS, Volume, VolumeDataset
-from fsmis_bench.data.nifti import numeric_sort, read_nifti
+from fsmis_bench.data.nifti import nifti_path, numeric_sort, read_nifti
 from fsmis_bench.errors import ConfigError, DataError
 from fsmis_bench.protocol.folds import folds_for
 
@@ -76,7 +76,7 @@ class NiftiFolder(VolumeDataset):
             for p in self.folder.iterdir()
             if (m := re.fullmatch(r"image_(.+?)\.nii(\.gz)?", p.name))
         ]
-        missing = [i for i in ids if not any((self.folder / f"label_{i}{s}").exists() for s in (".nii.gz", ".nii"))]
+        missing = [i for i in ids if not nifti_path(self.folder, f"label_{i}").exists()]
         if missing:
             raise DataError(
                 f"nifti_folder: images without labels in {self.folder}: {missing[:5]}",
@@ -89,15 +89,10 @@ class NiftiFolder(VolumeDataset):
             )
         return numeric_sort(ids)
 
-    def _path(self, directory: Path, stem: str) -> Path:
-        for suffix in (".nii.gz", ".nii"):
-            if (directory / f"{stem}{suffix}").exists():
-                return directory / f"{stem}{suffix}"
-        return directory / f"{stem}.nii.gz"
 
     def _load(self, case_id: str, with_supervoxels: bool) -> Volume:
-        image, spacing = read_nifti(self._path(self.folder, f"image_{case_id}"), np.float32)
-        label, _ = read_nifti(self._path(self.folder, f"label_{case_id}"), np.int32)
+        image, spacing = read_nifti(nifti_path(self.folder, f"image_{case_id}"), np.float32)
+        label, _ = read_nifti(nifti_path(self.folder, f"label_{case_id}"), np.int32)
         supervoxels = None
         if with_supervoxels:
             if not self.supervoxel_dir:
@@ -106,5 +101,5 @@ class NiftiFolder(VolumeDataset):
                     hint="set dataset.supervoxels=<folder>, or use protocol.train_labels=gt",
                 )
             sv_dir = self.folder.parent / str(self.supervoxel_dir)
-            supervoxels, _ = read_nifti(self._path(sv_dir, f"superpix-MIDDLE_{case_id}"), np.int32)
+            supervoxels, _ = read_nifti(nifti_path(sv_dir, f"superpix-MIDDLE_{case_id}"), np.int32)
         return Volume(case_id, image, label, supervoxels, spacing)

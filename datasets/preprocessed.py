@@ -15,7 +15,7 @@ from typing import ClassVar
 import numpy as np
 
 from fsmis_bench.data.base import Volume, VolumeDataset
-from fsmis_bench.data.nifti import numeric_sort, read_nifti
+from fsmis_bench.data.nifti import nifti_path, numeric_sort, read_nifti
 from fsmis_bench.errors import DataError
 from fsmis_bench.preparation.facts import DATASET_FACTS, DatasetFacts
 from fsmis_bench.protocol.folds import FOLDS
@@ -79,7 +79,7 @@ class PreprocessedLayout(VolumeDataset):
 
     def ensure_supervoxels(self) -> None:
         """Generate the ADNet supervoxels when the default folder lacks some (PROTOCOL.md §1)."""
-        missing = [c for c in self.case_ids() if not self._file(self.supervoxel_root, f"superpix-MIDDLE_{c}").exists()]
+        missing = [c for c in self.case_ids() if not nifti_path(self.supervoxel_root, f"superpix-MIDDLE_{c}").exists()]
         if not missing or self.supervoxel_dir:
             return
         if not os.access(self.image_root.parent, os.W_OK):
@@ -105,19 +105,13 @@ class PreprocessedLayout(VolumeDataset):
             )
         return numeric_sort(ids)
 
-    def _file(self, directory: Path, stem: str) -> Path:
-        for suffix in (".nii.gz", ".nii"):
-            candidate = directory / f"{stem}{suffix}"
-            if candidate.exists():
-                return candidate
-        return directory / f"{stem}.nii.gz"
 
     def _load(self, case_id: str, with_supervoxels: bool) -> Volume:
-        image, spacing = read_nifti(self._file(self.image_root, f"image_{case_id}"), np.float32)
-        label, _ = read_nifti(self._file(self.image_root, f"label_{case_id}"), np.int32)
+        image, spacing = read_nifti(nifti_path(self.image_root, f"image_{case_id}"), np.float32)
+        label, _ = read_nifti(nifti_path(self.image_root, f"label_{case_id}"), np.int32)
         supervoxels = None
         if with_supervoxels:
-            path = self._file(self.supervoxel_root, f"superpix-MIDDLE_{case_id}")
+            path = nifti_path(self.supervoxel_root, f"superpix-MIDDLE_{case_id}")
             if not path.exists():
                 raise DataError(
                     f"{self.name}: no supervoxels for case {case_id} ({path})",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 import sys
 from dataclasses import dataclass
 
@@ -47,7 +48,7 @@ def predict_case(
         support_images = resize_slices(torch.from_numpy(support.images[part]), image_size)
         support_masks = resize_slices(torch.from_numpy(support.masks[part].astype(np.float32)), image_size, nearest=True)
         query_images = resize_slices(torch.from_numpy(query.images[lo:hi]), image_size)
-        with autocast() if autocast is not None else _null():
+        with autocast() if autocast is not None else nullcontext():
             mask = method.predict(
                 support_images.unsqueeze(1).to(device),
                 support_masks.unsqueeze(1).to(device),
@@ -59,13 +60,6 @@ def predict_case(
         prediction[lo:hi] = mask.numpy() > 0.5
     return prediction
 
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def evaluate(

@@ -45,6 +45,12 @@ def read_nifti(path: Path, dtype: type = np.float32) -> tuple[np.ndarray, tuple[
     return volume, (zooms[2], zooms[1], zooms[0])
 
 
+def nifti_path(directory: Path, stem: str) -> Path:
+    """``<directory>/<stem>.nii.gz``, or ``.nii`` when only that exists."""
+    plain = directory / f"{stem}.nii"
+    return plain if plain.exists() and not (directory / f"{stem}.nii.gz").exists() else directory / f"{stem}.nii.gz"
+
+
 def numeric_sort(ids: list[str]) -> list[str]:
     """Sort case ids by their numeric value where they are numbers (1, 2, 10, not 1, 10, 2)."""
 

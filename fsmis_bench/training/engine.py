@@ -115,8 +115,6 @@ def train(
         raise ConfigError("train.steps and train.grad_accum must be at least 1")
     accelerator = accelerator or make_accelerator(cfg, accum)
     groups = method.param_groups()
-    for group in groups:
-        group.setdefault("initial_lr", group["lr"])
     optimizer = torch.optim.AdamW(
         [{k: v for k, v in g.items() if k != "name"} for g in groups],
         weight_decay=float(tcfg.weight_decay),
