@@ -102,6 +102,11 @@ class Method(nn.Module):
         """Named parts for ``fsmis-bench describe`` (default: the direct children)."""
         return dict(self.named_children())
 
+    def weight_identity(self) -> dict:
+        """The pretrained weights this method loaded, for the run's identity and record:
+        ``{component: {"source": str, "digest": str}}``. Empty for methods without any."""
+        return {}
+
     def uses_random_weights(self) -> bool:
         """True when a component that should be pretrained was built with random weights."""
         return False

@@ -53,6 +53,9 @@ class Volume:
         label: ``(Z, H, W)`` int32 label values of the dataset's label map.
         supervoxels: ``(Z, H, W)`` int32 pseudo-label ids (0 = background), or None.
         spacing: voxel size in mm as ``(z, y, x)``.
+        affine: ``(4, 4)`` voxel-to-world matrix (RAS+, mm) for the index order of
+            ``image``: ``world = affine @ (z, y, x, 1)``; None when unknown (phantom).
+            Display code reads it to show slices in radiological orientation.
     """
 
     case_id: str
@@ -60,6 +63,7 @@ class Volume:
     label: np.ndarray
     supervoxels: np.ndarray | None = None
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    affine: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.image.ndim != 3 or self.image.shape != self.label.shape:
@@ -175,6 +179,15 @@ class VolumeDataset(ABC):
         from ..protocol.folds import fold_indices
 
         return [self._ids[i] for i in fold_indices(self.folds, fold, len(self._ids), self.name)]
+
+    def identity(self, *, with_supervoxels: bool) -> dict:
+        """What decides this dataset's numbers, for the run's identity and record.
+
+        The default names the dataset and its options; plugins whose data live in files add
+        what pins them (paths, label source, digests of the pseudo-labels, preprocessing).
+        Only JSON-serialisable values.
+        """
+        return {"name": self.name, "options": dict(self.options), "with_supervoxels": bool(with_supervoxels)}
 
     def train_cases(self, fold: int) -> list[str]:
         """Every case not in fold ``fold`` (all cases when ``fold`` is None: cross-domain)."""
