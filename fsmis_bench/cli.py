@@ -1,9 +1,11 @@
-"""``fsmis-bench``: run, eval, report, list, describe, prepare, supervoxels, check-data.
+"""``fsmis-bench``: run, eval, runs, report, list, describe, prepare, supervoxels, check-data.
 
 Run-type commands take Hydra overrides::
 
     fsmis-bench run method=prototype dataset=abd_mri setting=1 fold=0 seed=0
     fsmis-bench run -m method=support_copy,prototype fold=0,1,2,3,4
+    fsmis-bench run -m hydra/launcher=joblib hydra.launcher.n_jobs=2 method=support_copy fold=0,1
+    fsmis-bench run method=sdfsmis --cfg job
 
 User errors print one message and a hint, and exit with status 2; nothing already
 written is removed.
@@ -27,12 +29,13 @@ _SUBCOMMAND_MODULES = {
     "prepare": "fsmis_bench.preparation.commands",
     "supervoxels": "fsmis_bench.preparation.commands",
     "check-data": "fsmis_bench.preparation.commands",
+    "runs": "fsmis_bench.runs_command",
 }
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .config import compose, expand_sweep
-    from .runner import execute
+    from .config import compose
+    from .sweep import launch, run_one, show_config, split_overrides
 
     overrides = list(args.overrides)
     checkpoint = None
@@ -46,28 +49,34 @@ def _run(args: argparse.Namespace) -> int:
             else:
                 kept.append(item)
         overrides = kept
-    runs = expand_sweep(overrides) if args.multirun else [overrides]
-    if not args.multirun and any("," in o.split("=", 1)[-1] and not o.split("=", 1)[-1].startswith("[") for o in overrides):
+    if args.cfg:
+        show_config(overrides, args.cfg, args.multirun)
+        return 0
+    if args.multirun:  # Hydra's multirun: any launcher plugin (hydra/launcher=joblib, submitit_slurm ...)
+        return launch(overrides, command=args.command, checkpoint=checkpoint)
+    if any("," in o.split("=", 1)[-1] and not o.split("=", 1)[-1].startswith("[") for o in overrides):
         raise FsmisError("comma-separated values describe a sweep", hint="add -m to run every combination")
-    configs = [compose(r) for r in runs]  # every config is checked before anything runs
-    failures = []
-    for index, (run_overrides, cfg) in enumerate(zip(runs, configs)):
-        if len(configs) > 1:
-            print(f"[{index + 1}/{len(configs)}] {' '.join(run_overrides)}", file=sys.stderr)
-        try:
-            run_dir = execute(cfg, allow_training=args.command == "run", checkpoint=checkpoint)
-            print(run_dir)
-        except FsmisError as exc:
-            if len(configs) == 1:
-                raise
-            failures.append((run_overrides, exc))
-            print(f"error: {exc}", file=sys.stderr)
-    if failures:
-        print(f"{len(failures)} of {len(configs)} runs failed; finished runs are kept:", file=sys.stderr)
-        for run_overrides, exc in failures:
-            print(f"  {' '.join(run_overrides)}: {exc.message}", file=sys.stderr)
-        return 2
+    if split_overrides(overrides)[1]:
+        raise FsmisError("hydra.* and hydra/... overrides set how a sweep is launched",
+                         hint="add -m (a sweep of one run is fine)")
+    run_dir, _ = run_one(compose(overrides), allow_training=args.command == "run", checkpoint=checkpoint)
+    print(run_dir)
     return 0
+
+
+class _RunHelp(argparse.Action):
+    """``run --help``: the usage, then the main config keys with their defaults and choices."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from .config_help import main_keys
+
+        parser.print_help()
+        print()
+        print(main_keys())
+        parser.exit()
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -101,8 +110,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         ("run", "train if the method needs it, then evaluate (default: prototype on phantom)"),
         ("eval", "evaluate a trained checkpoint (found by config, or checkpoint=PATH)"),
     ):
-        run_parser = sub.add_parser(name, help=help_text, description=help_text)
-        run_parser.add_argument("-m", "--multirun", action="store_true", help="sweep comma-separated values")
+        run_parser = sub.add_parser(name, help=help_text, description=help_text, add_help=False)
+        run_parser.add_argument("-h", "--help", action=_RunHelp, help="show this help and the main config keys")
+        run_parser.add_argument("-m", "--multirun", action="store_true",
+                                help="sweep comma-separated values through Hydra's multirun "
+                                     "(hydra/launcher=joblib | submitit_local | submitit_slurm)")
+        run_parser.add_argument("--cfg", choices=("job", "hydra", "all"), default=None,
+                                help="print the resolved config (job), Hydra's (hydra) or both, and run nothing")
         run_parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. method=prototype fold=0")
         run_parser.set_defaults(func=_run)
     listing = sub.add_parser("list", help="methods, datasets, settings and backbones with their plugins")
@@ -130,9 +144,9 @@ def main(argv: list[str] | None = None) -> int:
         if exc.hint:
             print(f"  hint: {exc.hint}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print("interrupted; finished work is kept and the same command resumes", file=sys.stderr)
-        return 130
+        return int(getattr(exc, "exit_code", 130))  # 128 + the signal's number
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ registries first, so an unknown name lists the known ones instead of a Hydra tra
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 
@@ -68,6 +70,29 @@ def _split(overrides: list[str]) -> dict[str, str]:
     return pairs
 
 
+def searchpath_override() -> list[str]:
+    """The ``hydra.searchpath`` override that adds the plugins' config dirs (empty if none)."""
+    dirs = registries().config_dirs
+    return ["hydra.searchpath=[" + ",".join(f"file://{d}" for d in dirs) + "]"] if dirs else []
+
+
+@contextmanager
+def _beside_running_hydra() -> Iterator[None]:
+    """Compose even inside a Hydra job (a sweep's launcher has initialised Hydra's global state)."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.utils import JobRuntime
+
+    running = GlobalHydra.instance().hydra
+    name = JobRuntime.instance().conf.get("name")
+    GlobalHydra.instance().clear()
+    try:
+        yield
+    finally:
+        GlobalHydra.instance().hydra = running
+        if running is not None:
+            JobRuntime.instance().set("name", name)
+
+
 def compose(overrides: list[str] | None = None) -> DictConfig:
     """The resolved run config for a list of overrides (one run, no sweeps)."""
     from hydra import compose as hydra_compose
@@ -84,11 +109,9 @@ def compose(overrides: list[str] | None = None) -> DictConfig:
     if "setting" in given:
         regs.settings.entry(given["setting"])
 
-    extra = []
-    if regs.config_dirs:
-        extra.append("hydra.searchpath=[" + ",".join(f"file://{d}" for d in regs.config_dirs) + "]")
+    extra = searchpath_override()
     try:
-        with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
+        with _beside_running_hydra(), initialize_config_dir(config_dir=str(config_dir()), version_base=None):
             cfg = hydra_compose("config", overrides=overrides + extra)
             default_backbone = cfg.method.get("default_backbone")
             if "backbone" not in given and default_backbone:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from ..errors import ConfigError
 from ..method import Method
 from ..records import atomic_write
 from .episodes import EpisodeSampler
+from .interrupt import StopRequest
 
 
 def make_accelerator(cfg: DictConfig, grad_accum: int = 1):
@@ -71,27 +71,6 @@ class TrainResult:
     seconds: float
     final_loss: float | None
     log: list[dict[str, Any]] = field(default_factory=list)
-
-
-class _Interrupt:
-    """Turns SIGTERM into KeyboardInterrupt so a cluster pre-emption saves a checkpoint."""
-
-    def __enter__(self):
-        self._previous = signal.getsignal(signal.SIGTERM)
-        try:
-            signal.signal(signal.SIGTERM, self._raise)
-        except ValueError:  # not in the main thread
-            self._previous = None
-        return self
-
-    @staticmethod
-    def _raise(signum, frame):
-        raise KeyboardInterrupt
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-        return False
 
 
 def train(
@@ -164,9 +143,10 @@ def train(
         total=steps, initial=start, desc=description, file=sys.stderr, dynamic_ncols=True,
         disable=not accelerator.is_main_process or os.environ.get("FSMIS_NO_PROGRESS") == "1",
     )
-    with _Interrupt():
+    with StopRequest() as stop:
         try:
-            while step < steps:
+            # A signal only sets stop.received; the loop ends at a step boundary.
+            while step < steps and not stop.requested:
                 running = 0.0
                 for _ in range(accum):
                     batch = sampler.batch(int(tcfg.batch_size)).to(accelerator.device)
@@ -196,6 +176,10 @@ def train(
             raise
     bar.close()
     seconds = elapsed_before + time.time() - began
+    if step < steps:  # stopped by a signal, at a step boundary
+        save(step, seconds)
+        tqdm.write(f"interrupted at step {step}; checkpoint saved, rerun the same command to resume", file=sys.stderr)
+        raise stop.stop()
     if accelerator.is_main_process:
         _write_log(checkpoint_dir / "train_log.csv", log)
         final = checkpoint_dir / "final.pt"

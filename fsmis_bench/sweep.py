@@ -1,0 +1,368 @@
+"""Sweeps (``fsmis-bench run -m``) through Hydra's multirun, so any launcher plugin runs them.
+
+Every job is one self-contained run: it composes its own config exactly as a single
+``fsmis-bench run`` with the same overrides would (same record, same hash, same per-run
+lock), so a sweep's records are the serial runs' records. Launchers:
+
+* ``basic`` (default): one job after another in this process.
+* ``hydra/launcher=joblib`` (``pip install 'fsmis-bench[launchers]'``): parallel jobs on
+  this machine; with several GPUs each worker process claims one of them.
+* ``hydra/launcher=submitit_slurm`` / ``submitit_local``: SLURM jobs, or local processes
+  with the same job folder, logs and pre-emption protocol.
+
+Pre-emption (submitit's checkpointing protocol): SIGUSR1 or submitit's pre-emption signal
+(``SUBMITIT_PREEMPT_SIGNAL``, USR2 by default) stops training at the next step boundary
+with a checkpoint; the job then hands the signal to submitit, which requeues the same job,
+and the requeued job resumes the run from that checkpoint. SIGTERM (``scancel``, or a
+pre-emption that SLURM requeues itself) also checkpoints, then exits without requeueing.
+
+Every config of a sweep is composed and checked before any job starts; at the end a table
+says which runs completed, resumed, were skipped as already complete, or failed (and why).
+Hydra's sweep folder (``multirun.yaml``, one folder per job, ``.submitit/`` for the
+submitit launchers) goes to ``<results_dir>/_sweeps/<date>_<time>/``; records stay where
+``results_dir`` says, whatever the launcher's working directory.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from .errors import ConfigError, FsmisError
+
+#: outcomes in the sweep summary, in table order
+OUTCOMES = ("completed", "resumed", "skipped", "failed")
+
+# Device claims of this (worker) process, kept for its lifetime: {lock_dir: (device, handle)}.
+_CLAIMED: dict[str, tuple[str, Any]] = {}
+
+
+# -- one run -------------------------------------------------------------------------------
+def submitit_signal() -> int | None:
+    """The pre-emption signal of the submitit job this process runs in (None outside one)."""
+    if not os.environ.get("SUBMITIT_EXECUTOR"):
+        return None
+    try:
+        from submitit import JobEnvironment
+    except ImportError:
+        return None
+    return getattr(signal, "SIG" + JobEnvironment.USR_SIG, None)
+
+
+def preemption_signals() -> tuple[int, ...]:
+    """Signals that mean "checkpoint now, you will be requeued": SIGUSR1 (+ submitit's)."""
+    signals = [signal.SIGUSR1]
+    own = submitit_signal()
+    if own is not None and own not in signals:
+        signals.append(own)
+    return tuple(signals)
+
+
+def prior_state(run_dir: Path) -> str:
+    """What running ``run_dir`` now will be: skipped (complete), resumed or completed (new)."""
+    from .records import COMPLETE
+
+    if (run_dir / COMPLETE).exists():
+        return "skipped"
+    if (run_dir / "run.json").exists():
+        return "resumed"
+    return "completed"
+
+
+def run_one(cfg: DictConfig, *, allow_training: bool = True, checkpoint: Path | None = None) -> tuple[Path, str]:
+    """Run (or resume, or skip) one config; training stops cleanly on the pre-emption signals.
+
+    Returns:
+        The record directory and the outcome (``completed``, ``resumed`` or ``skipped``).
+
+    Raises:
+        Interrupted: a stop signal arrived; the state at the last step boundary is saved.
+    """
+    from .records import run_dir_for
+    from .runner import execute
+    from .training.interrupt import also_stop_on
+
+    outcome = prior_state(run_dir_for(cfg))
+    with also_stop_on(*preemption_signals()):
+        run_dir = execute(cfg, allow_training=allow_training, checkpoint=checkpoint)
+    return run_dir, outcome
+
+
+def _requeue_through_submitit(signum: int) -> None:
+    """Hand a pre-emption signal that training has answered (checkpoint saved) to submitit.
+
+    submitit's handler checkpoints the job's submission, requeues it (``scontrol requeue``,
+    or a restart for ``submitit_local``) and exits; the requeued job resumes the run.
+    """
+    own = submitit_signal()
+    if own is None or signum not in preemption_signals():
+        return
+    handler = signal.getsignal(own)
+    if callable(handler):
+        handler(own, None)
+
+
+# -- devices for local parallel jobs ---------------------------------------------------------
+def claim_device(devices: list[str], lock_dir: Path, fallback_index: int = 0) -> str:
+    """One of ``devices`` for this process, not held by another live process if possible.
+
+    A free device is claimed with a lock file under ``lock_dir`` that this process keeps
+    until it exits (joblib's worker processes run job after job on the same device). With
+    more concurrent jobs than devices, ``devices[fallback_index % len(devices)]`` is shared.
+    """
+    key = str(lock_dir)
+    if key in _CLAIMED:
+        return _CLAIMED[key][0]
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    for device in devices:
+        handle = open(lock_dir / f"device{device}.lock", "w")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            continue
+        _CLAIMED[key] = (device, handle)
+        return device
+    return devices[fallback_index % len(devices)]
+
+
+def visible_gpus() -> list[str]:
+    """The GPU ids jobs may use (``CUDA_VISIBLE_DEVICES`` if set), empty without CUDA."""
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    listed = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return listed[:count] if listed else [str(i) for i in range(count)]
+
+
+# -- the job Hydra's launchers run -----------------------------------------------------------
+class SweepJob:
+    """Hydra's task function: one run per job; returns a small, picklable outcome record.
+
+    Args:
+        command: ``run`` (train if needed) or ``eval``.
+        checkpoint: ``eval``'s ``checkpoint=`` (one checkpoint for every job), or None.
+        launch_dir: the directory the sweep was started in; relative paths in the config
+            (``results_dir``, ``data_root``) mean the same in every job.
+        devices: GPUs to spread local parallel jobs over (joblib); empty otherwise.
+    """
+
+    def __init__(self, command: str, checkpoint: str | None, launch_dir: str, devices: list[str]) -> None:
+        self.command = command
+        self.checkpoint = checkpoint
+        self.launch_dir = launch_dir
+        self.devices = devices
+
+    def __call__(self, hydra_cfg: DictConfig) -> dict[str, Any]:
+        from hydra.core.hydra_config import HydraConfig
+
+        from .config import compose
+        from .training.interrupt import Interrupted
+
+        hydra = HydraConfig.get()
+        overrides = list(hydra.overrides.task)
+        if self.devices:  # before anything in this process touches CUDA
+            device = claim_device(self.devices, Path(hydra.sweep.dir) / ".devices", int(hydra.job.num))
+            os.environ["CUDA_VISIBLE_DEVICES"] = device
+        result: dict[str, Any] = {"overrides": overrides, "run_dir": None, "outcome": "failed", "reason": ""}
+        cwd = os.getcwd()
+        os.chdir(self.launch_dir)
+        try:
+            cfg = compose(overrides)  # exactly what `fsmis-bench run <overrides>` runs
+            run_dir, outcome = run_one(
+                cfg, allow_training=self.command == "run",
+                checkpoint=Path(self.checkpoint) if self.checkpoint else None,
+            )
+            result.update(run_dir=str(run_dir), outcome=outcome)
+        except FsmisError as exc:
+            result["reason"] = exc.message
+            print(f"error: {exc.message}", file=sys.stderr)
+        except Interrupted as exc:
+            _requeue_through_submitit(exc.signum)  # exits the process if submitit requeues
+            raise
+        except Exception as exc:  # a bug must not take the other jobs' results with it
+            traceback.print_exc()
+            result["reason"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        finally:
+            os.chdir(cwd)
+        return result
+
+
+# -- the sweep -------------------------------------------------------------------------------
+def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
+    """(run overrides, Hydra's own ``hydra.*`` / ``hydra/...`` overrides)."""
+    hydra, run = [], []
+    for item in overrides:
+        key = item.lstrip("+~").split("=", 1)[0]
+        (hydra if key == "hydra" or key.startswith(("hydra.", "hydra/")) else run).append(item)
+    return run, hydra
+
+
+def check_sweep(overrides: list[str]) -> list[tuple[list[str], DictConfig]]:
+    """Compose and check every run of a sweep (and the launcher settings) before any starts."""
+    from .config import compose, expand_sweep
+
+    run_overrides, hydra_overrides = split_overrides(overrides)
+    runs = expand_sweep(run_overrides)
+    composed = [(r, compose(r)) for r in runs]
+    if hydra_overrides:
+        _check_launcher(runs[0] + hydra_overrides)
+    return composed
+
+
+def _check_launcher(overrides: list[str]) -> None:
+    from .config import compose
+
+    try:
+        compose(overrides)
+    except ConfigError as exc:
+        if "hydra/launcher" in exc.message or "hydra/launcher" in (exc.hint or ""):
+            raise ConfigError(
+                exc.message,
+                hint=f"{exc.hint}; the joblib and submitit launchers come with "
+                     "`pip install 'fsmis-bench[launchers]'`",
+            ) from None
+        raise
+
+
+def launch(overrides: list[str], *, command: str = "run", checkpoint: Path | None = None) -> int:
+    """Run a sweep through Hydra's multirun; print the summary; 0 if every run finished, else 2."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from .config import config_dir, searchpath_override
+
+    composed = check_sweep(overrides)
+    run_overrides, hydra_overrides = split_overrides(overrides)
+    devices: list[str] = []
+    if any(o.split("=", 1)[-1] == "joblib" for o in hydra_overrides if o.startswith("hydra/launcher=")):
+        if any(str(cfg.get("device", "auto")) != "cpu" for _, cfg in composed):
+            devices = visible_gpus() if len(visible_gpus()) > 1 else []
+    job = SweepJob(command, str(checkpoint) if checkpoint else None, os.getcwd(), devices)
+    print(f"sweep of {len(composed)} runs; every config checked", file=sys.stderr)
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), job_name="fsmis-bench", version_base=None):
+            hydra = GlobalHydra.instance().hydra
+            returns = hydra.multirun(
+                config_name="config", task_function=job, overrides=overrides + searchpath_override(),
+            )
+    except (HydraException, OmegaConfBaseException) as exc:
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), repr(exc))
+        raise ConfigError(f"the sweep could not be launched: {first}") from None
+    results = [_job_result(r) for batch in returns for r in batch]
+    sweep_dir = _sweep_dir(returns)
+    print_summary(results, sweep_dir)
+    for r in results:
+        if r["run_dir"] and r["outcome"] != "failed":
+            print(r["run_dir"])
+    failed = [r for r in results if r["outcome"] == "failed"]
+    if failed:
+        print(f"{len(failed)} of {len(results)} runs failed; finished runs are kept", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _job_result(job_return: Any) -> dict[str, Any]:
+    from hydra.core.utils import JobStatus
+
+    if job_return.status == JobStatus.COMPLETED and isinstance(job_return._return_value, dict):
+        return job_return._return_value
+    error = job_return._return_value
+    return {
+        "overrides": list(job_return.overrides or []), "run_dir": None, "outcome": "failed",
+        "reason": f"{type(error).__name__}: {error}".splitlines()[0],
+    }
+
+
+def _sweep_dir(returns: Any) -> str | None:
+    """Hydra's sweep folder, from a job's (absolute) output dir minus its subdir."""
+    for batch in returns:
+        for r in batch:
+            if r.hydra_cfg is None:
+                continue
+            hydra = r.hydra_cfg.hydra
+            output_dir, subdir = str(hydra.runtime.output_dir), str(hydra.sweep.subdir)
+            if output_dir.endswith(subdir):
+                return output_dir[: -len(subdir)].rstrip("/")
+            return str(Path(output_dir).parent)
+    return None
+
+
+def print_summary(results: list[dict[str, Any]], sweep_dir: str | None = None, file=None) -> None:
+    """The end-of-sweep table: one line per run (swept values only), outcome, record or reason."""
+    file = file or sys.stderr
+    counts = {o: sum(r["outcome"] == o for r in results) for o in OUTCOMES}
+    print(
+        f"\nsweep summary: {len(results)} runs: {counts['completed']} completed, {counts['resumed']} resumed, "
+        f"{counts['skipped']} skipped (already complete), {counts['failed']} failed",
+        file=file,
+    )
+    if sweep_dir:
+        print(f"Hydra sweep folder: {sweep_dir}", file=file)
+    varying = _varying_keys([r["overrides"] for r in results])
+    rows = [("job", "outcome", "run", "record / reason")]
+    for index, r in enumerate(results):
+        shown = [o for o in r["overrides"] if o.split("=", 1)[0] in varying] or r["overrides"]
+        rows.append((str(index), r["outcome"], " ".join(shown), r["reason"] if r["outcome"] == "failed" else r["run_dir"] or ""))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row[:3], widths)) + "  " + row[3], file=file)
+
+
+def _varying_keys(override_lists: list[list[str]]) -> set[str]:
+    """Keys whose value is not the same in every job (the swept ones)."""
+    seen: dict[str, set[str | None]] = {}
+    for overrides in override_lists:
+        given = dict(o.split("=", 1) if "=" in o else (o, "") for o in overrides)
+        for key in set(seen) | set(given):
+            seen.setdefault(key, set()).add(given.get(key))
+    return {key for key, values in seen.items() if len(values) > 1}
+
+
+# -- --cfg ---------------------------------------------------------------------------------
+def show_config(overrides: list[str], which: str, multirun: bool) -> None:
+    """Print the resolved run config(s) (``job``), Hydra's own config (``hydra``) or both (``all``).
+
+    Nothing runs. With ``-m`` every run of the sweep is shown (and checked).
+    """
+    from .config import compose, expand_sweep
+
+    run_overrides, hydra_overrides = split_overrides(overrides)
+    if which in ("job", "all"):
+        if not multirun:
+            _refuse_sweep_values(run_overrides)
+        runs = check_sweep(overrides) if multirun else [(run_overrides, compose(run_overrides + hydra_overrides))]
+        for run, cfg in runs:
+            if len(runs) > 1:
+                print(f"# {' '.join(run)}")
+            print(OmegaConf.to_yaml(cfg), end="")
+    if which in ("hydra", "all"):
+        first = expand_sweep(run_overrides)[0] if multirun else run_overrides
+        print(OmegaConf.to_yaml(_hydra_node(first + hydra_overrides)), end="")
+
+
+def _refuse_sweep_values(overrides: list[str]) -> None:
+    if any("," in o.split("=", 1)[-1] and not o.split("=", 1)[-1].startswith("[") for o in overrides):
+        raise ConfigError("comma-separated values describe a sweep", hint="add -m to run every combination")
+
+
+def _hydra_node(overrides: list[str]) -> DictConfig:
+    """Hydra's own config (launcher, sweeper, folders) for these overrides, unresolved."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from .config import _beside_running_hydra, compose, config_dir, searchpath_override
+
+    compose(overrides)  # the usual checks and messages
+    with _beside_running_hydra(), initialize_config_dir(config_dir=str(config_dir()), version_base=None):
+        cfg = hydra_compose("config", overrides=overrides + searchpath_override(), return_hydra_config=True)
+    return OmegaConf.create({"hydra": OmegaConf.to_container(cfg.hydra, resolve=False)})
