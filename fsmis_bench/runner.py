@@ -167,14 +167,23 @@ def execute(cfg: DictConfig, *, allow_training: bool = True, checkpoint: Path | 
     if (run_dir / COMPLETE).exists():
         tqdm.write(f"already complete, not recomputed: {run_dir}", file=sys.stderr)
         return run_dir
-    p = plan(cfg)
-    with _exclusive(run_dir):
-        return _execute(p, cfg, run_dir, allow_training, checkpoint)
+    accelerator = make_accelerator(cfg, int(cfg.train.grad_accum))
+    with accelerator.main_process_first():  # supervoxels, if they must be made, are made once
+        p = plan(cfg)
+    with _exclusive(run_dir, accelerator.is_main_process):
+        return _execute(p, cfg, run_dir, allow_training, checkpoint, accelerator)
 
 
 @contextmanager
-def _exclusive(run_dir: Path) -> Iterator[None]:
-    """One process per run directory; the OS drops the lock if the process dies."""
+def _exclusive(run_dir: Path, main_process: bool = True) -> Iterator[None]:
+    """One process per run directory; the OS drops the lock if the process dies.
+
+    The other processes of a multi-process run (``accelerate launch``) work under their
+    main process's lock and write nothing to the record.
+    """
+    if not main_process:
+        yield
+        return
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / ".lock", "w") as handle:
         try:
@@ -187,12 +196,12 @@ def _exclusive(run_dir: Path) -> Iterator[None]:
         yield
 
 
-def _execute(p: RunPlan, cfg: DictConfig, run_dir: Path, allow_training: bool, checkpoint: Path | None) -> Path:
+def _execute(p: RunPlan, cfg: DictConfig, run_dir: Path, allow_training: bool, checkpoint: Path | None,
+             accelerator) -> Path:
     if (run_dir / COMPLETE).exists():  # finished by another process while we planned
         return run_dir
-    accelerator = make_accelerator(cfg, int(cfg.train.grad_accum))
     probe = build_method(cfg)
-    info = _prepare_dir(cfg, run_dir, probe.uses_random_weights())
+    info = _prepare_dir(cfg, run_dir, probe.uses_random_weights()) if accelerator.is_main_process else {}
     image_size = int(cfg.train.image_size) if cfg.train.get("image_size") else None
     for group in p.groups:
         part_cases = run_dir / "parts" / f"cases_{group.name}.csv"
@@ -216,7 +225,7 @@ def _execute(p: RunPlan, cfg: DictConfig, run_dir: Path, allow_training: bool, c
                     p.train_dataset, _training_cases(p), group,
                     train_labels=str(cfg.protocol.train_labels), norm=method.input_norm,
                     min_fg_pixels=int(cfg.protocol.min_fg_pixels), augment=bool(cfg.train.augment),
-                    image_size=image_size, seed=int(cfg.seed) + accelerator.process_index,
+                    image_size=image_size, seed=int(cfg.seed),  # one stream; each process takes its share
                 )
                 train(method, sampler, cfg, ckpt_dir, description=f"train {label}", accelerator=accelerator)
         if not accelerator.is_main_process:

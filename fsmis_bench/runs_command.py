@@ -1,2 +1,210 @@
-"""placeholder"""
-def register(sub): pass
+"""``fsmis-bench runs``: the run records under a results root, their state and age.
+
+States:
+
+* ``complete``: the ``COMPLETE`` marker is there; never removed by this command.
+* ``running``: unfinished, and a live process holds the run's lock (``runner._exclusive``).
+* ``stale``: unfinished and nobody holds the lock — the process was killed, pre-empted
+  or stopped. Running the same command again resumes it from its last checkpoint;
+  ``--remove-stale --yes`` deletes it instead (checkpoints included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+
+from .errors import FsmisError
+
+STATES = ("complete", "running", "stale")
+
+
+@dataclass
+class RunState:
+    """One run directory as this command sees it."""
+
+    path: Path
+    state: str
+    started_at: str | None
+    age_s: float | None  # since the run started
+    idle_s: float  # since anything in the directory was last written
+    method: str
+    dataset: str
+    setting: str
+    fold: str
+    seed: str
+    progress: str  # last logged training step of an unfinished run, e.g. "step 250"
+
+
+def lock_is_held(run_dir: Path) -> bool:
+    """True if a live process holds ``run_dir/.lock`` (probed without blocking anyone for long)."""
+    path = run_dir / ".lock"
+    if not path.exists():
+        return False
+    with open(path) as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return False
+
+
+def _newest_mtime(run_dir: Path) -> float:
+    newest = run_dir.stat().st_mtime
+    for path in run_dir.rglob("*"):
+        try:
+            newest = max(newest, path.stat().st_mtime)
+        except FileNotFoundError:  # written and replaced while we looked
+            pass
+    return newest
+
+
+def _progress(run_dir: Path) -> str:
+    logs = sorted((run_dir / "checkpoints").glob("*/train_log.csv"), key=lambda p: p.stat().st_mtime)
+    if not logs:
+        return ""
+    lines = logs[-1].read_text().strip().splitlines()
+    return f"step {lines[-1].split(',', 1)[0]}" if len(lines) > 1 else ""
+
+
+def scan(results_dir: Path) -> list[RunState]:
+    """Every run directory under ``results_dir`` (a ``run.json`` or a lock), oldest first."""
+    from .records import COMPLETE
+
+    results_dir = Path(results_dir)
+    if not results_dir.is_dir():
+        raise FsmisError(f"results folder {results_dir} does not exist",
+                         hint="pass --results, or set FSMIS_RESULTS_DIR")
+    dirs = {p.parent for p in results_dir.glob("**/run.json")} | {p.parent for p in results_dir.glob("**/.lock")}
+    now = time.time()
+    found = []
+    for run_dir in sorted(dirs):
+        info = {}
+        if (run_dir / "run.json").exists():
+            try:
+                info = json.loads((run_dir / "run.json").read_text())
+            except (OSError, json.JSONDecodeError):
+                info = {}
+        complete = (run_dir / COMPLETE).exists()
+        state = "complete" if complete else "running" if lock_is_held(run_dir) else "stale"
+        started = info.get("started_at")
+        age = now - datetime.fromisoformat(started).timestamp() if started else None
+        rel = run_dir.relative_to(results_dir).parts
+        found.append(RunState(
+            path=run_dir, state=state, started_at=started, age_s=age, idle_s=now - _newest_mtime(run_dir),
+            method=str(info.get("method", rel[0] if rel else "?")),
+            dataset=str(info.get("test_dataset", info.get("dataset", rel[1] if len(rel) > 1 else "?"))),
+            setting=str(info.get("setting", "?")), fold=str(info.get("fold", "?")), seed=str(info.get("seed", "?")),
+            progress="" if complete else _progress(run_dir),
+        ))
+    return sorted(found, key=lambda r: r.started_at or "")
+
+
+def remove_stale(runs: list[RunState]) -> list[Path]:
+    """Delete stale run directories; a run that completed or was picked up meanwhile is kept."""
+    from .records import COMPLETE
+
+    removed = []
+    for run in runs:
+        if run.state != "stale":
+            continue
+        lock = run.path / ".lock"
+        with open(lock, "a") as handle:  # hold the run's lock while deleting: nobody can start it now
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue
+            if (run.path / COMPLETE).exists():
+                continue
+            shutil.rmtree(run.path)
+        removed.append(run.path)
+    return removed
+
+
+def _prune_empty_parents(path: Path, root: Path) -> None:
+    for parent in path.parents:
+        if parent == root or root not in parent.parents:
+            return
+        try:
+            parent.rmdir()
+        except OSError:
+            return
+
+
+def format_age(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{int(seconds)}s"
+
+
+def _table(runs: list[RunState], root: Path) -> str:
+    header = ("state", "age", "idle", "method", "dataset", "setting", "fold", "seed", "progress", "record")
+    rows = [header] + [
+        (r.state, format_age(r.age_s), format_age(r.idle_s), r.method, r.dataset, r.setting, r.fold, r.seed,
+         r.progress, str(r.path.relative_to(root)))
+        for r in runs
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .reporting.collect import default_results_dir
+
+    root = Path(args.results) if args.results else default_results_dir()
+    runs = scan(root)
+    shown = [r for r in runs if r.state == "stale"] if (args.stale or args.remove_stale) else runs
+    if args.format == "json":
+        print(json.dumps([{**asdict(r), "path": str(r.path)} for r in shown], indent=2))
+    elif shown:
+        print(_table(shown, root))
+    counts = {s: sum(r.state == s for r in runs) for s in STATES}
+    print(f"{len(runs)} runs under {root}: " + ", ".join(f"{n} {s}" for s, n in counts.items()), file=sys.stderr)
+    if not args.remove_stale:
+        if counts["stale"]:
+            print("stale runs resume when their command is run again; `fsmis-bench runs --remove-stale --yes` "
+                  "deletes them", file=sys.stderr)
+        return 0
+    if not shown:
+        return 0
+    if not args.yes:
+        print(f"would remove {len(shown)} stale runs (their checkpoints too); add --yes to remove them",
+              file=sys.stderr)
+        return 0
+    removed = remove_stale(shown)
+    for path in removed:
+        _prune_empty_parents(path, root)
+        print(f"removed {path}", file=sys.stderr)
+    kept = len(shown) - len(removed)
+    if kept:
+        print(f"{kept} run(s) were picked up or finished meanwhile and are kept", file=sys.stderr)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``runs`` to the CLI."""
+    parser = subparsers.add_parser(
+        "runs",
+        help="list run records with their state (complete, running, stale) and age; remove stale ones",
+        description="List the runs under a results root: complete, running (a live process holds the run's "
+                    "lock) or stale (unfinished, nobody holds the lock: rerun its command to resume it).",
+    )
+    parser.add_argument("--results", default=None, help="results folder (default: $FSMIS_RESULTS_DIR or ./results)")
+    parser.add_argument("--stale", action="store_true", help="list only stale runs")
+    parser.add_argument("--remove-stale", action="store_true",
+                        help="delete stale runs (with --yes; complete and running runs are never touched)")
+    parser.add_argument("--yes", action="store_true", help="confirm --remove-stale")
+    parser.add_argument("--format", choices=("table", "json"), default="table")
+    parser.set_defaults(func=_run)

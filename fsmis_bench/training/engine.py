@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from ..errors import ConfigError
 from ..method import Method
 from ..records import atomic_write
 from .episodes import EpisodeSampler
-from .interrupt import StopRequest
+from .interrupt import Interrupted, StopRequest
 
 
 def make_accelerator(cfg: DictConfig, grad_accum: int = 1):
@@ -93,6 +94,14 @@ def train(
     if steps < 1 or accum < 1:
         raise ConfigError("train.steps and train.grad_accum must be at least 1")
     accelerator = accelerator or make_accelerator(cfg, accum)
+    # train.batch_size is the batch of one optimiser step over all processes, so a run's
+    # numbers do not depend on how many processes share it (up to float summation order).
+    world, rank, batch_size = accelerator.num_processes, accelerator.process_index, int(tcfg.batch_size)
+    if batch_size % world:
+        raise ConfigError(
+            f"train.batch_size={batch_size} cannot be split over {world} processes",
+            hint=f"use a multiple of {world} (train.batch_size counts the episodes of all processes together)",
+        )
     groups = method.param_groups()
     optimizer = torch.optim.AdamW(
         [{k: v for k, v in g.items() if k != "name"} for g in groups],
@@ -146,10 +155,11 @@ def train(
     with StopRequest() as stop:
         try:
             # A signal only sets stop.received; the loop ends at a step boundary.
-            while step < steps and not stop.requested:
+            while step < steps and not _any_process(accelerator, stop.requested):
                 running = 0.0
                 for _ in range(accum):
-                    batch = sampler.batch(int(tcfg.batch_size)).to(accelerator.device)
+                    batch = sampler.batch(batch_size, **({"shard": (rank, world)} if world > 1 else {}))
+                    batch = batch.to(accelerator.device)
                     with accelerator.accumulate(method), accelerator.autocast():
                         loss = method(batch)  # forward == training_loss; through the DDP wrapper
                         if not torch.isfinite(loss):
@@ -165,6 +175,7 @@ def train(
                 bar.update(1)
                 seconds = elapsed_before + time.time() - began
                 if step % int(tcfg.log_every) == 0 or step == steps:
+                    running = _mean_over_processes(accelerator, running)
                     log.append({"step": step, "loss": running, "lr": scheduler.get_last_lr()[0], "elapsed_s": round(seconds, 2)})
                     bar.set_postfix(loss=f"{running:.4f}")
                 if step % int(tcfg.checkpoint_every) == 0 and step < steps:
@@ -179,7 +190,7 @@ def train(
     if step < steps:  # stopped by a signal, at a step boundary
         save(step, seconds)
         tqdm.write(f"interrupted at step {step}; checkpoint saved, rerun the same command to resume", file=sys.stderr)
-        raise stop.stop()
+        raise stop.stop() if stop.requested else Interrupted(signal.SIGTERM)  # another process was stopped
     if accelerator.is_main_process:
         _write_log(checkpoint_dir / "train_log.csv", log)
         final = checkpoint_dir / "final.pt"
@@ -201,6 +212,19 @@ def load_weights(method: Method, checkpoint: Path) -> int:
             hint="evaluate it with the method and backbone it was trained with",
         )
     return int(state.get("step", 0))
+
+
+def _any_process(accelerator, flag: bool) -> bool:
+    """``flag`` of any process (one stop request stops every process at the same step)."""
+    if accelerator.num_processes == 1:
+        return flag
+    return bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "sum").item() > 0)
+
+
+def _mean_over_processes(accelerator, value: float) -> float:
+    if accelerator.num_processes == 1:
+        return value
+    return float(accelerator.reduce(torch.tensor([value], device=accelerator.device), "mean").item())
 
 
 def _write_log(path: Path, log: list[dict[str, Any]]) -> None:

@@ -136,9 +136,19 @@ class EpisodeSampler:
         mask = resize_slices(torch.from_numpy(mask.astype(np.float32))[None], self.image_size, nearest=True)[0].numpy()
         return image, mask > 0.5
 
-    def batch(self, batch_size: int) -> EpisodeBatch:
-        """``batch_size`` episodes as tensors (one support shot)."""
-        episodes = [self.sample() for _ in range(batch_size)]
+    def batch(self, batch_size: int, shard: tuple[int, int] = (0, 1)) -> EpisodeBatch:
+        """``batch_size`` episodes as tensors (one support shot).
+
+        With ``shard=(k, n)`` all ``batch_size`` episodes are drawn and the k-th of n equal
+        parts is returned: the n processes of a multi-process run share one seeded stream
+        and train on disjoint parts of each batch, so together they see exactly the batch
+        of a single-process run.
+        """
+        index, count = shard
+        if batch_size % count:
+            raise ValueError(f"a batch of {batch_size} cannot be split into {count} equal parts")
+        per_part = batch_size // count
+        episodes = [self.sample() for _ in range(batch_size)][index * per_part:(index + 1) * per_part]
         stack = [torch.from_numpy(np.stack([e[k] for e in episodes]).astype(np.float32)) for k in range(4)]
         support_images, support_masks, query_images, query_masks = (t.unsqueeze(1) for t in stack)
         return EpisodeBatch(

@@ -1,0 +1,211 @@
+"""Sweeps through Hydra's multirun: launchers, identical records, summary, checks, --cfg, --help."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from fsmis_bench.cli import main
+from fsmis_bench.sweep import claim_device, print_summary, split_overrides
+
+SUPPORT_COPY = ["method=support_copy", "dataset=phantom", "dataset.size=64", "dataset.n_slices=20"]
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """Hydra's multirun configures the root logger (console + a file per job); undo that."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in root.handlers:
+        if handler not in handlers:
+            handler.close()
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def _records(results: Path) -> dict[str, pd.DataFrame]:
+    """fold<k>/<run dir> -> cases.csv of every complete run under ``results``."""
+    return {
+        str(p.parent.relative_to(results)): pd.read_csv(p, dtype={"case_id": str})
+        for p in sorted(results.glob("*/*/setting*/fold*/*/cases.csv"))
+        if (p.parent / "COMPLETE").exists()
+    }
+
+
+def _serial(results: Path, overrides: list[str], folds: list[int]) -> dict[str, pd.DataFrame]:
+    for fold in folds:
+        assert main(["run", *overrides, f"fold={fold}", f"results_dir={results}"]) == 0
+    return _records(results)
+
+
+def _assert_same_records(a: dict[str, pd.DataFrame], b: dict[str, pd.DataFrame]) -> None:
+    assert sorted(a) == sorted(b) and a  # same run directories (same hashes), none missing
+    for key in a:
+        pd.testing.assert_frame_equal(a[key], b[key])
+
+
+def test_sweep_goes_through_hydra_multirun_and_matches_serial_runs(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    assert main(["run", "-m", *SUPPORT_COPY, "fold=0,1", f"results_dir={sweep}"]) == 0
+    out, err = capsys.readouterr()
+    assert "sweep summary: 2 runs: 2 completed, 0 resumed, 0 skipped (already complete), 0 failed" in err
+    (multirun_yaml,) = sweep.glob("_sweeps/*/multirun.yaml")  # Hydra's sweep folder, beside the records
+    assert sorted(p.name for p in multirun_yaml.parent.iterdir() if p.is_dir()) == ["0", "1"]
+    assert (multirun_yaml.parent / "1" / ".hydra" / "overrides.yaml").exists()
+    printed = out.split()
+    assert len(printed) == 2 and all((Path(p) / "COMPLETE").exists() for p in printed)
+    _assert_same_records(_records(sweep), _serial(tmp_path / "serial", SUPPORT_COPY, [0, 1]))
+
+    assert main(["run", "-m", *SUPPORT_COPY, "fold=0,1,2", f"results_dir={sweep}"]) == 0
+    err = capsys.readouterr().err
+    assert "3 runs: 1 completed, 0 resumed, 2 skipped (already complete), 0 failed" in err
+
+
+def test_relative_results_dir_means_the_launch_directory(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "-m", *SUPPORT_COPY, "fold=0", "results_dir=rel", "hydra.job.chdir=true"]) == 0
+    assert len(_records(tmp_path / "rel")) == 1  # not inside Hydra's job folder
+    assert not list((tmp_path / "rel" / "_sweeps").glob("*/0/rel"))
+
+
+def test_every_config_is_checked_before_anything_runs(tmp_path, capsys):
+    assert main(["run", "-m", *SUPPORT_COPY, "protocol.dice=per_volume,mean", f"results_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: protocol.dice='mean' is not allowed") and "Traceback" not in err
+    assert main(["run", "-m", "method=support_copy,nope", f"results_dir={tmp_path}"]) == 2
+    assert "unknown method 'nope'; known methods:" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    "argv, message, hint",
+    [
+        (["-m", "hydra/launcher=jobli"], "Could not find 'hydra/launcher/jobli'", "Available options in 'hydra/launcher'"),
+        (["-m", "hydra.launcher.n_jobs=2"], "Could not override 'hydra.launcher.n_jobs'", "new keys need a leading '+'"),
+        (["hydra/launcher=joblib"], "overrides set how a sweep is launched", "add -m"),
+    ],
+)
+def test_launcher_mistakes_get_one_message(argv, message, hint, tmp_path, capsys):
+    assert main(["run", *argv, *SUPPORT_COPY, f"results_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and hint in err and "Traceback" not in err
+    assert not any(tmp_path.iterdir())
+
+
+def test_summary_table_names_the_swept_values_and_reasons(capsys):
+    results = [
+        {"overrides": ["method=a", "fold=0"], "run_dir": "r/a/0", "outcome": "completed", "reason": ""},
+        {"overrides": ["method=a", "fold=1"], "run_dir": "r/a/1", "outcome": "resumed", "reason": ""},
+        {"overrides": ["method=a", "fold=2"], "run_dir": "r/a/2", "outcome": "skipped", "reason": ""},
+        {"overrides": ["method=a", "fold=3"], "run_dir": None, "outcome": "failed", "reason": "support scan 5 lacks liver"},
+    ]
+    print_summary(results, "r/_sweeps/x", file=sys.stdout)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == "sweep summary: 4 runs: 1 completed, 1 resumed, 1 skipped (already complete), 1 failed"
+    assert lines[1] == "Hydra sweep folder: r/_sweeps/x"
+    assert lines[2].split() == ["job", "outcome", "run", "record", "/", "reason"]
+    assert lines[3].split() == ["0", "completed", "fold=0", "r/a/0"]  # method=a is the same everywhere
+    assert lines[6].split()[:3] == ["3", "failed", "fold=3"] and lines[6].endswith("support scan 5 lacks liver")
+
+
+def test_split_overrides():
+    run, hydra = split_overrides(["method=a", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "+hydra.x=1", "fold=0"])
+    assert run == ["method=a", "fold=0"]
+    assert hydra == ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "+hydra.x=1"]
+
+
+def test_cfg_job_prints_the_resolved_config_and_runs_nothing(tmp_path, capsys):
+    assert main(["run", "method=sdfsmis", "fold=3", f"results_dir={tmp_path / 'r'}", "--cfg", "job"]) == 0
+    out = capsys.readouterr().out
+    assert "fold: 3" in out and "name: sd15" in out and "steps: 15000" in out  # the method's default backbone
+    assert "hydra" not in out
+    assert main(["run", "-m", *SUPPORT_COPY, "fold=0,1", f"results_dir={tmp_path / 'r'}", "--cfg", "job"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("# method=support_copy") == 2 and "fold: 1" in out
+    assert main(["run", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=3", *SUPPORT_COPY, "--cfg", "hydra"]) == 0
+    assert "n_jobs: 3" in capsys.readouterr().out
+    assert not (tmp_path / "r").exists()
+
+
+def test_run_help_lists_the_main_config_keys(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["run", "--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    for expected in ("--cfg", "-m, --multirun", "protocol.dice", "per_volume | pooled", "train.steps",
+                     "results_dir", "hydra/launcher", "support_copy"):
+        assert expected in out, expected
+
+
+def test_each_local_worker_claims_its_own_device(tmp_path):
+    first = claim_device(["2", "3"], tmp_path / "a")
+    assert first == "2" and claim_device(["2", "3"], tmp_path / "a") == "2"  # kept for the process's life
+    # Another process sees device 2 taken and gets 3; with both taken, jobs share by index.
+    code = (
+        "import sys; from pathlib import Path; from fsmis_bench.sweep import claim_device;"
+        f"print(claim_device(['2', '3'], Path({str(tmp_path / 'a')!r}), 5))"
+    )
+    import subprocess
+
+    second = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert second == "3"
+
+
+# -- launcher plugins (pip install 'fsmis-bench[launchers]') ------------------------------------
+def _launcher_sweep(tmp_path: Path, launcher: list[str], folds: list[int], data: list[str]) -> tuple[str, str]:
+    import subprocess
+
+    argv = [sys.executable, "-m", "fsmis_bench.cli", "run", "-m", *launcher, *data,
+            "fold=" + ",".join(map(str, folds)), f"results_dir={tmp_path / 'sweep'}"]
+    done = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "FSMIS_NO_PROGRESS": "1"})
+    assert done.returncode == 0, done.stderr
+    return done.stdout, done.stderr
+
+
+@pytest.mark.slow
+def test_joblib_launcher_runs_jobs_in_parallel_processes(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    out, err = _launcher_sweep(tmp_path, ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"], [0, 1], SUPPORT_COPY)
+    assert "Joblib.Parallel(n_jobs=2" in err and "2 runs: 2 completed" in err
+    assert len(list((tmp_path / "sweep").glob("_sweeps/*/multirun.yaml"))) == 1
+    _assert_same_records(_records(tmp_path / "sweep"), _serial(tmp_path / "serial", SUPPORT_COPY, [0, 1]))
+
+
+@pytest.mark.slow
+def test_submitit_local_launcher_runs_jobs_with_a_job_folder(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    out, err = _launcher_sweep(tmp_path, ["hydra/launcher=submitit_local"], [2, 3], SUPPORT_COPY)
+    assert "Submitit 'local' sweep output dir" in err and "2 runs: 2 completed" in err
+    (sweep_dir,) = (tmp_path / "sweep").glob("_sweeps/*")
+    assert (sweep_dir / "multirun.yaml").exists()
+    assert len(list(sweep_dir.glob(".submitit/*/*_result.pkl"))) == 2  # submitit's job folder, one per job
+    _assert_same_records(_records(tmp_path / "sweep"), _serial(tmp_path / "serial", SUPPORT_COPY, [2, 3]))
+
+
+ABD_MRI = ["method=support_copy", "dataset=abd_mri"]
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+@pytest.mark.parametrize(
+    "launcher, folds",
+    [(["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"], [0, 1]), (["hydra/launcher=submitit_local"], [2, 3])],
+    ids=["joblib", "submitit_local"],
+)
+def test_readme_sweeps_on_real_data_match_serial_runs(launcher, folds, tmp_path, real_data_root, monkeypatch):
+    """The two commands of the README, on CHAOS: complete records identical to serial runs."""
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    monkeypatch.setenv("FSMIS_DATA_ROOT", str(real_data_root))
+    out, err = _launcher_sweep(tmp_path, launcher, folds, ABD_MRI)
+    assert "2 runs: 2 completed" in err
+    info = [json.loads((Path(p) / "run.json").read_text()) for p in out.split()]
+    assert [i["fold"] for i in info] == folds and all(i["status"] == "complete" for i in info)
+    _assert_same_records(_records(tmp_path / "sweep"), _serial(tmp_path / "serial", ABD_MRI, folds))
