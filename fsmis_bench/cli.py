@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -60,7 +61,8 @@ def _run(args: argparse.Namespace) -> int:
         raise FsmisError("hydra.* and hydra/... overrides set how a sweep is launched",
                          hint="add -m (a sweep of one run is fine)")
     run_dir, _ = run_one(compose(overrides), allow_training=args.command == "run", checkpoint=checkpoint)
-    print(run_dir)
+    if os.environ.get("RANK", "0") == "0":  # one line per run, also under `accelerate launch`/torchrun
+        print(run_dir)
     return 0
 
 
