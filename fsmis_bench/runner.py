@@ -8,8 +8,10 @@ it stopped, and a finished run is never recomputed or overwritten.
 
 from __future__ import annotations
 
-import sys
+import copy
 import fcntl
+import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from tqdm.auto import tqdm
 
 from .data.base import VolumeDataset
@@ -163,6 +165,7 @@ def _prepare_dir(cfg: DictConfig, run_dir: Path, random_weights: bool) -> dict:
 
 def execute(cfg: DictConfig, *, allow_training: bool = True, checkpoint: Path | None = None) -> Path:
     """Run (or resume) one configuration and return its record directory."""
+    cfg = with_process_count(cfg)
     run_dir = run_dir_for(cfg)
     if (run_dir / COMPLETE).exists():
         tqdm.write(f"already complete, not recomputed: {run_dir}", file=sys.stderr)
@@ -172,6 +175,22 @@ def execute(cfg: DictConfig, *, allow_training: bool = True, checkpoint: Path | 
         p = plan(cfg)
     with _exclusive(run_dir, accelerator.is_main_process):
         return _execute(p, cfg, run_dir, allow_training, checkpoint, accelerator)
+
+
+def with_process_count(cfg: DictConfig) -> DictConfig:
+    """``cfg`` plus ``train.processes`` when several processes share the run (``accelerate launch``).
+
+    Episodes do not depend on the process count (one stream, split), but noise a loss draws
+    does (one stream per process), so the count is part of the run's identity; single-process
+    configs, and their hashes, are unchanged.
+    """
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if processes == 1 or cfg.train.get("processes") == processes:
+        return cfg
+    cfg = copy.deepcopy(cfg)
+    with open_dict(cfg):
+        cfg.train.processes = processes
+    return cfg
 
 
 @contextmanager

@@ -86,10 +86,10 @@ def run_one(cfg: DictConfig, *, allow_training: bool = True, checkpoint: Path | 
         Interrupted: a stop signal arrived; the state at the last step boundary is saved.
     """
     from .records import run_dir_for
-    from .runner import execute
+    from .runner import execute, with_process_count
     from .training.interrupt import also_stop_on
 
-    outcome = prior_state(run_dir_for(cfg))
+    outcome = prior_state(run_dir_for(with_process_count(cfg)))
     with also_stop_on(*preemption_signals()):
         run_dir = execute(cfg, allow_training=allow_training, checkpoint=checkpoint)
     return run_dir, outcome
@@ -256,8 +256,13 @@ def launch(overrides: list[str], *, command: str = "run", checkpoint: Path | Non
                 config_name="config", task_function=job, overrides=overrides + searchpath_override(),
             )
     except (HydraException, OmegaConfBaseException) as exc:
-        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), repr(exc))
-        raise ConfigError(f"the sweep could not be launched: {first}") from None
+        raise ConfigError(f"the sweep could not be launched: {_first_line(exc)}") from None
+    except Exception as exc:  # the launcher itself (no sbatch here, a job killed outright ...)
+        raise FsmisError(
+            f"the launcher stopped: {type(exc).__name__}: {_first_line(exc)}",
+            hint=f"finished runs are kept (`fsmis-bench runs`); job folders and logs are under "
+                 f"{Path(str(composed[0][1].results_dir)) / '_sweeps'}",
+        ) from None
     results = [_job_result(r) for batch in returns for r in batch]
     sweep_dir = _sweep_dir(returns)
     print_summary(results, sweep_dir)
@@ -269,6 +274,10 @@ def launch(overrides: list[str], *, command: str = "run", checkpoint: Path | Non
         print(f"{len(failed)} of {len(results)} runs failed; finished runs are kept", file=sys.stderr)
         return 2
     return 0
+
+
+def _first_line(exc: BaseException) -> str:
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), repr(exc))
 
 
 def _job_result(job_return: Any) -> dict[str, Any]:

@@ -132,6 +132,15 @@ def test_submitit_job_preempted_mid_training_is_requeued_and_resumes_exactly(tmp
 
 
 # -- one run on several processes ----------------------------------------------------------
+def _torchrun(config: list[str], results: Path, wait: bool = True):
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+            "-m", "fsmis_bench.cli", "run", *config, f"results_dir={results}"]
+    env = {**os.environ, "FSMIS_NO_PROGRESS": "1"}
+    if wait:
+        return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
 @pytest.mark.slow
 def test_two_processes_train_one_run_like_one_process_at_the_same_batch(tmp_path):
     """torchrun (gloo on CPU), 2 processes x 1 episode, against 1 process x 2 episodes.
@@ -146,17 +155,16 @@ def test_two_processes_train_one_run_like_one_process_at_the_same_batch(tmp_path
     """
     config = [*SMALL, "train.steps=4", "train.log_every=1", "device=cpu", "protocol.organs=[liver]",
               "protocol.max_queries=2"]
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "fsmis_bench.cli", "run", *config, f"results_dir={tmp_path / 'ddp'}"],
-        capture_output=True, text=True, env={**os.environ, "FSMIS_NO_PROGRESS": "1"}, timeout=600,
-    )
+    done = _torchrun(config, tmp_path / "ddp")
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("seed0-") == 1  # one record directory, printed by the main process only
     assert main(["run", *config, f"results_dir={tmp_path / 'single'}"]) == 0
     ddp = _only(tmp_path / "ddp", "**/COMPLETE").parent
     single = _only(tmp_path / "single", "**/COMPLETE").parent
-    assert ddp.relative_to(tmp_path / "ddp") == single.relative_to(tmp_path / "single")  # same run identity
+    # Same run but for the process count, which is part of its identity (noise a loss draws depends on it).
+    assert ddp.relative_to(tmp_path / "ddp").parent == single.relative_to(tmp_path / "single").parent
+    assert "\n  processes: 2\n" in (ddp / "config.yaml").read_text()
+    assert "\n  processes:" not in (single / "config.yaml").read_text()
     a, b = _losses(ddp), _losses(single)
     assert list(a.step) == list(b.step) == [1, 2, 3, 4]
     assert abs(a.loss.iloc[0] - b.loss.iloc[0]) <= 1e-5 * b.loss.iloc[0]  # the loss over both processes
@@ -164,3 +172,28 @@ def test_two_processes_train_one_run_like_one_process_at_the_same_batch(tmp_path
     cases_a, cases_b = pd.read_csv(ddp / "cases.csv"), pd.read_csv(single / "cases.csv")
     assert list(cases_a.case_id) == list(cases_b.case_id)  # one writer: no duplicated rows
     assert (cases_a.dice - cases_b.dice).abs().max() <= 1e-2
+
+
+@pytest.mark.slow
+def test_two_process_run_stopped_by_sigterm_resumes_exactly(tmp_path):
+    """SIGTERM to torchrun: both processes stop at the same step boundary; the rerun resumes."""
+    config = [*SMALL, "train.steps=40", "train.log_every=1", "train.checkpoint_every=2", "device=cpu",
+              "protocol.organs=[liver]", "protocol.max_queries=2"]
+    assert _torchrun(config, tmp_path / "reference").returncode == 0
+    stopped = _torchrun(config, tmp_path / "stopped", wait=False)
+    try:
+        deadline = time.time() + 600
+        while not list((tmp_path / "stopped").glob("**/last.pt")) and time.time() < deadline and stopped.poll() is None:
+            time.sleep(0.05)
+        stopped.send_signal(signal.SIGTERM)
+        out, err = stopped.communicate(timeout=300)
+    finally:
+        if stopped.poll() is None:
+            stopped.kill()
+    assert stopped.returncode != 0 and "checkpoint saved" in err, err
+    resumed = _torchrun(config, tmp_path / "stopped")
+    assert resumed.returncode == 0 and "resuming train" in resumed.stderr, resumed.stderr
+    reference = _only(tmp_path / "reference", "**/COMPLETE").parent
+    again = _only(tmp_path / "stopped", "**/COMPLETE").parent
+    pd.testing.assert_frame_equal(_losses(reference), _losses(again))
+    pd.testing.assert_frame_equal(pd.read_csv(reference / "cases.csv"), pd.read_csv(again / "cases.csv"))

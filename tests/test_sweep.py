@@ -209,3 +209,27 @@ def test_readme_sweeps_on_real_data_match_serial_runs(launcher, folds, tmp_path,
     info = [json.loads((Path(p) / "run.json").read_text()) for p in out.split()]
     assert [i["fold"] for i in info] == folds and all(i["status"] == "complete" for i in info)
     _assert_same_records(_records(tmp_path / "sweep"), _serial(tmp_path / "serial", ABD_MRI, folds))
+
+
+def test_submitit_slurm_without_a_cluster_is_one_message(tmp_path, capsys):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    import shutil
+
+    if shutil.which("srun"):
+        pytest.skip("this machine has SLURM")
+    assert main(["run", "-m", "hydra/launcher=submitit_slurm", *SUPPORT_COPY, f"results_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert "error: the launcher stopped: RuntimeError: Could not detect \"srun\"" in err
+    assert f"{tmp_path / '_sweeps'}" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_paper_grid_is_80_runs_and_100_trainings():
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "paper_grid.py"
+    done = subprocess.run([sys.executable, str(script), "--cost", "--step-seconds", "0.212"],
+                          capture_output=True, text=True, check=True)
+    total = next(line for line in done.stdout.splitlines() if line.endswith("total")).split()
+    assert total[:3] == ["80", "100", "1500000"]
+    assert "88.3 GPU-hours" in done.stdout

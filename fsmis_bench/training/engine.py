@@ -117,6 +117,8 @@ def train(
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     last = checkpoint_dir / "last.pt"
     start, log, elapsed_before = 0, [], 0.0
+    if world > 1:  # each process its own stream for the noise a loss may draw (saved per process)
+        torch.manual_seed(int(cfg.seed) * 1_000_003 + rank)
     if last.exists():
         state = torch.load(last, map_location="cpu", weights_only=False)
         inner.load_state_dict(state["model"], strict=False)
@@ -124,13 +126,19 @@ def train(
         scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["sampler"])
         torch.set_rng_state(state["torch_rng"])
+        per_process = state.get("torch_rng_per_process")
+        if per_process and len(per_process) == world:
+            torch.set_rng_state(per_process[rank])
         start, log, elapsed_before = state["step"], state["log"], state.get("seconds", 0.0)
         tqdm.write(f"resuming {description} from step {start} ({last})", file=sys.stderr)
 
-    def save(step: int, seconds: float) -> None:
+    def save(step: int, seconds: float, every_process: bool = True) -> None:
+        # every_process: all processes are at this step boundary and send their RNG state
+        per_process = _gather_rng_states(accelerator) if every_process else None
         if not accelerator.is_main_process:
             return
         state = {
+            "torch_rng_per_process": per_process,
             "model": _trainable_state(inner),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
@@ -181,7 +189,7 @@ def train(
                 if step % int(tcfg.checkpoint_every) == 0 and step < steps:
                     save(step, seconds)
         except KeyboardInterrupt:
-            save(step, elapsed_before + time.time() - began)
+            save(step, elapsed_before + time.time() - began, every_process=False)
             bar.close()
             tqdm.write(f"interrupted at step {step}; checkpoint saved, rerun the same command to resume", file=sys.stderr)
             raise
@@ -212,6 +220,15 @@ def load_weights(method: Method, checkpoint: Path) -> int:
             hint="evaluate it with the method and backbone it was trained with",
         )
     return int(state.get("step", 0))
+
+
+def _gather_rng_states(accelerator) -> list[torch.Tensor] | None:
+    """Every process's torch RNG state, in process order (None for a single process)."""
+    if accelerator.num_processes == 1:
+        return None
+    from accelerate.utils import gather_object
+
+    return gather_object([torch.get_rng_state()])
 
 
 def _any_process(accelerator, flag: bool) -> bool:

@@ -1,0 +1,81 @@
+"""``fsmis-bench runs``: states, ages, and removing stale runs (never complete or running ones)."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import shutil
+
+import pytest
+
+from fsmis_bench.cli import main
+from fsmis_bench.runs_command import format_age, scan
+
+SMALL = [
+    "method=prototype", "dataset=phantom", "dataset.size=64", "dataset.n_slices=16",
+    "method.width=8", "method.feature_dim=16", "train.image_size=64", "train.batch_size=2",
+    "protocol.min_fg_pixels=20", "train.steps=4", "train.checkpoint_every=1", "train.log_every=1",
+]
+
+
+@pytest.fixture()
+def three_runs(results_dir, monkeypatch):
+    """A complete run, a stale one (interrupted at step 2) and a running one (lock held)."""
+    from fsmis_bench.training import episodes
+
+    assert main(["run", *SMALL]) == 0
+    original, calls = episodes.EpisodeSampler.batch, {"n": 0}
+
+    def interrupted(self, batch_size, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(self, batch_size, **kwargs)
+
+    monkeypatch.setattr(episodes.EpisodeSampler, "batch", interrupted)
+    assert main(["run", *SMALL, "seed=1"]) == 130
+    monkeypatch.setattr(episodes.EpisodeSampler, "batch", original)
+    stale = next(results_dir.glob("prototype/phantom/setting1/fold0/seed1-*"))
+    running = stale.with_name("seed2-0123abcd")
+    shutil.copytree(stale, running)
+    info = json.loads((running / "run.json").read_text())
+    (running / "run.json").write_text(json.dumps({**info, "seed": 2}))
+    with open(running / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as the live process computing it would
+        yield results_dir
+
+
+def test_runs_lists_state_age_and_progress(three_runs, capsys):
+    states = {r.seed: r for r in scan(three_runs)}
+    assert {seed: r.state for seed, r in states.items()} == {"0": "complete", "1": "stale", "2": "running"}
+    assert states["1"].progress == "step 2" and states["0"].progress == ""
+    assert all(r.age_s is not None and 0 <= r.age_s < 3600 for r in states.values())
+    assert main(["runs"]) == 0
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    assert lines[0].split()[:3] == ["state", "age", "idle"] and len(lines) == 4
+    assert "3 runs under" in err and "1 complete, 1 running, 1 stale" in err
+    assert main(["runs", "--stale", "--format", "json"]) == 0
+    (only,) = json.loads(capsys.readouterr().out)
+    assert only["state"] == "stale" and only["seed"] == "1"
+
+
+def test_remove_stale_needs_yes_and_never_touches_complete_or_running_runs(three_runs, capsys):
+    stale = next(three_runs.glob("prototype/phantom/setting1/fold0/seed1-*"))
+    assert main(["runs", "--remove-stale"]) == 0
+    assert "would remove 1 stale runs" in capsys.readouterr().err and stale.exists()
+    assert main(["runs", "--remove-stale", "--yes"]) == 0
+    assert f"removed {stale}" in capsys.readouterr().err
+    assert not stale.exists()
+    assert sorted(r.state for r in scan(three_runs)) == ["complete", "running"]
+
+
+def test_missing_results_folder_is_one_message(tmp_path, capsys):
+    assert main(["runs", "--results", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: results folder") and "hint:" in err
+
+
+@pytest.mark.parametrize("seconds, shown", [(None, "?"), (5, "5s"), (61, "1m"), (7200, "2h"), (90000, "1d")])
+def test_format_age(seconds, shown):
+    assert format_age(seconds) == shown
