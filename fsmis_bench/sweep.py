@@ -242,11 +242,12 @@ def launch(overrides: list[str], *, command: str = "run", checkpoint: Path | Non
     from .config import config_dir, searchpath_override
 
     composed = check_sweep(overrides)
-    run_overrides, hydra_overrides = split_overrides(overrides)
-    devices: list[str] = []
-    if any(o.split("=", 1)[-1] == "joblib" for o in hydra_overrides if o.startswith("hydra/launcher=")):
-        if any(str(cfg.get("device", "auto")) != "cpu" for _, cfg in composed):
-            devices = visible_gpus() if len(visible_gpus()) > 1 else []
+    hydra_overrides = split_overrides(overrides)[1]
+    devices: list[str] = []  # local parallel jobs on a multi-GPU machine: one GPU per worker process
+    local_parallel = any(o == "hydra/launcher=joblib" for o in hydra_overrides)
+    if local_parallel and any(str(cfg.get("device", "auto")) != "cpu" for _, cfg in composed):
+        gpus = visible_gpus()
+        devices = gpus if len(gpus) > 1 else []
     job = SweepJob(command, str(checkpoint) if checkpoint else None, os.getcwd(), devices)
     print(f"sweep of {len(composed)} runs; every config checked", file=sys.stderr)
     try:
