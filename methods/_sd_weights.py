@@ -6,6 +6,8 @@ A component's ``source`` (from ``configs/backbone/*.yaml``) is found in this ord
    the working directory. A folder is a ``save_pretrained`` layout: the pipeline folder with
    the component's ``subfolder`` (``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``), or
    the model folder itself. A file is an original single-file checkpoint (``_sd_single_file``).
+   For a hub id, ``weights_root/<id>`` is where ``fsmis-bench weights download`` puts it; a
+   folder there without this component does not stop the search.
 2. a hub id (``owner/name``) in a Hugging Face hub cache, read offline: ``weights_root``
    itself, then ``HF_HUB_CACHE`` (default ``~/.cache/huggingface/hub``); earlier names of the
    same repo (``HUB_ALIASES``) are looked for too;
@@ -216,6 +218,8 @@ def locate(what: str, source: Any, weights_root: Any, *, hub_id: str | None, sub
     candidates = [Path(text)] if os.path.isabs(text) else [
         *([Path(os.path.expanduser(str(weights_root))) / name for name in names] if weights_root else []), Path.cwd() / text]
     tried: list[str] = []
+    incomplete = ""
+    hub_like = _looks_like_hub_id(text)
     for path in candidates:
         tried.append(str(path))
         if path.is_file():
@@ -224,12 +228,13 @@ def locate(what: str, source: Any, weights_root: Any, *, hub_id: str | None, sub
             return Located("file", path.resolve(), LAYOUT_SINGLE_FILE, str(source), tuple(tried))
         if path.is_dir():
             folder = _model_folder(path, subfolder, library)
-            if folder is None:
-                raise missing_weights(what, source, weights_root, hub_id, tried,
-                                      detail=f"{path} has neither {subfolder + '/' if subfolder else ''}config.json nor config.json"
-                                      if library != "tokenizer" else f"{path} has no {subfolder}/ with tokenizer files", expected=expected)
-            return Located("dir", folder.resolve(), LAYOUT_FOLDER, str(source), tuple(tried))
-    if _looks_like_hub_id(text):
+            if folder is not None:
+                return Located("dir", folder.resolve(), LAYOUT_FOLDER, str(source), tuple(tried))
+            incomplete = incomplete or (f"{path} has neither {subfolder + '/' if subfolder else ''}config.json nor config.json"
+                                        if library != "tokenizer" else f"{path} has no {subfolder}/ with tokenizer files")
+            if not hub_like:  # an explicit folder: no other place is meant
+                raise missing_weights(what, source, weights_root, hub_id, tried, detail=incomplete, expected=expected)
+    if hub_like:
         for cache in hub_cache_dirs(weights_root):
             for name in names:
                 tried.append(str(cache / repo_folder_name(name)))
@@ -248,7 +253,7 @@ def locate(what: str, source: Any, weights_root: Any, *, hub_id: str | None, sub
                 return Located("dir", folder, LAYOUT_HUB_CACHE, str(source), tuple(tried))
             if snapshot:
                 detail = f"the hub repo {text} has no {subfolder or 'model'} files"
-        raise missing_weights(what, source, weights_root, hub_id or text, tried, detail, expected)
+        raise missing_weights(what, source, weights_root, hub_id or text, tried, "; ".join(filter(None, [incomplete, detail])), expected)
     raise missing_weights(what, source, weights_root, hub_id, tried, expected=expected)
 
 

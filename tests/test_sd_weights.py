@@ -5,6 +5,7 @@ error naming the file and the expected layout."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -108,6 +109,27 @@ def test_hub_cache_under_the_weights_root_and_an_earlier_repo_name(written: dict
     unet = sdc.build_unet("sd15", pretrained=True, source=sdc.HUB_IDS["sd15"], weights_root=str(tmp_path / "root"))
     assert L.same_tensors(unet, written["sd15"]["components"]["unet"])
     assert "models--runwayml--stable-diffusion-v1-5" in unet.weight_files.location
+
+
+def test_the_hub_cache_tree_is_one_huggingface_hub_reads(written: dict) -> None:
+    from huggingface_hub import scan_cache_dir
+
+    info = scan_cache_dir(written["sd15"]["root"] / "cache")
+    assert not info.warnings and [r.repo_id for r in info.repos] == ["someone/tiny-sd15"]
+    (revision,) = next(iter(info.repos)).revisions
+    assert revision.refs == frozenset({"main"})
+    assert "unet/diffusion_pytorch_model.safetensors" in {str(f.file_path.relative_to(revision.snapshot_path)) for f in revision.files}
+
+
+def test_a_partial_local_folder_of_a_hub_id_falls_back_to_the_hub_cache(written: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    repo = "someone/tiny-sd15"
+    L.write_tokenizer(tmp_path / "root" / repo / "tokenizer", "sd15")  # e.g. fetched for a single file earlier
+    monkeypatch.setenv("HF_HUB_CACHE", str(written["sd15"]["root"] / "cache"))
+    unet = sdc.build_unet("sd15", pretrained=True, source=repo, weights_root=str(tmp_path / "root"))
+    assert unet.weight_files.layout == "hub cache" and L.same_tensors(unet, written["sd15"]["components"]["unet"])
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    with pytest.raises(sdc.WeightsNotFound, match="has neither unet/config.json nor config.json"):
+        sdc.build_unet("sd15", pretrained=True, source=repo, weights_root=str(tmp_path / "root"))
 
 
 def test_single_file_tokenizer_comes_from_the_hub_repo_when_none_is_beside(written: dict, tmp_path: Path) -> None:
@@ -221,6 +243,7 @@ def test_method_weight_identity_names_the_digests_of_the_files_read(written: dic
     encoder = tmp_path / "root" / "facebook" / "dinov2-base"
     assert identity["image_encoder"]["files"] == {n: L.sha256(encoder / n) for n in ("config.json", "model.safetensors")}
     assert len({identity[n]["digest"] for n in identity}) == 3
+    assert json.loads(json.dumps(identity)) == identity  # goes into run.json as it is
 
 
 def test_random_components_have_no_identity() -> None:
