@@ -1,4 +1,4 @@
-"""``fsmis-bench``: run, eval, report, list, describe, prepare, supervoxels, check-data.
+"""``fsmis-bench``: run, eval, report, list, describe, prepare, supervoxels, check-data, weights.
 
 Run-type commands take Hydra overrides::
 
@@ -27,6 +27,7 @@ _SUBCOMMAND_MODULES = {
     "prepare": "fsmis_bench.preparation.commands",
     "supervoxels": "fsmis_bench.preparation.commands",
     "check-data": "fsmis_bench.preparation.commands",
+    "weights": "fsmis_methods._weights",
 }
 
 
