@@ -103,23 +103,30 @@ class DualPathEncoder(nn.Module):
 # prototype refinement (pure function, pinned by the tests)
 # ---------------------------------------------------------------------------------------
 def _minmax_sigmoid(x: torch.Tensor) -> torch.Tensor:
-    return torch.sigmoid((x - x.min()) / (x.max() - x.min()))
+    """Sigmoid of ``x`` min-max normalised per sample over ``(C, h, w)``: ``(N, C, h, w)``."""
+    low = x.amin(dim=(1, 2, 3), keepdim=True)
+    high = x.amax(dim=(1, 2, 3), keepdim=True)
+    return torch.sigmoid((x - low) / (high - low))
 
 
 def _bce(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean binary cross-entropy, log clamped at -100 as PyTorch's; differentiable in ``targets``."""
+    """Per-sample mean binary cross-entropy ``(N,)``, log clamped at -100 as PyTorch's;
+    differentiable in ``targets``."""
     log_p = torch.log(inputs).clamp_min(-100.0)
     log_q = torch.log(1.0 - inputs).clamp_min(-100.0)
-    return -(targets * log_p + (1.0 - targets) * log_q).mean()
+    return -(targets * log_p + (1.0 - targets) * log_q).flatten(1).mean(1)
 
 
 def reconstruction_loss(features: torch.Tensor, prototype: torch.Tensor, foreground: torch.Tensor) -> torch.Tensor:
-    """The refinement objective: the query features with their predicted foreground replaced
-    by the prototype, compared with the originals after min-max normalisation and a sigmoid,
-    by binary cross-entropy with the *originals as input* and the *rebuilt as target*.
+    """The refinement objective, per query: the query features with their predicted
+    foreground replaced by the prototype, compared with the originals after min-max
+    normalisation and a sigmoid, by binary cross-entropy with the *originals as input* and
+    the *rebuilt as target*.
 
     Args:
-        features: ``(1, C, h, w)``; prototype: ``(1, C)``; foreground: ``(1, 1, h, w)`` in {0, 1}.
+        features: ``(N, C, h, w)``; prototype: ``(N, C)``; foreground: ``(N, 1, h, w)`` in {0, 1}.
+    Returns:
+        ``(N,)``.
     """
     rebuilt = features * (1.0 - foreground) + prototype[..., None, None] * foreground
     return _bce(_minmax_sigmoid(features), _minmax_sigmoid(rebuilt))
@@ -135,24 +142,28 @@ def refine_prototype(
     scale: float = 20.0,
     steepness: float = 0.5,
 ) -> torch.Tensor:
-    """Q-Net's query-informed prototype refinement for one query and one path.
+    """Q-Net's query-informed prototype refinement, for ``N`` queries of one path at once.
+
+    Each query has its own prototype and objective; the objectives are summed, so each
+    prototype receives exactly its own gradient and Adam (element-wise) updates it as if it
+    were refined alone.
 
     Args:
-        features: ``(1, C, h, w)`` query features (detached inside).
-        prototype: ``(1, C)`` support prototype.
-        threshold: ``T`` broadcastable to ``(1, h, w)``.
+        features: ``(N, C, h, w)`` query features (detached inside).
+        prototype: ``(N, C)`` (or ``(1, C)``, shared) support prototype.
+        threshold: ``T`` broadcastable to ``(N, h, w)``, e.g. ``(N, 1, 1)``.
     Returns:
-        ``(1, C)`` refined prototype (detached).
+        ``(N, C)`` refined prototypes (detached).
     """
     features = features.detach()
     threshold = threshold.detach()
-    refined = prototype.detach().clone().requires_grad_(True)
+    refined = prototype.detach().expand(features.shape[0], -1).clone().requires_grad_(True)
     optimizer = torch.optim.Adam([refined], lr=lr)
     with torch.enable_grad():
         probability = foreground_probability(anomaly_scores(features, refined, scale), threshold, steepness)
         for _ in range(iterations):
             foreground = (probability.detach() > 0.5).unsqueeze(1).to(features.dtype)
-            loss = reconstruction_loss(features, refined, foreground)
+            loss = reconstruction_loss(features, refined, foreground).sum()
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -284,11 +295,8 @@ class QNet(Method):
             for features, prototype in zip(paths, prototypes):
                 per_query = prototype.expand(len(chunk), -1)
                 if o.refine_iterations > 0:
-                    per_query = torch.cat([
-                        refine_prototype(features[j : j + 1], prototype, thresholds[j], iterations=o.refine_iterations,
-                                         lr=o.refine_lr, scale=o.scale, steepness=o.steepness)
-                        for j in range(len(chunk))
-                    ])
+                    per_query = refine_prototype(features, prototype, thresholds, iterations=o.refine_iterations,
+                                                 lr=o.refine_lr, scale=o.scale, steepness=o.steepness)
                 probs.append(self.path_probability(features, per_query, thresholds))
             masks.append(self.combine(probs, tuple(chunk.shape[-2:])) > 0.5)
         return torch.cat(masks)

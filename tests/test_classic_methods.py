@@ -266,6 +266,13 @@ def test_qnet_refinement_objective_and_steps():
     assert torch.equal(still, fixed) and fixed.sum() > 0
     assert reconstruction_loss(features, refined, fixed) < reconstruction_loss(features, prototype, fixed)
     assert torch.equal(refine_prototype(features, prototype, threshold, iterations=0), prototype)
+    # several queries at once: each prototype as if refined alone
+    torch.manual_seed(1)
+    batch = torch.randn(3, 4, 5, 5)
+    thresholds = torch.tensor([-10.0, -5.0, 0.0]).view(3, 1, 1)
+    together = refine_prototype(batch, prototype, thresholds)
+    alone = torch.cat([refine_prototype(batch[i : i + 1], prototype, thresholds[i]) for i in range(3)])
+    torch.testing.assert_close(together, alone)
 
 
 # -- a real episode: each method fits it -----------------------------------------------------
