@@ -4,11 +4,16 @@
 # SGD + step decay as released), then prints the per-fold and 5-fold Dice beside the
 # published number, the gap, and the measured seconds per training step.
 #
-#   MODE=quick bash scripts/gpu_classic_methods.sh    # default: STEPS (400) steps per fold
+#   MODE=quick bash scripts/gpu_classic_methods.sh    # default: STEPS (300) steps per fold
 #   MODE=full  bash scripts/gpu_classic_methods.sh    # the published budget (ADNet: 50k steps per fold)
 #   METHOD=qnet MODE=quick bash scripts/gpu_classic_methods.sh
 #   DEVICE=cpu FOLDS=0 STEPS=2 EXTRA="method.encoder=resnet18 train.image_size=64 protocol.max_queries=1" \
 #       bash scripts/gpu_classic_methods.sh                # CPU smoke test of this script
+#
+# Expected on one H100 (estimate from FLOPs counted by benchmarks/classic_step_cost.py: ADNet
+# 538 GFLOP per step, Q-Net 1592, SSL-ALPNet 538; plus ~1000 kernel launches per step and the
+# serial CPU episode sampler): ADNet ~30-50 ms per step, so MODE=full ~2-3.5 h for five folds;
+# MODE=quick (300 steps per fold) ~3 min including data loading and evaluation.
 #
 # Weights: the COCO DeepLabv3-ResNet-101 file is used when it is under FSMIS_WEIGHTS_ROOT
 # (deeplabv3_resnet101_coco-586e9e4e.pth, or torchvision/<that name>); otherwise the run uses
@@ -19,7 +24,7 @@ cd "$(dirname "$0")/.."
 
 METHOD=${METHOD:-adnet}
 MODE=${MODE:-quick}
-STEPS=${STEPS:-400}
+STEPS=${STEPS:-300}
 PY=${PY:-python}
 DEVICE=${DEVICE:-cuda}
 FOLDS=${FOLDS:-0,1,2,3,4}
