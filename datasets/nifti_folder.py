@@ -8,7 +8,7 @@ with the same keys under ``test_dataset.``)::
       path: /data/my_scans            # image_<id>.nii[.gz] and label_<id>.nii[.gz]
       label_map: {liver: 1, spleen: 2} # or the path of a YAML/JSON file holding the mapping
       test_organs: null                # default: every organ of label_map
-      modality: none                   # none | ct | mri | auto | {<id>: ct, <id>: mri, ...}
+      modality: none                   # none | ct | mri | auto | {<id>: ct|mri|none, ...}
       orientation: LAS                 # axis codes every scan is brought to, or as_stored
       folds: null                      # null | [[positions], ...] | loo
       fold_ids: null                   # [[scan ids], ...]: folds by id instead of position
@@ -26,7 +26,7 @@ file's voxel axes (slices along the last one), e.g. for oblique cardiac short-ax
 (:data:`fsmis_bench.preparation.common.INTENSITY_RECIPES`): ``ct`` clips HU to
 [-125, 275] and rescales to 0..255 (SABS), ``mri`` clips the top 0.5 % of the histogram
 (CHAOS, MS-CMRSeg); ``auto`` picks per scan (Hounsfield units hold air far below 0);
-``none`` keeps the stored values.
+``none`` keeps the stored values; a mapping names each scan's modality.
 
 **Folds.** Without ``folds``, ten or more scans get the standard five overlapping folds;
 fewer scans form a single fold (a test set for a model trained elsewhere). ``folds`` lists
@@ -151,9 +151,9 @@ class NiftiFolder(VolumeDataset):
             return "none"
         if isinstance(value, dict) or hasattr(value, "items"):
             mapping = {str(k): str(v) for k, v in dict(value).items()}
-            bad = {k: v for k, v in mapping.items() if v not in ("ct", "mri")}
+            bad = {k: v for k, v in mapping.items() if v not in ("ct", "mri", "none")}
             if bad:
-                raise ConfigError(f"{key}.modality gives unknown modalities {bad}", hint="per scan use ct or mri")
+                raise ConfigError(f"{key}.modality gives unknown modalities {bad}", hint="per scan use ct, mri or none")
             return mapping
         if str(value) not in MODALITIES:
             raise ConfigError(
@@ -306,12 +306,18 @@ class NiftiFolder(VolumeDataset):
                 "grid, so organs appear stretched", DataWarning, stacklevel=3,
             )
 
+    def recipe_of(self, case_id: str) -> str:
+        """The intensity recipe scan ``case_id`` gets: ``ct``, ``mri`` or ``none`` (as stored)."""
+        option = self.modality_option
+        option = option[case_id] if isinstance(option, dict) else option
+        return self.load(case_id).modality if option == "auto" else option
+
     def _intensities(self, case_id: str, pixels: np.ndarray) -> tuple[str, np.ndarray]:
         option = self.modality_option
         guessed = guess_modality(pixels)
         if isinstance(option, dict):
-            modality = option[case_id]
-        elif option == "auto":
+            option = option[case_id]
+        if option == "auto":
             modality = guessed
         elif option in ("ct", "mri"):
             modality = option

@@ -94,8 +94,12 @@ def _split(overrides: list[str]) -> dict[str, str]:
     return pairs
 
 
-def compose(overrides: list[str] | None = None) -> DictConfig:
-    """The resolved run config for a list of overrides (one run, no sweeps)."""
+def compose(overrides: list[str] | None = None, *, resolve_datasets: bool = True) -> DictConfig:
+    """The resolved run config for a list of overrides (one run, no sweeps).
+
+    With ``resolve_datasets`` (the default) the dataset nodes must be complete (no ``???``)
+    and are resolved by their plugins (:func:`_resolve_dataset_options`).
+    """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.errors import HydraException
@@ -138,7 +142,8 @@ def compose(overrides: list[str] | None = None) -> DictConfig:
     with_hydra = OmegaConf.to_container(cfg, resolve=False)
     with_hydra.pop("hydra", None)
     cfg = OmegaConf.create(with_hydra)
-    _resolve_dataset_options(cfg)
+    if resolve_datasets:
+        _resolve_dataset_options(cfg)
     validate(cfg)
     return cfg
 

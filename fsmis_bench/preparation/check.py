@@ -355,9 +355,9 @@ def check_nifti_folder(
         row.shape = tuple(int(s) for s in volume.image.shape)
         row.spacing = tuple(round(float(s), 3) for s in volume.spacing)
         row.orientation = f"{''.join(geometry.source_axcodes)} -> {dataset.orientation}"
-        option = dataset.modality_option
-        row.modality = (f"as stored ({volume.modality}-like)" if option == "none"
-                        else f"{volume.modality} (auto)" if option == "auto" else volume.modality)
+        recipe = dataset.recipe_of(case_id)
+        row.modality = (f"as stored ({volume.modality}-like)" if recipe == "none"
+                        else f"{recipe} (auto)" if dataset.modality_option == "auto" else recipe)
         values = np.unique(volume.label)
         row.labels = [int(v) for v in values if v != 0]
         other = [int(v) for v in values if int(v) not in known]
