@@ -294,6 +294,11 @@ class NiftiFolder(VolumeDataset):
                 f"{''.join(image.source_axcodes)} and may be laid out wrongly", DataWarning, stacklevel=3,
             )
         dz, dy, dx = image.spacing
+        if min(image.spacing) < 0.1 or max(image.spacing) > 50.0:
+            warnings.warn(
+                f"{where}: voxel sizes {dz:g} x {dy:g} x {dx:g} mm are implausible for a clinical scan "
+                "(header units other than mm?)", DataWarning, stacklevel=3,
+            )
         if max(dy, dx) > 2.0 * dz:
             warnings.warn(
                 f"{where}: after reorientation to {self.orientation} its thick axis ({max(dy, dx):g} mm) lies "

@@ -375,7 +375,8 @@ def test_check_data_for_a_folder(tmp_path, capsys):
     nib.save(nib.Nifti1Image(np.zeros((5, 5, 5)), np.eye(4)), str(folder / "label_2.nii.gz"))
     assert main(argv) == 2
     out = capsys.readouterr().out
-    assert "case 2: label shape (5, 5, 5) != image shape" in out and "FAILED" in out
+    assert "case 2: the label grid ((5, 5, 5), RAS) does not match the image" in out
+    assert "FAILED" in out
     # built-in datasets keep their layout options, and nifti_folder needs its own
     assert main(["check-data", "nifti_folder", "--path", str(folder)]) == 2
     assert "needs --path and --label-map" in capsys.readouterr().err

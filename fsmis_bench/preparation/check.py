@@ -343,7 +343,7 @@ def check_nifti_folder(
             try:
                 volume = dataset.load(case_id, with_supervoxels=bool(supervoxels))
             except DataError as error:
-                row.problems.append(error.message)
+                row.problems.append(error.message.replace(f"nifti_folder: case {case_id}: ", ""))
                 volume = None
         report.warnings.extend(f"case {case_id}: {str(w.message).split(': ', 1)[-1]}" for w in caught
                                if issubclass(w.category, DataWarning))
@@ -399,16 +399,12 @@ def _check_files(row: CaseRow, image_path: Path, label_path: Path) -> bool:
         except RuntimeError as error:
             row.problems.append(f"{path.name} cannot be read ({str(error).strip().splitlines()[-1]})")
             return False
-    (image, image_array), (label, label_array) = arrays
+    (_, image_array), (_, label_array) = arrays
     if image_array.ndim != 3:
         row.problems.append(f"{image_path.name} is {image_array.ndim}-D, expected 3-D")
         return False
-    if label_array.shape != image_array.shape:
-        row.problems.append(f"label shape {label_array.shape} != image shape {image_array.shape}")
-        return False
-    geometry = _geometry_differs(image, label)
-    if geometry:
-        row.problems.append(f"image and label geometry differ: {geometry}")
+    # image and label grids are compared by the plugin's reader, after each file is brought
+    # to the run's orientation (a label may be stored in another axis order than its image)
     if not np.isfinite(image_array).all():
         row.problems.append(f"{image_path.name} holds NaN or infinite values")
     elif np.ptp(image_array) == 0:
