@@ -300,10 +300,14 @@ class NiftiFolder(VolumeDataset):
                 "(header units other than mm?)", DataWarning, stacklevel=3,
             )
         if max(dy, dx) > 2.0 * dz:
+            advice = (
+                f"its slices do not lie along the file's last axis: use orientation={CANONICAL_ORIENTATION}"
+                if self.orientation == "as_stored" else
+                "if its slices lie along the file's last axis (e.g. an oblique stack) use orientation=as_stored"
+            )
             warnings.warn(
-                f"{where}: after reorientation to {self.orientation} its thick axis ({max(dy, dx):g} mm) lies "
-                f"in-plane and the slices ({dz:g} mm apart) cut across its acquisition planes; if its slices "
-                "lie along the file's last axis use orientation=as_stored", DataWarning, stacklevel=3,
+                f"{where}: read {self.orientation}, its thick axis ({max(dy, dx):g} mm) lies in-plane and the "
+                f"slices ({dz:g} mm apart) cut across its acquisition planes; {advice}", DataWarning, stacklevel=3,
             )
         elif max(dy, dx) > _ANISOTROPY * min(dy, dx):
             warnings.warn(

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from .data.base import ORGANS
-from .errors import DataError
+from .errors import DataError, DataWarning
 from .records import atomic_write, load_predictions
 
 
@@ -101,6 +102,12 @@ def export_masks(run_dir: str | Path, out_dir: str | Path, *, data_root: str | N
     if data_root:
         cfg.data_root = str(data_root)
     dataset = build_test_dataset(cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DataWarning)  # the run showed them when it read the scans
+        return _export(run_dir, out_dir, dataset, predictions, complete, force)
+
+
+def _export(run_dir: Path, out_dir: Path, dataset, predictions: dict, complete: bool, force: bool) -> ExportSummary:
     recorded = {}
     if (run_dir / "cases.csv").is_file():
         cases = pd.read_csv(run_dir / "cases.csv", dtype={"case_id": str})
