@@ -1,4 +1,4 @@
-"""``fsmis-bench``: run, eval, runs, report, list, describe, prepare, supervoxels, check-data.
+"""``fsmis-bench``: run, eval, runs, export, report, list, describe, prepare, supervoxels, check-data, weights.
 
 Run-type commands take Hydra overrides::
 
@@ -18,9 +18,10 @@ import importlib
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
-from .errors import FsmisError
+from .errors import DataWarning, FsmisError
 
 # Subcommands defined elsewhere, by the module that registers them. Only the module of the
 # command being run is imported, so `fsmis-bench run` does not pay for seaborn & co.
@@ -30,13 +31,15 @@ _SUBCOMMAND_MODULES = {
     "prepare": "fsmis_bench.preparation.commands",
     "supervoxels": "fsmis_bench.preparation.commands",
     "check-data": "fsmis_bench.preparation.commands",
+    "weights": "fsmis_methods._weights",
+    "export": "fsmis_bench.export",
     "runs": "fsmis_bench.runs_command",
 }
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .config import compose
-    from .sweep import launch, run_one, show_config, split_overrides
+    from .config import compose, is_sweep
+    from .sweep import export_masks, launch, run_one, show_config, split_overrides
 
     overrides = list(args.overrides)
     checkpoint = None
@@ -45,8 +48,11 @@ def _run(args: argparse.Namespace) -> int:
         for item in overrides:
             if item.startswith("checkpoint="):
                 checkpoint = Path(item.split("=", 1)[1]).expanduser()
-                if not checkpoint.is_file():
-                    raise FsmisError(f"checkpoint {checkpoint} does not exist", hint="pass the path of a final.pt")
+                if not checkpoint.exists():
+                    raise FsmisError(
+                        f"checkpoint {checkpoint} does not exist",
+                        hint="pass the path of a final.pt, or the directory of a finished run",
+                    )
             else:
                 kept.append(item)
         overrides = kept
@@ -54,8 +60,8 @@ def _run(args: argparse.Namespace) -> int:
         show_config(overrides, args.cfg, args.multirun)
         return 0
     if args.multirun:  # Hydra's multirun: any launcher plugin (hydra/launcher=joblib, submitit_slurm ...)
-        return launch(overrides, command=args.command, checkpoint=checkpoint)
-    if any("," in o.split("=", 1)[-1] and not o.split("=", 1)[-1].startswith("[") for o in overrides):
+        return launch(overrides, command=args.command, checkpoint=checkpoint, export_to=args.export_masks)
+    if is_sweep(overrides):
         raise FsmisError("comma-separated values describe a sweep", hint="add -m to run every combination")
     if split_overrides(overrides)[1]:
         raise FsmisError("hydra.* and hydra/... overrides set how a sweep is launched",
@@ -63,6 +69,8 @@ def _run(args: argparse.Namespace) -> int:
     run_dir, _ = run_one(compose(overrides), allow_training=args.command == "run", checkpoint=checkpoint)
     if os.environ.get("RANK", "0") == "0":  # one line per run, also under `accelerate launch`/torchrun
         print(run_dir)
+        if args.export_masks:
+            export_masks(run_dir, Path(args.export_masks).expanduser())
     return 0
 
 
@@ -119,6 +127,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                                      "(hydra/launcher=joblib | submitit_local | submitit_slurm)")
         run_parser.add_argument("--cfg", choices=("job", "hydra", "all"), default=None,
                                 help="print the resolved config (job), Hydra's (hydra) or both, and run nothing")
+        run_parser.add_argument(
+            "--export-masks", metavar="DIR",
+            help="afterwards write every predicted mask as NIfTI in its scan's own grid (see `export`)",
+        )
         run_parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. method=prototype fold=0")
         run_parser.set_defaults(func=_run)
     listing = sub.add_parser("list", help="methods, datasets, settings and backbones with their plugins")
@@ -132,6 +144,14 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Data warnings as one ``warning:`` line; others as Python prints them."""
+    if issubclass(category, DataWarning):
+        print(f"warning: {message}", file=sys.stderr)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(argv[0] if argv else None)
@@ -140,7 +160,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("default", DataWarning)
+            warnings.showwarning = _show_warning
+            return int(args.func(args) or 0)
     except FsmisError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         if exc.hint:

@@ -95,6 +95,13 @@ def run_one(cfg: DictConfig, *, allow_training: bool = True, checkpoint: Path | 
     return run_dir, outcome
 
 
+def export_masks(run_dir: Path, out_dir: Path) -> None:
+    """``--export-masks``: a run's predicted masks as NIfTI in its scans' grids (summary on stderr)."""
+    from .export import export_masks as export
+
+    print(export(run_dir, out_dir).format(), file=sys.stderr)
+
+
 def _requeue_through_submitit(signum: int) -> None:
     """Hand a pre-emption signal that training has answered (checkpoint saved) to submitit.
 
@@ -152,13 +159,16 @@ class SweepJob:
         launch_dir: the directory the sweep was started in; relative paths in the config
             (``results_dir``, ``data_root``) mean the same in every job.
         devices: GPUs to spread local parallel jobs over (joblib); empty otherwise.
+        export_to: ``--export-masks`` folder (each run below it at its path under ``results_dir``).
     """
 
-    def __init__(self, command: str, checkpoint: str | None, launch_dir: str, devices: list[str]) -> None:
+    def __init__(self, command: str, checkpoint: str | None, launch_dir: str, devices: list[str],
+                 export_to: str | None = None) -> None:
         self.command = command
         self.checkpoint = checkpoint
         self.launch_dir = launch_dir
         self.devices = devices
+        self.export_to = export_to
 
     def __call__(self, hydra_cfg: DictConfig) -> dict[str, Any]:
         from hydra.core.hydra_config import HydraConfig
@@ -181,6 +191,9 @@ class SweepJob:
                 checkpoint=Path(self.checkpoint) if self.checkpoint else None,
             )
             result.update(run_dir=str(run_dir), outcome=outcome)
+            if self.export_to:
+                relative = run_dir.relative_to(Path(str(cfg.results_dir)).expanduser())
+                export_masks(run_dir, Path(self.export_to).expanduser() / relative)
         except FsmisError as exc:
             result["reason"] = exc.message
             print(f"error: {exc.message}", file=sys.stderr)
@@ -232,7 +245,8 @@ def _check_launcher(overrides: list[str]) -> None:
         raise
 
 
-def launch(overrides: list[str], *, command: str = "run", checkpoint: Path | None = None) -> int:
+def launch(overrides: list[str], *, command: str = "run", checkpoint: Path | None = None,
+           export_to: str | None = None) -> int:
     """Run a sweep through Hydra's multirun; print the summary; 0 if every run finished, else 2."""
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -248,7 +262,7 @@ def launch(overrides: list[str], *, command: str = "run", checkpoint: Path | Non
     if local_parallel and any(str(cfg.get("device", "auto")) != "cpu" for _, cfg in composed):
         gpus = visible_gpus()
         devices = gpus if len(gpus) > 1 else []
-    job = SweepJob(command, str(checkpoint) if checkpoint else None, os.getcwd(), devices)
+    job = SweepJob(command, str(checkpoint) if checkpoint else None, os.getcwd(), devices, export_to)
     print(f"sweep of {len(composed)} runs; every config checked", file=sys.stderr)
     try:
         with initialize_config_dir(config_dir=str(config_dir()), job_name="fsmis-bench", version_base=None):
@@ -344,12 +358,12 @@ def show_config(overrides: list[str], which: str, multirun: bool) -> None:
 
     Nothing runs. With ``-m`` every run of the sweep is shown (and checked).
     """
-    from .config import compose, expand_sweep
+    from .config import compose, expand_sweep, is_sweep
 
     run_overrides, hydra_overrides = split_overrides(overrides)
     if which in ("job", "all"):
-        if not multirun:
-            _refuse_sweep_values(run_overrides)
+        if not multirun and is_sweep(run_overrides):
+            raise ConfigError("comma-separated values describe a sweep", hint="add -m to run every combination")
         runs = check_sweep(overrides) if multirun else [(run_overrides, compose(run_overrides + hydra_overrides))]
         for run, cfg in runs:
             if len(runs) > 1:
@@ -358,11 +372,6 @@ def show_config(overrides: list[str], which: str, multirun: bool) -> None:
     if which in ("hydra", "all"):
         first = expand_sweep(run_overrides)[0] if multirun else run_overrides
         print(OmegaConf.to_yaml(_hydra_node(first + hydra_overrides)), end="")
-
-
-def _refuse_sweep_values(overrides: list[str]) -> None:
-    if any("," in o.split("=", 1)[-1] and not o.split("=", 1)[-1].startswith("[") for o in overrides):
-        raise ConfigError("comma-separated values describe a sweep", hint="add -m to run every combination")
 
 
 def _hydra_node(overrides: list[str]) -> DictConfig:
