@@ -160,15 +160,17 @@ class SweepJob:
             (``results_dir``, ``data_root``) mean the same in every job.
         devices: GPUs to spread local parallel jobs over (joblib); empty otherwise.
         export_to: ``--export-masks`` folder (each run below it at its path under ``results_dir``).
+        marked: keys given to Hydra with a '+' they did not have (:func:`_for_hydra`).
     """
 
     def __init__(self, command: str, checkpoint: str | None, launch_dir: str, devices: list[str],
-                 export_to: str | None = None) -> None:
+                 export_to: str | None = None, marked: list[str] | None = None) -> None:
         self.command = command
         self.checkpoint = checkpoint
         self.launch_dir = launch_dir
         self.devices = devices
         self.export_to = export_to
+        self.marked = list(marked or [])
 
     def __call__(self, hydra_cfg: DictConfig) -> dict[str, Any]:
         from hydra.core.hydra_config import HydraConfig
@@ -177,7 +179,8 @@ class SweepJob:
         from .training.interrupt import Interrupted
 
         hydra = HydraConfig.get()
-        overrides = list(hydra.overrides.task)
+        overrides = [o[1:] if o.startswith("+") and o[1:].split("=", 1)[0] in self.marked else o
+                     for o in hydra.overrides.task]  # as the user wrote them
         if self.devices:  # before anything in this process touches CUDA
             device = claim_device(self.devices, Path(hydra.sweep.dir) / ".devices", int(hydra.job.num))
             os.environ["CUDA_VISIBLE_DEVICES"] = device
@@ -209,6 +212,24 @@ class SweepJob:
 
 
 # -- the sweep -------------------------------------------------------------------------------
+# Keys that exist only after compose()'s second pass (the test dataset's options, see
+# config.compose): Hydra's own composition of a sweep gets them as new keys ("+key=...").
+_COMPOSE_ONLY = ("test_dataset.",)
+
+
+def _for_hydra(overrides: list[str]) -> tuple[list[str], list[str]]:
+    """``overrides`` as Hydra's sweeper can compose them, and the keys that got a '+' for it."""
+    hydra_form, marked = [], []
+    for item in overrides:
+        key = item.split("=", 1)[0]
+        if key.startswith(_COMPOSE_ONLY):
+            hydra_form.append("+" + item)
+            marked.append(key)
+        else:
+            hydra_form.append(item)
+    return hydra_form, marked
+
+
 def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
     """(run overrides, Hydra's own ``hydra.*`` / ``hydra/...`` overrides)."""
     hydra, run = [], []
@@ -262,13 +283,14 @@ def launch(overrides: list[str], *, command: str = "run", checkpoint: Path | Non
     if local_parallel and any(str(cfg.get("device", "auto")) != "cpu" for _, cfg in composed):
         gpus = visible_gpus()
         devices = gpus if len(gpus) > 1 else []
-    job = SweepJob(command, str(checkpoint) if checkpoint else None, os.getcwd(), devices, export_to)
+    hydra_form, marked = _for_hydra(overrides)
+    job = SweepJob(command, str(checkpoint) if checkpoint else None, os.getcwd(), devices, export_to, marked)
     print(f"sweep of {len(composed)} runs; every config checked", file=sys.stderr)
     try:
         with initialize_config_dir(config_dir=str(config_dir()), job_name="fsmis-bench", version_base=None):
             hydra = GlobalHydra.instance().hydra
             returns = hydra.multirun(
-                config_name="config", task_function=job, overrides=overrides + searchpath_override(),
+                config_name="config", task_function=job, overrides=hydra_form + searchpath_override(),
             )
     except (HydraException, OmegaConfBaseException) as exc:
         raise ConfigError(f"the sweep could not be launched: {_first_line(exc)}") from None
@@ -383,5 +405,6 @@ def _hydra_node(overrides: list[str]) -> DictConfig:
 
     compose(overrides)  # the usual checks and messages
     with _beside_running_hydra(), initialize_config_dir(config_dir=str(config_dir()), version_base=None):
-        cfg = hydra_compose("config", overrides=overrides + searchpath_override(), return_hydra_config=True)
+        cfg = hydra_compose("config", overrides=_for_hydra(overrides)[0] + searchpath_override(),
+                            return_hydra_config=True)
     return OmegaConf.create({"hydra": OmegaConf.to_container(cfg.hydra, resolve=False)})

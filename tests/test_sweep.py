@@ -233,3 +233,14 @@ def test_paper_grid_is_80_runs_and_100_trainings():
     total = next(line for line in done.stdout.splitlines() if line.endswith("total")).split()
     assert total[:3] == ["80", "100", "1500000"]
     assert "88.3 GPU-hours" in done.stdout
+
+
+def test_sweep_exports_each_runs_masks_below_its_record_path(tmp_path, results_dir, capsys):
+    from test_nifti_folder import _folder_args, make_folder
+
+    folder = make_folder(tmp_path / "scans", n=4)
+    out = tmp_path / "masks"
+    assert main(["run", "-m", *_folder_args(folder), "seed=0,1", "--export-masks", str(out)]) == 0
+    listings = sorted(p.parent.relative_to(out) for p in out.glob("**/masks.csv"))
+    runs = sorted(p.parent.relative_to(results_dir) for p in results_dir.glob("*/*/*/*/*/COMPLETE"))
+    assert listings == runs and len(runs) == 2
