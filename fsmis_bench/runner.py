@@ -46,6 +46,18 @@ def build_dataset(dataset_cfg: DictConfig | dict, data_root: str | None) -> Volu
     return dataset
 
 
+def build_test_dataset(cfg: DictConfig, train_dataset: VolumeDataset | None = None) -> VolumeDataset:
+    """The dataset a run evaluates on: the training dataset, or ``protocol.test_dataset``.
+
+    Also used by the report to reload the test images of a finished run from its
+    ``config.yaml``, so both must build it the same way.
+    """
+    test_name = test_dataset_name(cfg)
+    if test_name == cfg.dataset.name:
+        return train_dataset if train_dataset is not None else build_dataset(cfg.dataset, cfg.data_root)
+    return build_dataset({"name": test_name}, cfg.data_root)
+
+
 def build_method(cfg: DictConfig) -> Method:
     """The method plugin instance for a resolved config (seeded by ``cfg.seed``)."""
     torch.manual_seed(int(cfg.seed))
@@ -67,11 +79,7 @@ def plan(cfg: DictConfig) -> RunPlan:
     """Resolve datasets, groups and every test episode; raises before anything is trained."""
     method_cls = registries().methods.get(str(cfg.method.name))
     train_dataset = build_dataset(cfg.dataset, cfg.data_root)
-    test_name = test_dataset_name(cfg)
-    if test_name == cfg.dataset.name:
-        test_dataset = train_dataset
-    else:
-        test_dataset = build_dataset({"name": test_name}, cfg.data_root)
+    test_dataset = build_test_dataset(cfg, train_dataset)
     groups = eval_groups(train_dataset, test_dataset, int(cfg.setting), str(cfg.protocol.exclusion),
                          str(cfg.protocol.train_labels))
     if method_cls.needs_training and cfg.protocol.train_labels == "supervoxels":
