@@ -193,10 +193,8 @@ class _Plugin:
 @pytest.fixture
 def plugin():
     plugins.register_plugin(_Plugin(), "display_test")
-    style.refresh_registry()
     yield
     plugins.unregister_plugin("display_test")
-    style.refresh_registry()
 
 
 @pytest.mark.parametrize("method,variant,label", [
@@ -416,3 +414,26 @@ def test_cross_domain_test_dataset_comes_from_the_run_config(tmp_path: Path) -> 
         "data_root: null\nprotocol:\n  test_dataset: phantom\ndataset:\n  name: nifti_folder\n  path: /nowhere\n")
     dataset = RecordedDatasetLoader()("phantom", run_dir)
     assert dataset.name == "phantom"
+
+
+def test_report_command_width_zoom_and_names(tmp_path: Path) -> None:
+    from fsmis_bench.cli import main
+    from PIL import Image
+
+    dataset = SyntheticDataset("abd_mri", ("liver",), n_cases=20, shape=(6, 24, 24))
+    truth = {c: dataset.load(c).label == 1 for c in ("1", "2", "4", "5")}
+    for method in ("support_copy", "sdfsmis"):
+        write_run(tmp_path / "results", method, "abd_mri", 1, 0, 0, [("liver", c, *counts_for_dice(0.7)) for c in truth],
+                  predictions={("liver", c): (np.flatnonzero(t.any(axis=(1, 2))), t[t.any(axis=(1, 2))])
+                               for c, t in truth.items()})
+    out = tmp_path / "report"
+    assert main(["report", "--results", str(tmp_path / "results"), "--out", str(out), "--n-boot", "20",
+                 "--width", "single", "--rename", "support_copy=Copy of the support", "--rename", "liver=Hepar"]) == 0
+    with Image.open(out / "figures" / "organ_dice.png") as image:
+        assert image.size[0] == 700  # 3.5 in at 200 dpi
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert "Hepar" in page  # table headers use the display names too
+    assert (out / "tables" / "published_comparison.csv").is_file()
+    other = tmp_path / "other"
+    assert main(["report", "--results", str(tmp_path / "results"), "--out", str(other), "--rename", "oops"]) == 2
+    assert not other.exists()  # a bad option writes nothing

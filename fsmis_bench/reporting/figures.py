@@ -104,14 +104,16 @@ def make_series(results: Results, keys: Iterable[tuple[str, str]], notes: Footno
     scores = results.fold_scores if folds is None else folds
     counts = scores.groupby(["method", "variant", "train_dataset", "dataset", "setting", "organ"])["fold"].nunique()
     per_eval = counts.groupby(["method", "variant", "train_dataset", "dataset", "setting"]).min()
-    short = {}  # (method, variant) -> ["2 folds on Abd-MRI setting 1", ...]
-    for (method, variant, train, dataset, setting), n in per_eval.items():
-        if n < N_FOLDS:
-            short.setdefault((method, variant), []).append(
-                f"{n} fold{'s' if n != 1 else ''} on {eval_display(train, dataset)} setting {setting}")
     ordered = sorted(set(keys), key=lambda k: series_sort_key(*k))
-    incomplete = [k for k in ordered if k in short]
-    details = [f"{method_label(*k)}: {', '.join(short[k])}" for k in incomplete]
+    # "1 fold on Abd-MRI setting 1" -> the series that have that few there
+    short: dict[str, list[tuple[str, str]]] = {}
+    for (method, variant, train, dataset, setting), n in sorted(per_eval.items(), key=lambda kv: kv[1]):
+        if n < N_FOLDS and (method, variant) in ordered:
+            text = f"{n} fold{'s' if n != 1 else ''} on {eval_display(train, dataset)} setting {setting}"
+            short.setdefault(text, []).append((method, variant))
+    incomplete = {k for keys_ in short.values() for k in keys_}
+    details = [f"{text}: {', '.join(method_label(*k) for k in sorted(ks, key=lambda k: ordered.index(k)))}"
+               for text, ks in short.items()]
     series = []
     for method, variant in ordered:
         own = []
@@ -561,7 +563,9 @@ def train_loss_figure(results: Results, weight: float = 0.9, width: float = WIDT
                 mean = wide.mean(axis=1)
                 count = wide.notna().sum(axis=1)
                 sd = wide.std(axis=1, ddof=1).where(count >= 2)
-                ax.plot(mean.index, mean.to_numpy(), color=s.colour, linewidth=1.0, zorder=3)
+                # a run that logged once is a point, not an invisible one-point line
+                ax.plot(mean.index, mean.to_numpy(), color=s.colour, linewidth=1.0, zorder=3,
+                        marker="o" if len(mean) < 3 else None, markersize=3)
                 if sd.notna().any():
                     ax.fill_between(mean.index, (mean - sd).to_numpy(), (mean + sd).to_numpy(), color=s.colour,
                                     alpha=0.2, linewidth=0, zorder=2)

@@ -144,21 +144,23 @@ def renamed(names: Mapping[str, str] | None) -> Iterator[None]:
         _renames.update(saved)
 
 
-@lru_cache(maxsize=1)
+_displays_cache: list = [None, {}]  # [the Registries object, kind -> name -> Display]
+
+
 def _registry_displays() -> dict[str, dict[str, Display]]:
-    """kind -> name -> registered Display; empty when plugins cannot be loaded."""
+    """kind -> name -> registered Display; empty when plugins cannot be loaded.
+
+    Follows :func:`fsmis_bench.plugins.registries`, so plugins registered later count too.
+    """
     try:
         from ..plugins import registries
 
         regs = registries()
     except Exception:  # noqa: BLE001 - a broken third-party plugin must not break a report
         return {}
-    return {kind: {entry.name: entry.display for entry in registry} for kind, registry in regs.all().items()}
-
-
-def refresh_registry() -> None:
-    """Forget the cached registry displays (after registering a plugin in-process)."""
-    _registry_displays.cache_clear()
+    if _displays_cache[0] is not regs:
+        _displays_cache[:] = [regs, {kind: {e.name: e.display for e in registry} for kind, registry in regs.all().items()}]
+    return _displays_cache[1]
 
 
 def _display(kind: str, name: str) -> Display:
@@ -485,5 +487,5 @@ __all__ = [
     "SINGLE_COLUMN_IN", "DOUBLE_COLUMN_IN", "MAX_HEIGHT_IN", "FONT_PT", "RC_PARAMS", "OKABE_ITO",
     "METHOD_COLOURS", "MethodStyle", "method_style", "method_display", "method_label", "method_colour",
     "dataset_display", "organ_display", "eval_display", "variant_display", "Footnotes", "paper_style",
-    "rendered_text_boxes", "text_problems", "renamed", "refresh_registry", "wrap", "legend_columns",
+    "rendered_text_boxes", "text_problems", "renamed", "wrap", "legend_columns",
 ]
