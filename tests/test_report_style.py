@@ -197,6 +197,12 @@ def plugin():
     plugins.unregister_plugin("display_test")
 
 
+def test_every_organ_of_the_vocabulary_has_a_display_name() -> None:
+    from fsmis_bench.data.base import ORGANS
+
+    assert set(ORGANS) <= set(style.ORGAN_NAMES)
+
+
 @pytest.mark.parametrize("method,variant,label", [
     ("sdfsmis", "", "SD-FSMIS"),
     ("sdfsmis", "sd15", "SD-FSMIS [SD-1.5]"),

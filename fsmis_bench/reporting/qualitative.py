@@ -45,6 +45,7 @@ from .style import (
     paper_style,
     text_height_in,
     text_width_in,
+    widest_line_in,
     wrap,
 )
 
@@ -337,7 +338,7 @@ def _key(index: int) -> str:
 def _grid_size(n_rows: int, n_cols: int, width: float, label_w: float, header: float) -> float:
     by_width = (width - label_w - 0.05 - _GAP_IN * n_cols) / n_cols
     by_height = (MAX_HEIGHT_IN - header - 0.05 - _GAP_IN * n_rows) / n_rows
-    return max(0.35, min(by_width, by_height, _MAX_PANEL_IN))
+    return max(0.2, min(by_width, by_height, _MAX_PANEL_IN))
 
 
 def qualitative_figure(
@@ -395,8 +396,9 @@ def qualitative_figure(
 
     def plan(methods_as_rows: bool, names: list[str]) -> _Plan:
         rows, cols = (names, slice_names) if methods_as_rows else (slice_names, names)
-        label_w = min(1.5, width * 0.28)
-        row_labels = [wrap(t, label_w - 0.08) for t in rows]
+        cap = min(1.5, width * 0.28)
+        row_labels = [wrap(t, cap - 0.08) for t in rows]
+        label_w = min(cap, max(widest_line_in(t) for t in row_labels) + 0.1)  # no wider than needed
         # column titles are wrapped to the panel width, which depends on their height: iterate
         size = _grid_size(len(rows), len(cols), width, label_w, 0.0)
         for _ in range(3):
@@ -408,7 +410,7 @@ def qualitative_figure(
         # readable: a row label stays within its row (or it runs into the next one), no word
         # is broken, and column titles stay short
         fits = (all(text_height_in(t) <= size + _GAP_IN for t in row_labels)
-                and all(_words_fit(t, label_w - 0.08) for t in rows) and all(_words_fit(t, size) for t in cols)
+                and all(_words_fit(t, cap - 0.08) for t in rows) and all(_words_fit(t, size) for t in cols)
                 and max(t.count("\n") + 1 for t in col_titles) <= _MAX_TITLE_LINES)
         return _Plan(methods_as_rows, size, label_w, header, row_labels, col_titles, fits)
 
