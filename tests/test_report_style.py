@@ -246,9 +246,11 @@ def test_rename_option_parsing() -> None:
         _parse_names(["no_equals_sign"])
 
 
-def test_pdf_embeds_truetype_fonts(tmp_path: Path, long_names) -> None:
-    results, _ = long_names
-    png = figures.save_figure(figures.organ_dice_figure(results), tmp_path, "organ_dice")
+def test_pdf_embeds_truetype_fonts(tmp_path: Path) -> None:
+    with style.paper_style():
+        fig, ax = plt.subplots(figsize=(style.SINGLE_COLUMN_IN, 1.5))
+        ax.set_title("Dice (%) · SD-FSMIS\u00a0¹")
+    png = figures.save_figure(fig, tmp_path, "fonts")  # saved outside the style block, as reports do
     pdf = png.with_suffix(".pdf").read_bytes()
     assert b"/FontFile2" in pdf  # TrueType (Type 42) embedded
     assert b"/Subtype /Type3" not in pdf
