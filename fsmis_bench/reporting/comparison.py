@@ -145,7 +145,7 @@ def published_comparison_figure(results: Results, width: float = WIDTH_IN) -> pl
                 ax.axvline(len(organs) - 0.5, color="#999999", linewidth=0.6, linestyle=":", zorder=1)
             category_labels(ax, [organ_display(c) for c in categories], lay.panel_width)
             panel_title(ax, _panel_name(train, dataset, setting), lay.panel_width)
-            ax.set_ylabel("Dice (%)")
+            lay.y_label(ax, "Dice (%)")
             ax.set_ylim(0, 100)
             ax.grid(axis="x", visible=False)
         lay.finish()

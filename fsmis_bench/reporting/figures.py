@@ -37,6 +37,7 @@ from .collect import (  # noqa: E402
 from .style import (  # noqa: E402
     DOUBLE_COLUMN_IN,
     FONT_PT,
+    MAX_HEIGHT_IN,
     METHOD_COLOURS,
     Footnotes,
     dataset_display,
@@ -60,6 +61,7 @@ WIDTH_IN = DOUBLE_COLUMN_IN
 MIN_BOX_POINTS = 5
 #: bars lower than this (percent of the axis) also get a marker on the axis
 _ZERO_PCT = 1.0
+_MIN_PANEL_HEIGHT_IN = 1.6
 
 NOTE_RANDOM = "random weights: the pretrained architecture, randomly initialised"
 NOTE_NON_STANDARD = "non-standard protocol option (named in brackets); not comparable with published numbers"
@@ -209,6 +211,11 @@ class Layout:
     footer_fig: object  # the SubFigure holding the footer, or None
     width: float
     ncols: int
+    panel_height: float
+
+    def y_label(self, ax: plt.Axes, text: str) -> None:
+        """An axis label wrapped to the panel's height (it runs along it)."""
+        ax.set_ylabel(wrap(text, self.panel_height * 0.7))
 
     @property
     def panel_width(self) -> float:
@@ -227,6 +234,8 @@ def layout(n_panels: int, panel_height: float, width: float, handles: Sequence, 
         ncols = 1 if n_panels == 1 or width < 5 else 2
     nrows = math.ceil(n_panels / ncols)
     footer = Footer.plan(handles, labels, notes, width, legend_title)
+    # flatter panels rather than a figure taller than a page (down to a readable minimum)
+    panel_height = min(panel_height, max(_MIN_PANEL_HEIGHT_IN, (MAX_HEIGHT_IN - footer.height) / nrows))
     panels_height = panel_height * nrows
     fig = plt.figure(figsize=(width, panels_height + footer.height), layout="constrained")
     if footer.height > 0:
@@ -237,7 +246,7 @@ def layout(n_panels: int, panel_height: float, width: float, handles: Sequence, 
     flat = list(grid.ravel())
     for ax in flat[n_panels:]:
         ax.set_visible(False)
-    return Layout(fig, flat[:n_panels], footer, footer_fig, width, ncols)
+    return Layout(fig, flat[:n_panels], footer, footer_fig, width, ncols, panel_height)
 
 
 def bar_handles(series: Sequence[Series]) -> list:
@@ -360,7 +369,7 @@ def organ_dice_figure(results: Results, width: float = WIDTH_IN) -> plt.Figure |
             draw_bars(ax, organs, shown, fold_stats(data))
             category_labels(ax, [organ_display(o) for o in organs], lay.panel_width)
             panel_title(ax, _panel_name(train, dataset, setting), lay.panel_width)
-            ax.set_ylabel("Dice (%)")
+            lay.y_label(ax, "Dice (%)")
             ax.set_ylim(0, 100)
             ax.grid(axis="x", visible=False)
         lay.finish()
@@ -411,7 +420,7 @@ def volume_distribution_figure(results: Results, width: float = WIDTH_IN) -> plt
             ax.set_xlim(-0.5, len(organs) - 0.5)
             category_labels(ax, [organ_display(o) for o in organs], lay.panel_width)
             panel_title(ax, _panel_name(train, dataset, setting), lay.panel_width)
-            ax.set_ylabel("Dice per volume (%)")
+            lay.y_label(ax, "Dice per volume (%)")
             ax.set_ylim(0, 100)
             ax.grid(axis="x", visible=False)
         lay.finish()
@@ -573,7 +582,7 @@ def train_loss_figure(results: Results, weight: float = 0.9, width: float = WIDT
                 ax.set_yscale("log")
             panel_title(ax, f"trained on {dataset_display(train)} · setting {setting}", lay.panel_width)
             ax.set_xlabel("training step")
-            ax.set_ylabel(f"loss (EMA {weight:g})")
+            lay.y_label(ax, f"loss (EMA {weight:g})")
         lay.finish()
     return lay.fig
 
