@@ -408,7 +408,7 @@ def registered_target(name: str) -> str:
     found: dict[str, str] = {}
 
     class Collect:
-        def register(self, key, target, description=""):
+        def register(self, key, target, description="", **_display):
             found[key] = target
 
     _plugin.fsmis_register_methods(Collect())
