@@ -63,6 +63,9 @@ def build_test_dataset(cfg: DictConfig, train_dataset: VolumeDataset | None = No
     node = cfg.get("test_dataset")
     if node is not None:
         return build_dataset(node, cfg.get("data_root"), key="test_dataset")
+    named = cfg.get("protocol", {}).get("test_dataset")
+    if named and named != cfg.dataset.name:  # records written before test_dataset.* options existed
+        return build_dataset({"name": str(named)}, cfg.get("data_root"), key="test_dataset")
     if train_dataset is not None:
         return train_dataset
     return build_dataset(cfg.dataset, cfg.get("data_root"))

@@ -10,8 +10,8 @@
   method are shades of its colour: lighter for the ablation members (``Display.shade``),
   darker for non-standard variants (another backbone, code fidelity, protocol options),
   greyed for random weights.
-- Names: the registry's ``Display`` names (plugins register their own), then the built-in
-  fallbacks below, then the raw name; ``--rename`` in the report overrides any of them.
+- Names: the registry's ``Display`` names (plugins register their own), else the raw name;
+  ``--rename`` in the report overrides either.
 - Notes: random weights, incomplete and non-standard runs are superscript footnote numbers
   after the name, explained under the figure.
 """
