@@ -36,7 +36,7 @@ _UNHASHED = ("results_dir", "data_root", "weights_root", "device", "train.num_wo
 # re-evaluation under another protocol option reuses the checkpoint.
 _TRAINING_KEYS = (
     "method", "backbone", "dataset", "setting", "fold", "seed", "pretrained", "fidelity",
-    "mixed_precision", "train", "protocol.exclusion", "protocol.train_labels",
+    "mixed_precision", "tf32", "train", "protocol.exclusion", "protocol.train_labels", "protocol.gt_exclusion",
     "protocol.min_fg_pixels", "protocol.test_dataset",
 )
 
@@ -108,6 +108,8 @@ def non_standard_options(cfg: DictConfig, random_weights: bool) -> list[str]:
         marks.append(f"dice={protocol.dice}")
     if protocol.train_labels != "supervoxels":
         marks.append(f"train_labels={protocol.train_labels}")
+        if protocol.get("gt_exclusion", "per_group") != "per_group":
+            marks.append(f"gt_exclusion={protocol.gt_exclusion}")  # test organs trained on
     if int(protocol.supp_idx) != 2:
         marks.append(f"supp_idx={protocol.supp_idx}")
     if int(protocol.n_part) != 3:

@@ -35,6 +35,7 @@ from .records import (
 )
 from .training.engine import load_weights, make_accelerator, train
 from .training.episodes import EpisodeSampler
+from .training.precision import precision_of, with_resolved_precision
 
 
 def build_dataset(dataset_cfg: DictConfig | dict, data_root: str | None) -> VolumeDataset:
@@ -73,7 +74,7 @@ def plan(cfg: DictConfig) -> RunPlan:
     else:
         test_dataset = build_dataset({"name": test_name}, cfg.data_root)
     groups = eval_groups(train_dataset, test_dataset, int(cfg.setting), str(cfg.protocol.exclusion),
-                         str(cfg.protocol.train_labels))
+                         str(cfg.protocol.train_labels), str(cfg.protocol.get("gt_exclusion", "per_group")))
     if method_cls.needs_training and cfg.protocol.train_labels == "supervoxels":
         ensure = getattr(train_dataset, "ensure_supervoxels", None)
         if ensure is not None:
@@ -148,6 +149,7 @@ def _prepare_dir(cfg: DictConfig, run_dir: Path, random_weights: bool) -> dict:
         "pretrained": bool(cfg.pretrained),
         "random_weights": random_weights,
         "fidelity": str(cfg.fidelity),
+        "precision": precision_of(cfg).as_record(),
         "protocol": OmegaConf.to_container(cfg.protocol, resolve=True),
         "non_standard": non_standard_options(cfg, random_weights),
         "config_hash": full_hash,
@@ -163,6 +165,9 @@ def _prepare_dir(cfg: DictConfig, run_dir: Path, random_weights: bool) -> dict:
 
 def execute(cfg: DictConfig, *, allow_training: bool = True, checkpoint: Path | None = None) -> Path:
     """Run (or resume) one configuration and return its record directory."""
+    # `auto` precision depends on this machine's device: resolved here, where the run runs,
+    # so that the concrete precision is part of the hash and the record.
+    cfg = with_resolved_precision(cfg)
     run_dir = run_dir_for(cfg)
     if (run_dir / COMPLETE).exists():
         tqdm.write(f"already complete, not recomputed: {run_dir}", file=sys.stderr)

@@ -203,3 +203,38 @@ def test_eval_groups_per_setting():
     assert gt[0].train_organs == ("left_kidney", "right_kidney") and gt[0].exclusion == "none"
     with pytest.raises(ConfigError):
         eval_groups(toy, toy, 3)
+
+
+class _ToyWithOtherOrgans(_Toy):
+    label_map = {**_Toy.label_map, "stomach": 7}
+
+
+@pytest.mark.parametrize(
+    "setting, exclusion, expected",
+    [
+        # train_labels=gt, per group (correct): a group's test organs are never trained on
+        (1, "any", [(("liver", "spleen"), ("left_kidney", "right_kidney", "stomach")),
+                    (("left_kidney", "right_kidney"), ("liver", "spleen", "stomach"))]),
+        (2, "all", [(("liver", "spleen", "left_kidney", "right_kidney"), ("stomach",))]),
+    ],
+)
+def test_gt_training_organs_per_group(setting, exclusion, expected):
+    toy = _ToyWithOtherOrgans()
+    groups = eval_groups(toy, toy, setting, exclusion, "gt", "per_group")
+    assert [(g.organs, g.train_organs) for g in groups] == expected
+    for g in groups:
+        assert not set(g.organs) & set(g.train_organs)
+
+
+@pytest.mark.parametrize("setting, exclusion, n_groups", [(1, "any", 1), (2, "all", 1), (2, "any", 2)])
+def test_gt_exclusion_as_shipped_removes_only_liver_and_spleen(setting, exclusion, n_groups):
+    """``--test_label 1``: one model trained on everything but liver and spleen, tested on all
+    four organs, so the kidneys leak (PROTOCOL.md §4)."""
+    toy = _ToyWithOtherOrgans()
+    groups = eval_groups(toy, toy, setting, exclusion, "gt", "liver_spleen")
+    assert len(groups) == n_groups
+    assert {o for g in groups for o in g.organs} == set(toy.test_organs)
+    for g in groups:
+        assert g.train_organs == ("left_kidney", "right_kidney", "stomach")
+    with pytest.raises(ConfigError, match="gt_exclusion"):
+        eval_groups(toy, toy, 1, "any", "gt", "kidneys")
