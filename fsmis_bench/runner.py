@@ -125,7 +125,7 @@ def _find_checkpoint(cfg: DictConfig, run_dir: Path, group: str) -> Path | None:
     return None
 
 
-def _prepare_dir(cfg: DictConfig, run_dir: Path, random_weights: bool) -> dict:
+def _prepare_dir(cfg: DictConfig, run_dir: Path, random_weights: bool, method_options: dict | None = None) -> dict:
     full_hash = config_hash(cfg)
     info_path = run_dir / "run.json"
     if info_path.exists():
@@ -150,6 +150,7 @@ def _prepare_dir(cfg: DictConfig, run_dir: Path, random_weights: bool) -> dict:
         "random_weights": random_weights,
         "fidelity": str(cfg.fidelity),
         "precision": precision_of(cfg).as_record(),
+        "method_options": method_options or {},
         "protocol": OmegaConf.to_container(cfg.protocol, resolve=True),
         "non_standard": non_standard_options(cfg, random_weights),
         "config_hash": full_hash,
@@ -197,7 +198,7 @@ def _execute(p: RunPlan, cfg: DictConfig, run_dir: Path, allow_training: bool, c
         return run_dir
     accelerator = make_accelerator(cfg, int(cfg.train.grad_accum))
     probe = build_method(cfg)
-    info = _prepare_dir(cfg, run_dir, probe.uses_random_weights())
+    info = _prepare_dir(cfg, run_dir, probe.uses_random_weights(), probe.resolved_options())
     image_size = int(cfg.train.image_size) if cfg.train.get("image_size") else None
     for group in p.groups:
         part_cases = run_dir / "parts" / f"cases_{group.name}.csv"

@@ -90,5 +90,30 @@ def test_run_record_holds_the_concrete_precision(results_dir):
     (info_path,) = results_dir.glob("support_copy/**/run.json")
     info = json.loads(info_path.read_text())
     assert info["precision"] == {"mixed_precision": "no", "tf32": False, "label": "fp32"}
+    assert info["method_options"]["name"] == "support_copy"  # Method.resolved_options()
     saved = OmegaConf.load(info_path.parent / "config.yaml")
     assert (saved.mixed_precision, saved.tf32) == ("no", False)
+
+
+@pytest.mark.slow
+def test_gpu_precision_check_smoke_runs_on_cpu(capsys):
+    """The prepared GPU check (benchmarks/gpu_precision_check.py), on the tiny backbone."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_precision_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_precision_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    argv = ["--device", "cpu", "--tiny", "--size", "32", "--steps", "1", "--warmup", "0", "--episodes", "1",
+            "--eval-episodes", "1", "--extra", "backbone.vae=identity"]
+    assert module.main(argv) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # on a CPU fp32+tf32 is fp32: two configurations measured, each from the same initial weights
+    assert set(result["results"]) == {"fp32", "bf16+tf32"}
+    fp32, bf16 = result["results"]["fp32"], result["results"]["bf16+tf32"]
+    assert (fp32["mixed_precision"], bf16["mixed_precision"]) == ("no", "bf16")
+    assert fp32["finite"] and bf16["finite"] and fp32["step_median_s"] > 0
+    assert fp32["first_loss"] == pytest.approx(bf16["first_loss"], rel=0.05)  # same weights, same episode
+    assert result["fastest"] in result["results"] and min(result["eval_loss_vs_best"].values()) == 1.0
