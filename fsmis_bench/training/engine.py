@@ -34,12 +34,11 @@ def make_accelerator(cfg: DictConfig, grad_accum: int = 1):
     """An ``accelerate.Accelerator`` honouring ``device`` and the resolved precision
     (``mixed_precision`` autocast, TF32 on or off: :mod:`.precision`)."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     precision = precision_of(cfg)
     use_cpu = not uses_cuda(str(cfg.get("device", "auto")))
     apply_tf32(precision.tf32)
-    from accelerate.state import AcceleratorState
-
     shared = AcceleratorState._shared_state
     if shared and shared.get("_mixed_precision") != precision.mixed_precision:
         # accelerate keeps one precision per process; a sweep in one process may change it
