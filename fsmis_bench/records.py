@@ -24,6 +24,8 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
+from .training.precision import with_resolved_precision
+
 CASE_COLUMNS = [
     "method", "dataset", "train_dataset", "setting", "fold", "seed", "organ", "case_id",
     "dice", "tp", "fp", "fn",
@@ -42,7 +44,8 @@ _TRAINING_KEYS = (
 
 
 def _plain(cfg: DictConfig) -> dict[str, Any]:
-    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    # `auto` precision is hashed as what it resolves to on this machine (training/precision.py)
+    return OmegaConf.to_container(with_resolved_precision(cfg), resolve=True)  # type: ignore[return-value]
 
 
 def _digest(data: Any) -> str:

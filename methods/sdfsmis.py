@@ -99,8 +99,9 @@ FIDELITY_DEFAULTS: dict[str, dict[str, Any]] = {
     "lcc": {"paper": False, "code": True},
     "train_latents": {"paper": "mean", "code": "sample"},
     "vtct_shot_pooling": {"paper": "after_mlp", "code": "before_mlp"},
-    # The harness-level differences (training labels, pooled Dice, legacy exclusion,
-    # gradient accumulation, linear decay) are set by the config group configs/fidelity/.
+    # The harness-level differences (GT training labels with the shipped liver+spleen
+    # exclusion, pooled Dice, legacy setting-2 exclusion, fp32 + TF32, gradient accumulation,
+    # linear decay) are set by the config group configs/fidelity/.
 }
 OBJECTIVES = ("ddim_t999", "direct_t999", "degenerate_t1")
 QE_FORMS = ("cosine", "fg_bg_softmax")

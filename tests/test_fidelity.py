@@ -33,7 +33,7 @@ def test_fidelity_code_run_records_every_code_form(results_dir):
     (info_path,) = results_dir.glob("sdfsmis/**/run.json")
     info = json.loads(info_path.read_text())
     assert info["fidelity"] == "code" and info["status"] == "complete"
-    assert info["precision"]["mixed_precision"] == "no"  # fp32 (+ TF32 where CUDA exists)
+    assert info["precision"] == {"mixed_precision": "no", "tf32": True, "label": "fp32+tf32"}  # TF32: CUDA only
     options = info["method_options"]
     assert options["threshold"] == "relative" and options["threshold_value"] == 0.25  # chunk-wise
     assert (options["train_latents"], options["vtct_shot_pooling"]) == ("sample", "before_mlp")

@@ -18,7 +18,7 @@ from fsmis_bench.training.precision import Precision, resolve_precision, with_re
     "device, cuda, mixed, tf32, expected",
     [
         ("cpu", False, "auto", "auto", Precision("no", False)),
-        ("cpu", False, "no", True, Precision("no", False)),  # no TF32 on a CPU
+        ("cpu", False, "no", True, Precision("no", True)),  # explicit values are kept (no effect on a CPU)
         ("cpu", False, "bf16", "auto", Precision("bf16", False)),
         ("auto", True, "auto", "auto", Precision("no", True)),  # the measured default: fp32 + TF32
         ("cuda", True, "auto", False, Precision("no", False)),
@@ -38,10 +38,11 @@ def test_labels():
     ]
 
 
-def test_cuda_asked_for_without_one_is_a_clear_error(monkeypatch):
+def test_cuda_asked_for_without_one_is_a_clear_error_when_run(monkeypatch):
     monkeypatch.setattr(precision_module.torch.cuda, "is_available", lambda: False)
+    assert resolve_precision("cuda", "auto", "auto") == Precision("no", True)  # defined, for its identity
     with pytest.raises(ConfigError, match="no CUDA device"):
-        resolve_precision("cuda", "auto", "auto")
+        make_accelerator(compose(["device=cuda"]))
 
 
 def test_resolved_config_is_concrete_and_hashed_by_what_runs(monkeypatch):
@@ -56,6 +57,8 @@ def test_resolved_config_is_concrete_and_hashed_by_what_runs(monkeypatch):
     assert (on_cpu.mixed_precision, on_cpu.tf32) == ("no", False)
     # `auto` meant different things on the two machines: the resolved runs differ in identity
     assert config_hash(on_gpu) != config_hash(on_cpu) and training_hash(on_gpu) != training_hash(on_cpu)
+    # and the unresolved config hashes as what it resolves to here
+    assert config_hash(cfg) == config_hash(on_cpu) and training_hash(cfg) == training_hash(on_cpu)
     bf16 = with_resolved_precision(compose(["method=sdfsmis", "backbone=tiny", "mixed_precision=bf16"]))
     assert config_hash(bf16) != config_hash(on_cpu)
 
@@ -65,9 +68,10 @@ def test_accelerator_follows_the_resolved_precision():
     try:
         accelerator = make_accelerator(compose(["device=cpu", "mixed_precision=bf16"]))
         assert accelerator.mixed_precision == "bf16" and accelerator.device.type == "cpu"
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, False)
         accelerator = make_accelerator(compose(["device=cpu", "fidelity=code"]))
         assert accelerator.mixed_precision == "no"
-        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, False)
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 

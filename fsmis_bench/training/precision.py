@@ -13,7 +13,11 @@ The defaults (``auto``):
   diffusion methods on an H100 (bf16 autocast was slower than fp32; README "Measured
   figures", ``benchmarks/gpu_precision_check.py``). The classic methods' reference code
   trains in fp32 as well.
-* CPU: fp32. TF32 does not exist there and always resolves to off.
+* CPU: fp32, TF32 off (it does not exist there).
+
+Only ``auto`` is resolved; explicit values are kept as given, so resolving is idempotent
+and a resolved config hashes the same on every machine (an explicit ``tf32=true`` on a CPU
+is recorded as asked and has no effect).
 """
 
 from __future__ import annotations
@@ -58,14 +62,15 @@ def uses_cuda(device: str) -> bool:
 
 
 def resolve_precision(device: str, mixed_precision: str, tf32: bool | str) -> Precision:
-    """The concrete precision for the given config values on this machine."""
-    cuda = uses_cuda(device)
+    """The concrete precision for the given config values on this machine (``device=cuda``
+    counts as CUDA even where none is visible: that run's precision is still defined)."""
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     mixed = "no" if mixed_precision == "auto" else str(mixed_precision)
     if mixed not in MIXED_PRECISION:
         raise ConfigError(f"mixed_precision={mixed_precision!r} is not allowed", hint="use auto, no, bf16 or fp16")
     if tf32 not in ("auto", True, False):
         raise ConfigError(f"tf32={tf32!r} is not allowed", hint="use auto, true or false")
-    return Precision(mixed, cuda and (tf32 == "auto" or tf32 is True))
+    return Precision(mixed, cuda if tf32 == "auto" else bool(tf32))
 
 
 def precision_of(cfg: DictConfig) -> Precision:
