@@ -106,7 +106,7 @@ class SyntheticDataset:
         shape: ``(Z, H, W)`` of every volume.
     """
 
-    folds = ((0, 1, 2, 3, 4), (4, 5, 6, 7, 8), (8, 9, 10, 11, 12), (12, 13, 14, 15, 16), (16, 17, 18, 19, 0))
+    folds = ((0, 1, 2, 3, 4), (4, 5, 6, 7, 8), (8, 9, 10, 11, 12), (12, 13, 14, 15, 16), (0, 16, 17, 18, 19))
 
     def __init__(self, name: str, organs: Sequence[str], n_cases: int = 20, shape: tuple[int, int, int] = (12, 64, 64)) -> None:
         self.name = name
