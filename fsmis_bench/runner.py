@@ -39,6 +39,7 @@ from .records import (
 )
 from .training.engine import load_weights, make_accelerator, train
 from .training.episodes import EpisodeSampler
+from .training.precision import precision_of, with_resolved_precision
 
 
 def build_dataset(dataset_cfg: DictConfig | dict, data_root: str | None, key: str = "dataset") -> VolumeDataset:
@@ -65,6 +66,9 @@ def build_test_dataset(cfg: DictConfig, train_dataset: VolumeDataset | None = No
     node = cfg.get("test_dataset")
     if node is not None:
         return build_dataset(node, cfg.get("data_root"), key="test_dataset")
+    named = cfg.get("protocol", {}).get("test_dataset")
+    if named and named != cfg.dataset.name:  # records written before test_dataset.* options existed
+        return build_dataset({"name": str(named)}, cfg.get("data_root"), key="test_dataset")
     if train_dataset is not None:
         return train_dataset
     return build_dataset(cfg.dataset, cfg.get("data_root"))
@@ -93,7 +97,7 @@ def plan(cfg: DictConfig) -> RunPlan:
     train_dataset = build_dataset(cfg.dataset, cfg.data_root)
     test_dataset = build_test_dataset(cfg, train_dataset)
     groups = eval_groups(train_dataset, test_dataset, int(cfg.setting), str(cfg.protocol.exclusion),
-                         str(cfg.protocol.train_labels))
+                         str(cfg.protocol.train_labels), str(cfg.protocol.get("gt_exclusion", "per_group")))
     if method_cls.needs_training and cfg.protocol.train_labels == "supervoxels":
         ensure = getattr(train_dataset, "ensure_supervoxels", None)
         if ensure is not None:
@@ -175,7 +179,7 @@ def _find_checkpoint(cfg: DictConfig, run_dir: Path, group: str) -> Path | None:
     return None
 
 
-def _prepare_dir(cfg: DictConfig, run_dir: Path, random_weights: bool) -> dict:
+def _prepare_dir(cfg: DictConfig, run_dir: Path, random_weights: bool, method_options: dict | None = None) -> dict:
     full_hash = config_hash(cfg)
     info_path = run_dir / "run.json"
     if info_path.exists():
@@ -199,6 +203,8 @@ def _prepare_dir(cfg: DictConfig, run_dir: Path, random_weights: bool) -> dict:
         "pretrained": bool(cfg.pretrained),
         "random_weights": random_weights,
         "fidelity": str(cfg.fidelity),
+        "precision": precision_of(cfg).as_record(),
+        "method_options": method_options or {},
         "protocol": OmegaConf.to_container(cfg.protocol, resolve=True),
         "non_standard": non_standard_options(cfg, random_weights),
         "config_hash": full_hash,
@@ -214,7 +220,7 @@ def _prepare_dir(cfg: DictConfig, run_dir: Path, random_weights: bool) -> dict:
 
 def execute(cfg: DictConfig, *, allow_training: bool = True, checkpoint: Path | None = None) -> Path:
     """Run (or resume) one configuration and return its record directory."""
-    cfg = with_process_count(cfg)
+    cfg = as_run_here(cfg)
     run_dir = run_dir_for(cfg)
     if (run_dir / COMPLETE).exists():
         tqdm.write(f"already complete, not recomputed: {run_dir}", file=sys.stderr)
@@ -228,6 +234,15 @@ def execute(cfg: DictConfig, *, allow_training: bool = True, checkpoint: Path | 
         _check_trainable(p, run_dir)
     with _exclusive(run_dir, accelerator.is_main_process):
         return _execute(p, cfg, run_dir, allow_training, checkpoint, accelerator)
+
+
+def as_run_here(cfg: DictConfig) -> DictConfig:
+    """The config as this machine runs it, which decides the record directory.
+
+    `auto` precision depends on the device and the process count on the launcher: both are
+    resolved where the run runs, so that they are part of the hash and the record.
+    """
+    return with_process_count(with_resolved_precision(cfg))
 
 
 def with_process_count(cfg: DictConfig) -> DictConfig:
@@ -327,7 +342,8 @@ def _execute(p: RunPlan, cfg: DictConfig, run_dir: Path, allow_training: bool, c
     if (run_dir / COMPLETE).exists():  # finished by another process while we planned
         return run_dir
     probe = build_method(cfg)
-    info = _prepare_dir(cfg, run_dir, probe.uses_random_weights()) if accelerator.is_main_process else {}
+    info = (_prepare_dir(cfg, run_dir, probe.uses_random_weights(), probe.resolved_options())
+            if accelerator.is_main_process else {})
     image_size = int(cfg.train.image_size) if cfg.train.get("image_size") else None
     for group in p.groups:
         part_cases = run_dir / "parts" / f"cases_{group.name}.csv"

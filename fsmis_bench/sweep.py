@@ -86,10 +86,10 @@ def run_one(cfg: DictConfig, *, allow_training: bool = True, checkpoint: Path | 
         Interrupted: a stop signal arrived; the state at the last step boundary is saved.
     """
     from .records import run_dir_for
-    from .runner import execute, with_process_count
+    from .runner import as_run_here, execute
     from .training.interrupt import also_stop_on
 
-    outcome = prior_state(run_dir_for(with_process_count(cfg)))
+    outcome = prior_state(run_dir_for(as_run_here(cfg)))
     with also_stop_on(*preemption_signals()):
         run_dir = execute(cfg, allow_training=allow_training, checkpoint=checkpoint)
     return run_dir, outcome
