@@ -3,7 +3,9 @@
 The engine owns the optimiser (AdamW with the method's parameter groups), the learning-
 rate schedule, gradient accumulation and clipping, seeding, device placement and mixed
 precision (through ``accelerate``, so ``accelerate launch`` runs it on several GPUs),
-the progress bar, periodic checkpoints and resuming. A checkpoint holds only what
+the input pipeline (:mod:`.loader`: episodes drawn ahead in worker processes), the step
+and its compute switches (:mod:`.step`, :mod:`.optim`), the progress bar, periodic
+checkpoints and resuming. A checkpoint holds only what
 training changes — trainable parameters, buffers, optimiser, schedule, the sampler's
 random stream and the loss log — so frozen multi-GB backbones are never copied.
 """
@@ -27,6 +29,9 @@ from ..errors import ConfigError
 from ..method import Method
 from ..records import atomic_write
 from .episodes import EpisodeSampler
+from .loader import EpisodeLoader, resolve_num_workers
+from .optim import build_optimizer
+from .step import ComputeOptions, TrainStep, micro_batches, prepare_method
 
 
 def make_accelerator(cfg: DictConfig, grad_accum: int = 1):
@@ -113,11 +118,17 @@ def train(
     steps, accum = int(tcfg.steps), int(tcfg.grad_accum)
     if steps < 1 or accum < 1:
         raise ConfigError("train.steps and train.grad_accum must be at least 1")
+    options = ComputeOptions.from_config(tcfg)
+    batch_size, accum = micro_batches(int(tcfg.batch_size), accum, options.accumulation)
     accelerator = accelerator or make_accelerator(cfg, accum)
+    accelerator.gradient_accumulation_steps = accum  # `batched` folds the accumulation into the batch
+    method.to(accelerator.device)
+    prepare_method(method, options, str(accelerator.mixed_precision))
     groups = method.param_groups()
-    optimizer = torch.optim.AdamW(
+    optimizer = build_optimizer(
         [{k: v for k, v in g.items() if k != "name"} for g in groups],
-        weight_decay=float(tcfg.weight_decay),
+        name=options.optimizer, weight_decay=float(tcfg.weight_decay),
+        fused=options.fused_optimizer, weight_dtype=options.weight_dtype,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _schedule(str(tcfg.schedule), steps, int(tcfg.warmup_steps))
@@ -142,6 +153,7 @@ def train(
     def save(step: int, seconds: float) -> None:
         if not accelerator.is_main_process:
             return
+        sampler.seek(step * accum * batch_size)  # the stream position of the next step
         state = {
             "model": _trainable_state(inner),
             "optimizer": optimizer.state_dict(),
@@ -160,35 +172,34 @@ def train(
     method.train()
     began = time.time()
     step = start
+    train_step = TrainStep(method, optimizer, scheduler, accelerator, grad_clip=float(tcfg.grad_clip), first_step=start)
+    loader = EpisodeLoader(
+        sampler, batch_size, start=start * accum, stop=steps * accum, device=accelerator.device,
+        num_workers=resolve_num_workers(tcfg.get("num_workers", 0), accelerator.device.type == "cuda"),
+    )
     bar = tqdm(
         total=steps, initial=start, desc=description, file=sys.stderr, dynamic_ncols=True,
         disable=not accelerator.is_main_process or os.environ.get("FSMIS_NO_PROGRESS") == "1",
     )
     with _Interrupt():
         try:
+            batches = iter(loader)
             while step < steps:
-                running = 0.0
-                for _ in range(accum):
-                    batch = sampler.batch(int(tcfg.batch_size)).to(accelerator.device)
-                    with accelerator.accumulate(method), accelerator.autocast():
-                        loss = method(batch)  # forward == training_loss; through the DDP wrapper
-                        if not torch.isfinite(loss):
-                            raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}")
-                        accelerator.backward(loss)
-                        if accelerator.sync_gradients and float(tcfg.grad_clip) > 0:
-                            accelerator.clip_grad_norm_(method.parameters(), float(tcfg.grad_clip))
-                        optimizer.step()
-                        optimizer.zero_grad(set_to_none=True)
-                    running += float(loss.detach()) / accum
-                scheduler.step()
+                loss = train_step([next(batches) for _ in range(accum)])
                 step += 1
                 bar.update(1)
+                log_now = step % int(tcfg.log_every) == 0 or step == steps
+                save_now = step % int(tcfg.checkpoint_every) == 0 and step < steps
+                if log_now or save_now:
+                    train_step.raise_if_nonfinite()  # the only host syncs: here and the loss below
                 seconds = elapsed_before + time.time() - began
-                if step % int(tcfg.log_every) == 0 or step == steps:
-                    log.append({"step": step, "loss": running, "lr": scheduler.get_last_lr()[0], "elapsed_s": round(seconds, 2)})
-                    bar.set_postfix(loss=f"{running:.4f}")
-                if step % int(tcfg.checkpoint_every) == 0 and step < steps:
+                if log_now:
+                    value = float(loss)
+                    log.append({"step": step, "loss": value, "lr": scheduler.get_last_lr()[0], "elapsed_s": round(seconds, 2)})
+                    bar.set_postfix(loss=f"{value:.4f}")
+                if save_now:
                     save(step, seconds)
+            train_step.raise_if_nonfinite()
         except KeyboardInterrupt:
             save(step, elapsed_before + time.time() - began)
             bar.close()
