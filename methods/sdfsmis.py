@@ -91,6 +91,9 @@ FIDELITY_DEFAULTS: dict[str, dict[str, Any]] = {
     # gradient accumulation, linear decay) are set by the config group configs/fidelity/.
 }
 OBJECTIVES = ("ddim_t999", "degenerate_t1")
+#: dtype of the frozen VAE (it runs without gradients in training): bf16 is 4.6x faster for
+#: TAESD on a CPU with AMX and halves its traffic on a GPU; latents come back as fp32
+VAE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 QE_FORMS = ("cosine", "fg_bg_softmax")
 THRESHOLDS = ("absolute", "relative")
 #: DDPM schedule of SD-1.x/2.x: scaled_linear betas 0.00085..0.012 over 1000 steps.
@@ -132,10 +135,10 @@ def _mean_of_selected(query: torch.Tensor, score: torch.Tensor, selected: torch.
     flat_score = score.flatten(1)
     weights = selected.flatten(1).to(query.dtype)
     empty = weights.sum(dim=1) == 0
-    if empty.any():
-        top = flat_score.topk(min(k, flat_score.shape[1]), dim=1).indices
-        fallback = torch.zeros_like(weights).scatter_(1, top, 1.0)
-        weights = torch.where(empty[:, None], fallback, weights)
+    # the fallback is computed whether needed or not: no host sync on `empty`
+    top = flat_score.topk(min(k, flat_score.shape[1]), dim=1).indices
+    fallback = torch.zeros_like(weights).scatter_(1, top, 1.0)
+    weights = torch.where(empty[:, None], fallback, weights)
     return (query.flatten(2) * weights[:, None]).sum(-1) / weights.sum(-1, keepdim=True)
 
 
@@ -272,6 +275,7 @@ class SDFSMISOptions:
     lcc: bool
     predict_batch_size: int
     gradient_checkpointing: bool
+    vae_dtype: str
     lr: float
     lr_vtct: float
 
@@ -333,6 +337,8 @@ class SDFSMIS(Method):
         weights_root = cfg.get("weights_root")
 
         self.vae = build_vae(backbone.vae, pretrained=pretrained, source=backbone.vae_source, weights_root=weights_root)
+        self.vae_dtype = VAE_DTYPES[opts.vae_dtype]
+        self.vae.to(self.vae_dtype)
         self.unet = build_unet(
             backbone.unet, pretrained=pretrained, source=backbone.source,
             weights_root=weights_root, cross_attention_dim=backbone.cross_attention_dim,
@@ -405,6 +411,7 @@ class SDFSMIS(Method):
             lcc=bool(pick("lcc")),
             predict_batch_size=int(get("predict_batch_size") or 8),
             gradient_checkpointing=bool(get("gradient_checkpointing") or False),
+            vae_dtype=str(get("vae_dtype") or "float32"),
             lr=float(get("lr") or 1e-5),
             lr_vtct=float(get("lr_vtct") or 5e-5),
         )
@@ -413,6 +420,7 @@ class SDFSMIS(Method):
             ("qe_form", opts.qe_form, QE_FORMS),
             ("objective", opts.objective, OBJECTIVES),
             ("threshold", opts.threshold, THRESHOLDS),
+            ("vae_dtype", opts.vae_dtype, tuple(VAE_DTYPES)),
         ):
             if value not in allowed:
                 raise ConfigError(
@@ -452,7 +460,7 @@ class SDFSMIS(Method):
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """``(N, 1, H, W)`` in [-1, 1] -> ``(N, C, h, w)`` latents (frozen VAE, no autograd)."""
         with torch.no_grad():
-            return self.vae.encode(images.float().expand(-1, 3, -1, -1)).detach()
+            return self.vae.encode(images.to(self.vae_dtype).expand(-1, 3, -1, -1)).float().detach()
 
     def encode_masks(self, masks: torch.Tensor) -> torch.Tensor:
         """``(N, 1, H, W)`` in {0, 1} -> ``(N, C, h, w)``: the mask as a [-1, 1] 3-channel image, encoded."""
@@ -572,7 +580,7 @@ class SDFSMIS(Method):
 
     def decode_masks(self, mask_latents: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """``(Q, C, h, w)`` latents -> ``(Q, H, W)`` bool (decode, mean of 3 channels, threshold, LCC)."""
-        decoded = self.vae.decode(mask_latents.float()).float().mean(dim=1, keepdim=True)
+        decoded = self.vae.decode(mask_latents.to(self.vae_dtype)).float().mean(dim=1, keepdim=True)
         if tuple(decoded.shape[-2:]) != tuple(size):
             decoded = F.interpolate(decoded, size=size, mode="bilinear", align_corners=False)
         masks = threshold_decoded(decoded[:, 0], self.options.threshold, self.options.threshold_value)

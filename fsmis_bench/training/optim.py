@@ -98,7 +98,13 @@ def build_optimizer(
             )
         return MasterWeightAdamW(groups, weight_decay=weight_decay, fused=fused or None)
     if name == "adamw8bit":
-        import bitsandbytes
+        try:
+            import bitsandbytes
+        except ImportError:
+            raise ConfigError(
+                "train.optimizer=adamw8bit (memory=low) needs bitsandbytes",
+                hint='pip install "fsmis-bench[lowmem]" (bitsandbytes uses the installed torch)',
+            ) from None
 
         # moments of tensors under 4096 elements stay 32-bit (bitsandbytes' default)
         return bitsandbytes.optim.AdamW8bit(groups, weight_decay=weight_decay)
