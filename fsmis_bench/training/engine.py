@@ -71,6 +71,46 @@ def _trainable_state(method: Method) -> dict[str, torch.Tensor]:
 
 
 @dataclass
+class Training:
+    """What :func:`prepare_training` sets up: the prepared method and optimiser, the schedule,
+    and the micro-batching (``batch_size`` episodes per forward, ``accum`` forwards per step)."""
+
+    method: Any
+    optimizer: Any
+    scheduler: Any
+    options: ComputeOptions
+    batch_size: int
+    accum: int
+
+
+def prepare_training(method: Method, cfg: DictConfig, accelerator) -> Training:
+    """Apply the compute switches to ``method``, build the optimiser and schedule, and
+    ``accelerator.prepare`` them: everything the step needs (``benchmarks/gpu_engine_check.py``
+    times this same path)."""
+    tcfg = cfg.train
+    steps, accum = int(tcfg.steps), int(tcfg.grad_accum)
+    if steps < 1 or accum < 1:
+        raise ConfigError("train.steps and train.grad_accum must be at least 1")
+    options = ComputeOptions.from_config(tcfg)
+    batch_size, accum = micro_batches(int(tcfg.batch_size), accum, options.accumulation)
+    accelerator.gradient_accumulation_steps = accum  # `batched` folds the accumulation into the batch
+    method.to(accelerator.device)
+    prepare_method(method, options, str(accelerator.mixed_precision))
+    groups = method.param_groups()
+    optimizer = build_optimizer(
+        [{k: v for k, v in g.items() if k != "name"} for g in groups],
+        name=options.optimizer, weight_decay=float(tcfg.weight_decay),
+        fused=options.fused_optimizer, weight_dtype=options.weight_dtype,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _schedule(str(tcfg.schedule), steps, int(tcfg.warmup_steps))
+    )
+    # The schedule is stepped by hand once per optimiser step, so it is not prepared.
+    prepared, optimizer = accelerator.prepare(method, optimizer)
+    return Training(prepared, optimizer, scheduler, options, batch_size, accum)
+
+
+@dataclass
 class TrainResult:
     steps: int
     seconds: float
@@ -115,26 +155,11 @@ def train(
     to ``checkpoint_dir/train_log.csv``.
     """
     tcfg = cfg.train
-    steps, accum = int(tcfg.steps), int(tcfg.grad_accum)
-    if steps < 1 or accum < 1:
-        raise ConfigError("train.steps and train.grad_accum must be at least 1")
-    options = ComputeOptions.from_config(tcfg)
-    batch_size, accum = micro_batches(int(tcfg.batch_size), accum, options.accumulation)
-    accelerator = accelerator or make_accelerator(cfg, accum)
-    accelerator.gradient_accumulation_steps = accum  # `batched` folds the accumulation into the batch
-    method.to(accelerator.device)
-    prepare_method(method, options, str(accelerator.mixed_precision))
-    groups = method.param_groups()
-    optimizer = build_optimizer(
-        [{k: v for k, v in g.items() if k != "name"} for g in groups],
-        name=options.optimizer, weight_decay=float(tcfg.weight_decay),
-        fused=options.fused_optimizer, weight_dtype=options.weight_dtype,
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _schedule(str(tcfg.schedule), steps, int(tcfg.warmup_steps))
-    )
-    # The schedule is stepped by hand once per optimiser step, so it is not prepared.
-    method, optimizer = accelerator.prepare(method, optimizer)
+    steps = int(tcfg.steps)
+    accelerator = accelerator or make_accelerator(cfg, int(tcfg.grad_accum))
+    setup = prepare_training(method, cfg, accelerator)
+    method, optimizer, scheduler = setup.method, setup.optimizer, setup.scheduler
+    batch_size, accum = setup.batch_size, setup.accum
     inner: Method = accelerator.unwrap_model(method)
 
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
