@@ -153,14 +153,6 @@ def _build(overrides: list[str], device: torch.device):
     return build_method(cfg).to(device)
 
 
-def _restore_fp32(method) -> None:
-    """Undo ``weight_dtype=bfloat16`` and ``vae_dtype=bfloat16`` on a reused model."""
-    for param in method.parameters():
-        param.data = param.data.float()
-    method.vae.float()
-    method.vae_dtype = torch.float32
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu")
@@ -233,6 +225,10 @@ def main(argv: list[str] | None = None) -> int:
         _log(f"  {out}")
         return out
 
+    def flush() -> None:  # partial results survive a run stopped at its time limit
+        if args.out:
+            Path(args.out).write_text(json.dumps({**result, "partial": True}) + "\n")
+
     variants = [
         ("fp32", [], "no", False),
         ("tf32", [], "no", True),
@@ -248,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
             method.unet.disable_gradient_checkpointing()
         if out is not None:
             result["train"][name] = out
+        flush()
     # bf16 variants last on this model: accelerate wraps its forward in autocast
     out = run("bf16_autocast", ["train.fused_optimizer=true"], "bf16", True)
     if out is not None:
@@ -257,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     out = run("bf16_master", ["train.fused_optimizer=true", "train.weight_dtype=bfloat16", "method.vae_dtype=bfloat16"], "bf16", True)
     if out is not None:
         result["train"]["bf16_master"] = out
+    flush()
     del method
     _reset_memory(device)
 
@@ -276,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     if out is not None:
         out["steps_per_s"] = round(1 / out["throughput_s"], 1)
         result["tiny"]["tiny_eager"] = out
+    flush()
 
     if args.compile_mode != "none":
         if not cuda:
