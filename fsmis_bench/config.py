@@ -55,6 +55,32 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
     return [list(combo) for combo in itertools.product(*choices)]
 
 
+def is_sweep(overrides: list[str]) -> bool:
+    """Whether any override describes several values (``fold=0,1``, ``range(5)``).
+
+    Read with Hydra's grammar, so a dict value (``{liver:1,spleen:2}``) is one value.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except Exception:  # noqa: BLE001 - unreadable overrides get compose()'s clearer message
+        return False
+    return any(o.is_sweep_override() for o in parsed)
+
+
+def _add_or_replace(override: str) -> str:
+    """``+a.b=v`` -> ``++a.b=v``: adding a value key works whether or not the config has it.
+
+    Hydra refuses ``+key=`` for a key that already exists (``dataset.label_map`` does, as
+    null); config group additions (``+group=option``, no dot) keep Hydra's meaning.
+    """
+    key = override.split("=", 1)[0]
+    if key.startswith("+") and not key.startswith("++") and "." in key and "@" not in key:
+        return "+" + override
+    return override
+
+
 def _split(overrides: list[str]) -> dict[str, str]:
     pairs = {}
     for item in overrides:
@@ -68,14 +94,18 @@ def _split(overrides: list[str]) -> dict[str, str]:
     return pairs
 
 
-def compose(overrides: list[str] | None = None) -> DictConfig:
-    """The resolved run config for a list of overrides (one run, no sweeps)."""
+def compose(overrides: list[str] | None = None, *, resolve_datasets: bool = True) -> DictConfig:
+    """The resolved run config for a list of overrides (one run, no sweeps).
+
+    With ``resolve_datasets`` (the default) the dataset nodes must be complete (no ``???``)
+    and are resolved by their plugins (:func:`_resolve_dataset_options`).
+    """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    overrides = list(overrides or [])
+    overrides = [_add_or_replace(o) for o in overrides or []]
     given = _split(overrides)
     regs = registries()
     for key, attr in _GROUPS.items():
@@ -83,6 +113,10 @@ def compose(overrides: list[str] | None = None) -> DictConfig:
             getattr(regs, attr).entry(given[key])  # raises with the known names
     if "setting" in given:
         regs.settings.entry(given["setting"])
+    # `test_dataset.*` options exist only once `protocol.test_dataset` has put the test
+    # dataset's config group under `test_dataset`, so they are applied in a second pass.
+    test_options = [o for o in overrides if o.lstrip("+~").startswith("test_dataset.")]
+    overrides = [o for o in overrides if o not in test_options]
 
     extra = []
     if regs.config_dirs:
@@ -90,9 +124,12 @@ def compose(overrides: list[str] | None = None) -> DictConfig:
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
             cfg = hydra_compose("config", overrides=overrides + extra)
+            more = _test_dataset_overrides(cfg, test_options)
             default_backbone = cfg.method.get("default_backbone")
             if "backbone" not in given and default_backbone:
-                cfg = hydra_compose("config", overrides=overrides + extra + [f"backbone={default_backbone}"])
+                more.append(f"backbone={default_backbone}")
+            if more:
+                cfg = hydra_compose("config", overrides=overrides + extra + more)
     except (HydraException, OmegaConfBaseException) as exc:
         lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
         hint = "check the override names (`fsmis-bench list`); new keys need a leading '+'"
@@ -105,8 +142,58 @@ def compose(overrides: list[str] | None = None) -> DictConfig:
     with_hydra = OmegaConf.to_container(cfg, resolve=False)
     with_hydra.pop("hydra", None)
     cfg = OmegaConf.create(with_hydra)
+    if resolve_datasets:
+        _resolve_dataset_options(cfg)
     validate(cfg)
     return cfg
+
+
+def _test_dataset_overrides(cfg: DictConfig, test_options: list[str]) -> list[str]:
+    """The overrides that build the ``test_dataset`` node of a cross-domain run.
+
+    ``protocol.test_dataset=<name>`` selects the config group ``dataset/<name>`` a second
+    time, under ``test_dataset``, so the test dataset takes the same options as the
+    training dataset (``test_dataset.path=...``).
+    """
+    test_name = cfg.protocol.get("test_dataset")
+    if test_name in (None, "", "null") or test_name == cfg.dataset.name:
+        if test_options:
+            raise ConfigError(
+                f"{test_options[0].split('=', 1)[0].lstrip('+~')} is an option of a cross-domain test "
+                "dataset, and none is set" if test_name in (None, "", "null") else
+                f"training and testing on two {test_name} datasets with different options is not supported",
+                hint="name the test dataset with protocol.test_dataset=<name> (e.g. nifti_folder), "
+                "and train on another one (dataset=abd_mri)",
+            )
+        return []
+    registries().datasets.entry(str(test_name))  # raises with the known names
+    return [f"+dataset@test_dataset={test_name}", *test_options]
+
+
+def _resolve_dataset_options(cfg: DictConfig) -> None:
+    """Each dataset node checked for missing values, then resolved by its plugin
+    (:meth:`~fsmis_bench.data.base.VolumeDataset.resolve_options`), so the run's config
+    holds everything that rebuilds the datasets (e.g. a label map read from its file)."""
+    for key in ("dataset", "test_dataset"):
+        node = cfg.get(key)
+        if node is None:
+            continue
+        missing = sorted(k for k in node if OmegaConf.is_missing(node, k))
+        if missing:
+            prefix = "dataset" if key == "dataset" else "protocol.test_dataset"
+            raise ConfigError(
+                f"{prefix}={node.name} needs {key}.{missing[0]}",
+                hint=f"add {key}.{missing[0]}=<value>" + (
+                    " (a folder of image_<id>.nii.gz and label_<id>.nii.gz)" if missing[0] == "path" else ""),
+            )
+        dataset_cls = registries().datasets.get(str(node.name))
+        resolve = getattr(dataset_cls, "resolve_options", None)
+        if resolve is None:
+            continue
+        options = OmegaConf.to_container(node, resolve=True)
+        resolved = resolve(options, cfg.get("data_root"))
+        if resolved != options:
+            cfg[key] = OmegaConf.create(resolved)
 
 
 def validate(cfg: DictConfig) -> None:
@@ -117,6 +204,12 @@ def validate(cfg: DictConfig) -> None:
     test = cfg.protocol.get("test_dataset")
     if test:
         regs.datasets.entry(str(test))
+        node = cfg.get("test_dataset")
+        if node is not None and node.get("name") != test:
+            raise ConfigError(
+                f"test_dataset.name={node.get('name')!r} contradicts protocol.test_dataset={test!r}",
+                hint="choose the test dataset with protocol.test_dataset only",
+            )
     regs.settings.entry(str(cfg.setting))
     for key, allowed in _CHOICES.items():
         value = OmegaConf.select(cfg, key)

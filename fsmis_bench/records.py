@@ -118,9 +118,23 @@ def non_standard_options(cfg: DictConfig, random_weights: bool) -> list[str]:
         marks.append("organs=" + "+".join(protocol.organs))
     if protocol.get("max_queries") is not None:
         marks.append(f"max_queries={protocol.max_queries}")
+    marks += published_config_deviations(cfg)
     if random_weights:
         marks.append("random_weights")
     return marks
+
+
+def published_config_deviations(cfg: DictConfig) -> list[str]:
+    """``key=value`` for every key of ``method.published_config`` (the configuration the
+    published numbers were obtained with: encoder, budget, ...) that this run changes."""
+    published = cfg.method.get("published_config") if cfg.get("method") is not None else None
+    if not published:
+        return []
+    return [
+        f"{key}={OmegaConf.select(cfg, key)}"
+        for key, value in published.items()
+        if OmegaConf.select(cfg, key) != value
+    ]
 
 
 def package_versions() -> dict[str, str]:

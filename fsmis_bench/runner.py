@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 import fcntl
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,7 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from .data.base import VolumeDataset
-from .errors import ConfigError
+from .data.consistency import shared_slices, slice_digests, spacing_mismatch
+from .errors import ConfigError, DataWarning
 from .evaluation import OrganEpisodes, evaluate
 from .method import Method
 from .plugins import registries
@@ -37,13 +39,33 @@ from .training.engine import load_weights, make_accelerator, train
 from .training.episodes import EpisodeSampler
 
 
-def build_dataset(dataset_cfg: DictConfig | dict, data_root: str | None) -> VolumeDataset:
-    """A dataset plugin instance from its config group (``name`` + options)."""
+def build_dataset(dataset_cfg: DictConfig | dict, data_root: str | None, key: str = "dataset") -> VolumeDataset:
+    """A dataset plugin instance from its config group (``name`` + options).
+
+    ``key`` names the config node (``dataset`` or ``test_dataset``) in the plugin's messages.
+    """
     options = OmegaConf.to_container(dataset_cfg, resolve=True) if isinstance(dataset_cfg, DictConfig) else dict(dataset_cfg)
     name = options.pop("name")
+    if key != "dataset":
+        options["config_key"] = key
     dataset = registries().datasets.build(name, data_root, **options)
     dataset.registered_name = name
     return dataset
+
+
+def build_test_dataset(cfg: DictConfig, train_dataset: VolumeDataset | None = None) -> VolumeDataset:
+    """The dataset a run is evaluated on: its ``test_dataset`` node (cross-domain), else the
+    training dataset (``train_dataset`` when already built).
+
+    Everything it needs is in the run's ``config.yaml``, so figures and ``export`` rebuild
+    it from a finished run.
+    """
+    node = cfg.get("test_dataset")
+    if node is not None:
+        return build_dataset(node, cfg.get("data_root"), key="test_dataset")
+    if train_dataset is not None:
+        return train_dataset
+    return build_dataset(cfg.dataset, cfg.get("data_root"))
 
 
 def build_method(cfg: DictConfig) -> Method:
@@ -67,11 +89,7 @@ def plan(cfg: DictConfig) -> RunPlan:
     """Resolve datasets, groups and every test episode; raises before anything is trained."""
     method_cls = registries().methods.get(str(cfg.method.name))
     train_dataset = build_dataset(cfg.dataset, cfg.data_root)
-    test_name = test_dataset_name(cfg)
-    if test_name == cfg.dataset.name:
-        test_dataset = train_dataset
-    else:
-        test_dataset = build_dataset({"name": test_name}, cfg.data_root)
+    test_dataset = build_test_dataset(cfg, train_dataset)
     groups = eval_groups(train_dataset, test_dataset, int(cfg.setting), str(cfg.protocol.exclusion),
                          str(cfg.protocol.train_labels))
     if method_cls.needs_training and cfg.protocol.train_labels == "supervoxels":
@@ -79,6 +97,7 @@ def plan(cfg: DictConfig) -> RunPlan:
         if ensure is not None:
             ensure()
     fold_cases = test_dataset.fold_cases(int(cfg.fold))
+    supp_idx = _support_position(test_dataset, int(cfg.fold), fold_cases, int(cfg.protocol.supp_idx))
     # Smoke runs may evaluate a subset (marked non-standard in the record).
     only_organs = list(cfg.protocol.get("organs") or [])
     unknown = [o for o in only_organs if o not in test_dataset.test_organs]
@@ -95,14 +114,44 @@ def plan(cfg: DictConfig) -> RunPlan:
             if only_organs and organ not in only_organs:
                 continue
             support, queries = build_test_episodes(
-                test_dataset, fold_cases, organ, supp_idx=int(cfg.protocol.supp_idx),
+                test_dataset, fold_cases, organ, supp_idx=supp_idx,
                 n_part=int(cfg.protocol.n_part), n_shot=int(cfg.protocol.n_shot),
                 norm=method_cls.input_norm,
             )
             episodes[group.name].append(OrganEpisodes(organ, support, queries[:max_queries]))
     groups = [g for g in groups if episodes[g.name]]
     episodes = {g.name: episodes[g.name] for g in groups}
+    supports = sorted({c for organ_eps in episodes.values() for e in organ_eps for c in e.support.case_ids})
+    _warn_about_pairs(test_dataset, supports, [c for c in fold_cases if c not in supports])
     return RunPlan(cfg, run_dir_for(cfg), train_dataset, test_dataset, groups, episodes)
+
+
+def _support_position(dataset: VolumeDataset, fold: int, fold_cases: list[str], supp_idx: int) -> int:
+    """``protocol.supp_idx``, unless the dataset fixes the fold's support scan itself."""
+    fixed = dataset.fold_support(fold)
+    return supp_idx if fixed is None else fold_cases.index(fixed)
+
+
+def _warn_about_pairs(dataset: VolumeDataset, supports: list[str], queries: list[str]) -> None:
+    """Warn when a support and a query differ in modality or voxel size by a large factor,
+    or share identical slices (the same patient twice makes a copy task, not a few-shot one)."""
+    digests = getattr(dataset, "slice_digests", None) or (lambda case: slice_digests(dataset.load(case).image))
+    for support_id in supports:
+        support = dataset.load(support_id)
+        for query_id in queries:
+            query = dataset.load(query_id)
+            pair = f"{dataset.name}: support scan {support_id} and query scan {query_id}"
+            if support.modality and query.modality and support.modality != query.modality:
+                warnings.warn(f"{pair} differ in modality ({support.modality} vs {query.modality})", DataWarning, 2)
+            mismatch = spacing_mismatch(support.spacing, query.spacing)
+            if mismatch:
+                warnings.warn(f"{pair} differ in voxel size: {mismatch}", DataWarning, 2)
+            shared = shared_slices(digests(support_id), digests(query_id))
+            if shared:
+                warnings.warn(
+                    f"{pair} share {shared} identical slices (the same patient stored twice?); their Dice "
+                    "measures copying, not few-shot segmentation", DataWarning, 2,
+                )
 
 
 def _training_cases(p: RunPlan) -> list[str]:
@@ -168,8 +217,66 @@ def execute(cfg: DictConfig, *, allow_training: bool = True, checkpoint: Path | 
         tqdm.write(f"already complete, not recomputed: {run_dir}", file=sys.stderr)
         return run_dir
     p = plan(cfg)
+    if checkpoint is not None:
+        _check_checkpoint_source(cfg, checkpoint)
+    elif allow_training:
+        _check_trainable(p, run_dir)
     with _exclusive(run_dir):
         return _execute(p, cfg, run_dir, allow_training, checkpoint)
+
+
+def _checkpoint_for(checkpoint: Path, group: str) -> Path:
+    """A ``final.pt`` as given, or the group's ``final.pt`` in a finished run's directory."""
+    if not checkpoint.is_dir():
+        return checkpoint
+    path = checkpoint / "checkpoints" / group / "final.pt"
+    if not path.is_file():
+        found = sorted(p.parent.name for p in checkpoint.glob("checkpoints/*/final.pt"))
+        raise ConfigError(
+            f"{checkpoint} holds no trained model for the evaluation group {group!r} (it has: {found or 'none'})",
+            hint="evaluate with the setting and protocol.exclusion that run was trained with",
+        )
+    return path
+
+
+def _check_checkpoint_source(cfg: DictConfig, checkpoint: Path) -> None:
+    """Refuse a checkpoint whose run was trained with another method, backbone or dataset:
+    the record would name the wrong training dataset, or the weights would not fit."""
+    run_dir = checkpoint if checkpoint.is_dir() else checkpoint.parent.parent.parent
+    if not (run_dir / "config.yaml").is_file():
+        if checkpoint.is_dir():
+            raise ConfigError(f"{checkpoint} is not a run directory (no config.yaml)",
+                              hint="pass a finished run's directory or its checkpoints/<group>/final.pt")
+        return  # a checkpoint from elsewhere: nothing to compare with
+    trained = OmegaConf.load(run_dir / "config.yaml")
+    for key in ("method", "backbone", "pretrained", "dataset"):
+        if OmegaConf.select(trained, key) != OmegaConf.select(cfg, key):
+            was = OmegaConf.select(trained, key)
+            was = was.get("name", was) if isinstance(was, DictConfig) else was
+            hint = (
+                f"keep dataset={trained.dataset.name} (the training data) and choose the data to test on with "
+                f"protocol.test_dataset=<name>, e.g. protocol.test_dataset=nifti_folder test_dataset.path=<folder>"
+                if key == "dataset" else f"evaluate it with the {key} it was trained with"
+            )
+            raise ConfigError(
+                f"{checkpoint} was trained with another {key} ({key}={was}) than this evaluation asks for",
+                hint=hint,
+            )
+
+
+def _check_trainable(p: RunPlan, run_dir: Path) -> None:
+    """A method that must be trained needs training scans outside the test fold."""
+    if not registries().methods.get(str(p.cfg.method.name)).needs_training or _training_cases(p):
+        return
+    if all(_find_checkpoint(p.cfg, run_dir, g.name) is not None for g in p.groups):
+        return
+    n = len(p.test_dataset.case_ids())
+    raise ConfigError(
+        f"fold {p.cfg.fold} holds all {n} scans of {p.test_dataset.name}: no scan is left to train on",
+        hint=f"test a model trained on another dataset here (e.g. dataset=abd_mri "
+        f"protocol.test_dataset={p.test_dataset.name} with this dataset's options under test_dataset.), "
+        "or leave one scan out per fold with dataset.folds=loo",
+    )
 
 
 @contextmanager
@@ -202,14 +309,15 @@ def _execute(p: RunPlan, cfg: DictConfig, run_dir: Path, allow_training: bool, c
         label = f"{cfg.method.name}/{p.test_dataset.name} s{cfg.setting} f{cfg.fold} [{group.name}]"
         ckpt_dir = run_dir / "checkpoints" / group.name
         if method.needs_training:
-            existing = checkpoint or _find_checkpoint(cfg, run_dir, group.name)
+            existing = _checkpoint_for(checkpoint, group.name) if checkpoint else _find_checkpoint(cfg, run_dir, group.name)
             if existing is not None:
                 step = load_weights(method, existing)
                 tqdm.write(f"using trained weights {existing} (step {step})", file=sys.stderr)
             elif not allow_training:
                 raise ConfigError(
                     f"no trained checkpoint for {label}",
-                    hint="train it first with `fsmis-bench run` and the same overrides, or pass checkpoint=<final.pt>",
+                    hint="train it first with `fsmis-bench run` and the same overrides, or pass "
+                    "checkpoint=<a finished run's directory, or its final.pt>",
                 )
             else:
                 sampler = EpisodeSampler(

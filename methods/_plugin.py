@@ -21,6 +21,9 @@ def fsmis_register_methods(registry) -> None:
     registry.register("sdfsmis_sii", "fsmis_methods.sdfsmis:SDFSMISSii", description="SD-FSMIS ablation: SII only")
     registry.register("sdfsmis_qe", "fsmis_methods.sdfsmis:SDFSMISQe", description="SD-FSMIS ablation: SII + QE")
     registry.register("sdfsmis_vtct", "fsmis_methods.sdfsmis:SDFSMISVtct", description="SD-FSMIS ablation: SII + VTCT")
+    registry.register("ssl_alpnet", "fsmis_methods.ssl_alpnet:SSLALPNet", description="SSL-ALPNet: adaptive local prototype pooling on DeepLabv3-ResNet-101 (ECCV 2020)")
+    registry.register("adnet", "fsmis_methods.adnet:ADNet", description="ADNet: one foreground prototype, anomaly score vs a learned threshold (MedIA 2022)")
+    registry.register("qnet", "fsmis_methods.qnet:QNet", description="Q-Net: ADNet + query-informed threshold and prototype refinement, dual-path encoder (2023)")
     registry.register("diffews", "fsmis_methods.diffews:DiffewS", description="DiffewS: SD U-Net with K/V-bank support attention, one-step (NeurIPS 2024)")
 
 

@@ -76,7 +76,8 @@ from ._sd_components import (
     build_unet,
     build_vae,
     expand_conv_in,
-    load_text_embedding,
+    load_prompt_embedding,
+    weight_identity_of,
 )
 
 #: paper text vs released code, per option (PROTOCOL.md §6). ``null`` options follow ``cfg.fidelity``.
@@ -363,6 +364,7 @@ class SDFSMIS(Method):
 
         self.image_encoder = None
         self.vtct_mlp = None
+        self.text_weight_files: dict = {}
         if opts.vtct:
             encoder_kind = opts.vtct_encoder or backbone.image_encoder
             source = backbone.image_encoder_source if encoder_kind == backbone.image_encoder else None
@@ -373,11 +375,12 @@ class SDFSMIS(Method):
             self.vtct_mlp = VTCTProjector(self.image_encoder.dim, text_dim)
             self.register_buffer("empty_prompt", None, persistent=False)
         else:
-            prompt = load_text_embedding(
-                backbone.unet, pretrained=pretrained, source=backbone.source,
-                weights_root=weights_root, cross_attention_dim=text_dim,
+            prompt = load_prompt_embedding(
+                backbone.unet, pretrained=pretrained, source=backbone.text_encoder_source,
+                weights_root=weights_root, cross_attention_dim=text_dim, tokenizer_source=backbone.tokenizer_source,
             )
-            self.register_buffer("empty_prompt", prompt, persistent=False)
+            self.register_buffer("empty_prompt", prompt.embedding, persistent=False)
+            self.text_weight_files = prompt.weight_files
         self.vae.requires_grad_(False)
         self.register_buffer("alphas_cumprod", sd_alphas_cumprod().float(), persistent=False)
 
@@ -451,6 +454,13 @@ class SDFSMIS(Method):
             parts["image_encoder"] = self.image_encoder
             parts["vtct_mlp"] = self.vtct_mlp
         return parts
+
+    def weight_identity(self) -> dict:
+        """``{component: {"source", "digest", ...}}`` of every pretrained file read: U-Net, VAE,
+        image encoder, text encoder and tokenizer (those built with random weights are absent)."""
+        identity = weight_identity_of({"unet": self.unet, "vae": self.vae, "image_encoder": self.image_encoder})
+        identity.update({name: record.identity() for name, record in self.text_weight_files.items()})
+        return identity
 
     def uses_random_weights(self) -> bool:
         frozen = [self.vae] + ([self.image_encoder] if self.image_encoder is not None else [])

@@ -23,13 +23,24 @@ FOLDS: dict[str, tuple[tuple[int, ...], ...]] = {
 }
 
 
+#: Fewer scans than this form a single fold instead of the five-fold pattern.
+MIN_SCANS_FOR_FIVE_FOLDS = 10
+
+
 def folds_for(n_cases: int) -> tuple[tuple[int, ...], ...]:
-    """The same five-fold pattern for a dataset of any size (phantom, NIfTI folders)."""
-    if n_cases < 10:
+    """The same five-fold pattern for a dataset of any size (phantom, NIfTI folders).
+
+    Fewer than :data:`MIN_SCANS_FOR_FIVE_FOLDS` scans cannot give five folds of three scans;
+    they form one fold holding every scan (EP1 needs a support and one query, so two scans
+    at least): a test set for a model trained elsewhere.
+    """
+    if n_cases < 2:
         raise ConfigError(
-            f"the default 5-fold protocol needs at least 10 scans (3 per fold), found {n_cases}",
-            hint="add scans, or set explicit folds in the dataset config (folds: [[0,1,2], ...])",
+            f"EP1 needs a support scan and at least one query scan, found {n_cases} scan(s)",
+            hint="add scans to the folder",
         )
+    if n_cases < MIN_SCANS_FOR_FIVE_FOLDS:
+        return (tuple(range(n_cases)),)
     width = max(1, n_cases // 5)
     return _five_folds(n_cases, width)
 
@@ -41,7 +52,7 @@ def fold_indices(
     if not isinstance(fold, int) or not 0 <= fold < len(folds):
         raise ConfigError(
             f"fold={fold!r} does not exist for {dataset}",
-            hint=f"use fold=0..{len(folds) - 1}",
+            hint=f"use fold=0..{len(folds) - 1}" if len(folds) > 1 else f"{dataset} has one fold: use fold=0",
         )
     indices = folds[fold]
     if max(indices) >= n_cases:

@@ -392,6 +392,20 @@ def load_published() -> pd.DataFrame:
     return frame
 
 
+#: run-record method name -> its name in the published tables, so a measured row stands
+#: beside the published row of the same method (and its gap can be quoted)
+PUBLISHED_NAMES: dict[str, str] = {
+    "ssl_alpnet": "SSL-ALPNet",
+    "adnet": "ADNet",
+    "qnet": "Q-Net",
+}
+
+
+def published_name(method: str) -> str | None:
+    """The published-table name of a measured method (None if it has no published row)."""
+    return PUBLISHED_NAMES.get(method)
+
+
 def published_backbone(name: str) -> str:
     """``SD-1.5`` -> ``sd15`` (the run records' backbone names)."""
     return name.lower().replace("-", "").replace(".", "") if name else "none"
@@ -421,5 +435,5 @@ __all__ = [
     "row_label", "per_case_scores", "long_fold_csv", "fold_organ_score", "compute_fold_scores",
     "default_results_dir", "summarise_runs", "run_flags", "PUBLISHED_CITATION",
     "organ_sort_key", "dataset_sort_key", "organ_label", "dataset_label", "eval_label",
-    "published_backbone",
+    "published_backbone", "PUBLISHED_NAMES", "published_name",
 ]

@@ -24,7 +24,7 @@ from . import stats
 from .collect import default_results_dir, load_results, long_fold_csv, per_case_scores, summarise_runs
 from .html import render_html
 from .qualitative import DatasetLoader, default_loader, parse_slices, write_qualitative
-from .tables import all_tables, frame_to_latex, frame_to_markdown, main_table
+from .tables import all_tables, frame_to_latex, frame_to_markdown, main_table, published_gap
 
 REPORT_HTML = "report.html"
 
@@ -108,6 +108,10 @@ def write_report(
         (tables_dir / f"{table.name}.md").write_text(table.to_markdown(), encoding="utf-8")
         (tables_dir / f"{table.name}.tex").write_text(table.to_latex(), encoding="utf-8")
         (tables_dir / f"{table.name}.csv").write_text(table.to_csv(), encoding="utf-8")
+    gaps = published_gap(next(t for t in tables if t.name == "main"))
+    if not gaps.empty:
+        gaps.to_csv(tables_dir / "published_gap.csv", index=False)
+        (tables_dir / "published_gap.md").write_text(frame_to_markdown(gaps, "{:.2f}"), encoding="utf-8")
     long_fold_csv(results).to_csv(tables_dir / "fold_scores.csv", index=False)
     per_case.to_csv(tables_dir / "per_volume.csv", index=False)
     run_summary = summarise_runs(results)

@@ -1,7 +1,7 @@
 """The one training loop every method shares.
 
-The engine owns the optimiser (AdamW with the method's parameter groups), the learning-
-rate schedule, gradient accumulation and clipping, seeding, device placement and mixed
+The engine owns the optimiser (AdamW, or SGD for the classic methods, with the method's
+parameter groups), the learning-rate schedule, gradient accumulation and clipping, seeding, device placement and mixed
 precision (through ``accelerate``, so ``accelerate launch`` runs it on several GPUs),
 the input pipeline (:mod:`.loader`: episodes drawn ahead in worker processes), the step
 and its compute switches (:mod:`.step`, :mod:`.optim`), the progress bar, periodic
@@ -48,7 +48,24 @@ def make_accelerator(cfg: DictConfig, grad_accum: int = 1):
     return Accelerator(cpu=use_cpu, mixed_precision=precision, gradient_accumulation_steps=grad_accum)
 
 
-def _schedule(name: str, total: int, warmup: int):
+def make_optimizer(groups: list[dict[str, Any]], tcfg: DictConfig) -> torch.optim.Optimizer:
+    """``train.optimizer``: ``adamw`` (default), ``sgd`` (``train.momentum``; the classic
+    FSMIS methods) or ``adamw8bit``, with ``train.fused_optimizer`` and ``train.weight_dtype``
+    (:mod:`.optim`); ``train.weight_decay`` is decoupled for AdamW, L2 for SGD, as in torch."""
+    options = ComputeOptions.from_config(tcfg)
+    return build_optimizer(
+        [{k: v for k, v in g.items() if k != "name"} for g in groups],
+        name=options.optimizer, weight_decay=float(tcfg.weight_decay), fused=options.fused_optimizer,
+        weight_dtype=options.weight_dtype, momentum=float(tcfg.get("momentum", 0.9)),
+    )
+
+
+def _schedule(name: str, total: int, warmup: int, step_every: int = 1000, gamma: float = 1.0):
+    """LR factor per optimiser step. ``step``: x ``gamma`` every ``step_every`` steps, the
+    last decay at ``total - step_every`` (torch's MultiStepLR with milestones
+    ``[k * step_every for k in 1 .. total // step_every - 1]``, as the classic methods use)."""
+    decays = max(0, total // max(1, step_every) - 1)
+
     def factor(step: int) -> float:
         if warmup and step < warmup:
             return (step + 1) / warmup
@@ -59,7 +76,9 @@ def _schedule(name: str, total: int, warmup: int):
             return max(0.0, 1.0 - progress)
         if name == "cosine":
             return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-        raise ConfigError(f"train.schedule={name!r} is unknown", hint="use constant, linear or cosine")
+        if name == "step":
+            return gamma ** min(step // max(1, step_every), decays)
+        raise ConfigError(f"train.schedule={name!r} is unknown", hint="use constant, linear, cosine or step")
 
     return factor
 
@@ -96,14 +115,10 @@ def prepare_training(method: Method, cfg: DictConfig, accelerator) -> Training:
     accelerator.gradient_accumulation_steps = accum  # `batched` folds the accumulation into the batch
     method.to(accelerator.device)
     prepare_method(method, options, str(accelerator.mixed_precision))
-    groups = method.param_groups()
-    optimizer = build_optimizer(
-        [{k: v for k, v in g.items() if k != "name"} for g in groups],
-        name=options.optimizer, weight_decay=float(tcfg.weight_decay),
-        fused=options.fused_optimizer, weight_dtype=options.weight_dtype,
-    )
+    optimizer = make_optimizer(method.param_groups(), tcfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _schedule(str(tcfg.schedule), steps, int(tcfg.warmup_steps))
+        optimizer, _schedule(str(tcfg.schedule), steps, int(tcfg.warmup_steps),
+                             int(tcfg.get("lr_step_every", 1000)), float(tcfg.get("lr_gamma", 1.0)))
     )
     # The schedule is stepped by hand once per optimiser step, so it is not prepared.
     prepared, optimizer = accelerator.prepare(method, optimizer)

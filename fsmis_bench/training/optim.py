@@ -5,6 +5,7 @@ master copies of bf16 weights. Chosen by ``train.optimizer``, ``train.fused_opti
 * ``adamw``: ``torch.optim.AdamW``. ``fused=True`` updates every parameter of a group in
   one kernel (CUDA and CPU); ``false`` uses the multi-tensor (``foreach``) path. Both compute
   the same update up to rounding.
+* ``sgd``: momentum SGD (``train.momentum``), the classic methods' optimiser.
 * ``adamw8bit``: bitsandbytes' ``AdamW8bit``, the two moments stored block-wise quantised
   in 8 bits (2 bytes per parameter instead of 8), on CUDA and CPU: the memory preset
   (``memory=low``).
@@ -20,7 +21,7 @@ import torch
 
 from ..errors import ConfigError
 
-OPTIMIZERS = ("adamw", "adamw8bit")
+OPTIMIZERS = ("adamw", "adamw8bit", "sgd")
 WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -83,8 +84,12 @@ def build_optimizer(
     weight_decay: float = 0.01,
     fused: bool = False,
     weight_dtype: str = "float32",
+    momentum: float = 0.9,
 ) -> torch.optim.Optimizer:
-    """The optimiser for a method's parameter groups (``[{"params", "lr", ...}]``)."""
+    """The optimiser for a method's parameter groups (``[{"params", "lr", ...}]``).
+
+    ``sgd`` (the classic FSMIS methods; ``momentum``): weight decay as L2, as in torch;
+    AdamW's is decoupled."""
     if name not in OPTIMIZERS:
         raise ConfigError(f"train.optimizer={name!r} is unknown", hint=f"use one of {', '.join(OPTIMIZERS)}")
     if weight_dtype not in WEIGHT_DTYPES:
@@ -108,4 +113,7 @@ def build_optimizer(
 
         # moments of tensors under 4096 elements stay 32-bit (bitsandbytes' default)
         return bitsandbytes.optim.AdamW8bit(groups, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=momentum, weight_decay=weight_decay,
+                               fused=fused or None)
     return torch.optim.AdamW(groups, weight_decay=weight_decay, fused=fused or None)
