@@ -128,6 +128,7 @@ def engine_steps(method, cfg, device: torch.device, *, warmup: int, steps: int, 
     if first_step_s is not None:
         result["first_step_s"] = round(first_step_s, 2)
     del setup, step, loader, batches
+    accelerator.free_memory()  # the accelerator holds the optimiser (and its states) otherwise
     _reset_memory(device)
     return result
 
