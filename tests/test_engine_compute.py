@@ -138,8 +138,11 @@ def test_accumulated_and_batched_steps_see_the_same_episodes():
     assert sampler.state_dict() == {"seed": 0, "next_episode": 4}
 
 
-@pytest.mark.parametrize("value, cuda, expected", [("auto", False, 0), ("auto", True, 4), (3, False, 3), ("2", True, 2)])
-def test_num_workers_resolution(value, cuda, expected):
+@pytest.mark.parametrize("value, cuda, cores, expected", [
+    ("auto", False, 16, 0), ("auto", True, 16, 4), ("auto", True, 2, 1), (3, False, 2, 3), ("2", True, 2, 2),
+])
+def test_num_workers_resolution(value, cuda, cores, expected, monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: cores)
     assert resolve_num_workers(value, cuda) == expected
 
 

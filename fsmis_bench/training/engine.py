@@ -6,8 +6,8 @@ precision (through ``accelerate``, so ``accelerate launch`` runs it on several G
 the input pipeline (:mod:`.loader`: episodes drawn ahead in worker processes), the step
 and its compute switches (:mod:`.step`, :mod:`.optim`), the progress bar, periodic
 checkpoints and resuming. A checkpoint holds only what
-training changes — trainable parameters, buffers, optimiser, schedule, the sampler's
-random stream and the loss log — so frozen multi-GB backbones are never copied.
+training changes — trainable parameters, buffers, optimiser, schedule, the position in
+the episode stream and the loss log — so frozen multi-GB backbones are never copied.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ Episode ``j`` of a run is drawn from its own generator, seeded by ``(seed, j)``
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import torch
@@ -25,15 +26,15 @@ from .episodes import EpisodeSampler
 
 #: micro-batches each worker keeps ready
 PREFETCH_FACTOR = 4
-#: workers that ``num_workers=auto`` starts next to a CUDA device (none on the CPU, where
-#: every core already computes the step)
+#: workers that ``num_workers=auto`` starts next to a CUDA device, at most one per spare
+#: core (none on the CPU, where every core already computes the step)
 CUDA_WORKERS = 4
 
 
 def resolve_num_workers(value: int | str, cuda: bool) -> int:
-    """``train.num_workers``: an integer >= 0, or ``auto`` (``CUDA_WORKERS`` with CUDA, else 0)."""
+    """``train.num_workers``: an integer >= 0, or ``auto`` (up to ``CUDA_WORKERS`` with CUDA, else 0)."""
     if value == "auto":
-        return CUDA_WORKERS if cuda else 0
+        return min(CUDA_WORKERS, max(0, (os.cpu_count() or 1) - 1)) if cuda else 0
     try:
         workers = int(value)
     except (TypeError, ValueError):
