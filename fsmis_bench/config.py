@@ -21,9 +21,11 @@ _CHOICES = {
     "protocol.dice": ("per_volume", "pooled"),
     "protocol.exclusion": ("any", "all"),
     "protocol.train_labels": ("supervoxels", "gt"),
+    "protocol.gt_exclusion": ("per_group", "liver_spleen"),
     "fidelity": ("paper", "code"),
     "device": ("auto", "cpu", "cuda"),
     "mixed_precision": ("auto", "no", "bf16", "fp16"),
+    "tf32": ("auto", True, False),
 }
 
 
@@ -214,7 +216,8 @@ def validate(cfg: DictConfig) -> None:
     for key, allowed in _CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
-            raise ConfigError(f"{key}={value!r} is not allowed", hint=f"use one of: {', '.join(allowed)}")
+            shown = (str(a).lower() if isinstance(a, bool) else str(a) for a in allowed)  # true, not True
+            raise ConfigError(f"{key}={value!r} is not allowed", hint=f"use one of: {', '.join(shown)}")
     for key in ("fold", "seed", "setting", "protocol.supp_idx", "protocol.n_part", "protocol.n_shot", "train.steps"):
         value = OmegaConf.select(cfg, key)
         if not isinstance(value, int) or isinstance(value, bool):

@@ -24,6 +24,8 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
+from .training.precision import with_resolved_precision
+
 CASE_COLUMNS = [
     "method", "dataset", "train_dataset", "setting", "fold", "seed", "organ", "case_id",
     "dice", "tp", "fp", "fn",
@@ -36,13 +38,14 @@ _UNHASHED = ("results_dir", "data_root", "weights_root", "device", "train.num_wo
 # re-evaluation under another protocol option reuses the checkpoint.
 _TRAINING_KEYS = (
     "method", "backbone", "dataset", "setting", "fold", "seed", "pretrained", "fidelity",
-    "mixed_precision", "train", "protocol.exclusion", "protocol.train_labels",
+    "mixed_precision", "tf32", "train", "protocol.exclusion", "protocol.train_labels", "protocol.gt_exclusion",
     "protocol.min_fg_pixels", "protocol.test_dataset",
 )
 
 
 def _plain(cfg: DictConfig) -> dict[str, Any]:
-    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    # `auto` precision is hashed as what it resolves to on this machine (training/precision.py)
+    return OmegaConf.to_container(with_resolved_precision(cfg), resolve=True)  # type: ignore[return-value]
 
 
 def _digest(data: Any) -> str:
@@ -108,6 +111,8 @@ def non_standard_options(cfg: DictConfig, random_weights: bool) -> list[str]:
         marks.append(f"dice={protocol.dice}")
     if protocol.train_labels != "supervoxels":
         marks.append(f"train_labels={protocol.train_labels}")
+        if protocol.get("gt_exclusion", "per_group") != "per_group":
+            marks.append(f"gt_exclusion={protocol.gt_exclusion}")  # test organs trained on
     if int(protocol.supp_idx) != 2:
         marks.append(f"supp_idx={protocol.supp_idx}")
     if int(protocol.n_part) != 3:

@@ -37,6 +37,7 @@ from .records import (
 )
 from .training.engine import load_weights, make_accelerator, train
 from .training.episodes import EpisodeSampler
+from .training.precision import precision_of, with_resolved_precision
 
 
 def build_dataset(dataset_cfg: DictConfig | dict, data_root: str | None, key: str = "dataset") -> VolumeDataset:
@@ -63,6 +64,9 @@ def build_test_dataset(cfg: DictConfig, train_dataset: VolumeDataset | None = No
     node = cfg.get("test_dataset")
     if node is not None:
         return build_dataset(node, cfg.get("data_root"), key="test_dataset")
+    named = cfg.get("protocol", {}).get("test_dataset")
+    if named and named != cfg.dataset.name:  # records written before test_dataset.* options existed
+        return build_dataset({"name": str(named)}, cfg.get("data_root"), key="test_dataset")
     if train_dataset is not None:
         return train_dataset
     return build_dataset(cfg.dataset, cfg.get("data_root"))
@@ -91,7 +95,7 @@ def plan(cfg: DictConfig) -> RunPlan:
     train_dataset = build_dataset(cfg.dataset, cfg.data_root)
     test_dataset = build_test_dataset(cfg, train_dataset)
     groups = eval_groups(train_dataset, test_dataset, int(cfg.setting), str(cfg.protocol.exclusion),
-                         str(cfg.protocol.train_labels))
+                         str(cfg.protocol.train_labels), str(cfg.protocol.get("gt_exclusion", "per_group")))
     if method_cls.needs_training and cfg.protocol.train_labels == "supervoxels":
         ensure = getattr(train_dataset, "ensure_supervoxels", None)
         if ensure is not None:
@@ -173,7 +177,7 @@ def _find_checkpoint(cfg: DictConfig, run_dir: Path, group: str) -> Path | None:
     return None
 
 
-def _prepare_dir(cfg: DictConfig, run_dir: Path, random_weights: bool) -> dict:
+def _prepare_dir(cfg: DictConfig, run_dir: Path, random_weights: bool, method_options: dict | None = None) -> dict:
     full_hash = config_hash(cfg)
     info_path = run_dir / "run.json"
     if info_path.exists():
@@ -197,6 +201,8 @@ def _prepare_dir(cfg: DictConfig, run_dir: Path, random_weights: bool) -> dict:
         "pretrained": bool(cfg.pretrained),
         "random_weights": random_weights,
         "fidelity": str(cfg.fidelity),
+        "precision": precision_of(cfg).as_record(),
+        "method_options": method_options or {},
         "protocol": OmegaConf.to_container(cfg.protocol, resolve=True),
         "non_standard": non_standard_options(cfg, random_weights),
         "config_hash": full_hash,
@@ -212,6 +218,9 @@ def _prepare_dir(cfg: DictConfig, run_dir: Path, random_weights: bool) -> dict:
 
 def execute(cfg: DictConfig, *, allow_training: bool = True, checkpoint: Path | None = None) -> Path:
     """Run (or resume) one configuration and return its record directory."""
+    # `auto` precision depends on this machine's device: resolved here, where the run runs,
+    # so that the concrete precision is part of the hash and the record.
+    cfg = with_resolved_precision(cfg)
     run_dir = run_dir_for(cfg)
     if (run_dir / COMPLETE).exists():
         tqdm.write(f"already complete, not recomputed: {run_dir}", file=sys.stderr)
@@ -299,7 +308,7 @@ def _execute(p: RunPlan, cfg: DictConfig, run_dir: Path, allow_training: bool, c
         return run_dir
     accelerator = make_accelerator(cfg, int(cfg.train.grad_accum))
     probe = build_method(cfg)
-    info = _prepare_dir(cfg, run_dir, probe.uses_random_weights())
+    info = _prepare_dir(cfg, run_dir, probe.uses_random_weights(), probe.resolved_options())
     image_size = int(cfg.train.image_size) if cfg.train.get("image_size") else None
     for group in p.groups:
         part_cases = run_dir / "parts" / f"cases_{group.name}.csv"

@@ -60,6 +60,8 @@ from ._sd_vae import (  # noqa: F401
 )
 from ._sd_unet import (  # noqa: F401
     UNET_PARAMS,
+    Float32Conv2d,
+    float32_output_layer,
     build_unet,
     count_parameters,
     expand_conv_in,
@@ -99,6 +101,7 @@ __all__ = [
     "count_parameters",
     "dinov2_config",
     "expand_conv_in",
+    "float32_output_layer",
     "hub_offline",
     "load_prompt_embedding",
     "load_text_embedding",

@@ -151,6 +151,35 @@ def _check_structure(loaded: Any, expected: dict[str, Any], kind: str, where: An
         )
 
 
+class Float32Conv2d(nn.Conv2d):
+    """A convolution that computes in float32 even inside ``torch.autocast``.
+
+    Used for the U-Net's output layer: under bf16/fp16 autocast its output would otherwise
+    be rounded to 8 (or 11) mantissa bits before any later float32 cast, and the DDIM t = 999
+    read-out of an epsilon-prediction U-Net multiplies that rounding by ~14.6.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return super().forward(x.to(self.weight.dtype))  # the weights' float32 (or float64)
+
+
+def float32_output_layer(unet: nn.Module) -> None:
+    """Make ``unet.conv_out`` a :class:`Float32Conv2d` sharing its parameters (same state-dict
+    keys, so pretrained weights and checkpoints load unchanged)."""
+    conv = unet.conv_out
+    if isinstance(conv, Float32Conv2d):
+        return
+    new = Float32Conv2d(
+        conv.in_channels, conv.out_channels, kernel_size=conv.kernel_size, stride=conv.stride,
+        padding=conv.padding, dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
+        padding_mode=conv.padding_mode, device="meta",
+    )
+    new.weight = conv.weight
+    new.bias = conv.bias
+    unet.conv_out = new
+
+
 def expand_conv_in(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
     """Widen an input conv Marigold-style: the weights repeated over the new input channels
     and scaled by ``old / new``, bias copied.

@@ -59,7 +59,9 @@ class LatentCodec(nn.Module):
     def train(self, mode: bool = True) -> "LatentCodec":
         return super().train(False)
 
-    def encode(self, images: Tensor) -> Tensor:  # pragma: no cover - abstract
+    def encode(self, images: Tensor, sample: bool = False) -> Tensor:  # pragma: no cover - abstract
+        """``sample``: draw from the posterior instead of taking its mean (codecs with a
+        posterior only; deterministic codecs return the same latents either way)."""
         raise NotImplementedError
 
     def decode(self, latents: Tensor) -> Tensor:  # pragma: no cover - abstract
@@ -76,7 +78,10 @@ class LatentCodec(nn.Module):
 
 
 class KLCodec(LatentCodec):
-    """The Stable Diffusion KL-VAE; ``encode`` returns the scaled posterior mean (deterministic)."""
+    """The Stable Diffusion KL-VAE; ``encode`` returns the scaled posterior mean, or a draw
+    from the posterior with ``sample=True`` (the released SD-FSMIS training script's
+    ``latent_dist.sample()``). The noise comes from torch's CPU generator, whose state the
+    engine checkpoints, so a resumed run draws the same latents on any device."""
 
     name = "sd"
 
@@ -87,10 +92,15 @@ class KLCodec(LatentCodec):
         self.downsample = 2 ** (len(vae.config.block_out_channels) - 1)
         self.scaling_factor = float(vae.config.scaling_factor or SD_VAE_SCALING)
 
-    def encode(self, images: Tensor) -> Tensor:
+    def encode(self, images: Tensor, sample: bool = False) -> Tensor:
         self._check(images)
         with torch.no_grad():
-            return self.vae.encode(images).latent_dist.mean * self.scaling_factor
+            posterior = self.vae.encode(images).latent_dist
+            latents = posterior.mean
+            if sample:
+                noise = torch.randn(latents.shape, dtype=latents.dtype).to(latents.device)
+                latents = latents + posterior.std * noise
+            return latents * self.scaling_factor
 
     def decode(self, latents: Tensor) -> Tensor:
         return self.vae.decode(latents / self.scaling_factor).sample
@@ -108,8 +118,8 @@ class TinyCodec(LatentCodec):
         self.downsample = 2 ** (len(vae.config.encoder_block_out_channels) - 1)
         self.scaling_factor = float(vae.config.scaling_factor)
 
-    def encode(self, images: Tensor) -> Tensor:
-        self._check(images)
+    def encode(self, images: Tensor, sample: bool = False) -> Tensor:
+        self._check(images)  # TAESD is deterministic: no posterior to sample from
         with torch.no_grad():
             return self.vae.encode(images).latents * self.scaling_factor
 
@@ -131,7 +141,7 @@ class IdentityCodec(LatentCodec):
     def __init__(self) -> None:
         super().__init__(random_weights=False)
 
-    def encode(self, images: Tensor) -> Tensor:
+    def encode(self, images: Tensor, sample: bool = False) -> Tensor:
         self._check(images)
         first = images[:, :1]
         # replicated grey input (what the methods feed) stays bit-exact; RGB is averaged

@@ -418,7 +418,7 @@ def _ordered_groups(groups: dict[Hashable, set[str]]) -> list[tuple[Hashable, st
 
 def _by_setting(rows: list[Row]) -> list[Row]:
     """Per setting: published rows first (paper order), each directly followed by the
-    measured rows of the same method (:data:`~.collect.PUBLISHED_NAMES`), then the other
+    measured rows of the same method (:func:`~.collect.published_name`), then the other
     measured rows."""
     ordered = sorted(rows, key=lambda r: (r.rank_group, r.source != "published"))
     out: list[Row] = []

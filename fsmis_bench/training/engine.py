@@ -31,21 +31,25 @@ from ..records import atomic_write
 from .episodes import EpisodeSampler
 from .loader import EpisodeLoader, resolve_num_workers
 from .optim import build_optimizer
+from .precision import apply_tf32, precision_of, uses_cuda
 from .step import ComputeOptions, TrainStep, micro_batches, prepare_method
 
 
 def make_accelerator(cfg: DictConfig, grad_accum: int = 1):
-    """An ``accelerate.Accelerator`` honouring ``device`` and ``mixed_precision``."""
+    """An ``accelerate.Accelerator`` honouring ``device`` and the resolved precision
+    (``mixed_precision`` autocast, TF32 on or off: :mod:`.precision`)."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
-    device = str(cfg.get("device", "auto"))
-    use_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device=cuda was asked for, but no CUDA device is visible", hint="use device=cpu")
-    precision = str(cfg.get("mixed_precision", "auto"))
-    if precision == "auto":
-        precision = "no" if use_cpu else "bf16"
-    return Accelerator(cpu=use_cpu, mixed_precision=precision, gradient_accumulation_steps=grad_accum)
+    precision = precision_of(cfg)
+    use_cpu = not uses_cuda(str(cfg.get("device", "auto")))
+    apply_tf32(precision.tf32)
+    shared = AcceleratorState._shared_state
+    if shared and shared.get("_mixed_precision") != precision.mixed_precision:
+        # accelerate keeps one precision per process; a sweep in one process may change it
+        # between runs (the distributed PartialState is kept).
+        AcceleratorState._reset_state()
+    return Accelerator(cpu=use_cpu, mixed_precision=precision.mixed_precision, gradient_accumulation_steps=grad_accum)
 
 
 def make_optimizer(groups: list[dict[str, Any]], tcfg: DictConfig) -> torch.optim.Optimizer:
