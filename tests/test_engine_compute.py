@@ -72,13 +72,16 @@ def test_switch_gives_the_plain_losses(tmp_path, switch, base, rel, why):
 
 
 def test_bf16_master_weights_track_bf16_autocast(tmp_path):
-    """bf16 weights + fp32 master copies vs fp32 weights, both under bf16 autocast: bf16
-    rounding of the weights only (tolerance 2 %); and within 5 % of plain fp32."""
+    """bf16 weights + fp32 master copies vs fp32 weights, both under bf16 autocast: the first
+    loss is identical (autocast rounds the weights to bf16 too); after that the bf16-rounded
+    weight gradients move the tiny net apart by a few % within 3 steps at lr 1e-3 (tolerance
+    6 %, against plain fp32 as well)."""
     autocast = _losses(tmp_path, [*PROTOTYPE, "mixed_precision=bf16"], "autocast")
     master = _losses(tmp_path, [*PROTOTYPE, "mixed_precision=bf16", "train.weight_dtype=bfloat16"], "master")
     fp32 = _losses(tmp_path, PROTOTYPE, "fp32")
-    assert _close(autocast, master, 2e-2), (autocast, master)
-    assert _close(fp32, master, 5e-2), (fp32, master)
+    assert autocast[0] == master[0]
+    assert _close(autocast, master, 6e-2), (autocast, master)
+    assert _close(fp32, master, 6e-2), (fp32, master)
 
 
 def test_bf16_weights_need_bf16_autocast(tmp_path):
