@@ -30,9 +30,11 @@ file's voxel axes (slices along the last one), e.g. for oblique cardiac short-ax
 
 **Folds.** Without ``folds``, ten or more scans get the standard five overlapping folds;
 fewer scans form a single fold (a test set for a model trained elsewhere). ``folds`` lists
-positions into the id-sorted scans, ``fold_ids`` lists scan ids; ``folds: loo`` makes one
-fold per query scan: ``[support, query]``, with ``support`` (default: the first scan) the
-support of every fold, and training (in-domain) on all other scans.
+positions into the id-sorted scans, ``fold_ids`` lists scan ids; either way a fold is a set,
+taken in id order like the built-in folds (PROTOCOL.md §2), so ``protocol.supp_idx`` counts
+in that order. ``folds: loo`` makes one fold per query scan: ``{support, query}``, with
+``support`` (default: the first scan) the support of every fold whatever its position, and
+training (in-domain) on all other scans.
 
 The path may be absolute, relative to the working directory, or relative to ``data_root``.
 """

@@ -314,7 +314,8 @@ def test_small_folders_get_one_fold_and_clear_hints(tmp_path, results_dir, capsy
 def test_folds_by_position_by_id_and_leave_one_out(tmp_path):
     folder = make_folder(tmp_path / "scans", n=4)
     by_id = load_dataset("nifti_folder", path=str(folder), label_map=LABEL_MAP, fold_ids=[[4, 1, 2], ["2", "3"]])
-    assert by_id.fold_cases(0) == ["4", "1", "2"] and by_id.fold_cases(1) == ["2", "3"]
+    # folds are sets taken in id order (the reference rule, PROTOCOL.md §2), whatever order they are written in
+    assert by_id.fold_cases(0) == ["1", "2", "4"] and by_id.fold_cases(1) == ["2", "3"]
     assert by_id.train_cases(1) == ["1", "4"]
     with pytest.raises(ConfigError, match="fold_ids names scans that are not in .*\\['9'\\]"):
         load_dataset("nifti_folder", path=str(folder), label_map=LABEL_MAP, fold_ids=[[1, 9]]).folds
@@ -322,7 +323,7 @@ def test_folds_by_position_by_id_and_leave_one_out(tmp_path):
         load_dataset("nifti_folder", path=str(folder), label_map=LABEL_MAP, folds=[[0, 4]]).folds
     assert "fold_ids=" in error.value.hint and "data root" not in error.value.hint
     loo = load_dataset("nifti_folder", path=str(folder), label_map=LABEL_MAP, folds="loo", support="3")
-    assert [loo.fold_cases(k) for k in range(3)] == [["3", "1"], ["3", "2"], ["3", "4"]]
+    assert [loo.fold_cases(k) for k in range(3)] == [["1", "3"], ["2", "3"], ["3", "4"]]
     assert loo.fold_support(1) == "3" and loo.train_cases(1) == ["1", "4"]
 
 
