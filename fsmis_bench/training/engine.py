@@ -3,9 +3,11 @@
 The engine owns the optimiser (AdamW, or SGD for the classic methods, with the method's
 parameter groups), the learning-rate schedule, gradient accumulation and clipping, seeding, device placement and mixed
 precision (through ``accelerate``, so ``accelerate launch`` runs it on several GPUs),
-the progress bar, periodic checkpoints and resuming. A checkpoint holds only what
-training changes — trainable parameters, buffers, optimiser, schedule, the sampler's
-random stream and the loss log — so frozen multi-GB backbones are never copied.
+the input pipeline (:mod:`.loader`: episodes drawn ahead in worker processes), the step
+and its compute switches (:mod:`.step`, :mod:`.optim`), the progress bar, periodic
+checkpoints and resuming. A checkpoint holds only what
+training changes — trainable parameters, buffers, optimiser, schedule, the position in
+the episode stream and the loss log — so frozen multi-GB backbones are never copied.
 """
 
 from __future__ import annotations
@@ -27,7 +29,10 @@ from ..errors import ConfigError
 from ..method import Method
 from ..records import atomic_write
 from .episodes import EpisodeSampler
+from .loader import EpisodeLoader, resolve_num_workers
+from .optim import build_optimizer
 from .precision import apply_tf32, precision_of, uses_cuda
+from .step import ComputeOptions, TrainStep, micro_batches, prepare_method
 
 
 def make_accelerator(cfg: DictConfig, grad_accum: int = 1):
@@ -48,16 +53,15 @@ def make_accelerator(cfg: DictConfig, grad_accum: int = 1):
 
 
 def make_optimizer(groups: list[dict[str, Any]], tcfg: DictConfig) -> torch.optim.Optimizer:
-    """``train.optimizer``: ``adamw`` (default) or ``sgd`` (``train.momentum``; the classic
-    FSMIS methods); ``train.weight_decay`` is decoupled for AdamW, L2 for SGD, as in torch."""
-    params = [{k: v for k, v in g.items() if k != "name"} for g in groups]
-    name = str(tcfg.get("optimizer", "adamw"))
-    weight_decay = float(tcfg.weight_decay)
-    if name == "adamw":
-        return torch.optim.AdamW(params, weight_decay=weight_decay)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=params[0]["lr"], momentum=float(tcfg.get("momentum", 0.9)), weight_decay=weight_decay)
-    raise ConfigError(f"train.optimizer={name!r} is unknown", hint="use adamw or sgd")
+    """``train.optimizer``: ``adamw`` (default), ``sgd`` (``train.momentum``; the classic
+    FSMIS methods) or ``adamw8bit``, with ``train.fused_optimizer`` and ``train.weight_dtype``
+    (:mod:`.optim`); ``train.weight_decay`` is decoupled for AdamW, L2 for SGD, as in torch."""
+    options = ComputeOptions.from_config(tcfg)
+    return build_optimizer(
+        [{k: v for k, v in g.items() if k != "name"} for g in groups],
+        name=options.optimizer, weight_decay=float(tcfg.weight_decay), fused=options.fused_optimizer,
+        weight_dtype=options.weight_dtype, momentum=float(tcfg.get("momentum", 0.9)),
+    )
 
 
 def _schedule(name: str, total: int, warmup: int, step_every: int = 1000, gamma: float = 1.0):
@@ -87,6 +91,42 @@ def _trainable_state(method: Method) -> dict[str, torch.Tensor]:
     trainable = {n for n, p in method.named_parameters() if p.requires_grad}
     buffers = {n for n, _ in method.named_buffers()}
     return {k: v.detach().cpu() for k, v in method.state_dict().items() if k in trainable | buffers}
+
+
+@dataclass
+class Training:
+    """What :func:`prepare_training` sets up: the prepared method and optimiser, the schedule,
+    and the micro-batching (``batch_size`` episodes per forward, ``accum`` forwards per step)."""
+
+    method: Any
+    optimizer: Any
+    scheduler: Any
+    options: ComputeOptions
+    batch_size: int
+    accum: int
+
+
+def prepare_training(method: Method, cfg: DictConfig, accelerator) -> Training:
+    """Apply the compute switches to ``method``, build the optimiser and schedule, and
+    ``accelerator.prepare`` them: everything the step needs (``benchmarks/gpu_engine_check.py``
+    times this same path)."""
+    tcfg = cfg.train
+    steps, accum = int(tcfg.steps), int(tcfg.grad_accum)
+    if steps < 1 or accum < 1:
+        raise ConfigError("train.steps and train.grad_accum must be at least 1")
+    options = ComputeOptions.from_config(tcfg)
+    batch_size, accum = micro_batches(int(tcfg.batch_size), accum, options.accumulation)
+    accelerator.gradient_accumulation_steps = accum  # `batched` folds the accumulation into the batch
+    method.to(accelerator.device)
+    prepare_method(method, options, str(accelerator.mixed_precision))
+    optimizer = make_optimizer(method.param_groups(), tcfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _schedule(str(tcfg.schedule), steps, int(tcfg.warmup_steps),
+                             int(tcfg.get("lr_step_every", 1000)), float(tcfg.get("lr_gamma", 1.0)))
+    )
+    # The schedule is stepped by hand once per optimiser step, so it is not prepared.
+    prepared, optimizer = accelerator.prepare(method, optimizer)
+    return Training(prepared, optimizer, scheduler, options, batch_size, accum)
 
 
 @dataclass
@@ -134,18 +174,11 @@ def train(
     to ``checkpoint_dir/train_log.csv``.
     """
     tcfg = cfg.train
-    steps, accum = int(tcfg.steps), int(tcfg.grad_accum)
-    if steps < 1 or accum < 1:
-        raise ConfigError("train.steps and train.grad_accum must be at least 1")
-    accelerator = accelerator or make_accelerator(cfg, accum)
-    groups = method.param_groups()
-    optimizer = make_optimizer(groups, tcfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _schedule(str(tcfg.schedule), steps, int(tcfg.warmup_steps),
-                             int(tcfg.get("lr_step_every", 1000)), float(tcfg.get("lr_gamma", 1.0)))
-    )
-    # The schedule is stepped by hand once per optimiser step, so it is not prepared.
-    method, optimizer = accelerator.prepare(method, optimizer)
+    steps = int(tcfg.steps)
+    accelerator = accelerator or make_accelerator(cfg, int(tcfg.grad_accum))
+    setup = prepare_training(method, cfg, accelerator)
+    method, optimizer, scheduler = setup.method, setup.optimizer, setup.scheduler
+    batch_size, accum = setup.batch_size, setup.accum
     inner: Method = accelerator.unwrap_model(method)
 
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -164,6 +197,7 @@ def train(
     def save(step: int, seconds: float) -> None:
         if not accelerator.is_main_process:
             return
+        sampler.seek(step * accum * batch_size)  # the stream position of the next step
         state = {
             "model": _trainable_state(inner),
             "optimizer": optimizer.state_dict(),
@@ -182,35 +216,34 @@ def train(
     method.train()
     began = time.time()
     step = start
+    train_step = TrainStep(method, optimizer, scheduler, accelerator, grad_clip=float(tcfg.grad_clip), first_step=start)
+    loader = EpisodeLoader(
+        sampler, batch_size, start=start * accum, stop=steps * accum, device=accelerator.device,
+        num_workers=resolve_num_workers(tcfg.get("num_workers", 0), accelerator.device.type == "cuda"),
+    )
     bar = tqdm(
         total=steps, initial=start, desc=description, file=sys.stderr, dynamic_ncols=True,
         disable=not accelerator.is_main_process or os.environ.get("FSMIS_NO_PROGRESS") == "1",
     )
     with _Interrupt():
         try:
+            batches = iter(loader)
             while step < steps:
-                running = 0.0
-                for _ in range(accum):
-                    batch = sampler.batch(int(tcfg.batch_size)).to(accelerator.device)
-                    with accelerator.accumulate(method), accelerator.autocast():
-                        loss = method(batch)  # forward == training_loss; through the DDP wrapper
-                        if not torch.isfinite(loss):
-                            raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}")
-                        accelerator.backward(loss)
-                        if accelerator.sync_gradients and float(tcfg.grad_clip) > 0:
-                            accelerator.clip_grad_norm_(method.parameters(), float(tcfg.grad_clip))
-                        optimizer.step()
-                        optimizer.zero_grad(set_to_none=True)
-                    running += float(loss.detach()) / accum
-                scheduler.step()
+                loss = train_step([next(batches) for _ in range(accum)])
                 step += 1
                 bar.update(1)
+                log_now = step % int(tcfg.log_every) == 0 or step == steps
+                save_now = step % int(tcfg.checkpoint_every) == 0 and step < steps
+                if log_now or save_now:
+                    train_step.raise_if_nonfinite()  # the only host syncs: here and the loss below
                 seconds = elapsed_before + time.time() - began
-                if step % int(tcfg.log_every) == 0 or step == steps:
-                    log.append({"step": step, "loss": running, "lr": scheduler.get_last_lr()[0], "elapsed_s": round(seconds, 2)})
-                    bar.set_postfix(loss=f"{running:.4f}")
-                if step % int(tcfg.checkpoint_every) == 0 and step < steps:
+                if log_now:
+                    value = float(loss)
+                    log.append({"step": step, "loss": value, "lr": scheduler.get_last_lr()[0], "elapsed_s": round(seconds, 2)})
+                    bar.set_postfix(loss=f"{value:.4f}")
+                if save_now:
                     save(step, seconds)
+            train_step.raise_if_nonfinite()
         except KeyboardInterrupt:
             save(step, elapsed_before + time.time() - began)
             bar.close()
