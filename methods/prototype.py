@@ -66,24 +66,54 @@ class PrototypeNet(Method):
         self.scale = float(m.get("scale", 20.0))
         self.align_weight = float(m.get("align_weight", 1.0))
 
-    def _logits(self, support_images, support_masks, query_images) -> torch.Tensor:
-        """``(B, 2, H, W)`` background/foreground logits; supports ``(B, S, 1, H, W)``."""
-        batch, shots = support_images.shape[:2]
-        support_features = self.encoder(support_images.flatten(0, 1))
-        query_features = self.encoder(query_images)
+    def _logits(self, support_features, support_masks, query_features, size) -> torch.Tensor:
+        """``(B, 2, H, W)`` background/foreground logits from encoded images.
+
+        Args:
+            support_features: ``(B, S, C, h, w)``; support_masks: ``(B, S, 1, H, W)``;
+            query_features: ``(B, C, h, w)``; size: ``(H, W)`` of the logits.
+        """
+        batch, shots = support_features.shape[:2]
+        features = support_features.flatten(0, 1)
         masks = support_masks.flatten(0, 1)
-        foreground = masked_average(support_features, masks).view(batch, shots, -1).mean(1)
-        background = masked_average(support_features, 1 - masks).view(batch, shots, -1).mean(1)
+        foreground = masked_average(features, masks).view(batch, shots, -1).mean(1)
+        background = masked_average(features, 1 - masks).view(batch, shots, -1).mean(1)
         prototypes = torch.stack([background, foreground], dim=1)
         logits = cosine_logits(query_features, prototypes, self.scale)
-        return F.interpolate(logits, size=query_images.shape[-2:], mode="bilinear", align_corners=False)
+        return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
 
     def training_loss(self, batch: EpisodeBatch) -> torch.Tensor:
-        logits = self._logits(batch.support_images, batch.support_masks, batch.query_images)
+        batch_size, shots = batch.support_images.shape[:2]
+        size = batch.query_images.shape[-2:]
+        # Each image is encoded once; the alignment pass reuses the features, as PANet does.
+        support_features = self.encoder(batch.support_images.flatten(0, 1))
+        support_features = support_features.view(batch_size, shots, *support_features.shape[1:])
+        query_features = self.encoder(batch.query_images)
+        logits = self._logits(support_features, batch.support_masks, query_features, size)
+        loss = F.cross_entropy(logits, batch.query_masks[:, 0].long())
+        if self.align_weight > 0:
+            # prototype alignment: the query with its predicted mask segments the first support shot
+            predicted = logits.softmax(1)[:, 1:2]
+            back = self._logits(query_features.unsqueeze(1), predicted.unsqueeze(1), support_features[:, 0],
+                               batch.support_images.shape[-2:])
+            loss = loss + self.align_weight * F.cross_entropy(back, batch.support_masks[:, 0, 0].long())
+        return loss
+
+    def training_loss_reencoded(self, batch: EpisodeBatch) -> torch.Tensor:
+        """The naive path :meth:`training_loss` improves on: the alignment pass encodes the
+        query and the support again (four encoder passes instead of two; the same loss).
+        Kept as the reference it is tested and benchmarked against."""
+        def logits_of(support_images, support_masks, query_images):
+            batch_size, shots = support_images.shape[:2]
+            features = self.encoder(support_images.flatten(0, 1))
+            features = features.view(batch_size, shots, *features.shape[1:])
+            return self._logits(features, support_masks, self.encoder(query_images), query_images.shape[-2:])
+
+        logits = logits_of(batch.support_images, batch.support_masks, batch.query_images)
         loss = F.cross_entropy(logits, batch.query_masks[:, 0].long())
         if self.align_weight > 0:
             predicted = logits.softmax(1)[:, 1:2]
-            back = self._logits(batch.query_images.unsqueeze(1), predicted.unsqueeze(1), batch.support_images[:, 0])
+            back = logits_of(batch.query_images.unsqueeze(1), predicted.unsqueeze(1), batch.support_images[:, 0])
             loss = loss + self.align_weight * F.cross_entropy(back, batch.support_masks[:, 0, 0].long())
         return loss
 

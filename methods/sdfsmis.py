@@ -105,6 +105,9 @@ FIDELITY_DEFAULTS: dict[str, dict[str, Any]] = {
     # linear decay) are set by the config group configs/fidelity/.
 }
 OBJECTIVES = ("ddim_t999", "direct_t999", "degenerate_t1")
+#: dtype of the frozen VAE (it runs without gradients in training): bf16 is 4.6x faster for
+#: TAESD on a CPU with AMX and halves its traffic on a GPU; latents come back as fp32
+VAE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 QE_FORMS = ("cosine", "fg_bg_softmax")
 THRESHOLDS = ("absolute", "relative")
 TRAIN_LATENTS = ("mean", "sample")
@@ -148,10 +151,10 @@ def _mean_of_selected(query: torch.Tensor, score: torch.Tensor, selected: torch.
     flat_score = score.flatten(1)
     weights = selected.flatten(1).to(query.dtype)
     empty = weights.sum(dim=1) == 0
-    if empty.any():
-        top = flat_score.topk(min(k, flat_score.shape[1]), dim=1).indices
-        fallback = torch.zeros_like(weights).scatter_(1, top, 1.0)
-        weights = torch.where(empty[:, None], fallback, weights)
+    # the fallback is computed whether needed or not: no host sync on `empty`
+    top = flat_score.topk(min(k, flat_score.shape[1]), dim=1).indices
+    fallback = torch.zeros_like(weights).scatter_(1, top, 1.0)
+    weights = torch.where(empty[:, None], fallback, weights)
     return (query.flatten(2) * weights[:, None]).sum(-1) / weights.sum(-1, keepdim=True)
 
 
@@ -290,6 +293,7 @@ class SDFSMISOptions:
     vtct_shot_pooling: str
     predict_batch_size: int
     gradient_checkpointing: bool
+    vae_dtype: str
     lr: float
     lr_vtct: float
 
@@ -351,6 +355,8 @@ class SDFSMIS(Method):
         weights_root = cfg.get("weights_root")
 
         self.vae = build_vae(backbone.vae, pretrained=pretrained, source=backbone.vae_source, weights_root=weights_root)
+        self.vae_dtype = VAE_DTYPES[opts.vae_dtype]
+        self.vae.to(self.vae_dtype)
         self.unet = build_unet(
             backbone.unet, pretrained=pretrained, source=backbone.source,
             weights_root=weights_root, cross_attention_dim=backbone.cross_attention_dim,
@@ -431,6 +437,7 @@ class SDFSMIS(Method):
             vtct_shot_pooling=str(pick("vtct_shot_pooling")),
             predict_batch_size=int(get("predict_batch_size") or 8),
             gradient_checkpointing=bool(get("gradient_checkpointing") or False),
+            vae_dtype=str(get("vae_dtype") or "float32"),
             lr=float(get("lr") or 1e-5),
             lr_vtct=float(get("lr_vtct") or 5e-5),
         )
@@ -439,6 +446,7 @@ class SDFSMIS(Method):
             ("qe_form", opts.qe_form, QE_FORMS),
             ("objective", opts.objective, OBJECTIVES),
             ("threshold", opts.threshold, THRESHOLDS),
+            ("vae_dtype", opts.vae_dtype, tuple(VAE_DTYPES)),
             ("train_latents", opts.train_latents, TRAIN_LATENTS),
             ("vtct_shot_pooling", opts.vtct_shot_pooling, SHOT_POOLINGS),
         ):
@@ -494,7 +502,8 @@ class SDFSMIS(Method):
         the posterior mean, or a posterior sample with ``sample=True``."""
         images = images.to(torch.promote_types(images.dtype, torch.float32))  # fp32 (fp64 stays)
         with torch.no_grad():
-            return self.vae.encode(images.expand(-1, 3, -1, -1), sample=sample).detach()
+            codec_input = images if self.vae_dtype == torch.float32 else images.to(self.vae_dtype)
+            return self.vae.encode(codec_input.expand(-1, 3, -1, -1), sample=sample).to(images.dtype).detach()
 
     def encode_masks(self, masks: torch.Tensor, sample: bool = False) -> torch.Tensor:
         """``(N, 1, H, W)`` in {0, 1} -> ``(N, C, h, w)``: the mask as a [-1, 1] 3-channel image, encoded."""
@@ -637,7 +646,8 @@ class SDFSMIS(Method):
 
     def decode(self, mask_latents: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """``(Q, C, h, w)`` latents -> ``(Q, 3, H, W)`` float32 decoded images, about [-1, 1]."""
-        decoded = self.vae.decode(mask_latents.float()).float()
+        latents = mask_latents.float() if self.vae_dtype == torch.float32 else mask_latents.to(self.vae_dtype)
+        decoded = self.vae.decode(latents).float()
         if tuple(decoded.shape[-2:]) != tuple(size):
             decoded = F.interpolate(decoded, size=size, mode="bilinear", align_corners=False)
         return decoded

@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
+# as fsmis_bench/__init__.py does, before any test module imports torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

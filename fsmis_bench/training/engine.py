@@ -3,9 +3,11 @@
 The engine owns the optimiser (AdamW, or SGD for the classic methods, with the method's
 parameter groups), the learning-rate schedule, gradient accumulation and clipping, seeding, device placement and mixed
 precision (through ``accelerate``, so ``accelerate launch`` runs it on several GPUs),
-the progress bar, periodic checkpoints and resuming. A checkpoint holds only what
-training changes — trainable parameters, buffers, optimiser, schedule, the sampler's
-random stream and the loss log — so frozen multi-GB backbones are never copied.
+the input pipeline (:mod:`.loader`: episodes drawn ahead in worker processes), the step
+and its compute switches (:mod:`.step`, :mod:`.optim`), the progress bar, periodic
+checkpoints and resuming. A checkpoint holds only what
+training changes — trainable parameters, buffers, optimiser, schedule, the position in
+the episode stream and the loss log — so frozen multi-GB backbones are never copied.
 """
 
 from __future__ import annotations
@@ -28,7 +30,10 @@ from ..method import Method
 from ..records import atomic_write
 from .episodes import EpisodeSampler
 from .interrupt import Interrupted, StopRequest
+from .loader import EpisodeLoader, resolve_num_workers
+from .optim import build_optimizer
 from .precision import apply_tf32, precision_of, uses_cuda
+from .step import ComputeOptions, TrainStep, micro_batches, prepare_method
 
 
 def make_accelerator(cfg: DictConfig, grad_accum: int = 1):
@@ -49,16 +54,15 @@ def make_accelerator(cfg: DictConfig, grad_accum: int = 1):
 
 
 def make_optimizer(groups: list[dict[str, Any]], tcfg: DictConfig) -> torch.optim.Optimizer:
-    """``train.optimizer``: ``adamw`` (default) or ``sgd`` (``train.momentum``; the classic
-    FSMIS methods); ``train.weight_decay`` is decoupled for AdamW, L2 for SGD, as in torch."""
-    params = [{k: v for k, v in g.items() if k != "name"} for g in groups]
-    name = str(tcfg.get("optimizer", "adamw"))
-    weight_decay = float(tcfg.weight_decay)
-    if name == "adamw":
-        return torch.optim.AdamW(params, weight_decay=weight_decay)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=params[0]["lr"], momentum=float(tcfg.get("momentum", 0.9)), weight_decay=weight_decay)
-    raise ConfigError(f"train.optimizer={name!r} is unknown", hint="use adamw or sgd")
+    """``train.optimizer``: ``adamw`` (default), ``sgd`` (``train.momentum``; the classic
+    FSMIS methods) or ``adamw8bit``, with ``train.fused_optimizer`` and ``train.weight_dtype``
+    (:mod:`.optim`); ``train.weight_decay`` is decoupled for AdamW, L2 for SGD, as in torch."""
+    options = ComputeOptions.from_config(tcfg)
+    return build_optimizer(
+        [{k: v for k, v in g.items() if k != "name"} for g in groups],
+        name=options.optimizer, weight_decay=float(tcfg.weight_decay), fused=options.fused_optimizer,
+        weight_dtype=options.weight_dtype, momentum=float(tcfg.get("momentum", 0.9)),
+    )
 
 
 def _schedule(name: str, total: int, warmup: int, step_every: int = 1000, gamma: float = 1.0):
@@ -91,6 +95,42 @@ def _trainable_state(method: Method) -> dict[str, torch.Tensor]:
 
 
 @dataclass
+class Training:
+    """What :func:`prepare_training` sets up: the prepared method and optimiser, the schedule,
+    and the micro-batching (``batch_size`` episodes per forward, ``accum`` forwards per step)."""
+
+    method: Any
+    optimizer: Any
+    scheduler: Any
+    options: ComputeOptions
+    batch_size: int
+    accum: int
+
+
+def prepare_training(method: Method, cfg: DictConfig, accelerator) -> Training:
+    """Apply the compute switches to ``method``, build the optimiser and schedule, and
+    ``accelerator.prepare`` them: everything the step needs (``benchmarks/gpu_engine_check.py``
+    times this same path)."""
+    tcfg = cfg.train
+    steps, accum = int(tcfg.steps), int(tcfg.grad_accum)
+    if steps < 1 or accum < 1:
+        raise ConfigError("train.steps and train.grad_accum must be at least 1")
+    options = ComputeOptions.from_config(tcfg)
+    batch_size, accum = micro_batches(int(tcfg.batch_size), accum, options.accumulation)
+    accelerator.gradient_accumulation_steps = accum  # `batched` folds the accumulation into the batch
+    method.to(accelerator.device)
+    prepare_method(method, options, str(accelerator.mixed_precision))
+    optimizer = make_optimizer(method.param_groups(), tcfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _schedule(str(tcfg.schedule), steps, int(tcfg.warmup_steps),
+                             int(tcfg.get("lr_step_every", 1000)), float(tcfg.get("lr_gamma", 1.0)))
+    )
+    # The schedule is stepped by hand once per optimiser step, so it is not prepared.
+    prepared, optimizer = accelerator.prepare(method, optimizer)
+    return Training(prepared, optimizer, scheduler, options, batch_size, accum)
+
+
+@dataclass
 class TrainResult:
     steps: int
     seconds: float
@@ -110,36 +150,36 @@ def train(
     """Train ``method`` for ``cfg.train.steps`` optimiser steps, resuming if possible.
 
     Checkpoints go to ``checkpoint_dir/last.pt`` every ``train.checkpoint_every`` steps
-    and on interruption; ``final.pt`` holds the finished weights and replaces ``last.pt``. The loss log is written
-    to ``checkpoint_dir/train_log.csv``.
+    and at the step boundary after a stop signal (:mod:`.interrupt`); ``final.pt`` holds the
+    finished weights and replaces ``last.pt``. The loss log is written to
+    ``checkpoint_dir/train_log.csv``.
+
+    With several processes (``accelerate launch``) ``train.batch_size`` is the batch of all
+    of them together: each trains on its own share of every micro-batch of the one episode
+    stream, so together they see the episodes of a one-process run.
+
+    Raises:
+        Interrupted: a stop signal arrived; the state at that step boundary is saved.
     """
     tcfg = cfg.train
-    steps, accum = int(tcfg.steps), int(tcfg.grad_accum)
-    if steps < 1 or accum < 1:
-        raise ConfigError("train.steps and train.grad_accum must be at least 1")
-    accelerator = accelerator or make_accelerator(cfg, accum)
-    # train.batch_size is the batch of one optimiser step over all processes, so a run's
-    # numbers do not depend on how many processes share it (up to float summation order).
-    world, rank, batch_size = accelerator.num_processes, accelerator.process_index, int(tcfg.batch_size)
+    steps = int(tcfg.steps)
+    accelerator = accelerator or make_accelerator(cfg, int(tcfg.grad_accum))
+    setup = prepare_training(method, cfg, accelerator)
+    method, optimizer, scheduler = setup.method, setup.optimizer, setup.scheduler
+    batch_size, accum = setup.batch_size, setup.accum
+    world, rank = accelerator.num_processes, accelerator.process_index
     if batch_size % world:
         raise ConfigError(
-            f"train.batch_size={batch_size} cannot be split over {world} processes",
-            hint=f"use a multiple of {world} (train.batch_size counts the episodes of all processes together)",
+            f"a micro-batch of {batch_size} episodes cannot be split over {world} processes",
+            hint=f"use a train.batch_size that is a multiple of {world} (it counts the episodes of all "
+                 "processes together)",
         )
-    groups = method.param_groups()
-    optimizer = make_optimizer(groups, tcfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _schedule(str(tcfg.schedule), steps, int(tcfg.warmup_steps),
-                             int(tcfg.get("lr_step_every", 1000)), float(tcfg.get("lr_gamma", 1.0)))
-    )
-    # The schedule is stepped by hand once per optimiser step, so it is not prepared.
-    method, optimizer = accelerator.prepare(method, optimizer)
     inner: Method = accelerator.unwrap_model(method)
 
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     last = checkpoint_dir / "last.pt"
     start, log, elapsed_before = 0, [], 0.0
-    if world > 1:  # each process its own stream for the noise a loss may draw (saved per process)
+    if world > 1:  # each process its own stream for randomness drawn in the loss (saved per process)
         torch.manual_seed(int(cfg.seed) * 1_000_003 + rank)
     if last.exists():
         state = torch.load(last, map_location="cpu", weights_only=False)
@@ -155,10 +195,11 @@ def train(
         tqdm.write(f"resuming {description} from step {start} ({last})", file=sys.stderr)
 
     def save(step: int, seconds: float, every_process: bool = True) -> None:
-        # every_process: all processes are at this step boundary and send their RNG state
+        # every_process: all processes are at this step boundary and send their RNG states
         per_process = _gather_rng_states(accelerator) if every_process else None
         if not accelerator.is_main_process:
             return
+        sampler.seek(step * accum * batch_size)  # the stream position of the next step
         state = {
             "torch_rng_per_process": per_process,
             "model": _trainable_state(inner),
@@ -178,38 +219,45 @@ def train(
     method.train()
     began = time.time()
     step = start
+    train_step = TrainStep(method, optimizer, scheduler, accelerator, grad_clip=float(tcfg.grad_clip), first_step=start)
+    loader = EpisodeLoader(
+        sampler, batch_size, start=start * accum, stop=steps * accum, device=accelerator.device,
+        num_workers=resolve_num_workers(tcfg.get("num_workers", 0), accelerator.device.type == "cuda"),
+        shard=(rank, world),
+    )
     bar = tqdm(
         total=steps, initial=start, desc=description, file=sys.stderr, dynamic_ncols=True,
         disable=not accelerator.is_main_process or os.environ.get("FSMIS_NO_PROGRESS") == "1",
     )
+    log_every = int(tcfg.log_every)
+
+    def stop_now() -> bool:
+        # One process alone: the flag, every step. Several: agreed at log steps (a collective,
+        # so not every step), so that all stop at the same step.
+        if world == 1:
+            return stop.requested
+        return step % log_every == 0 and _any_process(accelerator, stop.requested)
+
     with StopRequest() as stop:
         try:
+            batches = iter(loader)
             # A signal only sets stop.received; the loop ends at a step boundary.
-            while step < steps and not _any_process(accelerator, stop.requested):
-                running = 0.0
-                for _ in range(accum):
-                    batch = sampler.batch(batch_size, **({"shard": (rank, world)} if world > 1 else {}))
-                    batch = batch.to(accelerator.device)
-                    with accelerator.accumulate(method), accelerator.autocast():
-                        loss = method(batch)  # forward == training_loss; through the DDP wrapper
-                        if not torch.isfinite(loss):
-                            raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}")
-                        accelerator.backward(loss)
-                        if accelerator.sync_gradients and float(tcfg.grad_clip) > 0:
-                            accelerator.clip_grad_norm_(method.parameters(), float(tcfg.grad_clip))
-                        optimizer.step()
-                        optimizer.zero_grad(set_to_none=True)
-                    running += float(loss.detach()) / accum
-                scheduler.step()
+            while step < steps and not stop_now():
+                loss = train_step([next(batches) for _ in range(accum)])
                 step += 1
                 bar.update(1)
+                log_now = step % log_every == 0 or step == steps
+                save_now = step % int(tcfg.checkpoint_every) == 0 and step < steps
+                if log_now or save_now:
+                    train_step.raise_if_nonfinite()  # the only host syncs: here and the loss below
                 seconds = elapsed_before + time.time() - began
-                if step % int(tcfg.log_every) == 0 or step == steps:
-                    running = _mean_over_processes(accelerator, running)
-                    log.append({"step": step, "loss": running, "lr": scheduler.get_last_lr()[0], "elapsed_s": round(seconds, 2)})
-                    bar.set_postfix(loss=f"{running:.4f}")
-                if step % int(tcfg.checkpoint_every) == 0 and step < steps:
+                if log_now:
+                    value = _mean_over_processes(accelerator, loss)
+                    log.append({"step": step, "loss": value, "lr": scheduler.get_last_lr()[0], "elapsed_s": round(seconds, 2)})
+                    bar.set_postfix(loss=f"{value:.4f}")
+                if save_now:
                     save(step, seconds)
+            train_step.raise_if_nonfinite()
         except KeyboardInterrupt:
             save(step, elapsed_before + time.time() - began, every_process=False)
             bar.close()
@@ -255,15 +303,14 @@ def _gather_rng_states(accelerator) -> list[torch.Tensor] | None:
 
 def _any_process(accelerator, flag: bool) -> bool:
     """``flag`` of any process (one stop request stops every process at the same step)."""
-    if accelerator.num_processes == 1:
-        return flag
     return bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "sum").item() > 0)
 
 
-def _mean_over_processes(accelerator, value: float) -> float:
+def _mean_over_processes(accelerator, loss: torch.Tensor) -> float:
+    """The step's loss over all processes' shares (a host sync: only at log steps)."""
     if accelerator.num_processes == 1:
-        return value
-    return float(accelerator.reduce(torch.tensor([value], device=accelerator.device), "mean").item())
+        return float(loss)
+    return float(accelerator.reduce(loss.detach().reshape(1).float(), "mean").item())
 
 
 def _write_log(path: Path, log: list[dict[str, Any]]) -> None:

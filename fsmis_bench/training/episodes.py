@@ -43,7 +43,8 @@ class EpisodeSampler:
         min_fg_pixels: rejection threshold on the larger of the two masks.
         augment: gamma on one side, affine + elastic on an independently drawn side.
         image_size: resize slices to ``(image_size, image_size)``; None keeps them.
-        seed: seed of the sampler's own generator (its state is checkpointed).
+        seed: seed of the episode stream: episode ``j`` is drawn from a generator seeded by
+            ``(seed, j)`` (:meth:`episode`); the position in the stream is checkpointed.
     """
 
     def __init__(
@@ -59,6 +60,8 @@ class EpisodeSampler:
         image_size: int | None = None,
         seed: int = 0,
     ) -> None:
+        self.seed = seed
+        self.next_episode = 0
         self.rng = np.random.default_rng(seed)
         self.min_fg_pixels = min_fg_pixels
         self.image_size = image_size
@@ -99,12 +102,18 @@ class EpisodeSampler:
                 pairs.setdefault(cls, []).append(z)
         return {cls: np.asarray(zs) for cls, zs in pairs.items()}
 
-    # -- checkpointing of the random stream ------------------------------------------
+    # -- position in the random stream (checkpointed) ----------------------------------
     def state_dict(self) -> dict:
-        return {"rng": self.rng.bit_generator.state}
+        return {"seed": self.seed, "next_episode": self.next_episode}
 
     def load_state_dict(self, state: dict) -> None:
-        self.rng.bit_generator.state = state["rng"]
+        if state.get("seed", self.seed) != self.seed:
+            raise ValueError(f"sampler state of seed {state['seed']} loaded into a sampler of seed {self.seed}")
+        self.next_episode = int(state["next_episode"])
+
+    def seek(self, episode: int) -> None:
+        """Make episode ``episode`` the next one :meth:`batch` draws."""
+        self.next_episode = int(episode)
 
     # -- drawing ------------------------------------------------------------------------
     def sample(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -141,19 +150,21 @@ class EpisodeSampler:
         mask = resize_slices(torch.from_numpy(mask.astype(np.float32))[None], self.image_size, nearest=True)[0].numpy()
         return image, mask > 0.5
 
-    def batch(self, batch_size: int, shard: tuple[int, int] = (0, 1)) -> EpisodeBatch:
-        """``batch_size`` episodes as tensors (one support shot).
+    def episode(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Episode ``index`` of the stream, as :meth:`sample` returns it.
 
-        With ``shard=(k, n)`` all ``batch_size`` episodes are drawn and the k-th of n equal
-        parts is returned: the n processes of a multi-process run share one seeded stream
-        and train on disjoint parts of each batch, so together they see exactly the batch
-        of a single-process run.
+        Each episode has its own generator, seeded by ``(seed, index)``: any episode can be
+        drawn in any process and in any order (DataLoader workers, a resumed run), and a
+        step holds the same episodes whether they come as one batch or as accumulated
+        micro-batches. (The sampler's generator is replaced by the episode's.)
         """
-        index, count = shard
-        if batch_size % count:
-            raise ValueError(f"a batch of {batch_size} cannot be split into {count} equal parts")
-        per_part = batch_size // count
-        episodes = [self.sample() for _ in range(batch_size)][index * per_part:(index + 1) * per_part]
+        self.rng = np.random.default_rng([self.seed, index])
+        return self.sample()
+
+    def batch(self, batch_size: int) -> EpisodeBatch:
+        """The next ``batch_size`` episodes of the stream as tensors (one support shot)."""
+        first, self.next_episode = self.next_episode, self.next_episode + batch_size
+        episodes = [self.episode(first + i) for i in range(batch_size)]
         stack = [torch.from_numpy(np.stack([e[k] for e in episodes]).astype(np.float32)) for k in range(4)]
         support_images, support_masks, query_images, query_masks = (t.unsqueeze(1) for t in stack)
         return EpisodeBatch(

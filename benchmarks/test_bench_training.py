@@ -1,0 +1,99 @@
+"""Training steps/s on the CPU through the engine's step (forward, backward, clipping,
+AdamW), the plain path of before issue 11 beside the current one, in one process under the
+same load:
+
+* ``prototype`` (the default demo: phantom, 128 px, 4 episodes per step): the alignment
+  pass re-encoding both images (``training_loss_reencoded``, as before) vs each image
+  encoded once (``training_loss``);
+* tiny SD-FSMIS (``backbone=tiny``, TAESD architecture with random weights, 256 px, one
+  episode per step): fp32 VAE, contiguous tensors vs ``method.vae_dtype=bfloat16`` +
+  ``train.channels_last=true``.
+
+    make bench     # or: .venv/bin/python -m pytest benchmarks/test_bench_training.py --benchmark-only -p no:xdist
+
+steps/s = 1 / the mean step time. One intra-op thread, as in test_bench_inference.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+
+from fsmis_bench.config import compose
+from fsmis_bench.protocol.settings import EvalGroup
+from fsmis_bench.runner import build_method
+from fsmis_bench.training.episodes import EpisodeSampler
+from fsmis_bench.training.optim import build_optimizer
+from fsmis_bench.training.step import ComputeOptions, TrainStep, prepare_method
+from fsmis_datasets.phantom import Phantom
+
+VARIANTS = {
+    "prototype-plain": (["method=prototype"], "training_loss_reencoded"),
+    "prototype-now": (["method=prototype", "train.channels_last=true"], "training_loss"),
+    "sdfsmis_tiny-plain": (["method=sdfsmis", "backbone=tiny", "pretrained=false"], "training_loss"),
+    "sdfsmis_tiny-now": (
+        ["method=sdfsmis", "backbone=tiny", "pretrained=false", "method.vae_dtype=bfloat16", "train.channels_last=true"],
+        "training_loss",
+    ),
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _engine_step(name: str):
+    overrides, loss_name = VARIANTS[name]
+    cfg = compose([*overrides, "device=cpu"])
+    torch.manual_seed(0)
+    method = build_method(cfg)
+    if loss_name != "training_loss":
+        method.forward = getattr(method, loss_name)  # the engine calls method(batch)
+    options = ComputeOptions.from_config(cfg.train)
+    prepare_method(method, options)
+    groups = [{k: v for k, v in g.items() if k != "name"} for g in method.param_groups()]
+    optimizer = build_optimizer(groups, name=options.optimizer, fused=options.fused_optimizer)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    AcceleratorState._reset_state(True)
+    accelerator = Accelerator(cpu=True)
+    method, optimizer = accelerator.prepare(method, optimizer)
+    step = TrainStep(method, optimizer, scheduler, accelerator, grad_clip=float(cfg.train.grad_clip))
+    size = int(cfg.train.image_size)
+    dataset = Phantom(size=size)
+    sampler = EpisodeSampler(
+        dataset, dataset.train_cases(0), EvalGroup("all", tuple(dataset.test_organs)),
+        norm=method.input_norm, image_size=size, seed=0,
+    )
+    batches = [sampler.batch(int(cfg.train.batch_size)) for _ in range(4)]
+    method.train()
+    calls = iter(range(10**9))
+    return lambda: float(step([batches[next(calls) % len(batches)]]))
+
+
+def _record_steps_per_s(benchmark) -> None:
+    if benchmark.stats is not None:  # None when benchmarks are disabled (pytest -n 2): one plain call
+        benchmark.extra_info["steps_per_s"] = round(1 / benchmark.stats.stats.mean, 3)
+
+
+@pytest.mark.benchmark(group="training-step-prototype")
+@pytest.mark.parametrize("name", ["prototype-plain", "prototype-now"])
+def test_prototype_step(benchmark, name):
+    run = _engine_step(name)
+    loss = benchmark.pedantic(run, rounds=8, warmup_rounds=2)
+    _record_steps_per_s(benchmark)
+    assert loss == loss
+
+
+@pytest.mark.benchmark(group="training-step-sdfsmis-tiny")
+@pytest.mark.parametrize("name", ["sdfsmis_tiny-plain", "sdfsmis_tiny-now"])
+def test_sdfsmis_tiny_step(benchmark, name):
+    run = _engine_step(name)
+    loss = benchmark.pedantic(run, rounds=4, warmup_rounds=1)
+    _record_steps_per_s(benchmark)
+    assert loss == loss

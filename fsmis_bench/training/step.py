@@ -1,0 +1,139 @@
+"""One optimiser step, and the compute switches around it (``train.*`` in the config).
+
+The step never waits for the device: the loss stays a device tensor (the engine reads it at
+logging steps only), and a non-finite loss is caught by a device-side flag that the engine
+checks at logging and checkpoint steps (:meth:`TrainStep.raise_if_nonfinite`).
+
+Compute switches, each off in the plain path and tested against it (tests/test_engine_compute.py):
+
+* ``train.compile``: ``torch.compile`` of the method's training forward (``false`` |
+  ``default`` | ``reduce-overhead`` (CUDA graphs) | ``max-autotune-no-cudagraphs`` |
+  ``max-autotune``); shapes are static, so it compiles once.
+* ``train.channels_last``: NHWC memory format for the method's 4-D weights.
+* ``train.weight_dtype``: ``bfloat16`` stores the weights in bf16 with fp32 master copies
+  in the optimiser (``mixed_precision=bf16`` autocast around them); see :mod:`.optim`.
+* ``train.fused_optimizer``, ``train.optimizer``: :mod:`.optim`.
+* ``train.accumulation``: ``batched`` runs ``grad_accum`` micro-batches of ``batch_size`` as
+  one batch of ``grad_accum x batch_size`` episodes (the same episodes, the same mean loss;
+  per-sample normalisation, so the gradient is the same up to rounding).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from omegaconf import DictConfig
+
+from ..errors import ConfigError
+from ..method import EpisodeBatch, Method
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
+ACCUMULATION = ("sequential", "batched")
+#: torch.compile backend; the CPU tests swap in ``aot_eager`` (same graph capture, no codegen)
+COMPILE_BACKEND = "inductor"
+
+
+@dataclass(frozen=True)
+class ComputeOptions:
+    """The compute switches of ``cfg.train`` (defaults: the plain path)."""
+
+    compile: str | None = None
+    channels_last: bool = False
+    weight_dtype: str = "float32"
+    optimizer: str = "adamw"
+    fused_optimizer: bool = False
+    accumulation: str = "sequential"
+
+    @classmethod
+    def from_config(cls, train: DictConfig) -> "ComputeOptions":
+        get = train.get
+        mode = get("compile", False)
+        mode = None if mode in (False, None, "false", "none", "off") else str(mode)
+        if mode is not None and mode not in COMPILE_MODES:
+            raise ConfigError(f"train.compile={mode!r} is unknown", hint=f"use false or one of {', '.join(COMPILE_MODES)}")
+        accumulation = str(get("accumulation", "sequential"))
+        if accumulation not in ACCUMULATION:
+            raise ConfigError(f"train.accumulation={accumulation!r} is unknown", hint="use sequential or batched")
+        return cls(
+            compile=mode,
+            channels_last=bool(get("channels_last", False)),
+            weight_dtype=str(get("weight_dtype", "float32")),
+            optimizer=str(get("optimizer", "adamw")),
+            fused_optimizer=bool(get("fused_optimizer", False)),
+            accumulation=accumulation,
+        )
+
+
+def micro_batches(batch_size: int, grad_accum: int, accumulation: str) -> tuple[int, int]:
+    """``(episodes per forward, forwards per optimiser step)``."""
+    if accumulation == "batched":
+        return batch_size * grad_accum, 1
+    return batch_size, grad_accum
+
+
+def prepare_method(method: Method, options: ComputeOptions, mixed_precision: str = "no") -> Method:
+    """Apply the memory-format, weight-dtype and compile switches to ``method`` in place."""
+    if options.channels_last:
+        method.to(memory_format=torch.channels_last)
+    if options.weight_dtype == "bfloat16":
+        if mixed_precision != "bf16":
+            raise ConfigError(
+                "train.weight_dtype=bfloat16 needs mixed_precision=bf16",
+                hint="add mixed_precision=bf16 (autocast keeps norms and losses in fp32)",
+            )
+        for param in method.parameters():
+            if param.requires_grad:
+                param.data = param.data.to(torch.bfloat16)
+    if options.compile is not None:
+        method.compile(mode=options.compile, backend=COMPILE_BACKEND, dynamic=False)
+    return method
+
+
+class TrainStep:
+    """One optimiser step: forward/backward over the micro-batches, clipping, the optimiser
+    and the schedule, without a host sync.
+
+    Args:
+        method: the (accelerate-prepared) method; ``method(batch)`` is its training loss.
+        optimizer, scheduler, accelerator: as prepared by the engine.
+        grad_clip: max global gradient norm (0: none).
+        first_step: the step count before the first call (a resumed run's step).
+    """
+
+    def __init__(self, method, optimizer, scheduler, accelerator, *, grad_clip: float, first_step: int = 0) -> None:
+        self.method = method
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.accelerator = accelerator
+        self.grad_clip = float(grad_clip)
+        self.first_step = first_step
+        device = accelerator.device
+        self._steps = torch.zeros((), dtype=torch.long, device=device)
+        self._first_nonfinite = torch.full((), -1, dtype=torch.long, device=device)
+
+    def __call__(self, batches: list[EpisodeBatch]) -> torch.Tensor:
+        """Returns the step's loss (mean over the micro-batches), a 0-d device tensor."""
+        accelerator, method, optimizer = self.accelerator, self.method, self.optimizer
+        total = None
+        for batch in batches:
+            with accelerator.accumulate(method), accelerator.autocast():
+                loss = method(batch)  # forward == training_loss; through the DDP wrapper
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and self.grad_clip > 0:
+                    accelerator.clip_grad_norm_(method.parameters(), self.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            part = loss.detach().float() / len(batches)
+            total = part if total is None else total + part
+        self.scheduler.step()
+        self._steps += 1
+        bad = ~torch.isfinite(total)
+        self._first_nonfinite = torch.where(bad & (self._first_nonfinite < 0), self._steps, self._first_nonfinite)
+        return total
+
+    def raise_if_nonfinite(self) -> None:
+        """Raise ``FloatingPointError`` if any step so far had a non-finite loss (syncs)."""
+        first = int(self._first_nonfinite)
+        if first >= 0:
+            raise FloatingPointError(f"non-finite loss at step {self.first_step + first}")

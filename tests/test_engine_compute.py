@@ -1,0 +1,212 @@
+"""The engine's speed switches: each gives the plain path's losses (within a stated tolerance),
+through the real engine (`train`), on the CPU. Plus the input pipeline's exactness and the
+device-side non-finite check."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState
+
+from fsmis_bench.config import compose
+from fsmis_bench.protocol.settings import EvalGroup
+from fsmis_bench.runner import build_method
+from fsmis_bench.training import step as step_module
+from fsmis_bench.training.engine import train
+from fsmis_bench.training.episodes import EpisodeSampler
+from fsmis_bench.training.loader import EpisodeLoader, resolve_num_workers
+from fsmis_bench.training.step import TrainStep
+from fsmis_datasets.phantom import Phantom
+
+PROTOTYPE = ["method=prototype", "method.width=8", "method.feature_dim=16", "train.image_size=32", "train.batch_size=2"]
+TINY_SD = [
+    "method=sdfsmis", "backbone=tiny", "backbone.vae=identity", "pretrained=false",
+    "train.image_size=32", "train.batch_size=1",
+]
+STEPS = 3
+
+
+def _sampler(seed: int = 0) -> EpisodeSampler:
+    dataset = Phantom(size=32, n_slices=10, n_cases=3)
+    group = EvalGroup("all", tuple(dataset.test_organs))
+    return EpisodeSampler(dataset, dataset.case_ids(), group, min_fg_pixels=10, image_size=32, seed=seed)
+
+
+def _losses(tmp_path, overrides: list[str], name: str) -> list[float]:
+    """Per-step losses of a fresh ``STEPS``-step run through the engine."""
+    AcceleratorState._reset_state(True)  # accelerate keeps one precision per process
+    cfg = compose([*overrides, f"train.steps={STEPS}", "train.log_every=1", "train.num_workers=0",
+                   "train.schedule=constant", "device=cpu"])
+    method = build_method(cfg)
+    result = train(method, _sampler(), cfg, tmp_path / name)
+    AcceleratorState._reset_state(True)
+    return [row["loss"] for row in result.log]
+
+
+def _close(a: list[float], b: list[float], rel: float) -> bool:
+    return len(a) == len(b) and all(math.isclose(x, y, rel_tol=rel, abs_tol=0) for x, y in zip(a, b))
+
+
+# switch, base config, tolerance on every step's loss (relative), why that tolerance
+SWITCHES = [
+    (["train.fused_optimizer=true"], PROTOTYPE, 1e-5, "fused AdamW: the same update, other rounding"),
+    (["train.channels_last=true"], PROTOTYPE, 1e-5, "NHWC convolutions: other summation order"),
+    (["train.optimizer=adamw8bit"], PROTOTYPE, 2e-2, "8-bit moments: step 1 identical, then quantised moments"),
+    (["train.grad_accum=2", "train.accumulation=batched"], PROTOTYPE, 1e-5, "same episodes, same mean loss"),
+    (["train.channels_last=true", "method.vae_dtype=float32"], TINY_SD, 1e-5, "NHWC convolutions"),
+    (["train.grad_accum=2", "train.accumulation=batched"], TINY_SD, 1e-5, "same episodes, same mean loss"),
+]
+
+
+@pytest.mark.parametrize("switch, base, rel, why", SWITCHES, ids=[" ".join(s[0]) + " " + s[1][0] for s in SWITCHES])
+def test_switch_gives_the_plain_losses(tmp_path, switch, base, rel, why):
+    plain_switches = [s for s in switch if s.startswith("train.grad_accum")]  # the plain run accumulates too
+    plain = _losses(tmp_path, [*base, *plain_switches], "plain")
+    fast = _losses(tmp_path, [*base, *switch], "fast")
+    assert all(math.isfinite(v) for v in plain)
+    assert _close(plain, fast, rel), f"{why}: {plain} vs {fast}"
+    if "adamw8bit" in " ".join(switch):  # nothing has been updated yet at the first loss
+        assert plain[0] == fast[0]
+
+
+def test_bf16_master_weights_track_bf16_autocast(tmp_path):
+    """bf16 weights + fp32 master copies vs fp32 weights, both under bf16 autocast: the first
+    loss is identical (autocast rounds the weights to bf16 too); after that the bf16-rounded
+    weight gradients move the tiny net apart by a few % within 3 steps at lr 1e-3 (tolerance
+    6 %, against plain fp32 as well)."""
+    autocast = _losses(tmp_path, [*PROTOTYPE, "mixed_precision=bf16"], "autocast")
+    master = _losses(tmp_path, [*PROTOTYPE, "mixed_precision=bf16", "train.weight_dtype=bfloat16"], "master")
+    fp32 = _losses(tmp_path, PROTOTYPE, "fp32")
+    assert autocast[0] == master[0]
+    assert _close(autocast, master, 6e-2), (autocast, master)
+    assert _close(fp32, master, 6e-2), (fp32, master)
+
+
+def test_bf16_weights_need_bf16_autocast(tmp_path):
+    from fsmis_bench.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="needs mixed_precision=bf16"):
+        _losses(tmp_path, [*PROTOTYPE, "train.weight_dtype=bfloat16"], "bad")
+
+
+def test_compile_gives_the_plain_losses(tmp_path, monkeypatch):
+    """torch.compile's graph capture (dynamo + AOT autograd; the ``aot_eager`` backend skips
+    code generation, which the GPU benchmark measures) computes the plain losses."""
+    torch._dynamo.reset()
+    plain = _losses(tmp_path, PROTOTYPE, "plain")
+    monkeypatch.setattr(step_module, "COMPILE_BACKEND", "aot_eager")
+    compiled = _losses(tmp_path, [*PROTOTYPE, "train.compile=default"], "compiled")
+    torch._dynamo.reset()
+    assert _close(plain, compiled, 1e-5), (plain, compiled)
+
+
+@pytest.mark.slow
+def test_compile_captures_the_sd_training_loss(tmp_path, monkeypatch):
+    torch._dynamo.reset()
+    plain = _losses(tmp_path, TINY_SD, "plain")
+    monkeypatch.setattr(step_module, "COMPILE_BACKEND", "aot_eager")
+    compiled = _losses(tmp_path, [*TINY_SD, "train.compile=default"], "compiled")
+    torch._dynamo.reset()
+    assert _close(plain, compiled, 1e-5), (plain, compiled)
+
+
+def test_bf16_vae_stays_close_to_fp32(tmp_path):
+    """The frozen VAE in bf16 (TAESD, random weights): latents within bf16 rounding, so the
+    losses are within 3 %."""
+    base = [s.replace("backbone.vae=identity", "backbone.vae=taesd") for s in TINY_SD]
+    fp32 = _losses(tmp_path, base, "fp32")
+    bf16 = _losses(tmp_path, [*base, "method.vae_dtype=bfloat16"], "bf16")
+    assert _close(fp32, bf16, 3e-2), (fp32, bf16)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_workers_draw_exactly_the_episodes_of_one_process(workers):
+    """Micro-batch i holds episodes i*B ... whoever draws it, from any start (a resumed run)."""
+    sampler = _sampler()
+    reference = [sampler.batch(2) for _ in range(5)]
+    loaded = list(EpisodeLoader(_sampler(), 2, start=2, stop=5, device=torch.device("cpu"), num_workers=workers))
+    assert len(loaded) == 3
+    for ref, got in zip(reference[2:], loaded):
+        assert torch.equal(ref.query_images, got.query_images) and torch.equal(ref.support_masks, got.support_masks)
+
+
+def test_accumulated_and_batched_steps_see_the_same_episodes():
+    sampler = _sampler()
+    four_of_one = [sampler.batch(1) for _ in range(4)]
+    sampler = _sampler()
+    one_of_four = sampler.batch(4)
+    assert torch.equal(torch.cat([b.query_images for b in four_of_one]), one_of_four.query_images)
+    assert sampler.state_dict() == {"seed": 0, "next_episode": 4}
+
+
+@pytest.mark.parametrize("value, cuda, cores, expected", [
+    ("auto", False, 16, 0), ("auto", True, 16, 4), ("auto", True, 2, 1), (3, False, 2, 3), ("2", True, 2, 2),
+])
+def test_num_workers_resolution(value, cuda, cores, expected, monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: cores)
+    assert resolve_num_workers(value, cuda) == expected
+
+
+@pytest.mark.parametrize("value", [-1, "many", True])
+def test_bad_num_workers_is_a_config_error(value):
+    from fsmis_bench.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="num_workers"):
+        resolve_num_workers(value, False)
+
+
+def test_nonfinite_loss_is_caught_on_device_and_named_by_step():
+    """The step never syncs; the flag names the first bad step when the engine checks it."""
+    AcceleratorState._reset_state(True)
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    weight = torch.nn.Parameter(torch.ones(()))
+
+    class Scripted(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = weight
+            self.calls = 0
+
+        def forward(self, batch):
+            self.calls += 1
+            return self.weight * (float("nan") if self.calls in (3, 4) else 1.0)
+
+    model = Scripted()
+    optimizer = torch.optim.AdamW([weight], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    step = TrainStep(model, optimizer, scheduler, accelerator, grad_clip=1.0, first_step=10)
+    for _ in range(2):
+        step([None])
+    step.raise_if_nonfinite()  # steps 11, 12 fine
+    for _ in range(3):
+        loss = step([None])
+    assert loss.device.type == "cpu" and loss.ndim == 0
+    with pytest.raises(FloatingPointError, match="step 13"):
+        step.raise_if_nonfinite()
+    AcceleratorState._reset_state(True)
+
+
+def test_memory_preset_switches_checkpointing_and_8bit_adamw():
+    cfg = compose(["method=sdfsmis", "backbone=tiny", "memory=low"])
+    assert cfg.method.gradient_checkpointing is True and cfg.train.optimizer == "adamw8bit"
+    assert compose(["method=sdfsmis", "backbone=tiny"]).train.optimizer == "adamw"
+
+
+def test_prototype_shared_features_give_the_reencoded_loss_and_gradients():
+    """Encoding each image once (the alignment pass reuses the features) is the same function
+    as encoding it again: same loss, same gradients up to summation order."""
+    torch.manual_seed(0)
+    method = build_method(compose(PROTOTYPE))
+    batch = _sampler().batch(2)
+    shared = method.training_loss(batch)
+    grads = torch.autograd.grad(shared, list(method.parameters()))
+    reencoded = method.training_loss_reencoded(batch)
+    reference = torch.autograd.grad(reencoded, list(method.parameters()))
+    assert torch.equal(shared, reencoded)
+    for got, want in zip(grads, reference):
+        # float32 sums in another order: relative to each gradient's scale
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
