@@ -26,6 +26,7 @@ submitit launchers) goes to ``<results_dir>/_sweeps/<date>_<time>/``; records st
 from __future__ import annotations
 
 import fcntl
+import multiprocessing
 import os
 import signal
 import sys
@@ -178,6 +179,10 @@ class SweepJob:
         from .config import compose
         from .training.interrupt import Interrupted
 
+        if multiprocessing.get_start_method(allow_none=True) == "loky":
+            # A joblib worker: its default start method is loky's, which the DataLoader's
+            # episode workers (train.num_workers) cannot use; give them the platform's own.
+            multiprocessing.set_start_method(multiprocessing.get_all_start_methods()[0], force=True)
         hydra = HydraConfig.get()
         overrides = [o[1:] if o.startswith("+") and o[1:].split("=", 1)[0] in self.marked else o
                      for o in hydra.overrides.task]  # as the user wrote them

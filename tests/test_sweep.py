@@ -179,6 +179,18 @@ def test_joblib_launcher_runs_jobs_in_parallel_processes(tmp_path):
 
 
 @pytest.mark.slow
+def test_joblib_workers_can_train_with_episode_workers(tmp_path):
+    """joblib's worker processes default to loky's start method; the training's DataLoader
+    workers (train.num_workers) need the platform's own."""
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    training = ["method=prototype", "dataset=phantom", "dataset.size=64", "dataset.n_slices=16", "method.width=8",
+                "method.feature_dim=16", "train.image_size=64", "train.batch_size=2", "protocol.min_fg_pixels=20",
+                "train.steps=3", "train.num_workers=1", "protocol.organs=[liver]", "seed=0,1"]
+    out, err = _launcher_sweep(tmp_path, ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"], [0], training)
+    assert "2 runs: 2 completed" in err and len(out.split()) == 2
+
+
+@pytest.mark.slow
 def test_submitit_local_launcher_runs_jobs_with_a_job_folder(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     out, err = _launcher_sweep(tmp_path, ["hydra/launcher=submitit_local"], [2, 3], SUPPORT_COPY)
