@@ -5,14 +5,16 @@ rate schedule, gradient accumulation and clipping, seeding, device placement and
 precision (through ``accelerate``, so ``accelerate launch`` runs it on several GPUs),
 the progress bar, periodic checkpoints and resuming. A checkpoint holds only what
 training changes — trainable parameters, buffers, optimiser, schedule, the sampler's
-random stream and the loss log — so frozen multi-GB backbones are never copied.
+random stream and the loss log — so frozen multi-GB backbones are never copied; it is
+written and read by :mod:`.checkpoint` (safetensors + JSON, never a pickle). SIGINT and
+SIGTERM stop the loop at the next step boundary (:mod:`.interrupt`), so a resumed run
+continues exactly where an uninterrupted one would be.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -23,10 +25,15 @@ import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError
+from ..errors import ConfigError, FsmisError
 from ..method import Method
 from ..records import atomic_write
+from .checkpoint import (  # load_weights: re-exported for callers of the engine
+    WEIGHTS_FILE, clear_training_state, load_training_state, load_weights, rng_state,
+    save_training_state, save_weights, set_rng_state, trainable_state,
+)
 from .episodes import EpisodeSampler
+from .interrupt import StopRequest
 
 
 def make_accelerator(cfg: DictConfig, grad_accum: int = 1):
@@ -59,10 +66,8 @@ def _schedule(name: str, total: int, warmup: int):
     return factor
 
 
-def _trainable_state(method: Method) -> dict[str, torch.Tensor]:
-    trainable = {n for n, p in method.named_parameters() if p.requires_grad}
-    buffers = {n for n, _ in method.named_buffers()}
-    return {k: v.detach().cpu() for k, v in method.state_dict().items() if k in trainable | buffers}
+class TrainingError(FsmisError):
+    """Training cannot go on (e.g. the loss became NaN)."""
 
 
 @dataclass
@@ -71,27 +76,6 @@ class TrainResult:
     seconds: float
     final_loss: float | None
     log: list[dict[str, Any]] = field(default_factory=list)
-
-
-class _Interrupt:
-    """Turns SIGTERM into KeyboardInterrupt so a cluster pre-emption saves a checkpoint."""
-
-    def __enter__(self):
-        self._previous = signal.getsignal(signal.SIGTERM)
-        try:
-            signal.signal(signal.SIGTERM, self._raise)
-        except ValueError:  # not in the main thread
-            self._previous = None
-        return self
-
-    @staticmethod
-    def _raise(signum, frame):
-        raise KeyboardInterrupt
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-        return False
 
 
 def train(
@@ -105,9 +89,14 @@ def train(
 ) -> TrainResult:
     """Train ``method`` for ``cfg.train.steps`` optimiser steps, resuming if possible.
 
-    Checkpoints go to ``checkpoint_dir/last.pt`` every ``train.checkpoint_every`` steps
-    and on interruption; ``final.pt`` holds the finished weights and replaces ``last.pt``. The loss log is written
-    to ``checkpoint_dir/train_log.csv``.
+    Every ``train.checkpoint_every`` steps, and at the step boundary after SIGINT/SIGTERM,
+    the resume state goes to ``checkpoint_dir/last.json`` + ``last-<step>.safetensors``
+    (:mod:`.checkpoint`); ``final.safetensors`` holds the finished weights and replaces the
+    resume state. The loss log is written to ``checkpoint_dir/train_log.csv``.
+
+    Raises:
+        Interrupted: a stop signal arrived; the state at the step boundary was saved.
+        TrainingError: the loss became non-finite.
     """
     tcfg = cfg.train
     steps, accum = int(tcfg.steps), int(tcfg.grad_accum)
@@ -127,34 +116,30 @@ def train(
     inner: Method = accelerator.unwrap_model(method)
 
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    last = checkpoint_dir / "last.pt"
     start, log, elapsed_before = 0, [], 0.0
-    if last.exists():
-        state = torch.load(last, map_location="cpu", weights_only=False)
+    state = load_training_state(checkpoint_dir)
+    if state is not None:
         inner.load_state_dict(state["model"], strict=False)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["sampler"])
-        torch.set_rng_state(state["torch_rng"])
-        start, log, elapsed_before = state["step"], state["log"], state.get("seconds", 0.0)
-        tqdm.write(f"resuming {description} from step {start} ({last})", file=sys.stderr)
+        set_rng_state(state["rng"])
+        start, log, elapsed_before = int(state["step"]), list(state["log"]), float(state["seconds"])
+        tqdm.write(f"resuming {description} from step {start} ({checkpoint_dir})", file=sys.stderr)
 
     def save(step: int, seconds: float) -> None:
         if not accelerator.is_main_process:
             return
-        state = {
-            "model": _trainable_state(inner),
+        save_training_state(checkpoint_dir, {
+            "model": trainable_state(inner),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "sampler": sampler.state_dict(),
-            "torch_rng": torch.get_rng_state(),
+            "rng": rng_state(),
             "step": step,
             "log": log,
             "seconds": seconds,
-        }
-        tmp = last.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, last)
+        })
         _write_log(checkpoint_dir / "train_log.csv", log)
 
     method.train()
@@ -164,16 +149,21 @@ def train(
         total=steps, initial=start, desc=description, file=sys.stderr, dynamic_ncols=True,
         disable=not accelerator.is_main_process or os.environ.get("FSMIS_NO_PROGRESS") == "1",
     )
-    with _Interrupt():
+    with StopRequest() as stop:
         try:
-            while step < steps:
+            # A signal only sets stop.received; the loop ends at a step boundary.
+            while step < steps and not stop.requested:
                 running = 0.0
                 for _ in range(accum):
                     batch = sampler.batch(int(tcfg.batch_size)).to(accelerator.device)
                     with accelerator.accumulate(method), accelerator.autocast():
                         loss = method(batch)  # forward == training_loss; through the DDP wrapper
                         if not torch.isfinite(loss):
-                            raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}")
+                            raise TrainingError(
+                                f"{description}: the loss became {loss.item()} at step {step + 1}",
+                                hint="lower the learning rate or check the training data; "
+                                "rerunning resumes from the last checkpoint",
+                            )
                         accelerator.backward(loss)
                         if accelerator.sync_gradients and float(tcfg.grad_clip) > 0:
                             accelerator.clip_grad_norm_(method.parameters(), float(tcfg.grad_clip))
@@ -190,33 +180,27 @@ def train(
                 if step % int(tcfg.checkpoint_every) == 0 and step < steps:
                     save(step, seconds)
         except KeyboardInterrupt:
-            save(step, elapsed_before + time.time() - began)
+            # Raised mid-step (a second Ctrl-C): that state is half-advanced, so it is not
+            # saved; the last periodic checkpoint still resumes exactly.
             bar.close()
-            tqdm.write(f"interrupted at step {step}; checkpoint saved, rerun the same command to resume", file=sys.stderr)
+            tqdm.write(f"stopped during step {step + 1}; the last checkpoint is kept, rerun the same command "
+                       "to resume from it", file=sys.stderr)
             raise
     bar.close()
     seconds = elapsed_before + time.time() - began
+    if step < steps:  # stopped by a signal, at a step boundary
+        save(step, seconds)
+        tqdm.write(f"interrupted at step {step}; checkpoint saved, rerun the same command to resume", file=sys.stderr)
+        raise stop.stop()
     if accelerator.is_main_process:
         _write_log(checkpoint_dir / "train_log.csv", log)
-        final = checkpoint_dir / "final.pt"
-        torch.save({"model": _trainable_state(inner), "step": step}, final.with_suffix(".tmp"))
-        os.replace(final.with_suffix(".tmp"), final)
+        save_weights(checkpoint_dir / WEIGHTS_FILE, inner, step)
         # The resume state (optimiser moments: twice the trainable weights) is dead weight now.
-        last.unlink(missing_ok=True)
+        clear_training_state(checkpoint_dir)
+    if stop.requested:  # the signal came during the last step: finished, but stop as asked
+        raise stop.stop()
     method.eval()
     return TrainResult(step, seconds, log[-1]["loss"] if log else None, log)
-
-
-def load_weights(method: Method, checkpoint: Path) -> int:
-    """Load a ``final.pt`` or ``last.pt`` into ``method``; returns its step."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    missing, unexpected = method.load_state_dict(state["model"], strict=False)
-    if unexpected:
-        raise ConfigError(
-            f"checkpoint {checkpoint} does not fit {type(method).__name__}: unexpected keys {unexpected[:3]}",
-            hint="evaluate it with the method and backbone it was trained with",
-        )
-    return int(state.get("step", 0))
 
 
 def _write_log(path: Path, log: list[dict[str, Any]]) -> None:
