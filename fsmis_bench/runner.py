@@ -1,19 +1,31 @@
-"""Runs: compose -> datasets -> protocol episodes -> train (or resume, or reuse) -> evaluate -> record.
+"""Runs: compose -> identify -> protocol episodes -> train (or resume, or reuse) -> evaluate -> record.
 
-Everything a run computes is validated before training starts (data root, folds, that
-each support scan shows each organ), so a bad input never costs a training run. Each
-evaluation group is recorded as soon as it is done, so an interrupted run resumes where
-it stopped, and a finished run is never recomputed or overwritten.
+Order matters for trust:
+
+1. options are validated when the config is composed (:func:`fsmis_bench.config.validate`),
+   before any data or disk is touched;
+2. :func:`identify` builds the datasets and the method and fixes the run's *inputs* (data
+   identity, pretrained weights, an external checkpoint's content hash), which go into
+   the run hash and ``run.json``;
+3. :func:`plan` loads and checks every volume the run will read (test episodes, training
+   scans), so bad data stops the run before its folder exists;
+4. only then is the run folder created and training started.
+
+Each evaluation group is recorded as soon as it is done, so an interrupted run resumes
+where it stopped, and a finished run is never recomputed or overwritten.
 """
 
 from __future__ import annotations
 
-import sys
 import fcntl
+import os
+import shutil
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
@@ -21,6 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from .data.base import VolumeDataset
+from .data.digest import file_sha256
 from .errors import ConfigError
 from .evaluation import OrganEpisodes, evaluate
 from .method import Method
@@ -31,9 +44,10 @@ from .protocol.settings import EvalGroup, eval_groups
 from .records import (
     CASE_COLUMNS, COMPLETE, atomic_write, config_hash, load_predictions, non_standard_options,
     now, package_versions, read_json, run_dir_for, save_predictions, test_dataset_name,
-    training_hash, write_json,
+    training_hash, write_error, write_json, writing_to,
 )
-from .training.engine import load_weights, make_accelerator, train
+from .training.checkpoint import LEGACY_FILES, WEIGHTS_FILE, CheckpointError, load_weights, read_metadata
+from .training.engine import make_accelerator, train
 from .training.episodes import EpisodeSampler
 
 
@@ -54,6 +68,33 @@ def build_method(cfg: DictConfig) -> Method:
 
 
 @dataclass
+class RunIdentity:
+    """Everything that decides a run's numbers, fixed before any work is done.
+
+    Attributes:
+        cfg: the resolved config.
+        run_dir: the record directory (its name ends in the hash of config + inputs).
+        inputs: ``{"train_data", "test_data", "weights", "checkpoint"}`` as recorded in
+            ``run.json``: the datasets' :meth:`~fsmis_bench.data.base.VolumeDataset.identity`
+            (``train_data`` is None when nothing is trained), the method's
+            :meth:`~fsmis_bench.method.Method.weight_identity`, and an external checkpoint's
+            path, SHA-256 and step (None without ``checkpoint=``).
+        method: the method built for ``cfg`` (reused for the first evaluation group).
+        supervoxels_generated: what :meth:`ensure_supervoxels` generated for this run.
+    """
+
+    cfg: DictConfig
+    run_dir: Path
+    inputs: dict[str, Any]
+    train_dataset: VolumeDataset
+    test_dataset: VolumeDataset
+    groups: list[EvalGroup]
+    method: Method
+    checkpoint: Path | None = None
+    supervoxels_generated: dict | None = None
+
+
+@dataclass
 class RunPlan:
     cfg: DictConfig
     run_dir: Path
@@ -61,11 +102,30 @@ class RunPlan:
     test_dataset: VolumeDataset
     groups: list[EvalGroup]
     episodes: dict[str, list[OrganEpisodes]]
+    identity: RunIdentity | None = None
+    to_train: list[str] = field(default_factory=list)
 
 
-def plan(cfg: DictConfig) -> RunPlan:
-    """Resolve datasets, groups and every test episode; raises before anything is trained."""
-    method_cls = registries().methods.get(str(cfg.method.name))
+def _trains_on_supervoxels(cfg: DictConfig, method: Method, checkpoint: Path | None) -> bool:
+    return method.needs_training and checkpoint is None and cfg.protocol.train_labels == "supervoxels"
+
+
+def _external_checkpoint(checkpoint: Path) -> dict[str, Any]:
+    """Path, content hash and step of an ``eval checkpoint=`` file (refused unless safetensors)."""
+    metadata = read_metadata(checkpoint)  # a pickle is refused here, unread
+    try:
+        step = int(metadata.get("step", 0))
+    except ValueError:
+        step = 0
+    return {"path": str(Path(checkpoint).resolve()), "sha256": file_sha256(checkpoint), "step": step}
+
+
+def identify(cfg: DictConfig, checkpoint: Path | None = None) -> RunIdentity:
+    """Build datasets and method and fix the run's inputs, hash and record directory.
+
+    Generates missing supervoxels first (announced, and recorded in the run), because
+    their digest is part of the identity. Loads no volume.
+    """
     train_dataset = build_dataset(cfg.dataset, cfg.data_root)
     test_name = test_dataset_name(cfg)
     if test_name == cfg.dataset.name:
@@ -74,10 +134,29 @@ def plan(cfg: DictConfig) -> RunPlan:
         test_dataset = build_dataset({"name": test_name}, cfg.data_root)
     groups = eval_groups(train_dataset, test_dataset, int(cfg.setting), str(cfg.protocol.exclusion),
                          str(cfg.protocol.train_labels))
-    if method_cls.needs_training and cfg.protocol.train_labels == "supervoxels":
+    method = build_method(cfg)
+    generated = None
+    if _trains_on_supervoxels(cfg, method, checkpoint):
         ensure = getattr(train_dataset, "ensure_supervoxels", None)
         if ensure is not None:
-            ensure()
+            generated = ensure()
+    inputs: dict[str, Any] = {
+        "train_data": (train_dataset.identity(with_supervoxels=_trains_on_supervoxels(cfg, method, checkpoint))
+                       if method.needs_training and checkpoint is None else None),
+        "test_data": test_dataset.identity(with_supervoxels=False),
+        "weights": method.weight_identity(),
+        "checkpoint": _external_checkpoint(checkpoint) if checkpoint is not None else None,
+    }
+    return RunIdentity(cfg, run_dir_for(cfg, inputs), inputs, train_dataset, test_dataset, groups, method,
+                       checkpoint, generated)
+
+
+def plan(cfg: DictConfig, identity: RunIdentity | None = None, *, allow_training: bool = True) -> RunPlan:
+    """Resolve every test episode and check every volume the run reads; raises before
+    anything is written or trained."""
+    ident = identity or identify(cfg)
+    method_cls = type(ident.method)
+    test_dataset, groups = ident.test_dataset, ident.groups
     fold_cases = test_dataset.fold_cases(int(cfg.fold))
     # Smoke runs may evaluate a subset (marked non-standard in the record).
     only_organs = list(cfg.protocol.get("organs") or [])
@@ -102,7 +181,16 @@ def plan(cfg: DictConfig) -> RunPlan:
             episodes[group.name].append(OrganEpisodes(organ, support, queries[:max_queries]))
     groups = [g for g in groups if episodes[g.name]]
     episodes = {g.name: episodes[g.name] for g in groups}
-    return RunPlan(cfg, run_dir_for(cfg), train_dataset, test_dataset, groups, episodes)
+    p = RunPlan(cfg, ident.run_dir, ident.train_dataset, test_dataset, groups, episodes, ident)
+    if ident.checkpoint is not None and ident.method.needs_training:
+        load_weights(ident.method, ident.checkpoint)  # refuses a partial or foreign checkpoint now
+    p.to_train = _groups_to_train(p, allow_training)
+    if p.to_train:
+        # Every training scan is read (and checked, e.g. for NaN) before the run folder exists.
+        with_sv = str(cfg.protocol.train_labels) == "supervoxels"
+        for case_id in _training_cases(p):
+            p.train_dataset.load(case_id, with_supervoxels=with_sv)
+    return p
 
 
 def _training_cases(p: RunPlan) -> list[str]:
@@ -111,21 +199,59 @@ def _training_cases(p: RunPlan) -> list[str]:
     return p.train_dataset.case_ids()  # cross-domain: the whole source dataset
 
 
-def _find_checkpoint(cfg: DictConfig, run_dir: Path, group: str) -> Path | None:
-    """A finished training with the same training config, in this or a sibling run."""
-    own = run_dir / "checkpoints" / group / "final.pt"
-    if own.exists():
-        return own
-    wanted = training_hash(cfg)
+def _label(p: RunPlan, group: EvalGroup) -> str:
+    return f"{p.cfg.method.name}/{p.test_dataset.name} s{p.cfg.setting} f{p.cfg.fold} [{group.name}]"
+
+
+def _groups_to_train(p: RunPlan, allow_training: bool) -> list[str]:
+    """Groups that still need training; raises when training is needed but not allowed."""
+    ident = p.identity
+    if ident is None or not ident.method.needs_training or ident.checkpoint is not None:
+        return []
+    wanted = []
+    for group in p.groups:
+        if (p.run_dir / "parts" / f"cases_{group.name}.csv").exists():
+            continue
+        if _find_checkpoint(p.cfg, ident.inputs, p.run_dir, group.name) is not None:
+            continue
+        if not allow_training:
+            raise ConfigError(
+                f"no trained checkpoint for {_label(p, group)}",
+                hint="train it first with `fsmis-bench run` and the same overrides, or pass "
+                "checkpoint=<final.safetensors>",
+            )
+        wanted.append(group.name)
+    return wanted
+
+
+def _find_checkpoint(cfg: DictConfig, inputs: dict, run_dir: Path, group: str) -> Path | None:
+    """A finished training with the same training config and inputs, in this or a sibling run."""
+    own = run_dir / "checkpoints" / group
+    for legacy in LEGACY_FILES:
+        if (own / legacy).exists():
+            raise CheckpointError(
+                f"{own / legacy} is a pickle checkpoint; fsmis-bench never loads pickles, because "
+                "unpickling a file can run arbitrary code",
+                hint=f"delete {own / legacy} (training of this run then restarts from step 0)",
+            )
+    if (own / WEIGHTS_FILE).exists():
+        return own / WEIGHTS_FILE
+    wanted = training_hash(cfg, inputs)
     for info in sorted(run_dir.parent.glob("*/run.json")):
-        candidate = info.parent / "checkpoints" / group / "final.pt"
-        if candidate.exists() and read_json(info).get("training_hash") == wanted:
+        candidate = info.parent / "checkpoints" / group / WEIGHTS_FILE
+        try:
+            same = read_json(info).get("training_hash") == wanted
+        except (OSError, ValueError):
+            continue  # a damaged sibling record is no source of weights
+        if candidate.exists() and same:
             return candidate
     return None
 
 
-def _prepare_dir(cfg: DictConfig, run_dir: Path, random_weights: bool) -> dict:
-    full_hash = config_hash(cfg)
+def _prepare_dir(p: RunPlan, random_weights: bool) -> dict:
+    cfg, run_dir, ident = p.cfg, p.run_dir, p.identity
+    assert ident is not None
+    full_hash = config_hash(cfg, ident.inputs)
     info_path = run_dir / "run.json"
     if info_path.exists():
         info = read_json(info_path)
@@ -134,9 +260,13 @@ def _prepare_dir(cfg: DictConfig, run_dir: Path, random_weights: bool) -> dict:
                 f"{run_dir} holds a run with another config (hash prefix collision)",
                 hint="move that directory away; fsmis-bench never overwrites a run",
             )
+        if ident.supervoxels_generated:
+            info.setdefault("supervoxels_generated", []).append({**ident.supervoxels_generated, "at": now()})
+            write_json(info_path, info)
         return info
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
+    checkpoint = ident.inputs.get("checkpoint")
     info = {
         "method": str(cfg.method.name),
         "dataset": str(cfg.dataset.name),
@@ -149,9 +279,15 @@ def _prepare_dir(cfg: DictConfig, run_dir: Path, random_weights: bool) -> dict:
         "random_weights": random_weights,
         "fidelity": str(cfg.fidelity),
         "protocol": OmegaConf.to_container(cfg.protocol, resolve=True),
-        "non_standard": non_standard_options(cfg, random_weights),
+        "non_standard": non_standard_options(cfg, random_weights, checkpoint["sha256"] if checkpoint else None),
         "config_hash": full_hash,
-        "training_hash": training_hash(cfg),
+        "training_hash": training_hash(cfg, ident.inputs),
+        # Where the weights come from: trained by this run (or a sibling with the same
+        # training hash), or an external checkpoint, which never counts as a `run`.
+        "weights_from": "external_checkpoint" if checkpoint else ("training" if ident.method.needs_training else "none"),
+        "inputs": ident.inputs,
+        "evaluated": {e.organ: [q.case_id for q in e.queries] for g in p.groups for e in p.episodes[g.name]},
+        "supervoxels_generated": [{**ident.supervoxels_generated, "at": now()}] if ident.supervoxels_generated else [],
         "versions": package_versions(),
         "started_at": now(),
         "finished_at": None,
@@ -161,55 +297,94 @@ def _prepare_dir(cfg: DictConfig, run_dir: Path, random_weights: bool) -> dict:
     return info
 
 
+def _check_results_writable(cfg: DictConfig) -> None:
+    """A results folder that cannot be written is refused before any data is read."""
+    folder = Path(str(cfg.results_dir)).expanduser()
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise write_error(PermissionError(13, "Permission denied", str(folder / "x")), folder)
+
+
 def execute(cfg: DictConfig, *, allow_training: bool = True, checkpoint: Path | None = None) -> Path:
-    """Run (or resume) one configuration and return its record directory."""
-    run_dir = run_dir_for(cfg)
-    if (run_dir / COMPLETE).exists():
-        tqdm.write(f"already complete, not recomputed: {run_dir}", file=sys.stderr)
-        return run_dir
-    p = plan(cfg)
-    with _exclusive(run_dir):
-        return _execute(p, cfg, run_dir, allow_training, checkpoint)
+    """Run (or resume) one configuration and return its record directory.
+
+    Args:
+        allow_training: False for ``eval``: use a finished training or ``checkpoint``.
+        checkpoint: an external ``.safetensors`` checkpoint to evaluate; its content hash
+            is part of the run's identity and the run is marked as evaluated from it.
+    """
+    _check_results_writable(cfg)
+    results = Path(str(cfg.results_dir)).expanduser()
+    with writing_to(results):
+        ident = identify(cfg, checkpoint)
+        run_dir = ident.run_dir
+        if (run_dir / COMPLETE).exists():
+            tqdm.write(f"already complete, not recomputed: {run_dir}", file=sys.stderr)
+            return run_dir
+        p = plan(cfg, ident, allow_training=allow_training)
+        with _exclusive(run_dir):
+            return _execute(p, allow_training)
 
 
 @contextmanager
 def _exclusive(run_dir: Path) -> Iterator[None]:
-    """One process per run directory; the OS drops the lock if the process dies."""
+    """One process per run directory; the OS drops the lock if the process dies.
+
+    A run folder created here is removed again when the run fails before computing
+    anything, so a failed start leaves no "running" record behind.
+    """
+    created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / ".lock", "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ConfigError(
-                f"{run_dir} is being computed by another process right now",
-                hint="let that process finish; rerunning afterwards reuses its result",
-            ) from None
-        yield
+    try:
+        with open(run_dir / ".lock", "w") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise ConfigError(
+                    f"{run_dir} is being computed by another process right now",
+                    hint="let that process finish; rerunning afterwards reuses its result",
+                ) from None
+            yield
+    except BaseException:
+        if created and not _holds_work(run_dir):
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
 
 
-def _execute(p: RunPlan, cfg: DictConfig, run_dir: Path, allow_training: bool, checkpoint: Path | None) -> Path:
+def _holds_work(run_dir: Path) -> bool:
+    """Whether a run folder holds anything computed (a checkpoint, a part, a log)."""
+    bookkeeping = {".lock", "config.yaml", "run.json"}
+    return any(p.is_file() and p.name not in bookkeeping for p in run_dir.rglob("*"))
+
+
+def _execute(p: RunPlan, allow_training: bool) -> Path:
+    cfg, run_dir, ident = p.cfg, p.run_dir, p.identity
+    assert ident is not None
     if (run_dir / COMPLETE).exists():  # finished by another process while we planned
         return run_dir
     accelerator = make_accelerator(cfg, int(cfg.train.grad_accum))
-    probe = build_method(cfg)
-    info = _prepare_dir(cfg, run_dir, probe.uses_random_weights())
+    probe = ident.method
+    info = _prepare_dir(p, probe.uses_random_weights())
     image_size = int(cfg.train.image_size) if cfg.train.get("image_size") else None
     for group in p.groups:
         part_cases = run_dir / "parts" / f"cases_{group.name}.csv"
         if part_cases.exists():
             continue
         method = probe if group is p.groups[0] else build_method(cfg)
-        label = f"{cfg.method.name}/{p.test_dataset.name} s{cfg.setting} f{cfg.fold} [{group.name}]"
+        label = _label(p, group)
         ckpt_dir = run_dir / "checkpoints" / group.name
         if method.needs_training:
-            existing = checkpoint or _find_checkpoint(cfg, run_dir, group.name)
+            existing = ident.checkpoint or _find_checkpoint(cfg, ident.inputs, run_dir, group.name)
             if existing is not None:
                 step = load_weights(method, existing)
                 tqdm.write(f"using trained weights {existing} (step {step})", file=sys.stderr)
             elif not allow_training:
                 raise ConfigError(
                     f"no trained checkpoint for {label}",
-                    hint="train it first with `fsmis-bench run` and the same overrides, or pass checkpoint=<final.pt>",
+                    hint="train it first with `fsmis-bench run` and the same overrides, or pass "
+                    "checkpoint=<final.safetensors>",
                 )
             else:
                 sampler = EpisodeSampler(
