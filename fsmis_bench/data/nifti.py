@@ -20,7 +20,7 @@ def read_nifti(path: Path, dtype: type = np.float32) -> tuple[np.ndarray, tuple[
     Returns:
         ``(Z, Y, X)`` array of ``dtype`` and the voxel spacing ``(z, y, x)`` in mm.
     Raises:
-        DataError: the file is missing, truncated or not a 3-D NIfTI.
+        DataError: the file is missing, truncated, not a 3-D NIfTI, or holds NaN/inf.
     """
     import nibabel as nib
 
@@ -35,6 +35,13 @@ def read_nifti(path: Path, dtype: type = np.float32) -> tuple[np.ndarray, tuple[
             f"cannot read {path}: {type(exc).__name__}: {exc}",
             hint="the file is damaged or not NIfTI; restore it or re-run `fsmis-bench prepare`",
         ) from None
+    if np.issubdtype(data.dtype, np.inexact):
+        finite = np.isfinite(data)
+        if not finite.all():
+            raise DataError(
+                f"{path} holds {finite.size - np.count_nonzero(finite)} non-finite voxels (NaN or inf)",
+                hint="repair or re-prepare this file (`fsmis-bench check-data` lists every damaged file)",
+            )
     if data.ndim == 4 and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim != 3:
