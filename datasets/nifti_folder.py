@@ -45,7 +45,7 @@ class NiftiFolder(VolumeDataset):
         if not label_map:
             raise ConfigError(
                 "dataset=nifti_folder needs dataset.label_map",
-                hint="e.g. '+dataset.label_map={liver:1,spleen:2}'",
+                hint="e.g. 'dataset.label_map={liver:1,spleen:2}'",
             )
         unknown = [o for o in label_map if o not in ORGANS]
         if unknown:

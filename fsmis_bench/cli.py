@@ -42,12 +42,14 @@ def _run(args: argparse.Namespace) -> int:
             if item.startswith("checkpoint="):
                 checkpoint = Path(item.split("=", 1)[1]).expanduser()
                 if not checkpoint.is_file():
-                    raise FsmisError(f"checkpoint {checkpoint} does not exist", hint="pass the path of a final.pt")
+                    raise FsmisError(f"checkpoint {checkpoint} does not exist",
+                                     hint="pass the path of a final.safetensors")
             else:
                 kept.append(item)
         overrides = kept
     runs = expand_sweep(overrides) if args.multirun else [overrides]
-    if not args.multirun and any("," in o.split("=", 1)[-1] and not o.split("=", 1)[-1].startswith("[") for o in overrides):
+    if not args.multirun and any("," in o.split("=", 1)[-1] and not o.split("=", 1)[-1].startswith(("[", "{", "'", '"'))
+                                 for o in overrides):
         raise FsmisError("comma-separated values describe a sweep", hint="add -m to run every combination")
     configs = [compose(r) for r in runs]  # every config is checked before anything runs
     failures = []
@@ -130,9 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         if exc.hint:
             print(f"  hint: {exc.hint}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print("interrupted; finished work is kept and the same command resumes", file=sys.stderr)
-        return 130
+        return int(getattr(exc, "exit_code", 130))
 
 
 if __name__ == "__main__":
