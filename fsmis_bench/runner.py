@@ -303,8 +303,11 @@ def _check_results_writable(cfg: DictConfig) -> None:
     existing = folder
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise write_error(PermissionError(13, "Permission denied", str(folder / "x")), folder)
+    if not existing.is_dir():
+        raise ConfigError(f"cannot write to {folder}: {existing} is a file, not a folder",
+                          hint="choose another results_dir= (FSMIS_RESULTS_DIR)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise write_error(PermissionError(13, "Permission denied", str(existing / "x")), existing)
 
 
 def execute(cfg: DictConfig, *, allow_training: bool = True, checkpoint: Path | None = None) -> Path:

@@ -113,3 +113,14 @@ def test_other_signals_plug_in():
     with StopRequest(signals=(signal.SIGUSR1,)) as stop:
         os.kill(os.getpid(), signal.SIGUSR1)
     assert stop.received == signal.SIGUSR1 and stop.stop().exit_code == 128 + signal.SIGUSR1
+
+
+def test_the_gpu_checkpoint_script_runs_on_cpu(tmp_path, monkeypatch, capsys):
+    import runpy
+    import sys
+
+    script = __import__("pathlib").Path(__file__).parents[1] / "benchmarks" / "gpu_checkpoint_check.py"
+    monkeypatch.setattr(sys, "argv", [str(script), "--device", "cpu", "--params", "2e5", "--out", str(tmp_path / "c")])
+    runpy.run_path(str(script), run_name="__main__")
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["next_step_identical"] and result["rng_identical"] and result["parameters_m"] == 0.2
