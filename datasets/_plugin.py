@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
-from fsmis_bench.plugins import hookimpl
+from fsmis_bench.plugins import Display, hookimpl
 
 
 @hookimpl
 def fsmis_register_datasets(registry) -> None:
     registry.register("abd_mri", "fsmis_datasets.preprocessed:AbdominalMRI",
-                      description="CHAOS T2-SPIR, 20 scans (CHAOST2/ layout)")
+                      description="CHAOS T2-SPIR, 20 scans (CHAOST2/ layout)", display=Display(name="Abd-MRI"))
     registry.register("abd_ct", "fsmis_datasets.preprocessed:AbdominalCT",
-                      description="Synapse/BTCV 'SABS', 30 scans (SABS/ layout)")
+                      description="Synapse/BTCV 'SABS', 30 scans (SABS/ layout)", display=Display(name="Abd-CT"))
     registry.register("card_mri", "fsmis_datasets.preprocessed:CardiacMRI",
-                      description="MS-CMRSeg bSSFP, 35 scans (CMR/ layout)")
+                      description="MS-CMRSeg bSSFP, 35 scans (CMR/ layout)", display=Display(name="Card-MRI"))
+    # a user's own data; `fsmis-bench report --rename nifti_folder="..."` gives it its real name
     registry.register("nifti_folder", "fsmis_datasets.nifti_folder:NiftiFolder",
-                      description="your own image/label NIfTI pairs, label map in config")
+                      description="your own image/label NIfTI pairs, label map in config",
+                      display=Display(name="NIfTI folder"))
     registry.register("phantom", "fsmis_datasets.phantom:Phantom",
-                      description="procedural abdominal volumes (CT/MRI-like), no files; the default")
+                      description="procedural abdominal volumes (CT/MRI-like), no files; the default",
+                      display=Display(name="Phantom"))
 
 
 @hookimpl

@@ -18,7 +18,7 @@ import numpy as np
 
 from fsmis_bench.data.base import Volume, VolumeDataset
 from fsmis_bench.data.digest import files_sha256
-from fsmis_bench.data.nifti import nifti_path, numeric_sort, read_nifti
+from fsmis_bench.data.nifti import load_nifti, nifti_path, numeric_sort, read_nifti
 from fsmis_bench.errors import DataError
 from fsmis_bench.preparation.facts import DATASET_FACTS, DatasetFacts
 from fsmis_bench.protocol.folds import FOLDS
@@ -166,7 +166,8 @@ class PreprocessedLayout(VolumeDataset):
 
 
     def _load(self, case_id: str, with_supervoxels: bool) -> Volume:
-        image, spacing = read_nifti(nifti_path(self.image_root, f"image_{case_id}"), np.float32)
+        # read as stored: the prepared files are the benchmark's reference layout
+        image = load_nifti(nifti_path(self.image_root, f"image_{case_id}"), np.float32)
         label, _ = read_nifti(nifti_path(self.image_root, f"label_{case_id}"), np.int32)
         supervoxels = None
         if with_supervoxels:
@@ -178,7 +179,7 @@ class PreprocessedLayout(VolumeDataset):
                     "or train with protocol.train_labels=gt",
                 )
             supervoxels, _ = read_nifti(path, np.int32)
-        return Volume(case_id, image, label, supervoxels, spacing)
+        return Volume(case_id, image.array, label, supervoxels, image.spacing, image.affine, self.modality)
 
 
 class AbdominalMRI(PreprocessedLayout):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Callable, Generic, Iterator, TypeVar, Union
 
@@ -35,6 +36,28 @@ def closest(name: str, candidates: list[str] | set[str]) -> str | None:
         return (round(ratio, 6), prefix)
 
     return max(close, key=rank)
+@dataclass(frozen=True)
+class Display:
+    """How reports show a registered name (all optional; empty means "derive it").
+
+    Attributes:
+        name: human-readable name in figures (``"SD-FSMIS"`` for ``sdfsmis``).
+        colour: methods: a matplotlib colour (``"#CC79A7"``); default: a fixed colour for
+            the built-ins and a stable colour derived from the name for the others.
+        family: methods: draw as a shade of this method's colour (an ablation of it).
+        shade: methods: which shade of the family colour (0 = the family colour itself,
+            1, 2, ... = lighter), so members of one family stay apart.
+        published_names: methods: the names under which the published tables list this
+            method (``published_results.csv``), for the measured-vs-published figure.
+        organ_names: datasets: organ -> display name, for organs outside the built-in list.
+    """
+
+    name: str = ""
+    colour: str = ""
+    family: str = ""
+    shade: int = 0
+    published_names: tuple[str, ...] = ()
+    organ_names: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -45,6 +68,7 @@ class Entry(Generic[T]):
     target: Union[str, Callable[..., T], None]
     plugin: str
     description: str = ""
+    display: Display = field(default_factory=Display)
     _resolved: Callable[..., T] | None = field(default=None, repr=False)
 
     def load(self) -> Callable[..., T]:
@@ -79,10 +103,12 @@ class Registry(Generic[T]):
         *,
         plugin: str = "<unknown>",
         description: str = "",
+        display: Display | None = None,
     ) -> None:
         """Add ``name``; raises :class:`NameCollisionError` if it is taken.
 
         ``target`` may be None for names that only select config (settings, backbones).
+        ``display`` says how reports show the name (display name, colour, published name).
         """
         if name in self._entries:
             other = self._entries[name].plugin
@@ -90,7 +116,7 @@ class Registry(Generic[T]):
                 f"{self.kind} {name!r} is registered twice: by plugin {other!r} and by {plugin!r}",
                 hint="rename one of them; names are global across all installed plugins",
             )
-        self._entries[name] = Entry(name, target, plugin, description)
+        self._entries[name] = Entry(name, target, plugin, description, display or Display())
 
     def entry(self, name: str) -> Entry[T]:
         """The entry for ``name``; unknown names raise with the list of known ones."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from .config import compose
 from .data.base import VolumeDataset
@@ -21,8 +21,8 @@ def build_method(overrides: list[str] | DictConfig | None = None) -> Method:
 
 def load_dataset(name: str, data_root: str | Path | None = None, **options) -> VolumeDataset:
     """A dataset plugin instance by name, with its config-group defaults under ``options``."""
-    cfg = compose([f"dataset={name}"])
-    merged = {**dict(cfg.dataset), **options}
+    cfg = compose([f"dataset={name}"], resolve_datasets=False)
+    merged = {**OmegaConf.to_container(cfg.dataset), **options}
     return build_dataset(merged, str(data_root) if data_root is not None else cfg.data_root)
 
 

@@ -1,4 +1,4 @@
-"""``fsmis-bench``: run, eval, report, list, describe, prepare, supervoxels, check-data.
+"""``fsmis-bench``: run, eval, export, report, list, describe, prepare, supervoxels, check-data, weights.
 
 Run-type commands take Hydra overrides::
 
@@ -15,9 +15,10 @@ import argparse
 import importlib
 import json
 import sys
+import warnings
 from pathlib import Path
 
-from .errors import FsmisError
+from .errors import DataWarning, FsmisError
 
 # Subcommands defined elsewhere, by the module that registers them. Only the module of the
 # command being run is imported, so `fsmis-bench run` does not pay for seaborn & co.
@@ -27,11 +28,13 @@ _SUBCOMMAND_MODULES = {
     "prepare": "fsmis_bench.preparation.commands",
     "supervoxels": "fsmis_bench.preparation.commands",
     "check-data": "fsmis_bench.preparation.commands",
+    "weights": "fsmis_methods._weights",
+    "export": "fsmis_bench.export",
 }
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .config import compose, expand_sweep
+    from .config import compose, expand_sweep, is_sweep
     from .runner import execute
 
     overrides = list(args.overrides)
@@ -41,16 +44,17 @@ def _run(args: argparse.Namespace) -> int:
         for item in overrides:
             if item.startswith("checkpoint="):
                 checkpoint = Path(item.split("=", 1)[1]).expanduser()
-                if not checkpoint.is_file():
-                    raise FsmisError(f"checkpoint {checkpoint} does not exist",
-                                     hint="pass the path of a final.safetensors")
+                if not checkpoint.exists():
+                    raise FsmisError(
+                        f"checkpoint {checkpoint} does not exist",
+                        hint="pass the path of a final.safetensors, or the directory of a finished run",
+                    )
             else:
                 kept.append(item)
         overrides = kept
-    runs = expand_sweep(overrides) if args.multirun else [overrides]
-    if not args.multirun and any("," in o.split("=", 1)[-1] and not o.split("=", 1)[-1].startswith(("[", "{", "'", '"'))
-                                 for o in overrides):
+    if not args.multirun and is_sweep(overrides):
         raise FsmisError("comma-separated values describe a sweep", hint="add -m to run every combination")
+    runs = expand_sweep(overrides) if args.multirun else [overrides]
     configs = [compose(r) for r in runs]  # every config is checked before anything runs
     failures = []
     for index, (run_overrides, cfg) in enumerate(zip(runs, configs)):
@@ -59,6 +63,13 @@ def _run(args: argparse.Namespace) -> int:
         try:
             run_dir = execute(cfg, allow_training=args.command == "run", checkpoint=checkpoint)
             print(run_dir)
+            if args.export_masks:
+                from .export import export_masks
+
+                out = Path(args.export_masks).expanduser()
+                if len(configs) > 1:
+                    out = out / run_dir.relative_to(Path(str(cfg.results_dir)).expanduser())
+                print(export_masks(run_dir, out).format(), file=sys.stderr)
         except FsmisError as exc:
             if len(configs) == 1:
                 raise
@@ -105,6 +116,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     ):
         run_parser = sub.add_parser(name, help=help_text, description=help_text)
         run_parser.add_argument("-m", "--multirun", action="store_true", help="sweep comma-separated values")
+        run_parser.add_argument(
+            "--export-masks", metavar="DIR",
+            help="afterwards write every predicted mask as NIfTI in its scan's own grid (see `export`)",
+        )
         run_parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. method=prototype fold=0")
         run_parser.set_defaults(func=_run)
     listing = sub.add_parser("list", help="methods, datasets, settings and backbones with their plugins")
@@ -118,6 +133,14 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Data warnings as one ``warning:`` line; others as Python prints them."""
+    if issubclass(category, DataWarning):
+        print(f"warning: {message}", file=sys.stderr)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(argv[0] if argv else None)
@@ -126,7 +149,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("default", DataWarning)
+            warnings.showwarning = _show_warning
+            return int(args.func(args) or 0)
     except FsmisError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         if exc.hint:

@@ -24,10 +24,13 @@ _CHOICES = {
     "protocol.dice": ("per_volume", "pooled"),
     "protocol.exclusion": ("any", "all"),
     "protocol.train_labels": ("supervoxels", "gt"),
+    "protocol.gt_exclusion": ("per_group", "liver_spleen"),
     "fidelity": ("paper", "code"),
     "device": ("auto", "cpu", "cuda"),
     "mixed_precision": ("auto", "no", "bf16", "fp16"),
-    "train.schedule": ("constant", "linear", "cosine"),
+    "train.schedule": ("constant", "linear", "cosine", "step"),
+    "train.optimizer": ("adamw", "sgd"),
+    "tf32": ("auto", True, False),
 }
 # Integer options and their least allowed value; those in _NULLABLE may also be null.
 _INTEGERS = {
@@ -36,10 +39,11 @@ _INTEGERS = {
     "protocol.max_queries": 1,
     "train.steps": 1, "train.batch_size": 1, "train.grad_accum": 1, "train.checkpoint_every": 1,
     "train.log_every": 1, "train.warmup_steps": 0, "train.num_workers": 0, "train.image_size": 8,
+    "train.lr_step_every": 1,
 }
 _NULLABLE = ("protocol.max_queries", "train.image_size")
 # Non-negative real options.
-_REALS = ("train.grad_clip", "train.weight_decay")
+_REALS = ("train.grad_clip", "train.weight_decay", "train.momentum", "train.lr_gamma")
 _BOOLEANS = ("pretrained", "train.augment", "protocol.save_predictions")
 
 
@@ -88,7 +92,11 @@ def _base_keys(overrides: list[str], extra: list[str]) -> set[str]:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    groups = [o for o in overrides if not o.startswith(("+", "~")) and o.split("=", 1)[0] in (*_GROUPS, "fidelity")]
+    given = _split(overrides)
+    groups = [f"{k}={v}" for k, v in given.items() if k in (*_GROUPS, "fidelity")]
+    test_name = given.get("protocol.test_dataset")
+    if test_name not in (None, "", "null"):  # a cross-domain test dataset's own options
+        groups.append(f"+dataset@test_dataset={test_name}")
     with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
         cfg = hydra_compose("config", overrides=groups + extra)
         default_backbone = cfg.method.get("default_backbone")
@@ -112,6 +120,30 @@ def _unknown_key(key: str, known: set[str], added: bool) -> ConfigError:
         f"unknown option {key!r}",
         hint=suggestion + "see configs/config.yaml and the method's configs/method/<name>.yaml for the options",
     )
+def is_sweep(overrides: list[str]) -> bool:
+    """Whether any override describes several values (``fold=0,1``, ``range(5)``).
+
+    Read with Hydra's grammar, so a dict value (``{liver:1,spleen:2}``) is one value.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except Exception:  # noqa: BLE001 - unreadable overrides get compose()'s clearer message
+        return False
+    return any(o.is_sweep_override() for o in parsed)
+
+
+def _add_or_replace(override: str) -> str:
+    """``+a.b=v`` -> ``++a.b=v``: adding a value key works whether or not the config has it.
+
+    Hydra refuses ``+key=`` for a key that already exists (``dataset.label_map`` does, as
+    null); config group additions (``+group=option``, no dot) keep Hydra's meaning.
+    """
+    key = override.split("=", 1)[0]
+    if key.startswith("+") and not key.startswith("++") and "." in key and "@" not in key:
+        return "+" + override
+    return override
 
 
 def _split(overrides: list[str]) -> dict[str, str]:
@@ -127,14 +159,18 @@ def _split(overrides: list[str]) -> dict[str, str]:
     return pairs
 
 
-def compose(overrides: list[str] | None = None) -> DictConfig:
-    """The resolved run config for a list of overrides (one run, no sweeps)."""
+def compose(overrides: list[str] | None = None, *, resolve_datasets: bool = True) -> DictConfig:
+    """The resolved run config for a list of overrides (one run, no sweeps).
+
+    With ``resolve_datasets`` (the default) the dataset nodes must be complete (no ``???``)
+    and are resolved by their plugins (:func:`_resolve_dataset_options`).
+    """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    overrides = list(overrides or [])
+    overrides = [_add_or_replace(o) for o in overrides or []]
     given = _split(overrides)
     regs = registries()
     for key, attr in _GROUPS.items():
@@ -142,6 +178,10 @@ def compose(overrides: list[str] | None = None) -> DictConfig:
             getattr(regs, attr).entry(given[key])  # raises with the known names
     if "setting" in given:
         regs.settings.entry(given["setting"])
+    # `test_dataset.*` options exist only once `protocol.test_dataset` has put the test
+    # dataset's config group under `test_dataset`, so they are applied in a second pass.
+    test_options = [o for o in overrides if o.lstrip("+~").startswith("test_dataset.")]
+    overrides = [o for o in overrides if o not in test_options]
 
     extra = []
     if regs.config_dirs:
@@ -149,14 +189,17 @@ def compose(overrides: list[str] | None = None) -> DictConfig:
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
             cfg = hydra_compose("config", overrides=overrides + extra)
+            more = _test_dataset_overrides(cfg, test_options)
             default_backbone = cfg.method.get("default_backbone")
             if "backbone" not in given and default_backbone:
-                cfg = hydra_compose("config", overrides=overrides + extra + [f"backbone={default_backbone}"])
+                more.append(f"backbone={default_backbone}")
+            if more:
+                cfg = hydra_compose("config", overrides=overrides + extra + more)
     except (HydraException, OmegaConfBaseException) as exc:
         lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
         unknown = re.match(r"Could not override '([^']+)'", lines[0]) if lines else None
         if unknown:
-            raise _unknown_key(unknown.group(1), _base_keys(overrides, extra), added=False) from None
+            raise _unknown_key(unknown.group(1), _base_keys(overrides + test_options, extra), added=False) from None
         hint = "check the override names (`fsmis-bench list`)"
         present = re.search(r"An item is already at '([^']+)'", lines[0]) if lines else None
         if present:
@@ -170,7 +213,9 @@ def compose(overrides: list[str] | None = None) -> DictConfig:
     with_hydra = OmegaConf.to_container(cfg, resolve=False)
     with_hydra.pop("hydra", None)
     cfg = OmegaConf.create(with_hydra)
-    _refuse_added_or_deleted(overrides, extra)
+    _refuse_added_or_deleted(overrides + test_options, extra)
+    if resolve_datasets:
+        _resolve_dataset_options(cfg)
     validate(cfg)
     return cfg
 
@@ -178,7 +223,8 @@ def compose(overrides: list[str] | None = None) -> DictConfig:
 def _refuse_added_or_deleted(overrides: list[str], extra: list[str]) -> None:
     """``+key=`` that adds a key no config declares would be silently ignored (a typo
     trains the defaults), and ``~key`` would remove one the code reads: both are refused."""
-    added = [o.lstrip("+").split("=", 1)[0] for o in overrides if o.startswith("+")]
+    # "+group@package=option" (a config group added under another name) is not a key
+    added = [o.lstrip("+").split("=", 1)[0] for o in overrides if o.startswith("+") and "@" not in o.split("=", 1)[0]]
     deleted = [o.lstrip("~").split("=", 1)[0] for o in overrides if o.startswith("~")]
     if deleted:
         raise ConfigError(
@@ -191,6 +237,52 @@ def _refuse_added_or_deleted(overrides: list[str], extra: list[str]) -> None:
     for key in added:
         if key not in known and not key.startswith("hydra."):
             raise _unknown_key(key, known, added=True)
+def _test_dataset_overrides(cfg: DictConfig, test_options: list[str]) -> list[str]:
+    """The overrides that build the ``test_dataset`` node of a cross-domain run.
+
+    ``protocol.test_dataset=<name>`` selects the config group ``dataset/<name>`` a second
+    time, under ``test_dataset``, so the test dataset takes the same options as the
+    training dataset (``test_dataset.path=...``).
+    """
+    test_name = cfg.protocol.get("test_dataset")
+    if test_name in (None, "", "null") or test_name == cfg.dataset.name:
+        if test_options:
+            raise ConfigError(
+                f"{test_options[0].split('=', 1)[0].lstrip('+~')} is an option of a cross-domain test "
+                "dataset, and none is set" if test_name in (None, "", "null") else
+                f"training and testing on two {test_name} datasets with different options is not supported",
+                hint="name the test dataset with protocol.test_dataset=<name> (e.g. nifti_folder), "
+                "and train on another one (dataset=abd_mri)",
+            )
+        return []
+    registries().datasets.entry(str(test_name))  # raises with the known names
+    return [f"+dataset@test_dataset={test_name}", *test_options]
+
+
+def _resolve_dataset_options(cfg: DictConfig) -> None:
+    """Each dataset node checked for missing values, then resolved by its plugin
+    (:meth:`~fsmis_bench.data.base.VolumeDataset.resolve_options`), so the run's config
+    holds everything that rebuilds the datasets (e.g. a label map read from its file)."""
+    for key in ("dataset", "test_dataset"):
+        node = cfg.get(key)
+        if node is None:
+            continue
+        missing = sorted(k for k in node if OmegaConf.is_missing(node, k))
+        if missing:
+            prefix = "dataset" if key == "dataset" else "protocol.test_dataset"
+            raise ConfigError(
+                f"{prefix}={node.name} needs {key}.{missing[0]}",
+                hint=f"add {key}.{missing[0]}=<value>" + (
+                    " (a folder of image_<id>.nii.gz and label_<id>.nii.gz)" if missing[0] == "path" else ""),
+            )
+        dataset_cls = registries().datasets.get(str(node.name))
+        resolve = getattr(dataset_cls, "resolve_options", None)
+        if resolve is None:
+            continue
+        options = OmegaConf.to_container(node, resolve=True)
+        resolved = resolve(options, cfg.get("data_root"))
+        if resolved != options:
+            cfg[key] = OmegaConf.create(resolved)
 
 
 def validate(cfg: DictConfig) -> None:
@@ -201,11 +293,18 @@ def validate(cfg: DictConfig) -> None:
     test = cfg.protocol.get("test_dataset")
     if test:
         regs.datasets.entry(str(test))
+        node = cfg.get("test_dataset")
+        if node is not None and node.get("name") != test:
+            raise ConfigError(
+                f"test_dataset.name={node.get('name')!r} contradicts protocol.test_dataset={test!r}",
+                hint="choose the test dataset with protocol.test_dataset only",
+            )
     regs.settings.entry(str(cfg.setting))
     for key, allowed in _CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
-            raise ConfigError(f"{key}={value!r} is not allowed", hint=f"use one of: {', '.join(allowed)}")
+            shown = (str(a).lower() if isinstance(a, bool) else str(a) for a in allowed)  # true, not True
+            raise ConfigError(f"{key}={value!r} is not allowed", hint=f"use one of: {', '.join(shown)}")
     for key, least in _INTEGERS.items():
         value = OmegaConf.select(cfg, key)
         if value is None and key in _NULLABLE:

@@ -39,3 +39,7 @@ class DataError(FsmisError):
 
 class ConfigError(FsmisError):
     """A configuration value is invalid."""
+
+
+class DataWarning(UserWarning):
+    """Data that can be used but may not mean what the user expects (the CLI prints it once)."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 
@@ -101,6 +101,14 @@ class Method(nn.Module):
     def components(self) -> dict[str, nn.Module]:
         """Named parts for ``fsmis-bench describe`` (default: the direct children)."""
         return dict(self.named_children())
+
+    def resolved_options(self) -> dict[str, Any]:
+        """The method's options as this run uses them, for run.json (JSON-serialisable).
+
+        The default is ``cfg.method`` as composed; methods whose ``null`` options are
+        resolved later (e.g. from ``cfg.fidelity``) return the concrete values."""
+        method_cfg = self.cfg.get("method") if isinstance(self.cfg, DictConfig) else None
+        return OmegaConf.to_container(method_cfg, resolve=True) if method_cfg is not None else {}  # type: ignore[return-value]
 
     def weight_identity(self) -> dict:
         """The pretrained weights this method loaded, for the run's identity and record:

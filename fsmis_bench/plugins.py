@@ -19,7 +19,7 @@ from typing import Any
 
 import pluggy
 
-from ._registry import Registry
+from ._registry import Display, Registry
 
 PROJECT = "fsmis_bench"
 ENTRY_POINT_GROUP = "fsmis_bench.plugins"
@@ -33,11 +33,20 @@ class HookSpecs:
 
     @hookspec
     def fsmis_register_methods(self, registry: Registry) -> None:
-        """Register method classes (subclasses of :class:`fsmis_bench.method.Method`)."""
+        """Register method classes (subclasses of :class:`fsmis_bench.method.Method`).
+
+        ``registry.register(name, target, description=..., display=Display(...))``: the
+        optional :class:`Display` gives the method's name, colour and published name in
+        report figures.
+        """
 
     @hookspec
     def fsmis_register_datasets(self, registry: Registry) -> None:
-        """Register dataset classes (subclasses of :class:`fsmis_bench.data.VolumeDataset`)."""
+        """Register dataset classes (subclasses of :class:`fsmis_bench.data.VolumeDataset`).
+
+        The optional ``display=Display(name=..., organ_names={...})`` names the dataset and
+        its organs in report figures.
+        """
 
     @hookspec
     def fsmis_register_backbones(self, registry: Registry) -> None:
@@ -148,8 +157,8 @@ class _PluginView:
         self._registry = registry
         self._plugin = plugin
 
-    def register(self, name: str, target: Any, *, description: str = "") -> None:
-        self._registry.register(name, target, plugin=self._plugin, description=description)
+    def register(self, name: str, target: Any, *, description: str = "", display: Display | None = None) -> None:
+        self._registry.register(name, target, plugin=self._plugin, description=description, display=display)
 
     def __contains__(self, name: object) -> bool:
         return name in self._registry

@@ -33,6 +33,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from .errors import FsmisError
+from .training.precision import with_resolved_precision
 
 CASE_COLUMNS = [
     "method", "dataset", "train_dataset", "setting", "fold", "seed", "organ", "case_id",
@@ -46,13 +47,14 @@ _UNHASHED = ("results_dir", "data_root", "weights_root", "device", "train.num_wo
 # re-evaluation under another protocol option reuses the checkpoint.
 _TRAINING_KEYS = (
     "method", "backbone", "dataset", "setting", "fold", "seed", "pretrained", "fidelity",
-    "mixed_precision", "train", "protocol.exclusion", "protocol.train_labels",
+    "mixed_precision", "tf32", "train", "protocol.exclusion", "protocol.train_labels", "protocol.gt_exclusion",
     "protocol.min_fg_pixels", "protocol.test_dataset",
 )
 
 
 def _plain(cfg: DictConfig) -> dict[str, Any]:
-    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    # `auto` precision is hashed as what it resolves to on this machine (training/precision.py)
+    return OmegaConf.to_container(with_resolved_precision(cfg), resolve=True)  # type: ignore[return-value]
 
 
 def _digest(data: Any) -> str:
@@ -154,6 +156,8 @@ def non_standard_options(cfg: DictConfig, random_weights: bool, checkpoint_sha25
         marks.append(f"dice={protocol.dice}")
     if protocol.train_labels != "supervoxels":
         marks.append(f"train_labels={protocol.train_labels}")
+        if protocol.get("gt_exclusion", "per_group") != "per_group":
+            marks.append(f"gt_exclusion={protocol.gt_exclusion}")  # test organs trained on
     if int(protocol.supp_idx) != 2:
         marks.append(f"supp_idx={protocol.supp_idx}")
     if int(protocol.n_part) != 3:
@@ -164,11 +168,25 @@ def non_standard_options(cfg: DictConfig, random_weights: bool, checkpoint_sha25
         marks.append("organs=" + "+".join(protocol.organs))
     if protocol.get("max_queries") is not None:
         marks.append(f"max_queries={protocol.max_queries}")
+    marks += published_config_deviations(cfg)
     if random_weights:
         marks.append("random_weights")
     if checkpoint_sha256:
         marks.append(f"external_checkpoint={checkpoint_sha256[:8]}")
     return marks
+
+
+def published_config_deviations(cfg: DictConfig) -> list[str]:
+    """``key=value`` for every key of ``method.published_config`` (the configuration the
+    published numbers were obtained with: encoder, budget, ...) that this run changes."""
+    published = cfg.method.get("published_config") if cfg.get("method") is not None else None
+    if not published:
+        return []
+    return [
+        f"{key}={OmegaConf.select(cfg, key)}"
+        for key, value in published.items()
+        if OmegaConf.select(cfg, key) != value
+    ]
 
 
 def package_versions() -> dict[str, str]:

@@ -21,6 +21,7 @@ import fcntl
 import os
 import shutil
 import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -33,8 +34,9 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from .data.base import VolumeDataset
-from .data.digest import file_sha256
-from .errors import ConfigError
+from .data.consistency import shared_slices, slice_digests, spacing_mismatch
+from .data.digest import file_sha256, files_sha256
+from .errors import ConfigError, DataWarning
 from .evaluation import OrganEpisodes, evaluate
 from .method import Method
 from .plugins import registries
@@ -46,18 +48,44 @@ from .records import (
     now, package_versions, read_json, run_dir_for, save_predictions, test_dataset_name,
     training_hash, write_error, write_json, writing_to,
 )
-from .training.checkpoint import LEGACY_FILES, WEIGHTS_FILE, CheckpointError, load_weights, read_metadata
+from .training.checkpoint import (
+    LEGACY_FILES, WEIGHTS_FILE, CheckpointError, load_weights, read_metadata, refuse_legacy,
+)
 from .training.engine import make_accelerator, train
 from .training.episodes import EpisodeSampler
+from .training.precision import precision_of, with_resolved_precision
 
 
-def build_dataset(dataset_cfg: DictConfig | dict, data_root: str | None) -> VolumeDataset:
-    """A dataset plugin instance from its config group (``name`` + options)."""
+def build_dataset(dataset_cfg: DictConfig | dict, data_root: str | None, key: str = "dataset") -> VolumeDataset:
+    """A dataset plugin instance from its config group (``name`` + options).
+
+    ``key`` names the config node (``dataset`` or ``test_dataset``) in the plugin's messages.
+    """
     options = OmegaConf.to_container(dataset_cfg, resolve=True) if isinstance(dataset_cfg, DictConfig) else dict(dataset_cfg)
     name = options.pop("name")
+    if key != "dataset":
+        options["config_key"] = key
     dataset = registries().datasets.build(name, data_root, **options)
     dataset.registered_name = name
     return dataset
+
+
+def build_test_dataset(cfg: DictConfig, train_dataset: VolumeDataset | None = None) -> VolumeDataset:
+    """The dataset a run is evaluated on: its ``test_dataset`` node (cross-domain), else the
+    training dataset (``train_dataset`` when already built).
+
+    Everything it needs is in the run's ``config.yaml``, so figures and ``export`` rebuild
+    it from a finished run.
+    """
+    node = cfg.get("test_dataset")
+    if node is not None:
+        return build_dataset(node, cfg.get("data_root"), key="test_dataset")
+    named = cfg.get("protocol", {}).get("test_dataset")
+    if named and named != cfg.dataset.name:  # records written before test_dataset.* options existed
+        return build_dataset({"name": str(named)}, cfg.get("data_root"), key="test_dataset")
+    if train_dataset is not None:
+        return train_dataset
+    return build_dataset(cfg.dataset, cfg.get("data_root"))
 
 
 def build_method(cfg: DictConfig) -> Method:
@@ -110,14 +138,65 @@ def _trains_on_supervoxels(cfg: DictConfig, method: Method, checkpoint: Path | N
     return method.needs_training and checkpoint is None and cfg.protocol.train_labels == "supervoxels"
 
 
-def _external_checkpoint(checkpoint: Path) -> dict[str, Any]:
-    """Path, content hash and step of an ``eval checkpoint=`` file (refused unless safetensors)."""
-    metadata = read_metadata(checkpoint)  # a pickle is refused here, unread
+def _step_of(path: Path) -> int:
+    metadata = read_metadata(path)  # a pickle is refused here, unread
     try:
-        step = int(metadata.get("step", 0))
+        return int(metadata.get("step", 0))
     except ValueError:
-        step = 0
-    return {"path": str(Path(checkpoint).resolve()), "sha256": file_sha256(checkpoint), "step": step}
+        return 0
+
+
+def _external_checkpoint(checkpoint: Path, groups: list[EvalGroup]) -> dict[str, Any]:
+    """Path, content hash and step of an ``eval checkpoint=`` file, or of every group's
+    weights in a finished run's directory (refused unless safetensors)."""
+    if not checkpoint.is_dir():
+        return {"path": str(checkpoint.resolve()), "sha256": file_sha256(checkpoint), "step": _step_of(checkpoint)}
+    files = [_checkpoint_for(checkpoint, g.name) for g in groups]
+    return {
+        "path": str(checkpoint.resolve()),
+        "sha256": files_sha256(files, checkpoint),
+        "groups": {g.name: {"sha256": file_sha256(f), "step": _step_of(f)} for g, f in zip(groups, files)},
+    }
+
+
+def _checkpoint_for(checkpoint: Path, group: str) -> Path:
+    """A weights file as given, or the group's ``final.safetensors`` in a finished run's directory."""
+    if not checkpoint.is_dir():
+        return checkpoint
+    path = checkpoint / "checkpoints" / group / WEIGHTS_FILE
+    refuse_legacy(path.parent)  # a run folder of an older version holds pickles
+    if not path.is_file():
+        found = sorted(p.parent.name for p in checkpoint.glob(f"checkpoints/*/{WEIGHTS_FILE}"))
+        raise ConfigError(
+            f"{checkpoint} holds no trained model for the evaluation group {group!r} (it has: {found or 'none'})",
+            hint="evaluate with the setting and protocol.exclusion that run was trained with",
+        )
+    return path
+
+
+def _check_checkpoint_source(cfg: DictConfig, checkpoint: Path) -> None:
+    """Refuse a checkpoint whose run was trained with another method, backbone or dataset:
+    the record would name the wrong training dataset, or the weights would not fit."""
+    run_dir = checkpoint if checkpoint.is_dir() else checkpoint.parent.parent.parent
+    if not (run_dir / "config.yaml").is_file():
+        if checkpoint.is_dir():
+            raise ConfigError(f"{checkpoint} is not a run directory (no config.yaml)",
+                              hint=f"pass a finished run's directory or its checkpoints/<group>/{WEIGHTS_FILE}")
+        return  # a checkpoint from elsewhere: nothing to compare with
+    trained = OmegaConf.load(run_dir / "config.yaml")
+    for key in ("method", "backbone", "pretrained", "dataset"):
+        if OmegaConf.select(trained, key) != OmegaConf.select(cfg, key):
+            was = OmegaConf.select(trained, key)
+            was = was.get("name", was) if isinstance(was, DictConfig) else was
+            hint = (
+                f"keep dataset={trained.dataset.name} (the training data) and choose the data to test on with "
+                f"protocol.test_dataset=<name>, e.g. protocol.test_dataset=nifti_folder test_dataset.path=<folder>"
+                if key == "dataset" else f"evaluate it with the {key} it was trained with"
+            )
+            raise ConfigError(
+                f"{checkpoint} was trained with another {key} ({key}={was}) than this evaluation asks for",
+                hint=hint,
+            )
 
 
 def identify(cfg: DictConfig, checkpoint: Path | None = None) -> RunIdentity:
@@ -126,14 +205,12 @@ def identify(cfg: DictConfig, checkpoint: Path | None = None) -> RunIdentity:
     Generates missing supervoxels first (announced, and recorded in the run), because
     their digest is part of the identity. Loads no volume.
     """
+    if checkpoint is not None:
+        _check_checkpoint_source(cfg, checkpoint)
     train_dataset = build_dataset(cfg.dataset, cfg.data_root)
-    test_name = test_dataset_name(cfg)
-    if test_name == cfg.dataset.name:
-        test_dataset = train_dataset
-    else:
-        test_dataset = build_dataset({"name": test_name}, cfg.data_root)
+    test_dataset = build_test_dataset(cfg, train_dataset)
     groups = eval_groups(train_dataset, test_dataset, int(cfg.setting), str(cfg.protocol.exclusion),
-                         str(cfg.protocol.train_labels))
+                         str(cfg.protocol.train_labels), str(cfg.protocol.get("gt_exclusion", "per_group")))
     method = build_method(cfg)
     generated = None
     if _trains_on_supervoxels(cfg, method, checkpoint):
@@ -145,7 +222,7 @@ def identify(cfg: DictConfig, checkpoint: Path | None = None) -> RunIdentity:
                        if method.needs_training and checkpoint is None else None),
         "test_data": test_dataset.identity(with_supervoxels=False),
         "weights": method.weight_identity(),
-        "checkpoint": _external_checkpoint(checkpoint) if checkpoint is not None else None,
+        "checkpoint": _external_checkpoint(checkpoint, groups) if checkpoint is not None else None,
     }
     return RunIdentity(cfg, run_dir_for(cfg, inputs), inputs, train_dataset, test_dataset, groups, method,
                        checkpoint, generated)
@@ -158,6 +235,7 @@ def plan(cfg: DictConfig, identity: RunIdentity | None = None, *, allow_training
     method_cls = type(ident.method)
     test_dataset, groups = ident.test_dataset, ident.groups
     fold_cases = test_dataset.fold_cases(int(cfg.fold))
+    supp_idx = _support_position(test_dataset, int(cfg.fold), fold_cases, int(cfg.protocol.supp_idx))
     # Smoke runs may evaluate a subset (marked non-standard in the record).
     only_organs = list(cfg.protocol.get("organs") or [])
     unknown = [o for o in only_organs if o not in test_dataset.test_organs]
@@ -174,16 +252,19 @@ def plan(cfg: DictConfig, identity: RunIdentity | None = None, *, allow_training
             if only_organs and organ not in only_organs:
                 continue
             support, queries = build_test_episodes(
-                test_dataset, fold_cases, organ, supp_idx=int(cfg.protocol.supp_idx),
+                test_dataset, fold_cases, organ, supp_idx=supp_idx,
                 n_part=int(cfg.protocol.n_part), n_shot=int(cfg.protocol.n_shot),
                 norm=method_cls.input_norm,
             )
             episodes[group.name].append(OrganEpisodes(organ, support, queries[:max_queries]))
     groups = [g for g in groups if episodes[g.name]]
     episodes = {g.name: episodes[g.name] for g in groups}
+    supports = sorted({c for organ_eps in episodes.values() for e in organ_eps for c in e.support.case_ids})
+    _warn_about_pairs(test_dataset, supports, [c for c in fold_cases if c not in supports])
     p = RunPlan(cfg, ident.run_dir, ident.train_dataset, test_dataset, groups, episodes, ident)
     if ident.checkpoint is not None and ident.method.needs_training:
-        load_weights(ident.method, ident.checkpoint)  # refuses a partial or foreign checkpoint now
+        for group in groups:  # refuses a partial or foreign checkpoint now
+            load_weights(ident.method, _checkpoint_for(ident.checkpoint, group.name))
     p.to_train = _groups_to_train(p, allow_training)
     if p.to_train:
         # Every training scan is read (and checked, e.g. for NaN) before the run folder exists.
@@ -191,6 +272,34 @@ def plan(cfg: DictConfig, identity: RunIdentity | None = None, *, allow_training
         for case_id in _training_cases(p):
             p.train_dataset.load(case_id, with_supervoxels=with_sv)
     return p
+
+
+def _support_position(dataset: VolumeDataset, fold: int, fold_cases: list[str], supp_idx: int) -> int:
+    """``protocol.supp_idx``, unless the dataset fixes the fold's support scan itself."""
+    fixed = dataset.fold_support(fold)
+    return supp_idx if fixed is None else fold_cases.index(fixed)
+
+
+def _warn_about_pairs(dataset: VolumeDataset, supports: list[str], queries: list[str]) -> None:
+    """Warn when a support and a query differ in modality or voxel size by a large factor,
+    or share identical slices (the same patient twice makes a copy task, not a few-shot one)."""
+    digests = getattr(dataset, "slice_digests", None) or (lambda case: slice_digests(dataset.load(case).image))
+    for support_id in supports:
+        support = dataset.load(support_id)
+        for query_id in queries:
+            query = dataset.load(query_id)
+            pair = f"{dataset.name}: support scan {support_id} and query scan {query_id}"
+            if support.modality and query.modality and support.modality != query.modality:
+                warnings.warn(f"{pair} differ in modality ({support.modality} vs {query.modality})", DataWarning, 2)
+            mismatch = spacing_mismatch(support.spacing, query.spacing)
+            if mismatch:
+                warnings.warn(f"{pair} differ in voxel size: {mismatch}", DataWarning, 2)
+            shared = shared_slices(digests(support_id), digests(query_id))
+            if shared:
+                warnings.warn(
+                    f"{pair} share {shared} identical slices (the same patient stored twice?); their Dice "
+                    "measures copying, not few-shot segmentation", DataWarning, 2,
+                )
 
 
 def _training_cases(p: RunPlan) -> list[str]:
@@ -218,9 +327,17 @@ def _groups_to_train(p: RunPlan, allow_training: bool) -> list[str]:
             raise ConfigError(
                 f"no trained checkpoint for {_label(p, group)}",
                 hint="train it first with `fsmis-bench run` and the same overrides, or pass "
-                "checkpoint=<final.safetensors>",
+                "checkpoint=<a finished run's directory, or its final.safetensors>",
             )
         wanted.append(group.name)
+    if wanted and not _training_cases(p):
+        n = len(p.test_dataset.case_ids())
+        raise ConfigError(
+            f"fold {p.cfg.fold} holds all {n} scans of {p.test_dataset.name}: no scan is left to train on",
+            hint=f"test a model trained on another dataset here (e.g. dataset=abd_mri "
+            f"protocol.test_dataset={p.test_dataset.name} with this dataset's options under test_dataset.), "
+            "or leave one scan out per fold with dataset.folds=loo",
+        )
     return wanted
 
 
@@ -248,7 +365,7 @@ def _find_checkpoint(cfg: DictConfig, inputs: dict, run_dir: Path, group: str) -
     return None
 
 
-def _prepare_dir(p: RunPlan, random_weights: bool) -> dict:
+def _prepare_dir(p: RunPlan, random_weights: bool, method_options: dict | None = None) -> dict:
     cfg, run_dir, ident = p.cfg, p.run_dir, p.identity
     assert ident is not None
     full_hash = config_hash(cfg, ident.inputs)
@@ -278,6 +395,8 @@ def _prepare_dir(p: RunPlan, random_weights: bool) -> dict:
         "pretrained": bool(cfg.pretrained),
         "random_weights": random_weights,
         "fidelity": str(cfg.fidelity),
+        "precision": precision_of(cfg).as_record(),
+        "method_options": method_options or {},
         "protocol": OmegaConf.to_container(cfg.protocol, resolve=True),
         "non_standard": non_standard_options(cfg, random_weights, checkpoint["sha256"] if checkpoint else None),
         "config_hash": full_hash,
@@ -318,6 +437,9 @@ def execute(cfg: DictConfig, *, allow_training: bool = True, checkpoint: Path | 
         checkpoint: an external ``.safetensors`` checkpoint to evaluate; its content hash
             is part of the run's identity and the run is marked as evaluated from it.
     """
+    # `auto` precision depends on this machine's device: resolved here, where the run runs,
+    # so that the concrete precision is part of the hash and the record.
+    cfg = with_resolved_precision(cfg)
     _check_results_writable(cfg)
     results = Path(str(cfg.results_dir)).expanduser()
     with writing_to(results):
@@ -369,7 +491,7 @@ def _execute(p: RunPlan, allow_training: bool) -> Path:
         return run_dir
     accelerator = make_accelerator(cfg, int(cfg.train.grad_accum))
     probe = ident.method
-    info = _prepare_dir(p, probe.uses_random_weights())
+    info = _prepare_dir(p, probe.uses_random_weights(), probe.resolved_options())
     image_size = int(cfg.train.image_size) if cfg.train.get("image_size") else None
     for group in p.groups:
         part_cases = run_dir / "parts" / f"cases_{group.name}.csv"
@@ -379,7 +501,8 @@ def _execute(p: RunPlan, allow_training: bool) -> Path:
         label = _label(p, group)
         ckpt_dir = run_dir / "checkpoints" / group.name
         if method.needs_training:
-            existing = ident.checkpoint or _find_checkpoint(cfg, ident.inputs, run_dir, group.name)
+            existing = (_checkpoint_for(ident.checkpoint, group.name) if ident.checkpoint
+                        else _find_checkpoint(cfg, ident.inputs, run_dir, group.name))
             if existing is not None:
                 step = load_weights(method, existing)
                 tqdm.write(f"using trained weights {existing} (step {step})", file=sys.stderr)
@@ -387,7 +510,7 @@ def _execute(p: RunPlan, allow_training: bool) -> Path:
                 raise ConfigError(
                     f"no trained checkpoint for {label}",
                     hint="train it first with `fsmis-bench run` and the same overrides, or pass "
-                    "checkpoint=<final.safetensors>",
+                    "checkpoint=<a finished run's directory, or its final.safetensors>",
                 )
             else:
                 sampler = EpisodeSampler(

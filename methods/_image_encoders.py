@@ -9,13 +9,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fsmis_bench.errors import ConfigError
-from ._sd_weights import (  # noqa: F401
+from ._sd_weights import (
     HUB_IDS,
     IMAGENET_MEAN,
     IMAGENET_STD,
     _freeze,
-    _from_pretrained,
-    resolve_source,
+    _hub_hint,
+    _mark,
+    expected_layout,
+    load_folder,
+    locate,
 )
 
 
@@ -90,8 +93,9 @@ def build_image_encoder(kind: str, *, pretrained: bool, source: str | None, weig
         kind: ``dinov2_small`` (paper, d = 384, 22,056,576 params), ``dinov2_base`` (released
             code, d = 768) or ``tiny`` (random 2-layer ViT, d = 32, for CPU tests).
         pretrained: load weights (``tiny`` has none: always random, flagged).
-        source: a local ``transformers`` model dir or a hub id (default: the facebook/ id);
-            relative paths under ``weights_root`` first.
+        source: a local ``transformers`` model folder (``save_pretrained``) or a hub id
+            (default: the facebook/ id; local folder ``weights_root/<id>`` first, then the hub
+            cache); relative paths under ``weights_root`` first.
         weights_root: root of local weights.
     """
     from transformers import Dinov2Config, Dinov2Model
@@ -101,16 +105,13 @@ def build_image_encoder(kind: str, *, pretrained: bool, source: str | None, weig
     if not pretrained or kind == "tiny":
         return ImageTokenEncoder(kind, Dinov2Model(Dinov2Config(**cfg)), size, random_weights=True)
     source = source or HUB_IDS[kind]
-    resolved = resolve_source(source, weights_root)
-    if resolved.kind == "file":
+    what = f"DINOv2 ({kind})"
+    located = locate(what, source, weights_root, hub_id=_hub_hint(source, kind), subfolder=None, library="transformers", single_file=False)
+    model, record = load_folder(Dinov2Model, what, located, "transformers", expected_layout(what, None, "transformers", False))
+    if int(model.config.hidden_size) != cfg["hidden_size"] or int(model.config.num_hidden_layers) != cfg["num_hidden_layers"]:
         raise ConfigError(
-            f"image encoder source {source!r} is a single file",
-            hint="point backbone.image_encoder_source at a transformers model folder or a hub id",
-        )
-    model = _from_pretrained(Dinov2Model, f"DINOv2 ({kind})", source, weights_root, HUB_IDS[kind], subfolder=None)
-    if int(model.config.hidden_size) != cfg["hidden_size"]:
-        raise ConfigError(
-            f"weights at {source!r} have hidden size {model.config.hidden_size}, not {cfg['hidden_size']} ({kind})",
+            f"the weights at {located.path} are {model.config.hidden_size} wide with {model.config.num_hidden_layers} layers, "
+            f"not {kind} ({cfg['hidden_size']} wide, {cfg['num_hidden_layers']} layers)",
             hint=f"point backbone.image_encoder_source at {HUB_IDS[kind]} weights",
         )
-    return ImageTokenEncoder(kind, model.float(), size, random_weights=False)
+    return _mark(ImageTokenEncoder(kind, model.float(), size, random_weights=False), False, record)

@@ -9,13 +9,16 @@ config group (``configs/backbone/{sd15,sd21,tiny}.yaml``):
   PROTOCOL.md §8, or a tiny CPU variant with the same block types);
 * :func:`build_image_encoder` -> :class:`ImageTokenEncoder` (frozen DINOv2 patch tokens, VTCT);
 * :func:`expand_conv_in` (Marigold-style input-conv widening);
-* :func:`load_text_embedding` (the empty-prompt text embedding, DiffewS).
+* :func:`load_prompt_embedding` (the empty-prompt text embedding from the real CLIP/OpenCLIP
+  text encoder and tokenizer, DiffewS and the SD-FSMIS variants without VTCT).
 
 ``pretrained=False`` builds the same architectures with random weights (seeded by the
 caller's torch seed) and marks the result ``random_weights = True`` so the run record says so.
-``pretrained=True`` reads local weights (``weights_root``) or the Hugging Face hub (only from
-the local cache when offline). Missing weights raise one :class:`FsmisError` that says where
-the weights go and how to get them.
+``pretrained=True`` reads each component from any layout a user has (``_sd_weights``: a
+``save_pretrained`` folder, a hub cache offline, an original single-file checkpoint through
+diffusers' single-file loaders) and records the files it read (``module.weight_files``, digests
+for the run record). Missing weights raise one :class:`FsmisError` that names the places
+searched and how to get the weights (``fsmis-bench weights check|download``).
 
 Heavy libraries (diffusers, transformers) are imported inside the functions so that importing
 this module stays cheap.
@@ -28,23 +31,23 @@ from ._sd_weights import (  # noqa: F401
     HUB_IDS,
     IMAGENET_MEAN,
     IMAGENET_STD,
-    ResolvedSource,
+    Located,
     SD_VAE_SCALING,
     SINGLE_FILE_SUFFIXES,
     TEXT_TOKENS,
+    WeightFiles,
+    WeightsNotFound,
     _env_flag,
     _freeze,
-    _from_pretrained,
     _hub_hint,
-    _load_resolved,
     _looks_like_hub_id,
     _mark,
-    _missing_weights,
-    _single_file,
-    _write_config,
     backbone_sources,
+    hub_cache_dirs,
     hub_offline,
-    resolve_source,
+    locate,
+    missing_weights,
+    weight_identity_of,
 )
 from ._sd_vae import (  # noqa: F401
     IdentityCodec,
@@ -57,11 +60,18 @@ from ._sd_vae import (  # noqa: F401
 )
 from ._sd_unet import (  # noqa: F401
     UNET_PARAMS,
+    Float32Conv2d,
+    float32_output_layer,
     build_unet,
     count_parameters,
     expand_conv_in,
-    load_text_embedding,
     unet_config,
+)
+from ._text_encoder import (  # noqa: F401
+    PromptEmbedding,
+    clip_text_config,
+    load_prompt_embedding,
+    load_text_embedding,
 )
 from ._image_encoders import (  # noqa: F401
     ENCODER_INPUT_SIZE,
@@ -77,19 +87,26 @@ __all__ = [
     "ImageTokenEncoder",
     "KLCodec",
     "LatentCodec",
+    "PromptEmbedding",
     "SD_VAE_SCALING",
     "TinyCodec",
     "UNET_PARAMS",
+    "WeightFiles",
+    "WeightsNotFound",
     "backbone_sources",
     "build_image_encoder",
     "build_unet",
     "build_vae",
+    "clip_text_config",
     "count_parameters",
     "dinov2_config",
     "expand_conv_in",
+    "float32_output_layer",
     "hub_offline",
+    "load_prompt_embedding",
     "load_text_embedding",
-    "resolve_source",
+    "locate",
     "sd_vae_config",
     "unet_config",
+    "weight_identity_of",
 ]

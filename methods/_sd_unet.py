@@ -1,29 +1,22 @@
 """SD-1.5 / SD-2.1 U-Nets (architecture-identical, PROTOCOL.md §8) and a tiny CPU variant,
-Marigold-style input-conv widening, and the empty-prompt text embedding."""
+loaded from any layout, and Marigold-style input-conv widening."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from fsmis_bench.errors import ConfigError
-from ._sd_weights import (  # noqa: F401
-    UNET_DEFAULT_CROSS_DIM,
-    BackboneSources,
+from ._sd_single_file import load_diffusers_model
+from ._sd_weights import (
     HUB_IDS,
-    SD_VAE_SCALING,
-    TEXT_TOKENS,
-    _from_pretrained,
     _hub_hint,
     _mark,
-    _missing_weights,
-    _single_file,
-    backbone_sources,
-    hub_offline,
-    resolve_source,
+    expected_layout,
+    load_folder,
+    locate,
 )
 
 
@@ -127,22 +120,64 @@ def build_unet(
     cfg = unet_config(kind, cross_attention_dim)
     if not pretrained or kind == "tiny":
         return _mark(UNet2DConditionModel(**cfg), True)
-    resolved = resolve_source(source, weights_root)
     what = f"Stable Diffusion U-Net ({kind})"
-    if resolved.kind == "file":
-        unet = _single_file(UNet2DConditionModel, resolved.location, cfg, what)
+    located = locate(what, source, weights_root, hub_id=_hub_hint(source, kind), subfolder="unet", library="diffusers")
+    if located.kind == "file":
+        unet, record = load_diffusers_model(UNet2DConditionModel, located, "unet", cfg, what)
     else:
-        unet = _from_pretrained(UNet2DConditionModel, what, source, weights_root, _hub_hint(source, kind), subfolder="unet")
+        unet, record = load_folder(UNet2DConditionModel, what, located, "diffusers", expected_layout(what, "unet", "diffusers", True))
+    _check_structure(unet.config, cfg, kind, located.path)
     unet = unet.float()
     unet.requires_grad_(True)
     unet.train()
-    loaded_dim = int(unet.config.cross_attention_dim)
-    if loaded_dim != cfg["cross_attention_dim"] or list(unet.config.block_out_channels) != cfg["block_out_channels"]:
+    return _mark(unet, False, record)
+
+
+#: config entries that decide a U-Net's parameters and attention layout.
+STRUCTURE_KEYS = ("in_channels", "out_channels", "block_out_channels", "layers_per_block", "down_block_types",
+                  "up_block_types", "cross_attention_dim", "attention_head_dim", "use_linear_projection")
+
+
+def _check_structure(loaded: Any, expected: dict[str, Any], kind: str, where: Any) -> None:
+    def norm(value: Any) -> Any:
+        return list(value) if isinstance(value, (list, tuple)) else value
+
+    wrong = [f"{k} {norm(loaded.get(k))!r} (expected {norm(expected[k])!r})"
+             for k in STRUCTURE_KEYS if k in expected and norm(loaded.get(k)) != norm(expected[k])]
+    if wrong:
         raise ConfigError(
-            f"weights at {source!r} are not a {kind} U-Net (cross_attention_dim {loaded_dim})",
+            f"the weights at {where} are not a {kind} U-Net: {'; '.join(wrong)}",
             hint=f"point backbone.source at {HUB_IDS[kind]} weights, or pick the backbone that matches them",
         )
-    return _mark(unet, False)
+
+
+class Float32Conv2d(nn.Conv2d):
+    """A convolution that computes in float32 even inside ``torch.autocast``.
+
+    Used for the U-Net's output layer: under bf16/fp16 autocast its output would otherwise
+    be rounded to 8 (or 11) mantissa bits before any later float32 cast, and the DDIM t = 999
+    read-out of an epsilon-prediction U-Net multiplies that rounding by ~14.6.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return super().forward(x.to(self.weight.dtype))  # the weights' float32 (or float64)
+
+
+def float32_output_layer(unet: nn.Module) -> None:
+    """Make ``unet.conv_out`` a :class:`Float32Conv2d` sharing its parameters (same state-dict
+    keys, so pretrained weights and checkpoints load unchanged)."""
+    conv = unet.conv_out
+    if isinstance(conv, Float32Conv2d):
+        return
+    new = Float32Conv2d(
+        conv.in_channels, conv.out_channels, kernel_size=conv.kernel_size, stride=conv.stride,
+        padding=conv.padding, dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
+        padding_mode=conv.padding_mode, device="meta",
+    )
+    new.weight = conv.weight
+    new.bias = conv.bias
+    unet.conv_out = new
 
 
 def expand_conv_in(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
@@ -183,57 +218,6 @@ def expand_conv_in(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
     return new
 
 
-# ---------------------------------------------------------------------------------------
-# text embedding (DiffewS)
-# ---------------------------------------------------------------------------------------
-def load_text_embedding(
-    unet_kind: str,
-    *,
-    pretrained: bool,
-    source: str | None,
-    weights_root: str | None,
-    cross_attention_dim: int,
-    prompt: str = "",
-) -> Tensor:
-    """The CLIP text embedding of ``prompt`` (default: the empty prompt, DiffewS' null text).
-
-    With ``pretrained=True`` and an sd15/sd21 backbone, loads the backbone's ``tokenizer/``
-    and ``text_encoder/`` (transformers ``CLIPTokenizer`` / ``CLIPTextModel``), pads the prompt
-    to 77 tokens and returns ``last_hidden_state``. For ``pretrained=False`` or the ``tiny``
-    backbone no text encoder exists, and the embedding is a fixed **zero** tensor: a constant
-    conditioning that the trained U-Net learns around, as the real null-text embedding is.
-
-    Returns:
-        ``(1, 77, cross_attention_dim)`` float32 on the CPU (register it as a buffer).
-    """
-    if not pretrained or unet_kind == "tiny":
-        return torch.zeros(1, TEXT_TOKENS, int(cross_attention_dim))
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    resolved = resolve_source(source, weights_root)
-    if resolved.kind == "file":
-        raise ConfigError(
-            f"the text encoder cannot be read from the single file {source!r}",
-            hint="point backbone.source at a diffusers pipeline folder (with text_encoder/ and tokenizer/)",
-        )
-    hub = _hub_hint(source, unet_kind)
-    if resolved.kind == "dir" and not (Path(resolved.location) / "tokenizer").is_dir():
-        raise _missing_weights("CLIP text encoder", source, weights_root, hub, resolved.tried, detail=f"{resolved.location} has no tokenizer/ subfolder")
-    tokenizer = _from_pretrained(CLIPTokenizer, "CLIP tokenizer", source, weights_root, hub, subfolder="tokenizer")
-    encoder = _from_pretrained(CLIPTextModel, "CLIP text encoder", source, weights_root, hub, subfolder="text_encoder")
-    ids = tokenizer([prompt], padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
-    with torch.no_grad():
-        embedding = encoder.float().eval()(ids).last_hidden_state
-    if embedding.shape[-1] != int(cross_attention_dim):
-        raise ConfigError(
-            f"text encoder width {embedding.shape[-1]} does not match cross_attention_dim {cross_attention_dim}",
-            hint="the U-Net and text encoder must come from the same backbone",
-        )
-    return embedding.detach().cpu()
-
-
 def count_parameters(module: nn.Module, *, trainable: bool | None = None) -> int:
     """Number of parameters (all, or only those with ``requires_grad == trainable``)."""
     return sum(p.numel() for p in module.parameters() if trainable is None or p.requires_grad == trainable)
-
-

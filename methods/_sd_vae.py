@@ -3,6 +3,7 @@ or diffusers layout), and an exact parameter-free codec for tests."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -11,15 +12,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fsmis_bench.errors import ConfigError
-from ._sd_weights import (  # noqa: F401
+from ._sd_single_file import load_diffusers_model
+from ._sd_weights import (
     HUB_IDS,
+    LAYOUT_TAESD,
     SD_VAE_SCALING,
+    WeightFiles,
     _freeze,
-    _from_pretrained,
     _hub_hint,
-    _missing_weights,
-    _single_file,
-    resolve_source,
+    _mark,
+    expected_layout,
+    load_folder,
+    locate,
+    missing_weights,
 )
 
 
@@ -54,7 +59,9 @@ class LatentCodec(nn.Module):
     def train(self, mode: bool = True) -> "LatentCodec":
         return super().train(False)
 
-    def encode(self, images: Tensor) -> Tensor:  # pragma: no cover - abstract
+    def encode(self, images: Tensor, sample: bool = False) -> Tensor:  # pragma: no cover - abstract
+        """``sample``: draw from the posterior instead of taking its mean (codecs with a
+        posterior only; deterministic codecs return the same latents either way)."""
         raise NotImplementedError
 
     def decode(self, latents: Tensor) -> Tensor:  # pragma: no cover - abstract
@@ -71,7 +78,10 @@ class LatentCodec(nn.Module):
 
 
 class KLCodec(LatentCodec):
-    """The Stable Diffusion KL-VAE; ``encode`` returns the scaled posterior mean (deterministic)."""
+    """The Stable Diffusion KL-VAE; ``encode`` returns the scaled posterior mean, or a draw
+    from the posterior with ``sample=True`` (the released SD-FSMIS training script's
+    ``latent_dist.sample()``). The noise comes from torch's CPU generator, whose state the
+    engine checkpoints, so a resumed run draws the same latents on any device."""
 
     name = "sd"
 
@@ -82,10 +92,15 @@ class KLCodec(LatentCodec):
         self.downsample = 2 ** (len(vae.config.block_out_channels) - 1)
         self.scaling_factor = float(vae.config.scaling_factor or SD_VAE_SCALING)
 
-    def encode(self, images: Tensor) -> Tensor:
+    def encode(self, images: Tensor, sample: bool = False) -> Tensor:
         self._check(images)
         with torch.no_grad():
-            return self.vae.encode(images).latent_dist.mean * self.scaling_factor
+            posterior = self.vae.encode(images).latent_dist
+            latents = posterior.mean
+            if sample:
+                noise = torch.randn(latents.shape, dtype=latents.dtype).to(latents.device)
+                latents = latents + posterior.std * noise
+            return latents * self.scaling_factor
 
     def decode(self, latents: Tensor) -> Tensor:
         return self.vae.decode(latents / self.scaling_factor).sample
@@ -103,8 +118,8 @@ class TinyCodec(LatentCodec):
         self.downsample = 2 ** (len(vae.config.encoder_block_out_channels) - 1)
         self.scaling_factor = float(vae.config.scaling_factor)
 
-    def encode(self, images: Tensor) -> Tensor:
-        self._check(images)
+    def encode(self, images: Tensor, sample: bool = False) -> Tensor:
+        self._check(images)  # TAESD is deterministic: no posterior to sample from
         with torch.no_grad():
             return self.vae.encode(images).latents * self.scaling_factor
 
@@ -126,7 +141,7 @@ class IdentityCodec(LatentCodec):
     def __init__(self) -> None:
         super().__init__(random_weights=False)
 
-    def encode(self, images: Tensor) -> Tensor:
+    def encode(self, images: Tensor, sample: bool = False) -> Tensor:
         self._check(images)
         first = images[:, :1]
         # replicated grey input (what the methods feed) stays bit-exact; RGB is averaged
@@ -196,29 +211,50 @@ def build_vae(kind: str, *, pretrained: bool, source: str | None, weights_root: 
 
         if not pretrained:
             return KLCodec(AutoencoderKL(**sd_vae_config()), random_weights=True)
-        resolved = resolve_source(source, weights_root)
-        if resolved.kind == "file":
-            vae = _single_file(AutoencoderKL, resolved.location, sd_vae_config(), "Stable Diffusion VAE")
+        what = "Stable Diffusion VAE"
+        config = sd_vae_config()
+        located = locate(what, source, weights_root, hub_id=_hub_hint(source, "sd15"), subfolder="vae", library="diffusers")
+        if located.kind == "file":
+            vae, record = load_diffusers_model(AutoencoderKL, located, "vae", config, what)
         else:
-            vae = _from_pretrained(AutoencoderKL, "Stable Diffusion VAE", source, weights_root, _hub_hint(source, "sd15"), subfolder="vae")
-        return KLCodec(vae.float(), random_weights=False)
+            vae, record = load_folder(AutoencoderKL, what, located, "diffusers", expected_layout(what, "vae", "diffusers", True))
+        got = (list(vae.config.block_out_channels), int(vae.config.latent_channels))
+        if got != (config["block_out_channels"], config["latent_channels"]):
+            raise ConfigError(
+                f"the VAE at {located.path} has block_out_channels {got[0]} and {got[1]} latent channels, not the SD VAE's",
+                hint="point backbone.vae_source at the SD-1.x/2.x VAE (the vae/ of the backbone's weights)",
+            )
+        return _mark(KLCodec(vae.float(), random_weights=False), False, record)
     if kind == "taesd":
         from diffusers import AutoencoderTiny
 
         if not pretrained:
             return TinyCodec(AutoencoderTiny(), random_weights=True)
-        source = source or "taesd"
-        resolved = resolve_source(source, weights_root)
-        if resolved.kind == "dir":
-            base = Path(resolved.location)
-            enc, dec = base / "taesd_encoder.safetensors", base / "taesd_decoder.safetensors"
-            if enc.is_file() and dec.is_file():
-                return TinyCodec(_taesd_from_original(enc, dec), random_weights=False)
-            if not (base / "config.json").is_file() and not (base / "vae" / "config.json").is_file():
-                raise _missing_weights(
-                    "TAESD", source, weights_root, HUB_IDS["taesd"], resolved.tried,
-                    detail=f"{base} holds neither taesd_encoder/decoder.safetensors nor a diffusers config.json",
-                )
-        vae = _from_pretrained(AutoencoderTiny, "TAESD", source, weights_root, HUB_IDS["taesd"], subfolder="vae")
-        return TinyCodec(vae.float(), random_weights=False)
+        return _load_taesd(source or "taesd", weights_root)
     raise ConfigError(f"unknown VAE kind {kind!r}", hint="backbone.vae must be one of: sd, taesd, identity")
+
+
+def _load_taesd(source: str, weights_root: str | None) -> TinyCodec:
+    """TAESD from the original release (``taesd_{encoder,decoder}.safetensors``), a diffusers
+    folder (``config.json`` + weights, or its ``vae/``) or the hub id ``madebyollin/taesd``."""
+    from diffusers import AutoencoderTiny
+
+    what = "TAESD"
+    expected = ("TAESD is read from a folder holding the original taesd_encoder.safetensors + taesd_decoder.safetensors, "
+                "a diffusers folder (config.json + diffusion_pytorch_model.safetensors) or the hub id madebyollin/taesd")
+    text = os.path.expanduser(source)
+    candidates = [Path(text)] if os.path.isabs(text) else ([Path(os.path.expanduser(str(weights_root))) / text] if weights_root else []) + [Path.cwd() / text]
+    for base in candidates:
+        enc, dec = base / "taesd_encoder.safetensors", base / "taesd_decoder.safetensors"
+        if enc.is_file() and dec.is_file():
+            base = base.resolve()
+            record = WeightFiles(source, str(base), LAYOUT_TAESD, (str(base / enc.name), str(base / dec.name)), str(base))
+            return _mark(TinyCodec(_taesd_from_original(enc, dec), random_weights=False), False, record)
+        if base.is_dir() and not any((base / sub / "config.json").is_file() for sub in ("", "vae")):
+            present = sorted(p.name for p in base.iterdir())[:6]
+            raise missing_weights(what, source, weights_root, HUB_IDS["taesd"], [str(c) for c in candidates],
+                                  detail=f"{base} holds neither taesd_encoder/decoder.safetensors nor a diffusers config.json (it holds {present})",
+                                  expected=expected)
+    located = locate(what, source, weights_root, hub_id=HUB_IDS["taesd"], subfolder="vae", library="diffusers", single_file=False)
+    vae, record = load_folder(AutoencoderTiny, what, located, "diffusers", expected)
+    return _mark(TinyCodec(vae.float(), random_weights=False), False, record)

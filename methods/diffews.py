@@ -15,8 +15,8 @@ choices fixed, whatever ``cfg.fidelity`` says:
   embedding on the ``tiny`` backbone or with ``pretrained=false``);
 * objective: the degenerate one-step at t = 1 (``x0 = -model_output``), MSE to the mask
   latent, the whole U-Net trained at lr 1e-5;
-* mask: relative threshold 0.25 x max of the decoded prediction, no connected-component
-  post-processing.
+* mask: relative threshold 0.25 x the maximum of the decoded prediction over the whole EP1
+  chunk (all slices and channels), no connected-component post-processing.
 """
 
 from __future__ import annotations

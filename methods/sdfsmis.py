@@ -25,9 +25,11 @@ The idea, in the order a forward pass runs:
    Without VTCT the conditioning is the backbone's empty-prompt embedding.
 6. **One-step objective.** The U-Net's output is turned into an estimate of the query-mask
    latent and compared (MSE) with the VAE latent of the true query mask; see
-   :meth:`SDFSMIS.mask_latent_estimate` for the paper's DDIM t=999 and the code's degenerate t=1.
+   :meth:`SDFSMIS.mask_latent_estimate` for the paper's DDIM t=999, its well-conditioned
+   reading ``direct_t999`` and the code's degenerate t=1.
 7. **Mask.** The estimate is VAE-decoded, its 3 channels averaged and thresholded
-   (absolute or relative), optionally keeping the largest connected component per slice.
+   (absolute, or relative to the chunk's maximum), optionally keeping the largest connected
+   component per slice.
 
 Every paper/code difference is a named ``cfg.method`` option whose ``null`` default follows
 ``cfg.fidelity``; ``FIDELITY_DEFAULTS`` below is the table. The registered variants
@@ -39,18 +41,25 @@ Choices the paper leaves open, made here:
   zero-initialised (the pretrained U-Net's behaviour is exact at step 0); see ``_sd_attention``.
 * DDIM t = 999: the clean query latent is ``x_t``; the output becomes ``x0`` by the DDIM
   formula for the backbone's ``prediction_type`` (:meth:`SDFSMIS.mask_latent_estimate`).
+  On an epsilon-prediction U-Net (SD-1.5) that formula multiplies output errors by
+  1 / sqrt(alpha_bar_999) = 14.6, so the U-Net's output layer and the formula run in float32
+  even under autocast. ``objective=direct_t999`` is the well-conditioned reading: timestep
+  999, the output read directly as the mask latent (as the code reads it at t = 1).
 * Paper QE when no query position passes tau: the top ``k`` positions (the code's fallback).
 * Masks resized to the latent grid by area averaging (soft weights); to the VTCT patch grid
   bilinearly and > 0.5 (soft weights if no patch passes).
 * Absolute threshold: ``> 0`` on the decoded mean, the midpoint of the mask levels -1 and +1.
-  Relative threshold (code): ``> 0.25 x max`` per slice after mapping [-1, 1] to [0, 1].
-* Shots: prototypes pool all shots' masked positions; ``E`` is the mean of the shots' ``E``;
+  Relative threshold (code): the channel mean, mapped from [-1, 1] to [0, 1], ``> 0.25 x``
+  the maximum over the whole chunk (all its slices and channels).
+* Latents: the posterior mean (code: a posterior sample in training, ``train_latents``).
+* Shots: prototypes pool all shots' masked positions; ``E`` is the mean of the shots' ``E``
+  (code: the shots' pooled features are averaged before the MLP, ``vtct_shot_pooling``);
   the SII/K-V bank concatenates the shots' tokens.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -76,7 +85,9 @@ from ._sd_components import (
     build_unet,
     build_vae,
     expand_conv_in,
-    load_text_embedding,
+    float32_output_layer,
+    load_prompt_embedding,
+    weight_identity_of,
 )
 
 #: paper text vs released code, per option (PROTOCOL.md §6). ``null`` options follow ``cfg.fidelity``.
@@ -87,12 +98,17 @@ FIDELITY_DEFAULTS: dict[str, dict[str, Any]] = {
     "objective": {"paper": "ddim_t999", "code": "degenerate_t1"},
     "threshold": {"paper": "absolute", "code": "relative"},
     "lcc": {"paper": False, "code": True},
-    # The harness-level differences (training labels, pooled Dice, legacy exclusion,
-    # gradient accumulation, linear decay) are set by the config group configs/fidelity/.
+    "train_latents": {"paper": "mean", "code": "sample"},
+    "vtct_shot_pooling": {"paper": "after_mlp", "code": "before_mlp"},
+    # The harness-level differences (GT training labels with the shipped liver+spleen
+    # exclusion, pooled Dice, legacy setting-2 exclusion, fp32 + TF32, gradient accumulation,
+    # linear decay) are set by the config group configs/fidelity/.
 }
-OBJECTIVES = ("ddim_t999", "degenerate_t1")
+OBJECTIVES = ("ddim_t999", "direct_t999", "degenerate_t1")
 QE_FORMS = ("cosine", "fg_bg_softmax")
 THRESHOLDS = ("absolute", "relative")
+TRAIN_LATENTS = ("mean", "sample")
+SHOT_POOLINGS = ("after_mlp", "before_mlp")
 #: DDPM schedule of SD-1.x/2.x: scaled_linear betas 0.00085..0.012 over 1000 steps.
 TRAIN_TIMESTEPS = 1000
 BETA_START, BETA_END = 0.00085, 0.012
@@ -221,23 +237,23 @@ def masked_token_average(tokens: torch.Tensor, masks: torch.Tensor, grid: tuple[
 # masks from the decoded prediction
 # ---------------------------------------------------------------------------------------
 def threshold_decoded(decoded: torch.Tensor, mode: str, value: float) -> torch.Tensor:
-    """Foreground from the channel-averaged decoded prediction.
+    """Foreground from the decoded prediction of one EP1 chunk.
 
     Args:
-        decoded: ``(Q, H, W)`` in the image space of the VAE, i.e. about [-1, 1]
-            (background -1, foreground +1).
-        mode: ``absolute``: ``decoded > value`` (paper default value 0, the midpoint of the
-            two mask levels); ``relative`` (code): rescaled to [0, 1] as an image would be,
-            ``p > value * max(p)`` per slice (default value 0.25).
+        decoded: ``(Q, C, H, W)``: the chunk's ``Q`` slices in the image space of the VAE,
+            about [-1, 1] (background -1, foreground +1), ``C`` (3) channels.
+        mode: ``absolute``: channel mean ``> value`` (paper default value 0, the midpoint of
+            the two mask levels); ``relative`` (code): every channel rescaled to [0, 1] as an
+            image would be, channel mean ``p > value * max`` with the maximum taken over the
+            whole chunk, all slices and channels (default value 0.25).
     Returns:
         ``(Q, H, W)`` bool.
     """
     if mode == "absolute":
-        return decoded > value
+        return decoded.mean(dim=1) > value
     if mode == "relative":
         p = ((decoded + 1.0) / 2.0).clamp(0.0, 1.0)
-        peak = p.flatten(1).amax(dim=1).clamp_min(1e-6)
-        return p > value * peak[:, None, None]
+        return p.mean(dim=1) > value * p.max().clamp_min(1e-6)
     raise ConfigError(f"unknown threshold {mode!r}", hint=f"method.threshold must be one of {THRESHOLDS}")
 
 
@@ -270,6 +286,8 @@ class SDFSMISOptions:
     threshold: str
     threshold_value: float
     lcc: bool
+    train_latents: str
+    vtct_shot_pooling: str
     predict_batch_size: int
     gradient_checkpointing: bool
     lr: float
@@ -277,7 +295,7 @@ class SDFSMISOptions:
 
     @property
     def timestep(self) -> int:
-        return TRAIN_TIMESTEPS - 1 if self.objective == "ddim_t999" else 1
+        return 1 if self.objective == "degenerate_t1" else TRAIN_TIMESTEPS - 1
 
 
 @dataclass
@@ -351,14 +369,18 @@ class SDFSMIS(Method):
         self.query_conv_in = expand_conv_in(pretrained_conv_in, 2 * latent_channels) if opts.qe else pretrained_conv_in
         self.unet.conv_in = nn.Identity()
         self.support_attention_keys = install_support_attention(self.unet, opts.sii)
+        # float32 output whatever the autocast: see mask_latent_estimate
+        float32_output_layer(self.unet)
         if opts.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         text_dim = int(self.unet.config.cross_attention_dim)
 
         self.image_encoder = None
         self.vtct_mlp = None
+        self.text_weight_files: dict = {}
+        self.vtct_encoder_kind: str | None = None
         if opts.vtct:
-            encoder_kind = opts.vtct_encoder or backbone.image_encoder
+            encoder_kind = self.vtct_encoder_kind = opts.vtct_encoder or backbone.image_encoder
             source = backbone.image_encoder_source if encoder_kind == backbone.image_encoder else None
             self.image_encoder = build_image_encoder(
                 encoder_kind, pretrained=pretrained, source=source, weights_root=weights_root
@@ -367,13 +389,15 @@ class SDFSMIS(Method):
             self.vtct_mlp = VTCTProjector(self.image_encoder.dim, text_dim)
             self.register_buffer("empty_prompt", None, persistent=False)
         else:
-            prompt = load_text_embedding(
-                backbone.unet, pretrained=pretrained, source=backbone.source,
-                weights_root=weights_root, cross_attention_dim=text_dim,
+            prompt = load_prompt_embedding(
+                backbone.unet, pretrained=pretrained, source=backbone.text_encoder_source,
+                weights_root=weights_root, cross_attention_dim=text_dim, tokenizer_source=backbone.tokenizer_source,
             )
-            self.register_buffer("empty_prompt", prompt, persistent=False)
+            self.register_buffer("empty_prompt", prompt.embedding, persistent=False)
+            self.text_weight_files = prompt.weight_files
         self.vae.requires_grad_(False)
-        self.register_buffer("alphas_cumprod", sd_alphas_cumprod().float(), persistent=False)
+        #: alpha_bar at the objective's timestep, a float64 Python scalar
+        self.alpha_bar = float(sd_alphas_cumprod()[opts.timestep])
 
     # -- configuration -------------------------------------------------------------------
     @classmethod
@@ -403,6 +427,8 @@ class SDFSMIS(Method):
             threshold=threshold,
             threshold_value=float(threshold_value),
             lcc=bool(pick("lcc")),
+            train_latents=str(pick("train_latents")),
+            vtct_shot_pooling=str(pick("vtct_shot_pooling")),
             predict_batch_size=int(get("predict_batch_size") or 8),
             gradient_checkpointing=bool(get("gradient_checkpointing") or False),
             lr=float(get("lr") or 1e-5),
@@ -413,6 +439,8 @@ class SDFSMIS(Method):
             ("qe_form", opts.qe_form, QE_FORMS),
             ("objective", opts.objective, OBJECTIVES),
             ("threshold", opts.threshold, THRESHOLDS),
+            ("train_latents", opts.train_latents, TRAIN_LATENTS),
+            ("vtct_shot_pooling", opts.vtct_shot_pooling, SHOT_POOLINGS),
         ):
             if value not in allowed:
                 raise ConfigError(
@@ -444,41 +472,65 @@ class SDFSMIS(Method):
             parts["vtct_mlp"] = self.vtct_mlp
         return parts
 
+    def weight_identity(self) -> dict:
+        """``{component: {"source", "digest", ...}}`` of every pretrained file read: U-Net, VAE,
+        image encoder, text encoder and tokenizer (those built with random weights are absent)."""
+        identity = weight_identity_of({"unet": self.unet, "vae": self.vae, "image_encoder": self.image_encoder})
+        identity.update({name: record.identity() for name, record in self.text_weight_files.items()})
+        return identity
+    def resolved_options(self) -> dict[str, Any]:
+        """Every option as this run uses it (``null`` ones resolved from ``fidelity``), for run.json."""
+        options = {"fidelity": self.fidelity, "prediction_type": self.prediction_type, **asdict(self.options)}
+        options["vtct_encoder"] = self.vtct_encoder_kind  # null options.vtct_encoder: the backbone's
+        return options
+
     def uses_random_weights(self) -> bool:
         frozen = [self.vae] + ([self.image_encoder] if self.image_encoder is not None else [])
         return bool(getattr(self.unet, "random_weights", False)) or any(m.random_weights for m in frozen)
 
     # -- latents -------------------------------------------------------------------------
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """``(N, 1, H, W)`` in [-1, 1] -> ``(N, C, h, w)`` latents (frozen VAE, no autograd)."""
+    def encode_images(self, images: torch.Tensor, sample: bool = False) -> torch.Tensor:
+        """``(N, 1, H, W)`` in [-1, 1] -> ``(N, C, h, w)`` latents (frozen VAE, no autograd):
+        the posterior mean, or a posterior sample with ``sample=True``."""
+        images = images.to(torch.promote_types(images.dtype, torch.float32))  # fp32 (fp64 stays)
         with torch.no_grad():
-            return self.vae.encode(images.float().expand(-1, 3, -1, -1)).detach()
+            return self.vae.encode(images.expand(-1, 3, -1, -1), sample=sample).detach()
 
-    def encode_masks(self, masks: torch.Tensor) -> torch.Tensor:
+    def encode_masks(self, masks: torch.Tensor, sample: bool = False) -> torch.Tensor:
         """``(N, 1, H, W)`` in {0, 1} -> ``(N, C, h, w)``: the mask as a [-1, 1] 3-channel image, encoded."""
-        return self.encode_images(masks.float() * 2.0 - 1.0)
+        masks = masks.to(torch.promote_types(masks.dtype, torch.float32))
+        return self.encode_images(masks * 2.0 - 1.0, sample)
 
     # -- support side --------------------------------------------------------------------
     def vtct_condition(self, support_images: torch.Tensor, support_masks: torch.Tensor) -> torch.Tensor:
-        """``E``: ``(B, S, 1, H, W)`` images and masks -> ``(B, 1, t)``, the shots' ``E`` averaged."""
+        """``E``: ``(B, S, 1, H, W)`` images and masks -> ``(B, 1, t)``.
+
+        Several shots: ``after_mlp`` averages the shots' ``E``; ``before_mlp`` (code) averages
+        the shots' pooled features and maps the mean once. One shot: the two are identical.
+        """
         b, s = support_images.shape[:2]
         with torch.no_grad():
             tokens = self.image_encoder(support_images.flatten(0, 1).float().expand(-1, 3, -1, -1))
             pooled = masked_token_average(tokens, support_masks.flatten(0, 1), self.image_encoder.grid)
-        condition = self.vtct_mlp(pooled.detach()).view(b, s, -1)
-        return condition.mean(dim=1, keepdim=True)
+        pooled = pooled.detach().view(b, s, -1)
+        if self.options.vtct_shot_pooling == "before_mlp":
+            return self.vtct_mlp(pooled.mean(dim=1, keepdim=True))
+        return self.vtct_mlp(pooled).mean(dim=1, keepdim=True)
 
-    def encode_support(self, support_images: torch.Tensor, support_masks: torch.Tensor) -> SupportContext:
+    def encode_support(
+        self, support_images: torch.Tensor, support_masks: torch.Tensor, sample: bool = False
+    ) -> SupportContext:
         """Run the support side once.
 
         Args:
             support_images: ``(B, S, 1, H, W)``; support_masks: ``(B, S, 1, H, W)``.
+            sample: encode with posterior samples instead of means (training, ``train_latents``).
         Returns:
             the :class:`SupportContext` for ``B`` episodes.
         """
         b, s = support_images.shape[:2]
-        image_latents = self.encode_images(support_images.flatten(0, 1))
-        mask_latents = self.encode_masks(support_masks.flatten(0, 1))
+        image_latents = self.encode_images(support_images.flatten(0, 1), sample)
+        mask_latents = self.encode_masks(support_masks.flatten(0, 1), sample)
         if self.vtct_mlp is not None:
             conditioning = self.vtct_condition(support_images, support_masks)
         else:
@@ -536,23 +588,35 @@ class SDFSMIS(Method):
         per the backbone's ``prediction_type`` as one DDIM step to ``t = 0``:
         ``epsilon``: ``x0 = (x_t - sqrt(1 - a) * out) / sqrt(a)``;
         ``v_prediction``: ``x0 = sqrt(a) * x_t - sqrt(1 - a) * out``; ``sample``: ``x0 = out``.
+        The epsilon form multiplies output errors by ``1 / sqrt(a) = 14.6``; it is computed in
+        float32 (or wider) with autocast off, from a float32 output layer.
+
+        ``direct_t999`` (well-conditioned reading of t = 999): timestep 999, ``x0 = out``.
 
         ``degenerate_t1`` (code): the released code's scheduler has ``beta = 1`` so
         ``alpha_bar = 0`` and, with v-prediction, ``x0 = -out`` (the U-Net input is the clean
         query latent at timestep 1). Its loss against the negated mask latent equals the MSE
         of this ``x0`` against the mask latent.
+
+        Args:
+            model_output, query_latents: ``(B, C, h, w)``.
+        Returns:
+            ``(B, C, h, w)`` in float32 (float64 for float64 inputs).
         """
-        # float32: at t=999 the epsilon form divides by sqrt(a) = 0.068
-        model_output, query_latents = model_output.float(), query_latents.float()
-        if self.options.objective == "degenerate_t1":
-            return -model_output
-        a = self.alphas_cumprod[self.options.timestep]
-        if self.prediction_type == "epsilon":
-            return (query_latents - (1 - a).sqrt() * model_output) / a.sqrt()
-        if self.prediction_type == "v_prediction":
-            return a.sqrt() * query_latents - (1 - a).sqrt() * model_output
-        if self.prediction_type == "sample":
-            return model_output
+        dtype = torch.promote_types(model_output.dtype, torch.float32)
+        with torch.autocast(device_type=model_output.device.type, enabled=False):
+            out, x_t = model_output.to(dtype), query_latents.to(dtype)
+            if self.options.objective == "degenerate_t1":
+                return -out
+            if self.options.objective == "direct_t999":
+                return out
+            a = self.alpha_bar
+            if self.prediction_type == "epsilon":
+                return (x_t - (1 - a) ** 0.5 * out) / a**0.5
+            if self.prediction_type == "v_prediction":
+                return a**0.5 * x_t - (1 - a) ** 0.5 * out
+            if self.prediction_type == "sample":
+                return out
         raise ConfigError(
             f"unknown prediction_type {self.prediction_type!r}",
             hint="backbone.prediction_type must be epsilon, v_prediction or sample",
@@ -564,18 +628,23 @@ class SDFSMIS(Method):
     # -- Method interface ----------------------------------------------------------------
     def training_loss(self, batch: EpisodeBatch) -> torch.Tensor:
         """MSE between the estimated and the true query-mask latent."""
-        support = self.encode_support(batch.support_images, batch.support_masks)
-        query_latents = self.encode_images(batch.query_images)
-        target = self.encode_masks(batch.query_masks)
+        sample = self.options.train_latents == "sample"
+        support = self.encode_support(batch.support_images, batch.support_masks, sample)
+        query_latents = self.encode_images(batch.query_images, sample)
+        target = self.encode_masks(batch.query_masks, sample)
         estimate = self.mask_latent_estimate(self.query_pass(query_latents, support), query_latents)
         return F.mse_loss(estimate.float(), target.float())
 
-    def decode_masks(self, mask_latents: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """``(Q, C, h, w)`` latents -> ``(Q, H, W)`` bool (decode, mean of 3 channels, threshold, LCC)."""
-        decoded = self.vae.decode(mask_latents.float()).float().mean(dim=1, keepdim=True)
+    def decode(self, mask_latents: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """``(Q, C, h, w)`` latents -> ``(Q, 3, H, W)`` float32 decoded images, about [-1, 1]."""
+        decoded = self.vae.decode(mask_latents.float()).float()
         if tuple(decoded.shape[-2:]) != tuple(size):
             decoded = F.interpolate(decoded, size=size, mode="bilinear", align_corners=False)
-        masks = threshold_decoded(decoded[:, 0], self.options.threshold, self.options.threshold_value)
+        return decoded
+
+    def masks_from_decoded(self, decoded: torch.Tensor) -> torch.Tensor:
+        """One chunk's ``(Q, 3, H, W)`` decoded prediction -> ``(Q, H, W)`` bool (threshold, LCC)."""
+        masks = threshold_decoded(decoded, self.options.threshold, self.options.threshold_value)
         return largest_component(masks) if self.options.lcc else masks
 
     @torch.no_grad()
@@ -588,13 +657,13 @@ class SDFSMIS(Method):
         """The naive path :meth:`predict` improves on: the support side (VAE, VTCT, U-Net
         support pass) re-run for every query slice, one slice at a time. Kept as the
         reference the cached path is tested and benchmarked against."""
-        masks = []
+        decoded = []
         for query in query_images.split(1):
             support = self.encode_support(support_images[None], support_masks[None])
             latents = self.encode_images(query)
             estimate = self.mask_latent_estimate(self.query_pass(latents, support), latents)
-            masks.append(self.decode_masks(estimate, tuple(query.shape[-2:])))
-        return torch.cat(masks)
+            decoded.append(self.decode(estimate, tuple(query.shape[-2:])))
+        return self.masks_from_decoded(torch.cat(decoded))
 
     @torch.no_grad()
     def predict(
@@ -604,14 +673,15 @@ class SDFSMIS(Method):
         query_images: torch.Tensor,
     ) -> torch.Tensor:
         """The support is encoded once (one U-Net pass) and shared by every query slice;
-        query slices run in batches of ``method.predict_batch_size``."""
+        query slices run in batches of ``method.predict_batch_size``; the mask is read from
+        the whole chunk's decoded prediction (the relative threshold looks at all of it)."""
         support = self.encode_support(support_images[None], support_masks[None])
-        masks = []
+        decoded = []
         for chunk in query_images.split(self.options.predict_batch_size):
             query_latents = self.encode_images(chunk)
             estimate = self.mask_latent_estimate(self.query_pass(query_latents, support), query_latents)
-            masks.append(self.decode_masks(estimate, tuple(chunk.shape[-2:])))
-        return torch.cat(masks)
+            decoded.append(self.decode(estimate, tuple(chunk.shape[-2:])))
+        return self.masks_from_decoded(torch.cat(decoded))
 
 
 class SDFSMISSii(SDFSMIS):

@@ -29,9 +29,11 @@ def test_fidelity_code_switches_every_harness_level_difference():
     assert code.fidelity == "code"
     assert (code.protocol.train_labels, code.protocol.dice, code.protocol.exclusion) == ("gt", "pooled", "all")
     assert (code.train.grad_accum, code.train.schedule) == (4, "linear")
+    assert (paper.protocol.gt_exclusion, code.protocol.gt_exclusion) == ("per_group", "liver_spleen")
+    assert (code.mixed_precision, code.tf32) == ("no", True)  # --mixed_precision no --allow_tf32
     assert compose(["fidelity=code", "train.grad_accum=2"]).train.grad_accum == 2  # the command line wins
     marks = non_standard_options(compose(["fidelity=code", "setting=2"]), random_weights=False)
-    assert marks == ["exclusion=all", "dice=pooled", "train_labels=gt"]
+    assert marks == ["exclusion=all", "dice=pooled", "train_labels=gt", "gt_exclusion=liver_spleen"]
 
 
 def test_unknown_preset_lists_the_options():

@@ -61,7 +61,7 @@ def synthetic_root(tmp_path: Path) -> Path:
 def test_abd_ct_reads_the_sabs_layout(synthetic_root):
     dataset = load_dataset("abd_ct", synthetic_root)
     assert dataset.case_ids()[:12] == [str(i) for i in range(12)]
-    assert dataset.fold_cases(4) == ["24", "25", "26", "27", "28", "29", "0"]
+    assert dataset.fold_cases(4) == ["0", "24", "25", "26", "27", "28", "29"]  # a set, id-sorted (PROTOCOL.md §2)
     volume = dataset.load("3", with_supervoxels=True)
     assert volume.image.shape == (10, 32, 32)  # slices first
     assert volume.spacing == pytest.approx((5.0, 1.25, 1.25))
@@ -81,7 +81,7 @@ def test_support_copy_on_abd_ct_with_wrapping_fold(synthetic_root, results_dir):
     (cases,) = results_dir.glob("support_copy/abd_ct/setting1/fold4/*/cases.csv")
     frame = pd.read_csv(cases, dtype={"case_id": str})
     assert set(frame.organ) == {"liver", "spleen", "left_kidney", "right_kidney"}
-    assert sorted(set(frame.case_id)) == sorted(["24", "25", "27", "28", "29", "0"])  # 26 is the support
+    assert sorted(set(frame.case_id)) == sorted(["0", "24", "26", "27", "28", "29"])  # 25 (position 2) is the support
     assert np.allclose(frame.dice, 1.0)  # identical organ positions everywhere
 
 

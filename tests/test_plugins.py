@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import matplotlib
 import pytest
 import torch
 
@@ -72,6 +73,15 @@ def test_out_of_tree_plugin_end_to_end(installed_example_plugin, results_dir, ca
     (cases,) = results_dir.glob("intensity_window/phantom/setting1/fold1/*/cases.csv")
     assert (cases.parent / "COMPLETE").exists()
     assert len(cases.read_text().splitlines()) > 1
+    # report figures show the plugin's own display name and colour
+    from matplotlib.colors import to_rgb
+
+    from fsmis_bench.reporting import figures, load_results, style
+
+    assert style.method_label("intensity_window") == "Intensity window"
+    assert style.method_colour("intensity_window") == pytest.approx(to_rgb("#882255"))
+    fig = figures.organ_dice_figure(load_results(results_dir))
+    assert "Intensity window" in [t.get_text().split("\u00a0")[0] for t in fig.findobj(matplotlib.text.Text)]
 
 
 def test_plugin_name_collision_is_reported(monkeypatch):
@@ -93,8 +103,13 @@ def _method_overrides(name: str) -> list[str]:
     from fsmis_bench.config import compose
 
     overrides = [f"method={name}", "dataset=phantom"]
-    if compose(overrides).method.get("default_backbone"):
+    method_cfg = compose(overrides).method
+    if method_cfg.get("default_backbone"):
         overrides += ["backbone=tiny", "pretrained=false"]
+    if method_cfg.get("encoder"):
+        # the classic methods' ResNet-101 is pinned by tests/test_classic_methods.py; the
+        # contract runs on the same code with the smallest encoder and random weights
+        overrides += ["method.encoder=resnet18", "pretrained=false"]
     return overrides
 
 

@@ -15,22 +15,37 @@ from fsmis_bench.protocol import (
 from fsmis_bench.protocol.ep1 import support_case_positions
 
 
+# PROTOCOL.md §2, written out literally as the reference code (ADNet, Q-Net, SD-FSMIS
+# ``get_folds``) writes them: sets of indices into the id-sorted scan list.
+REFERENCE_FOLDS = {
+    "abd_mri": (20, [set(range(0, 5)), set(range(4, 9)), set(range(8, 13)), set(range(12, 17)), {0} | set(range(16, 20))]),
+    "abd_ct": (30, [set(range(0, 7)), set(range(6, 13)), set(range(12, 19)), set(range(18, 25)), {0} | set(range(24, 30))]),
+    "card_mri": (35, [set(range(0, 8)), set(range(7, 15)), set(range(14, 22)), set(range(21, 29)), {0} | set(range(28, 35))]),
+}
+
+
+@pytest.mark.parametrize("dataset", sorted(REFERENCE_FOLDS))
+@pytest.mark.parametrize("fold", range(5))
+def test_fold_members_and_order_follow_the_reference_rule(dataset, fold):
+    n_scans, reference = REFERENCE_FOLDS[dataset]
+    sorted_scans = [f"scan{i:02d}" for i in range(n_scans)]  # stands for the id-sorted file list
+    # the reference rule, literally
+    expected = [elem for idx, elem in enumerate(sorted_scans) if idx in reference[fold]]
+    ours = [sorted_scans[i] for i in fold_indices(FOLDS[dataset], fold, n_scans, dataset)]
+    assert ours == expected
+
+
 @pytest.mark.parametrize(
-    "dataset, fold, expected",
-    [
-        ("abd_mri", 0, (0, 1, 2, 3, 4)),
-        ("abd_mri", 1, (4, 5, 6, 7, 8)),
-        ("abd_mri", 3, (12, 13, 14, 15, 16)),
-        ("abd_mri", 4, (16, 17, 18, 19, 0)),
-        ("abd_ct", 0, (0, 1, 2, 3, 4, 5, 6)),
-        ("abd_ct", 4, (24, 25, 26, 27, 28, 29, 0)),
-        ("card_mri", 0, tuple(range(0, 8))),
-        ("card_mri", 2, tuple(range(14, 22))),
-        ("card_mri", 4, (28, 29, 30, 31, 32, 33, 34, 0)),
-    ],
+    "dataset, support",
+    [("abd_mri", 17), ("abd_ct", 25), ("card_mri", 29)],  # PROTOCOL.md §2 / issue 8
 )
-def test_folds(dataset, fold, expected):
-    assert FOLDS[dataset][fold] == expected
+def test_fold4_support_is_the_reference_scan(dataset, support):
+    indices = fold_indices(FOLDS[dataset], 4, REFERENCE_FOLDS[dataset][0], dataset)
+    assert indices[0] == 0 and indices[2] == support
+
+
+def test_a_fold_is_a_set_whatever_order_it_is_written_in():
+    assert fold_indices(((3, 0, 2),), 0, 5) == (0, 2, 3)
 
 
 def test_every_scan_is_tested_and_folds_overlap_by_one():
@@ -188,3 +203,38 @@ def test_eval_groups_per_setting():
     assert gt[0].train_organs == ("left_kidney", "right_kidney") and gt[0].exclusion == "none"
     with pytest.raises(ConfigError):
         eval_groups(toy, toy, 3)
+
+
+class _ToyWithOtherOrgans(_Toy):
+    label_map = {**_Toy.label_map, "stomach": 7}
+
+
+@pytest.mark.parametrize(
+    "setting, exclusion, expected",
+    [
+        # train_labels=gt, per group (correct): a group's test organs are never trained on
+        (1, "any", [(("liver", "spleen"), ("left_kidney", "right_kidney", "stomach")),
+                    (("left_kidney", "right_kidney"), ("liver", "spleen", "stomach"))]),
+        (2, "all", [(("liver", "spleen", "left_kidney", "right_kidney"), ("stomach",))]),
+    ],
+)
+def test_gt_training_organs_per_group(setting, exclusion, expected):
+    toy = _ToyWithOtherOrgans()
+    groups = eval_groups(toy, toy, setting, exclusion, "gt", "per_group")
+    assert [(g.organs, g.train_organs) for g in groups] == expected
+    for g in groups:
+        assert not set(g.organs) & set(g.train_organs)
+
+
+@pytest.mark.parametrize("setting, exclusion, n_groups", [(1, "any", 1), (2, "all", 1), (2, "any", 2)])
+def test_gt_exclusion_as_shipped_removes_only_liver_and_spleen(setting, exclusion, n_groups):
+    """``--test_label 1``: one model trained on everything but liver and spleen, tested on all
+    four organs, so the kidneys leak (PROTOCOL.md §4)."""
+    toy = _ToyWithOtherOrgans()
+    groups = eval_groups(toy, toy, setting, exclusion, "gt", "liver_spleen")
+    assert len(groups) == n_groups
+    assert {o for g in groups for o in g.organs} == set(toy.test_organs)
+    for g in groups:
+        assert g.train_organs == ("left_kidney", "right_kidney", "stomach")
+    with pytest.raises(ConfigError, match="gt_exclusion"):
+        eval_groups(toy, toy, 1, "any", "gt", "kidneys")

@@ -18,15 +18,20 @@ from fsmis_bench.cli import main
 pytestmark = pytest.mark.realdata
 
 LAYOUT = {
-    "abd_mri": ("CHAOST2/chaos_MR_T2_normalized", {"liver": 1, "right_kidney": 2, "left_kidney": 3, "spleen": 4}, 20, 4),
-    "card_mri": ("CMR/cmr_MR_normalized", {"lv_myo": 200, "lv_bp": 500, "rv": 600}, 35, 7),
+    "abd_mri": ("CHAOST2/chaos_MR_T2_normalized", {"liver": 1, "right_kidney": 2, "left_kidney": 3, "spleen": 4}, 20),
+    "card_mri": ("CMR/cmr_MR_normalized", {"lv_myo": 200, "lv_bp": 500, "rv": 600}, 35),
+}
+# PROTOCOL.md §2 as the reference code's get_folds writes them: sets.
+REFERENCE_FOLDS = {
+    "abd_mri": [set(range(0, 5)), set(range(4, 9)), set(range(8, 13)), set(range(12, 17)), {0} | set(range(16, 20))],
+    "card_mri": [set(range(0, 8)), set(range(7, 15)), set(range(14, 22)), set(range(21, 29)), {0} | set(range(28, 35))],
 }
 
 
 def reference_support_copy(root: Path, dataset: str) -> pd.DataFrame:
     import SimpleITK as sitk
 
-    folder, organs, n_scans, width = LAYOUT[dataset]
+    folder, organs, n_scans = LAYOUT[dataset]
     ids = sorted(
         (re.match(r"image_(\d+)\.nii\.gz", p.name).group(1) for p in (root / folder).glob("image_*.nii.gz")),
         key=int,
@@ -38,8 +43,8 @@ def reference_support_copy(root: Path, dataset: str) -> pd.DataFrame:
     }
     rows = []
     for fold in range(5):
-        members = list(range(fold * width, fold * width + width + 1)) if fold < 4 else list(range(4 * width, n_scans)) + [0]
-        scans = [ids[k] for k in members]
+        # the reference rule: the id-sorted list filtered by fold membership, in order
+        scans = [elem for idx, elem in enumerate(ids) if idx in REFERENCE_FOLDS[dataset][fold]]
         support_id, query_ids = scans[2], [s for k, s in enumerate(scans) if k != 2]
         for organ, value in organs.items():
             support = labels[support_id] == value

@@ -12,11 +12,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
+from matplotlib.container import ErrorbarContainer  # noqa: E402
 from matplotlib.text import Text  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from fsmis_bench.errors import FsmisError  # noqa: E402
-from fsmis_bench.reporting import figures  # noqa: E402
+from fsmis_bench.reporting import figures, style  # noqa: E402
 from fsmis_bench.reporting.collect import load_results  # noqa: E402
 from fsmis_bench.reporting.qualitative import (  # noqa: E402
     choose_slices,
@@ -58,34 +59,43 @@ def _texts_at_least(fig: plt.Figure, points: float) -> None:
     assert sizes and min(sizes) >= points
 
 
-def test_figures_are_paper_sized_and_readable(results_root: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("width", [style.DOUBLE_COLUMN_IN, style.SINGLE_COLUMN_IN])
+def test_figures_are_paper_sized_and_readable(results_root: Path, tmp_path: Path, width: float) -> None:
     results = load_results(results_root)
+    written = {}
     for name, build in figures.FIGURES.items():
-        fig = build(results)
+        fig = build(results, width=width)
+        if name == "published_comparison":  # m1 and m2 have no published counterpart
+            assert fig is None
+            continue
         assert fig is not None, name
-        assert fig.get_size_inches()[0] == pytest.approx(figures.WIDTH_IN), name
+        assert fig.get_size_inches()[0] == pytest.approx(width), name
         _texts_at_least(fig, 8)
-        plt.close(fig)
-    written = figures.write_figures(results, tmp_path)
-    assert set(written) == set(figures.FIGURES)
+        written[name] = figures.save_figure(fig, tmp_path, name)
     for png in written.values():
         assert png.with_suffix(".pdf").read_bytes()[:4] == b"%PDF"
         with Image.open(png) as image:
-            assert image.size[0] >= 1200  # 7 in at 200 dpi, cropped tight
+            assert image.size[0] == round(width * 200)  # saved at its exact size, 200 dpi
+
+
+def _panels(fig: plt.Figure) -> list[plt.Axes]:
+    return [ax for ax in fig.get_axes() if ax.get_visible() and (ax.get_title() or ax.get_title(loc="left"))]
 
 
 def test_organ_dice_bars_show_fold_means(results_root: Path) -> None:
     fig = figures.organ_dice_figure(load_results(results_root))
-    titles = [ax.get_title() for ax in fig.axes if ax.get_visible() and ax.get_title()]
-    assert titles == ["Abd-MRI · setting 1", "Abd-MRI · setting 2"]
-    heights = sorted(round(p.get_height(), 1) for p in fig.axes[0].patches if p.get_height() > 0)
+    panels = _panels(fig)
+    assert [ax.get_title() for ax in panels] == ["Abd-MRI · setting 1", "Abd-MRI · setting 2"]
+    heights = sorted(round(p.get_height(), 1) for p in panels[0].patches if p.get_height() > 0)
     assert heights == [60.0, 60.0, 80.0, 80.0]  # m2 and m1, liver and spleen, setting 1
+    # five folds each: one error bar per bar (the std is 0 here: every fold scores the same)
+    assert sum(isinstance(c, ErrorbarContainer) for c in panels[0].containers) == 4
     plt.close(fig)
 
 
 def test_setting_drop_values(results_root: Path, tmp_path: Path) -> None:
     fig = figures.setting_drop_figure(load_results(results_root))
-    widths = sorted(round(p.get_width(), 3) for p in fig.axes[0].patches if p.get_width() != 0)
+    widths = sorted(round(p.get_width(), 3) for p in _panels(fig)[0].patches if p.get_width() != 0)
     assert widths == [10.0, 10.0]  # both methods lose 0.1 Dice in setting 2
     plt.close(fig)
     only_setting1 = tmp_path / "s1"
@@ -127,12 +137,15 @@ def test_predictions_roundtrip_and_qualitative_panels(results_root: Path, tmp_pa
     np.testing.assert_array_equal(masks, truth[slices])
 
     fig = qualitative_figure(results, "abd_mri", 1, DATASET, parse_slices("liver:2:4,spleen:1:0"))
-    grid = np.array(fig.axes).reshape(2, 3)
-    assert [ax.get_title() for ax in grid[0]] == ["image + ground truth", "m1", "m2"]
-    assert "z=4" in grid[0, 0].get_ylabel()
-    # z=0 holds no spleen: nothing was predicted there, and the panel says so
-    assert any(t.get_text() == "no prediction" for t in grid[1, 1].texts)
-    assert any(c for c in grid[0, 1].collections)  # predicted contour drawn
+    texts = [t.get_text() for t in fig.texts]
+    # methods as rows (ground truth first), the chosen slices as columns
+    assert texts[:3] == ["Ground truth", "Liver\ncase 2, slice 4", "Spleen\ncase 1, slice 0"]
+    assert {"m1", "m2"} <= set(texts)
+    panels = [ax for ax in fig.get_axes() if ax.images]
+    assert len(panels) == 3 * 2
+    # row 1 (m1), column 2 (spleen, z=0): z=0 holds no spleen, nothing was predicted there
+    assert any(t.get_text() in ("no\nprediction", "n/a") for t in panels[3].texts)
+    assert panels[2].collections  # m1's liver contour drawn
     plt.close(fig)
 
     notes: list[str] = []

@@ -54,19 +54,25 @@ def test_report_writes_every_artifact(report: Path) -> None:
     assert (report / "tables" / "bootstrap_ci.csv").is_file()
     folds = pd.read_csv(report / "tables" / "fold_scores.csv")
     assert set(folds["method"]) == {"adnet", "sdfsmis"} and len(folds) == 2 * 2 * 5 * 2 + 1
-    for stem in ("organ_dice", "volume_distribution", "setting_drop", "train_loss", "qualitative_abd_mri"):
+    for stem in ("published_comparison", "organ_dice", "volume_distribution", "setting_drop", "train_loss",
+                 "qualitative_abd_mri"):
         assert (report / "figures" / f"{stem}.png").is_file() and (report / "figures" / f"{stem}.pdf").is_file()
+    # adnet and sdfsmis have published numbers for Abd-MRI: the figure's values are in a table
+    comparison = pd.read_csv(report / "tables" / "published_comparison.csv")
+    assert set(comparison.dropna(subset=["published"])["published_as"]) == {"ADNet", "SD-FSMIS"}
 
 
 def test_html_is_self_contained(report: Path) -> None:
     page = (report / "report.html").read_text(encoding="utf-8")
     sources = re.findall(r'src="([^"]*)"', page)
-    assert len(sources) == 5 and all(s.startswith("data:image/png;base64,") for s in sources)
+    assert len(sources) == 6 and all(s.startswith("data:image/png;base64,") for s in sources)
     assert "http://" not in page and "https://" not in page and "<link" not in page
     assert 'id="table-main"' in page and "SD-FSMIS†" in page and "arXiv 2604.03134" in page
     assert "adnet [random_weights]*§" in page  # one fold: incomplete and random
     assert "1 unfinished run(s)" in page and "seed7" in page
     assert "A = sdfsmis [sd15] vs B = adnet" in page
+    # captions say what the error bars are; the published comparison names its source
+    assert "±1 standard deviation across folds" in page and "White diamonds: the published value" in page
 
 
 def test_refuses_to_overwrite_without_force(report: Path, tmp_path: Path) -> None:
@@ -109,4 +115,4 @@ def test_html_renders_in_headless_chromium(report: Path, tmp_path: Path) -> None
     # a rendered page: mostly white background with a fair amount of dark text and table rules
     assert pixels.mean() > 180 and (pixels < 100).mean() > 0.01
     dom = subprocess.run([*flags, "--dump-dom", url], check=True, capture_output=True, text=True, timeout=120).stdout
-    assert dom.count("<img") == 5 and 'id="table-main"' in dom
+    assert dom.count("<img") == 6 and 'id="table-main"' in dom

@@ -137,6 +137,16 @@ def test_sd_codec_encodes_the_scaled_posterior_mean() -> None:
     assert codec.decode(first).shape == (1, 3, 32, 32)
     assert not any(p.requires_grad for p in codec.parameters())
 
+    # sample=True: the released training script's latent_dist.sample(), from torch's CPU
+    # generator (checkpointed by the engine), so a seed replays it exactly
+    posterior = vae.encode(image).latent_dist
+    torch.manual_seed(3)
+    draw = codec.encode(image, sample=True)
+    torch.manual_seed(3)
+    assert torch.equal(draw, codec.encode(image, sample=True))
+    noise = (draw / 0.18215 - posterior.mean) / posterior.std
+    assert not torch.equal(draw, first) and abs(float(noise.mean())) < 0.1 and abs(float(noise.std()) - 1) < 0.1
+
 
 def test_taesd_real_weights_round_trip(real_weights_root: Path) -> None:
     image = _smooth_image(256)

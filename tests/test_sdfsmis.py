@@ -1,6 +1,8 @@
 """SD-FSMIS on the tiny backbone: QE pinned by hand, SII uses the support in both forms,
-frozen parts stay frozen, Marigold init, the K/V bank's shot layout, the objectives, the
-mask read-out, the registered variants' contract, and (slow) overfitting a real CHAOS episode."""
+frozen parts stay frozen, Marigold init, the K/V bank's shot layout, the objectives and the
+numerics of the epsilon t = 999 read-out against float64, the mask read-out, the code-form
+options, the registered variants' contract, and (slow) overfitting a real CHAOS episode with
+each objective on an epsilon-prediction U-Net."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fsmis_methods._sd_attention import AttentionBank, support_attention_parameters
+from fsmis_methods._sd_unet import Float32Conv2d
 from fsmis_methods.sdfsmis import (
     FIDELITY_DEFAULTS,
     SDFSMIS,
@@ -30,11 +33,12 @@ from fsmis_methods.sdfsmis import (
 )
 from omegaconf import DictConfig, OmegaConf
 
+from fsmis_bench.errors import ConfigError
 from fsmis_bench.method import EpisodeBatch
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 32  # identity codec: 32 px -> 16 x 16 latents (small, for 2 CPU cores)
-OVERFIT_SIZE = 64  # -> 32 x 32 latents, SD's latent grid at 256 px
+OVERFIT_SIZE = 32  # -> 16 x 16 latents (SD's grid at 256 px is 32 x 32; 4x cheaper steps)
 
 TINY_BACKBONE = {
     "name": "tiny",
@@ -358,11 +362,101 @@ def test_degenerate_t1_objective_is_negated_output():
     assert torch.equal(model.mask_latent_estimate(out, torch.randn_like(out)), -out)
 
 
-def test_thresholds_and_largest_component():
-    decoded = torch.tensor([[[-1.0, -0.2, 0.1, 0.9]]])
+def test_direct_t999_reads_the_output_as_the_mask_latent_at_timestep_999():
+    model = build(SDFSMISSii, {"objective": "direct_t999"})
+    assert model.options.timestep == 999
+    out = torch.randn(1, 4, 8, 8)
+    assert torch.equal(model.mask_latent_estimate(out, torch.randn_like(out)), out)
+    seen = []
+    model.unet.register_forward_pre_hook(lambda module, args: seen.append(args[1].tolist()))
+    query_output(model, images(1, 1), blob_masks(1), images(1, 2))
+    assert seen == [[999], [999]]  # support pass and query pass
+
+
+#: Relative RMS error of the epsilon-prediction t = 999 estimate against float64, PROTOCOL.md
+#: §6. The read-out (the U-Net's output layer + the x0 formula) under bf16 autocast: ~1e-7
+#: measured, where a bf16 output layer gives ~1.3e-3 (x 14.6 amplification of its rounding).
+READOUT_TOLERANCE = 1e-5
+#: The whole query pass: in float32 (the default precision) ~4e-7 measured on the tiny U-Net;
+#: under bf16 autocast ~0.6-0.8 %, the bf16 arithmetic of the layers before the output
+#: (which is why float32 + TF32 is the default and `direct_t999` exists).
+FP32_TOLERANCE, BF16_TOLERANCE = 1e-5, 1.2e-2
+
+
+def _relative_rms(estimate: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((estimate.detach().double() - expected.detach()).pow(2).mean().sqrt() / expected.detach().pow(2).mean().sqrt())
+
+
+def test_epsilon_t999_readout_is_float32_under_autocast():
+    model = build(SDFSMISSii, prediction_type="epsilon")
+    conv = model.unet.conv_out
+    assert isinstance(conv, Float32Conv2d)
+    g = torch.Generator().manual_seed(0)
+    features, x_t = torch.randn(4, conv.in_channels, 16, 16, generator=g), torch.randn(4, 4, 16, 16, generator=g)
+    a = sd_alphas_cumprod()[999]
+    output64 = F.conv2d(features.double(), conv.weight.double(), conv.bias.double(), padding=1)
+    expected = (x_t.double() - (1 - a).sqrt() * output64) / a.sqrt()
+    bf16_conv = torch.nn.Conv2d(conv.in_channels, conv.out_channels, 3, padding=1)
+    bf16_conv.weight, bf16_conv.bias = conv.weight, conv.bias
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        estimate = model.mask_latent_estimate(conv(features), x_t)
+        unprotected = model.mask_latent_estimate(bf16_conv(features), x_t)
+    assert estimate.dtype == torch.float32
+    assert _relative_rms(estimate, expected) < READOUT_TOLERANCE
+    assert _relative_rms(unprotected, expected) > 20 * READOUT_TOLERANCE  # the test can tell
+
+
+@pytest.mark.parametrize("autocast, tolerance", [(False, FP32_TOLERANCE), (True, BF16_TOLERANCE)])
+def test_epsilon_t999_query_pass_against_float64(autocast, tolerance):
+    model = build(SDFSMISSii, prediction_type="epsilon").eval()
+    _perturb_sii_output(model)
+    support, mask, query = images(1, 1), blob_masks(1, seed=1), images(4, 2)
+    reference = copy.deepcopy(model).double()
+    with torch.no_grad():
+        context = reference.encode_support(support[None].double(), mask[None].double())
+        latents = reference.encode_images(query.double())
+        expected = reference.mask_latent_estimate(reference.query_pass(latents, context), latents)
+        assert expected.dtype == torch.float64
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            output = query_output(model, support, mask, query)
+            estimate = model.mask_latent_estimate(output, model.encode_images(query))
+    assert output.dtype == estimate.dtype == torch.float32
+    assert _relative_rms(estimate, expected) < tolerance
+
+
+def test_float32_output_layer_keeps_parameters_and_state_dict_keys():
+    plain = build(SDFSMISSii)
+    assert "unet.conv_out.weight" in plain.state_dict() and "unet.conv_out.bias" in plain.state_dict()
+    conv = plain.unet.conv_out
+    x = torch.randn(1, conv.in_channels, 4, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = conv(x)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, torch.nn.functional.conv2d(x, conv.weight, conv.bias, padding=1))
+
+
+def test_absolute_threshold_on_the_channel_mean():
+    decoded = torch.tensor([[-1.0, -0.2, 0.1, 0.9]])[:, None, None, :].expand(1, 3, 1, 4)  # (Q, C, H, W)
     assert threshold_decoded(decoded, "absolute", 0.0).tolist() == [[[False, False, True, True]]]
-    # relative: p = (x+1)/2 = 0, .4, .55, .95; 0.25 * .95 = .2375
-    assert threshold_decoded(decoded, "relative", 0.25).tolist() == [[[False, True, True, True]]]
+
+
+def test_relative_threshold_uses_the_maximum_of_the_whole_chunk():
+    """Code: ``mean_c(p) > 0.25 * max(p)`` with the maximum over all slices and channels
+    of the chunk, ``p`` = decoded mapped from [-1, 1] to [0, 1]."""
+    # slice 0: p = 0, .4, .55, .95 in every channel; slice 1: p = .1, .2, .2, .3
+    slices = torch.tensor([[-1.0, -0.2, 0.1, 0.9], [-0.8, -0.6, -0.6, -0.4]])
+    decoded = slices[:, None, None, :].repeat(1, 3, 1, 1)
+    # chunk max .95 -> .2375: slice 1 keeps only the .3 pixel (per slice it would keep 3 of 4)
+    assert threshold_decoded(decoded, "relative", 0.25).tolist() == [[[False, True, True, True]], [[False, False, False, True]]]
+    # the maximum is over channels too: one channel at p = 1 (x = 1) raises it to .25
+    decoded[0, 0, 0, 0] = 1.0  # slice 0 pixel 0: channel mean (1 + 0 + 0) / 3 = .33 > .25
+    assert threshold_decoded(decoded, "relative", 0.25)[1].tolist() == [[False, False, False, True]]
+    assert threshold_decoded(decoded, "relative", 0.25)[0, 0, 0]
+    decoded[0, 0, 0, 3] = 1.0  # no change to the max; channel mean of pixel 3 still > .25
+    assert threshold_decoded(decoded, "relative", 0.25)[0].tolist() == [[True, True, True, True]]
+
+
+def test_largest_component_per_slice():
     masks = torch.zeros(2, 8, 8, dtype=torch.bool)
     masks[0, :3, :3] = True
     masks[0, 6:, 6:] = True  # 4 px, smaller
@@ -373,12 +467,57 @@ def test_thresholds_and_largest_component():
 def test_fidelity_switches_every_difference_and_options_override():
     paper = SDFSMIS.resolve_options(OmegaConf.create({}), "paper")
     code = SDFSMIS.resolve_options(OmegaConf.create({}), "code")
-    for name in ("sii", "qe_form", "objective", "threshold", "lcc"):
+    for name in sorted(set(FIDELITY_DEFAULTS) - {"vtct_encoder"}):  # the encoder follows the backbone
         assert getattr(paper, name) == FIDELITY_DEFAULTS[name]["paper"]
         assert getattr(code, name) == FIDELITY_DEFAULTS[name]["code"]
+    assert (code.train_latents, code.vtct_shot_pooling, code.threshold) == ("sample", "before_mlp", "relative")
     assert (paper.threshold_value, code.threshold_value) == (0.0, 0.25)
     mixed = SDFSMIS.resolve_options(OmegaConf.create({"sii": "kv_concat", "lcc": True}), "paper")
     assert (mixed.sii, mixed.lcc, mixed.objective) == ("kv_concat", True, "ddim_t999")
+    with pytest.raises(ConfigError, match="train_latents"):
+        SDFSMIS.resolve_options(OmegaConf.create({"train_latents": "mode"}), "paper")
+
+
+@pytest.mark.parametrize("fidelity, sampled", [("paper", False), ("code", True)])
+def test_training_encodes_posterior_samples_only_in_the_code_form(fidelity, sampled):
+    model = build(SDFSMISSii, fidelity=fidelity)
+    calls = []
+    encode = model.vae.encode
+    model.vae.encode = lambda images, sample=False: calls.append(sample) or encode(images, sample)
+    model.training_loss(episode(b=1))
+    assert calls == [sampled] * 4  # support image, support mask, query image, query mask
+    calls.clear()
+    model.eval().predict(images(1, 1), blob_masks(1), images(2, 2))
+    assert calls == [False] * 3  # the posterior mean at test time
+
+
+def test_shot_pooling_before_or_after_the_mlp():
+    batch = episode(b=1, s=3)
+    results = {}
+    for pooling in ("after_mlp", "before_mlp"):
+        model = build(SDFSMISVtct, {"vtct_shot_pooling": pooling})
+        with torch.no_grad():
+            results[pooling] = model.vtct_condition(batch.support_images, batch.support_masks)
+            tokens = model.image_encoder(batch.support_images[0].expand(-1, 3, -1, -1))
+            pooled = masked_token_average(tokens, batch.support_masks[0], model.image_encoder.grid)  # (3, d)
+        expected = model.vtct_mlp(pooled).mean(0) if pooling == "after_mlp" else model.vtct_mlp(pooled.mean(0))
+        assert results[pooling].shape == (1, 1, model.unet.config.cross_attention_dim)
+        torch.testing.assert_close(results[pooling][0, 0], expected)
+    assert not torch.allclose(results["after_mlp"], results["before_mlp"])  # the MLP is not linear
+    with torch.no_grad():  # one shot: the same
+        one = episode(b=1, s=1)
+        conditions = [build(SDFSMISVtct, {"vtct_shot_pooling": p}).vtct_condition(one.support_images, one.support_masks)
+                      for p in ("after_mlp", "before_mlp")]
+    torch.testing.assert_close(*conditions)
+
+
+def test_resolved_options_name_every_choice():
+    options = build(SDFSMIS, fidelity="code").resolved_options()
+    assert options["fidelity"] == "code" and options["prediction_type"] == "epsilon"
+    assert options["vtct_encoder"] == "tiny"  # the tiny backbone's encoder, concrete
+    assert build(SDFSMISSii).resolved_options()["vtct_encoder"] is None  # no VTCT
+    for name in set(FIDELITY_DEFAULTS) - {"vtct_encoder"}:
+        assert options[name] == FIDELITY_DEFAULTS[name]["code"]
 
 
 def test_cached_batched_predict_equals_per_slice_recomputation():
@@ -408,7 +547,7 @@ def registered_target(name: str) -> str:
     found: dict[str, str] = {}
 
     class Collect:
-        def register(self, key, target, description=""):
+        def register(self, key, target, description="", **_display):
             found[key] = target
 
     _plugin.fsmis_register_methods(Collect())
@@ -467,13 +606,20 @@ def chaos_liver_pair(root: Path, size: int) -> tuple[torch.Tensor, ...]:
     return tuple(out)
 
 
+#: steps each objective may take to overfit on the epsilon-prediction tiny U-Net. The
+#: well-conditioned objectives pass Dice 0.9 by step 25; the paper's DDIM read-out, which
+#: multiplies output errors by 14.6 (and starts from x0 estimates ~14x too large with random
+#: weights), took 175 steps when measured.
+OVERFIT_BUDGET = {"ddim_t999": 300, "direct_t999": 100, "degenerate_t1": 100}
+
+
 @pytest.mark.slow
-def test_tiny_sdfsmis_overfits_a_real_chaos_episode(real_data_root):
-    """Paper configuration (SII cross-attention, QE, VTCT, DDIM t=999) on a v-prediction tiny
-    U-Net (as SD-2.1): with an epsilon U-Net the t=999 estimate divides the output error by
-    sqrt(alpha_bar_999) = 0.068, and the tiny model needs far more steps."""
+@pytest.mark.parametrize("objective", sorted(OVERFIT_BUDGET))
+def test_tiny_sdfsmis_overfits_a_real_chaos_episode_with_each_objective(objective, real_data_root):
+    """Paper configuration (SII cross-attention, QE, VTCT) on an epsilon-prediction tiny
+    U-Net (as SD-1.5), once per objective: each learns one real CHAOS liver episode."""
     support, support_mask, query, query_mask = chaos_liver_pair(real_data_root, OVERFIT_SIZE)
-    model = build(SDFSMIS, prediction_type="v_prediction")
+    model = build(SDFSMIS, {"objective": objective}, prediction_type="epsilon")
     optimiser = torch.optim.Adam([p for g in model.param_groups() for p in g["params"]], lr=1e-3)
     batch = EpisodeBatch(support[None], support_mask[None], query, query_mask)
     truth = query_mask[0, 0].bool()
@@ -484,10 +630,11 @@ def test_tiny_sdfsmis_overfits_a_real_chaos_episode(real_data_root):
         model.train()
         return float(2 * (pred & truth).sum() / (pred.sum() + truth.sum()))
 
-    start, best, steps = time.perf_counter(), 0.0, 0
+    start, best, steps, first_loss = time.perf_counter(), 0.0, 0, None
     model.train()
-    for steps in range(1, 301):
+    for steps in range(1, OVERFIT_BUDGET[objective] + 1):
         loss = model.training_loss(batch)
+        first_loss = first_loss if first_loss is not None else float(loss.detach())
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
@@ -495,7 +642,6 @@ def test_tiny_sdfsmis_overfits_a_real_chaos_episode(real_data_root):
             best = dice()
             if best > 0.9:
                 break
-    elapsed = time.perf_counter() - start
-    print(f"overfit: {steps} steps, {elapsed:.1f} s, Dice {best:.4f}")
-    assert best > 0.9, f"Dice {best:.3f} after {steps} steps"
-    assert elapsed < 180
+    print(f"overfit {objective}: {steps} steps, {time.perf_counter() - start:.1f} s, "
+          f"loss {first_loss:.3f} -> {float(loss.detach()):.3f}, Dice {best:.4f}")
+    assert best > 0.9, f"{objective}: Dice {best:.3f} after {steps} steps"

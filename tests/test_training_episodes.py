@@ -104,3 +104,48 @@ def test_full_augmentation_keeps_masks_binary_and_mostly_in_place():
         assert out.dtype == bool and image.shape == (64, 64)
         overlap = (out & mask).sum() / mask.sum()
         assert 0.5 < overlap and 0.6 < out.sum() / mask.sum() < 1.6
+
+
+class _MarkingAugmenter(EpisodeAugmenter):
+    """Adds 1e3 to an image it applies gamma to and 1e6 to one it warps, so each episode
+    shows which side got which part."""
+
+    def gamma(self, image, rng):
+        rng.uniform()
+        return image + 1e3
+
+    def geometric(self, image, mask, rng):
+        rng.uniform()
+        return image + 1e6, mask
+
+
+def test_gamma_and_geometric_sides_are_drawn_independently():
+    """Q-Net / SD-FSMIS: gamma on one side, affine + elastic on an independently drawn side
+    (PROTOCOL.md §5). Over 4000 episodes every share below is within 5 standard errors."""
+    sampler = EpisodeSampler(_Stack(), ["1", "2"], EvalGroup("all", ("liver",)), min_fg_pixels=0, seed=0)
+    sampler.augmenter = _MarkingAugmenter()
+    n = 4000
+    gamma_on_support = geometric_on_support = different = 0
+    for _ in range(n):
+        support_image, _, query_image, _ = sampler.sample()
+        marks = [int(round(float(np.median(im)) / 1e3)) for im in (support_image, query_image)]  # 0, 1, 1000, 1001
+        gamma, geometric = [m % 1000 for m in marks], [m // 1000 for m in marks]
+        assert sorted(gamma) == [0, 1] and sorted(geometric) == [0, 1]  # each part on exactly one side
+        gamma_on_support += gamma[0]
+        geometric_on_support += geometric[0]
+        different += gamma[0] != geometric[0]
+    tolerance = 5 * (0.25 / n) ** 0.5
+    assert abs(gamma_on_support / n - 0.5) < tolerance
+    assert abs(geometric_on_support / n - 0.5) < tolerance
+    assert abs(different / n - 0.5) < tolerance  # the two sides augmented differently
+
+
+def test_gamma_and_geometric_parts_compose_to_the_full_augmentation():
+    augmenter = EpisodeAugmenter()
+    image = np.random.default_rng(0).random((32, 32)).astype(np.float32)
+    mask = image > 0.5
+    whole = augmenter(image, mask, np.random.default_rng(3))
+    rng = np.random.default_rng(3)
+    parts = augmenter.geometric(augmenter.gamma(image, rng), mask, rng)
+    np.testing.assert_array_equal(whole[0], parts[0])
+    np.testing.assert_array_equal(whole[1], parts[1])

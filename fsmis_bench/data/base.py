@@ -56,6 +56,7 @@ class Volume:
         affine: ``(4, 4)`` voxel-to-world matrix (RAS+, mm) for the index order of
             ``image``: ``world = affine @ (z, y, x, 1)``; None when unknown (phantom).
             Display code reads it to show slices in radiological orientation.
+        modality: ``"ct"`` or ``"mri"`` where the dataset knows it per scan, else None.
     """
 
     case_id: str
@@ -64,6 +65,7 @@ class Volume:
     supervoxels: np.ndarray | None = None
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
     affine: np.ndarray | None = None
+    modality: str | None = None
 
     def __post_init__(self) -> None:
         if self.image.ndim != 3 or self.image.shape != self.label.shape:
@@ -145,6 +147,8 @@ class VolumeDataset(ABC):
 
     def __init__(self, root: str | Path | None = None, **options) -> None:
         self.root = Path(root).expanduser() if root not in (None, "", "null") else None
+        #: the config node the options came from (``dataset`` or ``test_dataset``), for messages
+        self.config_key = str(options.pop("config_key", None) or "dataset")
         self.options = options
         self._cache: dict[tuple[str, bool], Volume] = {}
 
@@ -156,6 +160,37 @@ class VolumeDataset(ABC):
     @abstractmethod
     def _load(self, case_id: str, with_supervoxels: bool) -> Volume:
         """Read one volume."""
+
+    # -- optional hooks -----------------------------------------------------------------
+    @classmethod
+    def resolve_options(cls, options: dict, data_root: str | None) -> dict:
+        """Options as they should be recorded in the run's config, resolved at compose time.
+
+        E.g. a label map given as a file becomes the mapping itself, so the record does not
+        depend on a file that may change. The default returns ``options`` unchanged.
+        """
+        return options
+
+    def fold_support(self, fold: int) -> str | None:
+        """The support scan this dataset fixes for ``fold``; None: EP1's ``protocol.supp_idx``."""
+        return None
+
+    def source_nifti(self, case_id: str, array: np.ndarray):
+        """A ``(Z, H, W)`` array on the grid of :meth:`load` as a NIfTI image in the grid
+        and orientation of the scan's own file (e.g. to write a predicted mask back).
+
+        The default assumes the volume was read as stored and uses :attr:`Volume.affine`.
+        """
+        from .nifti import zyx_to_nifti
+
+        volume = self.load(case_id)
+        if volume.affine is None:
+            raise DataError(
+                f"{self.name}: case {case_id} has no file geometry, so masks cannot be written as NIfTI",
+            )
+        if tuple(array.shape) != volume.image.shape:
+            raise DataError(f"{self.name}: case {case_id} is {volume.image.shape}, got a mask of {array.shape}")
+        return zyx_to_nifti(array, volume.affine)
 
     # -- provided -----------------------------------------------------------------------
     @functools.cached_property

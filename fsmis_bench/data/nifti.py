@@ -1,28 +1,86 @@
-"""NIfTI reading with errors that name the file.
+"""NIfTI reading (and writing back) with errors that name the file.
 
 Arrays come back slices first, ``(Z, Y, X)``, the order SimpleITK (and so the FSMIS
 reference code) uses for volumes whose slices lie along the last NIfTI axis.
+
+:func:`load_nifti` can bring a volume to one canonical orientation first (nibabel's
+orientation algebra: axis permutations and flips only, so no voxel is interpolated and the
+step is exactly invertible). The benchmark's prepared abdominal data are stored ``LAS``
+(x to the patient's left, y to anterior, z to superior: ``nib.aff2axcodes``), so a scan
+reoriented to ``LAS`` is laid out like the data a CHAOS-trained model has seen.
+:func:`to_source_nifti` undoes the reorientation, so a predicted mask can be written in
+the grid and orientation of the file it came from.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import DataError
 
+#: The orientation of the benchmark's prepared CHAOS/SABS files (``nib.aff2axcodes``).
+CANONICAL_ORIENTATION = "LAS"
+#: Keep a file's voxel axes as they are (slices along its last axis).
+AS_STORED = "as_stored"
 
-def read_nifti(path: Path, dtype: type = np.float32) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """Read one volume.
 
-    Returns:
-        ``(Z, Y, X)`` array of ``dtype`` and the voxel spacing ``(z, y, x)`` in mm.
+@dataclass
+class NiftiVolume:
+    """One volume as read by :func:`load_nifti`.
+
+    Attributes:
+        array: ``(Z, Y, X)`` voxels, in the requested orientation.
+        spacing: voxel size in mm, ``(z, y, x)``.
+        affine: ``(4, 4)`` voxel-to-world (RAS+ mm) for the ``(z, y, x)`` index order.
+        source_affine: the file's own ``(4, 4)`` affine for its ``(i, j, k)`` axes.
+        source_shape: the file's array shape ``(i, j, k)``.
+        transform: nibabel orientation transform ``(3, 2)`` from the file's axes to the
+            returned ``(x, y, z)`` axes (identity when read as stored).
+        source_axcodes: the file's orientation, e.g. ``("R", "A", "S")``.
+        has_orientation: False when the header holds no qform/sform (orientation unknown).
+    """
+
+    array: np.ndarray
+    spacing: tuple[float, float, float]
+    affine: np.ndarray
+    source_affine: np.ndarray
+    source_shape: tuple[int, int, int]
+    transform: np.ndarray
+    source_axcodes: tuple[str, str, str]
+    has_orientation: bool
+
+
+def check_orientation(orientation: str) -> str:
+    """``"LAS"``-style axis codes (upper case) or ``"as_stored"``; raises otherwise."""
+    from ..errors import ConfigError
+
+    text = str(orientation)
+    if text == AS_STORED:
+        return text
+    code = text.upper()
+    pairs = ({"L", "R"}, {"A", "P"}, {"S", "I"})
+    if len(code) != 3 or any(sum(c in pair for c in code) != 1 for pair in pairs):
+        raise ConfigError(
+            f"orientation {orientation!r} is not an axis code",
+            hint=f"use three letters, one of L/R, A/P, S/I each (e.g. {CANONICAL_ORIENTATION}, RAS, LPS), "
+            f"or {AS_STORED} to keep the files' voxel axes",
+        )
+    return code
+
+
+def load_nifti(path: Path, dtype: type = np.float32, orientation: str = AS_STORED) -> NiftiVolume:
+    """Read one volume, optionally reoriented to ``orientation`` (e.g. ``"LAS"``).
+
     Raises:
-        DataError: the file is missing, truncated, not a 3-D NIfTI, or holds NaN/inf.
+        DataError: the file is missing, truncated, not a 3-D NIfTI, holds NaN/inf voxels,
+            or its affine is degenerate.
     """
     import nibabel as nib
+    from nibabel import orientations as ornt
 
     if not path.is_file():
         raise DataError(f"missing file {path}", hint="check the data root and the dataset layout")
@@ -30,6 +88,8 @@ def read_nifti(path: Path, dtype: type = np.float32) -> tuple[np.ndarray, tuple[
         image = nib.load(str(path))
         data = np.asarray(image.dataobj)
         zooms = tuple(float(z) for z in image.header.get_zooms()[:3])
+        affine = np.asarray(image.affine, dtype=np.float64)
+        has_orientation = bool(int(image.header["qform_code"]) or int(image.header["sform_code"]))
     except Exception as exc:  # nibabel raises many types for damaged files
         raise DataError(
             f"cannot read {path}: {type(exc).__name__}: {exc}",
@@ -46,10 +106,65 @@ def read_nifti(path: Path, dtype: type = np.float32) -> tuple[np.ndarray, tuple[
         data = data[..., 0]
     if data.ndim != 3:
         raise DataError(f"{path} holds a {data.ndim}-D array; a 3-D volume is expected")
+    if not all(np.isfinite(z) and z > 0 for z in zooms):
+        raise DataError(f"{path}: voxel sizes {zooms} are not positive", hint="fix the header's pixdim")
+    source_ornt = ornt.io_orientation(affine)
+    if np.isnan(source_ornt).any():
+        raise DataError(f"{path}: the affine is degenerate (an axis has no direction)", hint="fix the header")
+    if orientation == AS_STORED:
+        transform = np.column_stack([np.arange(3), np.ones(3)])
+    else:
+        transform = ornt.ornt_transform(source_ornt, ornt.axcodes2ornt(check_orientation(orientation)))
+        data = ornt.apply_orientation(data, transform)
+        zooms = tuple(zooms[int(np.flatnonzero(transform[:, 0] == axis)[0])] for axis in range(3))
+    new_affine = affine @ ornt.inv_ornt_aff(transform, image.shape[:3])
     if dtype in (np.int32, np.int64, np.int16):
         data = np.rint(data)
     volume = np.ascontiguousarray(data.transpose(2, 1, 0).astype(dtype))
-    return volume, (zooms[2], zooms[1], zooms[0])
+    return NiftiVolume(
+        array=volume,
+        spacing=(zooms[2], zooms[1], zooms[0]),
+        affine=new_affine[:, [2, 1, 0, 3]],
+        source_affine=affine,
+        source_shape=tuple(int(s) for s in image.shape[:3]),
+        transform=transform,
+        source_axcodes=tuple(ornt.ornt2axcodes(source_ornt)),
+        has_orientation=has_orientation,
+    )
+
+
+def read_nifti(path: Path, dtype: type = np.float32) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """Read one volume as stored.
+
+    Returns:
+        ``(Z, Y, X)`` array of ``dtype`` and the voxel spacing ``(z, y, x)`` in mm.
+    Raises:
+        DataError: the file is missing, truncated or not a 3-D NIfTI.
+    """
+    volume = load_nifti(path, dtype)
+    return volume.array, volume.spacing
+
+
+def to_source_array(array: np.ndarray, transform: np.ndarray) -> np.ndarray:
+    """``(Z, Y, X)`` array of a reoriented volume -> the file's ``(i, j, k)`` layout.
+
+    The exact inverse of the reorientation in :func:`load_nifti` (flips and permutations).
+    """
+    from nibabel import orientations as ornt
+
+    stored = np.asarray(array).transpose(2, 1, 0)
+    identity = np.column_stack([np.arange(3), np.ones(3)])
+    inverse = ornt.ornt_transform(identity, transform)  # maps the new axes back to the file's
+    return np.ascontiguousarray(ornt.apply_orientation(stored, inverse))
+
+
+def zyx_to_nifti(array: np.ndarray, affine_zyx: np.ndarray):
+    """A NIfTI image of a ``(Z, Y, X)`` array whose ``(z, y, x)`` voxel-to-world is ``affine_zyx``."""
+    import nibabel as nib
+
+    image = nib.Nifti1Image(np.ascontiguousarray(np.asarray(array).transpose(2, 1, 0)), affine_zyx[:, [2, 1, 0, 3]])
+    image.set_qform(affine_zyx[:, [2, 1, 0, 3]], code=1)
+    return image
 
 
 def nifti_path(directory: Path, stem: str) -> Path:

@@ -20,6 +20,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .common import (
+    CT_HU_WINDOW,
     TARGET_IN_PLANE,
     RawCase,
     RawDataError,
@@ -28,9 +29,10 @@ from .common import (
     resample_labels_per_class,
     resample_to_size,
     same_grid,
+    window_ct,
 )
 
-HU_WINDOW = (-125.0, 275.0)
+HU_WINDOW = CT_HU_WINDOW
 BORDER_CROP = 32
 MAX_LABEL = 13
 _IMAGE_NAME = re.compile(r"^img(\d+)\.nii(\.gz)?$")
@@ -90,9 +92,7 @@ def prepare_volume(image: sitk.Image, label: sitk.Image) -> tuple[sitk.Image, si
         raise RawDataError(
             f"in-plane size {size_x}x{size_y} is too small to crop {BORDER_CROP} px per border"
         )
-    low, high = HU_WINDOW
-    array = np.clip(sitk.GetArrayFromImage(image).astype(np.float64), low, high)
-    array = (array - low) / (high - low) * 255.0
+    array = window_ct(sitk.GetArrayFromImage(image), HU_WINDOW)
     windowed = sitk.GetImageFromArray(array)
     windowed.CopyInformation(image)
     label = sitk.Cast(label, sitk.sitkInt16)

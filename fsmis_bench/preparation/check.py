@@ -1,15 +1,22 @@
-"""``check-data``: verify a prepared data root before a run.
+"""``check-data``: verify a prepared data root (or a folder of your own scans) before a run.
 
 :func:`check_dataset` reads every case of one dataset and reports, per case, whether the
 image has its label, whether shapes and geometry agree, whether the label values are the
 dataset's, which test organs are missing, and whether supervoxels exist with the right
 shape. The harness calls it to refuse a broken root; the CLI prints its table.
+
+:func:`check_nifti_folder` does the same for a ``nifti_folder`` (a label map given by the
+user), reading each scan exactly as a run would, and adds what matters for scans from
+elsewhere: each file's orientation and the one it is brought to, the modality and its
+intensity recipe, voxel sizes far apart, and scans that share identical slices.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import warnings
 
 import nibabel as nib
 import numpy as np
@@ -36,6 +43,8 @@ class CaseRow:
     labels: list[int] = field(default_factory=list)
     missing_organs: list[str] = field(default_factory=list)
     supervoxels: str = "-"  # "ok", "missing", "shape ..." or "-" (not checked)
+    orientation: str | None = None  # nifti_folder: "<file axcodes> -> <orientation used>"
+    modality: str | None = None  # nifti_folder: the intensity recipe applied
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -51,6 +60,10 @@ class CheckReport:
     root: Path
     rows: list[CaseRow] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    #: things a run will tolerate but a user should know (nifti_folder checks)
+    warnings: list[str] = field(default_factory=list)
+    #: first line of the printed report; the dataset's image folder when None
+    title: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -215,11 +228,12 @@ def check_dataset(
 
 def format_report(report: CheckReport) -> str:
     """A fixed-width table (one row per case) followed by the problems, if any."""
-    facts = DATASET_FACTS[report.dataset]
+    extra = any(r.orientation or r.modality for r in report.rows)
     header = (
         "case",
         "shape (Z,Y,X)",
         "spacing (z,y,x) mm",
+        *(("orientation", "modality") if extra else ()),
         "labels",
         "missing organs",
         "supervoxels",
@@ -232,6 +246,7 @@ def format_report(report: CheckReport) -> str:
                 row.case_id,
                 "x".join(map(str, row.shape)) if row.shape else "?",
                 ", ".join(f"{s:g}" for s in row.spacing) if row.spacing else "?",
+                *((row.orientation or "?", row.modality or "?") if extra else ()),
                 " ".join(map(str, row.labels)) or "-",
                 ", ".join(row.missing_organs) or "-",
                 row.supervoxels,
@@ -239,16 +254,187 @@ def format_report(report: CheckReport) -> str:
             )
         )
     widths = [max(len(str(line[i])) for line in table) for i in range(len(header))]
-    lines = [f"{report.dataset}: {facts.image_dir(report.root)}"]
+    title = report.title or f"{report.dataset}: {DATASET_FACTS[report.dataset].image_dir(report.root)}"
+    lines = [title]
     for i, line in enumerate(table):
         lines.append(
             "  ".join(str(cell).ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
         )
         if i == 0:
             lines.append("  ".join("-" * width for width in widths))
+    if report.warnings:
+        lines.append(f"{len(report.warnings)} warning(s):")
+        lines.extend(f"  - {w}" for w in report.warnings)
     if report.ok:
         lines.append(f"OK: {len(report.rows)} case(s), no problems")
     else:
         lines.append(f"FAILED: {len(report.problems)} problem(s)")
         lines.extend(f"  - {p}" for p in report.problems)
     return "\n".join(lines)
+
+
+def check_nifti_folder(
+    path: Path,
+    label_map,
+    *,
+    modality=None,
+    orientation: str | None = None,
+    supervoxels: str | None = None,
+    data_root: Path | None = None,
+) -> CheckReport:
+    """Verify a folder of ``image_<id>`` / ``label_<id>`` NIfTI pairs for ``nifti_folder``.
+
+    Each scan is read by the ``nifti_folder`` plugin exactly as a run reads it (same
+    orientation and intensity recipe); the built-in checks (readable, 3-D, image and label
+    on one grid, finite non-constant image, integer labels) run on the files as stored.
+
+    Args:
+        path: the folder.
+        label_map: organ -> label value (a mapping, mapping text or a YAML/JSON file).
+        modality: ``none`` | ``ct`` | ``mri`` | ``auto`` | mapping; default ``none``.
+        orientation: axis codes or ``as_stored``; default the plugin's (``LAS``).
+        supervoxels: the pseudo-label folder, if training will use one.
+    Returns:
+        A :class:`CheckReport`; problems stop a run, warnings do not.
+    Raises:
+        ConfigError: the options themselves are invalid (label map, modality, orientation).
+    """
+    from ..errors import ConfigError, DataError, DataWarning
+    from ..plugins import registries
+
+    dataset_cls = registries().datasets.get("nifti_folder")
+    options = {"path": str(Path(path).expanduser()), "label_map": label_map, "modality": modality or "none",
+               "supervoxels": supervoxels}
+    if orientation:
+        options["orientation"] = orientation
+    options = dataset_cls.resolve_options(options, str(data_root) if data_root else None)
+    dataset = dataset_cls(str(data_root) if data_root else None, **options)
+    dataset.registered_name = "nifti_folder"
+    report = CheckReport(dataset="nifti_folder", root=dataset.folder, title=(
+        f"nifti_folder: {dataset.folder} (orientation {dataset.orientation}, modality "
+        f"{dataset.modality_option}, label map {dataset.label_map})"))
+    try:
+        ids = dataset.case_ids()
+        folds = dataset.folds
+    except (DataError, ConfigError) as error:
+        report.problems.append(error.message)
+        return report
+    report.title += "\n" + (
+        f"{len(ids)} scans in {len(folds)} folds" if len(folds) > 1 else
+        f"{len(ids)} scans in one fold: a test set for a model trained elsewhere (protocol.test_dataset=nifti_folder); "
+        "training on it needs folds=loo"
+    )
+    for label_file in sorted(dataset.folder.glob("label_*.nii*")):
+        stem = label_file.name.split(".nii")[0][len("label_"):]
+        if stem not in ids:
+            report.problems.append(f"{label_file.name} has no image_{stem}.nii.gz")
+    known = set(dataset.label_map.values()) | {0}
+    loaded = []
+    for case_id in ids:
+        row = CaseRow(case_id=case_id)
+        report.rows.append(row)
+        image_path = dataset.folder / _file_name(dataset.folder, f"image_{case_id}")
+        label_path = dataset.folder / _file_name(dataset.folder, f"label_{case_id}")
+        if not _check_files(row, image_path, label_path):
+            report.problems.extend(f"case {case_id}: {p}" for p in row.problems)
+            continue
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", DataWarning)
+            try:
+                volume = dataset.load(case_id, with_supervoxels=bool(supervoxels))
+            except DataError as error:
+                row.problems.append(error.message.replace(f"nifti_folder: case {case_id}: ", ""))
+                volume = None
+        report.warnings.extend(f"case {case_id}: {str(w.message).split(': ', 1)[-1]}" for w in caught
+                               if issubclass(w.category, DataWarning))
+        if volume is None:
+            report.problems.extend(f"case {case_id}: {p}" for p in row.problems)
+            continue
+        loaded.append(volume)
+        geometry = dataset.geometry[case_id]
+        row.shape = tuple(int(s) for s in volume.image.shape)
+        row.spacing = tuple(round(float(s), 3) for s in volume.spacing)
+        row.orientation = f"{''.join(geometry.source_axcodes)} -> {dataset.orientation}"
+        recipe = dataset.recipe_of(case_id)
+        row.modality = (f"as stored ({volume.modality}-like)" if recipe == "none"
+                        else f"{recipe} (auto)" if dataset.modality_option == "auto" else recipe)
+        values = np.unique(volume.label)
+        row.labels = [int(v) for v in values if v != 0]
+        other = [int(v) for v in values if int(v) not in known]
+        if other:
+            report.warnings.append(f"case {case_id}: label values {other} are not in the label map (ignored)")
+        row.missing_organs = [o for o in dataset.test_organs if dataset.label_map[o] not in set(row.labels)]
+        if row.missing_organs:
+            report.warnings.append(
+                f"case {case_id}: shows no {', '.join(row.missing_organs)}: skipped as a query for "
+                "that organ, and unusable as its support"
+            )
+        if supervoxels:
+            row.supervoxels = "ok"
+        report.problems.extend(f"case {case_id}: {p}" for p in row.problems)
+    report.warnings.extend(_folder_warnings(dataset, loaded))
+    for organ in dataset.test_organs:
+        if loaded and all(organ in r.missing_organs for r in report.rows if r.shape):
+            report.problems.append(
+                f"no scan shows {organ} (label value {dataset.label_map[organ]}): it cannot be evaluated",
+            )
+    return report
+
+
+def _file_name(folder: Path, stem: str) -> str:
+    from ..data.nifti import nifti_path
+
+    return nifti_path(folder, stem).name
+
+
+def _check_files(row: CaseRow, image_path: Path, label_path: Path) -> bool:
+    """The built-in file checks on one pair as stored; False when the pair is unusable."""
+    if not label_path.exists():
+        row.problems.append(f"{label_path.name} is missing")
+        return False
+    arrays = []
+    for path in (image_path, label_path):
+        try:
+            arrays.append(_read_volume(path))
+        except RuntimeError as error:
+            row.problems.append(f"{path.name} cannot be read ({str(error).strip().splitlines()[-1]})")
+            return False
+    (_, image_array), (_, label_array) = arrays
+    if image_array.ndim != 3:
+        row.problems.append(f"{image_path.name} is {image_array.ndim}-D, expected 3-D")
+        return False
+    # image and label grids are compared by the plugin's reader, after each file is brought
+    # to the run's orientation (a label may be stored in another axis order than its image)
+    if not np.isfinite(image_array).all():
+        row.problems.append(f"{image_path.name} holds NaN or infinite values")
+    elif np.ptp(image_array) == 0:
+        row.problems.append(f"{image_path.name} is constant")
+    if not np.all(np.mod(label_array, 1) == 0):
+        row.problems.append(f"{label_path.name} holds non-integer values")
+    return not row.problems
+
+
+def _folder_warnings(dataset, volumes: list) -> list[str]:
+    """Across scans: voxel sizes far apart, modalities mixed, identical slices shared."""
+    from ..data.consistency import SPACING_FACTOR, shared_slices
+
+    found = []
+    if len(volumes) > 1:
+        in_plane = [float(np.mean(v.spacing[1:])) for v in volumes]
+        if max(in_plane) > SPACING_FACTOR * min(in_plane):
+            found.append(
+                f"pixel sizes range from {min(in_plane):.2f} to {max(in_plane):.2f} mm: organs appear at different "
+                "scales in support and query"
+            )
+        modalities = sorted({v.modality for v in volumes})
+        if len(modalities) > 1:
+            found.append(f"the folder mixes modalities ({', '.join(modalities)}): episodes may pair a CT with an MRI")
+    for i, first in enumerate(volumes):
+        for second in volumes[i + 1:]:
+            shared = shared_slices(dataset.slice_digests(first.case_id), dataset.slice_digests(second.case_id))
+            if shared:
+                found.append(
+                    f"scans {first.case_id} and {second.case_id} share {shared} identical slices (the same patient "
+                    "twice?); as support and query their Dice measures copying"
+                )
+    return found

@@ -92,13 +92,41 @@ def run_supervoxels(args: argparse.Namespace) -> int:
 
 
 def run_check_data(args: argparse.Namespace) -> int:
-    from .check import check_dataset, format_report
+    from .check import check_dataset, check_nifti_folder, format_report
 
+    if args.dataset == "nifti_folder":
+        if not args.path or not args.label_map:
+            raise DataError(
+                "check-data nifti_folder needs --path and --label-map",
+                hint="e.g. fsmis-bench check-data nifti_folder --path my_scans --label-map '{liver:1,spleen:2}'",
+            )
+        root = args.root or os.environ.get(DATA_ROOT_ENV)
+        report = check_nifti_folder(
+            Path(args.path), args.label_map, modality=_modality_arg(args.modality), orientation=args.orientation,
+            supervoxels=args.supervoxels, data_root=Path(root) if root else None,
+        )
+        print(format_report(report))
+        return 0 if report.ok else 2
+    for option in ("path", "label_map", "modality", "orientation", "supervoxels"):
+        if getattr(args, option):
+            raise DataError(
+                f"--{option.replace('_', '-')} is an option of check-data nifti_folder",
+                hint=f"{args.dataset} reads its layout under --root",
+            )
     report = check_dataset(
         args.dataset, _root_from(args), require_supervoxels=not args.no_supervoxels, n_sv=args.n_sv
     )
     print(format_report(report))
     return 0 if report.ok else 2
+
+
+def _modality_arg(text: str | None):
+    """``--modality``: a name, or a per-scan mapping in override syntax (``{1:ct,2:mri}``)."""
+    if text and text.strip().startswith("{"):
+        from ..data.options import parse_override_value
+
+        return parse_override_value(text)
+    return text
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -159,13 +187,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     check = subparsers.add_parser(
         "check-data",
-        help="verify a prepared data root",
-        description="Check images, labels, organs and supervoxels of one dataset; exit 0 if OK, 2 otherwise.",
+        help="verify a prepared data root, or a folder of your own scans (nifti_folder)",
+        description=(
+            "Check images, labels, organs and supervoxels of one dataset; exit 0 if OK, 2 otherwise. "
+            "For nifti_folder also each scan's orientation, modality, voxel sizes, and scans sharing "
+            "identical slices (warnings, which do not fail the check)."
+        ),
     )
-    check.add_argument("dataset", choices=names)
+    check.add_argument("dataset", choices=[*names, "nifti_folder"])
     check.add_argument("--root", help=f"data root (default: ${DATA_ROOT_ENV})")
     check.add_argument(
         "--n-sv", type=int, default=None, help="supervoxel folder suffix (default: the dataset's)"
     )
     check.add_argument("--no-supervoxels", action="store_true", help="do not require supervoxels")
+    folder = check.add_argument_group("nifti_folder (the same options as dataset.* in a run)")
+    folder.add_argument("--path", help="the folder of image_<id>.nii.gz and label_<id>.nii.gz")
+    folder.add_argument(
+        "--label-map", help="organ -> label value: '{liver:1,spleen:2}', or a YAML/JSON file holding the mapping"
+    )
+    folder.add_argument("--modality", help="none (default) | ct | mri | auto | '{<id>:ct,<id>:mri}'")
+    folder.add_argument("--orientation", help="axis codes the scans are brought to (default LAS), or as_stored")
+    folder.add_argument("--supervoxels", help="pseudo-label folder (sibling of --path), if training uses one")
     check.set_defaults(func=run_check_data)

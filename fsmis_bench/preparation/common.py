@@ -30,10 +30,31 @@ class RawDataError(Exception):
 # -- geometry -------------------------------------------------------------------------------
 
 
+#: The SABS CT window in HU, mapped to 0..255 (PROTOCOL.md §1).
+CT_HU_WINDOW = (-125.0, 275.0)
+
+
 def clip_top_percent(array: np.ndarray, percent: float = 0.5) -> np.ndarray:
-    """Clip intensities above the ``100 - percent`` percentile (off-resonance spikes)."""
+    """Clip intensities above the ``100 - percent`` percentile (off-resonance spikes).
+
+    The MRI intensity recipe of the CHAOS and MS-CMRSeg preparation.
+    """
     high = float(np.percentile(array, 100.0 - percent))
     return np.minimum(array, high)
+
+
+def window_ct(array: np.ndarray, window: tuple[float, float] = CT_HU_WINDOW) -> np.ndarray:
+    """Clip HU to ``window`` and rescale it linearly to 0..255 (the SABS CT recipe), float64."""
+    low, high = window
+    clipped = np.clip(np.asarray(array, dtype=np.float64), low, high)
+    return (clipped - low) / (high - low) * 255.0
+
+
+#: modality -> the benchmark's intensity recipe for it (``nifti_folder``'s ``modality``)
+INTENSITY_RECIPES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "ct": window_ct,
+    "mri": clip_top_percent,
+}
 
 
 def resample_to_spacing(

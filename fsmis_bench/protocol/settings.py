@@ -6,6 +6,14 @@ SSL-ALPNet) trains once per organ group — {liver, spleen} and {left kidney, ri
 dropping every training slice that shows *any* organ of the group. The legacy form
 (``all``, ADNet-derived code) trains once, dropping only slices that show *all* test organs
 at once, which leaves most test-organ slices in training.
+
+Training on ground truth (``train_labels=gt``) removes test organs from the training
+classes. ``gt_exclusion=per_group`` (default, correct) removes each group's test organs
+from that group's model. ``gt_exclusion=liver_spleen`` is the released SD-FSMIS training
+script as shipped (``--test_label 1``): it removes only liver and spleen (label values
+[1, 4] on CHAOS, [1, 6] on SABS; none of the cardiac labels) and trains one model that is
+then tested on every organ, so the kidneys (and all cardiac structures) are trained on and
+tested — a label leak, kept for reproducing the released code and marked non-standard.
 """
 
 from __future__ import annotations
@@ -19,6 +27,9 @@ from ..errors import ConfigError
 
 EXCLUSION_MODES = ("any", "all")
 TRAIN_LABELS = ("supervoxels", "gt")
+GT_EXCLUSIONS = ("per_group", "liver_spleen")
+#: the organs the shipped ``--test_label 1`` removes from the GT training classes.
+SHIPPED_GT_REMOVED = ("liver", "spleen")
 
 
 @dataclass(frozen=True)
@@ -51,18 +62,25 @@ def eval_groups(
     setting: int,
     exclusion: str = "any",
     train_labels: str = "supervoxels",
+    gt_exclusion: str = "per_group",
 ) -> list[EvalGroup]:
     """The evaluation groups of a run.
 
-    With ``train_labels=gt`` the training classes are the training dataset's GT organs
-    minus the group's test organs, so the groups follow the setting-2 organ grouping
-    (leave-one-organ-out where a dataset defines none) even in setting 1.
+    With ``train_labels=gt`` and ``gt_exclusion=per_group`` the training classes are the
+    training dataset's GT organs minus the group's test organs, so the groups follow the
+    setting-2 organ grouping (leave-one-organ-out where a dataset defines none) even in
+    setting 1. With ``gt_exclusion=liver_spleen`` the groups are those of supervoxel
+    training and every group trains on the GT organs minus liver and spleen.
     """
     if exclusion not in EXCLUSION_MODES:
         raise ConfigError(f"protocol.exclusion={exclusion!r} is unknown", hint="use any or all")
     if train_labels not in TRAIN_LABELS:
         raise ConfigError(
             f"protocol.train_labels={train_labels!r} is unknown", hint="use supervoxels or gt"
+        )
+    if gt_exclusion not in GT_EXCLUSIONS:
+        raise ConfigError(
+            f"protocol.gt_exclusion={gt_exclusion!r} is unknown", hint="use per_group or liver_spleen"
         )
     if setting not in (1, 2):
         raise ConfigError(f"setting={setting!r} is unknown", hint="use setting=1 or setting=2")
@@ -76,7 +94,7 @@ def eval_groups(
 
     if setting == 2 and exclusion == "all":
         groups = [EvalGroup("all", organs, organs, "all")]
-    elif setting == 2 or train_labels == "gt":
+    elif setting == 2 or (train_labels == "gt" and gt_exclusion == "per_group"):
         groups = [
             EvalGroup("+".join(g), g, g if setting == 2 else (), "any" if setting == 2 else "none")
             for g in _label_groups(test_dataset)
@@ -87,7 +105,8 @@ def eval_groups(
     if train_labels == "gt":
         resolved = []
         for group in groups:
-            train_organs = tuple(o for o in train_dataset.label_map if o not in group.organs)
+            removed = SHIPPED_GT_REMOVED if gt_exclusion == "liver_spleen" else group.organs
+            train_organs = tuple(o for o in train_dataset.label_map if o not in removed)
             if not train_organs:
                 raise ConfigError(
                     f"train_labels=gt leaves no training organ for group {group.name}",

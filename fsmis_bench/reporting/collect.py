@@ -26,6 +26,7 @@ import pandas as pd
 from ..data.base import ORGANS
 from ..errors import FsmisError
 from ..records import data_identity_hash
+from .style import dataset_display, eval_display, organ_display
 
 #: folds of every dataset in the EP1 protocol (PROTOCOL.md §2)
 N_FOLDS = 5
@@ -33,27 +34,8 @@ N_FOLDS = 5
 #: organ order in tables and figures: the paper's abdominal order, then cardiac, then the rest
 ORGAN_ORDER: tuple[str, ...] = ORGANS
 
-#: display names of organs in table headers
-ORGAN_LABELS: dict[str, str] = {
-    "spleen": "Spleen",
-    "liver": "Liver",
-    "left_kidney": "LK",
-    "right_kidney": "RK",
-    "lv_bp": "LV-BP",
-    "lv_myo": "LV-MYO",
-    "rv": "RV",
-    "mean": "Mean",
-}
-
 #: dataset order in tables
 DATASET_ORDER: tuple[str, ...] = ("abd_mri", "abd_ct", "card_mri", "nifti_folder", "phantom")
-
-DATASET_LABELS: dict[str, str] = {
-    "abd_mri": "Abd-MRI",
-    "abd_ct": "Abd-CT",
-    "card_mri": "Card-MRI",
-    "phantom": "Phantom",
-}
 
 #: the columns that identify one table row of measured results (besides setting/datasets)
 ROW_KEY = ("method", "variant")
@@ -75,18 +57,18 @@ def dataset_sort_key(name: str) -> tuple[int, str]:
 
 
 def organ_label(organ: str) -> str:
-    return ORGAN_LABELS.get(organ, organ.replace("_", " ").title())
+    """Display name of an organ (registry / built-in names; :mod:`.style`)."""
+    return organ_display(organ)
 
 
 def dataset_label(name: str) -> str:
-    return DATASET_LABELS.get(name, name)
+    """Display name of a dataset (registry / built-in names; :mod:`.style`)."""
+    return dataset_display(name)
 
 
 def eval_label(train_dataset: str, dataset: str) -> str:
     """``Abd-MRI`` in-domain, ``Abd-CT → Abd-MRI`` cross-domain."""
-    if train_dataset == dataset:
-        return dataset_label(dataset)
-    return f"{dataset_label(train_dataset)} → {dataset_label(dataset)}"
+    return eval_display(train_dataset, dataset)
 
 
 def variant_key(meta: dict) -> str:
@@ -523,6 +505,15 @@ def load_published() -> pd.DataFrame:
     return frame
 
 
+def published_name(method: str) -> str | None:
+    """The published-table name of a measured method (None if it has no published row),
+    from the ``published_names`` its plugin registered (:class:`~fsmis_bench.plugins.Display`)."""
+    from .style import method_style
+
+    names = method_style(method).published_names
+    return names[0] if names else None
+
+
 def published_backbone(name: str) -> str:
     """``SD-1.5`` -> ``sd15`` (the run records' backbone names)."""
     return name.lower().replace("-", "").replace(".", "") if name else "none"
@@ -552,5 +543,5 @@ __all__ = [
     "row_label", "per_case_scores", "long_fold_csv", "fold_organ_score", "compute_fold_scores",
     "default_results_dir", "summarise_runs", "run_flags", "PUBLISHED_CITATION",
     "organ_sort_key", "dataset_sort_key", "organ_label", "dataset_label", "eval_label",
-    "published_backbone",
+    "published_backbone", "published_name",
 ]

@@ -23,9 +23,14 @@ from ..errors import FsmisError
 from . import figures as figures_module
 from . import stats
 from .collect import default_results_dir, load_results, long_fold_csv, per_case_scores, summarise_runs
+from .comparison import comparison_frame
 from .html import render_html
-from .qualitative import DatasetLoader, default_loader, parse_slices, write_qualitative
-from .tables import all_tables, frame_to_latex, frame_to_markdown, main_table
+from .qualitative import DatasetLoader, default_loader, parse_slices, qualitative_caption, write_qualitative
+from .style import DOUBLE_COLUMN_IN, SINGLE_COLUMN_IN, renamed
+from .tables import all_tables, frame_to_latex, frame_to_markdown, main_table, published_gap
+
+#: ``--width`` values
+WIDTHS = {"double": DOUBLE_COLUMN_IN, "single": SINGLE_COLUMN_IN}
 
 REPORT_HTML = "report.html"
 
@@ -62,27 +67,61 @@ def write_report(
     dataset_loader: DatasetLoader | None = None,
     n_boot: int = 10000,
     log: Callable[[str], None] = _log,
+    width: str | float = "double",
+    zoom: bool = False,
+    names: dict[str, str] | None = None,
 ) -> Path:
     """Write the full report of ``results_dir`` into ``out_dir``.
 
     Layout: ``report.html`` (self-contained), ``tables/`` (every table as ``.md``, ``.tex``
-    and ``.csv``, plus ``fold_scores.csv``, ``per_volume.csv``, ``runs.csv``, the paired
-    comparisons and bootstrap intervals) and ``figures/`` (``.png`` + ``.pdf``).
+    and ``.csv``, plus ``fold_scores.csv``, ``per_volume.csv``, ``runs.csv``,
+    ``published_comparison.csv``, the paired comparisons and bootstrap intervals) and
+    ``figures/`` (``.png`` + ``.pdf``).
 
     Args:
-        data_root: images for the qualitative figure (default ``FSMIS_DATA_ROOT``); without
-            data the figure is skipped with a note.
+        data_root: images for the qualitative figure (default: each run's own, else
+            ``FSMIS_DATA_ROOT``); without data the figure is skipped with a note.
         force: write into a non-empty ``out_dir`` (same-named files are replaced).
         compare: (A, B) method labels; default: the best unmarked method against each other.
         slices: ``[dataset:]organ:case_id:z,...`` for the qualitative figure.
         dataset_loader: name -> dataset object; overrides ``data_root`` (tests, scripts).
+        width: figure width, ``"double"`` (7 in), ``"single"`` (3.5 in) or inches.
+        zoom: crop the qualitative panels to a square around each organ.
+        names: display-name overrides (``{"nifti_folder": "Hospital CT"}``) for methods,
+            datasets, organs and backbones, in figures and table headers.
     Returns:
         ``out_dir``.
     Raises:
         FsmisError: missing results folder, non-empty ``out_dir`` without ``force``, or an
             unknown method in ``compare``.
     """
+    with renamed(names):
+        return _write_report(
+            results_dir, out_dir, data_root, force, compare=compare, slices=slices, show_std=show_std,
+            include_published=include_published, dataset_loader=dataset_loader, n_boot=n_boot, log=log,
+            width=width, zoom=zoom,
+        )
+
+
+def _write_report(
+    results_dir: str | Path,
+    out_dir: str | Path,
+    data_root: str | Path | None = None,
+    force: bool = False,
+    *,
+    compare: Sequence[tuple[str, str]] | None = None,
+    slices: str | None = None,
+    show_std: bool = False,
+    include_published: bool = True,
+    dataset_loader: DatasetLoader | None = None,
+    n_boot: int = 10000,
+    log: Callable[[str], None] = _log,
+    width: str | float = "double",
+    zoom: bool = False,
+) -> Path:
+    """:func:`write_report` with the display names already set."""
     out = Path(out_dir).expanduser()
+    figure_width = WIDTHS[width] if isinstance(width, str) else float(width)
     results = load_results(results_dir)
     named_slices = parse_slices(slices)
     pairs = list(compare) if compare else stats.default_pairs(results)
@@ -110,6 +149,10 @@ def write_report(
         (tables_dir / f"{table.name}.md").write_text(table.to_markdown(), encoding="utf-8")
         (tables_dir / f"{table.name}.tex").write_text(table.to_latex(), encoding="utf-8")
         (tables_dir / f"{table.name}.csv").write_text(table.to_csv(), encoding="utf-8")
+    gaps = published_gap(next(t for t in tables if t.name == "main"))
+    if not gaps.empty:
+        gaps.to_csv(tables_dir / "published_gap.csv", index=False)
+        (tables_dir / "published_gap.md").write_text(frame_to_markdown(gaps, "{:.2f}"), encoding="utf-8")
     long_fold_csv(results).to_csv(tables_dir / "fold_scores.csv", index=False)
     per_case.to_csv(tables_dir / "per_volume.csv", index=False)
     run_summary = summarise_runs(results)
@@ -134,7 +177,11 @@ def write_report(
             encoding="utf-8")
     steps.update()
 
-    figures = figures_module.write_figures(results, figures_dir)
+    problems: list[str] = []
+    figures = figures_module.write_figures(results, figures_dir, width=figure_width, problems=problems)
+    comparison = comparison_frame(results)
+    if comparison["published"].notna().any():
+        comparison.to_csv(tables_dir / "published_comparison.csv", index=False)
     steps.update()
     # without a data root the loader is still tried: file-free datasets (phantom) need none,
     # the others fail to load and the figure is skipped with a note
@@ -144,18 +191,31 @@ def write_report(
         notes.append(text.removeprefix("note: "))
         log(text)
 
-    qualitative = write_qualitative(results, figures_dir, loader, named_slices, log=note)
+    qualitative = write_qualitative(results, figures_dir, loader, named_slices, log=note, zoom=zoom,
+                                    width=figure_width, problems=problems)
+    for problem in problems:  # the layout is meant to make this impossible; say so if not
+        note(f"note: figure text overlaps or is cut off ({problem})")
     steps.update()
 
-    captions = dict(figures_module.CAPTIONS)
+    captions = {name: figures_module.caption(name, results) for name in figures}
     for name in qualitative:
-        captions[name] = (f"Qualitative results ({name.removeprefix('qualitative_')}): image with ground-truth "
-                          "contour (green), then each method's predicted contour (red; ground truth dashed).")
+        captions[name] = qualitative_caption(results, name, zoom)
     page = render_html(results, tables, {**figures, **qualitative}, captions, comparisons, intervals, run_summary, notes)
     (out / REPORT_HTML).write_text(page, encoding="utf-8")
     steps.update()
     steps.close()
     return out
+
+
+def _parse_names(items: Sequence[str] | None) -> dict[str, str]:
+    names = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise FsmisError(f"cannot read --rename {item!r}", hint='write --rename NAME="Display name", e.g. '
+                             '--rename nifti_folder="Hospital CT"')
+        names[key.strip()] = value.strip()
+    return names
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -165,6 +225,7 @@ def _run(args: argparse.Namespace) -> int:
         out = write_report(
             results_dir, args.out, data_root=args.data_root, force=args.force, compare=compare,
             slices=args.slices, show_std=args.std, include_published=not args.no_published, n_boot=args.n_boot,
+            width=args.width, zoom=args.zoom, names=_parse_names(args.rename),
         )
         print(out / REPORT_HTML)
         return 0
@@ -218,6 +279,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "ground-truth slice of fold 0's first query case)")
     parser.add_argument("--data-root", default=None,
                         help="data for the qualitative figure (default: $FSMIS_DATA_ROOT; skipped without data)")
+    parser.add_argument("--width", choices=tuple(WIDTHS), default="double",
+                        help="figure width: double (7 in, a full page width) or single (3.5 in, one column)")
+    parser.add_argument("--zoom", action="store_true",
+                        help="qualitative figure: crop every panel to a square around its organ")
+    parser.add_argument("--rename", action="append", metavar="NAME=TEXT",
+                        help='display name in figures and table headers, e.g. --rename nifti_folder="Hospital CT" '
+                             "(repeatable; methods, datasets, organs, backbones)")
     parser.add_argument("--std", action="store_true", help="show ± std across folds in the tables")
     parser.add_argument("--no-published", action="store_true", help="leave the published numbers out of the tables")
     parser.add_argument("--n-boot", type=int, default=10000, help="bootstrap resamples (default 10000)")

@@ -1,16 +1,21 @@
-"""Figures (seaborn, PNG + PDF, 7 in wide, fonts >= 8 pt).
+"""Figures (PNG + PDF at the width of a paper column, 8 pt text, fixed method colours).
 
-Every function takes :class:`~fsmis_bench.reporting.collect.Results` and returns a
+Every builder takes :class:`~fsmis_bench.reporting.collect.Results` and a width
+(:data:`~.style.DOUBLE_COLUMN_IN` or :data:`~.style.SINGLE_COLUMN_IN`) and returns a
 matplotlib Figure, or None when the results hold nothing to draw (e.g. no setting-2 runs).
-:func:`save_figure` writes it as ``<stem>.png`` and ``<stem>.pdf``.
+:func:`save_figure` writes it as ``<stem>.png`` and ``<stem>.pdf``; :func:`caption` says in
+words what a figure shows, error bars included.
+
+Statistics are drawn only where they exist: error bars and bands need at least two folds
+(or runs), a box needs at least :data:`MIN_BOX_POINTS` volumes (fewer are drawn as points),
+and a value of zero is drawn as a marker on the axis, never as an invisible bar.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -20,215 +25,492 @@ matplotlib.use("Agg")  # reports are written headless; never open a window
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-import seaborn as sns  # noqa: E402
 
 from .collect import (  # noqa: E402
     N_FOLDS,
     Results,
-    dataset_label,
     dataset_sort_key,
-    eval_label,
-    organ_label,
     organ_sort_key,
     per_case_scores,
-    row_label,
     run_flags,
 )
-from .tables import MARKERS  # noqa: E402
+from .style import (  # noqa: E402
+    DOUBLE_COLUMN_IN,
+    FONT_PT,
+    MAX_HEIGHT_IN,
+    METHOD_COLOURS,
+    Footnotes,
+    dataset_display,
+    edge_colour,
+    eval_display,
+    legend_columns,
+    method_colour,
+    method_label,
+    method_style,
+    organ_display,
+    paper_style,
+    text_height_in,
+    text_problems,
+    text_width_in,
+    wrap,
+)
 
-#: figure width of a two-column paper page
-WIDTH_IN = 7.0
-FONT_PT = 8
+#: the default figure width: a double-column page
+WIDTH_IN = DOUBLE_COLUMN_IN
+#: fewer points than this are shown as points only, never summarised as a box
+MIN_BOX_POINTS = 5
+#: bars lower than this (percent of the axis) also get a marker on the axis
+_ZERO_PCT = 1.0
+_MIN_PANEL_HEIGHT_IN = 1.6
 
-_RC = {
-    "font.size": FONT_PT,
-    "axes.titlesize": FONT_PT + 1,
-    "axes.labelsize": FONT_PT,
-    "xtick.labelsize": FONT_PT,
-    "ytick.labelsize": FONT_PT,
-    "legend.fontsize": FONT_PT,
-    "legend.title_fontsize": FONT_PT,
-    "pdf.fonttype": 42,  # editable text in the PDF
-    "savefig.bbox": "tight",
-}
-
-
-@contextmanager
-def paper_style() -> Iterator[None]:
-    """Seaborn's paper look with fixed point sizes, without touching global state."""
-    with sns.axes_style("whitegrid"), plt.rc_context(_RC):
-        yield
-
-
-def save_figure(fig: plt.Figure, out_dir: str | Path, stem: str, dpi: int = 200) -> Path:
-    """Write ``<stem>.png`` and ``<stem>.pdf``; closes the figure. Returns the PNG path."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    png = out / f"{stem}.png"
-    fig.savefig(png, dpi=dpi)
-    fig.savefig(out / f"{stem}.pdf")
-    plt.close(fig)
-    return png
+NOTE_RANDOM = "random weights: the pretrained architecture, randomly initialised"
+NOTE_NON_STANDARD = "non-standard protocol option (named in brackets); not comparable with published numbers"
 
 
-def display_labels(results: Results) -> dict[tuple[str, str], str]:
-    """(method, variant) -> legend label with the table markers (*, §, ‡)."""
+def note_incomplete(details: Sequence[str]) -> str:
+    text = f"incomplete: fewer than {N_FOLDS} folds"
+    return f"{text} ({'; '.join(details)})" if details else text
+
+
+# -- series: one (method, variant) as drawn -------------------------------------------
+
+@dataclass(frozen=True)
+class Series:
+    method: str
+    variant: str
+    label: str  # display name with footnote marks
+    colour: tuple[float, float, float]
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.method, self.variant)
+
+
+def series_sort_key(method: str, variant: str) -> tuple:
+    """Built-in families in the palette's order, then plugins by name; ablations after."""
+    style = method_style(method)
+    order = list(METHOD_COLOURS)
+    family_rank = (order.index(style.family), "") if style.family in order else (len(order), style.family)
+    return (*family_rank, style.shade, variant != "", variant)
+
+
+def make_series(results: Results, keys: Iterable[tuple[str, str]], notes: Footnotes,
+                folds: pd.DataFrame | None = None) -> list[Series]:
+    """The series of ``keys`` in legend order, with their footnotes registered in ``notes``.
+
+    Args:
+        folds: the fold scores the figure draws (default: all); a series with fewer than
+            :data:`N_FOLDS` folds in any evaluation there is marked incomplete.
+    """
     flags = run_flags(results).set_index(["method", "variant"])
-    scores = results.fold_scores
-    folds = scores.groupby(["method", "variant", "train_dataset", "dataset", "setting", "organ"])["fold"].nunique()
-    incomplete = {(m, v) for (m, v, *_), n in folds.items() if n < N_FOLDS}
-    labels = {}
-    for (method, variant), flag in flags.iterrows():
-        suffix = ""
+    scores = results.fold_scores if folds is None else folds
+    counts = scores.groupby(["method", "variant", "train_dataset", "dataset", "setting", "organ"])["fold"].nunique()
+    per_eval = counts.groupby(["method", "variant", "train_dataset", "dataset", "setting"]).min()
+    ordered = sorted(set(keys), key=lambda k: series_sort_key(*k))
+    # "1 fold on Abd-MRI setting 1" -> the series that have that few there
+    short: dict[str, list[tuple[str, str]]] = {}
+    for (method, variant, train, dataset, setting), n in sorted(per_eval.items(), key=lambda kv: kv[1]):
+        if n < N_FOLDS and (method, variant) in ordered:
+            text = f"{n} fold{'s' if n != 1 else ''} on {eval_display(train, dataset)} setting {setting}"
+            short.setdefault(text, []).append((method, variant))
+    incomplete = {k for keys_ in short.values() for k in keys_}
+    details = [f"{text}: {', '.join(method_label(*k) for k in sorted(ks, key=lambda k: ordered.index(k)))}"
+               for text, ks in short.items()]
+    series = []
+    for method, variant in ordered:
+        own = []
         if (method, variant) in incomplete:
-            suffix += MARKERS["incomplete"].text
-        if flag["random_weights"]:
-            suffix += MARKERS["random_weights"].text
-        if flag["non_standard"]:
-            suffix += MARKERS["non_standard"].text
-        labels[(method, variant)] = row_label(method, variant) + suffix
-    return labels
+            own.append(note_incomplete(details))
+        if (method, variant) in flags.index:
+            flag = flags.loc[(method, variant)]
+            if bool(flag["random_weights"]):
+                own.append(NOTE_RANDOM)
+            if flag["non_standard"]:
+                own.append(NOTE_NON_STANDARD)
+        label = notes.mark(method_label(method, variant), own)
+        series.append(Series(method, variant, label, method_colour(method, variant)))
+    return series
 
 
-def _palette(labels: list[str]) -> dict[str, tuple]:
-    colours = sns.color_palette("tab10" if len(labels) <= 10 else "tab20", len(labels))
-    return dict(zip(labels, colours))
+# -- layout ---------------------------------------------------------------------------
+
+LEGEND_STYLE = {"frameon": False, "borderaxespad": 0.2, "columnspacing": 1.2, "handlelength": 1.6}
 
 
-def _with_labels(frame: pd.DataFrame, results: Results) -> pd.DataFrame:
-    labels = display_labels(results)
-    frame = frame.copy()
-    frame["label"] = [labels.get((m, v), row_label(m, v)) for m, v in zip(frame["method"], frame["variant"])]
-    frame["panel"] = [
-        f"{eval_label(tr, te)} · setting {s}" for tr, te, s in zip(frame["train_dataset"], frame["dataset"], frame["setting"])
-    ]
-    frame["_panel_order"] = [
-        (tr != te, dataset_sort_key(te), dataset_sort_key(tr), s)
-        for tr, te, s in zip(frame["train_dataset"], frame["dataset"], frame["setting"])
-    ]
-    frame["organ_name"] = frame["organ"].map(organ_label)
-    return frame
+def _legend_height_in(handles: Sequence, labels: Sequence[str], ncol: int, title: str | None, width: float) -> float:
+    """The legend's drawn height, measured on a scratch canvas with the same settings."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    scratch = Figure(figsize=(width, 20))
+    canvas = FigureCanvasAgg(scratch)
+    legend = scratch.legend(list(handles), list(labels), title=title, ncol=ncol, loc="upper center", **LEGEND_STYLE)
+    return legend.get_window_extent(canvas.get_renderer()).height / scratch.dpi + 0.04
 
 
-def _panels(frame: pd.DataFrame) -> list[str]:
-    order = frame.drop_duplicates("panel").sort_values("_panel_order", key=lambda s: s.map(lambda v: v))
-    return list(order["panel"])
+def drawn_height_in(text: str) -> float:
+    """The height of ``text`` as drawn at the figures' font size, measured."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    scratch = Figure(figsize=(8, 20))
+    canvas = FigureCanvasAgg(scratch)
+    artist = scratch.text(0, 0.5, text, fontsize=FONT_PT)
+    return artist.get_window_extent(canvas.get_renderer()).height / scratch.dpi
 
 
-def _grid(n_panels: int, row_height: float) -> tuple[plt.Figure, list[plt.Axes]]:
-    ncols = 1 if n_panels == 1 else 2
+@dataclass
+class Footer:
+    """The legend and footnotes under the panels, measured before the figure is made."""
+
+    handles: list
+    labels: list[str]  # wrapped legend labels
+    ncol: int
+    footnotes: list[str]  # wrapped footnote paragraphs
+    title: str | None
+    legend_height: float
+
+    @classmethod
+    def plan(cls, handles: Sequence, labels: Sequence[str], notes: Footnotes, width: float,
+             title: str | None = "Method") -> "Footer":
+        em = FONT_PT / 72
+        wrapped = [wrap(label, width - 0.2 - 2.6 * em) for label in labels]
+        ncol = legend_columns(wrapped, width - 0.2)
+        height = _legend_height_in(handles, wrapped, ncol, title, width) if wrapped else 0.0
+        return cls(list(handles), wrapped, ncol, [wrap(line, width - 0.2) for line in notes.lines()], title, height)
+
+    @property
+    def notes_text(self) -> str:
+        return "\n".join(self.footnotes)
+
+    @property
+    def notes_height(self) -> float:
+        return drawn_height_in(self.notes_text) + 0.06 if self.footnotes else 0.0
+
+    @property
+    def height(self) -> float:
+        return self.legend_height + self.notes_height
+
+    def draw(self, sub) -> None:
+        """Legend at the top of the subfigure ``sub``, footnotes below it."""
+        if self.labels:
+            sub.legend(self.handles, self.labels, title=self.title, loc="upper center", ncol=self.ncol,
+                       bbox_to_anchor=(0.5, 1.0), **LEGEND_STYLE)
+        if self.footnotes:  # one text block: its lines cannot overlap each other
+            sub.text(0.01, 1.0 - self.legend_height / self.height, self.notes_text, ha="left", va="top",
+                     fontsize=FONT_PT)
+
+
+@dataclass
+class Layout:
+    """A figure: a grid of panels above a footer with the legend and the footnotes."""
+
+    fig: plt.Figure
+    axes: list[plt.Axes]
+    footer: Footer
+    footer_fig: object  # the SubFigure holding the footer, or None
+    width: float
+    ncols: int
+    panel_height: float
+
+    def y_label(self, ax: plt.Axes, text: str) -> None:
+        """An axis label wrapped to the panel's height (it runs along it)."""
+        ax.set_ylabel(wrap(text, self.panel_height * 0.7))
+
+    @property
+    def panel_width(self) -> float:
+        """Room for one panel's plot and titles, in inches (without the y axis labels)."""
+        return self.width / self.ncols - 0.55
+
+    def finish(self) -> None:
+        if self.footer_fig is not None:
+            self.footer.draw(self.footer_fig)
+
+
+def layout(n_panels: int, panel_height: float, width: float, handles: Sequence, labels: Sequence[str],
+           notes: Footnotes, legend_title: str | None = "Method", ncols: int | None = None) -> Layout:
+    """Panels in one column (single-column width) or two, legend and footnotes below them."""
+    if ncols is None:
+        ncols = 1 if n_panels == 1 or width < 5 else 2
     nrows = math.ceil(n_panels / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(WIDTH_IN, row_height * nrows + 0.9), squeeze=False)
-    flat = list(axes.ravel())
+    footer = Footer.plan(handles, labels, notes, width, legend_title)
+    # flatter panels rather than a figure taller than a page (down to a readable minimum)
+    panel_height = min(panel_height, max(_MIN_PANEL_HEIGHT_IN, (MAX_HEIGHT_IN - footer.height) / nrows))
+    panels_height = panel_height * nrows
+    fig = plt.figure(figsize=(width, panels_height + footer.height), layout="constrained")
+    if footer.height > 0:
+        top, footer_fig = fig.subfigures(2, 1, height_ratios=[panels_height, footer.height], hspace=0.0)
+    else:
+        top, footer_fig = fig, None
+    grid = top.subplots(nrows, ncols, squeeze=False)
+    flat = list(grid.ravel())
     for ax in flat[n_panels:]:
         ax.set_visible(False)
-    return fig, flat[:n_panels]
+    return Layout(fig, flat[:n_panels], footer, footer_fig, width, ncols, panel_height)
 
 
-def _shared_legend(fig: plt.Figure, palette: dict[str, tuple], title: str = "Method", lines: bool = False) -> None:
-    """One legend for all panels, below them; the panels are laid out above it."""
-    if lines:
-        handles = [plt.Line2D([0], [0], color=colour, linewidth=1.5) for colour in palette.values()]
-    else:
-        handles = [plt.Rectangle((0, 0), 1, 1, color=colour) for colour in palette.values()]
-    longest = max(len(label) for label in palette)
-    ncol = max(1, min(len(palette), int(WIDTH_IN * 72 / (FONT_PT * 0.6 * longest + 30))))
-    fig.legend(handles, list(palette), title=title, loc="lower center", ncol=ncol, frameon=False,
-               bbox_to_anchor=(0.5, 0.0))
-    legend_height_in = 0.3 + math.ceil(len(palette) / ncol) * FONT_PT * 1.5 / 72
-    fig.tight_layout(rect=(0, legend_height_in / fig.get_size_inches()[1], 1, 1))
+def bar_handles(series: Sequence[Series]) -> list:
+    return [plt.Rectangle((0, 0), 1, 1, facecolor=s.colour, edgecolor=edge_colour(s.colour), linewidth=0.5)
+            for s in series]
 
 
-def organ_dice_figure(results: Results) -> plt.Figure | None:
-    """Per-organ Dice (%) bars, mean over folds, error bars = std across folds."""
+def line_handles(series: Sequence[Series]) -> list:
+    return [plt.Line2D([0], [0], color=s.colour, linewidth=1.5) for s in series]
+
+
+def category_labels(ax: plt.Axes, labels: Sequence[str], panel_width_in: float) -> None:
+    """x tick labels wrapped to the room each category has."""
+    room = max(panel_width_in * 0.85 / max(len(labels), 1), text_width_in("MMM"))
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels([wrap(label, room) for label in labels])
+
+
+def panel_title(ax: plt.Axes, text: str, panel_width_in: float) -> None:
+    ax.set_title(wrap(text, panel_width_in * 0.95), fontsize=FONT_PT)
+
+
+# -- shared drawing -------------------------------------------------------------------
+
+@dataclass
+class Stat:
+    """A value in percent, its spread (None below two folds) and the number of folds."""
+
+    mean: float
+    sd: float | None
+    n: int
+
+
+def fold_stats(scores: pd.DataFrame, with_mean: bool = False) -> dict[tuple[str, str, str], Stat]:
+    """(method, variant, organ) -> Stat over folds; ``organ="mean"``: the organ mean per fold."""
+    out: dict[tuple[str, str, str], Stat] = {}
+    for (method, variant), group in scores.groupby(["method", "variant"]):
+        for organ, per_organ in group.groupby("organ"):
+            values = per_organ["dice"].to_numpy(dtype=float) * 100
+            out[(method, variant, str(organ))] = _stat(values)
+        if with_mean:
+            wide = group.pivot_table(index="fold", columns="organ", values="dice").dropna() * 100
+            if len(wide):
+                # the mean over organs of the fold means, as in the tables; spread over folds
+                organ_means = [out[(method, variant, str(o))].mean for o in wide.columns]
+                stat = _stat(wide.mean(axis=1).to_numpy())
+                out[(method, variant, "mean")] = Stat(float(np.mean(organ_means)), stat.sd, stat.n)
+    return out
+
+
+def _stat(values: np.ndarray) -> Stat:
+    values = values[~np.isnan(values)]
+    if len(values) == 0:
+        return Stat(float("nan"), None, 0)
+    return Stat(float(values.mean()), float(values.std(ddof=1)) if len(values) >= 2 else None, len(values))
+
+
+def draw_bars(ax: plt.Axes, categories: Sequence[str], series: Sequence[Series],
+              stats: dict[tuple[str, str, str], Stat], group_width: float = 0.8) -> dict[tuple[str, str, str], float]:
+    """Grouped bars (mean), ±SD error bars where n >= 2, a marker on the axis for ~0.
+
+    Returns:
+        (method, variant, category) -> the bar's x position.
+    """
+    width = group_width / max(len(series), 1)
+    positions = {}
+    for i, s in enumerate(series):
+        for j, category in enumerate(categories):
+            stat = stats.get((s.method, s.variant, category))
+            if stat is None or math.isnan(stat.mean):
+                continue
+            x = j - group_width / 2 + width * (i + 0.5)
+            positions[(s.method, s.variant, category)] = x
+            ax.bar(x, stat.mean, width * 0.9, color=s.colour, edgecolor=edge_colour(s.colour), linewidth=0.4, zorder=2)
+            if stat.sd is not None:
+                ax.errorbar(x, stat.mean, yerr=stat.sd, fmt="none", ecolor="#222222", elinewidth=0.6, capsize=1.4,
+                            capthick=0.6, zorder=3)
+            if stat.mean < _ZERO_PCT:
+                zero_marker(ax, x, s.colour)
+    ax.set_xlim(-0.5, len(categories) - 0.5)
+    return positions
+
+
+def zero_marker(ax: plt.Axes, x: float, colour) -> None:
+    """A value of (about) zero: a marker sitting on the axis, drawn over the spine."""
+    ax.plot([x], [0], marker="^", markersize=4, color=colour, markeredgecolor=edge_colour(colour),
+            markeredgewidth=0.5, clip_on=False, zorder=5, linestyle="none")
+
+
+def _eval_panels(scores: pd.DataFrame) -> list[tuple[str, str, int]]:
+    keys = scores[["train_dataset", "dataset", "setting"]].drop_duplicates().itertuples(index=False)
+    return sorted(((str(t), str(d), int(s)) for t, d, s in keys),
+                  key=lambda k: (k[0] != k[1], dataset_sort_key(k[1]), dataset_sort_key(k[0]), k[2]))
+
+
+def _panel_name(train: str, dataset: str, setting: int) -> str:
+    return f"{eval_display(train, dataset)} · setting {setting}"
+
+
+def _select(frame: pd.DataFrame, train: str, dataset: str, setting: int) -> pd.DataFrame:
+    return frame[(frame["train_dataset"] == train) & (frame["dataset"] == dataset) & (frame["setting"] == setting)]
+
+
+# -- figures --------------------------------------------------------------------------
+
+def organ_dice_figure(results: Results, width: float = WIDTH_IN) -> plt.Figure | None:
+    """Per-organ Dice (%): mean over folds; error bars ±1 SD across folds where >= 2 folds."""
     scores = results.fold_scores
     if scores.empty:
         return None
-    frame = _with_labels(scores, results)
-    frame["dice_pct"] = frame["dice"] * 100
-    palette = _palette(sorted(frame["label"].unique()))
-    panels = _panels(frame)
+    notes = Footnotes()
+    series = make_series(results, zip(scores["method"], scores["variant"]), notes)
+    panels = _eval_panels(scores)
     with paper_style():
-        fig, axes = _grid(len(panels), 2.1)
-        for ax, panel in zip(axes, panels):
-            data = frame[frame["panel"] == panel]
+        lay = layout(len(panels), 2.0, width, bar_handles(series), [s.label for s in series], notes)
+        for ax, (train, dataset, setting) in zip(lay.axes, panels):
+            data = _select(scores, train, dataset, setting)
             organs = sorted(data["organ"].unique(), key=organ_sort_key)
-            hue_order = [label for label in palette if label in set(data["label"])]
-            sns.barplot(data=data, x="organ_name", y="dice_pct", hue="label", order=[organ_label(o) for o in organs],
-                        hue_order=hue_order, palette=palette, errorbar="sd", err_kws={"linewidth": 0.8},
-                        capsize=0.1, ax=ax, legend=False)
-            ax.set_title(panel)
-            ax.set_xlabel("")
-            ax.set_ylabel("Dice (%)")
+            shown = [s for s in series if ((data["method"] == s.method) & (data["variant"] == s.variant)).any()]
+            draw_bars(ax, organs, shown, fold_stats(data))
+            category_labels(ax, [organ_display(o) for o in organs], lay.panel_width)
+            panel_title(ax, _panel_name(train, dataset, setting), lay.panel_width)
+            lay.y_label(ax, "Dice (%)")
             ax.set_ylim(0, 100)
-        _shared_legend(fig, palette)
-    return fig
+            ax.grid(axis="x", visible=False)
+        lay.finish()
+    return lay.fig
 
 
-def volume_distribution_figure(results: Results) -> plt.Figure | None:
-    """Per-volume Dice (%) distributions: box plots with the volumes as points."""
+def _jitter(n: int, seed: int, spread: float) -> np.ndarray:
+    return np.random.default_rng(seed).uniform(-spread, spread, n)
+
+
+def volume_distribution_figure(results: Results, width: float = WIDTH_IN) -> plt.Figure | None:
+    """Per-volume Dice (%): every volume as a point; a box where there are >= 5 volumes."""
     per_case = per_case_scores(results)
     if per_case.empty:
         return None
-    frame = _with_labels(per_case, results)
-    frame["dice_pct"] = frame["dice"] * 100
-    palette = _palette(sorted(frame["label"].unique()))
-    panels = _panels(frame)
+    notes = Footnotes()
+    series = make_series(results, zip(per_case["method"], per_case["variant"]), notes)
+    panels = _eval_panels(per_case)
     with paper_style():
-        fig, axes = _grid(len(panels), 2.1)
-        for ax, panel in zip(axes, panels):
-            data = frame[frame["panel"] == panel]
-            order = [organ_label(o) for o in sorted(data["organ"].unique(), key=organ_sort_key)]
-            hue_order = [label for label in palette if label in set(data["label"])]
-            common = dict(data=data, x="organ_name", y="dice_pct", hue="label", order=order, hue_order=hue_order, ax=ax)
-            with warnings.catch_warnings():
-                # seaborn 0.13 still passes boxplot(vert=...), deprecated in matplotlib 3.11
-                warnings.filterwarnings("ignore", message=".*vert.*", category=matplotlib.MatplotlibDeprecationWarning)
-                sns.boxplot(**common, palette=palette, showfliers=False, linewidth=0.6, fill=False, legend=False)
-            sns.stripplot(**common, palette=palette, dodge=True, size=1.6, alpha=0.55, jitter=0.15, legend=False)
-            ax.set_title(panel)
-            ax.set_xlabel("")
-            ax.set_ylabel("Dice per volume (%)")
+        lay = layout(len(panels), 2.0, width, bar_handles(series), [s.label for s in series], notes)
+        for ax, (train, dataset, setting) in zip(lay.axes, panels):
+            data = _select(per_case, train, dataset, setting)
+            organs = sorted(data["organ"].unique(), key=organ_sort_key)
+            shown = [s for s in series if ((data["method"] == s.method) & (data["variant"] == s.variant)).any()]
+            group = 0.8
+            step = group / max(len(shown), 1)
+            for i, s in enumerate(shown):
+                for j, organ in enumerate(organs):
+                    values = data.loc[(data["method"] == s.method) & (data["variant"] == s.variant)
+                                      & (data["organ"] == organ), "dice"].to_numpy(dtype=float) * 100
+                    if len(values) == 0:
+                        continue
+                    x = j - group / 2 + step * (i + 0.5)
+                    if len(values) >= MIN_BOX_POINTS:
+                        ax.boxplot(values, positions=[x], widths=step * 0.75, showfliers=False, whis=1.5,
+                                   patch_artist=True, manage_ticks=False, zorder=2,
+                                   boxprops={"facecolor": "none", "edgecolor": edge_colour(s.colour), "linewidth": 0.6},
+                                   medianprops={"color": edge_colour(s.colour), "linewidth": 0.9},
+                                   whiskerprops={"color": edge_colour(s.colour), "linewidth": 0.6},
+                                   capprops={"color": edge_colour(s.colour), "linewidth": 0.6})
+                        size, alpha = 2.0, 0.6
+                    else:
+                        size, alpha = 3.2, 0.95
+                    xs = x + _jitter(len(values), i * 1000 + j, step * 0.28)
+                    ax.plot(xs, values, linestyle="none", marker="o", markersize=size, alpha=alpha,
+                            color=s.colour, markeredgecolor=edge_colour(s.colour), markeredgewidth=0.3,
+                            clip_on=False, zorder=4)
+            ax.set_xlim(-0.5, len(organs) - 0.5)
+            category_labels(ax, [organ_display(o) for o in organs], lay.panel_width)
+            panel_title(ax, _panel_name(train, dataset, setting), lay.panel_width)
+            lay.y_label(ax, "Dice per volume (%)")
             ax.set_ylim(0, 100)
-        _shared_legend(fig, palette)
-    return fig
+            ax.grid(axis="x", visible=False)
+        lay.finish()
+    return lay.fig
 
 
-def setting_drop_figure(results: Results) -> plt.Figure | None:
-    """Mean Dice lost from setting 1 to setting 2 (percentage points), per method and dataset."""
+def setting_drops(results: Results) -> pd.DataFrame:
+    """Per (method, variant, dataset): mean Dice lost from setting 1 to 2, in points.
+
+    Paired by fold: only folds finished in both settings with every organ count; per fold,
+    the organ mean of setting 1 minus that of setting 2. Columns: method, variant, dataset,
+    drop, sd (None below two folds), n.
+    """
     scores = results.fold_scores
     scores = scores[scores["train_dataset"] == scores["dataset"]]
-    if scores.empty:
+    rows = []
+    for (method, variant, dataset), group in scores.groupby(["method", "variant", "dataset"]):
+        wide = group.pivot_table(index=["setting", "fold"], columns="organ", values="dice")
+        if 1 not in wide.index.get_level_values(0) or 2 not in wide.index.get_level_values(0):
+            continue
+        first, second = wide.loc[1], wide.loc[2]
+        organs = [o for o in first.columns if first[o].notna().any() and second[o].notna().any()]
+        folds = sorted(set(first.dropna(subset=organs).index) & set(second.dropna(subset=organs).index))
+        if not folds or not organs:
+            continue
+        drops = (first.loc[folds, organs].mean(axis=1) - second.loc[folds, organs].mean(axis=1)).to_numpy() * 100
+        stat = _stat(drops)
+        rows.append({"method": method, "variant": variant, "dataset": dataset, "drop": stat.mean, "sd": stat.sd, "n": stat.n})
+    return pd.DataFrame(rows, columns=["method", "variant", "dataset", "drop", "sd", "n"])
+
+
+def setting_drop_figure(results: Results, width: float = WIDTH_IN) -> plt.Figure | None:
+    """Mean Dice lost from setting 1 to setting 2 (percentage points), per method and dataset."""
+    drops = setting_drops(results)
+    if drops.empty:
         return None
-    organ_means = scores.groupby(["method", "variant", "dataset", "setting", "organ"])["dice"].mean()
-    means = organ_means.groupby(["method", "variant", "dataset", "setting"]).mean().unstack("setting")
-    if 1 not in means.columns or 2 not in means.columns:
-        return None
-    means = means[[1, 2]].dropna()
-    if means.empty:
-        return None
-    labels = display_labels(results)
-    frame = pd.DataFrame({
-        "label": [labels.get((m, v), row_label(m, v)) for m, v, _ in means.index],
-        "dataset": [dataset_label(d) for *_, d in means.index],
-        "drop": (means[1] - means[2]).to_numpy() * 100,
-    })
-    order = list(frame.groupby("label")["drop"].mean().sort_values().index)
-    datasets = [dataset_label(d) for d in sorted({d for *_, d in means.index}, key=dataset_sort_key)]
+    notes = Footnotes()
+    scores = results.fold_scores
+    shown = scores[(scores["train_dataset"] == scores["dataset"]) & scores["dataset"].isin(set(drops["dataset"]))
+                   & scores["setting"].isin([1, 2])]
+    series = make_series(results, zip(drops["method"], drops["variant"]), notes, shown)
+    datasets = sorted(drops["dataset"].unique(), key=dataset_sort_key)
+    label_room = min(2.0, width * 0.36)
+    labels = {s.key: wrap(s.label, label_room) for s in series}
+    xlabel = wrap("Setting 1 − setting 2 mean Dice (points; > 0: lower in setting 2)", width - label_room - 0.3)
     with paper_style():
-        fig, ax = plt.subplots(figsize=(WIDTH_IN, 1.0 + 0.28 * len(order) * max(1, len(datasets)) ** 0.5))
-        sns.barplot(data=frame, y="label", x="drop", hue="dataset", order=order, hue_order=datasets,
-                    palette="Set2", orient="h", ax=ax)
-        ax.axvline(0, color="black", linewidth=0.8)
-        for container in ax.containers:  # the numbers, so a zero drop is visible too
-            ax.bar_label(container, fmt="%+.1f", padding=2, fontsize=FONT_PT)
-        low, high = min(0.0, frame["drop"].min()), max(0.0, frame["drop"].max())
-        pad = max(high - low, 2.0) * 0.15  # room for the labels; at least a ±0.3 pp axis
-        ax.set_xlim(low - pad, high + pad)
-        ax.set_xlabel("Setting 1 − setting 2 mean Dice (percentage points; > 0: lower in setting 2)")
-        ax.set_ylabel("")
-        ax.legend(title="Dataset", frameon=False, loc="best")
-        fig.tight_layout()
+        shown_per_dataset, heights = [], []
+        for dataset in datasets:
+            data = drops[drops["dataset"] == dataset]
+            shown = [s for s in series if ((data["method"] == s.method) & (data["variant"] == s.variant)).any()]
+            shown_per_dataset.append(shown)
+            title = wrap(dataset_display(dataset), width - 0.3)
+            rows = sum(max(0.24, text_height_in(labels[s.key]) + 0.08) for s in shown)
+            heights.append(rows + text_height_in(title) + 0.35)
+        heights[-1] += text_height_in(xlabel) + 0.05
+        footer = Footer.plan([], [], notes, width)  # footnotes only: the y axis names the methods
+        fig = plt.figure(figsize=(width, sum(heights) + footer.height), layout="constrained")
+        if footer.height > 0:
+            top, footer_fig = fig.subfigures(2, 1, height_ratios=[sum(heights), footer.height], hspace=0.0)
+        else:
+            top, footer_fig = fig, None
+        axes = top.subplots(len(datasets), 1, squeeze=False, height_ratios=heights)[:, 0]
+        low = min(0.0, float((drops["drop"] - drops["sd"].fillna(0)).min()))
+        high = max(0.0, float((drops["drop"] + drops["sd"].fillna(0)).max()))
+        pad = max(high - low, 2.0) * 0.18  # room for the value labels; at least a ±0.4 pp axis
+        for ax, dataset, shown in zip(axes, datasets, shown_per_dataset):
+            data = drops[drops["dataset"] == dataset]
+            for y, s in enumerate(shown):
+                row = data[(data["method"] == s.method) & (data["variant"] == s.variant)].iloc[0]
+                spread = 0.0 if row["sd"] is None or pd.isna(row["sd"]) else float(row["sd"])
+                ax.barh(y, row["drop"], 0.7, color=s.colour, edgecolor=edge_colour(s.colour), linewidth=0.4, zorder=2)
+                if spread > 0 or (row["sd"] is not None and not pd.isna(row["sd"])):
+                    ax.errorbar(row["drop"], y, xerr=spread, fmt="none", ecolor="#222222", elinewidth=0.6,
+                                capsize=1.4, zorder=3)
+                if abs(row["drop"]) < 0.05 * pad:  # a zero-length bar: show the value as a marker
+                    ax.plot([0], [y], marker="D", markersize=4, color=s.colour, markeredgecolor=edge_colour(s.colour),
+                            markeredgewidth=0.5, linestyle="none", zorder=5)
+                end = row["drop"] + spread if row["drop"] >= 0 else row["drop"] - spread
+                ax.text(end + (pad * 0.08 if row["drop"] >= 0 else -pad * 0.08), y, f"{row['drop']:+.1f}",
+                        ha="left" if row["drop"] >= 0 else "right", va="center", fontsize=FONT_PT, zorder=4)
+            ax.set_yticks(range(len(shown)))
+            ax.set_yticklabels([labels[s.key] for s in shown])
+            ax.set_ylim(len(shown) - 0.5, -0.5)
+            ax.axvline(0, color="black", linewidth=0.7, zorder=3)
+            ax.set_xlim(low - pad, high + pad)
+            ax.set_title(wrap(dataset_display(dataset), width - label_room - 0.3), fontsize=FONT_PT, loc="left")
+            ax.grid(axis="y", visible=False)
+        axes[-1].set_xlabel(xlabel)
+        if footer_fig is not None:
+            footer.draw(footer_fig)
     return fig
 
 
@@ -247,13 +529,9 @@ def smooth(values: np.ndarray, weight: float = 0.9) -> np.ndarray:
     return out
 
 
-def train_loss_figure(results: Results, weight: float = 0.9) -> plt.Figure | None:
-    """Smoothed training loss per method: mean over folds, seeds and setting-2 organ groups,
-    band = std."""
-    if not results.train_logs:
-        return None
+def train_curves(results: Results, weight: float = 0.9) -> pd.DataFrame:
+    """Smoothed loss per (run, organ group): columns method, variant, train_dataset, setting, curve, step, loss."""
     runs = results.runs.set_index("run_dir")
-    labels = display_labels(results)
     frames = []
     for run_dir, log in results.train_logs.items():
         if log.empty or not {"step", "loss"} <= set(log.columns):
@@ -264,54 +542,131 @@ def train_loss_figure(results: Results, weight: float = 0.9) -> plt.Figure | Non
         for group_name, group_log in groups:
             group_log = group_log.sort_values("step")
             frames.append(pd.DataFrame({
-                "step": group_log["step"].to_numpy(),
-                "loss": smooth(group_log["loss"].to_numpy(), weight),
-                "label": labels.get((run["method"], run["variant"]), row_label(run["method"], run["variant"])),
-                "panel": f"trained on {dataset_label(run['train_dataset'])} · setting {run['setting']}",
-                "_order": [(dataset_sort_key(run["train_dataset"]), int(run["setting"]))] * len(group_log),
-                "run": f"{run_dir}:{group_name}",
+                "method": run["method"], "variant": run["variant"], "train_dataset": run["train_dataset"],
+                "setting": int(run["setting"]), "curve": f"{run_dir}:{group_name}",
+                "step": group_log["step"].to_numpy(), "loss": smooth(group_log["loss"].to_numpy(), weight),
             }))
-    if not frames:
+    columns = ["method", "variant", "train_dataset", "setting", "curve", "step", "loss"]
+    return pd.concat(frames, ignore_index=True)[columns] if frames else pd.DataFrame(columns=columns)
+
+
+def train_loss_figure(results: Results, weight: float = 0.9, width: float = WIDTH_IN) -> plt.Figure | None:
+    """Smoothed training loss per method: mean over folds, seeds and setting-2 organ groups;
+    band = ±1 SD where at least two curves reach the step."""
+    curves = train_curves(results, weight)
+    if curves.empty:
         return None
-    frame = pd.concat(frames, ignore_index=True)
-    palette = _palette(sorted(frame["label"].unique()))
-    panels = list(dict.fromkeys(frame.sort_values("_order", key=lambda s: s.map(lambda v: v))["panel"]))
+    notes = Footnotes()
+    series = make_series(results, zip(curves["method"], curves["variant"]), notes)
+    panels = sorted({(str(t), int(s)) for t, s in zip(curves["train_dataset"], curves["setting"])},
+                    key=lambda k: (dataset_sort_key(k[0]), k[1]))
     with paper_style():
-        fig, axes = _grid(len(panels), 2.0)
-        for ax, panel in zip(axes, panels):
-            data = frame[frame["panel"] == panel]
-            hue_order = [label for label in palette if label in set(data["label"])]
-            sns.lineplot(data=data, x="step", y="loss", hue="label", hue_order=hue_order, palette=palette,
-                         errorbar="sd", linewidth=1.0, ax=ax, legend=False)
+        lay = layout(len(panels), 1.9, width, line_handles(series), [s.label for s in series], notes)
+        for ax, (train, setting) in zip(lay.axes, panels):
+            data = curves[(curves["train_dataset"] == train) & (curves["setting"] == setting)]
+            for s in series:
+                mine = data[(data["method"] == s.method) & (data["variant"] == s.variant)]
+                if mine.empty:
+                    continue
+                wide = mine.pivot_table(index="step", columns="curve", values="loss")
+                mean = wide.mean(axis=1)
+                count = wide.notna().sum(axis=1)
+                sd = wide.std(axis=1, ddof=1).where(count >= 2)
+                # a run that logged once is a point, not an invisible one-point line
+                ax.plot(mean.index, mean.to_numpy(), color=s.colour, linewidth=1.0, zorder=3,
+                        marker="o" if len(mean) < 3 else None, markersize=3)
+                if sd.notna().any():
+                    ax.fill_between(mean.index, (mean - sd).to_numpy(), (mean + sd).to_numpy(), color=s.colour,
+                                    alpha=0.2, linewidth=0, zorder=2)
             if (data["loss"] > 0).all() and data["loss"].max() / data["loss"].min() > 20:
                 ax.set_yscale("log")
-            ax.set_title(panel)
+            panel_title(ax, f"trained on {dataset_display(train)} · setting {setting}", lay.panel_width)
             ax.set_xlabel("training step")
-            ax.set_ylabel(f"loss (EMA {weight:g})")
-        _shared_legend(fig, palette, lines=True)
-    return fig
+            lay.y_label(ax, f"loss (EMA {weight:g})")
+        lay.finish()
+    return lay.fig
 
 
-FIGURES = {
+def _comparison(results: Results, width: float = WIDTH_IN) -> plt.Figure | None:
+    from .comparison import published_comparison_figure
+
+    return published_comparison_figure(results, width)
+
+
+FIGURES: dict[str, Callable[..., plt.Figure | None]] = {
+    "published_comparison": _comparison,
     "organ_dice": organ_dice_figure,
     "volume_distribution": volume_distribution_figure,
     "setting_drop": setting_drop_figure,
     "train_loss": train_loss_figure,
 }
 
-CAPTIONS = {
-    "organ_dice": "Dice per organ: mean over folds, error bars = standard deviation across folds.",
-    "volume_distribution": "Dice per query volume (box: quartiles; points: volumes; seeds averaged).",
-    "setting_drop": "Drop of the mean Dice from setting 1 to setting 2 (in-domain).",
-    "train_loss": "Training loss, exponentially smoothed; line = mean over folds and seeds, band = std.",
-}
+
+def _spread_sentence(n_folds: Sequence[int]) -> str:
+    counts = sorted(set(n_folds))
+    if not counts:
+        return ""
+    if counts[-1] < 2:
+        return "One fold per method, so no error bars."
+    text = "Error bars: ±1 standard deviation across folds"
+    if counts[0] < 2:
+        text += " (only where a method has at least 2 folds; bars without them come from one fold)"
+    return text + "."
 
 
-def write_figures(results: Results, out_dir: str | Path) -> dict[str, Path]:
+def caption(name: str, results: Results) -> str:
+    """What figure ``name`` shows, in words, for these results (the HTML caption)."""
+    scores = results.fold_scores
+    n_folds = list(scores.groupby(["method", "variant", "train_dataset", "dataset", "setting", "organ"])["fold"].nunique())
+    if name == "organ_dice":
+        return (f"Dice per organ (%), mean over folds. {_spread_sentence(n_folds)} "
+                "A triangle on the axis marks a value of (about) zero.").strip()
+    if name == "published_comparison":
+        from .comparison import comparison_caption
+
+        return comparison_caption(results)
+    if name == "volume_distribution":
+        return (f"Dice per query volume (%), seeds averaged: every volume is a point; a box (median, quartiles, "
+                f"whiskers to 1.5 IQR) only where a method has at least {MIN_BOX_POINTS} volumes.")
+    if name == "setting_drop":
+        drops = setting_drops(results)
+        spread = _spread_sentence(list(drops["n"])) if not drops.empty else ""
+        return ("Mean Dice lost from setting 1 to setting 2 (in-domain), in percentage points, paired by fold "
+                f"(folds finished in both settings). {spread}").strip()
+    if name == "train_loss":
+        return ("Training loss, exponentially smoothed; line = mean over folds, seeds and organ groups; band = ±1 "
+                "standard deviation where at least two runs reach the step.")
+    return name
+
+
+def save_figure(fig: plt.Figure, out_dir: str | Path, stem: str, dpi: int = 200,
+                problems: list[str] | None = None) -> Path:
+    """Write ``<stem>.png`` and ``<stem>.pdf`` at the figure's exact size; closes the figure.
+
+    Args:
+        problems: when given, collects overlapping or cut-off texts found while drawing.
+    Returns:
+        the PNG path.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    png = out / f"{stem}.png"
+    with paper_style():  # drawing creates tick labels, and the PDF backend reads the font type
+        if problems is not None:
+            problems.extend(f"{stem}: {p}" for p in text_problems(fig))
+        fig.savefig(png, dpi=dpi)
+        fig.savefig(out / f"{stem}.pdf")
+    plt.close(fig)
+    return png
+
+
+def write_figures(results: Results, out_dir: str | Path, width: float = WIDTH_IN,
+                  problems: list[str] | None = None) -> dict[str, Path]:
     """Every figure that has data, as PNG + PDF under ``out_dir``; name -> PNG path."""
     written = {}
     for name, build in FIGURES.items():
-        fig = build(results)
+        fig = build(results, width=width)
         if fig is not None:
-            written[name] = save_figure(fig, out_dir, name)
+            written[name] = save_figure(fig, out_dir, name, problems=problems)
     return written
+

@@ -1,16 +1,27 @@
 """Qualitative figure (cf. SD-FSMIS Fig. 5): query slices with ground truth and predictions.
 
-One row per chosen query slice: the image with the ground-truth contour, then one panel per
-method with its predicted contour (ground truth dashed for reference). Predictions come from
-the run records (``predictions.npz``), images and labels from the dataset.
+A grid of panels: one column per chosen query slice (one per organ) and one row per method,
+under a first row with the ground truth alone; or the transpose, whichever gives the larger
+panels at the page width. Every panel is placed at a computed position, and labels are
+wrapped to the room they have, so no two texts overlap whatever the names.
+
+- Predictions come from the run records (``predictions.npz``); images and labels from the
+  test dataset, rebuilt from the run's own ``config.yaml`` (options included), so custom
+  folders (``nifti_folder``) and cross-domain test sets load as they were evaluated.
+- Slices are shown in radiological orientation (patient's right on the viewer's left,
+  anterior or superior at the top) from the scan's affine (``Volume.affine``), with the
+  pixel aspect from its spacing; without an affine, as stored.
+- ``zoom=True`` crops every column to a square around its organ.
+- Ground truth: sky-blue contour; prediction: orange (a colourblind-safe pair).
 
 Slices are chosen reproducibly: per organ, the kept query slice with the largest
-ground-truth area in the first query case (in fold order) of fold 0, or named by the user as
-``[dataset:]organ:case_id:z``.
+ground-truth area in the first query case (in fold order) of the first fold, or named by
+the user as ``[dataset:]organ:case_id:z``.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -22,12 +33,34 @@ import pandas as pd
 
 from .. import records
 from ..errors import FsmisError
-from .collect import Results, dataset_label, dataset_sort_key, organ_label, organ_sort_key, row_label
-from .figures import WIDTH_IN, paper_style, save_figure
+from .collect import Results, dataset_sort_key, organ_sort_key
+from .figures import Series, make_series, save_figure
+from .style import (
+    DOUBLE_COLUMN_IN,
+    FONT_PT,
+    MAX_HEIGHT_IN,
+    Footnotes,
+    eval_display,
+    organ_display,
+    paper_style,
+    text_height_in,
+    text_width_in,
+    widest_line_in,
+    wrap,
+)
 
 #: predictions of one run: (organ, case_id) -> (slice indices (K,), masks (K, H, W) bool)
 Predictions = dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]
-DatasetLoader = Callable[[str], object]
+DatasetLoader = Callable[..., object]
+
+TRUTH_COLOUR = "#56B4E9"  # Okabe-Ito sky blue
+PREDICTION_COLOUR = "#E69F00"  # Okabe-Ito orange
+_GAP_IN = 0.04
+_LEGEND_IN = 0.3
+_MAX_TITLE_LINES = 4
+#: the smallest panel worth keeping the preferred layout for, and the largest panel
+_MIN_PANEL_IN = 0.8
+_MAX_PANEL_IN = 1.8
 
 
 @dataclass(frozen=True)
@@ -64,21 +97,162 @@ def parse_slices(text: str | None) -> list[tuple[str | None, str, str, int]]:
     return parsed
 
 
-def default_loader(data_root: str | Path | None) -> DatasetLoader:
-    """Datasets through the project API, with ``data_root`` or ``FSMIS_DATA_ROOT``."""
-    root = data_root if data_root not in (None, "") else os.environ.get("FSMIS_DATA_ROOT")
+# -- loading the test dataset ---------------------------------------------------------
 
-    def load(name: str):
-        from ..api import load_dataset  # type: ignore[import-not-found]
+class RecordedDatasetLoader:
+    """Test datasets as the runs evaluated them: rebuilt from the run's ``config.yaml``.
 
-        return load_dataset(name, root)
+    The data root is the one passed here, else the run's own when that folder exists, else
+    ``FSMIS_DATA_ROOT``. Records without a full config (older or synthetic ones) fall back to
+    the dataset's name with its default options.
+    """
 
-    return load
+    def __init__(self, data_root: str | Path | None = None) -> None:
+        self.data_root = None if data_root in (None, "") else str(data_root)
+
+    def _root(self, recorded: object) -> str | None:
+        if self.data_root:
+            return self.data_root
+        if recorded not in (None, "", "null") and Path(str(recorded)).expanduser().is_dir():
+            return str(recorded)
+        return os.environ.get("FSMIS_DATA_ROOT") or None
+
+    def __call__(self, name: str, run_dir: str | Path | None = None):
+        config = Path(run_dir) / "config.yaml" if run_dir is not None else None
+        if config is not None and config.is_file():
+            from omegaconf import OmegaConf
+
+            cfg = OmegaConf.load(config)
+            if isinstance(cfg.get("dataset"), dict) or OmegaConf.is_dict(cfg.get("dataset")):
+                from ..runner import build_test_dataset
+
+                OmegaConf.set_struct(cfg, False)
+                cfg.data_root = self._root(cfg.get("data_root"))
+                return build_test_dataset(cfg)
+        from ..api import load_dataset
+
+        return load_dataset(name, self._root(None))
 
 
-def _prediction_runs(results: Results, dataset: str, setting: int) -> pd.DataFrame:
+def default_loader(data_root: str | Path | None) -> RecordedDatasetLoader:
+    """The loader of :func:`write_report`: test datasets rebuilt from the run records."""
+    return RecordedDatasetLoader(data_root)
+
+
+def _load_dataset(loader: DatasetLoader, name: str, run_dir: str) -> object:
+    if isinstance(loader, RecordedDatasetLoader):
+        return loader(name, run_dir)
+    return loader(name)  # a plain name -> dataset callable (tests, scripts)
+
+
+# -- display geometry -----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Orientation:
+    """How to turn a stored ``(H, W)`` slice into the displayed one.
+
+    Attributes:
+        transpose: swap rows and columns first.
+        flip_rows, flip_cols: then reverse the row / column order.
+        aspect: displayed pixel height / width (from the spacing).
+        plane: ``axial``, ``coronal``, ``sagittal`` (nearest standard plane) or ``stored``.
+    """
+
+    transpose: bool = False
+    flip_rows: bool = False
+    flip_cols: bool = False
+    aspect: float = 1.0
+    plane: str = "stored"
+
+    def apply(self, array: np.ndarray) -> np.ndarray:
+        out = array.T if self.transpose else array
+        if self.flip_rows:
+            out = out[::-1, :]
+        if self.flip_cols:
+            out = out[:, ::-1]
+        return np.ascontiguousarray(out)
+
+
+#: nearest standard plane (world axis of the slice normal, RAS+) -> (screen-right world
+#: axis, its sign, screen-down world axis, its sign), radiological convention
+_SCREEN = {
+    2: ("axial", 0, -1, 1, -1),  # right on screen = patient left (-x); down = posterior (-y)
+    1: ("coronal", 0, -1, 2, -1),  # right = patient left; down = inferior (-z)
+    0: ("sagittal", 1, -1, 2, -1),  # right = posterior (anterior on the left); down = inferior
+}
+
+
+def display_orientation(affine: np.ndarray | None, spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> Orientation:
+    """Radiological display of slices ``image[z]`` from the voxel-to-world affine.
+
+    Args:
+        affine: ``(4, 4)`` RAS+ for the index order ``(z, y, x)``: ``world = affine @ (z, y, x, 1)``;
+            None: as stored, aspect from ``spacing``.
+        spacing: ``(z, y, x)`` in mm, used when there is no affine.
+    """
+    if affine is None:
+        return Orientation(aspect=float(spacing[1]) / float(spacing[2]) if spacing[2] else 1.0)
+    matrix = np.asarray(affine, dtype=float)[:3, :3]
+    if not np.isfinite(matrix).all():
+        return Orientation()
+    rows, cols = matrix[:, 1], matrix[:, 2]
+    row_mm, col_mm = float(np.linalg.norm(rows)), float(np.linalg.norm(cols))
+    normal = np.cross(rows, cols)
+    if min(row_mm, col_mm) == 0 or not normal.any():
+        return Orientation()
+    # nearest standard plane: the assignment of world axes to (rows, columns, normal) with
+    # the largest direction cosines, chosen jointly so that oblique slices (cardiac short
+    # axis) still get three different axes
+    cosines = np.abs(np.stack([rows / row_mm, cols / col_mm, normal / np.linalg.norm(normal)]))
+    row_axis, col_axis, normal_axis = max(itertools.permutations(range(3)),
+                                          key=lambda axes: sum(cosines[i, a] for i, a in enumerate(axes)))
+    plane, right_axis, right_sign, down_axis, down_sign = _SCREEN[normal_axis]
+    row_sign, col_sign = np.sign(rows[row_axis]), np.sign(cols[col_axis])
+    if col_axis == right_axis:
+        return Orientation(False, row_sign != down_sign, col_sign != right_sign, row_mm / col_mm, plane)
+    # the stored rows run left-right on screen: transpose, then the old rows are columns
+    return Orientation(True, col_sign != down_sign, row_sign != right_sign, col_mm / row_mm, plane)
+
+
+def crop_box(mask: np.ndarray, aspect: float = 1.0, margin: float = 0.6, minimum: int = 24) -> tuple[slice, slice]:
+    """A square (in mm) window around ``mask``: its extent plus ``margin`` of it on each side.
+
+    Args:
+        mask: ``(H, W)`` bool, displayed orientation.
+        aspect: pixel height / width.
+    """
+    height, width = mask.shape
+    if not mask.any():
+        return slice(0, height), slice(0, width)
+    ys, xs = np.nonzero(mask)
+    centre_y, centre_x = (ys.min() + ys.max()) / 2, (xs.min() + xs.max()) / 2
+    half_mm = max((ys.max() - ys.min() + 1) * aspect, xs.max() - xs.min() + 1, minimum) * (0.5 + margin)
+    half_y, half_x = half_mm / aspect, half_mm
+
+    def span(centre: float, half: float, size: int) -> slice:
+        half = min(half, size / 2)
+        start = int(round(min(max(centre - half, 0), size - 2 * half)))
+        return slice(start, start + int(round(2 * half)))
+
+    return span(centre_y, half_y, height), span(centre_x, half_x, width)
+
+
+def _display(image: np.ndarray) -> np.ndarray:
+    low, high = np.percentile(image, [1, 99])
+    return np.clip((image - low) / max(high - low, 1e-6), 0, 1)
+
+
+def _contour(ax, mask: np.ndarray, colour: str, style: str = "solid", width: float = 1.0) -> None:
+    if mask.any() and not mask.all():
+        ax.contour(mask.astype(float), levels=[0.5], colors=[colour], linewidths=width, linestyles=[style])
+
+
+# -- choosing slices ------------------------------------------------------------------
+
+def _prediction_runs(results: Results, dataset: str, setting: int, train_dataset: str | None = None) -> pd.DataFrame:
     runs = results.runs
-    runs = runs[(runs["dataset"] == dataset) & (runs["train_dataset"] == dataset) & (runs["setting"] == setting)]
+    train_dataset = train_dataset or dataset
+    runs = runs[(runs["dataset"] == dataset) & (runs["train_dataset"] == train_dataset) & (runs["setting"] == setting)]
     has = [(Path(d) / "predictions.npz").is_file() for d in runs["run_dir"]]
     return runs[pd.Series(has, index=runs.index, dtype=bool)].sort_values(["method", "variant", "fold", "seed"])
 
@@ -97,13 +271,15 @@ def _fold_order(dataset_obj: object, fold: int, cases: Sequence[str]) -> list[st
 
 
 def choose_slices(
-    results: Results, dataset: str, setting: int, dataset_obj: object, named: Sequence[tuple[str | None, str, str, int]] = ()
+    results: Results, dataset: str, setting: int, dataset_obj: object,
+    named: Sequence[tuple[str | None, str, str, int]] = (), train_dataset: str | None = None,
 ) -> list[SliceChoice]:
-    """The slices to show for one (dataset, setting)."""
+    """The slices to show for one evaluation (in-domain unless ``train_dataset`` differs)."""
     if named:
         return [SliceChoice(dataset, organ, case_id, z) for ds, organ, case_id, z in named if ds in (None, dataset)]
     cases = results.cases
-    cases = cases[(cases["dataset"] == dataset) & (cases["train_dataset"] == dataset) & (cases["setting"] == setting)]
+    cases = cases[(cases["dataset"] == dataset) & (cases["train_dataset"] == (train_dataset or dataset))
+                  & (cases["setting"] == setting)]
     if cases.empty:
         return []
     first_fold = int(cases["fold"].min())
@@ -124,25 +300,58 @@ def choose_slices(
     return choices
 
 
-def _contour(ax, mask: np.ndarray, colour: str, style: str = "solid", width: float = 1.0) -> None:
-    if mask.any() and not mask.all():
-        ax.contour(mask.astype(float), levels=[0.5], colors=[colour], linewidths=width, linestyles=style)
+# -- the figure -----------------------------------------------------------------------
+
+@dataclass
+class _Panel:
+    image: np.ndarray  # displayed orientation, cropped
+    truth: np.ndarray
+    prediction: np.ndarray | None  # None: no prediction for this slice
+    aspect: float
 
 
-def _display(image: np.ndarray) -> np.ndarray:
-    low, high = np.percentile(image, [1, 99])
-    return np.clip((image - low) / max(high - low, 1e-6), 0, 1)
+@dataclass
+class _Plan:
+    methods_as_rows: bool
+    size: float  # panel side, inches
+    label_w: float  # row label column, inches
+    header: float  # legend + column titles, inches
+    row_labels: list[str]
+    col_titles: list[str]
+    fits: bool  # every row label fits its row
+
+
+def _words_fit(text: str, width_in: float) -> bool:
+    return all(text_width_in(word) <= width_in for word in text.replace("\n", " ").split(" "))
+
+
+def _key(index: int) -> str:
+    """A, B, ..., Z, AA, AB, ... for methods whose names do not fit the grid."""
+    letters = ""
+    index += 1
+    while index:
+        index, rest = divmod(index - 1, 26)
+        letters = chr(ord("A") + rest) + letters
+    return letters
+
+
+def _grid_size(n_rows: int, n_cols: int, width: float, label_w: float, header: float) -> float:
+    by_width = (width - label_w - 0.05 - _GAP_IN * n_cols) / n_cols
+    by_height = (MAX_HEIGHT_IN - header - 0.05 - _GAP_IN * n_rows) / n_rows
+    return max(0.2, min(by_width, by_height, _MAX_PANEL_IN))
 
 
 def qualitative_figure(
     results: Results, dataset: str, setting: int, dataset_obj: object,
-    named: Sequence[tuple[str | None, str, str, int]] = (),
+    named: Sequence[tuple[str | None, str, str, int]] = (), *,
+    train_dataset: str | None = None, zoom: bool = False, width: float = DOUBLE_COLUMN_IN,
 ):
-    """The figure for one (dataset, setting), or None when there is nothing to show."""
+    """The figure for one evaluation, or None when there is nothing to show."""
     import matplotlib.pyplot as plt
 
-    runs = _prediction_runs(results, dataset, setting)
-    choices = choose_slices(results, dataset, setting, dataset_obj, named)
+    train_dataset = train_dataset or dataset
+    runs = _prediction_runs(results, dataset, setting, train_dataset)
+    choices = choose_slices(results, dataset, setting, dataset_obj, named, train_dataset)
     if runs.empty or not choices:
         return None
     cache: dict[str, Predictions] = {}
@@ -152,46 +361,152 @@ def qualitative_figure(
             cache[run_dir] = load_predictions(run_dir)
         return cache[run_dir]
 
-    methods = list(dict.fromkeys(zip(runs["method"], runs["variant"])))
-    panel_in = min(1.6, WIDTH_IN / (len(methods) + 1))
+    notes = Footnotes()
+    scores = results.fold_scores
+    scores = scores[(scores["dataset"] == dataset) & (scores["train_dataset"] == train_dataset)
+                    & (scores["setting"] == setting)]
+    series: list[Series] = make_series(results, zip(runs["method"], runs["variant"]), notes, scores)
+    label_map = getattr(dataset_obj, "label_map", {})
+
+    # panels[choice index][0 = ground truth, 1.. = series]
+    panels: list[list[_Panel]] = []
+    for choice in choices:
+        volume = dataset_obj.load(choice.case_id)
+        if not 0 <= choice.z < volume.image.shape[0]:
+            raise FsmisError(f"slice {choice.z} is outside case {choice.case_id} ({volume.image.shape[0]} slices)",
+                             hint="pick z within the volume's slices")
+        orientation = display_orientation(getattr(volume, "affine", None), getattr(volume, "spacing", (1, 1, 1)))
+        image = orientation.apply(_display(np.asarray(volume.image[choice.z], dtype=float)))
+        truth = orientation.apply(np.asarray(volume.label[choice.z]) == label_map.get(choice.organ, -1))
+        window = crop_box(truth, orientation.aspect) if zoom else (slice(None), slice(None))
+        column = [_Panel(image[window], truth[window], None, orientation.aspect)]
+        for s in series:
+            mask = None
+            for run_dir in runs.loc[(runs["method"] == s.method) & (runs["variant"] == s.variant), "run_dir"]:
+                found = predictions(run_dir).get((choice.organ, choice.case_id))
+                if found is not None and choice.z in set(found[0].tolist()):
+                    mask = orientation.apply(np.asarray(found[1][list(found[0]).index(choice.z)], dtype=bool))[window]
+                    break
+            column.append(_Panel(column[0].image, column[0].truth, mask, orientation.aspect))
+        panels.append(column)
+
+    method_names = ["Ground truth"] + [s.label for s in series]
+    slice_names = [f"{organ_display(c.organ)}\ncase {c.case_id}, slice {c.z}" for c in choices]
+    n_methods, n_slices = len(method_names), len(choices)
+
+    def plan(methods_as_rows: bool, names: list[str]) -> _Plan:
+        rows, cols = (names, slice_names) if methods_as_rows else (slice_names, names)
+        cap = min(1.5, width * 0.28)
+        row_labels = [wrap(t, cap - 0.08) for t in rows]
+        label_w = min(cap, max(widest_line_in(t) for t in row_labels) + 0.1)  # no wider than needed
+        # column titles are wrapped to the panel width, which depends on their height: iterate
+        size = _grid_size(len(rows), len(cols), width, label_w, 0.0)
+        for _ in range(3):
+            col_titles = [wrap(t, size) for t in cols]
+            header = _LEGEND_IN + max(text_height_in(t) for t in col_titles) + 0.08
+            size = _grid_size(len(rows), len(cols), width, label_w, header)
+        col_titles = [wrap(t, size) for t in cols]
+        header = _LEGEND_IN + max(text_height_in(t) for t in col_titles) + 0.08
+        # readable: a row label stays within its row (or it runs into the next one), no word
+        # is broken, and column titles stay short
+        fits = (all(text_height_in(t) <= size + _GAP_IN for t in row_labels)
+                and all(_words_fit(t, cap - 0.08) for t in rows) and all(_words_fit(t, size) for t in cols)
+                and max(t.count("\n") + 1 for t in col_titles) <= _MAX_TITLE_LINES)
+        return _Plan(methods_as_rows, size, label_w, header, row_labels, col_titles, fits)
+
+    def choose(names: list[str]) -> _Plan:
+        # methods as rows, organs as columns, unless that makes the panels too small to read
+        as_rows, transposed = plan(True, names), plan(False, names)
+        if as_rows.fits and as_rows.size >= _MIN_PANEL_IN:
+            return as_rows
+        return max((as_rows, transposed), key=lambda p: (p.fits, p.size))
+
+    chosen = choose(method_names)
+    key_lines: list[str] = []
+    if not chosen.fits:  # names too long for any layout: letters in the grid, the names below it
+        keys = [_key(i) for i in range(len(series))]
+        key_lines = [f"{key}: {s.label}" for key, s in zip(keys, series)]
+        chosen = choose(["Ground truth", *keys])
+    methods_as_rows, size, label_w, header = chosen.methods_as_rows, chosen.size, chosen.label_w, chosen.header
+    row_labels, col_titles = chosen.row_labels, chosen.col_titles
+    n_rows, n_cols = (n_methods, n_slices) if methods_as_rows else (n_slices, n_methods)
+    footnotes = "\n".join(wrap(line, width - 0.2) for line in key_lines + notes.lines())
+    footer = (text_height_in(footnotes) + 0.12) if footnotes else 0.0
+    grid_w = label_w + n_cols * (size + _GAP_IN)
+    height = header + n_rows * (size + _GAP_IN) + footer + 0.05
     with paper_style():
-        fig, axes = plt.subplots(len(choices), len(methods) + 1, figsize=(panel_in * (len(methods) + 1), panel_in * len(choices) + 0.3),
-                                 squeeze=False)
-        label_map = getattr(dataset_obj, "label_map", {})
-        for row, choice in enumerate(choices):
-            volume = dataset_obj.load(choice.case_id)
-            if not 0 <= choice.z < volume.image.shape[0]:
-                raise FsmisError(f"slice {choice.z} is outside case {choice.case_id} ({volume.image.shape[0]} slices)",
-                                 hint="pick z within the volume's slices")
-            image = _display(np.asarray(volume.image[choice.z], dtype=float))
-            truth = np.asarray(volume.label[choice.z]) == label_map.get(choice.organ, -1)
-            axes[row, 0].imshow(image, cmap="gray", interpolation="nearest")
-            _contour(axes[row, 0], truth, "lime", width=1.2)
-            axes[row, 0].set_ylabel(f"{organ_label(choice.organ)}\ncase {choice.case_id}, z={choice.z}")
-            for col, (method, variant) in enumerate(methods, start=1):
-                ax = axes[row, col]
-                ax.imshow(image, cmap="gray", interpolation="nearest")
-                _contour(ax, truth, "lime", style="dashed", width=0.7)
-                mask = None
-                for run_dir in runs.loc[(runs["method"] == method) & (runs["variant"] == variant), "run_dir"]:
-                    found = predictions(run_dir).get((choice.organ, choice.case_id))
-                    if found is not None and choice.z in set(found[0].tolist()):
-                        mask = found[1][list(found[0]).index(choice.z)]
-                        break
-                if mask is None:
-                    ax.text(0.5, 0.5, "no prediction", ha="center", va="center", color="white", transform=ax.transAxes)
+        fig = plt.figure(figsize=(width, height))
+        left0 = (width - grid_w) / 2 + label_w
+        top0 = height - header
+        for r in range(n_rows):
+            for c in range(n_cols):
+                slice_index, method_index = (c, r) if methods_as_rows else (r, c)
+                panel = panels[slice_index][method_index]
+                x = left0 + c * (size + _GAP_IN)
+                y = top0 - (r + 1) * (size + _GAP_IN) + _GAP_IN
+                ax = fig.add_axes((x / width, y / height, size / width, size / height))
+                ax.imshow(panel.image, cmap="gray", interpolation="nearest", aspect=panel.aspect, vmin=0, vmax=1)
+                if method_index == 0:
+                    _contour(ax, panel.truth, TRUTH_COLOUR, width=1.1)
                 else:
-                    _contour(ax, mask, "red", width=1.2)
-            for ax in axes[row]:
+                    _contour(ax, panel.truth, TRUTH_COLOUR, style=(0, (2.5, 1.5)), width=0.7)
+                    if panel.prediction is None:
+                        ax.text(0.5, 0.5, "no\nprediction" if size >= 0.9 else "n/a", ha="center", va="center",
+                                color="white", transform=ax.transAxes, fontsize=FONT_PT)
+                    elif not panel.prediction.any():
+                        ax.text(0.04, 0.04, "empty" if size >= 0.9 else "∅", ha="left", va="bottom", color="white",
+                                transform=ax.transAxes, fontsize=FONT_PT)
+                    else:
+                        _contour(ax, panel.prediction, PREDICTION_COLOUR, width=1.1)
                 ax.set_xticks([])
                 ax.set_yticks([])
                 ax.grid(False)
-        axes[0, 0].set_title("image + ground truth")
-        for col, (method, variant) in enumerate(methods, start=1):
-            axes[0, col].set_title(row_label(method, variant).replace(" [", "\n["))
-        fig.suptitle(f"{dataset_label(dataset)}, setting {setting}: ground truth (green), prediction (red)", y=1.0)
-        fig.tight_layout()
+                for spine in ax.spines.values():
+                    spine.set_visible(False)
+                if c == 0:
+                    fig.text((left0 - 0.06) / width, (y + size / 2) / height, row_labels[r], ha="right", va="center",
+                             fontsize=FONT_PT)
+                if r == 0:
+                    fig.text((x + size / 2) / width, (top0 + 0.03) / height, col_titles[c], ha="center", va="bottom",
+                             fontsize=FONT_PT)
+        handles = [plt.Line2D([0], [0], color=TRUTH_COLOUR, linewidth=1.2),
+                   plt.Line2D([0], [0], color=PREDICTION_COLOUR, linewidth=1.2)]
+        fig.legend(handles, ["ground truth", "prediction"], loc="upper center", ncol=2, frameon=False,
+                   bbox_to_anchor=(0.5, 1.0), borderaxespad=0.1, handlelength=1.6)
+        if footnotes:  # one text block: its lines cannot overlap each other
+            fig.text(0.01, (footer - 0.04) / height, footnotes, ha="left", va="top", fontsize=FONT_PT)
     return fig
+
+
+def figure_name(train_dataset: str, dataset: str) -> str:
+    """``qualitative_abd_mri``; cross-domain ``qualitative_abd_ct_to_abd_mri``."""
+    return f"qualitative_{dataset}" if train_dataset == dataset else f"qualitative_{train_dataset}_to_{dataset}"
+
+
+def _with_predictions(results: Results) -> pd.DataFrame:
+    runs = results.runs
+    return runs[[(Path(d) / "predictions.npz").is_file() for d in runs["run_dir"]]]
+
+
+def _evaluations(with_predictions: pd.DataFrame) -> dict[str, tuple[str, str, int]]:
+    """figure name -> (training dataset, test dataset, lowest setting with predictions)."""
+    keys = sorted({(str(t), str(d)) for t, d in zip(with_predictions["train_dataset"], with_predictions["dataset"])},
+                  key=lambda k: (k[0] != k[1], dataset_sort_key(k[1]), dataset_sort_key(k[0])))
+    out = {}
+    for train, dataset in keys:
+        mine = with_predictions[(with_predictions["train_dataset"] == train) & (with_predictions["dataset"] == dataset)]
+        out[figure_name(train, dataset)] = (train, dataset, int(mine["setting"].min()))
+    return out
+
+
+def qualitative_caption(results: Results, name: str, zoom: bool = False) -> str:
+    """The caption of qualitative figure ``name`` (as written by :func:`write_qualitative`)."""
+    train, dataset, setting = _evaluations(_with_predictions(results))[name]
+    return (f"Qualitative results, {eval_display(train, dataset)}, setting {setting}: per organ, the query slice "
+            "with the largest ground-truth area in the first query case of the first fold, in radiological "
+            "orientation where the scan's affine is known (patient's right on the viewer's left). Ground truth: "
+            "sky-blue contour (dashed under the predictions); prediction: orange contour"
+            + ("; every column cropped around its organ." if zoom else "."))
 
 
 def write_qualitative(
@@ -200,36 +515,40 @@ def write_qualitative(
     loader: DatasetLoader | None,
     named: Sequence[tuple[str | None, str, str, int]] = (),
     log: Callable[[str], None] = lambda text: print(text, file=sys.stderr),
+    *,
+    zoom: bool = False,
+    width: float = DOUBLE_COLUMN_IN,
+    problems: list[str] | None = None,
 ) -> dict[str, Path]:
-    """One figure per in-domain test dataset with predictions (lowest setting); name -> PNG.
-
-    Datasets that cannot be loaded are skipped with a printed note.
-    """
+    """One figure per evaluation (training -> test dataset) with predictions, at its lowest
+    setting; name -> PNG. Datasets that cannot be loaded are skipped with a printed note."""
     written: dict[str, Path] = {}
     if loader is None:
         log("note: qualitative figure skipped: no data root (pass --data-root or set FSMIS_DATA_ROOT)")
         return written
-    runs = results.runs
-    in_domain = runs[runs["dataset"] == runs["train_dataset"]]
-    with_predictions = in_domain[[(Path(d) / "predictions.npz").is_file() for d in in_domain["run_dir"]]]
+    with_predictions = _with_predictions(results)
     if with_predictions.empty:
         log("note: qualitative figure skipped: no run saved predictions (protocol.save_predictions)")
         return written
-    for dataset in sorted(with_predictions["dataset"].unique(), key=dataset_sort_key):
-        setting = int(with_predictions.loc[with_predictions["dataset"] == dataset, "setting"].min())
+    for name, (train, dataset, setting) in _evaluations(with_predictions).items():
+        mine = with_predictions[(with_predictions["train_dataset"] == train) & (with_predictions["dataset"] == dataset)
+                                & (with_predictions["setting"] == setting)]
+        first_run = str(mine.sort_values(["fold", "method", "seed"])["run_dir"].iloc[0])
         try:
-            dataset_obj = loader(dataset)
+            dataset_obj = _load_dataset(loader, dataset, first_run)
         except Exception as exc:  # noqa: BLE001 - missing data must never abort the report
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            log(f"note: qualitative figure for {dataset} skipped: data not available ({reason})")
+            log(f"note: qualitative figure for {eval_display(train, dataset)} skipped: data not available ({reason})")
             continue
         try:
-            fig = qualitative_figure(results, dataset, setting, dataset_obj, named)
+            fig = qualitative_figure(results, dataset, setting, dataset_obj, named, train_dataset=train, zoom=zoom,
+                                     width=width)
         except (FsmisError, OSError) as exc:  # files that fail to load lazily
-            log(f"note: qualitative figure for {dataset} skipped: data not available ({str(exc).splitlines()[0]})")
+            log(f"note: qualitative figure for {eval_display(train, dataset)} skipped: data not available "
+                f"({str(exc).splitlines()[0]})")
             continue
         if fig is None:
-            log(f"note: qualitative figure for {dataset} skipped: no matching slices with predictions")
+            log(f"note: qualitative figure for {eval_display(train, dataset)} skipped: no matching slices with predictions")
             continue
-        written[f"qualitative_{dataset}"] = save_figure(fig, out_dir, f"qualitative_{dataset}")
+        written[name] = save_figure(fig, out_dir, name, problems=problems)
     return written

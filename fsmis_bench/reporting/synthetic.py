@@ -106,7 +106,7 @@ class SyntheticDataset:
         shape: ``(Z, H, W)`` of every volume.
     """
 
-    folds = ((0, 1, 2, 3, 4), (4, 5, 6, 7, 8), (8, 9, 10, 11, 12), (12, 13, 14, 15, 16), (16, 17, 18, 19, 0))
+    folds = ((0, 1, 2, 3, 4), (4, 5, 6, 7, 8), (8, 9, 10, 11, 12), (12, 13, 14, 15, 16), (0, 16, 17, 18, 19))
 
     def __init__(self, name: str, organs: Sequence[str], n_cases: int = 20, shape: tuple[int, int, int] = (12, 64, 64)) -> None:
         self.name = name
@@ -227,4 +227,67 @@ def make_demo_results(results_dir: str | Path, seed: int = 0) -> dict[str, Synth
     for fold in range(3):  # incomplete: 3 of 5 folds finished, the fourth still running
         one("panet", "abd_mri", 1, fold, 0, with_predictions=False)
     one("panet", "abd_mri", 1, 3, 0, with_predictions=False, complete=False)
+    return datasets
+
+
+#: a third-party method with a long name and no registered display (stress test of layouts)
+LONG_PLUGIN_METHOD = "my_extremely_long_third_party_plugin_method_name"
+#: a custom dataset with a long name, as a user's own folder would be registered
+LONG_DATASET = "hospital_b_contrast_enhanced_abdominal_ct_scans_2024"
+LONG_ORGANS = ("portal_splenic_vein", "left_adrenal", "right_kidney", "liver")
+
+
+def make_long_name_results(results_dir: str | Path, seed: int = 0) -> dict[str, SyntheticDataset]:
+    """Records whose names and markers stress every figure's layout.
+
+    Long method, variant, dataset and organ names; a method at exactly zero Dice; one-fold
+    and two-fold methods; random weights, code fidelity and non-standard options; a
+    cross-domain evaluation; both settings; training logs and predictions (fold 0).
+
+    Returns:
+        dataset name -> the synthetic dataset the predictions were drawn from.
+    """
+    rng = np.random.default_rng(seed)
+    datasets = {
+        "abd_mri": SyntheticDataset("abd_mri", ("liver", "right_kidney", "left_kidney", "spleen"), shape=(8, 40, 40)),
+        LONG_DATASET: SyntheticDataset(LONG_DATASET, LONG_ORGANS, shape=(8, 40, 40)),
+    }
+
+    def one(method, dataset_name, setting, fold, quality, *, train_dataset=None, **kwargs):
+        ds = datasets[dataset_name]
+        queries = [c for i, c in enumerate(ds.fold_cases(fold)) if i != 2]
+        cases, preds = [], {}
+        for organ in ds.label_map:
+            for case_id in queries:
+                volume = ds.load(case_id)
+                truth = volume.label == ds.label_map[organ]
+                size = int(truth.sum())
+                if quality == 0:  # an empty prediction: Dice exactly 0
+                    cases.append((organ, case_id, 0, 0, size))
+                    predicted = np.zeros_like(truth)
+                else:
+                    d = float(np.clip(quality + rng.normal(0, 0.05), 0.05, 0.98))
+                    cases.append((organ, case_id, *counts_for_dice(d, max(size, 1))))
+                    predicted = predict_like(truth, d, rng)
+                if fold == 0:
+                    slices = np.flatnonzero(truth.any(axis=(1, 2)))
+                    preds[(organ, case_id)] = (slices, predicted[slices])
+        steps = np.arange(0, 200, 10)
+        log = pd.DataFrame({"step": steps, "loss": 0.6 * np.exp(-steps / 80) + 0.05 + rng.normal(0, 0.01, len(steps)).clip(-0.04),
+                            "lr": 1e-4, "elapsed_s": steps * 0.1})
+        write_run(results_dir, method, dataset_name, setting, fold, 0, cases, train_dataset=train_dataset,
+                  train_log=log, predictions=preds or None, **kwargs)
+
+    for dataset_name in datasets:
+        for setting in (1, 2):
+            for fold in range(5):
+                one("sdfsmis", dataset_name, setting, fold, 0.78, backbone="sd15")
+                one("ssl_alpnet", dataset_name, setting, fold, 0.70)
+                one(LONG_PLUGIN_METHOD, dataset_name, setting, fold, 0.5 - 0.1 * (setting - 1))
+    for fold in range(2):  # two folds, every marker at once
+        one("sdfsmis_qe", "abd_mri", 1, fold, 0.6, backbone="sd21", fidelity="code", random_weights=True,
+            non_standard=["dice=pooled", "exclusion=all", "protocol.max_queries=1"], dice="pooled")
+    one("support_copy", "abd_mri", 1, 0, 0.0)  # one fold, Dice exactly 0
+    for fold in range(5):
+        one("sdfsmis", "abd_mri", 1, fold, 0.6, train_dataset=LONG_DATASET, backbone="sd15")
     return datasets

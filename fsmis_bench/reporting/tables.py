@@ -28,6 +28,7 @@ from .collect import (
     organ_label,
     organ_sort_key,
     published_backbone,
+    published_name,
     row_label,
     run_flags,
 )
@@ -82,6 +83,8 @@ class Row:
         markers: keys of :data:`MARKERS`.
         rank_group: rows compete for best/second only within the same group (the setting).
         notes: legend details (e.g. which folds are missing).
+        method: the method's name (run records' name for measured rows, the published name
+            for published rows).
     """
 
     labels: dict[str, str]
@@ -90,6 +93,7 @@ class Row:
     markers: list[str] = field(default_factory=list)
     rank_group: Hashable = None
     notes: list[str] = field(default_factory=list)
+    method: str = ""
 
     @property
     def competes(self) -> bool:
@@ -375,7 +379,7 @@ def _measured_rows(
             markers.append("non_standard")
         labels = {"Method": row_label(method, variant), "Setting": str(setting)}
         labels.update(extra_labels(method, variant))
-        rows.append(Row(labels, values, "measured", markers, int(setting), notes))
+        rows.append(Row(labels, values, "measured", markers, int(setting), notes, method))
     return rows
 
 
@@ -397,7 +401,7 @@ def _published_rows(
                 groups.setdefault(key, set()).add(record.organ)
         labels = {"Method": method, "Setting": str(setting)}
         labels.update(extra_labels(method, backbone))
-        rows.append(Row(labels, values, "published", ["published"], int(setting)))
+        rows.append(Row(labels, values, "published", ["published"], int(setting), method=method))
     return rows
 
 
@@ -413,8 +417,53 @@ def _ordered_groups(groups: dict[Hashable, set[str]]) -> list[tuple[Hashable, st
 
 
 def _by_setting(rows: list[Row]) -> list[Row]:
-    """Per setting: published rows first (paper order), then measured rows."""
-    return sorted(rows, key=lambda r: (r.rank_group, r.source != "published"))
+    """Per setting: published rows first (paper order), each directly followed by the
+    measured rows of the same method (:func:`~.collect.published_name`), then the other
+    measured rows."""
+    ordered = sorted(rows, key=lambda r: (r.rank_group, r.source != "published"))
+    out: list[Row] = []
+    placed: set[int] = set()
+    for row in ordered:
+        if id(row) in placed:
+            continue
+        out.append(row)
+        placed.add(id(row))
+        if row.source == "published":
+            for other in ordered:
+                if (other.source == "measured" and id(other) not in placed and other.rank_group == row.rank_group
+                        and published_name(other.method) == row.method):
+                    out.append(other)
+                    placed.add(id(other))
+    return out
+
+
+def published_gap(table: Table) -> pd.DataFrame:
+    """Measured vs published mean Dice for every measured row with a published counterpart.
+
+    One row per (measured row, column group) where both rows have the organ mean: the
+    measured method and variant, its published name, the evaluation, the two means (Dice %),
+    ``gap`` = measured - published, and the measured row's markers (a marked row is not a
+    like-for-like comparison: random weights, reduced budget, missing folds...).
+    """
+    columns = ["method", "published_as", "evaluation", "setting", "measured_mean", "published_mean", "gap", "markers"]
+    published = {(r.method, r.rank_group): r for r in table.rows if r.source == "published"}
+    records = []
+    for row in table.rows:
+        name = published_name(row.method) if row.source == "measured" else None
+        reference = published.get((name, row.rank_group)) if name else None
+        if reference is None:
+            continue
+        for key, title, _ in table.groups:
+            mine, theirs = row.values.get((key, "mean")), reference.values.get((key, "mean"))
+            if mine is None or theirs is None or math.isnan(mine.mean):
+                continue
+            records.append({
+                "method": row.labels["Method"], "published_as": name, "evaluation": title,
+                "setting": int(row.rank_group), "measured_mean": round(mine.mean, 2),
+                "published_mean": round(theirs.mean, 2), "gap": round(mine.mean - theirs.mean, 2),
+                "markers": ";".join(row.markers),
+            })
+    return pd.DataFrame(records, columns=columns)
 
 
 def _ensure_means(rows: list[Row], groups: list[tuple[Hashable, str, list[str]]]) -> None:

@@ -1,6 +1,8 @@
 """Training-episode augmentations (PROTOCOL.md §5).
 
-Gamma in [0.5, 1.5]; affine (rotate ±5°, translate ±5 px, scale 0.9–1.2, shear ±5°)
+Two independent parts, each applied to one side of an episode that the sampler draws on
+its own (Q-Net, SD-FSMIS): :meth:`EpisodeAugmenter.gamma`, gamma in [0.5, 1.5];
+:meth:`EpisodeAugmenter.geometric`, affine (rotate ±5°, translate ±5 px, scale 0.9–1.2, shear ±5°)
 followed by elastic deformation (alpha 10, sigma 5, the Simard/scipy convention:
 a uniform random displacement field smoothed by a Gaussian of ``sigma`` px and scaled by
 ``alpha``). Affine and elastic are composed into one sampling grid, so the image is
@@ -33,7 +35,7 @@ class EpisodeAugmenter:
         elastic_alpha: float = 10.0,
         elastic_sigma: float = 5.0,
     ) -> None:
-        self.gamma = gamma
+        self.gamma_range = gamma
         self.rotate = math.radians(rotate_deg)
         self.translate = translate_px
         self.scale = scale
@@ -64,15 +66,24 @@ class EpisodeAugmenter:
         displacement = displacement * (2 / np.array([width, height]))
         return grid + torch.from_numpy(displacement.astype(np.float32))[None]
 
-    def __call__(
-        self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Returns the augmented ``(H, W)`` float32 image and ``(H, W)`` bool mask."""
+    def gamma(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Gamma on the intensities rescaled to [0, 1], mapped back: ``(H, W)`` -> ``(H, W)``."""
         lo, hi = float(image.min()), float(image.max())
         span = max(hi - lo, 1e-6)
-        image = ((image - lo) / span) ** rng.uniform(*self.gamma) * span + lo
+        return (((image - lo) / span) ** rng.uniform(*self.gamma_range) * span + lo).astype(np.float32)
+
+    def geometric(
+        self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Affine then elastic, one grid for image (bilinear) and mask (nearest)."""
         grid = self.grid(*image.shape, rng)
         pair = torch.from_numpy(np.stack([image, mask]).astype(np.float32))[:, None]
         warped_image = F.grid_sample(pair[:1], grid, mode="bilinear", padding_mode="border", align_corners=False)
         warped_mask = F.grid_sample(pair[1:], grid, mode="nearest", padding_mode="zeros", align_corners=False)
         return warped_image[0, 0].numpy(), warped_mask[0, 0].numpy() > 0.5
+
+    def __call__(
+        self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Both parts on one slice: the augmented ``(H, W)`` float32 image and ``(H, W)`` bool mask."""
+        return self.geometric(self.gamma(image, rng), mask, rng)

@@ -1,7 +1,7 @@
 """The one training loop every method shares.
 
-The engine owns the optimiser (AdamW with the method's parameter groups), the learning-
-rate schedule, gradient accumulation and clipping, seeding, device placement and mixed
+The engine owns the optimiser (AdamW, or SGD for the classic methods, with the method's
+parameter groups), the learning-rate schedule, gradient accumulation and clipping, seeding, device placement and mixed
 precision (through ``accelerate``, so ``accelerate launch`` runs it on several GPUs),
 the progress bar, periodic checkpoints and resuming. A checkpoint holds only what
 training changes — trainable parameters, buffers, optimiser, schedule, the sampler's
@@ -34,23 +34,45 @@ from .checkpoint import (  # load_weights: re-exported for callers of the engine
 )
 from .episodes import EpisodeSampler
 from .interrupt import StopRequest
+from .precision import apply_tf32, precision_of, uses_cuda
 
 
 def make_accelerator(cfg: DictConfig, grad_accum: int = 1):
-    """An ``accelerate.Accelerator`` honouring ``device`` and ``mixed_precision``."""
+    """An ``accelerate.Accelerator`` honouring ``device`` and the resolved precision
+    (``mixed_precision`` autocast, TF32 on or off: :mod:`.precision`)."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
-    device = str(cfg.get("device", "auto"))
-    use_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device=cuda was asked for, but no CUDA device is visible", hint="use device=cpu")
-    precision = str(cfg.get("mixed_precision", "auto"))
-    if precision == "auto":
-        precision = "no" if use_cpu else "bf16"
-    return Accelerator(cpu=use_cpu, mixed_precision=precision, gradient_accumulation_steps=grad_accum)
+    precision = precision_of(cfg)
+    use_cpu = not uses_cuda(str(cfg.get("device", "auto")))
+    apply_tf32(precision.tf32)
+    shared = AcceleratorState._shared_state
+    if shared and shared.get("_mixed_precision") != precision.mixed_precision:
+        # accelerate keeps one precision per process; a sweep in one process may change it
+        # between runs (the distributed PartialState is kept).
+        AcceleratorState._reset_state()
+    return Accelerator(cpu=use_cpu, mixed_precision=precision.mixed_precision, gradient_accumulation_steps=grad_accum)
 
 
-def _schedule(name: str, total: int, warmup: int):
+def make_optimizer(groups: list[dict[str, Any]], tcfg: DictConfig) -> torch.optim.Optimizer:
+    """``train.optimizer``: ``adamw`` (default) or ``sgd`` (``train.momentum``; the classic
+    FSMIS methods); ``train.weight_decay`` is decoupled for AdamW, L2 for SGD, as in torch."""
+    params = [{k: v for k, v in g.items() if k != "name"} for g in groups]
+    name = str(tcfg.get("optimizer", "adamw"))
+    weight_decay = float(tcfg.weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=params[0]["lr"], momentum=float(tcfg.get("momentum", 0.9)), weight_decay=weight_decay)
+    raise ConfigError(f"train.optimizer={name!r} is unknown", hint="use adamw or sgd")
+
+
+def _schedule(name: str, total: int, warmup: int, step_every: int = 1000, gamma: float = 1.0):
+    """LR factor per optimiser step. ``step``: x ``gamma`` every ``step_every`` steps, the
+    last decay at ``total - step_every`` (torch's MultiStepLR with milestones
+    ``[k * step_every for k in 1 .. total // step_every - 1]``, as the classic methods use)."""
+    decays = max(0, total // max(1, step_every) - 1)
+
     def factor(step: int) -> float:
         if warmup and step < warmup:
             return (step + 1) / warmup
@@ -61,7 +83,9 @@ def _schedule(name: str, total: int, warmup: int):
             return max(0.0, 1.0 - progress)
         if name == "cosine":
             return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-        raise ConfigError(f"train.schedule={name!r} is unknown", hint="use constant, linear or cosine")
+        if name == "step":
+            return gamma ** min(step // max(1, step_every), decays)
+        raise ConfigError(f"train.schedule={name!r} is unknown", hint="use constant, linear, cosine or step")
 
     return factor
 
@@ -104,12 +128,10 @@ def train(
         raise ConfigError("train.steps and train.grad_accum must be at least 1")
     accelerator = accelerator or make_accelerator(cfg, accum)
     groups = method.param_groups()
-    optimizer = torch.optim.AdamW(
-        [{k: v for k, v in g.items() if k != "name"} for g in groups],
-        weight_decay=float(tcfg.weight_decay),
-    )
+    optimizer = make_optimizer(groups, tcfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _schedule(str(tcfg.schedule), steps, int(tcfg.warmup_steps))
+        optimizer, _schedule(str(tcfg.schedule), steps, int(tcfg.warmup_steps),
+                             int(tcfg.get("lr_step_every", 1000)), float(tcfg.get("lr_gamma", 1.0)))
     )
     # The schedule is stepped by hand once per optimiser step, so it is not prepared.
     method, optimizer = accelerator.prepare(method, optimizer)

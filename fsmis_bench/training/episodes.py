@@ -3,8 +3,10 @@
 Pick a training scan at random, then a class — a supervoxel id, or a GT organ — then a
 pair of adjacent slices that both contain it: support = one slice, query = the other
 (order inverted with p = 0.5). A pair whose larger mask has fewer than ``min_fg_pixels``
-pixels is rejected and the draw starts again. One of the two slices (p = 0.5 each) is
-augmented. Slices excluded by the setting never enter an episode.
+pixels is rejected and the draw starts again. Gamma goes on one side (support or query,
+p = 0.5) and affine + elastic on a side drawn independently (p = 0.5), so in half the
+episodes the two sides are augmented differently (Q-Net, SD-FSMIS). Slices excluded by the
+setting never enter an episode.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ class EpisodeSampler:
         train_labels: ``"supervoxels"`` or ``"gt"``.
         norm: per-volume normalisation (the method's ``input_norm``).
         min_fg_pixels: rejection threshold on the larger of the two masks.
-        augment: apply gamma + affine + elastic augmentation.
+        augment: gamma on one side, affine + elastic on an independently drawn side.
         image_size: resize slices to ``(image_size, image_size)``; None keeps them.
         seed: seed of the sampler's own generator (its state is checkpointed).
     """
@@ -119,8 +121,11 @@ class EpisodeSampler:
             if self.rng.uniform() < 0.5:
                 slices.reverse()
             if self.augmenter is not None:
-                which = int(self.rng.uniform() < 0.5)
-                slices[which] = self.augmenter(*slices[which], self.rng)
+                gamma_side = int(self.rng.uniform() < 0.5)  # 0: support, 1: query
+                image, mask = slices[gamma_side]
+                slices[gamma_side] = (self.augmenter.gamma(image, self.rng), mask)
+                geometric_side = int(self.rng.uniform() < 0.5)  # drawn independently
+                slices[geometric_side] = self.augmenter.geometric(*slices[geometric_side], self.rng)
             (support_image, support_mask), (query_image, query_mask) = slices
             return support_image, support_mask, query_image, query_mask
         raise DataError(

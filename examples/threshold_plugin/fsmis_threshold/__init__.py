@@ -2,7 +2,8 @@
 
 ``intensity_window``: training-free. A query pixel is foreground when its intensity lies
 inside the central range of the support's foreground intensities. It registers a method
-and ships that method's config group through ``fsmis_config_dirs``.
+(with the name and colour report figures give it) and ships that method's config group
+through ``fsmis_config_dirs``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 import torch
 
 from fsmis_bench.method import Method
-from fsmis_bench.plugins import hookimpl
+from fsmis_bench.plugins import Display, hookimpl
 
 
 class IntensityWindow(Method):
@@ -27,7 +28,11 @@ class IntensityWindow(Method):
 
 @hookimpl
 def fsmis_register_methods(registry) -> None:
-    registry.register("intensity_window", IntensityWindow, description="example plugin: support intensity window")
+    # `display` is optional: how report figures name and colour the method (and, for a
+    # re-implementation of a published method, `published_names=("PANet",)` puts the
+    # paper's number beside the measured one)
+    registry.register("intensity_window", IntensityWindow, description="example plugin: support intensity window",
+                      display=Display(name="Intensity window", colour="#882255"))
 
 
 @hookimpl

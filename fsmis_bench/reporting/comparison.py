@@ -1,0 +1,171 @@
+"""Measured Dice beside the published number, per method and organ.
+
+The benchmark's point is to show where it reproduces the literature and where it does not.
+:func:`comparison_frame` pairs every measured (method, variant, evaluation, organ) with the
+published value of the same method (``published_results.csv``; the method's
+``Display.published_names`` say which rows are its own), and
+:func:`published_comparison_figure` draws it: a bar per measured method (mean over folds,
+±1 SD across folds where there are at least two) and a white diamond at the published value.
+
+Which published row belongs to a run: same method name, training and test dataset and
+setting; the row for the run's backbone where the paper reports several (Table 4), else
+the paper's default configuration (Tables 1-3); the lowest table number wins.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import matplotlib.pyplot as plt
+import pandas as pd
+
+from .collect import PUBLISHED_CITATION, Results, load_published, organ_sort_key, published_backbone
+from .figures import (
+    WIDTH_IN,
+    _eval_panels,
+    _panel_name,
+    _select,
+    _spread_sentence,
+    bar_handles,
+    category_labels,
+    draw_bars,
+    fold_stats,
+    layout,
+    make_series,
+    panel_title,
+)
+from .style import Footnotes, method_display, method_style, organ_display, paper_style
+
+PUBLISHED_MARKER = {"marker": "D", "markersize": 4.2, "markerfacecolor": "white", "markeredgecolor": "black",
+                    "markeredgewidth": 0.8, "linestyle": "none"}
+
+
+@dataclass(frozen=True)
+class PublishedValue:
+    dice: float  # percent
+    table: int
+    name: str  # as in the published table
+
+
+def published_values(method: str, backbone: str, train: str, test: str, setting: int,
+                     published: pd.DataFrame | None = None) -> dict[str, PublishedValue]:
+    """organ (incl. ``"mean"``) -> the published value of this method in this evaluation."""
+    names = list(method_style(method).published_names)
+    if not names:
+        return {}
+    published = load_published() if published is None else published
+    rows = published[published["method"].isin(names) & (published["train_on"] == train)
+                     & (published["test_on"] == test) & (published["setting"] == setting)]
+    if rows.empty:
+        return {}
+    explicit = rows[(rows["backbone"] != "") & (rows["backbone"].map(published_backbone) == backbone)]
+    rows = explicit if not explicit.empty else rows[rows["backbone"] == ""]
+    rows = rows.assign(_name=rows["method"].map(names.index)).sort_values(["table", "_name"])
+    values: dict[str, PublishedValue] = {}
+    for row in rows.itertuples(index=False):
+        values.setdefault(str(row.organ), PublishedValue(float(row.dice), int(row.table), str(row.method)))
+    return values
+
+
+def _backbones(results: Results) -> dict[tuple[str, str], str]:
+    runs = results.runs.drop_duplicates(["method", "variant"])
+    return {(m, v): str(b) for m, v, b in zip(runs["method"], runs["variant"], runs["backbone"])}
+
+
+COLUMNS = ["method", "variant", "train_dataset", "dataset", "setting", "organ", "measured", "sd", "n_folds",
+           "published", "published_as", "table", "difference"]
+
+
+def comparison_frame(results: Results) -> pd.DataFrame:
+    """Every measured (method, variant, evaluation, organ incl. mean) with its published value.
+
+    Columns: :data:`COLUMNS`; ``measured``/``published``/``difference`` in percent
+    (``difference`` = measured - published), published columns empty where the paper has
+    no number for the method.
+    """
+    scores = results.fold_scores
+    if scores.empty:
+        return pd.DataFrame(columns=COLUMNS)
+    published = load_published()
+    backbones = _backbones(results)
+    rows = []
+    for train, dataset, setting in _eval_panels(scores):
+        data = _select(scores, train, dataset, setting)
+        stats = fold_stats(data, with_mean=True)
+        for (method, variant), _ in data.groupby(["method", "variant"]):
+            reference = published_values(method, backbones.get((method, variant), "none"), train, dataset, setting,
+                                         published)
+            organs = sorted({o for (m, v, o) in stats if (m, v) == (method, variant)},
+                            key=lambda o: (o == "mean", organ_sort_key(o)))
+            for organ in organs:
+                stat = stats[(method, variant, organ)]
+                value = reference.get(organ)
+                rows.append({
+                    "method": method, "variant": variant, "train_dataset": train, "dataset": dataset,
+                    "setting": setting, "organ": organ, "measured": stat.mean, "sd": stat.sd, "n_folds": stat.n,
+                    "published": value.dice if value else math.nan,
+                    "published_as": value.name if value else "",
+                    "table": value.table if value else None,
+                    "difference": stat.mean - value.dice if value else math.nan,
+                })
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def published_comparison_figure(results: Results, width: float = WIDTH_IN) -> plt.Figure | None:
+    """Bars: measured Dice per organ and the organ mean; diamonds: the published values.
+
+    One panel per evaluation in which at least one measured method has a published number;
+    None when there is no such evaluation.
+    """
+    frame = comparison_frame(results)
+    if frame.empty or frame["published"].isna().all():
+        return None
+    panels = [key for key, group in frame.groupby(["train_dataset", "dataset", "setting"]) if group["published"].notna().any()]
+    panels = [p for p in _eval_panels(frame) if p in set(panels)]
+    shown_scores = results.fold_scores.merge(pd.DataFrame(panels, columns=["train_dataset", "dataset", "setting"]))
+    notes = Footnotes()
+    series = make_series(results, zip(shown_scores["method"], shown_scores["variant"]), notes, shown_scores)
+    labels = [s.label for s in series] + ["published value (same method)"]
+    with paper_style():
+        handles = bar_handles(series) + [plt.Line2D([0], [0], **PUBLISHED_MARKER)]
+        lay = layout(len(panels), 2.1, width, handles, labels, notes)
+        for ax, (train, dataset, setting) in zip(lay.axes, panels):
+            data = _select(frame, train, dataset, setting)
+            organs = sorted(set(data["organ"]) - {"mean"}, key=organ_sort_key)
+            categories = organs + (["mean"] if (data["organ"] == "mean").any() else [])
+            shown = [s for s in series if ((data["method"] == s.method) & (data["variant"] == s.variant)).any()]
+            stats = fold_stats(_select(shown_scores, train, dataset, setting), with_mean=True)
+            positions = draw_bars(ax, categories, shown, stats)
+            for row in data.itertuples(index=False):
+                x = positions.get((row.method, row.variant, row.organ))
+                if x is not None and not math.isnan(row.published):
+                    ax.plot([x], [row.published], zorder=6, clip_on=False, **PUBLISHED_MARKER)
+            if "mean" in categories:
+                ax.axvline(len(organs) - 0.5, color="#999999", linewidth=0.6, linestyle=":", zorder=1)
+            category_labels(ax, [organ_display(c) for c in categories], lay.panel_width)
+            panel_title(ax, _panel_name(train, dataset, setting), lay.panel_width)
+            lay.y_label(ax, "Dice (%)")
+            ax.set_ylim(0, 100)
+            ax.grid(axis="x", visible=False)
+        lay.finish()
+    return lay.fig
+
+
+def comparison_caption(results: Results) -> str:
+    """What the comparison figure shows, with the name mapping and the tables it used."""
+    frame = comparison_frame(results)
+    with_published = frame[frame["published"].notna()]
+    if with_published.empty:
+        return "No measured method has a published number for the evaluations run."
+    pairs = sorted({(m, n) for m, n in zip(with_published["method"], with_published["published_as"])})
+    mapping = ", ".join(f"{method_display(m)} = “{n}”" for m, n in pairs)
+    tables = ", ".join(str(int(t)) for t in sorted(set(with_published["table"].dropna())))
+    panels = with_published.set_index(["train_dataset", "dataset", "setting"]).index
+    shown = frame[frame.set_index(["train_dataset", "dataset", "setting"]).index.isin(panels)]
+    spread = _spread_sentence(list(shown["n_folds"]))
+    return (f"Measured Dice (%) per organ and the mean over organs: bars = mean over folds. {spread} "
+            f"White diamonds: the published value of the same method ({PUBLISHED_CITATION}, "
+            f"Table{'s' if ',' in tables else ''} {tables}; {mapping}). Methods without a published counterpart "
+            "are drawn as bars only; a triangle on the axis marks a measured value of (about) zero. "
+            "Numbers: tables/published_comparison.csv.")

@@ -1,0 +1,94 @@
+"""Numeric precision of a run: resolved to concrete values before anything is computed.
+
+Two config keys decide it: ``mixed_precision`` (``auto | no | bf16 | fp16``, accelerate's
+names) and ``tf32`` (``auto | true | false``: TensorFloat-32 for fp32 matmuls and
+convolutions on CUDA). ``auto`` depends on the device, which is not part of a run's
+identity, so :func:`resolve_precision` replaces both by what will actually run; the concrete
+values are then part of the run's hash and record.
+
+The defaults (``auto``):
+
+* CUDA: fp32 weights and activations with TF32 matmuls/convolutions — the released SD-FSMIS
+  code's setting (``--mixed_precision no --allow_tf32``) and the fastest one measured for the
+  diffusion methods on an H100 (bf16 autocast was slower than fp32; README "Measured
+  figures", ``benchmarks/gpu_precision_check.py``). The classic methods' reference code
+  trains in fp32 as well.
+* CPU: fp32, TF32 off (it does not exist there).
+
+Only ``auto`` is resolved; explicit values are kept as given, so resolving is idempotent
+and a resolved config hashes the same on every machine (an explicit ``tf32=true`` on a CPU
+is recorded as asked and has no effect).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from ..errors import ConfigError
+
+MIXED_PRECISION = ("no", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class Precision:
+    """A concrete precision.
+
+    Attributes:
+        mixed_precision: ``no`` (fp32), ``bf16`` or ``fp16`` autocast (fp32 master weights).
+        tf32: TF32 for the fp32 matmuls and convolutions (CUDA only).
+    """
+
+    mixed_precision: str
+    tf32: bool
+
+    @property
+    def label(self) -> str:
+        """``fp32``, ``fp32+tf32``, ``bf16``, ``bf16+tf32``, ...: for logs and tables."""
+        base = "fp32" if self.mixed_precision == "no" else self.mixed_precision
+        return base + ("+tf32" if self.tf32 else "")
+
+    def as_record(self) -> dict:
+        return {"mixed_precision": self.mixed_precision, "tf32": self.tf32, "label": self.label}
+
+
+def uses_cuda(device: str) -> bool:
+    """Whether ``device`` (``auto | cpu | cuda``) runs on CUDA in this process."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda was asked for, but no CUDA device is visible", hint="use device=cpu")
+    return device == "cuda" or (device == "auto" and torch.cuda.is_available())
+
+
+def resolve_precision(device: str, mixed_precision: str, tf32: bool | str) -> Precision:
+    """The concrete precision for the given config values on this machine (``device=cuda``
+    counts as CUDA even where none is visible: that run's precision is still defined)."""
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    mixed = "no" if mixed_precision == "auto" else str(mixed_precision)
+    if mixed not in MIXED_PRECISION:
+        raise ConfigError(f"mixed_precision={mixed_precision!r} is not allowed", hint="use auto, no, bf16 or fp16")
+    if tf32 not in ("auto", True, False):
+        raise ConfigError(f"tf32={tf32!r} is not allowed", hint="use auto, true or false")
+    return Precision(mixed, cuda if tf32 == "auto" else bool(tf32))
+
+
+def precision_of(cfg: DictConfig) -> Precision:
+    """:func:`resolve_precision` for a run config (missing keys count as ``auto``)."""
+    return resolve_precision(str(cfg.get("device", "auto")), str(cfg.get("mixed_precision", "auto")), cfg.get("tf32", "auto"))
+
+
+def with_resolved_precision(cfg: DictConfig) -> DictConfig:
+    """A copy of ``cfg`` whose ``mixed_precision`` and ``tf32`` are concrete (idempotent)."""
+    precision = precision_of(cfg)
+    resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    with open_dict(resolved):
+        resolved.mixed_precision = precision.mixed_precision
+        resolved.tf32 = precision.tf32
+    return resolved
+
+
+def apply_tf32(enabled: bool) -> None:
+    """Switch TF32 for fp32 CUDA matmuls and cuDNN convolutions (process-wide, as torch has it)."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled

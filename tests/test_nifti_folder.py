@@ -1,0 +1,424 @@
+"""Your own scans (issue 10): a NIfTI folder as test set, in any orientation and modality,
+with folds for small folders, checks, and the predicted masks written back as NIfTI.
+
+Every volume here is tiny (24 x 20 x 10 voxels) so each test takes about a second.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
+
+from fsmis_bench.api import load_dataset
+from fsmis_bench.cli import main
+from fsmis_bench.config import compose, is_sweep
+from fsmis_bench.errors import ConfigError, DataWarning
+from fsmis_bench.protocol.metrics import confusion_counts, dice_from_counts
+
+SHAPE_XYZ = (24, 20, 10)
+SPACING = (1.5, 1.25, 4.0)
+LAS_AFFINE = np.array([[-1.5, 0, 0, 20.0], [0, 1.25, 0, -10.0], [0, 0, 4.0, 5.0], [0, 0, 0, 1]])
+LABEL_MAP = "{liver:1,spleen:2}"
+
+
+def _scan(index: int) -> tuple[np.ndarray, np.ndarray]:
+    """An (x, y, z) image and label, stored LAS: a liver block and a spleen block that move
+    with ``index``, so support and query masks overlap only partly."""
+    rng = np.random.default_rng(index)
+    label = np.zeros(SHAPE_XYZ, dtype=np.int16)
+    shift = index % 4
+    label[2 + shift:12 + shift, 3:11, 2:8] = 1
+    label[15:21, 10 + shift // 2:17, 3 + shift // 2:8] = 2
+    image = rng.normal(100.0, 8.0, SHAPE_XYZ) + 60.0 * (label == 1) + 120.0 * (label == 2)
+    image[0, 0, :] = 0.0  # an asymmetric mark: flips and permutations change the array
+    return image.astype(np.float32), label
+
+
+def _save(folder: Path, name: str, data: np.ndarray, axcodes: str = "LAS") -> None:
+    """Store (x, y, z) LAS data in orientation ``axcodes`` with a consistent affine."""
+    transform = ornt_transform(axcodes2ornt("LAS"), axcodes2ornt(axcodes))
+    stored = apply_orientation(data, transform)
+    affine = LAS_AFFINE @ inv_ornt_aff(transform, data.shape)
+    nib.save(nib.Nifti1Image(stored, affine), str(folder / f"{name}.nii.gz"))
+
+
+def make_folder(folder: Path, n: int = 4, orientations: dict[int, tuple[str, str]] | None = None,
+                image_fn=None) -> Path:
+    """``image_<i>`` / ``label_<i>`` for i = 1..n; ``orientations`` stores scan i's image and
+    label in other orientations (the same voxels, flipped/permuted, affines consistent)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(1, n + 1):
+        image, label = _scan(i)
+        if image_fn is not None:
+            image = image_fn(i, image)
+        image_codes, label_codes = (orientations or {}).get(i, ("LAS", "LAS"))
+        _save(folder, f"image_{i}", image, image_codes)
+        _save(folder, f"label_{i}", label, label_codes)
+    return folder
+
+
+MIXED = {1: ("RAS", "RAS"), 2: ("PSR", "LPS"), 3: ("IRP", "IRP"), 4: ("LAI", "SAL")}
+
+
+def _folder_args(folder: Path, *extra: str) -> list[str]:
+    return ["method=support_copy", "dataset=phantom", "protocol.test_dataset=nifti_folder",
+            f"test_dataset.path={folder}", f"+test_dataset.label_map={LABEL_MAP}", *extra]
+
+
+def _run_dir(results_dir: Path, pattern: str) -> Path:
+    (run_json,) = results_dir.glob(f"{pattern}/run.json")
+    return run_json.parent
+
+
+# -- 1. a custom folder as the test set of a model trained elsewhere ---------------------
+def test_folder_is_the_cross_domain_test_set_and_records_name_both(tmp_path, results_dir):
+    folder = make_folder(tmp_path / "scans", n=3)
+    assert main(["run", *_folder_args(folder)]) == 0
+    run_dir = _run_dir(results_dir, "support_copy/phantom_to_nifti_folder/setting1/fold0/*")
+    info = json.loads((run_dir / "run.json").read_text())
+    assert (info["dataset"], info["test_dataset"]) == ("phantom", "nifti_folder")
+    cases = pd.read_csv(run_dir / "cases.csv", dtype={"case_id": str})
+    assert set(cases.train_dataset) == {"phantom"} and set(cases.dataset) == {"nifti_folder"}
+    # three scans form one fold: support = position 2 (scan 3), queries 1 and 2, both organs
+    assert sorted(zip(cases.organ, cases.case_id)) == [("liver", "1"), ("liver", "2"), ("spleen", "1"), ("spleen", "2")]
+    # the run's config rebuilds the test dataset (what figures and export need)
+    from omegaconf import OmegaConf
+
+    from fsmis_bench.runner import build_test_dataset
+
+    rebuilt = build_test_dataset(OmegaConf.load(run_dir / "config.yaml"))
+    assert rebuilt.label_map == {"liver": 1, "spleen": 2} and rebuilt.case_ids() == ["1", "2", "3"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["run", "method=support_copy", "test_dataset.path=/x"], "test_dataset.path is an option of a cross-domain"),
+        (["run", "method=support_copy", "protocol.test_dataset=nifti_folder"],
+         "protocol.test_dataset=nifti_folder needs test_dataset.path"),
+        (["run", "method=support_copy", "protocol.test_dataset=nifti_folder", "test_dataset.path=/nowhere"],
+         "nifti_folder needs test_dataset.label_map"),
+        (["run", "method=support_copy", "protocol.test_dataset=nifti_foldr"], "unknown dataset 'nifti_foldr'"),
+        (["run", "method=support_copy", "dataset=nifti_folder"], "dataset=nifti_folder needs dataset.path"),
+    ],
+)
+def test_test_dataset_option_errors(argv, message, capsys, results_dir):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not results_dir.exists()
+
+
+def test_eval_of_a_finished_run_on_a_folder(tmp_path, results_dir, capsys):
+    """Train on one dataset; evaluate that finished run on the folder; the workaround of
+    the issue (dataset=nifti_folder with the checkpoint) is refused with the right hint."""
+    folder = make_folder(tmp_path / "scans", n=3)
+    train = ["method=prototype", "dataset=phantom", "dataset.size=32", "dataset.n_slices=12", "train.steps=2",
+             "train.image_size=32", "method.width=8", "method.feature_dim=16", "protocol.min_fg_pixels=10",
+             "protocol.max_queries=1"]
+    assert main(["run", *train]) == 0
+    trained = _run_dir(results_dir, "prototype/phantom/setting1/fold0/*")
+    onto_folder = [*train, "protocol.test_dataset=nifti_folder", f"test_dataset.path={folder}",
+                   f"test_dataset.label_map={LABEL_MAP}"]
+    assert main(["eval", *onto_folder]) == 2  # no training under eval, and none found by config
+    assert "checkpoint=<a finished run's directory" in capsys.readouterr().err
+    assert main(["eval", *onto_folder, f"checkpoint={trained}"]) == 0
+    run_dir = _run_dir(results_dir, "prototype/phantom_to_nifti_folder/setting1/fold0/*")
+    cases = pd.read_csv(run_dir / "cases.csv", dtype={"case_id": str})
+    assert set(cases.train_dataset) == {"phantom"} and set(cases.dataset) == {"nifti_folder"}
+    assert not (run_dir / "checkpoints").exists()  # evaluated, not trained
+    # the issue's workaround: a record that would claim the folder as training data
+    final = trained / "checkpoints" / "all" / "final.safetensors"
+    wrong = ["method=prototype", "dataset=nifti_folder", f"dataset.path={folder}", f"dataset.label_map={LABEL_MAP}",
+             "method.width=8", "method.feature_dim=16", "train.image_size=32", f"checkpoint={final}"]
+    assert main(["eval", *wrong]) == 2
+    err = capsys.readouterr().err
+    assert "trained with another dataset (dataset=phantom)" in err and "protocol.test_dataset=nifti_folder" in err
+
+
+# -- 2. orientation -------------------------------------------------------------------------
+def test_mixed_orientations_read_as_the_same_volumes(tmp_path):
+    plain = load_dataset("nifti_folder", path=str(make_folder(tmp_path / "plain")), label_map=LABEL_MAP)
+    mixed = load_dataset("nifti_folder", path=str(make_folder(tmp_path / "mixed", orientations=MIXED)),
+                         label_map=LABEL_MAP)
+    for case in plain.case_ids():
+        a, b = plain.load(case), mixed.load(case)
+        assert a.image.shape == (10, 20, 24)  # (z, y, x) of the LAS layout
+        assert np.array_equal(a.image, b.image) and np.array_equal(a.label, b.label)
+        assert a.spacing == b.spacing == (4.0, 1.25, 1.5)
+        assert np.allclose(a.affine, b.affine)
+        # Volume.affine maps (z, y, x) indices to world: voxel (z, y, x) = file voxel (x, y, z)
+        assert np.allclose(a.affine @ [3, 2, 1, 1], LAS_AFFINE @ [1, 2, 3, 1])
+    same = make_folder(tmp_path / "same", orientations={2: ("PSR", "PSR")})
+    stored = load_dataset("nifti_folder", path=str(same), label_map=LABEL_MAP, orientation="as_stored")
+    with pytest.warns(DataWarning, match="thick axis .* lies in-plane"):
+        assert stored.load("2").image.shape == (24, 10, 20)  # the PSR file's (k, j, i): slices along x
+
+
+def test_mixed_orientation_folder_gives_exactly_the_dice_of_the_plain_one(tmp_path, results_dir):
+    plain, mixed = make_folder(tmp_path / "plain"), make_folder(tmp_path / "mixed", orientations=MIXED)
+    # used as delivered, an image and its label must at least share their storage order
+    same = make_folder(tmp_path / "same", orientations={i: (codes[0], codes[0]) for i, codes in MIXED.items()})
+    scores = {}
+    for name, folder, extra in (("plain", plain, []), ("mixed", mixed, []),
+                                ("ignored", same, ["test_dataset.orientation=as_stored"])):
+        assert main(["run", *_folder_args(folder, *extra)]) == 0
+        run_dirs = {p.parent for p in results_dir.glob("support_copy/phantom_to_nifti_folder/*/*/*/run.json")}
+        (new,) = run_dirs - set(scores.values())
+        scores[name] = new
+    frames = {k: pd.read_csv(v / "cases.csv", dtype={"case_id": str}).sort_values(["organ", "case_id"]) for k, v in scores.items()}
+    assert 0.2 < frames["plain"].dice.mean() < 0.95  # support and query overlap only partly
+    assert frames["plain"].dice.tolist() == frames["mixed"].dice.tolist()
+    # the same files used as delivered (the issue's failure) score differently
+    assert frames["ignored"].dice.tolist() != frames["plain"].dice.tolist()
+
+
+def test_export_writes_masks_in_each_scans_own_grid(tmp_path, results_dir):
+    """Exported masks overlay the original files: each has its label file's grid and affine,
+    and its Dice against the label file as stored is the recorded Dice."""
+    folder = make_folder(tmp_path / "mixed", orientations=MIXED)
+    out = tmp_path / "masks"
+    assert main(["run", *_folder_args(folder), "--export-masks", str(out)]) == 0
+    run_dir = _run_dir(results_dir, "support_copy/phantom_to_nifti_folder/setting1/fold0/*")
+    cases = pd.read_csv(run_dir / "cases.csv", dtype={"case_id": str})
+    listing = pd.read_csv(out / "masks.csv", dtype={"case_id": str})
+    assert len(listing) == len(cases) == 6  # 3 queries x 2 organs (scan 3 is the support)
+    values = {"liver": 1, "spleen": 2}
+    for row in cases.itertuples():
+        image_file = nib.load(str(folder / f"image_{row.case_id}.nii.gz"))
+        exported = nib.load(str(out / f"pred_{row.case_id}_{row.organ}.nii.gz"))
+        assert exported.shape == image_file.shape and np.allclose(exported.affine, image_file.affine)
+        # the label file as stored; where it is stored in another order than its image
+        # (scan 2), brought onto the image's voxel axes by the two files' affines
+        label_file = nib.load(str(folder / f"label_{row.case_id}.nii.gz"))
+        truth = np.asarray(label_file.dataobj) == values[row.organ]
+        to_image = ornt_transform(io_orientation(label_file.affine), io_orientation(image_file.affine))
+        truth = apply_orientation(truth, to_image)
+        pred = np.asarray(exported.dataobj) > 0
+        assert dice_from_counts(*confusion_counts(pred, truth)) == pytest.approx(row.dice, abs=1e-12)
+        combined = np.asarray(nib.load(str(out / f"pred_{row.case_id}.nii.gz")).dataobj)
+        assert set(np.unique(combined)) <= {0, 1, 2} and ((combined == values[row.organ]) <= pred).all()
+    # nothing is overwritten without --force
+    assert main(["export", str(run_dir), "--out", str(out)]) == 2
+    assert main(["export", str(run_dir), "--out", str(out), "--force"]) == 0
+
+
+# -- 3. intensities -------------------------------------------------------------------------
+def _hu(i: int, image: np.ndarray) -> np.ndarray:
+    """Scan 2 as CT in Hounsfield units: air outside a body, a bright bone bar."""
+    if i != 2:
+        return image
+    hu = image - 60.0  # soft tissue around 40..160 HU
+    hu[:, :2, :] = -1000.0
+    hu[:3, 5, :] = 1200.0
+    return hu
+
+
+@pytest.mark.filterwarnings("ignore::fsmis_bench.errors.DataWarning")  # modality=none on HU, tested below
+@pytest.mark.parametrize(
+    "modality, expected_modality, windowed",
+    [("ct", {"1": "ct", "2": "ct"}, {"1", "2"}),
+     ("auto", {"1": "mri", "2": "ct"}, {"2"}),
+     ({"1": "mri", "2": "ct"}, {"1": "mri", "2": "ct"}, {"2"}),
+     ("mri", {"1": "mri", "2": "mri"}, set())],
+)
+def test_modality_applies_the_benchmark_recipe(tmp_path, modality, expected_modality, windowed):
+    folder = make_folder(tmp_path / "scans", n=2, image_fn=_hu)
+    raw = load_dataset("nifti_folder", path=str(folder), label_map=LABEL_MAP, modality="none")
+    dataset = load_dataset("nifti_folder", path=str(folder), label_map=LABEL_MAP, modality=modality)
+    for case in ("1", "2"):
+        volume, stored = dataset.load(case), raw.load(case).image
+        assert volume.modality == expected_modality[case]
+        if case in windowed:  # CT: HU clipped to [-125, 275], rescaled to 0..255
+            expected = (np.clip(stored.astype(np.float64), -125, 275) + 125) / 400 * 255
+            assert np.allclose(volume.image, expected, atol=1e-4)
+        else:  # MRI: the top 0.5 % of the histogram clipped
+            assert np.allclose(volume.image, np.minimum(stored, np.percentile(stored.astype(np.float64), 99.5)), atol=1e-3)
+
+
+def test_hounsfield_units_without_a_modality_warn_and_bad_values_fail(tmp_path):
+    folder = make_folder(tmp_path / "scans", n=2, image_fn=_hu)
+    with pytest.warns(DataWarning, match="scan 2 holds Hounsfield-like values .* modality=ct or auto"):
+        load_dataset("nifti_folder", path=str(folder), label_map=LABEL_MAP).load("2")
+    with pytest.raises(ConfigError, match="modality='pet' is unknown"):
+        load_dataset("nifti_folder", path=str(folder), label_map=LABEL_MAP, modality="pet")
+    with pytest.raises(ConfigError, match="names no modality for scans \\['2'\\]"):
+        load_dataset("nifti_folder", path=str(folder), label_map=LABEL_MAP, modality={"1": "ct"}).case_ids()
+
+
+def test_modality_is_part_of_the_record_and_identity(tmp_path, results_dir):
+    folder = make_folder(tmp_path / "scans", n=3)
+    assert main(["run", *_folder_args(folder, "test_dataset.modality=mri")]) == 0
+    run_dir = _run_dir(results_dir, "support_copy/phantom_to_nifti_folder/setting1/fold0/*")
+    config = (run_dir / "config.yaml").read_text()
+    assert "modality: mri" in config and "orientation: LAS" in config
+    identity = load_dataset("nifti_folder", path=str(folder), label_map=LABEL_MAP, modality="mri").identity(
+        with_supervoxels=False)
+    assert identity["modality"] == "mri" and identity["orientation"] == "LAS"
+    assert identity["label_map"] == {"liver": 1, "spleen": 2} and identity["folds"] == [["1", "2", "3"]]
+    assert len(identity["files_sha256"]) == 64
+    json.dumps(identity)  # JSON-serialisable
+    other = load_dataset("nifti_folder", path=str(folder), label_map=LABEL_MAP, modality="ct").identity(
+        with_supervoxels=False)
+    assert other != identity
+
+
+# -- 4. label maps --------------------------------------------------------------------------
+def test_hydra_dict_syntax_for_the_label_map(tmp_path, results_dir):
+    folder = make_folder(tmp_path / "scans", n=3)
+    assert not is_sweep([f"+dataset.label_map={LABEL_MAP}"]) and is_sweep(["fold=0,1"])
+    argv = ["run", "method=support_copy", "dataset=nifti_folder", f"dataset.path={folder}",
+            f"+dataset.label_map={LABEL_MAP}"]
+    # in-domain on three scans with a method that needs no training: one fold, all scans
+    assert main(argv) == 0
+    cases = pd.read_csv(next(results_dir.glob("support_copy/nifti_folder/*/*/*/cases.csv")))
+    assert set(cases.organ) == {"liver", "spleen"}
+
+
+@pytest.mark.parametrize("suffix, text", [("yaml", "liver: 1\nspleen: 2\n"), ("json", '{"liver": 1, "spleen": 2}')])
+def test_label_map_from_a_file_is_recorded_as_the_mapping(tmp_path, suffix, text):
+    folder = make_folder(tmp_path / "scans", n=3)
+    (tmp_path / f"map.{suffix}").write_text(text)
+    cfg = compose(["dataset=nifti_folder", f"dataset.path={folder}", f"dataset.label_map={tmp_path / f'map.{suffix}'}"])
+    assert dict(cfg.dataset.label_map) == {"liver": 1, "spleen": 2}
+    with pytest.raises(ConfigError, match="neither a mapping nor an existing file"):
+        compose(["dataset=nifti_folder", f"dataset.path={folder}", "dataset.label_map=nowhere.yaml"])
+    (tmp_path / "bad.yaml").write_text("liver: one\n")
+    with pytest.raises(ConfigError, match="'liver' has the label value 'one', not an integer"):
+        compose(["dataset=nifti_folder", f"dataset.path={folder}", f"dataset.label_map={tmp_path / 'bad.yaml'}"])
+
+
+# -- 5. small datasets ----------------------------------------------------------------------
+def test_small_folders_get_one_fold_and_clear_hints(tmp_path, results_dir, capsys):
+    folder = make_folder(tmp_path / "scans", n=3)
+    dataset = load_dataset("nifti_folder", path=str(folder), label_map=LABEL_MAP)
+    assert dataset.fold_cases(0) == ["1", "2", "3"]
+    with pytest.raises(ConfigError, match="has one fold: use fold=0"):
+        dataset.fold_cases(1)
+    # in-domain training on the single fold: the hint names the ways out, not check-data
+    argv = ["run", "method=prototype", "dataset=nifti_folder", f"dataset.path={folder}",
+            f"dataset.label_map={LABEL_MAP}", "protocol.train_labels=gt"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "fold 0 holds all 3 scans of nifti_folder: no scan is left to train on" in err
+    assert "protocol.test_dataset=nifti_folder" in err and "folds=loo" in err and "check-data" not in err
+    assert not results_dir.exists()
+
+
+def test_folds_by_position_by_id_and_leave_one_out(tmp_path):
+    folder = make_folder(tmp_path / "scans", n=4)
+    by_id = load_dataset("nifti_folder", path=str(folder), label_map=LABEL_MAP, fold_ids=[[4, 1, 2], ["2", "3"]])
+    # folds are sets taken in id order (the reference rule, PROTOCOL.md §2), whatever order they are written in
+    assert by_id.fold_cases(0) == ["1", "2", "4"] and by_id.fold_cases(1) == ["2", "3"]
+    assert by_id.train_cases(1) == ["1", "4"]
+    with pytest.raises(ConfigError, match="fold_ids names scans that are not in .*\\['9'\\]"):
+        load_dataset("nifti_folder", path=str(folder), label_map=LABEL_MAP, fold_ids=[[1, 9]]).folds
+    with pytest.raises(ConfigError, match="folds holds positions \\[4\\], but .* has 4 scans") as error:
+        load_dataset("nifti_folder", path=str(folder), label_map=LABEL_MAP, folds=[[0, 4]]).folds
+    assert "fold_ids=" in error.value.hint and "data root" not in error.value.hint
+    loo = load_dataset("nifti_folder", path=str(folder), label_map=LABEL_MAP, folds="loo", support="3")
+    assert [loo.fold_cases(k) for k in range(3)] == [["1", "3"], ["2", "3"], ["3", "4"]]
+    assert loo.fold_support(1) == "3" and loo.train_cases(1) == ["1", "4"]
+
+
+def test_leave_one_out_trains_in_domain_and_uses_the_chosen_support(tmp_path, results_dir):
+    folder = make_folder(tmp_path / "scans", n=4)
+    argv = ["run", "method=prototype", "dataset=nifti_folder", f"dataset.path={folder}",
+            f"dataset.label_map={LABEL_MAP}", "dataset.folds=loo", "dataset.support=2", "fold=2",
+            "protocol.train_labels=gt", "train.steps=2", "train.image_size=32", "method.width=8",
+            "method.feature_dim=16", "protocol.min_fg_pixels=10"]
+    assert main(argv) == 0  # supp_idx stays 2: the dataset fixes the support
+    cases = pd.read_csv(next(results_dir.glob("prototype/nifti_folder/setting1/fold2/*/cases.csv")), dtype={"case_id": str})
+    assert set(cases.case_id) == {"4"}  # fold 2 = [support 2, query 4]
+
+
+# -- identical slices, spacing, modality between support and query ------------------------
+def test_plan_warns_about_shared_slices_spacing_and_modality(tmp_path):
+    from fsmis_bench.runner import plan
+
+    folder = make_folder(tmp_path / "scans", n=3)
+    image, label = _scan(1)  # scan 3: scan 1 cropped to its upper slices (the same patient twice)
+    _save(folder, "image_3", image[:, :, 2:])
+    _save(folder, "label_3", label[:, :, 2:])
+    cfg = compose(_folder_args(folder))
+    with pytest.warns(DataWarning, match="support scan 3 and query scan 1 share 8 identical slices"):
+        plan(cfg)
+    # another voxel size and modality for the support
+    hu = _hu(2, _scan(3)[0])
+    nib.save(nib.Nifti1Image(hu, LAS_AFFINE @ np.diag([3.0, 3.0, 1.0, 1.0])), str(folder / "image_3.nii.gz"))
+    nib.save(nib.Nifti1Image(_scan(3)[1], LAS_AFFINE @ np.diag([3.0, 3.0, 1.0, 1.0])), str(folder / "label_3.nii.gz"))
+    cfg = compose(_folder_args(folder, "test_dataset.modality=auto"))
+    with pytest.warns(DataWarning) as caught:
+        plan(cfg)
+    text = "\n".join(str(w.message) for w in caught)
+    assert "differ in modality (ct vs mri)" in text and "differ in voxel size: pixels of 4.12 mm vs 1.38 mm" in text
+
+
+# -- check-data nifti_folder ----------------------------------------------------------------
+def test_check_data_for_a_folder(tmp_path, capsys):
+    folder = make_folder(tmp_path / "scans", n=3, orientations={2: ("RAS", "RAS")}, image_fn=_hu)
+    image, label = _scan(1)
+    _save(folder, "image_3", image[:, :, 1:])
+    _save(folder, "label_3", label[:, :, 1:])
+    argv = ["check-data", "nifti_folder", "--path", str(folder), "--label-map", LABEL_MAP, "--modality", "auto"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "orientation" in out and "RAS -> LAS" in out and "ct (auto)" in out and "mri (auto)" in out
+    assert "scans 1 and 3 share 9 identical slices" in out and "mixes modalities" in out
+    assert "3 scans in one fold" in out and "OK: 3 case(s)" in out
+    (folder / "label_2.nii.gz").unlink()
+    nib.save(nib.Nifti1Image(np.zeros((5, 5, 5)), np.eye(4)), str(folder / "label_2.nii.gz"))
+    assert main(argv) == 2
+    out = capsys.readouterr().out
+    assert "case 2: the label grid ((5, 5, 5), RAS) does not match the image" in out
+    assert "FAILED" in out
+    # built-in datasets keep their layout options, and nifti_folder needs its own
+    assert main(["check-data", "nifti_folder", "--path", str(folder)]) == 2
+    assert "needs --path and --label-map" in capsys.readouterr().err
+    assert main(["check-data", "abd_mri", "--root", str(tmp_path), "--label-map", LABEL_MAP]) == 2
+    assert "--label-map is an option of check-data nifti_folder" in capsys.readouterr().err
+
+
+# -- the real data: built-ins unchanged, CHAOS through nifti_folder identical ----------------
+@pytest.mark.realdata
+def test_builtin_datasets_read_exactly_as_stored_and_carry_their_affine(real_data_root):
+    for name, folder, case in (("abd_mri", "CHAOST2/chaos_MR_T2_normalized", "2"),
+                               ("card_mri", "CMR/cmr_MR_normalized", "5")):
+        volume = load_dataset(name, real_data_root).load(case)
+        image_file = nib.load(str(real_data_root / folder / f"image_{case}.nii.gz"))
+        # the arrays of the reader before orientation support existed: the file transposed
+        assert np.array_equal(volume.image, np.asarray(image_file.dataobj).transpose(2, 1, 0).astype(np.float32))
+        label = np.rint(np.asarray(nib.load(str(real_data_root / folder / f"label_{case}.nii.gz")).dataobj))
+        assert np.array_equal(volume.label, label.transpose(2, 1, 0).astype(np.int32))
+        assert np.allclose(volume.affine[:, [2, 1, 0, 3]], image_file.affine)
+    assert nib.aff2axcodes(image_file.affine) in {("P", "S", "R"), ("L", "S", "P")}  # CMR: oblique, kept as stored
+
+
+@pytest.mark.realdata
+def test_chaos_files_through_nifti_folder_are_bit_identical_in_any_orientation(real_data_root, tmp_path):
+    chaos = real_data_root / "CHAOST2" / "chaos_MR_T2_normalized"
+    builtin = load_dataset("abd_mri", real_data_root)
+    folder = load_dataset("nifti_folder", path=str(chaos), label_map={"liver": 1, "right_kidney": 2,
+                                                                    "left_kidney": 3, "spleen": 4})
+    assert folder.case_ids() == builtin.case_ids()
+    reference = builtin.load("3")
+    assert nib.aff2axcodes(nib.load(str(chaos / "image_3.nii.gz")).affine) == ("L", "A", "S")
+    same = folder.load("3")
+    assert np.array_equal(same.image, reference.image) and np.array_equal(same.label, reference.label)
+    assert same.spacing == reference.spacing and np.allclose(same.affine, reference.affine)
+    # the same scan stored RPI (every axis flipped or swapped), its label stored ASL
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for kind, codes in (("image", "RPI"), ("label", "ASL")):
+        source = nib.load(str(chaos / f"{kind}_3.nii.gz"))
+        transform = ornt_transform(io_orientation(source.affine), axcodes2ornt(codes))
+        data = apply_orientation(np.asarray(source.dataobj), transform)
+        nib.save(nib.Nifti1Image(data, source.affine @ inv_ornt_aff(transform, source.shape)), str(copy / f"{kind}_3.nii.gz"))
+    flipped = load_dataset("nifti_folder", path=str(copy), label_map={"liver": 1}).load("3")
+    assert np.array_equal(flipped.image, reference.image) and np.array_equal(flipped.label, reference.label)

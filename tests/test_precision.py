@@ -1,0 +1,123 @@
+"""Precision resolution: `auto` becomes concrete before a run, enters its hash and record,
+and the accelerator and TF32 switches follow it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fsmis_bench.config import compose
+from fsmis_bench.errors import ConfigError
+from fsmis_bench.records import config_hash, training_hash
+from fsmis_bench.training import precision as precision_module
+from fsmis_bench.training.engine import make_accelerator
+from fsmis_bench.training.precision import Precision, resolve_precision, with_resolved_precision
+
+
+@pytest.mark.parametrize(
+    "device, cuda, mixed, tf32, expected",
+    [
+        ("cpu", False, "auto", "auto", Precision("no", False)),
+        ("cpu", False, "no", True, Precision("no", True)),  # explicit values are kept (no effect on a CPU)
+        ("cpu", False, "bf16", "auto", Precision("bf16", False)),
+        ("auto", True, "auto", "auto", Precision("no", True)),  # the measured default: fp32 + TF32
+        ("cuda", True, "auto", False, Precision("no", False)),
+        ("auto", True, "bf16", "auto", Precision("bf16", True)),
+        ("auto", True, "fp16", False, Precision("fp16", False)),
+        ("auto", False, "auto", "auto", Precision("no", False)),
+    ],
+)
+def test_resolution_table(monkeypatch, device, cuda, mixed, tf32, expected):
+    monkeypatch.setattr(precision_module.torch.cuda, "is_available", lambda: cuda)
+    assert resolve_precision(device, mixed, tf32) == expected
+
+
+def test_labels():
+    assert [Precision(m, t).label for m, t in [("no", True), ("no", False), ("bf16", False), ("bf16", True)]] == [
+        "fp32+tf32", "fp32", "bf16", "bf16+tf32",
+    ]
+
+
+def test_cuda_asked_for_without_one_is_a_clear_error_when_run(monkeypatch):
+    monkeypatch.setattr(precision_module.torch.cuda, "is_available", lambda: False)
+    assert resolve_precision("cuda", "auto", "auto") == Precision("no", True)  # defined, for its identity
+    with pytest.raises(ConfigError, match="no CUDA device"):
+        make_accelerator(compose(["device=cuda"]))
+
+
+def test_resolved_config_is_concrete_and_hashed_by_what_runs(monkeypatch):
+    cfg = compose(["method=sdfsmis", "backbone=tiny"])
+    assert (cfg.mixed_precision, cfg.tf32) == ("auto", "auto")
+    monkeypatch.setattr(precision_module.torch.cuda, "is_available", lambda: True)
+    on_gpu = with_resolved_precision(cfg)
+    assert (on_gpu.mixed_precision, on_gpu.tf32) == ("no", True)
+    assert with_resolved_precision(on_gpu) == on_gpu  # idempotent
+    monkeypatch.setattr(precision_module.torch.cuda, "is_available", lambda: False)
+    on_cpu = with_resolved_precision(cfg)
+    assert (on_cpu.mixed_precision, on_cpu.tf32) == ("no", False)
+    # `auto` meant different things on the two machines: the resolved runs differ in identity
+    assert config_hash(on_gpu) != config_hash(on_cpu) and training_hash(on_gpu) != training_hash(on_cpu)
+    # and the unresolved config hashes as what it resolves to here
+    assert config_hash(cfg) == config_hash(on_cpu) and training_hash(cfg) == training_hash(on_cpu)
+    bf16 = with_resolved_precision(compose(["method=sdfsmis", "backbone=tiny", "mixed_precision=bf16"]))
+    assert config_hash(bf16) != config_hash(on_cpu)
+
+
+def test_accelerator_follows_the_resolved_precision():
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        accelerator = make_accelerator(compose(["device=cpu", "mixed_precision=bf16"]))
+        assert accelerator.mixed_precision == "bf16" and accelerator.device.type == "cpu"
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, False)
+        accelerator = make_accelerator(compose(["device=cpu", "fidelity=code"]))
+        assert accelerator.mixed_precision == "no"
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def test_bad_values_are_clear_errors():
+    with pytest.raises(ConfigError, match="tf32"):
+        compose(["tf32=maybe"])
+    with pytest.raises(ConfigError, match="mixed_precision"):
+        compose(["mixed_precision=fp8"])
+
+
+def test_run_record_holds_the_concrete_precision(results_dir):
+    import json
+
+    from omegaconf import OmegaConf
+
+    from fsmis_bench.cli import main
+
+    assert main(["run", "method=support_copy", "device=cpu", "protocol.organs=[liver]", "protocol.max_queries=1"]) == 0
+    (info_path,) = results_dir.glob("support_copy/**/run.json")
+    info = json.loads(info_path.read_text())
+    assert info["precision"] == {"mixed_precision": "no", "tf32": False, "label": "fp32"}
+    assert info["method_options"]["name"] == "support_copy"  # Method.resolved_options()
+    saved = OmegaConf.load(info_path.parent / "config.yaml")
+    assert (saved.mixed_precision, saved.tf32) == ("no", False)
+
+
+@pytest.mark.slow
+def test_gpu_precision_check_smoke_runs_on_cpu(capsys):
+    """The prepared GPU check (benchmarks/gpu_precision_check.py), on the tiny backbone."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_precision_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_precision_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    argv = ["--device", "cpu", "--tiny", "--size", "32", "--steps", "1", "--warmup", "0", "--episodes", "1",
+            "--eval-episodes", "1", "--extra", "backbone.vae=identity"]
+    assert module.main(argv) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # on a CPU fp32+tf32 is fp32: two configurations measured, each from the same initial weights
+    assert set(result["results"]) == {"fp32", "bf16+tf32"}
+    fp32, bf16 = result["results"]["fp32"], result["results"]["bf16+tf32"]
+    assert (fp32["mixed_precision"], bf16["mixed_precision"]) == ("no", "bf16")
+    assert fp32["finite"] and bf16["finite"] and fp32["step_median_s"] > 0
+    assert fp32["first_loss"] == pytest.approx(bf16["first_loss"], rel=0.05)  # same weights, same episode
+    assert result["fastest"] in result["results"] and min(result["eval_loss_vs_best"].values()) == 1.0

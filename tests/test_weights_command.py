@@ -1,0 +1,140 @@
+"""``fsmis-bench weights check|download``: what a configuration needs, where it was found,
+whether it loads; downloads planned offline against a mocked hub."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import sd_layouts as L
+from fsmis_bench.cli import main
+from fsmis_methods import _sd_components as sdc
+from fsmis_methods import _weight_digest
+from fsmis_methods._hub import select_repo_files
+
+
+@pytest.fixture(autouse=True)
+def offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf_cache"))
+    monkeypatch.setenv("FSMIS_CACHE_DIR", str(tmp_path / "fsmis_cache"))
+    sdc.hub_offline.cache_clear()
+    _weight_digest.forget_memo()
+    yield
+    sdc.hub_offline.cache_clear()
+
+
+def test_check_tiny_passes_with_the_shipped_taesd(real_weights_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["weights", "check", "backbone=tiny", f"weights_root={real_weights_root}"]) == 0
+    out = capsys.readouterr().out
+    assert f"{real_weights_root / 'taesd'}  [TAESD original files]" in out
+    assert "random by design" in out and "all components load" in out
+
+
+def test_check_sd15_without_weights_lists_what_is_missing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "root").mkdir()
+    assert main(["weights", "check", "backbone=sd15", f"weights_root={tmp_path / 'root'}"]) == 2
+    out = capsys.readouterr().out
+    for name in ("unet", "vae", "text_encoder", "tokenizer", "image_encoder"):
+        assert any(line.split()[:2] == [name, "MISSING"] for line in out.splitlines()), name
+    assert str(tmp_path / "root" / "stable-diffusion-v1-5" / "stable-diffusion-v1-5") in out  # the exact places searched
+    assert str(tmp_path / "hf_cache" / "models--stable-diffusion-v1-5--stable-diffusion-v1-5") in out
+    assert str(tmp_path / "root" / "facebook" / "dinov2-small") in out
+    assert "fsmis-bench weights download backbone=sd15" in out
+
+
+def test_check_only_what_the_method_needs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["weights", "check", "method=diffews", "backbone=sd21", f"weights_root={tmp_path}", "--format", "json"]) == 2
+    rows = json.loads(capsys.readouterr().out)["components"]
+    assert [r["component"] for r in rows] == ["unet", "vae", "text_encoder", "tokenizer"]  # no VTCT image encoder
+    assert main(["weights", "check", "method=sdfsmis", "backbone=sd21", "fidelity=code", f"weights_root={tmp_path}", "--format", "json"]) == 2
+    rows = json.loads(capsys.readouterr().out)["components"]
+    assert [(r["component"], r["kind"]) for r in rows] == [("unet", "sd21"), ("vae", "sd"), ("image_encoder", "dinov2_base")]
+    assert main(["weights", "check", "backbone=sd15", "pretrained=false"]) == 0
+
+
+def _tiny_weights_root(root: Path, kind: str = "sd15") -> Path:
+    """A weights root as `weights download` leaves it: the pipeline and DINOv2 under their hub ids."""
+    L.save_pipeline(root / sdc.HUB_IDS[kind], kind, L.build_components(kind))
+    L.build_dinov2("dinov2_small").save_pretrained(root / sdc.HUB_IDS["dinov2_small"])
+    return root
+
+
+def test_check_passes_when_everything_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    L.use_tiny_architectures(monkeypatch)
+    root = _tiny_weights_root(tmp_path / "root")
+    assert main(["weights", "check", "backbone=sd15", f"weights_root={root}", "--digests"]) == 0
+    out = capsys.readouterr().out
+    assert "all components load" in out and "MISSING" not in out
+    unet_file = root / sdc.HUB_IDS["sd15"] / "unet" / "diffusion_pytorch_model.safetensors"
+    assert f"{L.sha256(unet_file)}  diffusion_pytorch_model.safetensors" in out
+
+
+def test_download_fetches_exactly_what_the_loaders_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import huggingface_hub
+
+    L.use_tiny_architectures(monkeypatch)
+    staged = _tiny_weights_root(tmp_path / "staged")  # what "the hub" holds
+    repos = {sdc.HUB_IDS["sd15"]: staged / sdc.HUB_IDS["sd15"], sdc.HUB_IDS["dinov2_small"]: staged / sdc.HUB_IDS["dinov2_small"]}
+    extras = ["unet/diffusion_pytorch_model.fp16.safetensors", "unet/diffusion_pytorch_model.bin", "vae/diffusion_pytorch_model.bin",
+              "text_encoder/pytorch_model.bin", "safety_checker/model.safetensors", "v1-5-pruned.ckpt", "README.md"]
+    calls = []
+
+    class FakeApi:
+        def list_repo_files(self, repo_id: str) -> list[str]:
+            return sorted(str(p.relative_to(repos[repo_id])) for p in repos[repo_id].rglob("*") if p.is_file()) + extras
+
+    def fake_snapshot_download(repo_id: str, allow_patterns: list[str], local_dir: str | None = None) -> str:
+        calls.append((repo_id, sorted(allow_patterns), local_dir))
+        for name in allow_patterns:
+            target = Path(local_dir) / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes((repos[repo_id] / name).read_bytes())
+        return local_dir
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    root = tmp_path / "root"
+    assert main(["weights", "download", "backbone=sd15", f"weights_root={root}", "--dry-run"]) == 0
+    assert calls == [] and not root.exists()
+    assert main(["weights", "download", "backbone=sd15", f"weights_root={root}"]) == 0
+    assert calls == [
+        (sdc.HUB_IDS["sd15"], sorted(["unet/config.json", "unet/diffusion_pytorch_model.safetensors", "vae/config.json",
+                                      "vae/diffusion_pytorch_model.safetensors", "text_encoder/config.json", "text_encoder/model.safetensors",
+                                      "tokenizer/merges.txt", "tokenizer/special_tokens_map.json", "tokenizer/tokenizer_config.json",
+                                      "tokenizer/vocab.json", "model_index.json", "scheduler/scheduler_config.json"]),
+         str(root / sdc.HUB_IDS["sd15"])),
+        (sdc.HUB_IDS["dinov2_small"], ["config.json", "model.safetensors"], str(root / sdc.HUB_IDS["dinov2_small"])),
+    ]
+    assert "all components load" in capsys.readouterr().out  # download ends with a check
+    # a second download finds everything and fetches nothing
+    assert main(["weights", "download", "backbone=sd15", f"weights_root={root}"]) == 0
+    assert len(calls) == 2 and "nothing to download" in capsys.readouterr().out
+
+
+def test_download_needs_a_destination(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.delenv("FSMIS_WEIGHTS_ROOT", raising=False)
+    assert main(["weights", "download", "backbone=sd15"]) == 2
+    assert "FSMIS_WEIGHTS_ROOT" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("files, components, expected", [
+    # fp32 safetensors preferred over .bin and the fp16 / EMA variants
+    (["unet/config.json", "unet/diffusion_pytorch_model.bin", "unet/diffusion_pytorch_model.safetensors",
+      "unet/diffusion_pytorch_model.fp16.safetensors", "unet/diffusion_pytorch_model.non_ema.bin"],
+     [("unet", "diffusers")], ["unet/config.json", "unet/diffusion_pytorch_model.safetensors"]),
+    # sharded weights: the index and every shard
+    (["text_encoder/config.json", "text_encoder/model.safetensors.index.json", "text_encoder/model-00001-of-00002.safetensors",
+      "text_encoder/model-00002-of-00002.safetensors", "text_encoder/pytorch_model.bin"],
+     [("text_encoder", "transformers")], ["text_encoder/config.json", "text_encoder/model.safetensors.index.json",
+                                          "text_encoder/model-00001-of-00002.safetensors", "text_encoder/model-00002-of-00002.safetensors"]),
+    # only .bin in the repo
+    (["vae/config.json", "vae/diffusion_pytorch_model.bin"], [("vae", "diffusers")], ["vae/config.json", "vae/diffusion_pytorch_model.bin"]),
+    # a single-model repo keeps its files at the root (TAESD asked for as vae/)
+    (["config.json", "diffusion_pytorch_model.safetensors", "taesd_encoder.pth"], [("vae", "diffusers")],
+     ["config.json", "diffusion_pytorch_model.safetensors"]),
+])
+def test_select_repo_files(files: list[str], components: list, expected: list[str]) -> None:
+    assert select_repo_files(files, components) == expected
