@@ -6,7 +6,7 @@ Hashing the same multi-GB files before every run would be slow, so a file's SHA-
 kept in a small cache keyed by its absolute path, size and modification time: a file that
 was rewritten (new mtime or size) is hashed again; an unchanged one costs a ``stat``.
 
-The cache lives in ``$FSMIS_CACHE_DIR`` (default ``~/.cache/fsmis-bench``) as
+The cache lives in ``$FSMIS_CACHE_DIR`` (default ``~/.cache/fsmis_bench``) as
 ``file_digests.json``. It is advisory: a missing, damaged or read-only cache only costs
 time, and concurrent writers at worst drop each other's new entries.
 """
@@ -28,12 +28,10 @@ _loaded_from: Path | None = None
 
 
 def cache_dir() -> Path:
-    """Where the digest cache lives (``$FSMIS_CACHE_DIR`` or ``~/.cache/fsmis-bench``)."""
+    """Where the digest cache lives (``$FSMIS_CACHE_DIR`` or ``~/.cache/fsmis_bench``, beside
+    the weight digests of ``fsmis_methods._weight_digest``)."""
     configured = os.environ.get("FSMIS_CACHE_DIR")
-    if configured:
-        return Path(configured).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "fsmis-bench"
+    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "fsmis_bench"
 
 
 def _load_cache() -> None:
