@@ -47,7 +47,7 @@ def _run(args: argparse.Namespace) -> int:
                 if not checkpoint.exists():
                     raise FsmisError(
                         f"checkpoint {checkpoint} does not exist",
-                        hint="pass the path of a final.pt, or the directory of a finished run",
+                        hint="pass the path of a final.safetensors, or the directory of a finished run",
                     )
             else:
                 kept.append(item)
@@ -158,9 +158,9 @@ def main(argv: list[str] | None = None) -> int:
         if exc.hint:
             print(f"  hint: {exc.hint}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print("interrupted; finished work is kept and the same command resumes", file=sys.stderr)
-        return 130
+        return int(getattr(exc, "exit_code", 130))
 
 
 if __name__ == "__main__":

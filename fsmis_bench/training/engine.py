@@ -5,16 +5,18 @@ parameter groups), the learning-rate schedule, gradient accumulation and clippin
 precision (through ``accelerate``, so ``accelerate launch`` runs it on several GPUs),
 the input pipeline (:mod:`.loader`: episodes drawn ahead in worker processes), the step
 and its compute switches (:mod:`.step`, :mod:`.optim`), the progress bar, periodic
-checkpoints and resuming. A checkpoint holds only what
-training changes — trainable parameters, buffers, optimiser, schedule, the position in
-the episode stream and the loss log — so frozen multi-GB backbones are never copied.
+checkpoints and resuming. A checkpoint holds only what training changes — trainable
+parameters, buffers, optimiser, schedule, the position in the episode stream and the
+loss log — so frozen multi-GB backbones are never copied; it is written and read by
+:mod:`.checkpoint` (safetensors + JSON, never a pickle). SIGINT and SIGTERM stop the
+loop at the next step boundary (:mod:`.interrupt`), so a resumed run continues exactly
+where an uninterrupted one would be.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -28,11 +30,16 @@ from tqdm.auto import tqdm
 from ..errors import ConfigError
 from ..method import Method
 from ..records import atomic_write
+from .checkpoint import (  # load_weights: re-exported for callers of the engine
+    WEIGHTS_FILE, clear_training_state, load_training_state, load_weights, rng_state,
+    save_training_state, save_weights, set_rng_state, trainable_state,
+)
 from .episodes import EpisodeSampler
 from .loader import EpisodeLoader, resolve_num_workers
 from .optim import build_optimizer
+from .interrupt import StopRequest
 from .precision import apply_tf32, precision_of, uses_cuda
-from .step import ComputeOptions, TrainStep, micro_batches, prepare_method
+from .step import ComputeOptions, TrainingError, TrainStep, micro_batches, prepare_method  # noqa: F401 (TrainingError re-exported)
 
 
 def make_accelerator(cfg: DictConfig, grad_accum: int = 1):
@@ -87,12 +94,6 @@ def _schedule(name: str, total: int, warmup: int, step_every: int = 1000, gamma:
     return factor
 
 
-def _trainable_state(method: Method) -> dict[str, torch.Tensor]:
-    trainable = {n for n, p in method.named_parameters() if p.requires_grad}
-    buffers = {n for n, _ in method.named_buffers()}
-    return {k: v.detach().cpu() for k, v in method.state_dict().items() if k in trainable | buffers}
-
-
 @dataclass
 class Training:
     """What :func:`prepare_training` sets up: the prepared method and optimiser, the schedule,
@@ -137,27 +138,6 @@ class TrainResult:
     log: list[dict[str, Any]] = field(default_factory=list)
 
 
-class _Interrupt:
-    """Turns SIGTERM into KeyboardInterrupt so a cluster pre-emption saves a checkpoint."""
-
-    def __enter__(self):
-        self._previous = signal.getsignal(signal.SIGTERM)
-        try:
-            signal.signal(signal.SIGTERM, self._raise)
-        except ValueError:  # not in the main thread
-            self._previous = None
-        return self
-
-    @staticmethod
-    def _raise(signum, frame):
-        raise KeyboardInterrupt
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-        return False
-
-
 def train(
     method: Method,
     sampler: EpisodeSampler,
@@ -169,9 +149,14 @@ def train(
 ) -> TrainResult:
     """Train ``method`` for ``cfg.train.steps`` optimiser steps, resuming if possible.
 
-    Checkpoints go to ``checkpoint_dir/last.pt`` every ``train.checkpoint_every`` steps
-    and on interruption; ``final.pt`` holds the finished weights and replaces ``last.pt``. The loss log is written
-    to ``checkpoint_dir/train_log.csv``.
+    Every ``train.checkpoint_every`` steps, and at the step boundary after SIGINT/SIGTERM,
+    the resume state goes to ``checkpoint_dir/last.json`` + ``last-<step>.safetensors``
+    (:mod:`.checkpoint`); ``final.safetensors`` holds the finished weights and replaces the
+    resume state. The loss log is written to ``checkpoint_dir/train_log.csv``.
+
+    Raises:
+        Interrupted: a stop signal arrived; the state at the step boundary was saved.
+        TrainingError: the loss became non-finite.
     """
     tcfg = cfg.train
     steps = int(tcfg.steps)
@@ -182,35 +167,31 @@ def train(
     inner: Method = accelerator.unwrap_model(method)
 
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    last = checkpoint_dir / "last.pt"
     start, log, elapsed_before = 0, [], 0.0
-    if last.exists():
-        state = torch.load(last, map_location="cpu", weights_only=False)
+    state = load_training_state(checkpoint_dir)
+    if state is not None:
         inner.load_state_dict(state["model"], strict=False)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["sampler"])
-        torch.set_rng_state(state["torch_rng"])
-        start, log, elapsed_before = state["step"], state["log"], state.get("seconds", 0.0)
-        tqdm.write(f"resuming {description} from step {start} ({last})", file=sys.stderr)
+        set_rng_state(state["rng"])
+        start, log, elapsed_before = int(state["step"]), list(state["log"]), float(state["seconds"])
+        tqdm.write(f"resuming {description} from step {start} ({checkpoint_dir})", file=sys.stderr)
 
     def save(step: int, seconds: float) -> None:
         if not accelerator.is_main_process:
             return
         sampler.seek(step * accum * batch_size)  # the stream position of the next step
-        state = {
-            "model": _trainable_state(inner),
+        save_training_state(checkpoint_dir, {
+            "model": trainable_state(inner),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "sampler": sampler.state_dict(),
-            "torch_rng": torch.get_rng_state(),
+            "rng": rng_state(),
             "step": step,
             "log": log,
             "seconds": seconds,
-        }
-        tmp = last.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, last)
+        })
         _write_log(checkpoint_dir / "train_log.csv", log)
 
     method.train()
@@ -225,10 +206,11 @@ def train(
         total=steps, initial=start, desc=description, file=sys.stderr, dynamic_ncols=True,
         disable=not accelerator.is_main_process or os.environ.get("FSMIS_NO_PROGRESS") == "1",
     )
-    with _Interrupt():
+    with StopRequest() as stop:
         try:
             batches = iter(loader)
-            while step < steps:
+            # A signal only sets stop.requested; the loop ends at a step boundary.
+            while step < steps and not stop.requested:
                 loss = train_step([next(batches) for _ in range(accum)])
                 step += 1
                 bar.update(1)
@@ -245,33 +227,27 @@ def train(
                     save(step, seconds)
             train_step.raise_if_nonfinite()
         except KeyboardInterrupt:
-            save(step, elapsed_before + time.time() - began)
+            # Raised mid-step (a second Ctrl-C): that state is half-advanced, so it is not
+            # saved; the last periodic checkpoint still resumes exactly.
             bar.close()
-            tqdm.write(f"interrupted at step {step}; checkpoint saved, rerun the same command to resume", file=sys.stderr)
+            tqdm.write(f"stopped during step {step + 1}; the last checkpoint is kept, rerun the same command "
+                       "to resume from it", file=sys.stderr)
             raise
     bar.close()
     seconds = elapsed_before + time.time() - began
+    if step < steps:  # stopped by a signal, at a step boundary
+        save(step, seconds)
+        tqdm.write(f"interrupted at step {step}; checkpoint saved, rerun the same command to resume", file=sys.stderr)
+        raise stop.stop()
     if accelerator.is_main_process:
         _write_log(checkpoint_dir / "train_log.csv", log)
-        final = checkpoint_dir / "final.pt"
-        torch.save({"model": _trainable_state(inner), "step": step}, final.with_suffix(".tmp"))
-        os.replace(final.with_suffix(".tmp"), final)
+        save_weights(checkpoint_dir / WEIGHTS_FILE, inner, step)
         # The resume state (optimiser moments: twice the trainable weights) is dead weight now.
-        last.unlink(missing_ok=True)
+        clear_training_state(checkpoint_dir)
+    if stop.requested:  # the signal came during the last step: finished, but stop as asked
+        raise stop.stop()
     method.eval()
     return TrainResult(step, seconds, log[-1]["loss"] if log else None, log)
-
-
-def load_weights(method: Method, checkpoint: Path) -> int:
-    """Load a ``final.pt`` or ``last.pt`` into ``method``; returns its step."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    missing, unexpected = method.load_state_dict(state["model"], strict=False)
-    if unexpected:
-        raise ConfigError(
-            f"checkpoint {checkpoint} does not fit {type(method).__name__}: unexpected keys {unexpected[:3]}",
-            hint="evaluate it with the method and backbone it was trained with",
-        )
-    return int(state.get("step", 0))
 
 
 def _write_log(path: Path, log: list[dict[str, Any]]) -> None:
