@@ -29,9 +29,24 @@ _CHOICES = {
     "device": ("auto", "cpu", "cuda"),
     "mixed_precision": ("auto", "no", "bf16", "fp16"),
     "train.schedule": ("constant", "linear", "cosine", "step"),
-    "train.optimizer": ("adamw", "sgd"),
     "tf32": ("auto", True, False),
 }
+
+
+def _engine_choices() -> dict[str, tuple]:
+    """The compute switches' values, from the modules that implement them (imported late:
+    they load torch)."""
+    from .training.optim import OPTIMIZERS, WEIGHT_DTYPES
+    from .training.step import ACCUMULATION, COMPILE_MODES
+
+    return {
+        "train.optimizer": OPTIMIZERS,
+        "train.accumulation": ACCUMULATION,
+        "train.compile": (False, *COMPILE_MODES),
+        "train.weight_dtype": tuple(WEIGHT_DTYPES),
+        "train.fused_optimizer": (True, False),
+        "train.channels_last": (True, False),
+    }
 # Integer options and their least allowed value; those in _NULLABLE may also be null.
 _INTEGERS = {
     "fold": 0, "seed": 0, "setting": 1,
@@ -300,14 +315,18 @@ def validate(cfg: DictConfig) -> None:
                 hint="choose the test dataset with protocol.test_dataset only",
             )
     regs.settings.entry(str(cfg.setting))
-    for key, allowed in _CHOICES.items():
+    for key, allowed in {**_CHOICES, **_engine_choices()}.items():
         value = OmegaConf.select(cfg, key)
+        if value is None and key not in _CHOICES:
+            continue  # an engine switch a config leaves out is off
         if value not in allowed:
             shown = (str(a).lower() if isinstance(a, bool) else str(a) for a in allowed)  # true, not True
             raise ConfigError(f"{key}={value!r} is not allowed", hint=f"use one of: {', '.join(shown)}")
     for key, least in _INTEGERS.items():
         value = OmegaConf.select(cfg, key)
         if value is None and key in _NULLABLE:
+            continue
+        if key == "train.num_workers" and value == "auto":
             continue
         if not isinstance(value, int) or isinstance(value, bool):
             raise ConfigError(f"{key} must be an integer, got {value!r}",
