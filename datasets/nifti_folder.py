@@ -120,7 +120,7 @@ class NiftiFolder(VolumeDataset):
         if not label_map:
             raise ConfigError(
                 f"nifti_folder needs {key}.label_map",
-                hint=f"e.g. '+{key}.label_map={{liver:1,spleen:2}}', or {key}.label_map=<a YAML/JSON file>",
+                hint=f"e.g. '{key}.label_map={{liver:1,spleen:2}}', or {key}.label_map=<a YAML/JSON file>",
             )
         unknown = [o for o in label_map if o not in ORGANS]
         if unknown:

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import os
 import re
+import sys
+import time
 from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
 
 from fsmis_bench.data.base import Volume, VolumeDataset
+from fsmis_bench.data.digest import files_sha256
 from fsmis_bench.data.nifti import load_nifti, nifti_path, numeric_sort, read_nifti
 from fsmis_bench.errors import DataError
 from fsmis_bench.preparation.facts import DATASET_FACTS, DatasetFacts
@@ -77,11 +80,19 @@ class PreprocessedLayout(VolumeDataset):
             return path if path.is_absolute() or self.root is None else self.root / path
         return self.image_root.parent / f"supervoxels_{self.n_supervoxels}"
 
-    def ensure_supervoxels(self) -> None:
-        """Generate the ADNet supervoxels when the default folder lacks some (PROTOCOL.md §1)."""
+    def ensure_supervoxels(self) -> dict | None:
+        """Generate the ADNet supervoxels when the default folder lacks some (PROTOCOL.md §1).
+
+        Generation is announced on stderr (it takes minutes and changes the pseudo-labels,
+        hence the run's identity).
+
+        Returns:
+            what was generated (folder, cases, recipe, time), for the run record; None when
+            nothing was missing.
+        """
         missing = [c for c in self.case_ids() if not nifti_path(self.supervoxel_root, f"superpix-MIDDLE_{c}").exists()]
         if not missing or self.supervoxel_dir:
-            return
+            return None
         if not os.access(self.image_root.parent, os.W_OK):
             raise DataError(
                 f"{self.name}: {len(missing)} scans lack supervoxels and {self.image_root.parent} is read-only",
@@ -90,7 +101,55 @@ class PreprocessedLayout(VolumeDataset):
             )
         from fsmis_bench.preparation import ensure_supervoxels
 
+        print(
+            f"{self.name}: {len(missing)} of {len(self.case_ids())} scans have no supervoxels in "
+            f"{self.supervoxel_root}; generating them now (ADNet 3-D Felzenszwalb, n_sv={self.n_supervoxels}; "
+            "this takes minutes, and the new pseudo-labels become part of the run's identity)",
+            file=sys.stderr, flush=True,
+        )
+        began = time.time()
         ensure_supervoxels(self.image_root.parent, self.n_supervoxels, workers=os.cpu_count() or 1)
+        return {
+            "folder": str(self.supervoxel_root),
+            "cases": missing,
+            "recipe": "felzenszwalb3d",
+            "n_supervoxels": self.n_supervoxels,
+            "seconds": round(time.time() - began, 1),
+        }
+
+    def identity(self, *, with_supervoxels: bool) -> dict:
+        """Name, options, a digest of every image and label file, and with supervoxels
+        the label source, the supervoxel folder as configured and a digest of its files.
+
+        Paths under the data root are not part of it (moving the data keeps the
+        identity); the bytes are. Digests are cached by size and mtime
+        (:mod:`fsmis_bench.data.digest`), so an unchanged dataset costs one ``stat`` per file.
+        """
+        ids = self.case_ids()
+        files = [nifti_path(self.image_root, f"{kind}_{c}") for c in ids for kind in ("image", "label")]
+        identity = {
+            "name": self.name,
+            "options": dict(self.options),
+            "layout": f"{self.folder}/{self.image_dir}",
+            "cases": len(ids),
+            "images_labels_sha256": files_sha256(files, self.image_root),
+            "label_source": "supervoxels" if with_supervoxels else "ground_truth",
+        }
+        if with_supervoxels:
+            sv_files = [nifti_path(self.supervoxel_root, f"superpix-MIDDLE_{c}") for c in ids]
+            absent = [p for p in sv_files if not p.exists()]
+            if absent:
+                raise DataError(
+                    f"{self.name}: {len(absent)} scans have no supervoxels, e.g. {absent[0]}",
+                    hint=f"generate them with `fsmis-bench supervoxels {self.name} --root <data_root>`, "
+                    "or train with protocol.train_labels=gt",
+                )
+            identity["supervoxels"] = {
+                "supervoxel_dir": self.supervoxel_dir or f"{self.folder}/supervoxels_{self.n_supervoxels}",
+                "n_supervoxels": self.n_supervoxels,
+                "sha256": files_sha256(sv_files, self.supervoxel_root),
+            }
+        return identity
 
     def _case_ids(self) -> list[str]:
         ids = [

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Callable, Generic, Iterator, TypeVar, Union
@@ -19,6 +20,22 @@ from .errors import NameCollisionError, UnknownNameError
 T = TypeVar("T")
 
 
+def closest(name: str, candidates: list[str] | set[str]) -> str | None:
+    """The candidate most like ``name`` (a typo's intended word), or None if none is close.
+
+    Ties in similarity go to the longer common prefix, so ``sd16`` suggests ``sd15``
+    rather than ``sd21``, and ``train.stepz`` suggests ``train.steps``.
+    """
+    close = difflib.get_close_matches(name, list(candidates), n=len(candidates) or 1, cutoff=0.6)
+    if not close:
+        return None
+
+    def rank(candidate: str) -> tuple[float, int]:
+        ratio = difflib.SequenceMatcher(None, name, candidate).ratio()
+        prefix = len(os.path.commonprefix([name, candidate]))
+        return (round(ratio, 6), prefix)
+
+    return max(close, key=rank)
 @dataclass(frozen=True)
 class Display:
     """How reports show a registered name (all optional; empty means "derive it").
@@ -107,8 +124,8 @@ class Registry(Generic[T]):
             return self._entries[name]
         except KeyError:
             known = sorted(self._entries)
-            close = difflib.get_close_matches(name, known, n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
+            close = closest(name, known)
+            hint = f"did you mean {close!r}? " if close else ""
             raise UnknownNameError(
                 f"unknown {self.kind} {name!r}; known {self.kind}s: {', '.join(known) or '(none)'}",
                 hint=hint + "run `fsmis-bench list` to see every name with the plugin it came from",

@@ -51,7 +51,7 @@ def _run(args: argparse.Namespace) -> int:
                 if not checkpoint.exists():
                     raise FsmisError(
                         f"checkpoint {checkpoint} does not exist",
-                        hint="pass the path of a final.pt, or the directory of a finished run",
+                        hint="pass the path of a final.safetensors, or the directory of a finished run",
                     )
             else:
                 kept.append(item)

@@ -8,13 +8,16 @@ registries first, so an unknown name lists the known ones instead of a Hydra tra
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from ._registry import closest
 from .errors import ConfigError
 from .plugins import registries
 
@@ -27,8 +30,38 @@ _CHOICES = {
     "fidelity": ("paper", "code"),
     "device": ("auto", "cpu", "cuda"),
     "mixed_precision": ("auto", "no", "bf16", "fp16"),
+    "train.schedule": ("constant", "linear", "cosine", "step"),
     "tf32": ("auto", True, False),
 }
+
+
+def _engine_choices() -> dict[str, tuple]:
+    """The compute switches' values, from the modules that implement them (imported late:
+    they load torch)."""
+    from .training.optim import OPTIMIZERS, WEIGHT_DTYPES
+    from .training.step import ACCUMULATION, COMPILE_MODES
+
+    return {
+        "train.optimizer": OPTIMIZERS,
+        "train.accumulation": ACCUMULATION,
+        "train.compile": (False, *COMPILE_MODES),
+        "train.weight_dtype": tuple(WEIGHT_DTYPES),
+        "train.fused_optimizer": (True, False),
+        "train.channels_last": (True, False),
+    }
+# Integer options and their least allowed value; those in _NULLABLE may also be null.
+_INTEGERS = {
+    "fold": 0, "seed": 0, "setting": 1,
+    "protocol.supp_idx": 0, "protocol.n_part": 1, "protocol.n_shot": 1, "protocol.min_fg_pixels": 0,
+    "protocol.max_queries": 1,
+    "train.steps": 1, "train.batch_size": 1, "train.grad_accum": 1, "train.checkpoint_every": 1,
+    "train.log_every": 1, "train.warmup_steps": 0, "train.num_workers": 0, "train.image_size": 8,
+    "train.lr_step_every": 1,
+}
+_NULLABLE = ("protocol.max_queries", "train.image_size")
+# Non-negative real options.
+_REALS = ("train.grad_clip", "train.weight_decay", "train.momentum", "train.lr_gamma")
+_BOOLEANS = ("pretrained", "train.augment", "protocol.save_predictions")
 
 
 def config_dir() -> Path:
@@ -59,6 +92,51 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
     return [list(combo) for combo in itertools.product(*choices)]
 
 
+def _dotted_keys(node: Any, prefix: str = "") -> list[str]:
+    """Every key of a config as ``a.b.c`` (containers and leaves)."""
+    keys = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            dotted = f"{prefix}{key}"
+            keys.append(dotted)
+            keys.extend(_dotted_keys(value, dotted + "."))
+    return keys
+
+
+def _base_keys(overrides: list[str], extra: list[str]) -> set[str]:
+    """The keys of the config that the group choices in ``overrides`` select, without any
+    value override: every key fsmis-bench and the chosen plugins read."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    given = _split(overrides)
+    groups = [f"{k}={v}" for k, v in given.items() if k in (*_GROUPS, "fidelity")]
+    test_name = given.get("protocol.test_dataset")
+    if test_name not in (None, "", "null"):  # a cross-domain test dataset's own options
+        groups.append(f"+dataset@test_dataset={test_name}")
+    with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
+        cfg = hydra_compose("config", overrides=groups + extra)
+        default_backbone = cfg.method.get("default_backbone")
+        if not any(o.startswith("backbone=") for o in groups) and default_backbone:
+            cfg = hydra_compose("config", overrides=groups + extra + [f"backbone={default_backbone}"])
+    plain = OmegaConf.to_container(cfg, resolve=False)
+    plain.pop("hydra", None)
+    return set(_dotted_keys(plain))
+
+
+def _unknown_key(key: str, known: set[str], added: bool) -> ConfigError:
+    close = closest(key, known)
+    suggestion = f"did you mean {close}? " if close else ""
+    if added:
+        return ConfigError(
+            f"+{key} adds a key that nothing reads: no config declares {key!r}, so the value would be ignored",
+            hint=suggestion + "every option that fsmis-bench or a plugin reads is declared in a config file "
+            "(configs/config.yaml, configs/method/<name>.yaml, ...); a plugin declares its own options there",
+        )
+    return ConfigError(
+        f"unknown option {key!r}",
+        hint=suggestion + "see configs/config.yaml and the method's configs/method/<name>.yaml for the options",
+    )
 def is_sweep(overrides: list[str]) -> bool:
     """Whether any override describes several values (``fold=0,1``, ``range(5)``).
 
@@ -157,7 +235,13 @@ def compose(overrides: list[str] | None = None, *, resolve_datasets: bool = True
                 cfg = hydra_compose("config", overrides=overrides + extra + more)
     except (HydraException, OmegaConfBaseException) as exc:
         lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-        hint = "check the override names (`fsmis-bench list`); new keys need a leading '+'"
+        unknown = re.match(r"Could not override '([^']+)'", lines[0]) if lines else None
+        if unknown:
+            raise _unknown_key(unknown.group(1), _base_keys(overrides + test_options, extra), added=False) from None
+        hint = "check the override names (`fsmis-bench list`)"
+        present = re.search(r"An item is already at '([^']+)'", lines[0]) if lines else None
+        if present:
+            hint = f"{present.group(1)} exists: set it without the '+'"
         if any(line.startswith("Available options") for line in lines):
             start = next(i for i, line in enumerate(lines) if line.startswith("Available options"))
             options = [line for line in lines[start + 1:] if not line.startswith(("Config search path", "provider="))]
@@ -167,12 +251,30 @@ def compose(overrides: list[str] | None = None, *, resolve_datasets: bool = True
     with_hydra = OmegaConf.to_container(cfg, resolve=False)
     with_hydra.pop("hydra", None)
     cfg = OmegaConf.create(with_hydra)
+    _refuse_added_or_deleted(overrides + test_options, extra)
     if resolve_datasets:
         _resolve_dataset_options(cfg)
     validate(cfg)
     return cfg
 
 
+def _refuse_added_or_deleted(overrides: list[str], extra: list[str]) -> None:
+    """``+key=`` that adds a key no config declares would be silently ignored (a typo
+    trains the defaults), and ``~key`` would remove one the code reads: both are refused."""
+    # "+group@package=option" (a config group added under another name) is not a key
+    added = [o.lstrip("+").split("=", 1)[0] for o in overrides if o.startswith("+") and "@" not in o.split("=", 1)[0]]
+    deleted = [o.lstrip("~").split("=", 1)[0] for o in overrides if o.startswith("~")]
+    if deleted:
+        raise ConfigError(
+            f"~{deleted[0]} would delete an option that fsmis-bench or the method reads",
+            hint=f"set it instead, e.g. {deleted[0]}=null where null is allowed",
+        )
+    if not added:
+        return
+    known = _base_keys(overrides, extra)
+    for key in added:
+        if key not in known and not key.startswith("hydra."):
+            raise _unknown_key(key, known, added=True)
 def _test_dataset_overrides(cfg: DictConfig, test_options: list[str]) -> list[str]:
     """The overrides that build the ``test_dataset`` node of a cross-domain run.
 
@@ -236,15 +338,35 @@ def validate(cfg: DictConfig) -> None:
                 hint="choose the test dataset with protocol.test_dataset only",
             )
     regs.settings.entry(str(cfg.setting))
-    for key, allowed in _CHOICES.items():
+    for key, allowed in {**_CHOICES, **_engine_choices()}.items():
         value = OmegaConf.select(cfg, key)
+        if value is None and key not in _CHOICES:
+            continue  # an engine switch a config leaves out is off
         if value not in allowed:
             shown = (str(a).lower() if isinstance(a, bool) else str(a) for a in allowed)  # true, not True
             raise ConfigError(f"{key}={value!r} is not allowed", hint=f"use one of: {', '.join(shown)}")
-    for key in ("fold", "seed", "setting", "protocol.supp_idx", "protocol.n_part", "protocol.n_shot", "train.steps"):
+    for key, least in _INTEGERS.items():
         value = OmegaConf.select(cfg, key)
+        if value is None and key in _NULLABLE:
+            continue
+        if key == "train.num_workers" and value == "auto":
+            continue
         if not isinstance(value, int) or isinstance(value, bool):
-            raise ConfigError(f"{key} must be an integer, got {value!r}")
-    if cfg.fold < 0:
-        raise ConfigError(f"fold={cfg.fold} does not exist", hint="use fold=0..4 (five folds, PROTOCOL.md §2)")
+            raise ConfigError(f"{key} must be an integer, got {value!r}",
+                              hint=f"e.g. {key}={max(least, 1)}" + (" (or null)" if key in _NULLABLE else ""))
+        if value < least:
+            if key == "fold":
+                raise ConfigError(f"fold={value} does not exist", hint="use fold=0..4 (five folds, PROTOCOL.md §2)")
+            raise ConfigError(f"{key}={value} is not allowed", hint=f"{key} must be at least {least}")
+    for key in _REALS:
+        value = OmegaConf.select(cfg, key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0 or value == float("inf"):
+            raise ConfigError(f"{key}={value!r} is not allowed", hint=f"{key} must be a finite number >= 0")
+    for key in _BOOLEANS:
+        value = OmegaConf.select(cfg, key)
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} is not allowed", hint=f"use {key}=true or {key}=false")
+    organs = cfg.protocol.get("organs")
+    if organs is not None and (not OmegaConf.is_list(organs) or not all(isinstance(o, str) for o in organs)):
+        raise ConfigError(f"protocol.organs={organs!r} is not a list of organ names", hint="e.g. protocol.organs=[liver]")
     OmegaConf.resolve(cfg)

@@ -2,13 +2,20 @@
 
 ``<results_dir>/<method>/<dataset>/setting<k>/fold<f>/seed<s>-<hash8>/`` where
 ``<dataset>`` is the test dataset (``<train>_to_<test>`` for cross-domain runs) and
-``<hash8>`` the start of the resolved config's hash: a run with a different config gets a
+``<hash8>`` the start of the run's hash: the resolved config plus its *inputs* (the
+identity of the training and test data, of the pretrained weights, and the content hash
+of an external checkpoint). A run with a different config or different inputs gets a
 different directory, so nothing is ever overwritten; an identical finished run is found
 and not recomputed.
+
+Record files are written through a temporary file and a rename, with the permissions the
+umask gives; a failed write (read-only folder, full disk) removes its temporary file and
+raises :class:`RecordWriteError` naming the folder and the cause.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -18,12 +25,14 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
+from contextlib import contextmanager
 from typing import Any, Iterator
 
 import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
+from .errors import FsmisError
 from .training.precision import with_resolved_precision
 
 CASE_COLUMNS = [
@@ -66,29 +75,60 @@ def _pick(data: dict[str, Any], dotted: str) -> Any:
     return data
 
 
-def config_hash(cfg: DictConfig) -> str:
-    """SHA-256 of the resolved config without paths and device choice."""
+def _hashed_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
+    """The inputs as hashed: an external checkpoint counts by content, not by path."""
+    hashed = dict(inputs)
+    checkpoint = hashed.get("checkpoint")
+    if checkpoint:
+        hashed["checkpoint"] = {"sha256": checkpoint["sha256"]}
+    return hashed
+
+
+def config_hash(cfg: DictConfig, inputs: dict[str, Any] | None = None) -> str:
+    """SHA-256 of the resolved config without paths and device choice, plus ``inputs``.
+
+    Args:
+        inputs: the run's inputs as recorded in ``run.json`` (``train_data``,
+            ``test_data``, ``weights``, ``checkpoint``); see :func:`fsmis_bench.runner.identify`.
+    """
     data = _plain(cfg)
     for key in _UNHASHED:
         _drop(data, key)
+    if inputs is not None:
+        data["inputs"] = _hashed_inputs(inputs)
     return _digest(data)
 
 
-def training_hash(cfg: DictConfig) -> str:
-    """SHA-256 of only the keys that decide the trained weights."""
+def training_hash(cfg: DictConfig, inputs: dict[str, Any] | None = None) -> str:
+    """SHA-256 of only what decides the trained weights: training keys, training data,
+    pretrained weights."""
     data = _plain(cfg)
     train = _pick(data, "train")
     if isinstance(train, dict):
         train.pop("num_workers", None)
-    return _digest({key: _pick(data, key) for key in _TRAINING_KEYS})
+    picked = {key: _pick(data, key) for key in _TRAINING_KEYS}
+    if inputs is not None:
+        picked["inputs"] = {"train_data": inputs.get("train_data"), "weights": inputs.get("weights")}
+    return _digest(picked)
+
+
+def data_identity_hash(info: dict[str, Any]) -> str:
+    """Short hash of a record's data identity (training and test data), '' if unknown.
+
+    Runs whose data identities differ are never merged by the report.
+    """
+    inputs = info.get("inputs")
+    if not isinstance(inputs, dict):
+        return ""
+    return _digest({"train_data": inputs.get("train_data"), "test_data": inputs.get("test_data")})[:8]
 
 
 def test_dataset_name(cfg: DictConfig) -> str:
     return str(cfg.protocol.get("test_dataset") or cfg.dataset.name)
 
 
-def run_dir_for(cfg: DictConfig) -> Path:
-    """The record directory of the run that ``cfg`` describes."""
+def run_dir_for(cfg: DictConfig, inputs: dict[str, Any] | None = None) -> Path:
+    """The record directory of the run that ``cfg`` (with ``inputs``) describes."""
     test = test_dataset_name(cfg)
     dataset = test if test == cfg.dataset.name else f"{cfg.dataset.name}_to_{test}"
     return (
@@ -97,12 +137,17 @@ def run_dir_for(cfg: DictConfig) -> Path:
         / dataset
         / f"setting{cfg.setting}"
         / f"fold{cfg.fold}"
-        / f"seed{cfg.seed}-{config_hash(cfg)[:8]}"
+        / f"seed{cfg.seed}-{config_hash(cfg, inputs)[:8]}"
     )
 
 
-def non_standard_options(cfg: DictConfig, random_weights: bool) -> list[str]:
-    """Every deviation from the standard protocol, for report markers."""
+def non_standard_options(cfg: DictConfig, random_weights: bool, checkpoint_sha256: str | None = None) -> list[str]:
+    """Every deviation from the standard protocol, for report markers.
+
+    ``checkpoint_sha256``: the weights came from an external checkpoint (``eval
+    checkpoint=``), marked with its content hash so that runs of different checkpoints
+    stay apart.
+    """
     marks = []
     protocol = cfg.protocol
     if protocol.exclusion != "any" and int(cfg.setting) == 2:
@@ -126,6 +171,8 @@ def non_standard_options(cfg: DictConfig, random_weights: bool) -> list[str]:
     marks += published_config_deviations(cfg)
     if random_weights:
         marks.append("random_weights")
+    if checkpoint_sha256:
+        marks.append(f"external_checkpoint={checkpoint_sha256[:8]}")
     return marks
 
 
@@ -156,14 +203,69 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+class RecordWriteError(FsmisError):
+    """A record could not be written (read-only folder, full disk, ...)."""
+
+
+_CAUSES = {
+    errno.ENOSPC: "the disk is full (no space left on device)",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied (the folder is read-only for this user)",
+    errno.EPERM: "operation not permitted",
+}
+
+
+def write_error(exc: OSError, folder: Path) -> FsmisError:
+    """One clear error for a failed write under ``folder``: which folder, and why."""
+    cause = _CAUSES.get(exc.errno or -1, exc.strerror or str(exc))
+    folder = Path(folder).expanduser().absolute()
+    target = Path(exc.filename).absolute() if exc.filename else None
+    if target is not None and folder not in target.parents and target != folder:
+        return FsmisError(f"cannot access {target}: {cause}", hint="check the path and its permissions")
+    where = target.parent if target is not None else folder
+    hint = ("free some space, then rerun the same command: finished work is kept and the run resumes"
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            else "make the folder writable, or choose another results_dir= (FSMIS_RESULTS_DIR)")
+    return RecordWriteError(f"cannot write to {where}: {cause}", hint=hint)
+
+
+@contextmanager
+def writing_to(folder: Path) -> Iterator[None]:
+    """Turn an ``OSError`` raised while writing under ``folder`` into a :class:`RecordWriteError`."""
+    try:
+        yield
+    except OSError as exc:
+        raise write_error(exc, folder) from None
+
+
+def new_file_mode() -> int:
+    """The permissions an ordinary new file gets: 0666 minus the process's umask."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write(path: Path, data: bytes | str) -> None:
-    """Write via a temporary file and rename, so a crash never leaves half a file."""
+    """Write via a temporary file and rename, so a crash never leaves half a file.
+
+    The file gets the permissions of an ordinary new file (0666 minus the umask), and a
+    failed write removes its temporary file.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     mode = "wb" if isinstance(data, bytes) else "w"
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, mode) as handle:
-        handle.write(data)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, mode) as handle:
+            os.fchmod(handle.fileno(), new_file_mode())  # mkstemp creates 0600
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.filename is None:
+            exc.filename = str(path)  # a failed write() names no file; say which one
+        raise
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -189,8 +291,11 @@ def save_predictions(path: Path, predictions: dict[tuple[str, str], tuple[np.nda
         arrays[f"{key}/bits"] = np.packbits(np.asarray(pred, dtype=bool).ravel())
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.npz")
-    np.savez_compressed(tmp, **arrays)
-    os.replace(tmp, path)
+    try:
+        np.savez_compressed(tmp, **arrays)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load_predictions(run_dir: Path) -> dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]:

@@ -1,9 +1,18 @@
-"""Runs: compose -> datasets -> protocol episodes -> train (or resume, or reuse) -> evaluate -> record.
+"""Runs: compose -> identify -> protocol episodes -> train (or resume, or reuse) -> evaluate -> record.
 
-Everything a run computes is validated before training starts (data root, folds, that
-each support scan shows each organ), so a bad input never costs a training run. Each
-evaluation group is recorded as soon as it is done, so an interrupted run resumes where
-it stopped, and a finished run is never recomputed or overwritten.
+Order matters for trust:
+
+1. options are validated when the config is composed (:func:`fsmis_bench.config.validate`),
+   before any data or disk is touched;
+2. :func:`identify` builds the datasets and the method and fixes the run's *inputs* (data
+   identity, pretrained weights, an external checkpoint's content hash), which go into
+   the run hash and ``run.json``;
+3. :func:`plan` loads and checks every volume the run will read (test episodes, training
+   scans), so bad data stops the run before its folder exists;
+4. only then is the run folder created and training started.
+
+Each evaluation group is recorded as soon as it is done, so an interrupted run resumes
+where it stopped, and a finished run is never recomputed or overwritten.
 """
 
 from __future__ import annotations
@@ -11,12 +20,14 @@ from __future__ import annotations
 import copy
 import fcntl
 import os
+import shutil
 import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
@@ -25,6 +36,7 @@ from tqdm.auto import tqdm
 
 from .data.base import VolumeDataset
 from .data.consistency import shared_slices, slice_digests, spacing_mismatch
+from .data.digest import file_sha256, files_sha256
 from .errors import ConfigError, DataWarning
 from .evaluation import OrganEpisodes, evaluate
 from .method import Method
@@ -35,9 +47,12 @@ from .protocol.settings import EvalGroup, eval_groups
 from .records import (
     CASE_COLUMNS, COMPLETE, atomic_write, config_hash, load_predictions, non_standard_options,
     now, package_versions, read_json, run_dir_for, save_predictions, test_dataset_name,
-    training_hash, write_json,
+    training_hash, write_error, write_json, writing_to,
 )
-from .training.engine import load_weights, make_accelerator, train
+from .training.checkpoint import (
+    LEGACY_FILES, WEIGHTS_FILE, CheckpointError, load_weights, read_metadata, refuse_legacy,
+)
+from .training.engine import make_accelerator, train
 from .training.episodes import EpisodeSampler
 from .training.precision import precision_of, with_resolved_precision
 
@@ -82,6 +97,33 @@ def build_method(cfg: DictConfig) -> Method:
 
 
 @dataclass
+class RunIdentity:
+    """Everything that decides a run's numbers, fixed before any work is done.
+
+    Attributes:
+        cfg: the resolved config.
+        run_dir: the record directory (its name ends in the hash of config + inputs).
+        inputs: ``{"train_data", "test_data", "weights", "checkpoint"}`` as recorded in
+            ``run.json``: the datasets' :meth:`~fsmis_bench.data.base.VolumeDataset.identity`
+            (``train_data`` is None when nothing is trained), the method's
+            :meth:`~fsmis_bench.method.Method.weight_identity`, and an external checkpoint's
+            path, SHA-256 and step (None without ``checkpoint=``).
+        method: the method built for ``cfg`` (reused for the first evaluation group).
+        supervoxels_generated: what :meth:`ensure_supervoxels` generated for this run.
+    """
+
+    cfg: DictConfig
+    run_dir: Path
+    inputs: dict[str, Any]
+    train_dataset: VolumeDataset
+    test_dataset: VolumeDataset
+    groups: list[EvalGroup]
+    method: Method
+    checkpoint: Path | None = None
+    supervoxels_generated: dict | None = None
+
+
+@dataclass
 class RunPlan:
     cfg: DictConfig
     run_dir: Path
@@ -89,19 +131,110 @@ class RunPlan:
     test_dataset: VolumeDataset
     groups: list[EvalGroup]
     episodes: dict[str, list[OrganEpisodes]]
+    identity: RunIdentity | None = None
+    to_train: list[str] = field(default_factory=list)
 
 
-def plan(cfg: DictConfig) -> RunPlan:
-    """Resolve datasets, groups and every test episode; raises before anything is trained."""
-    method_cls = registries().methods.get(str(cfg.method.name))
+def _trains_on_supervoxels(cfg: DictConfig, method: Method, checkpoint: Path | None) -> bool:
+    return method.needs_training and checkpoint is None and cfg.protocol.train_labels == "supervoxels"
+
+
+def _step_of(path: Path) -> int:
+    metadata = read_metadata(path)  # a pickle is refused here, unread
+    try:
+        return int(metadata.get("step", 0))
+    except ValueError:
+        return 0
+
+
+def _external_checkpoint(checkpoint: Path, groups: list[EvalGroup]) -> dict[str, Any]:
+    """Path, content hash and step of an ``eval checkpoint=`` file, or of every group's
+    weights in a finished run's directory (refused unless safetensors)."""
+    if not checkpoint.is_dir():
+        return {"path": str(checkpoint.resolve()), "sha256": file_sha256(checkpoint), "step": _step_of(checkpoint)}
+    files = [_checkpoint_for(checkpoint, g.name) for g in groups]
+    return {
+        "path": str(checkpoint.resolve()),
+        "sha256": files_sha256(files, checkpoint),
+        "groups": {g.name: {"sha256": file_sha256(f), "step": _step_of(f)} for g, f in zip(groups, files)},
+    }
+
+
+def _checkpoint_for(checkpoint: Path, group: str) -> Path:
+    """A weights file as given, or the group's ``final.safetensors`` in a finished run's directory."""
+    if not checkpoint.is_dir():
+        return checkpoint
+    path = checkpoint / "checkpoints" / group / WEIGHTS_FILE
+    refuse_legacy(path.parent)  # a run folder of an older version holds pickles
+    if not path.is_file():
+        found = sorted(p.parent.name for p in checkpoint.glob(f"checkpoints/*/{WEIGHTS_FILE}"))
+        raise ConfigError(
+            f"{checkpoint} holds no trained model for the evaluation group {group!r} (it has: {found or 'none'})",
+            hint="evaluate with the setting and protocol.exclusion that run was trained with",
+        )
+    return path
+
+
+def _check_checkpoint_source(cfg: DictConfig, checkpoint: Path) -> None:
+    """Refuse a checkpoint whose run was trained with another method, backbone or dataset:
+    the record would name the wrong training dataset, or the weights would not fit."""
+    run_dir = checkpoint if checkpoint.is_dir() else checkpoint.parent.parent.parent
+    if not (run_dir / "config.yaml").is_file():
+        if checkpoint.is_dir():
+            raise ConfigError(f"{checkpoint} is not a run directory (no config.yaml)",
+                              hint=f"pass a finished run's directory or its checkpoints/<group>/{WEIGHTS_FILE}")
+        return  # a checkpoint from elsewhere: nothing to compare with
+    trained = OmegaConf.load(run_dir / "config.yaml")
+    for key in ("method", "backbone", "pretrained", "dataset"):
+        if OmegaConf.select(trained, key) != OmegaConf.select(cfg, key):
+            was = OmegaConf.select(trained, key)
+            was = was.get("name", was) if isinstance(was, DictConfig) else was
+            hint = (
+                f"keep dataset={trained.dataset.name} (the training data) and choose the data to test on with "
+                f"protocol.test_dataset=<name>, e.g. protocol.test_dataset=nifti_folder test_dataset.path=<folder>"
+                if key == "dataset" else f"evaluate it with the {key} it was trained with"
+            )
+            raise ConfigError(
+                f"{checkpoint} was trained with another {key} ({key}={was}) than this evaluation asks for",
+                hint=hint,
+            )
+
+
+def identify(cfg: DictConfig, checkpoint: Path | None = None) -> RunIdentity:
+    """Build datasets and method and fix the run's inputs, hash and record directory.
+
+    Generates missing supervoxels first (announced, and recorded in the run), because
+    their digest is part of the identity. Loads no volume.
+    """
+    if checkpoint is not None:
+        _check_checkpoint_source(cfg, checkpoint)
     train_dataset = build_dataset(cfg.dataset, cfg.data_root)
     test_dataset = build_test_dataset(cfg, train_dataset)
     groups = eval_groups(train_dataset, test_dataset, int(cfg.setting), str(cfg.protocol.exclusion),
                          str(cfg.protocol.train_labels), str(cfg.protocol.get("gt_exclusion", "per_group")))
-    if method_cls.needs_training and cfg.protocol.train_labels == "supervoxels":
+    method = build_method(cfg)
+    generated = None
+    if _trains_on_supervoxels(cfg, method, checkpoint):
         ensure = getattr(train_dataset, "ensure_supervoxels", None)
         if ensure is not None:
-            ensure()
+            generated = ensure()
+    inputs: dict[str, Any] = {
+        "train_data": (train_dataset.identity(with_supervoxels=_trains_on_supervoxels(cfg, method, checkpoint))
+                       if method.needs_training and checkpoint is None else None),
+        "test_data": test_dataset.identity(with_supervoxels=False),
+        "weights": method.weight_identity(),
+        "checkpoint": _external_checkpoint(checkpoint, groups) if checkpoint is not None else None,
+    }
+    return RunIdentity(cfg, run_dir_for(cfg, inputs), inputs, train_dataset, test_dataset, groups, method,
+                       checkpoint, generated)
+
+
+def plan(cfg: DictConfig, identity: RunIdentity | None = None, *, allow_training: bool = True) -> RunPlan:
+    """Resolve every test episode and check every volume the run reads; raises before
+    anything is written or trained."""
+    ident = identity or identify(cfg)
+    method_cls = type(ident.method)
+    test_dataset, groups = ident.test_dataset, ident.groups
     fold_cases = test_dataset.fold_cases(int(cfg.fold))
     supp_idx = _support_position(test_dataset, int(cfg.fold), fold_cases, int(cfg.protocol.supp_idx))
     # Smoke runs may evaluate a subset (marked non-standard in the record).
@@ -129,7 +262,17 @@ def plan(cfg: DictConfig) -> RunPlan:
     episodes = {g.name: episodes[g.name] for g in groups}
     supports = sorted({c for organ_eps in episodes.values() for e in organ_eps for c in e.support.case_ids})
     _warn_about_pairs(test_dataset, supports, [c for c in fold_cases if c not in supports])
-    return RunPlan(cfg, run_dir_for(cfg), train_dataset, test_dataset, groups, episodes)
+    p = RunPlan(cfg, ident.run_dir, ident.train_dataset, test_dataset, groups, episodes, ident)
+    if ident.checkpoint is not None and ident.method.needs_training:
+        for group in groups:  # refuses a partial or foreign checkpoint now
+            load_weights(ident.method, _checkpoint_for(ident.checkpoint, group.name))
+    p.to_train = _groups_to_train(p, allow_training)
+    if p.to_train:
+        # Every training scan is read (and checked, e.g. for NaN) before the run folder exists.
+        with_sv = str(cfg.protocol.train_labels) == "supervoxels"
+        for case_id in _training_cases(p):
+            p.train_dataset.load(case_id, with_supervoxels=with_sv)
+    return p
 
 
 def _support_position(dataset: VolumeDataset, fold: int, fold_cases: list[str], supp_idx: int) -> int:
@@ -166,21 +309,67 @@ def _training_cases(p: RunPlan) -> list[str]:
     return p.train_dataset.case_ids()  # cross-domain: the whole source dataset
 
 
-def _find_checkpoint(cfg: DictConfig, run_dir: Path, group: str) -> Path | None:
-    """A finished training with the same training config, in this or a sibling run."""
-    own = run_dir / "checkpoints" / group / "final.pt"
-    if own.exists():
-        return own
-    wanted = training_hash(cfg)
+def _label(p: RunPlan, group: EvalGroup) -> str:
+    return f"{p.cfg.method.name}/{p.test_dataset.name} s{p.cfg.setting} f{p.cfg.fold} [{group.name}]"
+
+
+def _groups_to_train(p: RunPlan, allow_training: bool) -> list[str]:
+    """Groups that still need training; raises when training is needed but not allowed."""
+    ident = p.identity
+    if ident is None or not ident.method.needs_training or ident.checkpoint is not None:
+        return []
+    wanted = []
+    for group in p.groups:
+        if (p.run_dir / "parts" / f"cases_{group.name}.csv").exists():
+            continue
+        if _find_checkpoint(p.cfg, ident.inputs, p.run_dir, group.name) is not None:
+            continue
+        if not allow_training:
+            raise ConfigError(
+                f"no trained checkpoint for {_label(p, group)}",
+                hint="train it first with `fsmis-bench run` and the same overrides, or pass "
+                "checkpoint=<a finished run's directory, or its final.safetensors>",
+            )
+        wanted.append(group.name)
+    if wanted and not _training_cases(p):
+        n = len(p.test_dataset.case_ids())
+        raise ConfigError(
+            f"fold {p.cfg.fold} holds all {n} scans of {p.test_dataset.name}: no scan is left to train on",
+            hint=f"test a model trained on another dataset here (e.g. dataset=abd_mri "
+            f"protocol.test_dataset={p.test_dataset.name} with this dataset's options under test_dataset.), "
+            "or leave one scan out per fold with dataset.folds=loo",
+        )
+    return wanted
+
+
+def _find_checkpoint(cfg: DictConfig, inputs: dict, run_dir: Path, group: str) -> Path | None:
+    """A finished training with the same training config and inputs, in this or a sibling run."""
+    own = run_dir / "checkpoints" / group
+    for legacy in LEGACY_FILES:
+        if (own / legacy).exists():
+            raise CheckpointError(
+                f"{own / legacy} is a pickle checkpoint; fsmis-bench never loads pickles, because "
+                "unpickling a file can run arbitrary code",
+                hint=f"delete {own / legacy} (training of this run then restarts from step 0)",
+            )
+    if (own / WEIGHTS_FILE).exists():
+        return own / WEIGHTS_FILE
+    wanted = training_hash(cfg, inputs)
     for info in sorted(run_dir.parent.glob("*/run.json")):
-        candidate = info.parent / "checkpoints" / group / "final.pt"
-        if candidate.exists() and read_json(info).get("training_hash") == wanted:
+        candidate = info.parent / "checkpoints" / group / WEIGHTS_FILE
+        try:
+            same = read_json(info).get("training_hash") == wanted
+        except (OSError, ValueError):
+            continue  # a damaged sibling record is no source of weights
+        if candidate.exists() and same:
             return candidate
     return None
 
 
-def _prepare_dir(cfg: DictConfig, run_dir: Path, random_weights: bool, method_options: dict | None = None) -> dict:
-    full_hash = config_hash(cfg)
+def _prepare_dir(p: RunPlan, random_weights: bool, method_options: dict | None = None) -> dict:
+    cfg, run_dir, ident = p.cfg, p.run_dir, p.identity
+    assert ident is not None
+    full_hash = config_hash(cfg, ident.inputs)
     info_path = run_dir / "run.json"
     if info_path.exists():
         info = read_json(info_path)
@@ -189,9 +378,13 @@ def _prepare_dir(cfg: DictConfig, run_dir: Path, random_weights: bool, method_op
                 f"{run_dir} holds a run with another config (hash prefix collision)",
                 hint="move that directory away; fsmis-bench never overwrites a run",
             )
+        if ident.supervoxels_generated:
+            info.setdefault("supervoxels_generated", []).append({**ident.supervoxels_generated, "at": now()})
+            write_json(info_path, info)
         return info
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
+    checkpoint = ident.inputs.get("checkpoint")
     info = {
         "method": str(cfg.method.name),
         "dataset": str(cfg.dataset.name),
@@ -206,9 +399,15 @@ def _prepare_dir(cfg: DictConfig, run_dir: Path, random_weights: bool, method_op
         "precision": precision_of(cfg).as_record(),
         "method_options": method_options or {},
         "protocol": OmegaConf.to_container(cfg.protocol, resolve=True),
-        "non_standard": non_standard_options(cfg, random_weights),
+        "non_standard": non_standard_options(cfg, random_weights, checkpoint["sha256"] if checkpoint else None),
         "config_hash": full_hash,
-        "training_hash": training_hash(cfg),
+        "training_hash": training_hash(cfg, ident.inputs),
+        # Where the weights come from: trained by this run (or a sibling with the same
+        # training hash), or an external checkpoint, which never counts as a `run`.
+        "weights_from": "external_checkpoint" if checkpoint else ("training" if ident.method.needs_training else "none"),
+        "inputs": ident.inputs,
+        "evaluated": {e.organ: [q.case_id for q in e.queries] for g in p.groups for e in p.episodes[g.name]},
+        "supervoxels_generated": [{**ident.supervoxels_generated, "at": now()}] if ident.supervoxels_generated else [],
         "versions": package_versions(),
         "started_at": now(),
         "finished_at": None,
@@ -218,29 +417,54 @@ def _prepare_dir(cfg: DictConfig, run_dir: Path, random_weights: bool, method_op
     return info
 
 
-def execute(cfg: DictConfig, *, allow_training: bool = True, checkpoint: Path | None = None) -> Path:
-    """Run (or resume) one configuration and return its record directory."""
+def _check_results_writable(cfg: DictConfig) -> None:
+    """A results folder that cannot be written is refused before any data is read."""
+    folder = Path(str(cfg.results_dir)).expanduser()
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"cannot write to {folder}: {existing} is a file, not a folder",
+                          hint="choose another results_dir= (FSMIS_RESULTS_DIR)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise write_error(PermissionError(13, "Permission denied", str(existing / "x")), existing)
+
+
+def execute(cfg: DictConfig, *, allow_training: bool = True, checkpoint: Path | None = None,
+            status: dict[str, str] | None = None) -> Path:
+    """Run (or resume) one configuration and return its record directory.
+
+    Args:
+        allow_training: False for ``eval``: use a finished training or ``checkpoint``.
+        checkpoint: an external ``.safetensors`` checkpoint to evaluate; its content hash
+            is part of the run's identity and the run is marked as evaluated from it.
+        status: filled with ``outcome``: ``skipped`` (already complete), ``resumed`` (a
+            record was there) or ``completed`` (a new run), for a sweep's summary.
+    """
     cfg = as_run_here(cfg)
-    run_dir = run_dir_for(cfg)
-    if (run_dir / COMPLETE).exists():
-        tqdm.write(f"already complete, not recomputed: {run_dir}", file=sys.stderr)
-        return run_dir
+    _check_results_writable(cfg)
+    results = Path(str(cfg.results_dir)).expanduser()
     accelerator = make_accelerator(cfg, int(cfg.train.grad_accum))
-    with accelerator.main_process_first():  # supervoxels, if they must be made, are made once
-        p = plan(cfg)
-    if checkpoint is not None:
-        _check_checkpoint_source(cfg, checkpoint)
-    elif allow_training:
-        _check_trainable(p, run_dir)
-    with _exclusive(run_dir, accelerator.is_main_process):
-        return _execute(p, cfg, run_dir, allow_training, checkpoint, accelerator)
+    with writing_to(results):
+        with accelerator.main_process_first():  # supervoxels, if they must be made, are made once
+            ident = identify(cfg, checkpoint)
+        run_dir = ident.run_dir
+        if status is not None:
+            status["outcome"] = ("skipped" if (run_dir / COMPLETE).exists()
+                                 else "resumed" if (run_dir / "run.json").exists() else "completed")
+        if (run_dir / COMPLETE).exists():
+            tqdm.write(f"already complete, not recomputed: {run_dir}", file=sys.stderr)
+            return run_dir
+        p = plan(cfg, ident, allow_training=allow_training)
+        with _exclusive(run_dir, accelerator.is_main_process):
+            return _execute(p, allow_training, accelerator)
 
 
 def as_run_here(cfg: DictConfig) -> DictConfig:
-    """The config as this machine runs it, which decides the record directory.
+    """The config as this machine runs it, which decides the run's hash and record.
 
-    `auto` precision depends on the device and the process count on the launcher: both are
-    resolved where the run runs, so that they are part of the hash and the record.
+    `auto` precision depends on the device, the process count on the launcher: both are
+    resolved where the run runs.
     """
     return with_process_count(with_resolved_precision(cfg))
 
@@ -248,9 +472,9 @@ def as_run_here(cfg: DictConfig) -> DictConfig:
 def with_process_count(cfg: DictConfig) -> DictConfig:
     """``cfg`` plus ``train.processes`` when several processes share the run (``accelerate launch``).
 
-    Episodes do not depend on the process count (one stream, split), but randomness a loss
-    draws does (one stream per process), so the count is part of the run's identity;
-    single-process configs, and their hashes, are unchanged.
+    The episodes do not depend on the process count (one stream, split), but randomness a
+    loss draws (one stream per process) and batch statistics do, so the count is part of
+    the run's identity; single-process configs, and their hashes, are unchanged.
     """
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     if processes == 1 or cfg.train.get("processes") == processes:
@@ -261,88 +485,49 @@ def with_process_count(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
-def _checkpoint_for(checkpoint: Path, group: str) -> Path:
-    """A ``final.pt`` as given, or the group's ``final.pt`` in a finished run's directory."""
-    if not checkpoint.is_dir():
-        return checkpoint
-    path = checkpoint / "checkpoints" / group / "final.pt"
-    if not path.is_file():
-        found = sorted(p.parent.name for p in checkpoint.glob("checkpoints/*/final.pt"))
-        raise ConfigError(
-            f"{checkpoint} holds no trained model for the evaluation group {group!r} (it has: {found or 'none'})",
-            hint="evaluate with the setting and protocol.exclusion that run was trained with",
-        )
-    return path
-
-
-def _check_checkpoint_source(cfg: DictConfig, checkpoint: Path) -> None:
-    """Refuse a checkpoint whose run was trained with another method, backbone or dataset:
-    the record would name the wrong training dataset, or the weights would not fit."""
-    run_dir = checkpoint if checkpoint.is_dir() else checkpoint.parent.parent.parent
-    if not (run_dir / "config.yaml").is_file():
-        if checkpoint.is_dir():
-            raise ConfigError(f"{checkpoint} is not a run directory (no config.yaml)",
-                              hint="pass a finished run's directory or its checkpoints/<group>/final.pt")
-        return  # a checkpoint from elsewhere: nothing to compare with
-    trained = OmegaConf.load(run_dir / "config.yaml")
-    for key in ("method", "backbone", "pretrained", "dataset"):
-        if OmegaConf.select(trained, key) != OmegaConf.select(cfg, key):
-            was = OmegaConf.select(trained, key)
-            was = was.get("name", was) if isinstance(was, DictConfig) else was
-            hint = (
-                f"keep dataset={trained.dataset.name} (the training data) and choose the data to test on with "
-                f"protocol.test_dataset=<name>, e.g. protocol.test_dataset=nifti_folder test_dataset.path=<folder>"
-                if key == "dataset" else f"evaluate it with the {key} it was trained with"
-            )
-            raise ConfigError(
-                f"{checkpoint} was trained with another {key} ({key}={was}) than this evaluation asks for",
-                hint=hint,
-            )
-
-
-def _check_trainable(p: RunPlan, run_dir: Path) -> None:
-    """A method that must be trained needs training scans outside the test fold."""
-    if not registries().methods.get(str(p.cfg.method.name)).needs_training or _training_cases(p):
-        return
-    if all(_find_checkpoint(p.cfg, run_dir, g.name) is not None for g in p.groups):
-        return
-    n = len(p.test_dataset.case_ids())
-    raise ConfigError(
-        f"fold {p.cfg.fold} holds all {n} scans of {p.test_dataset.name}: no scan is left to train on",
-        hint=f"test a model trained on another dataset here (e.g. dataset=abd_mri "
-        f"protocol.test_dataset={p.test_dataset.name} with this dataset's options under test_dataset.), "
-        "or leave one scan out per fold with dataset.folds=loo",
-    )
-
-
 @contextmanager
 def _exclusive(run_dir: Path, main_process: bool = True) -> Iterator[None]:
     """One process per run directory; the OS drops the lock if the process dies.
 
-    The other processes of a multi-process run (``accelerate launch``) work under their
-    main process's lock and write nothing to the record.
+    A run folder created here is removed again when the run fails before computing
+    anything, so a failed start leaves no "running" record behind. The other processes of
+    a multi-process run (``accelerate launch``) work under their main process's lock and
+    write nothing to the record.
     """
     if not main_process:
         yield
         return
+    created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / ".lock", "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ConfigError(
-                f"{run_dir} is being computed by another process right now",
-                hint="let that process finish; rerunning afterwards reuses its result",
-            ) from None
-        yield
+    try:
+        with open(run_dir / ".lock", "w") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise ConfigError(
+                    f"{run_dir} is being computed by another process right now",
+                    hint="let that process finish; rerunning afterwards reuses its result",
+                ) from None
+            yield
+    except BaseException:
+        if created and not _holds_work(run_dir):
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
 
 
-def _execute(p: RunPlan, cfg: DictConfig, run_dir: Path, allow_training: bool, checkpoint: Path | None,
-             accelerator) -> Path:
+def _holds_work(run_dir: Path) -> bool:
+    """Whether a run folder holds anything computed (a checkpoint, a part, a log)."""
+    bookkeeping = {".lock", "config.yaml", "run.json"}
+    return any(p.is_file() and p.name not in bookkeeping for p in run_dir.rglob("*"))
+
+
+def _execute(p: RunPlan, allow_training: bool, accelerator) -> Path:
+    cfg, run_dir, ident = p.cfg, p.run_dir, p.identity
+    assert ident is not None
     if (run_dir / COMPLETE).exists():  # finished by another process while we planned
         return run_dir
-    probe = build_method(cfg)
-    info = (_prepare_dir(cfg, run_dir, probe.uses_random_weights(), probe.resolved_options())
+    probe = ident.method
+    info = (_prepare_dir(p, probe.uses_random_weights(), probe.resolved_options())
             if accelerator.is_main_process else {})
     image_size = int(cfg.train.image_size) if cfg.train.get("image_size") else None
     for group in p.groups:
@@ -350,10 +535,11 @@ def _execute(p: RunPlan, cfg: DictConfig, run_dir: Path, allow_training: bool, c
         if part_cases.exists():
             continue
         method = probe if group is p.groups[0] else build_method(cfg)
-        label = f"{cfg.method.name}/{p.test_dataset.name} s{cfg.setting} f{cfg.fold} [{group.name}]"
+        label = _label(p, group)
         ckpt_dir = run_dir / "checkpoints" / group.name
         if method.needs_training:
-            existing = _checkpoint_for(checkpoint, group.name) if checkpoint else _find_checkpoint(cfg, run_dir, group.name)
+            existing = (_checkpoint_for(ident.checkpoint, group.name) if ident.checkpoint
+                        else _find_checkpoint(cfg, ident.inputs, run_dir, group.name))
             if existing is not None:
                 step = load_weights(method, existing)
                 tqdm.write(f"using trained weights {existing} (step {step})", file=sys.stderr)
@@ -361,7 +547,7 @@ def _execute(p: RunPlan, cfg: DictConfig, run_dir: Path, allow_training: bool, c
                 raise ConfigError(
                     f"no trained checkpoint for {label}",
                     hint="train it first with `fsmis-bench run` and the same overrides, or pass "
-                    "checkpoint=<a finished run's directory, or its final.pt>",
+                    "checkpoint=<a finished run's directory, or its final.safetensors>",
                 )
             else:
                 sampler = EpisodeSampler(

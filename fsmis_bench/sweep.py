@@ -66,17 +66,6 @@ def preemption_signals() -> tuple[int, ...]:
     return tuple(signals)
 
 
-def prior_state(run_dir: Path) -> str:
-    """What running ``run_dir`` now will be: skipped (complete), resumed or completed (new)."""
-    from .records import COMPLETE
-
-    if (run_dir / COMPLETE).exists():
-        return "skipped"
-    if (run_dir / "run.json").exists():
-        return "resumed"
-    return "completed"
-
-
 def run_one(cfg: DictConfig, *, allow_training: bool = True, checkpoint: Path | None = None) -> tuple[Path, str]:
     """Run (or resume, or skip) one config; training stops cleanly on the pre-emption signals.
 
@@ -86,14 +75,13 @@ def run_one(cfg: DictConfig, *, allow_training: bool = True, checkpoint: Path | 
     Raises:
         Interrupted: a stop signal arrived; the state at the last step boundary is saved.
     """
-    from .records import run_dir_for
-    from .runner import as_run_here, execute
+    from .runner import execute
     from .training.interrupt import also_stop_on
 
-    outcome = prior_state(run_dir_for(as_run_here(cfg)))
+    status: dict[str, str] = {}
     with also_stop_on(*preemption_signals()):
-        run_dir = execute(cfg, allow_training=allow_training, checkpoint=checkpoint)
-    return run_dir, outcome
+        run_dir = execute(cfg, allow_training=allow_training, checkpoint=checkpoint, status=status)
+    return run_dir, status.get("outcome", "completed")
 
 
 def export_masks(run_dir: Path, out_dir: Path) -> None:

@@ -41,6 +41,12 @@ def real_weights_root() -> Path:
     return root
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _digest_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """File digests (run identities) are cached in a session folder, not the user's home."""
+    os.environ["FSMIS_CACHE_DIR"] = str(tmp_path_factory.mktemp("digest_cache"))
+
+
 @pytest.fixture()
 def results_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A fresh results root, also exported as FSMIS_RESULTS_DIR."""

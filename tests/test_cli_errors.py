@@ -39,13 +39,33 @@ def _folder_args(folder: Path) -> list[str]:
         (["run", "protocol.dice=mean"], "protocol.dice='mean' is not allowed"),
         (["run", "nonsense"], "cannot read the argument 'nonsense'"),
         (["run", "method=support_copy", "fold=0,1"], "comma-separated values describe a sweep"),
+        # every option is checked before data or disk is touched (no "running" folder)
+        (["run", "train.steps=0"], r"train.steps=0 is not allowed.*at least 1"),
+        (["run", "train.checkpoint_every=0"], r"train.checkpoint_every=0 is not allowed"),
+        (["run", "train.batch_size=0"], r"train.batch_size=0 is not allowed"),
+        (["run", "train.log_every=0"], r"train.log_every=0 is not allowed"),
+        (["run", "train.grad_accum=0"], r"train.grad_accum=0 is not allowed"),
+        (["run", "train.warmup_steps=-1"], r"train.warmup_steps=-1 is not allowed"),
+        (["run", "train.image_size=4"], r"train.image_size=4 is not allowed"),
+        (["run", "train.schedule=cos"], r"train.schedule='cos' is not allowed.*cosine"),
+        (["run", "train.grad_clip=-1"], r"train.grad_clip=-1 is not allowed"),
+        (["run", "train.steps=1.5"], r"train.steps must be an integer"),
+        (["run", "train.augment=maybe"], r"train.augment='maybe' is not allowed"),
+        (["run", "seed=-1"], r"seed=-1 is not allowed"),
+        (["run", "protocol.n_part=0"], r"protocol.n_part=0 is not allowed"),
+        (["run", "protocol.max_queries=0"], r"protocol.max_queries=0 is not allowed"),
+        # a typo gets the close key, never a silent default
+        (["run", "train.stepz=5"], r"unknown option 'train.stepz'.*did you mean train.steps\?"),
+        (["run", "+train.stepz=5"], r"\+train.stepz adds a key that nothing reads.*did you mean train.steps\?"),
+        (["run", "+method.widht=8"], r"nothing reads.*did you mean method.width\?"),
+        (["run", "method=sdfsmis", "backbone=sd16"], r"unknown backbone 'sd16'.*did you mean 'sd15'\?"),
     ],
 )
 def test_bad_arguments(argv, message, capsys, results_dir):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ")
-    assert __import__("re").search(message, err), err
+    assert __import__("re").search(message, err, __import__("re").S), err
     assert "Traceback" not in err
     assert not results_dir.exists()
 

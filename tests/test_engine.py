@@ -69,55 +69,74 @@ def test_setting2_trains_one_model_per_organ_group(results_dir):
     assert set(pd.read_csv(run_dir / "train_log.csv").group) == set(groups)
 
 
+RESUME_ARGV = [sys.executable, "-m", "fsmis_bench.cli", "run", *SMALL, "train.steps=30", "train.checkpoint_every=4"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    """The reference: the resume runs below must end in exactly this record."""
+    results = tmp_path_factory.mktemp("uninterrupted")
+    env = {**os.environ, "FSMIS_NO_PROGRESS": "1", "FSMIS_RESULTS_DIR": str(results)}
+    done = subprocess.run(RESUME_ARGV, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    (run_dir,) = _run_dirs(results)
+    return run_dir
+
+
 @pytest.mark.slow
-def test_killed_run_resumes_and_matches_an_uninterrupted_one(tmp_path):
-    argv = [sys.executable, "-m", "fsmis_bench.cli", "run", *SMALL, "train.steps=30", "train.checkpoint_every=4"]
-    env = {**os.environ, "FSMIS_NO_PROGRESS": "1"}
-    reference = subprocess.run(argv, env={**env, "FSMIS_RESULTS_DIR": str(tmp_path / "a")}, capture_output=True, text=True)
-    assert reference.returncode == 0, reference.stderr
-
-    interrupted = {**env, "FSMIS_RESULTS_DIR": str(tmp_path / "b")}
-    process = subprocess.Popen(argv, env=interrupted, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not list((tmp_path / "b").glob("**/checkpoints/all/last.pt")) and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.3)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    (run_b,) = _run_dirs(tmp_path / "b")
+@pytest.mark.parametrize("signum, exit_code", [
+    (signal.SIGKILL, -signal.SIGKILL),  # no handler: resumes from the last periodic checkpoint
+    (signal.SIGTERM, 128 + signal.SIGTERM),  # saved at the next step boundary
+    (signal.SIGINT, 128 + signal.SIGINT),  # Ctrl-C: the same
+], ids=["SIGKILL", "SIGTERM", "SIGINT"])
+def test_interrupted_run_resumes_exactly(uninterrupted, tmp_path, signum, exit_code):
+    env = {**os.environ, "FSMIS_NO_PROGRESS": "1", "FSMIS_RESULTS_DIR": str(tmp_path)}
+    process = subprocess.Popen(RESUME_ARGV, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600  # generous: a loaded CI machine starts slowly
+    while not list(tmp_path.glob("**/checkpoints/all/last.json")) and time.time() < deadline:
+        time.sleep(0.01)
+    assert list(tmp_path.glob("**/checkpoints/all/last.json")), "no periodic checkpoint appeared"
+    process.send_signal(signum)  # during one of the steps after the first checkpoint
+    _, stderr = process.communicate(timeout=600)
+    assert process.returncode == exit_code, stderr
+    (run_b,) = _run_dirs(tmp_path)
     assert not (run_b / "COMPLETE").exists()
+    assert "Traceback" not in stderr
+    if signum != signal.SIGKILL:
+        assert "checkpoint saved" in stderr
 
-    resumed = subprocess.run(argv, env=interrupted, capture_output=True, text=True)
+    resumed = subprocess.run(RESUME_ARGV, env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stderr
-    (run_a,) = _run_dirs(tmp_path / "a")
     files = lambda d: sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file())  # noqa: E731
-    assert files(run_a) == files(run_b)
-    a, b = pd.read_csv(run_a / "cases.csv"), pd.read_csv(run_b / "cases.csv")
-    pd.testing.assert_frame_equal(a, b)  # the resumed stream of episodes is the same
+    assert files(uninterrupted) == files(run_b)
+    # the resumed stream of episodes, optimiser and schedule are the uninterrupted ones
+    assert (uninterrupted / "cases.csv").read_bytes() == (run_b / "cases.csv").read_bytes()
 
 
-def test_interrupt_saves_a_checkpoint(results_dir, monkeypatch, capsys):
+def test_interrupt_saves_a_checkpoint_at_the_step_boundary(results_dir, monkeypatch, capsys):
     from fsmis_bench.training import episodes
+    from fsmis_bench.training.checkpoint import load_training_state
 
     calls = {"n": 0}
     original = episodes.EpisodeSampler.batch
 
-    def flaky(self, batch_size):
+    def interrupted(self, batch_size):
         calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
+        if calls["n"] == 3:  # Ctrl-C while step 3 draws its batch
+            os.kill(os.getpid(), signal.SIGINT)
         return original(self, batch_size)
 
-    monkeypatch.setattr(episodes.EpisodeSampler, "batch", flaky)
+    monkeypatch.setattr(episodes.EpisodeSampler, "batch", interrupted)
     assert main(["run", *SMALL, "train.steps=6"]) == 130
-    (checkpoint,) = results_dir.glob("**/checkpoints/all/last.pt")
-    import torch
-
-    assert torch.load(checkpoint, weights_only=False)["step"] == 2
+    (checkpoint_dir,) = {p.parent for p in results_dir.glob("**/checkpoints/all/last.json")}
+    state = load_training_state(checkpoint_dir)
+    assert state["step"] == 3  # step 3 finished, then the state was saved
+    assert "interrupted at step 3; checkpoint saved" in capsys.readouterr().err
     monkeypatch.setattr(episodes.EpisodeSampler, "batch", original)
     assert main(["run", *SMALL, "train.steps=6"]) == 0
     assert "resuming" in capsys.readouterr().err
+    assert not (checkpoint_dir / "last.json").exists() and (checkpoint_dir / "final.safetensors").exists()
 
 
 def test_smoke_subset_is_evaluated_and_marked(results_dir):
@@ -133,10 +152,10 @@ def test_a_run_directory_has_one_writer(results_dir, capsys):
     import fcntl
 
     from fsmis_bench.config import compose
-    from fsmis_bench.records import run_dir_for
+    from fsmis_bench.runner import identify
 
     argv = ["run", *SMALL, "train.steps=2"]
-    run_dir = run_dir_for(compose(argv[1:]))
+    run_dir = identify(compose(argv[1:])).run_dir
     run_dir.mkdir(parents=True)
     with open(run_dir / ".lock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)  # as another live process would

@@ -134,7 +134,7 @@ def test_eval_of_a_finished_run_on_a_folder(tmp_path, results_dir, capsys):
     assert set(cases.train_dataset) == {"phantom"} and set(cases.dataset) == {"nifti_folder"}
     assert not (run_dir / "checkpoints").exists()  # evaluated, not trained
     # the workaround: a record that would claim the folder as training data
-    final = trained / "checkpoints" / "all" / "final.pt"
+    final = trained / "checkpoints" / "all" / "final.safetensors"
     wrong = ["method=prototype", "dataset=nifti_folder", f"dataset.path={folder}", f"dataset.label_map={LABEL_MAP}",
              "method.width=8", "method.feature_dim=16", "train.image_size=32", f"checkpoint={final}"]
     assert main(["eval", *wrong]) == 2

@@ -74,6 +74,12 @@ class Volume:
                 "must be 3-D arrays of the same shape",
                 hint="check that the image and label files belong together",
             )
+        bad = _non_finite(self.image)
+        if bad:
+            raise DataError(
+                f"case {self.case_id}: the image has {bad} non-finite voxels (NaN or inf)",
+                hint="repair or re-prepare this scan (`fsmis-bench check-data` lists every damaged file)",
+            )
         if self.supervoxels is not None and self.supervoxels.shape != self.image.shape:
             raise DataError(
                 f"case {self.case_id}: supervoxels {self.supervoxels.shape} do not match "
@@ -88,6 +94,14 @@ class Volume:
     def organ_mask(self, label_value: int) -> np.ndarray:
         """``(Z, H, W)`` bool mask of one label value."""
         return self.label == label_value
+
+
+def _non_finite(array: np.ndarray) -> int:
+    """How many entries of ``array`` are NaN or infinite (0 for integer arrays)."""
+    if not np.issubdtype(array.dtype, np.inexact):
+        return 0
+    finite = np.isfinite(array)
+    return 0 if finite.all() else int(finite.size - np.count_nonzero(finite))
 
 
 def normalise_volume(image: np.ndarray, mode: str) -> np.ndarray:
@@ -187,14 +201,24 @@ class VolumeDataset(ABC):
         return list(self._ids)
 
     def load(self, case_id: str, with_supervoxels: bool = False) -> Volume:
-        """The volume ``case_id``, cached for the lifetime of this dataset object."""
+        """The volume ``case_id``, cached for the lifetime of this dataset object.
+
+        Raises:
+            DataError: the files are missing or damaged, or the image holds non-finite
+                values (every plugin's volumes are checked, see :class:`Volume`).
+        """
         key = (case_id, with_supervoxels)
         if key not in self._cache:
             if case_id not in self._ids:
                 raise DataError(f"{self.name}: no case {case_id!r}; cases are {self._ids}")
             if (case_id, True) in self._cache:
                 return self._cache[(case_id, True)]
-            self._cache[key] = self._load(case_id, with_supervoxels)
+            try:
+                self._cache[key] = self._load(case_id, with_supervoxels)
+            except DataError as exc:
+                if exc.message.startswith(f"{self.name}:"):
+                    raise
+                raise DataError(f"{self.name}: {exc.message}", hint=exc.hint) from None
         return self._cache[key]
 
     @property

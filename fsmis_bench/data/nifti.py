@@ -76,8 +76,8 @@ def load_nifti(path: Path, dtype: type = np.float32, orientation: str = AS_STORE
     """Read one volume, optionally reoriented to ``orientation`` (e.g. ``"LAS"``).
 
     Raises:
-        DataError: the file is missing, truncated, not a 3-D NIfTI, or its affine is
-            degenerate.
+        DataError: the file is missing, truncated, not a 3-D NIfTI, holds NaN/inf voxels,
+            or its affine is degenerate.
     """
     import nibabel as nib
     from nibabel import orientations as ornt
@@ -95,6 +95,13 @@ def load_nifti(path: Path, dtype: type = np.float32, orientation: str = AS_STORE
             f"cannot read {path}: {type(exc).__name__}: {exc}",
             hint="the file is damaged or not NIfTI; restore it or re-run `fsmis-bench prepare`",
         ) from None
+    if np.issubdtype(data.dtype, np.inexact):
+        finite = np.isfinite(data)
+        if not finite.all():
+            raise DataError(
+                f"{path} holds {finite.size - np.count_nonzero(finite)} non-finite voxels (NaN or inf)",
+                hint="repair or re-prepare this file (`fsmis-bench check-data` lists every damaged file)",
+            )
     if data.ndim == 4 and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim != 3:

@@ -10,10 +10,23 @@ Public entry points for the harness:
 
 from __future__ import annotations
 
-from .check import CheckReport, check_dataset
-from .commands import register
+import importlib
+from typing import Any
+
 from .facts import DATASET_FACTS, DatasetFacts, dataset_facts
-from .supervoxels import ensure_supervoxels, generate_supervoxels
+
+# Imported on first use: the readers behind them (SimpleITK, pydicom) are only needed to
+# prepare or check data, not to run a benchmark on prepared data.
+_LAZY = {
+    "CheckReport": ".check", "check_dataset": ".check", "register": ".commands",
+    "ensure_supervoxels": ".supervoxels", "generate_supervoxels": ".supervoxels",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "DATASET_FACTS",

@@ -8,6 +8,7 @@ by name and skipped while the others go on.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -261,7 +262,8 @@ def prepare_cases(
             "(pass --force to overwrite them)",
             file=sys.stderr,
         )
-    for case in tqdm(todo, desc="prepare", unit="case", file=sys.stderr, disable=not progress or not todo):
+    for case in tqdm(todo, desc="prepare", unit="case", file=sys.stderr, disable=not progress or not todo
+                     or os.environ.get("FSMIS_NO_PROGRESS") == "1"):
         image_path, label_path = output_paths(out_dir, case.case_id)
         try:
             image, label = case.load()

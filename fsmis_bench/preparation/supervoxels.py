@@ -18,6 +18,7 @@ spacing, zero origin): only the array matters and it matches the image voxel for
 from __future__ import annotations
 
 import multiprocessing
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -210,6 +211,7 @@ def generate_supervoxels(
         workers: processes working on different volumes at once.
         force: recompute cases whose output exists (otherwise they are skipped).
         spacing_zyx: override the spacing read from each image header.
+        progress: show a progress bar (never when ``FSMIS_NO_PROGRESS=1``).
     """
     if method not in METHODS:
         raise DataError(f"unknown supervoxel method {method!r}", hint=f"use one of {', '.join(METHODS)}")
@@ -243,7 +245,7 @@ def generate_supervoxels(
         total=len(jobs),
         desc=f"supervoxels {method} n={n_sv}",
         unit="vol",
-        disable=not progress or not jobs,
+        disable=not progress or not jobs or os.environ.get("FSMIS_NO_PROGRESS") == "1",
         file=sys.stderr,
     )
     if workers <= 1 or len(jobs) <= 1:

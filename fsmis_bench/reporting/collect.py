@@ -25,6 +25,7 @@ import pandas as pd
 
 from ..data.base import ORGANS
 from ..errors import FsmisError
+from ..records import data_identity_hash
 from .style import dataset_display, eval_display, organ_display
 
 #: folds of every dataset in the EP1 protocol (PROTOCOL.md §2)
@@ -179,67 +180,197 @@ def load_results(results_dir: str | Path) -> Results:
             unfinished.append(run_dir)
             continue
         try:
-            meta = _read_run_json(run_dir)
-            cases = pd.read_csv(run_dir / "cases.csv", dtype={"case_id": str})
-        except (OSError, ValueError) as exc:
+            row, cases = _read_run(run_dir)
+        except DamagedRun as exc:
             notes.append(f"skipped {run_dir}: {exc}")
             continue
-        missing = [c for c in CASE_COLUMNS if c not in cases.columns]
-        if missing:
-            notes.append(f"skipped {run_dir}: cases.csv lacks columns {missing}")
+        except Exception as exc:  # noqa: BLE001 - one unreadable record must not stop the report
+            notes.append(f"skipped {run_dir}: unreadable record ({type(exc).__name__}: {exc})")
             continue
-        protocol = meta.get("protocol") or {}
-        test_dataset = meta.get("test_dataset") or meta.get("dataset")
-        row = {
-            "run_dir": str(run_dir),
-            "method": str(meta["method"]),
-            "train_dataset": str(meta.get("dataset") or test_dataset),
-            "dataset": str(test_dataset),
-            "setting": int(meta["setting"]),
-            "fold": int(meta["fold"]),
-            "seed": int(meta.get("seed", 0)),
-            "backbone": str(meta.get("backbone") or "none"),
-            "pretrained": bool(meta.get("pretrained", True)),
-            "random_weights": is_random(meta),
-            "fidelity": str(meta.get("fidelity") or "paper"),
-            "dice_mode": str(protocol.get("dice") or "per_volume"),
-            "non_standard": ";".join(non_standard_options(meta)),
-            "variant": variant_key(meta),
-            "config_hash": str(meta.get("config_hash", "")),
-            "finished_at": str(meta.get("finished_at") or ""),
-        }
         run_rows.append(row)
-        cases = cases.copy()
-        cases["case_id"] = cases["case_id"].astype(str)
-        # run.json is the authority on identity; cases.csv repeats it for standalone use
-        for key in ("method", "dataset", "train_dataset", "setting", "fold", "seed"):
-            cases[key] = row[key]
-        cases["variant"] = row["variant"]
-        cases["run_dir"] = row["run_dir"]
         case_frames.append(cases)
         log_path = run_dir / "train_log.csv"
         if log_path.is_file():
             try:
                 train_logs[str(run_dir)] = pd.read_csv(log_path)
-            except (OSError, ValueError) as exc:
+            except Exception as exc:  # noqa: BLE001
                 notes.append(f"unreadable {log_path}: {exc}")
 
     runs = pd.DataFrame(run_rows, columns=[
         "run_dir", "method", "train_dataset", "dataset", "setting", "fold", "seed", "backbone",
         "pretrained", "random_weights", "fidelity", "dice_mode", "non_standard", "variant",
-        "config_hash", "finished_at",
+        "config_hash", "finished_at", "data_id",
     ])
+    runs = _split_by_data(runs)
     runs, superseded = _drop_superseded(runs)
     notes.extend(superseded)
     kept = set(runs["run_dir"])
     if case_frames:
         cases = pd.concat(case_frames, ignore_index=True)
         cases = cases[cases["run_dir"].isin(kept)].reset_index(drop=True)
+        cases["variant"] = cases["run_dir"].map(dict(zip(runs["run_dir"], runs["variant"])))
     else:
         cases = pd.DataFrame(columns=[*CASE_COLUMNS, "variant", "run_dir"])
     train_logs = {k: v for k, v in train_logs.items() if k in kept}
     fold_scores = compute_fold_scores(runs, cases)
     return Results(root, runs, cases, fold_scores, unfinished, notes, train_logs)
+
+
+class DamagedRun(Exception):
+    """A finished run whose record cannot be trusted; the report skips it with a note."""
+
+
+#: Dice in cases.csv must equal 2tp / (2tp + fp + fn) to this tolerance
+DICE_TOLERANCE = 1e-6
+
+
+def _read_run(run_dir: Path) -> tuple[dict, pd.DataFrame]:
+    """One finished run's row for ``runs`` and its checked ``cases`` frame.
+
+    Raises:
+        DamagedRun: ``run.json`` or ``cases.csv`` is unreadable, or the table does not
+            match the record (see :func:`check_cases`).
+    """
+    try:
+        meta = _read_run_json(run_dir)
+    except (OSError, ValueError) as exc:
+        raise DamagedRun(f"run.json is unreadable ({exc})") from None
+    if not isinstance(meta, dict):
+        raise DamagedRun("run.json does not hold a record")
+    missing_meta = [k for k in ("method", "setting", "fold") if k not in meta]
+    if missing_meta:
+        raise DamagedRun(f"run.json lacks {missing_meta}")
+    try:
+        cases = pd.read_csv(run_dir / "cases.csv", dtype={"case_id": str, "organ": str}, keep_default_na=False,
+                            na_values=[""])
+    except (OSError, ValueError) as exc:
+        raise DamagedRun(f"cases.csv is unreadable ({type(exc).__name__}: {exc})") from None
+    problem = check_cases(cases, meta)
+    if problem:
+        raise DamagedRun(problem)
+    protocol = meta.get("protocol") or {}
+    test_dataset = meta.get("test_dataset") or meta.get("dataset")
+    row = {
+        "run_dir": str(run_dir),
+        "method": str(meta["method"]),
+        "train_dataset": str(meta.get("dataset") or test_dataset),
+        "dataset": str(test_dataset),
+        "setting": int(meta["setting"]),
+        "fold": int(meta["fold"]),
+        "seed": int(meta.get("seed", 0)),
+        "backbone": str(meta.get("backbone") or "none"),
+        "pretrained": bool(meta.get("pretrained", True)),
+        "random_weights": is_random(meta),
+        "fidelity": str(meta.get("fidelity") or "paper"),
+        "dice_mode": str(protocol.get("dice") or "per_volume"),
+        "non_standard": ";".join(non_standard_options(meta)),
+        "variant": variant_key(meta),
+        "config_hash": str(meta.get("config_hash", "")),
+        "finished_at": str(meta.get("finished_at") or ""),
+        "data_id": data_identity_hash(meta),
+    }
+    cases = cases.copy()
+    for column in ("tp", "fp", "fn"):
+        cases[column] = cases[column].astype("int64")
+    cases["dice"] = cases["dice"].astype(float)
+    # run.json is the authority on identity; cases.csv repeats it for standalone use
+    for key in ("method", "dataset", "train_dataset", "setting", "fold", "seed"):
+        cases[key] = row[key]
+    cases["variant"] = row["variant"]
+    cases["run_dir"] = row["run_dir"]
+    return row, cases
+
+
+def check_cases(cases: pd.DataFrame, meta: dict) -> str | None:
+    """Why a run's ``cases.csv`` does not match its ``run.json``, or None when it does.
+
+    Checks: every column is there; Dice, TP, FP, FN are numbers (counts whole and
+    non-negative); Dice lies in [0, 1] and equals 2TP / (2TP + FP + FN); no (organ,
+    query volume) appears twice; the identity columns agree with ``run.json``; and, for
+    records that list them (``evaluated``), exactly the expected query volumes x organs
+    are there.
+    """
+    missing = [c for c in CASE_COLUMNS if c not in cases.columns]
+    if missing:
+        return f"cases.csv lacks columns {missing}"
+    if cases.empty:
+        return "cases.csv has no rows"
+    numbers = {}
+    for column in ("dice", "tp", "fp", "fn"):
+        values = pd.to_numeric(cases[column], errors="coerce")
+        bad = values.isna()
+        if bad.any():
+            row = int(bad.to_numpy().nonzero()[0][0])
+            return f"cases.csv row {row + 2}: {column}={cases[column].iloc[row]!r} is not a number"
+        numbers[column] = values.astype(float)
+    for column in ("tp", "fp", "fn"):
+        values = numbers[column]
+        bad = (values < 0) | (values != values.round())
+        if bad.any():
+            row = int(bad.to_numpy().nonzero()[0][0])
+            return f"cases.csv row {row + 2}: {column}={values.iloc[row]!r} is not a voxel count"
+    dice = numbers["dice"]
+    outside = ~dice.between(0.0, 1.0)
+    if outside.any():
+        row = int(outside.to_numpy().nonzero()[0][0])
+        return (f"cases.csv row {row + 2}: dice={dice.iloc[row]!r} is outside [0, 1]"
+                + (" (a percentage?)" if 1 < dice.iloc[row] <= 100 else ""))
+    denominator = 2 * numbers["tp"] + numbers["fp"] + numbers["fn"]
+    expected = (2 * numbers["tp"] / denominator.where(denominator > 0)).fillna(1.0)
+    off = (dice - expected).abs() > DICE_TOLERANCE
+    if off.any():
+        row = int(off.to_numpy().nonzero()[0][0])
+        return (f"cases.csv row {row + 2}: dice={dice.iloc[row]:.6g} but 2tp/(2tp+fp+fn)={expected.iloc[row]:.6g} "
+                "from its own counts")
+    pairs = list(zip(cases["organ"].astype(str), cases["case_id"].astype(str)))
+    if len(set(pairs)) != len(pairs):
+        twice = next(p for p in pairs if pairs.count(p) > 1)
+        return f"cases.csv holds (organ, case) {twice} more than once"
+    authority = {
+        "method": meta.get("method"),
+        "dataset": meta.get("test_dataset") or meta.get("dataset"),
+        "setting": meta.get("setting"),
+        "fold": meta.get("fold"),
+    }
+    for column, value in authority.items():
+        if value is None:
+            continue
+        found = set(cases[column].astype(str))
+        if found != {str(value)}:
+            return f"cases.csv names {column} {sorted(found)} but run.json says {value!r}"
+    evaluated = meta.get("evaluated")
+    if isinstance(evaluated, dict):
+        wanted = {(str(organ), str(case)) for organ, ids in evaluated.items() for case in ids}
+        lacking, extra = wanted - set(pairs), set(pairs) - wanted
+        if lacking:
+            return (f"cases.csv lacks {len(lacking)} of the {len(wanted)} (organ, query volume) rows the run "
+                    f"evaluated, e.g. {sorted(lacking)[0]} (truncated?)")
+        if extra:
+            return f"cases.csv has rows the run did not evaluate, e.g. {sorted(extra)[0]}"
+    return None
+
+
+def _split_by_data(runs: pd.DataFrame) -> pd.DataFrame:
+    """Runs of one method/variant/evaluation on different data get different variants.
+
+    The data identity (``run.json`` ``inputs``: the training and test data's identity) is
+    normally the same for every run of a dataset; where it is not (two ``nifti_folder``
+    runs on different folders, supervoxels regenerated between folds), averaging or
+    superseding across them would mix data silently, so each gets ``data=<hash8>``
+    (``data=unknown`` for records from before identities were recorded).
+    """
+    if runs.empty:
+        return runs
+    runs = runs.copy()
+    keys = ["method", "variant", "train_dataset", "dataset", "setting"]
+    for _, group in runs.groupby(keys, sort=False):
+        if group["data_id"].nunique() < 2:
+            continue
+        for index in group.index:
+            tag = f"data={runs.at[index, 'data_id'] or 'unknown'}"
+            variant = runs.at[index, "variant"]
+            runs.at[index, "variant"] = f"{variant},{tag}" if variant else tag
+    return runs
 
 
 def _drop_superseded(runs: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
@@ -250,7 +381,7 @@ def _drop_superseded(runs: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     """
     if runs.empty:
         return runs, []
-    identity = ["method", "variant", "train_dataset", "dataset", "setting", "fold", "seed"]
+    identity = ["method", "variant", "train_dataset", "dataset", "setting", "fold", "seed", "data_id"]
     ordered = runs.sort_values(["finished_at", "run_dir"])
     duplicated = ordered.duplicated(identity, keep="last")
     notes = [

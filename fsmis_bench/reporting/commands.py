@@ -11,6 +11,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -139,7 +140,8 @@ def _write_report(
     if results.unfinished:
         notes.append(f"{len(results.unfinished)} unfinished run(s) (no COMPLETE marker) are not counted; see Runs.")
 
-    steps = tqdm(total=5, desc="report", unit="step", file=sys.stderr, leave=False)
+    steps = tqdm(total=5, desc="report", unit="step", file=sys.stderr, leave=False,
+                 disable=os.environ.get("FSMIS_NO_PROGRESS") == "1")
     tables = all_tables(results, include_published, show_std)
     for table in tables:
         if table.is_empty():

@@ -5,16 +5,18 @@ parameter groups), the learning-rate schedule, gradient accumulation and clippin
 precision (through ``accelerate``, so ``accelerate launch`` runs it on several GPUs),
 the input pipeline (:mod:`.loader`: episodes drawn ahead in worker processes), the step
 and its compute switches (:mod:`.step`, :mod:`.optim`), the progress bar, periodic
-checkpoints and resuming. A checkpoint holds only what
-training changes — trainable parameters, buffers, optimiser, schedule, the position in
-the episode stream and the loss log — so frozen multi-GB backbones are never copied.
+checkpoints and resuming. A checkpoint holds only what training changes — trainable
+parameters, buffers, optimiser, schedule, the position in the episode stream and the
+loss log — so frozen multi-GB backbones are never copied; it is written and read by
+:mod:`.checkpoint` (safetensors + JSON, never a pickle). SIGINT and SIGTERM stop the
+loop at the next step boundary (:mod:`.interrupt`), so a resumed run continues exactly
+where an uninterrupted one would be.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -28,12 +30,16 @@ from tqdm.auto import tqdm
 from ..errors import ConfigError
 from ..method import Method
 from ..records import atomic_write
+from .checkpoint import (  # load_weights: re-exported for callers of the engine
+    WEIGHTS_FILE, clear_training_state, load_training_state, load_weights, rng_state,
+    save_training_state, save_weights, set_rng_state, trainable_state,
+)
 from .episodes import EpisodeSampler
-from .interrupt import Interrupted, StopRequest
 from .loader import EpisodeLoader, resolve_num_workers
 from .optim import build_optimizer
+from .interrupt import Interrupted, StopRequest
 from .precision import apply_tf32, precision_of, uses_cuda
-from .step import ComputeOptions, TrainStep, micro_batches, prepare_method
+from .step import ComputeOptions, TrainingError, TrainStep, micro_batches, prepare_method  # noqa: F401 (TrainingError re-exported)
 
 
 def make_accelerator(cfg: DictConfig, grad_accum: int = 1):
@@ -86,12 +92,6 @@ def _schedule(name: str, total: int, warmup: int, step_every: int = 1000, gamma:
         raise ConfigError(f"train.schedule={name!r} is unknown", hint="use constant, linear, cosine or step")
 
     return factor
-
-
-def _trainable_state(method: Method) -> dict[str, torch.Tensor]:
-    trainable = {n for n, p in method.named_parameters() if p.requires_grad}
-    buffers = {n for n, _ in method.named_buffers()}
-    return {k: v.detach().cpu() for k, v in method.state_dict().items() if k in trainable | buffers}
 
 
 @dataclass
@@ -149,17 +149,19 @@ def train(
 ) -> TrainResult:
     """Train ``method`` for ``cfg.train.steps`` optimiser steps, resuming if possible.
 
-    Checkpoints go to ``checkpoint_dir/last.pt`` every ``train.checkpoint_every`` steps
-    and at the step boundary after a stop signal (:mod:`.interrupt`); ``final.pt`` holds the
-    finished weights and replaces ``last.pt``. The loss log is written to
-    ``checkpoint_dir/train_log.csv``.
+    Every ``train.checkpoint_every`` steps, and at the step boundary after SIGINT/SIGTERM,
+    the resume state goes to ``checkpoint_dir/last.json`` + ``last-<step>.safetensors``
+    (:mod:`.checkpoint`); ``final.safetensors`` holds the finished weights and replaces the
+    resume state. The loss log is written to ``checkpoint_dir/train_log.csv``.
 
-    With several processes (``accelerate launch``) ``train.batch_size`` is the batch of all
-    of them together: each trains on its own share of every micro-batch of the one episode
-    stream, so together they see the episodes of a one-process run.
+    With several processes (``accelerate launch``, ``torchrun``) ``train.batch_size`` is the
+    batch of all of them together: each trains on its own share of every micro-batch of the
+    one episode stream, so together they see the episodes of a one-process run; a stop
+    request is agreed on at log steps, so that every process stops at the same step.
 
     Raises:
-        Interrupted: a stop signal arrived; the state at that step boundary is saved.
+        Interrupted: a stop signal arrived; the state at the step boundary was saved.
+        TrainingError: the loss became non-finite.
     """
     tcfg = cfg.train
     steps = int(tcfg.steps)
@@ -177,43 +179,39 @@ def train(
     inner: Method = accelerator.unwrap_model(method)
 
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    last = checkpoint_dir / "last.pt"
     start, log, elapsed_before = 0, [], 0.0
     if world > 1:  # each process its own stream for randomness drawn in the loss (saved per process)
         torch.manual_seed(int(cfg.seed) * 1_000_003 + rank)
-    if last.exists():
-        state = torch.load(last, map_location="cpu", weights_only=False)
+    state = load_training_state(checkpoint_dir)
+    if state is not None:
         inner.load_state_dict(state["model"], strict=False)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["sampler"])
-        torch.set_rng_state(state["torch_rng"])
-        per_process = state.get("torch_rng_per_process")
+        set_rng_state(state["rng"])
+        per_process = state.get("rng_per_process")
         if per_process and len(per_process) == world:
-            torch.set_rng_state(per_process[rank])
-        start, log, elapsed_before = state["step"], state["log"], state.get("seconds", 0.0)
-        tqdm.write(f"resuming {description} from step {start} ({last})", file=sys.stderr)
+            set_rng_state(per_process[rank])
+        start, log, elapsed_before = int(state["step"]), list(state["log"]), float(state["seconds"])
+        tqdm.write(f"resuming {description} from step {start} ({checkpoint_dir})", file=sys.stderr)
 
-    def save(step: int, seconds: float, every_process: bool = True) -> None:
-        # every_process: all processes are at this step boundary and send their RNG states
-        per_process = _gather_rng_states(accelerator) if every_process else None
+    def save(step: int, seconds: float) -> None:
+        # With several processes all are at this step boundary and send their RNG states.
+        per_process = _gather_rng_states(accelerator)
         if not accelerator.is_main_process:
             return
         sampler.seek(step * accum * batch_size)  # the stream position of the next step
-        state = {
-            "torch_rng_per_process": per_process,
-            "model": _trainable_state(inner),
+        save_training_state(checkpoint_dir, {
+            **({"rng_per_process": per_process} if per_process else {}),
+            "model": trainable_state(inner),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "sampler": sampler.state_dict(),
-            "torch_rng": torch.get_rng_state(),
+            "rng": rng_state(),
             "step": step,
             "log": log,
             "seconds": seconds,
-        }
-        tmp = last.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, last)
+        })
         _write_log(checkpoint_dir / "train_log.csv", log)
 
     method.train()
@@ -232,8 +230,8 @@ def train(
     log_every = int(tcfg.log_every)
 
     def stop_now() -> bool:
-        # One process alone: the flag, every step. Several: agreed at log steps (a collective,
-        # so not every step), so that all stop at the same step.
+        # One process alone: its flag, every step. Several: agreed on at log steps (a
+        # collective, so not every step), so that all stop at the same step.
         if world == 1:
             return stop.requested
         return step % log_every == 0 and _any_process(accelerator, stop.requested)
@@ -241,7 +239,7 @@ def train(
     with StopRequest() as stop:
         try:
             batches = iter(loader)
-            # A signal only sets stop.received; the loop ends at a step boundary.
+            # A signal only sets stop.requested; the loop ends at a step boundary.
             while step < steps and not stop_now():
                 loss = train_step([next(batches) for _ in range(accum)])
                 step += 1
@@ -259,9 +257,11 @@ def train(
                     save(step, seconds)
             train_step.raise_if_nonfinite()
         except KeyboardInterrupt:
-            save(step, elapsed_before + time.time() - began, every_process=False)
+            # Raised mid-step (a second Ctrl-C): that state is half-advanced, so it is not
+            # saved; the last periodic checkpoint still resumes exactly.
             bar.close()
-            tqdm.write(f"interrupted at step {step}; checkpoint saved, rerun the same command to resume", file=sys.stderr)
+            tqdm.write(f"stopped during step {step + 1}; the last checkpoint is kept, rerun the same command "
+                       "to resume from it", file=sys.stderr)
             raise
     bar.close()
     seconds = elapsed_before + time.time() - began
@@ -271,34 +271,22 @@ def train(
         raise stop.stop() if stop.requested else Interrupted(signal.SIGTERM)  # another process was stopped
     if accelerator.is_main_process:
         _write_log(checkpoint_dir / "train_log.csv", log)
-        final = checkpoint_dir / "final.pt"
-        torch.save({"model": _trainable_state(inner), "step": step}, final.with_suffix(".tmp"))
-        os.replace(final.with_suffix(".tmp"), final)
+        save_weights(checkpoint_dir / WEIGHTS_FILE, inner, step)
         # The resume state (optimiser moments: twice the trainable weights) is dead weight now.
-        last.unlink(missing_ok=True)
+        clear_training_state(checkpoint_dir)
+    if stop.requested:  # the signal came during the last step: finished, but stop as asked
+        raise stop.stop()
     method.eval()
     return TrainResult(step, seconds, log[-1]["loss"] if log else None, log)
 
 
-def load_weights(method: Method, checkpoint: Path) -> int:
-    """Load a ``final.pt`` or ``last.pt`` into ``method``; returns its step."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    missing, unexpected = method.load_state_dict(state["model"], strict=False)
-    if unexpected:
-        raise ConfigError(
-            f"checkpoint {checkpoint} does not fit {type(method).__name__}: unexpected keys {unexpected[:3]}",
-            hint="evaluate it with the method and backbone it was trained with",
-        )
-    return int(state.get("step", 0))
-
-
-def _gather_rng_states(accelerator) -> list[torch.Tensor] | None:
-    """Every process's torch RNG state, in process order (None for a single process)."""
+def _gather_rng_states(accelerator) -> list[dict[str, Any]] | None:
+    """Every process's RNG states, in process order (None for a single process)."""
     if accelerator.num_processes == 1:
         return None
     from accelerate.utils import gather_object
 
-    return gather_object([torch.get_rng_state()])
+    return gather_object([rng_state()])
 
 
 def _any_process(accelerator, flag: bool) -> bool:

@@ -1,19 +1,16 @@
-"""Stop requests: a signal sets a flag; the training loop stops at its next step boundary.
+"""Stop requests: a signal sets a flag, the loop stops at its next safe point.
 
-A signal that raised an exception in the middle of a step would leave the sampler's random
-stream and the optimiser half-advanced, and a checkpoint saved then would not resume
-exactly. :class:`StopRequest` only records the signal; the loop polls
-:attr:`StopRequest.requested` between steps, saves a complete state and raises
-:class:`Interrupted`, which carries the signal so that the caller can decide what comes
-next (a cluster job asks its scheduler to requeue it, see :mod:`fsmis_bench.sweep`).
+A signal that raised an exception in the middle of a training step would leave the
+sampler's random stream and the optimiser half-advanced, so a checkpoint saved then would
+not resume exactly. :class:`StopRequest` instead records the signal; the loop polls
+:attr:`StopRequest.requested` at each step boundary, saves a complete state and raises
+:class:`Interrupted`. A second Ctrl-C stops at once (without saving; the last periodic
+checkpoint stays valid).
 
-Which signals stop a run: SIGINT and SIGTERM always; more (SIGUSR1, a scheduler's
-pre-emption signal) while an :func:`also_stop_on` block is active, so the engine does not
-need to know who launched it.
-
-Interface shared with the issue-9 branch (``StopRequest``, ``Interrupted``,
-``DEFAULT_SIGNALS``); :func:`also_stop_on` and :func:`stop_signals` are the addition that
-pre-emption needs.
+Other signals (e.g. ``SIGUSR1`` before a cluster's pre-emption) plug in through
+``StopRequest(signals=...)``, or, without the engine knowing who launched it, through an
+:func:`also_stop_on` block around the run (:mod:`fsmis_bench.sweep`); the caller reads
+:attr:`Interrupted.signum` to decide what to do after saving (requeue the job).
 """
 
 from __future__ import annotations
@@ -25,8 +22,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
 
-#: signals that ask any run to stop: Ctrl-C and ``kill``'s / a scheduler's SIGTERM
-DEFAULT_SIGNALS: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)
+#: signals that ask a run to stop: Ctrl-C and a scheduler's or ``kill``'s SIGTERM
+DEFAULT_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM)
 
 _EXTRA: list[int] = []
 
@@ -49,7 +46,7 @@ def stop_signals() -> tuple[int, ...]:
 
 
 class Interrupted(KeyboardInterrupt):
-    """A run stopped on a signal after saving its state; the same command resumes it.
+    """A run stopped on a signal after saving what it had; the same command resumes it.
 
     Attributes:
         signum: the signal that asked for the stop.
@@ -68,8 +65,8 @@ class Interrupted(KeyboardInterrupt):
 class StopRequest:
     """Context manager that turns ``signals`` into a flag while it is active.
 
-    Outside the main thread (where Python cannot install handlers) it does nothing and the
-    signals keep their usual effect. On exit the previous handlers come back.
+    Outside the main thread (where Python cannot install handlers) it does nothing and
+    signals keep their usual effect.
 
     Args:
         signals: the signals to catch; default :func:`stop_signals`.
@@ -100,7 +97,8 @@ class StopRequest:
         if self.received is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # Ctrl-C twice: the user wants out now
         if self.received is None:
-            print(f"\n{signal.Signals(signum).name} received: stopping after the current step",
+            name = signal.Signals(signum).name
+            print(f"\n{name} received: stopping after the current step (Ctrl-C again stops at once)",
                   file=sys.stderr, flush=True)
         self.received = signum
 

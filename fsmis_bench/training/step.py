@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from omegaconf import DictConfig
 
-from ..errors import ConfigError
+from ..errors import ConfigError, FsmisError
 from ..method import EpisodeBatch, Method
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
@@ -33,6 +33,10 @@ ACCUMULATION = ("sequential", "batched")
 #: torch.compile backend; the CPU tests swap in ``aot_eager`` (same graph capture, no codegen)
 COMPILE_BACKEND = "inductor"
 
+
+
+class TrainingError(FsmisError, FloatingPointError):
+    """Training cannot go on: the loss became non-finite (a user-fixable condition, exit 2)."""
 
 @dataclass(frozen=True)
 class ComputeOptions:
@@ -133,7 +137,10 @@ class TrainStep:
         return total
 
     def raise_if_nonfinite(self) -> None:
-        """Raise ``FloatingPointError`` if any step so far had a non-finite loss (syncs)."""
+        """Raise :class:`TrainingError` if any step so far had a non-finite loss (syncs)."""
         first = int(self._first_nonfinite)
         if first >= 0:
-            raise FloatingPointError(f"non-finite loss at step {self.first_step + first}")
+            raise TrainingError(
+                f"non-finite loss at step {self.first_step + first}",
+                hint="lower the learning rate or check the training data; rerunning resumes from the last checkpoint",
+            )

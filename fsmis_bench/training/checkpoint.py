@@ -1,0 +1,328 @@
+"""Checkpoints that load without running code: tensors in safetensors, the rest in JSON.
+
+Two kinds of checkpoint, both written through temporary files and renames:
+
+- **Resume state** (``last.json`` + ``last-<step>.safetensors`` in a run's
+  ``checkpoints/<group>/``): everything training changes at a step boundary: trainable
+  weights and buffers, optimiser moments, the schedule, the sampler's random stream, the
+  torch RNG states, the loss log and the elapsed time. Every tensor (RNG states as uint8
+  tensors) goes into the safetensors file; the small state into the JSON file, which is
+  written last and names its tensor file. A crash between the two writes therefore leaves
+  the previous complete pair in place.
+- **Weights** (``final.safetensors``): the trained parameters and buffers under
+  ``model/<name>``, with the step in the file's metadata. ``eval checkpoint=`` takes such
+  a file (or the tensor file of a resume state).
+
+Nothing here unpickles: ``torch.load`` is never called. A pickle checkpoint (``.pt``,
+``.pth``, ``.ckpt`` from older versions or other code) is refused with
+:class:`CheckpointError` before any of it is interpreted, because unpickling can run
+arbitrary code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from ..errors import FsmisError
+from ..method import Method
+from ..records import new_file_mode
+
+FORMAT = "fsmis-bench"
+WEIGHTS_KIND = "weights"
+STATE_KIND = "training-state"
+VERSION = 1
+
+STATE_FILE = "last.json"
+WEIGHTS_FILE = "final.safetensors"
+#: checkpoint files of fsmis-bench < 0.2 (pickles); found in a run folder they are refused
+LEGACY_FILES = ("last.pt", "final.pt")
+
+_MODEL_PREFIX = "model/"
+
+
+class CheckpointError(FsmisError):
+    """A checkpoint is missing, damaged, of another model, or not in a safe format."""
+
+
+# -- nested state <-> (JSON, tensors) ----------------------------------------------------
+def _encode(obj: Any, path: str, tensors: dict[str, torch.Tensor], storages: set[int]) -> Any:
+    """``obj`` as JSON data, with every tensor / array moved into ``tensors`` under ``path``."""
+    if isinstance(obj, torch.Tensor):
+        tensor = obj.detach().cpu()
+        storage = tensor.untyped_storage().data_ptr()
+        if not tensor.is_contiguous() or storage in storages or tensor.numel() == 0:
+            tensor = tensor.contiguous().clone()  # safetensors refuses shared or strided storage
+        storages.add(tensor.untyped_storage().data_ptr())
+        key = path if path not in tensors else f"{path}#{len(tensors)}"
+        tensors[key] = tensor
+        return {"__tensor__": key}
+    if isinstance(obj, np.ndarray):
+        key = path if path not in tensors else f"{path}#{len(tensors)}"
+        tensors[key] = torch.from_numpy(np.ascontiguousarray(obj).copy())
+        return {"__ndarray__": key}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_encode(v, f"{path}/{i}", tensors, storages) for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [_encode(v, f"{path}/{i}", tensors, storages) for i, v in enumerate(obj)]
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) and not k.startswith("__") for k in obj):
+            return {k: _encode(v, f"{path}/{k}", tensors, storages) for k, v in obj.items()}
+        return {"__items__": [[_encode(k, f"{path}/key", tensors, storages), _encode(v, f"{path}/{k}", tensors, storages)]
+                              for k, v in obj.items()]}
+    raise TypeError(f"cannot store a {type(obj).__name__} at {path!r} in a checkpoint")
+
+
+def _decode(data: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(data, list):
+        return [_decode(v, tensors) for v in data]
+    if not isinstance(data, dict):
+        return data
+    if set(data) == {"__tensor__"}:
+        return tensors[data["__tensor__"]]
+    if set(data) == {"__ndarray__"}:
+        return tensors[data["__ndarray__"]].numpy()
+    if set(data) == {"__tuple__"}:
+        return tuple(_decode(v, tensors) for v in data["__tuple__"])
+    if set(data) == {"__items__"}:
+        return {_hashable(_decode(k, tensors)): _decode(v, tensors) for k, v in data["__items__"]}
+    return {k: _decode(v, tensors) for k, v in data.items()}
+
+
+def _hashable(key: Any) -> Any:
+    return tuple(key) if isinstance(key, list) else key
+
+
+# -- safe reading ------------------------------------------------------------------------
+def _looks_like_pickle(path: Path) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+    except OSError:
+        return False
+    # protocol >= 2 pickles start with PROTO (0x80); torch.save writes a zip archive
+    return head[:1] == b"\x80" or head == b"PK\x03\x04"
+
+
+def _refuse_unsafe(path: Path) -> CheckpointError:
+    if _looks_like_pickle(path):
+        return CheckpointError(
+            f"{path} is a pickle (torch.save) checkpoint; fsmis-bench never loads pickles, because "
+            "unpickling a file can run arbitrary code",
+            hint="use a final.safetensors written by fsmis-bench; to convert a file you trust, load it "
+            "yourself and save its state dict with safetensors.torch.save_file under 'model/<name>' keys",
+        )
+    return CheckpointError(
+        f"{path} is not a safetensors checkpoint (damaged, truncated, or another format)",
+        hint="pass a final.safetensors written by fsmis-bench",
+    )
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors (on the CPU) and the metadata of a safetensors file; pickles are refused.
+
+    Raises:
+        CheckpointError: the file is missing, not safetensors, or damaged.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist", hint="pass the path of a final.safetensors")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            metadata = dict(handle.metadata() or {})
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError):
+        raise _refuse_unsafe(path) from None
+    return tensors, metadata
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """The metadata of a safetensors file, reading only its header; pickles are refused.
+
+    Raises:
+        CheckpointError: the file is missing, not safetensors, or damaged.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist", hint="pass the path of a final.safetensors")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            return dict(handle.metadata() or {})
+    except (SafetensorError, OSError, ValueError, RuntimeError):
+        raise _refuse_unsafe(path) from None
+
+
+def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.chmod(tmp, new_file_mode())  # safetensors creates its files 0600
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# -- weights -----------------------------------------------------------------------------
+def trainable_state(method: Method) -> dict[str, torch.Tensor]:
+    """What training changes in ``method``: trainable parameters and all buffers (CPU)."""
+    trainable = {n for n, p in method.named_parameters() if p.requires_grad}
+    buffers = {n for n, _ in method.named_buffers()}
+    return {k: v.detach().cpu() for k, v in method.state_dict().items() if k in trainable | buffers}
+
+
+def save_weights(path: Path, method: Method, step: int) -> None:
+    """Write ``final.safetensors``: the trainable state of ``method`` after ``step`` steps."""
+    tensors: dict[str, torch.Tensor] = {}
+    _encode({k: v for k, v in trainable_state(method).items()}, "model", tensors, set())
+    metadata = {"format": FORMAT, "kind": WEIGHTS_KIND, "version": str(VERSION), "step": str(int(step)),
+                "method": type(method).__name__}
+    _write_safetensors(Path(path), tensors, metadata)
+
+
+def load_weights(method: Method, checkpoint: Path) -> int:
+    """Load trained weights (``final.safetensors`` or a resume tensor file) into ``method``.
+
+    Every trainable parameter and buffer of ``method`` must be in the file, with its
+    shape, so a partial or foreign checkpoint never evaluates random weights.
+
+    Returns:
+        the training step the weights come from (0 when the file does not say).
+    Raises:
+        CheckpointError: not safetensors, no ``model/`` weights, missing or unexpected keys,
+            or shapes that do not fit.
+    """
+    tensors, metadata = read_safetensors(checkpoint)
+    state = {k[len(_MODEL_PREFIX):]: v for k, v in tensors.items() if k.startswith(_MODEL_PREFIX)}
+    if not state:
+        raise CheckpointError(
+            f"{checkpoint} holds no fsmis-bench weights (no 'model/<name>' tensors)",
+            hint="pass a final.safetensors written by fsmis-bench",
+        )
+    name = type(method).__name__
+    wanted = set(trainable_state(method))
+    missing = sorted(wanted - set(state))
+    own = set(method.state_dict())
+    unexpected = sorted(set(state) - own)
+    if missing or unexpected:
+        problem = (f"lacks {len(missing)} trainable tensors, e.g. {missing[:3]}" if missing
+                   else f"has tensors {name} does not have, e.g. {unexpected[:3]}")
+        raise CheckpointError(
+            f"checkpoint {checkpoint} does not fit {name}: it {problem}",
+            hint="evaluate it with the method, backbone and options it was trained with",
+        )
+    try:
+        method.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[-1].strip()
+        raise CheckpointError(f"checkpoint {checkpoint} does not fit {name}: {first}",
+                              hint="evaluate it with the method, backbone and options it was trained with") from None
+    try:
+        return int(metadata.get("step", 0))
+    except ValueError:
+        return 0
+
+
+# -- resume state ------------------------------------------------------------------------
+def refuse_legacy(directory: Path) -> None:
+    """Refuse a run folder that holds pickle checkpoints of an older version (or planted ones)."""
+    for name in LEGACY_FILES:
+        legacy = Path(directory) / name
+        if legacy.exists():
+            raise CheckpointError(
+                f"{legacy} is a pickle checkpoint; fsmis-bench never loads pickles, because unpickling "
+                "a file can run arbitrary code",
+                hint=f"delete {legacy} (training of this run then restarts from step 0)",
+            )
+
+
+def save_training_state(directory: Path, state: dict[str, Any]) -> Path:
+    """Write the resume state ``state`` (needs an int ``step``) into ``directory``.
+
+    Returns:
+        the path of the JSON file, ``directory/last.json``.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    step = int(state["step"])
+    tensors: dict[str, torch.Tensor] = {}
+    encoded = _encode(state, "state", tensors, set())
+    tensor_file = f"last-{step:08d}.safetensors"
+    _write_safetensors(directory / tensor_file, tensors,
+                       {"format": FORMAT, "kind": STATE_KIND, "version": str(VERSION), "step": str(step)})
+    document = {"format": FORMAT, "kind": STATE_KIND, "version": VERSION, "tensors": tensor_file, "state": encoded}
+    _write_text(directory / STATE_FILE, json.dumps(document) + "\n")
+    for old in directory.glob("last-*.safetensors"):
+        if old.name != tensor_file:
+            old.unlink(missing_ok=True)
+    return directory / STATE_FILE
+
+
+def load_training_state(directory: Path) -> dict[str, Any] | None:
+    """The resume state saved in ``directory``, or None when there is none.
+
+    Raises:
+        CheckpointError: a legacy pickle is there, or the state is damaged.
+    """
+    directory = Path(directory)
+    refuse_legacy(directory)
+    path = directory / STATE_FILE
+    if not path.exists():
+        return None
+    hint = f"delete {path} and the last-*.safetensors beside it to restart this training from step 0"
+    try:
+        document = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"resume state {path} is damaged: {exc}", hint=hint) from None
+    if not isinstance(document, dict) or document.get("format") != FORMAT or document.get("kind") != STATE_KIND:
+        raise CheckpointError(f"{path} is not an fsmis-bench resume state", hint=hint)
+    tensor_file = str(document.get("tensors", ""))
+    if Path(tensor_file).name != tensor_file or not tensor_file.endswith(".safetensors"):
+        raise CheckpointError(f"{path} names an unexpected tensor file {tensor_file!r}", hint=hint)
+    tensors, _ = read_safetensors(directory / tensor_file)
+    try:
+        return _decode(document["state"], tensors)
+    except (KeyError, TypeError) as exc:
+        raise CheckpointError(f"resume state {path} does not match {tensor_file}: {exc}", hint=hint) from None
+
+
+def clear_training_state(directory: Path) -> None:
+    """Remove the resume state (after the final weights are written)."""
+    directory = Path(directory)
+    (directory / STATE_FILE).unlink(missing_ok=True)
+    for old in directory.glob("last-*.safetensors"):
+        old.unlink(missing_ok=True)
+
+
+def rng_state() -> dict[str, Any]:
+    """The torch RNG states (CPU, and every CUDA device when present) as uint8 tensors."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)

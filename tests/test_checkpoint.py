@@ -1,0 +1,126 @@
+"""Checkpoint I/O (safetensors + JSON, no pickle) and the stop-request flag, in isolation."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+from fsmis_bench.training.checkpoint import (
+    CheckpointError, clear_training_state, load_training_state, read_safetensors, save_training_state,
+)
+from fsmis_bench.training.interrupt import Interrupted, StopRequest
+
+
+def _optimiser_state() -> dict:
+    weight = torch.nn.Parameter(torch.randn(3, 2))
+    optimiser = torch.optim.AdamW([weight], lr=1e-3)
+    weight.sum().backward()
+    optimiser.step()
+    return optimiser.state_dict()
+
+
+@pytest.mark.parametrize("value", [
+    torch.arange(6, dtype=torch.float32).reshape(2, 3),
+    torch.get_rng_state(),  # uint8
+    torch.tensor(3.5),  # 0-d, like AdamW's step
+    torch.zeros(0),
+    np.arange(4, dtype=np.int64),
+    {0: "int keys", 1: [1.5, None, True]},
+    (0.9, 0.999),
+    {"state": {"state": 2**127 + 5, "inc": 7}},  # a numpy bit generator's 128-bit ints
+    [{"step": 2, "loss": float("nan")}],
+], ids=["tensor", "rng_uint8", "scalar", "empty", "ndarray", "int_keys", "tuple", "big_int", "nan"])
+def test_state_round_trips_exactly(value, tmp_path):
+    save_training_state(tmp_path, {"step": 4, "value": value})
+    loaded = load_training_state(tmp_path)["value"]
+    if isinstance(value, torch.Tensor):
+        assert loaded.dtype == value.dtype and torch.equal(loaded, value)
+    elif isinstance(value, np.ndarray):
+        assert loaded.dtype == value.dtype and np.array_equal(loaded, value)
+    elif isinstance(value, list) and isinstance(value[0], dict):
+        assert loaded[0]["step"] == 2 and np.isnan(loaded[0]["loss"])
+    else:
+        assert loaded == value and type(loaded) is type(value)
+
+
+def test_optimiser_state_and_shared_tensors_round_trip(tmp_path):
+    state = _optimiser_state()
+    shared = torch.ones(4)
+    save_training_state(tmp_path, {"step": 1, "optimizer": state, "a": shared, "b": shared[:2]})
+    loaded = load_training_state(tmp_path)
+    assert torch.equal(loaded["optimizer"]["state"][0]["exp_avg"], state["state"][0]["exp_avg"])
+    assert loaded["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.999)
+    assert torch.equal(loaded["b"], torch.ones(2))
+
+
+def test_a_new_state_replaces_the_old_pair_and_clear_removes_it(tmp_path):
+    save_training_state(tmp_path, {"step": 4, "w": torch.zeros(2)})
+    save_training_state(tmp_path, {"step": 8, "w": torch.ones(2)})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last-00000008.safetensors", "last.json"]
+    assert load_training_state(tmp_path)["step"] == 8
+    clear_training_state(tmp_path)
+    assert list(tmp_path.iterdir()) == [] and load_training_state(tmp_path) is None
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: (d / "last.json").write_text("{not json"), "is damaged"),
+    (lambda d: (d / "last.json").write_text(json.dumps({"format": "x"})), "not an fsmis-bench resume state"),
+    (lambda d: (d / "last.json").write_text(json.dumps({"format": "fsmis-bench", "kind": "training-state",
+                                                        "tensors": "../evil.safetensors", "state": {}})),
+     "unexpected tensor file"),
+    (lambda d: (d / "last-00000004.safetensors").write_bytes(b"\x80\x04 truncated"), "is a pickle"),
+    (lambda d: (d / "last-00000004.safetensors").unlink(), "does not exist"),
+], ids=["json", "format", "traversal", "pickle_bytes", "missing_tensors"])
+def test_a_damaged_resume_state_is_refused_with_a_hint(damage, message, tmp_path):
+    save_training_state(tmp_path, {"step": 4, "w": torch.zeros(2)})
+    damage(tmp_path)
+    with pytest.raises(CheckpointError, match=message):
+        load_training_state(tmp_path)
+
+
+def test_read_safetensors_refuses_a_torch_save_file_without_loading_it(tmp_path):
+    path = tmp_path / "model.pt"
+    torch.save({"model/w": torch.zeros(1)}, path)
+    with pytest.raises(CheckpointError, match="pickle .*never loads pickles"):
+        read_safetensors(path)
+
+
+def test_stop_request_turns_signals_into_a_flag_and_restores_handlers():
+    before = signal.getsignal(signal.SIGTERM)
+    with StopRequest() as stop:
+        assert not stop.requested
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.received == signal.SIGTERM  # the process is still alive, with a flag set
+        error = stop.stop()
+    assert isinstance(error, Interrupted) and isinstance(error, KeyboardInterrupt) and error.exit_code == 143
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_second_ctrl_c_stops_at_once():
+    with StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.received == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_other_signals_plug_in():
+    with StopRequest(signals=(signal.SIGUSR1,)) as stop:
+        os.kill(os.getpid(), signal.SIGUSR1)
+    assert stop.received == signal.SIGUSR1 and stop.stop().exit_code == 128 + signal.SIGUSR1
+
+
+def test_the_gpu_checkpoint_script_runs_on_cpu(tmp_path, monkeypatch, capsys):
+    import runpy
+    import sys
+
+    script = __import__("pathlib").Path(__file__).parents[1] / "benchmarks" / "gpu_checkpoint_check.py"
+    monkeypatch.setattr(sys, "argv", [str(script), "--device", "cpu", "--params", "2e5", "--out", str(tmp_path / "c")])
+    runpy.run_path(str(script), run_name="__main__")
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["next_step_identical"] and result["rng_identical"] and result["parameters_m"] == 0.2

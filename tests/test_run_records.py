@@ -1,0 +1,457 @@
+"""Trustworthy run records: no code execution on load, no record that lies, bad data stops
+the run (issue 9). Each test fails on a harness that lacks the guarantee it names."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import pickle
+import re
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from fsmis_bench.cli import main
+from fsmis_bench.config import compose
+from fsmis_bench.data.base import Volume
+from fsmis_bench.errors import DataError
+from fsmis_bench.reporting.collect import load_results
+from fsmis_bench.runner import identify
+
+SMALL = [
+    "method=prototype", "dataset=phantom", "dataset.size=64", "dataset.n_slices=16",
+    "method.width=8", "method.feature_dim=16", "train.image_size=64", "train.batch_size=2",
+    "protocol.min_fg_pixels=20", "train.steps=2",
+]
+# prototype on the tiny preprocessed layout below
+TINY_PROTOTYPE = ["method=prototype", "train.steps=1", "train.image_size=32", "method.width=8",
+                  "method.feature_dim=16", "protocol.min_fg_pixels=10"]
+
+
+def _run_dirs(results: Path) -> list[Path]:
+    return sorted(p.parent for p in results.glob("**/run.json"))
+
+
+def _info(run_dir: Path) -> dict:
+    return json.loads((run_dir / "run.json").read_text())
+
+
+def _nifti_folder(folder: Path, n: int = 10, nan_in: str | None = None, brighter: bool = False,
+                  label_map: str = "{liver:1}") -> list[str]:
+    """``image_<i>``/``label_<i>`` pairs (i = 1..n) with a liver (1) and a spleen (2)."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(1, n + 1):
+        image = rng.normal(100, 10, size=(32, 32, 8)).astype(np.float32) + (50 if brighter else 0)
+        label = np.zeros((32, 32, 8), dtype=np.uint8)
+        label[8:20, 8:20, 2:7] = 1
+        label[22:30, 22:30, 1:7] = 2
+        image[label > 0] += 40 * label[label > 0]
+        if nan_in == f"image_{i}":
+            image[10:12, 10:12, 3] = np.nan
+        nib.save(nib.Nifti1Image(image, np.eye(4)), str(folder / f"image_{i}.nii.gz"))
+        nib.save(nib.Nifti1Image(label, np.eye(4)), str(folder / f"label_{i}.nii.gz"))
+    return ["dataset=nifti_folder", f"dataset.path={folder}", f"dataset.label_map={label_map}"]
+
+
+def _chaos_layout(root: Path, with_supervoxels: bool = True) -> Path:
+    """The CHAOS preprocessed layout in miniature: 20 scans of 32 x 32 x 10 voxels."""
+    images, supervoxels = root / "CHAOST2" / "chaos_MR_T2_normalized", root / "CHAOST2" / "supervoxels_5000"
+    images.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    organs = {4: (slice(2, 8), slice(2, 8)), 2: (slice(20, 26), slice(2, 8)), 3: (slice(2, 8), slice(20, 26)),
+              1: (slice(12, 20), slice(12, 20))}
+    for i in range(1, 21):
+        label = np.zeros((32, 32, 10), dtype=np.float64)
+        for value, (xs, ys) in organs.items():
+            label[xs, ys, 2:8] = value
+        image = rng.normal(100, 5, size=label.shape) + 40 * (label > 0)
+        affine = np.diag([1.25, 1.25, 5.0, 1])
+        nib.save(nib.Nifti1Image(image, affine), str(images / f"image_{i}.nii.gz"))
+        nib.save(nib.Nifti1Image(label, affine), str(images / f"label_{i}.nii.gz"))
+        if with_supervoxels:
+            _write_supervoxels(supervoxels, i)
+    return root
+
+
+def _write_supervoxels(folder: Path, case: int, split: int = 12) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    sv = np.zeros((32, 32, 10))
+    sv[4:28, 4:28, 1:9] = 1 + (np.arange(32)[4:28, None, None] // split)
+    nib.save(nib.Nifti1Image(sv, np.eye(4)), str(folder / f"superpix-MIDDLE_{case}.nii.gz"))
+
+
+# -- 1. loading a checkpoint never runs code ------------------------------------------------
+class _Payload:
+    """Unpickling this runs a shell command that creates ``marker``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def _pickle_file(path: Path, marker: Path) -> None:
+    path.write_bytes(pickle.dumps({"model": _Payload(marker), "step": 1}))
+
+
+def _torch_save_file(path: Path, marker: Path) -> None:
+    torch.save({"model": _Payload(marker), "step": 1}, path)
+
+
+@pytest.mark.parametrize("write", [_pickle_file, _torch_save_file], ids=["pickle", "torch.save"])
+def test_a_pickle_checkpoint_is_refused_and_never_executed(write, tmp_path, results_dir, capsys):
+    evil, marker = tmp_path / "evil.pt", tmp_path / "payload_ran"
+    write(evil, marker)
+    assert main(["eval", *SMALL, f"checkpoint={evil}"]) == 2
+    err = capsys.readouterr().err
+    assert "pickle" in err and "never loads pickles" in err and "Traceback" not in err
+    assert not marker.exists()  # the payload did not run
+    assert not results_dir.exists()
+    # ... and it was a live payload: unpickling it the unsafe way does run it
+    torch.load(evil, weights_only=False) if write is _torch_save_file else pickle.loads(evil.read_bytes())
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("planted", ["last.pt", "final.pt", "last-00000002.safetensors"])
+def test_a_pickle_planted_in_a_run_folder_is_refused_and_never_executed(planted, tmp_path, results_dir, capsys):
+    marker = tmp_path / "payload_ran"
+    checkpoints = identify(compose(SMALL)).run_dir / "checkpoints" / "all"
+    checkpoints.mkdir(parents=True)
+    _torch_save_file(checkpoints / planted, marker)
+    if planted.endswith(".safetensors"):  # a resume state whose tensor file was swapped
+        (checkpoints / "last.json").write_text(json.dumps({
+            "format": "fsmis-bench", "kind": "training-state", "version": 1, "tensors": planted, "state": {"step": 2},
+        }))
+    assert main(["run", *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert "pickle" in err and planted in err and "Traceback" not in err
+    assert not marker.exists()
+
+
+# -- 2. an external checkpoint is part of the identity and never satisfies `run` -------------
+def test_external_checkpoint_is_hashed_recorded_and_never_satisfies_run(tmp_path, results_dir, capsys):
+    assert main(["run", *SMALL, "seed=1"]) == 0  # another training supplies the "external" weights
+    (trained,) = results_dir.glob("**/seed1-*/checkpoints/all/final.safetensors")
+    external = tmp_path / "elsewhere" / "model.safetensors"
+    external.parent.mkdir()
+    shutil.copy(trained, external)
+
+    assert main(["eval", *SMALL, f"checkpoint={external}"]) == 0
+    (evaluated,) = [d for d in _run_dirs(results_dir) if _info(d)["seed"] == 0]
+    info = _info(evaluated)
+    assert info["inputs"]["checkpoint"]["path"] == str(external.resolve())
+    assert len(info["inputs"]["checkpoint"]["sha256"]) == 64 and info["inputs"]["checkpoint"]["step"] == 2
+    assert info["weights_from"] == "external_checkpoint"
+    assert f"external_checkpoint={info['inputs']['checkpoint']['sha256'][:8]}" in info["non_standard"]
+
+    capsys.readouterr()
+    assert main(["run", *SMALL]) == 0  # the same overrides: trains, it does not reuse that eval
+    assert "already complete" not in capsys.readouterr().err
+    (trained_here,) = [d for d in _run_dirs(results_dir) if _info(d)["seed"] == 0 and d != evaluated]
+    assert _info(trained_here)["weights_from"] == "training"
+
+    other = trained_here / "checkpoints" / "all" / "final.safetensors"
+    assert main(["eval", *SMALL, f"checkpoint={other}"]) == 0  # another checkpoint: another run
+    assert "already complete" not in capsys.readouterr().err
+    assert len([d for d in _run_dirs(results_dir) if _info(d)["seed"] == 0]) == 3
+
+
+@pytest.mark.parametrize("content", ["empty", "partial", "foreign"])
+def test_a_checkpoint_missing_trainable_weights_is_refused(content, tmp_path, results_dir, capsys):
+    from fsmis_bench.runner import build_method
+    from fsmis_bench.training.checkpoint import trainable_state
+
+    full = {f"model/{k}": v.contiguous() for k, v in trainable_state(build_method(compose(SMALL))).items()}
+    tensors = {
+        "empty": {},
+        "partial": dict(list(full.items())[:1]),
+        "foreign": {"unet.conv_in.weight": torch.zeros(3)},
+    }[content]
+    path = tmp_path / f"{content}.safetensors"
+    save_file(tensors, str(path), metadata={"step": "5"})
+    assert main(["eval", *SMALL, f"checkpoint={path}"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and str(path) in err
+    assert re.search(r"lacks \d+ trainable tensors|holds no fsmis-bench weights", err), err
+    assert not _run_dirs(results_dir)  # no record of a run that did not happen
+
+
+# -- 3. pseudo-labels are part of the identity; regeneration is announced and recorded -------
+def test_supervoxels_are_part_of_the_run_identity(tmp_path):
+    root = _chaos_layout(tmp_path / "data")
+    args = ["method=prototype", "dataset=abd_mri", f"data_root={root}"]
+    first = identify(compose(args))
+    train_data = first.inputs["train_data"]
+    assert train_data["label_source"] == "supervoxels"
+    assert train_data["supervoxels"]["supervoxel_dir"] == "CHAOST2/supervoxels_5000"
+    assert len(train_data["supervoxels"]["sha256"]) == 64
+    assert first.inputs["test_data"]["label_source"] == "ground_truth"
+
+    _write_supervoxels(root / "CHAOST2" / "supervoxels_5000", 7, split=6)  # other pseudo-labels, one scan
+    second = identify(compose(args))
+    assert second.inputs["train_data"]["supervoxels"]["sha256"] != train_data["supervoxels"]["sha256"]
+    assert second.run_dir != first.run_dir
+    assert second.inputs["test_data"] == first.inputs["test_data"]
+
+    gt = identify(compose([*args, "protocol.train_labels=gt"])).inputs["train_data"]
+    assert gt["label_source"] == "ground_truth" and "supervoxels" not in gt
+
+
+def test_missing_supervoxels_are_generated_announced_and_recorded(tmp_path, results_dir, capsys, monkeypatch):
+    root = _chaos_layout(tmp_path / "data", with_supervoxels=False)
+    import fsmis_bench.preparation as preparation
+
+    def fake_generator(dataset_dir, n_sv, workers=1, **kwargs):  # the real one takes minutes
+        for case in range(1, 21):
+            _write_supervoxels(Path(dataset_dir) / f"supervoxels_{n_sv}", case)
+        return Path(dataset_dir) / f"supervoxels_{n_sv}"
+
+    monkeypatch.setattr(preparation, "ensure_supervoxels", fake_generator)
+    argv = ["run", *TINY_PROTOTYPE, "dataset=abd_mri", f"data_root={root}", "protocol.organs=[liver]",
+            "protocol.max_queries=1"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "20 of 20 scans have no supervoxels" in err and "generating them now" in err
+    (run_dir,) = _run_dirs(results_dir)
+    (generated,) = _info(run_dir)["supervoxels_generated"]
+    assert generated["cases"] == [str(i) for i in range(1, 21)] and generated["n_supervoxels"] == 5000
+    assert _info(run_dir)["inputs"]["train_data"]["supervoxels"]["sha256"]
+
+
+# -- 4. the report never merges runs on different data --------------------------------------
+def test_the_report_keeps_runs_on_different_data_apart(tmp_path, results_dir):
+    first = _nifti_folder(tmp_path / "scans_a")
+    second = _nifti_folder(tmp_path / "scans_b", brighter=True)
+    assert main(["run", "method=support_copy", *first]) == 0
+    assert main(["run", "method=support_copy", *second]) == 0
+    results = load_results(results_dir)
+    assert len(results.runs) == 2
+    assert not [n for n in results.notes if "superseded" in n]
+    variants = sorted(results.runs["variant"])
+    assert variants[0] != variants[1] and all(v.startswith("data=") for v in variants)
+    assert results.fold_scores.groupby("variant").size().tolist() == [1, 1]
+
+
+# -- 6. non-finite values stop the run before training, naming the file ----------------------
+def test_nan_in_a_query_scan_stops_the_run_naming_the_file(tmp_path, results_dir, capsys):
+    args = _nifti_folder(tmp_path / "scans", nan_in="image_1")  # fold 0 = ids 1, 2, 3; support 3
+    assert main(["run", "method=support_copy", *args]) == 2
+    err = capsys.readouterr().err
+    assert "image_1.nii.gz" in err and "non-finite" in err and "Traceback" not in err
+    assert not results_dir.exists()
+
+
+def test_nan_in_a_training_scan_stops_the_run_before_training(tmp_path, results_dir, capsys):
+    args = _nifti_folder(tmp_path / "scans", nan_in="image_7", label_map="{liver:1,spleen:2}")  # 7 trains fold 0
+    argv = ["run", *args, "method=prototype", "protocol.train_labels=gt", "train.steps=2", "train.image_size=32",
+            "method.width=8", "method.feature_dim=16", "protocol.min_fg_pixels=10"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "image_7.nii.gz" in err and "non-finite" in err and "Traceback" not in err
+    assert "train prototype" not in err
+    assert not _run_dirs(results_dir)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_every_volume_is_checked_whatever_plugin_loads_it(bad):
+    image = np.zeros((4, 8, 8), dtype=np.float32)
+    image[1, 2, 3] = bad
+    with pytest.raises(DataError, match="case 7: the image has 1 non-finite voxels"):
+        Volume("7", image, np.zeros((4, 8, 8), dtype=np.int32))
+
+
+# -- 7. the report checks cases.csv against run.json ----------------------------------------
+def _truncate(text: str) -> str:
+    return text[: int(len(text) * 0.6)]
+
+
+def _percent(text: str) -> str:
+    frame = pd.read_csv(pd.io.common.StringIO(text), dtype={"case_id": str})
+    frame.loc[0, "dice"] *= 100
+    return frame.to_csv(index=False)
+
+
+def _non_numeric(text: str) -> str:
+    frame = pd.read_csv(pd.io.common.StringIO(text), dtype={"case_id": str})
+    frame["tp"] = frame["tp"].astype(object)
+    frame.loc[1, "tp"] = "n/a?"
+    return frame.to_csv(index=False)
+
+
+def _inconsistent(text: str) -> str:
+    frame = pd.read_csv(pd.io.common.StringIO(text), dtype={"case_id": str})
+    frame.loc[0, "dice"] = 0.5 if frame.loc[0, "dice"] != 0.5 else 0.25
+    return frame.to_csv(index=False)
+
+
+def _dropped_row(text: str) -> str:
+    lines = text.splitlines(keepends=True)
+    return "".join(lines[:-1])
+
+
+def _duplicated_row(text: str) -> str:
+    lines = text.splitlines(keepends=True)
+    return "".join(lines[:-1] + [lines[1]])
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("records")
+    os.environ["FSMIS_RESULTS_DIR"] = str(root)
+    try:
+        for seed in (0, 1):
+            assert main(["run", "method=support_copy", "dataset.size=64", "dataset.n_slices=16", f"seed={seed}"]) == 0
+    finally:
+        del os.environ["FSMIS_RESULTS_DIR"]
+    return root
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (_truncate, r"lacks|is not a number"),
+    (_percent, r"outside \[0, 1\] \(a percentage\?\)"),
+    (_non_numeric, r"tp='n/a\?' is not a number"),
+    (_inconsistent, r"2tp/\(2tp\+fp\+fn\)"),
+    (_dropped_row, r"lacks 1 of the \d+ \(organ, query volume\) rows"),
+    (_duplicated_row, r"more than once"),
+], ids=["truncated", "percent", "non_numeric", "inconsistent", "dropped_row", "duplicated_row"])
+def test_the_report_skips_a_damaged_run_with_a_named_note(damage, reason, two_runs, tmp_path, capsys):
+    results = tmp_path / "results"
+    shutil.copytree(two_runs, results)
+    damaged, intact = [d for d in _run_dirs(results)]
+    cases = damaged / "cases.csv"
+    cases.write_text(damage(cases.read_text()))
+    loaded = load_results(results)
+    assert loaded.runs["run_dir"].tolist() == [str(intact)]
+    (note,) = [n for n in loaded.notes if str(damaged) in n]
+    assert note.startswith(f"skipped {damaged}: ") and re.search(reason, note), note
+    assert main(["report", "--results", str(results), "--no-published"]) == 0
+    err = capsys.readouterr().err
+    assert f"note: skipped {damaged}" in err and "Traceback" not in err
+
+
+def test_the_report_survives_an_unreadable_record(two_runs, tmp_path, capsys):
+    results = tmp_path / "results"
+    shutil.copytree(two_runs, results)
+    damaged, intact = _run_dirs(results)
+    (damaged / "run.json").write_text('{"method": "support_copy", "setting": "one", "fold": 0}')
+    loaded = load_results(results)
+    assert loaded.runs["run_dir"].tolist() == [str(intact)]
+    assert any(n.startswith(f"skipped {damaged}") for n in loaded.notes)
+
+
+# -- 8. options are checked before data or disk; write failures are named ---------------------
+def test_a_read_only_results_folder_is_named_before_any_data_is_read(tmp_path, capsys, monkeypatch):
+    results = tmp_path / "read_only"
+    results.mkdir()
+    monkeypatch.setenv("FSMIS_RESULTS_DIR", str(results))
+    if os.geteuid() != 0:
+        results.chmod(0o555)
+    else:  # root writes anywhere: make the check see what an ordinary user would
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == results else real_access(p, mode, **kw))
+    try:
+        assert main(["run", "method=support_copy"]) == 2
+    finally:
+        results.chmod(0o755)
+    err = capsys.readouterr().err
+    assert f"cannot write to {results}" in err and "permission denied" in err and "Traceback" not in err
+    assert list(results.iterdir()) == []
+
+
+def test_a_failed_record_write_names_the_folder_and_leaves_no_run_behind(results_dir, capsys, monkeypatch):
+    import tempfile
+
+    real_mkstemp = tempfile.mkstemp
+
+    def refuse(*args, dir=None, **kwargs):  # noqa: A002 - tempfile's own keyword
+        if dir is not None and str(results_dir) in str(dir):
+            raise PermissionError(errno.EROFS, "Read-only file system", os.path.join(dir, ".tmp"))
+        return real_mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    assert main(["run", "method=support_copy"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write to" in err and "the file system is read-only" in err and "Traceback" not in err
+    assert not _run_dirs(results_dir) and not list(results_dir.glob("**/.lock"))
+
+
+def test_a_full_disk_is_named_temp_files_go_and_the_rerun_resumes(results_dir, capsys, monkeypatch):
+    real_fdopen = os.fdopen
+
+    class FullDisk:
+        def __init__(self, handle):
+            self.handle = handle
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+        def fileno(self):
+            return self.handle.fileno()
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def fdopen(fd, *args, **kwargs):
+        handle = real_fdopen(fd, *args, **kwargs)
+        return FullDisk(handle) if ".cases_all.csv." in os.readlink(f"/proc/self/fd/{fd}") else handle
+
+    monkeypatch.setattr(os, "fdopen", fdopen)
+    assert main(["run", *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert "the disk is full" in err and "parts" in err and "Traceback" not in err
+    assert not [p for p in results_dir.rglob(".*") if p.name != ".lock"]  # no temporary files left
+    monkeypatch.setattr(os, "fdopen", real_fdopen)
+    assert main(["run", *SMALL]) == 0
+    assert "using trained weights" in capsys.readouterr().err  # the training was kept
+
+
+# -- 10. small ones ------------------------------------------------------------------------
+def test_record_files_honour_the_umask(results_dir):
+    old = os.umask(0o027)
+    try:
+        assert main(["run", *SMALL]) == 0
+    finally:
+        os.umask(old)
+    (run_dir,) = _run_dirs(results_dir)
+    for name in ("run.json", "config.yaml", "cases.csv", "COMPLETE", "predictions.npz", "train_log.csv",
+                 "checkpoints/all/final.safetensors"):
+        assert (run_dir / name).stat().st_mode & 0o777 == 0o640, name
+
+
+def test_no_progress_silences_supervoxel_generation(tmp_path, monkeypatch, capsys):
+    from fsmis_bench.preparation import generate_supervoxels
+
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in (1, 2):
+        image = rng.normal(100, 20, size=(24, 24, 3)).astype(np.float32)
+        nib.save(nib.Nifti1Image(image, np.eye(4)), str(images / f"image_{i}.nii.gz"))
+    monkeypatch.setenv("FSMIS_NO_PROGRESS", "1")
+    run = generate_supervoxels(images, tmp_path / "sv", n_sv=20, method="felzenszwalb2d")
+    assert run.ok and len(run.written) == 2
+    assert not re.search(r"supervoxels felzenszwalb2d n=20:\s*\d+%", capsys.readouterr().err)
+
+
+def test_no_progress_silences_report_out(tmp_path, monkeypatch, capsys):
+    from fsmis_bench.reporting import write_report
+    from fsmis_bench.reporting.synthetic import SyntheticDataset, counts_for_dice, write_run
+
+    dataset = SyntheticDataset("abd_mri", ("liver",), n_cases=20, shape=(4, 16, 16))
+    write_run(tmp_path / "results", "adnet", "abd_mri", 1, 0, 0, [("liver", "1", *counts_for_dice(0.7))])
+    monkeypatch.setenv("FSMIS_NO_PROGRESS", "1")
+    write_report(tmp_path / "results", tmp_path / "out", dataset_loader=lambda name: dataset, n_boot=20,
+                 include_published=False)
+    assert not re.search(r"report:\s*\d+%", capsys.readouterr().err)
