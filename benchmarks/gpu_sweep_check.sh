@@ -31,7 +31,7 @@ report $? "uninterrupted GPU run ($(( $(date +%s) - start )) s)"
 $PY -m fsmis_bench.cli run $SD $TRAIN results_dir="$OUT/preempted" > /dev/null 2> "$OUT/preempted.err" &
 pid=$!
 for _ in $(seq 1 3000); do
-  compgen -G "$OUT/preempted/*/*/*/*/*/checkpoints/all/last.pt" > /dev/null && break
+  compgen -G "$OUT/preempted/*/*/*/*/*/checkpoints/all/last.json" > /dev/null && break
   sleep 0.1
 done
 kill -USR1 $pid

@@ -114,7 +114,7 @@ def _base_keys(overrides: list[str], extra: list[str]) -> set[str]:
     test_name = given.get("protocol.test_dataset")
     if test_name not in (None, "", "null"):  # a cross-domain test dataset's own options
         groups.append(f"+dataset@test_dataset={test_name}")
-    with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
+    with _beside_running_hydra(), initialize_config_dir(config_dir=str(config_dir()), version_base=None):
         cfg = hydra_compose("config", overrides=groups + extra)
         default_backbone = cfg.method.get("default_backbone")
         if not any(o.startswith("backbone=") for o in groups) and default_backbone:

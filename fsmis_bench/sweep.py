@@ -240,23 +240,8 @@ def check_sweep(overrides: list[str]) -> list[tuple[list[str], DictConfig]]:
     runs = expand_sweep(run_overrides)
     composed = [(r, compose(r)) for r in runs]
     if hydra_overrides:
-        _check_launcher(runs[0] + hydra_overrides)
+        _hydra_node(runs[0] + hydra_overrides)
     return composed
-
-
-def _check_launcher(overrides: list[str]) -> None:
-    from .config import compose
-
-    try:
-        compose(overrides)
-    except ConfigError as exc:
-        if "hydra/launcher" in exc.message or "hydra/launcher" in (exc.hint or ""):
-            raise ConfigError(
-                exc.message,
-                hint=f"{exc.hint}; the joblib and submitit launchers come with "
-                     "`pip install 'fsmis-bench[launchers]'`",
-            ) from None
-        raise
 
 
 def launch(overrides: list[str], *, command: str = "run", checkpoint: Path | None = None,
@@ -379,25 +364,47 @@ def show_config(overrides: list[str], which: str, multirun: bool) -> None:
     if which in ("job", "all"):
         if not multirun and is_sweep(run_overrides):
             raise ConfigError("comma-separated values describe a sweep", hint="add -m to run every combination")
-        runs = check_sweep(overrides) if multirun else [(run_overrides, compose(run_overrides + hydra_overrides))]
+        runs = check_sweep(overrides) if multirun else [(run_overrides, compose(run_overrides))]
         for run, cfg in runs:
             if len(runs) > 1:
                 print(f"# {' '.join(run)}")
             print(OmegaConf.to_yaml(cfg), end="")
     if which in ("hydra", "all"):
         first = expand_sweep(run_overrides)[0] if multirun else run_overrides
+        compose(first)  # the usual checks and messages for the run's own options
         print(OmegaConf.to_yaml(_hydra_node(first + hydra_overrides)), end="")
 
 
 def _hydra_node(overrides: list[str]) -> DictConfig:
-    """Hydra's own config (launcher, sweeper, folders) for these overrides, unresolved."""
+    """Hydra's own config (launcher, sweeper, folders) for these overrides, unresolved.
+
+    Raises:
+        ConfigError: an unknown launcher or launcher option (with the known ones, and where
+            the joblib and submitit launchers come from).
+    """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
 
-    from .config import _beside_running_hydra, compose, config_dir, searchpath_override
+    from .config import _beside_running_hydra, config_dir, searchpath_override
 
-    compose(overrides)  # the usual checks and messages
-    with _beside_running_hydra(), initialize_config_dir(config_dir=str(config_dir()), version_base=None):
-        cfg = hydra_compose("config", overrides=_for_hydra(overrides)[0] + searchpath_override(),
-                            return_hydra_config=True)
+    try:
+        with _beside_running_hydra(), initialize_config_dir(config_dir=str(config_dir()), version_base=None):
+            cfg = hydra_compose("config", overrides=_for_hydra(overrides)[0] + searchpath_override(),
+                                return_hydra_config=True)
+    except (HydraException, OmegaConfBaseException) as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        options = next((i for i, line in enumerate(lines) if line.startswith("Available options")), None)
+        if options is not None:
+            known = [line for line in lines[options + 1:] if not line.startswith(("Config search path", "provider="))]
+            hint = f"{lines[options].rstrip(':')}: {', '.join(known)}"
+        elif "hydra.launcher." in str(exc):
+            hint = ("a launcher option needs its launcher (hydra/launcher=joblib, submitit_local, "
+                    "submitit_slurm); `fsmis-bench run -m hydra/launcher=<name> --cfg hydra` lists its options")
+        else:
+            hint = "Hydra's own options are listed by `fsmis-bench run -m ... --cfg hydra`"
+        if "hydra/launcher" in str(exc) or "hydra.launcher" in str(exc):
+            hint += "; the joblib and submitit launchers come with `pip install 'fsmis-bench[launchers]'`"
+        raise ConfigError(f"invalid launcher setting: {lines[0] if lines else exc}", hint=hint) from None
     return OmegaConf.create({"hydra": OmegaConf.to_container(cfg.hydra, resolve=False)})

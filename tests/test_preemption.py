@@ -63,8 +63,10 @@ def test_sigusr1_checkpoints_at_a_step_boundary_and_the_rerun_resumes_exactly(tm
     interrupted = [*argv, f"results_dir={tmp_path / 'preempted'}"]
     assert main(interrupted) == 128 + signal.SIGUSR1
     assert "interrupted at step 3; checkpoint saved" in capsys.readouterr().err
-    checkpoint = _only(tmp_path / "preempted", "**/checkpoints/all/last.pt")
-    assert torch.load(checkpoint, weights_only=False)["step"] == 3  # the step that was running finished
+    from fsmis_bench.training.checkpoint import load_training_state
+
+    state_file = _only(tmp_path / "preempted", "**/checkpoints/all/last.json")
+    assert load_training_state(state_file.parent)["step"] == 3  # the step that was running finished
     monkeypatch.setattr(episodes.EpisodeSampler, "batch", original)
 
     assert main(interrupted) == 0
@@ -109,7 +111,7 @@ def test_submitit_job_preempted_mid_training_is_requeued_and_resumes_exactly(tmp
     )
     try:
         deadline = time.time() + 600
-        while not list(results.glob("**/checkpoints/all/last.pt")) and time.time() < deadline and sweep.poll() is None:
+        while not list(results.glob("**/checkpoints/all/last.json")) and time.time() < deadline and sweep.poll() is None:
             time.sleep(0.05)
         (task,) = _task_processes(results)
         os.kill(task, preempt)
@@ -187,7 +189,7 @@ def test_two_process_run_stopped_by_sigterm_resumes_exactly(tmp_path):
     stopped = _torchrun(config, tmp_path / "stopped", wait=False)
     try:
         deadline = time.time() + 600
-        while not list((tmp_path / "stopped").glob("**/last.pt")) and time.time() < deadline and stopped.poll() is None:
+        while not list((tmp_path / "stopped").glob("**/last.json")) and time.time() < deadline and stopped.poll() is None:
             time.sleep(0.05)
         stopped.send_signal(signal.SIGTERM)
         out, err = stopped.communicate(timeout=300)

@@ -88,7 +88,7 @@ def test_every_config_is_checked_before_anything_runs(tmp_path, capsys):
     "argv, message, hint",
     [
         (["-m", "hydra/launcher=jobli"], "Could not find 'hydra/launcher/jobli'", "Available options in 'hydra/launcher'"),
-        (["-m", "hydra.launcher.n_jobs=2"], "Could not override 'hydra.launcher.n_jobs'", "new keys need a leading '+'"),
+        (["-m", "hydra.launcher.n_jobs=2"], "Could not override 'hydra.launcher.n_jobs'", "needs its launcher"),
         (["hydra/launcher=joblib"], "overrides set how a sweep is launched", "add -m"),
     ],
 )
