@@ -170,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=230.0, help="skip variants that would end after this")
     parser.add_argument("--out", default=None, help="also write the JSON here")
     parser.add_argument("--extra", nargs="*", default=[], help="extra config overrides for every variant")
+    parser.add_argument("--only", nargs="*", default=None,
+                        help="run only these variants (e.g. tf32_fused tf32_fused_compiled tiny_eager tiny_reduce-overhead)")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -203,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     def run(name: str, overrides: list[str], mixed: str = "no", tf32: bool = False, model=None,
             extra_s: float = 0.0, steps: int | None = None, config: list[str] | None = None) -> dict[str, Any] | None:
         steps = steps or args.steps
+        if args.only is not None and name not in args.only:
+            result["skipped"][name] = "not selected (--only)"
+            return None
         if per_step_guess[0] is not None:
             needed = (args.warmup + 2 * steps) * per_step_guess[0] * 1.5 + extra_s
             if time.perf_counter() - STARTED + needed > args.budget_s:
