@@ -149,7 +149,7 @@ class SweepJob:
             (``results_dir``, ``data_root``) mean the same in every job.
         devices: GPUs to spread local parallel jobs over (joblib); empty otherwise.
         export_to: ``--export-masks`` folder (each run below it at its path under ``results_dir``).
-        marked: keys given to Hydra with a '+' they did not have (:func:`_for_hydra`).
+        marked: keys given to Hydra with a '++' they did not have (:func:`_for_hydra`).
     """
 
     def __init__(self, command: str, checkpoint: str | None, launch_dir: str, devices: list[str],
@@ -172,7 +172,7 @@ class SweepJob:
             # episode workers (train.num_workers) cannot use; give them the platform's own.
             multiprocessing.set_start_method(multiprocessing.get_all_start_methods()[0], force=True)
         hydra = HydraConfig.get()
-        overrides = [o[1:] if o.startswith("+") and o[1:].split("=", 1)[0] in self.marked else o
+        overrides = [o.lstrip("+") if o.startswith("+") and o.lstrip("+").split("=", 1)[0] in self.marked else o
                      for o in hydra.overrides.task]  # as the user wrote them
         if self.devices:  # before anything in this process touches CUDA
             device = claim_device(self.devices, Path(hydra.sweep.dir) / ".devices", int(hydra.job.num))
@@ -205,18 +205,22 @@ class SweepJob:
 
 
 # -- the sweep -------------------------------------------------------------------------------
-# Keys that exist only after compose()'s second pass (the test dataset's options, see
-# config.compose): Hydra's own composition of a sweep gets them as new keys ("+key=...").
-_COMPOSE_ONLY = ("test_dataset.",)
-
-
 def _for_hydra(overrides: list[str]) -> tuple[list[str], list[str]]:
-    """``overrides`` as Hydra's sweeper can compose them, and the keys that got a '+' for it."""
+    """``overrides`` as Hydra's sweeper can compose them, and the keys that got a '++' for it.
+
+    Hydra composes a multirun once without its sweep values, so a key that exists only under
+    a swept choice (``method=sdfsmis,diffews method.vae_dtype=bfloat16``: not in the default
+    method) or only after compose()'s second pass (``test_dataset.*``) would be refused there.
+    Dotted value keys therefore go to Hydra as force-adds ("++key=..."), which set the key
+    where it exists and add it where it does not; every run was composed and checked by
+    :func:`check_sweep` first, so a mistyped key never gets this far. Config groups are never
+    dotted here (their choices are ``group=name`` or ``a/b=name``).
+    """
     hydra_form, marked = [], []
     for item in overrides:
         key = item.split("=", 1)[0]
-        if key.startswith(_COMPOSE_ONLY):
-            hydra_form.append("+" + item)
+        if "." in key and not key.startswith(("+", "~", "hydra.")):
+            hydra_form.append("++" + item)
             marked.append(key)
         else:
             hydra_form.append(item)

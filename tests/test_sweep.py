@@ -68,6 +68,20 @@ def test_sweep_goes_through_hydra_multirun_and_matches_serial_runs(tmp_path, cap
     assert "3 runs: 1 completed, 0 resumed, 2 skipped (already complete), 0 failed" in err
 
 
+def test_a_key_that_only_the_swept_methods_have_reaches_every_job(tmp_path, capsys):
+    # Hydra composes a multirun once without its sweep values, i.e. with the default method
+    # (prototype), which has no method.vae_dtype: that composition must not refuse the key.
+    tiny_sd = ["backbone=tiny", "backbone.vae=identity", "pretrained=false", "dataset=phantom", "dataset.size=64",
+               "dataset.n_slices=16", "train.image_size=32", "train.steps=1", "protocol.min_fg_pixels=10", "protocol.organs=[liver]",
+               "protocol.max_queries=1"]
+    argv = ["run", "-m", "method=sdfsmis,diffews", "method.vae_dtype=bfloat16", *tiny_sd, f"results_dir={tmp_path}"]
+    assert main(argv) == 0
+    assert "2 runs: 2 completed" in capsys.readouterr().err
+    configs = sorted(tmp_path.glob("*/phantom/setting1/fold0/*/run.json"))
+    assert [json.loads(p.read_text())["method_options"]["vae_dtype"] for p in configs] == ["bfloat16", "bfloat16"]
+    assert not any("++" in p.read_text() for p in configs)  # records hold the overrides as the user wrote them
+
+
 def test_relative_results_dir_means_the_launch_directory(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["run", "-m", *SUPPORT_COPY, "fold=0", "results_dir=rel", "hydra.job.chdir=true"]) == 0
