@@ -236,11 +236,11 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.out).write_text(json.dumps({**result, "partial": True}) + "\n")
 
     variants = [
-        ("fp32", [], "no", False),
-        ("tf32", [], "no", True),
+        ("fp32", ["train.fused_optimizer=false"], "no", False),
+        ("tf32", ["train.fused_optimizer=false"], "no", True),
         ("tf32_fused", ["train.fused_optimizer=true"], "no", True),
         ("tf32_fused_batch4", ["train.fused_optimizer=true", "train.batch_size=4"], "no", True),
-        ("lowmem", ["memory=low"], "no", True),
+        ("lowmem", ["memory=low", "train.fused_optimizer=false"], "no", True),
     ]
     for name, overrides, mixed, tf32 in variants:
         if name == "lowmem":

@@ -46,7 +46,7 @@ def _engine_choices() -> dict[str, tuple]:
         "train.accumulation": ACCUMULATION,
         "train.compile": (False, *COMPILE_MODES),
         "train.weight_dtype": tuple(WEIGHT_DTYPES),
-        "train.fused_optimizer": (True, False),
+        "train.fused_optimizer": ("auto", True, False),
         "train.channels_last": (True, False),
     }
 # Integer options and their least allowed value; those in _NULLABLE may also be null.

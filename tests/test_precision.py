@@ -63,6 +63,29 @@ def test_resolved_config_is_concrete_and_hashed_by_what_runs(monkeypatch):
     assert config_hash(bf16) != config_hash(on_cpu)
 
 
+@pytest.mark.parametrize("device, cuda, asked, expected", [
+    ("auto", True, "auto", True),    # the measured faster kernel with CUDA (README "Speed")
+    ("auto", False, "auto", False),  # a CPU run keeps the plain path (and its hash)
+    ("cpu", True, "auto", False),
+    ("auto", True, False, False),    # explicit values are kept
+    ("cpu", False, True, True),
+])
+def test_fused_optimizer_auto_resolves_by_device(monkeypatch, device, cuda, asked, expected):
+    monkeypatch.setattr(precision_module.torch.cuda, "is_available", lambda: cuda)
+    cfg = compose(["method=prototype", f"device={device}", f"train.fused_optimizer={str(asked).lower()}"])
+    resolved = with_resolved_precision(cfg)
+    assert resolved.train.fused_optimizer is expected
+    assert with_resolved_precision(resolved) == resolved
+
+
+def test_fused_optimizer_auto_builds_the_plain_optimiser_for_cpu_parameters():
+    from fsmis_bench.training.optim import build_optimizer
+
+    groups = [{"params": [torch.nn.Parameter(torch.zeros(3))], "lr": 1e-3}]
+    assert not build_optimizer(groups, fused="auto").defaults["fused"]
+    assert build_optimizer(groups, fused=True).defaults["fused"]
+
+
 def test_accelerator_follows_the_resolved_precision():
     before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     try:

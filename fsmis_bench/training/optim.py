@@ -3,7 +3,8 @@ master copies of bf16 weights. Chosen by ``train.optimizer``, ``train.fused_opti
 ``train.weight_dtype``; every choice is measured by ``benchmarks/gpu_engine_check.py``.
 
 * ``adamw``: ``torch.optim.AdamW``. ``fused=True`` updates every parameter of a group in
-  one kernel (CUDA and CPU); ``false`` uses the multi-tensor (``foreach``) path. Both compute
+  one kernel (CUDA and CPU); ``false`` uses the multi-tensor (``foreach``) path; ``auto`` (the
+  default) is fused where the parameters are on CUDA. Both compute
   the same update up to rounding.
 * ``sgd``: momentum SGD (``train.momentum``), the classic methods' optimiser.
 * ``adamw8bit``: bitsandbytes' ``AdamW8bit``, the two moments stored block-wise quantised
@@ -82,7 +83,7 @@ def build_optimizer(
     *,
     name: str = "adamw",
     weight_decay: float = 0.01,
-    fused: bool = False,
+    fused: bool | str = False,
     weight_dtype: str = "float32",
     momentum: float = 0.9,
 ) -> torch.optim.Optimizer:
@@ -95,6 +96,8 @@ def build_optimizer(
     if weight_dtype not in WEIGHT_DTYPES:
         raise ConfigError(f"train.weight_dtype={weight_dtype!r} is unknown", hint="use float32 or bfloat16")
     groups = [g for g in groups if g["params"]]
+    if fused == "auto":  # the fused kernel where it was measured faster: CUDA
+        fused = any(p.is_cuda for g in groups for p in g["params"])
     if weight_dtype != "float32":
         if name != "adamw":
             raise ConfigError(

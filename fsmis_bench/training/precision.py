@@ -79,12 +79,16 @@ def precision_of(cfg: DictConfig) -> Precision:
 
 
 def with_resolved_precision(cfg: DictConfig) -> DictConfig:
-    """A copy of ``cfg`` whose ``mixed_precision`` and ``tf32`` are concrete (idempotent)."""
+    """A copy of ``cfg`` whose ``mixed_precision``, ``tf32`` and ``train.fused_optimizer``
+    are concrete (idempotent). ``fused_optimizer=auto`` is the fused kernel with CUDA (the
+    measured faster one there) and the plain one on a CPU, so a CPU run hashes as before."""
     precision = precision_of(cfg)
     resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     with open_dict(resolved):
         resolved.mixed_precision = precision.mixed_precision
         resolved.tf32 = precision.tf32
+        if resolved.get("train") is not None and resolved.train.get("fused_optimizer") == "auto":
+            resolved.train.fused_optimizer = uses_cuda(str(cfg.get("device", "auto")))
     return resolved
 
 

@@ -21,6 +21,7 @@ Compute switches, each off in the plain path and tested against it (tests/test_e
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
@@ -46,7 +47,7 @@ class ComputeOptions:
     channels_last: bool = False
     weight_dtype: str = "float32"
     optimizer: str = "adamw"
-    fused_optimizer: bool = False
+    fused_optimizer: bool | str = False  # True | False | "auto" (fused where the parameters are on CUDA)
     accumulation: str = "sequential"
 
     @classmethod
@@ -64,9 +65,13 @@ class ComputeOptions:
             channels_last=bool(get("channels_last", False)),
             weight_dtype=str(get("weight_dtype", "float32")),
             optimizer=str(get("optimizer", "adamw")),
-            fused_optimizer=bool(get("fused_optimizer", False)),
+            fused_optimizer=_auto_or_bool(get("fused_optimizer", False)),
             accumulation=accumulation,
         )
+
+
+def _auto_or_bool(value: Any) -> bool | str:
+    return "auto" if value == "auto" else bool(value)
 
 
 def micro_batches(batch_size: int, grad_accum: int, accumulation: str) -> tuple[int, int]:
