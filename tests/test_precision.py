@@ -69,6 +69,7 @@ def test_resolved_config_is_concrete_and_hashed_by_what_runs(monkeypatch):
     ("cpu", True, "auto", False),
     ("auto", True, False, False),    # explicit values are kept
     ("cpu", False, True, True),
+    ("cuda", False, "auto", True),   # a GPU run's identity, computed on a machine without one
 ])
 def test_fused_optimizer_auto_resolves_by_device(monkeypatch, device, cuda, asked, expected):
     monkeypatch.setattr(precision_module.torch.cuda, "is_available", lambda: cuda)

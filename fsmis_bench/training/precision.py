@@ -88,7 +88,8 @@ def with_resolved_precision(cfg: DictConfig) -> DictConfig:
         resolved.mixed_precision = precision.mixed_precision
         resolved.tf32 = precision.tf32
         if resolved.get("train") is not None and resolved.train.get("fused_optimizer") == "auto":
-            resolved.train.fused_optimizer = uses_cuda(str(cfg.get("device", "auto")))
+            device = str(cfg.get("device", "auto"))  # as resolve_precision: defined without a GPU too
+            resolved.train.fused_optimizer = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     return resolved
 
 
