@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fsmis_bench.errors import ConfigError, FsmisError
+from fsmis_bench.method import Method
 
 #: blocks per stage and block type of each supported depth.
 RESNET_LAYERS: dict[int, tuple[str, tuple[int, int, int, int]]] = {
@@ -412,8 +413,28 @@ def grey_to_rgb(images: torch.Tensor) -> torch.Tensor:
     return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
 
 
+class ResNetEncoderMethod(Method):
+    """What SSL-ALPNet, ADNet and Q-Net share around their ResNet ``self.encoder`` (which
+    carries ``weights`` and ``random_weights``): one parameter group at ``options.lr``, the
+    encoder file's digest as the weight identity, and the random-weights flag."""
+
+    encoder: nn.Module
+    options: object
+
+    def param_groups(self) -> list[dict]:
+        return [{"name": "all", "params": [p for p in self.parameters() if p.requires_grad], "lr": self.options.lr}]
+
+    def weight_identity(self) -> dict:
+        weights = self.encoder.weights
+        return {} if weights is None else {"encoder": weights.identity()}
+
+    def uses_random_weights(self) -> bool:
+        return self.encoder.random_weights
+
+
 __all__ = [
     "BasicBlock", "Bottleneck", "BuiltEncoder", "DeepLabFeatures", "DeepLabV3", "encoder_from_cfg", "ENCODERS", "INITS", "ResNet",
+    "ResNetEncoderMethod",
     "TORCHVISION_FILES", "WeightFile", "build_resnet_encoder", "file_sha256", "find_weight_file",
     "grey_to_rgb", "load_strict", "read_state_dict",
 ]

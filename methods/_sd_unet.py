@@ -159,7 +159,7 @@ class Float32Conv2d(nn.Conv2d):
     read-out of an epsilon-prediction U-Net multiplies that rounding by ~14.6.
     """
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=x.device.type, enabled=False):
             return super().forward(x.to(self.weight.dtype))  # the weights' float32 (or float64)
 

@@ -52,9 +52,9 @@ from omegaconf import DictConfig
 from torch import nn
 
 from fsmis_bench.errors import ConfigError
-from fsmis_bench.method import EpisodeBatch, Method
+from fsmis_bench.method import EpisodeBatch
 
-from ._resnet_encoders import DeepLabFeatures, encoder_from_cfg
+from ._resnet_encoders import DeepLabFeatures, encoder_from_cfg, ResNetEncoderMethod
 
 #: paper text vs released code, per option (``null`` options follow ``cfg.fidelity``).
 FIDELITY_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -137,7 +137,7 @@ def resolve_option(method_cfg: DictConfig, name: str, fidelity: str, table: dict
     return table[name][fidelity] if value is None else value
 
 
-class ADNet(Method):
+class ADNet(ResNetEncoderMethod):
     """ADNet (``method/adnet.yaml``): one foreground prototype, anomaly score vs learned ``T``."""
 
     input_norm: ClassVar[str] = "zscore"
@@ -233,18 +233,8 @@ class ADNet(Method):
         return torch.cat(masks)
 
     # -- introspection -----------------------------------------------------------------------
-    def param_groups(self) -> list[dict[str, Any]]:
-        return [{"name": "all", "params": [p for p in self.parameters() if p.requires_grad], "lr": self.options.lr}]
-
     def components(self) -> dict[str, nn.Module]:
         return {"encoder.backbone": self.encoder.backbone, "encoder.localconv": self.encoder.localconv}
-
-    def weight_identity(self) -> dict:
-        weights = self.encoder.weights
-        return {} if weights is None else {"encoder": weights.identity()}
-
-    def uses_random_weights(self) -> bool:
-        return self.encoder.random_weights
 
 
 __all__ = [

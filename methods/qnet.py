@@ -51,14 +51,13 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
 from fsmis_bench.errors import ConfigError
-from fsmis_bench.method import EpisodeBatch, Method
+from fsmis_bench.method import EpisodeBatch
 
-from ._resnet_encoders import BuiltEncoder, encoder_from_cfg, grey_to_rgb
+from ._resnet_encoders import BuiltEncoder, encoder_from_cfg, grey_to_rgb, ResNetEncoderMethod
 from .adnet import anomaly_scores, foreground_probability, probability_nll, two_class, upsampled_masked_average
 
 #: ``alpha`` (weight of the 1/4 path) per setting, from the released README.
@@ -194,7 +193,7 @@ class QNetOptions:
         return (self.path_weight, 1.0 - self.path_weight)
 
 
-class QNet(Method):
+class QNet(ResNetEncoderMethod):
     """Q-Net (``method/qnet.yaml``)."""
 
     input_norm: ClassVar[str] = "zscore"
@@ -302,19 +301,9 @@ class QNet(Method):
         return torch.cat(masks)
 
     # -- introspection -----------------------------------------------------------------------
-    def param_groups(self) -> list[dict[str, Any]]:
-        return [{"name": "all", "params": [p for p in self.parameters() if p.requires_grad], "lr": self.options.lr}]
-
     def components(self) -> dict[str, nn.Module]:
         e = self.encoder
         return {"encoder.backbone": e.backbone, "encoder.reduce1": e.reduce1, "encoder.reduce2": e.reduce2, "encoder.reduce1d": e.reduce1d}
-
-    def weight_identity(self) -> dict:
-        weights = self.encoder.weights
-        return {} if weights is None else {"encoder": weights.identity()}
-
-    def uses_random_weights(self) -> bool:
-        return self.encoder.random_weights
 
 
 __all__ = ["DualPathEncoder", "PATH_WEIGHT_BY_SETTING", "QNet", "QNetOptions", "reconstruction_loss", "refine_prototype"]

@@ -56,9 +56,9 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
-from fsmis_bench.method import EpisodeBatch, Method
+from fsmis_bench.method import EpisodeBatch
 
-from ._resnet_encoders import DeepLabFeatures, encoder_from_cfg
+from ._resnet_encoders import DeepLabFeatures, encoder_from_cfg, ResNetEncoderMethod
 
 #: the foreground gate window of the released code (fixed, also when testing with L = 2).
 FG_GATE_WINDOW = 4
@@ -138,7 +138,7 @@ class ALPNetOptions:
     lr: float
 
 
-class SSLALPNet(Method):
+class SSLALPNet(ResNetEncoderMethod):
     """SSL-ALPNet (``method/ssl_alpnet.yaml``)."""
 
     input_norm: ClassVar[str] = "zscore"
@@ -229,18 +229,8 @@ class SSLALPNet(Method):
             masks.append(scores.argmax(dim=1) == 1)
         return torch.cat(masks)
 
-    def param_groups(self) -> list[dict[str, Any]]:
-        return [{"name": "all", "params": [p for p in self.parameters() if p.requires_grad], "lr": self.options.lr}]
-
     def components(self) -> dict[str, nn.Module]:
         return {"encoder.backbone": self.encoder.backbone, "encoder.localconv": self.encoder.localconv}
-
-    def weight_identity(self) -> dict:
-        weights = self.encoder.weights
-        return {} if weights is None else {"encoder": weights.identity()}
-
-    def uses_random_weights(self) -> bool:
-        return self.encoder.random_weights
 
 
 __all__ = ["FG_GATE_WINDOW", "SSLALPNet", "class_prototypes", "global_prototypes", "local_prototypes", "prototype_scores"]

@@ -95,116 +95,92 @@ def write_report(
         FsmisError: missing results folder, non-empty ``out_dir`` without ``force``, or an
             unknown method in ``compare``.
     """
-    with renamed(names):
-        return _write_report(
-            results_dir, out_dir, data_root, force, compare=compare, slices=slices, show_std=show_std,
-            include_published=include_published, dataset_loader=dataset_loader, n_boot=n_boot, log=log,
-            width=width, zoom=zoom,
-        )
+    with renamed(names):  # display-name overrides for every figure drawn below
+        out = Path(out_dir).expanduser()
+        figure_width = WIDTHS[width] if isinstance(width, str) else float(width)
+        results = load_results(results_dir)
+        named_slices = parse_slices(slices)
+        pairs = list(compare) if compare else stats.default_pairs(results)
+        # resolve the comparison names before writing anything, so a typo leaves no half report
+        per_case = per_case_scores(results)
+        for a, b in pairs:
+            stats.resolve(per_case, a), stats.resolve(per_case, b)
+        _prepare_out_dir(out, force)
+        for text in results.notes:
+            log(f"note: {text}")
+        tables_dir, figures_dir = out / "tables", out / "figures"
+        tables_dir.mkdir(exist_ok=True)
+        notes: list[str] = []
+        if results.empty:
+            notes.append(f"No finished runs under {results.root}; only published numbers are shown.")
+        if results.unfinished:
+            notes.append(f"{len(results.unfinished)} unfinished run(s) (no COMPLETE marker) are not counted; see Runs.")
 
+        steps = tqdm(total=5, desc="report", unit="step", file=sys.stderr, leave=False,
+                     disable=os.environ.get("FSMIS_NO_PROGRESS") == "1")
+        tables = all_tables(results, include_published, show_std)
+        for table in tables:
+            if table.is_empty():
+                continue
+            (tables_dir / f"{table.name}.md").write_text(table.to_markdown(), encoding="utf-8")
+            (tables_dir / f"{table.name}.tex").write_text(table.to_latex(), encoding="utf-8")
+            (tables_dir / f"{table.name}.csv").write_text(table.to_csv(), encoding="utf-8")
+        gaps = published_gap(next(t for t in tables if t.name == "main"))
+        if not gaps.empty:
+            gaps.to_csv(tables_dir / "published_gap.csv", index=False)
+            (tables_dir / "published_gap.md").write_text(frame_to_markdown(gaps, "{:.2f}"), encoding="utf-8")
+        long_fold_csv(results).to_csv(tables_dir / "fold_scores.csv", index=False)
+        per_case.to_csv(tables_dir / "per_volume.csv", index=False)
+        run_summary = summarise_runs(results)
+        results.runs.to_csv(tables_dir / "runs.csv", index=False)
+        steps.update()
 
-def _write_report(
-    results_dir: str | Path,
-    out_dir: str | Path,
-    data_root: str | Path | None = None,
-    force: bool = False,
-    *,
-    compare: Sequence[tuple[str, str]] | None = None,
-    slices: str | None = None,
-    show_std: bool = False,
-    include_published: bool = True,
-    dataset_loader: DatasetLoader | None = None,
-    n_boot: int = 10000,
-    log: Callable[[str], None] = _log,
-    width: str | float = "double",
-    zoom: bool = False,
-) -> Path:
-    """:func:`write_report` with the display names already set."""
-    out = Path(out_dir).expanduser()
-    figure_width = WIDTHS[width] if isinstance(width, str) else float(width)
-    results = load_results(results_dir)
-    named_slices = parse_slices(slices)
-    pairs = list(compare) if compare else stats.default_pairs(results)
-    # resolve the comparison names before writing anything, so a typo leaves no half report
-    per_case = per_case_scores(results)
-    for a, b in pairs:
-        stats.resolve(per_case, a), stats.resolve(per_case, b)
-    _prepare_out_dir(out, force)
-    for text in results.notes:
-        log(f"note: {text}")
-    tables_dir, figures_dir = out / "tables", out / "figures"
-    tables_dir.mkdir(exist_ok=True)
-    notes: list[str] = []
-    if results.empty:
-        notes.append(f"No finished runs under {results.root}; only published numbers are shown.")
-    if results.unfinished:
-        notes.append(f"{len(results.unfinished)} unfinished run(s) (no COMPLETE marker) are not counted; see Runs.")
+        comparisons = []
+        for a, b in pairs:
+            frame = stats.compare(results, a, b, n_boot=n_boot)
+            shown = stats.format_compare(frame)
+            stem = f"compare_{_slug(a)}_vs_{_slug(b)}"
+            frame.to_csv(tables_dir / f"{stem}.csv", index=False)
+            (tables_dir / f"{stem}.md").write_text(f"**A = {a} vs B = {b}**\n\n" + frame_to_markdown(shown), encoding="utf-8")
+            (tables_dir / f"{stem}.tex").write_text(frame_to_latex(shown, f"{a} vs {b}: paired comparison", stem), encoding="utf-8")
+            comparisons.append((frame["A"].iloc[0] if len(frame) else a, frame["B"].iloc[0] if len(frame) else b, shown))
+        intervals = stats.confidence_intervals(results, n_boot=n_boot)
+        if not intervals.empty:
+            intervals.to_csv(tables_dir / "bootstrap_ci.csv", index=False)
+            (tables_dir / "bootstrap_ci.md").write_text(frame_to_markdown(intervals, "{:.2f}"), encoding="utf-8")
+            (tables_dir / "bootstrap_ci.tex").write_text(
+                frame_to_latex(intervals, "Mean Dice (%) per query volume, 95% bootstrap CI", "bootstrap_ci", "{:.2f}"),
+                encoding="utf-8")
+        steps.update()
 
-    steps = tqdm(total=5, desc="report", unit="step", file=sys.stderr, leave=False,
-                 disable=os.environ.get("FSMIS_NO_PROGRESS") == "1")
-    tables = all_tables(results, include_published, show_std)
-    for table in tables:
-        if table.is_empty():
-            continue
-        (tables_dir / f"{table.name}.md").write_text(table.to_markdown(), encoding="utf-8")
-        (tables_dir / f"{table.name}.tex").write_text(table.to_latex(), encoding="utf-8")
-        (tables_dir / f"{table.name}.csv").write_text(table.to_csv(), encoding="utf-8")
-    gaps = published_gap(next(t for t in tables if t.name == "main"))
-    if not gaps.empty:
-        gaps.to_csv(tables_dir / "published_gap.csv", index=False)
-        (tables_dir / "published_gap.md").write_text(frame_to_markdown(gaps, "{:.2f}"), encoding="utf-8")
-    long_fold_csv(results).to_csv(tables_dir / "fold_scores.csv", index=False)
-    per_case.to_csv(tables_dir / "per_volume.csv", index=False)
-    run_summary = summarise_runs(results)
-    results.runs.to_csv(tables_dir / "runs.csv", index=False)
-    steps.update()
+        problems: list[str] = []
+        figures = figures_module.write_figures(results, figures_dir, width=figure_width, problems=problems)
+        comparison = comparison_frame(results)
+        if comparison["published"].notna().any():
+            comparison.to_csv(tables_dir / "published_comparison.csv", index=False)
+        steps.update()
+        # without a data root the loader is still tried: file-free datasets (phantom) need none,
+        # the others fail to load and the figure is skipped with a note
+        loader = dataset_loader or default_loader(data_root)
 
-    comparisons = []
-    for a, b in pairs:
-        frame = stats.compare(results, a, b, n_boot=n_boot)
-        shown = stats.format_compare(frame)
-        stem = f"compare_{_slug(a)}_vs_{_slug(b)}"
-        frame.to_csv(tables_dir / f"{stem}.csv", index=False)
-        (tables_dir / f"{stem}.md").write_text(f"**A = {a} vs B = {b}**\n\n" + frame_to_markdown(shown), encoding="utf-8")
-        (tables_dir / f"{stem}.tex").write_text(frame_to_latex(shown, f"{a} vs {b}: paired comparison", stem), encoding="utf-8")
-        comparisons.append((frame["A"].iloc[0] if len(frame) else a, frame["B"].iloc[0] if len(frame) else b, shown))
-    intervals = stats.confidence_intervals(results, n_boot=n_boot)
-    if not intervals.empty:
-        intervals.to_csv(tables_dir / "bootstrap_ci.csv", index=False)
-        (tables_dir / "bootstrap_ci.md").write_text(frame_to_markdown(intervals, "{:.2f}"), encoding="utf-8")
-        (tables_dir / "bootstrap_ci.tex").write_text(
-            frame_to_latex(intervals, "Mean Dice (%) per query volume, 95% bootstrap CI", "bootstrap_ci", "{:.2f}"),
-            encoding="utf-8")
-    steps.update()
+        def note(text: str) -> None:
+            notes.append(text.removeprefix("note: "))
+            log(text)
 
-    problems: list[str] = []
-    figures = figures_module.write_figures(results, figures_dir, width=figure_width, problems=problems)
-    comparison = comparison_frame(results)
-    if comparison["published"].notna().any():
-        comparison.to_csv(tables_dir / "published_comparison.csv", index=False)
-    steps.update()
-    # without a data root the loader is still tried: file-free datasets (phantom) need none,
-    # the others fail to load and the figure is skipped with a note
-    loader = dataset_loader or default_loader(data_root)
+        qualitative = write_qualitative(results, figures_dir, loader, named_slices, log=note, zoom=zoom,
+                                        width=figure_width, problems=problems)
+        for problem in problems:  # the layout is meant to make this impossible; say so if not
+            note(f"note: figure text overlaps or is cut off ({problem})")
+        steps.update()
 
-    def note(text: str) -> None:
-        notes.append(text.removeprefix("note: "))
-        log(text)
-
-    qualitative = write_qualitative(results, figures_dir, loader, named_slices, log=note, zoom=zoom,
-                                    width=figure_width, problems=problems)
-    for problem in problems:  # the layout is meant to make this impossible; say so if not
-        note(f"note: figure text overlaps or is cut off ({problem})")
-    steps.update()
-
-    captions = {name: figures_module.caption(name, results) for name in figures}
-    for name in qualitative:
-        captions[name] = qualitative_caption(results, name, zoom)
-    page = render_html(results, tables, {**figures, **qualitative}, captions, comparisons, intervals, run_summary, notes)
-    (out / REPORT_HTML).write_text(page, encoding="utf-8")
-    steps.update()
-    steps.close()
-    return out
+        captions = {name: figures_module.caption(name, results) for name in figures}
+        for name in qualitative:
+            captions[name] = qualitative_caption(results, name, zoom)
+        page = render_html(results, tables, {**figures, **qualitative}, captions, comparisons, intervals, run_summary, notes)
+        (out / REPORT_HTML).write_text(page, encoding="utf-8")
+        steps.update()
+        steps.close()
+        return out
 
 
 def _parse_names(items: Sequence[str] | None) -> dict[str, str]:
