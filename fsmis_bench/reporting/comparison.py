@@ -24,18 +24,16 @@ from .collect import PUBLISHED_CITATION, Results, load_published, organ_sort_key
 from .figures import (
     WIDTH_IN,
     _eval_panels,
-    _panel_name,
     _select,
     _spread_sentence,
     bar_handles,
-    category_labels,
+    dice_panel,
     draw_bars,
     fold_stats,
     layout,
     make_series,
-    panel_title,
 )
-from .style import Footnotes, method_display, method_style, organ_display, paper_style
+from .style import Footnotes, method_display, method_style, paper_style
 
 PUBLISHED_MARKER = {"marker": "D", "markersize": 4.2, "markerfacecolor": "white", "markeredgecolor": "black",
                     "markeredgewidth": 0.8, "linestyle": "none"}
@@ -143,11 +141,7 @@ def published_comparison_figure(results: Results, width: float = WIDTH_IN) -> pl
                     ax.plot([x], [row.published], zorder=6, clip_on=False, **PUBLISHED_MARKER)
             if "mean" in categories:
                 ax.axvline(len(organs) - 0.5, color="#999999", linewidth=0.6, linestyle=":", zorder=1)
-            category_labels(ax, [organ_display(c) for c in categories], lay.panel_width)
-            panel_title(ax, _panel_name(train, dataset, setting), lay.panel_width)
-            lay.y_label(ax, "Dice (%)")
-            ax.set_ylim(0, 100)
-            ax.grid(axis="x", visible=False)
+            dice_panel(ax, lay, categories, (train, dataset, setting))
         lay.finish()
     return lay.fig
 

@@ -350,6 +350,16 @@ def _select(frame: pd.DataFrame, train: str, dataset: str, setting: int) -> pd.D
     return frame[(frame["train_dataset"] == train) & (frame["dataset"] == dataset) & (frame["setting"] == setting)]
 
 
+def dice_panel(ax, lay, categories: list[str], panel: tuple[str, str, int], y_label: str = "Dice (%)") -> None:
+    """Label one Dice panel of an evaluation: organ names under the categories, the panel's
+    dataset and setting as its title, a 0-100 % axis, no vertical grid."""
+    category_labels(ax, [organ_display(c) for c in categories], lay.panel_width)
+    panel_title(ax, _panel_name(*panel), lay.panel_width)
+    lay.y_label(ax, y_label)
+    ax.set_ylim(0, 100)
+    ax.grid(axis="x", visible=False)
+
+
 # -- figures --------------------------------------------------------------------------
 
 def organ_dice_figure(results: Results, width: float = WIDTH_IN) -> plt.Figure | None:
@@ -367,11 +377,7 @@ def organ_dice_figure(results: Results, width: float = WIDTH_IN) -> plt.Figure |
             organs = sorted(data["organ"].unique(), key=organ_sort_key)
             shown = [s for s in series if ((data["method"] == s.method) & (data["variant"] == s.variant)).any()]
             draw_bars(ax, organs, shown, fold_stats(data))
-            category_labels(ax, [organ_display(o) for o in organs], lay.panel_width)
-            panel_title(ax, _panel_name(train, dataset, setting), lay.panel_width)
-            lay.y_label(ax, "Dice (%)")
-            ax.set_ylim(0, 100)
-            ax.grid(axis="x", visible=False)
+            dice_panel(ax, lay, organs, (train, dataset, setting))
         lay.finish()
     return lay.fig
 
@@ -418,11 +424,7 @@ def volume_distribution_figure(results: Results, width: float = WIDTH_IN) -> plt
                             color=s.colour, markeredgecolor=edge_colour(s.colour), markeredgewidth=0.3,
                             clip_on=False, zorder=4)
             ax.set_xlim(-0.5, len(organs) - 0.5)
-            category_labels(ax, [organ_display(o) for o in organs], lay.panel_width)
-            panel_title(ax, _panel_name(train, dataset, setting), lay.panel_width)
-            lay.y_label(ax, "Dice per volume (%)")
-            ax.set_ylim(0, 100)
-            ax.grid(axis="x", visible=False)
+            dice_panel(ax, lay, organs, (train, dataset, setting), "Dice per volume (%)")
         lay.finish()
     return lay.fig
 

@@ -135,16 +135,7 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     Raises:
         CheckpointError: the file is missing, not safetensors, or damaged.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist", hint="pass the path of a final.safetensors")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
-            metadata = dict(handle.metadata() or {})
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError):
-        raise _refuse_unsafe(path) from None
-    return tensors, metadata
+    return _read(Path(path), with_tensors=True)
 
 
 def read_metadata(path: Path) -> dict[str, str]:
@@ -153,14 +144,19 @@ def read_metadata(path: Path) -> dict[str, str]:
     Raises:
         CheckpointError: the file is missing, not safetensors, or damaged.
     """
-    path = Path(path)
+    return _read(Path(path), with_tensors=False)[1]
+
+
+def _read(path: Path, with_tensors: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist", hint="pass the path of a final.safetensors")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
-            return dict(handle.metadata() or {})
+            metadata = dict(handle.metadata() or {})
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()} if with_tensors else {}
     except (SafetensorError, OSError, ValueError, RuntimeError):
         raise _refuse_unsafe(path) from None
+    return tensors, metadata
 
 
 def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
