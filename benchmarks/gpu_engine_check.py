@@ -12,25 +12,34 @@ CPU smoke check (the same code path, tiny backbone; run by the tests)::
 
     python benchmarks/gpu_engine_check.py --device cpu --tiny --size 64 --steps 2 --warmup 1 --slices 2
 
-Variants (``train.<name>``), all on the same random-weight model, in this order:
+Variants (``train.<name>``), all from the same random weights and the same episodes (the
+weights are restored before each), in this order:
 
 * ``fp32``: fp32, TF32 off, foreach AdamW (the plain path);
 * ``tf32``: + TF32 matmuls/convolutions; ``tf32_fused``: + fused AdamW;
+* ``tf32_fused_repeat``: ``tf32_fused`` again: how far two eager runs' losses drift apart
+  on this device (cuDNN/cuBLAS kernels are not bit-reproducible);
+* ``<variant>_graph``: + ``train.cuda_graph=true`` (the whole step recorded once and
+  replayed); ``loss_max_rel_diff_vs_eager`` and ``speedup_vs_eager`` compare it with the
+  eager variant;
+* ``*_nhwc``: + ``train.channels_last=true`` (NHWC weights and activations);
 * ``tf32_fused_batch4``: 4 episodes per step (``train.batch_size=4``; ``episodes_per_s``);
-* ``lowmem``: ``memory=low`` (gradient checkpointing + 8-bit AdamW): the peak memory;
 * ``bf16_autocast``: bf16 autocast over fp32 weights, fused AdamW;
+* ``lowmem``: ``memory=low`` (gradient checkpointing + 8-bit AdamW): the peak memory;
 * ``bf16_master``: bf16 weights + fp32 master copies (``train.weight_dtype=bfloat16``) and a
   bf16 VAE (``method.vae_dtype=bfloat16``), bf16 autocast, fused AdamW;
-* ``tf32_fused_compiled``: + ``train.compile`` (``--compile-mode``, default ``default``), on a
+* ``tf32_fused_compiled``: + ``train.compile`` (``--compile-mode``, default off), on a
   fresh model; its first-step time (compilation) is reported apart.
 
 Each variant reports ``median_s`` / ``min_s`` of per-step times (the device synchronised
 around each step), ``throughput_s`` (wall time of the timed steps / steps, one sync at the
-end: what a run sees, as the step never syncs), ``peak_mem_gib`` and ``loss_finite``. Then
-inference per query slice (``Method.predict``, support cached) and the tiny backbone's
-steps/s through the same path (eager, and compiled ``--tiny-compile-mode`` if time is
-left). Variants that would overrun ``--budget-s`` are skipped and say so; a variant that
-fails records its error and the others still run.
+end: what a run sees, as the step never syncs), ``peak_mem_gib``, ``loss_finite`` and every
+step's loss; with ``--profile N`` the eager variants also report the device's kernel time
+per step (``kernel_ms_per_step``: the floor for a replayed graph) and the top kernels. Then
+inference per query slice (``Method.predict``, support cached) in several variants with a
+breakdown of where the time goes, and the tiny backbone's steps/s through the same path
+(eager, eager again, graphed). Variants that would overrun ``--budget-s`` are skipped and
+say so; a variant that fails records its error and the others still run.
 """
 
 from __future__ import annotations
@@ -87,17 +96,23 @@ def _sampler(size: int, seed: int = 0):
 
 
 def engine_steps(method, cfg, device: torch.device, *, warmup: int, steps: int, workers: int,
-                 mixed_precision: str = "no") -> dict[str, Any]:
-    """Time ``steps`` optimiser steps of the engine path (after ``warmup`` untimed ones)."""
+                 mixed_precision: str = "no", profile_steps: int = 0) -> dict[str, Any]:
+    """Time ``steps`` optimiser steps of the engine path (after ``warmup`` untimed ones);
+    with ``profile_steps`` on CUDA, then sum the device's kernel time over that many more."""
+    from fsmis_bench.training.cuda_graph import WARMUP_STEPS, make_train_step
     from fsmis_bench.training.engine import prepare_training
     from fsmis_bench.training.loader import EpisodeLoader
-    from fsmis_bench.training.step import TrainStep
 
     accelerator = _accelerator(device, mixed_precision)
     _reset_memory(device)
     setup = prepare_training(method, cfg, accelerator)
-    step = TrainStep(setup.method, setup.optimizer, setup.scheduler, accelerator, grad_clip=float(cfg.train.grad_clip))
-    total = warmup + 2 * steps
+    step = make_train_step(setup.options, setup.method, setup.optimizer, setup.scheduler, accelerator,
+                           grad_clip=float(cfg.train.grad_clip))
+    graphed = hasattr(step, "graphed")
+    if graphed:  # eager warm-up steps, the recording step, then one replay before the timing
+        warmup = max(warmup, WARMUP_STEPS + 2)
+    profile_steps = profile_steps if device.type == "cuda" else 0
+    total = warmup + 2 * steps + profile_steps
     loader = EpisodeLoader(_sampler(int(cfg.train.image_size)), setup.batch_size, start=0,
                            stop=total * setup.accum, device=accelerator.device, num_workers=workers)
     batches = iter(loader)
@@ -122,15 +137,116 @@ def engine_steps(method, cfg, device: torch.device, *, warmup: int, steps: int, 
         losses.append(step([next(batches) for _ in range(setup.accum)]))
     _sync(device)
     throughput = (time.perf_counter() - began) / steps
+    busy = _kernel_time(lambda: losses.append(step([next(batches) for _ in range(setup.accum)])), device,
+                        profile_steps) if profile_steps else None
+    values = [float(v) for v in losses]
     result = {**_summary(times), "throughput_s": round(throughput, 4),
               "episodes_per_s": round(setup.batch_size * setup.accum / throughput, 2),
-              "peak_mem_gib": _peak_gib(device), "loss_finite": all(math.isfinite(float(v)) for v in losses)}
+              "peak_mem_gib": _peak_gib(device), "loss_finite": all(math.isfinite(v) for v in values),
+              "losses": [round(v, 7) for v in values], "warmup": warmup}
     if first_step_s is not None:
         result["first_step_s"] = round(first_step_s, 2)
+    if busy is not None:
+        result.update(busy)
+    if graphed:
+        result["cuda_graph"] = bool(step.graphed)
+        if step.fell_back:
+            result["cuda_graph_fell_back"] = step.fell_back
     del setup, step, loader, batches
     accelerator.free_memory()  # the accelerator holds the optimiser (and its states) otherwise
     _reset_memory(device)
     return result
+
+
+def _kernel_time(step, device: torch.device, repeats: int) -> dict[str, Any]:
+    """The device's kernel time per step over ``repeats`` steps (``torch.profiler``): the
+    floor that a step without launch gaps (a replayed CUDA graph) can reach."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            step()
+        _sync(device)
+
+    def device_us(event) -> float:
+        return float(getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0))
+
+    by_name: dict[str, float] = {}
+    for event in prof.key_averages():  # kernels whose names differ only after 90 characters add up
+        if device_us(event) > 0:
+            by_name[event.key[:90]] = by_name.get(event.key[:90], 0.0) + device_us(event)
+    top = sorted(by_name.items(), key=lambda item: item[1], reverse=True)[:10]
+    return {"kernel_ms_per_step": round(sum(by_name.values()) / repeats / 1000, 2),
+            "top_kernels_ms_per_step": {name: round(us / repeats / 1000, 2) for name, us in top}}
+
+
+def predict_parts(method, device: torch.device, size: int, slices: int, repeats: int = 3) -> dict[str, float]:
+    """Where one chunk of ``slices`` query slices goes in ``SDFSMIS.predict`` (ms per chunk,
+    median of ``repeats``; the device synchronised around each part)."""
+    from gpu_sd15_check import _synthetic_slices
+
+    support_images, support_masks = (t.to(device) for t in _synthetic_slices(1, size, seed=1))
+    query_images = _synthetic_slices(slices, size, seed=2)[0].to(device)
+    parts: dict[str, list[float]] = {}
+
+    def timed(name: str, fn):
+        _sync(device)
+        began = time.perf_counter()
+        value = fn()
+        _sync(device)
+        parts.setdefault(name, []).append((time.perf_counter() - began) * 1000)
+        return value
+
+    method.eval()
+    with torch.no_grad():
+        for _ in range(repeats + 1):
+            support = timed("support_pass", lambda: method.encode_support(support_images[None], support_masks[None]))
+            latents = timed("vae_encode", lambda: method.encode_images(query_images))
+            out = timed("unet_query_pass", lambda: method.query_pass(latents, support))
+            estimate = method.mask_latent_estimate(out, latents)
+            decoded = timed("vae_decode", lambda: method.decode(estimate, (size, size)))
+            timed("threshold_lcc_cpu", lambda: method.masks_from_decoded(decoded))
+    return {name: round(statistics.median(times[1:]), 2) for name, times in parts.items()}
+
+
+def measure_predict_variants(method, device: torch.device, size: int, slices: int, repeats: int) -> dict[str, Any]:
+    """Inference per query slice (``Method.predict``, support cached) in each variant, and
+    where the plain variant's time goes. Variants: the configured chunk (``predict_batch_size``
+    8, ``slices`` slices), 32 slices in one chunk, bf16 autocast, a bf16 VAE, NHWC."""
+    import dataclasses
+
+    cuda = device.type == "cuda"
+    plain = "tf32" if cuda else "fp32"
+    options = method.options
+    out: dict[str, Any] = {}
+
+    def one(name: str, precision: str, n: int, batch: int) -> None:
+        method.options = dataclasses.replace(options, predict_batch_size=batch)
+        try:
+            out[name] = {**measure_inference(method, device, precision, size, n, warmup=1, repeats=repeats),
+                         "predict_batch_size": batch}
+        except Exception as exc:  # one variant must not cost the others
+            out[name] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+        _log(f"predict {name}: {out[name]}")
+
+    one(plain, "fp32", slices, options.predict_batch_size)
+    method.options = options
+    out[plain]["parts_ms_per_chunk"] = predict_parts(method, device, size, options.predict_batch_size)
+    _log(f"predict parts: {out[plain]['parts_ms_per_chunk']}")
+    one(f"{plain}_chunk32", "fp32", 32, 32)
+    if cuda:
+        one("bf16_autocast_chunk32", "bf16", 32, 32)
+        method.to(memory_format=torch.channels_last)
+        one("bf16_autocast_nhwc_chunk32", "bf16", 32, 32)
+        one(f"{plain}_nhwc_chunk32", "fp32", 32, 32)
+        method.to(memory_format=torch.contiguous_format)
+        method.vae.to(torch.bfloat16)
+        method.vae_dtype = torch.bfloat16
+        one("bf16_vae_autocast_chunk32", "bf16", 32, 32)
+        method.vae.to(torch.float32)
+        method.vae_dtype = torch.float32
+    method.options = options
+    return out
 
 
 def _config(overrides: list[str]):
@@ -164,10 +280,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant")
     parser.add_argument("--slices", type=int, default=12, help="query slices in the timed inference chunk")
     parser.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: 4 on cuda, 0 on cpu)")
-    parser.add_argument("--compile-mode", default="default", help="train.compile for the SD compiled variant ('none': skip)")
-    parser.add_argument("--tiny-compile-mode", default="reduce-overhead", help="train.compile for the tiny backbone ('none': skip)")
+    parser.add_argument("--compile-mode", default="none", help="train.compile for the SD compiled variant ('none': skip)")
+    parser.add_argument("--tiny-compile-mode", default="none", help="train.compile for the tiny backbone ('none': skip)")
     parser.add_argument("--tiny-steps", type=int, default=50, help="timed steps of the tiny backbone")
     parser.add_argument("--budget-s", type=float, default=230.0, help="skip variants that would end after this")
+    parser.add_argument("--profile", type=int, default=0,
+                        help="eager variants: sum the kernel time of this many more steps (torch.profiler)")
     parser.add_argument("--out", default=None, help="also write the JSON here")
     parser.add_argument("--extra", nargs="*", default=[], help="extra config overrides for every variant")
     parser.add_argument("--only", nargs="*", default=None,
@@ -181,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     workers = args.workers if args.workers is not None else (4 if cuda else 0)
     backbone = "tiny" if args.tiny else "sd15"
     base = [f"method={args.method}", f"backbone={backbone}", "pretrained=false", f"device={device.type}",
-            f"train.image_size={args.size}", "train.num_workers=0", "train.schedule=constant", *args.extra]
+            f"train.image_size={args.size}", "train.num_workers=0", "train.schedule=constant",
+            "train.cuda_graph=false", *args.extra]  # eager unless a variant records (`_graph`)
 
     _log(f"building {' '.join(base)}")
     began = time.perf_counter()
@@ -219,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             cfg = _config([*(config or base), *overrides])
             out = engine_steps(model if model is not None else method, cfg, device, warmup=args.warmup,
-                               steps=steps, workers=workers, mixed_precision=mixed)
+                               steps=steps, workers=workers, mixed_precision=mixed,
+                               profile_steps=args.profile if not name.endswith("_graph") else 0)
         except Exception as exc:  # record and go on: one variant must not cost the others
             result["skipped"][name] = f"error: {type(exc).__name__}: {str(exc)[:300]}"
             _log(f"{name}: failed: {exc!r}")
@@ -228,69 +348,101 @@ def main(argv: list[str] | None = None) -> int:
         out["tf32"] = bool(tf32 and cuda)
         out["mixed_precision"] = mixed
         per_step_guess[0] = out["median_s"]
-        _log(f"  {out}")
+        _log(f"  { {k: v for k, v in out.items() if k != 'losses'} }")
         return out
 
     def flush() -> None:  # partial results survive a run stopped at its time limit
         if args.out:
             Path(args.out).write_text(json.dumps({**result, "partial": True}) + "\n")
 
-    variants = [
+    snapshots: dict[int, dict[str, torch.Tensor]] = {}
+
+    def restore(model) -> None:
+        """Every variant starts from the same weights (so its losses compare with another's)."""
+        saved = snapshots.setdefault(id(model), {n: p.detach().clone() for n, p in model.named_parameters()})
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.data = saved[n].clone()
+
+    def measure(name: str, overrides: list[str], mixed: str, tf32: bool, target: dict, model=None,
+                config: list[str] | None = None, steps: int | None = None) -> None:
+        model = model if model is not None else method
+        if name.endswith("_graph") and not cuda:
+            result["skipped"][name] = "CUDA graphs are measured on CUDA only"
+            return
+        if args.only is None or name in args.only:
+            restore(model)
+        out = run(name, overrides, mixed, tf32, model=model, config=config, steps=steps)
+        if out is not None:
+            if model is not method:
+                out["steps_per_s"] = round(1 / out["throughput_s"], 1)
+            base_name = name.removesuffix("_graph").removesuffix("_repeat")
+            eager = target.get(base_name) if base_name != name else None
+            if eager is not None:  # the same weights and batches: recorded (or eager again) vs eager
+                pairs = list(zip(eager["losses"], out["losses"]))
+                out["loss_max_rel_diff_vs_eager"] = max(abs(a - b) / max(abs(a), 1e-12) for a, b in pairs)
+                out["speedup_vs_eager"] = round(eager["median_s"] / out["median_s"], 2)
+            target[name] = out
+        flush()
+
+    graph = "train.cuda_graph=true"
+    fused = "train.fused_optimizer=true"
+    train = result["train"]
+    for name, overrides, mixed, tf32 in [
         ("fp32", ["train.fused_optimizer=false"], "no", False),
         ("tf32", ["train.fused_optimizer=false"], "no", True),
-        ("tf32_fused", ["train.fused_optimizer=true"], "no", True),
-        ("tf32_fused_batch4", ["train.fused_optimizer=true", "train.batch_size=4"], "no", True),
-        ("lowmem", ["memory=low", "train.fused_optimizer=false"], "no", True),
-    ]
-    for name, overrides, mixed, tf32 in variants:
-        if name == "lowmem":
-            method.unet.enable_gradient_checkpointing()
-        out = run(name, overrides, mixed, tf32)
-        if name == "lowmem":
-            method.unet.disable_gradient_checkpointing()
-        if out is not None:
-            result["train"][name] = out
-        flush()
-    # bf16 variants last on this model: accelerate wraps its forward in autocast
-    out = run("bf16_autocast", ["train.fused_optimizer=true"], "bf16", True)
-    if out is not None:
-        result["train"]["bf16_autocast"] = out
-    method.vae.to(torch.bfloat16)
-    method.vae_dtype = torch.bfloat16
-    out = run("bf16_master", ["train.fused_optimizer=true", "train.weight_dtype=bfloat16", "method.vae_dtype=bfloat16"], "bf16", True)
-    if out is not None:
-        result["train"]["bf16_master"] = out
-    flush()
+        ("tf32_fused", [fused], "no", True),
+        ("tf32_fused_repeat", [fused], "no", True),
+        ("tf32_fused_graph", [fused, graph], "no", True),
+        ("tf32_fused_batch4", [fused, "train.batch_size=4"], "no", True),
+        ("tf32_fused_batch4_graph", [fused, "train.batch_size=4", graph], "no", True),
+        ("bf16_autocast", [fused], "bf16", True),
+        ("bf16_autocast_graph", [fused, graph], "bf16", True),
+        # NHWC weights: cuDNN's NCHW<->NHWC transposes were the largest kernels of the plain step
+        ("tf32_fused_nhwc", [fused, "train.channels_last=true"], "no", True),
+        ("tf32_fused_nhwc_graph", [fused, "train.channels_last=true", graph], "no", True),
+        ("bf16_autocast_nhwc", [fused, "train.channels_last=true"], "bf16", True),
+        ("bf16_autocast_nhwc_graph", [fused, "train.channels_last=true", graph], "bf16", True),
+    ]:
+        measure(name, overrides, mixed, tf32, train)
+    method.to(memory_format=torch.contiguous_format)
+    def selected(*names: str) -> bool:
+        return args.only is None or any(n in args.only for n in names)
+
+    if selected("lowmem"):
+        method.unet.enable_gradient_checkpointing()
+        measure("lowmem", ["memory=low", "train.fused_optimizer=false"], "no", True, train)
+        method.unet.disable_gradient_checkpointing()
+    if selected("bf16_master", "bf16_master_graph"):  # bf16 weights last on this model: the VAE stays bf16
+        method.vae.to(torch.bfloat16)
+        method.vae_dtype = torch.bfloat16
+        master = [fused, "train.weight_dtype=bfloat16", "method.vae_dtype=bfloat16"]
+        measure("bf16_master", master, "bf16", True, train)
+        measure("bf16_master_graph", [*master, graph], "bf16", True, train)
     del method
     _reset_memory(device)
 
     # a fresh model: inference, then the compiled step
     method = _build(base, device)
     _set_tf32(cuda)
-    for label in ("tf32" if cuda else "fp32",):
-        _log(f"inference, {label}")
-        result["predict"][label] = measure_inference(method, device, "fp32", args.size, args.slices,
-                                                     warmup=1, repeats=max(1, min(args.steps, 3)))
-        _log(f"  {result['predict'][label]}")
+    if selected("predict"):
+        result["predict"] = measure_predict_variants(method, device, args.size, args.slices, repeats=max(1, min(args.steps, 3)))
+        flush()
 
-    # tiny backbone through the same path (eager), before the long compilations
+    # tiny backbone through the same path
     tiny_base = [s.replace(f"backbone={backbone}", "backbone=tiny") for s in base]
-    tiny = _build(tiny_base, device)
-    out = run("tiny_eager", ["train.fused_optimizer=true"], "no", True, model=tiny, steps=args.tiny_steps, config=tiny_base)
-    if out is not None:
-        out["steps_per_s"] = round(1 / out["throughput_s"], 1)
-        result["tiny"]["tiny_eager"] = out
-    flush()
+    tiny = _build(tiny_base, device) if selected("tiny_eager", "tiny_eager_repeat", "tiny_graph") else None
+    for name, overrides in [("tiny_eager", [fused]), ("tiny_eager_repeat", [fused]), ("tiny_graph", [fused, graph])]:
+        measure(name, overrides, "no", True, result["tiny"], model=tiny, config=tiny_base, steps=args.tiny_steps)
 
     if args.compile_mode != "none":
         if not cuda:
             result["skipped"]["tf32_fused_compiled"] = "compile is measured on CUDA only"
         else:
-            out = run("tf32_fused_compiled", ["train.fused_optimizer=true", f"train.compile={args.compile_mode}"],
-                      "no", True, extra_s=90.0)
+            out = run("tf32_fused_compiled", [fused, f"train.compile={args.compile_mode}"], "no", True, extra_s=90.0)
             if out is not None:
                 out["compile_mode"] = args.compile_mode
-                result["train"]["tf32_fused_compiled"] = out
+                train["tf32_fused_compiled"] = out
     del method
     _reset_memory(device)
 
@@ -300,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
             result["skipped"][name] = "compile is measured on CUDA only"
         else:
             per_step_guess[0] = result["tiny"].get("tiny_eager", {}).get("median_s")
-            out = run(name, ["train.fused_optimizer=true", f"train.compile={args.tiny_compile_mode}"], "no", True,
+            out = run(name, [fused, f"train.compile={args.tiny_compile_mode}"], "no", True,
                       model=tiny, steps=args.tiny_steps, extra_s=45.0, config=tiny_base)
             if out is not None:
                 out["steps_per_s"] = round(1 / out["throughput_s"], 1)

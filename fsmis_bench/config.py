@@ -48,6 +48,7 @@ def _engine_choices() -> dict[str, tuple]:
         "train.weight_dtype": tuple(WEIGHT_DTYPES),
         "train.fused_optimizer": ("auto", True, False),
         "train.channels_last": (True, False),
+        "train.cuda_graph": ("auto", True, False),
     }
 # Integer options and their least allowed value; those in _NULLABLE may also be null.
 _INTEGERS = {
@@ -323,6 +324,20 @@ def _resolve_dataset_options(cfg: DictConfig) -> None:
             cfg[key] = OmegaConf.create(resolved)
 
 
+def _check_cuda_graph(cfg: DictConfig) -> None:
+    """``train.cuda_graph=true`` where it cannot hold fails now, not after the data is read."""
+    if OmegaConf.select(cfg, "train.cuda_graph") is not True:
+        return
+    import torch
+
+    from .training.cuda_graph import uses_cuda_graph
+    from .training.step import ComputeOptions
+
+    device = str(cfg.get("device", "auto"))
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    uses_cuda_graph(ComputeOptions.from_config(cfg.train), torch.device("cuda" if cuda else "cpu"), processes=1)
+
+
 def validate(cfg: DictConfig) -> None:
     """Fail early, with one clear message, on values the protocol does not define."""
     regs = registries()
@@ -345,6 +360,7 @@ def validate(cfg: DictConfig) -> None:
         if value not in allowed:
             shown = (str(a).lower() if isinstance(a, bool) else str(a) for a in allowed)  # true, not True
             raise ConfigError(f"{key}={value!r} is not allowed", hint=f"use one of: {', '.join(shown)}")
+    _check_cuda_graph(cfg)
     for key, least in _INTEGERS.items():
         value = OmegaConf.select(cfg, key)
         if value is None and key in _NULLABLE:

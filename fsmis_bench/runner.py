@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import fcntl
+import json
 import os
 import shutil
 import sys
@@ -52,7 +53,7 @@ from .records import (
 from .training.checkpoint import (
     LEGACY_FILES, WEIGHTS_FILE, CheckpointError, load_weights, read_metadata, refuse_legacy,
 )
-from .training.engine import make_accelerator, train
+from .training.engine import STEP_FILE, make_accelerator, train
 from .training.episodes import EpisodeSampler
 from .training.precision import precision_of, with_resolved_precision
 
@@ -600,6 +601,10 @@ def _finish(run_dir: Path, p: RunPlan, info: dict) -> None:
             logs.append(log)
     if logs:
         atomic_write(run_dir / "train_log.csv", pd.concat(logs).to_csv(index=False))
+    steps = {g.name: json.loads(f.read_text()) for g in p.groups
+             if (f := run_dir / "checkpoints" / g.name / STEP_FILE).exists()}
+    if steps:  # which step trained (train.cuda_graph is not hashed: it does not change the numbers)
+        info["training_step"] = steps
     info.update(finished_at=now(), status="complete")
     write_json(run_dir / "run.json", info)
     atomic_write(run_dir / COMPLETE, now() + "\n")

@@ -106,7 +106,8 @@ def two_class(probability: torch.Tensor, size: tuple[int, int] | None = None) ->
 def probability_nll(probabilities: torch.Tensor, labels: torch.Tensor, weights: tuple[float, float] | None = None) -> torch.Tensor:
     """NLL of clamped class probabilities ``(N, 2, H, W)`` against ``(N, H, W)`` labels in {0, 1}."""
     log_p = torch.log(probabilities.clamp(EPS, 1.0 - EPS))
-    weight = None if weights is None else torch.tensor(weights, dtype=log_p.dtype, device=log_p.device)
+    # filled on the device, not copied from the host: the step stays recordable as a CUDA graph
+    weight = None if weights is None else torch.stack([log_p.new_full((), float(w)) for w in weights])
     return F.nll_loss(log_p, labels.long(), weight=weight)
 
 

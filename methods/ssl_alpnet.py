@@ -203,7 +203,8 @@ class SSLALPNet(ResNetEncoderMethod):
         support = features[: b * s].view(b, s, *features.shape[1:])
         query = features[b * s :]
         support_grid = self.to_grid(batch.support_masks.flatten(0, 1), grid).view(b, s, 1, *grid)
-        weights = torch.tensor(o.class_weights, device=features.device, dtype=features.dtype)
+        # filled on the device, not copied from the host: the step stays recordable as a CUDA graph
+        weights = torch.stack([features.new_full((), float(w)) for w in o.class_weights])
         query_loss, align_loss = [], []
         for i in range(b):
             scores = self.scores(query[i : i + 1], *self.prototypes(support[i], support_grid[i]))

@@ -40,6 +40,11 @@ def test_run_writes_a_complete_record_and_is_not_recomputed(results_dir, capsys)
     assert cases.dice.between(0, 1).all()
     assert (run_dir / "COMPLETE").exists() and (run_dir / "predictions.npz").exists()
     assert list(pd.read_csv(run_dir / "train_log.csv").step) == [2, 4]
+    # which step trained is recorded; train.cuda_graph (auto: off on a CPU) is not hashed
+    assert info["training_step"] == {"all": {"device": "cpu", "processes": 1, "cuda_graph": False,
+                                             "cuda_graph_fell_back": None}}
+    assert main([*argv, "train.cuda_graph=false"]) == 0
+    assert len(_run_dirs(results_dir)) == 1
     before = (run_dir / "cases.csv").stat().st_mtime_ns
     capsys.readouterr()
     assert main(argv) == 0

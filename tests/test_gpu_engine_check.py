@@ -26,11 +26,25 @@ def test_cpu_smoke_mode_runs_every_variant(capsys, tmp_path):
     assert result["engine_path"] is True and result["backbone"] == "tiny" and result["random_weights"] is True
     for key in ("check", "method", "device", "params", "trainable_params", "image_size", "batch_size", "versions"):
         assert key in result
-    expected = {"fp32", "tf32", "tf32_fused", "tf32_fused_batch4", "lowmem", "bf16_autocast", "bf16_master"}
+    expected = {"fp32", "tf32", "tf32_fused", "tf32_fused_repeat", "tf32_fused_batch4", "lowmem", "bf16_autocast",
+                "bf16_master", "tf32_fused_nhwc", "bf16_autocast_nhwc"}
     assert set(result["train"]) == expected, result["skipped"]
     for name, row in result["train"].items():
         assert row["loss_finite"] and row["median_s"] > 0 and row["n"] == 1, name
     assert result["train"]["tf32_fused_batch4"]["episodes_per_s"] > 0
     assert result["predict"]["fp32"]["chunk_slices"] == 2
+    assert set(result["predict"]["fp32"]["parts_ms_per_chunk"]) == {
+        "support_pass", "vae_encode", "unet_query_pass", "vae_decode", "threshold_lcc_cpu"}
+    assert result["predict"]["fp32_chunk32"]["chunk_slices"] == 32
     assert result["tiny"]["tiny_eager"]["steps_per_s"] > 0
-    assert set(result["skipped"]) == {"tf32_fused_compiled", "tiny_reduce-overhead"}  # CUDA only
+    # every variant starts from the same weights and batches: the first loss is the plain one's
+    first = result["train"]["fp32"]["losses"][0]
+    assert all(row["losses"][0] == pytest.approx(first, rel=1e-5) for name, row in result["train"].items()
+               if name in ("tf32", "tf32_fused", "lowmem"))
+    # the same weights and batches again: on the CPU bit for bit, which is what the GPU's
+    # eager-vs-eager and graph-vs-eager differences are read against
+    assert result["train"]["tf32_fused_repeat"]["loss_max_rel_diff_vs_eager"] == 0.0
+    assert result["tiny"]["tiny_eager_repeat"]["loss_max_rel_diff_vs_eager"] == 0.0
+    cuda_only = {"tf32_fused_graph", "tf32_fused_batch4_graph", "bf16_autocast_graph", "bf16_master_graph", "tiny_graph",
+                 "tf32_fused_nhwc_graph", "bf16_autocast_nhwc_graph"}
+    assert set(result["skipped"]) == cuda_only

@@ -15,8 +15,10 @@ where an uninterrupted one would be.
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -39,6 +41,7 @@ from .loader import EpisodeLoader, resolve_num_workers
 from .optim import build_optimizer
 from .interrupt import Interrupted, StopRequest
 from .precision import apply_tf32, precision_of, uses_cuda
+from .cuda_graph import make_train_step
 from .step import ComputeOptions, TrainingError, TrainStep, micro_batches, prepare_method  # noqa: F401 (TrainingError re-exported)
 
 
@@ -204,7 +207,7 @@ def train(
         save_training_state(checkpoint_dir, {
             **({"rng_per_process": per_process} if per_process else {}),
             "model": trainable_state(inner),
-            "optimizer": optimizer.state_dict(),
+            "optimizer": train_step.optimizer_state_dict(),
             "scheduler": scheduler.state_dict(),
             "sampler": sampler.state_dict(),
             "rng": rng_state(),
@@ -217,7 +220,8 @@ def train(
     method.train()
     began = time.time()
     step = start
-    train_step = TrainStep(method, optimizer, scheduler, accelerator, grad_clip=float(tcfg.grad_clip), first_step=start)
+    train_step = make_train_step(setup.options, method, optimizer, scheduler, accelerator,
+                                 grad_clip=float(tcfg.grad_clip), first_step=start)
     loader = EpisodeLoader(
         sampler, batch_size, start=start * accum, stop=steps * accum, device=accelerator.device,
         num_workers=resolve_num_workers(tcfg.get("num_workers", 0), accelerator.device.type == "cuda"),
@@ -251,7 +255,7 @@ def train(
                 seconds = elapsed_before + time.time() - began
                 if log_now:
                     value = _mean_over_processes(accelerator, loss)
-                    log.append({"step": step, "loss": value, "lr": scheduler.get_last_lr()[0], "elapsed_s": round(seconds, 2)})
+                    log.append({"step": step, "loss": value, "lr": float(scheduler.get_last_lr()[0]), "elapsed_s": round(seconds, 2)})
                     bar.set_postfix(loss=f"{value:.4f}")
                 if save_now:
                     save(step, seconds)
@@ -271,6 +275,7 @@ def train(
         raise stop.stop() if stop.requested else Interrupted(signal.SIGTERM)  # another process was stopped
     if accelerator.is_main_process:
         _write_log(checkpoint_dir / "train_log.csv", log)
+        atomic_write(checkpoint_dir / STEP_FILE, json.dumps(_step_kind(train_step, accelerator)) + "\n")
         save_weights(checkpoint_dir / WEIGHTS_FILE, inner, step)
         # The resume state (optimiser moments: twice the trainable weights) is dead weight now.
         clear_training_state(checkpoint_dir)
@@ -278,6 +283,17 @@ def train(
         raise stop.stop()
     method.eval()
     return TrainResult(step, seconds, log[-1]["loss"] if log else None, log)
+
+
+#: how the (last segment of the) training stepped: written beside train_log.csv, copied into run.json
+STEP_FILE = "train_step.json"
+
+
+def _step_kind(train_step: TrainStep, accelerator) -> dict[str, Any]:
+    """``{"device", "processes", "cuda_graph", "cuda_graph_fell_back"}`` of a finished training."""
+    return {"device": accelerator.device.type, "processes": accelerator.num_processes,
+            "cuda_graph": bool(getattr(train_step, "graphed", False)),
+            "cuda_graph_fell_back": getattr(train_step, "fell_back", None)}
 
 
 def _gather_rng_states(accelerator) -> list[dict[str, Any]] | None:

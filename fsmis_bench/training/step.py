@@ -13,6 +13,8 @@ Compute switches, each off in the plain path and tested against it (tests/test_e
 * ``train.weight_dtype``: ``bfloat16`` stores the weights in bf16 with fp32 master copies
   in the optimiser (``mixed_precision=bf16`` autocast around them); see :mod:`.optim`.
 * ``train.fused_optimizer``, ``train.optimizer``: :mod:`.optim`.
+* ``train.cuda_graph``: the whole step recorded once as a CUDA graph and replayed
+  (:class:`GraphedTrainStep`): one launch instead of thousands of small kernels per step.
 * ``train.accumulation``: ``batched`` runs ``grad_accum`` micro-batches of ``batch_size`` as
   one batch of ``grad_accum x batch_size`` episodes (the same episodes, the same mean loss;
   per-sample normalisation, so the gradient is the same up to rounding).
@@ -49,6 +51,7 @@ class ComputeOptions:
     optimizer: str = "adamw"
     fused_optimizer: bool | str = False  # True | False | "auto" (fused where the parameters are on CUDA)
     accumulation: str = "sequential"
+    cuda_graph: bool | str = False  # True | False | "auto" (on where the step runs on CUDA)
 
     @classmethod
     def from_config(cls, train: DictConfig) -> "ComputeOptions":
@@ -67,6 +70,7 @@ class ComputeOptions:
             optimizer=str(get("optimizer", "adamw")),
             fused_optimizer=_auto_or_bool(get("fused_optimizer", False)),
             accumulation=accumulation,
+            cuda_graph=_auto_or_bool(get("cuda_graph", False)),
         )
 
 
@@ -123,6 +127,12 @@ class TrainStep:
 
     def __call__(self, batches: list[EpisodeBatch]) -> torch.Tensor:
         """Returns the step's loss (mean over the micro-batches), a 0-d device tensor."""
+        total = self._update(batches)
+        self._count(total)
+        return total
+
+    def _update(self, batches: list[EpisodeBatch], zero_grad: bool = True) -> torch.Tensor:
+        """Forward, backward, clipping and the optimiser over ``batches``; the mean loss."""
         accelerator, method, optimizer = self.accelerator, self.method, self.optimizer
         total = None
         for batch in batches:
@@ -132,14 +142,21 @@ class TrainStep:
                 if accelerator.sync_gradients and self.grad_clip > 0:
                     accelerator.clip_grad_norm_(method.parameters(), self.grad_clip)
                 optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                if zero_grad:
+                    optimizer.zero_grad(set_to_none=True)
             part = loss.detach().float() / len(batches)
             total = part if total is None else total + part
+        return total
+
+    def _count(self, total: torch.Tensor) -> None:
         self.scheduler.step()
         self._steps += 1
         bad = ~torch.isfinite(total)
         self._first_nonfinite = torch.where(bad & (self._first_nonfinite < 0), self._steps, self._first_nonfinite)
-        return total
+
+    def optimizer_state_dict(self) -> dict[str, Any]:
+        """The optimiser's state for a checkpoint."""
+        return self.optimizer.state_dict()
 
     def raise_if_nonfinite(self) -> None:
         """Raise :class:`TrainingError` if any step so far had a non-finite loss (syncs)."""

@@ -1,0 +1,232 @@
+"""``train.cuda_graph``: the whole training step recorded once as a CUDA graph, then replayed.
+
+Why: a diffusion step at batch 1 is thousands of small kernels (the U-Net's support and
+query passes and their backward, the frozen VAE, clipping, AdamW). On an H100 their
+launches, not their arithmetic, set the step time (README, "Where the GPU step stands").
+A replayed graph launches all of them with one call.
+
+What recording needs, and how this module provides it:
+
+* **Static inputs.** Every micro-batch is copied into tensors that the graph reads. Shapes
+  never change within a run (one image size, one batch size).
+* **A learning rate that changes without re-recording.** Each parameter group's ``lr`` is a
+  device tensor that the schedule fills in place (torch's schedulers fill tensor rates).
+  Checkpoints store it as a plain number, so a graphed run and an eager run resume each
+  other.
+* **A capturable optimiser.** AdamW's ``capturable`` keeps its step counter on the device.
+  8-bit AdamW (bitsandbytes) is not capturable.
+* **Gradients written afresh on every replay.** They are unset before recording, so the
+  recorded backward allocates and writes them. The optimiser never sees a stale gradient.
+* **No host sync inside the step.** :class:`~.step.TrainStep` already has none.
+* **Warm-up.** The first :data:`WARMUP_STEPS` steps run eagerly on a side stream, as
+  PyTorch requires (lazy cuDNN/cuBLAS set-up, the optimiser's state), and count as
+  training steps; they are the plain step. Then the step is recorded and replayed from
+  the next batch on.
+
+A method whose step cannot be recorded (something in it waits for a value on the host)
+trains eagerly from then on, with a warning. Recording changes which kernels run only in
+how they are launched, so it does not change the losses (``benchmarks/gpu_engine_check.py``
+compares them on the GPU; ``tests/test_cuda_graph.py`` checks the bookkeeping on the CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import fields
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError
+from ..method import EpisodeBatch
+from .step import ComputeOptions, TrainStep
+
+#: eager steps before recording (PyTorch's whole-network capture example uses 3)
+WARMUP_STEPS = 3
+#: optimisers whose step can be recorded (``train.optimizer``)
+CAPTURABLE_OPTIMIZERS = ("adamw", "sgd")
+
+
+class CudaGraphRecorder:
+    """Records a callable on a CUDA graph and replays it (``torch.cuda.CUDAGraph``)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.graph = torch.cuda.CUDAGraph()
+        self.stream = torch.cuda.Stream(device)
+
+    @contextlib.contextmanager
+    def side_stream(self) -> Iterator[None]:
+        """The warm-up steps' stream (ordered after, and before, the current stream's work)."""
+        current = torch.cuda.current_stream()
+        self.stream.wait_stream(current)
+        with torch.cuda.stream(self.stream):
+            yield
+        current.wait_stream(self.stream)
+
+    def record(self, body: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """Record ``body`` (not run: :meth:`replay` runs it); returns its static output."""
+        # thread_local: the DataLoader's pinning thread may call CUDA meanwhile
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            return body()
+
+    def replay(self) -> None:
+        self.graph.replay()
+
+
+class EagerRecorder:
+    """A stand-in for :class:`CudaGraphRecorder` where there is no CUDA (the CPU tests).
+
+    Recording stores the body without running it. Each replay unsets the gradients (a
+    graph's replay writes them afresh) and runs the body, writing its output into the
+    one static output tensor, as a replayed graph writes into its static memory.
+    """
+
+    def __init__(self, device: torch.device, unset_gradients: Callable[[], None]) -> None:
+        self.device = device
+        self.unset_gradients = unset_gradients
+        self.body: Callable[[], torch.Tensor] | None = None
+        self.output: torch.Tensor | None = None
+
+    @contextlib.contextmanager
+    def side_stream(self) -> Iterator[None]:
+        yield
+
+    def record(self, body: Callable[[], torch.Tensor]) -> torch.Tensor:
+        self.body = body
+        self.output = torch.zeros((), dtype=torch.float32, device=self.device)
+        return self.output
+
+    def replay(self) -> None:
+        assert self.body is not None and self.output is not None
+        self.unset_gradients()
+        self.output.copy_(self.body())
+
+
+def _inner(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimiser inside accelerate's wrapper."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+class GraphedTrainStep(TrainStep):
+    """:class:`~.step.TrainStep` whose work, after :data:`WARMUP_STEPS` eager steps, is one
+    replayed CUDA graph.
+
+    Args:
+        as :class:`~.step.TrainStep`; ``recorder``: builds the recorder from the device and
+        a callable that unsets the gradients (default: a CUDA graph).
+    """
+
+    def __init__(self, *args: Any, recorder: Callable[..., Any] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        device = self.accelerator.device
+        self.recorder = (recorder or (lambda dev, _unset: CudaGraphRecorder(dev)))(device, self._unset_gradients)
+        self.graphed = False
+        self.fell_back: str | None = None
+        self._eager_steps = 0
+        self._static: list[EpisodeBatch] | None = None
+        self._static_loss: torch.Tensor | None = None
+        self._capturable = [group.get("capturable") for group in _inner(self.optimizer).param_groups]
+
+    def _make_capturable(self) -> None:
+        """Tensor learning rates that the schedule fills in place; ``capturable`` on CUDA."""
+        inner, device = _inner(self.optimizer), self.accelerator.device
+        self._plain_lrs = [group["lr"] for group in inner.param_groups]
+        for group in inner.param_groups:
+            group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
+            if device.type == "cuda" and "capturable" in group:
+                group["capturable"] = True
+        if device.type == "cuda":  # a capturable optimiser counts its steps on the device
+            for state in inner.state.values():
+                if isinstance(state.get("step"), torch.Tensor) and not state["step"].is_cuda:
+                    state["step"] = state["step"].to(device=device, dtype=torch.float32)
+
+    def _make_plain(self) -> None:
+        """Undo :meth:`_make_capturable` (a step that cannot be recorded trains as the plain one)."""
+        for group, capturable, lr in zip(_inner(self.optimizer).param_groups, self._capturable, self._plain_lrs):
+            group["lr"] = lr
+            if capturable is not None:
+                group["capturable"] = capturable
+
+    def _unset_gradients(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def __call__(self, batches: list[EpisodeBatch]) -> torch.Tensor:
+        if self._static is None and (self.fell_back or self._eager_steps < WARMUP_STEPS):
+            self._eager_steps += 1
+            with self.recorder.side_stream():
+                return super().__call__(batches)
+        if self._static is None and not self._record(batches):
+            return super().__call__(batches)
+        assert self._static is not None and self._static_loss is not None
+        for static, batch in zip(self._static, batches, strict=True):
+            for field in fields(static):
+                getattr(static, field.name).copy_(getattr(batch, field.name), non_blocking=True)
+        self.recorder.replay()
+        total = self._static_loss.clone()  # the next replay overwrites the static loss
+        self._count(total)
+        return total
+
+    def _record(self, batches: list[EpisodeBatch]) -> bool:
+        """Record the step on static copies of ``batches``; False (and eager from now on) if it cannot be."""
+        static = [EpisodeBatch(*(getattr(b, f.name).clone() for f in fields(b))) for b in batches]
+        self._unset_gradients()
+        self._make_capturable()
+        try:
+            loss = self.recorder.record(lambda: self._update(static, zero_grad=False))
+        except Exception as exc:  # a sync or an unsupported operation inside the step
+            self._unset_gradients()
+            self._make_plain()
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            self.fell_back = f"{type(exc).__name__}: {first}"
+            warnings.warn(f"train.cuda_graph: this method's training step cannot be recorded as a CUDA graph "
+                          f"({self.fell_back}); training goes on without the graph, with the same numbers",
+                          RuntimeWarning, stacklevel=2)
+            print(f"warning: train.cuda_graph is off for this run: {self.fell_back}", file=sys.stderr)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            return False
+        self._static, self._static_loss, self.graphed = static, loss, True
+        return True
+
+    def optimizer_state_dict(self) -> dict[str, Any]:
+        """The optimiser state with plain-number learning rates and the configured
+        ``capturable``, so that the checkpoint resumes an eager run as well (syncs once)."""
+        state = self.optimizer.state_dict()
+        for group, capturable in zip(state["param_groups"], self._capturable):
+            if isinstance(group.get("lr"), torch.Tensor):
+                group["lr"] = float(group["lr"])
+            if capturable is not None:
+                group["capturable"] = capturable
+        return state
+
+
+def uses_cuda_graph(options: ComputeOptions, device: torch.device, processes: int) -> bool:
+    """Resolve ``train.cuda_graph`` for this run: ``auto`` is on for a single process on
+    CUDA with a capturable optimiser and no ``train.compile``; ``true`` where that does not
+    hold is a :class:`ConfigError`."""
+    reasons = []
+    if device.type != "cuda":
+        reasons.append("the step runs on the CPU (use device=cuda)")
+    if processes > 1:
+        reasons.append(f"{processes} processes train together (recording with DDP's collectives is not supported)")
+    if options.optimizer not in CAPTURABLE_OPTIMIZERS:
+        reasons.append(f"train.optimizer={options.optimizer} cannot be recorded (use adamw or sgd)")
+    if options.compile is not None:
+        reasons.append("train.compile is on (its reduce-overhead mode records graphs itself)")
+    if options.cuda_graph == "auto":
+        return not reasons
+    if options.cuda_graph and reasons:
+        raise ConfigError(f"train.cuda_graph=true cannot be used here: {'; '.join(reasons)}",
+                          hint="set train.cuda_graph=false (or auto, which turns it on where it can be)")
+    return bool(options.cuda_graph)
+
+
+def make_train_step(options: ComputeOptions, method: Any, optimizer: Any, scheduler: Any, accelerator: Any, *,
+                    grad_clip: float, first_step: int = 0) -> TrainStep:
+    """The run's step: :class:`GraphedTrainStep` where ``train.cuda_graph`` resolves on, else :class:`TrainStep`."""
+    if uses_cuda_graph(options, accelerator.device, accelerator.num_processes):
+        return GraphedTrainStep(method, optimizer, scheduler, accelerator, grad_clip=grad_clip, first_step=first_step)
+    return TrainStep(method, optimizer, scheduler, accelerator, grad_clip=grad_clip, first_step=first_step)
