@@ -58,10 +58,12 @@ def _close(a: list[float], b: list[float], rel: float) -> bool:
     return len(a) == len(b) and all(math.isclose(x, y, rel_tol=rel, abs_tol=0) for x, y in zip(a, b))
 
 
-@pytest.mark.parametrize("base", [PROTOTYPE, TINY_SD], ids=["prototype", "tiny-sdfsmis"])
+@pytest.mark.parametrize("base", [PROTOTYPE, [*PROTOTYPE, "train.grad_accum=2"], TINY_SD],
+                         ids=["prototype", "prototype-accumulating", "tiny-sdfsmis"])
 def test_recorded_step_gives_the_plain_losses(tmp_path, monkeypatch, base):
-    """Six steps under a warm-up + linear schedule: three eager, three replayed. The rate is
-    a float32 tensor in the recorded step (a float64 number in the plain one): 1e-5."""
+    """Six steps under a warm-up + linear schedule: three eager, three replayed (with two
+    micro-batches per step: both recorded, the update once). The rate is a float32 tensor
+    in the recorded step (a float64 number in the plain one): 1e-5."""
     plain, _ = _run(tmp_path, base, "plain", monkeypatch)
     graphed, built = _run(tmp_path, base, "graphed", monkeypatch,
                           recorder=lambda device, unset: EagerRecorder(device, unset))
