@@ -103,6 +103,18 @@ def two_class(probability: torch.Tensor, size: tuple[int, int] | None = None) ->
     return torch.cat([1.0 - p, p], dim=1)
 
 
+def sum_of_nonempty(losses: list[torch.Tensor], nonempty: torch.Tensor, batch: int) -> torch.Tensor:
+    """``sum(losses[i] for non-empty i) / batch``; 0 when every prediction is empty.
+
+    The released code skips an episode whose predicted foreground is empty. Here every
+    episode's loss is computed (an empty prediction gives the all-zero prototype, whose
+    loss is finite) and masked out, so no value is read on the host mid-step and the step
+    can be recorded as a CUDA graph. The masked losses get zero gradient.
+    """
+    stacked = torch.stack(losses)
+    return torch.where(nonempty, stacked, torch.zeros_like(stacked)).sum() / batch
+
+
 def probability_nll(probabilities: torch.Tensor, labels: torch.Tensor, weights: tuple[float, float] | None = None) -> torch.Tensor:
     """NLL of clamped class probabilities ``(N, 2, H, W)`` against ``(N, H, W)`` labels in {0, 1}."""
     log_p = torch.log(probabilities.clamp(EPS, 1.0 - EPS))
@@ -198,12 +210,10 @@ class ADNet(ResNetEncoderMethod):
         prototypes = feature_masked_average(query_features, fg)
         losses = []
         for i in range(b):
-            if fg[i].sum() == 0:
-                continue
             prob = self.probability(support_features[i], prototypes[i : i + 1].expand(s, -1), thresholds[i])
             labels = support_masks[i, :, 0]
             losses.append(probability_nll(two_class(prob, labels.shape[-2:]), labels))
-        return torch.stack(losses).sum() / b if losses else query_features.sum() * 0.0
+        return sum_of_nonempty(losses, fg.sum((1, 2, 3)) > 0, b)
 
     # -- Method interface --------------------------------------------------------------------
     def training_loss(self, batch: EpisodeBatch) -> torch.Tensor:

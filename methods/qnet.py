@@ -58,7 +58,7 @@ from fsmis_bench.errors import ConfigError
 from fsmis_bench.method import EpisodeBatch
 
 from ._resnet_encoders import BuiltEncoder, encoder_from_cfg, grey_to_rgb, ResNetEncoderMethod
-from .adnet import anomaly_scores, foreground_probability, probability_nll, two_class, upsampled_masked_average
+from .adnet import anomaly_scores, foreground_probability, probability_nll, sum_of_nonempty, two_class, upsampled_masked_average
 
 #: ``alpha`` (weight of the 1/4 path) per setting, from the released README.
 PATH_WEIGHT_BY_SETTING = {1: 0.9, 2: 0.6}
@@ -269,15 +269,13 @@ class QNet(ResNetEncoderMethod):
         foreground = (prediction > 0.5).unsqueeze(1).to(prediction.dtype)
         losses = []
         for i in range(b):
-            if foreground[i].sum() == 0:
-                continue
             probs = []
             for query, support in zip(queries, supports):
                 prototype = upsampled_masked_average(query[i : i + 1], foreground[i : i + 1])
                 probs.append(self.path_probability(support[i * s : (i + 1) * s], prototype.expand(s, -1), thresholds[i]))
             labels = support_masks[i, :, 0]
             losses.append(probability_nll(two_class(self.combine(probs, labels.shape[-2:])), labels))
-        return torch.stack(losses).sum() / b if losses else prediction.sum() * 0.0
+        return sum_of_nonempty(losses, foreground.sum((1, 2, 3)) > 0, b)
 
     @torch.no_grad()
     def predict(self, support_images, support_masks, query_images) -> torch.Tensor:

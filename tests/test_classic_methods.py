@@ -223,6 +223,28 @@ def _random_batch(size: int) -> EpisodeBatch:
     return EpisodeBatch(torch.randn(1, 1, 1, size, size, generator=g), mask[None], torch.randn(1, 1, size, size, generator=g), mask)
 
 
+def test_adnet_alignment_skips_episodes_with_an_empty_prediction_without_a_host_branch():
+    """The released code skips such an episode (it counts as 0 in the batch mean); the
+    masked form gives that value, and the skipped episode's inputs get zero gradient."""
+    torch.manual_seed(0)
+    method = build_method(["method=adnet", "pretrained=false", "method.encoder=resnet18"])
+    query = torch.randn(2, 8, 6, 6)
+    support = torch.randn(2, 1, 8, 6, 6, requires_grad=True)
+    support_masks = (torch.rand(2, 1, 1, 24, 24) > 0.5).float()
+    probability = torch.rand(2, 6, 6)
+    probability[0] = 0.1  # episode 0: empty prediction
+    thresholds = torch.full((2, 1, 1), -10.0)
+    both = method.alignment_loss(query, probability, support, support_masks, thresholds)
+    second = method.alignment_loss(query[1:], probability[1:], support[1:], support_masks[1:], thresholds[1:])
+    assert torch.isfinite(both) and both.item() == pytest.approx(second.item() / 2, rel=1e-6)
+    (gradient,) = torch.autograd.grad(both, support)
+    assert torch.all(gradient[0] == 0) and torch.any(gradient[1] != 0)
+    none = method.alignment_loss(query, torch.zeros(2, 6, 6), support, support_masks, thresholds)
+    assert none.item() == 0.0
+    (gradient,) = torch.autograd.grad(none, support)
+    assert torch.all(gradient == 0)
+
+
 # -- Q-Net: query-informed threshold, prototype refinement ----------------------------------------
 def test_qnet_threshold_is_read_from_the_query():
     method = build_method(["method=qnet", "pretrained=false", "method.encoder=resnet18"])
