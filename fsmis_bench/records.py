@@ -42,9 +42,10 @@ CASE_COLUMNS = [
 COMPLETE = "COMPLETE"
 
 # Config keys that do not change what a run computes, so they stay out of its hash.
-# train.cuda_graph replays the eager step's kernels: on an H100 its losses differ from the
-# eager ones no more than two eager runs differ from each other (docs/measurements/
-# gpu_engine_graph2_h100.json); run.json records which step trained (`training_step`).
+# train.cuda_graph replays the eager step's kernels: on an H100 in TF32 its losses differ
+# from the eager ones no more than two eager runs differ from each other (docs/measurements/
+# gpu_engine_graph2_h100.json; bf16 not yet compared); run.json records which step trained
+# (`training_step`).
 _UNHASHED = ("results_dir", "data_root", "weights_root", "device", "train.num_workers", "train.cuda_graph")
 # Keys that decide the trained weights; evaluation-only options are left out so that a
 # re-evaluation under another protocol option reuses the checkpoint.
