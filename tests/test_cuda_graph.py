@@ -69,6 +69,7 @@ def test_recorded_step_gives_the_plain_losses(tmp_path, monkeypatch, base):
                           recorder=lambda device, unset: EagerRecorder(device, unset))
     (step,) = built
     assert step.graphed and step.fell_back is None
+    assert all(p.grad is None for p in step.method.parameters())  # freed for evaluation
     assert all(math.isfinite(v) for v in plain)
     assert _close(plain, graphed, 1e-5), (plain, graphed)
 

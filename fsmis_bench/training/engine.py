@@ -260,6 +260,8 @@ def train(
                 if save_now:
                     save(step, seconds)
             train_step.raise_if_nonfinite()
+            # a recorded step leaves its static gradients on the parameters: free them for evaluation
+            optimizer.zero_grad(set_to_none=True)
         except KeyboardInterrupt:
             # Raised mid-step (a second Ctrl-C): that state is half-advanced, so it is not
             # saved; the last periodic checkpoint still resumes exactly.
