@@ -25,7 +25,7 @@ from fsmis_bench.training.checkpoint import load_training_state, save_training_s
 from fsmis_bench.training.cuda_graph import EagerRecorder, GraphedTrainStep, uses_cuda_graph
 from fsmis_bench.training.engine import train
 from fsmis_bench.training.step import ComputeOptions, TrainStep
-from test_engine_compute import PROTOTYPE, TINY_SD, _sampler
+from test_engine_compute import PROTOTYPE, TINY_SD, _close, _sampler
 
 STEPS = 6  # three eager warm-up steps, then recorded and replayed
 SCHEDULE = ["train.schedule=linear", "train.warmup_steps=2"]  # the rate changes every step
@@ -52,10 +52,6 @@ def _run(tmp_path, overrides: list[str], name: str, monkeypatch, recorder=None) 
     result = train(build_method(cfg), _sampler(), cfg, tmp_path / name)
     AcceleratorState._reset_state(True)
     return [row["loss"] for row in result.log], built
-
-
-def _close(a: list[float], b: list[float], rel: float) -> bool:
-    return len(a) == len(b) and all(math.isclose(x, y, rel_tol=rel, abs_tol=0) for x, y in zip(a, b))
 
 
 @pytest.mark.parametrize("base", [PROTOTYPE, [*PROTOTYPE, "train.grad_accum=2"], TINY_SD],

@@ -91,23 +91,15 @@ def test_bf16_weights_need_bf16_autocast(tmp_path):
         _losses(tmp_path, [*PROTOTYPE, "train.weight_dtype=bfloat16"], "bad")
 
 
-def test_compile_gives_the_plain_losses(tmp_path, monkeypatch):
+@pytest.mark.parametrize("base", [PROTOTYPE, pytest.param(TINY_SD, marks=pytest.mark.slow)],
+                         ids=["prototype", "tiny-sdfsmis"])
+def test_compile_gives_the_plain_losses(tmp_path, monkeypatch, base):
     """torch.compile's graph capture (dynamo + AOT autograd; the ``aot_eager`` backend skips
     code generation, which the GPU benchmark measures) computes the plain losses."""
     torch._dynamo.reset()
-    plain = _losses(tmp_path, PROTOTYPE, "plain")
+    plain = _losses(tmp_path, base, "plain")
     monkeypatch.setattr(step_module, "COMPILE_BACKEND", "aot_eager")
-    compiled = _losses(tmp_path, [*PROTOTYPE, "train.compile=default"], "compiled")
-    torch._dynamo.reset()
-    assert _close(plain, compiled, 1e-5), (plain, compiled)
-
-
-@pytest.mark.slow
-def test_compile_captures_the_sd_training_loss(tmp_path, monkeypatch):
-    torch._dynamo.reset()
-    plain = _losses(tmp_path, TINY_SD, "plain")
-    monkeypatch.setattr(step_module, "COMPILE_BACKEND", "aot_eager")
-    compiled = _losses(tmp_path, [*TINY_SD, "train.compile=default"], "compiled")
+    compiled = _losses(tmp_path, [*base, "train.compile=default"], "compiled")
     torch._dynamo.reset()
     assert _close(plain, compiled, 1e-5), (plain, compiled)
 
