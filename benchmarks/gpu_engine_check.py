@@ -23,8 +23,13 @@ weights are restored before each), in this order:
   replayed); ``loss_max_rel_diff_vs_eager`` and ``speedup_vs_eager`` compare it with the
   eager variant;
 * ``*_nhwc``: + ``train.channels_last=true`` (NHWC weights and activations);
+* ``*_blocks_graph``: + ``train.compile=default train.compile_scope=blocks`` (each repeated
+  U-Net block compiled: fused GroupNorm/SiLU/elementwise kernels) inside the recorded step,
+  compared with the eager variant of the same name without ``_blocks``; the compilation
+  falls in the warm-up steps (``first_step_s``);
 * ``tf32_fused_batch4``: 4 episodes per step (``train.batch_size=4``; ``episodes_per_s``);
-* ``bf16_autocast``: bf16 autocast over fp32 weights, fused AdamW;
+* ``bf16_autocast``: bf16 autocast over fp32 weights, fused AdamW; ``bf16_autocast_repeat``:
+  again, for bf16's own eager-vs-eager drift;
 * ``lowmem``: ``memory=low`` (gradient checkpointing + 8-bit AdamW): the peak memory;
 * ``bf16_master``: bf16 weights + fp32 master copies (``train.weight_dtype=bfloat16``) and a
   bf16 VAE (``method.vae_dtype=bfloat16``), bf16 autocast, fused AdamW;
@@ -37,8 +42,9 @@ end: what a run sees, as the step never syncs), ``peak_mem_gib``, ``loss_finite`
 step's loss; with ``--profile N`` the eager variants also report the device's kernel time
 per step (``kernel_ms_per_step``: the floor for a replayed graph) and the top kernels. Then
 inference per query slice (``Method.predict``, support cached) in several variants with a
-breakdown of where the time goes, and the tiny backbone's steps/s through the same path
-(eager, eager again, graphed). Variants that would overrun ``--budget-s`` are skipped and
+breakdown of where the time goes (``*_graph``: ``method.predict_cuda_graph``, the support
+side and the query chunk recorded and replayed), and the tiny backbone's steps/s through
+the same path (eager, eager again, graphed, compiled blocks + graphed). Variants that would overrun ``--budget-s`` are skipped and
 say so; a variant that fails records its error and the others still run.
 """
 
@@ -220,11 +226,13 @@ def measure_predict_variants(method, device: torch.device, size: int, slices: in
     options = method.options
     out: dict[str, Any] = {}
 
-    def one(name: str, precision: str, n: int, batch: int) -> None:
-        method.options = dataclasses.replace(options, predict_batch_size=batch)
+    def one(name: str, precision: str, n: int, batch: int, recorded: bool = False) -> None:
+        method.options = dataclasses.replace(options, predict_batch_size=batch, predict_cuda_graph=recorded)
+        method._recordings.clear()  # a recorded variant records its own graphs (and frees the last one's)
+        _reset_memory(device)
         try:
             out[name] = {**measure_inference(method, device, precision, size, n, warmup=1, repeats=repeats),
-                         "predict_batch_size": batch}
+                         "predict_batch_size": batch, "predict_cuda_graph": recorded}
         except Exception as exc:  # one variant must not cost the others
             out[name] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
         _log(f"predict {name}: {out[name]}")
@@ -245,8 +253,20 @@ def measure_predict_variants(method, device: torch.device, size: int, slices: in
         one("bf16_vae_autocast_chunk32", "bf16", 32, 32)
         method.vae.to(torch.float32)
         method.vae_dtype = torch.float32
+        # method.predict_cuda_graph: the support side and the query chunk recorded and replayed
+        one(f"{plain}_graph", "fp32", slices, options.predict_batch_size, recorded=True)
+        one(f"{plain}_chunk32_graph", "fp32", 32, 32, recorded=True)
+        one("bf16_autocast_chunk32_graph", "bf16", 32, 32, recorded=True)
+        method._recordings.clear()
     method.options = options
     return out
+
+
+def _uncompile(model) -> None:
+    """Undo ``nn.Module.compile`` on every submodule (the next variant runs eagerly)."""
+    for module in model.modules():
+        if getattr(module, "_compiled_call_impl", None) is not None:
+            module._compiled_call_impl = None
 
 
 def _config(overrides: list[str]):
@@ -284,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny-compile-mode", default="none", help="train.compile for the tiny backbone ('none': skip)")
     parser.add_argument("--tiny-steps", type=int, default=50, help="timed steps of the tiny backbone")
     parser.add_argument("--budget-s", type=float, default=230.0, help="skip variants that would end after this")
+    parser.add_argument("--compile-budget-s", type=float, default=90.0,
+                        help="time a `_blocks` variant's compilation is expected to take (for the budget)")
     parser.add_argument("--profile", type=int, default=0,
                         help="eager variants: sum the kernel time of this many more steps (torch.profiler)")
     parser.add_argument("--out", default=None, help="also write the JSON here")
@@ -365,18 +387,21 @@ def main(argv: list[str] | None = None) -> int:
                 p.data = saved[n].clone()
 
     def measure(name: str, overrides: list[str], mixed: str, tf32: bool, target: dict, model=None,
-                config: list[str] | None = None, steps: int | None = None) -> None:
+                config: list[str] | None = None, steps: int | None = None, extra_s: float = 0.0) -> None:
         model = model if model is not None else method
         if name.endswith("_graph") and not cuda:
             result["skipped"][name] = "CUDA graphs are measured on CUDA only"
             return
         if args.only is None or name in args.only:
             restore(model)
-        out = run(name, overrides, mixed, tf32, model=model, config=config, steps=steps)
+        out = run(name, overrides, mixed, tf32, model=model, config=config, steps=steps, extra_s=extra_s)
+        if "_blocks" in name:  # compiled regions stay compiled on the shared model otherwise
+            _uncompile(model)
         if out is not None:
             if model is not method:
                 out["steps_per_s"] = round(1 / out["throughput_s"], 1)
-            base_name = name.removesuffix("_graph").removesuffix("_repeat")
+            base_name = name.removesuffix("_graph").removesuffix("_repeat").replace("_blocks", "")
+            base_name = "tiny_eager" if base_name == "tiny" else base_name
             eager = target.get(base_name) if base_name != name else None
             if eager is not None:  # the same weights and batches: recorded (or eager again) vs eager
                 pairs = list(zip(eager["losses"], out["losses"]))
@@ -387,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
 
     graph = "train.cuda_graph=true"
     fused = "train.fused_optimizer=true"
+    blocks = ["train.compile=default", "train.compile_scope=blocks"]
     train = result["train"]
     for name, overrides, mixed, tf32 in [
         ("fp32", ["train.fused_optimizer=false"], "no", False),
@@ -397,14 +423,19 @@ def main(argv: list[str] | None = None) -> int:
         ("tf32_fused_batch4", [fused, "train.batch_size=4"], "no", True),
         ("tf32_fused_batch4_graph", [fused, "train.batch_size=4", graph], "no", True),
         ("bf16_autocast", [fused], "bf16", True),
+        ("bf16_autocast_repeat", [fused], "bf16", True),
         ("bf16_autocast_graph", [fused, graph], "bf16", True),
         # NHWC weights: cuDNN's NCHW<->NHWC transposes were the largest kernels of the plain step
         ("tf32_fused_nhwc", [fused, "train.channels_last=true"], "no", True),
         ("tf32_fused_nhwc_graph", [fused, "train.channels_last=true", graph], "no", True),
         ("bf16_autocast_nhwc", [fused, "train.channels_last=true"], "bf16", True),
         ("bf16_autocast_nhwc_graph", [fused, "train.channels_last=true", graph], "bf16", True),
+        # compiled blocks (fused GroupNorm/SiLU/elementwise kernels) inside the recorded step;
+        # compared with the eager variant without `_blocks`
+        ("tf32_fused_blocks_graph", [fused, *blocks, graph], "no", True),
+        ("bf16_autocast_nhwc_blocks_graph", [fused, "train.channels_last=true", *blocks, graph], "bf16", True),
     ]:
-        measure(name, overrides, mixed, tf32, train)
+        measure(name, overrides, mixed, tf32, train, extra_s=args.compile_budget_s if "_blocks" in name else 0.0)
     method.to(memory_format=torch.contiguous_format)
     def selected(*names: str) -> bool:
         return args.only is None or any(n in args.only for n in names)
@@ -431,9 +462,11 @@ def main(argv: list[str] | None = None) -> int:
 
     # tiny backbone through the same path
     tiny_base = [s.replace(f"backbone={backbone}", "backbone=tiny") for s in base]
-    tiny = _build(tiny_base, device) if selected("tiny_eager", "tiny_eager_repeat", "tiny_graph") else None
-    for name, overrides in [("tiny_eager", [fused]), ("tiny_eager_repeat", [fused]), ("tiny_graph", [fused, graph])]:
-        measure(name, overrides, "no", True, result["tiny"], model=tiny, config=tiny_base, steps=args.tiny_steps)
+    tiny = _build(tiny_base, device) if selected("tiny_eager", "tiny_eager_repeat", "tiny_graph", "tiny_blocks_graph") else None
+    for name, overrides in [("tiny_eager", [fused]), ("tiny_eager_repeat", [fused]), ("tiny_graph", [fused, graph]),
+                            ("tiny_blocks_graph", [fused, *blocks, graph])]:
+        measure(name, overrides, "no", True, result["tiny"], model=tiny, config=tiny_base, steps=args.tiny_steps,
+                extra_s=args.compile_budget_s if "_blocks" in name else 0.0)
 
     if args.compile_mode != "none":
         if not cuda:

@@ -69,6 +69,7 @@ from omegaconf import DictConfig
 from scipy import ndimage
 from torch import nn
 
+from fsmis_bench import recorded
 from fsmis_bench.errors import ConfigError
 from fsmis_bench.method import EpisodeBatch, Method
 
@@ -292,6 +293,7 @@ class SDFSMISOptions:
     train_latents: str
     vtct_shot_pooling: str
     predict_batch_size: int
+    predict_cuda_graph: bool
     gradient_checkpointing: bool
     vae_dtype: str
     lr: float
@@ -404,6 +406,8 @@ class SDFSMIS(Method):
         self.vae.requires_grad_(False)
         #: alpha_bar at the objective's timestep, a float64 Python scalar
         self.alpha_bar = float(sd_alphas_cumprod()[opts.timestep])
+        #: ``method.predict_cuda_graph``'s recorded support and query sides
+        self._recordings: dict[Any, recorded.RecordedCall] = {}
 
     # -- configuration -------------------------------------------------------------------
     @classmethod
@@ -436,6 +440,7 @@ class SDFSMIS(Method):
             train_latents=str(pick("train_latents")),
             vtct_shot_pooling=str(pick("vtct_shot_pooling")),
             predict_batch_size=int(get("predict_batch_size") or 8),
+            predict_cuda_graph=bool(get("predict_cuda_graph") or False),
             gradient_checkpointing=bool(get("gradient_checkpointing") or False),
             vae_dtype=str(get("vae_dtype") or "float32"),
             lr=float(get("lr") or 1e-5),
@@ -670,10 +675,14 @@ class SDFSMIS(Method):
         decoded = []
         for query in query_images.split(1):
             support = self.encode_support(support_images[None], support_masks[None])
-            latents = self.encode_images(query)
-            estimate = self.mask_latent_estimate(self.query_pass(latents, support), latents)
-            decoded.append(self.decode(estimate, tuple(query.shape[-2:])))
+            decoded.append(self.decoded_chunk(query, support))
         return self.masks_from_decoded(torch.cat(decoded))
+
+    def decoded_chunk(self, query_images: torch.Tensor, support: SupportContext) -> torch.Tensor:
+        """``(Q, 1, H, W)`` query slices -> ``(Q, 3, H, W)`` decoded mask images (one chunk)."""
+        query_latents = self.encode_images(query_images)
+        estimate = self.mask_latent_estimate(self.query_pass(query_latents, support), query_latents)
+        return self.decode(estimate, tuple(query_images.shape[-2:]))
 
     @torch.no_grad()
     def predict(
@@ -684,14 +693,33 @@ class SDFSMIS(Method):
     ) -> torch.Tensor:
         """The support is encoded once (one U-Net pass) and shared by every query slice;
         query slices run in batches of ``method.predict_batch_size``; the mask is read from
-        the whole chunk's decoded prediction (the relative threshold looks at all of it)."""
-        support = self.encode_support(support_images[None], support_masks[None])
+        the whole chunk's decoded prediction (the relative threshold looks at all of it).
+
+        ``method.predict_cuda_graph`` (CUDA): the support side and a chunk's query side are
+        each recorded once as a CUDA graph and replayed (:mod:`fsmis_bench.recorded`); the
+        short last chunk is padded to the full chunk, whose slices do not interact."""
+        chunk_size = self.options.predict_batch_size
+        recording = self.options.predict_cuda_graph and recorded.can_record(query_images.device)
+        if recording:
+            support = self._recorded_call("support", self.encode_support)(support_images[None], support_masks[None])
+            decoded_chunk = self._recorded_call(("query", id(support)), lambda chunk: self.decoded_chunk(chunk, support))
+        else:
+            support = self.encode_support(support_images[None], support_masks[None])
         decoded = []
-        for chunk in query_images.split(self.options.predict_batch_size):
-            query_latents = self.encode_images(chunk)
-            estimate = self.mask_latent_estimate(self.query_pass(query_latents, support), query_latents)
-            decoded.append(self.decode(estimate, tuple(chunk.shape[-2:])))
+        for chunk in query_images.split(chunk_size):
+            if recording:
+                # copied out of the static output before the next replay overwrites it
+                decoded.append(decoded_chunk(recorded.pad_to(chunk, chunk_size))[: len(chunk)].clone())
+            else:
+                decoded.append(self.decoded_chunk(chunk, support))
         return self.masks_from_decoded(torch.cat(decoded))
+
+    def _recorded_call(self, key: Any, fn: Any) -> recorded.RecordedCall:
+        # The query side is recorded once per recorded support (one per support shape): its
+        # graph reads that support's static tensors, which each support replay rewrites.
+        if key not in self._recordings:
+            self._recordings[key] = recorded.RecordedCall(fn)
+        return self._recordings[key]
 
 
 class SDFSMISSii(SDFSMIS):

@@ -27,7 +27,7 @@ def test_cpu_smoke_mode_runs_every_variant(capsys, tmp_path):
     for key in ("check", "method", "device", "params", "trainable_params", "image_size", "batch_size", "versions"):
         assert key in result
     expected = {"fp32", "tf32", "tf32_fused", "tf32_fused_repeat", "tf32_fused_batch4", "lowmem", "bf16_autocast",
-                "bf16_master", "tf32_fused_nhwc", "bf16_autocast_nhwc"}
+                "bf16_autocast_repeat", "bf16_master", "tf32_fused_nhwc", "bf16_autocast_nhwc"}
     assert set(result["train"]) == expected, result["skipped"]
     for name, row in result["train"].items():
         assert row["loss_finite"] and row["median_s"] > 0 and row["n"] == 1, name
@@ -45,6 +45,22 @@ def test_cpu_smoke_mode_runs_every_variant(capsys, tmp_path):
     # eager-vs-eager and graph-vs-eager differences are read against
     assert result["train"]["tf32_fused_repeat"]["loss_max_rel_diff_vs_eager"] == 0.0
     assert result["tiny"]["tiny_eager_repeat"]["loss_max_rel_diff_vs_eager"] == 0.0
+    assert result["train"]["bf16_autocast_repeat"]["loss_max_rel_diff_vs_eager"] == 0.0
     cuda_only = {"tf32_fused_graph", "tf32_fused_batch4_graph", "bf16_autocast_graph", "bf16_master_graph", "tiny_graph",
-                 "tf32_fused_nhwc_graph", "bf16_autocast_nhwc_graph"}
+                 "tf32_fused_nhwc_graph", "bf16_autocast_nhwc_graph", "tf32_fused_blocks_graph",
+                 "bf16_autocast_nhwc_blocks_graph", "tiny_blocks_graph"}
     assert set(result["skipped"]) == cuda_only
+
+
+def test_the_prepared_gpu_speed_script_names_only_known_variants():
+    """benchmarks/gpu_speed_check.sh runs on a lent GPU where a typo costs the session:
+    every variant it selects must be one gpu_engine_check.py defines."""
+    import re
+
+    script = (SCRIPT.parent / "gpu_speed_check.sh").read_text()
+    source = SCRIPT.read_text()
+    selected = {name for line in re.findall(r"--only ([^\n]+)", script) for name in line.split()}
+    assert {"bf16_autocast_repeat", "tf32_fused_blocks_graph", "predict", "tiny_blocks_graph"} <= selected
+    for name in selected - {"predict"}:
+        assert f'"{name}"' in source, name
+    assert 'selected("predict")' in source

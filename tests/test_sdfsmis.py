@@ -7,6 +7,7 @@ each objective on an epsilon-prediction U-Net."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from pathlib import Path
 
@@ -527,6 +528,39 @@ def test_cached_batched_predict_equals_per_slice_recomputation():
     cached = model.predict(sup, masks, queries)
     assert cached.shape == (4, SIZE, SIZE) and cached.dtype == torch.bool
     assert torch.equal(cached, model.predict_uncached(sup, masks, queries))
+
+
+@pytest.mark.parametrize("fidelity", ["paper", "code"])  # absolute / relative threshold, no LCC / LCC
+def test_recorded_predict_gives_the_plain_masks(monkeypatch, fidelity):
+    """``method.predict_cuda_graph`` with the CPU stand-in for a CUDA graph: the support side
+    and one chunk are recorded once, each later call replays them on new inputs (a new
+    support, a short last chunk padded to the full one), and the masks are the plain ones."""
+    from fsmis_bench import recorded
+
+    plain = build(SDFSMIS, {"predict_batch_size": 3}, fidelity=fidelity).eval()
+    _perturb_sii_output(plain)
+    graphed = copy.deepcopy(plain)
+    graphed.options = dataclasses.replace(plain.options, predict_cuda_graph=True)
+    monkeypatch.setattr(recorded, "STAND_IN", recorded.EagerReplay)
+    calls = [(images(1, 1), blob_masks(1, seed=1), images(7, 2)),  # chunks 3 + 3 + 1 (padded)
+             (images(1, 3), blob_masks(1, seed=3), images(4, 4)),  # a new support
+             (images(1, 1), blob_masks(1, seed=1), images(2, 5))]
+    for support_images, support_masks, queries in calls:
+        expected = plain.predict(support_images, support_masks, queries)
+        assert expected.any() and not expected.all()  # a mask that can disagree
+        assert torch.equal(graphed.predict(support_images, support_masks, queries), expected)
+    support_side, query_side = graphed._recordings.values()
+    assert len(graphed._recordings) == 2 and support_side.recordings == query_side.recordings == 1
+    assert plain._recordings == {}  # off: nothing recorded
+
+
+def test_recorded_predict_runs_plainly_where_it_cannot_record():
+    model = build(SDFSMIS, {"predict_batch_size": 3, "predict_cuda_graph": True}).eval()
+    assert model.options.predict_cuda_graph
+    support_images, support_masks, queries = images(1, 1), blob_masks(1, seed=1), images(4, 2)
+    assert torch.equal(model.predict(support_images, support_masks, queries),
+                       model.predict_uncached(support_images, support_masks, queries))
+    assert model._recordings == {}  # on a CPU without the stand-in: the plain path, nothing kept
 
 
 # ---------------------------------------------------------------------------------------
