@@ -39,12 +39,13 @@ def _engine_choices() -> dict[str, tuple]:
     """The compute switches' values, from the modules that implement them (imported late:
     they load torch)."""
     from .training.optim import OPTIMIZERS, WEIGHT_DTYPES
-    from .training.step import ACCUMULATION, COMPILE_MODES
+    from .training.step import ACCUMULATION, COMPILE_MODES, COMPILE_SCOPES
 
     return {
         "train.optimizer": OPTIMIZERS,
         "train.accumulation": ACCUMULATION,
         "train.compile": (False, *COMPILE_MODES),
+        "train.compile_scope": COMPILE_SCOPES,
         "train.weight_dtype": tuple(WEIGHT_DTYPES),
         "train.fused_optimizer": ("auto", True, False),
         "train.channels_last": (True, False),

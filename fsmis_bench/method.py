@@ -44,6 +44,11 @@ class EpisodeBatch:
         return int(self.query_images.shape[0])
 
 
+#: class names that :meth:`Method.compile_regions` finds besides diffusers' ``_repeated_blocks``:
+#: diffusers' U-Net/VAE residual block and torchvision-style ResNet blocks
+REGION_CLASS_NAMES = ("ResnetBlock2D", "Bottleneck", "BasicBlock")
+
+
 class Method(nn.Module):
     """Base class of all method plugins.
 
@@ -96,6 +101,31 @@ class Method(nn.Module):
             ``(Q, H, W)`` bool foreground masks.
         """
         raise NotImplementedError
+
+    # -- compilation -------------------------------------------------------------------
+    def compile_regions(self) -> list[nn.Module]:
+        """The repeated blocks that ``train.compile_scope=blocks`` compiles one by one.
+
+        The default: every submodule whose class, or a base class, is named in the
+        ``_repeated_blocks`` of a diffusers model inside the method (``UNet2DConditionModel``:
+        ``BasicTransformerBlock``) or in :data:`REGION_CLASS_NAMES` (``ResnetBlock2D``, ResNet
+        ``Bottleneck``/``BasicBlock``); classes are matched by name, so no import is needed.
+        A region inside another region is not listed (the outer one compiles it). In module
+        order; empty where there is none (``blocks`` is then refused). A method overrides this
+        to compile other parts; each region must be called as a module (``region(x)``).
+        """
+        names = set(REGION_CLASS_NAMES)
+        for module in self.modules():
+            names.update(getattr(module, "_repeated_blocks", None) or ())
+        regions: list[nn.Module] = []
+        inside: list[str] = []  # the qualified names of the regions found so far
+        for qualified, module in self.named_modules():
+            if module is self or any(qualified.startswith(outer + ".") for outer in inside):
+                continue
+            if any(cls.__name__ in names for cls in type(module).__mro__):
+                regions.append(module)
+                inside.append(qualified)
+        return regions
 
     # -- introspection -----------------------------------------------------------------
     def components(self) -> dict[str, nn.Module]:

@@ -1,4 +1,5 @@
-"""Inference work recorded once as a CUDA graph and replayed: :class:`RecordedCall`.
+"""Work recorded once as a CUDA graph and replayed: :class:`CudaGraph` (also the training
+step's recorder, :mod:`fsmis_bench.training.cuda_graph`) and :class:`RecordedCall` (inference).
 
 Why: at inference an SD U-Net pass is launch-bound on an H100. The support pass over one
 slice took 117 ms and the query pass over eight slices 103 ms (``benchmarks/
@@ -47,6 +48,7 @@ class CudaGraph:
 
     @contextlib.contextmanager
     def side_stream(self) -> Iterator[None]:
+        """The warm-up's stream (ordered after, and before, the current stream's work)."""
         current = torch.cuda.current_stream()
         self.stream.wait_stream(current)
         with torch.cuda.stream(self.stream):
@@ -54,6 +56,8 @@ class CudaGraph:
         current.wait_stream(self.stream)
 
     def record(self, body: Callable[[], Any]) -> Any:
+        """Record ``body`` (not run: :meth:`replay` runs it); returns its static output."""
+        # thread_local: the DataLoader's pinning thread may call CUDA meanwhile
         with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             return body()
 

@@ -46,7 +46,14 @@ COMPLETE = "COMPLETE"
 # from the eager ones no more than two eager runs differ from each other (docs/measurements/
 # gpu_engine_graph2_h100.json; bf16 not yet compared); run.json records which step trained
 # (`training_step`).
-_UNHASHED = ("results_dir", "data_root", "weights_root", "device", "train.num_workers", "train.cuda_graph")
+# method.predict_cuda_graph replays the plain inference's kernels in the same way (the short
+# last chunk padded to a full one); the method's options in run.json record it.
+_UNHASHED = ("results_dir", "data_root", "weights_root", "device", "train.num_workers", "train.cuda_graph",
+             "method.predict_cuda_graph")
+# Keys added after records existed, hashed only where they differ from the value that every
+# earlier run had, so that a new switch left at its default keeps earlier records and
+# checkpoints found (their hashes stay the same).
+_HASHED_UNLESS_DEFAULT = {"train.compile_scope": "model"}
 # Keys that decide the trained weights; evaluation-only options are left out so that a
 # re-evaluation under another protocol option reuses the checkpoint.
 _TRAINING_KEYS = (
@@ -88,6 +95,16 @@ def _hashed_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
     return hashed
 
 
+def _hashed_config(cfg: DictConfig) -> dict[str, Any]:
+    data = _plain(cfg)
+    for key in _UNHASHED:
+        _drop(data, key)
+    for key, default in _HASHED_UNLESS_DEFAULT.items():
+        if _pick(data, key) == default:
+            _drop(data, key)
+    return data
+
+
 def config_hash(cfg: DictConfig, inputs: dict[str, Any] | None = None) -> str:
     """SHA-256 of the resolved config without paths and device choice, plus ``inputs``.
 
@@ -95,9 +112,7 @@ def config_hash(cfg: DictConfig, inputs: dict[str, Any] | None = None) -> str:
         inputs: the run's inputs as recorded in ``run.json`` (``train_data``,
             ``test_data``, ``weights``, ``checkpoint``); see :func:`fsmis_bench.runner.identify`.
     """
-    data = _plain(cfg)
-    for key in _UNHASHED:
-        _drop(data, key)
+    data = _hashed_config(cfg)
     if inputs is not None:
         data["inputs"] = _hashed_inputs(inputs)
     return _digest(data)
@@ -106,11 +121,7 @@ def config_hash(cfg: DictConfig, inputs: dict[str, Any] | None = None) -> str:
 def training_hash(cfg: DictConfig, inputs: dict[str, Any] | None = None) -> str:
     """SHA-256 of only what decides the trained weights: training keys, training data,
     pretrained weights."""
-    data = _plain(cfg)
-    train = _pick(data, "train")
-    if isinstance(train, dict):
-        train.pop("num_workers", None)
-        train.pop("cuda_graph", None)
+    data = _hashed_config(cfg)
     picked = {key: _pick(data, key) for key in _TRAINING_KEYS}
     if inputs is not None:
         picked["inputs"] = {"train_data": inputs.get("train_data"), "weights": inputs.get("weights")}

@@ -472,6 +472,13 @@ class SDFSMIS(Method):
             groups.append({"name": "vtct", "params": list(self.vtct_mlp.parameters()), "lr": self.options.lr_vtct})
         return groups
 
+    def compile_regions(self) -> list[nn.Module]:
+        """``train.compile_scope=blocks``: the ResNet blocks (U-Net and VAE) and the transformer
+        blocks' feed-forward parts. The transformer blocks themselves read or write the
+        support bank under their own layer name, so compiled whole each would specialise on
+        it: one compilation per block and pass instead of one per shape."""
+        return [m for m in self.modules() if type(m).__name__ in ("ResnetBlock2D", "FeedForward")]
+
     def added_attention_parameters(self) -> list[nn.Parameter]:
         """The SII layers (empty for ``kv_concat``)."""
         return support_attention_parameters(self.unet)

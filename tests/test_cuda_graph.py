@@ -24,8 +24,9 @@ from fsmis_bench.training import cuda_graph, engine
 from fsmis_bench.training.checkpoint import load_training_state, save_training_state
 from fsmis_bench.training.cuda_graph import EagerRecorder, GraphedTrainStep, uses_cuda_graph
 from fsmis_bench.training.engine import train
-from fsmis_bench.training.step import ComputeOptions, TrainStep
-from test_engine_compute import PROTOTYPE, TINY_SD, _close, _sampler
+from fsmis_bench.training import step as step_module
+from fsmis_bench.training.step import ComputeOptions, TrainStep, compile_method
+from test_engine_compute import PROTOTYPE, TINY_SD, _Blocks, _close, _sampler
 
 STEPS = 6  # three eager warm-up steps, then recorded and replayed
 SCHEDULE = ["train.schedule=linear", "train.warmup_steps=2"]  # the rate changes every step
@@ -67,6 +68,39 @@ def test_recorded_step_gives_the_plain_losses(tmp_path, monkeypatch, base):
     assert step.graphed and step.fell_back is None
     assert all(p.grad is None for p in step.method.parameters())  # freed for evaluation
     assert all(math.isfinite(v) for v in plain)
+    assert _close(plain, graphed, 1e-5), (plain, graphed)
+
+
+def test_recorded_step_of_compiled_blocks_gives_the_plain_losses(monkeypatch):
+    """``train.compile=default train.compile_scope=blocks`` with the recorded step: the eager
+    warm-up steps compile the blocks, the recorded step runs the compiled blocks (the
+    prototype has no blocks, tiny SD-FSMIS takes ~23 s: a two-block method, six steps)."""
+    monkeypatch.setattr(step_module, "COMPILE_BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    batches = [_sampler().batch(2) for _ in range(STEPS)]
+
+    def losses(compiled: bool) -> tuple[list[float], TrainStep]:
+        AcceleratorState._reset_state(True)
+        accelerator = Accelerator(cpu=True)
+        method = _Blocks()
+        if compiled:
+            compile_method(method, "default", "blocks")
+        optimizer = torch.optim.AdamW(method.parameters(), lr=1e-2)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (1 + s))
+        kwargs = {"grad_clip": 1.0}
+        step = (GraphedTrainStep(method, optimizer, scheduler, accelerator, **kwargs,
+                                 recorder=lambda device, unset: EagerRecorder(device, unset)) if compiled
+                else TrainStep(method, optimizer, scheduler, accelerator, **kwargs))
+        out = [step([batch]).item() for batch in batches]
+        AcceleratorState._reset_state(True)
+        return out, step
+
+    with torch._dynamo.config.patch(recompile_limit=8):
+        plain, _ = losses(False)
+        graphed, step = losses(True)
+    torch._dynamo.reset()
+    assert step.graphed and step.fell_back is None
+    assert all(block._compiled_call_impl is not None for block in step.method.blocks)
     assert _close(plain, graphed, 1e-5), (plain, graphed)
 
 
@@ -145,13 +179,18 @@ RESOLUTION = [
     (_options(), CPU, 1, False),
     (_options(), CUDA, 2, False),
     (_options(optimizer="adamw8bit"), CUDA, 1, False),
-    (_options(compile="default"), CUDA, 1, False),
+    (_options(compile="default"), CUDA, 1, True),  # compiled kernels, recorded in our graph
+    (_options(compile="max-autotune-no-cudagraphs"), CUDA, 1, True),
+    (_options(compile="reduce-overhead"), CUDA, 1, False),  # records graphs itself
+    (_options(compile="max-autotune"), CUDA, 1, False),
     (_options(cuda_graph=False), CUDA, 1, False),
     (_options(cuda_graph=True), CUDA, 1, True),
     (_options(cuda_graph=True), CPU, 1, "runs on the CPU"),
     (_options(cuda_graph=True), CUDA, 2, "2 processes"),
     (_options(cuda_graph=True, optimizer="adamw8bit"), CUDA, 1, "cannot be recorded"),
-    (_options(cuda_graph=True, compile="reduce-overhead"), CUDA, 1, "train.compile"),
+    (_options(cuda_graph=True, compile="reduce-overhead"), CUDA, 1, "train.compile=reduce-overhead records CUDA graphs"),
+    (_options(cuda_graph=True, compile="max-autotune"), CUDA, 1, "train.compile=max-autotune records CUDA graphs"),
+    (_options(cuda_graph=True, compile="default", compile_scope="blocks"), CUDA, 1, True),
 ]
 
 

@@ -9,15 +9,19 @@ import math
 import pytest
 import torch
 from accelerate.state import AcceleratorState
+from omegaconf import OmegaConf
+from torch._dynamo.utils import counters
 
 from fsmis_bench.config import compose
+from fsmis_bench.errors import ConfigError
+from fsmis_bench.method import EpisodeBatch, Method
 from fsmis_bench.protocol.settings import EvalGroup
 from fsmis_bench.runner import build_method
 from fsmis_bench.training import step as step_module
 from fsmis_bench.training.engine import train
 from fsmis_bench.training.episodes import EpisodeSampler
 from fsmis_bench.training.loader import EpisodeLoader, resolve_num_workers
-from fsmis_bench.training.step import TrainStep
+from fsmis_bench.training.step import ComputeOptions, TrainStep, compile_method
 from fsmis_datasets.phantom import Phantom
 
 PROTOTYPE = ["method=prototype", "method.width=8", "method.feature_dim=16", "train.image_size=32", "train.batch_size=2"]
@@ -91,17 +95,111 @@ def test_bf16_weights_need_bf16_autocast(tmp_path):
         _losses(tmp_path, [*PROTOTYPE, "train.weight_dtype=bfloat16"], "bad")
 
 
-@pytest.mark.parametrize("base", [PROTOTYPE, pytest.param(TINY_SD, marks=pytest.mark.slow)],
-                         ids=["prototype", "tiny-sdfsmis"])
-def test_compile_gives_the_plain_losses(tmp_path, monkeypatch, base):
+@pytest.mark.parametrize("base, scope", [(PROTOTYPE, "model"), pytest.param(TINY_SD, "model", marks=pytest.mark.slow),
+                                         pytest.param(TINY_SD, "blocks", marks=pytest.mark.slow)],
+                         ids=["prototype", "tiny-sdfsmis", "tiny-sdfsmis-blocks"])
+def test_compile_gives_the_plain_losses(tmp_path, monkeypatch, base, scope):
     """torch.compile's graph capture (dynamo + AOT autograd; the ``aot_eager`` backend skips
-    code generation, which the GPU benchmark measures) computes the plain losses."""
+    code generation, which the GPU benchmark measures) computes the plain losses, of the
+    whole method or of its blocks one by one (the prototype has no blocks: see below)."""
     torch._dynamo.reset()
     plain = _losses(tmp_path, base, "plain")
     monkeypatch.setattr(step_module, "COMPILE_BACKEND", "aot_eager")
-    compiled = _losses(tmp_path, [*base, "train.compile=default"], "compiled")
+    with torch._dynamo.config.patch(recompile_limit=8):  # blocks raises it (restored after)
+        compiled = _losses(tmp_path, [*base, "train.compile=default", f"train.compile_scope={scope}"], "compiled")
     torch._dynamo.reset()
     assert _close(plain, compiled, 1e-5), (plain, compiled)
+
+
+class _Blocks(Method):
+    """Two identical residual blocks (named as torchvision's, so :meth:`Method.compile_regions`
+    finds them) between an eager stem and head."""
+
+    class BasicBlock(torch.nn.Module):
+        def __init__(self, width: int) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(width, width, 3, padding=1)
+            self.norm = torch.nn.GroupNorm(2, width)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + torch.nn.functional.silu(self.norm(self.conv(x)))
+
+    def __init__(self) -> None:
+        super().__init__(compose(PROTOTYPE))
+        torch.manual_seed(0)
+        self.stem = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.blocks = torch.nn.Sequential(self.BasicBlock(4), self.BasicBlock(4))
+        self.head = torch.nn.Conv2d(4, 1, 1)
+
+    def training_loss(self, batch: EpisodeBatch) -> torch.Tensor:
+        logits = self.head(self.blocks(self.stem(batch.query_images)))
+        return torch.nn.functional.binary_cross_entropy_with_logits(logits, batch.query_masks)
+
+
+@torch._dynamo.config.patch(recompile_limit=8)
+def test_blocks_scope_compiles_each_block_and_shares_their_graph(monkeypatch):
+    """``train.compile_scope=blocks``: the regions are compiled in place, the method's own
+    forward is not; blocks of one class and shape share one graph; loss and gradients as
+    the plain method's."""
+    torch._dynamo.reset()
+    monkeypatch.setattr(step_module, "COMPILE_BACKEND", "aot_eager")
+    batch = _sampler().batch(2)
+    plain, compiled = _Blocks(), _Blocks()
+    regions = compile_method(compiled, "default", "blocks")
+    assert regions == list(compiled.blocks)
+    assert compiled._compiled_call_impl is None  # nn.Module.compile's compiled __call__
+    assert all(block._compiled_call_impl is not None for block in compiled.blocks)
+    assert torch._dynamo.config.recompile_limit == 2 * step_module.REGION_RECOMPILES
+    counters.clear()
+    want, got = plain(batch), compiled(batch)
+    assert counters["stats"]["unique_graphs"] == 1  # both blocks run the one compiled graph
+    grads = torch.autograd.grad(got, list(compiled.parameters()))
+    for g, w in zip(grads, torch.autograd.grad(want, list(plain.parameters()))):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    assert math.isclose(got.item(), want.item(), rel_tol=1e-6)
+    torch._dynamo.reset()
+
+
+def test_blocks_scope_without_blocks_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="method prototype has no repeated blocks") as caught:
+        _losses(tmp_path, [*PROTOTYPE, "train.compile=default", "train.compile_scope=blocks"], "blocks")
+    assert "train.compile_scope=model" in caught.value.hint
+
+
+def test_compile_regions_of_tiny_sdfsmis(monkeypatch):
+    """SD-FSMIS compiles its ResNet blocks and its transformer blocks' feed-forward parts, none
+    of which sees the support bank; the transformer blocks, which look their bank entry up by
+    their own layer name, would each compile on their own. Blocks of one class and shape
+    share one compiled graph."""
+    from diffusers.models.attention import FeedForward
+    from diffusers.models.resnet import ResnetBlock2D
+
+    method = build_method(compose(TINY_SD))
+    regions = method.compile_regions()
+    kinds = (FeedForward, ResnetBlock2D)
+    assert {id(m) for m in regions} == {id(m) for m in method.modules() if isinstance(m, kinds)}
+    assert sum(isinstance(m, ResnetBlock2D) for m in regions) == 14 and len(regions) == 24
+    assert not any(type(inner).__name__ in ("Attention", "SupportCrossAttentionBlock")
+                   for m in regions for inner in m.modules())
+    monkeypatch.setattr(step_module, "COMPILE_BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    counters.clear()
+    compile_method(method, "default", "blocks")
+    size = 32
+    batch = EpisodeBatch(torch.rand(1, 1, 1, size, size) * 2 - 1, (torch.rand(1, 1, 1, size, size) > 0.5).float(),
+                         torch.rand(1, 1, size, size) * 2 - 1, (torch.rand(1, 1, size, size) > 0.5).float())
+    method(batch).backward()
+    graphs = counters["stats"]["unique_graphs"]
+    assert 0 < graphs < len(regions), graphs  # shared, not one per block
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("value", ["layers", "true"])
+def test_bad_compile_scope_fails_at_compose_time(value):
+    with pytest.raises(ConfigError, match="train.compile_scope"):
+        compose([*PROTOTYPE, f"train.compile_scope={value}"])
+    with pytest.raises(ConfigError, match="train.compile_scope"):
+        ComputeOptions.from_config(OmegaConf.create({"compile_scope": value}))
 
 
 def test_bf16_vae_stays_close_to_fp32(tmp_path):

@@ -455,3 +455,25 @@ def test_no_progress_silences_report_out(tmp_path, monkeypatch, capsys):
     write_report(tmp_path / "results", tmp_path / "out", dataset_loader=lambda name: dataset, n_boot=20,
                  include_published=False)
     assert not re.search(r"report:\s*\d+%", capsys.readouterr().err)
+
+
+def test_speed_switches_keep_earlier_run_identities():
+    """A compute switch added later, left at its default, leaves the hashes of earlier runs as
+    they were (their records and checkpoints stay found); set otherwise, it is hashed. The
+    recorded-inference switch replays the plain kernels and is never hashed."""
+    from omegaconf import OmegaConf
+
+    from fsmis_bench.records import config_hash, training_hash
+
+    cfg = compose(["method=sdfsmis", "backbone=tiny", "pretrained=false"])
+    earlier = OmegaConf.to_container(cfg)  # a config from before the switches existed
+    del earlier["train"]["compile_scope"], earlier["method"]["predict_cuda_graph"]
+    earlier = OmegaConf.create(earlier)
+    for digest in (config_hash, training_hash):
+        assert digest(cfg) == digest(earlier)
+        assert digest(compose(["method=sdfsmis", "backbone=tiny", "pretrained=false", "method.predict_cuda_graph=true"])) \
+            == digest(cfg)
+    blocks = compose(["method=sdfsmis", "backbone=tiny", "pretrained=false", "train.compile=default",
+                      "train.compile_scope=blocks"])
+    model = compose(["method=sdfsmis", "backbone=tiny", "pretrained=false", "train.compile=default"])
+    assert training_hash(blocks) != training_hash(model) and config_hash(blocks) != config_hash(model)

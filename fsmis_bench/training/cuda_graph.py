@@ -43,6 +43,7 @@ import torch
 
 from ..errors import ConfigError
 from ..method import EpisodeBatch
+from ..recorded import CudaGraph
 from .step import ComputeOptions, TrainStep
 
 #: eager steps before recording (PyTorch's whole-network capture example uses 3)
@@ -51,34 +52,8 @@ WARMUP_STEPS = 3
 CAPTURABLE_OPTIMIZERS = ("adamw", "sgd")
 
 
-class CudaGraphRecorder:
-    """Records a callable on a CUDA graph and replays it (``torch.cuda.CUDAGraph``)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.graph = torch.cuda.CUDAGraph()
-        self.stream = torch.cuda.Stream(device)
-
-    @contextlib.contextmanager
-    def side_stream(self) -> Iterator[None]:
-        """The warm-up steps' stream (ordered after, and before, the current stream's work)."""
-        current = torch.cuda.current_stream()
-        self.stream.wait_stream(current)
-        with torch.cuda.stream(self.stream):
-            yield
-        current.wait_stream(self.stream)
-
-    def record(self, body: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """Record ``body`` (not run: :meth:`replay` runs it); returns its static output."""
-        # thread_local: the DataLoader's pinning thread may call CUDA meanwhile
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-            return body()
-
-    def replay(self) -> None:
-        self.graph.replay()
-
-
 class EagerRecorder:
-    """A stand-in for :class:`CudaGraphRecorder` where there is no CUDA (the CPU tests).
+    """A stand-in for :class:`~fsmis_bench.recorded.CudaGraph` where there is no CUDA (the CPU tests).
 
     Recording stores the body without running it. Each replay unsets the gradients (a
     graph's replay writes them afresh) and runs the body, writing its output into the
@@ -123,7 +98,7 @@ class GraphedTrainStep(TrainStep):
     def __init__(self, *args: Any, recorder: Callable[..., Any] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         device = self.accelerator.device
-        self.recorder = (recorder or (lambda dev, _unset: CudaGraphRecorder(dev)))(device, self._unset_gradients)
+        self.recorder = (recorder or (lambda dev, _unset: CudaGraph(dev)))(device, self._unset_gradients)
         self.graphed = False
         self.fell_back: str | None = None
         self._eager_steps = 0
@@ -205,8 +180,14 @@ class GraphedTrainStep(TrainStep):
 
 def uses_cuda_graph(options: ComputeOptions, device: torch.device, processes: int) -> bool:
     """Resolve ``train.cuda_graph`` for this run: ``auto`` is on for a single process on
-    CUDA with a capturable optimiser and no ``train.compile``; ``true`` where that does not
-    hold is a :class:`ConfigError`."""
+    CUDA with a capturable optimiser and a ``train.compile`` mode that records no CUDA graphs
+    itself; ``true`` where that does not hold is a :class:`ConfigError`.
+
+    ``train.compile=default`` and ``max-autotune-no-cudagraphs`` go with the graph: the
+    :data:`WARMUP_STEPS` eager steps run (and so compile) the compiled code, and the whole
+    step, its generated kernels included, is then recorded as one graph.
+    ``reduce-overhead`` and ``max-autotune`` record CUDA graphs of their own, which cannot be
+    recorded inside ours, so they exclude it."""
     reasons = []
     if device.type != "cuda":
         reasons.append("the step runs on the CPU (use device=cuda)")
@@ -214,8 +195,9 @@ def uses_cuda_graph(options: ComputeOptions, device: torch.device, processes: in
         reasons.append(f"{processes} processes train together (recording with DDP's collectives is not supported)")
     if options.optimizer not in CAPTURABLE_OPTIMIZERS:
         reasons.append(f"train.optimizer={options.optimizer} cannot be recorded (use adamw or sgd)")
-    if options.compile is not None:
-        reasons.append("train.compile is on (its reduce-overhead mode records graphs itself)")
+    if options.compile in ("reduce-overhead", "max-autotune"):  # inductor records CUDA graphs in these
+        reasons.append(f"train.compile={options.compile} records CUDA graphs itself "
+                       "(use train.compile=default or max-autotune-no-cudagraphs with the graph)")
     if options.cuda_graph == "auto":
         return not reasons
     if options.cuda_graph and reasons:

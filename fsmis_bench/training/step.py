@@ -9,6 +9,10 @@ Compute switches, each off in the plain path and tested against it (tests/test_e
 * ``train.compile``: ``torch.compile`` of the method's training forward (``false`` |
   ``default`` | ``reduce-overhead`` (CUDA graphs) | ``max-autotune-no-cudagraphs`` |
   ``max-autotune``); shapes are static, so it compiles once.
+* ``train.compile_scope``: what ``train.compile`` compiles (:func:`compile_method`):
+  ``model`` (the whole training forward) or ``blocks`` (regional compilation: each repeated
+  block of :meth:`~fsmis_bench.method.Method.compile_regions` on its own, so that identical
+  blocks share compiled graphs and compilation takes a few blocks' time).
 * ``train.channels_last``: NHWC memory format for the method's 4-D weights.
 * ``train.weight_dtype``: ``bfloat16`` stores the weights in bf16 with fp32 master copies
   in the optimiser (``mixed_precision=bf16`` autocast around them); see :mod:`.optim`.
@@ -32,7 +36,11 @@ from ..errors import ConfigError, FsmisError
 from ..method import EpisodeBatch, Method
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
+#: ``train.compile_scope``: the whole method, or its repeated blocks one by one
+COMPILE_SCOPES = ("model", "blocks")
 ACCUMULATION = ("sequential", "batched")
+#: compiled variants allowed per region under ``compile_scope=blocks`` (dynamo's default per object)
+REGION_RECOMPILES = 8
 #: torch.compile backend; the CPU tests swap in ``aot_eager`` (same graph capture, no codegen)
 COMPILE_BACKEND = "inductor"
 
@@ -46,6 +54,7 @@ class ComputeOptions:
     """The compute switches of ``cfg.train`` (defaults: the plain path)."""
 
     compile: str | None = None
+    compile_scope: str = "model"  # "model" | "blocks" (see compile_method)
     channels_last: bool = False
     weight_dtype: str = "float32"
     optimizer: str = "adamw"
@@ -60,11 +69,15 @@ class ComputeOptions:
         mode = None if mode in (False, None, "false", "none", "off") else str(mode)
         if mode is not None and mode not in COMPILE_MODES:
             raise ConfigError(f"train.compile={mode!r} is unknown", hint=f"use false or one of {', '.join(COMPILE_MODES)}")
+        scope = str(get("compile_scope", "model"))
+        if scope not in COMPILE_SCOPES:
+            raise ConfigError(f"train.compile_scope={scope!r} is unknown", hint=f"use one of {', '.join(COMPILE_SCOPES)}")
         accumulation = str(get("accumulation", "sequential"))
         if accumulation not in ACCUMULATION:
             raise ConfigError(f"train.accumulation={accumulation!r} is unknown", hint="use sequential or batched")
         return cls(
             compile=mode,
+            compile_scope=scope,
             channels_last=bool(get("channels_last", False)),
             weight_dtype=str(get("weight_dtype", "float32")),
             optimizer=str(get("optimizer", "adamw")),
@@ -99,8 +112,54 @@ def prepare_method(method: Method, options: ComputeOptions, mixed_precision: str
             if param.requires_grad:
                 param.data = param.data.to(torch.bfloat16)
     if options.compile is not None:
-        method.compile(mode=options.compile, backend=COMPILE_BACKEND, dynamic=False)
+        compile_method(method, options.compile, options.compile_scope)
     return method
+
+
+def compile_method(method: Method, mode: str, scope: str = "model") -> list[torch.nn.Module]:
+    """``torch.compile`` (``nn.Module.compile``: in place, static shapes) at ``train.compile_scope``.
+
+    * ``model``: the whole method, i.e. its ``forward`` (the training loss); ``predict``
+      stays eager.
+    * ``blocks``: each module of ``method.compile_regions()`` on its own. Blocks of one class
+      run the same code, so they share compiled graphs (one per shape, grad mode and pass),
+      and compilation takes a few blocks' time instead of the whole network's. A block that
+      specialises on its own attributes compiles its own graph, which is why SD-FSMIS leaves
+      out its transformer blocks (they look their support-bank entry up by layer name). The
+      code between the blocks runs eagerly, and the regions stay compiled for evaluation too.
+      ``train.compile`` off: nothing is compiled, whatever the scope.
+
+    Like ``train.compile``, ``blocks`` is part of the run's hash: it changes the generated
+    kernels, hence the rounding, not the model. ``model``, the value every earlier run had,
+    is left out of the hash, so earlier records keep their identity (records.py).
+
+    Returns:
+        the compiled modules (``[method]`` for ``model``).
+    Raises:
+        ConfigError: ``blocks`` on a method without regions.
+    """
+    if scope == "model":
+        method.compile(mode=mode, backend=COMPILE_BACKEND, dynamic=False)
+        return [method]
+    if scope != "blocks":
+        raise ConfigError(f"train.compile_scope={scope!r} is unknown", hint=f"use one of {', '.join(COMPILE_SCOPES)}")
+    regions = method.compile_regions()
+    if not regions:
+        method_cfg = getattr(method, "cfg", None)
+        name = method_cfg.method.get("name") if isinstance(method_cfg, DictConfig) and "method" in method_cfg else None
+        raise ConfigError(
+            f"train.compile_scope=blocks: method {name or type(method).__name__} has no repeated blocks to compile",
+            hint="use train.compile_scope=model (the whole training forward)",
+        )
+    # Each compiled variant (shape, grad mode) is one cache entry of its class's forward,
+    # shared by all blocks of that class; past dynamo's limit (8 per code object) a block
+    # would run eagerly from then on, silently. Allow 8 per region instead.
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, min(REGION_RECOMPILES * len(regions),
+                                                              config.accumulated_recompile_limit))
+    for region in regions:
+        region.compile(mode=mode, backend=COMPILE_BACKEND, dynamic=False)
+    return regions
 
 
 class TrainStep:
