@@ -155,8 +155,10 @@ def compile_method(method: Method, mode: str, scope: str = "model") -> list[torc
     # shared by all blocks of that class; past dynamo's limit (8 per code object) a block
     # would run eagerly from then on, silently. Allow 8 per region instead.
     config = torch._dynamo.config
-    config.recompile_limit = max(config.recompile_limit, min(REGION_RECOMPILES * len(regions),
-                                                              config.accumulated_recompile_limit))
+    # torch < 2.6 names them cache_size_limit / accumulated_cache_size_limit
+    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    ceiling = getattr(config, "accumulated_recompile_limit", getattr(config, "accumulated_cache_size_limit", 256))
+    setattr(config, limit, max(getattr(config, limit), min(REGION_RECOMPILES * len(regions), ceiling)))
     for region in regions:
         region.compile(mode=mode, backend=COMPILE_BACKEND, dynamic=False)
     return regions
