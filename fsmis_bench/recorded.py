@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
@@ -148,6 +149,8 @@ class RecordedCall:
     def __init__(self, fn: Callable[..., Any]) -> None:
         self.fn = fn
         self._recordings: dict[tuple, _Recording] = {}
+        #: why recording failed (then ``fn`` runs as it is from then on), else None
+        self.fell_back: str | None = None
 
     @property
     def recordings(self) -> int:
@@ -157,10 +160,19 @@ class RecordedCall:
         key = _signature(inputs)
         recording = self._recordings.get(key)
         if recording is None:
-            recorder = make_recorder(inputs[0].device)
+            recorder = None if self.fell_back else make_recorder(inputs[0].device)
             if recorder is None:
                 return self.fn(*inputs)
-            recording = self._recordings[key] = self._record(recorder, inputs)
+            try:
+                recording = self._recordings[key] = self._record(recorder, inputs)
+            except Exception as exc:  # something in fn waits for the host, or cannot be recorded
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                self.fell_back = f"{type(exc).__name__}: {first}"
+                warnings.warn(f"this work cannot be recorded as a CUDA graph ({self.fell_back}); it runs "
+                              "without the graph from now on, with the same numbers", RuntimeWarning, stacklevel=2)
+                if inputs[0].is_cuda:
+                    torch.cuda.synchronize()
+                return self.fn(*inputs)
         for static, value in zip(recording.inputs, inputs, strict=True):
             static.copy_(value)
         recording.recorder.replay()

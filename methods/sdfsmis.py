@@ -708,10 +708,13 @@ class SDFSMIS(Method):
         chunk_size = self.options.predict_batch_size
         recording = self.options.predict_cuda_graph and recorded.can_record(query_images.device)
         if recording:
-            support = self._recorded_call("support", self.encode_support)(support_images[None], support_masks[None])
-            decoded_chunk = self._recorded_call(("query", id(support)), lambda chunk: self.decoded_chunk(chunk, support))
+            support_side = self._recorded_call("support", self.encode_support)
+            support = support_side(support_images[None], support_masks[None])
+            recording = support_side.fell_back is None  # else a fresh support each call: nothing to record against
         else:
             support = self.encode_support(support_images[None], support_masks[None])
+        if recording:
+            decoded_chunk = self._recorded_call(("query", id(support)), lambda chunk: self.decoded_chunk(chunk, support))
         decoded = []
         for chunk in query_images.split(chunk_size):
             if recording:

@@ -679,3 +679,23 @@ def test_tiny_sdfsmis_overfits_a_real_chaos_episode_with_each_objective(objectiv
     print(f"overfit {objective}: {steps} steps, {time.perf_counter() - start:.1f} s, "
           f"loss {first_loss:.3f} -> {float(loss.detach()):.3f}, Dice {best:.4f}")
     assert best > 0.9, f"{objective}: Dice {best:.3f} after {steps} steps"
+
+
+def test_recorded_predict_falls_back_with_one_warning(monkeypatch):
+    """Where the support side cannot be recorded (CUDA refuses work that waits for the host),
+    inference warns once and runs as the plain path, keeping nothing per call."""
+    from fsmis_bench import recorded
+
+    class Refuses(recorded.EagerReplay):
+        def record(self, body):
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    model = build(SDFSMIS, {"predict_batch_size": 3, "predict_cuda_graph": True}).eval()
+    monkeypatch.setattr(recorded, "STAND_IN", Refuses)
+    support_images, support_masks, queries = images(1, 1), blob_masks(1, seed=1), images(4, 2)
+    with pytest.warns(RuntimeWarning, match="cannot be recorded as a CUDA graph"):
+        first = model.predict(support_images, support_masks, queries)
+    assert torch.equal(first, model.predict_uncached(support_images, support_masks, queries))
+    model.predict(support_images, support_masks, queries)  # no second warning, no new recording
+    (support_side,) = model._recordings.values()
+    assert support_side.fell_back.startswith("RuntimeError: operation not permitted")
