@@ -15,7 +15,8 @@ them, so a caller copies what it keeps. A second recorded call may read the firs
 static outputs (the query pass reads the support pass's K/V bank): its graph reads their
 memory, which each replay of the first one rewrites in place.
 
-Where the inputs are not on CUDA the function runs as it is (:func:`can_record` is False).
+Where recording fails (something in ``fn`` waits for the host), ``fn`` runs as it is from
+then on, after one warning. Where the inputs are not on CUDA the function runs as it is (:func:`can_record` is False).
 The CPU tests set :data:`STAND_IN` to :class:`EagerReplay`, which keeps the same static
 inputs and outputs but re-runs ``fn`` instead of a graph.
 """
