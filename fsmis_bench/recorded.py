@@ -140,6 +140,9 @@ class _Recording:
 class RecordedCall:
     """``fn(*inputs)``, recorded as a CUDA graph per input signature and replayed.
 
+    A recording reads every other tensor it uses (the weights) at its address: update them
+    in place (an optimiser step, ``load_state_dict``), never by assigning ``param.data``.
+
     Args:
         fn: a function of tensors whose work depends only on their values (no host reads
             of device values, no data-dependent shapes) and whose result is made of tensors.
