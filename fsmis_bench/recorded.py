@@ -146,12 +146,14 @@ class RecordedCall:
     Args:
         fn: a function of tensors whose work depends only on their values (no host reads
             of device values, no data-dependent shapes) and whose result is made of tensors.
+        name: what ``fn`` is, for the warning where it cannot be recorded.
     Attributes:
         recordings: how many input signatures have been recorded.
     """
 
-    def __init__(self, fn: Callable[..., Any]) -> None:
+    def __init__(self, fn: Callable[..., Any], name: str = "this work") -> None:
         self.fn = fn
+        self.name = name
         self._recordings: dict[tuple, _Recording] = {}
         #: why recording failed (then ``fn`` runs as it is from then on), else None
         self.fell_back: str | None = None
@@ -172,7 +174,7 @@ class RecordedCall:
             except Exception as exc:  # something in fn waits for the host, or cannot be recorded
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
                 self.fell_back = f"{type(exc).__name__}: {first}"
-                warnings.warn(f"this work cannot be recorded as a CUDA graph ({self.fell_back}); it runs "
+                warnings.warn(f"{self.name} cannot be recorded as a CUDA graph ({self.fell_back}); it runs "
                               "without the graph from now on, with the same numbers", RuntimeWarning, stacklevel=2)
                 if inputs[0].is_cuda:
                     torch.cuda.synchronize()

@@ -708,13 +708,15 @@ class SDFSMIS(Method):
         chunk_size = self.options.predict_batch_size
         recording = self.options.predict_cuda_graph and recorded.can_record(query_images.device)
         if recording:
-            support_side = self._recorded_call("support", self.encode_support)
+            support_side = self._recorded_call("support", self.encode_support,
+                                               "method.predict_cuda_graph: the support pass")
             support = support_side(support_images[None], support_masks[None])
             recording = support_side.fell_back is None  # else a fresh support each call: nothing to record against
         else:
             support = self.encode_support(support_images[None], support_masks[None])
         if recording:
-            decoded_chunk = self._recorded_call(("query", id(support)), lambda chunk: self.decoded_chunk(chunk, support))
+            decoded_chunk = self._recorded_call(("query", id(support)), lambda chunk: self.decoded_chunk(chunk, support),
+                                                "method.predict_cuda_graph: a query chunk")
         decoded = []
         for chunk in query_images.split(chunk_size):
             if recording:
@@ -724,11 +726,11 @@ class SDFSMIS(Method):
                 decoded.append(self.decoded_chunk(chunk, support))
         return self.masks_from_decoded(torch.cat(decoded))
 
-    def _recorded_call(self, key: Any, fn: Any) -> recorded.RecordedCall:
+    def _recorded_call(self, key: Any, fn: Any, name: str) -> recorded.RecordedCall:
         # The query side is recorded once per recorded support (one per support shape): its
         # graph reads that support's static tensors, which each support replay rewrites.
         if key not in self._recordings:
-            self._recordings[key] = recorded.RecordedCall(fn)
+            self._recordings[key] = recorded.RecordedCall(fn, name)
         return self._recordings[key]
 
 

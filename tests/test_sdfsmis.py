@@ -693,7 +693,7 @@ def test_recorded_predict_falls_back_with_one_warning(monkeypatch):
     model = build(SDFSMIS, {"predict_batch_size": 3, "predict_cuda_graph": True}).eval()
     monkeypatch.setattr(recorded, "STAND_IN", Refuses)
     support_images, support_masks, queries = images(1, 1), blob_masks(1, seed=1), images(4, 2)
-    with pytest.warns(RuntimeWarning, match="cannot be recorded as a CUDA graph"):
+    with pytest.warns(RuntimeWarning, match="method.predict_cuda_graph: the support pass cannot be recorded as a CUDA graph"):
         first = model.predict(support_images, support_masks, queries)
     assert torch.equal(first, model.predict_uncached(support_images, support_masks, queries))
     model.predict(support_images, support_masks, queries)  # no second warning, no new recording
