@@ -16,9 +16,9 @@ static outputs (the query pass reads the support pass's K/V bank): its graph rea
 memory, which each replay of the first one rewrites in place.
 
 Where recording fails (something in ``fn`` waits for the host), ``fn`` runs as it is from
-then on, after one warning. Where the inputs are not on CUDA the function runs as it is (:func:`can_record` is False).
-The CPU tests set :data:`STAND_IN` to :class:`EagerReplay`, which keeps the same static
-inputs and outputs but re-runs ``fn`` instead of a graph.
+then on, after one warning. Where the inputs are not on CUDA, ``fn`` runs as it is
+(:func:`can_record` is False). The CPU tests set :data:`STAND_IN` to :class:`EagerReplay`,
+which keeps the same static inputs and outputs but re-runs ``fn`` instead of a graph.
 """
 
 from __future__ import annotations
@@ -75,7 +75,6 @@ class EagerReplay:
     def __init__(self, device: torch.device | None = None) -> None:
         self.body: Callable[[], Any] | None = None
         self.output: Any = None
-        self.replays = 0
 
     @contextlib.contextmanager
     def side_stream(self) -> Iterator[None]:
@@ -88,7 +87,6 @@ class EagerReplay:
 
     def replay(self) -> None:
         assert self.body is not None
-        self.replays += 1
         for static, fresh in zip(tensor_leaves(self.output), tensor_leaves(self.body()), strict=True):
             static.copy_(fresh)
 
@@ -124,6 +122,12 @@ def make_recorder(device: torch.device) -> Recorder | None:
     if device.type == "cuda":
         return CudaGraph(device)
     return STAND_IN(device) if STAND_IN is not None else None
+
+
+def failure_reason(exc: BaseException) -> str:
+    """``"Type: first line"`` of why a recording failed, for a warning and the run record."""
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return f"{type(exc).__name__}: {first}"
 
 
 def _signature(inputs: tuple[torch.Tensor, ...]) -> tuple:
@@ -172,8 +176,7 @@ class RecordedCall:
             try:
                 recording = self._recordings[key] = self._record(recorder, inputs)
             except Exception as exc:  # something in fn waits for the host, or cannot be recorded
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                self.fell_back = f"{type(exc).__name__}: {first}"
+                self.fell_back = failure_reason(exc)
                 warnings.warn(f"{self.name} cannot be recorded as a CUDA graph ({self.fell_back}); it runs "
                               "without the graph from now on, with the same numbers", RuntimeWarning, stacklevel=2)
                 if inputs[0].is_cuda:
@@ -202,5 +205,5 @@ def pad_to(batch: torch.Tensor, size: int) -> torch.Tensor:
     return torch.cat([batch, batch[-1:].expand(missing, *batch.shape[1:])])
 
 
-__all__ = ["STAND_IN", "WARMUP_CALLS", "CudaGraph", "EagerReplay", "RecordedCall", "can_record", "make_recorder", "pad_to",
-           "tensor_leaves"]
+__all__ = ["STAND_IN", "WARMUP_CALLS", "CudaGraph", "EagerReplay", "RecordedCall", "can_record", "failure_reason",
+           "make_recorder", "pad_to", "tensor_leaves"]

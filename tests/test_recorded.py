@@ -48,8 +48,10 @@ def test_the_inputs_are_copied_not_kept(stand_in):
     call = recorded.RecordedCall(lambda x: x * 1)
     value = torch.ones(2)
     call(value)
-    value.fill_(5.0)  # the caller reusing its buffer cannot change the recording's input
     assert torch.equal(call(torch.zeros(2)), torch.zeros(2))
+    assert torch.equal(value, torch.ones(2))  # the next call's input went into a static copy, not here
+    value.fill_(5.0)  # the caller reusing its buffer cannot change the recording's input
+    assert torch.equal(call(torch.full((2,), 3.0)), torch.full((2,), 3.0))
 
 
 def test_without_cuda_or_a_stand_in_the_function_runs_as_it_is():

@@ -43,7 +43,7 @@ import torch
 
 from ..errors import ConfigError
 from ..method import EpisodeBatch
-from ..recorded import CudaGraph
+from ..recorded import CudaGraph, failure_reason
 from .step import ComputeOptions, TrainStep
 
 #: eager steps before recording (PyTorch's whole-network capture example uses 3)
@@ -155,8 +155,7 @@ class GraphedTrainStep(TrainStep):
         except Exception as exc:  # a sync or an unsupported operation inside the step
             self._unset_gradients()
             self._make_plain()
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            self.fell_back = f"{type(exc).__name__}: {first}"
+            self.fell_back = failure_reason(exc)
             warnings.warn(f"train.cuda_graph: this method's training step cannot be recorded as a CUDA graph "
                           f"({self.fell_back}); training goes on without the graph, with the same numbers",
                           RuntimeWarning, stacklevel=2)
