@@ -27,6 +27,9 @@ weights are restored before each), in this order:
   U-Net block compiled: fused GroupNorm/SiLU/elementwise kernels) inside the recorded step,
   compared with the eager variant of the same name without ``_blocks``; the compilation
   falls in the warm-up steps (``first_step_s``);
+* ``*_joint``: + ``method.joint_pass=true`` (support and query through the U-Net as one
+  batch), compared with the eager variant without ``_joint`` and, as
+  ``speedup_vs_two_pass``, with the same variant's two-pass form;
 * ``tf32_fused_batch4``: 4 episodes per step (``train.batch_size=4``; ``episodes_per_s``);
 * ``bf16_autocast``: bf16 autocast over fp32 weights, fused AdamW; ``bf16_autocast_repeat``:
   again, for bf16's own eager-vs-eager drift;
@@ -44,7 +47,7 @@ per step (``kernel_ms_per_step``: the floor for a replayed graph) and the top ke
 inference per query slice (``Method.predict``, support cached) in several variants with a
 breakdown of where the time goes (``*_graph``: ``method.predict_cuda_graph``, the support
 side and the query chunk recorded and replayed), and the tiny backbone's steps/s through
-the same path (eager, eager again, graphed, compiled blocks + graphed). Variants that would overrun ``--budget-s`` are skipped and
+the same path (eager, eager again, graphed, joint pass + graphed, compiled blocks + graphed). Variants that would overrun ``--budget-s`` are skipped and
 say so; a variant that fails records its error and the others still run.
 """
 
@@ -357,16 +360,27 @@ def main(argv: list[str] | None = None) -> int:
                 return None
         _log(f"{name}: {' '.join(overrides)} mixed_precision={mixed} tf32={tf32}")
         _set_tf32(tf32 and cuda)
+        target_model = model if model is not None else method
+        # a variant's method.* options (e.g. method.joint_pass), applied to the shared model
+        built_options = target_model.options if any(o.startswith("method.") for o in overrides) else None
         try:
             cfg = _config([*(config or base), *overrides])
-            out = engine_steps(model if model is not None else method, cfg, device, warmup=args.warmup,
+            if built_options is not None:
+                target_model.options = type(target_model).resolve_options(cfg.method, target_model.fidelity)
+            out = engine_steps(target_model, cfg, device, warmup=args.warmup,
                                steps=steps, workers=workers, mixed_precision=mixed,
                                profile_steps=args.profile if not name.endswith("_graph") else 0)
+            joint_pass = getattr(getattr(target_model, "options", None), "joint_pass", None)
+            if joint_pass is not None:
+                out["joint_pass"] = joint_pass
         except Exception as exc:  # record and go on: one variant must not cost the others
             result["skipped"][name] = f"error: {type(exc).__name__}: {str(exc)[:300]}"
             _log(f"{name}: failed: {exc!r}")
             _reset_memory(device)
             return None
+        finally:
+            if built_options is not None:
+                target_model.options = built_options
         out["tf32"] = bool(tf32 and cuda)
         out["mixed_precision"] = mixed
         per_step_guess[0] = out["median_s"]
@@ -400,19 +414,23 @@ def main(argv: list[str] | None = None) -> int:
         if out is not None:
             if model is not method:
                 out["steps_per_s"] = round(1 / out["throughput_s"], 1)
-            base_name = name.removesuffix("_graph").removesuffix("_repeat").replace("_blocks", "")
+            base_name = name.removesuffix("_graph").removesuffix("_repeat").replace("_blocks", "").replace("_joint", "")
             base_name = "tiny_eager" if base_name == "tiny" else base_name
             eager = target.get(base_name) if base_name != name else None
             if eager is not None:  # the same weights and batches: recorded (or eager again) vs eager
                 pairs = list(zip(eager["losses"], out["losses"]))
                 out["loss_max_rel_diff_vs_eager"] = max(abs(a - b) / max(abs(a), 1e-12) for a, b in pairs)
                 out["speedup_vs_eager"] = round(eager["median_s"] / out["median_s"], 2)
+            two_pass = target.get(name.replace("_joint", "")) if "_joint" in name else None
+            if two_pass is not None:
+                out["speedup_vs_two_pass"] = round(two_pass["median_s"] / out["median_s"], 2)
             target[name] = out
         flush()
 
     graph = "train.cuda_graph=true"
     fused = "train.fused_optimizer=true"
     blocks = ["train.compile=default", "train.compile_scope=blocks"]
+    joint = "method.joint_pass=true"
     train = result["train"]
     for name, overrides, mixed, tf32 in [
         ("fp32", ["train.fused_optimizer=false"], "no", False),
@@ -430,6 +448,10 @@ def main(argv: list[str] | None = None) -> int:
         ("tf32_fused_nhwc_graph", [fused, "train.channels_last=true", graph], "no", True),
         ("bf16_autocast_nhwc", [fused, "train.channels_last=true"], "bf16", True),
         ("bf16_autocast_nhwc_graph", [fused, "train.channels_last=true", graph], "bf16", True),
+        # support and query rows as one U-Net batch: half the kernels, weights read once
+        ("tf32_fused_joint", [fused, joint], "no", True),
+        ("tf32_fused_joint_graph", [fused, joint, graph], "no", True),
+        ("bf16_autocast_nhwc_joint_graph", [fused, "train.channels_last=true", joint, graph], "bf16", True),
         # compiled blocks (fused GroupNorm/SiLU/elementwise kernels) inside the recorded step;
         # compared with the eager variant without `_blocks`
         ("tf32_fused_blocks_graph", [fused, *blocks, graph], "no", True),
@@ -462,9 +484,10 @@ def main(argv: list[str] | None = None) -> int:
 
     # tiny backbone through the same path
     tiny_base = [s.replace(f"backbone={backbone}", "backbone=tiny") for s in base]
-    tiny = _build(tiny_base, device) if selected("tiny_eager", "tiny_eager_repeat", "tiny_graph", "tiny_blocks_graph") else None
-    for name, overrides in [("tiny_eager", [fused]), ("tiny_eager_repeat", [fused]), ("tiny_graph", [fused, graph]),
-                            ("tiny_blocks_graph", [fused, *blocks, graph])]:
+    tiny_names = {"tiny_eager": [fused], "tiny_eager_repeat": [fused], "tiny_graph": [fused, graph],
+                  "tiny_joint_graph": [fused, joint, graph], "tiny_blocks_graph": [fused, *blocks, graph]}
+    tiny = _build(tiny_base, device) if selected(*tiny_names) else None
+    for name, overrides in tiny_names.items():
         measure(name, overrides, "no", True, result["tiny"], model=tiny, config=tiny_base, steps=args.tiny_steps,
                 extra_s=args.compile_budget_s if "_blocks" in name else 0.0)
 

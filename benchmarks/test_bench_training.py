@@ -7,7 +7,8 @@ same load:
   encoded once (``training_loss``);
 * tiny SD-FSMIS (``backbone=tiny``, TAESD architecture with random weights, 256 px, one
   episode per step): fp32 VAE, contiguous tensors vs ``method.vae_dtype=bfloat16`` +
-  ``train.channels_last=true``.
+  ``train.channels_last=true``, and that with ``method.joint_pass=true`` (support and query
+  through the U-Net as one batch).
 
     make bench     # or: .venv/bin/python -m pytest benchmarks/test_bench_training.py --benchmark-only -p no:xdist
 
@@ -35,6 +36,11 @@ VARIANTS = {
     "sdfsmis_tiny-plain": (["method=sdfsmis", "backbone=tiny", "pretrained=false"], "training_loss"),
     "sdfsmis_tiny-now": (
         ["method=sdfsmis", "backbone=tiny", "pretrained=false", "method.vae_dtype=bfloat16", "train.channels_last=true"],
+        "training_loss",
+    ),
+    "sdfsmis_tiny-joint": (
+        ["method=sdfsmis", "backbone=tiny", "pretrained=false", "method.vae_dtype=bfloat16", "train.channels_last=true",
+         "method.joint_pass=true"],
         "training_loss",
     ),
 }
@@ -91,7 +97,7 @@ def test_prototype_step(benchmark, name):
 
 
 @pytest.mark.benchmark(group="training-step-sdfsmis-tiny")
-@pytest.mark.parametrize("name", ["sdfsmis_tiny-plain", "sdfsmis_tiny-now"])
+@pytest.mark.parametrize("name", ["sdfsmis_tiny-plain", "sdfsmis_tiny-now", "sdfsmis_tiny-joint"])
 def test_sdfsmis_tiny_step(benchmark, name):
     run = _engine_step(name)
     loss = benchmark.pedantic(run, rounds=4, warmup_rounds=1)

@@ -26,6 +26,13 @@ block computes and training grows the support pathway from there (ControlNet-sty
 The pass mode travels in ``cross_attention_kwargs`` (``bank``, ``bank_mode``, ``shots``),
 not in module state, so that gradient checkpointing, which re-runs a block during the
 backward pass with the original arguments, recomputes the same pass.
+
+A third mode, ``joint``, runs both passes as one U-Net batch: rows ``[support ; query]``,
+``B * S`` support rows then ``B`` query rows. Nothing in a U-Net mixes rows except the
+support attention, and a support row never reads a query row, so each block hands the
+query rows what the write pass would have stored, from the support rows of the same batch.
+The result is the two-pass result up to float rounding, with half the kernel launches and
+weights read once (a training step on a GPU is bound by both at SD's 32 x 32 latents).
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import nn
 
 SupportAttentionForm = Literal["kv_concat", "cross_attention"]
-BankMode = Literal["off", "write", "read"]
+BankMode = Literal["off", "write", "read", "joint"]
 SUPPORT_ATTENTION_FORMS: tuple[str, ...] = ("kv_concat", "cross_attention")
 
 
@@ -63,13 +70,7 @@ class AttentionBank:
 
     def put(self, name: str, tensors: tuple[torch.Tensor, ...], shots: int) -> None:
         """Store ``(B * S, N, C)`` tensors of a write pass as ``(B, S * N, C)``."""
-        stored = []
-        for tensor in tensors:
-            total, tokens, channels = tensor.shape
-            if total % shots:
-                raise ValueError(f"support batch {total} is not a multiple of shots={shots}")
-            stored.append(tensor.reshape(total // shots, shots * tokens, channels))
-        self.entries[name] = tuple(stored)
+        self.entries[name] = tuple(as_episodes(tensor, shots) for tensor in tensors)
 
     def get(self, name: str, batch: int | None) -> tuple[torch.Tensor, ...]:
         """The entries of layer ``name`` for a read pass of batch ``batch``: ``(batch, S*N, C)``
@@ -95,8 +96,23 @@ class AttentionBank:
 
 
 def bank_kwargs(bank: AttentionBank | None, mode: BankMode, shots: int = 1) -> dict:
-    """The ``cross_attention_kwargs`` that select a pass."""
+    """The ``cross_attention_kwargs`` that select a pass (``joint``: no bank)."""
     return {"bank": bank, "bank_mode": mode, "shots": shots}
+
+
+def support_rows(rows: int, shots: int) -> int:
+    """How many of a ``joint`` batch's ``rows`` (``B * S`` support + ``B`` query) are support rows."""
+    if rows % (shots + 1):
+        raise ValueError(f"joint batch of {rows} rows is not B * ({shots} shots + 1 query)")
+    return rows // (shots + 1) * shots
+
+
+def as_episodes(tokens: torch.Tensor, shots: int) -> torch.Tensor:
+    """``(B * S, N, C)`` support tokens -> ``(B, S * N, C)``: the shots side by side, as stored."""
+    total, count, channels = tokens.shape
+    if total % shots:
+        raise ValueError(f"support batch {total} is not a multiple of shots={shots}")
+    return tokens.reshape(total // shots, shots * count, channels)
 
 
 class PlainAttnProcessor(AttnProcessor2_0):
@@ -116,13 +132,13 @@ class PlainAttnProcessor(AttnProcessor2_0):
         return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
 
 
-def multi_head_attention(attn: Attention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """SDPA with ``attn``'s heads and output projection on projected tokens.
+def attend_heads(attn: Attention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """SDPA with ``attn``'s heads on projected tokens, before the output projection.
 
     Args:
         query: ``(B, N, D)``; key, value: ``(B, M, D)`` or ``(1, M, D)`` (broadcast to ``B``).
     Returns:
-        ``(B, N, C)`` (before any residual).
+        ``(B, N, D)``.
     """
     batch, tokens, _ = query.shape
     head_dim = query.shape[-1] // attn.heads
@@ -139,8 +155,13 @@ def multi_head_attention(attn: Attention, query: torch.Tensor, key: torch.Tensor
     if attn.norm_k is not None:
         key = attn.norm_k(key)
     out = F.scaled_dot_product_attention(query, key, value)
-    out = out.transpose(1, 2).reshape(batch, tokens, attn.heads * head_dim).to(query.dtype)
-    return attn.to_out[1](attn.to_out[0](out))
+    return out.transpose(1, 2).reshape(batch, tokens, attn.heads * head_dim).to(query.dtype)
+
+
+def multi_head_attention(attn: Attention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """:func:`attend_heads` then ``attn``'s output projection: ``(B, N, D)`` -> ``(B, N, C)``
+    (before any residual)."""
+    return attn.to_out[1](attn.to_out[0](attend_heads(attn, query, key, value)))
 
 
 class KVBankSelfAttnProcessor:
@@ -172,13 +193,26 @@ class KVBankSelfAttnProcessor:
         query = attn.to_q(hidden_states)
         key = attn.to_k(hidden_states)
         value = attn.to_v(hidden_states)
-        if bank is not None and bank_mode == "write":
-            bank.put(self.name, (key, value), shots)
-        elif bank is not None and bank_mode == "read":
-            support_key, support_value = bank.get(self.name, hidden_states.shape[0])
-            key = torch.cat([key, support_key.to(key.dtype)], dim=1)
-            value = torch.cat([value, support_value.to(value.dtype)], dim=1)
-        out = multi_head_attention(attn, query, key, value)
+        if bank_mode == "joint":
+            # support rows attend to themselves (the write pass), query rows to
+            # [own ; their episode's support] (the read pass); one output projection for both
+            n = support_rows(hidden_states.shape[0], shots)
+            support_key, support_value = key[:n], value[:n]
+            query_key = torch.cat([key[n:], as_episodes(support_key, shots)], dim=1)
+            query_value = torch.cat([value[n:], as_episodes(support_value, shots)], dim=1)
+            heads = torch.cat([
+                attend_heads(attn, query[:n], support_key, support_value),
+                attend_heads(attn, query[n:], query_key, query_value),
+            ])
+            out = attn.to_out[1](attn.to_out[0](heads))
+        else:
+            if bank is not None and bank_mode == "write":
+                bank.put(self.name, (key, value), shots)
+            elif bank is not None and bank_mode == "read":
+                support_key, support_value = bank.get(self.name, hidden_states.shape[0])
+                key = torch.cat([key, support_key.to(key.dtype)], dim=1)
+                value = torch.cat([value, support_value.to(value.dtype)], dim=1)
+            out = multi_head_attention(attn, query, key, value)
         if attn.residual_connection:
             out = out + hidden_states
         return out / attn.rescale_output_factor
@@ -237,18 +271,15 @@ class SupportCrossAttentionBlock(BasicTransformerBlock):
         shots: int = kwargs.get("shots", 1)
 
         hidden_states = hidden_states + self.attn1(self.norm1(hidden_states), attention_mask=attention_mask, **kwargs)
-        if bank is not None and mode == "write":
+        if mode == "joint":
+            n = support_rows(hidden_states.shape[0], shots)
+            support_tokens = as_episodes(hidden_states[:n], shots)
+            hidden_states = torch.cat([hidden_states[:n], self.read_support(hidden_states[n:], support_tokens)])
+        elif bank is not None and mode == "write":
             bank.put(self.sii_name, (hidden_states,), shots)
         elif bank is not None and mode == "read":
-            # one support shared by many query slices: its keys/values are projected once
             (support_tokens,) = bank.get(self.sii_name, None)
-            support_tokens = self.sii_norm(support_tokens.to(hidden_states.dtype))
-            hidden_states = hidden_states + multi_head_attention(
-                self.sii_attn,
-                self.sii_attn.to_q(self.sii_norm(hidden_states)),
-                self.sii_attn.to_k(support_tokens),
-                self.sii_attn.to_v(support_tokens),
-            )
+            hidden_states = self.read_support(hidden_states, support_tokens)
         if self.attn2 is not None:
             hidden_states = hidden_states + self.attn2(
                 self.norm2(hidden_states),
@@ -257,6 +288,18 @@ class SupportCrossAttentionBlock(BasicTransformerBlock):
                 **kwargs,
             )
         return hidden_states + self.ff(self.norm3(hidden_states))
+
+    def read_support(self, query_tokens: torch.Tensor, support_tokens: torch.Tensor) -> torch.Tensor:
+        """SII: ``(B, N, C)`` query tokens + ``CAttn_s(LN_s h, LN_s z_s)`` over ``(B or 1, M, C)``
+        support tokens (batch 1: one support shared by many query slices, its keys and values
+        projected once)."""
+        support_tokens = self.sii_norm(support_tokens.to(query_tokens.dtype))
+        return query_tokens + multi_head_attention(
+            self.sii_attn,
+            self.sii_attn.to_q(self.sii_norm(query_tokens)),
+            self.sii_attn.to_k(support_tokens),
+            self.sii_attn.to_v(support_tokens),
+        )
 
 
 def transformer_blocks(unet: nn.Module) -> list[tuple[str, BasicTransformerBlock]]:

@@ -27,7 +27,7 @@ def test_cpu_smoke_mode_runs_every_variant(capsys, tmp_path):
     for key in ("check", "method", "device", "params", "trainable_params", "image_size", "batch_size", "versions"):
         assert key in result
     expected = {"fp32", "tf32", "tf32_fused", "tf32_fused_repeat", "tf32_fused_batch4", "lowmem", "bf16_autocast",
-                "bf16_autocast_repeat", "bf16_master", "tf32_fused_nhwc", "bf16_autocast_nhwc"}
+                "bf16_autocast_repeat", "bf16_master", "tf32_fused_nhwc", "bf16_autocast_nhwc", "tf32_fused_joint"}
     assert set(result["train"]) == expected, result["skipped"]
     for name, row in result["train"].items():
         assert row["loss_finite"] and row["median_s"] > 0 and row["n"] == 1, name
@@ -46,10 +46,31 @@ def test_cpu_smoke_mode_runs_every_variant(capsys, tmp_path):
     assert result["train"]["tf32_fused_repeat"]["loss_max_rel_diff_vs_eager"] == 0.0
     assert result["tiny"]["tiny_eager_repeat"]["loss_max_rel_diff_vs_eager"] == 0.0
     assert result["train"]["bf16_autocast_repeat"]["loss_max_rel_diff_vs_eager"] == 0.0
+    # the joint pass ran as such, on the shared model, and gave the two-pass losses
+    joint = result["train"]["tf32_fused_joint"]
+    assert joint["joint_pass"] is True and result["train"]["tf32_fused"]["joint_pass"] is False
+    assert joint["loss_max_rel_diff_vs_eager"] < 1e-5 and joint["speedup_vs_two_pass"] > 0
     cuda_only = {"tf32_fused_graph", "tf32_fused_batch4_graph", "bf16_autocast_graph", "bf16_master_graph", "tiny_graph",
                  "tf32_fused_nhwc_graph", "bf16_autocast_nhwc_graph", "tf32_fused_blocks_graph",
-                 "bf16_autocast_nhwc_blocks_graph", "tiny_blocks_graph"}
+                 "bf16_autocast_nhwc_blocks_graph", "tiny_blocks_graph", "tf32_fused_joint_graph",
+                 "bf16_autocast_nhwc_joint_graph", "tiny_joint_graph"}
     assert set(result["skipped"]) == cuda_only
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["adnet", "prototype"])
+def test_other_methods_run_the_variants_the_prepared_script_gives_them(method, capsys):
+    """The prepared script times ADNet's and Q-Net's steps with the SD model's harness; a
+    method without SD-FSMIS's options must run there too."""
+    spec = importlib.util.spec_from_file_location("gpu_engine_check", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    argv = ["--device", "cpu", "--tiny", "--size", "64", "--steps", "1", "--warmup", "1", "--method", method,
+            "--budget-s", "1e9", "--only", "tf32_fused", "tf32_fused_graph"]
+    assert module.main(argv) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(result["train"]) == {"tf32_fused"}, result["skipped"]
+    assert result["train"]["tf32_fused"]["loss_finite"]
 
 
 def test_the_prepared_gpu_speed_script_names_only_known_variants():
@@ -57,10 +78,11 @@ def test_the_prepared_gpu_speed_script_names_only_known_variants():
     every variant it selects must be one gpu_engine_check.py defines."""
     import re
 
-    script = (SCRIPT.parent / "gpu_speed_check.sh").read_text()
+    script = (SCRIPT.parent / "gpu_speed_check.sh").read_text().replace("\\\n", " ")  # continued lines
     source = SCRIPT.read_text()
     selected = {name for line in re.findall(r"--only ([^\n]+)", script) for name in line.split()}
-    assert {"bf16_autocast_repeat", "tf32_fused_blocks_graph", "predict", "tiny_blocks_graph"} <= selected
+    assert {"bf16_autocast_repeat", "tf32_fused_blocks_graph", "predict", "tiny_blocks_graph",
+            "tf32_fused_joint_graph", "tiny_joint_graph"} <= selected
     for name in selected - {"predict"}:
         assert f'"{name}"' in source, name
     assert 'selected("predict")' in source

@@ -467,7 +467,7 @@ def test_speed_switches_keep_earlier_run_identities():
 
     cfg = compose(["method=sdfsmis", "backbone=tiny", "pretrained=false"])
     earlier = OmegaConf.to_container(cfg)  # a config from before the switches existed
-    del earlier["train"]["compile_scope"], earlier["method"]["predict_cuda_graph"]
+    del earlier["train"]["compile_scope"], earlier["method"]["predict_cuda_graph"], earlier["method"]["joint_pass"]
     earlier = OmegaConf.create(earlier)
     for digest in (config_hash, training_hash):
         assert digest(cfg) == digest(earlier)
@@ -477,3 +477,5 @@ def test_speed_switches_keep_earlier_run_identities():
                       "train.compile_scope=blocks"])
     model = compose(["method=sdfsmis", "backbone=tiny", "pretrained=false", "train.compile=default"])
     assert training_hash(blocks) != training_hash(model) and config_hash(blocks) != config_hash(model)
+    joint = compose(["method=sdfsmis", "backbone=tiny", "pretrained=false", "method.joint_pass=true"])
+    assert training_hash(joint) != training_hash(cfg) and config_hash(joint) != config_hash(cfg)

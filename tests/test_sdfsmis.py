@@ -339,6 +339,38 @@ def test_gradient_checkpointing_gives_the_same_gradients(sii, monkeypatch):
     assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-6)
 
 
+def _float64(batch: EpisodeBatch) -> EpisodeBatch:
+    return EpisodeBatch(**{f.name: getattr(batch, f.name).double() for f in dataclasses.fields(batch)})
+
+
+@pytest.mark.parametrize("cls, fidelity, options", [
+    (SDFSMIS, "paper", {}),  # SII cross-attention, cosine QE, VTCT
+    (SDFSMIS, "code", {}),  # K/V concatenation, fg/bg QE, posterior samples
+    (SDFSMISSii, "paper", {"gradient_checkpointing": True}),
+])
+def test_joint_pass_gives_the_two_pass_loss_and_gradients(cls, fidelity, options, monkeypatch):
+    # float64, two episodes of two shots: each query row must read its own episode's shots
+    batch = _float64(episode(b=2, s=2))
+    results = []
+    for joint in (False, True):
+        model = build(cls, {**options, "joint_pass": joint}, fidelity=fidelity, seed=3).double()
+        _perturb_sii_output(model)
+        unet_calls = []
+        forward = model.unet.forward
+        monkeypatch.setattr(model.unet, "forward", lambda *a, **k: unet_calls.append(1) or forward(*a, **k))
+        torch.manual_seed(11)  # the same posterior samples in both
+        loss = model.training_loss(batch)
+        loss.backward()
+        assert len(unet_calls) == (1 if joint else 2)
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (two_pass_loss, two_pass_grads), (joint_loss, joint_grads) = results
+    assert joint_grads.keys() == two_pass_grads.keys()
+    assert two_pass_grads["support_conv_in.weight"].abs().sum() > 0  # the support is trained through the query
+    torch.testing.assert_close(joint_loss, two_pass_loss, rtol=1e-9, atol=0)
+    for name, grad in two_pass_grads.items():
+        torch.testing.assert_close(joint_grads[name], grad, rtol=1e-9, atol=1e-12, msg=name)
+
+
 # ---------------------------------------------------------------------------------------
 # objectives and read-out
 # ---------------------------------------------------------------------------------------
