@@ -4,7 +4,8 @@ same load:
 
 * ``prototype`` (the default demo: phantom, 128 px, 4 episodes per step): the alignment
   pass re-encoding both images (``training_loss_reencoded``, as before) vs each image
-  encoded once (``training_loss``);
+  encoded once (``training_loss``), and that under ``mixed_precision=bf16`` (not the
+  default: other numbers; fast on CPUs with AMX);
 * tiny SD-FSMIS (``backbone=tiny``, TAESD architecture with random weights, 256 px, one
   episode per step): fp32 VAE, contiguous tensors vs ``method.vae_dtype=bfloat16`` +
   ``train.channels_last=true``, and that with ``method.joint_pass=true`` (support and query
@@ -33,6 +34,8 @@ from fsmis_datasets.phantom import Phantom
 VARIANTS = {
     "prototype-plain": (["method=prototype"], "training_loss_reencoded"),
     "prototype-now": (["method=prototype", "train.channels_last=true"], "training_loss"),
+    # not the default: bf16 autocast changes the numbers (hashed); on a CPU with AMX it pays
+    "prototype-bf16": (["method=prototype", "train.channels_last=true", "mixed_precision=bf16"], "training_loss"),
     "sdfsmis_tiny-plain": (["method=sdfsmis", "backbone=tiny", "pretrained=false"], "training_loss"),
     "sdfsmis_tiny-now": (
         ["method=sdfsmis", "backbone=tiny", "pretrained=false", "method.vae_dtype=bfloat16", "train.channels_last=true"],
@@ -67,7 +70,8 @@ def _engine_step(name: str):
     optimizer = build_optimizer(groups, name=options.optimizer, fused=options.fused_optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     AcceleratorState._reset_state(True)
-    accelerator = Accelerator(cpu=True)
+    mixed = str(cfg.mixed_precision)
+    accelerator = Accelerator(cpu=True, mixed_precision="no" if mixed == "auto" else mixed)
     method, optimizer = accelerator.prepare(method, optimizer)
     step = TrainStep(method, optimizer, scheduler, accelerator, grad_clip=float(cfg.train.grad_clip))
     size = int(cfg.train.image_size)
@@ -88,7 +92,7 @@ def _record_steps_per_s(benchmark) -> None:
 
 
 @pytest.mark.benchmark(group="training-step-prototype")
-@pytest.mark.parametrize("name", ["prototype-plain", "prototype-now"])
+@pytest.mark.parametrize("name", ["prototype-plain", "prototype-now", "prototype-bf16"])
 def test_prototype_step(benchmark, name):
     run = _engine_step(name)
     loss = benchmark.pedantic(run, rounds=8, warmup_rounds=2)
