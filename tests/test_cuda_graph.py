@@ -19,6 +19,7 @@ from accelerate.state import AcceleratorState
 
 from fsmis_bench.config import compose
 from fsmis_bench.errors import ConfigError
+from fsmis_bench.method import EpisodeBatch, Method
 from fsmis_bench.runner import build_method
 from fsmis_bench.training import cuda_graph, engine
 from fsmis_bench.training.checkpoint import load_training_state, save_training_state
@@ -119,6 +120,53 @@ def test_a_step_that_cannot_be_recorded_trains_eagerly_with_a_warning(tmp_path, 
     (step,) = built
     assert not step.graphed and "not permitted" in step.fell_back
     assert plain == eager  # the same eager path, bit for bit
+
+
+class _RefusesAfterDrawing(EagerRecorder):
+    """Fails as CUDA does, after the step's code has drawn random numbers, as a real
+    recording runs the body's host code up to the operation that fails."""
+
+    def record(self, body):
+        torch.rand(16)
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+
+
+class _Dropout(Method):
+    """A step whose loss depends on every random draw (dropout)."""
+
+    def __init__(self) -> None:
+        super().__init__(compose(PROTOTYPE))
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.head = torch.nn.Conv2d(4, 1, 1)
+
+    def training_loss(self, batch: EpisodeBatch) -> torch.Tensor:
+        features = torch.nn.functional.dropout(self.conv(batch.query_images), 0.5, training=True)
+        return torch.nn.functional.binary_cross_entropy_with_logits(self.head(features), batch.query_masks)
+
+
+def test_a_failed_recording_leaves_the_random_stream_as_it_was():
+    """After the fallback, the eager steps draw the numbers a run without the graph draws."""
+    batches = [_sampler().batch(2) for _ in range(STEPS)]
+
+    def losses(recorder) -> list[float]:
+        AcceleratorState._reset_state(True)
+        accelerator = Accelerator(cpu=True)
+        method = _Dropout()
+        optimizer = torch.optim.AdamW(method.parameters(), lr=1e-2)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+        kwargs = {"grad_clip": 1.0}
+        step = (GraphedTrainStep(method, optimizer, scheduler, accelerator, **kwargs, recorder=recorder)
+                if recorder else TrainStep(method, optimizer, scheduler, accelerator, **kwargs))
+        torch.manual_seed(1)
+        out = [step([batch]).item() for batch in batches]
+        AcceleratorState._reset_state(True)
+        return out
+
+    plain = losses(None)
+    with pytest.warns(RuntimeWarning, match="cannot be recorded"):
+        fell_back = losses(lambda device, unset: _RefusesAfterDrawing(device, unset))
+    assert plain == fell_back
 
 
 def test_checkpoint_of_a_recorded_step_resumes_an_eager_run(tmp_path):
