@@ -14,8 +14,8 @@
 #      variants as reference; the tiny backbone eager / recorded / joint + recorded /
 #      compiled blocks + recorded.
 #   5. ADNet and Q-Net: can their steps be recorded now that the alignment loss masks?
-#   6. fidelity=code: its posterior noise is drawn on the host and copied inside the step,
-#      which a CUDA graph cannot record; the step should fall back to eager, with a warning.
+#   6. fidelity=code: its posterior noise is drawn on the host, which the codec refuses
+#      while a CUDA graph is recorded; the step must fall back to eager, with a warning.
 #
 # Usage (on the GPU machine, from the repository root; OUT defaults to ./gpu_speed_out):
 #   OUT=/some/dir bash benchmarks/gpu_speed_check.sh

@@ -81,7 +81,8 @@ class KLCodec(LatentCodec):
     """The Stable Diffusion KL-VAE; ``encode`` returns the scaled posterior mean, or a draw
     from the posterior with ``sample=True`` (the released SD-FSMIS training script's
     ``latent_dist.sample()``). The noise comes from torch's CPU generator, whose state the
-    engine checkpoints, so a resumed run draws the same latents on any device."""
+    engine checkpoints, so a resumed run draws the same latents on any device. Drawing it is
+    refused while a CUDA graph is recorded, which would replay one draw forever."""
 
     name = "sd"
 
@@ -98,6 +99,10 @@ class KLCodec(LatentCodec):
             posterior = self.vae.encode(images).latent_dist
             latents = posterior.mean
             if sample:
+                if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                    # a CUDA graph runs this host code once: every replay would reuse one draw
+                    raise RuntimeError("posterior samples are drawn on the host and cannot be recorded "
+                                       "in a CUDA graph")
                 noise = torch.randn(latents.shape, dtype=latents.dtype).to(latents.device)
                 latents = latents + posterior.std * noise
             return latents * self.scaling_factor

@@ -147,6 +147,15 @@ def test_sd_codec_encodes_the_scaled_posterior_mean() -> None:
     noise = (draw / 0.18215 - posterior.mean) / posterior.std
     assert not torch.equal(draw, first) and abs(float(noise.mean())) < 0.1 and abs(float(noise.std()) - 1) < 0.1
 
+    # inside a CUDA-graph recording the host draw would be replayed forever: refused, so the
+    # training step falls back to eager (train.cuda_graph) instead of freezing the noise
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.cuda, "is_available", lambda: True)
+        patch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+        with pytest.raises(RuntimeError, match="cannot be recorded"):
+            codec.encode(image, sample=True)
+        assert torch.equal(codec.encode(image), first)  # the mean needs no draw
+
 
 def test_taesd_real_weights_round_trip(real_weights_root: Path) -> None:
     image = _smooth_image(256)
