@@ -47,8 +47,9 @@ per step (``kernel_ms_per_step``: the floor for a replayed graph) and the top ke
 inference per query slice (``Method.predict``, support cached) in several variants with a
 breakdown of where the time goes (``*_graph``: ``method.predict_cuda_graph``, the support
 side and the query chunk recorded and replayed), and the tiny backbone's steps/s through
-the same path (eager, eager again, graphed, joint pass + graphed, compiled blocks + graphed). Variants that would overrun ``--budget-s`` are skipped and
-say so; a variant that fails records its error and the others still run.
+the same path (eager, eager again, graphed, joint pass + graphed, compiled blocks +
+graphed). Variants that would overrun ``--budget-s`` are skipped and say so; a variant
+that fails records its error and the others still run.
 """
 
 from __future__ import annotations
