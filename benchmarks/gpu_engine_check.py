@@ -105,32 +105,42 @@ def _sampler(size: int, seed: int = 0):
     return EpisodeSampler(dataset, dataset.case_ids(), group, norm="minmax", min_fg_pixels=20, image_size=size, seed=seed)
 
 
+def engine_path(method, cfg, accelerator, *, steps: int, workers: int) -> tuple[Any, Any, Any]:
+    """The engine's own training set-up for ``method``: ``(setup, step, next_batches)``, where
+    ``next_batches()`` gives one step's micro-batches, enough for ``steps`` steps."""
+    from fsmis_bench.training.cuda_graph import make_train_step
+    from fsmis_bench.training.engine import prepare_training
+    from fsmis_bench.training.loader import EpisodeLoader
+
+    setup = prepare_training(method, cfg, accelerator)
+    step = make_train_step(setup.options, setup.method, setup.optimizer, setup.scheduler, accelerator,
+                           grad_clip=float(cfg.train.grad_clip))
+    loader = EpisodeLoader(_sampler(int(cfg.train.image_size)), setup.batch_size, start=0,
+                           stop=steps * setup.accum, device=accelerator.device, num_workers=workers)
+    batches = iter(loader)
+    setup.method.train()
+    return setup, step, lambda: [next(batches) for _ in range(setup.accum)]
+
+
 def engine_steps(method, cfg, device: torch.device, *, warmup: int, steps: int, workers: int,
                  mixed_precision: str = "no", profile_steps: int = 0) -> dict[str, Any]:
     """Time ``steps`` optimiser steps of the engine path (after ``warmup`` untimed ones);
     with ``profile_steps`` on CUDA, then sum the device's kernel time over that many more."""
-    from fsmis_bench.training.cuda_graph import WARMUP_STEPS, make_train_step
-    from fsmis_bench.training.engine import prepare_training
-    from fsmis_bench.training.loader import EpisodeLoader
+    from fsmis_bench.training.cuda_graph import WARMUP_STEPS
 
     accelerator = _accelerator(device, mixed_precision)
     _reset_memory(device)
-    setup = prepare_training(method, cfg, accelerator)
-    step = make_train_step(setup.options, setup.method, setup.optimizer, setup.scheduler, accelerator,
-                           grad_clip=float(cfg.train.grad_clip))
+    profile_steps = profile_steps if device.type == "cuda" else 0
+    most_warmup = max(warmup, WARMUP_STEPS + 2)  # the episodes are drawn lazily: room for either
+    setup, step, next_batches = engine_path(method, cfg, accelerator, steps=most_warmup + 2 * steps + profile_steps,
+                                            workers=workers)
     graphed = hasattr(step, "graphed")
     if graphed:  # eager warm-up steps, the recording step, then one replay before the timing
-        warmup = max(warmup, WARMUP_STEPS + 2)
-    profile_steps = profile_steps if device.type == "cuda" else 0
-    total = warmup + 2 * steps + profile_steps
-    loader = EpisodeLoader(_sampler(int(cfg.train.image_size)), setup.batch_size, start=0,
-                           stop=total * setup.accum, device=accelerator.device, num_workers=workers)
-    batches = iter(loader)
-    setup.method.train()
+        warmup = most_warmup
     losses, first_step_s = [], None
     for i in range(warmup):
         began = time.perf_counter()
-        losses.append(step([next(batches) for _ in range(setup.accum)]))
+        losses.append(step(next_batches()))
         if i == 0:
             _sync(device)
             first_step_s = time.perf_counter() - began
@@ -138,16 +148,16 @@ def engine_steps(method, cfg, device: torch.device, *, warmup: int, steps: int, 
     for _ in range(steps):  # each step synchronised: per-step times
         _sync(device)
         began = time.perf_counter()
-        losses.append(step([next(batches) for _ in range(setup.accum)]))
+        losses.append(step(next_batches()))
         _sync(device)
         times.append(time.perf_counter() - began)
     _sync(device)
     began = time.perf_counter()
     for _ in range(steps):  # as the engine runs: no sync until the end
-        losses.append(step([next(batches) for _ in range(setup.accum)]))
+        losses.append(step(next_batches()))
     _sync(device)
     throughput = (time.perf_counter() - began) / steps
-    busy = _kernel_time(lambda: losses.append(step([next(batches) for _ in range(setup.accum)])), device,
+    busy = _kernel_time(lambda: losses.append(step(next_batches())), device,
                         profile_steps) if profile_steps else None
     values = [float(v) for v in losses]
     result = {**_summary(times), "throughput_s": round(throughput, 4),
@@ -162,7 +172,7 @@ def engine_steps(method, cfg, device: torch.device, *, warmup: int, steps: int, 
         result["cuda_graph"] = bool(step.graphed)
         if step.fell_back:
             result["cuda_graph_fell_back"] = step.fell_back
-    del setup, step, loader, batches
+    del setup, step, next_batches
     accelerator.free_memory()  # the accelerator holds the optimiser (and its states) otherwise
     _reset_memory(device)
     return result

@@ -40,7 +40,7 @@ import torch.optim.optimizer as optimizer_hooks
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_engine_check import _accelerator, _build, _config, _sampler  # noqa: E402
+from gpu_engine_check import _accelerator, _build, _config, engine_path  # noqa: E402
 
 #: operations that are not views but launch no kernel (metadata, allocation)
 NO_KERNEL = frozenset({"_unsafe_view", "promote_types", "result_type", "empty", "empty_like", "empty_strided",
@@ -84,23 +84,11 @@ class StepOpCounter(TorchDispatchMode):
 
 def count_step(overrides: list[str]) -> dict[str, Any]:
     """Build the method of ``overrides`` on the CPU, run one engine step, count the next one."""
-    from fsmis_bench.training.cuda_graph import make_train_step
-    from fsmis_bench.training.engine import prepare_training
-    from fsmis_bench.training.loader import EpisodeLoader
-
     device = torch.device("cpu")
     overrides = ["pretrained=false", "device=cpu", "train.num_workers=0", *overrides]
     cfg = _config(overrides)
-    method = _build(overrides, device)
-    accelerator = _accelerator(device, "no")
-    setup = prepare_training(method, cfg, accelerator)
-    step = make_train_step(setup.options, setup.method, setup.optimizer, setup.scheduler, accelerator,
-                           grad_clip=float(cfg.train.grad_clip))
-    loader = EpisodeLoader(_sampler(int(cfg.train.image_size)), setup.batch_size, start=0,
-                           stop=2 * setup.accum, device=device, num_workers=0)
-    batches = iter(loader)
-    setup.method.train()
-    step([next(batches) for _ in range(setup.accum)])  # warm-up: lazy state (optimiser moments)
+    _, step, next_batches = engine_path(_build(overrides, device), cfg, _accelerator(device, "no"), steps=2, workers=0)
+    step(next_batches())  # warm-up: lazy state (optimiser moments)
     counter = StepOpCounter()
 
     def enter(*_):
@@ -111,7 +99,7 @@ def count_step(overrides: list[str]) -> dict[str, Any]:
 
     hooks = [optimizer_hooks.register_optimizer_step_pre_hook(enter),
              optimizer_hooks.register_optimizer_step_post_hook(leave)]
-    batch = [next(batches) for _ in range(setup.accum)]
+    batch = next_batches()
     try:
         with counter:
             step(batch)

@@ -530,9 +530,8 @@ class SDFSMIS(Method):
     def episode_latents(self, batch: EpisodeBatch, sample: bool) -> tuple[torch.Tensor, ...]:
         """Support image, support mask, query image and query mask latents, ``(B * S, C, h, w)``
         twice and ``(B, C, h, w)`` twice, encoded (and sampled) in this order. Four VAE calls,
-        not one of four times the batch: in a one-off check on the 2-core CPU the batched
-        TAESD encode was 1.2-1.7x slower (its activations leave the cache); on a GPU it is
-        not measured."""
+        not one of four times the batch: on the CPU the batched TAESD encode was slower (its
+        activations leave the cache); on a GPU it is not measured."""
         return (self.encode_images(batch.support_images.flatten(0, 1), sample),
                 self.encode_masks(batch.support_masks.flatten(0, 1), sample),
                 self.encode_images(batch.query_images, sample),
