@@ -3,9 +3,10 @@ AdamW), the plain path of before issue 11 beside the current one, in one process
 same load:
 
 * ``prototype`` (the default demo: phantom, 128 px, 4 episodes per step): the alignment
-  pass re-encoding both images (``training_loss_reencoded``, as before) vs each image
-  encoded once (``training_loss``), and that under ``mixed_precision=bf16`` (not the
-  default: other numbers; fast on CPUs with AMX);
+  pass re-encoding both images in NCHW (``training_loss_reencoded``, as before) vs each
+  image encoded once, channels_last (``training_loss``, today's config), that in NCHW
+  (each switch's own share), and that under
+  ``mixed_precision=bf16`` (not the default: other numbers; fast on CPUs with AMX);
 * tiny SD-FSMIS (``backbone=tiny``, TAESD architecture with random weights, 256 px, one
   episode per step): fp32 VAE, contiguous tensors vs ``method.vae_dtype=bfloat16`` +
   ``train.channels_last=true``, and that with ``method.joint_pass=true`` (support and query
@@ -14,6 +15,9 @@ same load:
     make bench     # or: .venv/bin/python -m pytest benchmarks/test_bench_training.py --benchmark-only -p no:xdist
 
 steps/s = 1 / the mean step time. One intra-op thread, as in test_bench_inference.py.
+The "plain" rows rebuild the old path in today's engine, so they set every switch a later
+config turned on back off (``tests/test_bench_baselines.py``); ``benchmarks/pre_issue_step.sh``
+times the old commit's own prototype step beside them.
 """
 
 from __future__ import annotations
@@ -32,8 +36,9 @@ from fsmis_bench.training.step import ComputeOptions, TrainStep, prepare_method
 from fsmis_datasets.phantom import Phantom
 
 VARIANTS = {
-    "prototype-plain": (["method=prototype"], "training_loss_reencoded"),
+    "prototype-plain": (["method=prototype", "train.channels_last=false"], "training_loss_reencoded"),
     "prototype-now": (["method=prototype", "train.channels_last=true"], "training_loss"),
+    "prototype-nchw": (["method=prototype", "train.channels_last=false"], "training_loss"),  # one switch off
     # not the default: bf16 autocast changes the numbers (hashed); on a CPU with AMX it pays
     "prototype-bf16": (["method=prototype", "train.channels_last=true", "mixed_precision=bf16"], "training_loss"),
     "sdfsmis_tiny-plain": (["method=sdfsmis", "backbone=tiny", "pretrained=false"], "training_loss"),
@@ -92,7 +97,7 @@ def _record_steps_per_s(benchmark) -> None:
 
 
 @pytest.mark.benchmark(group="training-step-prototype")
-@pytest.mark.parametrize("name", ["prototype-plain", "prototype-now", "prototype-bf16"])
+@pytest.mark.parametrize("name", ["prototype-plain", "prototype-nchw", "prototype-now", "prototype-bf16"])
 def test_prototype_step(benchmark, name):
     run = _engine_step(name)
     loss = benchmark.pedantic(run, rounds=8, warmup_rounds=2)
