@@ -12,7 +12,8 @@ Images arrive normalised per volume as the method's :attr:`Method.input_norm` as
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -29,15 +30,28 @@ class EpisodeBatch:
         support_masks: ``(B, S, 1, H, W)`` float in {0, 1}.
         query_images: ``(B, 1, H, W)`` float.
         query_masks: ``(B, 1, H, W)`` float in {0, 1}.
+        host_draws: the random tensors :meth:`Method.host_draws` drew for this batch before
+            the step, by name (empty for most methods).
     """
 
     support_images: torch.Tensor
     support_masks: torch.Tensor
     query_images: torch.Tensor
     query_masks: torch.Tensor
+    host_draws: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor of the batch, in a fixed order (the images and masks, then the draws)."""
+        return [self.support_images, self.support_masks, self.query_images, self.query_masks,
+                *self.host_draws.values()]
+
+    def apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "EpisodeBatch":
+        """A batch of ``fn`` of every tensor (``fn`` = ``Tensor.clone``, a move, a cast)."""
+        return EpisodeBatch(fn(self.support_images), fn(self.support_masks), fn(self.query_images),
+                            fn(self.query_masks), {name: fn(t) for name, t in self.host_draws.items()})
 
     def to(self, device: torch.device | str) -> "EpisodeBatch":
-        return EpisodeBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        return self.apply(lambda tensor: tensor.to(device))
 
     @property
     def batch_size(self) -> int:
@@ -78,6 +92,20 @@ class Method(nn.Module):
     def training_loss(self, batch: EpisodeBatch) -> torch.Tensor:
         """Scalar loss on one batch of episodes."""
         raise NotImplementedError(f"{type(self).__name__} is trainable but has no training_loss")
+
+    def host_draws(self, batch: EpisodeBatch) -> dict[str, torch.Tensor]:
+        """Random tensors the training loss on ``batch`` reads, drawn on the host before the step.
+
+        The engine calls this once per micro-batch, outside the step, and hands the result in
+        as ``batch.host_draws``. Why: a draw from torch's CPU generator (kept on the CPU so a
+        resumed run is exact on any device) is host code, and a step recorded as a CUDA graph
+        runs host code once, so it would replay one draw at every step. Drawn here, the
+        numbers are inputs that the recorded step copies in like the images. A method draws in
+        the order its loss would have drawn, so an eager run's numbers do not change. Draws
+        on the device (dropout, ``torch.randn(device=...)``) need no hook: recorded graphs
+        advance the device generator. Default: none.
+        """
+        return {}
 
     def forward(self, batch: EpisodeBatch) -> torch.Tensor:
         # The engine calls the module itself so that multi-GPU wrappers see a forward pass.

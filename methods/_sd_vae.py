@@ -59,10 +59,19 @@ class LatentCodec(nn.Module):
     def train(self, mode: bool = True) -> "LatentCodec":
         return super().train(False)
 
-    def encode(self, images: Tensor, sample: bool = False) -> Tensor:  # pragma: no cover - abstract
+    #: True for a codec with a posterior to sample from (``encode(sample=True)`` differs)
+    samples: bool = False
+
+    def encode(self, images: Tensor, sample: bool = False, noise: Tensor | None = None) -> Tensor:  # pragma: no cover - abstract
         """``sample``: draw from the posterior instead of taking its mean (codecs with a
-        posterior only; deterministic codecs return the same latents either way)."""
+        posterior only; deterministic codecs return the same latents either way);
+        ``noise``: the standard normal draw to use, from :meth:`posterior_noise`."""
         raise NotImplementedError
+
+    def posterior_noise(self, images_shape: torch.Size | tuple[int, ...]) -> Tensor | None:
+        """The standard normal draw ``encode(sample=True)`` makes for images of this shape,
+        ``(N, C, H/d, W/d)`` on the CPU, drawn now; None for a codec without a posterior."""
+        return None
 
     def decode(self, latents: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -81,10 +90,13 @@ class KLCodec(LatentCodec):
     """The Stable Diffusion KL-VAE; ``encode`` returns the scaled posterior mean, or a draw
     from the posterior with ``sample=True`` (the released SD-FSMIS training script's
     ``latent_dist.sample()``). The noise comes from torch's CPU generator, whose state the
-    engine checkpoints, so a resumed run draws the same latents on any device. Drawing it is
-    refused while a CUDA graph is recorded, which would replay one draw forever."""
+    engine checkpoints, so a resumed run draws the same latents on any device. A training
+    step draws it before the step (:meth:`posterior_noise`, through ``Method.host_draws``)
+    and passes it in; drawing it inside is refused while a CUDA graph is recorded, which
+    would replay one draw forever."""
 
     name = "sd"
+    samples = True
 
     def __init__(self, vae: nn.Module, *, random_weights: bool) -> None:
         super().__init__(random_weights=random_weights)
@@ -93,18 +105,26 @@ class KLCodec(LatentCodec):
         self.downsample = 2 ** (len(vae.config.block_out_channels) - 1)
         self.scaling_factor = float(vae.config.scaling_factor or SD_VAE_SCALING)
 
-    def encode(self, images: Tensor, sample: bool = False) -> Tensor:
+    def posterior_noise(self, images_shape: torch.Size | tuple[int, ...]) -> Tensor:
+        n, _, height, width = images_shape
+        shape = (n, self.latent_channels, height // self.downsample, width // self.downsample)
+        return torch.randn(shape, dtype=self.vae.dtype)  # the CPU generator, as encode draws
+
+    def encode(self, images: Tensor, sample: bool = False, noise: Tensor | None = None) -> Tensor:
         self._check(images)
         with torch.no_grad():
             posterior = self.vae.encode(images).latent_dist
             latents = posterior.mean
             if sample:
-                if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-                    # a CUDA graph runs this host code once: every replay would reuse one draw
-                    raise RuntimeError("posterior samples are drawn on the host and cannot be recorded "
-                                       "in a CUDA graph")
-                noise = torch.randn(latents.shape, dtype=latents.dtype).to(latents.device)
-                latents = latents + posterior.std * noise
+                if noise is None:
+                    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                        # a CUDA graph runs this host code once: every replay would reuse one draw
+                        raise RuntimeError("posterior samples drawn inside the step cannot be recorded in a "
+                                           "CUDA graph; draw them before it (Method.host_draws)")
+                    noise = self.posterior_noise(images.shape)
+                if noise.shape != latents.shape:
+                    raise ValueError(f"posterior noise {tuple(noise.shape)} for latents {tuple(latents.shape)}")
+                latents = latents + posterior.std * noise.to(device=latents.device, dtype=latents.dtype)
             return latents * self.scaling_factor
 
     def decode(self, latents: Tensor) -> Tensor:
@@ -123,7 +143,7 @@ class TinyCodec(LatentCodec):
         self.downsample = 2 ** (len(vae.config.encoder_block_out_channels) - 1)
         self.scaling_factor = float(vae.config.scaling_factor)
 
-    def encode(self, images: Tensor, sample: bool = False) -> Tensor:
+    def encode(self, images: Tensor, sample: bool = False, noise: Tensor | None = None) -> Tensor:
         self._check(images)  # TAESD is deterministic: no posterior to sample from
         with torch.no_grad():
             return self.vae.encode(images).latents * self.scaling_factor
@@ -146,7 +166,7 @@ class IdentityCodec(LatentCodec):
     def __init__(self) -> None:
         super().__init__(random_weights=False)
 
-    def encode(self, images: Tensor, sample: bool = False) -> Tensor:
+    def encode(self, images: Tensor, sample: bool = False, noise: Tensor | None = None) -> Tensor:
         self._check(images)
         first = images[:, :1]
         # replicated grey input (what the methods feed) stays bit-exact; RGB is averaged

@@ -514,28 +514,44 @@ class SDFSMIS(Method):
         return bool(getattr(self.unet, "random_weights", False)) or any(m.random_weights for m in frozen)
 
     # -- latents -------------------------------------------------------------------------
-    def encode_images(self, images: torch.Tensor, sample: bool = False) -> torch.Tensor:
+    def encode_images(self, images: torch.Tensor, sample: bool = False,
+                      noise: torch.Tensor | None = None) -> torch.Tensor:
         """``(N, 1, H, W)`` in [-1, 1] -> ``(N, C, h, w)`` latents (frozen VAE, no autograd):
-        the posterior mean, or a posterior sample with ``sample=True``."""
+        the posterior mean, or a posterior sample with ``sample=True`` (with ``noise``, the
+        ``(N, C, h, w)`` standard normal draw drawn before the step; else drawn now)."""
         images = images.to(torch.promote_types(images.dtype, torch.float32))  # fp32 (fp64 stays)
         with torch.no_grad():
             codec_input = images if self.vae_dtype == torch.float32 else images.to(self.vae_dtype)
-            return self.vae.encode(codec_input.expand(-1, 3, -1, -1), sample=sample).to(images.dtype).detach()
+            latents = self.vae.encode(codec_input.expand(-1, 3, -1, -1), sample=sample, noise=noise)
+            return latents.to(images.dtype).detach()
 
-    def encode_masks(self, masks: torch.Tensor, sample: bool = False) -> torch.Tensor:
+    def encode_masks(self, masks: torch.Tensor, sample: bool = False,
+                     noise: torch.Tensor | None = None) -> torch.Tensor:
         """``(N, 1, H, W)`` in {0, 1} -> ``(N, C, h, w)``: the mask as a [-1, 1] 3-channel image, encoded."""
         masks = masks.to(torch.promote_types(masks.dtype, torch.float32))
-        return self.encode_images(masks * 2.0 - 1.0, sample)
+        return self.encode_images(masks * 2.0 - 1.0, sample, noise)
+
+    def host_draws(self, batch: EpisodeBatch) -> dict[str, torch.Tensor]:
+        """``train_latents=sample`` on a VAE with a posterior (``fidelity=code`` on SD): the four
+        posterior draws of :meth:`episode_latents`, in its order, so a recorded step can read them."""
+        if self.options.train_latents != "sample" or not self.vae.samples:
+            return {}
+        shapes = {"support_images": batch.support_images.flatten(0, 1).shape,
+                  "support_masks": batch.support_masks.flatten(0, 1).shape,
+                  "query_images": batch.query_images.shape, "query_masks": batch.query_masks.shape}
+        return {f"{name}_noise": self.vae.posterior_noise(shape) for name, shape in shapes.items()}
 
     def episode_latents(self, batch: EpisodeBatch, sample: bool) -> tuple[torch.Tensor, ...]:
         """Support image, support mask, query image and query mask latents, ``(B * S, C, h, w)``
-        twice and ``(B, C, h, w)`` twice, encoded (and sampled) in this order. Four VAE calls,
-        not one of four times the batch: on the CPU the batched TAESD encode was slower (its
-        activations leave the cache); on a GPU it is not measured."""
-        return (self.encode_images(batch.support_images.flatten(0, 1), sample),
-                self.encode_masks(batch.support_masks.flatten(0, 1), sample),
-                self.encode_images(batch.query_images, sample),
-                self.encode_masks(batch.query_masks, sample))
+        twice and ``(B, C, h, w)`` twice, encoded (and sampled) in this order; the samples'
+        noise is ``batch.host_draws``' where the engine drew it. Four VAE calls, not one of four
+        times the batch: on the CPU the batched TAESD encode was slower (its activations leave
+        the cache); on a GPU it is not measured."""
+        noise = batch.host_draws if sample else {}
+        return (self.encode_images(batch.support_images.flatten(0, 1), sample, noise.get("support_images_noise")),
+                self.encode_masks(batch.support_masks.flatten(0, 1), sample, noise.get("support_masks_noise")),
+                self.encode_images(batch.query_images, sample, noise.get("query_images_noise")),
+                self.encode_masks(batch.query_masks, sample, noise.get("query_masks_noise")))
 
     # -- support side --------------------------------------------------------------------
     def vtct_condition(self, support_images: torch.Tensor, support_masks: torch.Tensor) -> torch.Tensor:

@@ -340,7 +340,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(sii, monkeypatch):
 
 
 def _float64(batch: EpisodeBatch) -> EpisodeBatch:
-    return EpisodeBatch(**{f.name: getattr(batch, f.name).double() for f in dataclasses.fields(batch)})
+    return batch.apply(torch.Tensor.double)
 
 
 @pytest.mark.parametrize("cls, fidelity, options", [
@@ -516,7 +516,7 @@ def test_training_encodes_posterior_samples_only_in_the_code_form(fidelity, samp
     model = build(SDFSMISSii, fidelity=fidelity)
     calls = []
     encode = model.vae.encode
-    model.vae.encode = lambda images, sample=False: calls.append(sample) or encode(images, sample)
+    model.vae.encode = lambda images, sample=False, noise=None: calls.append(sample) or encode(images, sample, noise)
     model.training_loss(episode(b=1))
     assert calls == [sampled] * 4  # support image, support mask, query image, query mask
     calls.clear()

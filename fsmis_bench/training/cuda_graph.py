@@ -18,6 +18,10 @@ What recording needs, and how this module provides it:
 * **Gradients written afresh on every replay.** They are unset before recording, so the
   recorded backward allocates and writes them. The optimiser never sees a stale gradient.
 * **No host sync inside the step.** :class:`~.step.TrainStep` already has none.
+* **Host random numbers as inputs.** What a method draws from the CPU generator
+  (:meth:`~fsmis_bench.method.Method.host_draws`: SD-FSMIS's posterior samples under
+  ``fidelity=code``) is drawn before each replay and copied in with the batch; inside the
+  graph it would be drawn once and replayed at every step.
 * **Warm-up.** The first :data:`WARMUP_STEPS` steps run eagerly on a side stream, as
   PyTorch requires (lazy cuDNN/cuBLAS set-up, the optimiser's state), and count as
   training steps; they are the plain step. Then the step is recorded and replayed from
@@ -38,7 +42,6 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import fields
 from typing import Any
 
 import torch
@@ -137,12 +140,15 @@ class GraphedTrainStep(TrainStep):
             self._eager_steps += 1
             with self.recorder.side_stream():
                 return super().__call__(batches)
+        batches = self.with_host_draws(batches)  # host code: outside the graph, every step
         if self._static is None and not self._record(batches):
-            return super().__call__(batches)
+            total = self._update(batches)  # these draws, not new ones: the plain step's numbers
+            self._count(total)
+            return total
         assert self._static is not None and self._static_loss is not None
         for static, batch in zip(self._static, batches, strict=True):
-            for field in fields(static):
-                getattr(static, field.name).copy_(getattr(batch, field.name), non_blocking=True)
+            for static_tensor, tensor in zip(static.tensors(), batch.tensors(), strict=True):
+                static_tensor.copy_(tensor, non_blocking=True)
         self.recorder.replay()
         total = self._static_loss.clone()  # the next replay overwrites the static loss
         self._count(total)
@@ -150,7 +156,7 @@ class GraphedTrainStep(TrainStep):
 
     def _record(self, batches: list[EpisodeBatch]) -> bool:
         """Record the step on static copies of ``batches``; False (and eager from now on) if it cannot be."""
-        static = [EpisodeBatch(*(getattr(b, f.name).clone() for f in fields(b))) for b in batches]
+        static = [batch.apply(torch.Tensor.clone) for batch in batches]
         self._unset_gradients()
         self._make_capturable()
         generators = rng_state()

@@ -26,7 +26,7 @@ Compute switches, each off in the plain path and tested against it (tests/test_e
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -188,9 +188,24 @@ class TrainStep:
 
     def __call__(self, batches: list[EpisodeBatch]) -> torch.Tensor:
         """Returns the step's loss (mean over the micro-batches), a 0-d device tensor."""
-        total = self._update(batches)
+        total = self._update(self.with_host_draws(batches))
         self._count(total)
         return total
+
+    def with_host_draws(self, batches: list[EpisodeBatch]) -> list[EpisodeBatch]:
+        """``batches`` with what :meth:`Method.host_draws` draws for each, in micro-batch order,
+        on the batches' device (a few kB of noise; a copy, not a sync)."""
+        draw = getattr(self.accelerator.unwrap_model(self.method), "host_draws", None)
+        if draw is None:  # a bare nn.Module in a test, not a Method
+            return batches
+        drawn = []
+        for batch in batches:
+            draws = draw(batch)
+            if draws:
+                device = batch.query_images.device
+                batch = replace(batch, host_draws={name: t.to(device) for name, t in draws.items()})
+            drawn.append(batch)
+        return drawn
 
     def _update(self, batches: list[EpisodeBatch], zero_grad: bool = True) -> torch.Tensor:
         """Forward, backward, clipping and the optimiser over ``batches``; the mean loss."""

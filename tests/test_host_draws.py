@@ -1,0 +1,142 @@
+"""Random numbers a training loss takes from the host generator are drawn before the step
+(``Method.host_draws``), so a step recorded as a CUDA graph reads fresh ones at every
+replay. The case that needs it: SD-FSMIS under ``fidelity=code`` samples the VAE posterior
+(``train_latents=sample``) from torch's CPU generator.
+
+On the CPU a graph is stood in for by :class:`_Capturing`: it runs the recorded body with
+``torch.cuda.is_current_stream_capturing()`` true, so a draw inside the step fails there as
+it must on a GPU (the codec refuses it rather than freeze one draw into the graph).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from diffusers import AutoencoderKL
+
+from fsmis_bench.config import compose
+from fsmis_bench.runner import build_method
+from fsmis_bench.training.cuda_graph import EagerRecorder, GraphedTrainStep
+from fsmis_bench.training.step import TrainStep
+from fsmis_methods._sd_vae import KLCodec
+from test_cuda_graph import STEPS
+from test_engine_compute import TINY_SD, _close, _sampler
+
+
+def _small_kl() -> KLCodec:
+    """A 2-level KL-VAE (``d = 2``, 4 latent channels, as the identity codec it replaces)."""
+    torch.manual_seed(5)
+    vae = AutoencoderKL(block_out_channels=[16, 16], down_block_types=["DownEncoderBlock2D"] * 2,
+                        up_block_types=["UpDecoderBlock2D"] * 2, norm_num_groups=8, latent_channels=4)
+    return KLCodec(vae, random_weights=True)
+
+
+def _sdfsmis_sampling(extra: tuple[str, ...] = ()):
+    cfg = compose([*TINY_SD, "fidelity=code", "train.grad_accum=1", *extra, "device=cpu"])
+    torch.manual_seed(0)
+    method = build_method(cfg)
+    method.vae = _small_kl()
+    assert method.options.train_latents == "sample"
+    return method
+
+
+def _batches(n: int, batch_size: int = 1) -> list:
+    sampler = _sampler()
+    return [sampler.batch(batch_size) for _ in range(n)]
+
+
+def test_codec_noise_is_the_draw_encode_makes():
+    codec = _small_kl()
+    image = torch.rand(2, 3, 32, 32) * 2 - 1
+    torch.manual_seed(3)
+    drawn_inside = codec.encode(image, sample=True)
+    torch.manual_seed(3)
+    noise = codec.posterior_noise(image.shape)
+    assert noise.shape == (2, 4, 16, 16)
+    assert torch.equal(codec.encode(image, sample=True, noise=noise), drawn_inside)
+    with pytest.raises(ValueError, match="posterior noise"):
+        codec.encode(image, sample=True, noise=noise[:1])
+    # drawn beforehand, it is an input: a recording may read it
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.cuda, "is_available", lambda: True)
+        patch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+        assert torch.equal(codec.encode(image, sample=True, noise=noise), drawn_inside)
+        with pytest.raises(RuntimeError, match="host_draws"):
+            codec.encode(image, sample=True)
+
+
+@pytest.mark.parametrize("extra", [(), ("method.joint_pass=true",)], ids=["two-pass", "joint"])
+def test_drawing_before_the_step_leaves_the_numbers_as_they_were(extra):
+    """Two micro-batches of two episodes: drawn inside the loss, one encode after the other,
+    or all beforehand in the same order: the same losses and the same generator state after."""
+    method = _sdfsmis_sampling(extra)
+    batches = _batches(2, batch_size=2)
+    torch.manual_seed(7)
+    inside = [method.training_loss(batch).detach() for batch in batches]
+    after_inside = torch.get_rng_state()
+
+    AcceleratorState._reset_state(True)
+    accelerator = Accelerator(cpu=True)
+    optimizer = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=0.0)
+    step = TrainStep(method, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
+                     accelerator, grad_clip=0.0)
+    torch.manual_seed(7)
+    drawn = step.with_host_draws(batches)
+    assert torch.equal(torch.get_rng_state(), after_inside)
+    assert list(drawn[0].host_draws) == ["support_images_noise", "support_masks_noise",
+                                         "query_images_noise", "query_masks_noise"]
+    assert drawn[0].host_draws["support_images_noise"].shape == (2, 4, 16, 16)
+    before = [method.training_loss(batch).detach() for batch in drawn]
+    AcceleratorState._reset_state(True)
+    assert [float(v) for v in before] == [float(v) for v in inside]
+    # the draws matter: other noise, another loss
+    assert float(method.training_loss(step.with_host_draws(batches[:1])[0])) != float(inside[0])
+
+
+def test_methods_without_host_draws_leave_batches_alone():
+    method = _sdfsmis_sampling()
+    method.options = type(method.options)(**{**vars(method.options), "train_latents": "mean"})
+    batch = _batches(1)[0]
+    state = torch.get_rng_state()
+    assert method.host_draws(batch) == {}
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+class _Capturing(EagerRecorder):
+    """Replays run the body as if a CUDA graph were being recorded, so a host draw in it
+    raises (a real graph would replay the recording's one draw instead)."""
+
+    def _as_captured(self, run):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(torch.cuda, "is_available", lambda: True)
+            patch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+            return run()
+
+    def replay(self) -> None:
+        self._as_captured(super().replay)
+
+
+def test_a_recorded_sampling_step_reads_fresh_noise_at_every_replay():
+    """``fidelity=code`` (posterior samples): three eager steps, then recorded and replayed,
+    against the plain step on the same batches and seed."""
+    batches = _batches(STEPS)
+
+    def losses(recorder) -> tuple[list[float], TrainStep]:
+        AcceleratorState._reset_state(True)
+        accelerator = Accelerator(cpu=True)
+        method = _sdfsmis_sampling()
+        optimizer = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=1e-3)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+        step = (GraphedTrainStep(method, optimizer, scheduler, accelerator, grad_clip=1.0, recorder=recorder)
+                if recorder else TrainStep(method, optimizer, scheduler, accelerator, grad_clip=1.0))
+        torch.manual_seed(11)
+        out = [step([batch]).item() for batch in batches]
+        AcceleratorState._reset_state(True)
+        return out, step
+
+    plain, _ = losses(None)
+    graphed, step = losses(lambda device, unset: _Capturing(device, unset))
+    assert step.graphed and step.fell_back is None
+    assert _close(plain, graphed, 1e-5), (plain, graphed)
