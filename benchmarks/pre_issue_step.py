@@ -1,14 +1,17 @@
-"""Time the ``prototype`` demo step of the code as it was before issue 11 (commit
-``ee93447^``), to check that ``make bench``'s ``prototype-plain`` variant, a
-reconstruction of that path inside today's engine, costs what the old code cost.
+"""Time a training step of the code as it was before issue 11 (commit ``ee93447^``), or
+today's step of a ``make bench`` variant, one process per call, so that
+``benchmarks/pre_issue_step.sh`` can alternate the two and compare medians: the CPU's
+speed drifts by 10-20 % over minutes here, more than one ``make bench`` run can average out.
 
-    bash benchmarks/pre_issue_step.sh          # checks the old commit out, then runs this file
+    bash benchmarks/pre_issue_step.sh          # checks the old commit out, alternates, summarises
 
-The step body is the old engine's (``fsmis_bench/training/engine.py`` at that commit):
-forward, ``isfinite`` check, backward, clipping, AdamW, ``float(loss)``, on four pre-drawn
-phantom batches (128 px, 4 episodes), one intra-op thread, as in ``make bench``. It only
-uses names that exist at both commits, so it runs against whichever ``fsmis_bench`` is
-first on ``sys.path``; it prints one JSON line.
+Without ``--variant`` it times the old engine's step body (``fsmis_bench/training/engine.py``
+at that commit: forward, ``isfinite`` check, backward, clipping, AdamW, ``float(loss)``)
+with the old defaults, using only names that exist at both commits, so it runs against
+whichever ``fsmis_bench`` is first on ``sys.path``. With ``--variant`` (a key of
+``benchmarks/test_bench_training.py``'s ``VARIANTS``) it times today's engine step exactly
+as ``make bench`` builds it. Either way: four pre-drawn phantom batches, one intra-op
+thread, one JSON line.
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -28,14 +33,16 @@ from fsmis_bench.runner import build_method
 from fsmis_bench.training.episodes import EpisodeSampler
 from fsmis_datasets.phantom import Phantom
 
+#: make bench's workloads: the prototype demo step, and tiny SD-FSMIS (random TAESD, 256 px)
+WORKLOADS = {
+    "prototype": ["method=prototype"],
+    "sdfsmis_tiny": ["method=sdfsmis", "backbone=tiny", "pretrained=false"],
+}
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=8)
-    parser.add_argument("--warmup", type=int, default=2)
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    cfg = compose(["method=prototype", "device=cpu"])
+
+def old_step(workload: str):
+    """The pre-issue engine's step on ``workload`` with the old defaults (NCHW, fp32)."""
+    cfg = compose([*WORKLOADS[workload], "device=cpu"])
     torch.manual_seed(0)
     method = build_method(cfg)
     optimizer = torch.optim.AdamW(
@@ -52,8 +59,10 @@ def main() -> None:
     )
     batches = [sampler.batch(int(cfg.train.batch_size)) for _ in range(4)]
     method.train()
+    calls = iter(range(10**9))
 
-    def step(batch) -> float:
+    def step() -> float:
+        batch = batches[next(calls) % len(batches)]
         with accelerator.accumulate(method), accelerator.autocast():
             loss = method(batch)
             if not torch.isfinite(loss):
@@ -64,16 +73,35 @@ def main() -> None:
             optimizer.zero_grad(set_to_none=True)
         return float(loss.detach())
 
-    for i in range(args.warmup):
-        step(batches[i % len(batches)])
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--method", choices=sorted(WORKLOADS), default="prototype")
+    parser.add_argument("--variant", help="a make bench variant of today's code (default: the old step)")
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    if args.variant:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from test_bench_training import _engine_step  # today's code only
+
+        step = _engine_step(args.variant)
+    else:
+        step = old_step(args.method)
+    for _ in range(args.warmup):
+        step()
     seconds = []
-    for i in range(args.rounds):
+    for _ in range(args.rounds):
         began = time.perf_counter()
-        step(batches[i % len(batches)])
+        step()
         seconds.append(time.perf_counter() - began)
     print(json.dumps({
-        "code": fsmis_bench.__file__,
-        "method": "prototype",
+        "code": str(Path(fsmis_bench.__file__).parent),
+        "method": args.method,
+        "variant": args.variant or "pre_issue",
         "rounds": args.rounds,
         "mean_ms": round(1000 * statistics.mean(seconds), 1),
         "min_ms": round(1000 * min(seconds), 1),

@@ -17,7 +17,8 @@ same load:
 steps/s = 1 / the mean step time. One intra-op thread, as in test_bench_inference.py.
 The "plain" rows rebuild the old path in today's engine, so they set every switch a later
 config turned on back off (``tests/test_bench_baselines.py``); ``benchmarks/pre_issue_step.sh``
-times the old commit's own prototype step beside them.
+times the old commit's own steps against today's, alternating processes, for the README's
+before/now figure (this CPU drifts by 10-20 % over minutes).
 """
 
 from __future__ import annotations

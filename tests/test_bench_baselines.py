@@ -41,13 +41,17 @@ def test_plain_variants_keep_the_pre_issue_switches(name):
         assert loss_name == "training_loss_reencoded"
 
 
-def test_pre_issue_step_script_runs_on_this_checkout(tmp_path):
+@pytest.mark.parametrize("variant", [None, "prototype-now"], ids=["old-step-body", "make-bench-variant"])
+def test_pre_issue_step_script_runs_on_this_checkout(tmp_path, variant):
+    """The old step body uses only names that exist at both commits: it must run here too."""
+    command = [sys.executable, str(BENCHMARKS / "pre_issue_step.py"), "--rounds", "1", "--warmup", "0"]
     result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "pre_issue_step.py"), "--rounds", "1", "--warmup", "0"],
+        command + (["--variant", variant] if variant else []),
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
         env={**os.environ, "FSMIS_NO_PROGRESS": "1"},
     )
     assert result.returncode == 0, result.stderr[-2000:]
     record = json.loads(result.stdout.strip().splitlines()[-1])
     assert record["method"] == "prototype" and record["rounds"] == 1
+    assert record["variant"] == (variant or "pre_issue")
     assert 0 < record["min_ms"] <= record["mean_ms"]
