@@ -532,22 +532,29 @@ class SDFSMIS(Method):
         return self.encode_images(masks * 2.0 - 1.0, sample, noise)
 
     def host_draws(self, batch: EpisodeBatch) -> dict[str, torch.Tensor]:
-        """``train_latents=sample`` on a VAE with a posterior (``fidelity=code`` on SD): the four
-        posterior draws of :meth:`episode_latents`, in its order, so a recorded step can read them."""
+        """``train_latents=sample`` on a VAE with a posterior (``fidelity=code`` on SD): the
+        posterior noise of :meth:`episode_latents`, drawn before the step so a recorded step can
+        read it. Episode by episode (support images, support masks, query image, query mask),
+        so a batch of ``B`` episodes draws what ``B`` one-episode micro-batches draw:
+        ``train.accumulation=batched`` then gives the sequential step's numbers."""
         if self.options.train_latents != "sample" or not self.vae.samples:
             return {}
-        shapes = {"support_images": batch.support_images.flatten(0, 1).shape,
-                  "support_masks": batch.support_masks.flatten(0, 1).shape,
-                  "query_images": batch.query_images.shape, "query_masks": batch.query_masks.shape}
-        return {f"{name}_noise": self.vae.posterior_noise(shape) for name, shape in shapes.items()}
+        shots = batch.support_images.shape[1]
+        size = tuple(batch.query_images.shape[-2:])
+        rows = {"support_images": shots, "support_masks": shots, "query_images": 1, "query_masks": 1}
+        drawn: dict[str, list[torch.Tensor]] = {kind: [] for kind in rows}
+        for _ in range(batch.batch_size):
+            for kind, n in rows.items():
+                drawn[kind].append(self.vae.posterior_noise((n, 3, *size)))
+        return {f"{kind}_noise": torch.cat(parts) for kind, parts in drawn.items()}
 
     def episode_latents(self, batch: EpisodeBatch, sample: bool) -> tuple[torch.Tensor, ...]:
         """Support image, support mask, query image and query mask latents, ``(B * S, C, h, w)``
-        twice and ``(B, C, h, w)`` twice, encoded (and sampled) in this order; the samples'
-        noise is ``batch.host_draws``' where the engine drew it. Four VAE calls, not one of four
-        times the batch: on the CPU the batched TAESD encode was slower (its activations leave
-        the cache); on a GPU it is not measured."""
-        noise = batch.host_draws if sample else {}
+        twice and ``(B, C, h, w)`` twice; with ``sample``, posterior samples whose noise is
+        ``batch.host_draws`` (the engine's), else drawn now by :meth:`host_draws`. Four VAE
+        calls, not one of four times the batch: on the CPU the batched TAESD encode was slower
+        (its activations leave the cache); on a GPU it is not measured."""
+        noise = (batch.host_draws or self.host_draws(batch)) if sample else {}
         return (self.encode_images(batch.support_images.flatten(0, 1), sample, noise.get("support_images_noise")),
                 self.encode_masks(batch.support_masks.flatten(0, 1), sample, noise.get("support_masks_noise")),
                 self.encode_images(batch.query_images, sample, noise.get("query_images_noise")),

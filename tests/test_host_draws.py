@@ -67,10 +67,42 @@ def test_codec_noise_is_the_draw_encode_makes():
             codec.encode(image, sample=True)
 
 
+def test_one_episode_batches_draw_what_the_codec_draws():
+    """A run of one-episode micro-batches (the paper's batch 1, ``fidelity=code``'s
+    accumulation) keeps the numbers of before ``host_draws``: the four encodes, each
+    drawing its own noise in turn."""
+    method = _sdfsmis_sampling()
+    (batch,) = _batches(1)
+    torch.manual_seed(4)
+    drawn = method.episode_latents(batch, sample=True)
+    torch.manual_seed(4)
+    vae = method.vae
+    codec_own = [vae.encode(images.expand(-1, 3, -1, -1), sample=True)
+                 for images in (batch.support_images.flatten(0, 1), batch.support_masks.flatten(0, 1) * 2 - 1,
+                                batch.query_images, batch.query_masks * 2 - 1)]
+    for ours, theirs in zip(drawn, codec_own, strict=True):
+        assert torch.equal(ours, theirs)
+
+
+def test_a_batch_of_episodes_draws_what_one_episode_micro_batches_draw():
+    """``train.accumulation=batched``: two episodes in one batch get the noise that two
+    one-episode micro-batches get, so the mean loss is the sequential one."""
+    method = _sdfsmis_sampling()
+    sampler = _sampler()
+    one_by_one = [sampler.batch(1) for _ in range(2)]
+    sampler = _sampler()
+    together = sampler.batch(2)
+    torch.manual_seed(9)
+    sequential = [float(method.training_loss(batch)) for batch in one_by_one]
+    torch.manual_seed(9)
+    batched = float(method.training_loss(together))
+    assert _close([sum(sequential) / 2], [batched], 1e-5), (sequential, batched)
+
+
 @pytest.mark.parametrize("extra", [(), ("method.joint_pass=true",)], ids=["two-pass", "joint"])
 def test_drawing_before_the_step_leaves_the_numbers_as_they_were(extra):
-    """Two micro-batches of two episodes: drawn inside the loss, one encode after the other,
-    or all beforehand in the same order: the same losses and the same generator state after."""
+    """Two micro-batches of two episodes: drawn inside the loss or by the engine before the
+    step: the same losses and the same generator state after."""
     method = _sdfsmis_sampling(extra)
     batches = _batches(2, batch_size=2)
     torch.manual_seed(7)
