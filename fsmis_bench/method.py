@@ -100,9 +100,9 @@ class Method(nn.Module):
         as ``batch.host_draws``. Why: a draw from torch's CPU generator (kept on the CPU so a
         resumed run is exact on any device) is host code, and a step recorded as a CUDA graph
         runs host code once, so it would replay one draw at every step. Drawn here, the
-        numbers are inputs that the recorded step copies in like the images. A method draws in
-        the order its loss would have drawn, so an eager run's numbers do not change. Draws
-        on the device (dropout, ``torch.randn(device=...)``) need no hook: recorded graphs
+        numbers are inputs that the recorded step copies in like the images. A loss called
+        without them (outside the engine) should draw them itself through this method, so
+        its numbers do not depend on who drew. Draws on the device (dropout, ``torch.randn(device=...)``) need no hook: recorded graphs
         advance the device generator. Default: none.
         """
         return {}
