@@ -108,7 +108,11 @@ class KLCodec(LatentCodec):
     def posterior_noise(self, images_shape: torch.Size | tuple[int, ...]) -> Tensor:
         n, _, height, width = images_shape
         shape = (n, self.latent_channels, height // self.downsample, width // self.downsample)
-        return torch.randn(shape, dtype=self.vae.dtype)  # the CPU generator, as encode draws
+        # in the dtype of the posterior it perturbs (autocast's where autocast runs the VAE):
+        # torch's CPU generator gives other values in another dtype for some sizes
+        device = self.vae.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.vae.dtype
+        return torch.randn(shape, dtype=dtype)  # the CPU generator, checkpointed by the engine
 
     def encode(self, images: Tensor, sample: bool = False, noise: Tensor | None = None) -> Tensor:
         self._check(images)

@@ -540,12 +540,13 @@ class SDFSMIS(Method):
         if self.options.train_latents != "sample" or not self.vae.samples:
             return {}
         shots = batch.support_images.shape[1]
-        size = tuple(batch.query_images.shape[-2:])
-        rows = {"support_images": shots, "support_masks": shots, "query_images": 1, "query_masks": 1}
-        drawn: dict[str, list[torch.Tensor]] = {kind: [] for kind in rows}
+        support, query = tuple(batch.support_images.shape[-2:]), tuple(batch.query_images.shape[-2:])
+        shapes = {"support_images": (shots, 3, *support), "support_masks": (shots, 3, *support),
+                  "query_images": (1, 3, *query), "query_masks": (1, 3, *query)}
+        drawn: dict[str, list[torch.Tensor]] = {kind: [] for kind in shapes}
         for _ in range(batch.batch_size):
-            for kind, n in rows.items():
-                drawn[kind].append(self.vae.posterior_noise((n, 3, *size)))
+            for kind, shape in shapes.items():
+                drawn[kind].append(self.vae.posterior_noise(shape))
         return {f"{kind}_noise": torch.cat(parts) for kind, parts in drawn.items()}
 
     def episode_latents(self, batch: EpisodeBatch, sample: bool) -> tuple[torch.Tensor, ...]:

@@ -67,6 +67,35 @@ def test_codec_noise_is_the_draw_encode_makes():
             codec.encode(image, sample=True)
 
 
+def test_under_autocast_the_noise_takes_the_posterior_dtype():
+    """With ``mixed_precision=bf16`` the posterior is bf16, and torch's CPU generator gives
+    other bf16 values than fp32 ones at some sizes (9 x 9 latents here): the draw is made in
+    the posterior's dtype, as ``latent_dist.sample()`` and the code before host_draws did."""
+    codec = _small_kl()
+    image = torch.rand(1, 3, 18, 18) * 2 - 1
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.manual_seed(2)
+        ours = codec.encode(image, sample=True)
+        posterior = codec.vae.encode(image).latent_dist
+        torch.manual_seed(2)
+        noise = torch.randn(posterior.mean.shape, dtype=posterior.mean.dtype)
+        assert posterior.mean.dtype == torch.bfloat16
+        assert torch.equal(ours, (posterior.mean + posterior.std * noise) * codec.scaling_factor)
+    torch.manual_seed(2)
+    assert not torch.equal(torch.randn(noise.shape).bfloat16(), noise)  # why the dtype matters
+
+    # the engine draws under the step's autocast
+    method = _sdfsmis_sampling()
+    AcceleratorState._reset_state(True)
+    accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+    optimizer = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=0.0)
+    step = TrainStep(method, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
+                     accelerator, grad_clip=0.0)
+    (drawn,) = step.with_host_draws(_batches(1))
+    AcceleratorState._reset_state(True)
+    assert {t.dtype for t in drawn.host_draws.values()} == {torch.bfloat16}
+
+
 def test_one_episode_batches_draw_what_the_codec_draws():
     """A run of one-episode micro-batches (the paper's batch 1, ``fidelity=code``'s
     accumulation) keeps the numbers of before ``host_draws``: the four encodes, each
@@ -121,10 +150,10 @@ def test_drawing_before_the_step_leaves_the_numbers_as_they_were(extra):
                                          "query_images_noise", "query_masks_noise"]
     assert drawn[0].host_draws["support_images_noise"].shape == (2, 4, 16, 16)
     before = [method.training_loss(batch).detach() for batch in drawn]
-    AcceleratorState._reset_state(True)
     assert [float(v) for v in before] == [float(v) for v in inside]
     # the draws matter: other noise, another loss
     assert float(method.training_loss(step.with_host_draws(batches[:1])[0])) != float(inside[0])
+    AcceleratorState._reset_state(True)
 
 
 def test_methods_without_host_draws_leave_batches_alone():

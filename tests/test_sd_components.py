@@ -147,8 +147,9 @@ def test_sd_codec_encodes_the_scaled_posterior_mean() -> None:
     noise = (draw / 0.18215 - posterior.mean) / posterior.std
     assert not torch.equal(draw, first) and abs(float(noise.mean())) < 0.1 and abs(float(noise.std()) - 1) < 0.1
 
-    # inside a CUDA-graph recording the host draw would be replayed forever: refused, so the
-    # training step falls back to eager (train.cuda_graph) instead of freezing the noise
+    # a draw inside a CUDA-graph recording would be replayed forever: refused (the engine
+    # draws before the step instead, tests/test_host_draws.py), so a step that still draws
+    # inside falls back to eager (train.cuda_graph) instead of freezing the noise
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(torch.cuda, "is_available", lambda: True)
         patch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)

@@ -194,16 +194,20 @@ class TrainStep:
 
     def with_host_draws(self, batches: list[EpisodeBatch]) -> list[EpisodeBatch]:
         """``batches`` with what :meth:`Method.host_draws` draws for each, in micro-batch order,
-        on the batches' device (a few kB of noise; a copy, not a sync)."""
+        under the step's autocast (a draw may take the dtype autocast gives), on the batches'
+        device: pinned and copied asynchronously to a GPU, so the step still never waits."""
         draw = getattr(self.accelerator.unwrap_model(self.method), "host_draws", None)
         if draw is None:  # a bare nn.Module in a test, not a Method
             return batches
         drawn = []
         for batch in batches:
-            draws = draw(batch)
+            with self.accelerator.autocast():
+                draws = draw(batch)
             if draws:
                 device = batch.query_images.device
-                batch = replace(batch, host_draws={name: t.to(device) for name, t in draws.items()})
+                moved = {name: (t.pin_memory().to(device, non_blocking=True) if device.type == "cuda"
+                                else t.to(device)) for name, t in draws.items()}
+                batch = replace(batch, host_draws=moved)
             drawn.append(batch)
         return drawn
 
