@@ -198,7 +198,10 @@ def _leave_together() -> None:
         return
     _finished_commands += 1
     key = f"fsmis_bench/finished/{_finished_commands}"
-    store = dist.distributed_c10d._get_default_store()
+    try:
+        store = dist.distributed_c10d._get_default_store()  # private, stable since torch 1.x
+    except (AttributeError, RuntimeError):  # not there in some torch: leave as before
+        return
     if dist.get_rank() == 0:
         store.set(key, "1")
     else:
