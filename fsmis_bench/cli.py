@@ -18,8 +18,8 @@ import importlib
 import json
 import os
 import sys
+import time
 import warnings
-from datetime import timedelta
 from pathlib import Path
 
 from .errors import DataWarning, FsmisError
@@ -178,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 _finished_commands = 0
+_LEAVE_POLL_S = 0.5
 
 
 def _leave_together() -> None:
@@ -189,7 +190,7 @@ def _leave_together() -> None:
     finished run that torchrun reports failed; seen in 1 of ~25 two-process CPU runs, 3 of 13
     when each process also destroyed its process group alone). They wait for the main one
     on the launcher's key-value store instead of a collective, so an evaluation of any
-    length never meets a collective's timeout.
+    length never meets a collective's timeout, and Ctrl-C still stops them at once.
     """
     global _finished_commands
     import torch.distributed as dist
@@ -204,8 +205,13 @@ def _leave_together() -> None:
         return
     if dist.get_rank() == 0:
         store.set(key, "1")
-    else:
-        store.wait([key], timedelta(days=7))
+        return
+    try:
+        # polled, not store.wait: a sleep lets Ctrl-C through, and a timed-out wait logs a warning
+        while not store.check([key]):
+            time.sleep(_LEAVE_POLL_S)
+    except dist.DistError:  # the store went with the main process (it hosted it): nothing to wait for
+        return
 
 
 if __name__ == "__main__":

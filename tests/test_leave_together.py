@@ -4,7 +4,10 @@ tears its process group down under a busy peer."""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import threading
 import time
 
 import torch.distributed as dist
@@ -35,6 +38,26 @@ def test_the_other_process_waits_for_the_main_one():
     times = mp.Manager().dict()
     mp.spawn(_process, args=(_free_port(), times), nprocs=2, join=True)
     assert times["other_left"] >= times["main_done"]
+
+
+def _interrupted_process(rank: int, port: int, times) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    if rank == 0:
+        time.sleep(2 * MAIN_WORK_S)
+        times["main_done"] = time.time()
+        cli._leave_together()
+        return
+    threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()  # Ctrl-C while waiting
+    try:
+        cli._leave_together()
+    except KeyboardInterrupt:
+        times["other_interrupted"] = time.time()
+
+
+def test_ctrl_c_stops_a_waiting_process_at_once():
+    times = mp.Manager().dict()
+    mp.spawn(_interrupted_process, args=(_free_port(), times), nprocs=2, join=True)
+    assert times["other_interrupted"] < times["main_done"]
 
 
 def test_one_process_leaves_at_once(monkeypatch):
