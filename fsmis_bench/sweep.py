@@ -283,16 +283,16 @@ def launch(overrides: list[str], *, command: str = "run", checkpoint: Path | Non
                  f"{Path(str(composed[0][1].results_dir)) / '_sweeps'}",
         ) from None
     results = [_job_result(r) for batch in returns for r in batch]
-    sweep_dir = _sweep_dir(returns)
-    print_summary(results, sweep_dir)
-    for r in results:
-        if r["run_dir"] and r["outcome"] != "failed":
-            print(r["run_dir"])
     failed = [r for r in results if r["outcome"] == "failed"]
-    if failed:
-        print(f"{len(failed)} of {len(results)} runs failed; finished runs are kept", file=sys.stderr)
-        return 2
-    return 0
+    # one summary, the main process's, under torchrun: only it evaluates, so only it sees every failure
+    if os.environ.get("RANK", "0") == "0":
+        print_summary(results, _sweep_dir(returns))
+        for r in results:
+            if r["run_dir"] and r["outcome"] != "failed":
+                print(r["run_dir"])
+        if failed:
+            print(f"{len(failed)} of {len(results)} runs failed; finished runs are kept", file=sys.stderr)
+    return 2 if failed else 0
 
 
 def _first_line(exc: BaseException) -> str:

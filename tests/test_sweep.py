@@ -67,6 +67,13 @@ def test_sweep_goes_through_hydra_multirun_and_matches_serial_runs(tmp_path, cap
     err = capsys.readouterr().err
     assert "3 runs: 1 completed, 0 resumed, 2 skipped (already complete), 0 failed" in err
 
+    # under torchrun only the main process (which alone evaluates) prints the summary
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RANK", "1")
+        assert main(["run", "-m", *SUPPORT_COPY, "fold=0", f"results_dir={sweep}"]) == 0
+    out, err = capsys.readouterr()
+    assert "sweep summary" not in err and not out.strip()
+
 
 def test_a_key_that_only_the_swept_methods_have_reaches_every_job(tmp_path, capsys):
     # Hydra composes a multirun once without its sweep values, i.e. with the default method
