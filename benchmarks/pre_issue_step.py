@@ -17,11 +17,14 @@ thread, one JSON line.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -40,6 +43,19 @@ WORKLOADS = {
 }
 
 
+def phantom_batches(cfg, input_norm: str) -> Callable[[], Any]:
+    """Four phantom batches of ``cfg.train`` (size, episodes), drawn once, handed out in turn:
+    the input of every ``make bench`` training step."""
+    size = int(cfg.train.image_size)
+    dataset = Phantom(size=size)
+    sampler = EpisodeSampler(
+        dataset, dataset.train_cases(0), EvalGroup("all", tuple(dataset.test_organs)),
+        norm=input_norm, image_size=size, seed=0,
+    )
+    turns = itertools.cycle([sampler.batch(int(cfg.train.batch_size)) for _ in range(4)])
+    return lambda: next(turns)
+
+
 def old_step(workload: str):
     """The pre-issue engine's step on ``workload`` with the old defaults (NCHW, fp32)."""
     cfg = compose([*WORKLOADS[workload], "device=cpu"])
@@ -51,18 +67,11 @@ def old_step(workload: str):
     )
     accelerator = Accelerator(cpu=True)
     method, optimizer = accelerator.prepare(method, optimizer)
-    size = int(cfg.train.image_size)
-    dataset = Phantom(size=size)
-    sampler = EpisodeSampler(
-        dataset, dataset.train_cases(0), EvalGroup("all", tuple(dataset.test_organs)),
-        norm=method.input_norm, image_size=size, seed=0,
-    )
-    batches = [sampler.batch(int(cfg.train.batch_size)) for _ in range(4)]
+    next_batch = phantom_batches(cfg, method.input_norm)
     method.train()
-    calls = iter(range(10**9))
 
     def step() -> float:
-        batch = batches[next(calls) % len(batches)]
+        batch = next_batch()
         with accelerator.accumulate(method), accelerator.autocast():
             loss = method(batch)
             if not torch.isfinite(loss):

@@ -29,12 +29,10 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
 from fsmis_bench.config import compose
-from fsmis_bench.protocol.settings import EvalGroup
 from fsmis_bench.runner import build_method
-from fsmis_bench.training.episodes import EpisodeSampler
 from fsmis_bench.training.optim import build_optimizer
 from fsmis_bench.training.step import ComputeOptions, TrainStep, prepare_method
-from fsmis_datasets.phantom import Phantom
+from pre_issue_step import phantom_batches  # the one input both timings share
 
 VARIANTS = {
     "prototype-plain": (["method=prototype", "train.channels_last=false"], "training_loss_reencoded"),
@@ -80,16 +78,9 @@ def _engine_step(name: str):
     accelerator = Accelerator(cpu=True, mixed_precision="no" if mixed == "auto" else mixed)
     method, optimizer = accelerator.prepare(method, optimizer)
     step = TrainStep(method, optimizer, scheduler, accelerator, grad_clip=float(cfg.train.grad_clip))
-    size = int(cfg.train.image_size)
-    dataset = Phantom(size=size)
-    sampler = EpisodeSampler(
-        dataset, dataset.train_cases(0), EvalGroup("all", tuple(dataset.test_organs)),
-        norm=method.input_norm, image_size=size, seed=0,
-    )
-    batches = [sampler.batch(int(cfg.train.batch_size)) for _ in range(4)]
+    next_batch = phantom_batches(cfg, method.input_norm)
     method.train()
-    calls = iter(range(10**9))
-    return lambda: float(step([batches[next(calls) % len(batches)]]))
+    return lambda: float(step([next_batch()]))
 
 
 def _record_steps_per_s(benchmark) -> None:
