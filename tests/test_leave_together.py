@@ -67,3 +67,13 @@ def test_one_process_leaves_at_once(monkeypatch):
     monkeypatch.setattr(dist.distributed_c10d, "_get_default_store", no_store)
     assert not dist.is_initialized()
     cli._leave_together()
+
+
+def test_only_a_command_that_worked_waits(monkeypatch):
+    """A process that failed must not wait for the others: its launcher stops them."""
+    calls = []
+    monkeypatch.setattr(cli, "_leave_together", lambda: calls.append(True))
+    assert cli.main(["run", "method=nope"]) == 2
+    assert calls == []
+    assert cli.main(["list"]) == 0
+    assert calls == [True]
