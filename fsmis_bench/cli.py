@@ -187,7 +187,7 @@ def _leave_together() -> None:
     The other processes finish before the main one, which evaluates alone. Left to exit
     then, a process could abort while the interpreter tore gloo down under a busy peer
     (``terminate called without an active exception``, exit -6 after all work was done: a
-    finished run that torchrun reports failed; seen in 1 of ~25 two-process CPU runs, 3 of 13
+    finished run that torchrun reports failed; seen in 1 of ~23 two-process CPU runs, 3 of 13
     when each process also destroyed its process group alone). They wait for the main one
     on the launcher's key-value store instead of a collective, so an evaluation of any
     length never meets a collective's timeout, and Ctrl-C still stops them at once.

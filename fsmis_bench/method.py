@@ -102,8 +102,9 @@ class Method(nn.Module):
         runs host code once, so it would replay one draw at every step. Drawn here, the
         numbers are inputs that the recorded step copies in like the images. A loss called
         without them (outside the engine) should draw them itself through this method, so
-        its numbers do not depend on who drew. Draws on the device (dropout, ``torch.randn(device=...)``) need no hook: recorded graphs
-        advance the device generator. Default: none.
+        its numbers do not depend on who drew. Draws on the device (dropout,
+        ``torch.randn(device=...)``) need no hook: recorded graphs advance the device
+        generator. Default: none.
         """
         return {}
 

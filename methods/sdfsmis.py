@@ -611,19 +611,17 @@ class SDFSMIS(Method):
         support_input = self.support_conv_in(torch.cat([image_latents, mask_latents], dim=1))
         return support_input, SupportContext(AttentionBank(), conditioning, fg_prototype, bg_prototype, s)
 
-    def encode_support(
-        self, support_images: torch.Tensor, support_masks: torch.Tensor, sample: bool = False
-    ) -> SupportContext:
-        """Run the support side once: :meth:`support_side`, then :meth:`write_support`.
+    def encode_support(self, support_images: torch.Tensor, support_masks: torch.Tensor) -> SupportContext:
+        """Run the support side once, at inference (posterior means): :meth:`support_side`,
+        then :meth:`write_support`. Training goes through :meth:`episode_latents` instead.
 
         Args:
             support_images: ``(B, S, 1, H, W)``; support_masks: ``(B, S, 1, H, W)``.
-            sample: encode with posterior samples instead of means (training, ``train_latents``).
         Returns:
             the :class:`SupportContext` for ``B`` episodes.
         """
-        image_latents = self.encode_images(support_images.flatten(0, 1), sample)
-        mask_latents = self.encode_masks(support_masks.flatten(0, 1), sample)
+        image_latents = self.encode_images(support_images.flatten(0, 1))
+        mask_latents = self.encode_masks(support_masks.flatten(0, 1))
         support_input, support = self.support_side(support_images, support_masks, image_latents, mask_latents)
         self.write_support(support_input, support)
         return support

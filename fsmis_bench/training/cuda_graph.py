@@ -31,8 +31,8 @@ A method whose step cannot be recorded (something in it waits for a value on the
 trains eagerly from then on, with a warning. A failed recording has still run the step's
 host code and drawn from the random generators (dropout on the device, say), so their
 states are put back: the eager steps draw what they would have drawn. Recording changes
-only how the kernels are launched. On an H100 in TF32 the recorded losses differ from the eager ones by no more than
-two eager runs differ from each other (0.21 % vs 0.17 % per step; in bf16, recorded vs eager
+only how the kernels are launched. On an H100 in TF32 the recorded losses differ from the
+eager ones by no more than two eager runs differ from each other (0.21 % vs 0.17 % per step; in bf16, recorded vs eager
 6-10 %, eager vs eager not yet measured: ``benchmarks/gpu_engine_check.py``).
 ``tests/test_cuda_graph.py`` checks the bookkeeping on the CPU.
 """

@@ -196,9 +196,11 @@ class TrainStep:
         """``batches`` with what :meth:`Method.host_draws` draws for each, in micro-batch order,
         under the step's autocast (a draw may take the dtype autocast gives), on the batches'
         device: pinned and copied asynchronously to a GPU, so the step still never waits."""
-        draw = getattr(self.accelerator.unwrap_model(self.method), "host_draws", None)
-        if draw is None:  # a bare nn.Module in a test, not a Method
-            return batches
+        method = self.accelerator.unwrap_model(self.method)
+        method = getattr(method, "_orig_mod", method)  # a torch.compile wrapper's module
+        if getattr(type(method), "host_draws", Method.host_draws) is Method.host_draws:
+            return batches  # draws nothing (or a bare nn.Module in a test): no work per step
+        draw = method.host_draws
         drawn = []
         for batch in batches:
             with self.accelerator.autocast():
