@@ -10,7 +10,7 @@ with the same keys under ``test_dataset.``)::
       test_organs: null                # default: every organ of label_map
       modality: none                   # none | ct | mri | auto | {<id>: ct|mri|none, ...}
       orientation: LAS                 # axis codes every scan is brought to, or as_stored
-      folds: null                      # null | [[positions], ...] | loo
+      folds: null                      # null | [[positions], ...] | loo | all
       fold_ids: null                   # [[scan ids], ...]: folds by id instead of position
       support: null                    # a scan id: the support of every fold
       supervoxels: null                # sibling folder of superpix-MIDDLE_<id>.nii.gz
@@ -29,7 +29,9 @@ file's voxel axes (slices along the last one), e.g. for oblique cardiac short-ax
 ``none`` keeps the stored values; a mapping names each scan's modality.
 
 **Folds.** Without ``folds``, ten or more scans get the standard five overlapping folds;
-fewer scans form a single fold (a test set for a model trained elsewhere). ``folds`` lists
+fewer scans form a single fold (a test set for a model trained elsewhere). A run on one
+fold of several says so on stderr ("fold 0 of 5: 3 of 12 scans evaluated");
+``folds: all`` makes one fold of every scan. ``folds`` lists
 positions into the id-sorted scans, ``fold_ids`` lists scan ids; either way a fold is a set,
 taken in id order like the built-in folds (PROTOCOL.md §2), so ``protocol.supp_idx`` counts
 in that order. ``folds: loo`` makes one fold per query scan: ``{support, query}``, with
@@ -37,12 +39,22 @@ in that order. ``folds: loo`` makes one fold per query scan: ``{support, query}`
 training (in-domain) on all other scans.
 
 The path may be absolute, relative to the working directory, or relative to ``data_root``.
+
+**Checks.** Each scan is refused when it cannot be used as it is (unreadable, not 3-D,
+NaN, a constant image, labels that are not whole numbers, a label on another grid, two
+files for one id) and warned about when it can be used but may not mean what the user
+expects: label values outside the label map, test organs it does not show, Hounsfield
+units against the named modality, a field of view far from square (slices are resized to
+a square grid), axes far from the patient's (oblique: the nearest axes are taken), and, for
+a support and a query, axes that end up far apart (one seen turned or mirrored against the
+other). ``check-data nifti_folder`` reports the same through the same reader.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,9 +62,10 @@ from pathlib import Path
 import numpy as np
 
 from fsmis_bench.data.base import ORGANS, Volume, VolumeDataset
-from fsmis_bench.data.consistency import guess_modality, slice_digests
+from fsmis_bench.data.consistency import axis_rotation, guess_modality, modality_mismatch, slice_digests
 from fsmis_bench.data.nifti import (
-    CANONICAL_ORIENTATION, NiftiVolume, check_orientation, load_nifti, nifti_path, numeric_sort, to_source_array,
+    AS_STORED, CANONICAL_ORIENTATION, NiftiVolume, check_orientation, load_nifti, nifti_path, numeric_sort,
+    to_source_array,
 )
 from fsmis_bench.data.options import read_label_map
 from fsmis_bench.errors import ConfigError, DataError, DataWarning
@@ -60,8 +73,19 @@ from fsmis_bench.protocol.folds import folds_for
 
 MODALITIES = ("none", "ct", "mri", "auto")
 _IMAGE_NAME = re.compile(r"image_(.+?)\.nii(\.gz)?")
+_LABEL_NAME = re.compile(r"label_(.+?)\.nii(\.gz)?")
 #: in-plane pixels more anisotropic than this are distorted by the square resize of slices
 _ANISOTROPY = 1.5
+#: a field of view (mm) whose sides differ by more than this factor is visibly squashed
+#: by the square resize of slices (320 x 256 pixels of one size: 1.25)
+FIELD_ASPECT = 1.2
+#: a scan whose voxel axes lie further than this (degrees) from the patient's axes is
+#: oblique: reorientation takes the nearest axes, so near 45 degrees a small change of
+#: angle swaps two of them
+OBLIQUE_DEGREES = 25.0
+#: a support and a query whose axes (as read) lie further apart than this (degrees) show
+#: the patient turned or mirrored against each other
+PAIR_DEGREES = 45.0
 
 
 @dataclass
@@ -74,6 +98,8 @@ class CaseGeometry:
     transform: np.ndarray
     source_affine: np.ndarray
     source_shape: tuple[int, int, int]
+    file_shape: tuple[int, ...] = ()
+    obliquity: float = 0.0
 
 
 def _missing(value) -> bool:
@@ -112,9 +138,13 @@ class NiftiFolder(VolumeDataset):
                 else f"protocol.test_dataset=nifti_folder needs {key}.path",
                 hint=f"add {key}.path=<folder with image_<id>.nii.gz and label_<id>.nii.gz>",
             )
-        folder = Path(str(path)).expanduser()
-        if not folder.is_absolute():
-            folder = self.root / folder if self.root is not None and not folder.resolve().is_dir() else folder.resolve()
+        given = Path(str(path)).expanduser()
+        #: where the folder was looked for: as given, or under the working directory and data_root
+        self.tried = [given] if given.is_absolute() else [given.resolve()] + (
+            [self.root / given] if self.root is not None else [])
+        folder = given
+        if not given.is_absolute():
+            folder = self.root / given if self.root is not None and not given.resolve().is_dir() else given.resolve()
         self.folder = folder
         label_map = read_label_map(options.get("label_map"))
         if not label_map:
@@ -140,12 +170,16 @@ class NiftiFolder(VolumeDataset):
         self._fold_ids = options.get("fold_ids")
         if self._folds and self._fold_ids:
             raise ConfigError(f"give {key}.folds (positions) or {key}.fold_ids (scan ids), not both")
-        if isinstance(self._folds, str) and self._folds != "loo":
-            raise ConfigError(f"{key}.folds={self._folds!r} is unknown", hint="use loo, or lists of positions")
+        if isinstance(self._folds, str) and self._folds not in ("loo", "all"):
+            raise ConfigError(f"{key}.folds={self._folds!r} is unknown",
+                              hint="use loo, all (one fold of every scan), or lists of positions")
         self.support = None if _missing(options.get("support")) else str(options["support"])
         self.supervoxel_dir = options.get("supervoxels")
         self.geometry: dict[str, CaseGeometry] = {}
         self._digests: dict[str, dict[bytes, int]] = {}
+        self._label_values: dict[str, set[int]] = {}
+        #: the fold a run plans (set by :meth:`fold_support`), for the label-map check of :meth:`organ_value`
+        self._planned_fold: int | None = None
 
     def _check_modality(self, value) -> str | dict[str, str]:
         key = self.config_key
@@ -183,6 +217,9 @@ class NiftiFolder(VolumeDataset):
         if self._folds == "loo":
             support = self._support_id(ids)
             return tuple((ids.index(support), i) for i, case in enumerate(ids) if case != support)
+        if self._folds == "all":
+            folds_for(len(ids))  # refuses fewer than two scans
+            return (tuple(range(len(ids))),)
         if self._folds:
             folds = tuple(tuple(int(i) for i in f) for f in self._folds)
             bad = sorted({i for f in folds for i in f if not 0 <= i < len(ids)})
@@ -206,6 +243,14 @@ class NiftiFolder(VolumeDataset):
         return self.support
 
     def fold_support(self, fold: int) -> str | None:
+        """The fixed support of ``fold`` (None: ``protocol.supp_idx``).
+
+        A run asks this once, for the fold it evaluates, before it builds the episodes: the
+        fold is kept for :meth:`organ_value`, and a run on one fold of several says on
+        stderr how many scans it evaluates.
+        """
+        self._planned_fold = fold
+        self._announce_fold(fold)
         if self.support is None and self._folds != "loo":
             return None
         support = self._support_id(self.case_ids())
@@ -217,14 +262,95 @@ class NiftiFolder(VolumeDataset):
             )
         return support
 
+    def _announce_fold(self, fold: int) -> None:
+        """A test set split into folds by default evaluates one of them: say so."""
+        if self.config_key == "dataset" or self._folds or self._fold_ids:
+            return
+        folds = self.folds
+        if len(folds) < 2 or not isinstance(fold, int) or not 0 <= fold < len(folds):
+            return
+        total, evaluated = len(self.case_ids()), len(set(folds[fold]))
+        print(
+            f"note: {self.name}: fold {fold} of {len(folds)}: {evaluated} of {total} scans evaluated "
+            f"({self.config_key}.folds=all evaluates all {total} in one fold; fold=0..{len(folds) - 1} picks another)",
+            file=sys.stderr,
+        )
+
+    def organ_value(self, organ: str) -> int:
+        """The label value of ``organ``; refused when no scan of the planned fold holds it.
+
+        EP1 asks this before it reads the support, so a label map with the wrong value
+        (liver stored as 6, mapped to 1) is named as such, not as a support without liver.
+        """
+        value = super().organ_value(organ)
+        fold = self._planned_fold
+        if fold is None or organ not in self.label_map:
+            return value
+        try:
+            cases = self.fold_cases(fold)
+        except ConfigError:
+            return value
+        held = {case: self.label_values(case) for case in cases}
+        if not any(value in values for values in held.values()):
+            present = sorted(set().union(*held.values()))
+            key = self.config_key
+            raise DataError(
+                f"{self.name}: no scan of fold {fold} ({', '.join(cases)}) holds label value {value} "
+                f"({organ} in {key}.label_map); their label files hold the values {present or 'none'}",
+                hint=f"give {key}.label_map the value {organ} has in the label files, or leave {organ} out "
+                f"with {key}.test_organs; `fsmis-bench check-data nifti_folder --path {self.folder} --label-map ...` "
+                "lists each scan's values",
+            )
+        return value
+
+    def label_values(self, case_id: str) -> set[int]:
+        """The label values (0 left out) scan ``case_id`` holds."""
+        if case_id not in self._label_values:
+            self.load(case_id)
+        return self._label_values[case_id]
+
     # -- files ----------------------------------------------------------------------------
+    def _folder_missing(self) -> DataError:
+        key = self.config_key
+        where = "; ".join(
+            f"{c} is a file, not a folder" if c.is_file() else f"{c} does not exist" for c in dict.fromkeys(self.tried)
+        )
+        return DataError(
+            f"nifti_folder: {key}.path={self.options.get('path')} is not a folder ({where})",
+            hint=f"{key}.path must be a folder of image_<id>.nii.gz and label_<id>.nii.gz files: an absolute path, "
+            "or one relative to the working directory or to data_root",
+        )
+
     def _case_ids(self) -> list[str]:
         if not self.folder.is_dir():
+            raise self._folder_missing()
+        images: dict[str, list[str]] = {}
+        labels: dict[str, list[str]] = {}
+        for entry in sorted(self.folder.iterdir()):
+            for pattern, found in ((_IMAGE_NAME, images), (_LABEL_NAME, labels)):
+                if (m := pattern.fullmatch(entry.name)):
+                    found.setdefault(m.group(1), []).append(entry.name)
+        for found in (images, labels):
+            twice = {i: names for i, names in found.items() if len(names) > 1}
+            if twice:
+                case, names = next(iter(twice.items()))
+                raise DataError(
+                    f"nifti_folder: scan {case} has two files in {self.folder}: {' and '.join(names)}"
+                    + (f" (and {len(twice) - 1} more ids like it)" if len(twice) > 1 else ""),
+                    hint="keep one file per scan id (move the other out of the folder): only one of them would be read",
+                )
+        by_number: dict[str, list[str]] = {}
+        for case in images:
+            if case.isdigit():
+                by_number.setdefault(str(int(case)), []).append(case)
+        alike = [sorted(c) for c in by_number.values() if len(c) > 1]
+        if alike:
             raise DataError(
-                f"nifti_folder: {self.folder} does not exist",
-                hint=f"{self.config_key}.path must be a folder of image_<id>.nii.gz and label_<id>.nii.gz files",
+                f"nifti_folder: scan ids {' and '.join(alike[0])} in {self.folder} are the same number",
+                hint="rename one of them: fold_ids, support and modality mappings name scans by id, and a number "
+                "cannot tell them apart (nor can the id order)",
             )
-        ids = [m.group(1) for p in self.folder.iterdir() if (m := _IMAGE_NAME.fullmatch(p.name))]
+        ids = list(images)
         missing = [i for i in ids if not nifti_path(self.folder, f"label_{i}").exists()]
         if missing:
             raise DataError(
@@ -235,6 +361,14 @@ class NiftiFolder(VolumeDataset):
             raise DataError(
                 f"nifti_folder: no image_<id>.nii.gz files in {self.folder}",
                 hint="expected image_<id>.nii.gz and label_<id>.nii.gz files",
+            )
+        orphans = [i for i in labels if i not in images]
+        if orphans:
+            one = len(orphans) == 1
+            warnings.warn(
+                f"nifti_folder: {', '.join(labels[i][0] for i in numeric_sort(orphans))} in {self.folder} "
+                f"{'has' if one else 'have'} no image_<id> file and {'is' if one else 'are'} left out (a misnamed "
+                "image?)", DataWarning, stacklevel=3,
             )
         if isinstance(self.modality_option, dict):
             unassigned = [i for i in ids if i not in self.modality_option]
@@ -252,15 +386,23 @@ class NiftiFolder(VolumeDataset):
         image = self._read(f"image_{case_id}", np.float32)
         label = self._read(f"label_{case_id}", np.int32)
         self._check_same_grid(case_id, image, label, "label")
+        low, high = float(image.array.min()), float(image.array.max())
+        if low == high:
+            name = nifti_path(self.folder, f"image_{case_id}").name
+            raise DataError(
+                f"nifti_folder: case {case_id}: {name} is constant (every voxel {low:g}): there is nothing to segment",
+                hint="replace or remove this scan (an empty export?)",
+            )
         supervoxels = None
         if with_supervoxels:
             supervoxels = self._read_supervoxels(case_id, image)
         self.geometry[case_id] = CaseGeometry(
             nifti_path(self.folder, f"image_{case_id}"), image.source_axcodes, image.has_orientation,
-            image.transform, image.source_affine, image.source_shape,
+            image.transform, image.source_affine, image.source_shape, image.file_shape, image.obliquity,
         )
         self._digests[case_id] = slice_digests(image.array)
         self._warn_about_geometry(case_id, image)
+        self._warn_about_labels(case_id, label.array)
         modality, pixels = self._intensities(case_id, image.array)
         return Volume(case_id, pixels, label.array, supervoxels, image.spacing, image.affine, modality)
 
@@ -283,7 +425,7 @@ class NiftiFolder(VolumeDataset):
             raise DataError(
                 f"nifti_folder: case {case_id}: the {what} grid ({other.array.shape}, "
                 f"{''.join(other.source_axcodes)}) does not match the image ({image.array.shape}, "
-                f"{''.join(image.source_axcodes)})",
+                f"{''.join(image.source_axcodes)}): {_grid_difference(image, other, what)}",
                 hint=f"the {what} file must cover the image voxel for voxel (same size and affine); "
                 f"check it with `fsmis-bench check-data nifti_folder --path {self.folder}`",
             )
@@ -311,11 +453,74 @@ class NiftiFolder(VolumeDataset):
                 f"{where}: read {self.orientation}, its thick axis ({max(dy, dx):g} mm) lies in-plane and the "
                 f"slices ({dz:g} mm apart) cut across its acquisition planes; {advice}", DataWarning, stacklevel=3,
             )
-        elif max(dy, dx) > _ANISOTROPY * min(dy, dx):
+        else:
+            _, height, width = image.array.shape
+            aspect = (height * dy) / (width * dx)
+            if max(aspect, 1 / aspect) > FIELD_ASPECT:
+                pixels = (f"pixels of {dy:g} x {dx:g} mm far from square" if max(dy, dx) > _ANISOTROPY * min(dy, dx)
+                          else f"{width} x {height} pixels of {dx:g} x {dy:g} mm")
+                warnings.warn(
+                    f"{where}: its slices cover {width * dx:.0f} x {height * dy:.0f} mm ({pixels}); slices are resized "
+                    f"to a square grid, so organs appear {'narrower' if aspect < 1 else 'wider'} by a factor "
+                    f"{max(aspect, 1 / aspect):.2f} than they are (crop or pad the scans to a square field of view)",
+                    DataWarning, stacklevel=3,
+                )
+        if self.orientation != AS_STORED and image.obliquity > OBLIQUE_DEGREES:
             warnings.warn(
-                f"{where}: pixels of {dy:g} x {dx:g} mm are far from square; slices are resized to a square "
-                "grid, so organs appear stretched", DataWarning, stacklevel=3,
+                f"{where}: stored oblique, its voxel axes up to {image.obliquity:.0f} degrees off the patient's axes: "
+                f"read {self.orientation}, each goes to the nearest patient axis, so the anatomy is seen turned by up "
+                f"to {image.obliquity:.0f} degrees (near 45, a small change of angle turns it 90); resample it to an "
+                "axial grid, or use orientation=as_stored if every scan is stored alike", DataWarning, stacklevel=3,
             )
+
+    def _warn_about_labels(self, case_id: str, label: np.ndarray) -> None:
+        """Label values outside the map, and test organs the scan does not show."""
+        where = f"nifti_folder scan {case_id}"
+        values = {int(v) for v in np.unique(label) if v != 0}
+        self._label_values[case_id] = values
+        other = sorted(values - set(self.label_map.values()))
+        if other:
+            warnings.warn(
+                f"{where}: label values {other} are not in the label map (which gives "
+                f"{', '.join(map(str, sorted(self.label_map.values())))}): read as background",
+                DataWarning, stacklevel=4,
+            )
+        absent = [o for o in self.test_organs if self.label_map[o] not in values]
+        if absent:
+            warnings.warn(
+                f"{where}: shows no {', '.join(absent)} (label value{'s' if len(absent) > 1 else ''} "
+                f"{', '.join(str(self.label_map[o]) for o in absent)}): skipped as a query for "
+                f"{'that organ' if len(absent) == 1 else 'those organs'}, and unusable as "
+                f"{'its' if len(absent) == 1 else 'their'} support", DataWarning, stacklevel=4,
+            )
+
+    def pair_warnings(self, first: str, second: str) -> list[str]:
+        """Sentences about scans ``first`` and ``second`` as a support/query pair: their
+        voxel axes, as read, lie far apart (one is seen turned or mirrored against the other).
+
+        Read ``as_stored``, two files stored in different orientations (LAS and RAS) show
+        the patient mirrored; reoriented, two oblique scans near 45 degrees can get different
+        nearest axes and show the patient turned 90 degrees. The advice names the other
+        reading when it would bring the two together.
+        """
+        self.load(first)
+        self.load(second)
+        a, b = self.geometry[first], self.geometry[second]
+        angle = axis_rotation(_read_affine(a, self.orientation), _read_affine(b, self.orientation))
+        if angle <= PAIR_DEGREES:
+            return []
+        alternative = CANONICAL_ORIENTATION if self.orientation == AS_STORED else AS_STORED
+        other = axis_rotation(_read_affine(a, alternative), _read_affine(b, alternative))
+        stored = f"stored {''.join(a.source_axcodes)} and {''.join(b.source_axcodes)}"
+        if a.obliquity > OBLIQUE_DEGREES or b.obliquity > OBLIQUE_DEGREES:
+            stored += f", {a.obliquity:.0f} and {b.obliquity:.0f} degrees oblique"
+        advice = (f"orientation={alternative} brings them together ({other:.0f} degrees apart)"
+                  if other <= PAIR_DEGREES else "resample the scans to one orientation")
+        seen = "mirrored" if angle > 135 else "turned"
+        return [
+            f"lie {angle:.0f} degrees apart as read ({self.orientation}; {stored}): the query is seen {seen} against "
+            f"the support, which lowers its Dice; {advice}"
+        ]
 
     def recipe_of(self, case_id: str) -> str:
         """The intensity recipe scan ``case_id`` gets: ``ct``, ``mri`` or ``none`` (as stored)."""
@@ -332,6 +537,9 @@ class NiftiFolder(VolumeDataset):
             modality = guessed
         elif option in ("ct", "mri"):
             modality = option
+            mismatch = modality_mismatch(option, pixels)
+            if mismatch:
+                warnings.warn(f"nifti_folder scan {case_id}: {mismatch}", DataWarning, stacklevel=3)
         else:
             if guessed == "ct":
                 warnings.warn(
@@ -360,6 +568,8 @@ class NiftiFolder(VolumeDataset):
             raise DataError(f"nifti_folder: case {case_id} is {volume.image.shape}, got a mask of {array.shape}")
         geometry = self.geometry[case_id]
         data = to_source_array(array, geometry.transform)
+        if len(geometry.file_shape) > 3 and data.shape == geometry.file_shape[:3]:
+            data = data.reshape(geometry.file_shape)  # a 4-D file with a 4th axis of length 1
         header = nib.load(str(geometry.image_path)).header
         image = nib.Nifti1Image(data, geometry.source_affine)
         image.set_qform(header.get_qform(), code=int(header["qform_code"]))
@@ -390,6 +600,38 @@ class NiftiFolder(VolumeDataset):
             identity["supervoxels"] = str(sv_dir.resolve())
             identity["supervoxels_sha256"] = _digest_files([nifti_path(sv_dir, f"superpix-MIDDLE_{i}") for i in ids])
         return identity
+
+
+def _read_affine(geometry: CaseGeometry, orientation: str) -> np.ndarray:
+    """The ``(4, 4)`` affine of a scan's voxel axes once read in ``orientation``."""
+    from nibabel import orientations as ornt
+
+    if orientation == AS_STORED:
+        return geometry.source_affine
+    transform = ornt.ornt_transform(ornt.io_orientation(geometry.source_affine), ornt.axcodes2ornt(orientation))
+    return geometry.source_affine @ ornt.inv_ornt_aff(transform, geometry.source_shape)
+
+
+def _grid_difference(image: NiftiVolume, other: NiftiVolume, what: str) -> str:
+    """How two grids differ, in words (sizes, voxel sizes, axes, origin)."""
+    def size(volume: NiftiVolume) -> str:
+        return f"{'x'.join(map(str, volume.array.shape))} voxels of {' x '.join(f'{s:g}' for s in volume.spacing)} mm"
+
+    if other.array.shape != image.array.shape:
+        return f"the {what} has {size(other)}, the image {size(image)} (z, y, x)"
+    parts = []
+    if not np.allclose(other.spacing, image.spacing, rtol=1e-3):
+        parts.append(f"voxel sizes {' x '.join(f'{s:g}' for s in other.spacing)} mm vs "
+                     f"{' x '.join(f'{s:g}' for s in image.spacing)} mm (z, y, x)")
+    angle = axis_rotation(other.affine, image.affine)
+    if angle > 0.1:
+        parts.append(f"axes {angle:.1f} degrees apart")
+    shift = other.affine[:3, 3] - image.affine[:3, 3]
+    if np.abs(shift).max() > 1e-3:
+        voxels = np.linalg.lstsq(image.affine[:3, :3], shift, rcond=None)[0]  # (z, y, x) voxels
+        parts.append(f"origin shifted by ({', '.join(f'{v:+.2f}' for v in shift)}) mm, "
+                     f"({', '.join(f'{v:+.2f}' for v in voxels)}) voxels (z, y, x)")
+    return "same size, but " + "; ".join(parts or ["affines differ"])
 
 
 def _digest_files(paths: list[Path]) -> str:

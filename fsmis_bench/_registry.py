@@ -4,6 +4,8 @@ A registry maps a name to a *factory* (a class or callable) plus the plugin that
 contributed it. Entries may be given as ``"module:attr"`` strings so that heavy
 modules (diffusers, transformers) are imported only when the entry is used.
 Registering a name twice fails loudly; looking up an unknown name lists the known ones.
+A plugin's entry that cannot be imported or built raises :class:`PluginError` naming the
+plugin and the distribution that installed it.
 """
 
 from __future__ import annotations
@@ -11,13 +13,24 @@ from __future__ import annotations
 import difflib
 import importlib
 import os
+import sysconfig
+import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Generic, Iterator, TypeVar, Union
 
-from .errors import NameCollisionError, UnknownNameError
+from .errors import FsmisError, NameCollisionError, UnknownNameError
+
+
+class PluginError(FsmisError):
+    """A plugin failed: it cannot be imported, a hook raised, or a registered class broke
+    its contract (a constructor that raised, a ``predict`` output of the wrong shape)."""
 
 T = TypeVar("T")
+
+#: the distribution of fsmis-bench itself, whose entry points register the built-ins
+BUILTIN_DISTRIBUTION = "fsmis-bench"
 
 
 def closest(name: str, candidates: list[str] | set[str]) -> str | None:
@@ -69,20 +82,83 @@ class Entry(Generic[T]):
     plugin: str
     description: str = ""
     display: Display = field(default_factory=Display)
+    #: the installed distribution (``pip`` name) whose entry point registered the name, and
+    #: its version; empty for plugins registered in-process (:func:`~fsmis_bench.plugins.register_plugin`)
+    distribution: str = ""
+    version: str = ""
+    kind: str = ""
     _resolved: Callable[..., T] | None = field(default=None, repr=False)
 
+    @property
+    def plugin_name(self) -> str:
+        """The registering plugin's own name (:attr:`plugin` without its distribution)."""
+        return self.plugin.split(" (", 1)[0]
+
+    @property
+    def origin(self) -> str:
+        """``"plugin 'mini' of fsmis-mini-plugin 0.2.0"``: who registered the name, for messages."""
+        name = self.plugin_name
+        if not self.distribution:
+            return f"plugin {name!r}"
+        return f"plugin {name!r} of {self.distribution} {self.version}".rstrip()
+
+    def described(self) -> str:
+        """``"method 'mini_conv' (plugin 'mini' of fsmis-mini-plugin 0.2.0)"``."""
+        return f"{self.kind or 'entry'} {self.name!r} ({self.origin})"
+
+    def remedy(self) -> str:
+        """How a user gets rid of a broken plugin (:func:`remedy`)."""
+        return remedy(self.distribution)
+
     def load(self) -> Callable[..., T]:
-        """Import (once) and return the factory."""
+        """Import (once) and return the factory; an import that fails raises :class:`PluginError`."""
         if self._resolved is None:
             if isinstance(self.target, str):
                 module_name, _, attr = self.target.partition(":")
-                obj = importlib.import_module(module_name)
-                for part in attr.split("."):
-                    obj = getattr(obj, part)
+                try:
+                    obj = importlib.import_module(module_name)
+                    for part in attr.split("."):
+                        obj = getattr(obj, part)
+                except Exception as exc:  # noqa: BLE001 - any failure of plugin code
+                    raise PluginError(
+                        f"{self.described()} cannot be imported from {self.target!r}: {_exception_text(exc)}",
+                        hint=self.remedy() + (" (or install the package it needs)"
+                                              if isinstance(exc, ImportError) else ""),
+                    ) from exc
                 self._resolved = obj  # type: ignore[assignment]
             else:
                 self._resolved = self.target
         return self._resolved  # type: ignore[return-value]
+
+
+def remedy(distribution: str) -> str:
+    """The hint for a broken plugin of ``distribution``: fix it or uninstall its package
+    (the built-ins: reinstall fsmis-bench; in-process plugins: stop registering it)."""
+    if distribution == BUILTIN_DISTRIBUTION:
+        return f"a built-in plugin: reinstall {BUILTIN_DISTRIBUTION} with its dependencies (pip install -e .)"
+    if distribution:
+        return f"fix the plugin, or uninstall it: pip uninstall {distribution}"
+    return "fix the plugin, or stop registering it"
+
+
+def _exception_text(exc: BaseException) -> str:
+    """``"ValueError: bad width (fsmis_mini/__init__.py:12)"``: type, first line of the message,
+    and the innermost frame, so a plugin author knows where to look without a traceback."""
+    lines = str(exc).strip().splitlines()
+    text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    frames = [
+        f for f in (traceback.extract_tb(exc.__traceback__) if exc.__traceback__ is not None else [])
+        if f.filename and not f.filename.startswith(("<", _STDLIB)) and Path(f.filename).name not in _OWN_FRAMES
+        and Path(f.filename).parent.name != "pluggy"
+    ]
+    if frames:
+        text += f" ({Path(frames[-1].filename).parent.name}/{Path(frames[-1].filename).name}:{frames[-1].lineno})"
+    return text
+
+
+# frames of the loading machinery itself, never the place a plugin author should look
+_OWN_FRAMES = ("_registry.py", "plugins.py")
+_STDLIB = sysconfig.get_paths()["stdlib"]
 
 
 class Registry(Generic[T]):
@@ -104,19 +180,31 @@ class Registry(Generic[T]):
         plugin: str = "<unknown>",
         description: str = "",
         display: Display | None = None,
+        distribution: str = "",
+        version: str = "",
     ) -> None:
         """Add ``name``; raises :class:`NameCollisionError` if it is taken.
 
         ``target`` may be None for names that only select config (settings, backbones).
         ``display`` says how reports show the name (display name, colour, published name).
+        ``distribution``/``version``: the installed package whose plugin registers the name.
         """
+        entry = Entry(name, target, plugin, description, display or Display(), distribution, version, self.kind)
         if name in self._entries:
-            other = self._entries[name].plugin
+            other = self._entries[name]
+            packages = [f"{e.distribution} {e.version}".rstrip() for e in (other, entry) if e.distribution]
+            # the third-party package is the one to remove (fsmis-bench owns the built-in names)
+            removable = [e.distribution for e in (other, entry) if e.distribution not in ("", BUILTIN_DISTRIBUTION)]
+            hint = "names are global across all installed plugins: rename one of them"
+            if packages:
+                hint = f"installed by {' and by '.join(packages)}; {hint}"
+            if removable:
+                hint += f", or uninstall one: pip uninstall {removable[-1]}"
             raise NameCollisionError(
-                f"{self.kind} {name!r} is registered twice: by plugin {other!r} and by {plugin!r}",
-                hint="rename one of them; names are global across all installed plugins",
+                f"{self.kind} {name!r} is registered twice: by {other.origin} and by {entry.origin}",
+                hint=hint,
             )
-        self._entries[name] = Entry(name, target, plugin, description, display or Display())
+        self._entries[name] = entry
 
     def entry(self, name: str) -> Entry[T]:
         """The entry for ``name``; unknown names raise with the list of known ones."""
@@ -136,8 +224,21 @@ class Registry(Generic[T]):
         return self.entry(name).load()
 
     def build(self, name: str, *args, **kwargs) -> T:
-        """Call the factory registered as ``name``."""
-        return self.get(name)(*args, **kwargs)
+        """Call the factory registered as ``name``.
+
+        An :class:`~fsmis_bench.errors.FsmisError` the factory raises (a plugin's own
+        message for its user) passes unchanged; any other exception becomes a
+        :class:`PluginError` naming the entry and the plugin that registered it.
+        """
+        entry = self.entry(name)
+        factory = entry.load()
+        try:
+            return factory(*args, **kwargs)
+        except FsmisError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure of plugin code
+            raise PluginError(f"{entry.described()} failed to build: {_exception_text(exc)}",
+                              hint=entry.remedy()) from exc
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries

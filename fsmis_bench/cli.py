@@ -17,9 +17,13 @@ import argparse
 import importlib
 import json
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import DataWarning, FsmisError
@@ -60,6 +64,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.cfg:
         show_config(overrides, args.cfg, args.multirun)
         return 0
+    if args.export_masks:  # refused now, not after the run (a sweep writes into per-run subfolders)
+        from .export import check_export_target
+
+        check_export_target(Path(args.export_masks), masks_too=not args.multirun)
     if args.multirun:  # Hydra's multirun: any launcher plugin (hydra/launcher=joblib, submitit_slurm ...)
         return launch(overrides, command=args.command, checkpoint=checkpoint, export_to=args.export_masks)
     if is_sweep(overrides):
@@ -153,6 +161,29 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
         sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
 
+@contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM (``kill``, a scheduler) ends a command as Ctrl-C does: with the "interrupted"
+    message and status 143, instead of a silent death wherever no stop handler is active
+    (evaluation, writing records). Training installs its own handler, which stops at a step
+    boundary (:mod:`fsmis_bench.training.interrupt`). A handler someone else installed is
+    left as it is."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+    from .training.interrupt import Interrupted  # a KeyboardInterrupt that carries its exit status
+
+    def interrupt(signum, frame):
+        raise Interrupted(signum)
+
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(argv[0] if argv else None)
@@ -161,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        with warnings.catch_warnings():
+        with _sigterm_interrupts(), warnings.catch_warnings():
             warnings.simplefilter("default", DataWarning)
             warnings.showwarning = _show_warning
             code = int(args.func(args) or 0)

@@ -8,6 +8,7 @@ registries first, so an unknown name lists the known ones instead of a Hydra tra
 from __future__ import annotations
 
 import itertools
+import math
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ._registry import closest
 from .errors import ConfigError
-from .plugins import registries
+from .plugins import origin_of, registries
 
 _GROUPS = {"method": "methods", "dataset": "datasets", "backbone": "backbones"}
 _CHOICES = {
@@ -27,6 +28,8 @@ _CHOICES = {
     "protocol.exclusion": ("any", "all"),
     "protocol.train_labels": ("supervoxels", "gt"),
     "protocol.gt_exclusion": ("per_group", "liver_spleen"),
+    "protocol.episode_sampler": ("reference", "uniform_pairs"),
+    "protocol.chunk_support": ("matched", "all"),
     "fidelity": ("paper", "code"),
     "device": ("auto", "cpu", "cuda"),
     "mixed_precision": ("auto", "no", "bf16", "fp16"),
@@ -51,10 +54,11 @@ def _engine_choices() -> dict[str, tuple]:
         "train.channels_last": (True, False),
         "train.cuda_graph": ("auto", True, False),
     }
-# Integer options and their least allowed value; those in _NULLABLE may also be null.
+# Integer options and their least allowed value (None: any; supp_idx is checked against the
+# fold size, -1 being the last scan); those in _NULLABLE may also be null.
 _INTEGERS = {
     "fold": 0, "seed": 0, "setting": 1,
-    "protocol.supp_idx": 0, "protocol.n_part": 1, "protocol.n_shot": 1, "protocol.min_fg_pixels": 0,
+    "protocol.supp_idx": None, "protocol.n_part": 1, "protocol.n_shot": 1, "protocol.min_fg_pixels": 0,
     "protocol.max_queries": 1,
     "train.steps": 1, "train.batch_size": 1, "train.grad_accum": 1, "train.checkpoint_every": 1,
     "train.log_every": 1, "train.warmup_steps": 0, "train.num_workers": 0, "train.image_size": 8,
@@ -105,14 +109,15 @@ def _dotted_keys(node: Any, prefix: str = "") -> list[str]:
     return keys
 
 
-def _base_keys(overrides: list[str], extra: list[str]) -> set[str]:
-    """The keys of the config that the group choices in ``overrides`` select, without any
-    value override: every key fsmis-bench and the chosen plugins read."""
+def _declared(overrides: list[str], extra: list[str]) -> dict[str, Any]:
+    """The config that the group choices in ``overrides`` select, without any value
+    override (unresolved): every key fsmis-bench and the chosen plugins declare, with the
+    value their config files give it."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     given = _split(overrides)
-    groups = [f"{k}={v}" for k, v in given.items() if k in (*_GROUPS, "fidelity")]
+    groups = [f"{k}={v}" for k, v in given.items() if k in (*_GROUPS, "fidelity", "memory")]
     test_name = given.get("protocol.test_dataset")
     if test_name not in (None, "", "null"):  # a cross-domain test dataset's own options
         groups.append(f"+dataset@test_dataset={test_name}")
@@ -123,7 +128,13 @@ def _base_keys(overrides: list[str], extra: list[str]) -> set[str]:
             cfg = hydra_compose("config", overrides=groups + extra + [f"backbone={default_backbone}"])
     plain = OmegaConf.to_container(cfg, resolve=False)
     plain.pop("hydra", None)
-    return set(_dotted_keys(plain))
+    return plain  # type: ignore[return-value]
+
+
+def _base_keys(overrides: list[str], extra: list[str]) -> set[str]:
+    """The keys of the config that the group choices in ``overrides`` select, without any
+    value override: every key fsmis-bench and the chosen plugins read."""
+    return set(_dotted_keys(_declared(overrides, extra)))
 
 
 def _unknown_key(key: str, known: set[str], added: bool) -> ConfigError:
@@ -178,6 +189,168 @@ def _split(overrides: list[str]) -> dict[str, str]:
     return pairs
 
 
+def _config_file(group: str, name: str) -> Path | None:
+    """``<group>/<name>.yaml`` as Hydra finds it: the built-in configs first, then each
+    plugin's config folder in order; None where none has it."""
+    for folder in (config_dir(), *registries().config_dirs):
+        for suffix in (".yaml", ".yml"):
+            path = Path(folder) / group / f"{name}{suffix}"
+            if path.is_file():
+                return path
+    return None
+
+
+def _require_config(group: str, name: str) -> Path:
+    """The config file of a registered name; a plugin that registered the name but ships no
+    ``<group>/<name>.yaml`` where Hydra looks is named, with what it must ship."""
+    path = _config_file(group, name)
+    if path is not None:
+        return path
+    regs = registries()
+    entry = getattr(regs, _GROUPS[group]).entry(name)
+    dirs = regs.dirs_of(entry.plugin)
+    if dirs:
+        where = ("its plugin's fsmis_config_dirs hook returns "
+                 + ", ".join(str(d) + ("" if d.is_dir() else " (missing)") for d in dirs))
+    else:
+        where = "its plugin returns no folder from an fsmis_config_dirs hook"
+    raise ConfigError(
+        f"{entry.described()} has no config: no {group}/{name}.yaml in the built-in configs or a plugin's "
+        f"config folder ({where})",
+        hint=f"the plugin must ship {group}/{name}.yaml (with {group}.name: {name}) as package data, in a folder "
+        "that its fsmis_config_dirs hook returns (README, 'Adding a method')",
+    )
+
+
+def _default_choice(group: str) -> str | None:
+    """The option of ``group`` that configs/config.yaml's defaults list selects."""
+    for item in OmegaConf.load(config_dir() / "config.yaml").get("defaults", []):
+        if isinstance(item, DictConfig) and group in item:
+            return str(item[group])
+    return None
+
+
+def _check_method_name(cfg: DictConfig, given: dict[str, str]) -> None:
+    """``method.name`` must exist and equal the ``method=`` choice: the name picks the class
+    that runs, the choice the config file, and the two must be the same method."""
+    choice = given.get("method") or _default_choice("method")
+    if "method.name" in given and given["method.name"] != str(choice):
+        raise ConfigError(
+            f"method.name={given['method.name']} overrides the name that method={choice} set",
+            hint=f"choose the method with method=<name> only, e.g. method={given['method.name']}",
+        )
+    path = _config_file("method", str(choice))
+    shown = str(path) if path is not None else f"method/{choice}.yaml"
+    node = cfg.get("method")
+    name = node.get("name") if isinstance(node, DictConfig) else None
+    if name is None:
+        global_package = path is not None and "@package _global_" in path.read_text(errors="replace")
+        raise ConfigError(
+            f"{shown} (method={choice}) does not set method.name",
+            hint=(f"add `name: {choice}` under `method:` in that file" if global_package else
+                  f"start the file with the line `# @package _global_` and put its options under `method:`, "
+                  f"beginning with `name: {choice}`") + " (README, 'Adding a method')",
+        )
+    if str(name) != str(choice):
+        raise ConfigError(
+            f"{shown} (method={choice}) sets method.name={name!r}, so method={choice} would run {name!r}",
+            hint=f"method.name must equal the file's name: set `name: {choice}` in {shown}",
+        )
+
+
+def _kind_of(declared: Any) -> str | None:
+    """What values a key declared as ``declared`` takes (None: anything)."""
+    if declared is None:
+        return None
+    if isinstance(declared, bool):
+        return "true or false"
+    if isinstance(declared, int):
+        return "an integer"
+    if isinstance(declared, float):
+        return "a number"
+    if isinstance(declared, str):
+        return "text"
+    if isinstance(declared, list):
+        return "a list"
+    if isinstance(declared, dict):
+        return "a mapping"
+    return None
+
+
+def _fits(declared: Any, value: Any) -> bool:
+    if declared is None:
+        return True
+    if isinstance(declared, bool):
+        return isinstance(value, bool)
+    if isinstance(declared, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(declared, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(declared, str):
+        return isinstance(value, str)
+    if isinstance(declared, list):
+        return isinstance(value, list)
+    if isinstance(declared, dict):
+        return isinstance(value, dict)
+    return True
+
+
+def _check_method_option_types(cfg: DictConfig, overrides: list[str], extra: list[str]) -> None:
+    """Every ``method.*`` override must have the type of the value the method's config
+    declares (int, float, bool, str, list, mapping; a key declared ``null`` takes anything)."""
+    given = _split(overrides)
+    keys = [k for k in given if k.startswith("method.") and k != "method.name"]
+    if not keys:
+        return
+    declared_cfg = OmegaConf.create(_declared(overrides, extra))
+    plain = OmegaConf.to_container(cfg, resolve=False)
+    for key in keys:
+        try:
+            declared = OmegaConf.select(declared_cfg, key, throw_on_resolution_failure=False)
+            value = OmegaConf.select(cfg, key, throw_on_resolution_failure=False)
+        except Exception:  # noqa: BLE001 - an odd key: Hydra's own checks answer for it
+            continue
+        declared = OmegaConf.to_container(declared, resolve=True) if OmegaConf.is_config(declared) else declared
+        value = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+        if _fits(declared, value) or isinstance(_pick(plain, key), str) and "${" in _pick(plain, key):
+            continue
+        kind = _kind_of(declared)
+        name = str(cfg.method.name)
+        shown = "true" if declared is True else "false" if declared is False else declared
+        hint = f"e.g. {key}={shown} (the default)"
+        if kind == "text":
+            hint += f"; quote text that reads as a number or boolean: {key}='{value}'"
+        raise ConfigError(
+            f"{key}={value!r} is not allowed: {origin_of('method', name)} declares {key} as {kind} "
+            f"in method/{name}.yaml",
+            hint=hint,
+        )
+
+
+def _pick(data: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        data = data.get(part) if isinstance(data, dict) else None
+    return data
+
+
+def _check_learning_rates(cfg: DictConfig) -> None:
+    """``method.lr`` and every ``method.lr_*`` must be a finite number > 0 (an ``lr_*`` may
+    be null, which a method reads as "the default")."""
+    node = cfg.get("method")
+    if not isinstance(node, DictConfig):
+        return
+    for key in node:
+        key = str(key)
+        if key != "lr" and not key.startswith("lr_"):
+            continue
+        value = OmegaConf.select(cfg, f"method.{key}", throw_on_resolution_failure=False)
+        if value is None and key != "lr":
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"method.{key}={value!r} is not allowed",
+                              hint=f"method.{key} is a learning rate: a finite number > 0, e.g. method.{key}=1e-4")
+
+
 def searchpath_override() -> list[str]:
     """The ``hydra.searchpath`` override that adds the plugins' config dirs (empty if none)."""
     dirs = registries().config_dirs
@@ -218,6 +391,7 @@ def compose(overrides: list[str] | None = None, *, resolve_datasets: bool = True
     for key, attr in _GROUPS.items():
         if key in given:
             getattr(regs, attr).entry(given[key])  # raises with the known names
+            _require_config(key, given[key])  # a plugin that registered the name but ships no config
     if "setting" in given:
         regs.settings.entry(given["setting"])
     # `test_dataset.*` options exist only once `protocol.test_dataset` has put the test
@@ -229,6 +403,7 @@ def compose(overrides: list[str] | None = None, *, resolve_datasets: bool = True
     try:
         with _beside_running_hydra(), initialize_config_dir(config_dir=str(config_dir()), version_base=None):
             cfg = hydra_compose("config", overrides=overrides + extra)
+            _check_method_name(cfg, given)
             more = _test_dataset_overrides(cfg, test_options)
             default_backbone = cfg.method.get("default_backbone")
             if "backbone" not in given and default_backbone:
@@ -254,6 +429,7 @@ def compose(overrides: list[str] | None = None, *, resolve_datasets: bool = True
     with_hydra.pop("hydra", None)
     cfg = OmegaConf.create(with_hydra)
     _refuse_added_or_deleted(overrides + test_options, extra)
+    _check_method_option_types(cfg, overrides, extra)
     if resolve_datasets:
         _resolve_dataset_options(cfg)
     validate(cfg)
@@ -296,6 +472,7 @@ def _test_dataset_overrides(cfg: DictConfig, test_options: list[str]) -> list[st
             )
         return []
     registries().datasets.entry(str(test_name))  # raises with the known names
+    _require_config("dataset", str(test_name))
     return [f"+dataset@test_dataset={test_name}", *test_options]
 
 
@@ -370,8 +547,8 @@ def validate(cfg: DictConfig) -> None:
             continue
         if not isinstance(value, int) or isinstance(value, bool):
             raise ConfigError(f"{key} must be an integer, got {value!r}",
-                              hint=f"e.g. {key}={max(least, 1)}" + (" (or null)" if key in _NULLABLE else ""))
-        if value < least:
+                              hint=f"e.g. {key}={max(least or 0, 1)}" + (" (or null)" if key in _NULLABLE else ""))
+        if least is not None and value < least:
             if key == "fold":
                 raise ConfigError(f"fold={value} does not exist", hint="use fold=0..4 (five folds, PROTOCOL.md §2)")
             raise ConfigError(f"{key}={value} is not allowed", hint=f"{key} must be at least {least}")
@@ -379,6 +556,7 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0 or value == float("inf"):
             raise ConfigError(f"{key}={value!r} is not allowed", hint=f"{key} must be a finite number >= 0")
+    _check_learning_rates(cfg)
     for key in _BOOLEANS:
         value = OmegaConf.select(cfg, key)
         if not isinstance(value, bool):

@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .method import Method
+from .plugins import PluginError, origin_of
 from .protocol.ep1 import QueryCase, SupportSlices
 from .protocol.metrics import confusion_counts, dice_from_counts
 from .training.episodes import resize_slices
@@ -26,6 +27,51 @@ class OrganEpisodes:
     queries: list[QueryCase]
 
 
+#: what :meth:`Method.predict` must return, for messages
+PREDICT_CONTRACT = (
+    "Method.predict(support_images (S, 1, H, W), support_masks (S, 1, H, W), query_images (Q, 1, H, W)) "
+    "must return a (Q, H, W) torch.bool tensor: one foreground mask per query slice, at the query images' "
+    "size; threshold scores inside predict (e.g. `return probabilities[:, 0] > 0.5`)"
+)
+
+
+def _method_name(method: Method) -> str:
+    """The name ``method`` was registered (and configured) under, else its class name."""
+    cfg = getattr(method, "cfg", None)
+    try:
+        name = cfg.method.name if cfg is not None else None  # type: ignore[union-attr]
+    except Exception:  # noqa: BLE001 - a config without method.name
+        name = None
+    return str(name) if name else type(method).__name__
+
+
+def check_prediction(method: Method, mask: object, queries: int, size: tuple[int, int]) -> None:
+    """Refuse a :meth:`Method.predict` output that breaks the contract.
+
+    Args:
+        mask: what ``predict`` returned for ``queries`` query slices of ``size`` ``(H, W)``;
+            it must be a ``(queries, H, W)`` bool tensor. Nothing is thresholded, broadcast
+            or guessed: a float mask (0.5 would be a guess, NaN would become background),
+            a ``(1, H, W)`` mask (broadcast over every slice) or one mask too few is an error.
+    Raises:
+        PluginError: naming the method, the plugin and distribution that registered it, and
+            what it returned, with the contract as the hint.
+    """
+    if isinstance(mask, torch.Tensor):
+        shape = tuple(mask.shape)
+        if mask.dtype == torch.bool and shape == (queries, *size):
+            return
+        got = f"a {mask.dtype} tensor of shape {shape}"
+    else:
+        got = f"a {type(mask).__name__}"
+    raise PluginError(
+        f"{origin_of('method', _method_name(method))} broke the predict contract: it returned {got} "
+        f"for {queries} query slices of {size[0]}x{size[1]} "
+        f"(expected torch.bool of shape ({queries}, {size[0]}, {size[1]}))",
+        hint=PREDICT_CONTRACT,
+    )
+
+
 @torch.no_grad()
 def predict_case(
     method: Method,
@@ -34,19 +80,32 @@ def predict_case(
     device: torch.device,
     image_size: int | None,
     autocast=None,
+    chunk_support: str = "matched",
 ) -> np.ndarray:
     """Predict every kept slice of one query volume, chunk by chunk.
 
+    Args:
+        chunk_support: ``"matched"`` (EP1: chunk ``i`` is segmented with support slice
+            ``i`` of each shot) or ``"all"`` (the released SD-FSMIS test script: every chunk
+            gets all ``n_part`` support slices of every shot as its shots,
+            ``(n_part * S, 1, H, W)``).
     Returns:
         ``(K, H, W)`` bool at the query's native resolution.
+    Raises:
+        PluginError: ``method.predict`` returned anything but ``(Q, H, W)`` bool for a chunk of
+            ``Q`` slices at ``image_size`` (:func:`check_prediction`).
     """
     height, width = query.masks.shape[-2:]
     prediction = np.zeros(query.masks.shape, dtype=bool)
     for part, (lo, hi) in enumerate(zip(query.edges[:-1], query.edges[1:])):
         if hi <= lo:
             continue
-        support_images = resize_slices(torch.from_numpy(support.images[part]), image_size)
-        support_masks = resize_slices(torch.from_numpy(support.masks[part].astype(np.float32)), image_size, nearest=True)
+        if chunk_support == "all":
+            images, masks = support.images.reshape(-1, *support.images.shape[2:]), support.masks.reshape(-1, *support.masks.shape[2:])
+        else:
+            images, masks = support.images[part], support.masks[part]
+        support_images = resize_slices(torch.from_numpy(np.ascontiguousarray(images)), image_size)
+        support_masks = resize_slices(torch.from_numpy(masks.astype(np.float32)), image_size, nearest=True)
         query_images = resize_slices(torch.from_numpy(query.images[lo:hi]), image_size)
         with autocast() if autocast is not None else nullcontext():
             mask = method.predict(
@@ -54,6 +113,7 @@ def predict_case(
                 support_masks.unsqueeze(1).to(device),
                 query_images.unsqueeze(1).to(device),
             )
+        check_prediction(method, mask, hi - lo, tuple(query_images.shape[-2:]))
         mask = mask.float().cpu()
         if tuple(mask.shape[-2:]) != (height, width):
             mask = resize_slices(mask, (height, width), nearest=True)
@@ -71,8 +131,12 @@ def evaluate(
     autocast=None,
     keep_predictions: bool = True,
     description: str = "eval",
+    chunk_support: str = "matched",
 ) -> tuple[list[dict], dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]]:
-    """Per-case rows (organ, case_id, dice, tp, fp, fn) and predicted masks."""
+    """Per-case rows (organ, case_id, dice, tp, fp, fn) and predicted masks.
+
+    ``chunk_support``: which support slices each chunk gets (:func:`predict_case`).
+    """
     method.eval()
     rows, predictions = [], {}
     total = sum(len(e.queries) for e in episodes)
@@ -80,7 +144,8 @@ def evaluate(
                disable=os.environ.get("FSMIS_NO_PROGRESS") == "1")
     for organ_episodes in episodes:
         for query in organ_episodes.queries:
-            pred = predict_case(method, organ_episodes.support, query, device, image_size, autocast)
+            pred = predict_case(method, organ_episodes.support, query, device, image_size, autocast,
+                                chunk_support=chunk_support)
             tp, fp, fn = confusion_counts(pred, query.masks)
             rows.append({"organ": organ_episodes.organ, "case_id": query.case_id,
                          "dice": dice_from_counts(tp, fp, fn), "tp": tp, "fp": fp, "fn": fn})

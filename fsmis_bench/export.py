@@ -15,13 +15,22 @@ Files, per query scan ``<id>`` of the run::
                                (where two organs' masks overlap, the one first in the
                                organ vocabulary keeps the voxel)
     masks.csv                  what was written, with the recorded Dice of each mask
+
+Export refuses a test dataset whose files changed since the run (their digests are in
+``run.json``: ``inputs.test_data``), since it would pair the run's predictions with other
+scans. The files are written into a temporary folder (in ``--out``, or beside it while it
+does not exist) and moved into place only when all are complete; ``--force`` first
+removes the masks exported there before (``pred_*.nii.gz``, ``masks.csv``), so no mask of
+another run stays mixed in.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +40,10 @@ import pandas as pd
 
 from .data.base import ORGANS
 from .errors import DataError, DataWarning
-from .records import atomic_write, load_predictions
+from .records import atomic_write, load_predictions, nearest_existing, new_file_mode, read_json
+
+#: the files an export writes (and ``--force`` replaces)
+EXPORTED = ("pred_*.nii.gz", "masks.csv")
 
 
 @dataclass
@@ -81,7 +93,9 @@ def export_masks(run_dir: str | Path, out_dir: str | Path, *, data_root: str | N
         out_dir: created if needed; existing files are only replaced with ``force``.
         data_root: where the run's built-in dataset lives now, if not where it was.
     Raises:
-        DataError: not a run directory, no saved predictions, or files would be overwritten.
+        DataError: not a run directory, no saved predictions, masks exported there already
+            (without ``force``), a folder that cannot be written, or test files that changed
+            since the run.
     """
     from omegaconf import OmegaConf
 
@@ -91,6 +105,7 @@ def export_masks(run_dir: str | Path, out_dir: str | Path, *, data_root: str | N
     if not (run_dir / "config.yaml").is_file():
         raise DataError(f"{run_dir} is not a run directory (no config.yaml)",
                         hint="pass a directory printed by `fsmis-bench run` (results/<method>/...)")
+    check_export_target(out_dir, force=force, run_dir=run_dir)
     predictions, complete = _predictions(run_dir)
     if not predictions:
         raise DataError(
@@ -101,13 +116,118 @@ def export_masks(run_dir: str | Path, out_dir: str | Path, *, data_root: str | N
     cfg = OmegaConf.load(run_dir / "config.yaml")
     if data_root:
         cfg.data_root = str(data_root)
-    dataset = build_test_dataset(cfg)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DataWarning)  # the run showed them when it read the scans
-        return _export(run_dir, out_dir, dataset, predictions, complete, force)
+        dataset = build_test_dataset(cfg)
+        _check_same_data(run_dir, dataset)
+        staging = None
+        try:
+            staging = _staging_folder(out_dir)
+            summary = _export(run_dir, staging, dataset, predictions, complete)
+            _move_into_place(staging, out_dir, force)
+        except OSError as exc:
+            raise DataError(f"cannot write masks to {out_dir}: {exc.strerror or exc}"
+                            + (f" ({exc.filename})" if exc.filename else ""),
+                            hint="free some space or make the folder writable, then export again "
+                            f"(`fsmis-bench export {run_dir} --out {out_dir}`); nothing was written there") from None
+        finally:
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
+    summary.out_dir = out_dir
+    return summary
 
 
-def _export(run_dir: Path, out_dir: Path, dataset, predictions: dict, complete: bool, force: bool) -> ExportSummary:
+def check_export_target(out_dir: Path, *, force: bool = False, run_dir: Path | None = None,
+                        masks_too: bool = True) -> None:
+    """Refuse a folder that masks cannot be written to, before anything is computed or written.
+
+    Args:
+        out_dir: where the masks go (created if needed).
+        force: masks exported there before may be replaced.
+        run_dir: the run whose masks these are (for the hint), if known.
+        masks_too: also refuse a folder that holds exported masks already (unless ``force``).
+    Raises:
+        DataError: ``out_dir`` (or a folder above it) is a file, cannot be written, or holds
+            exported masks.
+    """
+    out_dir = Path(out_dir).expanduser()
+    existing = nearest_existing(out_dir)
+    if not existing.is_dir():
+        raise DataError(f"cannot write masks to {out_dir}: {existing} is a file, not a folder",
+                        hint="choose another folder for the masks")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise DataError(f"cannot write masks to {out_dir}: {existing} is not writable",
+                        hint="make it writable, or choose another folder for the masks")
+    if masks_too and not force and existing == out_dir:
+        found = sorted(p.name for pattern in EXPORTED for p in out_dir.glob(pattern))
+        if found:
+            run = str(run_dir) if run_dir is not None else "<the run's folder>"
+            raise DataError(
+                f"{out_dir} already holds exported masks ({found[0]}, ...); nothing was overwritten",
+                hint=f"choose another folder, or replace them with `fsmis-bench export {run} --out {out_dir} --force`",
+            )
+
+
+def _check_same_data(run_dir: Path, dataset) -> None:
+    """Refuse a test dataset whose files differ from those the run read (``run.json``)."""
+    try:
+        recorded = (read_json(run_dir / "run.json").get("inputs") or {}).get("test_data") or {}
+    except (OSError, ValueError, AttributeError):
+        return  # an old or damaged record: nothing to compare with
+    digests = {k: v for k, v in recorded.items() if k.endswith("sha256")}
+    if not digests:
+        return
+    current = dataset.identity(with_supervoxels=bool(recorded.get("with_supervoxels", False)))
+    changed = [k for k, v in digests.items() if current.get(k) != v]
+    if changed:
+        where = getattr(dataset, "folder", None) or recorded.get("path") or dataset.name
+        raise DataError(
+            f"the files of the test dataset ({where}) changed since the run {run_dir.name} read them "
+            f"({changed[0]} differs from run.json), so its predictions would be paired with other scans",
+            hint="restore the files as they were when the run read them, or run again on the changed files "
+            "(a new run: the files are part of its identity)",
+        )
+
+
+def _staging_folder(out_dir: Path) -> Path:
+    """An empty hidden folder inside ``out_dir`` when it exists, else beside it (on the same
+    file system either way, so moving the files into place is a rename)."""
+    if out_dir.is_dir():
+        staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir))
+    else:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.export-", dir=out_dir.parent))
+    mode = new_file_mode()
+    os.chmod(staging, mode | (mode & 0o444) >> 2)  # mkdtemp makes it 0700; an ordinary folder: x where r
+    return staging
+
+
+def _move_into_place(staging: Path, out_dir: Path, force: bool) -> None:
+    """The complete export in ``staging`` becomes ``out_dir``'s masks; with ``force`` the
+    masks exported there before go first (another run's may name other scans)."""
+    if not out_dir.exists():
+        os.rename(staging, out_dir)
+        return
+    if force:
+        for pattern in EXPORTED:
+            for old in out_dir.glob(pattern):
+                old.unlink()
+    for path in sorted(staging.iterdir()):
+        os.replace(path, out_dir / path.name)
+    staging.rmdir()
+
+
+def _label_dtype(values: list[int]):
+    """The smallest integer type holding ``values`` and 0 (NIfTI viewers read all of them)."""
+    low, high = min([0, *values]), max([0, *values])
+    for dtype in (np.uint8, np.int16, np.uint16, np.int32):
+        info = np.iinfo(dtype)
+        if info.min <= low and high <= info.max:
+            return dtype
+    return np.int64
+
+
+def _export(run_dir: Path, out_dir: Path, dataset, predictions: dict, complete: bool) -> ExportSummary:
     recorded = {}
     if (run_dir / "cases.csv").is_file():
         cases = pd.read_csv(run_dir / "cases.csv", dtype={"case_id": str})
@@ -116,20 +236,16 @@ def _export(run_dir: Path, out_dir: Path, dataset, predictions: dict, complete: 
     by_case: dict[str, list[str]] = {}
     for organ, case_id in predictions:
         by_case.setdefault(case_id, []).append(organ)
-    targets = [out_dir / f"pred_{c}.nii.gz" for c in by_case]
-    targets += [out_dir / f"pred_{c}_{o}.nii.gz" for c, organs in by_case.items() for o in organs]
-    existing = [p for p in targets + [out_dir / "masks.csv"] if p.exists()]
-    if existing and not force:
-        raise DataError(
-            f"{out_dir} already holds exported masks ({existing[0].name}, ...); nothing was overwritten",
-            hint="choose another --out folder, or pass --force to replace them",
-        )
-    out_dir.mkdir(parents=True, exist_ok=True)
+    unknown = sorted(c for c in by_case if c not in dataset.case_ids())
+    if unknown:
+        raise DataError(f"the run predicted scans that the test dataset no longer holds: {unknown[:5]}",
+                        hint="restore the files the run read")
+    dtype = _label_dtype([int(dataset.label_map.get(o, 0)) for organs in by_case.values() for o in organs])
 
     summary = ExportSummary(run_dir, out_dir, complete=complete)
-    for case_id in sorted(by_case, key=lambda c: dataset.case_ids().index(c) if c in dataset.case_ids() else -1):
+    for case_id in sorted(by_case, key=dataset.case_ids().index):
         shape = dataset.load(case_id).image.shape
-        combined = np.zeros(shape, dtype=np.uint16)
+        combined = np.zeros(shape, dtype=np.int64)
         for organ in sorted(by_case[case_id], key=_organ_key):
             slices, pred = predictions[(organ, case_id)]
             mask = np.zeros(shape, dtype=np.uint8)
@@ -143,7 +259,6 @@ def _export(run_dir: Path, out_dir: Path, dataset, predictions: dict, complete: 
                 "predicted_slices": int(len(slices)), "predicted_voxels": int(mask.sum()),
                 "recorded_dice": recorded.get((organ, case_id), float("nan")),
             })
-        dtype = np.uint8 if combined.max() < 256 else np.uint16
         _save(dataset.source_nifti(case_id, combined.astype(dtype)), out_dir / f"pred_{case_id}.nii.gz")
     atomic_write(out_dir / "masks.csv", pd.DataFrame(summary.rows).to_csv(index=False))
     return summary
@@ -170,5 +285,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("run_dir", help="a run directory (printed by `fsmis-bench run`)")
     parser.add_argument("--out", required=True, help="folder to write into")
     parser.add_argument("--data-root", help="where the run's built-in dataset lives now (default: as recorded)")
-    parser.add_argument("--force", action="store_true", help="replace masks already exported there")
+    parser.add_argument("--force", action="store_true",
+                        help="replace masks already exported there (every pred_*.nii.gz and masks.csv in it)")
     parser.set_defaults(func=run_export)

@@ -66,6 +66,12 @@ REGION_CLASS_NAMES = ("ResnetBlock2D", "Bottleneck", "BasicBlock")
 class Method(nn.Module):
     """Base class of all method plugins.
 
+    A plugin registers its subclass with ``registry.register(name, cls)`` in an
+    ``fsmis_register_methods`` hook and ships ``method/<name>.yaml`` (``method.name: <name>``
+    and every option the class reads) in a folder its ``fsmis_config_dirs`` hook returns.
+    An exception other than :class:`~fsmis_bench.errors.FsmisError` raised by the
+    constructor is reported as a :class:`~fsmis_bench.plugins.PluginError` naming the plugin.
+
     Args:
         cfg: the full resolved run config; a method reads ``cfg.method`` (its own group),
             and where relevant ``cfg.backbone``, ``cfg.pretrained`` and ``cfg.weights_root``.
@@ -75,6 +81,18 @@ class Method(nn.Module):
     needs_training: ClassVar[bool] = True
     #: per-volume intensity normalisation the method expects: "zscore" or "minmax".
     input_norm: ClassVar[str] = "zscore"
+    #: ``cfg.method`` options added after runs of the method were recorded, with the value
+    #: every earlier run had. A run's hash holds such an option as :meth:`late_option_values`
+    #: resolves it, and only where it differs from that value: earlier records keep their
+    #: hashes, and a run whose numbers the option changes gets its own (an option whose
+    #: ``null`` follows ``cfg.fidelity`` would otherwise hash as ``null`` either way).
+    late_options: ClassVar[dict[str, Any]] = {}
+
+    @classmethod
+    def late_option_values(cls, cfg: DictConfig) -> dict[str, Any]:
+        """The :attr:`late_options` as ``cfg`` resolves them (default: as composed)."""
+        method_cfg = cfg.get("method") or {}
+        return {name: method_cfg.get(name, earlier) for name, earlier in cls.late_options.items()}
 
     def __init__(self, cfg: DictConfig) -> None:
         super().__init__()
@@ -90,8 +108,21 @@ class Method(nn.Module):
         return [{"name": "all", "params": params, "lr": float(self.cfg.method.get("lr", 1e-4))}]
 
     def training_loss(self, batch: EpisodeBatch) -> torch.Tensor:
-        """Scalar loss on one batch of episodes."""
+        """Scalar loss on one batch of episodes.
+
+        Args:
+            batch: support images and masks ``(B, S, 1, H, W)``, query images and masks
+                ``(B, 1, H, W)``, float (masks in {0, 1}).
+        Returns:
+            A 0-dim float tensor, differentiable w.r.t. :meth:`param_groups`' parameters.
+        """
         raise NotImplementedError(f"{type(self).__name__} is trainable but has no training_loss")
+
+    def augment_form(self) -> str:
+        """The form of the training episodes' augmentation
+        (:data:`fsmis_bench.training.augment.AUGMENT_FORMS`): ``"standard"`` (PROTOCOL.md §5),
+        unless the method reproduces code that augments otherwise."""
+        return "standard"
 
     def host_draws(self, batch: EpisodeBatch) -> dict[str, torch.Tensor]:
         """Random tensors the training loss on ``batch`` reads, drawn on the host before the step.
@@ -127,7 +158,11 @@ class Method(nn.Module):
             query_images: ``(Q, 1, H, W)`` — all query slices of the chunk, so the support
                 can be encoded once and reused.
         Returns:
-            ``(Q, H, W)`` bool foreground masks.
+            ``(Q, H, W)`` ``torch.bool`` foreground masks, one per query slice, at the query
+            images' ``(H, W)``. Evaluation checks every chunk
+            (:func:`fsmis_bench.evaluation.check_prediction`) and stops the run with an error
+            naming the method's plugin on anything else: float scores are not thresholded,
+            a ``(1, H, W)`` mask is not broadcast, ``(Q, 1, H, W)`` is not squeezed.
         """
         raise NotImplementedError
 

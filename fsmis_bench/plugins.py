@@ -8,18 +8,26 @@ plugins of exactly that kind (see ``pyproject.toml``). A third-party package add
     my_plugin = "my_package.fsmis_plugin"
 
 and implements any of the hooks below.
+
+A plugin that fails (its import raises, a hook raises) stops every command with one
+:class:`PluginError` naming the entry point and the distribution that installed it, never a
+traceback; a config file a plugin ships but that another file of the same name hides warns
+(:class:`PluginWarning`).
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+import importlib.metadata
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pluggy
 
-from ._registry import Display, Registry
+from ._registry import BUILTIN_DISTRIBUTION, Display, PluginError, Registry, _exception_text, remedy
+from .errors import DataWarning, FsmisError
 
 PROJECT = "fsmis_bench"
 ENTRY_POINT_GROUP = "fsmis_bench.plugins"
@@ -64,6 +72,36 @@ class HookSpecs:
         """
 
 
+class PluginWarning(DataWarning):
+    """A plugin that works but may not do what its author meant (a config file it ships is
+    hidden by another of the same name); the CLI prints it as one ``warning:`` line."""
+
+
+@dataclass(frozen=True)
+class PluginOrigin:
+    """Who a loaded plugin is: its name (the entry point's, or :func:`register_plugin`'s)
+    and the installed distribution that advertised it (empty for in-process plugins)."""
+
+    name: str
+    distribution: str = ""
+    version: str = ""
+    entry_point: str = ""  # "threshold = fsmis_threshold"
+
+    @property
+    def label(self) -> str:
+        """``"threshold (fsmis-threshold-plugin)"``: the ``plugin`` column of ``fsmis-bench list``."""
+        return f"{self.name} ({self.distribution})" if self.distribution else self.name
+
+    def __str__(self) -> str:
+        if not self.distribution:
+            return f"plugin {self.name!r}"
+        return f"plugin {self.name!r} of {self.distribution} {self.version}".rstrip()
+
+    def remedy(self) -> str:
+        """The hint for a broken plugin: fix it, or ``pip uninstall`` its distribution."""
+        return remedy(self.distribution)
+
+
 @dataclass
 class Registries:
     """Every registry, filled by all loaded plugins."""
@@ -73,6 +111,15 @@ class Registries:
     backbones: Registry
     settings: Registry
     config_dirs: list[Path]
+    #: which plugin returned each of :attr:`config_dirs` (its hook's folders, in order)
+    config_dir_plugins: dict[Path, PluginOrigin] = field(default_factory=dict)
+    #: every loaded plugin by name
+    plugins: dict[str, PluginOrigin] = field(default_factory=dict)
+
+    def dirs_of(self, plugin: str) -> list[Path]:
+        """The config folders that a plugin (its name, or its :attr:`PluginOrigin.label`, as in
+        :attr:`~fsmis_bench._registry.Entry.plugin`) returned from ``fsmis_config_dirs``."""
+        return [d for d, origin in self.config_dir_plugins.items() if plugin in (origin.name, origin.label)]
 
     def all(self) -> dict[str, Registry]:
         return {
@@ -84,18 +131,54 @@ class Registries:
 
 
 _extra_plugins: list[tuple[Any, str]] = []
+# plugin name -> origin, filled by plugin_manager() (entry points: with their distribution)
+_origins: dict[str, PluginOrigin] = {}
 
 
 @functools.lru_cache(maxsize=1)
 def plugin_manager() -> pluggy.PluginManager:
-    """The process-wide plugin manager, with entry points and in-process plugins loaded."""
+    """The process-wide plugin manager, with entry points and in-process plugins loaded.
+
+    Raises:
+        PluginError: an entry point's module failed to import, or its hooks do not match
+            the specifications (named with its distribution and version).
+    """
     pm = pluggy.PluginManager(PROJECT)
     pm.add_hookspecs(HookSpecs)
-    pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+    _origins.clear()
+    _load_entry_points(pm)
     for plugin, name in _extra_plugins:
         if pm.get_plugin(name) is None:
-            pm.register(plugin, name=name)
+            _register(pm, plugin, PluginOrigin(name))
     return pm
+
+
+def _load_entry_points(pm: pluggy.PluginManager) -> None:
+    """pluggy's ``load_setuptools_entrypoints``, with each failure named by its plugin."""
+    for dist in list(importlib.metadata.distributions()):
+        for ep in dist.entry_points:
+            if ep.group != ENTRY_POINT_GROUP or pm.has_plugin(ep.name) or pm.is_blocked(ep.name):
+                continue
+            origin = PluginOrigin(ep.name, dist.metadata["Name"] or "", dist.version or "",
+                                  f"{ep.name} = {ep.value}")
+            try:
+                plugin = ep.load()
+            except Exception as exc:  # noqa: BLE001 - any failure of plugin code
+                raise PluginError(
+                    f"{origin} failed to load (entry point {origin.entry_point!r} in group "
+                    f"{ENTRY_POINT_GROUP}): {_exception_text(exc)}",
+                    hint=origin.remedy(),
+                ) from exc
+            _register(pm, plugin, origin)
+
+
+def _register(pm: pluggy.PluginManager, plugin: Any, origin: PluginOrigin) -> None:
+    try:
+        pm.register(plugin, name=origin.name)
+    except (pluggy.PluginValidationError, ValueError) as exc:  # a hook that matches no spec, a module twice
+        raise PluginError(f"{origin} cannot be registered: {exc}",
+                          hint=origin.remedy() + "; the hooks and their arguments: fsmis_bench/plugins.py") from exc
+    _origins[origin.name] = origin
 
 
 def register_plugin(plugin: Any, name: str) -> None:
@@ -112,15 +195,20 @@ def unregister_plugin(name: str) -> None:
     registries.cache_clear()
 
 
-def _plugin_name(pm: pluggy.PluginManager, impl: pluggy.HookImpl) -> str:
+def _origin(pm: pluggy.PluginManager, impl: pluggy.HookImpl) -> PluginOrigin:
     name = pm.get_name(impl.plugin) or repr(impl.plugin)
-    dist = dict(pm.list_plugin_distinfo()).get(impl.plugin)
-    return f"{name} ({dist.project_name})" if dist is not None else name
+    return _origins.get(name) or PluginOrigin(name)
 
 
 @functools.lru_cache(maxsize=1)
 def registries() -> Registries:
-    """Fill the registries by calling every plugin's hooks (once per process)."""
+    """Fill the registries by calling every plugin's hooks (once per process).
+
+    Raises:
+        PluginError: a plugin failed to load, or one of its hooks raised (an
+            :class:`~fsmis_bench.errors.FsmisError` a hook raises, such as a name collision,
+            passes unchanged).
+    """
     pm = plugin_manager()
     regs = Registries(
         methods=Registry("method"),
@@ -128,6 +216,7 @@ def registries() -> Registries:
         backbones=Registry("backbone"),
         settings=Registry("setting"),
         config_dirs=[],
+        plugins=dict(_origins),
     )
     hook_for = {
         "fsmis_register_methods": regs.methods,
@@ -139,26 +228,94 @@ def registries() -> Registries:
         caller = getattr(pm.hook, hook_name)
         for impl in caller.get_hookimpls():
             # Each plugin gets a view that stamps its own name on what it registers.
-            impl.function(**_bind(impl, registry=_PluginView(registry, _plugin_name(pm, impl))))
+            origin = _origin(pm, impl)
+            _call(impl, hook_name, origin, registry=_PluginView(registry, origin))
     for impl in pm.hook.fsmis_config_dirs.get_hookimpls():
-        for directory in impl.function(**_bind(impl)) or []:
+        origin = _origin(pm, impl)
+        returned = _call(impl, "fsmis_config_dirs", origin)
+        if isinstance(returned, (str, Path)) or not isinstance(returned, (list, tuple, type(None))):
+            raise PluginError(
+                f"{origin}: its hook fsmis_config_dirs returned {returned!r}, not a list of folders",
+                hint=origin.remedy() + "; return e.g. [str(Path(__file__).parent / 'configs')]",
+            )
+        for directory in returned or []:
             regs.config_dirs.append(Path(directory))
+            regs.config_dir_plugins.setdefault(Path(directory), origin)
+    _warn_about_hidden_configs(regs)
     return regs
+
+
+def _call(impl: pluggy.HookImpl, hook_name: str, origin: PluginOrigin, **kwargs: Any) -> Any:
+    """One plugin's hook; anything but an :class:`FsmisError` it raises becomes a :class:`PluginError`."""
+    try:
+        return impl.function(**_bind(impl, **kwargs))
+    except FsmisError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure of plugin code
+        raise PluginError(f"{origin} failed in its hook {hook_name}: {_exception_text(exc)}",
+                          hint=origin.remedy()) from exc
 
 
 def _bind(impl: pluggy.HookImpl, **kwargs: Any) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if k in impl.argnames}
 
 
+def _warn_about_hidden_configs(regs: Registries) -> None:
+    """Warn about every config file of a plugin that an earlier file of the same name hides.
+
+    Hydra takes ``<group>/<name>.yaml`` from the first folder that has it: the built-in
+    ``configs/``, then the plugins' folders in order. A plugin file behind another is never
+    read, so a plugin shipping ``method/prototype.yaml`` changes nothing that
+    ``method=prototype`` runs.
+    """
+    from importlib import resources
+
+    builtin = Path(str(resources.files("fsmis_bench.configs")))
+    first: dict[str, tuple[Path, str]] = {}  # "method/x.yaml" -> (file, who shipped it)
+    for path in sorted(builtin.glob("*/*.yaml")):
+        relative = path.relative_to(builtin).as_posix()
+        first[relative] = (path.resolve(), f"the built-in configs/{relative}")
+    for directory in regs.config_dirs:
+        origin = regs.config_dir_plugins.get(directory, PluginOrigin("?"))
+        for path in sorted([*directory.glob("*/*.yaml"), *directory.glob("*/*.yml")]):
+            relative = path.relative_to(directory).with_suffix(".yaml").as_posix()
+            if relative not in first:
+                first[relative] = (path.resolve(), f"{path} ({origin})")
+                continue
+            hiding, who = first[relative]
+            if hiding == path.resolve():
+                continue  # the same folder returned twice
+            group, name = relative.split("/", 1)
+            remove = (f"pip uninstall {origin.distribution}" if origin.distribution
+                      and origin.distribution != BUILTIN_DISTRIBUTION else "remove the file")
+            warnings.warn(
+                f"{origin} ships {relative}, which is never read: {who} comes first, so "
+                f"`{group}={name[:-len('.yaml')]}` does not use it (a plugin ships configs only for the "
+                f"names it registers: rename the file and register that name, or {remove})",
+                PluginWarning, stacklevel=3,
+            )
+
+
 class _PluginView:
     """A registry proxy that records which plugin registered each name."""
 
-    def __init__(self, registry: Registry, plugin: str) -> None:
+    def __init__(self, registry: Registry, origin: PluginOrigin) -> None:
         self._registry = registry
-        self._plugin = plugin
+        self._origin = origin
 
     def register(self, name: str, target: Any, *, description: str = "", display: Display | None = None) -> None:
-        self._registry.register(name, target, plugin=self._plugin, description=description, display=display)
+        """Register ``name`` -> ``target`` (a class, or ``"module:Class"`` imported when first used)."""
+        self._registry.register(name, target, plugin=self._origin.label, description=description, display=display,
+                                distribution=self._origin.distribution, version=self._origin.version)
 
     def __contains__(self, name: object) -> bool:
         return name in self._registry
+
+
+def origin_of(kind: str, name: str) -> str:
+    """``"method 'mini_conv' (plugin 'mini' of fsmis-mini-plugin 0.2.0)"``, for messages;
+    ``"method 'x'"`` for a name no loaded plugin registered."""
+    registry = registries().all().get(kind)
+    if registry is None or name not in registry:
+        return f"{kind} {name!r}"
+    return registry.entry(name).described()

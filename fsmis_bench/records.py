@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from .errors import FsmisError
+from .errors import FsmisError, UnknownNameError
 from .training.precision import with_resolved_precision
 
 CASE_COLUMNS = [
@@ -54,13 +54,22 @@ _UNHASHED = ("results_dir", "data_root", "weights_root", "device", "train.num_wo
 # earlier run had, so that a new switch left at its default keeps earlier records and
 # checkpoints found (their hashes stay the same). method.joint_pass gives the two-pass loss
 # up to float rounding, but a training is only reproduced bit for bit by the same kernels.
-_HASHED_UNLESS_DEFAULT = {"train.compile_scope": "model", "method.joint_pass": False}
+# protocol.episode_sampler's earlier rule is `uniform_pairs`: records made before the key
+# existed are found again under it, and a run of today's default gets a hash of its own.
+_HASHED_UNLESS_DEFAULT = {"train.compile_scope": "model", "method.joint_pass": False,
+                          "protocol.episode_sampler": "uniform_pairs", "protocol.chunk_support": "matched"}
+# `method.published_config` names the settings the published numbers were obtained with; it
+# only marks a run that departs from them (non_standard_options) and changes nothing a run
+# computes, so it stays out of the hashes and adding it to a method keeps that method's
+# records and checkpoints found. The classic methods shipped with it hashed from their first
+# version, so for them it stays hashed, or their existing records would no longer be found.
+_PUBLISHED_CONFIG_HASHED = frozenset({"adnet", "qnet", "ssl_alpnet"})
 # Keys that decide the trained weights; evaluation-only options are left out so that a
 # re-evaluation under another protocol option reuses the checkpoint.
 _TRAINING_KEYS = (
     "method", "backbone", "dataset", "setting", "fold", "seed", "pretrained", "fidelity",
     "mixed_precision", "tf32", "train", "protocol.exclusion", "protocol.train_labels", "protocol.gt_exclusion",
-    "protocol.min_fg_pixels", "protocol.test_dataset",
+    "protocol.min_fg_pixels", "protocol.episode_sampler", "protocol.test_dataset",
 )
 
 
@@ -96,13 +105,35 @@ def _hashed_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
     return hashed
 
 
+def _late_method_options(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(earlier values, resolved values)`` of the method's late options
+    (:attr:`fsmis_bench.method.Method.late_options`); empty for an unknown method."""
+    from .plugins import registries  # late: the registry imports the method plugins
+
+    try:
+        method_cls = registries().methods.get(str(cfg.method.name))
+    except UnknownNameError:  # a method that is not installed here: nothing to resolve
+        return {}, {}
+    if not method_cls.late_options:
+        return {}, {}
+    return dict(method_cls.late_options), method_cls.late_option_values(cfg)
+
+
 def _hashed_config(cfg: DictConfig) -> dict[str, Any]:
     data = _plain(cfg)
     for key in _UNHASHED:
         _drop(data, key)
+    method = data.get("method")
+    if isinstance(method, dict) and method.get("name") not in _PUBLISHED_CONFIG_HASHED:
+        _drop(data, "method.published_config")
     for key, default in _HASHED_UNLESS_DEFAULT.items():
         if _pick(data, key) == default:
             _drop(data, key)
+    earlier, resolved = _late_method_options(cfg)
+    for name, value in earlier.items():
+        data["method"].pop(name, None)
+        if resolved[name] != value:
+            data["method"][name] = resolved[name]
     return data
 
 
@@ -175,10 +206,14 @@ def non_standard_options(cfg: DictConfig, random_weights: bool, checkpoint_sha25
         marks.append(f"train_labels={protocol.train_labels}")
         if protocol.get("gt_exclusion", "per_group") != "per_group":
             marks.append(f"gt_exclusion={protocol.gt_exclusion}")  # test organs trained on
+    if protocol.get("episode_sampler", "reference") != "reference":
+        marks.append(f"episode_sampler={protocol.episode_sampler}")
     if int(protocol.supp_idx) != 2:
         marks.append(f"supp_idx={protocol.supp_idx}")
     if int(protocol.n_part) != 3:
         marks.append(f"n_part={protocol.n_part}")
+    if protocol.get("chunk_support", "matched") != "matched":
+        marks.append(f"chunk_support={protocol.chunk_support}")
     if int(protocol.n_shot) != 1:
         marks.append(f"n_shot={protocol.n_shot}")
     if protocol.get("organs"):
@@ -206,14 +241,50 @@ def published_config_deviations(cfg: DictConfig) -> list[str]:
     ]
 
 
+def nearest_existing(path: Path) -> Path:
+    """``path`` itself or the nearest folder above it that exists: what decides whether a
+    folder that is not there yet can be created and written."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    return existing
+
+
 def package_versions() -> dict[str, str]:
+    """Versions of Python, fsmis-bench and its main dependencies, and of every installed
+    distribution whose plugin is loaded (``{"fsmis-mini-plugin": "0.2.0"}``): a run of a
+    third-party method records the version of the package that computed it."""
     versions = {"python": platform.python_version()}
     for name in ("fsmis-bench", "torch", "diffusers", "transformers", "accelerate", "monai", "numpy"):
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             pass
+    from .plugins import registries  # late: the registry imports the plugins
+
+    for origin in registries().plugins.values():
+        if origin.distribution and origin.distribution not in versions:
+            versions[origin.distribution] = origin.version
     return versions
+
+
+def registered_by(cfg: DictConfig) -> dict[str, dict[str, str]]:
+    """Which plugin registered the run's method and datasets, from which distribution and
+    version, for ``run.json``: ``{"method": {"name", "plugin", "distribution", "version"},
+    "dataset": {...}}``, plus ``"test_dataset"`` for a cross-domain run. Distribution and
+    version are empty for a plugin registered in-process (``register_plugin``)."""
+    from .plugins import registries  # late: the registry imports the plugins
+
+    regs = registries()
+    named = [("method", regs.methods, str(cfg.method.name)), ("dataset", regs.datasets, str(cfg.dataset.name))]
+    if test_dataset_name(cfg) != str(cfg.dataset.name):
+        named.append(("test_dataset", regs.datasets, test_dataset_name(cfg)))
+    out = {}
+    for key, registry, name in named:
+        entry = registry.entry(name)
+        out[key] = {"name": name, "plugin": entry.plugin_name, "distribution": entry.distribution,
+                    "version": entry.version}
+    return out
 
 
 def now() -> str:

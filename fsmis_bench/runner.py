@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from .data.base import VolumeDataset
 from .data.consistency import shared_slices, slice_digests, spacing_mismatch
 from .data.digest import file_sha256, files_sha256
-from .errors import ConfigError, DataWarning
+from .errors import ConfigError, DataWarning, FsmisError
 from .evaluation import OrganEpisodes, evaluate
 from .method import Method
 from .plugins import registries
@@ -47,15 +47,19 @@ from .protocol.metrics import fold_organ_scores
 from .protocol.settings import EvalGroup, eval_groups
 from .records import (
     CASE_COLUMNS, COMPLETE, atomic_write, config_hash, load_predictions, non_standard_options,
-    now, package_versions, read_json, run_dir_for, save_predictions, test_dataset_name,
+    nearest_existing, now, package_versions, read_json, registered_by, run_dir_for, save_predictions, test_dataset_name,
     training_hash, write_error, write_json, writing_to,
 )
 from .training.checkpoint import (
-    LEGACY_FILES, WEIGHTS_FILE, CheckpointError, load_weights, read_metadata, refuse_legacy,
+    LEGACY_FILES, STATE_FILE, WEIGHTS_FILE, CheckpointError, load_weights, read_metadata, refuse_legacy,
 )
 from .training.engine import STEP_FILE, make_accelerator, train
 from .training.episodes import EpisodeSampler
 from .training.precision import precision_of, with_resolved_precision
+
+
+class DamagedRecordError(FsmisError):
+    """A finished run's record is damaged and cannot be rebuilt from what the run kept."""
 
 
 def build_dataset(dataset_cfg: DictConfig | dict, data_root: str | None, key: str = "dataset") -> VolumeDataset:
@@ -93,8 +97,7 @@ def build_test_dataset(cfg: DictConfig, train_dataset: VolumeDataset | None = No
 def build_method(cfg: DictConfig) -> Method:
     """The method plugin instance for a resolved config (seeded by ``cfg.seed``)."""
     torch.manual_seed(int(cfg.seed))
-    method_cls = registries().methods.get(str(cfg.method.name))
-    return method_cls(cfg)
+    return registries().methods.build(str(cfg.method.name), cfg)
 
 
 @dataclass
@@ -259,7 +262,7 @@ def plan(cfg: DictConfig, identity: RunIdentity | None = None, *, allow_training
                 norm=method_cls.input_norm,
             )
             episodes[group.name].append(OrganEpisodes(organ, support, queries[:max_queries]))
-    groups = [g for g in groups if episodes[g.name]]
+    groups = [g for g in groups if episodes[g.name]]  # as _evaluated_groups names them
     episodes = {g.name: episodes[g.name] for g in groups}
     supports = sorted({c for organ_eps in episodes.values() for e in organ_eps for c in e.support.case_ids})
     _warn_about_pairs(test_dataset, supports, [c for c in fold_cases if c not in supports])
@@ -276,6 +279,12 @@ def plan(cfg: DictConfig, identity: RunIdentity | None = None, *, allow_training
     return p
 
 
+def _evaluated_groups(cfg: DictConfig, groups: list[EvalGroup]) -> list[str]:
+    """The names of the groups a run evaluates: those with an organ ``protocol.organs`` keeps."""
+    only = list(cfg.protocol.get("organs") or [])
+    return [g.name for g in groups if not only or any(organ in only for organ in g.organs)]
+
+
 def _support_position(dataset: VolumeDataset, fold: int, fold_cases: list[str], supp_idx: int) -> int:
     """``protocol.supp_idx``, unless the dataset fixes the fold's support scan itself."""
     fixed = dataset.fold_support(fold)
@@ -284,8 +293,11 @@ def _support_position(dataset: VolumeDataset, fold: int, fold_cases: list[str], 
 
 def _warn_about_pairs(dataset: VolumeDataset, supports: list[str], queries: list[str]) -> None:
     """Warn when a support and a query differ in modality or voxel size by a large factor,
-    or share identical slices (the same patient twice makes a copy task, not a few-shot one)."""
+    or share identical slices (the same patient twice makes a copy task, not a few-shot one);
+    and whatever else the dataset finds about the pair (``pair_warnings``: e.g. ``nifti_folder``
+    scans whose axes, as read, lie far apart)."""
     digests = getattr(dataset, "slice_digests", None) or (lambda case: slice_digests(dataset.load(case).image))
+    pair_warnings = getattr(dataset, "pair_warnings", None)
     for support_id in supports:
         support = dataset.load(support_id)
         for query_id in queries:
@@ -302,6 +314,8 @@ def _warn_about_pairs(dataset: VolumeDataset, supports: list[str], queries: list
                     f"{pair} share {shared} identical slices (the same patient stored twice?); their Dice "
                     "measures copying, not few-shot segmentation", DataWarning, 2,
                 )
+            for sentence in pair_warnings(support_id, query_id) if pair_warnings else ():
+                warnings.warn(f"{pair} {sentence}", DataWarning, 2)
 
 
 def _training_cases(p: RunPlan) -> list[str]:
@@ -382,6 +396,7 @@ def _prepare_dir(p: RunPlan, random_weights: bool, method_options: dict | None =
         if ident.supervoxels_generated:
             info.setdefault("supervoxels_generated", []).append({**ident.supervoxels_generated, "at": now()})
             write_json(info_path, info)
+        info.setdefault("groups", [g.name for g in p.groups])  # records made before it was recorded
         return info
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
@@ -408,8 +423,11 @@ def _prepare_dir(p: RunPlan, random_weights: bool, method_options: dict | None =
         "weights_from": "external_checkpoint" if checkpoint else ("training" if ident.method.needs_training else "none"),
         "inputs": ident.inputs,
         "evaluated": {e.organ: [q.case_id for q in e.queries] for g in p.groups for e in p.episodes[g.name]},
+        # the evaluation groups, each recorded in parts/cases_<group>.csv (`runs` shows how many are done)
+        "groups": [g.name for g in p.groups],
         "supervoxels_generated": [{**ident.supervoxels_generated, "at": now()}] if ident.supervoxels_generated else [],
         "versions": package_versions(),
+        "registered_by": registered_by(cfg),
         "started_at": now(),
         "finished_at": None,
         "status": "running",
@@ -421,9 +439,7 @@ def _prepare_dir(p: RunPlan, random_weights: bool, method_options: dict | None =
 def _check_results_writable(cfg: DictConfig) -> None:
     """A results folder that cannot be written is refused before any data is read."""
     folder = Path(str(cfg.results_dir)).expanduser()
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = nearest_existing(folder)
     if not existing.is_dir():
         raise ConfigError(f"cannot write to {folder}: {existing} is a file, not a folder",
                           hint="choose another results_dir= (FSMIS_RESULTS_DIR)")
@@ -454,6 +470,8 @@ def execute(cfg: DictConfig, *, allow_training: bool = True, checkpoint: Path | 
             status["outcome"] = ("skipped" if (run_dir / COMPLETE).exists()
                                  else "resumed" if (run_dir / "run.json").exists() else "completed")
         if (run_dir / COMPLETE).exists():
+            if accelerator.is_main_process:
+                _check_finished(run_dir, ident)
             tqdm.write(f"already complete, not recomputed: {run_dir}", file=sys.stderr)
             return run_dir
         p = plan(cfg, ident, allow_training=allow_training)
@@ -491,14 +509,16 @@ def _exclusive(run_dir: Path, main_process: bool = True) -> Iterator[None]:
     """One process per run directory; the OS drops the lock if the process dies.
 
     A run folder created here is removed again when the run fails before computing
-    anything, so a failed start leaves no "running" record behind. The other processes of
-    a multi-process run (``accelerate launch``) work under their main process's lock and
-    write nothing to the record.
+    anything, with the folders above it that were created for it and stayed empty
+    (``<method>/<dataset>/setting<k>/fold<f>/``), so a failed start leaves no "running"
+    record and no empty folders behind. The other processes of a multi-process run
+    (``accelerate launch``) work under their main process's lock and write nothing to the
+    record.
     """
     if not main_process:
         yield
         return
-    created = not run_dir.exists()
+    created = _missing_folders(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
         with open(run_dir / ".lock", "w") as handle:
@@ -513,7 +533,21 @@ def _exclusive(run_dir: Path, main_process: bool = True) -> Iterator[None]:
     except BaseException:
         if created and not _holds_work(run_dir):
             shutil.rmtree(run_dir, ignore_errors=True)
+            for folder in created[1:]:
+                try:
+                    folder.rmdir()  # only when empty: another run may have started beside it
+                except OSError:
+                    break
         raise
+
+
+def _missing_folders(path: Path) -> list[Path]:
+    """``path`` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
 
 
 def _holds_work(run_dir: Path) -> bool:
@@ -542,7 +576,10 @@ def _execute(p: RunPlan, allow_training: bool, accelerator) -> Path:
             existing = (_checkpoint_for(ident.checkpoint, group.name) if ident.checkpoint
                         else _find_checkpoint(cfg, ident.inputs, run_dir, group.name))
             if existing is not None:
-                step = load_weights(method, existing)
+                # weights the user passed are judged as passed; weights found in a run folder
+                # are the run's own, so the hint says what to delete to train them again
+                hint = None if ident.checkpoint else _found_weights_hint(existing, ckpt_dir)
+                step = load_weights(method, existing, hint=hint)
                 tqdm.write(f"using trained weights {existing} (step {step})", file=sys.stderr)
             elif not allow_training:
                 raise ConfigError(
@@ -556,6 +593,7 @@ def _execute(p: RunPlan, allow_training: bool, accelerator) -> Path:
                     train_labels=str(cfg.protocol.train_labels), norm=method.input_norm,
                     min_fg_pixels=int(cfg.protocol.min_fg_pixels), augment=bool(cfg.train.augment),
                     image_size=image_size, seed=int(cfg.seed),  # one stream; each process takes its share
+                    rule=str(cfg.protocol.episode_sampler), augment_form=method.augment_form(),
                 )
                 train(method, sampler, cfg, ckpt_dir, description=f"train {label}", accelerator=accelerator)
         if not accelerator.is_main_process:
@@ -564,7 +602,7 @@ def _execute(p: RunPlan, allow_training: bool, accelerator) -> Path:
         rows, predictions = evaluate(
             method, p.episodes[group.name], device=accelerator.device, image_size=image_size,
             autocast=accelerator.autocast, keep_predictions=bool(cfg.protocol.save_predictions),
-            description=f"eval {label}",
+            description=f"eval {label}", chunk_support=str(cfg.protocol.chunk_support),
         )
         if predictions:
             save_predictions(run_dir / "parts" / f"predictions_{group.name}.npz", predictions)
@@ -581,9 +619,102 @@ def _execute(p: RunPlan, allow_training: bool, accelerator) -> Path:
     return run_dir
 
 
+def _found_weights_hint(weights: Path, own: Path) -> str:
+    """What to do about damaged weights found in a run folder (this run's or an identical
+    training's): delete them, and the group is trained again."""
+    if weights.parent != own:
+        return (f"delete {weights} (the weights of an identical training, in {weights.parents[2]}) and rerun the "
+                "same command to train this group again from step 0")
+    resume = own / STATE_FILE
+    again = f"from its last checkpoint ({resume})" if resume.exists() else "from step 0"
+    return f"delete {weights} and rerun the same command to train this group again {again}"
+
+
+def _part_cases(run_dir: Path, groups: list[str]) -> list[pd.DataFrame]:
+    """Each group's ``parts/cases_<group>.csv``."""
+    return [pd.read_csv(run_dir / "parts" / f"cases_{g}.csv", dtype={"case_id": str}) for g in groups]
+
+
+def _check_finished(run_dir: Path, ident: RunIdentity) -> None:
+    """Check a finished run's record as ``report`` does; a damaged ``cases.csv`` is rebuilt
+    from the run's evaluation parts (announced on stderr).
+
+    Raises:
+        DamagedRecordError: the record is damaged and the parts cannot rebuild it.
+    """
+    from .runs_command import record_problem  # the report's own check
+
+    if record_problem(run_dir) is None:
+        return
+    with _exclusive(run_dir):  # no other process rebuilds it at the same time
+        problem = record_problem(run_dir)
+        if problem is not None:  # (unless one did while we waited)
+            _rebuild_cases(run_dir, ident, problem)
+
+
+def _rebuild_cases(run_dir: Path, ident: RunIdentity, problem: str) -> None:
+    from .reporting.collect import check_cases
+    from .runs_command import record_problem
+
+    cases_path, parts = run_dir / "cases.csv", run_dir / "parts"
+    move_away = f"move {run_dir} away and rerun the same command to compute the run again"
+    try:
+        info = read_json(run_dir / "run.json")
+    except (OSError, ValueError) as exc:
+        raise DamagedRecordError(f"the record {run_dir / 'run.json'} of a finished run is damaged ({exc})",
+                                 hint=move_away) from None
+    if not isinstance(info, dict):
+        raise DamagedRecordError(f"the record {run_dir / 'run.json'} of a finished run holds no record",
+                                 hint=move_away)
+    groups = info.get("groups") or _evaluated_groups(ident.cfg, ident.groups)
+    redo = (f"delete {run_dir / COMPLETE}{{}} and rerun the same command: the evaluation is done again, with "
+            "the trained weights kept")
+    files = [parts / f"cases_{g}.csv" for g in groups]
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        raise DamagedRecordError(f"{cases_path} is damaged ({problem}) and cannot be rebuilt: {missing[0]} is missing",
+                                 hint=redo.format(""))
+    try:
+        frames = _part_cases(run_dir, groups)
+        cases = pd.concat(frames)
+        part_problem = _parts_problem(check_cases(cases, info), files, frames)
+    except (OSError, ValueError) as exc:
+        part_problem = f"unreadable ({type(exc).__name__}: {exc})"
+    if part_problem:
+        raise DamagedRecordError(
+            f"{cases_path} is damaged ({problem}) and cannot be rebuilt: the evaluation parts it is made of are "
+            f"damaged too ({part_problem})",
+            hint=redo.format(f" and {parts / 'cases_*.csv'}"),
+        )
+    atomic_write(cases_path, cases[CASE_COLUMNS].to_csv(index=False))
+    still = record_problem(run_dir)
+    if still is not None:  # something else than cases.csv
+        raise DamagedRecordError(f"the finished run {run_dir} is damaged: {still}", hint=move_away)
+    tqdm.write(f"{cases_path} was damaged ({problem}); rebuilt it from the evaluation parts in {parts}",
+               file=sys.stderr)
+
+
+def _parts_problem(problem: str | None, files: list[Path], frames: list[pd.DataFrame]) -> str | None:
+    """``problem`` (:func:`~fsmis_bench.reporting.collect.check_cases` on the parts put
+    together) worded for the part files: a row of the whole is a row of one of them."""
+    if problem is None:
+        return None
+    head, _, rest = problem.partition(": ")
+    number = head[len("cases.csv row "):]
+    if head.startswith("cases.csv row ") and number.isdigit():
+        row = int(number) - 2  # 0-based, after the header line
+        for file, frame in zip(files, frames):
+            if row < len(frame):
+                return f"{file} row {row + 2}: {rest}"
+            row -= len(frame)
+    if len(files) == 1:
+        return problem.replace("cases.csv", str(files[0]), 1)
+    return f"{', '.join(str(f) for f in files)} together: {problem.replace('cases.csv ', '', 1)}"
+
+
 def _finish(run_dir: Path, p: RunPlan, info: dict) -> None:
     parts = run_dir / "parts"
-    cases = pd.concat([pd.read_csv(parts / f"cases_{g.name}.csv", dtype={"case_id": str}) for g in p.groups])
+    cases = pd.concat(_part_cases(run_dir, [g.name for g in p.groups]))
     atomic_write(run_dir / "cases.csv", cases[CASE_COLUMNS].to_csv(index=False))
     predictions = {}
     for g in p.groups:

@@ -2,11 +2,20 @@
 
 States:
 
-* ``complete``: the ``COMPLETE`` marker is there; never removed by this command.
+* ``complete``: the ``COMPLETE`` marker is there and the record passes the check that
+  ``report`` makes (``cases.csv`` against ``run.json``); never removed by this command.
+* ``damaged``: the ``COMPLETE`` marker is there but the record fails that check (e.g. a
+  truncated ``cases.csv``): ``report`` skips it, and running the same command again
+  rebuilds ``cases.csv`` from the run's evaluation parts, or says what to do. Never removed
+  by this command.
 * ``running``: unfinished, and a live process holds the run's lock (``runner._exclusive``).
 * ``stale``: unfinished and nobody holds the lock — the process was killed, pre-empted
   or stopped. Running the same command again resumes it from its last checkpoint;
   ``--remove-stale --yes`` deletes it instead (checkpoints included).
+
+The progress of an unfinished run is where it resumes: per evaluation group in training
+the step of its last checkpoint (``checkpoints/<group>/last.json``), or ``trained`` once
+its weights are final, and how many evaluation groups are done (``parts/``).
 """
 
 from __future__ import annotations
@@ -24,7 +33,7 @@ from pathlib import Path
 
 from .errors import FsmisError
 
-STATES = ("complete", "running", "stale")
+STATES = ("complete", "running", "stale", "damaged")
 
 
 @dataclass
@@ -41,7 +50,7 @@ class RunState:
     setting: str
     fold: str
     seed: str
-    progress: str  # last logged training step of an unfinished run, e.g. "step 250"
+    progress: str  # where an unfinished run resumes, e.g. "step 250, eval 0/1"; a damaged run's problem
 
 
 def lock_is_held(run_dir: Path) -> bool:
@@ -68,12 +77,48 @@ def _newest_mtime(run_dir: Path) -> float:
     return newest
 
 
-def _progress(run_dir: Path) -> str:
-    logs = sorted((run_dir / "checkpoints").glob("*/train_log.csv"), key=lambda p: p.stat().st_mtime)
-    if not logs:
-        return ""
-    lines = logs[-1].read_text().strip().splitlines()
-    return f"step {lines[-1].split(',', 1)[0]}" if len(lines) > 1 else ""
+def record_problem(run_dir: Path) -> str | None:
+    """Why the finished run in ``run_dir`` cannot be trusted, judged as ``report`` judges it
+    (:func:`fsmis_bench.reporting.collect._read_run`: ``cases.csv`` against ``run.json``);
+    None when its record is sound."""
+    from .reporting.collect import DamagedRun, _read_run
+
+    try:
+        _read_run(run_dir)
+    except DamagedRun as exc:
+        return str(exc)
+    except Exception as exc:  # noqa: BLE001 - as the report: an unreadable record is a damaged one
+        return f"unreadable record ({type(exc).__name__}: {exc})"
+    return None
+
+
+def _checkpoint_step(group_dir: Path) -> str:
+    """Where the training in ``group_dir`` resumes: the step of its ``last.json`` (0 without one)."""
+    state = group_dir / "last.json"
+    if not state.exists():
+        return "step 0"
+    try:
+        return f"step {int(json.loads(state.read_text())['state']['step'])}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "last.json unreadable"
+
+
+def _progress(run_dir: Path, info: dict) -> str:
+    """Where an unfinished run resumes: ``step 40, eval 0/1``, ``trained, eval 0/1``,
+    ``eval 1/4`` (the group names are shown when the run has several groups)."""
+    done = {p.name[len("cases_"):-len(".csv")] for p in (run_dir / "parts").glob("cases_*.csv")}
+    groups = info.get("groups") if isinstance(info.get("groups"), list) else None
+    training = sorted(d for d in (run_dir / "checkpoints").glob("*") if d.is_dir() and d.name not in done)
+    several = len(groups) > 1 if groups is not None else len(training) + len(done) > 1
+    shown = []
+    for group_dir in training:
+        where = "trained" if (group_dir / "final.safetensors").exists() else _checkpoint_step(group_dir)
+        shown.append(f"{group_dir.name}: {where}" if several else where)
+    if groups is not None:
+        shown.append(f"eval {len(done & set(groups))}/{len(groups)}")
+    elif done:
+        shown.append(f"eval {len(done)} done")
+    return ", ".join(shown)
 
 
 def scan(results_dir: Path) -> list[RunState]:
@@ -95,7 +140,8 @@ def scan(results_dir: Path) -> list[RunState]:
             except (OSError, json.JSONDecodeError):
                 info = {}
         complete = (run_dir / COMPLETE).exists()
-        state = "complete" if complete else "running" if lock_is_held(run_dir) else "stale"
+        problem = record_problem(run_dir) if complete else None
+        state = ("damaged" if problem else "complete") if complete else "running" if lock_is_held(run_dir) else "stale"
         started = info.get("started_at")
         age = now - datetime.fromisoformat(started).timestamp() if started else None
         rel = run_dir.relative_to(results_dir).parts
@@ -104,7 +150,7 @@ def scan(results_dir: Path) -> list[RunState]:
             method=str(info.get("method", rel[0] if rel else "?")),
             dataset=str(info.get("test_dataset", info.get("dataset", rel[1] if len(rel) > 1 else "?"))),
             setting=str(info.get("setting", "?")), fold=str(info.get("fold", "?")), seed=str(info.get("seed", "?")),
-            progress="" if complete else _progress(run_dir),
+            progress=(problem or "") if complete else _progress(run_dir, info),
         ))
     return sorted(found, key=lambda r: r.started_at or "")
 
@@ -172,6 +218,9 @@ def _run(args: argparse.Namespace) -> int:
         print(_table(shown, root))
     counts = {s: sum(r.state == s for r in runs) for s in STATES}
     print(f"{len(runs)} runs under {root}: " + ", ".join(f"{n} {s}" for s, n in counts.items()), file=sys.stderr)
+    if counts["damaged"]:
+        print("damaged runs are skipped by `report`; running their command again rebuilds cases.csv from the "
+              "run's evaluation parts, or says what to do", file=sys.stderr)
     if not args.remove_stale:
         if counts["stale"]:
             print("stale runs resume when their command is run again; `fsmis-bench runs --remove-stale --yes` "
@@ -197,9 +246,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``runs`` to the CLI."""
     parser = subparsers.add_parser(
         "runs",
-        help="list run records with their state (complete, running, stale) and age; remove stale ones",
+        help="list run records with their state (complete, running, stale, damaged) and age; remove stale ones",
         description="List the runs under a results root: complete, running (a live process holds the run's "
-                    "lock) or stale (unfinished, nobody holds the lock: rerun its command to resume it).",
+                    "lock), stale (unfinished, nobody holds the lock: rerun its command to resume it) or "
+                    "damaged (finished, but its cases.csv fails the report's check: rerun its command to "
+                    "rebuild it).",
     )
     parser.add_argument("--results", default=None, help="results folder (default: $FSMIS_RESULTS_DIR or ./results)")
     parser.add_argument("--stale", action="store_true", help="list only stale runs")

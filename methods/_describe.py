@@ -188,8 +188,12 @@ def describe_report(method: nn.Module, overrides: list[str] | None = None) -> di
             return default
 
     backbone = cfg_get("backbone")
+    method_cfg = cfg_get("method")
+    registered = method_cfg.get("name") if hasattr(method_cfg, "get") else None
     return {
-        "method": type(method).__name__,
+        # the name the method is registered and run under (`method=<name>`), not its class
+        "method": str(registered) if registered else type(method).__name__,
+        "class": type(method).__name__,
         "overrides": list(overrides or []),
         "backbone": None if backbone is None else backbone.get("name"),
         "pretrained": cfg_get("pretrained"),
@@ -219,7 +223,7 @@ def format_table(report: dict[str, Any]) -> str:
         ))
     lines.append((
         "total",
-        report["method"],
+        report.get("class", report["method"]),
         f"{report['total_params']:,}",
         f"{report['trainable_params']:,}",
         _trained_label(report["total_params"], report["trainable_params"]),

@@ -39,14 +39,20 @@ def dinov2_config(kind: str) -> dict[str, Any]:
 
 #: input resolution of each encoder kind (224 px -> a 16 x 16 patch grid for DINOv2).
 ENCODER_INPUT_SIZE = {"dinov2_small": 224, "dinov2_base": 224, "tiny": 64}
+#: ``resize``: the whole image resized to the input size; ``resize_crop``: what the DINOv2
+#: processor of the released SD-FSMIS code does, the shorter side resized to 256/224 of the
+#: input size (bicubic), then the centre input-size square cropped.
+VTCT_PREPROCESSING = ("resize", "resize_crop")
 
 
 class ImageTokenEncoder(nn.Module):
     """Frozen ViT patch-token encoder.
 
     ``forward(images (B, 3, H, W) in [-1, 1]) -> (B, gh * gw, dim)`` patch tokens (CLS
-    dropped), after resizing to ``input_size`` and ImageNet normalisation. Runs without
-    autograd and stays in eval mode.
+    dropped), after resizing to ``input_size`` (``preprocess="resize"``; with
+    ``"resize_crop"`` the shorter side to ``input_size * 256 / 224`` and the centre square
+    cropped, so the tokens cover the middle of the image only) and ImageNet normalisation.
+    Runs without autograd and stays in eval mode.
 
     Attributes:
         name: encoder kind.
@@ -56,8 +62,13 @@ class ImageTokenEncoder(nn.Module):
         random_weights: True when an encoder that should be pretrained has random weights.
     """
 
-    def __init__(self, name: str, model: nn.Module, input_size: int, *, random_weights: bool) -> None:
+    def __init__(self, name: str, model: nn.Module, input_size: int, *, random_weights: bool,
+                 preprocess: str = "resize") -> None:
         super().__init__()
+        if preprocess not in VTCT_PREPROCESSING:
+            raise ConfigError(f"unknown image encoder preprocessing {preprocess!r}",
+                              hint=f"use one of {', '.join(VTCT_PREPROCESSING)}")
+        self.preprocess = preprocess
         self.name = name
         self.model = _freeze(model)
         self.input_size = int(input_size)
@@ -76,17 +87,33 @@ class ImageTokenEncoder(nn.Module):
             raise ValueError(f"image encoder expects (B, 3, H, W), got {tuple(images.shape)}")
         with torch.no_grad():
             x = (images.float() + 1.0) / 2.0
-            if x.shape[-2:] != (self.input_size, self.input_size):
+            if self.preprocess == "resize_crop":
+                x = self._resize_and_crop(x)
+            elif x.shape[-2:] != (self.input_size, self.input_size):
                 x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False, antialias=True)
             x = (x - self.mean) / self.std
             hidden = self.model(pixel_values=x).last_hidden_state
             return hidden[:, 1:]  # DINOv2 small/base have no register tokens
 
+    def _resize_and_crop(self, x: Tensor) -> Tensor:
+        """The DINOv2 processor's geometry (``BitImageProcessor``: shortest edge 256, bicubic,
+        centre crop 224), scaled to ``input_size``: ``(B, 3, H, W)`` -> ``(B, 3, s, s)``."""
+        shortest = round(self.input_size * 256 / 224)
+        height, width = x.shape[-2:]
+        scale = shortest / min(height, width)
+        size = (max(shortest, round(height * scale)), max(shortest, round(width * scale)))
+        if size != (height, width):
+            x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True)
+        top, left = (size[0] - self.input_size) // 2, (size[1] - self.input_size) // 2
+        return x[..., top:top + self.input_size, left:left + self.input_size]
+
     def extra_repr(self) -> str:
-        return f"name={self.name}, dim={self.dim}, grid={self.grid}, input_size={self.input_size}, random_weights={self.random_weights}"
+        return (f"name={self.name}, dim={self.dim}, grid={self.grid}, input_size={self.input_size}, "
+                f"preprocess={self.preprocess}, random_weights={self.random_weights}")
 
 
-def build_image_encoder(kind: str, *, pretrained: bool, source: str | None, weights_root: str | None) -> ImageTokenEncoder:
+def build_image_encoder(kind: str, *, pretrained: bool, source: str | None, weights_root: str | None,
+                        preprocess: str = "resize") -> ImageTokenEncoder:
     """Build the frozen VTCT image encoder.
 
     Args:
@@ -97,13 +124,14 @@ def build_image_encoder(kind: str, *, pretrained: bool, source: str | None, weig
             (default: the facebook/ id; local folder ``weights_root/<id>`` first, then the hub
             cache); relative paths under ``weights_root`` first.
         weights_root: root of local weights.
+        preprocess: ``resize`` or ``resize_crop`` (:data:`VTCT_PREPROCESSING`).
     """
     from transformers import Dinov2Config, Dinov2Model
 
     cfg = dinov2_config(kind)
     size = ENCODER_INPUT_SIZE[kind]
     if not pretrained or kind == "tiny":
-        return ImageTokenEncoder(kind, Dinov2Model(Dinov2Config(**cfg)), size, random_weights=True)
+        return ImageTokenEncoder(kind, Dinov2Model(Dinov2Config(**cfg)), size, random_weights=True, preprocess=preprocess)
     source = source or HUB_IDS[kind]
     what = f"DINOv2 ({kind})"
     located = locate(what, source, weights_root, hub_id=_hub_hint(source, kind), subfolder=None, library="transformers", single_file=False)
@@ -114,4 +142,4 @@ def build_image_encoder(kind: str, *, pretrained: bool, source: str | None, weig
             f"not {kind} ({cfg['hidden_size']} wide, {cfg['num_hidden_layers']} layers)",
             hint=f"point backbone.image_encoder_source at {HUB_IDS[kind]} weights",
         )
-    return _mark(ImageTokenEncoder(kind, model.float(), size, random_weights=False), False, record)
+    return _mark(ImageTokenEncoder(kind, model.float(), size, random_weights=False, preprocess=preprocess), False, record)

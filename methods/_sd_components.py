@@ -75,6 +75,7 @@ from ._text_encoder import (  # noqa: F401
 )
 from ._image_encoders import (  # noqa: F401
     ENCODER_INPUT_SIZE,
+    VTCT_PREPROCESSING,
     ImageTokenEncoder,
     build_image_encoder,
     dinov2_config,
@@ -91,6 +92,7 @@ __all__ = [
     "SD_VAE_SCALING",
     "TinyCodec",
     "UNET_PARAMS",
+    "VTCT_PREPROCESSING",
     "WeightFiles",
     "WeightsNotFound",
     "backbone_sources",

@@ -75,6 +75,7 @@ from torch import nn
 from fsmis_bench import recorded
 from fsmis_bench.errors import ConfigError
 from fsmis_bench.method import EpisodeBatch, Method
+from fsmis_bench.training.augment import AUGMENT_FORMS
 
 from ._sd_attention import (
     SUPPORT_ATTENTION_FORMS,
@@ -84,6 +85,7 @@ from ._sd_attention import (
     support_attention_parameters,
 )
 from ._sd_components import (
+    VTCT_PREPROCESSING,
     backbone_sources,
     build_image_encoder,
     build_unet,
@@ -104,6 +106,17 @@ FIDELITY_DEFAULTS: dict[str, dict[str, Any]] = {
     "lcc": {"paper": False, "code": True},
     "train_latents": {"paper": "mean", "code": "sample"},
     "vtct_shot_pooling": {"paper": "after_mlp", "code": "before_mlp"},
+    # QE's support prototypes: masks area-resized to the latent grid, all shots' positions
+    # pooled (paper reading) | bilinear align_corners=True, one prototype per shot, averaged
+    # (code, diffews/models/proto.py)
+    "qe_support_form": {"paper": "area_pooled", "code": "bilinear_per_shot"},
+    # VTCT's image encoder input: the whole slice resized (paper reading: patches and mask
+    # line up) | the DINOv2 processor's resize to 256 + centre crop to 224 while the mask
+    # stays the whole slice's (code: ~14 % misregistered)
+    "vtct_preprocess": {"paper": "resize", "code": "resize_crop"},
+    # training augmentation: PROTOCOL.md §5 | the code's Medical.py (one fixed elastic field,
+    # gamma on [-1, 1] mapped to [0, 1]; fsmis_bench/training/augment.py)
+    "augment_form": {"paper": "standard", "code": "sdfsmis_code"},
     # The harness-level differences (GT training labels with the shipped liver+spleen
     # exclusion, pooled Dice, legacy setting-2 exclusion, fp32 + TF32, gradient accumulation,
     # linear decay) are set by the config group configs/fidelity/.
@@ -116,6 +129,7 @@ QE_FORMS = ("cosine", "fg_bg_softmax")
 THRESHOLDS = ("absolute", "relative")
 TRAIN_LATENTS = ("mean", "sample")
 SHOT_POOLINGS = ("after_mlp", "before_mlp")
+QE_SUPPORT_FORMS = ("area_pooled", "bilinear_per_shot")
 #: DDPM schedule of SD-1.x/2.x: scaled_linear betas 0.00085..0.012 over 1000 steps.
 TRAIN_TIMESTEPS = 1000
 BETA_START, BETA_END = 0.00085, 0.012
@@ -140,6 +154,33 @@ def masked_average(features: torch.Tensor, weights: torch.Tensor, eps: float = 1
         ``(B, C)``: ``sum(w * f) / sum(w)`` over shots and positions.
     """
     return (features * weights).sum(dim=(1, 3, 4)) / weights.sum(dim=(1, 3, 4)).clamp_min(eps)
+
+
+def support_prototypes(latents: torch.Tensor, masks: torch.Tensor, form: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """QE's support foreground and background prototypes.
+
+    Args:
+        latents: ``(B, S, C, h, w)`` support image latents.
+        masks: ``(B, S, 1, H, W)`` support masks in {0, 1}.
+        form: ``"area_pooled"``: masks area-averaged onto the latent grid, one average over
+            every shot's positions; ``"bilinear_per_shot"`` (released code): masks resized
+            bilinearly with ``align_corners=True``, one prototype per shot (``+ 1e-6`` on the
+            weight sums), the shots' prototypes averaged.
+    Returns:
+        ``(B, C)`` foreground and background prototypes.
+    """
+    b, s = latents.shape[:2]
+    grid = latents.shape[-2:]
+    flat = masks.flatten(0, 1).float()
+    if form == "area_pooled":
+        weights = F.interpolate(flat, size=grid, mode="area").view(b, s, 1, *grid)
+        return masked_average(latents, weights), masked_average(latents, 1.0 - weights)
+    weights = F.interpolate(flat, size=grid, mode="bilinear", align_corners=True).view(b, s, 1, *grid)
+
+    def per_shot(w: torch.Tensor) -> torch.Tensor:
+        return ((latents * w).sum(dim=(3, 4)) / (w.sum(dim=(3, 4)) + 1e-6)).mean(dim=1)
+
+    return per_shot(weights), per_shot(1.0 - weights)
 
 
 def topk_count(latent_width: int, ratio: float) -> int:
@@ -295,6 +336,9 @@ class SDFSMISOptions:
     lcc: bool
     train_latents: str
     vtct_shot_pooling: str
+    qe_support_form: str
+    vtct_preprocess: str
+    augment_form: str
     predict_batch_size: int
     predict_cuda_graph: bool
     joint_pass: bool
@@ -347,6 +391,21 @@ class SDFSMIS(Method):
     #: the variant's modules when ``cfg.method`` does not name them.
     default_qe: ClassVar[bool] = True
     default_vtct: ClassVar[bool] = True
+    #: released-code forms found after runs were recorded; the value every earlier run had
+    late_options: ClassVar[dict[str, Any]] = {
+        "qe_support_form": "area_pooled", "vtct_preprocess": "resize", "augment_form": "standard",
+    }
+
+    @classmethod
+    def late_option_values(cls, cfg: DictConfig) -> dict[str, Any]:
+        """As :meth:`resolve_options` resolves them; the earlier value where the module they
+        shape (QE, VTCT) is off, so that turning a form on changes no run without it."""
+        opts = cls.resolve_options(cfg.method, str(cfg.get("fidelity", "paper")))
+        return {
+            "qe_support_form": opts.qe_support_form if opts.qe else "area_pooled",
+            "vtct_preprocess": opts.vtct_preprocess if opts.vtct else "resize",
+            "augment_form": opts.augment_form,
+        }
 
     def __init__(self, cfg: DictConfig) -> None:
         super().__init__(cfg)
@@ -395,7 +454,8 @@ class SDFSMIS(Method):
             encoder_kind = self.vtct_encoder_kind = opts.vtct_encoder or backbone.image_encoder
             source = backbone.image_encoder_source if encoder_kind == backbone.image_encoder else None
             self.image_encoder = build_image_encoder(
-                encoder_kind, pretrained=pretrained, source=source, weights_root=weights_root
+                encoder_kind, pretrained=pretrained, source=source, weights_root=weights_root,
+                preprocess=opts.vtct_preprocess,
             )
             self.image_encoder.requires_grad_(False)
             self.vtct_mlp = VTCTProjector(self.image_encoder.dim, text_dim)
@@ -443,6 +503,9 @@ class SDFSMIS(Method):
             lcc=bool(pick("lcc")),
             train_latents=str(pick("train_latents")),
             vtct_shot_pooling=str(pick("vtct_shot_pooling")),
+            qe_support_form=str(pick("qe_support_form")),
+            vtct_preprocess=str(pick("vtct_preprocess")),
+            augment_form=str(pick("augment_form")),
             predict_batch_size=int(get("predict_batch_size") or 8),
             predict_cuda_graph=bool(get("predict_cuda_graph") or False),
             joint_pass=bool(get("joint_pass") or False),
@@ -459,6 +522,9 @@ class SDFSMIS(Method):
             ("vae_dtype", opts.vae_dtype, tuple(VAE_DTYPES)),
             ("train_latents", opts.train_latents, TRAIN_LATENTS),
             ("vtct_shot_pooling", opts.vtct_shot_pooling, SHOT_POOLINGS),
+            ("qe_support_form", opts.qe_support_form, QE_SUPPORT_FORMS),
+            ("vtct_preprocess", opts.vtct_preprocess, VTCT_PREPROCESSING),
+            ("augment_form", opts.augment_form, AUGMENT_FORMS),
         ):
             if value not in allowed:
                 raise ConfigError(
@@ -508,6 +574,9 @@ class SDFSMIS(Method):
         options = {"fidelity": self.fidelity, "prediction_type": self.prediction_type, **asdict(self.options)}
         options["vtct_encoder"] = self.vtct_encoder_kind  # null options.vtct_encoder: the backbone's
         return options
+
+    def augment_form(self) -> str:
+        return self.options.augment_form
 
     def uses_random_weights(self) -> bool:
         frozen = [self.vae] + ([self.image_encoder] if self.image_encoder is not None else [])
@@ -601,12 +670,8 @@ class SDFSMIS(Method):
 
         fg_prototype = bg_prototype = None
         if self.options.qe:
-            grid = image_latents.shape[-2:]
-            weights = F.interpolate(support_masks.flatten(0, 1).float(), size=grid, mode="area")
             latents = image_latents.view(b, s, *image_latents.shape[1:])
-            weights = weights.view(b, s, 1, *grid)
-            fg_prototype = masked_average(latents, weights)
-            bg_prototype = masked_average(latents, 1.0 - weights)
+            fg_prototype, bg_prototype = support_prototypes(latents, support_masks, self.options.qe_support_form)
 
         support_input = self.support_conv_in(torch.cat([image_latents, mask_latents], dim=1))
         return support_input, SupportContext(AttentionBank(), conditioning, fg_prototype, bg_prototype, s)

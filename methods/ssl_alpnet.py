@@ -43,7 +43,10 @@ Choices the released code leaves open, made here:
 Differences of the harness, not of this file: SSL-ALPNet trains on 2-D superpixels with the
 support and query cut from the *same* slice under two augmentations, and evaluates with the
 last fold scan as support; this benchmark trains every method on the ADNet-family episodes
-(PROTOCOL.md §5, 3-D supervoxels, adjacent slices) and evaluates EP1 with ``protocol.supp_idx``.
+(PROTOCOL.md §5, 3-D supervoxels, adjacent slices) and evaluates EP1 with ``protocol.supp_idx``
+and the ``linspace`` chunks (SSL-ALPNet's own test splits by z-range). On CT (``abd_ct``) the
+released code normalises with one mean and standard deviation over the training fold's scans;
+here every volume is z-scored on its own (docs/reference_differences.md).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@
 # Defaults: 1500 steps of 4 episodes, lr 1e-3 (a randomly initialised 2 M-parameter U-Net;
 # the paper's 1e-5 is for the pretrained SD-1.5 U-Net), IMAGE_SIZE=64 (8 x 8 latents), bf16
 # VAE, on CUDA when there is one. These were chosen on the 2-core CPU, where the run takes
-# 26 min under load (README "Measured figures"); 600 steps of 1 episode at 128 px still gave
+# 16-26 min depending on load (README "Measured figures"); 600 steps of 1 episode at 128 px still gave
 # empty masks. Needs FSMIS_DATA_ROOT (CHAOST2/) and FSMIS_WEIGHTS_ROOT (taesd/).
 set -euo pipefail
 STEPS="${1:-1500}"

@@ -83,6 +83,61 @@ def test_a_damaged_resume_state_is_refused_with_a_hint(damage, message, tmp_path
         load_training_state(tmp_path)
 
 
+def test_damaged_resume_tensors_get_the_hint_to_delete_the_state(tmp_path):
+    save_training_state(tmp_path, {"step": 4, "w": torch.zeros(2)})
+    tensors = tmp_path / "last-00000004.safetensors"
+    tensors.write_bytes(tensors.read_bytes()[:20])  # truncated
+    with pytest.raises(CheckpointError, match="not a safetensors checkpoint") as caught:
+        load_training_state(tmp_path)
+    assert caught.value.hint == (f"delete {tensors} and {tmp_path / 'last.json'}, then rerun the same command: "
+                                 "this training restarts from step 0")
+
+
+@pytest.mark.parametrize("fails", ["tensors", "json"])
+def test_a_full_disk_is_an_oserror_and_the_previous_state_stays(fails, tmp_path, monkeypatch):
+    """safetensors raises a SafetensorError (no OSError) for a failed write: it comes out as
+    the OSError it was, naming the file, with no temporary or orphaned file left."""
+    import errno
+
+    from safetensors import SafetensorError
+
+    from fsmis_bench.training import checkpoint
+
+    save_training_state(tmp_path, {"step": 4, "w": torch.zeros(2)})
+
+    def full(tensors, filename, metadata=None):
+        open(filename, "wb").write(b"\0" * 10)
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    def full_text(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_file" if fails == "tensors" else "_write_text",
+                        full if fails == "tensors" else full_text)
+    with pytest.raises(OSError) as caught:
+        save_training_state(tmp_path, {"step": 8, "w": torch.ones(2)})
+    assert caught.value.errno == errno.ENOSPC
+    if fails == "tensors":
+        assert caught.value.filename == str(tmp_path / "last-00000008.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last-00000004.safetensors", "last.json"]
+    monkeypatch.undo()
+    assert load_training_state(tmp_path)["step"] == 4
+
+
+def test_a_safetensors_error_that_is_no_write_failure_is_not_disguised(tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    from fsmis_bench.training import checkpoint
+
+    def refuses(tensors, filename, metadata=None):
+        raise SafetensorError("Error while serializing: header too large")
+
+    monkeypatch.setattr(checkpoint, "save_file", refuses)
+    with pytest.raises(SafetensorError):
+        save_training_state(tmp_path, {"step": 1, "w": torch.zeros(2)})
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_read_safetensors_refuses_a_torch_save_file_without_loading_it(tmp_path):
     path = tmp_path / "model.pt"
     torch.save({"model/w": torch.zeros(1)}, path)

@@ -98,6 +98,16 @@ def test_support_without_the_organ(tmp_path, capsys, results_dir):
     assert main(["run", *_folder_args(folder), "protocol.supp_idx=0"]) == 0
 
 
+def test_supp_idx_minus_one_is_the_last_scan_of_the_fold(tmp_path, capsys, results_dir):
+    """The hint of an out-of-range supp_idx offers -1 (the last scan, ADNet's choice): it must work."""
+    folder = tmp_path / "scans"
+    _write_folder(folder, organ_missing_in=3)  # fold 0 = scans 1,2,3: the last is 3, without the organ
+    assert main(["run", *_folder_args(folder), "protocol.supp_idx=-1"]) == 2
+    assert "support scan 3 shows liver in 0 slices" in capsys.readouterr().err
+    assert main(["run", *_folder_args(folder), "protocol.supp_idx=5"]) == 2
+    assert "or -1 for the last scan" in capsys.readouterr().err
+
+
 def test_failed_run_in_a_sweep_keeps_finished_runs(tmp_path, capsys, results_dir):
     folder = tmp_path / "scans"
     _write_folder(folder, organ_missing_in=5)  # fold 0 = ids 1,2,3 (support 3); fold 1 = ids 3,4,5 (support 5 lacks it)

@@ -31,9 +31,10 @@ def test_fidelity_code_switches_every_harness_level_difference():
     assert (code.train.grad_accum, code.train.schedule) == (4, "linear")
     assert (paper.protocol.gt_exclusion, code.protocol.gt_exclusion) == ("per_group", "liver_spleen")
     assert (code.mixed_precision, code.tf32) == ("no", True)  # --mixed_precision no --allow_tf32
+    assert (paper.protocol.chunk_support, code.protocol.chunk_support) == ("matched", "all")  # my_test_query.py
     assert compose(["fidelity=code", "train.grad_accum=2"]).train.grad_accum == 2  # the command line wins
     marks = non_standard_options(compose(["fidelity=code", "setting=2"]), random_weights=False)
-    assert marks == ["exclusion=all", "dice=pooled", "train_labels=gt", "gt_exclusion=liver_spleen"]
+    assert marks == ["exclusion=all", "dice=pooled", "train_labels=gt", "gt_exclusion=liver_spleen", "chunk_support=all"]
 
 
 def test_unknown_preset_lists_the_options():

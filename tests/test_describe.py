@@ -148,6 +148,7 @@ def test_describe_command_end_to_end(capsys: pytest.CaptureFixture[str]) -> None
     args = parser.parse_args(["describe", "method=prototype", "--format", "json"])
     assert args.func(args) == 0
     report = json.loads(capsys.readouterr().out)
+    assert report["method"] == "prototype" and report["class"] == "PrototypeNet"  # the registered name
     assert report["total_params"] == sum(r["params"] for r in report["components"] if r["kind"] in ("component", "other"))
 
 

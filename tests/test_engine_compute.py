@@ -78,14 +78,16 @@ def test_switch_gives_the_plain_losses(tmp_path, switch, base, rel, why):
 def test_bf16_master_weights_track_bf16_autocast(tmp_path):
     """bf16 weights + fp32 master copies vs fp32 weights, both under bf16 autocast: the first
     loss is identical (autocast rounds the weights to bf16 too); after that the bf16-rounded
-    weight gradients move the tiny net apart by a few % within 3 steps at lr 1e-3 (tolerance
-    6 %, against plain fp32 as well)."""
+    weight gradients move the tiny net apart by a few % within 3 steps at lr 1e-3: up to 7 %
+    at the third step on these episodes (the reference episode sampler's; up to 6 % on the
+    earlier sampler's), against up to 2 % between bf16 autocast and plain fp32. Tolerance
+    10 %, against plain fp32 as well."""
     autocast = _losses(tmp_path, [*PROTOTYPE, "mixed_precision=bf16"], "autocast")
     master = _losses(tmp_path, [*PROTOTYPE, "mixed_precision=bf16", "train.weight_dtype=bfloat16"], "master")
     fp32 = _losses(tmp_path, PROTOTYPE, "fp32")
     assert autocast[0] == master[0]
-    assert _close(autocast, master, 6e-2), (autocast, master)
-    assert _close(fp32, master, 6e-2), (fp32, master)
+    assert _close(autocast, master, 1e-1), (autocast, master)
+    assert _close(fp32, master, 1e-1), (fp32, master)
 
 
 def test_bf16_weights_need_bf16_autocast(tmp_path):

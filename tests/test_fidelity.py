@@ -41,3 +41,4 @@ def test_fidelity_code_run_records_every_code_form(results_dir):
         "degenerate_t1", "kv_concat", "fg_bg_softmax", True)
     assert (info["protocol"]["train_labels"], info["protocol"]["gt_exclusion"]) == ("gt", "liver_spleen")
     assert "gt_exclusion=liver_spleen" in info["non_standard"]
+    assert info["protocol"]["chunk_support"] == "all" and "chunk_support=all" in info["non_standard"]

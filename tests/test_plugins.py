@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fsmis_bench import plugins
-from fsmis_bench._registry import Registry
+from fsmis_bench._registry import PluginError, Registry
 from fsmis_bench.cli import main
 from fsmis_bench.errors import NameCollisionError, UnknownNameError
 from fsmis_bench.method import EpisodeBatch
@@ -33,7 +33,8 @@ def test_registry_is_lazy():
     registry = Registry("thing")
     registry.register("lazy", "no_such_module_anywhere:Thing", plugin="p")
     assert "lazy" in registry  # registering imported nothing
-    with pytest.raises(ModuleNotFoundError):
+    # a failed import names the entry and its plugin (one message, no traceback in the CLI)
+    with pytest.raises(PluginError, match=r"thing 'lazy' \(plugin 'p'\) cannot be imported.*No module named"):
         registry.get("lazy")
 
 
@@ -116,6 +117,7 @@ def _method_overrides(name: str) -> list[str]:
 @pytest.mark.parametrize("name", plugins.registries().methods.names())
 def test_method_contract(name):
     from fsmis_bench.api import build_method
+    from fsmis_bench.evaluation import check_prediction
 
     torch.manual_seed(0)
     method = build_method(_method_overrides(name))
@@ -129,6 +131,7 @@ def test_method_contract(name):
     with torch.no_grad():
         mask = method.predict(support_images, support_masks, query_images)
     assert mask.shape == (3, size, size) and mask.dtype == torch.bool
+    check_prediction(method, mask, 3, (size, size))  # what evaluation checks of every chunk
     if method.needs_training:
         groups = method.param_groups()
         assert groups and all(g["params"] and g["lr"] > 0 for g in groups)

@@ -78,6 +78,31 @@ def test_sigusr1_checkpoints_at_a_step_boundary_and_the_rerun_resumes_exactly(tm
     pd.testing.assert_frame_equal(pd.read_csv(reference / "cases.csv"), pd.read_csv(resumed / "cases.csv"))
 
 
+def test_sigterm_during_the_evaluation_says_interrupted_exits_143_and_the_rerun_finishes(
+        results_dir, monkeypatch, capsys):
+    """Outside training (where the stop handler saves at a step boundary) SIGTERM ends the
+    command as Ctrl-C does: the "interrupted" message and 128 + 15, not a silent death."""
+    from fsmis_bench import runner
+
+    real_evaluate = runner.evaluate
+
+    def terminated(*args, **kwargs):
+        # never kill the test process: only signal when a handler is there to catch it
+        assert callable(signal.getsignal(signal.SIGTERM)), "SIGTERM would end the process without a word"
+        os.kill(os.getpid(), signal.SIGTERM)  # as `kill` or a scheduler would, during the evaluation
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "evaluate", terminated)
+    argv = ["run", *SMALL, "train.steps=2"]
+    assert main(argv) == 143
+    err = capsys.readouterr().err
+    assert "interrupted; finished work is kept and the same command resumes" in err and "Traceback" not in err
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler is given back
+    monkeypatch.setattr(runner, "evaluate", real_evaluate)
+    assert main(argv) == 0
+    assert "using trained weights" in capsys.readouterr().err  # the finished training was kept
+
+
 def _task_processes(folder: Path) -> list[int]:
     """PIDs of the submitit job processes (``submitit.core._submit``) working in ``folder``."""
     pids = []

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from fsmis_bench.data.base import Volume, VolumeDataset
-from fsmis_bench.errors import ConfigError, DataError
+from fsmis_bench.errors import ConfigError, DataError, DataWarning
 from fsmis_bench.protocol import (
     FOLDS, build_test_episodes, chunk_edges, confusion_counts, dice_from_counts, eval_groups,
     excluded_slices, fold_indices, fold_organ_scores, support_positions,
@@ -82,6 +82,25 @@ def test_support_positions(n_labelled, n_part, expected):
     assert support_positions(n_labelled, n_part) == expected
 
 
+def _reference_support_index(n_shot: int, count: int) -> list[int]:
+    """Q-Net's ``TestDataset.get_support_index``, written out step by step as it is there."""
+    if n_shot == 1:
+        pcts = [0.5]
+    else:
+        half_part = 1 / (n_shot * 2)
+        part_interval = (1.0 - 1.0 / n_shot) / (n_shot - 1)
+        pcts = [half_part + part_interval * ii for ii in range(n_shot)]
+    return (np.array(pcts) * count).astype("int").tolist()
+
+
+def test_support_positions_follow_the_reference_rounding():
+    # a reassociated formula rounds differently for some n_part >= 11 (n_part=11, 12 slices)
+    for n_part in range(1, 26):
+        for n_labelled in range(n_part, 400):
+            assert support_positions(n_labelled, n_part) == _reference_support_index(n_part, n_labelled), (
+                n_labelled, n_part)
+
+
 @pytest.mark.parametrize(
     "n_query, n_part, expected",
     [
@@ -147,6 +166,14 @@ def test_support_without_the_organ_is_a_clear_error():
     dataset = _Toy()
     with pytest.raises(DataError, match="support scan d shows liver in 0 slices"):
         build_test_episodes(dataset, list("abcde"), "liver", supp_idx=3, n_part=3)
+
+
+def test_support_with_fewer_slices_than_chunks_shares_them_as_the_reference_does():
+    dataset = _Toy()  # c shows the liver in z 3..8 (C = 6)
+    with pytest.warns(DataWarning, match="fewer than n_part=8: chunks share support slices"):
+        support, _ = build_test_episodes(dataset, list("abcde"), "liver", supp_idx=2, n_part=8)
+    expected = [3 + k for k in _reference_support_index(8, 6)]
+    assert support.slice_indices[:, 0].tolist() == expected and len(set(expected)) < 8
 
 
 def test_confusion_and_dice_by_hand():

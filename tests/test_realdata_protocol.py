@@ -77,3 +77,36 @@ def test_support_copy_matches_independent_ep1(dataset, real_data_root, results_d
     np.testing.assert_allclose(per_fold["dice"], per_fold["dice_ref"], atol=1e-4)
     # The protocol gives a non-trivial floor: every organ scores well above zero.
     assert (per_fold["dice"].groupby("organ").mean() > 0.1).all()
+
+
+def test_training_scans_share_the_episodes_equally(real_data_root):
+    """Q-Net / SD-FSMIS draw the training scan once per episode and redraw a rejected pair
+    inside it, so each scan gives 1/N of the episodes (PROTOCOL.md §5). On CHAOS fold 0 the
+    200 px floor rejects very different fractions of each scan's supervoxel pairs: the
+    earlier rule (``uniform_pairs``, a rejected pair redraws the scan) is shown to miss the
+    1/N shares there, so this test can tell the two apart."""
+    from fsmis_bench.protocol.settings import EvalGroup
+    from fsmis_bench.runner import build_dataset
+    from fsmis_bench.training.episodes import EpisodeSampler
+
+    from scipy.stats import chi2
+
+    dataset = build_dataset({"name": "abd_mri"}, str(real_data_root))
+    cases = dataset.train_cases(0)
+    n = 12000
+    statistic = {}
+    for rule in ("reference", "uniform_pairs"):
+        sampler = EpisodeSampler(dataset, cases, EvalGroup("all", tuple(dataset.test_organs)), augment=False,
+                                 norm="none", rule=rule)
+        assert len(sampler.cases) == len(cases)
+        scan_of = {id(case.image): k for k, case in enumerate(sampler.cases)}
+        draw = sampler._draw_reference if rule == "reference" else sampler._draw_uniform_pairs
+        counts = np.zeros(len(cases))
+        for index in range(n):
+            sampler.rng = np.random.default_rng([0, index])  # as sampler.episode(index) seeds it
+            case, _, _ = draw()
+            counts[scan_of[id(case.image)]] += 1
+        statistic[rule] = float(((counts - n / len(cases)) ** 2 / (n / len(cases))).sum())
+    # Pearson's chi-square against equal shares, at the 1e-4 level (the draws are seeded)
+    critical = chi2.ppf(1 - 1e-4, len(cases) - 1)
+    assert statistic["reference"] < critical < statistic["uniform_pairs"], (statistic, critical)

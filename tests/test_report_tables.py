@@ -199,7 +199,9 @@ def test_cross_domain_ablation_backbone_tables(records: Path) -> None:
 
 def test_long_csv(records: Path) -> None:
     frame = long_fold_csv(load_results(records))
-    assert list(frame.columns[:6]) == ["method", "dataset", "setting", "fold", "organ", "dice"]
+    key = ["method", "variant", "train_dataset", "dataset", "setting", "fold", "organ"]
+    assert list(frame.columns) == [*key, "dice", "n_seeds", "markers"]
+    assert not frame.duplicated(key).any()  # one row per key, a cross-domain run included
     row = frame[(frame["method"] == "alpha") & (frame["variant"] == "") & (frame["train_dataset"] == "abd_mri")
                 & (frame["fold"] == 2) & (frame["organ"] == "liver")]
     assert row["dice"].item() == pytest.approx(0.74)
@@ -233,7 +235,7 @@ def test_cli_formats(records: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     code, text = _cli(["report", "--format", "csv"])
     assert code == 0
     frame = pd.read_csv(io.StringIO(text), keep_default_na=False)
-    assert list(frame.columns[:6]) == ["method", "dataset", "setting", "fold", "organ", "dice"]
+    assert list(frame.columns[:8]) == ["method", "variant", "train_dataset", "dataset", "setting", "fold", "organ", "dice"]
     assert len(frame) == len(long_fold_csv(load_results(records)))
     code, text = _cli(["report", "--results", str(records), "--no-published"])
     assert text.startswith("**Main comparison") and "| alpha | 1 |" in text

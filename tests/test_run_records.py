@@ -417,6 +417,118 @@ def test_a_full_disk_is_named_temp_files_go_and_the_rerun_resumes(results_dir, c
     assert "using trained weights" in capsys.readouterr().err  # the training was kept
 
 
+def test_a_full_disk_while_writing_a_checkpoint_is_named_temp_files_go_and_the_rerun_resumes(
+        results_dir, capsys, monkeypatch):
+    """safetensors reports a failed write as a SafetensorError, which is no OSError: it is
+    still the "Write failures" message, and the checkpoint saved before is resumed from."""
+    from safetensors import SafetensorError
+
+    from fsmis_bench.training import checkpoint
+
+    real_save_file, calls = checkpoint.save_file, {"n": 0}
+
+    def full_at_the_second(tensors, filename, metadata=None):
+        calls["n"] += 1
+        if calls["n"] < 2:
+            return real_save_file(tensors, filename, metadata=metadata)
+        Path(filename).write_bytes(b"\0" * 64)  # as far as it got
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(checkpoint, "save_file", full_at_the_second)
+    argv = ["run", *SMALL, "train.steps=3", "train.checkpoint_every=1"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "SafetensorError" not in err
+    (run_dir,) = _run_dirs(results_dir)
+    assert f"cannot write to {run_dir / 'checkpoints' / 'all'}: the disk is full" in err
+    assert "free some space, then rerun the same command" in err
+    assert not [p for p in results_dir.rglob(".*") if p.name != ".lock"]  # no temporary files left
+    assert sorted(p.name for p in (run_dir / "checkpoints" / "all").glob("last*")) == [
+        "last-00000001.safetensors", "last.json"]  # the checkpoint before the failure is whole
+    monkeypatch.setattr(checkpoint, "save_file", real_save_file)
+    assert main(argv) == 0
+    assert "from step 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", ["truncated", "pickle"])
+def test_damaged_weights_found_in_a_run_folder_get_a_hint_about_that_folder(damage, results_dir, capsys):
+    """The user passed no checkpoint: the hint says what to delete, not which file to pass."""
+    assert main(["run", *SMALL]) == 0
+    (run_dir,) = _run_dirs(results_dir)
+    weights = run_dir / "checkpoints" / "all" / "final.safetensors"
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:100])
+    else:
+        _torch_save_file(weights, results_dir / "payload_ran")
+    (run_dir / "COMPLETE").unlink()
+    (run_dir / "parts" / "cases_all.csv").unlink()
+    capsys.readouterr()
+    assert main(["run", *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"error: {weights} is " in err
+    assert f"hint: delete {weights} and rerun the same command to train this group again from step 0" in err
+    assert "pass a final.safetensors" not in err and "use a final.safetensors" not in err
+    assert weights.exists()  # nothing is removed
+
+
+def test_a_damaged_cases_csv_of_a_finished_run_is_rebuilt_from_its_parts(results_dir, capsys):
+    assert main(["run", *SMALL]) == 0
+    (run_dir,) = _run_dirs(results_dir)
+    cases = run_dir / "cases.csv"
+    good = cases.read_bytes()
+    cases.write_bytes(good[: len(good) // 2])  # truncated
+    capsys.readouterr()
+    assert main(["run", *SMALL]) == 0
+    err = capsys.readouterr().err
+    assert f"{cases} was damaged (cases.csv" in err and "rebuilt it from the evaluation parts" in err
+    assert "already complete, not recomputed" in err
+    assert cases.read_bytes() == good
+    assert main(["run", *SMALL]) == 0
+    assert "was damaged" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("parts", ["damaged", "missing"])
+def test_a_damaged_cases_csv_that_the_parts_cannot_rebuild_is_one_error(parts, results_dir, capsys):
+    assert main(["run", *SMALL]) == 0
+    (run_dir,) = _run_dirs(results_dir)
+    cases, part = run_dir / "cases.csv", run_dir / "parts" / "cases_all.csv"
+    cases.write_text(_percent(cases.read_text()))
+    if parts == "damaged":
+        part.write_text(_truncate(part.read_text()))
+    else:
+        part.unlink()
+    before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
+    capsys.readouterr()
+    assert main(["run", *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("error:") == 1
+    assert f"error: {cases} is damaged (cases.csv row" in err and "cannot be rebuilt" in err
+    assert f"hint: delete {run_dir / 'COMPLETE'}" in err
+    assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before  # nothing removed
+    # the hint works: the trained weights are reused, only the evaluation is redone
+    (run_dir / "COMPLETE").unlink()
+    part.unlink(missing_ok=True)
+    assert main(["run", *SMALL]) == 0
+    err = capsys.readouterr().err
+    assert "using trained weights" in err and load_results(results_dir).runs["run_dir"].tolist() == [str(run_dir)]
+
+
+def test_a_run_that_fails_before_computing_leaves_no_empty_folders(results_dir, capsys):
+    """A failed start removes the run folder and the folders it created above it, and only
+    those: the results folder and the folders of other runs stay."""
+    assert main(["run", "method=support_copy", "dataset.size=64", "dataset.n_slices=16"]) == 0
+    before = sorted(results_dir.rglob("*"))
+    # the tiny scans hold no training episode with this many foreground pixels: fails in training
+    assert main(["run", *SMALL, "protocol.min_fg_pixels=100000"]) == 2
+    err = capsys.readouterr().err
+    assert "no training episode can be drawn" in err and "Traceback" not in err
+    assert sorted(results_dir.rglob("*")) == before
+    assert not (results_dir / "prototype").exists()
+    shutil.rmtree(results_dir)  # a results folder made for the failed run goes too
+    assert main(["run", *SMALL, "protocol.min_fg_pixels=100000"]) == 2
+    assert not results_dir.exists()
+
+
 # -- 10. small ones ------------------------------------------------------------------------
 def test_record_files_honour_the_umask(results_dir):
     old = os.umask(0o027)

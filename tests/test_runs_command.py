@@ -48,13 +48,13 @@ def three_runs(results_dir, monkeypatch):
 def test_runs_lists_state_age_and_progress(three_runs, capsys):
     states = {r.seed: r for r in scan(three_runs)}
     assert {seed: r.state for seed, r in states.items()} == {"0": "complete", "1": "stale", "2": "running"}
-    assert states["1"].progress == "step 2" and states["0"].progress == ""
+    assert states["1"].progress == "step 2, eval 0/1" and states["0"].progress == ""
     assert all(r.age_s is not None and 0 <= r.age_s < 3600 for r in states.values())
     assert main(["runs"]) == 0
     out, err = capsys.readouterr()
     lines = out.splitlines()
     assert lines[0].split()[:3] == ["state", "age", "idle"] and len(lines) == 4
-    assert "3 runs under" in err and "1 complete, 1 running, 1 stale" in err
+    assert "3 runs under" in err and "1 complete, 1 running, 1 stale, 0 damaged" in err
     assert main(["runs", "--stale", "--format", "json"]) == 0
     (only,) = json.loads(capsys.readouterr().out)
     assert only["state"] == "stale" and only["seed"] == "1"
@@ -68,6 +68,40 @@ def test_remove_stale_needs_yes_and_never_touches_complete_or_running_runs(three
     assert f"removed {stale}" in capsys.readouterr().err
     assert not stale.exists()
     assert sorted(r.state for r in scan(three_runs)) == ["complete", "running"]
+
+
+def test_progress_is_the_resume_point_then_the_phase(three_runs, monkeypatch, capsys):
+    """The step a rerun resumes from (the checkpoint, not the last logged step), then
+    `trained` once the weights are final, with the evaluation groups done out of all."""
+    from fsmis_bench import runner
+
+    stale = next(three_runs.glob("prototype/phantom/setting1/fold0/seed1-*"))
+    log = stale / "checkpoints" / "all" / "train_log.csv"
+    log.write_text(log.read_text() + "3,0.5,0.001,1.0\n")  # logged, but not checkpointed (a kill -9)
+    assert {r.seed: r.progress for r in scan(three_runs)}["1"] == "step 2, eval 0/1"
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # during the evaluation, after the training finished
+
+    monkeypatch.setattr(runner, "evaluate", killed)
+    assert main(["run", *SMALL, "seed=3"]) == 130
+    assert {r.seed: (r.state, r.progress) for r in scan(three_runs)}["3"] == ("stale", "trained, eval 0/1")
+    assert main(["runs", "--stale"]) == 0
+    assert "trained, eval 0/1" in capsys.readouterr().out
+
+
+def test_a_finished_run_with_a_damaged_cases_csv_is_listed_damaged(three_runs, capsys):
+    complete = next(three_runs.glob("prototype/phantom/setting1/fold0/seed0-*"))
+    cases = complete / "cases.csv"
+    cases.write_text("".join(cases.read_text().splitlines(keepends=True)[:3]))  # truncated
+    (found,) = [r for r in scan(three_runs) if r.seed == "0"]
+    assert found.state == "damaged" and "lacks" in found.progress and "truncated" in found.progress
+    assert main(["runs"]) == 0
+    out, err = capsys.readouterr()
+    assert "1 running, 1 stale, 1 damaged" in err and "damaged runs are skipped by `report`" in err
+    assert any(line.startswith("damaged") for line in out.splitlines())
+    assert main(["runs", "--remove-stale", "--yes"]) == 0  # never removed by this command
+    assert cases.exists() and (complete / "COMPLETE").exists()
 
 
 def test_missing_results_folder_is_one_message(tmp_path, capsys):

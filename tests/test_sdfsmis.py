@@ -29,6 +29,7 @@ from fsmis_methods.sdfsmis import (
     query_prototype_cosine,
     query_prototype_fg_bg,
     sd_alphas_cumprod,
+    support_prototypes,
     threshold_decoded,
     topk_count,
 )
@@ -731,3 +732,72 @@ def test_recorded_predict_falls_back_with_one_warning(monkeypatch):
     model.predict(support_images, support_masks, queries)  # no second warning, no new recording
     (support_side,) = model._recordings.values()
     assert support_side.fell_back.startswith("RuntimeError: operation not permitted")
+
+
+def test_qe_support_prototypes_in_the_code_form_follow_proto_py():
+    """``bilinear_per_shot`` as diffews/models/proto.py computes it, step by step:
+    ``extract_vae_supp_prototype`` per shot, the shots' prototypes averaged in
+    ``extract_vae_query_prototype``."""
+    torch.manual_seed(0)
+    latents = torch.randn(2, 3, 4, 8, 8)  # (B, S, C, h, w)
+    masks = blob_masks(6).view(2, 3, 1, SIZE, SIZE)
+    fg, bg = support_prototypes(latents, masks, "bilinear_per_shot")
+    for episode_index in range(2):
+        feats = latents[episode_index]  # [S, C, h, w]
+        mask = masks[episode_index, :, 0]  # [S, H, W]
+        resized = F.interpolate(mask.float().unsqueeze(1), size=(8, 8), mode="bilinear", align_corners=True).squeeze(1)
+        flat, mask_flat = feats.view(3, 4, -1), resized.view(3, -1)
+        fg_shots = (flat * mask_flat.unsqueeze(1)).sum(2) / (mask_flat.sum(1).unsqueeze(1) + 1e-6)
+        bg_flat = 1.0 - mask_flat
+        bg_shots = (flat * bg_flat.unsqueeze(1)).sum(2) / (bg_flat.sum(1).unsqueeze(1) + 1e-6)
+        torch.testing.assert_close(fg[episode_index], fg_shots.mean(0))
+        torch.testing.assert_close(bg[episode_index], bg_shots.mean(0))
+    area_fg, _ = support_prototypes(latents, masks, "area_pooled")
+    assert not torch.allclose(area_fg, fg)  # the forms differ
+    weights = F.interpolate(masks.flatten(0, 1), size=(8, 8), mode="area").view(2, 3, 1, 8, 8)
+    torch.testing.assert_close(area_fg, masked_average(latents, weights))
+
+
+def test_vtct_resize_crop_sees_the_centre_of_the_slice():
+    """``resize_crop``: the DINOv2 processor's geometry (shortest side 256/224 of the input,
+    centre crop), so content outside the central square never reaches the encoder, and the
+    mask (resized from the whole slice) no longer lines up with the patches."""
+    from fsmis_methods._image_encoders import ImageTokenEncoder, dinov2_config
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    model = Dinov2Model(Dinov2Config(**dinov2_config("tiny")))
+    crop = ImageTokenEncoder("tiny", model, 64, random_weights=True, preprocess="resize_crop")
+    whole = ImageTokenEncoder("tiny", model, 64, random_weights=True, preprocess="resize")
+    x = torch.rand(1, 3, 73, 73) * 2 - 1  # 73 = round(64 * 256 / 224): no resize, a 4-px border cut
+    border = x.clone()
+    border[..., :4, :] = border[..., -5:, :] = border[..., :, :4] = border[..., :, -5:] = -1.0
+    torch.testing.assert_close(crop(x), crop(border))  # the border is cropped away
+    assert not torch.allclose(whole(x), whole(border))
+    wide = torch.rand(1, 3, 73, 146) * 2 - 1  # the shorter side decides the scale; the crop is square
+    assert crop._resize_and_crop((wide + 1) / 2).shape[-2:] == (64, 64)
+    with pytest.raises(ConfigError, match="preprocessing"):
+        ImageTokenEncoder("tiny", model, 64, random_weights=True, preprocess="crop")
+
+
+def test_late_code_forms_give_fidelity_code_runs_their_own_hash_and_keep_paper_hashes():
+    """The two released-code forms found late (QE support prototypes, VTCT crop) follow
+    ``fidelity`` through ``null``. A fidelity=code run of SD-FSMIS computes other numbers
+    with them, so its hash must change; every run they do not touch keeps its hash."""
+    from fsmis_bench.config import compose
+    from fsmis_bench.records import _hashed_config
+
+    def method_part(*overrides):
+        return _hashed_config(compose(list(overrides)))["method"]
+
+    code = method_part("method=sdfsmis", "fidelity=code")
+    assert (code["qe_support_form"], code["vtct_preprocess"]) == ("bilinear_per_shot", "resize_crop")
+    for overrides in (["method=sdfsmis"], ["method=diffews", "fidelity=code"], ["method=sdfsmis_sii", "fidelity=code"],
+                      ["method=sdfsmis", "method.qe_support_form=area_pooled", "method.vtct_preprocess=resize"]):
+        part = method_part(*overrides)
+        assert "qe_support_form" not in part and "vtct_preprocess" not in part, overrides
+    assert method_part("method=sdfsmis_qe", "fidelity=code")["qe_support_form"] == "bilinear_per_shot"
+    assert "vtct_preprocess" not in method_part("method=sdfsmis_qe", "fidelity=code")  # no VTCT
+    # the code's augmentation (Medical.py) applies to every SD method trained by that code
+    assert method_part("method=diffews", "fidelity=code")["augment_form"] == "sdfsmis_code"
+    assert "augment_form" not in method_part("method=diffews") and "augment_form" not in method_part("method=sdfsmis")

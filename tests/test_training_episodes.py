@@ -149,3 +149,146 @@ def test_gamma_and_geometric_parts_compose_to_the_full_augmentation():
     parts = augmenter.geometric(augmenter.gamma(image, rng), mask, rng)
     np.testing.assert_array_equal(whole[0], parts[0])
     np.testing.assert_array_equal(whole[1], parts[1])
+
+
+
+class _Scans(VolumeDataset):
+    """Supervoxel class 5 in every scan; each voxel's value names its scan and slice
+    (100 x scan + z), so an episode shows where it came from.
+
+    * "large": class 5 in slices 0-3, 900 px: every pair passes a 200 px floor.
+    * "small": class 5 in slices 0-3, 100 px in 0-2 and 400 px in 3: only pair (2, 3) passes.
+    * "gap": as "large", plus class 6 in slices 0 and 2 only (two slices, no adjacent pair).
+    * "runs": class 5 in slices 0-1 and 3-5 (900 px): two runs, with 1 and 2 pairs.
+    """
+
+    label_map = {"liver": 1}
+    test_organs = ("liver",)
+    codes = {"large": 1, "small": 2, "gap": 3, "runs": 4}
+
+    def _case_ids(self):
+        return sorted(self.codes)
+
+    def _load(self, case_id, with_supervoxels):
+        label = np.zeros((6, 40, 40), dtype=np.int32)
+        sv = np.zeros_like(label)
+        if case_id == "small":
+            sv[0:3, 0:10, 0:10] = 5
+            sv[3, 0:20, 0:20] = 5
+        elif case_id == "runs":
+            sv[[0, 1, 3, 4, 5], 5:35, 5:35] = 5
+        else:
+            sv[0:4, 5:35, 5:35] = 5
+        if case_id == "gap":
+            sv[[0, 2], 36:40, 36:40] = 6
+        image = 100.0 * self.codes[case_id] + np.arange(6, dtype=np.float32)[:, None, None] + np.zeros(label.shape)
+        return Volume(case_id, image.astype(np.float32), label, sv)
+
+
+def _origins(rule, cases, n=3000):
+    """``(scan code, first z of the pair)`` of episodes 0..n-1."""
+    sampler = EpisodeSampler(_Scans(), cases, EvalGroup("all", ("liver",)), augment=False,
+                             min_fg_pixels=200, norm="none", rule=rule)
+    origins = []
+    for index in range(n):
+        support_image, _, query_image, _ = sampler.episode(index)
+        low = min(float(support_image[20, 20]), float(query_image[20, 20]))
+        origins.append((int(low // 100), int(low % 100)))
+    return origins
+
+
+def _assert_share(hits, n, expected):
+    assert abs(hits / n - expected) < 5 * (expected * (1 - expected) / n) ** 0.5, (hits / n, expected)
+
+
+# The expected shares follow the rule of Q-Net's / SD-FSMIS's training ``__getitem__``
+# literally: draw a scan; in it draw a class until it shows in >= 2 kept slices; a class
+# without a run of >= 2 consecutive slices starts over with a new scan; otherwise draw a
+# run, then the pair's first slice within it (all but the run's last); a pair below the
+# size floor draws a new class in the same scan.
+@pytest.mark.parametrize("rule, expected", [
+    # reference: the scan is kept, so each of the two scans gives half the episodes
+    ("reference", 1 / 2),
+    # earlier rule: a rejected pair redraws the scan; "small" passes 1 pair in 3, so its
+    # share is (1/2 * 1/3) / (1/2 * 1/3 + 1/2) = 1/4
+    ("uniform_pairs", 1 / 4),
+])
+def test_a_rejected_pair_redraws_in_the_same_scan(rule, expected):
+    origins = _origins(rule, ["large", "small"])
+    _assert_share(sum(scan == 2 for scan, _ in origins), len(origins), expected)
+    assert {z for scan, z in origins if scan == 2} == {2}  # only the pair that passes
+
+
+@pytest.mark.parametrize("rule, expected", [
+    # reference: class 6 (slices 0 and 2) sends half of "gap"'s draws to a new scan:
+    # per attempt gap 1/4, large 1/2, start over 1/4 -> gap 1/3
+    ("reference", 1 / 3),
+    ("uniform_pairs", 1 / 2),  # class 6 has no pair, so it is never drawn
+])
+def test_a_class_without_adjacent_slices_starts_over_with_a_new_scan(rule, expected):
+    origins = _origins(rule, ["gap", "large"])
+    _assert_share(sum(scan == 3 for scan, _ in origins), len(origins), expected)
+
+
+@pytest.mark.parametrize("rule, expected", [
+    ("reference", 1 / 2),  # a run first (2 runs), then a start within it
+    ("uniform_pairs", 1 / 3),  # uniformly among the 3 pairs
+])
+def test_a_run_is_drawn_before_the_pair_within_it(rule, expected):
+    origins = _origins(rule, ["runs"])
+    assert {z for _, z in origins} == {0, 3, 4}
+    _assert_share(sum(z == 0 for _, z in origins), len(origins), expected)
+
+
+def test_a_scan_where_no_draw_can_end_is_left_out():
+    """The reference would loop forever in "small" under a 500 px floor; it is left out."""
+    dataset = _Scans()
+    sampler = EpisodeSampler(dataset, ["large", "small"], EvalGroup("all", ("liver",)), augment=False,
+                             min_fg_pixels=500, norm="none")
+    assert len(sampler.cases) == 1
+    with pytest.raises(DataError, match="no training episode"):
+        EpisodeSampler(dataset, ["small"], EvalGroup("all", ("liver",)), min_fg_pixels=500, norm="none")
+
+
+def test_code_form_uses_one_fixed_elastic_field_and_unit_range_gamma():
+    """SD-FSMIS's Medical.py: ``np.random.RandomState(2025)`` seeds every elastic transform,
+    so all episodes share one deformation; gamma acts on ``(x + 1) / 2`` clamped to [0, 1]."""
+    from scipy.ndimage import gaussian_filter
+
+    code = EpisodeAugmenter(form="sdfsmis_code")
+    no_affine = EpisodeAugmenter(rotate_deg=0, translate_px=0, scale=(1, 1), shear_deg=0, form="sdfsmis_code")
+    grids = [no_affine.grid(32, 40, np.random.default_rng(seed)) for seed in (0, 1)]
+    torch.testing.assert_close(grids[0], grids[1])  # the same field whatever the generator
+    state = np.random.RandomState(2025)  # Medical.py's elastic_transform, step by step
+    dx = gaussian_filter((state.rand(32, 40) * 2 - 1), 5, mode="reflect") * 10
+    dy = gaussian_filter((state.rand(32, 40) * 2 - 1), 5, mode="reflect") * 10
+    identity = torch.nn.functional.affine_grid(torch.eye(2, 3)[None], [1, 1, 32, 40], align_corners=False)
+    pixels = (grids[0] - identity)[0].numpy() * np.array([40 / 2, 32 / 2])
+    np.testing.assert_allclose(pixels[..., 0], dx, atol=1e-4)
+    np.testing.assert_allclose(pixels[..., 1], dy, atol=1e-4)
+    standard = EpisodeAugmenter(rotate_deg=0, translate_px=0, scale=(1, 1), shear_deg=0)
+    assert not torch.allclose(standard.grid(32, 40, np.random.default_rng(0)), standard.grid(32, 40, np.random.default_rng(1)))
+
+    image = np.linspace(-1.2, 1.0, 64, dtype=np.float32).reshape(8, 8)
+    gamma = code.gamma(image, np.random.default_rng(0))
+    exponent = np.random.default_rng(0).uniform(0.5, 1.5)
+    np.testing.assert_allclose(gamma, np.clip((image + 1) / 2, 0, 1) ** exponent * 2 - 1, rtol=1e-5, atol=1e-6)
+
+
+def test_code_form_warps_before_gamma():
+    sampler = EpisodeSampler(_Stack(), ["1"], EvalGroup("all", ("liver",)), min_fg_pixels=0, seed=0,
+                             augment_form="sdfsmis_code")
+    order = []
+
+    class _Order(EpisodeAugmenter):
+        def gamma(self, image, rng):
+            order.append("gamma")
+            return image
+
+        def geometric(self, image, mask, rng):
+            order.append("geometric")
+            return image, mask
+
+    sampler.augmenter = _Order(form="sdfsmis_code")
+    sampler.sample()
+    assert order == ["geometric", "gamma"]

@@ -42,6 +42,11 @@ class NiftiVolume:
             returned ``(x, y, z)`` axes (identity when read as stored).
         source_axcodes: the file's orientation, e.g. ``("R", "A", "S")``.
         has_orientation: False when the header holds no qform/sform (orientation unknown).
+        obliquity: the largest angle (degrees) between one of the file's voxel axes and the
+            world axis it is taken for (:func:`obliquity_of`); 0 for a scan stored along
+            the patient's axes, up to about 55 for one rotated 45 degrees about two axes.
+        file_shape: the file's full array shape (``(i, j, k, 1)`` for a 4-D file whose
+            fourth axis is a singleton), to write masks back in the same form.
     """
 
     array: np.ndarray
@@ -52,6 +57,8 @@ class NiftiVolume:
     transform: np.ndarray
     source_axcodes: tuple[str, str, str]
     has_orientation: bool
+    obliquity: float = 0.0
+    file_shape: tuple[int, ...] = ()
 
 
 def check_orientation(orientation: str) -> str:
@@ -72,29 +79,99 @@ def check_orientation(orientation: str) -> str:
     return code
 
 
+def obliquity_of(affine: np.ndarray) -> float:
+    """Largest angle (degrees) between a voxel axis of ``affine`` and the world axis
+    nibabel's :func:`~nibabel.orientations.io_orientation` assigns it to.
+
+    Reorientation (and ``aff2axcodes``) takes the nearest world axis; near 45 degrees two
+    axes are almost equally near, so a small change of the scan's angle swaps them.
+    """
+    from nibabel import orientations as ornt
+
+    matrix = np.asarray(affine, dtype=np.float64)[:3, :3]
+    norms = np.linalg.norm(matrix, axis=0)
+    if not np.all(norms > 0):
+        return 0.0
+    directions = matrix / norms
+    assigned = ornt.io_orientation(affine)
+    if np.isnan(assigned).any():
+        return 0.0
+    cosines = [abs(directions[int(assigned[i, 0]), i]) for i in range(3)]
+    return float(np.degrees(np.arccos(np.clip(min(cosines), 0.0, 1.0))))
+
+
+class _NibabelMessages:
+    """Collects what nibabel logs while it reads a header (e.g. "pixdim[1,2,3] should be
+    non-zero; setting 0 dims to 1"), instead of letting it print a stray line."""
+
+    def __enter__(self) -> list[str]:
+        import logging
+
+        from nibabel import imageglobals
+
+        self.logger = imageglobals.logger
+        self.handlers = list(self.logger.handlers)
+        self.messages: list[str] = []
+        messages = self.messages
+
+        class _Collect(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                messages.append(record.getMessage())
+
+        for handler in self.handlers:
+            self.logger.removeHandler(handler)
+        self.collector = _Collect()
+        self.logger.addHandler(self.collector)
+        return self.messages
+
+    def __exit__(self, *exc) -> bool:
+        self.logger.removeHandler(self.collector)
+        for handler in self.handlers:
+            self.logger.addHandler(handler)
+        return False
+
+
 def load_nifti(path: Path, dtype: type = np.float32, orientation: str = AS_STORED) -> NiftiVolume:
     """Read one volume, optionally reoriented to ``orientation`` (e.g. ``"LAS"``).
 
+    An integer ``dtype`` reads a label map: its values must be whole numbers (a label
+    resampled with linear interpolation is refused, not rounded).
+
     Raises:
         DataError: the file is missing, truncated, not a 3-D NIfTI, holds NaN/inf voxels,
-            or its affine is degenerate.
+            has voxel sizes of 0 in its header, a degenerate affine, or (labels)
+            non-integer values.
     """
+    import warnings
+
     import nibabel as nib
     from nibabel import orientations as ornt
+
+    from ..errors import DataWarning
 
     if not path.is_file():
         raise DataError(f"missing file {path}", hint="check the data root and the dataset layout")
     try:
-        image = nib.load(str(path))
-        data = np.asarray(image.dataobj)
-        zooms = tuple(float(z) for z in image.header.get_zooms()[:3])
-        affine = np.asarray(image.affine, dtype=np.float64)
+        with _NibabelMessages() as messages:
+            image = nib.load(str(path))
+            data = np.asarray(image.dataobj)
+            zooms = tuple(float(z) for z in image.header.get_zooms()[:3])
+            affine = np.asarray(image.affine, dtype=np.float64)
         has_orientation = bool(int(image.header["qform_code"]) or int(image.header["sform_code"]))
     except Exception as exc:  # nibabel raises many types for damaged files
         raise DataError(
             f"cannot read {path}: {type(exc).__name__}: {exc}",
             hint="the file is damaged or not NIfTI; restore it or re-run `fsmis-bench prepare`",
         ) from None
+    for message in messages:
+        if "pixdim" in message and "non-zero" in message:
+            raise DataError(
+                f"{path}: the header gives a voxel size of 0 (pixdim[1..3] = "
+                f"{', '.join(f'{v:g}' for v in _raw_pixdim(path))}), so the scan's size in mm is unknown",
+                hint="fix the header's pixdim (voxel sizes in mm), e.g. by saving the file again with its spacing",
+            )
+        warnings.warn(f"{path}: nibabel: {message}", DataWarning, stacklevel=2)
+    file_shape = tuple(int(s) for s in data.shape)
     if np.issubdtype(data.dtype, np.inexact):
         finite = np.isfinite(data)
         if not finite.all():
@@ -105,12 +182,29 @@ def load_nifti(path: Path, dtype: type = np.float32, orientation: str = AS_STORE
     if data.ndim == 4 and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim != 3:
-        raise DataError(f"{path} holds a {data.ndim}-D array; a 3-D volume is expected")
+        raise DataError(f"{path} holds a {data.ndim}-D array of shape {data.shape}; a 3-D volume is expected",
+                        hint="store one volume per file (a 4-D file may only have a 4th axis of length 1)")
     if not all(np.isfinite(z) and z > 0 for z in zooms):
         raise DataError(f"{path}: voxel sizes {zooms} are not positive", hint="fix the header's pixdim")
     source_ornt = ornt.io_orientation(affine)
     if np.isnan(source_ornt).any():
         raise DataError(f"{path}: the affine is degenerate (an axis has no direction)", hint="fix the header")
+    if np.issubdtype(np.dtype(dtype), np.integer) and np.issubdtype(data.dtype, np.inexact):
+        fractional, count = set(), 0
+        for k in range(data.shape[2]):  # slice by slice: a float label of a large CT is big
+            plane = data[:, :, k]
+            off = np.abs(plane - np.rint(plane)) > 1e-3
+            if off.any():
+                count += int(np.count_nonzero(off))
+                fractional.update(np.unique(plane[off])[:6].tolist())
+        if count:
+            values = sorted(fractional)
+            raise DataError(
+                f"{path} holds non-integer label values ({', '.join(f'{v:g}' for v in values[:5])}"
+                f"{', ...' if len(values) > 5 else ''}) in {count} voxels",
+                hint="a label map holds whole numbers (one per organ); was it resampled with linear "
+                "interpolation? resample labels with nearest-neighbour interpolation",
+            )
     if orientation == AS_STORED:
         transform = np.column_stack([np.arange(3), np.ones(3)])
     else:
@@ -118,7 +212,7 @@ def load_nifti(path: Path, dtype: type = np.float32, orientation: str = AS_STORE
         data = ornt.apply_orientation(data, transform)
         zooms = tuple(zooms[int(np.flatnonzero(transform[:, 0] == axis)[0])] for axis in range(3))
     new_affine = affine @ ornt.inv_ornt_aff(transform, image.shape[:3])
-    if dtype in (np.int32, np.int64, np.int16):
+    if np.issubdtype(np.dtype(dtype), np.integer):
         data = np.rint(data)
     volume = np.ascontiguousarray(data.transpose(2, 1, 0).astype(dtype))
     return NiftiVolume(
@@ -130,7 +224,24 @@ def load_nifti(path: Path, dtype: type = np.float32, orientation: str = AS_STORE
         transform=transform,
         source_axcodes=tuple(ornt.ornt2axcodes(source_ornt)),
         has_orientation=has_orientation,
+        obliquity=obliquity_of(affine),
+        file_shape=file_shape,
     )
+
+
+def _raw_pixdim(path: Path) -> list[float]:
+    """``pixdim[1..3]`` as stored in the file's header (nibabel replaces zeros when it loads)."""
+    import gzip
+
+    import nibabel as nib
+
+    try:
+        opener = gzip.open if path.name.endswith(".gz") else open
+        with opener(path, "rb") as handle:
+            header = nib.Nifti1Header.from_fileobj(handle, check=False)
+        return [float(v) for v in header["pixdim"][1:4]]
+    except Exception:  # noqa: BLE001 - only for the message
+        return []
 
 
 def read_nifti(path: Path, dtype: type = np.float32) -> tuple[np.ndarray, tuple[float, float, float]]:

@@ -32,7 +32,8 @@ def read_label_map(value: Any) -> dict[str, int]:
     """``organ name -> label value`` from a mapping, mapping text, or a YAML/JSON file path.
 
     Raises:
-        ConfigError: the value is none of these, or a label value is not an integer.
+        ConfigError: the value is none of these, a label value is not an integer, is 0
+            (the background), or is given to two organs.
     """
     if value is None or value == "":
         return {}
@@ -65,4 +66,21 @@ def read_label_map(value: Any) -> dict[str, int]:
         if isinstance(label, bool) or not isinstance(label, (int, str)) or not str(label).lstrip("-").isdigit():
             raise ConfigError(f"label map: {organ!r} has the label value {label!r}, not an integer", hint=_LABEL_MAP_HINT)
         out[str(organ)] = int(label)
+    background = [organ for organ, label in out.items() if label == 0]
+    if background:
+        raise ConfigError(
+            f"label map: {background[0]!r} has the label value 0, which is the background",
+            hint="give each organ the value its voxels hold in the label files (0 marks no organ); "
+            + _LABEL_MAP_HINT,
+        )
+    by_value: dict[int, list[str]] = {}
+    for organ, label in out.items():
+        by_value.setdefault(label, []).append(organ)
+    shared = {label: organs for label, organs in by_value.items() if len(organs) > 1}
+    if shared:
+        label, organs = next(iter(shared.items()))
+        raise ConfigError(
+            f"label map: {' and '.join(map(repr, organs))} share the label value {label}; one value marks one organ",
+            hint="give each organ the value its own voxels hold in the label files",
+        )
     return out

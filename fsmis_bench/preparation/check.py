@@ -13,10 +13,10 @@ intensity recipe, voxel sizes far apart, and scans that share identical slices.
 
 from __future__ import annotations
 
+import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import warnings
 
 import nibabel as nib
 import numpy as np
@@ -285,8 +285,10 @@ def check_nifti_folder(
     """Verify a folder of ``image_<id>`` / ``label_<id>`` NIfTI pairs for ``nifti_folder``.
 
     Each scan is read by the ``nifti_folder`` plugin exactly as a run reads it (same
-    orientation and intensity recipe); the built-in checks (readable, 3-D, image and label
-    on one grid, finite non-constant image, integer labels) run on the files as stored.
+    reader, orientation, intensity recipe and checks): what stops a run (unreadable, not
+    3-D, NaN, constant, non-integer labels, a label on another grid, two files for one id)
+    is a problem here, and what a run warns about is a warning here. Besides, pairs of
+    scans are compared as a run compares its support with each query.
 
     Args:
         path: the folder.
@@ -299,7 +301,7 @@ def check_nifti_folder(
     Raises:
         ConfigError: the options themselves are invalid (label map, modality, orientation).
     """
-    from ..errors import ConfigError, DataError, DataWarning
+    from ..errors import ConfigError, DataError
     from ..plugins import registries
 
     dataset_cls = registries().datasets.get("nifti_folder")
@@ -313,40 +315,42 @@ def check_nifti_folder(
     report = CheckReport(dataset="nifti_folder", root=dataset.folder, title=(
         f"nifti_folder: {dataset.folder} (orientation {dataset.orientation}, modality "
         f"{dataset.modality_option}, label map {dataset.label_map})"))
-    try:
-        ids = dataset.case_ids()
-        folds = dataset.folds
-    except (DataError, ConfigError) as error:
-        report.problems.append(error.message)
-        return report
+    short = _shortener(dataset.folder)
+    with _DataWarnings() as caught:
+        try:
+            ids = dataset.case_ids()
+            folds = dataset.folds
+        except (DataError, ConfigError) as error:
+            text = short(error.message) + (f" ({error.hint})" if error.hint else "")
+            report.problems.append(text.replace("dataset.path=", "--path ").replace("dataset.path", "--path"))
+            return report
+    report.warnings.extend(short(str(w.message)) for w in caught)
     report.title += "\n" + (
         f"{len(ids)} scans in {len(folds)} folds" if len(folds) > 1 else
         f"{len(ids)} scans in one fold: a test set for a model trained elsewhere (protocol.test_dataset=nifti_folder); "
         "training on it needs folds=loo"
     )
-    for label_file in sorted(dataset.folder.glob("label_*.nii*")):
-        stem = label_file.name.split(".nii")[0][len("label_"):]
-        if stem not in ids:
-            report.problems.append(f"{label_file.name} has no image_{stem}.nii.gz")
-    known = set(dataset.label_map.values()) | {0}
+    supp_idx = _default_supp_idx()
+    if dataset.support is None and dataset._folds != "loo":
+        small = [k for k, fold in enumerate(folds) if len(set(fold)) <= supp_idx]
+        if small:
+            size = len(set(folds[small[0]]))
+            report.warnings.append(
+                f"fold {small[0]} holds {size} scans: a run with the default protocol.supp_idx={supp_idx} (the support "
+                f"at position {supp_idx}) stops on it; run with protocol.supp_idx=<0..{size - 1}>, or name the "
+                "support scan with support=<id>"
+            )
     loaded = []
     for case_id in ids:
         row = CaseRow(case_id=case_id)
         report.rows.append(row)
-        image_path = dataset.folder / _file_name(dataset.folder, f"image_{case_id}")
-        label_path = dataset.folder / _file_name(dataset.folder, f"label_{case_id}")
-        if not _check_files(row, image_path, label_path):
-            report.problems.extend(f"case {case_id}: {p}" for p in row.problems)
-            continue
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", DataWarning)
+        with _DataWarnings() as caught:
             try:
                 volume = dataset.load(case_id, with_supervoxels=bool(supervoxels))
             except DataError as error:
-                row.problems.append(error.message.replace(f"nifti_folder: case {case_id}: ", ""))
+                row.problems.append(short(error.message))
                 volume = None
-        report.warnings.extend(f"case {case_id}: {str(w.message).split(': ', 1)[-1]}" for w in caught
-                               if issubclass(w.category, DataWarning))
+        report.warnings.extend(f"case {case_id}: {short(str(w.message))}" for w in caught)
         if volume is None:
             report.problems.extend(f"case {case_id}: {p}" for p in row.problems)
             continue
@@ -358,64 +362,75 @@ def check_nifti_folder(
         recipe = dataset.recipe_of(case_id)
         row.modality = (f"as stored ({volume.modality}-like)" if recipe == "none"
                         else f"{recipe} (auto)" if dataset.modality_option == "auto" else recipe)
-        values = np.unique(volume.label)
-        row.labels = [int(v) for v in values if v != 0]
-        other = [int(v) for v in values if int(v) not in known]
-        if other:
-            report.warnings.append(f"case {case_id}: label values {other} are not in the label map (ignored)")
+        row.labels = sorted(dataset.label_values(case_id))
         row.missing_organs = [o for o in dataset.test_organs if dataset.label_map[o] not in set(row.labels)]
-        if row.missing_organs:
-            report.warnings.append(
-                f"case {case_id}: shows no {', '.join(row.missing_organs)}: skipped as a query for "
-                "that organ, and unusable as its support"
-            )
         if supervoxels:
             row.supervoxels = "ok"
-        report.problems.extend(f"case {case_id}: {p}" for p in row.problems)
     report.warnings.extend(_folder_warnings(dataset, loaded))
     for organ in dataset.test_organs:
         if loaded and all(organ in r.missing_organs for r in report.rows if r.shape):
+            values = sorted(set().union(*(set(r.labels) for r in report.rows if r.shape)))
             report.problems.append(
-                f"no scan shows {organ} (label value {dataset.label_map[organ]}): it cannot be evaluated",
+                f"no scan shows {organ} (label value {dataset.label_map[organ]}): it cannot be evaluated; "
+                f"the label files hold the values {values or 'none'}",
             )
     return report
 
 
-def _file_name(folder: Path, stem: str) -> str:
-    from ..data.nifti import nifti_path
+def _default_supp_idx() -> int:
+    """``protocol.supp_idx`` of the built-in config (the support's position in a fold)."""
+    from omegaconf import OmegaConf
 
-    return nifti_path(folder, stem).name
+    from ..config import config_dir
+
+    try:
+        return int(OmegaConf.load(config_dir() / "config.yaml").protocol.supp_idx)
+    except Exception:  # noqa: BLE001 - only for a warning
+        return 2
 
 
-def _check_files(row: CaseRow, image_path: Path, label_path: Path) -> bool:
-    """The built-in file checks on one pair as stored; False when the pair is unusable."""
-    if not label_path.exists():
-        row.problems.append(f"{label_path.name} is missing")
+class _DataWarnings:
+    """Collects the data warnings the plugin gives while it reads (a run prints them);
+    other warnings pass on as they came."""
+
+    def __enter__(self) -> list:
+        from ..errors import DataWarning
+
+        self._context = warnings.catch_warnings(record=True)
+        self._caught = self._context.__enter__()
+        warnings.simplefilter("always", DataWarning)
+        self.caught: list = []
+        return self.caught
+
+    def __exit__(self, *exc) -> bool:
+        from ..errors import DataWarning
+
+        found = [w for w in self._caught if issubclass(w.category, DataWarning)]
+        others = [w for w in self._caught if not issubclass(w.category, DataWarning)]
+        self._context.__exit__(*exc)
+        self.caught.extend(found)
+        for w in others:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         return False
-    arrays = []
-    for path in (image_path, label_path):
-        try:
-            arrays.append(_read_volume(path))
-        except RuntimeError as error:
-            row.problems.append(f"{path.name} cannot be read ({str(error).strip().splitlines()[-1]})")
-            return False
-    (_, image_array), (_, label_array) = arrays
-    if image_array.ndim != 3:
-        row.problems.append(f"{image_path.name} is {image_array.ndim}-D, expected 3-D")
-        return False
-    # image and label grids are compared by the plugin's reader, after each file is brought
-    # to the run's orientation (a label may be stored in another axis order than its image)
-    if not np.isfinite(image_array).all():
-        row.problems.append(f"{image_path.name} holds NaN or infinite values")
-    elif np.ptp(image_array) == 0:
-        row.problems.append(f"{image_path.name} is constant")
-    if not np.all(np.mod(label_array, 1) == 0):
-        row.problems.append(f"{label_path.name} holds non-integer values")
-    return not row.problems
+
+
+def _shortener(folder: Path):
+    """A message of the plugin without what the report already says (the folder, the scan)."""
+    prefix = re.compile(r"^nifti_folder(?: scan [^:\s]+| case [^:\s]+)?: (?:case [^:\s]+: )?")
+
+    def short(message: str) -> str:
+        return prefix.sub("", message).replace(f"{folder}/", "").replace(f" in {folder}", "")
+
+    return short
+
+
+#: pairs of scans named one by one (as support and query, whose axes lie far apart)
+_MAX_PAIR_LINES = 6
 
 
 def _folder_warnings(dataset, volumes: list) -> list[str]:
-    """Across scans: voxel sizes far apart, modalities mixed, identical slices shared."""
+    """Across scans: voxel sizes far apart, modalities mixed, identical slices shared, axes
+    far apart as read (any two scans may be a support and its query)."""
     from ..data.consistency import SPACING_FACTOR, shared_slices
 
     found = []
@@ -437,4 +452,10 @@ def _folder_warnings(dataset, volumes: list) -> list[str]:
                     f"scans {first.case_id} and {second.case_id} share {shared} identical slices (the same patient "
                     "twice?); as support and query their Dice measures copying"
                 )
+    turned = [f"scans {first.case_id} and {second.case_id} {sentence}"
+              for i, first in enumerate(volumes) for second in volumes[i + 1:]
+              for sentence in dataset.pair_warnings(first.case_id, second.case_id)]
+    found.extend(turned[:_MAX_PAIR_LINES])
+    if len(turned) > _MAX_PAIR_LINES:
+        found.append(f"... and {len(turned) - _MAX_PAIR_LINES} more pairs of scans whose axes lie far apart as read")
     return found

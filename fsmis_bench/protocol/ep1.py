@@ -8,12 +8,13 @@ are split into ``n_part`` chunks; chunk ``i`` is segmented with support slice ``
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..data.base import VolumeDataset, normalise_volume
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, DataWarning
 
 
 def support_positions(n_labelled: int, n_part: int) -> list[int]:
@@ -27,8 +28,13 @@ def support_positions(n_labelled: int, n_part: int) -> list[int]:
     if n_part == 1:
         fractions = [0.5]
     else:
-        fractions = [1 / (2 * n_part) + i * (1 - 1 / n_part) / (n_part - 1) for i in range(n_part)]
-    return [int(p * n_labelled) for p in fractions]
+        # The reference's order of operations (Q-Net `get_support_index`): the interval is
+        # computed first, then multiplied. Reassociated, the float rounding picks another
+        # slice for some n_part >= 11 (n_part = 11, 12 labelled slices: 6 vs 5).
+        half = 1 / (n_part * 2)
+        interval = (1.0 - 1.0 / n_part) / (n_part - 1)
+        fractions = [half + interval * i for i in range(n_part)]
+    return (np.array(fractions) * n_labelled).astype(int).tolist()
 
 
 def chunk_edges(n_query_slices: int, n_part: int) -> list[int]:
@@ -102,8 +108,9 @@ def build_test_episodes(
     """The support and the query cases of EP1 for one fold and organ.
 
     Raises:
-        DataError: the support scan does not contain the organ in at least ``n_part``
-            slices (the protocol is undefined then).
+        DataError: the support scan does not contain the organ. With fewer than ``n_part``
+            labelled slices a :class:`DataWarning` says that chunks share a support slice
+            (``int(p * C)`` repeats, as in the reference code).
     """
     value = dataset.organ_value(organ)
     shot_positions = support_case_positions(len(fold_cases), supp_idx, n_shot)
@@ -114,12 +121,19 @@ def build_test_episodes(
         volume = dataset.load(case_id)
         organ_mask = volume.organ_mask(value)
         labelled = _labelled_slices(organ_mask)
-        if len(labelled) < n_part:
+        if len(labelled) == 0:
             raise DataError(
-                f"{dataset.name}: support scan {case_id} shows {organ} in {len(labelled)} slices, "
-                f"but EP1 with n_part={n_part} needs at least {n_part}",
+                f"{dataset.name}: support scan {case_id} shows {organ} in 0 slices, "
+                f"so it cannot be the support of {organ}",
                 hint="pick another support with protocol.supp_idx=<0..fold size-1>, "
                 "or check this scan's label file",
+            )
+        if len(labelled) < n_part:
+            # The reference takes int(p * C) all the same, so some chunks share a slice.
+            warnings.warn(
+                f"{dataset.name}: support scan {case_id} shows {organ} in {len(labelled)} slices, fewer "
+                f"than n_part={n_part}: chunks share support slices, as the reference code does",
+                DataWarning, 2,
             )
         chosen = labelled[support_positions(len(labelled), n_part)]
         normalised = normalise_volume(volume.image, norm)

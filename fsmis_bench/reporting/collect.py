@@ -7,7 +7,8 @@ runs with the marker count; the others are listed as unfinished.
 
 Everything downstream (tables, statistics, figures) works on the frames built here:
 
-- ``runs``: one row per finished run (metadata, variant key, markers).
+- ``runs``: one row per finished run (metadata, variant key, markers, training steps, the
+  fingerprint of its configuration).
 - ``cases``: one row per (run, organ, query volume).
 - ``fold_scores``: one row per (row key, fold, organ): the fold's organ score following the
   run's ``protocol.dice``, averaged over seeds (``n_seeds`` kept).
@@ -15,14 +16,19 @@ Everything downstream (tables, statistics, figures) works on the frames built he
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
+from functools import lru_cache
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
+from .. import records
 from ..data.base import ORGANS
 from ..errors import FsmisError
 from ..records import data_identity_hash
@@ -76,7 +82,9 @@ def variant_key(meta: dict) -> str:
 
     Backbone (when the method has one), random weights, fidelity other than the paper text,
     and every non-standard protocol option, joined with ``,`` (empty for a standard run of a
-    method without a backbone).
+    method without a backbone). Runs that differ in any other setting (training steps, lr,
+    ...) are told apart afterwards by their configuration fingerprint
+    (:func:`_split_by_config`), and runs on other data by their data identity.
     """
     parts: list[str] = []
     backbone = str(meta.get("backbone") or "none")
@@ -99,6 +107,178 @@ def is_random(meta: dict) -> bool:
 def non_standard_options(meta: dict) -> list[str]:
     """Protocol options other than the default, without the random-weights flag."""
     return sorted(str(x) for x in (meta.get("non_standard") or []) if str(x) != "random_weights")
+
+
+def random_weights_reason(backbone: str, pretrained: bool, random_weights: bool) -> str:
+    """Why a run has random weights, in the words of the report's notes ('' if it has none).
+
+    ``tiny``: the CPU backbone, a small U-Net that is always trained from scratch (no
+    pretrained weights exist for it); ``pretrained=false``: the pretrained architectures built
+    with random weights on request; ``missing``: pretrained weights were expected but not
+    found, so the method fell back to random ones.
+    """
+    if not random_weights:
+        return ""
+    if backbone == "tiny":
+        return "tiny"
+    if not pretrained:
+        return "pretrained=false"
+    return "missing"
+
+
+#: what a random-weights footnote or legend says, per :func:`random_weights_reason`
+RANDOM_WEIGHTS_NOTES: dict[str, str] = {
+    "tiny": "trained from scratch: the tiny CPU backbone (a small U-Net with random initial weights, "
+            "not the pretrained SD architecture; no pretrained weights exist for it)",
+    "pretrained=false": "random weights (pretrained=false): the pretrained architecture, randomly initialised",
+    "missing": "random weights: the pretrained weights were not found, so the architecture was randomly initialised",
+}
+
+
+def random_weights_note(reason: str) -> str:
+    """The footnote text for one reason (:data:`RANDOM_WEIGHTS_NOTES`; a generic one otherwise)."""
+    return RANDOM_WEIGHTS_NOTES.get(reason, "random weights: not initialised from pretrained weights")
+
+
+# -- a run's configuration ---------------------------------------------------------------
+
+#: config keys left out of a run's configuration fingerprint: what identifies the
+#: evaluation (its own columns: fold, seed, setting, the datasets; data on disk is compared
+#: through the data identity instead), options that never change a number (paths, device,
+#: logging and checkpoint cadence, saving predictions, ``records._UNHASHED``) and the
+#: published-config annotation (it marks runs, it is not a setting)
+FINGERPRINT_LEFT_OUT: tuple[str, ...] = (
+    "fold", "seed", "setting", "dataset", "test_dataset", "protocol.test_dataset",
+    "protocol.save_predictions", "train.log_every", "train.checkpoint_every", "method.published_config",
+    *records._UNHASHED,
+)
+#: at most this many differing keys name a split row (``train.steps=60,method.lr=0.01``);
+#: configurations that differ in more are named by their fingerprint (``config=1a2b3c4d``)
+MAX_LABEL_KEYS = 3
+
+
+def read_config(run_dir: Path) -> dict[str, Any] | None:
+    """The run's ``config.yaml`` as plain nested dicts (None if missing or unreadable)."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        return None
+    try:
+        from omegaconf import OmegaConf
+
+        data = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except Exception:  # noqa: BLE001 - a damaged config only loses the fingerprint
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _lookup(data: dict[str, Any], dotted: str) -> tuple[bool, Any]:
+    """(found, value) of a dotted key in nested dicts."""
+    node: Any = data
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+def _drop_key(data: dict[str, Any], dotted: str) -> None:
+    head, _, rest = dotted.partition(".")
+    if rest and isinstance(data.get(head), dict):
+        _drop_key(data[head], rest)
+    elif not rest:
+        data.pop(head, None)
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"steps": 60}}`` -> ``{"train.steps": 60}`` (lists stay values)."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def config_fingerprint(config: dict[str, Any] | None) -> tuple[str, dict[str, Any]]:
+    """The identity of a run's training and method settings, beyond its variant key.
+
+    Args:
+        config: the run's resolved ``config.yaml`` (:func:`read_config`); None if unknown.
+    Returns:
+        (8 hex digits, or '' when the config is unknown; the flattened settings it covers:
+        dotted key -> value, null values left out). Two runs with the same fingerprint were
+        configured alike in everything that can change their numbers, apart from fold, seed
+        and data; an option set to null and one a record lacks (made before the option
+        existed) count as the same, unset.
+    """
+    if config is None:
+        return "", {}
+    data = json.loads(json.dumps(config, default=str))  # a deep copy with plain values
+    for key in FINGERPRINT_LEFT_OUT:
+        _drop_key(data, key)
+    # switches added after records existed count only where they differ from the default
+    for key, default in records._HASHED_UNLESS_DEFAULT.items():
+        found, value = _lookup(data, key)
+        if found and value == default:
+            _drop_key(data, key)
+    # a null option means "the method's default" (often resolved from `fidelity`), which is
+    # also what a record made before the option existed ran with: both count as unset
+    flat = {key: value for key, value in _flatten(data).items() if value is not None}
+    digest = hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:8]
+    return digest, flat
+
+
+@lru_cache(maxsize=None)
+def shipped_published_config(method: str) -> tuple[tuple[str, Any], ...]:
+    """The ``published_config`` of ``method`` as this installation ships it (empty if none).
+
+    Used for records written before the method had one, so that a reduced-budget run is
+    marked in reports whenever it ran.
+    """
+    try:
+        from omegaconf import OmegaConf
+
+        from ..config import compose
+
+        cfg = compose([f"method={method}"], resolve_datasets=False)
+    except Exception:  # noqa: BLE001 - an uninstalled plugin or a broken config: nothing to compare
+        return ()
+    published = cfg.method.get("published_config")
+    return tuple(OmegaConf.to_container(published).items()) if published else ()  # type: ignore[union-attr]
+
+
+def published_deviations(method: str, config: dict[str, Any] | None) -> list[str]:
+    """``key=value`` for every key of the method's ``published_config`` that the run changed.
+
+    The same marks as :func:`fsmis_bench.records.published_config_deviations` writes into
+    new records, recomputed from the run's ``config.yaml`` against the ``published_config``
+    it recorded, else the one shipped now; keys the config lacks are not judged.
+    """
+    if not config or not isinstance(config.get("method"), dict):
+        return []  # not a resolved run config (a hand-written or synthetic record)
+    recorded = config["method"].get("published_config")
+    published = list(recorded.items()) if isinstance(recorded, dict) and recorded else list(shipped_published_config(method))
+    marks = []
+    for key, value in published:
+        found, current = _lookup(config, key)
+        if found and current != value:
+            marks.append(f"{key}={current}")
+    return marks
+
+
+def _label_value(value: Any) -> str:
+    """A config value as shown in a row label (no ``,``: it separates the variant's parts)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list):
+        return "+".join(_label_value(v) for v in value)
+    return str(value).replace(",", "+")
 
 
 def row_label(method: str, variant: str) -> str:
@@ -173,6 +353,7 @@ def load_results(results_dir: str | Path) -> Results:
     unfinished: list[Path] = []
     notes: list[str] = []
     train_logs: dict[str, pd.DataFrame] = {}
+    configs: dict[str, dict[str, Any]] = {}
 
     for run_json in sorted(root.rglob("run.json")):
         run_dir = run_json.parent
@@ -180,7 +361,7 @@ def load_results(results_dir: str | Path) -> Results:
             unfinished.append(run_dir)
             continue
         try:
-            row, cases = _read_run(run_dir)
+            row, cases, settings = _read_run(run_dir)
         except DamagedRun as exc:
             notes.append(f"skipped {run_dir}: {exc}")
             continue
@@ -189,6 +370,7 @@ def load_results(results_dir: str | Path) -> Results:
             continue
         run_rows.append(row)
         case_frames.append(cases)
+        configs[row["run_dir"]] = settings
         log_path = run_dir / "train_log.csv"
         if log_path.is_file():
             try:
@@ -196,11 +378,9 @@ def load_results(results_dir: str | Path) -> Results:
             except Exception as exc:  # noqa: BLE001
                 notes.append(f"unreadable {log_path}: {exc}")
 
-    runs = pd.DataFrame(run_rows, columns=[
-        "run_dir", "method", "train_dataset", "dataset", "setting", "fold", "seed", "backbone",
-        "pretrained", "random_weights", "fidelity", "dice_mode", "non_standard", "variant",
-        "config_hash", "finished_at", "data_id",
-    ])
+    runs = pd.DataFrame(run_rows, columns=RUN_COLUMNS)
+    runs["steps"] = runs["steps"].astype("Int64")  # whole numbers, empty where unknown
+    runs = _split_by_config(runs, configs)
     runs = _split_by_data(runs)
     runs, superseded = _drop_superseded(runs)
     notes.extend(superseded)
@@ -216,6 +396,14 @@ def load_results(results_dir: str | Path) -> Results:
     return Results(root, runs, cases, fold_scores, unfinished, notes, train_logs)
 
 
+#: the columns of ``Results.runs`` (and ``tables/runs.csv``)
+RUN_COLUMNS = [
+    "run_dir", "method", "train_dataset", "dataset", "setting", "fold", "seed", "backbone",
+    "pretrained", "random_weights", "random_reason", "fidelity", "dice_mode", "steps", "non_standard",
+    "variant", "config_hash", "config_id", "finished_at", "data_id",
+]
+
+
 class DamagedRun(Exception):
     """A finished run whose record cannot be trusted; the report skips it with a note."""
 
@@ -224,8 +412,9 @@ class DamagedRun(Exception):
 DICE_TOLERANCE = 1e-6
 
 
-def _read_run(run_dir: Path) -> tuple[dict, pd.DataFrame]:
-    """One finished run's row for ``runs`` and its checked ``cases`` frame.
+def _read_run(run_dir: Path) -> tuple[dict, pd.DataFrame, dict[str, Any]]:
+    """One finished run's row for ``runs``, its checked ``cases`` frame and its settings
+    (the flattened config that its fingerprint covers; :func:`config_fingerprint`).
 
     Raises:
         DamagedRun: ``run.json`` or ``cases.csv`` is unreadable, or the table does not
@@ -250,6 +439,29 @@ def _read_run(run_dir: Path) -> tuple[dict, pd.DataFrame]:
         raise DamagedRun(problem)
     protocol = meta.get("protocol") or {}
     test_dataset = meta.get("test_dataset") or meta.get("dataset")
+    config = read_config(run_dir)
+    flags = [str(x) for x in (meta.get("non_standard") or [])]
+    if config is not None and meta.get("weights_from") == "none":
+        # nothing was trained, so training settings cannot have changed a number
+        config = {k: v for k, v in config.items() if k != "train"}
+        _drop_key(config, "protocol.episode_sampler")
+    elif (config is not None and isinstance(config.get("method"), dict)  # a resolved run config
+          and meta.get("weights_from", "training") == "training"
+          and not _lookup(config, "protocol.episode_sampler")[0]):
+        # trained before the episode sampler followed the reference code: by the earlier rule
+        config = json.loads(json.dumps(config, default=str))
+        config.setdefault("protocol", {})["episode_sampler"] = "uniform_pairs"
+        flags.append("episode_sampler=uniform_pairs")
+    config_id, settings = config_fingerprint(config)
+    # a departure from the published setup is non-standard whenever the run was made: records
+    # written before the method declared its published_config are judged by the shipped one
+    flags += [m for m in published_deviations(str(meta["method"]), config) if m not in flags]
+    meta = {**meta, "non_standard": flags}
+    found, steps = _lookup(config or {}, "train.steps")
+    if meta.get("weights_from") == "none":
+        steps, found = 0, True  # a method that trains nothing (support_copy) took no steps, whatever the config says
+    backbone = str(meta.get("backbone") or "none")
+    pretrained = bool(meta.get("pretrained", True))
     row = {
         "run_dir": str(run_dir),
         "method": str(meta["method"]),
@@ -258,14 +470,18 @@ def _read_run(run_dir: Path) -> tuple[dict, pd.DataFrame]:
         "setting": int(meta["setting"]),
         "fold": int(meta["fold"]),
         "seed": int(meta.get("seed", 0)),
-        "backbone": str(meta.get("backbone") or "none"),
-        "pretrained": bool(meta.get("pretrained", True)),
+        "backbone": backbone,
+        "pretrained": pretrained,
         "random_weights": is_random(meta),
+        "random_reason": random_weights_reason(backbone, pretrained, is_random(meta)),
         "fidelity": str(meta.get("fidelity") or "paper"),
         "dice_mode": str(protocol.get("dice") or "per_volume"),
+        # nullable integer: records without a config.yaml do not say how long they trained
+        "steps": int(steps) if found and isinstance(steps, int) else None,
         "non_standard": ";".join(non_standard_options(meta)),
         "variant": variant_key(meta),
         "config_hash": str(meta.get("config_hash", "")),
+        "config_id": config_id,
         "finished_at": str(meta.get("finished_at") or ""),
         "data_id": data_identity_hash(meta),
     }
@@ -278,7 +494,7 @@ def _read_run(run_dir: Path) -> tuple[dict, pd.DataFrame]:
         cases[key] = row[key]
     cases["variant"] = row["variant"]
     cases["run_dir"] = row["run_dir"]
-    return row, cases
+    return row, cases, settings
 
 
 def check_cases(cases: pd.DataFrame, meta: dict) -> str | None:
@@ -301,19 +517,19 @@ def check_cases(cases: pd.DataFrame, meta: dict) -> str | None:
         bad = values.isna()
         if bad.any():
             row = int(bad.to_numpy().nonzero()[0][0])
-            return f"cases.csv row {row + 2}: {column}={cases[column].iloc[row]!r} is not a number"
+            return f"cases.csv row {row + 2}: {column}{_cell_text(cases[column].iloc[row])} is not a number"
         numbers[column] = values.astype(float)
     for column in ("tp", "fp", "fn"):
         values = numbers[column]
         bad = (values < 0) | (values != values.round())
         if bad.any():
             row = int(bad.to_numpy().nonzero()[0][0])
-            return f"cases.csv row {row + 2}: {column}={values.iloc[row]!r} is not a voxel count"
+            return f"cases.csv row {row + 2}: {column}{_cell_text(values.iloc[row])} is not a voxel count"
     dice = numbers["dice"]
     outside = ~dice.between(0.0, 1.0)
     if outside.any():
         row = int(outside.to_numpy().nonzero()[0][0])
-        return (f"cases.csv row {row + 2}: dice={dice.iloc[row]!r} is outside [0, 1]"
+        return (f"cases.csv row {row + 2}: dice{_cell_text(dice.iloc[row])} is outside [0, 1]"
                 + (" (a percentage?)" if 1 < dice.iloc[row] <= 100 else ""))
     denominator = 2 * numbers["tp"] + numbers["fp"] + numbers["fn"]
     expected = (2 * numbers["tp"] / denominator.where(denominator > 0)).fillna(1.0)
@@ -350,6 +566,63 @@ def check_cases(cases: pd.DataFrame, meta: dict) -> str | None:
     return None
 
 
+def _cell_text(value: object) -> str:
+    """A cases.csv cell as the user wrote it, to follow a column name in a note:
+    ``=2.5``, ``='n/a?'``, `` (empty or NaN)``.
+
+    Never the repr of a numpy scalar (``np.float64(nan)``): the note is for people.
+    """
+    if isinstance(value, str):
+        return " (empty)" if not value.strip() else f"={value!r}"
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return f"={str(value)!r}"
+    if math.isnan(number):
+        return " (empty or NaN)"
+    return f"={number:g}"
+
+
+def _split_by_config(runs: pd.DataFrame, settings: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    """Runs of one method/variant/evaluation configured differently get different variants.
+
+    Within each (method, variant, evaluation, setting), runs whose configuration
+    fingerprints differ (:func:`config_fingerprint`: e.g. 40 training steps on folds 0-1 and
+    60 on fold 2) would otherwise be averaged into one row, or one would silently supersede
+    the other. Each configuration gets the settings that differ between them as its variant
+    tag (``train.steps=60``; with more than :data:`MAX_LABEL_KEYS` differing keys
+    ``config=<fingerprint>``, and ``config=unknown`` for records without a ``config.yaml``).
+
+    Args:
+        settings: run folder -> its flattened settings (the second value of
+            :func:`config_fingerprint`).
+    """
+    if runs.empty:
+        return runs
+    runs = runs.copy()
+    keys = ["method", "variant", "train_dataset", "dataset", "setting"]
+    for _, group in runs.groupby(keys, sort=False):
+        if group["config_id"].nunique() < 2:
+            continue
+        known = {cid: settings.get(path, {}) for cid, path in zip(group["config_id"], group["run_dir"]) if cid}
+        missing = object()  # a key one config has and another lacks differs too
+        names = sorted({name for flat in known.values() for name in flat})
+        differing = [name for name in names
+                     if len({json.dumps(flat.get(name, missing), default=repr, sort_keys=True) for flat in known.values()}) > 1]
+        for index in group.index:
+            cid = runs.at[index, "config_id"]
+            if not cid:
+                tag = "config=unknown"
+            elif differing and len(differing) <= MAX_LABEL_KEYS:
+                flat = known[cid]
+                tag = ",".join(f"{name}={_label_value(flat[name]) if name in flat else 'unset'}" for name in differing)
+            else:
+                tag = f"config={cid}"
+            variant = runs.at[index, "variant"]
+            runs.at[index, "variant"] = f"{variant},{tag}" if variant else tag
+    return runs
+
+
 def _split_by_data(runs: pd.DataFrame) -> pd.DataFrame:
     """Runs of one method/variant/evaluation on different data get different variants.
 
@@ -374,19 +647,25 @@ def _split_by_data(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def _drop_superseded(runs: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
-    """Keep one run per (method, variant, evaluation, fold, seed): the latest finished.
+    """Keep one run per (method, variant, evaluation, fold, seed, configuration, data): the
+    latest finished.
 
-    Two finished runs with the same identity differ only in settings the variant key does not
-    cover (e.g. training steps); averaging them would mix configurations silently.
+    Only runs configured identically (same :func:`config_fingerprint`) on identical data
+    (same data identity) supersede each other: they differ in nothing that changes a number
+    (e.g. ``train.log_every``, another weights file) and counting both would weigh that fold
+    twice. Runs configured differently are never dropped; :func:`_split_by_config` has made
+    them separate rows.
     """
     if runs.empty:
         return runs, []
-    identity = ["method", "variant", "train_dataset", "dataset", "setting", "fold", "seed", "data_id"]
+    identity = ["method", "variant", "train_dataset", "dataset", "setting", "fold", "seed", "config_id", "data_id"]
     ordered = runs.sort_values(["finished_at", "run_dir"])
     duplicated = ordered.duplicated(identity, keep="last")
+    kept = ordered[~ordered.duplicated(identity, keep="last")].set_index(identity)["run_dir"]
     notes = [
-        f"superseded by a later run with the same method/variant/fold/seed: {path}"
-        for path in ordered.loc[duplicated, "run_dir"]
+        f"superseded by a later run with the same method, variant, configuration, data, fold and seed: {path} "
+        f"(kept {kept.loc[tuple(row)]})"
+        for path, row in zip(ordered.loc[duplicated, "run_dir"], ordered.loc[duplicated, identity].itertuples(index=False))
     ]
     return ordered[~duplicated].sort_index().reset_index(drop=True), notes
 
@@ -434,27 +713,43 @@ def per_case_scores(results: Results) -> pd.DataFrame:
 
 
 def run_flags(results: Results) -> pd.DataFrame:
-    """Per (method, variant): random weights and non-standard options (union over runs)."""
+    """Per (method, variant): random weights (and why: :func:`random_weights_reason`, the
+    reasons ``;``-joined) and non-standard options (union over runs)."""
     rows = []
     for (method, variant), group in results.runs.groupby(["method", "variant"], sort=True):
         options = sorted({o for text in group["non_standard"] for o in text.split(";") if o})
+        reasons = sorted({r for r in group["random_reason"] if r})
         rows.append({
             "method": method,
             "variant": variant,
             "random_weights": bool(group["random_weights"].any()),
+            "random_reason": ";".join(reasons),
             "non_standard": ";".join(options),
         })
-    return pd.DataFrame(rows, columns=["method", "variant", "random_weights", "non_standard"])
+    return pd.DataFrame(rows, columns=["method", "variant", "random_weights", "random_reason", "non_standard"])
+
+
+#: the ``--format csv`` / ``tables/fold_scores.csv`` columns. One row per (method, variant,
+#: train_dataset, dataset, setting, fold, organ), so that key is unique: ``variant`` tells
+#: apart runs that must not be averaged (backbone, random weights, non-standard options,
+#: another configuration), ``train_dataset`` a cross-domain evaluation from an in-domain one.
+FOLD_CSV_COLUMNS = [
+    "method", "variant", "train_dataset", "dataset", "setting", "fold", "organ", "dice", "n_seeds", "markers",
+]
 
 
 def long_fold_csv(results: Results) -> pd.DataFrame:
-    """The ``--format csv`` output: organ score per fold, long format, Dice in 0..1."""
+    """The ``--format csv`` output: organ score per fold, long format, Dice in 0..1.
+
+    Columns :data:`FOLD_CSV_COLUMNS`: ``dice`` is the fold's organ score (per the run's
+    ``protocol.dice``) averaged over ``n_seeds`` seeds; ``markers`` lists ``incomplete``,
+    ``random_weights`` and ``non_standard:<options>``, ``;``-separated.
+    """
     scores = results.fold_scores.copy()
     flags = run_flags(results)
     if scores.empty:
         return pd.DataFrame(columns=[
-            "method", "dataset", "setting", "fold", "organ", "dice",
-            "variant", "train_dataset", "n_seeds", "markers",
+            *FOLD_CSV_COLUMNS,
         ])
     scores = scores.merge(flags, on=["method", "variant"], how="left")
     complete = _fold_counts(scores)
@@ -470,10 +765,7 @@ def long_fold_csv(results: Results) -> pd.DataFrame:
     scores["_organ"] = scores["organ"].map(organ_sort_key)
     scores["_dataset"] = scores["dataset"].map(dataset_sort_key)
     scores = scores.sort_values(["method", "variant", "_dataset", "train_dataset", "setting", "fold", "_organ"])
-    return scores[[
-        "method", "dataset", "setting", "fold", "organ", "dice",
-        "variant", "train_dataset", "n_seeds", "markers",
-    ]].reset_index(drop=True)
+    return scores[FOLD_CSV_COLUMNS].reset_index(drop=True)
 
 
 def _fold_counts(scores: pd.DataFrame) -> pd.DataFrame:
@@ -519,23 +811,31 @@ def published_backbone(name: str) -> str:
     return name.lower().replace("-", "").replace(".", "") if name else "none"
 
 
+def _joined(values: pd.Series) -> str:
+    """``0,1,2`` from the distinct values (``?`` for unknown ones)."""
+    known = sorted({int(v) for v in values if not pd.isna(v)})
+    text = ",".join(str(v) for v in known)
+    return text + (",?" if text and values.isna().any() else "?" if values.isna().any() else "")
+
+
 def summarise_runs(results: Results) -> pd.DataFrame:
-    """One row per (method, variant, evaluation): folds, seeds and markers, for the report."""
+    """One row per (method, variant, evaluation): folds, seeds, training steps and run count,
+    for the report's Runs section."""
+    columns = ["method", "variant", "train_dataset", "dataset", "setting", "folds", "seeds", "steps", "runs"]
     if results.runs.empty:
-        return pd.DataFrame(columns=[
-            "method", "variant", "train_dataset", "dataset", "setting", "folds", "seeds", "runs",
-        ])
+        return pd.DataFrame(columns=columns)
     keys = ["method", "variant", "train_dataset", "dataset", "setting"]
     summary = (
         results.runs.groupby(keys)
         .agg(
             folds=("fold", lambda s: ",".join(str(v) for v in sorted(set(s)))),
             seeds=("seed", lambda s: ",".join(str(v) for v in sorted(set(s)))),
+            steps=("steps", _joined),
             runs=("run_dir", "count"),
         )
         .reset_index()
     )
-    return summary
+    return summary[columns]
 
 
 __all__ = [
@@ -543,5 +843,6 @@ __all__ = [
     "row_label", "per_case_scores", "long_fold_csv", "fold_organ_score", "compute_fold_scores",
     "default_results_dir", "summarise_runs", "run_flags", "PUBLISHED_CITATION",
     "organ_sort_key", "dataset_sort_key", "organ_label", "dataset_label", "eval_label",
-    "published_backbone", "published_name",
+    "published_backbone", "published_name", "config_fingerprint", "published_deviations", "FOLD_CSV_COLUMNS",
+    "RUN_COLUMNS", "random_weights_reason", "read_config", "RANDOM_WEIGHTS_NOTES", "random_weights_note",
 ]

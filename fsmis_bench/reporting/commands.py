@@ -2,8 +2,8 @@
 
 Examples::
 
-    fsmis-bench report                          # main comparison as Markdown
-    fsmis-bench report --format csv > folds.csv # organ score per fold, long format
+    fsmis-bench report                          # every result table as Markdown
+    fsmis-bench report --format csv > folds.csv # organ score per fold, long format (FOLD_CSV_COLUMNS)
     fsmis-bench report --compare sdfsmis adnet  # paired statistics per organ
     fsmis-bench report --out report/            # everything, incl. report/report.html
 """
@@ -13,26 +13,57 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import pandas as pd
 from tqdm import tqdm
 
 from ..errors import FsmisError
 from . import figures as figures_module
 from . import stats
-from .collect import default_results_dir, load_results, long_fold_csv, per_case_scores, summarise_runs
+from .collect import (
+    FOLD_CSV_COLUMNS,
+    Results,
+    default_results_dir,
+    load_results,
+    long_fold_csv,
+    per_case_scores,
+    summarise_runs,
+)
 from .comparison import comparison_frame
 from .html import render_html
-from .qualitative import DatasetLoader, default_loader, parse_slices, qualitative_caption, write_qualitative
+from .qualitative import (
+    DatasetLoader,
+    check_slices,
+    default_loader,
+    parse_slices,
+    qualitative_caption,
+    write_qualitative,
+)
 from .style import DOUBLE_COLUMN_IN, SINGLE_COLUMN_IN, renamed
-from .tables import all_tables, frame_to_latex, frame_to_markdown, main_table, published_gap
+from .tables import all_tables, frame_to_latex, frame_to_markdown, published_gap
 
 #: ``--width`` values
 WIDTHS = {"double": DOUBLE_COLUMN_IN, "single": SINGLE_COLUMN_IN}
 
 REPORT_HTML = "report.html"
+
+#: what a report writes, and so what ``--force`` replaces: ``report.html``; in ``tables/``
+#: these stems (and ``compare_*``) as .md/.tex/.csv; in ``figures/`` these stems (and
+#: ``qualitative_*``) as .png/.pdf. Every other file in the folder is left alone.
+TABLE_STEMS = frozenset({
+    "main", "cross_domain", "ablation", "backbone", "fold_scores", "per_volume", "runs",
+    "published_comparison", "published_gap", "bootstrap_ci",
+})
+TABLE_PREFIXES = ("compare_",)
+TABLE_SUFFIXES = (".md", ".tex", ".csv")
+FIGURE_STEMS = frozenset(figures_module.FIGURES)
+FIGURE_PREFIXES = ("qualitative_",)
+FIGURE_SUFFIXES = (".png", ".pdf")
 
 
 def _log(text: str) -> None:
@@ -43,15 +74,50 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-")
 
 
-def _prepare_out_dir(out_dir: Path, force: bool) -> None:
+def _check_out_dir(out_dir: Path, force: bool) -> None:
+    """Refuse a file, or a non-empty folder without ``force``, before anything is computed."""
     if out_dir.exists() and not out_dir.is_dir():
         raise FsmisError(f"{out_dir} exists and is not a folder", hint="choose another --out")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
         raise FsmisError(
             f"report folder {out_dir} is not empty",
-            hint="choose a new --out folder, or pass --force to overwrite the report files in it",
+            hint="choose a new --out folder, or pass --force to replace the report files in it",
         )
+
+
+def report_files(out_dir: Path) -> list[Path]:
+    """The files of an earlier report in ``out_dir`` (names in :data:`TABLE_STEMS` etc.)."""
+    found = [out_dir / REPORT_HTML] if (out_dir / REPORT_HTML).is_file() else []
+    for folder, stems, prefixes, suffixes in (
+        ("tables", TABLE_STEMS, TABLE_PREFIXES, TABLE_SUFFIXES),
+        ("figures", FIGURE_STEMS, FIGURE_PREFIXES, FIGURE_SUFFIXES),
+    ):
+        if not (out_dir / folder).is_dir():
+            continue
+        for path in sorted((out_dir / folder).iterdir()):
+            if path.is_file() and path.suffix in suffixes and (path.stem in stems or path.stem.startswith(prefixes)):
+                found.append(path)
+    return found
+
+
+def _install(staging: Path, out_dir: Path) -> None:
+    """Replace the earlier report in ``out_dir`` by the one written in ``staging``.
+
+    The earlier report's own files go first (:func:`report_files`: a figure or comparison
+    this report no longer has must not stay behind), then every new file is moved in;
+    other files in ``out_dir`` are kept.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
+    for path in report_files(out_dir):
+        path.unlink()
+    for folder in ("tables", "figures"):  # emptied by the removal, and not written again
+        if (out_dir / folder).is_dir() and not any((out_dir / folder).iterdir()):
+            (out_dir / folder).rmdir()
+    for path in sorted(staging.rglob("*")):
+        if path.is_file():
+            target = out_dir / path.relative_to(staging)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target)
 
 
 def write_report(
@@ -78,13 +144,19 @@ def write_report(
     ``published_comparison.csv``, the paired comparisons and bootstrap intervals) and
     ``figures/`` (``.png`` + ``.pdf``).
 
+    The report is written into a temporary folder beside ``out_dir`` and moved in when it
+    is complete, so a failure leaves ``out_dir`` as it was; with ``force`` the files of an
+    earlier report there (:func:`report_files`) are removed first, other files are kept.
+
     Args:
         data_root: images for the qualitative figure (default: each run's own, else
             ``FSMIS_DATA_ROOT``); without data the figure is skipped with a note.
-        force: write into a non-empty ``out_dir`` (same-named files are replaced).
+        force: write into a non-empty ``out_dir``, replacing the earlier report's files.
         compare: (A, B) method labels; default: the best unmarked method against each other.
-        slices: ``[dataset:]organ:case_id:z,...`` for the qualitative figure.
+        slices: ``[dataset:]organ:case_id:z,...`` for the qualitative figure; a slice
+            without a dataset applies to every dataset whose runs evaluated that organ and case.
         dataset_loader: name -> dataset object; overrides ``data_root`` (tests, scripts).
+        n_boot: bootstrap resamples, at least 1.
         width: figure width, ``"double"`` (7 in), ``"single"`` (3.5 in) or inches.
         zoom: crop the qualitative panels to a square around each organ.
         names: display-name overrides (``{"nifti_folder": "Hospital CT"}``) for methods,
@@ -92,95 +164,154 @@ def write_report(
     Returns:
         ``out_dir``.
     Raises:
-        FsmisError: missing results folder, non-empty ``out_dir`` without ``force``, or an
-            unknown method in ``compare``.
+        FsmisError: before anything is written: a missing results folder, a non-empty
+            ``out_dir`` without ``force``, an unknown method in ``compare``, slices that name
+            an organ or case no run evaluated, or ``n_boot`` < 1.
     """
+    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
+        raise FsmisError(f"n_boot must be a whole number >= 1, not {n_boot!r}",
+                         hint="pass --n-boot 10000 (the default) or another positive number of resamples")
+    if isinstance(width, str) and width not in WIDTHS:
+        raise FsmisError(f"unknown width {width!r}", hint=f"choose one of {', '.join(WIDTHS)} or a number of inches")
     with renamed(names):  # display-name overrides for every figure drawn below
         out = Path(out_dir).expanduser()
         figure_width = WIDTHS[width] if isinstance(width, str) else float(width)
         results = load_results(results_dir)
         named_slices = parse_slices(slices)
+        check_slices(results, named_slices)
         pairs = list(compare) if compare else stats.default_pairs(results)
         # resolve the comparison names before writing anything, so a typo leaves no half report
         per_case = per_case_scores(results)
         for a, b in pairs:
             stats.resolve(per_case, a), stats.resolve(per_case, b)
-        _prepare_out_dir(out, force)
-        for text in results.notes:
-            log(f"note: {text}")
-        tables_dir, figures_dir = out / "tables", out / "figures"
-        tables_dir.mkdir(exist_ok=True)
-        notes: list[str] = []
-        if results.empty:
-            notes.append(f"No finished runs under {results.root}; only published numbers are shown.")
-        if results.unfinished:
-            notes.append(f"{len(results.unfinished)} unfinished run(s) (no COMPLETE marker) are not counted; see Runs.")
-
-        steps = tqdm(total=5, desc="report", unit="step", file=sys.stderr, leave=False,
-                     disable=os.environ.get("FSMIS_NO_PROGRESS") == "1")
-        tables = all_tables(results, include_published, show_std)
-        for table in tables:
-            if table.is_empty():
-                continue
-            (tables_dir / f"{table.name}.md").write_text(table.to_markdown(), encoding="utf-8")
-            (tables_dir / f"{table.name}.tex").write_text(table.to_latex(), encoding="utf-8")
-            (tables_dir / f"{table.name}.csv").write_text(table.to_csv(), encoding="utf-8")
-        gaps = published_gap(next(t for t in tables if t.name == "main"))
-        if not gaps.empty:
-            gaps.to_csv(tables_dir / "published_gap.csv", index=False)
-            (tables_dir / "published_gap.md").write_text(frame_to_markdown(gaps, "{:.2f}"), encoding="utf-8")
-        long_fold_csv(results).to_csv(tables_dir / "fold_scores.csv", index=False)
-        per_case.to_csv(tables_dir / "per_volume.csv", index=False)
-        run_summary = summarise_runs(results)
-        results.runs.to_csv(tables_dir / "runs.csv", index=False)
-        steps.update()
-
-        comparisons = []
-        for a, b in pairs:
-            frame = stats.compare(results, a, b, n_boot=n_boot)
-            shown = stats.format_compare(frame)
-            stem = f"compare_{_slug(a)}_vs_{_slug(b)}"
-            frame.to_csv(tables_dir / f"{stem}.csv", index=False)
-            (tables_dir / f"{stem}.md").write_text(f"**A = {a} vs B = {b}**\n\n" + frame_to_markdown(shown), encoding="utf-8")
-            (tables_dir / f"{stem}.tex").write_text(frame_to_latex(shown, f"{a} vs {b}: paired comparison", stem), encoding="utf-8")
-            comparisons.append((frame["A"].iloc[0] if len(frame) else a, frame["B"].iloc[0] if len(frame) else b, shown))
-        intervals = stats.confidence_intervals(results, n_boot=n_boot)
-        if not intervals.empty:
-            intervals.to_csv(tables_dir / "bootstrap_ci.csv", index=False)
-            (tables_dir / "bootstrap_ci.md").write_text(frame_to_markdown(intervals, "{:.2f}"), encoding="utf-8")
-            (tables_dir / "bootstrap_ci.tex").write_text(
-                frame_to_latex(intervals, "Mean Dice (%) per query volume, 95% bootstrap CI", "bootstrap_ci", "{:.2f}"),
-                encoding="utf-8")
-        steps.update()
-
-        problems: list[str] = []
-        figures = figures_module.write_figures(results, figures_dir, width=figure_width, problems=problems)
-        comparison = comparison_frame(results)
-        if comparison["published"].notna().any():
-            comparison.to_csv(tables_dir / "published_comparison.csv", index=False)
-        steps.update()
-        # without a data root the loader is still tried: file-free datasets (phantom) need none,
-        # the others fail to load and the figure is skipped with a note
-        loader = dataset_loader or default_loader(data_root)
-
-        def note(text: str) -> None:
-            notes.append(text.removeprefix("note: "))
-            log(text)
-
-        qualitative = write_qualitative(results, figures_dir, loader, named_slices, log=note, zoom=zoom,
-                                        width=figure_width, problems=problems)
-        for problem in problems:  # the layout is meant to make this impossible; say so if not
-            note(f"note: figure text overlaps or is cut off ({problem})")
-        steps.update()
-
-        captions = {name: figures_module.caption(name, results) for name in figures}
-        for name in qualitative:
-            captions[name] = qualitative_caption(results, name, zoom)
-        page = render_html(results, tables, {**figures, **qualitative}, captions, comparisons, intervals, run_summary, notes)
-        (out / REPORT_HTML).write_text(page, encoding="utf-8")
-        steps.update()
-        steps.close()
+        _check_out_dir(out, force)
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.report-", dir=out.parent))
+        except OSError as exc:
+            raise _write_failure(exc, out) from None
+        try:
+            _write_into(staging, results, per_case, pairs, named_slices, data_root=data_root,
+                        show_std=show_std, include_published=include_published, dataset_loader=dataset_loader,
+                        n_boot=n_boot, log=log, width=figure_width, zoom=zoom)
+            _install(staging, out)
+        except OSError as exc:  # a full disk, a read-only folder: one message, not a traceback
+            raise _write_failure(exc, out) from None
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         return out
+
+
+def _write_failure(exc: OSError, out: Path) -> FsmisError:
+    cause = exc.strerror or str(exc)
+    where = f" ({exc.filename})" if exc.filename else ""
+    return FsmisError(f"cannot write the report to {out}: {cause}{where}",
+                      hint="make the folder (and the one above it) writable, free some space, or choose another --out")
+
+
+def _write_into(
+    out: Path,
+    results: Results,
+    per_case: pd.DataFrame,
+    pairs: Sequence[tuple[str, str]],
+    named_slices: Sequence[tuple[str | None, str, str, int]],
+    *,
+    data_root: str | Path | None,
+    show_std: bool,
+    include_published: bool,
+    dataset_loader: DatasetLoader | None,
+    n_boot: int,
+    log: Callable[[str], None],
+    width: float,
+    zoom: bool,
+) -> None:
+    """Every table, figure and the HTML page of ``results`` into the (empty) folder ``out``."""
+    for text in results.notes:
+        log(f"note: {text}")
+    tables_dir, figures_dir = out / "tables", out / "figures"
+    tables_dir.mkdir(exist_ok=True)
+    notes: list[str] = []
+    if results.empty:
+        notes.append(f"No finished runs under {results.root}; only published numbers are shown.")
+    if results.unfinished:
+        notes.append(f"{len(results.unfinished)} unfinished run(s) (no COMPLETE marker) are not counted; see Runs.")
+
+    steps = tqdm(total=5, desc="report", unit="step", file=sys.stderr, leave=False,
+                 disable=os.environ.get("FSMIS_NO_PROGRESS") == "1")
+    tables = all_tables(results, include_published, show_std)
+    for table in tables:
+        if table.is_empty():
+            continue
+        (tables_dir / f"{table.name}.md").write_text(table.to_markdown(), encoding="utf-8")
+        (tables_dir / f"{table.name}.tex").write_text(table.to_latex(), encoding="utf-8")
+        (tables_dir / f"{table.name}.csv").write_text(table.to_csv(), encoding="utf-8")
+    gaps = published_gap(next(t for t in tables if t.name == "main"))
+    if not gaps.empty:
+        gaps.to_csv(tables_dir / "published_gap.csv", index=False)
+        (tables_dir / "published_gap.md").write_text(frame_to_markdown(gaps, "{:.2f}"), encoding="utf-8")
+    long_fold_csv(results).to_csv(tables_dir / "fold_scores.csv", index=False)
+    per_case.to_csv(tables_dir / "per_volume.csv", index=False)
+    run_summary = summarise_runs(results)
+    results.runs.to_csv(tables_dir / "runs.csv", index=False)
+    steps.update()
+
+    comparisons = []
+    for a, b in pairs:
+        frame = stats.compare(results, a, b, n_boot=n_boot)
+        shown = stats.format_compare(frame)
+        stem = f"compare_{_slug(a)}_vs_{_slug(b)}"
+        frame.to_csv(tables_dir / f"{stem}.csv", index=False)
+        (tables_dir / f"{stem}.md").write_text(f"**A = {a} vs B = {b}** ({COMPARE_NOTE})\n\n" + frame_to_markdown(shown),
+                                               encoding="utf-8")
+        (tables_dir / f"{stem}.tex").write_text(
+            frame_to_latex(shown, f"{a} vs {b}: paired comparison of per-volume Dice (%)", stem), encoding="utf-8")
+        comparisons.append((frame["A"].iloc[0] if len(frame) else a, frame["B"].iloc[0] if len(frame) else b, shown))
+    intervals = stats.confidence_intervals(results, n_boot=n_boot)
+    if not intervals.empty:
+        shown_intervals = stats.format_intervals(intervals)
+        intervals.to_csv(tables_dir / "bootstrap_ci.csv", index=False)
+        (tables_dir / "bootstrap_ci.md").write_text(
+            f"**{INTERVALS_TITLE}**\n\n" + frame_to_markdown(shown_intervals, "{:.2f}"), encoding="utf-8")
+        (tables_dir / "bootstrap_ci.tex").write_text(
+            frame_to_latex(shown_intervals, INTERVALS_TITLE, "bootstrap_ci", "{:.2f}"), encoding="utf-8")
+    else:
+        shown_intervals = intervals
+    steps.update()
+
+    problems: list[str] = []
+    figures = figures_module.write_figures(results, figures_dir, width=width, problems=problems)
+    comparison = comparison_frame(results)
+    if comparison["published"].notna().any():
+        comparison.to_csv(tables_dir / "published_comparison.csv", index=False)
+    steps.update()
+    # without a data root the loader is still tried: file-free datasets (phantom) need none,
+    # the others fail to load and the figure is skipped with a note
+    loader = dataset_loader or default_loader(data_root)
+
+    def note(text: str) -> None:
+        notes.append(text.removeprefix("note: "))
+        log(text)
+
+    qualitative = write_qualitative(results, figures_dir, loader, named_slices, log=note, zoom=zoom,
+                                    width=width, problems=problems)
+    for problem in problems:  # the layout is meant to make this impossible; say so if not
+        note(f"note: figure text overlaps or is cut off ({problem})")
+    steps.update()
+
+    captions = {name: figures_module.caption(name, results) for name in figures}
+    for name in qualitative:
+        captions[name] = qualitative_caption(results, name, zoom)
+    page = render_html(results, tables, {**figures, **qualitative}, captions, comparisons, shown_intervals,
+                       run_summary, notes)
+    (out / REPORT_HTML).write_text(page, encoding="utf-8")
+    steps.update()
+    steps.close()
+
+
+#: what the paired comparisons and intervals show (their headers say it too)
+COMPARE_NOTE = ("per-volume Dice %, also for a [dice=pooled] variant; 95% percentile bootstrap intervals; "
+                "W, p: Wilcoxon signed-rank; r_rb: rank-biserial")
+INTERVALS_TITLE = "Mean per-volume Dice (%) with 95% bootstrap CI"
 
 
 def _parse_names(items: Sequence[str] | None) -> dict[str, str]:
@@ -219,18 +350,35 @@ def _run(args: argparse.Namespace) -> int:
         if args.format == "csv":
             sys.stdout.write(frame.to_csv(index=False))
         elif args.format == "latex":
-            sys.stdout.write(frame_to_latex(stats.format_compare(frame), f"{args.compare[0]} vs {args.compare[1]}", "compare"))
+            sys.stdout.write(frame_to_latex(stats.format_compare(frame),
+                                            f"{args.compare[0]} vs {args.compare[1]}: paired comparison of per-volume Dice (%)",
+                                            "compare"))
         else:
-            sys.stdout.write(f"A = {args.compare[0]}, B = {args.compare[1]} (Dice %, 95% bootstrap CI; "
-                             "Wilcoxon signed-rank; r_rb = rank-biserial)\n\n")
+            sys.stdout.write(f"A = {args.compare[0]}, B = {args.compare[1]} ({COMPARE_NOTE})\n\n")
             sys.stdout.write(frame_to_markdown(stats.format_compare(frame)))
         return 0
     if args.format == "csv":
         sys.stdout.write(long_fold_csv(results).to_csv(index=False))
         return 0
-    table = main_table(results, include_published=not args.no_published, show_std=args.std)
-    sys.stdout.write(table.to_latex() if args.format == "latex" else table.to_markdown())
+    # every table that has rows (the main table always: it holds the published numbers)
+    tables = [t for t in all_tables(results, include_published=not args.no_published, show_std=args.std)
+              if t.name == "main" or not t.is_empty()]
+    render = (lambda t: t.to_latex()) if args.format == "latex" else (lambda t: t.to_markdown())
+    sys.stdout.write("\n".join(render(t) for t in tables))
+    _log("note: paired statistics (--compare A B), bootstrap intervals and figures are not shown here; "
+         "`fsmis-bench report --out DIR` writes all of them")
     return 0
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (a bootstrap needs at least one resample)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is below 1; a bootstrap needs at least one resample")
+    return value
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -244,15 +392,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--results", default=None,
                         help="results folder (default: $FSMIS_RESULTS_DIR or ./results)")
     parser.add_argument("--format", choices=("md", "csv", "latex"), default="md",
-                        help="stdout format: md/latex = main comparison table; csv = organ score per fold "
-                             "(method,dataset,setting,fold,organ,dice 0-1,...)")
+                        help="stdout format: md/latex = every result table (main, cross-domain, ablation, "
+                             "backbone: those with rows); csv = organ score per fold, long format, columns "
+                             f"{', '.join(FOLD_CSV_COLUMNS)}; one row per {', '.join(FOLD_CSV_COLUMNS[:7])} "
+                             "(dice 0-1, averaged over n_seeds seeds; variant and train_dataset tell apart "
+                             "settings and cross-domain runs)")
     parser.add_argument("--out", default=None, help="write the full report (tables, figures, report.html) here")
-    parser.add_argument("--force", action="store_true", help="allow --out to be a non-empty folder")
+    parser.add_argument("--force", action="store_true",
+                        help="allow --out to be a non-empty folder: the files of an earlier report there are "
+                             "replaced (stale ones removed), other files are kept")
     parser.add_argument("--compare", nargs=2, metavar=("A", "B"),
                         help="paired per-organ statistics of two methods (name or 'method [variant]')")
     parser.add_argument("--slices", default=None,
                         help="qualitative slices as [dataset:]organ:case_id:z,... (default: per organ the largest "
-                             "ground-truth slice of fold 0's first query case)")
+                             "ground-truth slice of fold 0's first query case); without a dataset a slice applies "
+                             "to every dataset whose runs evaluated that organ and case")
     parser.add_argument("--data-root", default=None,
                         help="data for the qualitative figure (default: $FSMIS_DATA_ROOT; skipped without data)")
     parser.add_argument("--width", choices=tuple(WIDTHS), default="double",
@@ -264,5 +418,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "(repeatable; methods, datasets, organs, backbones)")
     parser.add_argument("--std", action="store_true", help="show ± std across folds in the tables")
     parser.add_argument("--no-published", action="store_true", help="leave the published numbers out of the tables")
-    parser.add_argument("--n-boot", type=int, default=10000, help="bootstrap resamples (default 10000)")
+    parser.add_argument("--n-boot", type=_positive_int, default=10000, metavar="N",
+                        help="bootstrap resamples, >= 1 (default 10000)")
     parser.set_defaults(func=_run)

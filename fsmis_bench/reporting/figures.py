@@ -9,6 +9,10 @@ words what a figure shows, error bars included.
 Statistics are drawn only where they exist: error bars and bands need at least two folds
 (or runs), a box needs at least :data:`MIN_BOX_POINTS` volumes (fewer are drawn as points),
 and a value of zero is drawn as a marker on the axis, never as an invisible bar.
+
+Variants of one method share its hue; besides their lightness they are told apart by a
+hatch (bars), a marker shape (points) and a line style (curves), so they stay apart in
+greyscale print (:func:`make_series`).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from .collect import (  # noqa: E402
     dataset_sort_key,
     organ_sort_key,
     per_case_scores,
+    random_weights_note,
     run_flags,
 )
 from .style import (  # noqa: E402
@@ -45,6 +50,7 @@ from .style import (  # noqa: E402
     eval_display,
     legend_columns,
     method_colour,
+    method_display,
     method_label,
     method_style,
     organ_display,
@@ -63,8 +69,14 @@ MIN_BOX_POINTS = 5
 _ZERO_PCT = 1.0
 _MIN_PANEL_HEIGHT_IN = 1.6
 
-NOTE_RANDOM = "random weights: the pretrained architecture, randomly initialised"
-NOTE_NON_STANDARD = "non-standard protocol option (named in brackets); not comparable with published numbers"
+NOTE_NON_STANDARD = ("non-standard option (named in brackets: a protocol option, or a departure from the setup "
+                     "of the published numbers); not comparable with published numbers")
+
+#: per variant of a method (in :func:`series_sort_key` order): the first is drawn plain,
+#: the others hatched / with another marker / dashed, so variants differ in greyscale too
+VARIANT_HATCHES = ("", "////", "\\\\\\\\", "xxxx", "....", "++++", "oooo")
+VARIANT_MARKERS = ("o", "s", "D", "v", "P", "X", "h")
+VARIANT_LINESTYLES = ("-", "--", "-.", ":", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 2)), (0, (8, 2)))
 
 
 def note_incomplete(details: Sequence[str]) -> str:
@@ -76,10 +88,24 @@ def note_incomplete(details: Sequence[str]) -> str:
 
 @dataclass(frozen=True)
 class Series:
+    """One (method, variant) as drawn.
+
+    Attributes:
+        label: display name with footnote marks.
+        colour: :func:`~.style.method_colour` (a function of the two names only).
+        hatch, marker, linestyle: how this variant differs from the method's other variants
+            in the report (index ``rank`` of :data:`VARIANT_HATCHES` etc.).
+        rank: position among the variants of its method in the report (0: drawn plain).
+    """
+
     method: str
     variant: str
-    label: str  # display name with footnote marks
+    label: str
     colour: tuple[float, float, float]
+    hatch: str = ""
+    marker: str = "o"
+    linestyle: object = "-"
+    rank: int = 0
 
     @property
     def key(self) -> tuple[str, str]:
@@ -116,6 +142,12 @@ def make_series(results: Results, keys: Iterable[tuple[str, str]], notes: Footno
     incomplete = {k for keys_ in short.values() for k in keys_}
     details = [f"{text}: {', '.join(method_label(*k) for k in sorted(ks, key=lambda k: ordered.index(k)))}"
                for text, ks in short.items()]
+    # every variant of a method in the report, in legend order: its rank picks the hatch,
+    # marker and line style, the same in every figure of the report
+    variants: dict[str, list[str]] = {}
+    for method, variant in sorted(set(zip(results.runs["method"], results.runs["variant"])) | set(ordered),
+                                  key=lambda k: series_sort_key(*k)):
+        variants.setdefault(method, []).append(variant)
     series = []
     for method, variant in ordered:
         own = []
@@ -124,11 +156,16 @@ def make_series(results: Results, keys: Iterable[tuple[str, str]], notes: Footno
         if (method, variant) in flags.index:
             flag = flags.loc[(method, variant)]
             if bool(flag["random_weights"]):
-                own.append(NOTE_RANDOM)
+                # the tiny CPU backbone is not "the pretrained architecture": say which case it is
+                reasons = [r for r in str(flag["random_reason"]).split(";") if r] or [""]
+                own.extend(random_weights_note(reason) for reason in reasons)
             if flag["non_standard"]:
                 own.append(NOTE_NON_STANDARD)
         label = notes.mark(method_label(method, variant), own)
-        series.append(Series(method, variant, label, method_colour(method, variant)))
+        rank = variants[method].index(variant)
+        series.append(Series(method, variant, label, method_colour(method, variant),
+                             VARIANT_HATCHES[rank % len(VARIANT_HATCHES)], VARIANT_MARKERS[rank % len(VARIANT_MARKERS)],
+                             VARIANT_LINESTYLES[rank % len(VARIANT_LINESTYLES)], rank))
     return series
 
 
@@ -250,12 +287,22 @@ def layout(n_panels: int, panel_height: float, width: float, handles: Sequence, 
 
 
 def bar_handles(series: Sequence[Series]) -> list:
-    return [plt.Rectangle((0, 0), 1, 1, facecolor=s.colour, edgecolor=edge_colour(s.colour), linewidth=0.5)
+    """Legend patches: colour and hatch as the bars."""
+    return [plt.Rectangle((0, 0), 1, 1, facecolor=s.colour, edgecolor=edge_colour(s.colour), linewidth=0.5,
+                          hatch=s.hatch or None)
+            for s in series]
+
+
+def point_handles(series: Sequence[Series]) -> list:
+    """Legend markers: colour and shape as the points."""
+    return [plt.Line2D([0], [0], color=s.colour, marker=s.marker, markersize=5, markeredgecolor=edge_colour(s.colour),
+                       markeredgewidth=0.5, linestyle="none")
             for s in series]
 
 
 def line_handles(series: Sequence[Series]) -> list:
-    return [plt.Line2D([0], [0], color=s.colour, linewidth=1.5) for s in series]
+    """Legend lines: colour and line style as the curves."""
+    return [plt.Line2D([0], [0], color=s.colour, linewidth=1.5, linestyle=s.linestyle) for s in series]
 
 
 def category_labels(ax: plt.Axes, labels: Sequence[str], panel_width_in: float) -> None:
@@ -320,7 +367,8 @@ def draw_bars(ax: plt.Axes, categories: Sequence[str], series: Sequence[Series],
                 continue
             x = j - group_width / 2 + width * (i + 0.5)
             positions[(s.method, s.variant, category)] = x
-            ax.bar(x, stat.mean, width * 0.9, color=s.colour, edgecolor=edge_colour(s.colour), linewidth=0.4, zorder=2)
+            ax.bar(x, stat.mean, width * 0.9, color=s.colour, edgecolor=edge_colour(s.colour), linewidth=0.4, zorder=2,
+                   hatch=s.hatch or None)
             if stat.sd is not None:
                 ax.errorbar(x, stat.mean, yerr=stat.sd, fmt="none", ecolor="#222222", elinewidth=0.6, capsize=1.4,
                             capthick=0.6, zorder=3)
@@ -395,7 +443,7 @@ def volume_distribution_figure(results: Results, width: float = WIDTH_IN) -> plt
     series = make_series(results, zip(per_case["method"], per_case["variant"]), notes)
     panels = _eval_panels(per_case)
     with paper_style():
-        lay = layout(len(panels), 2.0, width, bar_handles(series), [s.label for s in series], notes)
+        lay = layout(len(panels), 2.0, width, point_handles(series), [s.label for s in series], notes)
         for ax, (train, dataset, setting) in zip(lay.axes, panels):
             data = _select(per_case, train, dataset, setting)
             organs = sorted(data["organ"].unique(), key=organ_sort_key)
@@ -420,7 +468,7 @@ def volume_distribution_figure(results: Results, width: float = WIDTH_IN) -> plt
                     else:
                         size, alpha = 3.2, 0.95
                     xs = x + _jitter(len(values), i * 1000 + j, step * 0.28)
-                    ax.plot(xs, values, linestyle="none", marker="o", markersize=size, alpha=alpha,
+                    ax.plot(xs, values, linestyle="none", marker=s.marker, markersize=size, alpha=alpha,
                             color=s.colour, markeredgecolor=edge_colour(s.colour), markeredgewidth=0.3,
                             clip_on=False, zorder=4)
             ax.set_xlim(-0.5, len(organs) - 0.5)
@@ -493,7 +541,8 @@ def setting_drop_figure(results: Results, width: float = WIDTH_IN) -> plt.Figure
             for y, s in enumerate(shown):
                 row = data[(data["method"] == s.method) & (data["variant"] == s.variant)].iloc[0]
                 spread = 0.0 if row["sd"] is None or pd.isna(row["sd"]) else float(row["sd"])
-                ax.barh(y, row["drop"], 0.7, color=s.colour, edgecolor=edge_colour(s.colour), linewidth=0.4, zorder=2)
+                ax.barh(y, row["drop"], 0.7, color=s.colour, edgecolor=edge_colour(s.colour), linewidth=0.4, zorder=2,
+                        hatch=s.hatch or None)
                 if spread > 0 or (row["sd"] is not None and not pd.isna(row["sd"])):
                     ax.errorbar(row["drop"], y, xerr=spread, fmt="none", ecolor="#222222", elinewidth=0.6,
                                 capsize=1.4, zorder=3)
@@ -552,41 +601,72 @@ def train_curves(results: Results, weight: float = 0.9) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)[columns] if frames else pd.DataFrame(columns=columns)
 
 
+#: in train_loss, a marker per training (training dataset and setting) when there are several
+TRAINING_MARKERS = ("o", "s", "D", "v", "P", "X", "h")
+
+
 def train_loss_figure(results: Results, weight: float = 0.9, width: float = WIDTH_IN) -> plt.Figure | None:
-    """Smoothed training loss per method: mean over folds, seeds and setting-2 organ groups;
-    band = ±1 SD where at least two curves reach the step."""
+    """Smoothed training loss, one panel per method: methods optimise different objectives
+    (their losses share no scale), so no two methods share a y axis.
+
+    In a panel, one line per variant (colour and line style as in the legend) and training
+    (training dataset and setting; with several in the figure each has a marker, named in
+    the legend): mean over folds, seeds and setting-2 organ groups; band = ±1 SD where at
+    least two curves reach the step.
+    """
     curves = train_curves(results, weight)
     if curves.empty:
         return None
     notes = Footnotes()
     series = make_series(results, zip(curves["method"], curves["variant"]), notes)
-    panels = sorted({(str(t), int(s)) for t, s in zip(curves["train_dataset"], curves["setting"])},
-                    key=lambda k: (dataset_sort_key(k[0]), k[1]))
+    methods = list(dict.fromkeys(s.method for s in series))  # legend order
+    trainings = sorted({(str(t), int(k)) for t, k in zip(curves["train_dataset"], curves["setting"])},
+                       key=lambda key: (dataset_sort_key(key[0]), key[1]))
+    several = len(trainings) > 1
+    markers = {key: TRAINING_MARKERS[i % len(TRAINING_MARKERS)] for i, key in enumerate(trainings)}
+    handles, labels = line_handles(series), [s.label for s in series]
+    if several:  # which marker is which training: under the methods in the same legend
+        handles += [plt.Line2D([0], [0], color="#444444", linewidth=0, marker=markers[key], markersize=4)
+                    for key in trainings]
+        labels += [_training_name(*key) for key in trainings]
     with paper_style():
-        lay = layout(len(panels), 1.9, width, line_handles(series), [s.label for s in series], notes)
-        for ax, (train, setting) in zip(lay.axes, panels):
-            data = curves[(curves["train_dataset"] == train) & (curves["setting"] == setting)]
-            for s in series:
-                mine = data[(data["method"] == s.method) & (data["variant"] == s.variant)]
-                if mine.empty:
-                    continue
-                wide = mine.pivot_table(index="step", columns="curve", values="loss")
-                mean = wide.mean(axis=1)
-                count = wide.notna().sum(axis=1)
-                sd = wide.std(axis=1, ddof=1).where(count >= 2)
-                # a run that logged once is a point, not an invisible one-point line
-                ax.plot(mean.index, mean.to_numpy(), color=s.colour, linewidth=1.0, zorder=3,
-                        marker="o" if len(mean) < 3 else None, markersize=3)
-                if sd.notna().any():
-                    ax.fill_between(mean.index, (mean - sd).to_numpy(), (mean + sd).to_numpy(), color=s.colour,
-                                    alpha=0.2, linewidth=0, zorder=2)
+        lay = layout(len(methods), 1.9, width, handles, labels, notes)
+        for ax, method in zip(lay.axes, methods):
+            data = curves[curves["method"] == method]
+            for s in (s for s in series if s.method == method):
+                for key in trainings:
+                    mine = data[(data["variant"] == s.variant) & (data["train_dataset"] == key[0])
+                                & (data["setting"] == key[1])]
+                    if mine.empty:
+                        continue
+                    wide = mine.pivot_table(index="step", columns="curve", values="loss")
+                    mean = wide.mean(axis=1)
+                    count = wide.notna().sum(axis=1)
+                    sd = wide.std(axis=1, ddof=1).where(count >= 2)
+                    # a run that logged once is a point, not an invisible one-point line
+                    marker = markers[key] if several or len(mean) < 3 else None
+                    # about six markers per line, staggered per training so that lines on top
+                    # of each other still show every marker
+                    every = max(1, len(mean) // 6)
+                    start = trainings.index(key) * every // len(trainings)
+                    ax.plot(mean.index, mean.to_numpy(), color=s.colour, linewidth=1.0, linestyle=s.linestyle, zorder=3,
+                            marker=marker, markersize=3, markevery=(start, every),
+                            markeredgecolor=edge_colour(s.colour), markeredgewidth=0.4)
+                    if sd.notna().any():
+                        ax.fill_between(mean.index, (mean - sd).to_numpy(), (mean + sd).to_numpy(), color=s.colour,
+                                        alpha=0.2, linewidth=0, zorder=2)
             if (data["loss"] > 0).all() and data["loss"].max() / data["loss"].min() > 20:
                 ax.set_yscale("log")
-            panel_title(ax, f"trained on {dataset_display(train)} · setting {setting}", lay.panel_width)
+            title = method_display(method)
+            panel_title(ax, title if several else f"{title} · {_training_name(*trainings[0])}", lay.panel_width)
             ax.set_xlabel("training step")
             lay.y_label(ax, f"loss (EMA {weight:g})")
         lay.finish()
     return lay.fig
+
+
+def _training_name(train: str, setting: int) -> str:
+    return f"trained on {dataset_display(train)} · setting {setting}"
 
 
 def _comparison(results: Results, width: float = WIDTH_IN) -> plt.Figure | None:
@@ -636,7 +716,8 @@ def caption(name: str, results: Results) -> str:
         return ("Mean Dice lost from setting 1 to setting 2 (in-domain), in percentage points, paired by fold "
                 f"(folds finished in both settings). {spread}").strip()
     if name == "train_loss":
-        return ("Training loss, exponentially smoothed; line = mean over folds, seeds and organ groups; band = ±1 "
+        return ("Training loss, exponentially smoothed, one panel per method (each optimises its own objective, so "
+                "their losses share no scale); line = mean over folds, seeds and organ groups; band = ±1 "
                 "standard deviation where at least two runs reach the step.")
     return name
 

@@ -61,7 +61,7 @@ def render_html(
         figures: name -> PNG path; embedded in the page.
         comparisons: (A, B, display frame of :func:`stats.format_compare`).
         intervals: bootstrap intervals per method and organ.
-        run_summary: folds/seeds per method variant and evaluation.
+        run_summary: folds, seeds and training steps per method variant and evaluation.
         notes: things the reader must know (skipped figures, unfinished runs).
     """
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -87,7 +87,8 @@ def render_html(
     parts.append('<h2 id="statistics">Statistics</h2>')
     if comparisons:
         parts.append("<p>Paired comparisons over the same query volumes (matched on dataset, setting, fold, organ "
-                     "and case). Dice in %; 95 % percentile bootstrap intervals; W and p: Wilcoxon signed-rank "
+                     "and case). Per-volume Dice in %, also for a <code>[dice=pooled]</code> variant (whose table "
+                     "score pools the volumes); 95 % percentile bootstrap intervals; W and p: Wilcoxon signed-rank "
                      "test (zero differences dropped); r_rb: matched-pairs rank-biserial correlation (+1: A better "
                      "on every volume).</p>")
         for a, b, frame in comparisons:
@@ -96,7 +97,7 @@ def render_html(
     else:
         parts.append("<p>No two methods share query volumes; nothing to compare.</p>")
     if intervals is not None and not intervals.empty:
-        parts.append("<h3>Mean Dice per query volume with 95 % bootstrap intervals</h3>")
+        parts.append("<h3>Mean per-volume Dice (%) with 95 % bootstrap intervals</h3>")
         parts.append(f'<div class="scroll">{frame_to_html(intervals, "{:.2f}")}</div>')
     parts.append('<h2 id="figures">Figures</h2>')
     for name, path in figures.items():

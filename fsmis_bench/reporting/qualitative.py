@@ -21,6 +21,7 @@ the user as ``[dataset:]organ:case_id:z``.
 
 from __future__ import annotations
 
+import difflib
 import itertools
 import os
 import sys
@@ -58,9 +59,11 @@ PREDICTION_COLOUR = "#E69F00"  # Okabe-Ito orange
 _GAP_IN = 0.04
 _LEGEND_IN = 0.3
 _MAX_TITLE_LINES = 4
-#: the smallest panel worth keeping the preferred layout for, and the largest panel
-_MIN_PANEL_IN = 0.8
+#: the largest panel
 _MAX_PANEL_IN = 1.8
+#: the transpose (organs as rows) is used when its panels are larger by more than this
+#: fraction: equal sizes keep the usual methods-as-rows layout
+_TRANSPOSE_GAIN = 0.02
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,49 @@ def parse_slices(text: str | None) -> list[tuple[str | None, str, str, int]]:
         organ, case_id, z = parts[-3], parts[-2], int(parts[-1])
         parsed.append((dataset, organ, case_id, z))
     return parsed
+
+
+def check_slices(results: Results, named: Sequence[tuple[str | None, str, str, int]]) -> None:
+    """Refuse ``--slices`` that cannot be shown, all problems in one error, before anything
+    is written.
+
+    A slice must name a dataset some run was tested on (when it names one), an organ those
+    runs evaluated and a query case they evaluated for that organ, and a slice index >= 0
+    (whether it lies inside the volume is known only once the image is loaded).
+
+    Raises:
+        FsmisError: the slices that cannot be shown, each with why.
+    """
+    if not named:
+        return
+    cases = results.cases
+    datasets = sorted(set(cases["dataset"]), key=dataset_sort_key)
+    problems: list[str] = []
+    hints: list[str] = []
+    for dataset, organ, case_id, z in named:
+        where = f"{dataset}:" if dataset else ""
+        text = f"{where}{organ}:{case_id}:{z}"
+        if dataset is not None and dataset not in datasets:
+            problems.append(f"{text}: no run was tested on {dataset!r}")
+            hints.append(f"datasets: {', '.join(datasets) or 'none'}")
+            continue
+        mine = cases if dataset is None else cases[cases["dataset"] == dataset]
+        organs = sorted(set(mine["organ"]), key=organ_sort_key)
+        if organ not in organs:
+            close = difflib.get_close_matches(organ, organs, n=1)
+            problems.append(f"{text}: no run evaluated organ {organ!r}" + (f" (did you mean {close[0]}?)" if close else ""))
+            hints.append(f"organs{' of ' + dataset if dataset else ''}: {', '.join(organs) or 'none'}")
+            continue
+        evaluated = sorted(set(mine.loc[mine["organ"] == organ, "case_id"]), key=lambda c: (len(c), c))
+        if case_id not in evaluated:
+            problems.append(f"{text}: no run evaluated case {case_id!r} for {organ}")
+            hints.append(f"{organ} query cases{' of ' + dataset if dataset else ''}: {', '.join(evaluated)}")
+            continue
+        if z < 0:
+            problems.append(f"{text}: the slice index must be 0 or more")
+    if problems:
+        raise FsmisError("cannot show the qualitative slices: " + "; ".join(problems),
+                         hint="; ".join(dict.fromkeys(hints)) or "write slices as [dataset:]organ:case_id:z")
 
 
 # -- loading the test dataset ---------------------------------------------------------
@@ -274,17 +320,26 @@ def choose_slices(
     results: Results, dataset: str, setting: int, dataset_obj: object,
     named: Sequence[tuple[str | None, str, str, int]] = (), train_dataset: str | None = None,
 ) -> list[SliceChoice]:
-    """The slices to show for one evaluation (in-domain unless ``train_dataset`` differs)."""
-    if named:
-        return [SliceChoice(dataset, organ, case_id, z) for ds, organ, case_id, z in named if ds in (None, dataset)]
+    """The slices to show for one evaluation (in-domain unless ``train_dataset`` differs).
+
+    Named slices apply where this evaluation's runs evaluated their organ and case (and, for
+    a slice that names a dataset, only to that test dataset): a slice without a dataset
+    never puts a liver column on a cardiac figure. Without a named slice that applies, the
+    default: per organ the largest ground-truth slice of the first fold's first query case.
+    """
     cases = results.cases
     cases = cases[(cases["dataset"] == dataset) & (cases["train_dataset"] == (train_dataset or dataset))
                   & (cases["setting"] == setting)]
+    label_map = getattr(dataset_obj, "label_map", {})
+    evaluated = set(zip(cases["organ"], cases["case_id"]))
+    applying = [SliceChoice(dataset, organ, case_id, z) for ds, organ, case_id, z in named
+                if ds in (None, dataset) and organ in label_map and (organ, case_id) in evaluated]
+    if applying:
+        return applying
     if cases.empty:
         return []
     first_fold = int(cases["fold"].min())
     cases = cases[cases["fold"] == first_fold]
-    label_map = getattr(dataset_obj, "label_map", {})
     choices = []
     for organ in sorted(cases["organ"].unique(), key=organ_sort_key):
         if organ not in label_map:
@@ -345,8 +400,14 @@ def qualitative_figure(
     results: Results, dataset: str, setting: int, dataset_obj: object,
     named: Sequence[tuple[str | None, str, str, int]] = (), *,
     train_dataset: str | None = None, zoom: bool = False, width: float = DOUBLE_COLUMN_IN,
+    log: Callable[[str], None] | None = None,
 ):
-    """The figure for one evaluation, or None when there is nothing to show."""
+    """The figure for one evaluation, or None when there is nothing to show.
+
+    Args:
+        log: told about a chosen slice that no run predicted (not a kept query slice of
+            the case, or predictions not saved), which shows as "no prediction" panels.
+    """
     import matplotlib.pyplot as plt
 
     train_dataset = train_dataset or dataset
@@ -388,6 +449,10 @@ def qualitative_figure(
                     mask = orientation.apply(np.asarray(found[1][list(found[0]).index(choice.z)], dtype=bool))[window]
                     break
             column.append(_Panel(column[0].image, column[0].truth, mask, orientation.aspect))
+        if log is not None and series and all(panel.prediction is None for panel in column[1:]):
+            log(f"note: qualitative figure for {eval_display(train_dataset, dataset)}: no run saved a prediction "
+                f"of slice {choice.z} of case {choice.case_id} ({choice.organ}); it is not a query slice the "
+                "runs evaluated, or they did not save predictions")
         panels.append(column)
 
     method_names = ["Ground truth"] + [s.label for s in series]
@@ -415,11 +480,15 @@ def qualitative_figure(
         return _Plan(methods_as_rows, size, label_w, header, row_labels, col_titles, fits)
 
     def choose(names: list[str]) -> _Plan:
-        # methods as rows, organs as columns, unless that makes the panels too small to read
+        # methods as rows and organs as columns, or the transpose when that gives larger
+        # panels; a layout whose labels fit beats one whose labels do not
         as_rows, transposed = plan(True, names), plan(False, names)
-        if as_rows.fits and as_rows.size >= _MIN_PANEL_IN:
+        larger = transposed.size > as_rows.size * (1 + _TRANSPOSE_GAIN)
+        if as_rows.fits and (not transposed.fits or not larger):
             return as_rows
-        return max((as_rows, transposed), key=lambda p: (p.fits, p.size))
+        if transposed.fits:
+            return transposed
+        return max((as_rows, transposed), key=lambda p: p.size)
 
     chosen = choose(method_names)
     key_lines: list[str] = []
@@ -542,8 +611,11 @@ def write_qualitative(
             continue
         try:
             fig = qualitative_figure(results, dataset, setting, dataset_obj, named, train_dataset=train, zoom=zoom,
-                                     width=width)
-        except (FsmisError, OSError) as exc:  # files that fail to load lazily
+                                     width=width, log=log)
+        except FsmisError as exc:  # a named slice outside its volume, a damaged file
+            log(f"note: qualitative figure for {eval_display(train, dataset)} skipped: {str(exc).splitlines()[0]}")
+            continue
+        except OSError as exc:  # files that fail to load lazily
             log(f"note: qualitative figure for {eval_display(train, dataset)} skipped: data not available "
                 f"({str(exc).splitlines()[0]})")
             continue

@@ -180,7 +180,8 @@ def default_pairs(results: Results) -> list[tuple[str, str]]:
     if per_case.empty:
         return []
     flags = run_flags(results)
-    clean = {(m, v) for m, v, r, ns in flags.itertuples(index=False) if not r and not ns}
+    clean = {(m, v) for m, v, r, ns in zip(flags["method"], flags["variant"], flags["random_weights"], flags["non_standard"])
+             if not r and not ns}
     grouped = per_case.groupby(["method", "variant"])
     coverage = grouped.apply(lambda g: len(g[["train_dataset", "dataset", "setting", "organ"]].drop_duplicates()))
     means = grouped["dice"].mean()
@@ -197,19 +198,34 @@ def default_pairs(results: Results) -> list[tuple[str, str]]:
     return pairs
 
 
+#: display headers of a paired comparison. The values are per-volume Dice whatever the
+#: variants' ``protocol.dice`` (a ``[dice=pooled]`` variant's table score is pooled, but
+#: pairs are single volumes), so the headers say so.
+COMPARE_HEADERS = ("A per-volume Dice (95% CI)", "B per-volume Dice (95% CI)", "A − B (95% CI)")
+#: display headers of the bootstrap intervals (:func:`format_intervals`)
+INTERVAL_HEADERS = {"mean": "mean per-volume Dice", "CI low": "95% CI low", "CI high": "95% CI high"}
+
+
+def format_intervals(frame: pd.DataFrame) -> pd.DataFrame:
+    """Display form of :func:`confidence_intervals`: the headers say the means are of
+    per-volume Dice (also for ``[dice=pooled]`` variants)."""
+    return frame.rename(columns=INTERVAL_HEADERS)
+
+
 def format_compare(frame: pd.DataFrame) -> pd.DataFrame:
-    """Display form: ``mean [low, high]`` strings, p in scientific notation."""
+    """Display form: ``mean [low, high]`` strings (per-volume Dice %), p in scientific notation."""
     def interval(mean: float, low: float, high: float) -> str:
         return f"{mean:.2f} [{low:.2f}, {high:.2f}]"
 
+    a_header, b_header, diff_header = COMPARE_HEADERS
     if frame.empty:
-        return pd.DataFrame(columns=["evaluation", "setting", "organ", "n", "A (95% CI)", "B (95% CI)", "A − B (95% CI)", "W", "p", "r_rb"])
+        return pd.DataFrame(columns=["evaluation", "setting", "organ", "n", a_header, b_header, diff_header, "W", "p", "r_rb"])
     return pd.DataFrame({
         "evaluation": frame["evaluation"], "setting": frame["setting"].astype(str), "organ": frame["organ"],
         "n": frame["n_pairs"].astype(str),
-        "A (95% CI)": [interval(*v) for v in zip(frame["A mean"], frame["A CI low"], frame["A CI high"])],
-        "B (95% CI)": [interval(*v) for v in zip(frame["B mean"], frame["B CI low"], frame["B CI high"])],
-        "A − B (95% CI)": [interval(*v) for v in zip(frame["diff mean"], frame["diff CI low"], frame["diff CI high"])],
+        a_header: [interval(*v) for v in zip(frame["A mean"], frame["A CI low"], frame["A CI high"])],
+        b_header: [interval(*v) for v in zip(frame["B mean"], frame["B CI low"], frame["B CI high"])],
+        diff_header: [interval(*v) for v in zip(frame["diff mean"], frame["diff CI low"], frame["diff CI high"])],
         "W": ["–" if math.isnan(w) else f"{w:g}" for w in frame["W"]],
         "p": ["–" if math.isnan(p) else f"{p:.3g}" for p in frame["p"]],
         "r_rb": ["–" if math.isnan(r) else f"{r:+.3f}" for r in frame["rank-biserial r"]],

@@ -8,8 +8,9 @@
   a fixed colourblind-safe table (Okabe & Ito) for the built-in methods, the colour a plugin
   registers, or else a colour picked from the name's CRC-32. Ablations and variants of a
   method are shades of its colour: lighter for the ablation members (``Display.shade``),
-  darker for non-standard variants (another backbone, code fidelity, protocol options),
-  greyed for random weights.
+  darker for non-standard variants (another backbone, code fidelity, protocol options,
+  another configuration), greyed for random weights; the figures also hatch the bars,
+  change the marker and dash the line of a method's second, third... variant.
 - Names: the registry's ``Display`` names (plugins register their own), else the raw name;
   ``--rename`` in the report overrides either.
 - Notes: random weights, incomplete and non-standard runs are superscript footnote numbers
@@ -50,6 +51,7 @@ RC_PARAMS = {
     "xtick.major.width": 0.6,
     "ytick.major.width": 0.6,
     "lines.linewidth": 1.0,
+    "hatch.linewidth": 0.6,  # variant hatches (figures.VARIANT_HATCHES): visible at 200 dpi, quiet in print
     "pdf.fonttype": 42,  # TrueType (Type 42) embedded: editable text, no Type 3 bitmaps
     "ps.fonttype": 42,
     "svg.fonttype": "none",
@@ -112,9 +114,12 @@ ORGAN_NAMES: dict[str, str] = {
     "mean": "Mean",
 }
 
-#: shade steps: ablation members get lighter, non-standard variants darker
+#: shade steps: ablation members get lighter, non-standard variants darker: by at least
+#: :data:`_DARKER_BASE` (a step that stays visible in greyscale; the figures add a hatch or
+#: marker per variant on top), and further per ablation shade so ablations stay apart
 _LIGHTER_STEP = 0.17
-_DARKER_STEP = 0.16
+_DARKER_BASE = 0.30
+_DARKER_STEP = 0.12
 
 # -- names ---------------------------------------------------------------------------
 
@@ -282,7 +287,7 @@ def method_colour(method: str, variant: str = "") -> tuple[float, float, float]:
     if is_standard_variant(",".join(t for t in tokens if t not in NOTE_TOKENS)):
         amount = _LIGHTER_STEP * style.shade
     else:
-        amount = -_DARKER_STEP * (style.shade + 1)
+        amount = -(_DARKER_BASE + _DARKER_STEP * style.shade)
     saturation = 0.45 if tokens & NOTE_TOKENS else 1.0
     return shade(style.colour, amount, saturation)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +43,8 @@ def write_run(
     complete: bool = True,
     train_log: pd.DataFrame | None = None,
     predictions: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] | None = None,
+    config: Mapping[str, object] | None = None,
+    finished_at: str = "2026-01-01T01:00:00+00:00",
 ) -> Path:
     """Write one run record.
 
@@ -50,6 +52,10 @@ def write_run(
         cases: ``(organ, case_id, tp, fp, fn)`` per query volume; Dice is derived from them.
         dataset: the test dataset (``train_dataset`` defaults to it).
         predictions: ``(organ, case_id) -> (slice_indices (K,), pred (K, H, W) bool)``.
+        config: sections of a resolved run config written into ``config.yaml`` over the
+            identity keys (e.g. ``{"train": {"steps": 40}}``; ``{"method": {"name": ...}}``
+            replaces the method's name by a config node), and hashed into the folder name.
+        finished_at: the record's finishing time (which of two identical runs is the later).
     Returns:
         the run folder.
     """
@@ -57,7 +63,8 @@ def write_run(
     flags = list(non_standard) + (["random_weights"] if random_weights else [])
     protocol = {"supp_idx": 2, "n_part": 3, "n_shot": 1, "dice": dice, "exclusion": "any", "train_labels": "supervoxels"}
     config = {"method": method, "dataset": train_dataset, "test_dataset": dataset, "setting": setting, "fold": fold,
-              "seed": seed, "backbone": backbone, "fidelity": fidelity, "flags": flags, "dice": dice}
+              "seed": seed, "backbone": backbone, "fidelity": fidelity, "flags": flags, "dice": dice,
+              "protocol": {"episode_sampler": "reference"}, **dict(config or {})}
     config_hash = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8]
     folder = dataset if train_dataset == dataset else f"{train_dataset}_to_{dataset}"
     run_dir = Path(results_dir) / method / folder / f"setting{setting}" / f"fold{fold}" / f"seed{seed}-{config_hash}"
@@ -67,7 +74,7 @@ def write_run(
         "seed": seed, "backbone": backbone, "pretrained": not random_weights, "random_weights": random_weights,
         "fidelity": fidelity, "protocol": protocol, "non_standard": flags, "config_hash": config_hash,
         "versions": {"fsmis_bench": "0.1.0"}, "started_at": "2026-01-01T00:00:00+00:00",
-        "finished_at": "2026-01-01T01:00:00+00:00" if complete else None,
+        "finished_at": finished_at if complete else None,
         "status": "complete" if complete else "running",
     }
     (run_dir / "config.yaml").write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in config.items()))

@@ -29,6 +29,7 @@ from .collect import (
     organ_sort_key,
     published_backbone,
     published_name,
+    random_weights_note,
     row_label,
     run_flags,
 )
@@ -58,8 +59,9 @@ class Marker:
 MARKERS: dict[str, Marker] = {
     "published": Marker("†", r"\textsuperscript{\dag}", f"published numbers from {PUBLISHED_CITATION}; not measured here"),
     "incomplete": Marker("*", r"\textsuperscript{*}", f"incomplete: fewer than {N_FOLDS} folds (or not every organ) finished"),
-    "random_weights": Marker("§", r"\textsuperscript{\S}", "random weights: pretrained architectures with randomly initialised weights"),
-    "non_standard": Marker("‡", r"\textsuperscript{\ddag}", "non-standard protocol option (named in brackets after the method)"),
+    "random_weights": Marker("§", r"\textsuperscript{\S}", "random weights: not initialised from pretrained weights"),
+    "non_standard": Marker("‡", r"\textsuperscript{\ddag}", "non-standard option: a protocol option, or a departure from the "
+                           "setup of the published numbers (e.g. fewer training steps), named in brackets after the method"),
 }
 MARKER_ORDER = ("published", "incomplete", "random_weights", "non_standard")
 
@@ -85,6 +87,8 @@ class Row:
         notes: legend details (e.g. which folds are missing).
         method: the method's name (run records' name for measured rows, the published name
             for published rows).
+        random_reasons: why a random-weights row has random weights
+            (:func:`~.collect.random_weights_reason`), for the legend.
     """
 
     labels: dict[str, str]
@@ -94,6 +98,7 @@ class Row:
     rank_group: Hashable = None
     notes: list[str] = field(default_factory=list)
     method: str = ""
+    random_reasons: list[str] = field(default_factory=list)
 
     @property
     def competes(self) -> bool:
@@ -158,6 +163,10 @@ class Table:
             if key == "incomplete":
                 details = "; ".join(note for row in rows for note in row.notes)
                 text = f"{text} ({details})" if details else text
+            if key == "random_weights":
+                # say what kind: the tiny CPU backbone is not the pretrained architecture at all
+                reasons = sorted({reason for row in rows for reason in row.random_reasons})
+                text = "; ".join(random_weights_note(reason) for reason in reasons) if reasons else text
             lines.append((key, text))
         return lines
 
@@ -309,9 +318,14 @@ def _md_escape(text: str) -> str:
     return text.replace("|", "\\|")
 
 
+#: characters LaTeX treats specially, and every non-ASCII character the report itself writes,
+#: as pdflatex input (tests/test_report_latex.py checks that a report's .tex files are ASCII)
 _TEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
                 "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\^{}",
-                "→": r"$\rightarrow$", "’": "'", "–": "--", "—": "---"}
+                "→": r"$\rightarrow$", "’": "'", "‘": "`", "“": "``", "”": "''", "–": "--", "—": "---",
+                "−": "$-$", "±": r"$\pm$", "·": r"$\cdot$", "×": r"$\times$", "≥": r"$\geq$", "≤": r"$\leq$",
+                "…": r"\dots{}", "†": r"\dag{}", "‡": r"\ddag{}", "§": r"\S{}", "✓": r"\checkmark{}",
+                "\u00a0": "~", "\u202f": r"\,", "°": r"$^\circ$", "µ": r"$\mu$"}
 
 
 def _tex_escape(text: str) -> str:
@@ -379,7 +393,8 @@ def _measured_rows(
             markers.append("non_standard")
         labels = {"Method": row_label(method, variant), "Setting": str(setting)}
         labels.update(extra_labels(method, variant))
-        rows.append(Row(labels, values, "measured", markers, int(setting), notes, method))
+        reasons = [r for r in str(flag["random_reason"]).split(";") if r]
+        rows.append(Row(labels, values, "measured", markers, int(setting), notes, method, reasons))
     return rows
 
 

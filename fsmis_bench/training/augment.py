@@ -8,7 +8,14 @@ a uniform random displacement field smoothed by a Gaussian of ``sigma`` px and s
 ``alpha``). Affine and elastic are composed into one sampling grid, so the image is
 interpolated once; the mask takes the same grid with nearest-neighbour sampling.
 Randomness comes from the caller's generator so that a resumed run draws the same
-episodes. (MONAI's ``Rand2DElastic`` does the same job but cost ~0.3 s per 256² slice on
+episodes.
+
+``form="sdfsmis_code"`` is the released SD-FSMIS training code's variant
+(``evaluation_util/data/Medical.py``): every elastic deformation uses one and the same
+displacement field (it is drawn from ``np.random.RandomState(2025)`` at every call, with
+``reflect`` smoothing), and gamma acts on the images mapped from [-1, 1] to [0, 1] and
+clamped there, not on each slice's own range. The sampler applies the geometric part
+before gamma in that form, as that code does. (MONAI's ``Rand2DElastic`` does the same job but cost ~0.3 s per 256² slice on
 2 cores, which dominated CPU training; this costs about a millisecond.)
 """
 
@@ -20,6 +27,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
+
+AUGMENT_FORMS = ("standard", "sdfsmis_code")
+#: the seed of the released SD-FSMIS code's elastic field (Medical.py)
+SDFSMIS_CODE_ELASTIC_SEED = 2025
 
 
 class EpisodeAugmenter:
@@ -34,7 +45,12 @@ class EpisodeAugmenter:
         shear_deg: float = 5.0,
         elastic_alpha: float = 10.0,
         elastic_sigma: float = 5.0,
+        form: str = "standard",
     ) -> None:
+        if form not in AUGMENT_FORMS:
+            raise ValueError(f"augmentation form {form!r}: expected one of {AUGMENT_FORMS}")
+        self.form = form
+        self._fixed_fields: dict[tuple[int, int], np.ndarray] = {}
         self.gamma_range = gamma
         self.rotate = math.radians(rotate_deg)
         self.translate = translate_px
@@ -57,17 +73,35 @@ class EpisodeAugmenter:
         offset = -inverse @ (shift * 2 / np.array([width, height]))
         theta = torch.tensor(np.concatenate([inverse, offset[:, None]], axis=1), dtype=torch.float32)[None]
         grid = F.affine_grid(theta, [1, 1, height, width], align_corners=False)
-        displacement = np.stack(
-            [gaussian_filter(rng.uniform(-1, 1, size=(height, width)), self.sigma, mode="constant") * self.alpha
-             for _ in range(2)],
-            axis=-1,
-        )
+        if self.form == "sdfsmis_code":
+            displacement = self._fixed_field(height, width)
+        else:
+            displacement = np.stack(
+                [gaussian_filter(rng.uniform(-1, 1, size=(height, width)), self.sigma, mode="constant") * self.alpha
+                 for _ in range(2)],
+                axis=-1,
+            )
         # Pixels -> normalised units (x first in grid_sample's last axis).
         displacement = displacement * (2 / np.array([width, height]))
         return grid + torch.from_numpy(displacement.astype(np.float32))[None]
 
+    def _fixed_field(self, height: int, width: int) -> np.ndarray:
+        """The code form's one displacement field ``(H, W, 2)`` in pixels, x then y."""
+        if (height, width) not in self._fixed_fields:
+            state = np.random.RandomState(SDFSMIS_CODE_ELASTIC_SEED)
+            dx = gaussian_filter(state.rand(height, width) * 2 - 1, self.sigma, mode="reflect") * self.alpha
+            dy = gaussian_filter(state.rand(height, width) * 2 - 1, self.sigma, mode="reflect") * self.alpha
+            self._fixed_fields[(height, width)] = np.stack([dx, dy], axis=-1)
+        return self._fixed_fields[(height, width)]
+
     def gamma(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """Gamma on the intensities rescaled to [0, 1], mapped back: ``(H, W)`` -> ``(H, W)``."""
+        """Gamma on the intensities rescaled to [0, 1], mapped back: ``(H, W)`` -> ``(H, W)``.
+
+        Standard form: each slice's own range is rescaled. Code form: the [-1, 1] images are
+        mapped to [0, 1] and clamped (torchvision's ``adjust_gamma``)."""
+        if self.form == "sdfsmis_code":
+            unit = np.clip((image + 1.0) / 2.0, 0.0, 1.0)
+            return (unit ** rng.uniform(*self.gamma_range) * 2.0 - 1.0).astype(np.float32)
         lo, hi = float(image.min()), float(image.max())
         span = max(hi - lo, 1e-6)
         return (((image - lo) / span) ** rng.uniform(*self.gamma_range) * span + lo).astype(np.float32)

@@ -21,8 +21,10 @@ arbitrary code.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -115,56 +117,92 @@ def _looks_like_pickle(path: Path) -> bool:
     return head[:1] == b"\x80" or head == b"PK\x03\x04"
 
 
-def _refuse_unsafe(path: Path) -> CheckpointError:
+def _refuse_unsafe(path: Path, hint: str | None = None) -> CheckpointError:
+    """The error for a file that is not safetensors. ``hint``: what to do about it where the
+    caller knows better than "pass another file" (a file found in a run folder)."""
     if _looks_like_pickle(path):
         return CheckpointError(
             f"{path} is a pickle (torch.save) checkpoint; fsmis-bench never loads pickles, because "
             "unpickling a file can run arbitrary code",
-            hint="use a final.safetensors written by fsmis-bench; to convert a file you trust, load it "
+            hint=hint or "use a final.safetensors written by fsmis-bench; to convert a file you trust, load it "
             "yourself and save its state dict with safetensors.torch.save_file under 'model/<name>' keys",
         )
     return CheckpointError(
         f"{path} is not a safetensors checkpoint (damaged, truncated, or another format)",
-        hint="pass a final.safetensors written by fsmis-bench",
+        hint=hint or "pass a final.safetensors written by fsmis-bench",
     )
 
 
-def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_safetensors(path: Path, *, hint: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """All tensors (on the CPU) and the metadata of a safetensors file; pickles are refused.
 
+    Args:
+        hint: the hint of the error for a missing or damaged file, in place of "pass a
+            final.safetensors" (for files the user did not pass, e.g. found in a run folder).
     Raises:
         CheckpointError: the file is missing, not safetensors, or damaged.
     """
-    return _read(Path(path), with_tensors=True)
+    return _read(Path(path), with_tensors=True, hint=hint)
 
 
-def read_metadata(path: Path) -> dict[str, str]:
+def read_metadata(path: Path, *, hint: str | None = None) -> dict[str, str]:
     """The metadata of a safetensors file, reading only its header; pickles are refused.
 
     Raises:
         CheckpointError: the file is missing, not safetensors, or damaged.
     """
-    return _read(Path(path), with_tensors=False)[1]
+    return _read(Path(path), with_tensors=False, hint=hint)[1]
 
 
-def _read(path: Path, with_tensors: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _read(path: Path, with_tensors: bool, hint: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist", hint="pass the path of a final.safetensors")
+        raise CheckpointError(f"checkpoint {path} does not exist", hint=hint or "pass the path of a final.safetensors")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             metadata = dict(handle.metadata() or {})
             tensors = {key: handle.get_tensor(key) for key in handle.keys()} if with_tensors else {}
     except (SafetensorError, OSError, ValueError, RuntimeError):
-        raise _refuse_unsafe(path) from None
+        raise _refuse_unsafe(path, hint) from None
     return tensors, metadata
 
 
+#: how safetensors (Rust) reports an operating-system error: "... I/O error: No space left
+#: on device (os error 28)"
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def _os_error(exc: SafetensorError, path: Path) -> OSError | None:
+    """A failed write that safetensors reports as a SafetensorError (which is no OSError),
+    as the OSError it was (errno kept, ``path`` named), so that callers handle a full disk
+    or a read-only folder as for any other file; None for an error that is not I/O."""
+    text = str(exc)
+    match = _OS_ERROR.search(text)
+    if match:
+        code = int(match.group(1))
+        return OSError(code, os.strerror(code), str(path))
+    if "I/O error" in text or "io error" in text.lower():
+        return OSError(errno.EIO, text, str(path))
+    return None
+
+
 def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write through a temporary file and a rename; a failed write removes the temporary
+    file and raises an OSError naming ``path`` (a full disk: errno ENOSPC)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        save_file(tensors, str(tmp), metadata=metadata)
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+        except SafetensorError as exc:
+            error = _os_error(exc, path)
+            if error is None:
+                raise
+            raise error from None
         os.chmod(tmp, new_file_mode())  # safetensors creates its files 0600
         os.replace(tmp, path)
+    except OSError as exc:
+        if exc.filename is None:
+            exc.filename = str(path)  # a failed write() names no file; say which one
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -174,6 +212,10 @@ def _write_text(path: Path, text: str) -> None:
     try:
         tmp.write_text(text)
         os.replace(tmp, path)
+    except OSError as exc:
+        if exc.filename is None:
+            exc.filename = str(path)
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -195,24 +237,27 @@ def save_weights(path: Path, method: Method, step: int) -> None:
     _write_safetensors(Path(path), tensors, metadata)
 
 
-def load_weights(method: Method, checkpoint: Path) -> int:
+def load_weights(method: Method, checkpoint: Path, *, hint: str | None = None) -> int:
     """Load trained weights (``final.safetensors`` or a resume tensor file) into ``method``.
 
     Every trainable parameter and buffer of ``method`` must be in the file, with its
     shape, so a partial or foreign checkpoint never evaluates random weights.
 
+    Args:
+        hint: the hint of every refusal, in place of the ones for a file the user passed
+            (for weights found in a run folder: what to delete to train again).
     Returns:
         the training step the weights come from (0 when the file does not say).
     Raises:
         CheckpointError: not safetensors, no ``model/`` weights, missing or unexpected keys,
             or shapes that do not fit.
     """
-    tensors, metadata = read_safetensors(checkpoint)
+    tensors, metadata = read_safetensors(checkpoint, hint=hint)
     state = {k[len(_MODEL_PREFIX):]: v for k, v in tensors.items() if k.startswith(_MODEL_PREFIX)}
     if not state:
         raise CheckpointError(
             f"{checkpoint} holds no fsmis-bench weights (no 'model/<name>' tensors)",
-            hint="pass a final.safetensors written by fsmis-bench",
+            hint=hint or "pass a final.safetensors written by fsmis-bench",
         )
     name = type(method).__name__
     wanted = set(trainable_state(method))
@@ -224,14 +269,16 @@ def load_weights(method: Method, checkpoint: Path) -> int:
                    else f"has tensors {name} does not have, e.g. {unexpected[:3]}")
         raise CheckpointError(
             f"checkpoint {checkpoint} does not fit {name}: it {problem}",
-            hint="evaluate it with the method, backbone and options it was trained with",
+            hint=hint or "evaluate it with the method, backbone and options it was trained with",
         )
     try:
         method.load_state_dict(state, strict=False)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[-1].strip()
-        raise CheckpointError(f"checkpoint {checkpoint} does not fit {name}: {first}",
-                              hint="evaluate it with the method, backbone and options it was trained with") from None
+        raise CheckpointError(
+            f"checkpoint {checkpoint} does not fit {name}: {first}",
+            hint=hint or "evaluate it with the method, backbone and options it was trained with",
+        ) from None
     try:
         return int(metadata.get("step", 0))
     except ValueError:
@@ -263,10 +310,16 @@ def save_training_state(directory: Path, state: dict[str, Any]) -> Path:
     tensors: dict[str, torch.Tensor] = {}
     encoded = _encode(state, "state", tensors, set())
     tensor_file = f"last-{step:08d}.safetensors"
+    new_file = not (directory / tensor_file).exists()
     _write_safetensors(directory / tensor_file, tensors,
                        {"format": FORMAT, "kind": STATE_KIND, "version": str(VERSION), "step": str(step)})
     document = {"format": FORMAT, "kind": STATE_KIND, "version": VERSION, "tensors": tensor_file, "state": encoded}
-    _write_text(directory / STATE_FILE, json.dumps(document) + "\n")
+    try:
+        _write_text(directory / STATE_FILE, json.dumps(document) + "\n")
+    except BaseException:
+        if new_file:  # no last.json names it: the previous pair stays the resume state
+            (directory / tensor_file).unlink(missing_ok=True)
+        raise
     for old in directory.glob("last-*.safetensors"):
         if old.name != tensor_file:
             old.unlink(missing_ok=True)
@@ -294,7 +347,11 @@ def load_training_state(directory: Path) -> dict[str, Any] | None:
     tensor_file = str(document.get("tensors", ""))
     if Path(tensor_file).name != tensor_file or not tensor_file.endswith(".safetensors"):
         raise CheckpointError(f"{path} names an unexpected tensor file {tensor_file!r}", hint=hint)
-    tensors, _ = read_safetensors(directory / tensor_file)
+    tensors, _ = read_safetensors(
+        directory / tensor_file,
+        hint=f"delete {directory / tensor_file} and {path}, then rerun the same command: this training "
+             "restarts from step 0",
+    )
     try:
         return _decode(document["state"], tensors)
     except (KeyError, TypeError) as exc:

@@ -2,11 +2,24 @@
 
 Pick a training scan at random, then a class — a supervoxel id, or a GT organ — then a
 pair of adjacent slices that both contain it: support = one slice, query = the other
-(order inverted with p = 0.5). A pair whose larger mask has fewer than ``min_fg_pixels``
-pixels is rejected and the draw starts again. Gamma goes on one side (support or query,
-p = 0.5) and affine + elastic on a side drawn independently (p = 0.5), so in half the
-episodes the two sides are augmented differently (Q-Net, SD-FSMIS). Slices excluded by the
-setting never enter an episode.
+(order inverted with p = 0.5). Gamma goes on one side (support or query, p = 0.5) and
+affine + elastic on a side drawn independently (p = 0.5), so in half the episodes the two
+sides are augmented differently (Q-Net, SD-FSMIS). Slices excluded by the setting never
+enter an episode.
+
+How a draw is made and redrawn (``protocol.episode_sampler``):
+
+* ``reference`` (default): Q-Net's and SD-FSMIS's ``__getitem__`` rule, step by step. The
+  scan is drawn once. In it a class is drawn among all the scan's classes, again until it
+  shows in at least two kept slices; then a run of consecutive kept slices containing it,
+  then the pair's first slice within that run. A pair whose larger mask has fewer than
+  ``min_fg_pixels`` pixels draws a new class *in the same scan*; only a class without two
+  adjacent slices sends the draw to a new scan. So every scan trains on its share of the
+  episodes, whatever fraction of its pairs the size floor rejects.
+* ``uniform_pairs``: fsmis-bench's rule before it followed the reference. A class is drawn
+  among those with an adjacent pair, the pair uniformly among all of that class's pairs,
+  and a rejected pair draws a new scan, so a scan trained on fewer episodes the more of
+  its pairs the floor rejects. Kept so that earlier runs can be reproduced.
 """
 
 from __future__ import annotations
@@ -21,7 +34,10 @@ from ..data.base import VolumeDataset, normalise_volume
 from ..errors import DataError
 from ..method import EpisodeBatch
 from ..protocol.settings import EvalGroup, excluded_slices
-from .augment import EpisodeAugmenter
+from .augment import AUGMENT_FORMS, EpisodeAugmenter
+
+
+EPISODE_SAMPLERS = ("reference", "uniform_pairs")
 
 
 @dataclass
@@ -29,6 +45,9 @@ class _Case:
     image: np.ndarray  # (Z, H, W) normalised
     classes: np.ndarray  # (Z, H, W) class map (supervoxel ids or GT values)
     pairs: dict[int, np.ndarray]  # class -> (P,) z of pairs (z, z + 1) both containing it
+    class_ids: np.ndarray  # every class of the scan's training labels, ascending
+    slice_counts: dict[int, int]  # class -> number of kept slices showing it
+    runs: dict[int, list[np.ndarray]]  # class -> runs of >= 2 consecutive kept slices showing it
 
 
 class EpisodeSampler:
@@ -41,6 +60,10 @@ class EpisodeSampler:
         train_labels: ``"supervoxels"`` or ``"gt"``.
         norm: per-volume normalisation (the method's ``input_norm``).
         min_fg_pixels: rejection threshold on the larger of the two masks.
+        rule: ``"reference"`` or ``"uniform_pairs"``, how a draw is made and redrawn
+            (module docstring).
+        augment_form: ``"standard"`` or ``"sdfsmis_code"`` (:mod:`.augment`; the method's
+            :meth:`~fsmis_bench.method.Method.augment_form`).
         augment: gamma on one side, affine + elastic on an independently drawn side.
         image_size: resize slices to ``(image_size, image_size)``; None keeps them.
         seed: seed of the episode stream: episode ``j`` is drawn from a generator seeded by
@@ -59,13 +82,18 @@ class EpisodeSampler:
         augment: bool = True,
         image_size: int | None = None,
         seed: int = 0,
+        rule: str = "reference",
+        augment_form: str = "standard",
     ) -> None:
+        if rule not in EPISODE_SAMPLERS:
+            raise ValueError(f"episode sampler rule {rule!r}: expected one of {EPISODE_SAMPLERS}")
+        self.rule = rule
         self.seed = seed
         self.next_episode = 0
         self.rng = np.random.default_rng(seed)
         self.min_fg_pixels = min_fg_pixels
         self.image_size = image_size
-        self.augmenter = EpisodeAugmenter() if augment else None
+        self.augmenter = EpisodeAugmenter(form=augment_form) if augment else None
         self.cases: list[_Case] = []
         self.excluded_slice_count = 0
         for case_id in cases:
@@ -78,9 +106,9 @@ class EpisodeSampler:
             else:
                 keep = [dataset.label_map[o] for o in group.train_organs if o in dataset.label_map]
                 classes = np.where(np.isin(volume.label, keep), volume.label, 0)
-            pairs = self._adjacent_pairs(classes, dropped)
-            if pairs:
-                self.cases.append(_Case(normalise_volume(volume.image, norm), classes, pairs))
+            case = self._index(classes, dropped)
+            if case is not None:
+                self.cases.append(_Case(normalise_volume(volume.image, norm), classes, **case))
         if not self.cases:
             raise DataError(
                 f"no training episode can be drawn from {len(cases)} {dataset.name} scans "
@@ -88,9 +116,51 @@ class EpisodeSampler:
                 hint="check the supervoxels (`fsmis-bench check-data`) or the setting",
             )
 
+    def _index(self, classes: np.ndarray, dropped: np.ndarray) -> dict | None:
+        """What a draw needs to know of one scan, or None when no draw can end in it.
+
+        ``uniform_pairs`` keeps a scan with at least one adjacent pair. The reference rule
+        would loop forever in a scan where no class can be accepted and none sends the draw
+        on to another scan (no class shows in two kept slices, or every pair is below the
+        size floor): such a scan is left out of the draw instead.
+        """
+        pixels: list[dict[int, int]] = []  # z -> {class: pixel count}, empty for a dropped slice
+        for z in range(classes.shape[0]):
+            values, counts = np.unique(classes[z], return_counts=True)
+            pixels.append({} if dropped[z] else
+                          {int(v): int(c) for v, c in zip(values, counts) if v != 0})
+        slices: dict[int, list[int]] = {}
+        for z, present in enumerate(pixels):
+            for cls in present:
+                slices.setdefault(cls, []).append(z)
+        runs: dict[int, list[np.ndarray]] = {}
+        for cls, zs in slices.items():
+            split = np.split(np.asarray(zs), np.flatnonzero(np.diff(zs) != 1) + 1)
+            runs[cls] = [run for run in split if len(run) >= 2]
+        pairs = self._adjacent_pairs(classes, dropped)
+        if not pairs:
+            return None
+        if self.rule == "reference":
+            accepted = any(max(pixels[z][cls], pixels[z + 1][cls]) >= self.min_fg_pixels
+                           for cls, starts in pairs.items() for z in starts)
+            moves_on = any(len(slices[cls]) >= 2 and not runs[cls] for cls in slices)
+            if not (accepted or moves_on):
+                return None
+        class_ids = np.unique(classes)
+        return {
+            "pairs": pairs,
+            "class_ids": class_ids[class_ids != 0],
+            "slice_counts": {cls: len(zs) for cls, zs in slices.items()},
+            "runs": runs,
+        }
+
     @staticmethod
     def _adjacent_pairs(classes: np.ndarray, dropped: np.ndarray) -> dict[int, np.ndarray]:
-        """For each class, the z of every adjacent slice pair (z, z+1) that both contain it."""
+        """For each class, the z of every adjacent slice pair (z, z+1) that both contain it.
+
+        The classes are in the order ``uniform_pairs`` has always drawn from (kept as it was,
+        so that its runs are reproduced).
+        """
         present: list[set[int]] = []
         for z in range(classes.shape[0]):
             ids = set() if dropped[z] else set(np.unique(classes[z]).tolist())
@@ -118,25 +188,60 @@ class EpisodeSampler:
     # -- drawing ------------------------------------------------------------------------
     def sample(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """One episode: support image, support mask, query image, query mask, each ``(H, W)``."""
+        draw = self._draw_reference if self.rule == "reference" else self._draw_uniform_pairs
+        case, cls, z = draw()
+        first, second = case.classes[z] == cls, case.classes[z + 1] == cls
+        slices = [self._fit(case.image[z], first), self._fit(case.image[z + 1], second)]
+        if self.rng.uniform() < 0.5:
+            slices.reverse()
+        if self.augmenter is not None and self.augmenter.form == "sdfsmis_code":
+            geometric_side = int(self.rng.uniform() < 0.5)  # that code warps first, then applies gamma
+            slices[geometric_side] = self.augmenter.geometric(*slices[geometric_side], self.rng)
+            gamma_side = int(self.rng.uniform() < 0.5)  # drawn independently
+            image, mask = slices[gamma_side]
+            slices[gamma_side] = (self.augmenter.gamma(image, self.rng), mask)
+        elif self.augmenter is not None:
+            gamma_side = int(self.rng.uniform() < 0.5)  # 0: support, 1: query
+            image, mask = slices[gamma_side]
+            slices[gamma_side] = (self.augmenter.gamma(image, self.rng), mask)
+            geometric_side = int(self.rng.uniform() < 0.5)  # drawn independently
+            slices[geometric_side] = self.augmenter.geometric(*slices[geometric_side], self.rng)
+        (support_image, support_mask), (query_image, query_mask) = slices
+        return support_image, support_mask, query_image, query_mask
+
+    def _accepted(self, case: _Case, cls: int, z: int) -> bool:
+        larger = max(int((case.classes[z] == cls).sum()), int((case.classes[z + 1] == cls).sum()))
+        return larger >= self.min_fg_pixels
+
+    def _draw_reference(self) -> tuple[_Case, int, int]:
+        """``(scan, class, z)`` of an accepted pair ``(z, z + 1)``, by the reference rule."""
+        for _ in range(100_000):
+            case = self.cases[self.rng.integers(len(self.cases))]
+            while True:  # ends: _index keeps only scans where a draw can end
+                cls = int(case.class_ids[self.rng.integers(len(case.class_ids))])
+                if case.slice_counts.get(cls, 0) < 2:
+                    continue  # the class shows in fewer than two kept slices: another class
+                runs = case.runs[cls]
+                if not runs:
+                    break  # no two adjacent slices: the reference starts over with a new scan
+                run = runs[self.rng.integers(len(runs))]
+                z = int(run[self.rng.integers(len(run) - 1)])
+                if self._accepted(case, cls, z):
+                    return case, cls, z
+        raise DataError(
+            "no training episode was drawn in 100000 scan draws",
+            hint="lower protocol.min_fg_pixels, or check the training labels",
+        )
+
+    def _draw_uniform_pairs(self) -> tuple[_Case, int, int]:
+        """``(scan, class, z)`` by fsmis-bench's earlier rule: a rejected pair draws a new scan."""
         for _ in range(10_000):
             case = self.cases[self.rng.integers(len(self.cases))]
             class_ids = list(case.pairs)
             cls = class_ids[self.rng.integers(len(class_ids))]
             z = int(case.pairs[cls][self.rng.integers(len(case.pairs[cls]))])
-            first, second = case.classes[z] == cls, case.classes[z + 1] == cls
-            if max(first.sum(), second.sum()) < self.min_fg_pixels:
-                continue
-            slices = [self._fit(case.image[z], first), self._fit(case.image[z + 1], second)]
-            if self.rng.uniform() < 0.5:
-                slices.reverse()
-            if self.augmenter is not None:
-                gamma_side = int(self.rng.uniform() < 0.5)  # 0: support, 1: query
-                image, mask = slices[gamma_side]
-                slices[gamma_side] = (self.augmenter.gamma(image, self.rng), mask)
-                geometric_side = int(self.rng.uniform() < 0.5)  # drawn independently
-                slices[geometric_side] = self.augmenter.geometric(*slices[geometric_side], self.rng)
-            (support_image, support_mask), (query_image, query_mask) = slices
-            return support_image, support_mask, query_image, query_mask
+            if self._accepted(case, cls, z):
+                return case, cls, z
         raise DataError(
             f"no training pair reaches {self.min_fg_pixels} foreground pixels after 10000 draws",
             hint="lower protocol.min_fg_pixels, or check the training labels",

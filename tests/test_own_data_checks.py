@@ -1,0 +1,428 @@
+"""Your own data, audited: what a folder of scans can get wrong, and how the run, check-data
+and export say so (oblique and mirrored scans, duplicate ids, label values and maps,
+changed files under export, modalities, folds, messages, field of view, 4-D files).
+
+Every volume is tiny (24 x 24 x 8 voxels of 1.25 x 1.25 x 4 mm: a square field of view),
+so each test takes a second or two.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, ornt_transform
+
+from fsmis_bench.api import load_dataset
+from fsmis_bench.cli import main
+from fsmis_bench.config import compose
+from fsmis_bench.data.options import read_label_map
+from fsmis_bench.errors import ConfigError, DataError, DataWarning
+
+SHAPE = (24, 24, 8)
+LAS = np.array([[-1.25, 0, 0, 15.0], [0, 1.25, 0, -15.0], [0, 0, 4.0, 0.0], [0, 0, 0, 1]])
+LABEL_MAP = "{liver:1,spleen:2}"
+
+
+def _rotation_z(degrees: float) -> np.ndarray:
+    t = np.deg2rad(degrees)
+    rotation = np.eye(4)
+    rotation[:2, :2] = [[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]]
+    return rotation
+
+
+def _scan(index: int) -> tuple[np.ndarray, np.ndarray]:
+    """An (x, y, z) image and label: a liver block and a spleen block moving with ``index``."""
+    rng = np.random.default_rng(index)
+    label = np.zeros(SHAPE, dtype=np.int16)
+    shift = index % 3
+    label[3 + shift:12 + shift, 4:14, 1:7] = 1
+    label[15:21, 12 + shift:20, 2:7] = 2
+    image = rng.normal(100.0, 8.0, SHAPE) + 60.0 * (label == 1) + 120.0 * (label == 2)
+    image[0, 0, :] = 0.0  # asymmetric: a flip changes the array
+    return image.astype(np.float32), label
+
+
+def _store(path: Path, data: np.ndarray, affine: np.ndarray = LAS, axcodes: str = "LAS") -> None:
+    """(x, y, z) LAS data stored in ``axcodes`` with ``affine`` (the LAS affine) kept consistent."""
+    transform = ornt_transform(axcodes2ornt("LAS"), axcodes2ornt(axcodes))
+    nib.save(nib.Nifti1Image(apply_orientation(data, transform), affine @ inv_ornt_aff(transform, data.shape)),
+             str(path))
+
+
+def make_folder(folder: Path, n: int = 3, affines: dict | None = None, axcodes: dict | None = None,
+                label_fn=None, image_fn=None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(1, n + 1):
+        image, label = _scan(i)
+        if image_fn is not None:
+            image = image_fn(i, image)
+        if label_fn is not None:
+            label = label_fn(i, label)
+        affine, codes = (affines or {}).get(i, LAS), (axcodes or {}).get(i, "LAS")
+        _store(folder / f"image_{i}.nii.gz", image, affine, codes)
+        _store(folder / f"label_{i}.nii.gz", label, affine, codes)
+    return folder
+
+
+def _args(folder: Path, *extra: str, label_map: str = LABEL_MAP) -> list[str]:
+    return ["method=support_copy", "dataset=phantom", "protocol.test_dataset=nifti_folder",
+            f"test_dataset.path={folder}", f"+test_dataset.label_map={label_map}", *extra]
+
+
+def _check(folder: Path, *extra: str, label_map: str = LABEL_MAP) -> list[str]:
+    return ["check-data", "nifti_folder", "--path", str(folder), "--label-map", label_map, *extra]
+
+
+def _run_dir(results_dir: Path) -> Path:
+    (run_json,) = results_dir.glob("support_copy/phantom_to_nifti_folder/*/*/*/run.json")
+    return run_json.parent
+
+
+def _plan_warnings(folder: Path, *extra: str) -> str:
+    from fsmis_bench.runner import plan
+
+    with pytest.warns(DataWarning) as caught:
+        plan(compose(_args(folder, *extra)))
+    return "\n".join(str(w.message) for w in caught)
+
+
+# -- 1, 2. oblique scans, and support/query axes far apart as read ---------------------------
+def test_oblique_scans_near_45_degrees_warn_in_the_run_and_check_data(tmp_path, capsys):
+    """Support rotated 50 degrees, queries 40 about z: each is reoriented to other nearest
+    axes, so they end up turned 80 degrees against each other (the audit's Dice 0)."""
+    folder = make_folder(tmp_path / "oblique", affines={i: _rotation_z(50 if i == 3 else 40) @ LAS for i in (1, 2, 3)})
+    text = _plan_warnings(folder)
+    assert "scan 3: stored oblique, its voxel axes up to 40 degrees off the patient's axes" in text
+    assert "support scan 3 and query scan 1 lie 80 degrees apart as read (LAS" in text
+    assert "orientation=as_stored brings them together (10 degrees apart)" in text
+    assert main(_check(folder)) == 0
+    out = capsys.readouterr().out
+    assert "scans 1 and 3 lie 80 degrees apart as read" in out and "stored oblique" in out
+    # read as stored, the three are 10 degrees apart: no pair warning, no obliquity warning
+    from fsmis_bench.runner import plan
+
+    with warnings_recorded() as caught:
+        plan(compose(_args(folder, "test_dataset.orientation=as_stored")))
+    assert not any("apart as read" in m or "oblique" in m for m in caught)
+    # a scan 20 degrees off is within the tolerance
+    mild = make_folder(tmp_path / "mild", affines={i: _rotation_z(20) @ LAS for i in (1, 2, 3)})
+    with warnings_recorded() as caught:
+        load_dataset("nifti_folder", path=str(mild), label_map=LABEL_MAP).load("1")
+    assert not any("oblique" in m for m in caught)
+
+
+def test_as_stored_support_and_query_mirrored_against_each_other_warn(tmp_path, capsys):
+    folder = make_folder(tmp_path / "flipped", axcodes={1: "RAS", 2: "LPS"})
+    text = _plan_warnings(folder, "test_dataset.orientation=as_stored")
+    assert "support scan 3 and query scan 1 lie 180 degrees apart as read (as_stored; stored LAS and RAS)" in text
+    assert "seen mirrored" in text and "orientation=LAS brings them together (0 degrees apart)" in text
+    assert "query scan 2 lie 180 degrees apart" in text
+    assert main(_check(folder, "--orientation", "as_stored")) == 0
+    assert "scans 1 and 2 lie 180 degrees apart as read" in capsys.readouterr().out
+    # the default LAS reads the three alike: no warning about their axes
+    with warnings_recorded() as caught:
+        from fsmis_bench.runner import plan
+
+        plan(compose(_args(folder)))
+    assert not any("apart as read" in m for m in caught)
+
+
+class warnings_recorded:  # noqa: N801 - a context manager, used like pytest.warns
+    """Every DataWarning's text, without failing when there is none."""
+
+    def __enter__(self) -> list[str]:
+        import warnings
+
+        self._context = warnings.catch_warnings(record=True)
+        self._caught = self._context.__enter__()
+        warnings.simplefilter("always", DataWarning)
+        self.messages: list[str] = []
+        return self.messages
+
+    def __exit__(self, *exc) -> bool:
+        self.messages.extend(str(w.message) for w in self._caught if issubclass(w.category, DataWarning))
+        self._context.__exit__(*exc)
+        return False
+
+
+# -- 3. duplicate ids ---------------------------------------------------------------------------
+def test_two_files_for_one_scan_id_are_refused(tmp_path, capsys):
+    folder = make_folder(tmp_path / "dup")
+    image, label = _scan(7)
+    nib.save(nib.Nifti1Image(image, LAS), str(folder / "image_1.nii"))
+    with pytest.raises(DataError, match=r"scan 1 has two files in .*: image_1.nii and image_1.nii.gz"):
+        load_dataset("nifti_folder", path=str(folder), label_map=LABEL_MAP).case_ids()
+    assert main(["run", *_args(folder)]) == 2
+    assert "image_1.nii and image_1.nii.gz" in capsys.readouterr().err
+    assert main(_check(folder)) == 2
+    assert "image_1.nii and image_1.nii.gz" in capsys.readouterr().out
+    (folder / "image_1.nii").unlink()
+    for kind, data in (("image", image), ("label", label)):
+        nib.save(nib.Nifti1Image(data, LAS), str(folder / f"{kind}_01.nii.gz"))
+    with pytest.raises(DataError, match="scan ids 01 and 1 .* are the same number"):
+        load_dataset("nifti_folder", path=str(folder), label_map=LABEL_MAP).case_ids()
+
+
+# -- 4. non-integer labels ----------------------------------------------------------------------
+def test_non_integer_labels_are_refused_by_the_run_as_by_check_data(tmp_path, capsys, results_dir):
+    def fractional(i, label):
+        label = label.astype(np.float32)
+        if i == 2:
+            label[label == 1] = 1.4  # a linearly resampled label: rounding would hide it
+        return label
+
+    folder = make_folder(tmp_path / "frac", label_fn=fractional)
+    with pytest.raises(DataError, match=r"label_2.nii.gz holds non-integer label values \(1.4\)"):
+        load_dataset("nifti_folder", path=str(folder), label_map=LABEL_MAP).load("2")
+    assert main(["run", *_args(folder)]) == 2
+    err = capsys.readouterr().err
+    assert "label_2.nii.gz holds non-integer label values" in err and "nearest-neighbour" in err
+    assert "Traceback" not in err and not results_dir.exists()
+    assert main(_check(folder)) == 2
+    assert "case 2: label_2.nii.gz holds non-integer label values (1.4)" in capsys.readouterr().out
+    # float labels holding whole numbers are fine
+    whole = make_folder(tmp_path / "whole", label_fn=lambda i, label: label.astype(np.float32))
+    assert load_dataset("nifti_folder", path=str(whole), label_map=LABEL_MAP).load("2").label.max() == 2
+
+
+# -- 5. label maps --------------------------------------------------------------------------------
+@pytest.mark.parametrize("mapping, message", [
+    ({"liver": 1, "spleen": 0}, "'spleen' has the label value 0, which is the background"),
+    ({"liver": 1, "spleen": 1}, "'liver' and 'spleen' share the label value 1"),
+])
+def test_label_map_with_background_or_shared_values_is_refused(tmp_path, mapping, message, capsys):
+    with pytest.raises(ConfigError, match=message) as error:
+        read_label_map(mapping)
+    assert error.value.hint
+    folder = make_folder(tmp_path / "scans")
+    text = "{" + ",".join(f"{k}:{v}" for k, v in mapping.items()) + "}"
+    assert main(["run", *_args(folder, label_map=text)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "hint:" in err and "Traceback" not in err
+
+
+# -- 6, 9, 10, 14. export ------------------------------------------------------------------------
+def test_export_refuses_changed_files_and_never_leaves_partial_masks(tmp_path, results_dir, capsys, monkeypatch):
+    folder = make_folder(tmp_path / "scans")
+    assert main(["run", *_args(folder)]) == 0
+    run_dir = _run_dir(results_dir)
+    image, label = _scan(9)  # scan 1 replaced by another one after the run
+    _store(folder / "image_1.nii.gz", image)
+    _store(folder / "label_1.nii.gz", label)
+    out = tmp_path / "masks"
+    assert main(["export", str(run_dir), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "changed since the run" in err and "files_sha256" in err and "Traceback" not in err
+    assert not out.exists()
+    # restored: the export works, through a temporary folder moved into place
+    make_folder(folder)
+    import fsmis_bench.export as export_module
+
+    calls = []
+    real = export_module._save
+
+    def failing(image, path):
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device", str(path))
+        real(image, path)
+
+    monkeypatch.setattr(export_module, "_save", failing)
+    assert main(["export", str(run_dir), "--out", str(out)]) == 2
+    assert "cannot write masks to" in capsys.readouterr().err
+    assert not out.exists() and not list(tmp_path.glob(".masks.export-*"))  # nothing half-written
+    monkeypatch.setattr(export_module, "_save", real)
+    assert main(["export", str(run_dir), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["masks.csv"] + [f"pred_{c}{o}.nii.gz" for c in ("1", "2") for o in ("", "_liver", "_spleen")])
+    assert oct(out.stat().st_mode & 0o777) != oct(0o700)  # an ordinary folder, not mkdtemp's
+    # --force into a folder another export wrote: its masks of other scans go
+    (out / "pred_99_liver.nii.gz").write_bytes(b"stale")
+    assert main(["export", str(run_dir), "--out", str(out)]) == 2
+    assert f"fsmis-bench export {run_dir} --out {out} --force" in capsys.readouterr().err
+    monkeypatch.setattr(export_module, "_save", failing)  # a failure into an existing folder changes nothing
+    calls.clear()
+    assert main(["export", str(run_dir), "--out", str(out), "--force"]) == 2
+    assert (out / "pred_99_liver.nii.gz").exists() and not list(out.glob(".export-*"))
+    monkeypatch.setattr(export_module, "_save", real)
+    assert main(["export", str(run_dir), "--out", str(out), "--force"]) == 0
+    assert not (out / "pred_99_liver.nii.gz").exists() and not list(out.glob(".export-*"))
+    # --out that is a file, or under one
+    (tmp_path / "a_file").write_text("x")
+    for target in (tmp_path / "a_file", tmp_path / "a_file" / "sub"):
+        assert main(["export", str(run_dir), "--out", str(target)]) == 2
+        err = capsys.readouterr().err
+        assert "a_file is a file, not a folder" in err and "Traceback" not in err
+
+
+def test_export_masks_is_checked_before_the_run(tmp_path, results_dir, capsys, monkeypatch):
+    folder = make_folder(tmp_path / "scans")
+    out = tmp_path / "masks"
+    out.mkdir()
+    (out / "masks.csv").write_text("case_id\n")
+    assert main(["run", *_args(folder), "--export-masks", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "already holds exported masks" in err and "--out" in err and "--force" in err
+    assert "fsmis-bench export" in err and not results_dir.exists()  # refused before anything ran
+    (tmp_path / "a_file").write_text("x")
+    assert main(["run", *_args(folder), "--export-masks", str(tmp_path / "a_file")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err and not results_dir.exists()
+    import fsmis_bench.export as export_module
+
+    monkeypatch.setattr(export_module.os, "access", lambda path, mode: False)
+    assert main(["run", *_args(folder), "--export-masks", str(tmp_path / "new")]) == 2
+    assert "is not writable" in capsys.readouterr().err and not results_dir.exists()
+
+
+@pytest.mark.parametrize("value, dtype", [(-1, np.int16), (70000, np.int32), (40000, np.uint16), (4, np.uint8)])
+def test_exported_label_maps_hold_any_label_value(tmp_path, results_dir, value, dtype):
+    folder = make_folder(tmp_path / "scans", label_fn=lambda i, label: np.where(label == 1, value, 0).astype(np.int32))
+    out = tmp_path / "masks"
+    assert main(["run", *_args(folder, label_map=f"{{liver:{value}}}"), "--export-masks", str(out)]) == 0
+    combined = nib.load(str(out / "pred_1.nii.gz"))
+    assert combined.get_data_dtype() == dtype
+    assert set(np.unique(np.asarray(combined.dataobj))) == {0, value}
+
+
+def test_masks_of_a_4d_file_have_its_shape(tmp_path, results_dir):
+    folder = tmp_path / "fourd"
+    folder.mkdir()
+    for i in (1, 2, 3):
+        image, label = _scan(i)
+        nib.save(nib.Nifti1Image(image[..., None], LAS), str(folder / f"image_{i}.nii.gz"))
+        nib.save(nib.Nifti1Image(label[..., None], LAS), str(folder / f"label_{i}.nii.gz"))
+    out = tmp_path / "masks"
+    assert main(["run", *_args(folder), "--export-masks", str(out)]) == 0
+    for name in ("pred_1.nii.gz", "pred_1_liver.nii.gz"):
+        exported = nib.load(str(out / name))
+        assert exported.shape == (*SHAPE, 1) and np.allclose(exported.affine, LAS)
+    assert main(_check(folder)) == 0  # check-data reads it as the run does
+
+
+# -- 7. modality named against the stored values --------------------------------------------
+def test_modality_named_against_the_values_warns(tmp_path):
+    folder = make_folder(tmp_path / "mri")
+    with pytest.warns(DataWarning, match="scan 1: named ct, but its values do not look like Hounsfield units"):
+        load_dataset("nifti_folder", path=str(folder), label_map=LABEL_MAP, modality="ct").load("1")
+    hu = make_folder(tmp_path / "ct", image_fn=lambda i, image: np.where(image > 50, image, -1000.0).astype(np.float32))
+    with pytest.warns(DataWarning, match="scan 2: named mri, but its values look like Hounsfield units"):
+        load_dataset("nifti_folder", path=str(hu), label_map=LABEL_MAP, modality={"1": "ct", "2": "mri", "3": "ct"}
+                     ).load("2")
+    with warnings_recorded() as caught:
+        load_dataset("nifti_folder", path=str(hu), label_map=LABEL_MAP, modality="ct").load("1")
+    assert not any("named" in m for m in caught)
+    from fsmis_bench.data.consistency import guess_modality
+
+    assert "scl_slope" in guess_modality.__doc__  # the advice for CT stored without its rescale
+
+
+# -- 8. folds of a test folder -------------------------------------------------------------------
+def test_a_test_folder_evaluated_on_one_fold_of_five_says_so(tmp_path, results_dir, capsys):
+    folder = make_folder(tmp_path / "ten", n=10)
+    assert main(["run", *_args(folder)]) == 0
+    err = capsys.readouterr().err
+    assert "fold 0 of 5: 3 of 10 scans evaluated (test_dataset.folds=all evaluates all 10 in one fold" in err
+    assert main(["run", *_args(folder, "test_dataset.folds=all")]) == 0
+    assert "scans evaluated" not in capsys.readouterr().err
+    runs = sorted(results_dir.glob("support_copy/phantom_to_nifti_folder/*/*/*/cases.csv"), key=os.path.getmtime)
+    assert pd.read_csv(runs[-1], dtype={"case_id": str}).case_id.nunique() == 9  # every scan but the support
+    # in-domain folds are unchanged and not announced
+    dataset = load_dataset("nifti_folder", path=str(folder), label_map=LABEL_MAP)
+    assert len(dataset.folds) == 5 and dataset.fold_cases(0) == ["1", "2", "3"]
+
+
+# -- 11. check-data and the run agree -------------------------------------------------------------
+def test_check_data_and_the_run_agree(tmp_path, results_dir, capsys):
+    # a sheared affine (SimpleITK refuses it) and a 4-D file: both read by the run's reader
+    sheared = LAS.copy()
+    sheared[0, 1] = 0.25
+    folder = make_folder(tmp_path / "shear", affines={i: sheared for i in (1, 2, 3)})
+    assert main(_check(folder)) == 0
+    assert main(["run", *_args(folder)]) == 0
+    capsys.readouterr()
+    # an orphan label and label values outside the map: warnings in both
+    folder = make_folder(tmp_path / "orphan", label_fn=lambda i, label: np.where(label == 2, 7, label) if i == 1
+                         else label)
+    nib.save(nib.Nifti1Image(_scan(9)[1], LAS), str(folder / "label_9.nii.gz"))
+    assert main(_check(folder)) == 0
+    out = capsys.readouterr().out
+    assert "label_9.nii.gz has no image_<id> file" in out
+    assert "case 1: label values [7] are not in the label map" in out and "case 1: shows no spleen" in out
+    with pytest.warns(DataWarning) as caught:
+        from fsmis_bench.runner import plan
+
+        plan(compose(_args(folder)))
+    text = "\n".join(str(w.message) for w in caught)
+    assert "label_9.nii.gz" in text and "scan 1: label values [7]" in text and "scan 1: shows no spleen" in text
+    # a constant image: refused by both
+    folder = make_folder(tmp_path / "const", image_fn=lambda i, image: np.zeros_like(image) if i == 2 else image)
+    assert main(_check(folder)) == 2
+    assert "case 2: image_2.nii.gz is constant" in capsys.readouterr().out
+    assert main(["run", *_args(folder)]) == 2
+    assert "image_2.nii.gz is constant" in capsys.readouterr().err
+    # two scans: check-data says that the default support position is outside the fold
+    folder = make_folder(tmp_path / "two", n=2)
+    assert main(_check(folder)) == 0
+    assert "default protocol.supp_idx=2" in capsys.readouterr().out
+    assert main(["run", *_args(folder)]) == 2
+    assert main(["run", *_args(folder, "protocol.supp_idx=0")]) == 0
+
+
+# -- 12. messages -----------------------------------------------------------------------------
+def test_messages_name_the_real_cause(tmp_path, capfd, monkeypatch):
+    # a label shifted by 5 voxels: same shape and axis codes, so the shift is what differs
+    folder = make_folder(tmp_path / "shift")
+    shifted = LAS.copy()
+    shifted[:3, 3] += shifted[:3, 0] * 5
+    _store(folder / "label_2.nii.gz", _scan(2)[1], shifted)
+    with pytest.raises(DataError, match=r"same size, but origin shifted by \(-6.25, \+0.00, \+0.00\) mm"):
+        load_dataset("nifti_folder", path=str(folder), label_map=LABEL_MAP).load("2")
+    # a voxel size of 0: refused with the reason, and no stray nibabel line
+    folder = make_folder(tmp_path / "zero")
+    image = nib.load(str(folder / "image_2.nii.gz"))
+    broken = nib.Nifti1Image(np.asarray(image.dataobj), None)
+    broken.header["pixdim"][1:4] = [0.0, 1.25, 4.0]
+    nib.save(broken, str(folder / "image_2.nii.gz"))
+    capfd.readouterr()
+    with pytest.raises(DataError, match=r"image_2.nii.gz: the header gives a voxel size of 0 \(pixdim\[1..3\] = 0"):
+        load_dataset("nifti_folder", path=str(folder), label_map=LABEL_MAP).load("2")
+    assert "setting 0 dims" not in capfd.readouterr().err
+    # a path that is a file, or found nowhere: every place tried is named
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "scans.txt").write_text("x")
+    for path, cause in (("scans.txt", "scans.txt is a file, not a folder"), ("nowhere", "nowhere does not exist")):
+        with pytest.raises(DataError) as error:
+            load_dataset("nifti_folder", tmp_path / "root", path=path, label_map=LABEL_MAP).case_ids()
+        assert cause in error.value.message and str(tmp_path / "root" / path) in error.value.message
+        assert "working directory" in error.value.hint
+    # the label map gives liver the wrong value: said so, not "pick another support"
+    folder = make_folder(tmp_path / "values", label_fn=lambda i, label: np.where(label == 1, 6, label))
+    from fsmis_bench.runner import plan
+
+    with pytest.raises(DataError, match=r"no scan of fold 0 \(1, 2, 3\) holds label value 1 \(liver in "
+                                        r"test_dataset.label_map\); their label files hold the values \[2, 6\]"):
+        with warnings_recorded():
+            plan(compose(_args(folder)))
+
+
+# -- 13. field of view ----------------------------------------------------------------------------
+def test_a_field_of_view_far_from_square_warns(tmp_path):
+    folder = tmp_path / "wide"
+    folder.mkdir()
+    for i in (1, 2, 3):
+        image, label = _scan(i)
+        pad = ((4, 4), (0, 0), (0, 0))  # 32 x 24 pixels of 1.25 mm: 40 x 30 mm
+        _store(folder / f"image_{i}.nii.gz", np.pad(image, pad, constant_values=1.0))
+        _store(folder / f"label_{i}.nii.gz", np.pad(label, pad))
+    with pytest.warns(DataWarning, match=r"slices cover 40 x 30 mm \(32 x 24 pixels of 1.25 x 1.25 mm\).*"
+                                         r"narrower by a factor 1.33"):
+        load_dataset("nifti_folder", path=str(folder), label_map=LABEL_MAP).load("1")
+    with warnings_recorded() as caught:  # a square field of view
+        load_dataset("nifti_folder", path=str(make_folder(tmp_path / "square")), label_map=LABEL_MAP).load("1")
+    assert not any("slices cover" in m for m in caught)
+

@@ -1,0 +1,358 @@
+"""Broken third-party plugins: one clear message naming the plugin and its distribution,
+exit status 2, no traceback and nothing written; and what a working plugin's run records.
+
+Plugins are "installed" in-process as `pip install` would leave them: a package and a
+dist-info with an entry point in the group, on sys.path (no pip, no subprocess).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import sys
+import textwrap
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fsmis_bench import plugins
+from fsmis_bench.cli import main
+from fsmis_bench.errors import ConfigError, FsmisError, NameCollisionError
+from fsmis_bench.evaluation import check_prediction
+from fsmis_bench.method import Method
+from fsmis_bench.plugins import PluginError, PluginWarning
+
+# A training-free method plugin; {name}: its registered name, {output}: what predict returns
+# (q, h, w: the chunk's query count and size).
+METHOD_PLUGIN = '''
+from pathlib import Path
+
+import torch
+
+from fsmis_bench.method import Method
+from fsmis_bench.plugins import hookimpl
+
+
+class Fixed(Method):
+    needs_training = False
+
+    def predict(self, support_images, support_masks, query_images):
+        q, _, h, w = query_images.shape
+        return {output}
+
+
+@hookimpl
+def fsmis_register_methods(registry):
+    registry.register("{name}", Fixed, description="test plugin")
+
+
+@hookimpl
+def fsmis_config_dirs():
+    return [str(Path(__file__).parent / "configs")]
+'''
+BOOL_OUTPUT = "torch.ones(q, h, w, dtype=torch.bool)"
+
+Install = Callable[..., None]
+
+
+def _reload() -> None:
+    plugins.plugin_manager.cache_clear()
+    plugins.registries.cache_clear()
+
+
+@pytest.fixture()
+def install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Install]:
+    """``install(dist, version, module, source, configs={"method/x.yaml": text})``: a plugin
+    package plus its dist-info (entry point ``module = module``), found on sys.path."""
+    site = tmp_path / "site"
+    site.mkdir()
+    monkeypatch.syspath_prepend(str(site))
+    modules: list[str] = []
+
+    def _install(dist: str, version: str, module: str, source: str, configs: dict[str, str] | None = None) -> None:
+        package = site / module
+        package.mkdir()
+        (package / "__init__.py").write_text(textwrap.dedent(source))
+        for relative, text in (configs or {}).items():
+            path = package / "configs" / relative
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(textwrap.dedent(text))
+        info = site / f"{dist.replace('-', '_')}-{version}.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
+        (info / "entry_points.txt").write_text(f"[fsmis_bench.plugins]\n{module} = {module}\n")
+        modules.append(module)
+        importlib.invalidate_caches()
+        _reload()
+
+    yield _install
+    for module in modules:
+        sys.modules.pop(module, None)
+    _reload()
+
+
+def _method_plugin(install: Install, name: str, output: str = BOOL_OUTPUT, config: str | None = None,
+                   dist: str | None = None, version: str = "0.1.0") -> None:
+    config = f"# @package _global_\nmethod:\n  name: {name}\n" if config is None else config
+    install(dist or f"fsmis-{name.replace('_', '-')}", version, f"pkg_{name}",
+            METHOD_PLUGIN.format(name=name, output=output), {f"method/{name}.yaml": config})
+
+
+def _fails(argv: list[str], capsys: pytest.CaptureFixture[str], *expected: str) -> str:
+    """Run the CLI; it must exit 2 with one message holding every ``expected`` text."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err, err
+    for text in expected:
+        assert text in err, err
+    return err
+
+
+# -- a plugin that fails to load ---------------------------------------------------------------
+@pytest.mark.parametrize("argv", [["list"], ["run", "method=support_copy"], ["describe", "method=prototype"]])
+def test_plugin_that_raises_on_import_is_named_with_its_distribution(install, argv, capsys, results_dir):
+    install("fsmis-bad-importerr", "0.1.0", "pkg_importerr", "import this_module_does_not_exist_xyz\n")
+    _fails(argv, capsys, "plugin 'pkg_importerr' of fsmis-bad-importerr 0.1.0 failed to load",
+           "entry point 'pkg_importerr = pkg_importerr'",
+           "ModuleNotFoundError: No module named 'this_module_does_not_exist_xyz'",
+           "hint: fix the plugin, or uninstall it: pip uninstall fsmis-bad-importerr")
+    assert not results_dir.exists()
+
+
+def test_plugin_hook_that_raises_is_named(install, capsys):
+    install("fsmis-bad-hook", "2.0", "pkg_badhook", """
+        from fsmis_bench.plugins import hookimpl
+
+        @hookimpl
+        def fsmis_register_methods(registry):
+            raise ValueError("no weights for my method")
+    """)
+    _fails(["list"], capsys, "plugin 'pkg_badhook' of fsmis-bad-hook 2.0 failed in its hook fsmis_register_methods",
+           "ValueError: no weights for my method (pkg_badhook/__init__.py:6)", "pip uninstall fsmis-bad-hook")
+
+
+def test_config_dirs_hook_must_return_a_list(install):
+    install("fsmis-bad-dirs", "0.1.0", "pkg_baddirs", """
+        from fsmis_bench.plugins import hookimpl
+
+        @hookimpl
+        def fsmis_config_dirs():
+            return "/some/configs"  # a string would be read letter by letter
+    """)
+    with pytest.raises(PluginError, match="fsmis_config_dirs returned '/some/configs', not a list of folders"):
+        plugins.registries()
+
+
+# -- names, configs, shadowing -------------------------------------------------------------------
+def test_name_collision_names_both_distributions(install, capsys):
+    _method_plugin(install, "prototype", dist="fsmis-bad-collide")
+    with pytest.raises(NameCollisionError) as info:
+        plugins.registries()
+    message, hint = info.value.message, info.value.hint
+    assert message.startswith("method 'prototype' is registered twice: by plugin ")
+    assert "plugin 'builtin_methods' of fsmis-bench 0.1.0" in message
+    assert "plugin 'pkg_prototype' of fsmis-bad-collide 0.1.0" in message
+    assert "fsmis-bench 0.1.0" in hint and "fsmis-bad-collide 0.1.0" in hint
+    assert hint.endswith("pip uninstall fsmis-bad-collide")  # the built-in name stays
+
+
+def test_config_hidden_by_a_builtin_one_warns(install, capsys):
+    install("fsmis-bad-shadow", "0.1.0", "pkg_shadow", """
+        from pathlib import Path
+        from fsmis_bench.plugins import hookimpl
+
+        @hookimpl
+        def fsmis_config_dirs():
+            return [str(Path(__file__).parent / "configs")]
+    """, {"method/prototype.yaml": "# @package _global_\nmethod:\n  name: prototype\n  width: 8\n"})
+    with pytest.warns(PluginWarning, match=r"plugin 'pkg_shadow' of fsmis-bad-shadow 0.1.0 ships method/prototype.yaml, "
+                      r"which is never read: the built-in configs/method/prototype.yaml comes first"):
+        plugins.registries()
+    _reload()
+    assert main(["list"]) == 0  # a warning, not an error; the CLI prints it as one line
+    err = capsys.readouterr().err
+    assert err.startswith("warning: plugin 'pkg_shadow'") and "pip uninstall fsmis-bad-shadow" in err
+
+
+def test_method_registered_without_a_config_names_its_plugin(install, capsys, results_dir):
+    install("fsmis-bad-nocfg", "0.1.0", "pkg_nocfg", """
+        import torch
+        from fsmis_bench.method import Method
+        from fsmis_bench.plugins import hookimpl
+
+        class P(Method):
+            needs_training = False
+
+        @hookimpl
+        def fsmis_register_methods(registry):
+            registry.register("nocfg_method", P)
+    """)
+    _fails(["run", "method=nocfg_method"], capsys,
+           "method 'nocfg_method' (plugin 'pkg_nocfg' of fsmis-bad-nocfg 0.1.0) has no config",
+           "its plugin returns no folder from an fsmis_config_dirs hook", "must ship method/nocfg_method.yaml",
+           "in a folder that its fsmis_config_dirs hook returns")
+    assert not results_dir.exists()
+
+
+@pytest.mark.parametrize("config, expected", [
+    # no `# @package _global_`: the options land under method.* and the name is missing
+    ("lr: 0.5\n", ["does not set method.name", "# @package _global_", "name: noname_method"]),
+    ("# @package _global_\ntrain:\n  steps: 3\n", ["does not set method.name", "add `name: noname_method`"]),
+    # a name of another method would silently run that method
+    ("# @package _global_\nmethod:\n  name: support_copy\n",
+     ["sets method.name='support_copy', so method=noname_method would run 'support_copy'",
+      "set `name: noname_method`"]),
+])
+def test_method_name_must_exist_and_equal_the_config_name(install, config, expected, capsys, results_dir):
+    _method_plugin(install, "noname_method", config=config)
+    err = _fails(["run", "method=noname_method"], capsys, *expected)
+    assert "pkg_noname_method/configs/method/noname_method.yaml (method=noname_method)" in err
+    assert not results_dir.exists()
+
+
+def test_method_name_cannot_be_overridden(capsys, results_dir):
+    _fails(["run", "method=prototype", "method.name=support_copy"], capsys,
+           "method.name=support_copy overrides the name that method=prototype set", "method=support_copy")
+
+
+# -- method options ----------------------------------------------------------------------------
+@pytest.mark.parametrize("argv, message", [
+    (["method.lr=abc"], "method.lr='abc' is not allowed: method 'prototype' (plugin 'builtin_methods' of fsmis-bench"),
+    (["method.width=abc"], "method.width='abc' is not allowed: method 'prototype' (plugin 'builtin_methods'"),
+    (["method.width=8.5"], "declares method.width as an integer in method/prototype.yaml"),
+    (["method.width=true"], "declares method.width as an integer"),
+    (["method.scale=fast"], "declares method.scale as a number"),
+    (["method.lr=-1"], "method.lr=-1 is not allowed"),
+    (["method.lr=0"], "method.lr=0 is not allowed"),
+    (["method.lr=nan"], "method.lr=nan is not allowed"),
+    (["method.lr=inf"], "method.lr=inf is not allowed"),
+    (["method.lr=null"], "method.lr=None is not allowed"),
+    (["method=sdfsmis", "backbone=tiny", "method.lr_vtct=-5e-5"], "method.lr_vtct=-5e-05 is not allowed"),
+    (["method=sdfsmis", "backbone=tiny", "method.vae_dtype=16"],
+     "declares method.vae_dtype as text"),
+])
+def test_method_options_are_checked_before_anything_is_written(argv, message, capsys, results_dir):
+    err = _fails(["run", *argv], capsys, message)
+    if "lr" in message:
+        assert "finite number > 0" in err or "a number" in err
+    assert not results_dir.exists()
+
+
+def test_method_options_of_the_declared_type_are_accepted():
+    from fsmis_bench.config import compose
+
+    assert compose(["method.lr=1"]).method.lr == 1  # an integer where a number is declared
+    assert compose(["method.width=16", "method.scale=10"]).method.width == 16
+    # options declared null take any value (they follow `fidelity` when left null)
+    cfg = compose(["method=sdfsmis", "backbone=tiny", "method.sii=kv_concat", "method.threshold_value=0.3"])
+    assert cfg.method.sii == "kv_concat" and cfg.method.threshold_value == 0.3
+    assert compose(["method=sdfsmis", "backbone=tiny", "method.vae_dtype='16'"]).method.vae_dtype == "16"
+
+
+def test_a_plugin_method_options_are_checked_too(install, capsys, results_dir):
+    _method_plugin(install, "opts_method", config="# @package _global_\nmethod:\n  name: opts_method\n  lr: 0.01\n"
+                   "  depth: 3\n  extra: null\n", dist="fsmis-opts", version="1.2.3")
+    _fails(["run", "method=opts_method", "method.depth=deep"], capsys,
+           "method.depth='deep' is not allowed: method 'opts_method' (plugin 'pkg_opts_method' of fsmis-opts 1.2.3) "
+           "declares method.depth as an integer in method/opts_method.yaml", "e.g. method.depth=3")
+    _fails(["run", "method=opts_method", "method.lr=-0.1"], capsys, "method.lr=-0.1 is not allowed")
+    from fsmis_bench.config import compose
+
+    assert compose(["method=opts_method", "method.extra=[1,2]"]).method.extra == [1, 2]
+
+
+def test_method_constructor_errors_name_the_method_and_plugin(install):
+    from fsmis_bench.config import compose
+
+    _method_plugin(install, "ctor_method", dist="fsmis-ctor", version="0.3.0")
+    registry = plugins.registries().methods
+    cls = registry.get("ctor_method")
+    cfg = compose(["method=ctor_method"])
+
+    def broken(self, cfg):
+        raise KeyError("weights")
+
+    cls.__init__ = broken
+    with pytest.raises(PluginError, match=r"method 'ctor_method' \(plugin 'pkg_ctor_method' of fsmis-ctor 0.3.0\) "
+                       r"failed to build: KeyError: 'weights' \(.*test_plugins_robustness.py:\d+\)") as info:
+        registry.build("ctor_method", cfg)
+    assert info.value.hint == "fix the plugin, or uninstall it: pip uninstall fsmis-ctor"
+
+    def refusing(self, cfg):
+        raise ConfigError("method.depth must be odd", hint="use 3")
+
+    cls.__init__ = refusing
+    with pytest.raises(ConfigError, match="method.depth must be odd"):  # a method's own message, unchanged
+        registry.build("ctor_method", cfg)
+
+
+# -- predict's output ------------------------------------------------------------------------
+class _Named(Method):
+    def __init__(self) -> None:
+        from omegaconf import OmegaConf
+
+        super().__init__(OmegaConf.create({"method": {"name": "prototype"}}))
+
+
+@pytest.mark.parametrize("mask, got", [
+    (torch.full((3, 8, 8), 0.7), "a torch.float32 tensor of shape (3, 8, 8)"),
+    (torch.ones(3, 8, 8), "a torch.float32 tensor of shape (3, 8, 8)"),  # even {0, 1}: bool is the contract
+    (torch.full((3, 8, 8), math.nan), "torch.float32"),
+    (torch.ones(1, 8, 8, dtype=torch.bool), "shape (1, 8, 8)"),  # would be broadcast over every slice
+    (torch.ones(3, 1, 8, 8, dtype=torch.bool), "shape (3, 1, 8, 8)"),
+    (torch.ones(2, 8, 8, dtype=torch.bool), "shape (2, 8, 8)"),
+    (torch.ones(3, 4, 4, dtype=torch.bool), "shape (3, 4, 4)"),
+    (np.ones((3, 8, 8), dtype=bool), "a ndarray"),
+])
+def test_predict_output_must_be_q_h_w_bool(mask, got):
+    with pytest.raises(PluginError) as info:
+        check_prediction(_Named(), mask, 3, (8, 8))
+    message = info.value.message
+    assert message.startswith("method 'prototype' (plugin 'builtin_methods' of fsmis-bench 0.1.0) broke the predict contract")
+    assert got in message and "for 3 query slices of 8x8" in message
+    assert "must return a (Q, H, W) torch.bool tensor" in info.value.hint
+    check_prediction(_Named(), torch.zeros(3, 8, 8, dtype=torch.bool), 3, (8, 8))  # the contract passes
+
+
+@pytest.mark.parametrize("output, got", [
+    ("torch.full((q, h, w), 0.7)", "torch.float32 tensor of shape"),
+    ("torch.full((q, h, w), float('nan'))", "torch.float32"),
+    ("torch.ones(q, 1, h, w, dtype=torch.bool)", "shape ("),
+    ("torch.ones(max(q - 1, 0), h, w, dtype=torch.bool)", "shape ("),
+])
+def test_a_run_with_a_broken_predict_stops_with_the_plugin_named(install, output, got, capsys, results_dir, monkeypatch):
+    monkeypatch.setenv("FSMIS_NO_PROGRESS", "1")
+    _method_plugin(install, "bad_predict", output=output, dist="fsmis-bad-predict", version="0.1.1")
+    _fails(["run", "method=bad_predict", "fold=1", "protocol.max_queries=1"], capsys,
+           "method 'bad_predict' (plugin 'pkg_bad_predict' of fsmis-bad-predict 0.1.1) broke the predict contract",
+           got, "hint: Method.predict(")
+    assert not list(results_dir.glob("**/COMPLETE")) and not list(results_dir.glob("**/run.json"))
+
+
+# -- what a run records ------------------------------------------------------------------------
+def test_run_records_the_distribution_of_its_method_and_dataset(install, results_dir):
+    from fsmis_bench.config import compose
+    from fsmis_bench.records import package_versions, registered_by
+
+    _method_plugin(install, "mini_method", dist="fsmis-mini-plugin", version="0.2.0")
+    cfg = compose(["method=mini_method"])
+    assert registered_by(cfg) == {
+        "method": {"name": "mini_method", "plugin": "pkg_mini_method", "distribution": "fsmis-mini-plugin",
+                   "version": "0.2.0"},
+        "dataset": {"name": "phantom", "plugin": "builtin_datasets", "distribution": "fsmis-bench",
+                    "version": package_versions()["fsmis-bench"]},
+    }
+    assert package_versions()["fsmis-mini-plugin"] == "0.2.0"
+    # the plugin's version is not hashed: upgrading a plugin keeps its records found
+    from fsmis_bench.records import config_hash
+
+    before = config_hash(cfg)
+    _reload()
+    assert config_hash(compose(["method=mini_method"])) == before
+
+
+def test_plugin_errors_are_user_errors():
+    assert issubclass(PluginError, FsmisError)

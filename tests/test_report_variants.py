@@ -1,0 +1,211 @@
+"""Runs configured differently are never averaged into one report row nor superseded by each
+other; a departure from a method's published setup is marked; the Runs summary shows the
+training steps."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from omegaconf import OmegaConf
+
+from fsmis_bench.config import compose
+from fsmis_bench.records import config_hash, non_standard_options, training_hash
+from fsmis_bench.reporting import write_report
+from fsmis_bench.reporting.collect import load_results, summarise_runs
+from fsmis_bench.reporting.synthetic import SyntheticDataset, counts_for_dice, write_run
+from fsmis_bench.reporting.tables import main_table
+
+DATASET = SyntheticDataset("abd_mri", ("liver", "spleen"), n_cases=20, shape=(6, 24, 24))
+
+
+def _train(steps: int, **more: object) -> dict:
+    """The ``train`` section of a resolved config, as a run writes it."""
+    return {"train": {"steps": steps, "batch_size": 4, "image_size": 128, "log_every": 10, "checkpoint_every": 100,
+                      "num_workers": "auto", **more}}
+
+
+def _run(root: Path, fold: int, score: float, config: dict, *, method: str = "prototype", seed: int = 0,
+         finished_at: str = "2026-01-01T01:00:00+00:00", **options) -> Path:
+    """One record of ``method`` on Abd-MRI setting 1 with every query volume at Dice ``score``."""
+    queries = [c for i, c in enumerate(DATASET.fold_cases(fold)) if i != 2]
+    cases = [(organ, case, *counts_for_dice(score)) for organ in ("liver", "spleen") for case in queries]
+    return write_run(root, method, "abd_mri", 1, fold, seed, cases, config=config, finished_at=finished_at, **options)
+
+
+# -- defect: settings averaged into one row, or a debug run superseding a real one -------------
+
+def test_runs_trained_with_other_settings_are_separate_rows(tmp_path: Path) -> None:
+    for fold in (0, 1):
+        _run(tmp_path, fold, 0.4, _train(40))
+    _run(tmp_path, 2, 0.6, _train(60))
+    results = load_results(tmp_path)
+    assert sorted(set(results.runs["variant"])) == ["train.steps=40", "train.steps=60"]
+    folds = results.fold_scores.groupby("variant")["fold"].apply(lambda s: sorted(set(s))).to_dict()
+    assert folds == {"train.steps=40": [0, 1], "train.steps=60": [2]}
+    labels = [row.labels["Method"] for row in main_table(results, include_published=False).rows]
+    assert labels == ["prototype [train.steps=40]", "prototype [train.steps=60]"]
+    assert not results.notes
+
+
+def test_a_later_debug_run_of_one_fold_supersedes_nothing(tmp_path: Path) -> None:
+    for fold in (0, 1, 2):
+        _run(tmp_path, fold, 0.4, _train(40))
+    debug = _run(tmp_path, 1, 0.1, _train(5), finished_at="2026-02-01T00:00:00+00:00")
+    results = load_results(tmp_path)
+    assert len(results.runs) == 4 and not [n for n in results.notes if "superseded" in n]
+    by_variant = results.runs.groupby("variant")["fold"].apply(sorted).to_dict()
+    assert by_variant == {"train.steps=40": [0, 1, 2], "train.steps=5": [1]}
+    assert results.runs.loc[results.runs["run_dir"] == str(debug), "steps"].item() == 5
+
+
+def test_only_identically_configured_runs_supersede_each_other(tmp_path: Path) -> None:
+    first = _run(tmp_path, 0, 0.4, _train(40))
+    # the same configuration again (another log cadence and worker count: they change no number)
+    second = _run(tmp_path, 0, 0.5, _train(40, log_every=50, num_workers=0), finished_at="2026-02-01T00:00:00+00:00")
+    results = load_results(tmp_path)
+    assert results.runs["run_dir"].tolist() == [str(second)]
+    assert set(results.runs["variant"]) == {""}  # nothing to tell apart: no label
+    (note,) = [n for n in results.notes if "superseded" in n]
+    assert str(first) in note and f"kept {second}" in note
+
+
+def test_row_labels_name_the_differing_keys_or_the_fingerprint(tmp_path: Path) -> None:
+    _run(tmp_path / "a", 0, 0.4, {**_train(40), "method": {"name": "prototype", "lr": 0.001}})
+    _run(tmp_path / "a", 1, 0.4, {**_train(60), "method": {"name": "prototype", "lr": 0.01}})
+    assert sorted(set(load_results(tmp_path / "a").runs["variant"])) == [
+        "method.lr=0.001,train.steps=40", "method.lr=0.01,train.steps=60"]
+    # more than three keys differ: the fingerprint, not a label longer than the table
+    _run(tmp_path / "b", 0, 0.4, _train(40, batch_size=1, image_size=64, grad_clip=1.0))
+    _run(tmp_path / "b", 1, 0.4, _train(60, batch_size=2, image_size=96, grad_clip=0.5))
+    variants = sorted(set(load_results(tmp_path / "b").runs["variant"]))
+    assert len(variants) == 2 and all(re.fullmatch(r"config=[0-9a-f]{8}", v) for v in variants)
+
+
+def test_paths_device_and_cadence_never_split_a_row(tmp_path: Path) -> None:
+    for fold, (root, device, log_every) in enumerate([("/data/a", "cpu", 10), ("/data/b", "cuda", 100)]):
+        config = {**_train(40, log_every=log_every), "data_root": root, "results_dir": f"/r{fold}", "device": device}
+        _run(tmp_path, fold, 0.4, config)
+    results = load_results(tmp_path)
+    assert set(results.runs["variant"]) == {""} and results.runs["config_id"].nunique() == 1
+
+
+def test_an_option_left_null_matches_a_record_made_before_it_existed(tmp_path: Path) -> None:
+    _run(tmp_path, 0, 0.4, {**_train(40), "method": {"name": "prototype", "lr": 0.001}})
+    _run(tmp_path, 1, 0.4, {**_train(40), "method": {"name": "prototype", "lr": 0.001, "new_option": None}})
+    _run(tmp_path, 2, 0.4, {**_train(40), "method": {"name": "prototype", "lr": 0.001, "new_option": "other"}})
+    variants = load_results(tmp_path).runs.groupby("variant")["fold"].apply(sorted).to_dict()
+    assert variants == {"method.new_option=unset": [0, 1], "method.new_option=other": [2]}
+
+
+def test_other_variant_flags_and_settings_combine(tmp_path: Path) -> None:
+    _run(tmp_path, 0, 0.4, _train(40), dice="pooled", non_standard=["dice=pooled"])
+    _run(tmp_path, 1, 0.4, _train(60), dice="pooled", non_standard=["dice=pooled"])
+    _run(tmp_path, 0, 0.4, _train(40))
+    assert sorted(set(load_results(tmp_path).runs["variant"])) == [
+        "", "dice=pooled,train.steps=40", "dice=pooled,train.steps=60"]
+
+
+def test_steps_in_the_runs_summary_runs_csv_and_html(tmp_path: Path) -> None:
+    results_dir = tmp_path / "results"
+    for fold in (0, 1):
+        _run(results_dir, fold, 0.4, _train(40))
+    _run(results_dir, 2, 0.6, _train(60))
+    write_run(results_dir, "support_copy", "abd_mri", 1, 0, 0, [("liver", "1", *counts_for_dice(0.3))])
+    summary = summarise_runs(load_results(results_dir)).set_index(["method", "variant"])
+    assert summary.loc[("prototype", "train.steps=40"), "steps"] == "40"
+    assert summary.loc[("prototype", "train.steps=60"), "steps"] == "60"
+    assert summary.loc[("support_copy", ""), "steps"] == "?"  # a record without a train section
+    out = write_report(results_dir, tmp_path / "out", dataset_loader=lambda name: DATASET, n_boot=20,
+                       include_published=False)
+    runs = pd.read_csv(out / "tables" / "runs.csv")
+    assert "steps" in runs.columns and sorted(runs["steps"].dropna().astype(int)) == [40, 40, 60]
+    page = (out / "report.html").read_text(encoding="utf-8")
+    runs_section = page[page.index('id="runs"'):]
+    assert ">steps</th>" in runs_section
+
+
+# -- published_config: a reduced budget is non-standard, and hashes are unchanged -------------
+
+SDFSMIS_FAMILY = ("sdfsmis", "sdfsmis_sii", "sdfsmis_qe", "sdfsmis_vtct")
+
+
+def _without_published_config(cfg):
+    data = OmegaConf.to_container(cfg)
+    data["method"].pop("published_config", None)
+    return OmegaConf.create(data)
+
+
+@pytest.mark.parametrize("method", [*SDFSMIS_FAMILY, "diffews"])
+def test_the_published_setup_is_declared_and_not_hashed(method: str) -> None:
+    cfg = compose([f"method={method}"], resolve_datasets=False)
+    published = OmegaConf.to_container(cfg.method.published_config)
+    assert published["train.steps"] == 15000 and published["train.image_size"] == 256
+    assert published["train.batch_size"] == 1 and published["method.lr"] == pytest.approx(1e-5)
+    if method != "diffews":
+        assert published["method.lr_vtct"] == pytest.approx(5e-5)
+    assert non_standard_options(cfg, random_weights=False) == []  # the defaults are the paper's setup
+    # an annotation, not a setting: the run's identity (folder, found checkpoints) is unchanged
+    bare = _without_published_config(cfg)
+    assert config_hash(cfg) == config_hash(bare) and training_hash(cfg) == training_hash(bare)
+
+
+def test_the_classic_methods_keep_their_published_config_hashed() -> None:
+    cfg = compose(["method=adnet"], resolve_datasets=False)
+    assert config_hash(cfg) != config_hash(_without_published_config(cfg))  # as their records always had it
+
+
+def test_fidelity_code_keeps_the_shared_setup_standard() -> None:
+    cfg = compose(["method=sdfsmis", "fidelity=code"], resolve_datasets=False)
+    assert not [m for m in non_standard_options(cfg, random_weights=False) if m.startswith(("train.", "method."))]
+
+
+@pytest.mark.parametrize("method", SDFSMIS_FAMILY)
+def test_a_small_budget_is_marked_non_standard(method: str) -> None:
+    cfg = compose([f"method={method}", "backbone=tiny", "train.steps=1500", "train.image_size=64",
+                   "method.lr=1e-3"], resolve_datasets=False)
+    marks = non_standard_options(cfg, random_weights=True)
+    assert {"train.steps=1500", "train.image_size=64", "method.lr=0.001"} <= set(marks)
+    assert "prototype" not in marks and compose(["method=prototype"], resolve_datasets=False).method.get(
+        "published_config") is None  # no published numbers, no invented setup
+
+
+def test_records_from_before_the_published_config_are_judged_by_the_shipped_one(tmp_path: Path) -> None:
+    """A tiny-backbone SD-FSMIS record whose run.json lists no deviation (written before the
+    method declared its published setup; its hash, and so its folder, is unchanged since)."""
+    config = {"method": {"name": "sdfsmis", "lr": 0.001, "lr_vtct": 5e-5},
+              "train": {"steps": 1500, "batch_size": 4, "image_size": 64, "weight_decay": 0.01}}
+    for fold in range(5):
+        _run(tmp_path, fold, 0.5, config, method="sdfsmis", backbone="tiny", random_weights=True)
+    results = load_results(tmp_path)
+    (variant,) = set(results.runs["variant"])
+    assert variant == "tiny,method.lr=0.001,random_weights,train.batch_size=4,train.image_size=64,train.steps=1500"
+    assert set(results.runs["non_standard"]) == {"method.lr=0.001;train.batch_size=4;train.image_size=64;train.steps=1500"}
+    (row,) = [r for r in main_table(results, include_published=False).rows]
+    assert row.markers == ["random_weights", "non_standard"]
+    text = main_table(results, include_published=False).to_markdown()
+    assert "§‡" in text and "tiny CPU backbone" in text  # the § legend says what kind of random weights
+
+
+def test_a_record_keeps_the_published_config_it_recorded(tmp_path: Path) -> None:
+    recorded = {"train.steps": 2000}  # the record's own published_config wins over the shipped one
+    config = {"method": {"name": "sdfsmis", "lr": 1e-5, "published_config": recorded}, "train": {"steps": 2000}}
+    _run(tmp_path, 0, 0.5, config, method="sdfsmis", backbone="sd15")
+    results = load_results(tmp_path)
+    assert set(results.runs["non_standard"]) == {""} and set(results.runs["variant"]) == {"sd15"}
+    assert json.loads((Path(results.runs["run_dir"].item()) / "run.json").read_text())["non_standard"] == []
+
+
+def test_records_trained_before_the_reference_sampler_are_marked_and_kept_apart(tmp_path: Path) -> None:
+    """A record whose config lacks ``protocol.episode_sampler`` was trained by the earlier
+    rule (``uniform_pairs``): it is marked non-standard and never averaged with runs of the
+    reference rule; a method that trains nothing is not affected."""
+    _run(tmp_path, 0, 0.6, {**_train(40), "method": {"name": "prototype"}, "protocol": {"episode_sampler": "reference"}})
+    _run(tmp_path, 1, 0.4, _train(40) | {"method": {"name": "prototype"}, "protocol": {}})  # older: no such key
+    results = load_results(tmp_path)
+    flags = {int(row.fold): row.variant for row in results.runs.itertuples()}
+    assert "episode_sampler=uniform_pairs" in flags[1] and "episode_sampler" not in flags[0]
+    assert results.fold_scores.groupby("variant").fold.nunique().tolist() == [1, 1]  # two rows, one fold each
