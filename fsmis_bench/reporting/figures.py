@@ -736,6 +736,10 @@ def save_figure(fig: plt.Figure, out_dir: str | Path, stem: str, dpi: int = 200,
     png = out / f"{stem}.png"
     with paper_style():  # drawing creates tick labels, and the PDF backend reads the font type
         if problems is not None:
+            # checked as the PNG draws it: at the screen's 100 dpi, hinting makes small text
+            # taller than at the saved resolution (and in the PDF), which would flag text the
+            # saved figures show whole
+            fig.set_dpi(dpi)
             problems.extend(f"{stem}: {p}" for p in text_problems(fig))
         fig.savefig(png, dpi=dpi)
         fig.savefig(out / f"{stem}.pdf")
