@@ -181,14 +181,6 @@ def _lookup(data: dict[str, Any], dotted: str) -> tuple[bool, Any]:
     return True, node
 
 
-def _drop_key(data: dict[str, Any], dotted: str) -> None:
-    head, _, rest = dotted.partition(".")
-    if rest and isinstance(data.get(head), dict):
-        _drop_key(data[head], rest)
-    elif not rest:
-        data.pop(head, None)
-
-
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"train": {"steps": 60}}`` -> ``{"train.steps": 60}`` (lists stay values)."""
     flat: dict[str, Any] = {}
@@ -217,12 +209,12 @@ def config_fingerprint(config: dict[str, Any] | None) -> tuple[str, dict[str, An
         return "", {}
     data = json.loads(json.dumps(config, default=str))  # a deep copy with plain values
     for key in FINGERPRINT_LEFT_OUT:
-        _drop_key(data, key)
+        records._drop(data, key)
     # switches added after records existed count only where they differ from the default
     for key, default in records._HASHED_UNLESS_DEFAULT.items():
         found, value = _lookup(data, key)
         if found and value == default:
-            _drop_key(data, key)
+            records._drop(data, key)
     # a null option means "the method's default" (often resolved from `fidelity`), which is
     # also what a record made before the option existed ran with: both count as unset
     flat = {key: value for key, value in _flatten(data).items() if value is not None}
@@ -444,7 +436,7 @@ def _read_run(run_dir: Path) -> tuple[dict, pd.DataFrame, dict[str, Any]]:
     if config is not None and meta.get("weights_from") == "none":
         # nothing was trained, so training settings cannot have changed a number
         config = {k: v for k, v in config.items() if k != "train"}
-        _drop_key(config, "protocol.episode_sampler")
+        records._drop(config, "protocol.episode_sampler")
     elif (config is not None and isinstance(config.get("method"), dict)  # a resolved run config
           and meta.get("weights_from", "training") == "training"
           and not _lookup(config, "protocol.episode_sampler")[0]):
