@@ -109,4 +109,5 @@ def test_training_scans_share_the_episodes_equally(real_data_root):
         statistic[rule] = float(((counts - n / len(cases)) ** 2 / (n / len(cases))).sum())
     # Pearson's chi-square against equal shares, at the 1e-4 level (the draws are seeded)
     critical = chi2.ppf(1 - 1e-4, len(cases) - 1)
+    print(f"chi-square of the scan shares vs 1/N over {n} episodes: {statistic}, critical {critical:.1f}")  # -s shows it
     assert statistic["reference"] < critical < statistic["uniform_pairs"], (statistic, critical)
