@@ -230,31 +230,34 @@ def _default_choice(group: str) -> str | None:
     return None
 
 
-def _check_method_name(cfg: DictConfig, given: dict[str, str]) -> None:
-    """``method.name`` must exist and equal the ``method=`` choice: the name picks the class
-    that runs, the choice the config file, and the two must be the same method."""
-    choice = given.get("method") or _default_choice("method")
-    if "method.name" in given and given["method.name"] != str(choice):
+def _check_group_name(cfg: DictConfig, given: dict[str, str], group: str) -> None:
+    """``<group>.name`` must exist and equal the ``<group>=`` choice (``method``, ``dataset``):
+    the name picks the class that runs, the choice the config file, and the two must be the
+    same plugin."""
+    choice = given.get(group) or _default_choice(group)
+    key = f"{group}.name"
+    if key in given and given[key] != str(choice):
         raise ConfigError(
-            f"method.name={given['method.name']} overrides the name that method={choice} set",
-            hint=f"choose the method with method=<name> only, e.g. method={given['method.name']}",
+            f"{key}={given[key]} overrides the name that {group}={choice} set",
+            hint=f"choose the {group} with {group}=<name> only, e.g. {group}={given[key]}",
         )
-    path = _config_file("method", str(choice))
-    shown = str(path) if path is not None else f"method/{choice}.yaml"
-    node = cfg.get("method")
+    path = _config_file(group, str(choice))
+    shown = str(path) if path is not None else f"{group}/{choice}.yaml"
+    node = cfg.get(group)
     name = node.get("name") if isinstance(node, DictConfig) else None
     if name is None:
-        global_package = path is not None and "@package _global_" in path.read_text(errors="replace")
-        raise ConfigError(
-            f"{shown} (method={choice}) does not set method.name",
-            hint=(f"add `name: {choice}` under `method:` in that file" if global_package else
-                  f"start the file with the line `# @package _global_` and put its options under `method:`, "
-                  f"beginning with `name: {choice}`") + " (README, 'Adding a method')",
-        )
+        if group != "method":  # dataset configs are packaged under their group: a top-level key
+            hint = f"add the line `name: {choice}` to that file"
+        elif path is not None and "@package _global_" in path.read_text(errors="replace"):
+            hint = f"add `name: {choice}` under `method:` in that file (README, 'Adding a method')"
+        else:
+            hint = (f"start the file with the line `# @package _global_` and put its options under `method:`, "
+                    f"beginning with `name: {choice}` (README, 'Adding a method')")
+        raise ConfigError(f"{shown} ({group}={choice}) does not set {key}", hint=hint)
     if str(name) != str(choice):
         raise ConfigError(
-            f"{shown} (method={choice}) sets method.name={name!r}, so method={choice} would run {name!r}",
-            hint=f"method.name must equal the file's name: set `name: {choice}` in {shown}",
+            f"{shown} ({group}={choice}) sets {key}={name!r}, so {group}={choice} would run {name!r}",
+            hint=f"{key} must equal the file's name: set `name: {choice}` in {shown}",
         )
 
 
@@ -403,7 +406,8 @@ def compose(overrides: list[str] | None = None, *, resolve_datasets: bool = True
     try:
         with _beside_running_hydra(), initialize_config_dir(config_dir=str(config_dir()), version_base=None):
             cfg = hydra_compose("config", overrides=overrides + extra)
-            _check_method_name(cfg, given)
+            _check_group_name(cfg, given, "method")
+            _check_group_name(cfg, given, "dataset")
             more = _test_dataset_overrides(cfg, test_options)
             default_backbone = cfg.method.get("default_backbone")
             if "backbone" not in given and default_backbone:

@@ -213,6 +213,44 @@ def test_method_name_must_exist_and_equal_the_config_name(install, config, expec
     assert not results_dir.exists()
 
 
+DATASET_PLUGIN = '''
+from pathlib import Path
+
+from fsmis_bench.plugins import hookimpl
+from fsmis_datasets.phantom import Phantom
+
+
+@hookimpl
+def fsmis_register_datasets(registry):
+    registry.register("{name}", Phantom, description="test plugin")
+
+
+@hookimpl
+def fsmis_config_dirs():
+    return [str(Path(__file__).parent / "configs")]
+'''
+
+
+@pytest.mark.parametrize("config, expected", [
+    ("n_cases: 10\n", ["does not set dataset.name", "add the line `name: my_scans`"]),
+    # the name of another dataset would silently load that dataset
+    ("name: phantom\nn_cases: 10\n", ["sets dataset.name='phantom', so dataset=my_scans would run 'phantom'",
+                                       "set `name: my_scans`"]),
+])
+def test_dataset_name_must_exist_and_equal_the_config_name(install, config, expected, capsys, results_dir):
+    install("fsmis-my-scans", "0.1.0", "pkg_my_scans", DATASET_PLUGIN.format(name="my_scans"),
+            {"dataset/my_scans.yaml": config})
+    err = _fails(["run", "method=support_copy", "dataset=my_scans"], capsys, *expected)
+    assert "pkg_my_scans/configs/dataset/my_scans.yaml (dataset=my_scans)" in err
+    assert not results_dir.exists()
+
+
+def test_dataset_name_cannot_be_overridden(capsys, results_dir):
+    _fails(["run", "method=support_copy", "dataset=phantom", "dataset.name=abd_mri"], capsys,
+           "dataset.name=abd_mri overrides the name that dataset=phantom set", "dataset=abd_mri")
+    assert not results_dir.exists()
+
+
 def test_method_name_cannot_be_overridden(capsys, results_dir):
     _fails(["run", "method=prototype", "method.name=support_copy"], capsys,
            "method.name=support_copy overrides the name that method=prototype set", "method=support_copy")
