@@ -575,6 +575,21 @@ def _cell_text(value: object) -> str:
     return f"={number:g}"
 
 
+def _split_variants(runs: pd.DataFrame, column: str, tags_of) -> pd.DataFrame:
+    """Within each row of a table (method, variant, evaluation, setting) whose runs take
+    several values of ``column``, append ``tags_of(group)[index]`` to each run's variant."""
+    if runs.empty:
+        return runs
+    runs = runs.copy()
+    for _, group in runs.groupby(["method", "variant", "train_dataset", "dataset", "setting"], sort=False):
+        if group[column].nunique() < 2:
+            continue
+        for index, tag in tags_of(group).items():
+            variant = runs.at[index, "variant"]
+            runs.at[index, "variant"] = f"{variant},{tag}" if variant else tag
+    return runs
+
+
 def _split_by_config(runs: pd.DataFrame, settings: dict[str, dict[str, Any]]) -> pd.DataFrame:
     """Runs of one method/variant/evaluation configured differently get different variants.
 
@@ -589,30 +604,25 @@ def _split_by_config(runs: pd.DataFrame, settings: dict[str, dict[str, Any]]) ->
         settings: run folder -> its flattened settings (the second value of
             :func:`config_fingerprint`).
     """
-    if runs.empty:
-        return runs
-    runs = runs.copy()
-    keys = ["method", "variant", "train_dataset", "dataset", "setting"]
-    for _, group in runs.groupby(keys, sort=False):
-        if group["config_id"].nunique() < 2:
-            continue
+    def tags_of(group: pd.DataFrame) -> dict[Any, str]:
         known = {cid: settings.get(path, {}) for cid, path in zip(group["config_id"], group["run_dir"]) if cid}
         missing = object()  # a key one config has and another lacks differs too
         names = sorted({name for flat in known.values() for name in flat})
         differing = [name for name in names
                      if len({json.dumps(flat.get(name, missing), default=repr, sort_keys=True) for flat in known.values()}) > 1]
-        for index in group.index:
-            cid = runs.at[index, "config_id"]
+        tags = {}
+        for index, cid in group["config_id"].items():
             if not cid:
-                tag = "config=unknown"
+                tags[index] = "config=unknown"
             elif differing and len(differing) <= MAX_LABEL_KEYS:
                 flat = known[cid]
-                tag = ",".join(f"{name}={_label_value(flat[name]) if name in flat else 'unset'}" for name in differing)
+                tags[index] = ",".join(f"{name}={_label_value(flat[name]) if name in flat else 'unset'}"
+                                       for name in differing)
             else:
-                tag = f"config={cid}"
-            variant = runs.at[index, "variant"]
-            runs.at[index, "variant"] = f"{variant},{tag}" if variant else tag
-    return runs
+                tags[index] = f"config={cid}"
+        return tags
+
+    return _split_variants(runs, "config_id", tags_of)
 
 
 def _split_by_data(runs: pd.DataFrame) -> pd.DataFrame:
@@ -624,18 +634,8 @@ def _split_by_data(runs: pd.DataFrame) -> pd.DataFrame:
     superseding across them would mix data silently, so each gets ``data=<hash8>``
     (``data=unknown`` for records from before identities were recorded).
     """
-    if runs.empty:
-        return runs
-    runs = runs.copy()
-    keys = ["method", "variant", "train_dataset", "dataset", "setting"]
-    for _, group in runs.groupby(keys, sort=False):
-        if group["data_id"].nunique() < 2:
-            continue
-        for index in group.index:
-            tag = f"data={runs.at[index, 'data_id'] or 'unknown'}"
-            variant = runs.at[index, "variant"]
-            runs.at[index, "variant"] = f"{variant},{tag}" if variant else tag
-    return runs
+    return _split_variants(runs, "data_id",
+                           lambda group: {i: f"data={d or 'unknown'}" for i, d in group["data_id"].items()})
 
 
 def _drop_superseded(runs: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
