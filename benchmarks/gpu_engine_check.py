@@ -336,7 +336,10 @@ def main(argv: list[str] | None = None) -> int:
     backbone = "tiny" if args.tiny else "sd15"
     base = [f"method={args.method}", f"backbone={backbone}", "pretrained=false", f"device={device.type}",
             f"train.image_size={args.size}", "train.num_workers=0", "train.schedule=constant",
-            "train.cuda_graph=false", *args.extra]  # eager unless a variant records (`_graph`)
+            "train.cuda_graph=false"]  # eager unless a variant records (`_graph`)
+    if _config(base).method.get("joint_pass") is not None:  # two passes unless a variant joins them (`_joint`)
+        base.append("method.joint_pass=false")
+    base += args.extra
 
     _log(f"building {' '.join(base)}")
     began = time.perf_counter()
@@ -405,11 +408,17 @@ def main(argv: list[str] | None = None) -> int:
     snapshots: dict[int, dict[str, torch.Tensor]] = {}
 
     def restore(model) -> None:
-        """Every variant starts from the same weights (so its losses compare with another's)."""
+        """Every variant starts from the same weights and generator states (so its losses compare with another's)."""
         saved = snapshots.setdefault(id(model), {n: p.detach().clone() for n, p in model.named_parameters()})
+        # and the same random draws: fidelity=code's posterior noise and the classic methods'
+        # sampling come from the global generators, which would otherwise run on between variants
+        torch.manual_seed(0)
         with torch.no_grad():
             for n, p in model.named_parameters():
                 p.data = saved[n].clone()
+                # an NHWC variant leaves NHWC gradients behind; fused AdamW refuses a gradient
+                # whose strides differ from its (restored, contiguous) parameter's
+                p.grad = None
 
     def measure(name: str, overrides: list[str], mixed: str, tf32: bool, target: dict, model=None,
                 config: list[str] | None = None, steps: int | None = None, extra_s: float = 0.0) -> None:

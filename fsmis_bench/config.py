@@ -265,6 +265,8 @@ def _kind_of(declared: Any) -> str | None:
     """What values a key declared as ``declared`` takes (None: anything)."""
     if declared is None:
         return None
+    if declared == "auto":
+        return "auto, true or false"
     if isinstance(declared, bool):
         return "true or false"
     if isinstance(declared, int):
@@ -283,6 +285,8 @@ def _kind_of(declared: Any) -> str | None:
 def _fits(declared: Any, value: Any) -> bool:
     if declared is None:
         return True
+    if declared == "auto":  # auto | true | false
+        return value == "auto" or isinstance(value, bool)
     if isinstance(declared, bool):
         return isinstance(value, bool)
     if isinstance(declared, int):

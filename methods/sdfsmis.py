@@ -52,9 +52,10 @@ Choices the paper leaves open, made here:
   Relative threshold (code): the channel mean, mapped from [-1, 1] to [0, 1], ``> 0.25 x``
   the maximum over the whole chunk (all its slices and channels).
 * Latents: the posterior mean (code: a posterior sample in training, ``train_latents``).
-* Training runs the support pass, then the query pass. ``method.joint_pass`` runs them as
-  one U-Net batch: the same loss and gradients up to float rounding, with half the U-Net's
-  kernels (``_sd_attention``, ``joint``).
+* Training runs the support pass, then the query pass. ``method.joint_pass`` (default
+  ``auto``: on with CUDA, where it was measured faster) runs them as one U-Net batch: the
+  same loss and gradients up to float rounding, with half the U-Net's kernels
+  (``_sd_attention``, ``joint``).
 * Shots: prototypes pool all shots' masked positions; ``E`` is the mean of the shots' ``E``
   (code: the shots' pooled features are averaged before the MLP, ``vtct_shot_pooling``);
   the SII/K-V bank concatenates the shots' tokens.
@@ -62,7 +63,7 @@ Choices the paper leaves open, made here:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, ClassVar
 
 import numpy as np
@@ -76,6 +77,7 @@ from fsmis_bench import recorded
 from fsmis_bench.errors import ConfigError
 from fsmis_bench.method import EpisodeBatch, Method
 from fsmis_bench.training.augment import AUGMENT_FORMS
+from fsmis_bench.training.precision import selects_cuda
 
 from ._sd_attention import (
     SUPPORT_ATTENTION_FORMS,
@@ -319,6 +321,15 @@ def largest_component(masks: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------
 # the method
 # ---------------------------------------------------------------------------------------
+def _auto_or_bool(name: str, value: Any) -> bool | str:
+    """A switch that takes ``auto`` (decided by the device when the model is built), true or false."""
+    if value is None or value is False:
+        return False
+    if value is True or value == "auto":
+        return value
+    raise ConfigError(f"method.{name}={value!r} is not allowed", hint=f"use method.{name}=auto, true or false")
+
+
 @dataclass(frozen=True)
 class SDFSMISOptions:
     """``cfg.method`` resolved against ``cfg.fidelity`` (every field concrete)."""
@@ -341,7 +352,7 @@ class SDFSMISOptions:
     augment_form: str
     predict_batch_size: int
     predict_cuda_graph: bool
-    joint_pass: bool
+    joint_pass: bool | str
     gradient_checkpointing: bool
     vae_dtype: str
     lr: float
@@ -413,6 +424,8 @@ class SDFSMIS(Method):
         if self.fidelity not in ("paper", "code"):
             raise ConfigError(f"unknown fidelity {self.fidelity!r}", hint="use fidelity=paper or fidelity=code")
         self.options = self.resolve_options(cfg.method, self.fidelity)
+        if self.options.joint_pass == "auto":  # as the run's hash resolves it (training/precision.py)
+            self.options = replace(self.options, joint_pass=selects_cuda(cfg))
         opts = self.options
         backbone = backbone_sources(cfg.backbone, self.fidelity)
         self.prediction_type = backbone.prediction_type
@@ -508,7 +521,7 @@ class SDFSMIS(Method):
             augment_form=str(pick("augment_form")),
             predict_batch_size=int(get("predict_batch_size") or 8),
             predict_cuda_graph=bool(get("predict_cuda_graph") or False),
-            joint_pass=bool(get("joint_pass") or False),
+            joint_pass=_auto_or_bool("joint_pass", get("joint_pass")),
             gradient_checkpointing=bool(get("gradient_checkpointing") or False),
             vae_dtype=str(get("vae_dtype") or "float32"),
             lr=float(get("lr") or 1e-5),
@@ -804,7 +817,7 @@ class SDFSMIS(Method):
             batch, sample=self.options.train_latents == "sample")
         support_input, support = self.support_side(batch.support_images, batch.support_masks,
                                                    support_latents, support_mask_latents)
-        if self.options.joint_pass:
+        if self.options.joint_pass is True:
             output = self.joint_pass(query_latents, support_input, support)
         else:
             self.write_support(support_input, support)

@@ -81,8 +81,23 @@ def test_the_prepared_gpu_speed_script_names_only_known_variants():
     script = (SCRIPT.parent / "gpu_speed_check.sh").read_text().replace("\\\n", " ")  # continued lines
     source = SCRIPT.read_text()
     selected = {name for line in re.findall(r"--only ([^\n]+)", script) for name in line.split()}
-    assert {"bf16_autocast_repeat", "tf32_fused_blocks_graph", "predict", "tiny_blocks_graph",
-            "tf32_fused_joint_graph", "tiny_joint_graph"} <= selected
-    for name in selected - {"predict"}:
+    assert {"tf32_fused_repeat", "tf32_fused_graph", "tf32_fused_blocks_graph", "tiny_blocks_graph"} <= selected
+    for name in selected:
         assert f'"{name}"' in source, name
-    assert 'selected("predict")' in source
+
+
+@pytest.mark.slow
+def test_variants_start_from_the_same_random_draws(capsys):
+    """fidelity=code on the SD VAE samples the posterior from the global CPU generator. Each
+    variant reseeds it, so two eager runs draw the same noise and their losses agree: an
+    H100 session compared a recorded step with an eager one 37 % apart before this, because
+    the generator ran on between the two variants."""
+    spec = importlib.util.spec_from_file_location("gpu_engine_check", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    argv = ["--device", "cpu", "--tiny", "--size", "64", "--steps", "2", "--warmup", "1", "--budget-s", "1e9",
+            "--extra", "fidelity=code", "backbone.vae=sd", "--only", "tf32_fused", "tf32_fused_repeat"]
+    assert module.main(argv) == 0
+    train = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["train"]
+    assert train["tf32_fused_repeat"]["loss_max_rel_diff_vs_eager"] < 1e-5
+    assert len(set(train["tf32_fused"]["losses"])) > 1  # the loss moved: the draws were really taken

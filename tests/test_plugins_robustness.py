@@ -271,6 +271,8 @@ def test_method_name_cannot_be_overridden(capsys, results_dir):
     (["method=sdfsmis", "backbone=tiny", "method.lr_vtct=-5e-5"], "method.lr_vtct=-5e-05 is not allowed"),
     (["method=sdfsmis", "backbone=tiny", "method.vae_dtype=16"],
      "declares method.vae_dtype as text"),
+    (["method=sdfsmis", "backbone=tiny", "method.joint_pass=yes"],
+     "declares method.joint_pass as auto, true or false"),
 ])
 def test_method_options_are_checked_before_anything_is_written(argv, message, capsys, results_dir):
     err = _fails(["run", *argv], capsys, message)
@@ -288,6 +290,9 @@ def test_method_options_of_the_declared_type_are_accepted():
     cfg = compose(["method=sdfsmis", "backbone=tiny", "method.sii=kv_concat", "method.threshold_value=0.3"])
     assert cfg.method.sii == "kv_concat" and cfg.method.threshold_value == 0.3
     assert compose(["method=sdfsmis", "backbone=tiny", "method.vae_dtype='16'"]).method.vae_dtype == "16"
+    # a switch declared `auto` takes true and false as well
+    for value in ("true", "false", "auto"):
+        assert str(compose(["method=sdfsmis", "backbone=tiny", f"method.joint_pass={value}"]).method.joint_pass).lower() == value
 
 
 def test_a_plugin_method_options_are_checked_too(install, capsys, results_dir):

@@ -591,3 +591,8 @@ def test_speed_switches_keep_earlier_run_identities():
     assert training_hash(blocks) != training_hash(model) and config_hash(blocks) != config_hash(model)
     joint = compose(["method=sdfsmis", "backbone=tiny", "pretrained=false", "method.joint_pass=true"])
     assert training_hash(joint) != training_hash(cfg) and config_hash(joint) != config_hash(cfg)
+    # joint_pass=auto (the default) is one pass with CUDA: hashed as `true` there, as before on a CPU
+    tiny_gpu = ["method=sdfsmis", "backbone=tiny", "pretrained=false", "device=cuda"]
+    for digest in (config_hash, training_hash):
+        assert digest(compose(tiny_gpu)) == digest(compose([*tiny_gpu, "method.joint_pass=true"]))
+        assert digest(compose(tiny_gpu)) != digest(compose([*tiny_gpu, "method.joint_pass=false"]))

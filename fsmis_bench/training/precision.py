@@ -64,7 +64,7 @@ def uses_cuda(device: str) -> bool:
 def resolve_precision(device: str, mixed_precision: str, tf32: bool | str) -> Precision:
     """The concrete precision for the given config values on this machine (``device=cuda``
     counts as CUDA even where none is visible: that run's precision is still defined)."""
-    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    cuda = selects_cuda(OmegaConf.create({"device": device}))
     mixed = "no" if mixed_precision == "auto" else str(mixed_precision)
     if mixed not in MIXED_PRECISION:
         raise ConfigError(f"mixed_precision={mixed_precision!r} is not allowed", hint="use auto, no, bf16 or fp16")
@@ -78,18 +78,26 @@ def precision_of(cfg: DictConfig) -> Precision:
     return resolve_precision(str(cfg.get("device", "auto")), str(cfg.get("mixed_precision", "auto")), cfg.get("tf32", "auto"))
 
 
+def selects_cuda(cfg: DictConfig) -> bool:
+    """Whether ``cfg.device`` means CUDA, as :func:`resolve_precision` reads it: ``cuda``
+    counts even where no GPU is visible, so that run's configuration is still defined."""
+    device = str(cfg.get("device", "auto"))
+    return device == "cuda" or (device == "auto" and torch.cuda.is_available())
+
+
 def with_resolved_precision(cfg: DictConfig) -> DictConfig:
-    """A copy of ``cfg`` whose ``mixed_precision``, ``tf32`` and ``train.fused_optimizer``
-    are concrete (idempotent). ``fused_optimizer=auto`` is the fused kernel with CUDA (the
-    measured faster one there) and the plain one on a CPU, so a CPU run hashes as before."""
+    """A copy of ``cfg`` whose ``mixed_precision``, ``tf32``, ``train.fused_optimizer`` and
+    ``method.joint_pass`` are concrete (idempotent). Each ``auto`` among the last two is on
+    with CUDA, where it was measured faster, and off on a CPU, so a CPU run hashes as before."""
     precision = precision_of(cfg)
     resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     with open_dict(resolved):
         resolved.mixed_precision = precision.mixed_precision
         resolved.tf32 = precision.tf32
-        if resolved.get("train") is not None and resolved.train.get("fused_optimizer") == "auto":
-            device = str(cfg.get("device", "auto"))  # as resolve_precision: defined without a GPU too
-            resolved.train.fused_optimizer = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+        for group, key in (("train", "fused_optimizer"), ("method", "joint_pass")):
+            node = resolved.get(group)
+            if isinstance(node, DictConfig) and node.get(key) == "auto":
+                node[key] = selects_cuda(cfg)
     return resolved
 
 
