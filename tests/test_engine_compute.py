@@ -286,6 +286,18 @@ def test_memory_preset_switches_checkpointing_and_8bit_adamw():
     cfg = compose(["method=sdfsmis", "backbone=tiny", "memory=low"])
     assert cfg.method.gradient_checkpointing is True and cfg.train.optimizer == "adamw8bit"
     assert compose(["method=sdfsmis", "backbone=tiny"]).train.optimizer == "adamw"
+    # two passes on a GPU too, as the preset's memory was measured; hashed as before the joint pass
+    from omegaconf import open_dict
+
+    from fsmis_bench.records import config_hash
+    from fsmis_bench.training.precision import with_resolved_precision
+
+    on_gpu = compose(["method=sdfsmis", "backbone=tiny", "memory=low", "device=cuda"])
+    assert with_resolved_precision(on_gpu).method.joint_pass is False
+    before = compose(["method=sdfsmis", "backbone=tiny", "memory=low", "device=cuda"])
+    with open_dict(before):
+        del before.method["joint_pass"]  # a memory=low config from before the joint pass
+    assert config_hash(on_gpu) == config_hash(before)
 
 
 def test_prototype_shared_features_give_the_reencoded_loss_and_gradients():
