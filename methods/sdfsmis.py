@@ -425,7 +425,7 @@ class SDFSMIS(Method):
             raise ConfigError(f"unknown fidelity {self.fidelity!r}", hint="use fidelity=paper or fidelity=code")
         self.options = self.resolve_options(cfg.method, self.fidelity)
         if self.options.joint_pass == "auto":  # as the run's hash resolves it (training/precision.py)
-            self.options = replace(self.options, joint_pass=selects_cuda(cfg))
+            self.options = replace(self.options, joint_pass=selects_cuda(str(cfg.get("device", "auto"))))
         opts = self.options
         backbone = backbone_sources(cfg.backbone, self.fidelity)
         self.prediction_type = backbone.prediction_type

@@ -54,17 +54,23 @@ class Precision:
         return {"mixed_precision": self.mixed_precision, "tf32": self.tf32, "label": self.label}
 
 
+def selects_cuda(device: str) -> bool:
+    """Whether the config value ``device`` means CUDA: ``cuda`` counts even where no GPU is
+    visible (unlike :func:`uses_cuda`), so that run's configuration is still defined."""
+    return device == "cuda" or (device == "auto" and torch.cuda.is_available())
+
+
 def uses_cuda(device: str) -> bool:
     """Whether ``device`` (``auto | cpu | cuda``) runs on CUDA in this process."""
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda was asked for, but no CUDA device is visible", hint="use device=cpu")
-    return device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    return selects_cuda(device)
 
 
 def resolve_precision(device: str, mixed_precision: str, tf32: bool | str) -> Precision:
     """The concrete precision for the given config values on this machine (``device=cuda``
     counts as CUDA even where none is visible: that run's precision is still defined)."""
-    cuda = selects_cuda(OmegaConf.create({"device": device}))
+    cuda = selects_cuda(device)
     mixed = "no" if mixed_precision == "auto" else str(mixed_precision)
     if mixed not in MIXED_PRECISION:
         raise ConfigError(f"mixed_precision={mixed_precision!r} is not allowed", hint="use auto, no, bf16 or fp16")
@@ -76,13 +82,6 @@ def resolve_precision(device: str, mixed_precision: str, tf32: bool | str) -> Pr
 def precision_of(cfg: DictConfig) -> Precision:
     """:func:`resolve_precision` for a run config (missing keys count as ``auto``)."""
     return resolve_precision(str(cfg.get("device", "auto")), str(cfg.get("mixed_precision", "auto")), cfg.get("tf32", "auto"))
-
-
-def selects_cuda(cfg: DictConfig) -> bool:
-    """Whether ``cfg.device`` means CUDA, as :func:`resolve_precision` reads it: ``cuda``
-    counts even where no GPU is visible, so that run's configuration is still defined."""
-    device = str(cfg.get("device", "auto"))
-    return device == "cuda" or (device == "auto" and torch.cuda.is_available())
 
 
 def with_resolved_precision(cfg: DictConfig) -> DictConfig:
@@ -97,7 +96,7 @@ def with_resolved_precision(cfg: DictConfig) -> DictConfig:
         for group, key in (("train", "fused_optimizer"), ("method", "joint_pass")):
             node = resolved.get(group)
             if isinstance(node, DictConfig) and node.get(key) == "auto":
-                node[key] = selects_cuda(cfg)
+                node[key] = selects_cuda(str(cfg.get("device", "auto")))
     return resolved
 
 
