@@ -1,22 +1,24 @@
 #!/usr/bin/env bash
 # The GPU speed checks not yet measured, as one script for one lent GPU session (at most
-# 585 s of checks on an H100; the timeouts are caps). Most promising first, so a session cut
+# 595 s of checks on an H100; the timeouts are caps). Most promising first, so a session cut
 # short still answers it. Every comparison is within one machine: each part reruns its own
 # reference. Measured earlier and no longer here: the joint pass, recorded inference, bf16's
 # own drift, ADNet's and Q-Net's recorded steps (docs/measurements/gpu_speed_*_h100.json);
 # this script's files have other names, so copying them there overwrites none of those.
 #
+#   0. Background checkpoint writes (train.async_checkpoint, on by default with CUDA): how
+#      long the step waits for a 10.3 GB resume state, against the whole write (17.7 s).
 #   1. fidelity=code: the recorded step against the eager one now that every variant starts
 #      from the same generator states (the first measurement compared different posterior
 #      draws: 37 %), with an eager repeat for the drift of two eager runs.
 #   2. ADNet and Q-Net, recorded vs eager and eager vs eager, from the same generator states.
 #   3. Compiled blocks (train.compile=default train.compile_scope=blocks) inside the recorded
 #      step: the tiny backbone (compilation needed > 80 s), then SD-1.5 TF32 (compilation
-#      took > 100 s and was cut off at a 140 s cap).
+#      took > 100 s and was cut off at a 140 s cap; 140 s of compile budget here).
 #
 # Usage (on the GPU machine, from the repository root; OUT defaults to ./gpu_speed_out):
 #   OUT=/some/dir bash benchmarks/gpu_speed_check.sh
-# It writes five JSON files (those named in docs/measurements/README.md) and one log,
+# It writes six JSON files (those named in docs/measurements/README.md) and one log,
 # gpu_speed_log.txt (a lent machine returns at most eight files).
 set -u
 cd "$(dirname "$0")/.."
@@ -36,6 +38,9 @@ check() {  # check <seconds> <json name> <args...>: one gpu_engine_check run, it
   sed -n "/^=== $name:/,\$p" "$LOG" | grep -E "^ +[a-z0-9_]+ +[0-9.]+|^predict |^skipped " | grep -v "not selected" || tail -5 "$LOG"
 }
 
+echo "=== gpu_async_checkpoint_h100: gpu_checkpoint_check.py --out /tmp/fsmis_ckpt" >> "$LOG"
+timeout 80 "$PY" benchmarks/gpu_checkpoint_check.py --out /tmp/fsmis_ckpt > "$OUT/gpu_async_checkpoint_h100.json" 2>> "$LOG"
+echo "gpu_async_checkpoint_h100 rc=$?" | tee -a "$LOG"; cat "$OUT/gpu_async_checkpoint_h100.json"
 check 95 gpu_reseeded_code_h100 --extra fidelity=code --steps 4 --warmup 2 --budget-s 90 \
   --only tf32_fused tf32_fused_repeat tf32_fused_graph
 for method in adnet qnet; do
@@ -44,5 +49,5 @@ for method in adnet qnet; do
 done
 check 150 gpu_blocks_tiny_h100 --steps 8 --warmup 2 --tiny-steps 60 --budget-s 145 --compile-budget-s 120 \
   --only tiny_eager tiny_graph tiny_blocks_graph
-check 250 gpu_blocks_sd15_h100 --steps 8 --warmup 2 --budget-s 245 --compile-budget-s 200 \
+check 180 gpu_blocks_sd15_h100 --steps 8 --warmup 2 --budget-s 175 --compile-budget-s 140 \
   --only tf32_fused tf32_fused_blocks_graph

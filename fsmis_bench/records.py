@@ -49,7 +49,7 @@ COMPLETE = "COMPLETE"
 # method.predict_cuda_graph replays the plain inference's kernels in the same way (the short
 # last chunk padded to a full one); the method's options in run.json record it.
 _UNHASHED = ("results_dir", "data_root", "weights_root", "device", "train.num_workers", "train.cuda_graph",
-             "method.predict_cuda_graph")
+             "method.predict_cuda_graph", "train.async_checkpoint")
 # Keys added after records existed, hashed only where they differ from the value that every
 # earlier run had, so that a new switch left at its default keeps earlier records and
 # checkpoints found (their hashes stay the same). method.joint_pass gives the two-pass loss

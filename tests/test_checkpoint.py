@@ -179,3 +179,74 @@ def test_the_gpu_checkpoint_script_runs_on_cpu(tmp_path, monkeypatch, capsys):
     runpy.run_path(str(script), run_name="__main__")
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["next_step_identical"] and result["rng_identical"] and result["parameters_m"] == 0.2
+    assert result["background_state_identical"] and 0 <= result["background_stall_s"] <= result["background_total_s"]
+
+
+# -- background writes (train.async_checkpoint) ----------------------------------------------
+def test_a_background_save_holds_the_state_of_its_step(tmp_path, monkeypatch):
+    """Training goes on changing the weights and moments while the thread writes: what lands
+    on disk is the state at the save, not a later one."""
+    import threading
+
+    from fsmis_bench.training import checkpoint
+
+    release, real_save_file = threading.Event(), checkpoint.save_file
+
+    def slow_disk(tensors, filename, metadata=None):
+        assert release.wait(10)  # the write starts only after training has moved on
+        return real_save_file(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(checkpoint, "save_file", slow_disk)
+    weights, moments = torch.zeros(3), _optimiser_state()
+    writer = checkpoint.CheckpointWriter(tmp_path, background=True)
+    writer.save({"step": 4, "w": weights, "optimizer": moments, "rng": torch.get_rng_state()})
+    weights += 1  # the next steps, in place, as an optimiser updates
+    moments["state"][0]["exp_avg"].mul_(0)
+    release.set()
+    writer.wait()
+    writer.close()
+    loaded = load_training_state(tmp_path)
+    assert loaded["step"] == 4 and torch.equal(loaded["w"], torch.zeros(3))
+    assert loaded["optimizer"]["state"][0]["exp_avg"].abs().sum() > 0
+
+
+def test_a_failed_background_write_is_raised_by_wait_and_keeps_the_state_before(tmp_path, monkeypatch):
+    import errno
+
+    from safetensors import SafetensorError
+
+    from fsmis_bench.training import checkpoint
+
+    writer = checkpoint.CheckpointWriter(tmp_path, background=True)
+    writer.save({"step": 4, "w": torch.zeros(2)})
+    writer.wait()
+
+    def full(tensors, filename, metadata=None):
+        open(filename, "wb").write(b"\0" * 10)
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(checkpoint, "save_file", full)
+    writer.save({"step": 8, "w": torch.ones(2)})  # returns at once: the failure comes later
+    with pytest.raises(OSError) as caught:
+        writer.wait()
+    assert caught.value.errno == errno.ENOSPC
+    writer.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last-00000004.safetensors", "last.json"]
+    assert load_training_state(tmp_path)["step"] == 4
+
+
+def test_close_on_a_raising_path_waits_without_replacing_the_error(tmp_path, monkeypatch):
+    from fsmis_bench.training import checkpoint
+
+    def broken(tensors, filename, metadata=None):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(checkpoint, "save_file", broken)
+    writer = checkpoint.CheckpointWriter(tmp_path, background=True)
+    with pytest.raises(KeyError):  # the error the training path raised stays the one raised
+        try:
+            writer.save({"step": 1, "w": torch.zeros(2)})
+            raise KeyError("the training's own error")
+        finally:
+            writer.close()
+    assert list(tmp_path.glob("last*")) == []

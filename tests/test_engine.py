@@ -89,14 +89,18 @@ def uninterrupted(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum, exit_code", [
-    (signal.SIGKILL, -signal.SIGKILL),  # no handler: resumes from the last periodic checkpoint
-    (signal.SIGTERM, 128 + signal.SIGTERM),  # saved at the next step boundary
-    (signal.SIGINT, 128 + signal.SIGINT),  # Ctrl-C: the same
-], ids=["SIGKILL", "SIGTERM", "SIGINT"])
-def test_interrupted_run_resumes_exactly(uninterrupted, tmp_path, signum, exit_code):
+@pytest.mark.parametrize("signum, exit_code, extra", [
+    (signal.SIGKILL, -signal.SIGKILL, []),  # no handler: resumes from the last periodic checkpoint
+    (signal.SIGTERM, 128 + signal.SIGTERM, []),  # saved at the next step boundary
+    (signal.SIGINT, 128 + signal.SIGINT, []),  # Ctrl-C: the same
+    # resume states written by a background thread (the default with CUDA): the same record
+    (signal.SIGTERM, 128 + signal.SIGTERM, ["train.async_checkpoint=true"]),
+    (signal.SIGKILL, -signal.SIGKILL, ["train.async_checkpoint=true"]),
+], ids=["SIGKILL", "SIGTERM", "SIGINT", "SIGTERM-background", "SIGKILL-background"])
+def test_interrupted_run_resumes_exactly(uninterrupted, tmp_path, signum, exit_code, extra):
     env = {**os.environ, "FSMIS_NO_PROGRESS": "1", "FSMIS_RESULTS_DIR": str(tmp_path)}
-    process = subprocess.Popen(RESUME_ARGV, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    argv = [*RESUME_ARGV, *extra]
+    process = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 600  # generous: a loaded CI machine starts slowly
     while not list(tmp_path.glob("**/checkpoints/all/last.json")) and time.time() < deadline:
         time.sleep(0.01)
@@ -110,7 +114,7 @@ def test_interrupted_run_resumes_exactly(uninterrupted, tmp_path, signum, exit_c
     if signum != signal.SIGKILL:
         assert "checkpoint saved" in stderr
 
-    resumed = subprocess.run(RESUME_ARGV, env=env, capture_output=True, text=True)
+    resumed = subprocess.run(argv, env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stderr
     files = lambda d: sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file())  # noqa: E731
@@ -119,7 +123,9 @@ def test_interrupted_run_resumes_exactly(uninterrupted, tmp_path, signum, exit_c
     assert (uninterrupted / "cases.csv").read_bytes() == (run_b / "cases.csv").read_bytes()
 
 
-def test_interrupt_saves_a_checkpoint_at_the_step_boundary(results_dir, monkeypatch, capsys):
+@pytest.mark.parametrize("writes", ["train.async_checkpoint=false", "train.async_checkpoint=true"],
+                         ids=["in-step", "background"])
+def test_interrupt_saves_a_checkpoint_at_the_step_boundary(writes, results_dir, monkeypatch, capsys):
     from fsmis_bench.training import episodes
     from fsmis_bench.training.checkpoint import load_training_state
 
@@ -133,7 +139,7 @@ def test_interrupt_saves_a_checkpoint_at_the_step_boundary(results_dir, monkeypa
         return original(self, batch_size)
 
     monkeypatch.setattr(episodes.EpisodeSampler, "batch", interrupted)
-    assert main(["run", *SMALL, "train.steps=6"]) == 130
+    assert main(["run", *SMALL, "train.steps=6", writes]) == 130
     (checkpoint_dir,) = {p.parent for p in results_dir.glob("**/checkpoints/all/last.json")}
     state = load_training_state(checkpoint_dir)
     assert state["step"] == 3  # step 3 finished, then the state was saved

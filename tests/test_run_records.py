@@ -417,8 +417,10 @@ def test_a_full_disk_is_named_temp_files_go_and_the_rerun_resumes(results_dir, c
     assert "using trained weights" in capsys.readouterr().err  # the training was kept
 
 
+@pytest.mark.parametrize("writes", ["train.async_checkpoint=false", "train.async_checkpoint=true"],
+                         ids=["in-step", "background"])
 def test_a_full_disk_while_writing_a_checkpoint_is_named_temp_files_go_and_the_rerun_resumes(
-        results_dir, capsys, monkeypatch):
+        writes, results_dir, capsys, monkeypatch):
     """safetensors reports a failed write as a SafetensorError, which is no OSError: it is
     still the "Write failures" message, and the checkpoint saved before is resumed from."""
     from safetensors import SafetensorError
@@ -435,7 +437,7 @@ def test_a_full_disk_while_writing_a_checkpoint_is_named_temp_files_go_and_the_r
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
     monkeypatch.setattr(checkpoint, "save_file", full_at_the_second)
-    argv = ["run", *SMALL, "train.steps=3", "train.checkpoint_every=1"]
+    argv = ["run", *SMALL, "train.steps=3", "train.checkpoint_every=1", writes]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and "SafetensorError" not in err
@@ -580,10 +582,13 @@ def test_speed_switches_keep_earlier_run_identities():
     cfg = compose(["method=sdfsmis", "backbone=tiny", "pretrained=false"])
     earlier = OmegaConf.to_container(cfg)  # a config from before the switches existed
     del earlier["train"]["compile_scope"], earlier["method"]["predict_cuda_graph"], earlier["method"]["joint_pass"]
+    del earlier["train"]["async_checkpoint"]
     earlier = OmegaConf.create(earlier)
     for digest in (config_hash, training_hash):
         assert digest(cfg) == digest(earlier)
         assert digest(compose(["method=sdfsmis", "backbone=tiny", "pretrained=false", "method.predict_cuda_graph=true"])) \
+            == digest(cfg)
+        assert digest(compose(["method=sdfsmis", "backbone=tiny", "pretrained=false", "train.async_checkpoint=true"])) \
             == digest(cfg)
     blocks = compose(["method=sdfsmis", "backbone=tiny", "pretrained=false", "train.compile=default",
                       "train.compile_scope=blocks"])

@@ -25,6 +25,8 @@ import errno
 import json
 import os
 import re
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,10 +57,11 @@ class CheckpointError(FsmisError):
 
 
 # -- nested state <-> (JSON, tensors) ----------------------------------------------------
-def _encode(obj: Any, path: str, tensors: dict[str, torch.Tensor], storages: set[int]) -> Any:
-    """``obj`` as JSON data, with every tensor / array moved into ``tensors`` under ``path``."""
+def _encode(obj: Any, path: str, tensors: dict[str, torch.Tensor], storages: set[int], copy: bool = False) -> Any:
+    """``obj`` as JSON data, with every tensor / array moved into ``tensors`` under ``path``
+    (``copy``: host copies even of CPU tensors, which ``.cpu()`` would return as they are)."""
     if isinstance(obj, torch.Tensor):
-        tensor = obj.detach().cpu()
+        tensor = obj.detach().to("cpu", copy=True) if copy else obj.detach().cpu()
         storage = tensor.untyped_storage().data_ptr()
         if not tensor.is_contiguous() or storage in storages or tensor.numel() == 0:
             tensor = tensor.contiguous().clone()  # safetensors refuses shared or strided storage
@@ -75,13 +78,13 @@ def _encode(obj: Any, path: str, tensors: dict[str, torch.Tensor], storages: set
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
     if isinstance(obj, tuple):
-        return {"__tuple__": [_encode(v, f"{path}/{i}", tensors, storages) for i, v in enumerate(obj)]}
+        return {"__tuple__": [_encode(v, f"{path}/{i}", tensors, storages, copy) for i, v in enumerate(obj)]}
     if isinstance(obj, list):
-        return [_encode(v, f"{path}/{i}", tensors, storages) for i, v in enumerate(obj)]
+        return [_encode(v, f"{path}/{i}", tensors, storages, copy) for i, v in enumerate(obj)]
     if isinstance(obj, dict):
         if all(isinstance(k, str) and not k.startswith("__") for k in obj):
-            return {k: _encode(v, f"{path}/{k}", tensors, storages) for k, v in obj.items()}
-        return {"__items__": [[_encode(k, f"{path}/key", tensors, storages), _encode(v, f"{path}/{k}", tensors, storages)]
+            return {k: _encode(v, f"{path}/{k}", tensors, storages, copy) for k, v in obj.items()}
+        return {"__items__": [[_encode(k, f"{path}/key", tensors, storages, copy), _encode(v, f"{path}/{k}", tensors, storages, copy)]
                               for k, v in obj.items()]}
     raise TypeError(f"cannot store a {type(obj).__name__} at {path!r} in a checkpoint")
 
@@ -298,17 +301,38 @@ def refuse_legacy(directory: Path) -> None:
             )
 
 
+@dataclass(frozen=True)
+class EncodedState:
+    """A resume state taken apart for writing: its tensors (on the host) and its JSON data."""
+
+    step: int
+    tensors: dict[str, torch.Tensor]
+    document: Any
+
+
+def encode_training_state(state: dict[str, Any], *, copy: bool = False) -> EncodedState:
+    """``state`` (needs an int ``step``) ready for :func:`write_training_state`; with
+    ``copy``, nothing in it shares memory with ``state`` (training may go on meanwhile)."""
+    tensors: dict[str, torch.Tensor] = {}
+    document = _encode(state, "state", tensors, set(), copy)
+    return EncodedState(int(state["step"]), tensors, document)
+
+
 def save_training_state(directory: Path, state: dict[str, Any]) -> Path:
     """Write the resume state ``state`` (needs an int ``step``) into ``directory``.
 
     Returns:
         the path of the JSON file, ``directory/last.json``.
     """
+    return write_training_state(directory, encode_training_state(state))
+
+
+def write_training_state(directory: Path, state: EncodedState) -> Path:
+    """Write an encoded resume state into ``directory``: the tensor file, then ``last.json``
+    naming it, then the older tensor files go. Returns ``directory/last.json``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    step = int(state["step"])
-    tensors: dict[str, torch.Tensor] = {}
-    encoded = _encode(state, "state", tensors, set())
+    step, tensors, encoded = state.step, state.tensors, state.document
     tensor_file = f"last-{step:08d}.safetensors"
     new_file = not (directory / tensor_file).exists()
     _write_safetensors(directory / tensor_file, tensors,
@@ -364,6 +388,50 @@ def clear_training_state(directory: Path) -> None:
     (directory / STATE_FILE).unlink(missing_ok=True)
     for old in directory.glob("last-*.safetensors"):
         old.unlink(missing_ok=True)
+
+
+class CheckpointWriter:
+    """Writes a training's resume states into ``directory``; with ``background``, in a thread.
+
+    A background save takes host copies of the state at the step boundary, then training
+    goes on while a thread writes them: the step waits for the device-to-host copies, not for
+    the disk (an SD-1.5 resume state is 10.3 GB: 17.7 s to write on an H100 machine, every
+    ``train.checkpoint_every`` steps). One write at a time: a save first waits for the one
+    before, and :meth:`wait` raises a failed write's error (a full disk, say) in the caller,
+    so the engine reports it as it reports a synchronous one. ``last.json`` is written after
+    its tensor file, so a process that dies mid-write resumes from the state before.
+    """
+
+    def __init__(self, directory: Path, *, background: bool = False) -> None:
+        self.directory = Path(directory)
+        self.background = background
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="fsmis-checkpoint") if background else None
+        self._pending: Future | None = None
+
+    def save(self, state: dict[str, Any]) -> None:
+        if self._pool is None:
+            save_training_state(self.directory, state)
+            return
+        self.wait()  # before copying: never two states in host memory at once
+        encoded = encode_training_state(state, copy=True)
+        self._pending = self._pool.submit(write_training_state, self.directory, encoded)
+
+    def wait(self) -> None:
+        """Until the last save is on disk; raises its error, if it failed."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        """Wait for a pending write (on a path that is already raising: its error is dropped,
+        the state before it stays the resume state) and stop the thread."""
+        try:
+            self.wait()
+        except Exception:  # noqa: BLE001 - the error already propagating is the one to report
+            pass
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
 
 
 def rng_state() -> dict[str, Any]:

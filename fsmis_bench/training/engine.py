@@ -33,8 +33,8 @@ from ..errors import ConfigError
 from ..method import Method
 from ..records import atomic_write
 from .checkpoint import (  # load_weights: re-exported for callers of the engine
-    WEIGHTS_FILE, clear_training_state, load_training_state, load_weights, rng_state,
-    save_training_state, save_weights, set_rng_state, trainable_state,
+    WEIGHTS_FILE, CheckpointWriter, clear_training_state, load_training_state, load_weights, rng_state,
+    save_weights, set_rng_state, trainable_state,
 )
 from .episodes import EpisodeSampler
 from .loader import EpisodeLoader, resolve_num_workers
@@ -198,13 +198,15 @@ def train(
         start, log, elapsed_before = int(state["step"]), list(state["log"]), float(state["seconds"])
         tqdm.write(f"resuming {description} from step {start} ({checkpoint_dir})", file=sys.stderr)
 
+    writer = CheckpointWriter(checkpoint_dir, background=_writes_in_background(tcfg, accelerator.device))
+
     def save(step: int, seconds: float) -> None:
         # With several processes all are at this step boundary and send their RNG states.
         per_process = _gather_rng_states(accelerator)
         if not accelerator.is_main_process:
             return
         sampler.seek(step * accum * batch_size)  # the stream position of the next step
-        save_training_state(checkpoint_dir, {
+        writer.save({
             **({"rng_per_process": per_process} if per_process else {}),
             "model": trainable_state(inner),
             "optimizer": train_step.optimizer_state_dict(),
@@ -240,51 +242,64 @@ def train(
             return stop.requested
         return step % log_every == 0 and _any_process(accelerator, stop.requested)
 
-    with StopRequest() as stop:
-        try:
-            batches = iter(loader)
-            # A signal only sets stop.requested; the loop ends at a step boundary.
-            while step < steps and not stop_now():
-                loss = train_step([next(batches) for _ in range(accum)])
-                step += 1
-                bar.update(1)
-                log_now = step % log_every == 0 or step == steps
-                save_now = step % int(tcfg.checkpoint_every) == 0 and step < steps
-                if log_now or save_now:
-                    train_step.raise_if_nonfinite()  # the only host syncs: here and the loss below
-                seconds = elapsed_before + time.time() - began
-                if log_now:
-                    value = _mean_over_processes(accelerator, loss)
-                    log.append({"step": step, "loss": value, "lr": float(scheduler.get_last_lr()[0]), "elapsed_s": round(seconds, 2)})
-                    bar.set_postfix(loss=f"{value:.4f}")
-                if save_now:
-                    save(step, seconds)
-            train_step.raise_if_nonfinite()
-            # a recorded step leaves its static gradients on the parameters: free them for evaluation
-            optimizer.zero_grad(set_to_none=True)
-        except KeyboardInterrupt:
-            # Raised mid-step (a second Ctrl-C): that state is half-advanced, so it is not
-            # saved; the last periodic checkpoint still resumes exactly.
-            bar.close()
-            tqdm.write(f"stopped during step {step + 1}; the last checkpoint is kept, rerun the same command "
-                       "to resume from it", file=sys.stderr)
-            raise
-    bar.close()
-    seconds = elapsed_before + time.time() - began
-    if step < steps:  # stopped by a signal, at a step boundary
-        save(step, seconds)
-        tqdm.write(f"interrupted at step {step}; checkpoint saved, rerun the same command to resume", file=sys.stderr)
-        raise stop.stop() if stop.requested else Interrupted(signal.SIGTERM)  # another process was stopped
-    if accelerator.is_main_process:
-        _write_log(checkpoint_dir / "train_log.csv", log)
-        atomic_write(checkpoint_dir / STEP_FILE, json.dumps(_step_kind(train_step, accelerator)) + "\n")
-        save_weights(checkpoint_dir / WEIGHTS_FILE, inner, step)
-        # The resume state (optimiser moments: twice the trainable weights) is dead weight now.
-        clear_training_state(checkpoint_dir)
-    if stop.requested:  # the signal came during the last step: finished, but stop as asked
-        raise stop.stop()
-    method.eval()
-    return TrainResult(step, seconds, log[-1]["loss"] if log else None, log)
+    try:
+        with StopRequest() as stop:
+            try:
+                batches = iter(loader)
+                # A signal only sets stop.requested; the loop ends at a step boundary.
+                while step < steps and not stop_now():
+                    loss = train_step([next(batches) for _ in range(accum)])
+                    step += 1
+                    bar.update(1)
+                    log_now = step % log_every == 0 or step == steps
+                    save_now = step % int(tcfg.checkpoint_every) == 0 and step < steps
+                    if log_now or save_now:
+                        train_step.raise_if_nonfinite()  # the only host syncs: here and the loss below
+                    seconds = elapsed_before + time.time() - began
+                    if log_now:
+                        value = _mean_over_processes(accelerator, loss)
+                        log.append({"step": step, "loss": value, "lr": float(scheduler.get_last_lr()[0]), "elapsed_s": round(seconds, 2)})
+                        bar.set_postfix(loss=f"{value:.4f}")
+                    if save_now:
+                        save(step, seconds)
+                train_step.raise_if_nonfinite()
+                # a recorded step leaves its static gradients on the parameters: free them for evaluation
+                optimizer.zero_grad(set_to_none=True)
+            except KeyboardInterrupt:
+                # Raised mid-step (a second Ctrl-C): that state is half-advanced, so it is not
+                # saved; the last periodic checkpoint still resumes exactly.
+                bar.close()
+                tqdm.write(f"stopped during step {step + 1}; the last checkpoint is kept, rerun the same command "
+                           "to resume from it", file=sys.stderr)
+                raise
+        bar.close()
+        seconds = elapsed_before + time.time() - began
+        if step < steps:  # stopped by a signal, at a step boundary
+            save(step, seconds)
+            writer.wait()
+            tqdm.write(f"interrupted at step {step}; checkpoint saved, rerun the same command to resume", file=sys.stderr)
+            raise stop.stop() if stop.requested else Interrupted(signal.SIGTERM)  # another process was stopped
+        writer.wait()  # the last periodic state is on disk (or its error raised) before it is replaced
+        if accelerator.is_main_process:
+            _write_log(checkpoint_dir / "train_log.csv", log)
+            atomic_write(checkpoint_dir / STEP_FILE, json.dumps(_step_kind(train_step, accelerator)) + "\n")
+            save_weights(checkpoint_dir / WEIGHTS_FILE, inner, step)
+            # The resume state (optimiser moments: twice the trainable weights) is dead weight now.
+            clear_training_state(checkpoint_dir)
+        if stop.requested:  # the signal came during the last step: finished, but stop as asked
+            raise stop.stop()
+        method.eval()
+        return TrainResult(step, seconds, log[-1]["loss"] if log else None, log)
+    finally:
+        writer.close()  # a write still pending on a raising path: waited for, not reported over it
+
+
+def _writes_in_background(tcfg: DictConfig, device: torch.device) -> bool:
+    """``train.async_checkpoint``: ``auto`` writes resume states in the background with CUDA
+    (where the state is large and the device would otherwise idle for the write), not on a
+    CPU (where the copy costs as much memory as the write saves time)."""
+    value = tcfg.get("async_checkpoint", "auto")
+    return device.type == "cuda" if value == "auto" else bool(value)
 
 
 #: how the (last segment of the) training stepped: written beside train_log.csv, copied into run.json
