@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
@@ -262,45 +262,25 @@ def _check_group_name(cfg: DictConfig, given: dict[str, str], group: str) -> Non
         )
 
 
-def _kind_of(declared: Any) -> str | None:
-    """What values a key declared as ``declared`` takes (None: anything)."""
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _option_kind(declared: Any) -> tuple[str, Callable[[Any], bool]] | None:
+    """What values a key declared as ``declared`` takes: ``(words for them, test)``;
+    None for a key that takes anything (declared ``null``)."""
     if declared is None:
         return None
     if declared == "auto":
-        return "auto, true or false"
+        return "auto, true or false", lambda v: v == "auto" or isinstance(v, bool)
     if isinstance(declared, bool):
-        return "true or false"
+        return "true or false", lambda v: isinstance(v, bool)
     if isinstance(declared, int):
-        return "an integer"
-    if isinstance(declared, float):
-        return "a number"
-    if isinstance(declared, str):
-        return "text"
-    if isinstance(declared, list):
-        return "a list"
-    if isinstance(declared, dict):
-        return "a mapping"
+        return "an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)
+    for kind, words in ((float, "a number"), (str, "text"), (list, "a list"), (dict, "a mapping")):
+        if isinstance(declared, kind):
+            return words, (_is_number if kind is float else lambda v, kind=kind: isinstance(v, kind))
     return None
-
-
-def _fits(declared: Any, value: Any) -> bool:
-    if declared is None:
-        return True
-    if declared == "auto":  # auto | true | false
-        return value == "auto" or isinstance(value, bool)
-    if isinstance(declared, bool):
-        return isinstance(value, bool)
-    if isinstance(declared, int):
-        return isinstance(value, int) and not isinstance(value, bool)
-    if isinstance(declared, float):
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if isinstance(declared, str):
-        return isinstance(value, str)
-    if isinstance(declared, list):
-        return isinstance(value, list)
-    if isinstance(declared, dict):
-        return isinstance(value, dict)
-    return True
 
 
 def _check_method_option_types(cfg: DictConfig, overrides: list[str], extra: list[str]) -> None:
@@ -320,9 +300,10 @@ def _check_method_option_types(cfg: DictConfig, overrides: list[str], extra: lis
             continue
         declared = OmegaConf.to_container(declared, resolve=True) if OmegaConf.is_config(declared) else declared
         value = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
-        if _fits(declared, value) or isinstance(_pick(plain, key), str) and "${" in _pick(plain, key):
+        option_kind = _option_kind(declared)
+        if option_kind is None or option_kind[1](value) or isinstance(_pick(plain, key), str) and "${" in _pick(plain, key):
             continue
-        kind = _kind_of(declared)
+        kind = option_kind[0]
         name = str(cfg.method.name)
         shown = "true" if declared is True else "false" if declared is False else declared
         hint = f"e.g. {key}={shown} (the default)"
