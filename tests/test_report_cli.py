@@ -209,3 +209,15 @@ def test_comparisons_say_they_are_per_volume_dice(results_dir: Path, tmp_path: P
     intervals = (out / "tables" / "bootstrap_ci.md").read_text(encoding="utf-8")
     assert "mean per-volume Dice" in intervals
     assert "Mean per-volume Dice" in (out / "report.html").read_text(encoding="utf-8")
+
+
+def test_long_variant_labels_give_short_distinct_file_names():
+    """A paired comparison's file is named after both labels; a variant labelled by six
+    settings used to give a 130-character name."""
+    from fsmis_bench.reporting.commands import _slug
+
+    long = "sdfsmis [tiny,method.lr=0.001,random_weights,train.batch_size=4,train.image_size=64,train.steps={}]"
+    assert _slug("support_copy") == "support_copy" and _slug("prototype [train.steps=60]") == "prototype-train.steps-60"
+    first, second = _slug(long.format(1500)), _slug(long.format(1501))
+    assert len(first) == len(second) == 48 and first != second  # differing only at the end
+    assert first.startswith("sdfsmis-tiny-method.lr-0.001")

@@ -11,6 +11,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import re
 import shutil
@@ -70,8 +71,17 @@ def _log(text: str) -> None:
     print(text, file=sys.stderr)
 
 
+#: a label's longest part of a file name: a variant named by many settings stays readable
+_SLUG_CHARS = 48
+
+
 def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-")
+    """``text`` as part of a file name; a long label is cut and ends in a digest of the
+    whole, so two labels that differ only at the end still get two names."""
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-")
+    if len(slug) <= _SLUG_CHARS:
+        return slug
+    return f"{slug[:_SLUG_CHARS - 9].rstrip('-.')}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
 
 
 def _check_out_dir(out_dir: Path, force: bool) -> None:
