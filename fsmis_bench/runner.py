@@ -38,13 +38,14 @@ from tqdm.auto import tqdm
 from .data.base import VolumeDataset
 from .data.consistency import shared_slices, slice_digests, spacing_mismatch
 from .data.digest import file_sha256, files_sha256
-from .errors import ConfigError, DataWarning, FsmisError
+from .errors import ConfigError, DataWarning
 from .evaluation import OrganEpisodes, evaluate
 from .method import Method
 from .plugins import registries
 from .protocol.ep1 import build_test_episodes
 from .protocol.metrics import fold_organ_scores
 from .protocol.settings import EvalGroup, eval_groups
+from .record_repair import DamagedRecordError, part_cases, rebuild_cases  # noqa: F401 (DamagedRecordError re-exported)
 from .records import (
     CASE_COLUMNS, COMPLETE, atomic_write, config_hash, load_predictions, non_standard_options,
     nearest_existing, now, package_versions, read_json, registered_by, run_dir_for, save_predictions, test_dataset_name,
@@ -56,10 +57,6 @@ from .training.checkpoint import (
 from .training.engine import STEP_FILE, make_accelerator, train
 from .training.episodes import EpisodeSampler
 from .training.precision import precision_of, with_resolved_precision
-
-
-class DamagedRecordError(FsmisError):
-    """A finished run's record is damaged and cannot be rebuilt from what the run kept."""
 
 
 def build_dataset(dataset_cfg: DictConfig | dict, data_root: str | None, key: str = "dataset") -> VolumeDataset:
@@ -630,11 +627,6 @@ def _found_weights_hint(weights: Path, own: Path) -> str:
     return f"delete {weights} and rerun the same command to train this group again {again}"
 
 
-def _part_cases(run_dir: Path, groups: list[str]) -> list[pd.DataFrame]:
-    """Each group's ``parts/cases_<group>.csv``."""
-    return [pd.read_csv(run_dir / "parts" / f"cases_{g}.csv", dtype={"case_id": str}) for g in groups]
-
-
 def _check_finished(run_dir: Path, ident: RunIdentity) -> None:
     """Check a finished run's record as ``report`` does; a damaged ``cases.csv`` is rebuilt
     from the run's evaluation parts (announced on stderr).
@@ -649,72 +641,12 @@ def _check_finished(run_dir: Path, ident: RunIdentity) -> None:
     with _exclusive(run_dir):  # no other process rebuilds it at the same time
         problem = record_problem(run_dir)
         if problem is not None:  # (unless one did while we waited)
-            _rebuild_cases(run_dir, ident, problem)
-
-
-def _rebuild_cases(run_dir: Path, ident: RunIdentity, problem: str) -> None:
-    from .reporting.collect import check_cases
-    from .runs_command import record_problem
-
-    cases_path, parts = run_dir / "cases.csv", run_dir / "parts"
-    move_away = f"move {run_dir} away and rerun the same command to compute the run again"
-    try:
-        info = read_json(run_dir / "run.json")
-    except (OSError, ValueError) as exc:
-        raise DamagedRecordError(f"the record {run_dir / 'run.json'} of a finished run is damaged ({exc})",
-                                 hint=move_away) from None
-    if not isinstance(info, dict):
-        raise DamagedRecordError(f"the record {run_dir / 'run.json'} of a finished run holds no record",
-                                 hint=move_away)
-    groups = info.get("groups") or _evaluated_groups(ident.cfg, ident.groups)
-    redo = (f"delete {run_dir / COMPLETE}{{}} and rerun the same command: the evaluation is done again, with "
-            "the trained weights kept")
-    files = [parts / f"cases_{g}.csv" for g in groups]
-    missing = [f for f in files if not f.is_file()]
-    if missing:
-        raise DamagedRecordError(f"{cases_path} is damaged ({problem}) and cannot be rebuilt: {missing[0]} is missing",
-                                 hint=redo.format(""))
-    try:
-        frames = _part_cases(run_dir, groups)
-        cases = pd.concat(frames)
-        part_problem = _parts_problem(check_cases(cases, info), files, frames)
-    except (OSError, ValueError) as exc:
-        part_problem = f"unreadable ({type(exc).__name__}: {exc})"
-    if part_problem:
-        raise DamagedRecordError(
-            f"{cases_path} is damaged ({problem}) and cannot be rebuilt: the evaluation parts it is made of are "
-            f"damaged too ({part_problem})",
-            hint=redo.format(f" and {parts / 'cases_*.csv'}"),
-        )
-    atomic_write(cases_path, cases[CASE_COLUMNS].to_csv(index=False))
-    still = record_problem(run_dir)
-    if still is not None:  # something else than cases.csv
-        raise DamagedRecordError(f"the finished run {run_dir} is damaged: {still}", hint=move_away)
-    tqdm.write(f"{cases_path} was damaged ({problem}); rebuilt it from the evaluation parts in {parts}",
-               file=sys.stderr)
-
-
-def _parts_problem(problem: str | None, files: list[Path], frames: list[pd.DataFrame]) -> str | None:
-    """``problem`` (:func:`~fsmis_bench.reporting.collect.check_cases` on the parts put
-    together) worded for the part files: a row of the whole is a row of one of them."""
-    if problem is None:
-        return None
-    head, _, rest = problem.partition(": ")
-    number = head[len("cases.csv row "):]
-    if head.startswith("cases.csv row ") and number.isdigit():
-        row = int(number) - 2  # 0-based, after the header line
-        for file, frame in zip(files, frames):
-            if row < len(frame):
-                return f"{file} row {row + 2}: {rest}"
-            row -= len(frame)
-    if len(files) == 1:
-        return problem.replace("cases.csv", str(files[0]), 1)
-    return f"{', '.join(str(f) for f in files)} together: {problem.replace('cases.csv ', '', 1)}"
+            rebuild_cases(run_dir, problem, default_groups=_evaluated_groups(ident.cfg, ident.groups))
 
 
 def _finish(run_dir: Path, p: RunPlan, info: dict) -> None:
     parts = run_dir / "parts"
-    cases = pd.concat(_part_cases(run_dir, [g.name for g in p.groups]))
+    cases = pd.concat(part_cases(run_dir, [g.name for g in p.groups]))
     atomic_write(run_dir / "cases.csv", cases[CASE_COLUMNS].to_csv(index=False))
     predictions = {}
     for g in p.groups:
