@@ -30,6 +30,10 @@ weights are restored before each), in this order:
 * ``*_joint``: + ``method.joint_pass=true`` (support and query through the U-Net as one
   batch), compared with the eager variant without ``_joint`` and, as
   ``speedup_vs_two_pass``, with the same variant's two-pass form;
+* ``*_batched``: + ``method.batched_encode=true`` (an episode's four frozen-VAE encodes as
+  one call), compared with the same variant without it (``speedup_vs_four_encodes``);
+* ``*_bf16vae``: the frozen VAE in bf16 (``method.vae_dtype=bfloat16``, no autocast, so its
+  GroupNorms run in bf16 too), compared with the fp32 VAE (``speedup_vs_fp32_vae``);
 * ``tf32_fused_batch4``: 4 episodes per step (``train.batch_size=4``; ``episodes_per_s``);
 * ``bf16_autocast``: bf16 autocast over fp32 weights, fused AdamW; ``bf16_autocast_repeat``:
   again, for bf16's own eager-vs-eager drift;
@@ -232,7 +236,8 @@ def predict_parts(method, device: torch.device, size: int, slices: int, repeats:
 def measure_predict_variants(method, device: torch.device, size: int, slices: int, repeats: int) -> dict[str, Any]:
     """Inference per query slice (``Method.predict``, support cached) in each variant, and
     where the plain variant's time goes. Variants: the configured chunk (``predict_batch_size``
-    8, ``slices`` slices), 32 slices in one chunk, bf16 autocast, a bf16 VAE, NHWC."""
+    8, ``slices`` slices), 32 (and 64) slices in one chunk, bf16 autocast, NHWC, a bf16 VAE
+    with and without autocast, each recorded (``_graph``) where it may pay."""
     import dataclasses
 
     cuda = device.type == "cuda"
@@ -262,15 +267,21 @@ def measure_predict_variants(method, device: torch.device, size: int, slices: in
         one("bf16_autocast_nhwc_chunk32", "bf16", 32, 32)
         one(f"{plain}_nhwc_chunk32", "fp32", 32, 32)
         method.to(memory_format=torch.contiguous_format)
-        method.vae.to(torch.bfloat16)
-        method.vae_dtype = torch.bfloat16
-        one("bf16_vae_autocast_chunk32", "bf16", 32, 32)
-        method.vae.to(torch.float32)
-        method.vae_dtype = torch.float32
         # method.predict_cuda_graph: the support side and the query chunk recorded and replayed
         one(f"{plain}_graph", "fp32", slices, options.predict_batch_size, recorded=True)
         one(f"{plain}_chunk32_graph", "fp32", 32, 32, recorded=True)
         one("bf16_autocast_chunk32_graph", "bf16", 32, 32, recorded=True)
+        one("bf16_autocast_chunk64_graph", "bf16", 64, 64, recorded=True)
+        # a bf16 VAE: under autocast its GroupNorms still run in fp32 (autocast's list), without
+        # autocast in bf16 (the U-Net then in TF32)
+        method.vae.to(torch.bfloat16)
+        method.vae_dtype = torch.bfloat16
+        one("bf16_vae_autocast_chunk32", "bf16", 32, 32)
+        one(f"{plain}_bf16_vae_chunk32", "fp32", 32, 32)
+        one(f"{plain}_bf16_vae_chunk32_graph", "fp32", 32, 32, recorded=True)
+        one("bf16_vae_autocast_chunk32_graph", "bf16", 32, 32, recorded=True)
+        method.vae.to(torch.float32)
+        method.vae_dtype = torch.float32
         method._recordings.clear()
     method.options = options
     return out
@@ -434,7 +445,9 @@ def main(argv: list[str] | None = None) -> int:
         if out is not None:
             if model is not method:
                 out["steps_per_s"] = round(1 / out["throughput_s"], 1)
-            base_name = name.removesuffix("_graph").removesuffix("_repeat").replace("_blocks", "").replace("_joint", "")
+            base_name = name.removesuffix("_graph").removesuffix("_repeat")
+            for part in ("_blocks", "_joint", "_batched", "_bf16vae"):
+                base_name = base_name.replace(part, "")
             base_name = "tiny_eager" if base_name == "tiny" else base_name
             eager = target.get(base_name) if base_name != name else None
             if eager is not None:  # the same weights and batches: recorded (or eager again) vs eager
@@ -444,6 +457,12 @@ def main(argv: list[str] | None = None) -> int:
             two_pass = target.get(name.replace("_joint", "")) if "_joint" in name else None
             if two_pass is not None:
                 out["speedup_vs_two_pass"] = round(two_pass["median_s"] / out["median_s"], 2)
+            for part, label in (("_batched", "four_encodes"), ("_bf16vae", "fp32_vae")):
+                other = target.get(name.replace(part, "")) if part in name else None
+                if other is not None:  # the same step with that one switch off
+                    out[f"speedup_vs_{label}"] = round(other["median_s"] / out["median_s"], 2)
+                    pairs = list(zip(other["losses"], out["losses"]))
+                    out[f"loss_max_rel_diff_vs_{label}"] = max(abs(a - b) / max(abs(a), 1e-12) for a, b in pairs)
             target[name] = out
         flush()
 
@@ -451,6 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     fused = "train.fused_optimizer=true"
     blocks = ["train.compile=default", "train.compile_scope=blocks"]
     joint = "method.joint_pass=true"
+    batched = "method.batched_encode=true"
     train = result["train"]
     for name, overrides, mixed, tf32 in [
         ("fp32", ["train.fused_optimizer=false"], "no", False),
@@ -472,6 +492,11 @@ def main(argv: list[str] | None = None) -> int:
         ("tf32_fused_joint", [fused, joint], "no", True),
         ("tf32_fused_joint_graph", [fused, joint, graph], "no", True),
         ("bf16_autocast_nhwc_joint_graph", [fused, "train.channels_last=true", joint, graph], "bf16", True),
+        # the four frozen-VAE encodes of an episode as one call (method.batched_encode)
+        ("tf32_fused_joint_batched", [fused, joint, batched], "no", True),
+        ("tf32_fused_joint_batched_graph", [fused, joint, batched, graph], "no", True),
+        ("bf16_autocast_nhwc_joint_batched_graph", [fused, "train.channels_last=true", joint, batched, graph],
+         "bf16", True),
         # compiled blocks (fused GroupNorm/SiLU/elementwise kernels) inside the recorded step;
         # compared with the eager variant without `_blocks`
         ("tf32_fused_blocks_graph", [fused, *blocks, graph], "no", True),
@@ -479,8 +504,18 @@ def main(argv: list[str] | None = None) -> int:
     ]:
         measure(name, overrides, mixed, tf32, train, extra_s=args.compile_budget_s if "_blocks" in name else 0.0)
     method.to(memory_format=torch.contiguous_format)
+
     def selected(*names: str) -> bool:
         return args.only is None or any(n in args.only for n in names)
+
+    bf16_vae = ("tf32_fused_joint_bf16vae_graph", "tf32_fused_joint_batched_bf16vae_graph")
+    if selected(*bf16_vae):  # the frozen VAE's weights in bf16 without autocast (its GroupNorms in bf16 too)
+        method.vae.to(torch.bfloat16)
+        method.vae_dtype = torch.bfloat16
+        measure(bf16_vae[0], [fused, joint, "method.vae_dtype=bfloat16", graph], "no", True, train)
+        measure(bf16_vae[1], [fused, joint, batched, "method.vae_dtype=bfloat16", graph], "no", True, train)
+        method.vae.to(torch.float32)
+        method.vae_dtype = torch.float32
 
     if selected("lowmem"):
         method.unet.enable_gradient_checkpointing()
@@ -505,7 +540,8 @@ def main(argv: list[str] | None = None) -> int:
     # tiny backbone through the same path
     tiny_base = [s.replace(f"backbone={backbone}", "backbone=tiny") for s in base]
     tiny_names = {"tiny_eager": [fused], "tiny_eager_repeat": [fused], "tiny_graph": [fused, graph],
-                  "tiny_joint_graph": [fused, joint, graph], "tiny_blocks_graph": [fused, *blocks, graph]}
+                  "tiny_joint_graph": [fused, joint, graph], "tiny_joint_batched_graph": [fused, joint, batched, graph],
+                  "tiny_blocks_graph": [fused, *blocks, graph]}
     tiny = _build(tiny_base, device) if selected(*tiny_names) else None
     for name, overrides in tiny_names.items():
         measure(name, overrides, "no", True, result["tiny"], model=tiny, config=tiny_base, steps=args.tiny_steps,

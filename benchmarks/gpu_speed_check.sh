@@ -8,17 +8,21 @@
 #
 #   0. Background checkpoint writes (train.async_checkpoint, on by default with CUDA): how
 #      long the step waits for a 10.3 GB resume state, against the whole write (17.7 s).
-#   1. fidelity=code: the recorded step against the eager one now that every variant starts
+#   1. The frozen VAE in the recorded joint step: an episode's four encodes as one call
+#      (method.batched_encode) and a bf16 VAE without autocast (method.vae_dtype=bfloat16),
+#      SD-1.5 and the tiny backbone; inference with 64-slice chunks and a bf16 VAE with and
+#      without autocast (autocast runs GroupNorm in fp32), plain and recorded.
+#   2. fidelity=code: the recorded step against the eager one now that every variant starts
 #      from the same generator states (the first measurement compared different posterior
 #      draws: 37 %), with an eager repeat for the drift of two eager runs.
-#   2. ADNet and Q-Net, recorded vs eager and eager vs eager, from the same generator states.
-#   3. Compiled blocks (train.compile=default train.compile_scope=blocks) inside the recorded
-#      step: the tiny backbone (compilation needed > 80 s), then SD-1.5 TF32 (compilation
-#      took > 100 s and was cut off at a 140 s cap; 140 s of compile budget here).
+#   3. ADNet and Q-Net, recorded vs eager and eager vs eager, from the same generator states.
+#   4. Compiled blocks (train.compile=default train.compile_scope=blocks) inside the recorded
+#      step, tiny backbone (compilation needed > 80 s; 120 s here). SD-1.5's compilation took
+#      > 100 s and is left out until the tiny one is known to finish.
 #
 # Usage (on the GPU machine, from the repository root; OUT defaults to ./gpu_speed_out):
 #   OUT=/some/dir bash benchmarks/gpu_speed_check.sh
-# It writes six JSON files (those named in docs/measurements/README.md) and one log,
+# It writes seven JSON files (those named in docs/measurements/README.md) and one log,
 # gpu_speed_log.txt (a lent machine returns at most eight files).
 set -u
 cd "$(dirname "$0")/.."
@@ -41,6 +45,10 @@ check() {  # check <seconds> <json name> <args...>: one gpu_engine_check run, it
 echo "=== gpu_async_checkpoint_h100: gpu_checkpoint_check.py --out /tmp/fsmis_ckpt" >> "$LOG"
 timeout 80 "$PY" benchmarks/gpu_checkpoint_check.py --out /tmp/fsmis_ckpt > "$OUT/gpu_async_checkpoint_h100.json" 2>> "$LOG"
 echo "gpu_async_checkpoint_h100 rc=$?" | tee -a "$LOG"; cat "$OUT/gpu_async_checkpoint_h100.json"
+check 150 gpu_vae_h100 --steps 8 --warmup 2 --tiny-steps 60 --budget-s 145 \
+  --only tf32_fused tf32_fused_joint_graph tf32_fused_joint_batched_graph tf32_fused_joint_bf16vae_graph \
+  tf32_fused_joint_batched_bf16vae_graph bf16_autocast_nhwc_joint_graph bf16_autocast_nhwc_joint_batched_graph \
+  predict tiny_joint_graph tiny_joint_batched_graph
 check 95 gpu_reseeded_code_h100 --extra fidelity=code --steps 4 --warmup 2 --budget-s 90 \
   --only tf32_fused tf32_fused_repeat tf32_fused_graph
 for method in adnet qnet; do
@@ -49,5 +57,3 @@ for method in adnet qnet; do
 done
 check 150 gpu_blocks_tiny_h100 --steps 8 --warmup 2 --tiny-steps 60 --budget-s 145 --compile-budget-s 120 \
   --only tiny_eager tiny_graph tiny_blocks_graph
-check 180 gpu_blocks_sd15_h100 --steps 8 --warmup 2 --budget-s 175 --compile-budget-s 140 \
-  --only tf32_fused tf32_fused_blocks_graph

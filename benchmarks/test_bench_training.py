@@ -10,7 +10,8 @@ same load:
 * tiny SD-FSMIS (``backbone=tiny``, TAESD architecture with random weights, 256 px, one
   episode per step): fp32 VAE, contiguous tensors vs ``method.vae_dtype=bfloat16`` +
   ``train.channels_last=true``, and that with ``method.joint_pass=true`` (support and query
-  through the U-Net as one batch).
+  through the U-Net as one batch), and that with ``method.batched_encode=true`` (the four
+  VAE encodes as one call).
 
     make bench     # or: .venv/bin/python -m pytest benchmarks/test_bench_training.py --benchmark-only -p no:xdist
 
@@ -48,6 +49,12 @@ VARIANTS = {
     "sdfsmis_tiny-joint": (
         ["method=sdfsmis", "backbone=tiny", "pretrained=false", "method.vae_dtype=bfloat16", "train.channels_last=true",
          "method.joint_pass=true"],
+        "training_loss",
+    ),
+    # not the default: one encoder call for the episode's four images, a GPU candidate
+    "sdfsmis_tiny-joint-batched": (
+        ["method=sdfsmis", "backbone=tiny", "pretrained=false", "method.vae_dtype=bfloat16", "train.channels_last=true",
+         "method.joint_pass=true", "method.batched_encode=true"],
         "training_loss",
     ),
 }
@@ -98,7 +105,8 @@ def test_prototype_step(benchmark, name):
 
 
 @pytest.mark.benchmark(group="training-step-sdfsmis-tiny")
-@pytest.mark.parametrize("name", ["sdfsmis_tiny-plain", "sdfsmis_tiny-now", "sdfsmis_tiny-joint"])
+@pytest.mark.parametrize("name", ["sdfsmis_tiny-plain", "sdfsmis_tiny-now", "sdfsmis_tiny-joint",
+                                  "sdfsmis_tiny-joint-batched"])
 def test_sdfsmis_tiny_step(benchmark, name):
     run = _engine_step(name)
     loss = benchmark.pedantic(run, rounds=4, warmup_rounds=1)

@@ -215,7 +215,8 @@ class KVBankSelfAttnProcessor:
             out = multi_head_attention(attn, query, key, value)
         if attn.residual_connection:
             out = out + hidden_states
-        return out / attn.rescale_output_factor
+        # SD's factor is 1.0: dividing by it would cost a kernel forward and one backward
+        return out / attn.rescale_output_factor if attn.rescale_output_factor != 1.0 else out
 
 
 class SupportCrossAttentionBlock(BasicTransformerBlock):

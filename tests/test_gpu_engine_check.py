@@ -27,7 +27,8 @@ def test_cpu_smoke_mode_runs_every_variant(capsys, tmp_path):
     for key in ("check", "method", "device", "params", "trainable_params", "image_size", "batch_size", "versions"):
         assert key in result
     expected = {"fp32", "tf32", "tf32_fused", "tf32_fused_repeat", "tf32_fused_batch4", "lowmem", "bf16_autocast",
-                "bf16_autocast_repeat", "bf16_master", "tf32_fused_nhwc", "bf16_autocast_nhwc", "tf32_fused_joint"}
+                "bf16_autocast_repeat", "bf16_master", "tf32_fused_nhwc", "bf16_autocast_nhwc", "tf32_fused_joint",
+                "tf32_fused_joint_batched"}
     assert set(result["train"]) == expected, result["skipped"]
     for name, row in result["train"].items():
         assert row["loss_finite"] and row["median_s"] > 0 and row["n"] == 1, name
@@ -36,6 +37,7 @@ def test_cpu_smoke_mode_runs_every_variant(capsys, tmp_path):
     assert set(result["predict"]["fp32"]["parts_ms_per_chunk"]) == {
         "support_pass", "vae_encode", "unet_query_pass", "vae_decode", "threshold_lcc_cpu"}
     assert result["predict"]["fp32_chunk32"]["chunk_slices"] == 32
+    assert set(result["predict"]) == {"fp32", "fp32_chunk32"}  # the other inference variants need CUDA
     assert result["tiny"]["tiny_eager"]["steps_per_s"] > 0
     # every variant starts from the same weights and batches: the first loss is the plain one's
     first = result["train"]["fp32"]["losses"][0]
@@ -50,10 +52,15 @@ def test_cpu_smoke_mode_runs_every_variant(capsys, tmp_path):
     joint = result["train"]["tf32_fused_joint"]
     assert joint["joint_pass"] is True and result["train"]["tf32_fused"]["joint_pass"] is False
     assert joint["loss_max_rel_diff_vs_eager"] < 1e-5 and joint["speedup_vs_two_pass"] > 0
+    # and the batched encode the four encodes' losses (TAESD on the CPU: the same latents)
+    batched = result["train"]["tf32_fused_joint_batched"]
+    assert batched["loss_max_rel_diff_vs_four_encodes"] < 1e-5 and batched["speedup_vs_four_encodes"] > 0
     cuda_only = {"tf32_fused_graph", "tf32_fused_batch4_graph", "bf16_autocast_graph", "bf16_master_graph", "tiny_graph",
                  "tf32_fused_nhwc_graph", "bf16_autocast_nhwc_graph", "tf32_fused_blocks_graph",
                  "bf16_autocast_nhwc_blocks_graph", "tiny_blocks_graph", "tf32_fused_joint_graph",
-                 "bf16_autocast_nhwc_joint_graph", "tiny_joint_graph"}
+                 "bf16_autocast_nhwc_joint_graph", "tiny_joint_graph", "tf32_fused_joint_batched_graph",
+                 "bf16_autocast_nhwc_joint_batched_graph", "tf32_fused_joint_bf16vae_graph",
+                 "tf32_fused_joint_batched_bf16vae_graph", "tiny_joint_batched_graph"}
     assert set(result["skipped"]) == cuda_only
 
 

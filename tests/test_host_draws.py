@@ -10,6 +10,8 @@ it must on a GPU (the codec refuses it rather than freeze one draw into the grap
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from accelerate import Accelerator
@@ -154,6 +156,21 @@ def test_drawing_before_the_step_leaves_the_numbers_as_they_were(extra):
     # the draws matter: other noise, another loss
     assert float(method.training_loss(step.with_host_draws(batches[:1])[0])) != float(inside[0])
     AcceleratorState._reset_state(True)
+
+
+def test_batched_encode_samples_the_four_calls_posteriors():
+    """``method.batched_encode``: one VAE call whose noise is the four calls' noise, joined
+    in their order, so each kind's rows get their own draws back (float64, 2 x 2 shots)."""
+    four, one = (_sdfsmis_sampling((f"method.batched_encode={flag}",)).double() for flag in ("false", "true"))
+    one.vae = four.vae  # the same random KL-VAE weights
+    batch = _batches(1, batch_size=2)[0].apply(torch.Tensor.double)
+    torch.manual_seed(4)
+    batch = dataclasses.replace(batch, host_draws=one.host_draws(batch))
+    sampled_four, sampled_one = four.episode_latents(batch, sample=True), one.episode_latents(batch, sample=True)
+    means = four.episode_latents(batch, sample=False)
+    for a, b, mean in zip(sampled_four, sampled_one, means):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+        assert not torch.allclose(a, mean)  # the posterior noise is in there
 
 
 def test_methods_without_host_draws_leave_batches_alone():

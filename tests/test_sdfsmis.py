@@ -392,6 +392,45 @@ def test_joint_pass_auto_follows_the_device(value, device, cuda_visible, expecte
     assert with_resolved_precision(cfg).method.joint_pass is expected  # the hash sees what trains
 
 
+@pytest.mark.parametrize("fidelity, joint", [("paper", False), ("code", True)])  # code: posterior samples
+def test_batched_encode_gives_the_four_calls_latents(fidelity, joint, monkeypatch):
+    # float64, two episodes of two shots: the split must hand each kind its own rows back
+    batch = _float64(episode(b=2, s=2))
+    results = []
+    for batched in (False, True):
+        model = build(SDFSMIS, {"batched_encode": batched, "joint_pass": joint}, fidelity=fidelity, seed=3).double()
+        encoder_calls = []
+        encode = model.vae.encode
+        monkeypatch.setattr(model.vae, "encode", lambda *a, **k: encoder_calls.append(a[0].shape[0]) or encode(*a, **k))
+        torch.manual_seed(11)  # the same posterior noise in both
+        latents = model.episode_latents(batch, sample=model.options.train_latents == "sample")
+        torch.manual_seed(11)
+        loss = model.training_loss(batch)
+        loss.backward()
+        assert encoder_calls[:4 if not batched else 1] == ([4, 4, 2, 2] if not batched else [12])
+        results.append((latents, loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (four_latents, four_loss, four_grads), (one_latents, one_loss, one_grads) = results
+    assert [x.shape for x in one_latents] == [x.shape for x in four_latents]
+    for one, four in zip(one_latents, four_latents):
+        torch.testing.assert_close(one, four, rtol=1e-9, atol=1e-12)
+    assert not torch.equal(four_latents[0], four_latents[1])  # images and masks are different rows
+    torch.testing.assert_close(one_loss, four_loss, rtol=1e-9, atol=0)
+    for name, grad in four_grads.items():
+        torch.testing.assert_close(one_grads[name], grad, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_batched_encode_keeps_four_calls_for_support_and_query_of_other_sizes(monkeypatch):
+    model = build(SDFSMIS, {"batched_encode": True})
+    batch = episode(b=1, s=1)
+    batch = dataclasses.replace(batch, query_images=images(1, 5, size=2 * SIZE), query_masks=blob_masks(1, 2 * SIZE))
+    calls = []
+    encode = model.vae.encode
+    monkeypatch.setattr(model.vae, "encode", lambda *a, **k: calls.append(tuple(a[0].shape[-2:])) or encode(*a, **k))
+    latents = model.episode_latents(batch, sample=False)
+    assert calls == [(SIZE, SIZE), (SIZE, SIZE), (2 * SIZE, 2 * SIZE), (2 * SIZE, 2 * SIZE)]
+    assert latents[2].shape[-1] == 2 * latents[0].shape[-1]
+
+
 def test_joint_pass_refuses_other_values():
     with pytest.raises(ConfigError, match="method.joint_pass='yes'"):
         SDFSMIS.resolve_options(OmegaConf.create({"joint_pass": "yes"}), "paper")

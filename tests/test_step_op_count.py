@@ -35,3 +35,18 @@ def test_joint_pass_halves_the_unet_operations(step_op_count):
     assert joint["by_phase"]["optimizer"] == two_pass["by_phase"]["optimizer"]
     # the backward of the two passes sums a second gradient into every weight used twice
     assert two_pass["top"]["backward:add"] > 2 * joint["top"].get("backward:add", 0)
+
+
+@pytest.mark.slow
+def test_batched_encode_makes_the_frozen_encoder_one_call(step_op_count):
+    base = ["method=sdfsmis", "backbone=tiny", "train.image_size=64", "train.fused_optimizer=true",
+            "method.joint_pass=true"]
+    four = step_op_count.count_step(base)
+    one = step_op_count.count_step([*base, "method.batched_encode=true"])
+    # the TAESD encoder's convolutions run once instead of four times (35 each, and one other);
+    # autograd's part is the same, but for the concatenation of the four inputs
+    assert one["top"]["no_grad:convolution"] < 0.3 * four["top"]["no_grad:convolution"]
+    assert one["by_phase"]["no_grad"] < 0.4 * four["by_phase"]["no_grad"]
+    assert one["by_phase"]["forward"] == four["by_phase"]["forward"] + 1
+    for phase in ("backward", "optimizer"):
+        assert one["by_phase"][phase] == four["by_phase"][phase]
