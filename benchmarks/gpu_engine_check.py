@@ -70,7 +70,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as fsmis_bench does; before torch loads OpenMP
+import fsmis_bench  # noqa: E402,F401  (its OpenMP wait settings, before torch loads OpenMP)
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-# as fsmis_bench/__init__.py does, before any test module imports torch
+# Idle OpenMP threads sleep at once in the tests (the package's default is a short spin,
+# fsmis_bench/__init__.py): two pytest workers share the two cores of the CI machine. Set
+# before any test module imports torch.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest  # noqa: E402

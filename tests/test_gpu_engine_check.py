@@ -88,7 +88,8 @@ def test_the_prepared_gpu_speed_script_names_only_known_variants():
     script = (SCRIPT.parent / "gpu_speed_check.sh").read_text().replace("\\\n", " ")  # continued lines
     source = SCRIPT.read_text()
     selected = {name for line in re.findall(r"--only ([^\n]+)", script) for name in line.split()}
-    assert {"tf32_fused_repeat", "tf32_fused_graph", "tf32_fused_blocks_graph", "tiny_blocks_graph"} <= selected
+    assert {"tf32_fused_repeat", "tf32_fused_graph", "tiny_blocks_graph", "tf32_fused_joint_batched_graph",
+            "tf32_fused_joint_bf16vae_graph", "tiny_joint_batched_graph", "predict"} <= selected
     for name in selected:
         assert f'"{name}"' in source, name
 
