@@ -426,7 +426,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(0)
         with torch.no_grad():
             for n, p in model.named_parameters():
-                p.data = saved[n].clone()
+                # a frozen part keeps the dtype its variant gave it (a bf16 VAE stays bf16)
+                p.data = saved[n].clone() if p.requires_grad else saved[n].to(p.dtype, copy=True)
                 # an NHWC variant leaves NHWC gradients behind; fused AdamW refuses a gradient
                 # whose strides differ from its (restored, contiguous) parameter's
                 p.grad = None
@@ -508,12 +509,13 @@ def main(argv: list[str] | None = None) -> int:
     def selected(*names: str) -> bool:
         return args.only is None or any(n in args.only for n in names)
 
-    bf16_vae = ("tf32_fused_joint_bf16vae_graph", "tf32_fused_joint_batched_bf16vae_graph")
+    bf16_vae = {"tf32_fused_joint_bf16vae": [fused, joint], "tf32_fused_joint_bf16vae_graph": [fused, joint, graph],
+                "tf32_fused_joint_batched_bf16vae_graph": [fused, joint, batched, graph]}
     if selected(*bf16_vae):  # the frozen VAE's weights in bf16 without autocast (its GroupNorms in bf16 too)
         method.vae.to(torch.bfloat16)
         method.vae_dtype = torch.bfloat16
-        measure(bf16_vae[0], [fused, joint, "method.vae_dtype=bfloat16", graph], "no", True, train)
-        measure(bf16_vae[1], [fused, joint, batched, "method.vae_dtype=bfloat16", graph], "no", True, train)
+        for name, overrides in bf16_vae.items():
+            measure(name, [*overrides, "method.vae_dtype=bfloat16"], "no", True, train)
         method.vae.to(torch.float32)
         method.vae_dtype = torch.float32
 

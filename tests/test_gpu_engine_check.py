@@ -28,7 +28,7 @@ def test_cpu_smoke_mode_runs_every_variant(capsys, tmp_path):
         assert key in result
     expected = {"fp32", "tf32", "tf32_fused", "tf32_fused_repeat", "tf32_fused_batch4", "lowmem", "bf16_autocast",
                 "bf16_autocast_repeat", "bf16_master", "tf32_fused_nhwc", "bf16_autocast_nhwc", "tf32_fused_joint",
-                "tf32_fused_joint_batched"}
+                "tf32_fused_joint_batched", "tf32_fused_joint_bf16vae"}
     assert set(result["train"]) == expected, result["skipped"]
     for name, row in result["train"].items():
         assert row["loss_finite"] and row["median_s"] > 0 and row["n"] == 1, name
@@ -55,6 +55,10 @@ def test_cpu_smoke_mode_runs_every_variant(capsys, tmp_path):
     # and the batched encode the four encodes' losses (TAESD on the CPU: the same latents)
     batched = result["train"]["tf32_fused_joint_batched"]
     assert batched["loss_max_rel_diff_vs_four_encodes"] < 1e-5 and batched["speedup_vs_four_encodes"] > 0
+    # a bf16 VAE without autocast ran as such (restoring the weights kept it bf16): other
+    # latents, a loss near the fp32 VAE's
+    bf16_vae = result["train"]["tf32_fused_joint_bf16vae"]
+    assert 0 < bf16_vae["loss_max_rel_diff_vs_fp32_vae"] < 0.1 and bf16_vae["speedup_vs_fp32_vae"] > 0
     cuda_only = {"tf32_fused_graph", "tf32_fused_batch4_graph", "bf16_autocast_graph", "bf16_master_graph", "tiny_graph",
                  "tf32_fused_nhwc_graph", "bf16_autocast_nhwc_graph", "tf32_fused_blocks_graph",
                  "bf16_autocast_nhwc_blocks_graph", "tiny_blocks_graph", "tf32_fused_joint_graph",
