@@ -62,7 +62,6 @@ import argparse
 import functools
 import json
 import math
-import os
 import platform
 import statistics
 import sys

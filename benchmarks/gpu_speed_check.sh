@@ -46,7 +46,7 @@ echo "=== gpu_async_checkpoint_h100: gpu_checkpoint_check.py --out /tmp/fsmis_ck
 timeout 80 "$PY" benchmarks/gpu_checkpoint_check.py --out /tmp/fsmis_ckpt > "$OUT/gpu_async_checkpoint_h100.json" 2>> "$LOG"
 echo "gpu_async_checkpoint_h100 rc=$?" | tee -a "$LOG"; cat "$OUT/gpu_async_checkpoint_h100.json"
 check 150 gpu_vae_h100 --steps 8 --warmup 2 --tiny-steps 60 --budget-s 145 \
-  --only tf32_fused tf32_fused_joint_graph tf32_fused_joint_batched_graph tf32_fused_joint_bf16vae_graph \
+  --only tf32_fused_joint_graph tf32_fused_joint_batched_graph tf32_fused_joint_bf16vae_graph \
   tf32_fused_joint_batched_bf16vae_graph bf16_autocast_nhwc_joint_graph bf16_autocast_nhwc_joint_batched_graph \
   predict tiny_joint_graph tiny_joint_batched_graph
 check 95 gpu_reseeded_code_h100 --extra fidelity=code --steps 4 --warmup 2 --budget-s 90 \

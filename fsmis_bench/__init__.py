@@ -9,8 +9,9 @@ import os as _os
 # (PASSIVE) pays a wake-up per operation instead: the default `fsmis-bench run` took 77 s
 # on a quiet 2-core machine, against 60 s with a short spin of 10k iterations (tens of
 # microseconds: the gaps between a step's operations), which beside 6 busy processes cost
-# 12 % more than sleeping (README, "Measured figures"; benchmarks/openmp_wait.sh). libgomp (torch's Linux x86 builds) reads
-# GOMP_SPINCOUNT; LLVM's libomp reads KMP_BLOCKTIME, kept at 0 (sleep at once) as before.
+# 12 % more than sleeping (README, "Measured figures"; benchmarks/openmp_wait.sh).
+# libgomp (torch's Linux x86 builds) reads GOMP_SPINCOUNT; LLVM's libomp reads
+# KMP_BLOCKTIME, kept at 0 (sleep at once) as before.
 # Both have to be set before torch loads its OpenMP runtime, i.e. before `import torch`.
 if not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME"} & set(_os.environ):
     _os.environ["GOMP_SPINCOUNT"] = "10000"
