@@ -286,6 +286,15 @@ def measure_predict_variants(method, device: torch.device, size: int, slices: in
     return out
 
 
+def _compare(out: dict[str, Any], other: dict[str, Any], label: str, losses: bool = True) -> None:
+    """``speedup_vs_<label>`` of ``out`` over ``other`` and, with ``losses``, the largest
+    relative difference of their step losses (the same weights and batches)."""
+    out[f"speedup_vs_{label}"] = round(other["median_s"] / out["median_s"], 2)
+    if losses:
+        pairs = zip(other["losses"], out["losses"])
+        out[f"loss_max_rel_diff_vs_{label}"] = max(abs(a - b) / max(abs(a), 1e-12) for a, b in pairs)
+
+
 def _uncompile(model) -> None:
     """Undo ``nn.Module.compile`` on every submodule (the next variant runs eagerly)."""
     for module in model.modules():
@@ -451,18 +460,14 @@ def main(argv: list[str] | None = None) -> int:
             base_name = "tiny_eager" if base_name == "tiny" else base_name
             eager = target.get(base_name) if base_name != name else None
             if eager is not None:  # the same weights and batches: recorded (or eager again) vs eager
-                pairs = list(zip(eager["losses"], out["losses"]))
-                out["loss_max_rel_diff_vs_eager"] = max(abs(a - b) / max(abs(a), 1e-12) for a, b in pairs)
-                out["speedup_vs_eager"] = round(eager["median_s"] / out["median_s"], 2)
+                _compare(out, eager, "eager")
             two_pass = target.get(name.replace("_joint", "")) if "_joint" in name else None
             if two_pass is not None:
-                out["speedup_vs_two_pass"] = round(two_pass["median_s"] / out["median_s"], 2)
+                _compare(out, two_pass, "two_pass", losses=False)
             for part, label in (("_batched", "four_encodes"), ("_bf16vae", "fp32_vae")):
                 other = target.get(name.replace(part, "")) if part in name else None
                 if other is not None:  # the same step with that one switch off
-                    out[f"speedup_vs_{label}"] = round(other["median_s"] / out["median_s"], 2)
-                    pairs = list(zip(other["losses"], out["losses"]))
-                    out[f"loss_max_rel_diff_vs_{label}"] = max(abs(a - b) / max(abs(a), 1e-12) for a, b in pairs)
+                    _compare(out, other, label)
             target[name] = out
         flush()
 
