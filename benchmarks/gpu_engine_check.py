@@ -34,6 +34,9 @@ weights are restored before each), in this order:
   one call), compared with the same variant without it (``speedup_vs_four_encodes``);
 * ``*_bf16vae``: the frozen VAE in bf16 (``method.vae_dtype=bfloat16``, no autocast, so its
   GroupNorms run in bf16 too), compared with the fp32 VAE (``speedup_vs_fp32_vae``);
+* ``*_fclip``: + ``train.fused_clip=true`` (the clipping applied inside fused AdamW, one pass
+  over the gradients fewer), compared with the same variant without it
+  (``speedup_vs_clip_pass``);
 * ``tf32_fused_batch4``: 4 episodes per step (``train.batch_size=4``; ``episodes_per_s``);
 * ``bf16_autocast``: bf16 autocast over fp32 weights, fused AdamW; ``bf16_autocast_repeat``:
   again, for bf16's own eager-vs-eager drift;
@@ -295,6 +298,11 @@ def _compare(out: dict[str, Any], other: dict[str, Any], label: str, losses: boo
         out[f"loss_max_rel_diff_vs_{label}"] = max(abs(a - b) / max(abs(a), 1e-12) for a, b in pairs)
 
 
+def _group_norm_keeps_channels_last(device: torch.device) -> bool:
+    x = torch.randn(2, 64, 8, 8, device=device).to(memory_format=torch.channels_last)
+    return torch.nn.functional.group_norm(x, 32).is_contiguous(memory_format=torch.channels_last)
+
+
 def _uncompile(model) -> None:
     """Undo ``nn.Module.compile`` on every submodule (the next variant runs eagerly)."""
     for module in model.modules():
@@ -376,6 +384,9 @@ def main(argv: list[str] | None = None) -> int:
         "weights_mem_gib": round(torch.cuda.memory_allocated(device) / 2**30, 3) if cuda else None,
         "train": {}, "predict": {}, "tiny": {}, "skipped": {},
         "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version()},
+        # whether this torch's GroupNorm keeps NHWC on the device: where it does not, every
+        # GroupNorm of a channels_last step copies its input and output to and from NCHW
+        "group_norm_keeps_channels_last": _group_norm_keeps_channels_last(device),
     }
     per_step_guess = [None]  # seconds per step of the last variant, for the budget
 
@@ -455,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
             if model is not method:
                 out["steps_per_s"] = round(1 / out["throughput_s"], 1)
             base_name = name.removesuffix("_graph").removesuffix("_repeat")
-            for part in ("_blocks", "_joint", "_batched", "_bf16vae"):
+            for part in ("_blocks", "_joint", "_batched", "_bf16vae", "_fclip"):
                 base_name = base_name.replace(part, "")
             base_name = "tiny_eager" if base_name == "tiny" else base_name
             eager = target.get(base_name) if base_name != name else None
@@ -464,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
             two_pass = target.get(name.replace("_joint", "")) if "_joint" in name else None
             if two_pass is not None:
                 _compare(out, two_pass, "two_pass", losses=False)
-            for part, label in (("_batched", "four_encodes"), ("_bf16vae", "fp32_vae")):
+            for part, label in (("_batched", "four_encodes"), ("_bf16vae", "fp32_vae"), ("_fclip", "clip_pass")):
                 other = target.get(name.replace(part, "")) if part in name else None
                 if other is not None:  # the same step with that one switch off
                     _compare(out, other, label)
@@ -476,6 +487,7 @@ def main(argv: list[str] | None = None) -> int:
     blocks = ["train.compile=default", "train.compile_scope=blocks"]
     joint = "method.joint_pass=true"
     batched = "method.batched_encode=true"
+    fclip = "train.fused_clip=true"
     train = result["train"]
     for name, overrides, mixed, tf32 in [
         ("fp32", ["train.fused_optimizer=false"], "no", False),
@@ -501,6 +513,11 @@ def main(argv: list[str] | None = None) -> int:
         ("tf32_fused_joint_batched", [fused, joint, batched], "no", True),
         ("tf32_fused_joint_batched_graph", [fused, joint, batched, graph], "no", True),
         ("bf16_autocast_nhwc_joint_batched_graph", [fused, "train.channels_last=true", joint, batched, graph],
+         "bf16", True),
+        # the clipping inside fused AdamW (train.fused_clip): no separate pass over the gradients
+        ("tf32_fused_joint_fclip", [fused, joint, fclip], "no", True),
+        ("tf32_fused_joint_fclip_graph", [fused, joint, fclip, graph], "no", True),
+        ("bf16_autocast_nhwc_joint_fclip_graph", [fused, "train.channels_last=true", joint, fclip, graph],
          "bf16", True),
         # compiled blocks (fused GroupNorm/SiLU/elementwise kernels) inside the recorded step;
         # compared with the eager variant without `_blocks`
@@ -547,6 +564,7 @@ def main(argv: list[str] | None = None) -> int:
     tiny_base = [s.replace(f"backbone={backbone}", "backbone=tiny") for s in base]
     tiny_names = {"tiny_eager": [fused], "tiny_eager_repeat": [fused], "tiny_graph": [fused, graph],
                   "tiny_joint_graph": [fused, joint, graph], "tiny_joint_batched_graph": [fused, joint, batched, graph],
+                  "tiny_joint_fclip_graph": [fused, joint, fclip, graph],
                   "tiny_blocks_graph": [fused, *blocks, graph]}
     tiny = _build(tiny_base, device) if selected(*tiny_names) else None
     for name, overrides in tiny_names.items():

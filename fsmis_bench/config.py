@@ -54,6 +54,7 @@ def _engine_choices() -> dict[str, tuple]:
         "train.channels_last": (True, False),
         "train.cuda_graph": ("auto", True, False),
         "train.async_checkpoint": ("auto", True, False),
+        "train.fused_clip": (True, False),
     }
 # Integer options and their least allowed value (None: any; supp_idx is checked against the
 # fold size, -1 being the last scan); those in _NULLABLE may also be null.
@@ -506,6 +507,26 @@ def _check_cuda_graph(cfg: DictConfig) -> None:
     uses_cuda_graph(ComputeOptions.from_config(cfg.train), torch.device("cuda" if cuda else "cpu"), processes=1)
 
 
+def _check_fused_clip(cfg: DictConfig) -> None:
+    """``train.fused_clip=true`` without an optimiser that can apply it fails now, not after
+    the data is read (the step checks the optimiser it gets as well)."""
+    if OmegaConf.select(cfg, "train.fused_clip") is not True:
+        return
+    from .training.precision import precision_of, selects_cuda
+
+    fused = OmegaConf.select(cfg, "train.fused_optimizer")
+    reasons = []
+    if OmegaConf.select(cfg, "train.optimizer") != "adamw":
+        reasons.append(f"train.optimizer={OmegaConf.select(cfg, 'train.optimizer')} (use adamw)")
+    elif fused is False or (fused == "auto" and not selects_cuda(str(cfg.get("device", "auto")))):
+        reasons.append("AdamW is not fused here (add train.fused_optimizer=true)")
+    if precision_of(cfg).mixed_precision == "fp16":
+        reasons.append("mixed_precision=fp16, whose gradient scaler uses the same input (use bf16 or no)")
+    if reasons:
+        raise ConfigError(f"train.fused_clip=true cannot be used here: {'; '.join(reasons)}",
+                          hint="fix the above, or set train.fused_clip=false")
+
+
 def validate(cfg: DictConfig) -> None:
     """Fail early, with one clear message, on values the protocol does not define."""
     regs = registries()
@@ -529,6 +550,7 @@ def validate(cfg: DictConfig) -> None:
             shown = (str(a).lower() if isinstance(a, bool) else str(a) for a in allowed)  # true, not True
             raise ConfigError(f"{key}={value!r} is not allowed", hint=f"use one of: {', '.join(shown)}")
     _check_cuda_graph(cfg)
+    _check_fused_clip(cfg)
     for key, least in _INTEGERS.items():
         value = OmegaConf.select(cfg, key)
         if value is None and key in _NULLABLE:

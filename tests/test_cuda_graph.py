@@ -39,10 +39,11 @@ def _run(tmp_path, overrides: list[str], name: str, monkeypatch, recorder=None) 
 
     def make(options, method, optimizer, scheduler, accelerator, *, grad_clip, first_step=0):
         if recorder is None:
-            step = TrainStep(method, optimizer, scheduler, accelerator, grad_clip=grad_clip, first_step=first_step)
+            step = TrainStep(method, optimizer, scheduler, accelerator, grad_clip=grad_clip, first_step=first_step,
+                             fused_clip=options.fused_clip)
         else:
             step = GraphedTrainStep(method, optimizer, scheduler, accelerator, grad_clip=grad_clip,
-                                    first_step=first_step, recorder=recorder)
+                                    first_step=first_step, fused_clip=options.fused_clip, recorder=recorder)
         built.append(step)
         return step
 
@@ -56,8 +57,9 @@ def _run(tmp_path, overrides: list[str], name: str, monkeypatch, recorder=None) 
     return [row["loss"] for row in result.log], built
 
 
-@pytest.mark.parametrize("base", [PROTOTYPE, [*PROTOTYPE, "train.grad_accum=2"], TINY_SD],
-                         ids=["prototype", "prototype-accumulating", "tiny-sdfsmis"])
+@pytest.mark.parametrize("base", [PROTOTYPE, [*PROTOTYPE, "train.grad_accum=2"], TINY_SD,
+                                  [*PROTOTYPE, "train.fused_optimizer=true", "train.fused_clip=true"]],
+                         ids=["prototype", "prototype-accumulating", "tiny-sdfsmis", "prototype-fused-clip"])
 def test_recorded_step_gives_the_plain_losses(tmp_path, monkeypatch, base):
     """Six steps under a warm-up + linear schedule: three eager, three replayed (with two
     micro-batches per step: both recorded, the update once). The rate is a float32 tensor

@@ -61,6 +61,10 @@ SWITCHES = [
     (["train.grad_accum=2", "train.accumulation=batched"], PROTOTYPE, 1e-5, "same episodes, same mean loss"),
     (["train.channels_last=true", "method.vae_dtype=float32"], TINY_SD, 1e-5, "NHWC convolutions"),
     (["train.grad_accum=2", "train.accumulation=batched"], TINY_SD, 1e-5, "same episodes, same mean loss"),
+    (["train.fused_optimizer=true", "train.fused_clip=true"], PROTOTYPE, 1e-5,
+     "clipping inside fused AdamW: the same update, other rounding"),
+    (["train.fused_optimizer=true", "train.fused_clip=true"], TINY_SD, 1e-5,
+     "clipping inside fused AdamW: the same update, other rounding"),
 ]
 
 
@@ -279,6 +283,93 @@ def test_nonfinite_loss_is_caught_on_device_and_named_by_step():
     assert loss.device.type == "cpu" and loss.ndim == 0
     with pytest.raises(FloatingPointError, match="step 13"):
         step.raise_if_nonfinite()
+    AcceleratorState._reset_state(True)
+
+
+def _clipped_weights(gradient_sizes: tuple[float, ...], *, grad_clip: float, fused_clip: bool) -> torch.Tensor:
+    """The weights after one fused-AdamW step per size, each step's gradient a fixed direction
+    scaled to that L2 norm, through :class:`TrainStep`."""
+    AcceleratorState._reset_state(True)
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    direction = torch.linspace(-1.0, 2.0, 1000)
+    direction /= torch.linalg.vector_norm(direction)
+    weight = torch.nn.Parameter(torch.linspace(0.5, -0.5, 1000))
+
+    class Scripted(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = weight
+            self.calls = 0
+
+        def forward(self, batch):
+            self.calls += 1
+            return (self.weight * direction * gradient_sizes[self.calls - 1]).sum()
+
+    model = Scripted()
+    optimizer = torch.optim.AdamW([weight], lr=0.1, fused=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    step = TrainStep(model, optimizer, scheduler, accelerator, grad_clip=grad_clip, fused_clip=fused_clip)
+    for _ in gradient_sizes:
+        step([None])
+    assert not hasattr(optimizer, "grad_scale")  # read by its own step only
+    AcceleratorState._reset_state(True)
+    return weight.detach().clone()
+
+
+# gradient norms per step: AdamW divides by the root of its second moment, so a clipping
+# factor that stays the same from step to step cancels; sizes that change do not
+@pytest.mark.parametrize("sizes, clipped", [((100.0, 0.5, 30.0), True), ((0.2, 0.5, 0.9), False)],
+                         ids=["above-the-bound", "under-the-bound"])
+def test_fused_clip_gives_the_clipped_update(sizes, clipped):
+    """``train.fused_clip``: fused AdamW dividing by :func:`clip_divisor` makes the update that
+    ``clip_grad_norm_`` + fused AdamW makes; where clipping changes the update the test can
+    tell the two apart from no clipping, and under the bound the divisor is exactly 1."""
+    outside = _clipped_weights(sizes, grad_clip=1.0, fused_clip=False)
+    inside = _clipped_weights(sizes, grad_clip=1.0, fused_clip=True)
+    unclipped = _clipped_weights(sizes, grad_clip=0.0, fused_clip=True)  # fused_clip without a bound: off
+    assert torch.allclose(inside, outside, rtol=1e-6, atol=1e-7), (inside - outside).abs().max()
+    if clipped:
+        assert (unclipped - outside).abs().max() > 1e-3
+    else:
+        assert torch.equal(inside, outside) and torch.equal(unclipped, outside)
+
+
+def test_clip_divisor_is_the_inverse_of_clip_grad_norm_factor():
+    grads = [torch.full((3,), 4.0), torch.full((4,), -3.0)]  # norm sqrt(48 + 36)
+    params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+    for param, grad in zip(params, grads):
+        param.grad = grad.clone()
+    divisor = step_module.clip_divisor(params, 2.0)
+    assert divisor.dtype == torch.float32 and divisor.ndim == 0
+    assert math.isclose(float(divisor), (math.sqrt(84.0) + 1e-6) / 2.0, rel_tol=1e-6)
+    assert float(step_module.clip_divisor(params, 100.0)) == 1.0
+    torch.nn.utils.clip_grad_norm_(params, 2.0)
+    assert torch.allclose(params[0].grad, grads[0] / divisor) and torch.allclose(params[1].grad, grads[1] / divisor)
+
+
+@pytest.mark.parametrize("extra, reason", [
+    ([], "AdamW is not fused here"),  # fused_optimizer=auto is off on a CPU
+    (["train.optimizer=sgd", "train.fused_optimizer=true"], "train.optimizer=sgd"),
+    (["train.fused_optimizer=true", "mixed_precision=fp16"], "mixed_precision=fp16"),
+], ids=["auto-on-cpu", "sgd", "fp16"])
+def test_fused_clip_without_a_fused_adamw_fails_at_compose_time(extra, reason):
+    with pytest.raises(ConfigError, match=reason):
+        compose([*PROTOTYPE, "device=cpu", "train.fused_clip=true", *extra])
+    compose([*PROTOTYPE, "device=cpu", "train.fused_clip=true", "train.fused_optimizer=true"])  # allowed
+
+
+def test_fused_clip_refuses_an_optimizer_without_grad_scale():
+    """What the config check cannot see (an optimiser built elsewhere) the step refuses."""
+    AcceleratorState._reset_state(True)
+    from accelerate import Accelerator
+
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.AdamW([weight], lr=0.1)  # foreach, not fused: no grad_scale
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    with pytest.raises(ConfigError, match="needs an optimiser that applies a grad_scale"):
+        TrainStep(torch.nn.Identity(), optimizer, scheduler, Accelerator(cpu=True), grad_clip=1.0, fused_clip=True)
     AcceleratorState._reset_state(True)
 
 

@@ -50,7 +50,7 @@ from ..errors import ConfigError
 from ..method import EpisodeBatch
 from ..recorded import CudaGraph, failure_reason
 from .checkpoint import rng_state, set_rng_state
-from .step import ComputeOptions, TrainStep
+from .step import ComputeOptions, TrainStep, core_optimizer
 
 #: eager steps before recording (PyTorch's whole-network capture example uses 3)
 WARMUP_STEPS = 3
@@ -87,11 +87,6 @@ class EagerRecorder:
         self.output.copy_(self.body())
 
 
-def _inner(optimizer: Any) -> torch.optim.Optimizer:
-    """The torch optimiser inside accelerate's wrapper."""
-    return getattr(optimizer, "optimizer", optimizer)
-
-
 class GraphedTrainStep(TrainStep):
     """:class:`~.step.TrainStep` whose work, after :data:`WARMUP_STEPS` eager steps, is one
     replayed CUDA graph.
@@ -110,11 +105,11 @@ class GraphedTrainStep(TrainStep):
         self._eager_steps = 0
         self._static: list[EpisodeBatch] | None = None
         self._static_loss: torch.Tensor | None = None
-        self._capturable = [group.get("capturable") for group in _inner(self.optimizer).param_groups]
+        self._capturable = [group.get("capturable") for group in core_optimizer(self.optimizer).param_groups]
 
     def _make_capturable(self) -> None:
         """Tensor learning rates that the schedule fills in place; ``capturable`` on CUDA."""
-        inner, device = _inner(self.optimizer), self.accelerator.device
+        inner, device = core_optimizer(self.optimizer), self.accelerator.device
         self._plain_lrs = [group["lr"] for group in inner.param_groups]
         for group in inner.param_groups:
             group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
@@ -127,7 +122,7 @@ class GraphedTrainStep(TrainStep):
 
     def _make_plain(self) -> None:
         """Undo :meth:`_make_capturable` (a step that cannot be recorded trains as the plain one)."""
-        for group, capturable, lr in zip(_inner(self.optimizer).param_groups, self._capturable, self._plain_lrs):
+        for group, capturable, lr in zip(core_optimizer(self.optimizer).param_groups, self._capturable, self._plain_lrs):
             group["lr"] = lr
             if capturable is not None:
                 group["capturable"] = capturable
@@ -219,6 +214,6 @@ def uses_cuda_graph(options: ComputeOptions, device: torch.device, processes: in
 def make_train_step(options: ComputeOptions, method: Any, optimizer: Any, scheduler: Any, accelerator: Any, *,
                     grad_clip: float, first_step: int = 0) -> TrainStep:
     """The run's step: :class:`GraphedTrainStep` where ``train.cuda_graph`` resolves on, else :class:`TrainStep`."""
-    if uses_cuda_graph(options, accelerator.device, accelerator.num_processes):
-        return GraphedTrainStep(method, optimizer, scheduler, accelerator, grad_clip=grad_clip, first_step=first_step)
-    return TrainStep(method, optimizer, scheduler, accelerator, grad_clip=grad_clip, first_step=first_step)
+    kind = GraphedTrainStep if uses_cuda_graph(options, accelerator.device, accelerator.num_processes) else TrainStep
+    return kind(method, optimizer, scheduler, accelerator, grad_clip=grad_clip, first_step=first_step,
+                fused_clip=options.fused_clip)

@@ -19,6 +19,11 @@ Compute switches, each off in the plain path and tested against it (tests/test_e
 * ``train.fused_optimizer``, ``train.optimizer``: :mod:`.optim`.
 * ``train.cuda_graph``: the whole step recorded once as a CUDA graph and replayed
   (:class:`GraphedTrainStep`): one launch instead of thousands of small kernels per step.
+* ``train.fused_clip``: the gradient clipping folded into the fused AdamW kernel
+  (:func:`clip_divisor`): the global norm is computed as before, but instead of a pass that
+  multiplies every gradient by the clipping coefficient, the optimiser divides by its
+  inverse as it reads them (its ``grad_scale``, the input that ``GradScaler`` uses). The same
+  update up to rounding, one read and one write of all gradients fewer.
 * ``train.accumulation``: ``batched`` runs ``grad_accum`` micro-batches of ``batch_size`` as
   one batch of ``grad_accum x batch_size`` episodes (the same episodes, the same mean loss;
   per-sample normalisation, so the gradient is the same up to rounding).
@@ -61,6 +66,7 @@ class ComputeOptions:
     fused_optimizer: bool | str = False  # True | False | "auto" (fused where the parameters are on CUDA)
     accumulation: str = "sequential"
     cuda_graph: bool | str = False  # True | False | "auto" (on where the step runs on CUDA)
+    fused_clip: bool = False  # clipping applied inside the fused optimiser (its grad_scale)
 
     @classmethod
     def from_config(cls, train: DictConfig) -> "ComputeOptions":
@@ -84,11 +90,31 @@ class ComputeOptions:
             fused_optimizer=_auto_or_bool(get("fused_optimizer", False)),
             accumulation=accumulation,
             cuda_graph=_auto_or_bool(get("cuda_graph", False)),
+            fused_clip=bool(get("fused_clip", False)),
         )
 
 
 def _auto_or_bool(value: Any) -> bool | str:
     return "auto" if value == "auto" else bool(value)
+
+
+@torch.no_grad()
+def clip_divisor(parameters: Any, max_norm: float) -> torch.Tensor:
+    """The 0-d float32 tensor that divides every gradient so that their global L2 norm is at
+    most ``max_norm``: ``1 / min(1, max_norm / (norm + 1e-6))``, the inverse of the factor
+    ``torch.nn.utils.clip_grad_norm_`` multiplies them by. Computed on the device, no sync."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6
+        norm = torch.nn.utils.get_total_norm(grads, 2.0)
+    else:
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, 2.0).float() for g in grads]), 2.0)
+    coefficient = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    return (1.0 / coefficient).float()  # the fused kernels take a float32 grad_scale
+
+
+def core_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimiser inside accelerate's wrapper."""
+    return getattr(optimizer, "optimizer", optimizer)
 
 
 def micro_batches(batch_size: int, grad_accum: int, accumulation: str) -> tuple[int, int]:
@@ -173,15 +199,28 @@ class TrainStep:
         optimizer, scheduler, accelerator: as prepared by the engine.
         grad_clip: max global gradient norm (0: none).
         first_step: the step count before the first call (a resumed run's step).
+        fused_clip: clip inside the optimiser (``train.fused_clip``): the optimiser must be
+            one whose step takes a ``grad_scale`` (fused AdamW).
     """
 
-    def __init__(self, method, optimizer, scheduler, accelerator, *, grad_clip: float, first_step: int = 0) -> None:
+    def __init__(self, method, optimizer, scheduler, accelerator, *, grad_clip: float, first_step: int = 0,
+                 fused_clip: bool = False) -> None:
         self.method = method
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.accelerator = accelerator
         self.grad_clip = float(grad_clip)
         self.first_step = first_step
+        self.fused_clip = fused_clip and self.grad_clip > 0
+        if self.fused_clip and not getattr(core_optimizer(optimizer), "_step_supports_amp_scaling", False):
+            raise ConfigError(
+                f"train.fused_clip=true needs an optimiser that applies a grad_scale, not "
+                f"{type(core_optimizer(optimizer)).__name__} as configured",
+                hint="use train.optimizer=adamw with train.fused_optimizer=true, or train.fused_clip=false",
+            )
+        if self.fused_clip and getattr(accelerator, "scaler", None) is not None:  # fp16's GradScaler sets grad_scale
+            raise ConfigError("train.fused_clip=true cannot be used with mixed_precision=fp16",
+                              hint="use mixed_precision=bf16 or no, or train.fused_clip=false")
         device = accelerator.device
         self._steps = torch.zeros((), dtype=torch.long, device=device)
         self._first_nonfinite = torch.full((), -1, dtype=torch.long, device=device)
@@ -221,9 +260,13 @@ class TrainStep:
             with accelerator.accumulate(method), accelerator.autocast():
                 loss = method(batch)  # forward == training_loss; through the DDP wrapper
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and self.grad_clip > 0:
+                if accelerator.sync_gradients and self.fused_clip:
+                    core_optimizer(optimizer).grad_scale = clip_divisor(method.parameters(), self.grad_clip)
+                elif accelerator.sync_gradients and self.grad_clip > 0:
                     accelerator.clip_grad_norm_(method.parameters(), self.grad_clip)
                 optimizer.step()
+                if self.fused_clip:  # read by this step only
+                    vars(core_optimizer(optimizer)).pop("grad_scale", None)
                 if zero_grad:
                     optimizer.zero_grad(set_to_none=True)
             part = loss.detach().float() / len(batches)
