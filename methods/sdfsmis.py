@@ -308,7 +308,11 @@ def threshold_decoded(decoded: torch.Tensor, mode: str, value: float) -> torch.T
 
 
 def largest_component(masks: torch.Tensor) -> torch.Tensor:
-    """Keep the largest 8-connected component of each slice; ``(Q, H, W)`` bool -> same."""
+    """Keep the largest 8-connected component of each slice; ``(Q, H, W)`` bool -> same.
+
+    Of components of equal size the first in raster order stays, as in the released test
+    script, which keeps a component only if it is strictly larger than every earlier one.
+    MONAI's ``KeepLargestConnectedComponent`` keeps all of them, so it is not used here."""
     out = np.zeros(tuple(masks.shape), dtype=bool)
     for i, mask in enumerate(masks.cpu().numpy()):
         labels, count = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))

@@ -561,6 +561,21 @@ def test_largest_component_per_slice():
     assert out[0].sum() == 9 and out[0, :3, :3].all() and not out[1].any()
 
 
+def test_largest_component_follows_the_released_rule_on_ties_and_diagonals():
+    """The released test script (``cca`` in my_test_query.py) labels 8-connected components
+    with OpenCV and keeps the one whose share of the mask is strictly larger than every
+    earlier one's, so of two equal components the first in raster order; MONAI's
+    KeepLargestConnectedComponent keeps both, which is why it is not used here."""
+    masks = torch.zeros(2, 8, 8, dtype=torch.bool)
+    masks[0, 5:7, 5:7] = True  # 4 px, later in raster order
+    masks[0, 0:2, 0:2] = True  # 4 px, first
+    masks[1, 0, 0] = masks[1, 1, 1] = masks[1, 2, 2] = True  # one component through its corners: 3 px
+    masks[1, 6, 0:2] = True  # 2 px
+    out = largest_component(masks)
+    assert out[0].sum() == 4 and out[0, 0:2, 0:2].all()
+    assert out[1].sum() == 3 and out[1, 2, 2] and not out[1, 6].any()
+
+
 def test_fidelity_switches_every_difference_and_options_override():
     paper = SDFSMIS.resolve_options(OmegaConf.create({}), "paper")
     code = SDFSMIS.resolve_options(OmegaConf.create({}), "code")
