@@ -588,6 +588,7 @@ class SDFSMIS(Method):
         identity = weight_identity_of({"unet": self.unet, "vae": self.vae, "image_encoder": self.image_encoder})
         identity.update({name: record.identity() for name, record in self.text_weight_files.items()})
         return identity
+
     def resolved_options(self) -> dict[str, Any]:
         """Every option as this run uses it (``null`` ones resolved from ``fidelity``), for run.json."""
         options = {"fidelity": self.fidelity, "prediction_type": self.prediction_type, **asdict(self.options)}

@@ -368,7 +368,7 @@ def test_fused_clip_refuses_an_optimizer_without_grad_scale():
     weight = torch.nn.Parameter(torch.ones(3))
     optimizer = torch.optim.AdamW([weight], lr=0.1)  # foreach, not fused: no grad_scale
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    with pytest.raises(ConfigError, match="needs an optimiser that applies a grad_scale"):
+    with pytest.raises(ConfigError, match="needs an optimiser whose step applies a grad_scale"):
         TrainStep(torch.nn.Identity(), optimizer, scheduler, Accelerator(cpu=True), grad_clip=1.0, fused_clip=True)
     AcceleratorState._reset_state(True)
 

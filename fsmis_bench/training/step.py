@@ -214,8 +214,8 @@ class TrainStep:
         self.fused_clip = fused_clip and self.grad_clip > 0
         if self.fused_clip and not getattr(core_optimizer(optimizer), "_step_supports_amp_scaling", False):
             raise ConfigError(
-                f"train.fused_clip=true needs an optimiser that applies a grad_scale, not "
-                f"{type(core_optimizer(optimizer)).__name__} as configured",
+                f"train.fused_clip=true needs an optimiser whose step applies a grad_scale (fused AdamW); "
+                f"the {type(core_optimizer(optimizer)).__name__} built here does not",
                 hint="use train.optimizer=adamw with train.fused_optimizer=true, or train.fused_clip=false",
             )
         if self.fused_clip and getattr(accelerator, "scaler", None) is not None:  # fp16's GradScaler sets grad_scale
