@@ -37,6 +37,9 @@ weights are restored before each), in this order:
 * ``*_fclip``: + ``train.fused_clip=true`` (the clipping applied inside fused AdamW, one pass
   over the gradients fewer), compared with the same variant without it
   (``speedup_vs_clip_pass``);
+* ``*_cudnnbench``: + ``train.cudnn_benchmark=true`` (cuDNN times its convolution
+  algorithms once per shape instead of choosing by heuristics), compared with the same
+  variant without it (``speedup_vs_cudnn_heuristics``);
 * ``tf32_fused_batch4``: 4 episodes per step (``train.batch_size=4``; ``episodes_per_s``);
 * ``bf16_autocast``: bf16 autocast over fp32 weights, fused AdamW; ``bf16_autocast_repeat``:
   again, for bf16's own eager-vs-eager drift;
@@ -79,6 +82,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_sd15_check import _peak_gib, _reset_memory, _summary, _sync, measure_inference  # noqa: E402
 
 STARTED = time.perf_counter()
+
+
+#: the override of the ``*_cudnnbench`` variants, which the benchmark applies itself (it
+#: builds its own accelerators, not the engine's ``make_accelerator``)
+CUDNN_BENCHMARK = "train.cudnn_benchmark=true"
 
 
 def _log(message: str) -> None:
@@ -239,7 +247,8 @@ def measure_predict_variants(method, device: torch.device, size: int, slices: in
     """Inference per query slice (``Method.predict``, support cached) in each variant, and
     where the plain variant's time goes. Variants: the configured chunk (``predict_batch_size``
     8, ``slices`` slices), 32 (and 64) slices in one chunk, bf16 autocast, NHWC, a bf16 VAE
-    with and without autocast, each recorded (``_graph``) where it may pay."""
+    with and without autocast, each recorded (``_graph``) where it may pay, and two with
+    ``train.cudnn_benchmark`` (``_cudnnbench``)."""
     import dataclasses
 
     cuda = device.type == "cuda"
@@ -247,15 +256,20 @@ def measure_predict_variants(method, device: torch.device, size: int, slices: in
     options = method.options
     out: dict[str, Any] = {}
 
-    def one(name: str, precision: str, n: int, batch: int, recorded: bool = False) -> None:
+    def one(name: str, precision: str, n: int, batch: int, recorded: bool = False, cudnn_benchmark: bool = False) -> None:
         method.options = dataclasses.replace(options, predict_batch_size=batch, predict_cuda_graph=recorded)
         method._recordings.clear()  # a recorded variant records its own graphs (and frees the last one's)
         _reset_memory(device)
+        torch.backends.cudnn.benchmark = cudnn_benchmark  # timed in the warm-up pass, before any recording
         try:
             out[name] = {**measure_inference(method, device, precision, size, n, warmup=1, repeats=repeats),
                          "predict_batch_size": batch, "predict_cuda_graph": recorded}
+            if cudnn_benchmark:
+                out[name]["cudnn_benchmark"] = True
         except Exception as exc:  # one variant must not cost the others
             out[name] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+        finally:
+            torch.backends.cudnn.benchmark = False
         _log(f"predict {name}: {out[name]}")
 
     one(plain, "fp32", slices, options.predict_batch_size)
@@ -274,6 +288,7 @@ def measure_predict_variants(method, device: torch.device, size: int, slices: in
         one(f"{plain}_chunk32_graph", "fp32", 32, 32, recorded=True)
         one("bf16_autocast_chunk32_graph", "bf16", 32, 32, recorded=True)
         one("bf16_autocast_chunk64_graph", "bf16", 64, 64, recorded=True)
+        one("bf16_autocast_chunk32_cudnnbench_graph", "bf16", 32, 32, recorded=True, cudnn_benchmark=True)
         # a bf16 VAE: under autocast its GroupNorms still run in fp32 (autocast's list), without
         # autocast in bf16 (the U-Net then in TF32)
         method.vae.to(torch.bfloat16)
@@ -282,6 +297,7 @@ def measure_predict_variants(method, device: torch.device, size: int, slices: in
         one(f"{plain}_bf16_vae_chunk32", "fp32", 32, 32)
         one(f"{plain}_bf16_vae_chunk32_graph", "fp32", 32, 32, recorded=True)
         one("bf16_vae_autocast_chunk32_graph", "bf16", 32, 32, recorded=True)
+        one(f"{plain}_bf16_vae_chunk32_cudnnbench_graph", "fp32", 32, 32, recorded=True, cudnn_benchmark=True)
         method.vae.to(torch.float32)
         method.vae_dtype = torch.float32
         method._recordings.clear()
@@ -404,6 +420,7 @@ def main(argv: list[str] | None = None) -> int:
                 return None
         _log(f"{name}: {' '.join(overrides)} mixed_precision={mixed} tf32={tf32}")
         _set_tf32(tf32 and cuda)
+        torch.backends.cudnn.benchmark = CUDNN_BENCHMARK in overrides
         target_model = model if model is not None else method
         # a variant's method.* options (e.g. method.joint_pass), applied to the shared model
         built_options = target_model.options if any(o.startswith("method.") for o in overrides) else None
@@ -423,6 +440,7 @@ def main(argv: list[str] | None = None) -> int:
             _reset_memory(device)
             return None
         finally:
+            torch.backends.cudnn.benchmark = False
             if built_options is not None:
                 target_model.options = built_options
         out["tf32"] = bool(tf32 and cuda)
@@ -466,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
             if model is not method:
                 out["steps_per_s"] = round(1 / out["throughput_s"], 1)
             base_name = name.removesuffix("_graph").removesuffix("_repeat")
-            for part in ("_blocks", "_joint", "_batched", "_bf16vae", "_fclip"):
+            for part in ("_blocks", "_joint", "_batched", "_bf16vae", "_fclip", "_cudnnbench"):
                 base_name = base_name.replace(part, "")
             base_name = "tiny_eager" if base_name == "tiny" else base_name
             eager = target.get(base_name) if base_name != name else None
@@ -475,7 +493,8 @@ def main(argv: list[str] | None = None) -> int:
             two_pass = target.get(name.replace("_joint", "")) if "_joint" in name else None
             if two_pass is not None:
                 _compare(out, two_pass, "two_pass", losses=False)
-            for part, label in (("_batched", "four_encodes"), ("_bf16vae", "fp32_vae"), ("_fclip", "clip_pass")):
+            for part, label in (("_batched", "four_encodes"), ("_bf16vae", "fp32_vae"), ("_fclip", "clip_pass"),
+                                ("_cudnnbench", "cudnn_heuristics")):
                 other = target.get(name.replace(part, "")) if part in name else None
                 if other is not None:  # the same step with that one switch off
                     _compare(out, other, label)
@@ -518,6 +537,11 @@ def main(argv: list[str] | None = None) -> int:
         ("tf32_fused_joint_fclip", [fused, joint, fclip], "no", True),
         ("tf32_fused_joint_fclip_graph", [fused, joint, fclip, graph], "no", True),
         ("bf16_autocast_nhwc_joint_fclip_graph", [fused, "train.channels_last=true", joint, fclip, graph],
+         "bf16", True),
+        # cuDNN's convolution algorithms timed once per shape instead of chosen by heuristics
+        ("tf32_fused_joint_cudnnbench", [fused, joint, CUDNN_BENCHMARK], "no", True),
+        ("tf32_fused_joint_cudnnbench_graph", [fused, joint, CUDNN_BENCHMARK, graph], "no", True),
+        ("bf16_autocast_nhwc_joint_cudnnbench_graph", [fused, "train.channels_last=true", joint, CUDNN_BENCHMARK, graph],
          "bf16", True),
         # compiled blocks (fused GroupNorm/SiLU/elementwise kernels) inside the recorded step;
         # compared with the eager variant without `_blocks`

@@ -8,13 +8,16 @@
 #
 #   0. Background checkpoint writes (train.async_checkpoint, on by default with CUDA): how
 #      long the step waits for a 10.3 GB resume state, against the whole write (17.7 s).
-#   1. The clipping inside fused AdamW (train.fused_clip): the recorded joint step with and
-#      without it, SD-1.5 in TF32 and in bf16 + NHWC, and the tiny backbone; whether this
-#      torch's GroupNorm keeps NHWC on the device (group_norm_keeps_channels_last).
+#   1. Two switches of the recorded joint step, each against the step without it, SD-1.5 in
+#      TF32 and in bf16 + NHWC: the clipping inside fused AdamW (train.fused_clip; and the
+#      tiny backbone) and cuDNN's convolution algorithms timed instead of chosen by
+#      heuristics (train.cudnn_benchmark); whether this torch's GroupNorm keeps NHWC on the
+#      device (group_norm_keeps_channels_last).
 #   2. The frozen VAE in the recorded joint step: an episode's four encodes as one call
 #      (method.batched_encode) and a bf16 VAE without autocast (method.vae_dtype=bfloat16),
 #      SD-1.5 and the tiny backbone; inference with 64-slice chunks and a bf16 VAE with and
-#      without autocast (autocast runs GroupNorm in fp32), plain and recorded.
+#      without autocast (autocast runs GroupNorm in fp32), plain and recorded, two of them
+#      with train.cudnn_benchmark too.
 #   3. fidelity=code: the recorded step against the eager one now that every variant starts
 #      from the same generator states (the first measurement compared different posterior
 #      draws: 37 %), with an eager repeat for the drift of two eager runs.
@@ -49,9 +52,10 @@ check() {  # check <seconds> <json name> <args...>: one gpu_engine_check run, it
 echo "=== gpu_async_checkpoint_h100: gpu_checkpoint_check.py --out /tmp/fsmis_ckpt" >> "$LOG"
 timeout 80 "$PY" benchmarks/gpu_checkpoint_check.py --out /tmp/fsmis_ckpt > "$OUT/gpu_async_checkpoint_h100.json" 2>> "$LOG"
 echo "gpu_async_checkpoint_h100 rc=$?" | tee -a "$LOG"; cat "$OUT/gpu_async_checkpoint_h100.json"
-check 75 gpu_fused_clip_h100 --steps 8 --warmup 2 --tiny-steps 60 --budget-s 70 \
-  --only tf32_fused_joint_graph tf32_fused_joint_fclip_graph bf16_autocast_nhwc_joint_graph \
-  bf16_autocast_nhwc_joint_fclip_graph tiny_joint_graph tiny_joint_fclip_graph
+check 95 gpu_step_switches_h100 --steps 8 --warmup 2 --tiny-steps 60 --budget-s 90 \
+  --only tf32_fused_joint_graph tf32_fused_joint_fclip_graph tf32_fused_joint_cudnnbench_graph \
+  bf16_autocast_nhwc_joint_graph bf16_autocast_nhwc_joint_fclip_graph bf16_autocast_nhwc_joint_cudnnbench_graph \
+  tiny_joint_graph tiny_joint_fclip_graph
 check 150 gpu_vae_h100 --steps 8 --warmup 2 --tiny-steps 60 --budget-s 145 \
   --only tf32_fused_joint_graph tf32_fused_joint_batched_graph tf32_fused_joint_bf16vae_graph \
   tf32_fused_joint_batched_bf16vae_graph bf16_autocast_nhwc_joint_graph bf16_autocast_nhwc_joint_batched_graph \

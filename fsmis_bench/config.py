@@ -55,6 +55,7 @@ def _engine_choices() -> dict[str, tuple]:
         "train.cuda_graph": ("auto", True, False),
         "train.async_checkpoint": ("auto", True, False),
         "train.fused_clip": (True, False),
+        "train.cudnn_benchmark": (True, False),
     }
 # Integer options and their least allowed value (None: any; supp_idx is checked against the
 # fold size, -1 being the last scan); those in _NULLABLE may also be null.

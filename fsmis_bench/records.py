@@ -54,12 +54,12 @@ _UNHASHED = ("results_dir", "data_root", "weights_root", "device", "train.num_wo
 # earlier run had, so that a new switch left at its default keeps earlier records and
 # checkpoints found (their hashes stay the same). method.joint_pass gives the two-pass loss
 # and method.batched_encode the four encodes' latents up to float rounding (train.fused_clip
-# the clipped update), but a training is
+# the clipped update; train.cudnn_benchmark other convolution algorithms), but a training is
 # only reproduced bit for bit by the same kernels.
 # protocol.episode_sampler's earlier rule is `uniform_pairs`: records made before the key
 # existed are found again under it, and a run of today's default gets a hash of its own.
 _HASHED_UNLESS_DEFAULT = {"train.compile_scope": "model", "method.joint_pass": False, "method.batched_encode": False,
-                          "train.fused_clip": False,
+                          "train.fused_clip": False, "train.cudnn_benchmark": False,
                           "protocol.episode_sampler": "uniform_pairs", "protocol.chunk_support": "matched"}
 # `method.published_config` names the settings the published numbers were obtained with; it
 # only marks a run that departs from them (non_standard_options) and changes nothing a run

@@ -373,6 +373,22 @@ def test_fused_clip_refuses_an_optimizer_without_grad_scale():
     AcceleratorState._reset_state(True)
 
 
+def test_cudnn_benchmark_follows_each_run_config():
+    """``train.cudnn_benchmark`` is process-wide in torch: each run (a sweep runs several in
+    one process) sets it from its own config, for training and evaluation alike."""
+    from fsmis_bench.training.engine import make_accelerator
+
+    before = torch.backends.cudnn.benchmark
+    try:
+        make_accelerator(compose([*PROTOTYPE, "device=cpu", "train.cudnn_benchmark=true"]))
+        assert torch.backends.cudnn.benchmark is True
+        make_accelerator(compose([*PROTOTYPE, "device=cpu"]))
+        assert torch.backends.cudnn.benchmark is False
+    finally:
+        torch.backends.cudnn.benchmark = before
+        AcceleratorState._reset_state(True)
+
+
 def test_memory_preset_switches_checkpointing_and_8bit_adamw():
     cfg = compose(["method=sdfsmis", "backbone=tiny", "memory=low"])
     assert cfg.method.gradient_checkpointing is True and cfg.train.optimizer == "adamw8bit"

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_engine_check.py"
 
@@ -28,7 +29,8 @@ def test_cpu_smoke_mode_runs_every_variant(capsys, tmp_path):
         assert key in result
     expected = {"fp32", "tf32", "tf32_fused", "tf32_fused_repeat", "tf32_fused_batch4", "lowmem", "bf16_autocast",
                 "bf16_autocast_repeat", "bf16_master", "tf32_fused_nhwc", "bf16_autocast_nhwc", "tf32_fused_joint",
-                "tf32_fused_joint_batched", "tf32_fused_joint_bf16vae", "tf32_fused_joint_fclip"}
+                "tf32_fused_joint_batched", "tf32_fused_joint_bf16vae", "tf32_fused_joint_fclip",
+                "tf32_fused_joint_cudnnbench"}
     assert set(result["train"]) == expected, result["skipped"]
     for name, row in result["train"].items():
         assert row["loss_finite"] and row["median_s"] > 0 and row["n"] == 1, name
@@ -63,13 +65,18 @@ def test_cpu_smoke_mode_runs_every_variant(capsys, tmp_path):
     fused_clip = result["train"]["tf32_fused_joint_fclip"]
     assert fused_clip["loss_max_rel_diff_vs_clip_pass"] < 1e-5 and fused_clip["speedup_vs_clip_pass"] > 0
     assert isinstance(result["group_norm_keeps_channels_last"], bool)
+    # cuDNN's algorithm timing does nothing on a CPU: the same losses; and it is off again after
+    cudnn = result["train"]["tf32_fused_joint_cudnnbench"]
+    assert cudnn["loss_max_rel_diff_vs_cudnn_heuristics"] == 0.0 and cudnn["speedup_vs_cudnn_heuristics"] > 0
+    assert torch.backends.cudnn.benchmark is False
     cuda_only = {"tf32_fused_graph", "tf32_fused_batch4_graph", "bf16_autocast_graph", "bf16_master_graph", "tiny_graph",
                  "tf32_fused_nhwc_graph", "bf16_autocast_nhwc_graph", "tf32_fused_blocks_graph",
                  "bf16_autocast_nhwc_blocks_graph", "tiny_blocks_graph", "tf32_fused_joint_graph",
                  "bf16_autocast_nhwc_joint_graph", "tiny_joint_graph", "tf32_fused_joint_batched_graph",
                  "bf16_autocast_nhwc_joint_batched_graph", "tf32_fused_joint_bf16vae_graph",
                  "tf32_fused_joint_batched_bf16vae_graph", "tiny_joint_batched_graph", "tf32_fused_joint_fclip_graph",
-                 "bf16_autocast_nhwc_joint_fclip_graph", "tiny_joint_fclip_graph"}
+                 "bf16_autocast_nhwc_joint_fclip_graph", "tiny_joint_fclip_graph", "tf32_fused_joint_cudnnbench_graph",
+                 "bf16_autocast_nhwc_joint_cudnnbench_graph"}
     assert set(result["skipped"]) == cuda_only
 
 
@@ -99,7 +106,7 @@ def test_the_prepared_gpu_speed_script_names_only_known_variants():
     selected = {name for line in re.findall(r"--only ([^\n]+)", script) for name in line.split()}
     assert {"tf32_fused_repeat", "tf32_fused_graph", "tiny_blocks_graph", "tf32_fused_joint_batched_graph",
             "tf32_fused_joint_bf16vae_graph", "tiny_joint_batched_graph", "predict", "tf32_fused_joint_fclip_graph",
-            "tiny_joint_fclip_graph"} <= selected
+            "tiny_joint_fclip_graph", "tf32_fused_joint_cudnnbench_graph"} <= selected
     for name in selected:
         assert f'"{name}"' in source, name
 

@@ -582,7 +582,7 @@ def test_speed_switches_keep_earlier_run_identities():
     cfg = compose(["method=sdfsmis", "backbone=tiny", "pretrained=false"])
     earlier = OmegaConf.to_container(cfg)  # a config from before the switches existed
     del earlier["train"]["compile_scope"], earlier["method"]["predict_cuda_graph"], earlier["method"]["joint_pass"]
-    del earlier["train"]["async_checkpoint"], earlier["train"]["fused_clip"]
+    del earlier["train"]["async_checkpoint"], earlier["train"]["fused_clip"], earlier["train"]["cudnn_benchmark"]
     earlier = OmegaConf.create(earlier)
     for digest in (config_hash, training_hash):
         assert digest(cfg) == digest(earlier)
@@ -600,6 +600,8 @@ def test_speed_switches_keep_earlier_run_identities():
     clipped_inside = compose(["method=sdfsmis", "backbone=tiny", "pretrained=false", "train.fused_optimizer=true",
                               "train.fused_clip=true"])
     assert training_hash(clipped_inside) != training_hash(fused) and config_hash(clipped_inside) != config_hash(fused)
+    timed = compose(["method=sdfsmis", "backbone=tiny", "pretrained=false", "train.cudnn_benchmark=true"])
+    assert training_hash(timed) != training_hash(cfg) and config_hash(timed) != config_hash(cfg)
     # joint_pass=auto (the default) is one pass with CUDA: hashed as `true` there, as before on a CPU
     tiny_gpu = ["method=sdfsmis", "backbone=tiny", "pretrained=false", "device=cuda"]
     for digest in (config_hash, training_hash):

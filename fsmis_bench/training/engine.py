@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
@@ -40,20 +40,22 @@ from .episodes import EpisodeSampler
 from .loader import EpisodeLoader, resolve_num_workers
 from .optim import build_optimizer
 from .interrupt import Interrupted, StopRequest
-from .precision import apply_tf32, precision_of, uses_cuda
+from .precision import apply_cudnn_benchmark, apply_tf32, precision_of, uses_cuda
 from .cuda_graph import make_train_step
 from .step import ComputeOptions, TrainingError, TrainStep, micro_batches, prepare_method  # noqa: F401 (TrainingError re-exported)
 
 
 def make_accelerator(cfg: DictConfig, grad_accum: int = 1):
     """An ``accelerate.Accelerator`` honouring ``device`` and the resolved precision
-    (``mixed_precision`` autocast, TF32 on or off: :mod:`.precision`)."""
+    (``mixed_precision`` autocast, TF32 on or off: :mod:`.precision`); sets
+    ``train.cudnn_benchmark`` for the process too (training and evaluation)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
     precision = precision_of(cfg)
     use_cpu = not uses_cuda(str(cfg.get("device", "auto")))
     apply_tf32(precision.tf32)
+    apply_cudnn_benchmark(bool(OmegaConf.select(cfg, "train.cudnn_benchmark") or False))
     shared = AcceleratorState._shared_state
     if shared and shared.get("_mixed_precision") != precision.mixed_precision:
         # accelerate keeps one precision per process; a sweep in one process may change it

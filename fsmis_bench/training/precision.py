@@ -104,3 +104,11 @@ def apply_tf32(enabled: bool) -> None:
     """Switch TF32 for fp32 CUDA matmuls and cuDNN convolutions (process-wide, as torch has it)."""
     torch.backends.cuda.matmul.allow_tf32 = enabled
     torch.backends.cudnn.allow_tf32 = enabled
+
+
+def apply_cudnn_benchmark(enabled: bool) -> None:
+    """``train.cudnn_benchmark``: whether cuDNN times its convolution algorithms for every new
+    input shape and keeps the fastest, instead of choosing by heuristics (process-wide, as
+    torch has it). The shapes of a run are static, so it times each once, in the first
+    (eager) steps, before a CUDA graph is recorded. Other algorithms round differently."""
+    torch.backends.cudnn.benchmark = enabled
