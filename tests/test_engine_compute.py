@@ -256,6 +256,20 @@ def test_bad_num_workers_is_a_config_error(value):
         resolve_num_workers(value, False)
 
 
+class _Scripted(torch.nn.Module):
+    """A one-parameter stand-in for a method: its n-th call (from 1) returns ``loss(weight, n)``."""
+
+    def __init__(self, weight: torch.nn.Parameter, loss) -> None:
+        super().__init__()
+        self.weight = weight
+        self.loss = loss
+        self.calls = 0
+
+    def forward(self, batch) -> torch.Tensor:
+        self.calls += 1
+        return self.loss(self.weight, self.calls)
+
+
 def test_nonfinite_loss_is_caught_on_device_and_named_by_step():
     """The step never syncs; the flag names the first bad step when the engine checks it."""
     AcceleratorState._reset_state(True)
@@ -263,18 +277,7 @@ def test_nonfinite_loss_is_caught_on_device_and_named_by_step():
 
     accelerator = Accelerator(cpu=True)
     weight = torch.nn.Parameter(torch.ones(()))
-
-    class Scripted(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.weight = weight
-            self.calls = 0
-
-        def forward(self, batch):
-            self.calls += 1
-            return self.weight * (float("nan") if self.calls in (3, 4) else 1.0)
-
-    model = Scripted()
+    model = _Scripted(weight, lambda w, call: w * (float("nan") if call in (3, 4) else 1.0))
     optimizer = torch.optim.AdamW([weight], lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     step = TrainStep(model, optimizer, scheduler, accelerator, grad_clip=1.0, first_step=10)
@@ -299,18 +302,7 @@ def _clipped_weights(gradient_sizes: tuple[float, ...], *, grad_clip: float, fus
     direction = torch.linspace(-1.0, 2.0, 1000)
     direction /= torch.linalg.vector_norm(direction)
     weight = torch.nn.Parameter(torch.linspace(0.5, -0.5, 1000))
-
-    class Scripted(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.weight = weight
-            self.calls = 0
-
-        def forward(self, batch):
-            self.calls += 1
-            return (self.weight * direction * gradient_sizes[self.calls - 1]).sum()
-
-    model = Scripted()
+    model = _Scripted(weight, lambda w, call: (w * direction * gradient_sizes[call - 1]).sum())
     optimizer = torch.optim.AdamW([weight], lr=0.1, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     step = TrainStep(model, optimizer, scheduler, accelerator, grad_clip=grad_clip, fused_clip=fused_clip)
