@@ -29,8 +29,8 @@
 #
 # Usage (on the GPU machine, from the repository root; OUT defaults to ./gpu_speed_out):
 #   OUT=/some/dir bash benchmarks/gpu_speed_check.sh
-# It writes up to eight JSON files (those named in docs/measurements/README.md) and one log,
-# gpu_speed_log.txt.
+# It writes at most seven JSON files (those named in docs/measurements/README.md) and one
+# log, gpu_speed_log.txt: eight files, the most a lent machine returns.
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu_speed_out}"
