@@ -8,6 +8,22 @@ GPU (one H100: about 4 minutes; the figures of README "Measured figures")::
 
     python benchmarks/gpu_engine_check.py --out docs/measurements/gpu_engine_h100.json
 
+On a GPU machine without internet access whose image lacks some of the project's
+dependencies (the H100 images used for docs/measurements had torch, accelerate and
+transformers, not diffusers, hydra-core, omegaconf, nibabel or monai), carry them as
+wheels with the project's own, built where pip works, in a folder git ignores::
+
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+        --platform manylinux2014_x86_64 -d .whl2 diffusers hydra-core omegaconf \
+        antlr4-python3-runtime==4.9.3 nibabel monai importlib-metadata
+    python3 -m pip wheel --no-deps -w .whl2 .          # the project itself, rebuilt after every change
+    # there, from the repository root:
+    python3 -m pip install --no-deps --no-index .whl2/*.whl
+    PYTHONSAFEPATH=1 OUT=/some/dir bash benchmarks/gpu_speed_check.sh
+
+``PYTHONSAFEPATH=1`` keeps the checkout's ``methods/`` and ``datasets/`` folders from
+shadowing the installed plugins (``fsmis_methods``, ``fsmis_datasets``).
+
 CPU smoke check (the same code path, tiny backbone; run by the tests)::
 
     python benchmarks/gpu_engine_check.py --device cpu --tiny --size 64 --steps 2 --warmup 1 --slices 2
