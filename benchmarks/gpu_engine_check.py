@@ -19,10 +19,7 @@ wheels with the project's own, built where pip works, in a folder git ignores::
     python3 -m pip wheel --no-deps -w .whl2 .          # the project itself, rebuilt after every change
     # there, from the repository root:
     python3 -m pip install --no-deps --no-index .whl2/*.whl
-    PYTHONSAFEPATH=1 OUT=/some/dir bash benchmarks/gpu_speed_check.sh
-
-``PYTHONSAFEPATH=1`` keeps the checkout's ``methods/`` and ``datasets/`` folders from
-shadowing the installed plugins (``fsmis_methods``, ``fsmis_datasets``).
+    OUT=/some/dir bash benchmarks/gpu_speed_check.sh
 
 CPU smoke check (the same code path, tiny backbone; run by the tests)::
 
