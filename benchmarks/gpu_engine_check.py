@@ -15,7 +15,7 @@ wheels with the project's own, built where pip works, in a folder git ignores::
 
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
         --platform manylinux2014_x86_64 -d .whl2 diffusers hydra-core omegaconf \
-        antlr4-python3-runtime==4.9.3 nibabel monai importlib-metadata
+        antlr4-python3-runtime==4.9.3 nibabel monai importlib-metadata lazy-importer
     python3 -m pip wheel --no-deps -w .whl2 .          # the project itself, rebuilt after every change
     # there, from the repository root:
     python3 -m pip install --no-deps --no-index .whl2/*.whl
