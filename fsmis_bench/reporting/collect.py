@@ -590,6 +590,15 @@ def _split_variants(runs: pd.DataFrame, column: str, tags_of) -> pd.DataFrame:
     return runs
 
 
+def _absent_label(name: str) -> str:
+    """The label of a setting a run's fingerprint lacks: a switch added after records existed
+    is left out at its default (:func:`config_fingerprint`), which is what the run had; any
+    other option was null or unknown to the record."""
+    if name in records._HASHED_UNLESS_DEFAULT:
+        return _label_value(records._HASHED_UNLESS_DEFAULT[name])
+    return "unset"
+
+
 def _split_by_config(runs: pd.DataFrame, settings: dict[str, dict[str, Any]]) -> pd.DataFrame:
     """Runs of one method/variant/evaluation configured differently get different variants.
 
@@ -616,7 +625,7 @@ def _split_by_config(runs: pd.DataFrame, settings: dict[str, dict[str, Any]]) ->
                 tags[index] = "config=unknown"
             elif differing and len(differing) <= MAX_LABEL_KEYS:
                 flat = known[cid]
-                tags[index] = ",".join(f"{name}={_label_value(flat[name]) if name in flat else 'unset'}"
+                tags[index] = ",".join(f"{name}={_label_value(flat[name]) if name in flat else _absent_label(name)}"
                                        for name in differing)
             else:
                 tags[index] = f"config={cid}"
