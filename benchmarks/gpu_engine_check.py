@@ -10,7 +10,7 @@ GPU (one H100: about 4 minutes; the figures of README "Measured figures")::
 
 On a GPU machine without internet access whose image lacks some of the project's
 dependencies (the H100 images used for docs/measurements had torch, accelerate and
-transformers, not diffusers, hydra-core, omegaconf, nibabel or monai), carry them as
+transformers, not diffusers, hydra-core, omegaconf or nibabel), carry them as
 wheels with the project's own, built where pip works, in a folder git ignores::
 
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
@@ -93,6 +93,8 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_sd15_check import _peak_gib, _reset_memory, _summary, _sync, measure_inference  # noqa: E402
+
+from fsmis_bench.training.precision import apply_cudnn_benchmark  # noqa: E402
 
 STARTED = time.perf_counter()
 
@@ -273,7 +275,7 @@ def measure_predict_variants(method, device: torch.device, size: int, slices: in
         method.options = dataclasses.replace(options, predict_batch_size=batch, predict_cuda_graph=recorded)
         method._recordings.clear()  # a recorded variant records its own graphs (and frees the last one's)
         _reset_memory(device)
-        torch.backends.cudnn.benchmark = cudnn_benchmark  # timed in the warm-up pass, before any recording
+        apply_cudnn_benchmark(cudnn_benchmark)  # timed in the warm-up pass, before any recording
         try:
             out[name] = {**measure_inference(method, device, precision, size, n, warmup=1, repeats=repeats),
                          "predict_batch_size": batch, "predict_cuda_graph": recorded}
@@ -282,7 +284,7 @@ def measure_predict_variants(method, device: torch.device, size: int, slices: in
         except Exception as exc:  # one variant must not cost the others
             out[name] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
         finally:
-            torch.backends.cudnn.benchmark = False
+            apply_cudnn_benchmark(False)
         _log(f"predict {name}: {out[name]}")
 
     one(plain, "fp32", slices, options.predict_batch_size)
@@ -433,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
                 return None
         _log(f"{name}: {' '.join(overrides)} mixed_precision={mixed} tf32={tf32}")
         _set_tf32(tf32 and cuda)
-        torch.backends.cudnn.benchmark = CUDNN_BENCHMARK in overrides
+        apply_cudnn_benchmark(CUDNN_BENCHMARK in overrides)
         target_model = model if model is not None else method
         # a variant's method.* options (e.g. method.joint_pass), applied to the shared model
         built_options = target_model.options if any(o.startswith("method.") for o in overrides) else None
@@ -444,6 +446,7 @@ def main(argv: list[str] | None = None) -> int:
             out = engine_steps(target_model, cfg, device, warmup=args.warmup,
                                steps=steps, workers=workers, mixed_precision=mixed,
                                profile_steps=args.profile if not name.endswith("_graph") else 0)
+            out["cudnn_benchmark"] = torch.backends.cudnn.benchmark  # as the variant ran
             joint_pass = getattr(getattr(target_model, "options", None), "joint_pass", None)
             if joint_pass is not None:
                 out["joint_pass"] = joint_pass
@@ -453,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
             _reset_memory(device)
             return None
         finally:
-            torch.backends.cudnn.benchmark = False
+            apply_cudnn_benchmark(False)
             if built_options is not None:
                 target_model.options = built_options
         out["tf32"] = bool(tf32 and cuda)

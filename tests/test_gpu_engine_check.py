@@ -68,6 +68,7 @@ def test_cpu_smoke_mode_runs_every_variant(capsys, tmp_path):
     # cuDNN's algorithm timing does nothing on a CPU: the same losses; and it is off again after
     cudnn = result["train"]["tf32_fused_joint_cudnnbench"]
     assert cudnn["loss_max_rel_diff_vs_cudnn_heuristics"] == 0.0 and cudnn["speedup_vs_cudnn_heuristics"] > 0
+    assert cudnn["cudnn_benchmark"] is True and result["train"]["tf32_fused_joint"]["cudnn_benchmark"] is False
     assert torch.backends.cudnn.benchmark is False
     cuda_only = {"tf32_fused_graph", "tf32_fused_batch4_graph", "bf16_autocast_graph", "bf16_master_graph", "tiny_graph",
                  "tf32_fused_nhwc_graph", "bf16_autocast_nhwc_graph", "tf32_fused_blocks_graph",
