@@ -40,6 +40,10 @@ weights are restored before each), in this order:
   U-Net block compiled: fused GroupNorm/SiLU/elementwise kernels) inside the recorded step,
   compared with the eager variant of the same name without ``_blocks``; the compilation
   falls in the warm-up steps (``first_step_s``);
+* ``*_norms``: + ``train.compile=default train.compile_scope=norms`` (every GroupNorm runs
+  one compiled function with dynamic shapes: NHWC read and written in place, and far fewer
+  graphs to compile than ``_blocks``), compared with the same variant without it
+  (``speedup_vs_eager_norms``); ``compiled_group_norms`` counts the GroupNorms that ran compiled;
 * ``*_joint``: + ``method.joint_pass=true`` (support and query through the U-Net as one
   batch), compared with the eager variant without ``_joint`` and, as
   ``speedup_vs_two_pass``, with the same variant's two-pass form;
@@ -94,6 +98,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_sd15_check import _peak_gib, _reset_memory, _summary, _sync, measure_inference  # noqa: E402
 
+from fsmis_bench.training.compiled_norms import CompiledGroupNorm  # noqa: E402
 from fsmis_bench.training.precision import apply_cudnn_benchmark  # noqa: E402
 
 STARTED = time.perf_counter()
@@ -335,10 +340,13 @@ def _group_norm_keeps_channels_last(device: torch.device) -> bool:
 
 
 def _uncompile(model) -> None:
-    """Undo ``nn.Module.compile`` on every submodule (the next variant runs eagerly)."""
+    """Undo ``nn.Module.compile`` and compiled GroupNorms on every submodule (the next variant runs eagerly)."""
     for module in model.modules():
         if getattr(module, "_compiled_call_impl", None) is not None:
             module._compiled_call_impl = None
+        if isinstance(module, CompiledGroupNorm):
+            module.__class__ = torch.nn.GroupNorm
+            del module.compiled_group_norm
 
 
 def _config(overrides: list[str]):
@@ -377,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny-steps", type=int, default=50, help="timed steps of the tiny backbone")
     parser.add_argument("--budget-s", type=float, default=230.0, help="skip variants that would end after this")
     parser.add_argument("--compile-budget-s", type=float, default=90.0,
-                        help="time a `_blocks` variant's compilation is expected to take (for the budget)")
+                        help="time a `_blocks` or `_norms` variant's compilation is expected to take (for the budget)")
     parser.add_argument("--profile", type=int, default=0,
                         help="eager variants: sum the kernel time of this many more steps (torch.profiler)")
     parser.add_argument("--out", default=None, help="also write the JSON here")
@@ -390,6 +398,10 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("CUDA is not available here; use --device cpu --tiny for the smoke check")
     cuda = device.type == "cuda"
+
+    def _compile_s(name: str) -> float:  # the budget a compiling variant needs beyond its steps
+        return args.compile_budget_s if "_blocks" in name or "_norms" in name else 0.0
+
     workers = args.workers if args.workers is not None else (4 if cuda else 0)
     backbone = "tiny" if args.tiny else "sd15"
     base = [f"method={args.method}", f"backbone={backbone}", "pretrained=false", f"device={device.type}",
@@ -447,6 +459,7 @@ def main(argv: list[str] | None = None) -> int:
                                steps=steps, workers=workers, mixed_precision=mixed,
                                profile_steps=args.profile if not name.endswith("_graph") else 0)
             out["cudnn_benchmark"] = torch.backends.cudnn.benchmark  # as the variant ran
+            out["compiled_group_norms"] = sum(isinstance(m, CompiledGroupNorm) for m in target_model.modules())
             joint_pass = getattr(getattr(target_model, "options", None), "joint_pass", None)
             if joint_pass is not None:
                 out["joint_pass"] = joint_pass
@@ -494,13 +507,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.only is None or name in args.only:
             restore(model)
         out = run(name, overrides, mixed, tf32, model=model, config=config, steps=steps, extra_s=extra_s)
-        if "_blocks" in name:  # compiled regions stay compiled on the shared model otherwise
+        if "_blocks" in name or "_norms" in name:  # compiled parts stay compiled on the shared model otherwise
             _uncompile(model)
         if out is not None:
             if model is not method:
                 out["steps_per_s"] = round(1 / out["throughput_s"], 1)
             base_name = name.removesuffix("_graph").removesuffix("_repeat")
-            for part in ("_blocks", "_joint", "_batched", "_bf16vae", "_fclip", "_cudnnbench"):
+            for part in ("_blocks", "_norms", "_joint", "_batched", "_bf16vae", "_fclip", "_cudnnbench"):
                 base_name = base_name.replace(part, "")
             base_name = "tiny_eager" if base_name == "tiny" else base_name
             eager = target.get(base_name) if base_name != name else None
@@ -510,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
             if two_pass is not None:
                 _compare(out, two_pass, "two_pass", losses=False)
             for part, label in (("_batched", "four_encodes"), ("_bf16vae", "fp32_vae"), ("_fclip", "clip_pass"),
-                                ("_cudnnbench", "cudnn_heuristics")):
+                                ("_cudnnbench", "cudnn_heuristics"), ("_norms", "eager_norms")):
                 other = target.get(name.replace(part, "")) if part in name else None
                 if other is not None:  # the same step with that one switch off
                     _compare(out, other, label)
@@ -520,6 +533,7 @@ def main(argv: list[str] | None = None) -> int:
     graph = "train.cuda_graph=true"
     fused = "train.fused_optimizer=true"
     blocks = ["train.compile=default", "train.compile_scope=blocks"]
+    norms = ["train.compile=default", "train.compile_scope=norms"]
     joint = "method.joint_pass=true"
     batched = "method.batched_encode=true"
     fclip = "train.fused_clip=true"
@@ -559,12 +573,17 @@ def main(argv: list[str] | None = None) -> int:
         ("tf32_fused_joint_cudnnbench_graph", [fused, joint, CUDNN_BENCHMARK, graph], "no", True),
         ("bf16_autocast_nhwc_joint_cudnnbench_graph", [fused, "train.channels_last=true", joint, CUDNN_BENCHMARK, graph],
          "bf16", True),
+        # every GroupNorm compiled (dynamic shapes): NHWC without layout copies, few graphs
+        ("tf32_fused_joint_norms", [fused, joint, *norms], "no", True),
+        ("tf32_fused_joint_norms_graph", [fused, joint, *norms, graph], "no", True),
+        ("bf16_autocast_nhwc_joint_norms_graph", [fused, "train.channels_last=true", joint, *norms, graph],
+         "bf16", True),
         # compiled blocks (fused GroupNorm/SiLU/elementwise kernels) inside the recorded step;
         # compared with the eager variant without `_blocks`
         ("tf32_fused_blocks_graph", [fused, *blocks, graph], "no", True),
         ("bf16_autocast_nhwc_blocks_graph", [fused, "train.channels_last=true", *blocks, graph], "bf16", True),
     ]:
-        measure(name, overrides, mixed, tf32, train, extra_s=args.compile_budget_s if "_blocks" in name else 0.0)
+        measure(name, overrides, mixed, tf32, train, extra_s=_compile_s(name))
     method.to(memory_format=torch.contiguous_format)
 
     def selected(*names: str) -> bool:
@@ -605,11 +624,12 @@ def main(argv: list[str] | None = None) -> int:
     tiny_names = {"tiny_eager": [fused], "tiny_eager_repeat": [fused], "tiny_graph": [fused, graph],
                   "tiny_joint_graph": [fused, joint, graph], "tiny_joint_batched_graph": [fused, joint, batched, graph],
                   "tiny_joint_fclip_graph": [fused, joint, fclip, graph],
+                  "tiny_joint_norms_graph": [fused, joint, *norms, graph],
                   "tiny_blocks_graph": [fused, *blocks, graph]}
     tiny = _build(tiny_base, device) if selected(*tiny_names) else None
     for name, overrides in tiny_names.items():
         measure(name, overrides, "no", True, result["tiny"], model=tiny, config=tiny_base, steps=args.tiny_steps,
-                extra_s=args.compile_budget_s if "_blocks" in name else 0.0)
+                extra_s=_compile_s(name))
 
     if args.compile_mode != "none":
         if not cuda:

@@ -13,17 +13,18 @@
 #      tiny backbone) and cuDNN's convolution algorithms timed instead of chosen by
 #      heuristics (train.cudnn_benchmark); whether this torch's GroupNorm keeps NHWC on the
 #      device (group_norm_keeps_channels_last).
-#   2. The frozen VAE in the recorded joint step: an episode's four encodes as one call
+#   2. Every GroupNorm compiled (train.compile=default train.compile_scope=norms: one function
+#      with dynamic shapes, so few graphs) in the recorded joint step, SD-1.5 in bf16 + NHWC,
+#      where layout copies took ~11 ms of the step, and the tiny backbone; each against the
+#      step without it. The first compiled variant also says how long compilation takes here.
+#   3. The frozen VAE in the recorded joint step: an episode's four encodes as one call
 #      (method.batched_encode) and a bf16 VAE without autocast (method.vae_dtype=bfloat16),
 #      SD-1.5 and the tiny backbone; inference with 64-slice chunks and a bf16 VAE with and
 #      without autocast (autocast runs GroupNorm in fp32), plain and recorded, two of them
 #      with train.cudnn_benchmark too.
-#   3. fidelity=code: the recorded step against the eager one now that every variant starts
+#   4. fidelity=code: the recorded step against the eager one now that every variant starts
 #      from the same generator states (the first measurement compared different posterior
 #      draws: 37 %), with an eager repeat for the drift of two eager runs.
-#   4. Compiled blocks (train.compile=default train.compile_scope=blocks) inside the recorded
-#      step, tiny backbone (compilation needed > 80 s; 120 s here). SD-1.5's compilation took
-#      > 100 s and is left out until the tiny one is known to finish.
 #   5. ADNet and Q-Net, recorded vs eager and eager vs eager, from the same generator states,
 #      each where the time left allows it.
 #
@@ -56,14 +57,14 @@ check 95 gpu_step_switches_h100 --steps 8 --warmup 2 --tiny-steps 60 --budget-s 
   --only tf32_fused_joint_graph tf32_fused_joint_fclip_graph tf32_fused_joint_cudnnbench_graph \
   bf16_autocast_nhwc_joint_graph bf16_autocast_nhwc_joint_fclip_graph bf16_autocast_nhwc_joint_cudnnbench_graph \
   tiny_joint_graph tiny_joint_fclip_graph
+check 150 gpu_norms_h100 --steps 8 --warmup 2 --tiny-steps 60 --budget-s 145 --compile-budget-s 60 \
+  --only bf16_autocast_nhwc_joint_graph bf16_autocast_nhwc_joint_norms_graph tiny_joint_graph tiny_joint_norms_graph
 check 150 gpu_vae_h100 --steps 8 --warmup 2 --tiny-steps 60 --budget-s 145 \
   --only tf32_fused_joint_graph tf32_fused_joint_batched_graph tf32_fused_joint_bf16vae_graph \
   tf32_fused_joint_batched_bf16vae_graph bf16_autocast_nhwc_joint_graph bf16_autocast_nhwc_joint_batched_graph \
   predict tiny_joint_graph tiny_joint_batched_graph
 check 95 gpu_reseeded_code_h100 --extra fidelity=code --steps 4 --warmup 2 --budget-s 90 \
   --only tf32_fused tf32_fused_repeat tf32_fused_graph
-check 150 gpu_blocks_tiny_h100 --steps 8 --warmup 2 --tiny-steps 60 --budget-s 145 --compile-budget-s 120 \
-  --only tiny_eager tiny_graph tiny_blocks_graph
 for method in adnet qnet; do
   if (( SECONDS + 45 > 590 )); then  # the lent machine's limit per command is 600 s
     echo "gpu_reseeded_${method}_h100 skipped: ${SECONDS} s used" | tee -a "$LOG"

@@ -74,10 +74,12 @@ def test_recorded_step_gives_the_plain_losses(tmp_path, monkeypatch, base):
     assert _close(plain, graphed, 1e-5), (plain, graphed)
 
 
-def test_recorded_step_of_compiled_blocks_gives_the_plain_losses(monkeypatch):
-    """``train.compile=default train.compile_scope=blocks`` with the recorded step: the eager
-    warm-up steps compile the blocks, the recorded step runs the compiled blocks (the
-    prototype has no blocks, tiny SD-FSMIS takes ~23 s: a two-block method, six steps)."""
+@pytest.mark.parametrize("scope", ["blocks", "norms"])
+def test_recorded_step_of_compiled_blocks_gives_the_plain_losses(monkeypatch, scope):
+    """``train.compile=default train.compile_scope=blocks`` (or ``norms``) with the recorded
+    step: the eager warm-up steps compile the blocks (or the GroupNorms), the recorded step
+    runs them compiled (the prototype has no blocks, tiny SD-FSMIS takes ~23 s: a two-block
+    method, six steps)."""
     monkeypatch.setattr(step_module, "COMPILE_BACKEND", "aot_eager")
     torch._dynamo.reset()
     batches = [_sampler().batch(2) for _ in range(STEPS)]
@@ -87,7 +89,7 @@ def test_recorded_step_of_compiled_blocks_gives_the_plain_losses(monkeypatch):
         accelerator = Accelerator(cpu=True)
         method = _Blocks()
         if compiled:
-            compile_method(method, "default", "blocks")
+            compile_method(method, "default", scope)
         optimizer = torch.optim.AdamW(method.parameters(), lr=1e-2)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (1 + s))
         kwargs = {"grad_clip": 1.0}
@@ -103,7 +105,10 @@ def test_recorded_step_of_compiled_blocks_gives_the_plain_losses(monkeypatch):
         graphed, step = losses(True)
     torch._dynamo.reset()
     assert step.graphed and step.fell_back is None
-    assert all(block._compiled_call_impl is not None for block in step.method.blocks)
+    if scope == "blocks":
+        assert all(block._compiled_call_impl is not None for block in step.method.blocks)
+    else:
+        assert all(type(block.norm).__name__ == "CompiledGroupNorm" for block in step.method.blocks)
     assert _close(plain, graphed, 1e-5), (plain, graphed)
 
 
@@ -241,6 +246,7 @@ RESOLUTION = [
     (_options(cuda_graph=True, compile="reduce-overhead"), CUDA, 1, "train.compile=reduce-overhead records CUDA graphs"),
     (_options(cuda_graph=True, compile="max-autotune"), CUDA, 1, "train.compile=max-autotune records CUDA graphs"),
     (_options(cuda_graph=True, compile="default", compile_scope="blocks"), CUDA, 1, True),
+    (_options(cuda_graph=True, compile="default", compile_scope="norms"), CUDA, 1, True),
 ]
 
 

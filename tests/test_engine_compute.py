@@ -104,13 +104,17 @@ def test_bf16_weights_need_bf16_autocast(tmp_path):
         _losses(tmp_path, [*PROTOTYPE, "train.weight_dtype=bfloat16"], "bad")
 
 
-@pytest.mark.parametrize("base, scope", [(PROTOTYPE, "model"), pytest.param(TINY_SD, "model", marks=pytest.mark.slow),
-                                         pytest.param(TINY_SD, "blocks", marks=pytest.mark.slow)],
-                         ids=["prototype", "tiny-sdfsmis", "tiny-sdfsmis-blocks"])
+@pytest.mark.parametrize("base, scope", [(PROTOTYPE, "model"), (PROTOTYPE, "norms"),
+                                         pytest.param(TINY_SD, "model", marks=pytest.mark.slow),
+                                         pytest.param(TINY_SD, "blocks", marks=pytest.mark.slow),
+                                         pytest.param(TINY_SD, "norms", marks=pytest.mark.slow)],
+                         ids=["prototype", "prototype-norms", "tiny-sdfsmis", "tiny-sdfsmis-blocks",
+                              "tiny-sdfsmis-norms"])
 def test_compile_gives_the_plain_losses(tmp_path, monkeypatch, base, scope):
     """torch.compile's graph capture (dynamo + AOT autograd; the ``aot_eager`` backend skips
     code generation, which the GPU benchmark measures) computes the plain losses, of the
-    whole method or of its blocks one by one (the prototype has no blocks: see below)."""
+    whole method, of its blocks one by one (the prototype has no blocks: see below) or of
+    its GroupNorms."""
     torch._dynamo.reset()
     plain = _losses(tmp_path, base, "plain")
     monkeypatch.setattr(step_module, "COMPILE_BACKEND", "aot_eager")
@@ -173,6 +177,84 @@ def test_blocks_scope_without_blocks_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="method prototype has no repeated blocks") as caught:
         _losses(tmp_path, [*PROTOTYPE, "train.compile=default", "train.compile_scope=blocks"], "blocks")
     assert "train.compile_scope=model" in caught.value.hint
+
+
+class _NoNorms(Method):
+    def __init__(self) -> None:
+        super().__init__(compose(PROTOTYPE))
+        self.head = torch.nn.Conv2d(1, 1, 1)
+
+    def training_loss(self, batch: EpisodeBatch) -> torch.Tensor:
+        return self.head(batch.query_images).mean()
+
+
+def test_norms_scope_without_group_norm_is_a_config_error():
+    with pytest.raises(ConfigError, match="method prototype has no GroupNorm to compile") as caught:
+        compile_method(_NoNorms(), "default", "norms")
+    assert "train.compile_scope=model" in caught.value.hint
+
+
+def _norm_stack() -> torch.nn.Sequential:
+    """Three GroupNorms of different widths between convolutions, as in a U-Net stage."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.GroupNorm(4, 8), torch.nn.SiLU(),
+        torch.nn.Conv2d(8, 16, 3, stride=2, padding=1), torch.nn.GroupNorm(4, 16, eps=1e-6), torch.nn.SiLU(),
+        torch.nn.Conv2d(16, 12, 1), torch.nn.GroupNorm(3, 12), torch.nn.SiLU(),
+    )
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_norms_scope_shares_one_graph_across_shapes_and_keeps_the_layout(monkeypatch, channels_last):
+    """``train.compile_scope=norms``: GroupNorms of three widths and two spatial sizes run
+    three compiled graphs forward, one per ``(num_groups, eps)`` pair (dynamo specialises
+    those, not the shapes); outputs, gradients and the state dict are the eager module's; an
+    NHWC input gives NHWC outputs, so the next convolution reads them as they lie."""
+    from fsmis_bench.training.compiled_norms import CompiledGroupNorm
+
+    monkeypatch.setattr(step_module, "COMPILE_BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    plain, compiled = _norm_stack(), _norm_stack()
+    keys = list(compiled.state_dict())
+    form = torch.channels_last if channels_last else torch.contiguous_format
+    plain.to(memory_format=form)
+    compiled.to(memory_format=form)
+    norms = compile_method(compiled, "default", "norms")
+    assert [type(m) for m in norms] == [CompiledGroupNorm] * 3
+    assert all(isinstance(m, torch.nn.GroupNorm) for m in norms) and list(compiled.state_dict()) == keys
+    counters.clear()
+    for size in (16, 12):  # a second input size reuses the graphs
+        x = torch.randn(2, 4, size, size).to(memory_format=form)
+        want, got = plain(x), compiled(x)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(torch.autograd.grad(got.square().sum(), list(compiled.parameters())),
+                                   torch.autograd.grad(want.square().sum(), list(plain.parameters())),
+                                   rtol=1e-4, atol=1e-5)
+        inner = compiled[1](compiled[0](x))
+        assert inner.is_contiguous(memory_format=form)
+    assert counters["stats"]["unique_graphs"] == 3, dict(counters["stats"])
+    torch._dynamo.reset()
+
+
+def test_compiled_norm_returns_nhwc_where_eager_group_norm_would_not(monkeypatch):
+    """CUDA's eager GroupNorm returns NCHW for an NHWC input (the CPU's keeps NHWC); the
+    compiled function hands the next convolution NHWC either way. A stand-in for the CUDA
+    kernel's layout, on the CPU."""
+    import types
+
+    from fsmis_bench.training import compiled_norms
+
+    def nchw_group_norm(*args):
+        return torch.nn.functional.group_norm(*args).contiguous()
+
+    monkeypatch.setattr(compiled_norms, "F", types.SimpleNamespace(group_norm=nchw_group_norm))
+    x = torch.randn(2, 8, 6, 6).to(memory_format=torch.channels_last)
+    weight, bias = torch.randn(8), torch.randn(8)
+    out = compiled_norms._group_norm(x, 4, weight, bias, 1e-5)
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    torch.testing.assert_close(out, torch.nn.functional.group_norm(x, 4, weight, bias, 1e-5))
+    flat = torch.randn(2, 8, 6, 6)
+    assert compiled_norms._group_norm(flat, 4, weight, bias, 1e-5).is_contiguous()
 
 
 def test_compile_regions_of_tiny_sdfsmis(monkeypatch):

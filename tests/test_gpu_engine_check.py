@@ -14,7 +14,12 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_engine_check.
 
 
 @pytest.mark.slow
-def test_cpu_smoke_mode_runs_every_variant(capsys, tmp_path):
+def test_cpu_smoke_mode_runs_every_variant(capsys, tmp_path, monkeypatch):
+    from fsmis_bench.training import step as step_module
+
+    # compiled GroupNorms: dynamo's capture without code generation, which the GPU measures
+    monkeypatch.setattr(step_module, "COMPILE_BACKEND", "aot_eager")
+    torch._dynamo.reset()
     spec = importlib.util.spec_from_file_location("gpu_engine_check", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -30,7 +35,7 @@ def test_cpu_smoke_mode_runs_every_variant(capsys, tmp_path):
     expected = {"fp32", "tf32", "tf32_fused", "tf32_fused_repeat", "tf32_fused_batch4", "lowmem", "bf16_autocast",
                 "bf16_autocast_repeat", "bf16_master", "tf32_fused_nhwc", "bf16_autocast_nhwc", "tf32_fused_joint",
                 "tf32_fused_joint_batched", "tf32_fused_joint_bf16vae", "tf32_fused_joint_fclip",
-                "tf32_fused_joint_cudnnbench"}
+                "tf32_fused_joint_cudnnbench", "tf32_fused_joint_norms"}
     assert set(result["train"]) == expected, result["skipped"]
     for name, row in result["train"].items():
         assert row["loss_finite"] and row["median_s"] > 0 and row["n"] == 1, name
@@ -70,6 +75,11 @@ def test_cpu_smoke_mode_runs_every_variant(capsys, tmp_path):
     assert cudnn["loss_max_rel_diff_vs_cudnn_heuristics"] == 0.0 and cudnn["speedup_vs_cudnn_heuristics"] > 0
     assert cudnn["cudnn_benchmark"] is True and result["train"]["tf32_fused_joint"]["cudnn_benchmark"] is False
     assert torch.backends.cudnn.benchmark is False
+    # every GroupNorm ran compiled in the norms variant, the plain losses; eager again after it
+    norms_name = "tf32_fused_joint_norms"
+    norms = result["train"][norms_name]
+    assert norms["compiled_group_norms"] > 0 and norms["loss_max_rel_diff_vs_eager_norms"] < 1e-5
+    assert all(row["compiled_group_norms"] == 0 for name, row in result["train"].items() if name != norms_name)
     cuda_only = {"tf32_fused_graph", "tf32_fused_batch4_graph", "bf16_autocast_graph", "bf16_master_graph", "tiny_graph",
                  "tf32_fused_nhwc_graph", "bf16_autocast_nhwc_graph", "tf32_fused_blocks_graph",
                  "bf16_autocast_nhwc_blocks_graph", "tiny_blocks_graph", "tf32_fused_joint_graph",
@@ -77,7 +87,8 @@ def test_cpu_smoke_mode_runs_every_variant(capsys, tmp_path):
                  "bf16_autocast_nhwc_joint_batched_graph", "tf32_fused_joint_bf16vae_graph",
                  "tf32_fused_joint_batched_bf16vae_graph", "tiny_joint_batched_graph", "tf32_fused_joint_fclip_graph",
                  "bf16_autocast_nhwc_joint_fclip_graph", "tiny_joint_fclip_graph", "tf32_fused_joint_cudnnbench_graph",
-                 "bf16_autocast_nhwc_joint_cudnnbench_graph"}
+                 "bf16_autocast_nhwc_joint_cudnnbench_graph", "tf32_fused_joint_norms_graph",
+                 "bf16_autocast_nhwc_joint_norms_graph", "tiny_joint_norms_graph"}
     assert set(result["skipped"]) == cuda_only
 
 
@@ -105,9 +116,9 @@ def test_the_prepared_gpu_speed_script_names_only_known_variants():
     script = (SCRIPT.parent / "gpu_speed_check.sh").read_text().replace("\\\n", " ")  # continued lines
     source = SCRIPT.read_text()
     selected = {name for line in re.findall(r"--only ([^\n]+)", script) for name in line.split()}
-    assert {"tf32_fused_repeat", "tf32_fused_graph", "tiny_blocks_graph", "tf32_fused_joint_batched_graph",
+    assert {"tf32_fused_repeat", "tf32_fused_graph", "tiny_joint_norms_graph", "tf32_fused_joint_batched_graph",
             "tf32_fused_joint_bf16vae_graph", "tiny_joint_batched_graph", "predict", "tf32_fused_joint_fclip_graph",
-            "tiny_joint_fclip_graph", "tf32_fused_joint_cudnnbench_graph"} <= selected
+            "tiny_joint_fclip_graph", "tf32_fused_joint_cudnnbench_graph", "bf16_autocast_nhwc_joint_norms_graph"} <= selected
     for name in selected:
         assert f'"{name}"' in source, name
 

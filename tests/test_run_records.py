@@ -594,6 +594,9 @@ def test_speed_switches_keep_earlier_run_identities():
                       "train.compile_scope=blocks"])
     model = compose(["method=sdfsmis", "backbone=tiny", "pretrained=false", "train.compile=default"])
     assert training_hash(blocks) != training_hash(model) and config_hash(blocks) != config_hash(model)
+    norms = compose(["method=sdfsmis", "backbone=tiny", "pretrained=false", "train.compile=default",
+                     "train.compile_scope=norms"])
+    assert len({training_hash(norms), training_hash(blocks), training_hash(model)}) == 3
     joint = compose(["method=sdfsmis", "backbone=tiny", "pretrained=false", "method.joint_pass=true"])
     assert training_hash(joint) != training_hash(cfg) and config_hash(joint) != config_hash(cfg)
     fused = compose(["method=sdfsmis", "backbone=tiny", "pretrained=false", "train.fused_optimizer=true"])

@@ -10,9 +10,10 @@ Compute switches, each off in the plain path and tested against it (tests/test_e
   ``default`` | ``reduce-overhead`` (CUDA graphs) | ``max-autotune-no-cudagraphs`` |
   ``max-autotune``); shapes are static, so it compiles once.
 * ``train.compile_scope``: what ``train.compile`` compiles (:func:`compile_method`):
-  ``model`` (the whole training forward) or ``blocks`` (regional compilation: each repeated
+  ``model`` (the whole training forward), ``blocks`` (regional compilation: each repeated
   block of :meth:`~fsmis_bench.method.Method.compile_regions` on its own, so that identical
-  blocks share compiled graphs and compilation takes a few blocks' time).
+  blocks share compiled graphs and compilation takes a few blocks' time) or ``norms`` (every
+  GroupNorm runs one compiled function with dynamic shapes: :mod:`.compiled_norms`).
 * ``train.channels_last``: NHWC memory format for the method's 4-D weights.
 * ``train.weight_dtype``: ``bfloat16`` stores the weights in bf16 with fp32 master copies
   in the optimiser (``mixed_precision=bf16`` autocast around them); see :mod:`.optim`.
@@ -39,10 +40,11 @@ from omegaconf import DictConfig
 
 from ..errors import ConfigError, FsmisError
 from ..method import EpisodeBatch, Method
+from .compiled_norms import compile_group_norms
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
 #: ``train.compile_scope``: the whole method, or its repeated blocks one by one
-COMPILE_SCOPES = ("model", "blocks")
+COMPILE_SCOPES = ("model", "blocks", "norms")
 ACCUMULATION = ("sequential", "batched")
 #: compiled variants allowed per region under ``compile_scope=blocks`` (dynamo's default per object)
 REGION_RECOMPILES = 8
@@ -59,7 +61,7 @@ class ComputeOptions:
     """The compute switches of ``cfg.train`` (defaults: the plain path)."""
 
     compile: str | None = None
-    compile_scope: str = "model"  # "model" | "blocks" (see compile_method)
+    compile_scope: str = "model"  # "model" | "blocks" | "norms" (see compile_method)
     channels_last: bool = False
     weight_dtype: str = "float32"
     optimizer: str = "adamw"
@@ -154,27 +156,33 @@ def compile_method(method: Method, mode: str, scope: str = "model") -> list[torc
       out its transformer blocks (they look their support-bank entry up by layer name). The
       code between the blocks runs eagerly, and the regions stay compiled for evaluation too.
       ``train.compile`` off: nothing is compiled, whatever the scope.
+    * ``norms``: every ``nn.GroupNorm`` of the method runs one compiled function with dynamic
+      shapes (:func:`~.compiled_norms.compile_group_norms`), for training and evaluation.
 
-    Like ``train.compile``, ``blocks`` is part of the run's hash: it changes the generated
+    Like ``train.compile``, ``blocks`` and ``norms`` are part of the run's hash: it changes the generated
     kernels, hence the rounding, not the model. ``model``, the value every earlier run had,
     is left out of the hash, so earlier records keep their identity (records.py).
 
     Returns:
         the compiled modules (``[method]`` for ``model``).
     Raises:
-        ConfigError: ``blocks`` on a method without regions.
+        ConfigError: ``blocks`` on a method without regions, ``norms`` on one without GroupNorm.
     """
     if scope == "model":
         method.compile(mode=mode, backend=COMPILE_BACKEND, dynamic=False)
         return [method]
+    if scope == "norms":
+        norms = compile_group_norms(method, mode, COMPILE_BACKEND)
+        if not norms:
+            raise ConfigError(f"train.compile_scope=norms: method {_method_name(method)} has no GroupNorm to compile",
+                              hint="use train.compile_scope=model (the whole training forward)")
+        return norms
     if scope != "blocks":
         raise ConfigError(f"train.compile_scope={scope!r} is unknown", hint=f"use one of {', '.join(COMPILE_SCOPES)}")
     regions = method.compile_regions()
     if not regions:
-        method_cfg = getattr(method, "cfg", None)
-        name = method_cfg.method.get("name") if isinstance(method_cfg, DictConfig) and "method" in method_cfg else None
         raise ConfigError(
-            f"train.compile_scope=blocks: method {name or type(method).__name__} has no repeated blocks to compile",
+            f"train.compile_scope=blocks: method {_method_name(method)} has no repeated blocks to compile",
             hint="use train.compile_scope=model (the whole training forward)",
         )
     # Each compiled variant (shape, grad mode) is one cache entry of its class's forward,
@@ -188,6 +196,13 @@ def compile_method(method: Method, mode: str, scope: str = "model") -> list[torc
     for region in regions:
         region.compile(mode=mode, backend=COMPILE_BACKEND, dynamic=False)
     return regions
+
+
+def _method_name(method: Method) -> str:
+    """The plugin name a user typed (``method.name``), else the class name."""
+    method_cfg = getattr(method, "cfg", None)
+    name = method_cfg.method.get("name") if isinstance(method_cfg, DictConfig) and "method" in method_cfg else None
+    return str(name or type(method).__name__)
 
 
 class TrainStep:

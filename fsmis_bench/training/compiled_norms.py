@@ -1,0 +1,85 @@
+"""``train.compile_scope=norms``: every GroupNorm of a method runs one compiled function.
+
+Why GroupNorm: PyTorch's CUDA GroupNorm reads NCHW. In the SD-1.5 step with
+``train.channels_last`` on an H100 (torch 2.11, ``gpu_engine_nhwc_h100.json``) its NCHW
+moments kernel took 6.4 ms per step, beside 11 ms of strided elementwise copies, of 88 ms
+of kernel time (TF32, two passes; the default joint step takes 78 ms). The compiled kernels read the NHWC activations where they lie
+and write NHWC for the next convolution, forward and backward.
+
+Why one function with dynamic shapes: compilation time, which is what kept compiled blocks
+(``train.compile_scope=blocks``) out of reach on a lent GPU (over 100 s for SD-1.5). Blocks
+compile one graph per block shape; here a graph covers every shape of one dtype, memory
+format, grad mode, group count and ``eps``. The tiny SD-FSMIS step on the 2-core
+development CPU (``benchmarks/compile_cost.py method=sdfsmis backbone=tiny
+train.channels_last=true method.vae_dtype=bfloat16 train.compile=default
+train.compile_scope=norms``, then ``=blocks``): 4 graphs and a 24.4 s first step, against 15
+graphs and 64.8 s for its blocks; the same first loss as the plain step. On the CPU it is
+no faster afterwards (0.324 s per step against 0.288 s plain): the CPU's GroupNorm reads
+NHWC already.
+
+The modules keep their parameters, names and state dict; only their class changes (to
+:class:`CompiledGroupNorm`, still an ``nn.GroupNorm``), so checkpoints are unaffected.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+#: dynamo's per-function graph limit while norms are compiled; a variant past the limit
+#: would run eagerly from then on, silently (the default, 8, is near a diffusion method's count)
+NORM_RECOMPILES = 32
+
+
+def _group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                eps: float) -> torch.Tensor:
+    """``F.group_norm`` whose output keeps an NHWC input's memory format: the next
+    convolution then reads it without a copy (eager CUDA GroupNorm returns NCHW)."""
+    out = F.group_norm(x, num_groups, weight, bias, eps)
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out
+
+
+class CompiledGroupNorm(nn.GroupNorm):
+    """An ``nn.GroupNorm`` whose forward calls the shared compiled function.
+
+    Shapes: ``(B, C, *)`` in and out, as ``nn.GroupNorm``.
+    """
+
+    compiled_group_norm: Callable[..., torch.Tensor]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Views, not the Parameters: dynamo keeps a Parameter's shape static, which would
+        # compile one graph per channel count. A view costs no kernel; gradients flow through it.
+        weight = None if self.weight is None else self.weight.view(-1)
+        bias = None if self.bias is None else self.bias.view(-1)
+        return self.compiled_group_norm(x, self.num_groups, weight, bias, self.eps)
+
+
+def group_norms(module: nn.Module) -> list[nn.GroupNorm]:
+    """Every ``nn.GroupNorm`` inside ``module``, in module order."""
+    return [m for m in module.modules() if isinstance(m, nn.GroupNorm)]
+
+
+def compile_group_norms(module: nn.Module, mode: str, backend: str) -> list[nn.GroupNorm]:
+    """Switch every GroupNorm of ``module`` to one ``torch.compile``-d function (in place).
+
+    Returns:
+        the switched modules (empty when ``module`` has no GroupNorm: nothing changes).
+    """
+    norms = group_norms(module)
+    if not norms:
+        return []
+    compiled = torch.compile(_group_norm, mode=mode, backend=backend, dynamic=True)
+    config = torch._dynamo.config
+    # torch < 2.6 names it cache_size_limit
+    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, limit, max(getattr(config, limit), NORM_RECOMPILES))
+    for norm in norms:
+        norm.__class__ = CompiledGroupNorm
+        norm.compiled_group_norm = compiled
+    return norms
