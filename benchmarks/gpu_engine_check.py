@@ -578,6 +578,9 @@ def main(argv: list[str] | None = None) -> int:
         ("tf32_fused_joint_norms_graph", [fused, joint, *norms, graph], "no", True),
         ("bf16_autocast_nhwc_joint_norms_graph", [fused, "train.channels_last=true", joint, *norms, graph],
          "bf16", True),
+        # both candidates on the fastest path: the clipping inside AdamW and compiled GroupNorms
+        ("bf16_autocast_nhwc_joint_fclip_norms_graph",
+         [fused, "train.channels_last=true", joint, fclip, *norms, graph], "bf16", True),
         # compiled blocks (fused GroupNorm/SiLU/elementwise kernels) inside the recorded step;
         # compared with the eager variant without `_blocks`
         ("tf32_fused_blocks_graph", [fused, *blocks, graph], "no", True),

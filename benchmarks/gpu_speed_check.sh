@@ -16,7 +16,9 @@
 #   2. Every GroupNorm compiled (train.compile=default train.compile_scope=norms: one function
 #      with dynamic shapes, so few graphs) in the recorded joint step, SD-1.5 in bf16 + NHWC,
 #      where layout copies took ~11 ms of the step, and the tiny backbone; each against the
-#      step without it. The first compiled variant also says how long compilation takes here.
+#      step without it. The first compiled variant also says how long compilation takes here
+#      (the later ones reuse its graphs). Then both candidates together, clipping inside AdamW
+#      and compiled GroupNorms, on the bf16 + NHWC step: whether it reaches the 0.05 s target.
 #   3. The frozen VAE in the recorded joint step: an episode's four encodes as one call
 #      (method.batched_encode) and a bf16 VAE without autocast (method.vae_dtype=bfloat16),
 #      SD-1.5 and the tiny backbone; inference with 64-slice chunks and a bf16 VAE with and
@@ -58,7 +60,8 @@ check 95 gpu_step_switches_h100 --steps 8 --warmup 2 --tiny-steps 60 --budget-s 
   bf16_autocast_nhwc_joint_graph bf16_autocast_nhwc_joint_fclip_graph bf16_autocast_nhwc_joint_cudnnbench_graph \
   tiny_joint_graph tiny_joint_fclip_graph
 check 150 gpu_norms_h100 --steps 8 --warmup 2 --tiny-steps 60 --budget-s 145 --compile-budget-s 60 \
-  --only bf16_autocast_nhwc_joint_graph bf16_autocast_nhwc_joint_norms_graph tiny_joint_graph tiny_joint_norms_graph
+  --only bf16_autocast_nhwc_joint_graph bf16_autocast_nhwc_joint_norms_graph bf16_autocast_nhwc_joint_fclip_graph \
+  bf16_autocast_nhwc_joint_fclip_norms_graph tiny_joint_graph tiny_joint_norms_graph
 check 150 gpu_vae_h100 --steps 8 --warmup 2 --tiny-steps 60 --budget-s 145 \
   --only tf32_fused_joint_graph tf32_fused_joint_batched_graph tf32_fused_joint_bf16vae_graph \
   tf32_fused_joint_batched_bf16vae_graph bf16_autocast_nhwc_joint_graph bf16_autocast_nhwc_joint_batched_graph \
