@@ -43,7 +43,9 @@ weights are restored before each), in this order:
 * ``*_norms``: + ``train.compile=default train.compile_scope=norms`` (every GroupNorm runs
   one compiled function with dynamic shapes: NHWC read and written in place, and far fewer
   graphs to compile than ``_blocks``), compared with the same variant without it
-  (``speedup_vs_eager_norms``); ``compiled_group_norms`` counts the GroupNorms that ran compiled;
+  (``speedup_vs_eager_norms``); ``compiled_group_norms`` counts the GroupNorms that ran compiled,
+  ``graphs_compiled`` the graphs dynamo compiled for the variant (none where an earlier
+  variant's graphs serve);
 * ``*_joint``: + ``method.joint_pass=true`` (support and query through the U-Net as one
   batch), compared with the eager variant without ``_joint`` and, as
   ``speedup_vs_two_pass``, with the same variant's two-pass form;
@@ -94,6 +96,7 @@ from typing import Any
 
 import fsmis_bench  # noqa: E402,F401  (its OpenMP wait settings, before torch loads OpenMP)
 import torch  # noqa: E402
+from torch._dynamo.utils import counters  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_sd15_check import _peak_gib, _reset_memory, _summary, _sync, measure_inference  # noqa: E402
@@ -455,11 +458,14 @@ def main(argv: list[str] | None = None) -> int:
             cfg = _config([*(config or base), *overrides])
             if built_options is not None:
                 target_model.options = type(target_model).resolve_options(cfg.method, target_model.fidelity)
+            graphs_before = counters["stats"]["unique_graphs"]
             out = engine_steps(target_model, cfg, device, warmup=args.warmup,
                                steps=steps, workers=workers, mixed_precision=mixed,
                                profile_steps=args.profile if not name.endswith("_graph") else 0)
             out["cudnn_benchmark"] = torch.backends.cudnn.benchmark  # as the variant ran
             out["compiled_group_norms"] = sum(isinstance(m, CompiledGroupNorm) for m in target_model.modules())
+            if "train.compile=default" in overrides:  # dynamo's graphs compiled by this variant (forward)
+                out["graphs_compiled"] = counters["stats"]["unique_graphs"] - graphs_before
             joint_pass = getattr(getattr(target_model, "options", None), "joint_pass", None)
             if joint_pass is not None:
                 out["joint_pass"] = joint_pass

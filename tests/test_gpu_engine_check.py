@@ -79,6 +79,7 @@ def test_cpu_smoke_mode_runs_every_variant(capsys, tmp_path, monkeypatch):
     norms_name = "tf32_fused_joint_norms"
     norms = result["train"][norms_name]
     assert norms["compiled_group_norms"] > 0 and norms["loss_max_rel_diff_vs_eager_norms"] < 1e-5
+    assert norms["graphs_compiled"] >= 1
     assert all(row["compiled_group_norms"] == 0 for name, row in result["train"].items() if name != norms_name)
     cuda_only = {"tf32_fused_graph", "tf32_fused_batch4_graph", "bf16_autocast_graph", "bf16_master_graph", "tiny_graph",
                  "tf32_fused_nhwc_graph", "bf16_autocast_nhwc_graph", "tf32_fused_blocks_graph",
