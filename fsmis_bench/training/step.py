@@ -43,7 +43,7 @@ from ..method import EpisodeBatch, Method
 from .compiled_norms import compile_group_norms
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
-#: ``train.compile_scope``: the whole method, or its repeated blocks one by one
+#: ``train.compile_scope``: the whole method, its repeated blocks one by one, or its GroupNorms
 COMPILE_SCOPES = ("model", "blocks", "norms")
 ACCUMULATION = ("sequential", "batched")
 #: compiled variants allowed per region under ``compile_scope=blocks`` (dynamo's default per object)
@@ -159,8 +159,8 @@ def compile_method(method: Method, mode: str, scope: str = "model") -> list[torc
     * ``norms``: every ``nn.GroupNorm`` of the method runs one compiled function with dynamic
       shapes (:func:`~.compiled_norms.compile_group_norms`), for training and evaluation.
 
-    Like ``train.compile``, ``blocks`` and ``norms`` are part of the run's hash: it changes the generated
-    kernels, hence the rounding, not the model. ``model``, the value every earlier run had,
+    Like ``train.compile``, ``blocks`` and ``norms`` are part of the run's hash: they change
+    the generated kernels, hence the rounding, not the model. ``model``, the value every earlier run had,
     is left out of the hash, so earlier records keep their identity (records.py).
 
     Returns:
