@@ -110,7 +110,7 @@ def test_bf16_weights_need_bf16_autocast(tmp_path):
                                          pytest.param(TINY_SD, "norms", marks=pytest.mark.slow)],
                          ids=["prototype", "prototype-norms", "tiny-sdfsmis", "tiny-sdfsmis-blocks",
                               "tiny-sdfsmis-norms"])
-def test_compile_gives_the_plain_losses(tmp_path, monkeypatch, base, scope):
+def test_compile_gives_the_plain_losses(tmp_path, monkeypatch, capsys, base, scope):
     """torch.compile's graph capture (dynamo + AOT autograd; the ``aot_eager`` backend skips
     code generation, which the GPU benchmark measures) computes the plain losses, of the
     whole method, of its blocks one by one (the prototype has no blocks: see below) or of
@@ -118,10 +118,13 @@ def test_compile_gives_the_plain_losses(tmp_path, monkeypatch, base, scope):
     torch._dynamo.reset()
     plain = _losses(tmp_path, base, "plain")
     monkeypatch.setattr(step_module, "COMPILE_BACKEND", "aot_eager")
+    assert "compile" not in capsys.readouterr().err
     with torch._dynamo.config.patch(recompile_limit=8):  # blocks raises it (restored after)
         compiled = _losses(tmp_path, [*base, "train.compile=default", f"train.compile_scope={scope}"], "compiled")
     torch._dynamo.reset()
     assert _close(plain, compiled, 1e-5), (plain, compiled)
+    # the progress bar stands still while the first step compiles: the run says why
+    assert f"train.compile=default (scope {scope}): the first steps compile" in capsys.readouterr().err
 
 
 class _Blocks(Method):

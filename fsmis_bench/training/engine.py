@@ -236,6 +236,10 @@ def train(
         disable=not accelerator.is_main_process or os.environ.get("FSMIS_NO_PROGRESS") == "1",
     )
     log_every = int(tcfg.log_every)
+    if setup.options.compile is not None and accelerator.is_main_process and start < steps:
+        # the bar stands still while the first step compiles; say why
+        tqdm.write(f"train.compile={setup.options.compile} (scope {setup.options.compile_scope}): "
+                   "the first steps compile, which can take minutes", file=sys.stderr)
 
     def stop_now() -> bool:
         # One process alone: its flag, every step. Several: agreed on at log steps (a
