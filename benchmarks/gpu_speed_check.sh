@@ -59,7 +59,7 @@ check 95 gpu_step_switches_h100 --steps 8 --warmup 2 --tiny-steps 60 --budget-s 
   --only tf32_fused_joint_graph tf32_fused_joint_fclip_graph tf32_fused_joint_cudnnbench_graph \
   bf16_autocast_nhwc_joint_graph bf16_autocast_nhwc_joint_fclip_graph bf16_autocast_nhwc_joint_cudnnbench_graph \
   tiny_joint_graph tiny_joint_fclip_graph
-check 150 gpu_norms_h100 --steps 8 --warmup 2 --tiny-steps 60 --budget-s 145 --compile-budget-s 60 \
+check 150 gpu_norms_h100 --steps 8 --warmup 2 --tiny-steps 60 --budget-s 145 --compile-budget-s 30 \
   --only bf16_autocast_nhwc_joint_graph bf16_autocast_nhwc_joint_norms_graph bf16_autocast_nhwc_joint_fclip_graph \
   bf16_autocast_nhwc_joint_fclip_norms_graph tiny_joint_graph tiny_joint_norms_graph
 check 150 gpu_vae_h100 --steps 8 --warmup 2 --tiny-steps 60 --budget-s 145 \
