@@ -410,6 +410,28 @@ def test_messages_name_the_real_cause(tmp_path, capfd, monkeypatch):
             plan(compose(_args(folder)))
 
 
+def test_nibabel_header_messages_reach_no_root_handler(tmp_path):
+    """A handler on the root logger (Hydra's, a notebook's) sees none of nibabel's header
+    messages: they become the load's own error, with the file named."""
+    import io
+    import logging
+
+    folder = make_folder(tmp_path / "zero")
+    image = nib.load(str(folder / "image_2.nii.gz"))
+    broken = nib.Nifti1Image(np.asarray(image.dataobj), None)
+    broken.header["pixdim"][1:4] = [0.0, 1.25, 4.0]
+    nib.save(broken, str(folder / "image_2.nii.gz"))
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logging.getLogger().addHandler(handler)
+    try:
+        with pytest.raises(DataError, match=r"image_2.nii.gz: the header gives a voxel size of 0"):
+            load_dataset("nifti_folder", path=str(folder), label_map=LABEL_MAP).load("2")
+    finally:
+        logging.getLogger().removeHandler(handler)
+    assert "setting 0 dims" not in stream.getvalue()
+
+
 # -- 13. field of view ----------------------------------------------------------------------------
 def test_a_field_of_view_far_from_square_warns(tmp_path):
     folder = tmp_path / "wide"

@@ -122,10 +122,13 @@ class _NibabelMessages:
             self.logger.removeHandler(handler)
         self.collector = _Collect()
         self.logger.addHandler(self.collector)
+        # and none reaches the root logger's handlers (Hydra's, a notebook's)
+        self.propagate, self.logger.propagate = self.logger.propagate, False
         return self.messages
 
     def __exit__(self, *exc) -> bool:
         self.logger.removeHandler(self.collector)
+        self.logger.propagate = self.propagate
         for handler in self.handlers:
             self.logger.addHandler(handler)
         return False
