@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 # Idle OpenMP threads sleep at once in the tests (the package's default is a short spin,
@@ -47,6 +49,20 @@ def real_weights_root() -> Path:
 def _digest_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     """File digests (run identities) are cached in a session folder, not the user's home."""
     os.environ["FSMIS_CACHE_DIR"] = str(tmp_path_factory.mktemp("digest_cache"))
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored() -> Iterator[None]:
+    """A sweep (`run -m`) lets Hydra put stream and file handlers on the root logger, bound
+    to what the test captured; left there, they would write to closed streams in later tests
+    ("--- Logging error ---" on stderr). pytest's own capture handlers are left alone."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in [h for h in root.handlers if h not in handlers]:
+        if type(handler) in (logging.StreamHandler, logging.FileHandler):
+            root.removeHandler(handler)
+    root.setLevel(level)
 
 
 @pytest.fixture()
