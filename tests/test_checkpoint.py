@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from fsmis_bench.training.checkpoint import (
-    CheckpointError, clear_training_state, load_training_state, read_safetensors, save_training_state,
+    CheckpointError, clear_training_state, load_training_state, read_safetensors, remove_unfinished_writes,
+    save_training_state,
 )
 from fsmis_bench.training.interrupt import Interrupted, StopRequest
 
@@ -65,6 +66,22 @@ def test_a_new_state_replaces_the_old_pair_and_clear_removes_it(tmp_path):
     assert load_training_state(tmp_path)["step"] == 8
     clear_training_state(tmp_path)
     assert list(tmp_path.iterdir()) == [] and load_training_state(tmp_path) is None
+
+
+def test_unfinished_writes_are_removed_and_nothing_else(tmp_path):
+    """The temporary files a killed write leaves (``.<name>.tmp-<pid>``) go; the resume
+    state and any other file, hidden or not, stay."""
+    save_training_state(tmp_path, {"step": 4, "w": torch.zeros(2)})
+    leftovers = [tmp_path / ".last-00000008.safetensors.tmp-4242", tmp_path / ".last.json.tmp-4242"]
+    for path in leftovers:
+        path.write_bytes(b"partial")
+    (tmp_path / ".keep").write_text("x")
+    (tmp_path / "notes.tmp-1").write_text("x")  # not hidden: not a write of ours
+    assert remove_unfinished_writes(tmp_path) == sorted(leftovers)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".keep", "last-00000004.safetensors", "last.json",
+                                                          "notes.tmp-1"]
+    assert load_training_state(tmp_path)["step"] == 4
+    assert remove_unfinished_writes(tmp_path) == []
 
 
 @pytest.mark.parametrize("damage, message", [

@@ -150,6 +150,34 @@ def test_interrupt_saves_a_checkpoint_at_the_step_boundary(writes, results_dir, 
     assert not (checkpoint_dir / "last.json").exists() and (checkpoint_dir / "final.safetensors").exists()
 
 
+def test_a_write_left_unfinished_by_a_killed_process_is_removed_on_resume(results_dir, monkeypatch, capsys):
+    """``kill -9`` during a checkpoint write leaves its temporary file (10.3 GB for SD-1.5).
+    The resumed training removes it, says so, and the run ends as an uninterrupted one's
+    folder does (which is what the SIGKILL case of the resume test compares)."""
+    from fsmis_bench.training import episodes
+
+    original = episodes.EpisodeSampler.batch
+    calls = {"n": 0}
+
+    def interrupted(self, batch_size):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, batch_size)
+
+    monkeypatch.setattr(episodes.EpisodeSampler, "batch", interrupted)
+    assert main(["run", *SMALL, "train.steps=6"]) == 130
+    (checkpoint_dir,) = {p.parent for p in results_dir.glob("**/checkpoints/all/last.json")}
+    leftover = checkpoint_dir / ".last-00000004.safetensors.tmp-4242"  # what the kill left mid-write
+    leftover.write_bytes(b"partial")
+    monkeypatch.setattr(episodes.EpisodeSampler, "batch", original)
+    capsys.readouterr()
+    assert main(["run", *SMALL, "train.steps=6"]) == 0
+    assert "removed .last-00000004.safetensors.tmp-4242, a checkpoint write" in capsys.readouterr().err
+    assert sorted(p.name for p in checkpoint_dir.iterdir()) == ["final.safetensors", "train_log.csv",
+                                                                 "train_step.json"]
+
+
 def test_smoke_subset_is_evaluated_and_marked(results_dir):
     assert main(["run", "method=support_copy", "protocol.organs=[liver]", "protocol.max_queries=1", "setting=2"]) == 0
     (run_dir,) = _run_dirs(results_dir)

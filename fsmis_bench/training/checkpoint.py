@@ -382,6 +382,23 @@ def load_training_state(directory: Path) -> dict[str, Any] | None:
         raise CheckpointError(f"resume state {path} does not match {tensor_file}: {exc}", hint=hint) from None
 
 
+def remove_unfinished_writes(directory: Path) -> list[Path]:
+    """Delete the temporary files of writes that never finished in ``directory``.
+
+    A process killed while it wrote a checkpoint (``kill -9``, a node lost) leaves its
+    temporary file (``.<name>.tmp-<pid>``; an SD-1.5 resume state is 10.3 GB) that nothing
+    would ever name again. Only one process works on a run (its lock), so when a training
+    starts, every such file in its checkpoint folder is a dead process's.
+
+    Returns:
+        the files removed.
+    """
+    removed = sorted(Path(directory).glob(".*.tmp-*"))
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed
+
+
 def clear_training_state(directory: Path) -> None:
     """Remove the resume state (after the final weights are written)."""
     directory = Path(directory)

@@ -33,8 +33,8 @@ from ..errors import ConfigError
 from ..method import Method
 from ..records import atomic_write
 from .checkpoint import (  # load_weights: re-exported for callers of the engine
-    WEIGHTS_FILE, CheckpointWriter, clear_training_state, load_training_state, load_weights, rng_state,
-    save_weights, set_rng_state, trainable_state,
+    WEIGHTS_FILE, CheckpointWriter, clear_training_state, load_training_state, load_weights,
+    remove_unfinished_writes, rng_state, save_weights, set_rng_state, trainable_state,
 )
 from .episodes import EpisodeSampler
 from .loader import EpisodeLoader, resolve_num_workers
@@ -184,6 +184,10 @@ def train(
     inner: Method = accelerator.unwrap_model(method)
 
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:
+        for leftover in remove_unfinished_writes(checkpoint_dir):
+            tqdm.write(f"removed {leftover.name}, a checkpoint write that an interrupted process left "
+                       f"unfinished ({checkpoint_dir})", file=sys.stderr)
     start, log, elapsed_before = 0, [], 0.0
     if world > 1:  # each process its own stream for randomness drawn in the loss (saved per process)
         torch.manual_seed(int(cfg.seed) * 1_000_003 + rank)
