@@ -240,9 +240,10 @@ def test_norms_scope_shares_one_graph_across_shapes_and_keeps_the_layout(monkeyp
 
 
 def test_compiled_norm_returns_nhwc_where_eager_group_norm_would_not(monkeypatch):
-    """CUDA's eager GroupNorm returns NCHW for an NHWC input (the CPU's keeps NHWC); the
-    compiled function hands the next convolution NHWC either way. A stand-in for the CUDA
-    kernel's layout, on the CPU."""
+    """Where a device's eager GroupNorm returns NCHW for an NHWC input (the CPU's keeps
+    NHWC; whether CUDA's does is what ``group_norm_keeps_channels_last`` in the GPU benchmark
+    records), the compiled function hands the next convolution NHWC all the same. A stand-in
+    for such a kernel, on the CPU."""
     import types
 
     from fsmis_bench.training import compiled_norms

@@ -1,10 +1,10 @@
 """``train.compile_scope=norms``: every GroupNorm of a method runs one compiled function.
 
-Why GroupNorm: PyTorch's CUDA GroupNorm reads NCHW. In the SD-1.5 step with
-``train.channels_last`` on an H100 (torch 2.11, ``gpu_engine_nhwc_h100.json``) its NCHW
-moments kernel took 6.4 ms per step, beside 11 ms of strided elementwise copies, of 88 ms
-of kernel time (TF32, two passes; the default joint step takes 78 ms). The compiled kernels read the NHWC activations where they lie
-and write NHWC for the next convolution, forward and backward.
+Why GroupNorm: in the SD-1.5 step with ``train.channels_last`` on an H100 (torch 2.11,
+``gpu_engine_nhwc_h100.json``; TF32, two passes) PyTorch's GroupNorm still ran its NCHW
+moments kernel, 6.4 ms per step, beside 11 ms of strided elementwise copies, of 88 ms of
+kernel time. The compiled kernels read the NHWC activations where they lie and write NHWC
+for the next convolution, forward and backward.
 
 Why one function with dynamic shapes: compilation time, which is what kept compiled blocks
 (``train.compile_scope=blocks``) out of reach on a lent GPU (over 100 s for SD-1.5). Blocks
@@ -29,15 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-#: dynamo's per-function graph limit while norms are compiled; a variant past the limit
-#: would run eagerly from then on, silently (the default, 8, is near a diffusion method's count)
-NORM_RECOMPILES = 32
-
-
 def _group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
                 eps: float) -> torch.Tensor:
-    """``F.group_norm`` whose output keeps an NHWC input's memory format: the next
-    convolution then reads it without a copy (eager CUDA GroupNorm returns NCHW)."""
+    """``F.group_norm`` whose output keeps an NHWC input's memory format, whatever the
+    device's kernel returns: the next convolution then reads it without a copy."""
     out = F.group_norm(x, num_groups, weight, bias, eps)
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         out = out.contiguous(memory_format=torch.channels_last)
@@ -75,10 +70,6 @@ def compile_group_norms(module: nn.Module, mode: str, backend: str) -> list[nn.G
     if not norms:
         return []
     compiled = torch.compile(_group_norm, mode=mode, backend=backend, dynamic=True)
-    config = torch._dynamo.config
-    # torch < 2.6 names it cache_size_limit
-    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-    setattr(config, limit, max(getattr(config, limit), NORM_RECOMPILES))
     for norm in norms:
         norm.__class__ = CompiledGroupNorm
         norm.compiled_group_norm = compiled

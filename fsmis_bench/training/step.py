@@ -48,6 +48,8 @@ COMPILE_SCOPES = ("model", "blocks", "norms")
 ACCUMULATION = ("sequential", "batched")
 #: compiled variants allowed per region under ``compile_scope=blocks`` (dynamo's default per object)
 REGION_RECOMPILES = 8
+#: compiled variants allowed for the one GroupNorm function under ``compile_scope=norms``
+NORM_RECOMPILES = 32
 #: torch.compile backend; the CPU tests swap in ``aot_eager`` (same graph capture, no codegen)
 COMPILE_BACKEND = "inductor"
 
@@ -160,8 +162,9 @@ def compile_method(method: Method, mode: str, scope: str = "model") -> list[torc
       shapes (:func:`~.compiled_norms.compile_group_norms`), for training and evaluation.
 
     Like ``train.compile``, ``blocks`` and ``norms`` are part of the run's hash: they change
-    the generated kernels, hence the rounding, not the model. ``model``, the value every earlier run had,
-    is left out of the hash, so earlier records keep their identity (records.py).
+    the generated kernels, hence the rounding, not the model. ``model``, the value every
+    earlier run had, is left out of the hash, so earlier records keep their identity
+    (records.py).
 
     Returns:
         the compiled modules (``[method]`` for ``model``).
@@ -172,6 +175,9 @@ def compile_method(method: Method, mode: str, scope: str = "model") -> list[torc
         method.compile(mode=mode, backend=COMPILE_BACKEND, dynamic=False)
         return [method]
     if scope == "norms":
+        # variants of the one function (dtype, memory format, grad mode, groups, eps): the
+        # default limit, 8, is near a diffusion method's count
+        _allow_recompiles(NORM_RECOMPILES)
         norms = compile_group_norms(method, mode, COMPILE_BACKEND)
         if not norms:
             raise ConfigError(f"train.compile_scope=norms: method {_method_name(method)} has no GroupNorm to compile",
@@ -188,14 +194,20 @@ def compile_method(method: Method, mode: str, scope: str = "model") -> list[torc
     # Each compiled variant (shape, grad mode) is one cache entry of its class's forward,
     # shared by all blocks of that class; past dynamo's limit (8 per code object) a block
     # would run eagerly from then on, silently. Allow 8 per region instead.
+    _allow_recompiles(REGION_RECOMPILES * len(regions))
+    for region in regions:
+        region.compile(mode=mode, backend=COMPILE_BACKEND, dynamic=False)
+    return regions
+
+
+def _allow_recompiles(wanted: int) -> None:
+    """Raise dynamo's per-code-object graph limit to ``wanted`` (within its overall ceiling);
+    past the limit a compiled function would run eagerly from then on, silently."""
     config = torch._dynamo.config
     # torch < 2.6 names them cache_size_limit / accumulated_cache_size_limit
     limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
     ceiling = getattr(config, "accumulated_recompile_limit", getattr(config, "accumulated_cache_size_limit", 256))
-    setattr(config, limit, max(getattr(config, limit), min(REGION_RECOMPILES * len(regions), ceiling)))
-    for region in regions:
-        region.compile(mode=mode, backend=COMPILE_BACKEND, dynamic=False)
-    return regions
+    setattr(config, limit, max(getattr(config, limit), min(wanted, ceiling)))
 
 
 def _method_name(method: Method) -> str:
