@@ -59,6 +59,9 @@ weights are restored before each), in this order:
 * ``*_cudnnbench``: + ``train.cudnn_benchmark=true`` (cuDNN times its convolution
   algorithms once per shape instead of choosing by heuristics), compared with the same
   variant without it (``speedup_vs_cudnn_heuristics``);
+* ``tf32_fused_joint_batched_fclip_graph`` (and ``tiny_joint_batched_fclip_graph``): the
+  default step with CUDA, every ``auto`` switch on; ``bf16_autocast_nhwc_joint_batched_fclip_norms_graph``:
+  the fastest step measured, opt-in (bf16, NHWC, compiled GroupNorms on top);
 * ``tf32_fused_batch4``: 4 episodes per step (``train.batch_size=4``; ``episodes_per_s``);
 * ``bf16_autocast``: bf16 autocast over fp32 weights, fused AdamW; ``bf16_autocast_repeat``:
   again, for bf16's own eager-vs-eager drift;
@@ -321,6 +324,7 @@ def measure_predict_variants(method, device: torch.device, size: int, slices: in
         one(f"{plain}_bf16_vae_chunk32_graph", "fp32", 32, 32, recorded=True)
         one("bf16_vae_autocast_chunk32_graph", "bf16", 32, 32, recorded=True)
         one(f"{plain}_bf16_vae_chunk32_cudnnbench_graph", "fp32", 32, 32, recorded=True, cudnn_benchmark=True)
+        one(f"{plain}_bf16_vae_chunk64_graph", "fp32", 64, 64, recorded=True)  # the two best of before, together
         method.vae.to(torch.float32)
         method.vae_dtype = torch.float32
         method._recordings.clear()
@@ -410,8 +414,12 @@ def main(argv: list[str] | None = None) -> int:
     base = [f"method={args.method}", f"backbone={backbone}", "pretrained=false", f"device={device.type}",
             f"train.image_size={args.size}", "train.num_workers=0", "train.schedule=constant",
             "train.cuda_graph=false"]  # eager unless a variant records (`_graph`)
-    if _config(base).method.get("joint_pass") is not None:  # two passes unless a variant joins them (`_joint`)
-        base.append("method.joint_pass=false")
+    # the switches a variant's name turns on stay off in the others, whatever their default
+    # (`auto` turns joint_pass, batched_encode and fused_clip on with CUDA)
+    base.append("train.fused_clip=false")
+    for switch in ("joint_pass", "batched_encode"):
+        if _config(base).method.get(switch) is not None:
+            base.append(f"method.{switch}=false")
     base += args.extra
 
     _log(f"building {' '.join(base)}")
@@ -587,6 +595,10 @@ def main(argv: list[str] | None = None) -> int:
         # both candidates on the fastest path: the clipping inside AdamW and compiled GroupNorms
         ("bf16_autocast_nhwc_joint_fclip_norms_graph",
          [fused, "train.channels_last=true", joint, fclip, *norms, graph], "bf16", True),
+        # the default with CUDA (every `auto` on), and the fastest step measured (opt-in)
+        ("tf32_fused_joint_batched_fclip_graph", [fused, joint, batched, fclip, graph], "no", True),
+        ("bf16_autocast_nhwc_joint_batched_fclip_norms_graph",
+         [fused, "train.channels_last=true", joint, batched, fclip, *norms, graph], "bf16", True),
         # compiled blocks (fused GroupNorm/SiLU/elementwise kernels) inside the recorded step;
         # compared with the eager variant without `_blocks`
         ("tf32_fused_blocks_graph", [fused, *blocks, graph], "no", True),
@@ -633,6 +645,7 @@ def main(argv: list[str] | None = None) -> int:
     tiny_names = {"tiny_eager": [fused], "tiny_eager_repeat": [fused], "tiny_graph": [fused, graph],
                   "tiny_joint_graph": [fused, joint, graph], "tiny_joint_batched_graph": [fused, joint, batched, graph],
                   "tiny_joint_fclip_graph": [fused, joint, fclip, graph],
+                  "tiny_joint_batched_fclip_graph": [fused, joint, batched, fclip, graph],  # the default with CUDA
                   "tiny_joint_norms_graph": [fused, joint, *norms, graph],
                   "tiny_blocks_graph": [fused, *blocks, graph]}
     tiny = _build(tiny_base, device) if selected(*tiny_names) else None

@@ -54,7 +54,7 @@ def _engine_choices() -> dict[str, tuple]:
         "train.channels_last": (True, False),
         "train.cuda_graph": ("auto", True, False),
         "train.async_checkpoint": ("auto", True, False),
-        "train.fused_clip": (True, False),
+        "train.fused_clip": ("auto", True, False),
         "train.cudnn_benchmark": (True, False),
     }
 # Integer options and their least allowed value (None: any; supp_idx is checked against the
@@ -120,7 +120,7 @@ def _declared(overrides: list[str], extra: list[str]) -> dict[str, Any]:
     from hydra import initialize_config_dir
 
     given = _split(overrides)
-    groups = [f"{k}={v}" for k, v in given.items() if k in (*_GROUPS, "fidelity", "memory")]
+    groups = [f"{k}={v}" for k, v in given.items() if k in (*_GROUPS, "fidelity", "memory", "speed")]
     test_name = given.get("protocol.test_dataset")
     if test_name not in (None, "", "null"):  # a cross-domain test dataset's own options
         groups.append(f"+dataset@test_dataset={test_name}")

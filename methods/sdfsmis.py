@@ -55,7 +55,8 @@ Choices the paper leaves open, made here:
 * Training runs the support pass, then the query pass. ``method.joint_pass`` (default
   ``auto``: on with CUDA, where it was measured faster) runs them as one U-Net batch: the
   same loss and gradients up to float rounding, with half the U-Net's kernels
-  (``_sd_attention``, ``joint``).
+  (``_sd_attention``, ``joint``). ``method.batched_encode`` (likewise ``auto``) runs an
+  episode's four frozen-VAE encodes as one call.
 * Shots: prototypes pool all shots' masked positions; ``E`` is the mean of the shots' ``E``
   (code: the shots' pooled features are averaged before the MLP, ``vtct_shot_pooling``);
   the SII/K-V bank concatenates the shots' tokens.
@@ -357,7 +358,7 @@ class SDFSMISOptions:
     predict_batch_size: int
     predict_cuda_graph: bool
     joint_pass: bool | str
-    batched_encode: bool
+    batched_encode: bool | str
     gradient_checkpointing: bool
     vae_dtype: str
     lr: float
@@ -429,8 +430,10 @@ class SDFSMIS(Method):
         if self.fidelity not in ("paper", "code"):
             raise ConfigError(f"unknown fidelity {self.fidelity!r}", hint="use fidelity=paper or fidelity=code")
         self.options = self.resolve_options(cfg.method, self.fidelity)
-        if self.options.joint_pass == "auto":  # as the run's hash resolves it (training/precision.py)
-            self.options = replace(self.options, joint_pass=selects_cuda(str(cfg.get("device", "auto"))))
+        cuda = selects_cuda(str(cfg.get("device", "auto")))
+        for switch in ("joint_pass", "batched_encode"):  # `auto` as the run's hash resolves it (training/precision.py)
+            if getattr(self.options, switch) == "auto":
+                self.options = replace(self.options, **{switch: cuda})
         opts = self.options
         backbone = backbone_sources(cfg.backbone, self.fidelity)
         self.prediction_type = backbone.prediction_type
@@ -527,7 +530,7 @@ class SDFSMIS(Method):
             predict_batch_size=int(get("predict_batch_size") or 8),
             predict_cuda_graph=bool(get("predict_cuda_graph") or False),
             joint_pass=_auto_or_bool("joint_pass", get("joint_pass")),
-            batched_encode=bool(get("batched_encode") or False),
+            batched_encode=_auto_or_bool("batched_encode", get("batched_encode")),
             gradient_checkpointing=bool(get("gradient_checkpointing") or False),
             vae_dtype=str(get("vae_dtype") or "float32"),
             lr=float(get("lr") or 1e-5),
@@ -647,10 +650,10 @@ class SDFSMIS(Method):
         twice and ``(B, C, h, w)`` twice; with ``sample``, posterior samples whose noise is
         ``batch.host_draws`` (the engine's), else drawn now by :meth:`host_draws`.
 
-        Four VAE calls by default: on the CPU one call of four times the batch was slower (the
-        activations leave the cache). ``method.batched_encode`` makes it one call, a quarter of
-        the encoder's kernel launches, for a GPU (the same latents up to float rounding; the
-        posterior noise is the four calls' noise, concatenated)."""
+        ``method.batched_encode`` (``auto``: with CUDA) makes the four VAE calls one, a quarter
+        of the encoder's kernel launches (the same latents up to float rounding; the posterior
+        noise is the four calls' noise, concatenated). On the CPU one call of four times the
+        batch was slower: the activations leave the cache."""
         noise = (batch.host_draws or self.host_draws(batch)) if sample else {}
         kinds = (("support_images", batch.support_images.flatten(0, 1), False),
                  ("support_masks", batch.support_masks.flatten(0, 1), True),

@@ -197,6 +197,9 @@ def test_the_gpu_checkpoint_script_runs_on_cpu(tmp_path, monkeypatch, capsys):
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["next_step_identical"] and result["rng_identical"] and result["parameters_m"] == 0.2
     assert result["background_state_identical"] and 0 <= result["background_stall_s"] <= result["background_total_s"]
+    background = result["background"]
+    assert {"pageable", "pinned_first", "pinned"} <= set(background) and background["pinned_buffers_gb"] > 0
+    assert all(background[kind]["identical"] for kind in ("pageable", "pinned_first", "pinned"))
 
 
 # -- background writes (train.async_checkpoint) ----------------------------------------------
@@ -225,6 +228,50 @@ def test_a_background_save_holds_the_state_of_its_step(tmp_path, monkeypatch):
     loaded = load_training_state(tmp_path)
     assert loaded["step"] == 4 and torch.equal(loaded["w"], torch.zeros(3))
     assert loaded["optimizer"]["state"][0]["exp_avg"].abs().sum() > 0
+
+
+def test_background_saves_reuse_their_host_buffers_and_each_file_holds_its_state(tmp_path):
+    """The host copies go into buffers kept between saves (a save waits for the write before
+    it, so overwriting them is safe); a tensor that changed shape gets a buffer of its own."""
+    from fsmis_bench.training import checkpoint
+
+    weights, bias = torch.arange(6.0).reshape(2, 3).t(), torch.zeros(2)  # a strided tensor too
+    writer = checkpoint.CheckpointWriter(tmp_path, background=True)
+    writer.save({"step": 1, "w": weights, "b": bias})
+    writer.wait()
+    first = load_training_state(tmp_path)
+    buffers = {key: buffer.data_ptr() for key, buffer in writer.staging._buffers.items()}
+    assert torch.equal(first["w"], weights) and torch.equal(first["b"], bias)
+    assert writer.staging.nbytes == (6 + 2) * 4 and not writer.staging.page_locked  # CPU tensors: ordinary memory
+    weights.mul_(-1)
+    writer.save({"step": 2, "w": weights, "b": torch.ones(5)})
+    writer.wait()
+    second = load_training_state(tmp_path)
+    assert second["step"] == 2 and torch.equal(second["w"], weights) and torch.equal(second["b"], torch.ones(5))
+    after = {key: buffer.data_ptr() for key, buffer in writer.staging._buffers.items()}
+    assert after["state/w"] == buffers["state/w"] and after["state/b"] != buffers["state/b"]
+    writer.close()
+    assert writer.staging.nbytes == 0  # released with the writer
+
+
+def test_host_staging_falls_back_to_ordinary_memory_when_none_can_be_page_locked(monkeypatch):
+    """A host short of page-locked memory still gets its background saves, as before."""
+    from types import SimpleNamespace
+
+    from fsmis_bench.training import checkpoint
+
+    real_empty = torch.empty
+
+    def no_locked_memory(*shape, pin_memory=False, **kwargs):
+        if pin_memory:
+            raise RuntimeError("CUDA error: out of memory (cudaHostAlloc)")
+        return real_empty(*shape, **kwargs)
+
+    monkeypatch.setattr(checkpoint.torch, "empty", no_locked_memory)
+    staging = checkpoint.HostStaging(pinned=True)
+    like_cuda = SimpleNamespace(shape=torch.Size([4]), dtype=torch.float16, device=torch.device("cuda"))
+    buffer = staging._empty(like_cuda)
+    assert buffer.shape == (4,) and buffer.dtype == torch.float16 and not staging.pinned
 
 
 def test_a_failed_background_write_is_raised_by_wait_and_keeps_the_state_before(tmp_path, monkeypatch):

@@ -454,6 +454,46 @@ def test_fused_clip_refuses_an_optimizer_without_grad_scale():
     AcceleratorState._reset_state(True)
 
 
+@pytest.mark.parametrize("name, fused, weight_dtype, inside", [
+    ("adamw", True, "float32", True),
+    ("adamw", False, "float32", False),  # foreach: no grad_scale, clipped outside
+    ("sgd", True, "float32", False),
+    ("adamw", True, "bfloat16", False),  # fp32 master copies: clipped outside
+], ids=["fused-adamw", "foreach-adamw", "fused-sgd", "master-weight-adamw"])
+def test_fused_clip_auto_clips_inside_a_fused_adamw_only(name, fused, weight_dtype, inside):
+    """``train.fused_clip=auto`` (the default): the step clips inside the optimiser exactly
+    where the run's hash says it does (:func:`fused_clip_applies` on the config), and
+    never refuses an optimiser."""
+    AcceleratorState._reset_state(True)
+    from accelerate import Accelerator
+
+    from fsmis_bench.training.optim import build_optimizer
+
+    weight = torch.nn.Parameter(torch.ones(3, dtype=getattr(torch, weight_dtype)))
+    optimizer = build_optimizer([{"params": [weight], "lr": 0.1}], name=name, fused=fused, weight_dtype=weight_dtype)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    step = TrainStep(torch.nn.Identity(), optimizer, scheduler, Accelerator(cpu=True), grad_clip=1.0, fused_clip="auto")
+    assert step.fused_clip is inside
+    off = TrainStep(torch.nn.Identity(), optimizer, scheduler, Accelerator(cpu=True), grad_clip=0.0, fused_clip="auto")
+    assert off.fused_clip is False  # no bound, nothing to clip
+    AcceleratorState._reset_state(True)
+
+
+@pytest.mark.parametrize("extra, inside", [
+    (["train.fused_optimizer=true"], True),
+    ([], False),  # fused_optimizer=auto: plain AdamW on a CPU
+    (["train.fused_optimizer=true", "train.optimizer=sgd"], False),
+    (["train.fused_optimizer=true", "mixed_precision=fp16"], False),
+    (["train.fused_optimizer=true", "mixed_precision=bf16", "train.weight_dtype=bfloat16"], False),
+], ids=["fused", "auto-on-cpu", "sgd", "fp16", "master-weights"])
+def test_fused_clip_auto_resolves_for_the_hash_as_the_step_does(extra, inside):
+    from fsmis_bench.training.precision import with_resolved_precision
+
+    cfg = compose([*PROTOTYPE, "device=cpu", *extra])
+    assert cfg.train.fused_clip == "auto"
+    assert with_resolved_precision(cfg).train.fused_clip is inside
+
+
 def test_cudnn_benchmark_follows_each_run_config():
     """``train.cudnn_benchmark`` is process-wide in torch: each run (a sweep runs several in
     one process) sets it from its own config, for training and evaluation alike."""
@@ -481,11 +521,29 @@ def test_memory_preset_switches_checkpointing_and_8bit_adamw():
     from fsmis_bench.training.precision import with_resolved_precision
 
     on_gpu = compose(["method=sdfsmis", "backbone=tiny", "memory=low", "device=cuda"])
-    assert with_resolved_precision(on_gpu).method.joint_pass is False
+    resolved = with_resolved_precision(on_gpu)
+    assert resolved.method.joint_pass is False and resolved.method.batched_encode is False
+    assert resolved.train.fused_clip is False  # 8-bit AdamW takes no grad_scale
     before = compose(["method=sdfsmis", "backbone=tiny", "memory=low", "device=cuda"])
-    with open_dict(before):
-        del before.method["joint_pass"]  # a memory=low config from before the joint pass
+    with open_dict(before):  # a memory=low config from before these switches
+        del before.method["joint_pass"], before.method["batched_encode"], before.train["fused_clip"]
     assert config_hash(on_gpu) == config_hash(before)
+
+
+def test_speed_preset_is_the_fastest_measured_step_and_hashed_as_its_keys():
+    """``speed=fast``: bf16 autocast, NHWC and compiled GroupNorms (the fastest SD-1.5 step
+    measured on an H100); the same run as those keys given one by one."""
+    from fsmis_bench.records import config_hash, training_hash
+
+    base = ["method=sdfsmis", "backbone=tiny", "device=cuda"]
+    fast = compose([*base, "speed=fast"])
+    assert fast.mixed_precision == "bf16" and fast.train.channels_last is True
+    assert fast.train.compile == "default" and fast.train.compile_scope == "norms"
+    by_hand = compose([*base, "mixed_precision=bf16", "train.channels_last=true", "train.compile=default",
+                       "train.compile_scope=norms"])
+    for digest in (config_hash, training_hash):
+        assert digest(fast) == digest(by_hand) and digest(fast) != digest(compose(base))
+    assert compose([*base, "speed=fast", "mixed_precision=no"]).mixed_precision == "no"  # the command line wins
 
 
 def test_prototype_shared_features_give_the_reencoded_loss_and_gradients():

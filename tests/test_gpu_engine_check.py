@@ -90,7 +90,8 @@ def test_cpu_smoke_mode_runs_every_variant(capsys, tmp_path, monkeypatch):
                  "bf16_autocast_nhwc_joint_fclip_graph", "tiny_joint_fclip_graph", "tf32_fused_joint_cudnnbench_graph",
                  "bf16_autocast_nhwc_joint_cudnnbench_graph", "tf32_fused_joint_norms_graph",
                  "bf16_autocast_nhwc_joint_norms_graph", "bf16_autocast_nhwc_joint_fclip_norms_graph",
-                 "tiny_joint_norms_graph"}
+                 "tiny_joint_norms_graph", "tf32_fused_joint_batched_fclip_graph",
+                 "bf16_autocast_nhwc_joint_batched_fclip_norms_graph", "tiny_joint_batched_fclip_graph"}
     assert set(result["skipped"]) == cuda_only
 
 
@@ -118,9 +119,9 @@ def test_the_prepared_gpu_speed_script_names_only_known_variants():
     script = (SCRIPT.parent / "gpu_speed_check.sh").read_text().replace("\\\n", " ")  # continued lines
     source = SCRIPT.read_text()
     selected = {name for line in re.findall(r"--only ([^\n]+)", script) for name in line.split()}
-    assert {"tf32_fused_repeat", "tf32_fused_graph", "tiny_joint_norms_graph", "tf32_fused_joint_batched_graph",
-            "tf32_fused_joint_bf16vae_graph", "tiny_joint_batched_graph", "predict", "tf32_fused_joint_fclip_graph",
-            "tiny_joint_fclip_graph", "tf32_fused_joint_cudnnbench_graph", "bf16_autocast_nhwc_joint_norms_graph"} <= selected
+    assert {"tf32_fused_joint_graph", "tf32_fused_joint_batched_fclip_graph", "bf16_autocast_nhwc_joint_graph",
+            "bf16_autocast_nhwc_joint_batched_fclip_norms_graph", "tiny_joint_graph", "tiny_joint_batched_fclip_graph",
+            "predict"} <= selected
     for name in selected:
         assert f'"{name}"' in source, name
 

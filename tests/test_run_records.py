@@ -599,10 +599,14 @@ def test_speed_switches_keep_earlier_run_identities():
     assert len({training_hash(norms), training_hash(blocks), training_hash(model)}) == 3
     joint = compose(["method=sdfsmis", "backbone=tiny", "pretrained=false", "method.joint_pass=true"])
     assert training_hash(joint) != training_hash(cfg) and config_hash(joint) != config_hash(cfg)
-    fused = compose(["method=sdfsmis", "backbone=tiny", "pretrained=false", "train.fused_optimizer=true"])
-    clipped_inside = compose(["method=sdfsmis", "backbone=tiny", "pretrained=false", "train.fused_optimizer=true",
-                              "train.fused_clip=true"])
-    assert training_hash(clipped_inside) != training_hash(fused) and config_hash(clipped_inside) != config_hash(fused)
+    fused = ["method=sdfsmis", "backbone=tiny", "pretrained=false", "train.fused_optimizer=true"]
+    clipped_outside, clipped_inside = (compose([*fused, f"train.fused_clip={flag}"]) for flag in ("false", "true"))
+    for digest in (config_hash, training_hash):
+        assert digest(clipped_inside) != digest(clipped_outside)
+        assert digest(compose(fused)) == digest(clipped_inside)  # fused_clip=auto: inside a fused AdamW
+        # the master-weight AdamW and fp16's scaler keep it outside
+        for other in (["train.weight_dtype=bfloat16", "mixed_precision=bf16"], ["mixed_precision=fp16"]):
+            assert digest(compose([*fused, *other])) == digest(compose([*fused, *other, "train.fused_clip=false"]))
     timed = compose(["method=sdfsmis", "backbone=tiny", "pretrained=false", "train.cudnn_benchmark=true"])
     assert training_hash(timed) != training_hash(cfg) and config_hash(timed) != config_hash(cfg)
     # joint_pass=auto (the default) is one pass with CUDA: hashed as `true` there, as before on a CPU
@@ -610,3 +614,8 @@ def test_speed_switches_keep_earlier_run_identities():
     for digest in (config_hash, training_hash):
         assert digest(compose(tiny_gpu)) == digest(compose([*tiny_gpu, "method.joint_pass=true"]))
         assert digest(compose(tiny_gpu)) != digest(compose([*tiny_gpu, "method.joint_pass=false"]))
+        # batched_encode=auto and fused_clip=auto likewise: on with CUDA (fused AdamW there)
+        on = compose([*tiny_gpu, "method.batched_encode=true", "train.fused_clip=true"])
+        assert digest(compose(tiny_gpu)) == digest(on)
+        for off in ("method.batched_encode=false", "train.fused_clip=false"):
+            assert digest(compose([*tiny_gpu, off])) != digest(on)

@@ -3,8 +3,12 @@
 Why GroupNorm: in the SD-1.5 step with ``train.channels_last`` on an H100 (torch 2.11,
 ``gpu_engine_nhwc_h100.json``; TF32, two passes) PyTorch's GroupNorm still ran its NCHW
 moments kernel, 6.4 ms per step, beside 11 ms of strided elementwise copies, of 88 ms of
-kernel time. The compiled kernels read the NHWC activations where they lie and write NHWC
-for the next convolution, forward and backward.
+kernel time: CUDA's GroupNorm on torch 2.11 returns NCHW for an NHWC input
+(``group_norm_keeps_channels_last: false`` in ``gpu_step_switches_h100.json``). The compiled
+kernels read the NHWC activations where they lie and write NHWC for the next convolution,
+forward and backward: the recorded bf16 + NHWC joint step went 0.0630 -> 0.0577 s on an H100
+(``gpu_norms_h100.json``; 4 graphs, 22 s of compilation), and is part of ``speed=fast``. In
+TF32 with NCHW activations it gains nothing (``gpu_combined_h100.json``).
 
 Why one function with dynamic shapes: compilation time, which is what kept compiled blocks
 (``train.compile_scope=blocks``) out of reach on a lent GPU (over 100 s for SD-1.5). Blocks

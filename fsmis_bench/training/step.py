@@ -4,7 +4,8 @@ The step never waits for the device: the loss stays a device tensor (the engine 
 logging steps only), and a non-finite loss is caught by a device-side flag that the engine
 checks at logging and checkpoint steps (:meth:`TrainStep.raise_if_nonfinite`).
 
-Compute switches, each off in the plain path and tested against it (tests/test_engine_compute.py):
+Compute switches, each tested against the plain path (tests/test_engine_compute.py); those whose
+``auto`` default turns them on with CUDA were measured faster there:
 
 * ``train.compile``: ``torch.compile`` of the method's training forward (``false`` |
   ``default`` | ``reduce-overhead`` (CUDA graphs) | ``max-autotune-no-cudagraphs`` |
@@ -24,7 +25,9 @@ Compute switches, each off in the plain path and tested against it (tests/test_e
   (:func:`clip_divisor`): the global norm is computed as before, but instead of a pass that
   multiplies every gradient by the clipping coefficient, the optimiser divides by its
   inverse as it reads them (its ``grad_scale``, the input that ``GradScaler`` uses). The same
-  update up to rounding, one read and one write of all gradients fewer.
+  update up to rounding, one read and one write of all gradients fewer. ``auto`` (the
+  default) clips there wherever the optimiser is the fused AdamW on fp32 weights, so with
+  CUDA (:func:`~.precision.fused_clip_applies`).
 * ``train.accumulation``: ``batched`` runs ``grad_accum`` micro-batches of ``batch_size`` as
   one batch of ``grad_accum x batch_size`` episodes (the same episodes, the same mean loss;
   per-sample normalisation, so the gradient is the same up to rounding).
@@ -41,6 +44,7 @@ from omegaconf import DictConfig
 from ..errors import ConfigError, FsmisError
 from ..method import EpisodeBatch, Method
 from .compiled_norms import compile_group_norms
+from .precision import fused_clip_applies
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
 #: ``train.compile_scope``: the whole method, its repeated blocks one by one, or its GroupNorms
@@ -70,7 +74,7 @@ class ComputeOptions:
     fused_optimizer: bool | str = False  # True | False | "auto" (fused where the parameters are on CUDA)
     accumulation: str = "sequential"
     cuda_graph: bool | str = False  # True | False | "auto" (on where the step runs on CUDA)
-    fused_clip: bool = False  # clipping applied inside the fused optimiser (its grad_scale)
+    fused_clip: bool | str = False  # True | False | "auto" (inside the optimiser where it is fused AdamW)
 
     @classmethod
     def from_config(cls, train: DictConfig) -> "ComputeOptions":
@@ -94,7 +98,7 @@ class ComputeOptions:
             fused_optimizer=_auto_or_bool(get("fused_optimizer", False)),
             accumulation=accumulation,
             cuda_graph=_auto_or_bool(get("cuda_graph", False)),
-            fused_clip=bool(get("fused_clip", False)),
+            fused_clip=_auto_or_bool(get("fused_clip", False)),
         )
 
 
@@ -231,14 +235,20 @@ class TrainStep:
     """
 
     def __init__(self, method, optimizer, scheduler, accelerator, *, grad_clip: float, first_step: int = 0,
-                 fused_clip: bool = False) -> None:
+                 fused_clip: bool | str = False) -> None:
         self.method = method
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.accelerator = accelerator
         self.grad_clip = float(grad_clip)
         self.first_step = first_step
-        self.fused_clip = fused_clip and self.grad_clip > 0
+        if fused_clip == "auto":
+            core = core_optimizer(optimizer)  # exactly AdamW: the bf16 master-weight subclass is not
+            fused_clip = fused_clip_applies(
+                "auto", optimizer="adamw" if type(core) is torch.optim.AdamW else type(core).__name__,
+                fused=bool(core.defaults.get("fused")), weight_dtype="float32",
+                mixed_precision="fp16" if getattr(accelerator, "scaler", None) is not None else "other")
+        self.fused_clip = bool(fused_clip) and self.grad_clip > 0
         if self.fused_clip and not getattr(core_optimizer(optimizer), "_step_supports_amp_scaling", False):
             raise ConfigError(
                 f"train.fused_clip=true needs an optimiser whose step applies a grad_scale (fused AdamW); "
