@@ -104,8 +104,9 @@ from torch._dynamo.utils import counters  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_sd15_check import _peak_gib, _reset_memory, _summary, _sync, measure_inference  # noqa: E402
 
-from fsmis_bench.training.compiled_norms import CompiledGroupNorm  # noqa: E402
+from fsmis_bench.training.compiled_norms import CompiledGroupNorm, compile_group_norms  # noqa: E402
 from fsmis_bench.training.precision import apply_cudnn_benchmark  # noqa: E402
+from fsmis_bench.training.step import COMPILE_BACKEND  # noqa: E402
 
 STARTED = time.perf_counter()
 
@@ -269,18 +270,20 @@ def predict_parts(method, device: torch.device, size: int, slices: int, repeats:
     return {name: round(statistics.median(times[1:]), 2) for name, times in parts.items()}
 
 
-def measure_predict_variants(method, device: torch.device, size: int, slices: int, repeats: int) -> dict[str, Any]:
+def measure_predict_variants(method, device: torch.device, size: int, slices: int, repeats: int,
+                             out: dict[str, Any] | None = None, report=None) -> dict[str, Any]:
     """Inference per query slice (``Method.predict``, support cached) in each variant, and
     where the plain variant's time goes. Variants: the configured chunk (``predict_batch_size``
     8, ``slices`` slices), 32 (and 64) slices in one chunk, bf16 autocast, NHWC, a bf16 VAE
     with and without autocast, each recorded (``_graph``) where it may pay, and two with
-    ``train.cudnn_benchmark`` (``_cudnnbench``)."""
+    ``train.cudnn_benchmark`` (``_cudnnbench``). Each variant lands in ``out`` (returned), and
+    ``report()``, where given, runs after each: a run stopped at its limit keeps the finished ones."""
     import dataclasses
 
     cuda = device.type == "cuda"
     plain = "tf32" if cuda else "fp32"
     options = method.options
-    out: dict[str, Any] = {}
+    out = {} if out is None else out
 
     def one(name: str, precision: str, n: int, batch: int, recorded: bool = False, cudnn_benchmark: bool = False) -> None:
         method.options = dataclasses.replace(options, predict_batch_size=batch, predict_cuda_graph=recorded)
@@ -297,6 +300,8 @@ def measure_predict_variants(method, device: torch.device, size: int, slices: in
         finally:
             apply_cudnn_benchmark(False)
         _log(f"predict {name}: {out[name]}")
+        if report is not None:
+            report()
 
     one(plain, "fp32", slices, options.predict_batch_size)
     method.options = options
@@ -327,6 +332,16 @@ def measure_predict_variants(method, device: torch.device, size: int, slices: in
         one(f"{plain}_bf16_vae_chunk64_graph", "fp32", 64, 64, recorded=True)  # the two best of before, together
         method.vae.to(torch.float32)
         method.vae_dtype = torch.float32
+        # NHWC recorded, then with every GroupNorm compiled (as `speed=fast` leaves them for the
+        # evaluation after its training): CUDA's GroupNorm returns NCHW, the compiled one keeps
+        # NHWC. Last, since they compile first (no-grad graphs of their own)
+        method.to(memory_format=torch.channels_last)
+        one("bf16_autocast_nhwc_chunk32_graph", "bf16", 32, 32, recorded=True)
+        compile_group_norms(method, "default", COMPILE_BACKEND)
+        one("bf16_autocast_nhwc_norms_chunk32_graph", "bf16", 32, 32, recorded=True)
+        one("bf16_autocast_nhwc_norms_chunk64_graph", "bf16", 64, 64, recorded=True)
+        _uncompile(method)
+        method.to(memory_format=torch.contiguous_format)
         method._recordings.clear()
     method.options = options
     return out
@@ -637,7 +652,8 @@ def main(argv: list[str] | None = None) -> int:
     method = _build(base, device)
     _set_tf32(cuda)
     if selected("predict"):
-        result["predict"] = measure_predict_variants(method, device, args.size, args.slices, repeats=max(1, min(args.steps, 3)))
+        measure_predict_variants(method, device, args.size, args.slices, repeats=max(1, min(args.steps, 3)),
+                                 out=result["predict"], report=flush)
         flush()
 
     # tiny backbone through the same path
@@ -645,6 +661,7 @@ def main(argv: list[str] | None = None) -> int:
     tiny_names = {"tiny_eager": [fused], "tiny_eager_repeat": [fused], "tiny_graph": [fused, graph],
                   "tiny_joint_graph": [fused, joint, graph], "tiny_joint_batched_graph": [fused, joint, batched, graph],
                   "tiny_joint_fclip_graph": [fused, joint, fclip, graph],
+                  "tiny_joint_batched_fclip": [fused, joint, batched, fclip],  # eager: its kernel time with --profile
                   "tiny_joint_batched_fclip_graph": [fused, joint, batched, fclip, graph],  # the default with CUDA
                   "tiny_joint_norms_graph": [fused, joint, *norms, graph],
                   "tiny_blocks_graph": [fused, *blocks, graph]}
