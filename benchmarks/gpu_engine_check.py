@@ -60,7 +60,9 @@ weights are restored before each), in this order:
   algorithms once per shape instead of choosing by heuristics), compared with the same
   variant without it (``speedup_vs_cudnn_heuristics``);
 * ``tf32_fused_joint_batched_fclip_graph`` (and ``tiny_joint_batched_fclip_graph``): the
-  default step with CUDA, every ``auto`` switch on; ``bf16_autocast_nhwc_joint_batched_fclip_norms_graph``:
+  default step with CUDA, every ``auto`` switch on; ``tf32_fused_nhwc_joint_batched_fclip_graph``
+  and ``..._norms_graph``: the same in NHWC, without and with compiled GroupNorms, compared
+  with the NCHW step (``speedup_vs_nchw``); ``bf16_autocast_nhwc_joint_batched_fclip_norms_graph``:
   the fastest step measured, opt-in (bf16, NHWC, compiled GroupNorms on top);
 * ``tf32_fused_batch4``: 4 episodes per step (``train.batch_size=4``; ``episodes_per_s``);
 * ``bf16_autocast``: bf16 autocast over fp32 weights, fused AdamW; ``bf16_autocast_repeat``:
@@ -552,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
             if two_pass is not None:
                 _compare(out, two_pass, "two_pass", losses=False)
             for part, label in (("_batched", "four_encodes"), ("_bf16vae", "fp32_vae"), ("_fclip", "clip_pass"),
-                                ("_cudnnbench", "cudnn_heuristics"), ("_norms", "eager_norms")):
+                                ("_cudnnbench", "cudnn_heuristics"), ("_norms", "eager_norms"), ("_nhwc", "nchw")):
                 other = target.get(name.replace(part, "")) if part in name else None
                 if other is not None:  # the same step with that one switch off
                     _compare(out, other, label)
@@ -612,6 +614,12 @@ def main(argv: list[str] | None = None) -> int:
          [fused, "train.channels_last=true", joint, fclip, *norms, graph], "bf16", True),
         # the default with CUDA (every `auto` on), and the fastest step measured (opt-in)
         ("tf32_fused_joint_batched_fclip_graph", [fused, joint, batched, fclip, graph], "no", True),
+        # the default in NHWC, plain and with compiled GroupNorms: TF32 still, so a candidate
+        # for the default if its losses stay within TF32's drift (`loss_max_rel_diff_vs_nchw`)
+        ("tf32_fused_nhwc_joint_batched_fclip_graph",
+         [fused, "train.channels_last=true", joint, batched, fclip, graph], "no", True),
+        ("tf32_fused_nhwc_joint_batched_fclip_norms_graph",
+         [fused, "train.channels_last=true", joint, batched, fclip, *norms, graph], "no", True),
         ("bf16_autocast_nhwc_joint_batched_fclip_norms_graph",
          [fused, "train.channels_last=true", joint, batched, fclip, *norms, graph], "bf16", True),
         # compiled blocks (fused GroupNorm/SiLU/elementwise kernels) inside the recorded step;

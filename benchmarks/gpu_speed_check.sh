@@ -9,13 +9,14 @@
 #   2. The default recorded step with CUDA now (joint pass, one call for an episode's four
 #      VAE encodes, clipping inside fused AdamW) against the previous default, and the
 #      fastest opt-in step (bf16 + NHWC + compiled GroupNorms) against bf16 + NHWC alone, 40
-#      steps each; the tiny backbone likewise.
+#      steps each; the default in NHWC, with and without compiled GroupNorms (still TF32: a
+#      candidate default if its losses stay within TF32's drift); the tiny backbone likewise.
 #   3. Inference: every variant again, a bf16 VAE with 64-slice recorded chunks, and NHWC
 #      with compiled GroupNorms (as `speed=fast` leaves them for the evaluation).
 #   4. Where the tiny backbone's 14 ms go: the kernel time of its eager default step
 #      (--profile), the floor for the recorded one (100 steps/s is the target).
 #   5. The whole engine through `fsmis-bench run`: SD-1.5 (random weights) on the embedded
-#      phantom, 1500 steps with a resume state every 500, DataLoader workers, evaluation:
+#      phantom, 1000 steps with a resume state every 500, DataLoader workers, evaluation:
 #      what a 15k-step fold costs end to end, from train_log.csv's elapsed times.
 #
 # Usage (on the GPU machine, from the repository root; OUT defaults to ./gpu_speed_out):
@@ -44,8 +45,9 @@ check() {  # check <seconds> <json name> <args...>: one gpu_engine_check run, it
 echo "=== gpu_checkpoint_pinned_h100: gpu_checkpoint_check.py --out /tmp/fsmis_ckpt" >> "$LOG"
 timeout 100 "$PY" benchmarks/gpu_checkpoint_check.py --out /tmp/fsmis_ckpt > "$OUT/gpu_checkpoint_pinned_h100.json" 2>> "$LOG"
 echo "gpu_checkpoint_pinned_h100 rc=$?" | tee -a "$LOG"; cat "$OUT/gpu_checkpoint_pinned_h100.json"
-check 120 gpu_defaults_h100 --steps 40 --warmup 2 --tiny-steps 100 --budget-s 115 --compile-budget-s 30 \
+check 150 gpu_defaults_h100 --steps 40 --warmup 2 --tiny-steps 100 --budget-s 145 --compile-budget-s 30 \
   --only tf32_fused_joint_graph tf32_fused_joint_batched_fclip_graph bf16_autocast_nhwc_joint_graph \
+  tf32_fused_nhwc_joint_batched_fclip_graph tf32_fused_nhwc_joint_batched_fclip_norms_graph \
   bf16_autocast_nhwc_joint_batched_fclip_norms_graph tiny_joint_graph tiny_joint_batched_fclip_graph
 check 90 gpu_predict_h100 --steps 3 --warmup 1 --budget-s 85 --only predict
 check 45 gpu_tiny_profile_h100 --steps 8 --warmup 2 --tiny-steps 30 --profile 3 --budget-s 40 \
@@ -53,10 +55,10 @@ check 45 gpu_tiny_profile_h100 --steps 8 --warmup 2 --tiny-steps 30 --profile 3 
 # the whole engine: a fresh results folder, the package's defaults with CUDA
 RUN_DIR=/tmp/fsmis_run_check
 rm -rf "$RUN_DIR"
-echo "=== gpu_run_h100: fsmis-bench run method=sdfsmis backbone=sd15 pretrained=false dataset=phantom train.steps=1500 train.checkpoint_every=500" >> "$LOG"
+echo "=== gpu_run_h100: fsmis-bench run method=sdfsmis backbone=sd15 pretrained=false dataset=phantom train.steps=1000 train.checkpoint_every=500" >> "$LOG"
 START=$SECONDS
-timeout 200 "$PY" -m fsmis_bench.cli run method=sdfsmis backbone=sd15 pretrained=false dataset=phantom device=cuda \
-  train.steps=1500 train.checkpoint_every=500 train.log_every=250 results_dir="$RUN_DIR" >> "$LOG" 2>&1
+timeout 170 "$PY" -m fsmis_bench.cli run method=sdfsmis backbone=sd15 pretrained=false dataset=phantom device=cuda \
+  train.steps=1000 train.checkpoint_every=500 train.log_every=250 results_dir="$RUN_DIR" >> "$LOG" 2>&1
 echo "gpu_run_h100 rc=$? wall_s=$((SECONDS - START))" | tee -a "$LOG"
 for f in train_log.csv run.json; do
   found=$(find "$RUN_DIR" -name "$f" 2>/dev/null | head -1)
