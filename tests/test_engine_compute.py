@@ -65,6 +65,8 @@ SWITCHES = [
      "clipping inside fused AdamW: the same update, other rounding"),
     (["train.fused_optimizer=true", "train.fused_clip=true"], TINY_SD, 1e-5,
      "clipping inside fused AdamW: the same update, other rounding"),
+    (["train.fused_optimizer=true", "train.fused_clip=true", "train.grad_accum=2"], PROTOTYPE, 1e-5,
+     "clipping inside fused AdamW once per accumulated step (fidelity=code's 4 micro-batches with CUDA)"),
     (["train.fused_clip=true"],
      [*PROTOTYPE, "train.weight_dtype=bfloat16", "mixed_precision=bf16", "train.fused_optimizer=true"], 5e-3,
      "bf16 weights, fp32 masters: the plain path rounds the clipped gradients to bf16, this one divides in fp32"),

@@ -483,8 +483,8 @@ class CheckpointWriter:
     A background save takes host copies of the state at the step boundary (into
     :class:`HostStaging`'s buffers, page-locked for CUDA tensors unless ``pinned=False``),
     then training goes on while a thread writes them: the step waits for the device-to-host
-    copies, not for the disk (an SD-1.5 resume state is 10.3 GB: 17.7 s to write on an H100 machine, every
-    ``train.checkpoint_every`` steps). One write at a time: a save first waits for the one
+    copies, not for the disk (an SD-1.5 resume state is 10.3 GB: 10-18 s to write on an H100
+    machine, every ``train.checkpoint_every`` steps). One write at a time: a save first waits for the one
     before, and :meth:`wait` raises a failed write's error (a full disk, say) in the caller,
     so the engine reports it as it reports a synchronous one. ``last.json`` is written after
     its tensor file, so a process that dies mid-write resumes from the state before.
