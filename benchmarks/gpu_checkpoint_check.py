@@ -143,7 +143,9 @@ def main() -> None:
             name = f"{label}_first" if saves > 1 and save == 0 else label
             background[name] = {"stall_s": round(stall_s, 2), "total_s": round(total_s, 2), "identical": identical}
             _log(f"background save ({name}): the step waited {stall_s:.1f} s of {total_s:.1f} s")
-        background["pinned_buffers_gb" if pinned else "pageable_buffers_gb"] = round(writer.staging.nbytes / 1e9, 3)
+        # what the buffers hold, and the host memory they keep (page-locked chunks included)
+        background[f"{label}_buffers_gb"] = round(writer.staging.nbytes / 1e9, 3)
+        background[f"{label}_reserved_gb"] = round(writer.staging.reserved_bytes / 1e9, 3)
         background[f"{label}_page_locked"] = writer.staging.page_locked
         writer.close()
         shutil.rmtree(out, ignore_errors=True)

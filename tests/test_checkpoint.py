@@ -254,6 +254,35 @@ def test_background_saves_reuse_their_host_buffers_and_each_file_holds_its_state
     assert writer.staging.nbytes == 0  # released with the writer
 
 
+def test_host_staging_packs_page_locked_buffers_into_chunks(monkeypatch):
+    """Page-locked buffers are aligned views into chunks filled in order (torch's pinned
+    allocator would round each of hundreds of allocations up to a power of two); a tensor
+    that does not fit the rest of a chunk starts the next, one larger than a chunk gets its
+    own (a power of two), and no two buffers overlap."""
+    from fsmis_bench.training import checkpoint
+
+    allocated = []
+    staging = checkpoint.HostStaging(pinned=True, chunk_bytes=4096)
+    monkeypatch.setattr(staging, "_allocate", lambda n: allocated.append(n) or torch.zeros(n, dtype=torch.uint8))
+    shapes = [((10,), torch.float32), ((3, 5), torch.float16), ((700,), torch.float32), ((3000,), torch.float32),
+              ((1,), torch.int64), ((0,), torch.float32)]
+    buffers = [staging._carve(torch.Size(shape), dtype) for shape, dtype in shapes]
+    assert [tuple(b.shape) for b in buffers] == [shape for shape, _ in shapes]
+    assert [b.dtype for b in buffers] == [dtype for _, dtype in shapes]
+    # 40 B at 0, 30 B at 256, 2800 B at 512 of the first chunk; 12000 B fit no chunk: one of
+    # 16384 B, where the 8 B of the int64 follow them (at 12032)
+    assert allocated == [4096, 16384]
+    assert buffers[4].untyped_storage().data_ptr() == buffers[3].untyped_storage().data_ptr()  # the same chunk
+    offsets = [b.data_ptr() - b.untyped_storage().data_ptr() for b in buffers[:5]]  # the empty one has no address
+    assert offsets == [0, 256, 512, 0, 12032] and all(o % checkpoint.HostStaging.ALIGN == 0 for o in offsets)
+    for value, buffer in enumerate(buffers, start=1):
+        buffer.fill_(value)
+    assert [int(b.flatten()[0]) for b in buffers if b.numel()] == [1, 2, 3, 4, 5]  # nothing overwritten
+    assert staging.reserved_bytes == sum(allocated)
+    staging.release()
+    assert staging.reserved_bytes == 0 and staging.nbytes == 0
+
+
 def test_host_staging_falls_back_to_ordinary_memory_when_none_can_be_page_locked(monkeypatch):
     """A host short of page-locked memory still gets its background saves, as before."""
     from types import SimpleNamespace

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import re
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -68,14 +69,27 @@ class HostStaging:
     (``docs/measurements/gpu_async_checkpoint_h100.json``). Where page-locked memory cannot be
     had (a host short of it), ordinary buffers serve, as before.
 
+    The page-locked buffers are views into chunks of ``chunk_bytes`` (1 GiB), filled in
+    order: torch's pinned-memory allocator rounds every allocation up to a power of two, so
+    one allocation per tensor (an SD-1.5 state has hundreds, many 20-25 % over a power of
+    two) would lock about a fifth more memory than the state holds, and a few large
+    allocations cost less time than hundreds. A chunk wastes at most its tail.
+
     Args:
         pinned: page-lock the buffers of CUDA tensors (``False``: ordinary buffers, reused).
+        chunk_bytes: the size of a page-locked chunk (a power of two); a larger tensor gets
+            a chunk of its own.
     """
 
-    def __init__(self, pinned: bool = True) -> None:
+    ALIGN = 256  # bytes: every buffer starts at a multiple, whatever its dtype
+
+    def __init__(self, pinned: bool = True, chunk_bytes: int = 1 << 30) -> None:
         self.pinned = pinned
+        self.chunk_bytes = chunk_bytes
         self._buffers: dict[str, torch.Tensor] = {}
         self._streams: set[torch.cuda.Stream] = set()
+        self._chunks: list[torch.Tensor] = []
+        self._free_from = 0  # the first free byte of the last chunk
 
     def copy(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
         """A host copy of ``tensor`` in the buffer for ``key`` (made or remade to fit); a CUDA
@@ -92,10 +106,25 @@ class HostStaging:
     def _empty(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.pinned and tensor.device.type == "cuda":
             try:
-                return torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+                return self._carve(tensor.shape, tensor.dtype)
             except RuntimeError:  # no page-locked memory to be had: an ordinary buffer
                 self.pinned = False
         return torch.empty(tensor.shape, dtype=tensor.dtype)
+
+    def _carve(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        """A ``shape``/``dtype`` view into the page-locked chunks (a new chunk where the last
+        one has no room left)."""
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        start = -(-self._free_from // self.ALIGN) * self.ALIGN
+        if not self._chunks or start + nbytes > self._chunks[-1].numel():
+            size = max(self.chunk_bytes, 1 << max(nbytes - 1, 0).bit_length())
+            self._chunks.append(self._allocate(size))
+            start = 0
+        self._free_from = start + nbytes
+        return self._chunks[-1][start:start + nbytes].view(dtype).view(shape)
+
+    def _allocate(self, nbytes: int) -> torch.Tensor:
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
 
     def synchronize(self) -> None:
         """Until every queued copy has landed."""
@@ -110,11 +139,19 @@ class HostStaging:
 
     @property
     def nbytes(self) -> int:
-        """Host memory the buffers hold."""
+        """Host memory the buffers take up."""
         return sum(b.numel() * b.element_size() for b in self._buffers.values())
+
+    @property
+    def reserved_bytes(self) -> int:
+        """Host memory held: the page-locked chunks and the ordinary buffers."""
+        ordinary = sum(b.numel() * b.element_size() for b in self._buffers.values() if not b.is_pinned())
+        return sum(c.numel() for c in self._chunks) + ordinary
 
     def release(self) -> None:
         self._buffers.clear()
+        self._chunks.clear()
+        self._free_from = 0
 
 
 def _encode(obj: Any, path: str, tensors: dict[str, torch.Tensor], storages: set[int], copy: bool = False,
