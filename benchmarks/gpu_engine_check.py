@@ -613,6 +613,7 @@ def main(argv: list[str] | None = None) -> int:
         ("bf16_autocast_nhwc_joint_fclip_norms_graph",
          [fused, "train.channels_last=true", joint, fclip, *norms, graph], "bf16", True),
         # the default with CUDA (every `auto` on), and the fastest step measured (opt-in)
+        ("tf32_fused_joint_batched_fclip", [fused, joint, batched, fclip], "no", True),  # eager: --profile
         ("tf32_fused_joint_batched_fclip_graph", [fused, joint, batched, fclip, graph], "no", True),
         # the default in NHWC, plain and with compiled GroupNorms: TF32 still, so a candidate
         # for the default if its losses stay within TF32's drift (`loss_max_rel_diff_vs_nchw`)

@@ -35,7 +35,7 @@ def test_cpu_smoke_mode_runs_every_variant(capsys, tmp_path, monkeypatch):
     expected = {"fp32", "tf32", "tf32_fused", "tf32_fused_repeat", "tf32_fused_batch4", "lowmem", "bf16_autocast",
                 "bf16_autocast_repeat", "bf16_master", "tf32_fused_nhwc", "bf16_autocast_nhwc", "tf32_fused_joint",
                 "tf32_fused_joint_batched", "tf32_fused_joint_bf16vae", "tf32_fused_joint_fclip",
-                "tf32_fused_joint_cudnnbench", "tf32_fused_joint_norms"}
+                "tf32_fused_joint_cudnnbench", "tf32_fused_joint_norms", "tf32_fused_joint_batched_fclip"}
     assert set(result["train"]) == expected, result["skipped"]
     for name, row in result["train"].items():
         assert row["loss_finite"] and row["median_s"] > 0 and row["n"] == 1, name
