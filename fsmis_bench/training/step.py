@@ -243,11 +243,12 @@ class TrainStep:
         self.grad_clip = float(grad_clip)
         self.first_step = first_step
         if fused_clip == "auto":
-            core = core_optimizer(optimizer)  # exactly AdamW: the bf16 master-weight subclass is not
+            core = core_optimizer(optimizer)
+            # exactly torch's AdamW: the bf16 master-weight subclass (weight_dtype) is another
             fused_clip = fused_clip_applies(
                 "auto", optimizer="adamw" if type(core) is torch.optim.AdamW else type(core).__name__,
                 fused=bool(core.defaults.get("fused")), weight_dtype="float32",
-                mixed_precision="fp16" if getattr(accelerator, "scaler", None) is not None else "other")
+                mixed_precision=str(getattr(accelerator, "mixed_precision", "no")))
         self.fused_clip = bool(fused_clip) and self.grad_clip > 0
         if self.fused_clip and not getattr(core_optimizer(optimizer), "_step_supports_amp_scaling", False):
             raise ConfigError(
