@@ -326,10 +326,22 @@ class NiftiFolder(VolumeDataset):
             raise self._folder_missing()
         images: dict[str, list[str]] = {}
         labels: dict[str, list[str]] = {}
+        unmatched: list[str] = []
         for entry in sorted(self.folder.iterdir()):
+            matched = False
             for pattern, found in ((_IMAGE_NAME, images), (_LABEL_NAME, labels)):
                 if (m := pattern.fullmatch(entry.name)):
                     found.setdefault(m.group(1), []).append(entry.name)
+                    matched = True
+            if not matched and re.search(r"\.nii(\.gz)?$", entry.name, re.IGNORECASE):
+                unmatched.append(entry.name)
+        if unmatched:  # a scan the user meant to include would otherwise be missing without a word
+            warnings.warn(
+                f"nifti_folder: {len(unmatched)} NIfTI file(s) in {self.folder} are left out because their names "
+                f"are not image_<id>.nii[.gz] or label_<id>.nii[.gz] (lower case): {', '.join(unmatched[:6])}"
+                + (", ..." if len(unmatched) > 6 else ""),
+                DataWarning, stacklevel=3,
+            )
         for found in (images, labels):
             twice = {i: names for i, names in found.items() if len(names) > 1}
             if twice:

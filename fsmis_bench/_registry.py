@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import inspect
 import os
+import re
 import sysconfig
 import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Generic, Iterator, TypeVar, Union
+from typing import Any, Callable, Generic, Iterator, TypeVar, Union
 
 from .errors import FsmisError, NameCollisionError, UnknownNameError
 
@@ -110,6 +112,28 @@ class Entry(Generic[T]):
         """How a user gets rid of a broken plugin (:func:`remedy`)."""
         return remedy(self.distribution)
 
+    def failure_hint(self, exc: BaseException) -> str:
+        """What to do about ``exc`` raised by this entry's code: declare a config key it reads
+        but no config declares, else :meth:`remedy`."""
+        key = missing_config_key(exc)
+        if key is None:
+            return self.remedy()
+        try:
+            from .config import _config_file  # the registry knows no config: imported when needed
+
+            where = _config_file(self.kind, self.name)
+        except Exception:  # noqa: BLE001 - a hint must not fail
+            where = None
+        return f"declare {key} with a default in {where or f'{self.kind}/{self.name}.yaml in the plugin config folder'}"
+
+    def source_dir(self) -> Path | None:
+        """The folder of the module that defines the factory (None if unknown): where a
+        failure's own line is looked for (:func:`_exception_text`)."""
+        try:
+            return Path(inspect.getsourcefile(inspect.unwrap(self.load())) or "").resolve().parent
+        except (TypeError, OSError, PluginError):
+            return None
+
     def load(self) -> Callable[..., T]:
         """Import (once) and return the factory; an import that fails raises :class:`PluginError`."""
         if self._resolved is None:
@@ -141,21 +165,55 @@ def remedy(distribution: str) -> str:
     return "fix the plugin, or stop registering it"
 
 
-def _exception_text(exc: BaseException) -> str:
+def _exception_text(exc: BaseException, source: Path | None = None) -> str:
     """``"ValueError: bad width (fsmis_mini/__init__.py:12)"``: type, first line of the message,
-    and the innermost frame, so a plugin author knows where to look without a traceback."""
-    lines = str(exc).strip().splitlines()
-    text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    and the plugin's own line, so a plugin author knows where to look without a traceback.
+
+    The line is the innermost frame under ``source`` (the plugin's folder) if there is one,
+    else the innermost frame outside the installed libraries, else the innermost frame. A key
+    the code reads but no config declares (omegaconf's ``Missing key``) is said as such.
+    """
+    missing = missing_config_key(exc)
+    if missing is not None:
+        text = f"it reads the config key {missing!r}, which no config declares"
+    else:
+        lines = str(exc).strip().splitlines()
+        text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
     frames = [
         f for f in (traceback.extract_tb(exc.__traceback__) if exc.__traceback__ is not None else [])
         if f.filename and not f.filename.startswith(("<", _STDLIB)) and Path(f.filename).name not in _OWN_FRAMES
         and Path(f.filename).parent.name != "pluggy"
     ]
-    if frames:
-        text += f" ({Path(frames[-1].filename).parent.name}/{Path(frames[-1].filename).name}:{frames[-1].lineno})"
+    own = [f for f in frames if source is not None and Path(f.filename).resolve().is_relative_to(source)]
+    outside_libraries = [f for f in frames if not _LIBRARIES.search(f.filename)]
+    chosen = own or outside_libraries or frames
+    if chosen:
+        text += f" ({Path(chosen[-1].filename).parent.name}/{Path(chosen[-1].filename).name}:{chosen[-1].lineno})"
     return text
 
 
+def missing_config_key(exc: BaseException) -> str | None:
+    """The dotted key of omegaconf's "Missing key" error (``method.pos_weight``), else None."""
+    if type(exc).__module__.startswith("omegaconf") and str(exc).startswith("Missing key"):
+        key = getattr(exc, "full_key", None) or getattr(exc, "key", None)
+        return str(key) if key else None
+    return None
+
+
+def _import_target(target: str) -> type:
+    module_name, _, attr = target.partition(":")
+    obj: Any = importlib.import_module(module_name)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _qualified(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+#: installed packages (site-packages, dist-packages): not where a plugin author's line is
+_LIBRARIES = re.compile(r"[/\\](site|dist)-packages[/\\]")
 # frames of the loading machinery itself, never the place a plugin author should look
 _OWN_FRAMES = ("_registry.py", "plugins.py")
 _STDLIB = sysconfig.get_paths()["stdlib"]
@@ -166,10 +224,14 @@ class Registry(Generic[T]):
 
     Args:
         kind: what the registry holds, used in error messages (e.g. ``"method"``).
+        base: ``"module:Class"``: what :meth:`build` must return (None: anything).
     """
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, base: str | None = None) -> None:
         self.kind = kind
+        #: ``"module:Class"`` every built object must be an instance of (imported when first
+        #: needed, so that a registry costs no heavy import), e.g. the method base class
+        self.base = base
         self._entries: dict[str, Entry[T]] = {}
 
     def register(
@@ -232,13 +294,22 @@ class Registry(Generic[T]):
         """
         entry = self.entry(name)
         factory = entry.load()
+        base = _import_target(self.base) if self.base else None
+        if base is not None and isinstance(factory, type) and not issubclass(factory, base):
+            raise PluginError(f"{entry.described()} registers {_qualified(factory)}, which is not a subclass of "
+                              f"{_qualified(base)}", hint=f"register a {base.__name__} subclass; {entry.remedy()}")
         try:
-            return factory(*args, **kwargs)
+            built = factory(*args, **kwargs)
         except FsmisError:
             raise
         except Exception as exc:  # noqa: BLE001 - any failure of plugin code
-            raise PluginError(f"{entry.described()} failed to build: {_exception_text(exc)}",
-                              hint=entry.remedy()) from exc
+            raise PluginError(f"{entry.described()} failed to build: {_exception_text(exc, entry.source_dir())}",
+                              hint=entry.failure_hint(exc)) from exc
+        if base is not None and not isinstance(built, base):
+            raise PluginError(f"{entry.described()} is registered as {entry.target!r}, which built a "
+                              f"{_qualified(type(built))}, not a {_qualified(base)}",
+                              hint=f"register a {base.__name__} subclass (or a factory returning one); {entry.remedy()}")
+        return built
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries

@@ -17,10 +17,12 @@ import argparse
 import importlib
 import json
 import os
+import re
 import signal
 import sys
 import threading
 import time
+import traceback
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -153,12 +155,40 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """Data warnings as one ``warning:`` line; others as Python prints them."""
-    if issubclass(category, DataWarning):
+#: "<subject> scan <id>: <what>", the form of the data warnings about one scan
+_PER_SCAN = re.compile(r"(?P<subject>.*\bscan) (?P<case>\S+): (?P<what>.+)", re.DOTALL)
+
+
+class _DataWarnings:
+    """Data warnings as one ``warning:`` line each; others as Python prints them.
+
+    A warning about one scan that says what an earlier one said about another scan
+    (``nifti_folder scan 2: label values [5] are not in the label map ...``) is held back,
+    and :meth:`flush` names those scans in one line: a folder of 40 scans with one mistake
+    gives two lines, not 40, before the error that names the cause."""
+
+    def __init__(self) -> None:
+        self.repeats: dict[tuple[str, str], list[str]] = {}
+
+    def show(self, message, category, filename, lineno, file=None, line=None) -> None:
+        if not issubclass(category, DataWarning):
+            sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+            return
+        match = _PER_SCAN.fullmatch(str(message))
+        if match is not None:
+            key = (match["subject"], match["what"])
+            if key in self.repeats:
+                self.repeats[key].append(match["case"])
+                return
+            self.repeats[key] = []
         print(f"warning: {message}", file=sys.stderr)
-    else:
-        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    def flush(self) -> None:
+        for (subject, what), cases in self.repeats.items():
+            if cases:
+                short = what if len(what) <= 70 else what[:67].rstrip() + "..."
+                print(f"warning: the same for {subject}s {', '.join(cases)}: {short}", file=sys.stderr)
+        self.repeats.clear()
 
 
 @contextmanager
@@ -191,14 +221,20 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 0
+    shown = _DataWarnings()
     try:
         with _sigterm_interrupts(), warnings.catch_warnings():
             warnings.simplefilter("default", DataWarning)
-            warnings.showwarning = _show_warning
-            code = int(args.func(args) or 0)
+            warnings.showwarning = shown.show
+            try:
+                code = int(args.func(args) or 0)
+            finally:
+                shown.flush()
         _leave_together()
         return code
     except FsmisError as exc:
+        if os.environ.get("FSMIS_TRACEBACK") == "1":  # for whoever debugs the plugin or the harness
+            traceback.print_exception(exc)
         print(f"error: {exc.message}", file=sys.stderr)
         if exc.hint:
             print(f"  hint: {exc.hint}", file=sys.stderr)

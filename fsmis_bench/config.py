@@ -140,9 +140,15 @@ def _base_keys(overrides: list[str], extra: list[str]) -> set[str]:
     return set(_dotted_keys(_declared(overrides, extra)))
 
 
-def _unknown_key(key: str, known: set[str], added: bool) -> ConfigError:
+def _unknown_key(key: str, known: set[str], added: bool, overrides: list[str] | None = None) -> ConfigError:
     close = closest(key, known)
     suggestion = f"did you mean {close}? " if close else ""
+    group = key.split(".", 1)[0]
+    chosen = _split(overrides or []).get(group) if group in ("method", "dataset") else None
+    where = _config_file(group, str(chosen)) if chosen else None
+    if where is not None and not added:  # the file that declares this method's (dataset's) options
+        return ConfigError(f"unknown option {key!r}",
+                           hint=suggestion + f"{group}={chosen} declares its options in {where}")
     if added:
         return ConfigError(
             f"+{key} adds a key that nothing reads: no config declares {key!r}, so the value would be ignored",
@@ -406,7 +412,8 @@ def compose(overrides: list[str] | None = None, *, resolve_datasets: bool = True
         lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
         unknown = re.match(r"Could not override '([^']+)'", lines[0]) if lines else None
         if unknown:
-            raise _unknown_key(unknown.group(1), _base_keys(overrides + test_options, extra), added=False) from None
+            raise _unknown_key(unknown.group(1), _base_keys(overrides + test_options, extra), added=False,
+                               overrides=overrides) from None
         hint = "check the override names (`fsmis-bench list`)"
         present = re.search(r"An item is already at '([^']+)'", lines[0]) if lines else None
         if present:

@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .method import Method
-from .plugins import PluginError, origin_of
+from .plugins import PluginError, origin_of, plugin_code
 from .protocol.ep1 import QueryCase, SupportSlices
 from .protocol.metrics import confusion_counts, dice_from_counts
 from .training.episodes import resize_slices
@@ -107,7 +107,7 @@ def predict_case(
         support_images = resize_slices(torch.from_numpy(np.ascontiguousarray(images)), image_size)
         support_masks = resize_slices(torch.from_numpy(masks.astype(np.float32)), image_size, nearest=True)
         query_images = resize_slices(torch.from_numpy(query.images[lo:hi]), image_size)
-        with autocast() if autocast is not None else nullcontext():
+        with plugin_code("method", _method_name(method), "predict"), (autocast() if autocast is not None else nullcontext()):
             mask = method.predict(
                 support_images.unsqueeze(1).to(device),
                 support_masks.unsqueeze(1).to(device),

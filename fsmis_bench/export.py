@@ -27,8 +27,11 @@ another run stays mixed in.
 from __future__ import annotations
 
 import argparse
+import glob
 import os
+import re
 import shutil
+import socket
 import sys
 import tempfile
 import warnings
@@ -40,7 +43,7 @@ import pandas as pd
 
 from .data.base import ORGANS
 from .errors import DataError, DataWarning
-from .records import atomic_write, load_predictions, nearest_existing, new_file_mode, read_json
+from .records import atomic_write, can_write_in, load_predictions, nearest_existing, new_file_mode, read_json
 
 #: the files an export writes (and ``--force`` replaces)
 EXPORTED = ("pred_*.nii.gz", "masks.csv")
@@ -85,13 +88,15 @@ def _save(image, path: Path) -> None:
 
 
 def export_masks(run_dir: str | Path, out_dir: str | Path, *, data_root: str | None = None,
-                 force: bool = False) -> ExportSummary:
+                 scans: str | None = None, force: bool = False) -> ExportSummary:
     """Write every predicted mask of the run in ``run_dir`` as NIfTI into ``out_dir``.
 
     Args:
         run_dir: a run record directory (holds ``config.yaml`` and ``predictions.npz``).
         out_dir: created if needed; existing files are only replaced with ``force``.
         data_root: where the run's built-in dataset lives now, if not where it was.
+        scans: where a ``nifti_folder`` run's scan folder is now, if it was moved (the
+            files must be those the run read: their digests are checked).
     Raises:
         DataError: not a run directory, no saved predictions, masks exported there already
             (without ``force``), a folder that cannot be written, or test files that changed
@@ -116,6 +121,7 @@ def export_masks(run_dir: str | Path, out_dir: str | Path, *, data_root: str | N
     cfg = OmegaConf.load(run_dir / "config.yaml")
     if data_root:
         cfg.data_root = str(data_root)
+    _point_at_scans(cfg, scans, run_dir, out_dir)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DataWarning)  # the run showed them when it read the scans
         dataset = build_test_dataset(cfg)
@@ -137,6 +143,25 @@ def export_masks(run_dir: str | Path, out_dir: str | Path, *, data_root: str | N
     return summary
 
 
+def _point_at_scans(cfg, scans: str | None, run_dir: Path, out_dir: Path) -> None:
+    """Set the run's ``nifti_folder`` test folder to ``scans``; without it, a recorded folder
+    that is gone is refused with the way to name where it is now."""
+    node = cfg.get("test_dataset") or (cfg.dataset if cfg.get("protocol", {}).get("test_dataset") in (None, "")
+                                        else None)
+    own_folder = node is not None and node.get("name") == "nifti_folder"
+    if scans is not None:
+        if not own_folder:
+            raise DataError(f"--scans applies to runs tested on nifti_folder; {run_dir.name} was tested on "
+                            f"{node.get('name') if node is not None else cfg.protocol.test_dataset}",
+                            hint="for a built-in dataset moved elsewhere, use --data-root")
+        node.path = str(Path(scans).expanduser().resolve())
+        return
+    if own_folder and node.get("path") and Path(str(node.path)).is_absolute() and not Path(str(node.path)).is_dir():
+        raise DataError(f"the scan folder this run read, {node.path}, is not there any more",
+                        hint=f"name where it is now: `fsmis-bench export {run_dir} --out {out_dir} --scans <folder>` "
+                        "(the files must be those the run read)")
+
+
 def check_export_target(out_dir: Path, *, force: bool = False, run_dir: Path | None = None,
                         masks_too: bool = True) -> None:
     """Refuse a folder that masks cannot be written to, before anything is computed or written.
@@ -155,7 +180,7 @@ def check_export_target(out_dir: Path, *, force: bool = False, run_dir: Path | N
     if not existing.is_dir():
         raise DataError(f"cannot write masks to {out_dir}: {existing} is a file, not a folder",
                         hint="choose another folder for the masks")
-    if not os.access(existing, os.W_OK | os.X_OK):
+    if not can_write_in(existing):
         raise DataError(f"cannot write masks to {out_dir}: {existing} is not writable",
                         hint="make it writable, or choose another folder for the masks")
     if masks_too and not force and existing == out_dir:
@@ -191,15 +216,41 @@ def _check_same_data(run_dir: Path, dataset) -> None:
 
 def _staging_folder(out_dir: Path) -> Path:
     """An empty hidden folder inside ``out_dir`` when it exists, else beside it (on the same
-    file system either way, so moving the files into place is a rename)."""
+    file system either way, so moving the files into place is a rename).
+
+    Its name carries this host and process (``.export-<host>-<pid>-...``), so that the
+    staging folders of exports that were killed (``kill -9``, a node lost) are removed by
+    the next export there: those of this host whose process is gone, never another host's,
+    which may still be writing."""
     if out_dir.is_dir():
-        staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir))
+        parent, prefix = out_dir, ".export-"
     else:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.export-", dir=out_dir.parent))
+        parent, prefix = out_dir.parent, f".{out_dir.name}.export-"
+    host = host_tag()
+    for stale in parent.glob(f"{glob.escape(prefix)}{glob.escape(host)}-*-*"):
+        pid = stale.name[len(prefix) + len(host) + 1:].split("-", 1)[0]
+        if stale.is_dir() and pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=f"{prefix}{host}-{os.getpid()}-", dir=parent))
     mode = new_file_mode()
     os.chmod(staging, mode | (mode & 0o444) >> 2)  # mkdtemp makes it 0700; an ordinary folder: x where r
     return staging
+
+
+def host_tag() -> str:
+    """This host's name as it goes into a staging folder's name (``-`` would split it)."""
+    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # alive, owned by someone else
+        return True
+    return True
 
 
 def _move_into_place(staging: Path, out_dir: Path, force: bool) -> None:
@@ -265,7 +316,7 @@ def _export(run_dir: Path, out_dir: Path, dataset, predictions: dict, complete: 
 
 
 def run_export(args: argparse.Namespace) -> int:
-    summary = export_masks(args.run_dir, args.out, data_root=args.data_root, force=args.force)
+    summary = export_masks(args.run_dir, args.out, data_root=args.data_root, scans=args.scans, force=args.force)
     print(summary.format())
     print(f"list of files: {summary.out_dir / 'masks.csv'}", file=sys.stderr)
     return 0
@@ -285,6 +336,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("run_dir", help="a run directory (printed by `fsmis-bench run`)")
     parser.add_argument("--out", required=True, help="folder to write into")
     parser.add_argument("--data-root", help="where the run's built-in dataset lives now (default: as recorded)")
+    parser.add_argument("--scans", metavar="DIR",
+                        help="where a nifti_folder run's scan folder is now, if it was moved (default: as recorded)")
     parser.add_argument("--force", action="store_true",
                         help="replace masks already exported there (every pred_*.nii.gz and masks.csv in it)")
     parser.set_defaults(func=run_export)

@@ -19,6 +19,9 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +29,7 @@ from typing import Any
 
 import pluggy
 
-from ._registry import BUILTIN_DISTRIBUTION, Display, PluginError, Registry, _exception_text, remedy
+from ._registry import BUILTIN_DISTRIBUTION, Display, PluginError, Registry, _exception_text, missing_config_key, remedy
 from .errors import DataWarning, FsmisError
 
 PROJECT = "fsmis_bench"
@@ -211,8 +214,8 @@ def registries() -> Registries:
     """
     pm = plugin_manager()
     regs = Registries(
-        methods=Registry("method"),
-        datasets=Registry("dataset"),
+        methods=Registry("method", base="fsmis_bench.method:Method"),
+        datasets=Registry("dataset", base="fsmis_bench.data.base:VolumeDataset"),
         backbones=Registry("backbone"),
         settings=Registry("setting"),
         config_dirs=[],
@@ -319,3 +322,41 @@ def origin_of(kind: str, name: str) -> str:
     if registry is None or name not in registry:
         return f"{kind} {name!r}"
     return registry.entry(name).described()
+
+
+@contextmanager
+def plugin_code(kind: str, name: str, doing: str) -> Iterator[None]:
+    """Run a registered plugin's own code (a method's training loss, its ``predict``) so that
+    its failure is one :class:`PluginError`, not a traceback.
+
+    A third-party plugin's exception whose traceback passes through the plugin's own folder
+    becomes "``method 'x' (plugin ... of dist 1.0) failed in its training loss: KeyError: 'a'
+    (x/model.py:41)``" with the way to fix or uninstall it; so does a config key that any
+    plugin, built-in or not, reads but no config declares. Everything else (fsmis-bench's own
+    code, the built-in methods' bugs, out of memory) passes unchanged: a traceback is what
+    finds those. ``FSMIS_TRACEBACK=1`` prints the whole traceback behind a PluginError too.
+
+    Args:
+        kind, name: the registry (``"method"``) and the name the plugin registered.
+        doing: what the code was doing, for the message (``"its training loss"``).
+    """
+    try:
+        yield
+    except (FsmisError, KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - sorted below: plugin code or not
+        registry = registries().all().get(kind)
+        entry = registry.entry(name) if registry is not None and name in registry else None
+        if entry is None or type(exc).__name__ == "OutOfMemoryError":
+            raise
+        source = entry.source_dir()
+        in_plugin = source is not None and any(
+            Path(frame.filename).resolve().is_relative_to(source) for frame in traceback.extract_tb(exc.__traceback__))
+        if missing_config_key(exc) is not None:
+            raise PluginError(f"{entry.described()} failed in {doing}: {_exception_text(exc, source)}",
+                              hint=entry.failure_hint(exc)) from exc
+        if entry.distribution == BUILTIN_DISTRIBUTION or not in_plugin:
+            raise
+        raise PluginError(f"{entry.described()} failed in {doing}: {_exception_text(exc, source)}",
+                          hint=f"{entry.remedy()}; FSMIS_TRACEBACK=1 prints the whole traceback") from exc
+

@@ -253,6 +253,18 @@ def nearest_existing(path: Path) -> Path:
     return existing
 
 
+def can_write_in(folder: Path) -> bool:
+    """Whether a file can be created in the existing ``folder``, found by creating (and
+    removing) one: ``os.access`` says yes to root everywhere, also on a read-only file system."""
+    try:
+        handle, name = tempfile.mkstemp(prefix=".fsmis-write-check-", dir=folder)
+    except OSError:
+        return False
+    os.close(handle)
+    os.unlink(name)
+    return True
+
+
 def package_versions() -> dict[str, str]:
     """Versions of Python, fsmis-bench and its main dependencies, and of every installed
     distribution whose plugin is loaded (``{"fsmis-mini-plugin": "0.2.0"}``): a run of a

@@ -47,9 +47,9 @@ from .protocol.metrics import fold_organ_scores
 from .protocol.settings import EvalGroup, eval_groups
 from .record_repair import DamagedRecordError, part_cases, rebuild_cases  # noqa: F401 (DamagedRecordError re-exported)
 from .records import (
-    CASE_COLUMNS, COMPLETE, atomic_write, config_hash, load_predictions, non_standard_options,
-    nearest_existing, now, package_versions, read_json, registered_by, run_dir_for, save_predictions, test_dataset_name,
-    training_hash, write_error, write_json, writing_to,
+    CASE_COLUMNS, COMPLETE, atomic_write, can_write_in, config_hash, load_predictions, nearest_existing,
+    non_standard_options, now, package_versions, read_json, registered_by, run_dir_for, save_predictions,
+    test_dataset_name, training_hash, write_error, write_json, writing_to,
 )
 from .training.checkpoint import (
     LEGACY_FILES, STATE_FILE, WEIGHTS_FILE, CheckpointError, load_weights, read_metadata, refuse_legacy,
@@ -440,7 +440,7 @@ def _check_results_writable(cfg: DictConfig) -> None:
     if not existing.is_dir():
         raise ConfigError(f"cannot write to {folder}: {existing} is a file, not a folder",
                           hint="choose another results_dir= (FSMIS_RESULTS_DIR)")
-    if not os.access(existing, os.W_OK | os.X_OK):
+    if not can_write_in(existing):
         raise write_error(PermissionError(13, "Permission denied", str(existing / "x")), existing)
 
 

@@ -237,7 +237,13 @@ def format_table(report: dict[str, Any]) -> str:
 
     rule = "  ".join("-" * w for w in widths)
     body = [fmt(line) for line in lines[:-1]]
-    title = f"{report['method']}  backbone={report['backbone']}  pretrained={report['pretrained']}  fidelity={report['fidelity']}"
+    # `pretrained` only means something where a component has pretrained weights to load
+    loads_weights = any(row["random_weights"] is not None for row in report["components"])
+    if loads_weights:
+        weights = f"pretrained={report['pretrained']}"
+    else:
+        weights = "no weights" if report["total_params"] == 0 else "no pretrained weights (trained from scratch)"
+    title = f"{report['method']}  backbone={report['backbone']}  {weights}  fidelity={report['fidelity']}"
     out = [title, fmt(header), rule, *body, rule, fmt(lines[-1])]
     if report.get("meta"):
         out.append("note: built on the meta device (--meta): architecture and counts only, no weights loaded")

@@ -58,6 +58,10 @@ def _folder_args(folder: Path) -> list[str]:
         (["run", "train.stepz=5"], r"unknown option 'train.stepz'.*did you mean train.steps\?"),
         (["run", "+train.stepz=5"], r"\+train.stepz adds a key that nothing reads.*did you mean train.steps\?"),
         (["run", "+method.widht=8"], r"nothing reads.*did you mean method.width\?"),
+        # the file that declares the chosen method's options, a plugin's own included
+        (["run", "method=prototype", "method.widht=8"],
+         r"unknown option 'method.widht'.*did you mean method.width\? method=prototype declares its options in "
+         r"\S*configs/method/prototype.yaml"),
         (["run", "method=sdfsmis", "backbone=sd16"], r"unknown backbone 'sd16'.*did you mean 'sd15'\?"),
     ],
 )

@@ -152,6 +152,19 @@ def test_describe_command_end_to_end(capsys: pytest.CaptureFixture[str]) -> None
     assert report["total_params"] == sum(r["params"] for r in report["components"] if r["kind"] in ("component", "other"))
 
 
+@pytest.mark.parametrize("name, weights", [
+    ("prototype", "no pretrained weights (trained from scratch)"),  # `pretrained` means nothing for it
+    ("support_copy", "no weights"),
+])
+def test_the_title_says_pretrained_only_for_methods_that_load_weights(name, weights, capsys) -> None:
+    parser = argparse.ArgumentParser(prog="fsmis-bench")
+    _describe.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["describe", f"method={name}"])
+    assert args.func(args) == 0
+    title = capsys.readouterr().out.splitlines()[0]
+    assert title == f"{name}  backbone=none  {weights}  fidelity=paper"
+
+
 def test_meta_flag_refuses_pretrained_weights() -> None:
     pytest.importorskip("fsmis_bench.api", reason="fsmis_bench.api not written yet")
     from fsmis_bench.errors import ConfigError

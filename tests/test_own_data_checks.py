@@ -274,9 +274,34 @@ def test_export_masks_is_checked_before_the_run(tmp_path, results_dir, capsys, m
     assert "is a file, not a folder" in capsys.readouterr().err and not results_dir.exists()
     import fsmis_bench.export as export_module
 
-    monkeypatch.setattr(export_module.os, "access", lambda path, mode: False)
+    monkeypatch.setattr(export_module, "can_write_in", lambda folder: False)
     assert main(["run", *_args(folder), "--export-masks", str(tmp_path / "new")]) == 2
     assert "is not writable" in capsys.readouterr().err and not results_dir.exists()
+
+
+def test_writability_is_found_by_writing_not_by_permission_bits(tmp_path):
+    from fsmis_bench.records import can_write_in
+
+    # os.access says yes to root everywhere; /proc refuses a new file even to root
+    assert can_write_in(tmp_path) and not list(tmp_path.iterdir())  # the probe file is gone
+    assert not can_write_in(Path("/proc"))
+
+
+def test_an_export_removes_the_staging_folders_of_killed_exports_of_this_host_only(tmp_path, results_dir):
+    from fsmis_bench.export import host_tag
+
+    folder = make_folder(tmp_path / "scans")
+    assert main(["run", *_args(folder)]) == 0
+    host = host_tag()
+    dead = 4_194_305  # above Linux's largest process id: no process has it
+    killed = tmp_path / f".masks.export-{host}-{dead}-abc123"
+    running = tmp_path / f".masks.export-{host}-{os.getpid()}-def456"
+    elsewhere = tmp_path / f".masks.export-another-node-{dead}-ghi789"
+    for stale in (killed, running, elsewhere):
+        stale.mkdir()
+        (stale / "pred_1.nii.gz").write_bytes(b"half")
+    assert main(["export", str(_run_dir(results_dir)), "--out", str(tmp_path / "masks")]) == 0
+    assert not killed.exists() and running.exists() and elsewhere.exists()
 
 
 @pytest.mark.parametrize("value, dtype", [(-1, np.int16), (70000, np.int32), (40000, np.uint16), (4, np.uint8)])
@@ -448,3 +473,92 @@ def test_a_field_of_view_far_from_square_warns(tmp_path):
         load_dataset("nifti_folder", path=str(make_folder(tmp_path / "square")), label_map=LABEL_MAP).load("1")
     assert not any("slices cover" in m for m in caught)
 
+
+
+# -- files that are not a single-channel real volume, or not a file --------------------------
+def _rgb(data: np.ndarray) -> np.ndarray:
+    channels = np.clip(data, 0, 255).astype(np.uint8)
+    rgb = np.zeros(data.shape, dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    for name in ("R", "G", "B"):
+        rgb[name] = channels
+    return rgb
+
+
+@pytest.mark.parametrize("kind, replace, message", [
+    ("image", lambda i, x: _rgb(x) if i == 2 else x, r"image_2.nii.gz holds colour voxels \(R, G, B\); a single-channel"),
+    ("label", lambda i, x: _rgb(x) if i == 2 else x, r"label_2.nii.gz holds colour voxels"),
+    ("image", lambda i, x: x.astype(np.complex64) if i == 2 else x, r"image_2.nii.gz holds complex voxels"),
+])
+def test_colour_and_complex_volumes_are_refused_by_the_run_as_by_check_data(kind, replace, message, tmp_path, capsys,
+                                                                          results_dir):
+    folder = make_folder(tmp_path / "scans", **{f"{kind}_fn": replace})
+    with pytest.raises(DataError, match=message):
+        load_dataset("nifti_folder", path=str(folder), label_map=LABEL_MAP).load("2")
+    assert main(["run", *_args(folder)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("error: ") == 1
+    assert main(_check(folder)) == 2
+    assert "holds c" in capsys.readouterr().out
+    assert not list(results_dir.glob("**/COMPLETE"))
+
+
+def test_a_folder_or_a_broken_link_in_a_scans_place_is_named_as_such(tmp_path):
+    folder = make_folder(tmp_path / "scans")
+    (folder / "image_2.nii.gz").unlink()
+    (folder / "image_2.nii.gz").mkdir()
+    dataset = load_dataset("nifti_folder", path=str(folder), label_map=LABEL_MAP)
+    with pytest.raises(DataError, match=r"image_2.nii.gz is a folder, not a NIfTI file"):
+        dataset.load("2")
+    (folder / "image_2.nii.gz").rmdir()
+    (folder / "image_2.nii.gz").symlink_to(tmp_path / "gone.nii.gz")
+    with pytest.raises(DataError, match=r"image_2.nii.gz is a link to a file that does not exist \(.*gone.nii.gz\)"):
+        load_dataset("nifti_folder", path=str(folder), label_map=LABEL_MAP).load("2")
+
+
+def test_nifti_files_named_otherwise_are_named_not_dropped_silently(tmp_path, capsys):
+    folder = make_folder(tmp_path / "scans", n=4)
+    for kind in ("image", "label"):
+        (folder / f"{kind}_4.nii.gz").rename(folder / f"{kind.capitalize()}_4.NII.GZ")
+    with pytest.warns(DataWarning, match=r"2 NIfTI file\(s\) in .* are left out because their names are not "
+                      r"image_<id>.nii\[.gz\] or label_<id>.nii\[.gz\] \(lower case\): Image_4.NII.GZ, Label_4.NII.GZ"):
+        assert load_dataset("nifti_folder", path=str(folder), label_map=LABEL_MAP).case_ids() == ["1", "2", "3"]
+    assert main(_check(folder)) == 0
+    assert "Image_4.NII.GZ" in capsys.readouterr().out
+
+
+def test_a_warning_every_scan_shares_is_one_line_for_all_of_them(tmp_path, capsys, results_dir):
+    folder = make_folder(tmp_path / "scans", n=5)
+    assert main(["run", *_args(folder, label_map="{liver:1,spleen:9}")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    no_spleen = [line for line in err if "shows no spleen" in line]
+    assert no_spleen[0].startswith("warning: nifti_folder scan 1: shows no spleen (label value 9)")
+    assert no_spleen[1].startswith("warning: the same for nifti_folder scans 2, 3, 4, 5: shows no spleen")
+    assert len(no_spleen) == 2
+    assert err[-2].startswith("error: ") and "holds label value 9" in err[-2]  # the cause comes last, once
+
+
+def test_an_export_finds_a_moved_scan_folder_through_scans_and_checks_its_files(tmp_path, results_dir, capsys):
+    folder = make_folder(tmp_path / "scans")
+    assert main(["run", *_args(folder)]) == 0
+    run_dir = _run_dir(results_dir)
+    moved = folder.rename(tmp_path / "moved")
+    out = tmp_path / "masks"
+    assert main(["export", str(run_dir), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"the scan folder this run read, {folder}, is not there any more" in err
+    assert f"fsmis-bench export {run_dir} --out {out} --scans <folder>" in err and not out.exists()
+    assert main(["export", str(run_dir), "--out", str(out), "--scans", str(moved)]) == 0
+    assert (out / "pred_1.nii.gz").is_file()
+    image, label = _scan(9)  # another scan in the moved folder: refused, as for the folder itself
+    _store(moved / "image_1.nii.gz", image)
+    _store(moved / "label_1.nii.gz", label)
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "other"), "--scans", str(moved)]) == 2
+    assert "changed since the run" in capsys.readouterr().err
+
+
+def test_scans_is_refused_for_a_run_on_a_built_in_dataset(tmp_path, results_dir, capsys):
+    assert main(["run", "method=support_copy", "dataset=phantom", "protocol.max_queries=1"]) == 0
+    (run_json,) = results_dir.glob("support_copy/phantom/*/*/*/run.json")
+    assert main(["export", str(run_json.parent), "--out", str(tmp_path / "m"), "--scans", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--scans applies to runs tested on nifti_folder" in err and "--data-root" in err

@@ -399,3 +399,127 @@ def test_run_records_the_distribution_of_its_method_and_dataset(install, results
 
 def test_plugin_errors_are_user_errors():
     assert issubclass(PluginError, FsmisError)
+
+
+# -- a plugin's own code failing inside a run ----------------------------------------------------
+TRAINED_PLUGIN = '''
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from fsmis_bench.method import Method
+from fsmis_bench.plugins import hookimpl
+
+
+class Trained(Method):
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.conv = torch.nn.Conv2d(1, 1, 3, padding=1)
+        {init}
+
+    def training_loss(self, batch):
+        logits = self.conv(batch.query_images)
+        {loss}
+        return F.binary_cross_entropy_with_logits(logits, batch.query_masks)
+
+    def predict(self, support_images, support_masks, query_images):
+        {predict}
+        return self.conv(query_images)[:, 0] > 0
+
+
+@hookimpl
+def fsmis_register_methods(registry):
+    registry.register("{name}", Trained)
+
+
+@hookimpl
+def fsmis_config_dirs():
+    return [str(Path(__file__).parent / "configs")]
+'''
+
+
+def _trained_plugin(install: Install, name: str, *, init: str = "pass", loss: str = "pass",
+                    predict: str = "pass") -> None:
+    config = f"# @package _global_\nmethod:\n  name: {name}\n  lr: 1.0e-3\ntrain:\n  steps: 2\n  batch_size: 1\n  image_size: 32\n"
+    install(f"fsmis-{name.replace('_', '-')}", "0.2.0", f"pkg_{name}",
+            TRAINED_PLUGIN.format(name=name, init=init, loss=loss, predict=predict), {f"method/{name}.yaml": config})
+
+
+def _line_of(placeholder: str) -> int:
+    """The plugin file's line number of ``placeholder`` (each fills one line)."""
+    return next(i for i, line in enumerate(TRAINED_PLUGIN.splitlines(), start=1) if line.strip() == placeholder)
+
+
+@pytest.mark.parametrize("where, doing", [
+    ("loss", "its training loss"), ("predict", "predict"), ("init", "failed to build"),
+])
+def test_an_undeclared_config_key_a_plugin_reads_is_one_line_at_the_plugins_own_line(where, doing, install, capsys,
+                                                                                     results_dir, monkeypatch, tmp_path):
+    monkeypatch.setenv("FSMIS_NO_PROGRESS", "1")
+    name = f"undeclared_{where}"
+    _trained_plugin(install, name, **{where: "self.cfg.method.pos_weight"})
+    line = _line_of("{" + where + "}")
+    err = _fails(["run", f"method={name}", "fold=1", "protocol.max_queries=1"], capsys,
+                 f"method '{name}' (plugin 'pkg_{name}' of fsmis-undeclared-{where} 0.2.0)", doing,
+                 f"it reads the config key 'method.pos_weight', which no config declares (pkg_{name}/__init__.py:{line})",
+                 f"hint: declare method.pos_weight with a default in {tmp_path}/site/pkg_{name}/configs/method/{name}.yaml")
+    assert "omegaconf" not in err
+
+
+def test_an_exception_in_a_plugins_predict_is_one_line_and_keeps_the_trained_weights(install, capsys, results_dir,
+                                                                                    monkeypatch):
+    monkeypatch.setenv("FSMIS_NO_PROGRESS", "1")
+    _trained_plugin(install, "raising_predict", predict="raise IndexError('slice 7 of 3')")
+    line = _line_of("{predict}")
+    _fails(["run", "method=raising_predict", "fold=1", "protocol.max_queries=1"], capsys,
+           "method 'raising_predict' (plugin 'pkg_raising_predict' of fsmis-raising-predict 0.2.0) failed in predict: "
+           f"IndexError: slice 7 of 3 (pkg_raising_predict/__init__.py:{line})",
+           "hint: fix the plugin, or uninstall it: pip uninstall fsmis-raising-predict; "
+           "FSMIS_TRACEBACK=1 prints the whole traceback")
+    assert list(results_dir.glob("raising_predict/**/final.safetensors"))  # the training is kept
+    assert not list(results_dir.glob("**/COMPLETE"))
+    # the whole traceback for whoever debugs it, then the same one-line error
+    monkeypatch.setenv("FSMIS_TRACEBACK", "1")
+    assert main(["run", "method=raising_predict", "fold=1", "protocol.max_queries=1"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "raise IndexError('slice 7 of 3')" in err and "error: method 'raising_predict'" in err
+
+
+def test_fsmis_bench_and_builtin_failures_keep_their_traceback():
+    with pytest.raises(ZeroDivisionError):  # a built-in method's bug: the traceback is what finds it
+        with plugins.plugin_code("method", "prototype", "predict"):
+            1 / 0
+    with pytest.raises(ValueError):  # a name no plugin registered
+        with plugins.plugin_code("method", "no_such_method", "predict"):
+            raise ValueError("x")
+
+
+def test_a_registered_target_must_build_a_method(install, capsys, results_dir):
+    install("fsmis-not-a-method", "0.1.0", "pkg_notmethod", """
+        from pathlib import Path
+
+        from fsmis_bench.plugins import hookimpl
+
+        class Model:
+            def __init__(self, cfg):
+                pass
+
+        def factory(cfg):
+            return {"weights": 1}
+
+        @hookimpl
+        def fsmis_register_methods(registry):
+            registry.register("plain_class", Model)
+            registry.register("dict_factory", factory)
+
+        @hookimpl
+        def fsmis_config_dirs():
+            return [str(Path(__file__).parent / "configs")]
+    """, {f"method/{name}.yaml": f"# @package _global_\nmethod:\n  name: {name}\n"
+          for name in ("plain_class", "dict_factory")})
+    _fails(["run", "method=plain_class"], capsys,
+           "method 'plain_class' (plugin 'pkg_notmethod' of fsmis-not-a-method 0.1.0) registers pkg_notmethod.Model, "
+           "which is not a subclass of fsmis_bench.method.Method", "hint: register a Method subclass")
+    _fails(["run", "method=dict_factory"], capsys, "which built a builtins.dict, not a fsmis_bench.method.Method")
+    assert not results_dir.exists()

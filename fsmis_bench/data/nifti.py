@@ -14,6 +14,7 @@ the grid and orientation of the file it came from.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,6 +154,12 @@ def load_nifti(path: Path, dtype: type = np.float32, orientation: str = AS_STORE
     from ..errors import DataWarning
 
     if not path.is_file():
+        if path.is_dir():
+            raise DataError(f"{path} is a folder, not a NIfTI file",
+                            hint="move it out of the way, or put the volume there as one .nii / .nii.gz file")
+        if path.is_symlink():
+            raise DataError(f"{path} is a link to a file that does not exist ({os.readlink(path)})",
+                            hint="restore the file it points to, or replace the link with the file")
         raise DataError(f"missing file {path}", hint="check the data root and the dataset layout")
     try:
         with _NibabelMessages() as messages:
@@ -164,7 +171,8 @@ def load_nifti(path: Path, dtype: type = np.float32, orientation: str = AS_STORE
     except Exception as exc:  # nibabel raises many types for damaged files
         raise DataError(
             f"cannot read {path}: {type(exc).__name__}: {exc}",
-            hint="the file is damaged or not NIfTI; restore it or re-run `fsmis-bench prepare`",
+            hint="the file is damaged or not NIfTI: restore it or write it again from its source "
+                 "(for a public dataset's folder, re-run `fsmis-bench prepare`)",
         ) from None
     for message in messages:
         if "pixdim" in message and "non-zero" in message:
@@ -175,6 +183,16 @@ def load_nifti(path: Path, dtype: type = np.float32, orientation: str = AS_STORE
             )
         warnings.warn(f"{path}: nibabel: {message}", DataWarning, stacklevel=2)
     file_shape = tuple(int(s) for s in data.shape)
+    if data.dtype.names is not None:  # NIfTI's RGB(A) types are structured arrays of channels
+        raise DataError(f"{path} holds colour voxels ({', '.join(data.dtype.names)}); "
+                        "a single-channel (greyscale) volume is expected",
+                        hint="save the scan (or label) as one intensity per voxel, e.g. the channel it was acquired in")
+    if np.issubdtype(data.dtype, np.complexfloating):
+        raise DataError(f"{path} holds complex voxels; a real-valued volume is expected",
+                        hint="save the magnitude image (e.g. numpy.abs of the data) as the scan")
+    if not (np.issubdtype(data.dtype, np.number) or data.dtype == np.bool_):
+        raise DataError(f"{path} holds voxels of type {data.dtype}; a numeric volume is expected",
+                        hint="save the volume with an integer or floating-point data type")
     if np.issubdtype(data.dtype, np.inexact):
         finite = np.isfinite(data)
         if not finite.all():

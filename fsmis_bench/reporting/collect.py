@@ -372,7 +372,8 @@ def load_results(results_dir: str | Path) -> Results:
 
     runs = pd.DataFrame(run_rows, columns=RUN_COLUMNS)
     runs["steps"] = runs["steps"].astype("Int64")  # whole numbers, empty where unknown
-    runs = _split_by_config(runs, configs)
+    runs, config_notes = _split_by_config(runs, configs)
+    notes.extend(config_notes)
     runs = _split_by_data(runs)
     runs, superseded = _drop_superseded(runs)
     notes.extend(superseded)
@@ -599,39 +600,56 @@ def _absent_label(name: str) -> str:
     return "unset"
 
 
-def _split_by_config(runs: pd.DataFrame, settings: dict[str, dict[str, Any]]) -> pd.DataFrame:
-    """Runs of one method/variant/evaluation configured differently get different variants.
+def _split_by_config(runs: pd.DataFrame, settings: dict[str, dict[str, Any]]) -> tuple[pd.DataFrame, list[str]]:
+    """Runs of one method/variant configured differently get different variants.
 
-    Within each (method, variant, evaluation, setting), runs whose configuration
-    fingerprints differ (:func:`config_fingerprint`: e.g. 40 training steps on folds 0-1 and
-    60 on fold 2) would otherwise be averaged into one row, or one would silently supersede
-    the other. Each configuration gets the settings that differ between them as its variant
-    tag (``train.steps=60``; with more than :data:`MAX_LABEL_KEYS` differing keys
-    ``config=<fingerprint>``, and ``config=unknown`` for records without a ``config.yaml``).
+    Where one (method, variant) has runs of several configuration fingerprints
+    (:func:`config_fingerprint`: e.g. 40 training steps on folds 0-1 and 60 on fold 2) in one
+    evaluation, they would otherwise be averaged into one row, or one would silently
+    supersede the other. Then every run of that method/variant, in every evaluation, gets the
+    settings that differ between its configurations as its variant tag (``train.steps=60``),
+    so that one configuration has one name and one style across the whole report, also in an
+    evaluation where it ran alone. With more than :data:`MAX_LABEL_KEYS` differing keys the
+    tag is ``config=<fingerprint>``, and a note lists what each such fingerprint sets;
+    ``config=unknown`` for records without a ``config.yaml``.
 
     Args:
         settings: run folder -> its flattened settings (the second value of
             :func:`config_fingerprint`).
+    Returns:
+        (the runs with split variants, the notes naming the settings behind fingerprints).
     """
-    def tags_of(group: pd.DataFrame) -> dict[Any, str]:
+    if runs.empty:
+        return runs, []
+    runs = runs.copy()
+    notes: list[str] = []
+    evaluation = ["train_dataset", "dataset", "setting"]
+    for (method, variant), group in runs.groupby(["method", "variant"], sort=False):
+        if not (group.groupby(evaluation, sort=False)["config_id"].nunique() > 1).any():
+            continue
         known = {cid: settings.get(path, {}) for cid, path in zip(group["config_id"], group["run_dir"]) if cid}
         missing = object()  # a key one config has and another lacks differs too
         names = sorted({name for flat in known.values() for name in flat})
         differing = [name for name in names
                      if len({json.dumps(flat.get(name, missing), default=repr, sort_keys=True) for flat in known.values()}) > 1]
-        tags = {}
+
+        def setting_text(flat: dict[str, Any], name: str) -> str:
+            return f"{name}={_label_value(flat[name]) if name in flat else _absent_label(name)}"
+
+        named_by_settings = bool(differing) and len(differing) <= MAX_LABEL_KEYS
         for index, cid in group["config_id"].items():
             if not cid:
-                tags[index] = "config=unknown"
-            elif differing and len(differing) <= MAX_LABEL_KEYS:
-                flat = known[cid]
-                tags[index] = ",".join(f"{name}={_label_value(flat[name]) if name in flat else _absent_label(name)}"
-                                       for name in differing)
+                tag = "config=unknown"
+            elif named_by_settings:
+                tag = ",".join(setting_text(known[cid], name) for name in differing)
             else:
-                tags[index] = f"config={cid}"
-        return tags
-
-    return _split_variants(runs, "config_id", tags_of)
+                tag = f"config={cid}"
+            runs.at[index, "variant"] = f"{variant},{tag}" if variant else tag
+        if not named_by_settings:
+            for cid in sorted(known):
+                notes.append(f"{row_label(method, variant)} [config={cid}]: "
+                             + ", ".join(setting_text(known[cid], name) for name in differing))
+    return runs, notes
 
 
 def _split_by_data(runs: pd.DataFrame) -> pd.DataFrame:

@@ -246,7 +246,9 @@ def _write_into(
     if results.unfinished:
         notes.append(f"{len(results.unfinished)} unfinished run(s) (no COMPLETE marker) are not counted; see Runs.")
 
-    steps = tqdm(total=5, desc="report", unit="step", file=sys.stderr, leave=False,
+    # on a terminal the bar goes when done; in a log it stays, ended by a newline, so that
+    # what is printed next starts a line of its own
+    steps = tqdm(total=5, desc="report", unit="step", file=sys.stderr, leave=not sys.stderr.isatty(),
                  disable=os.environ.get("FSMIS_NO_PROGRESS") == "1")
     tables = all_tables(results, include_published, show_std)
     for table in tables:
@@ -320,7 +322,8 @@ def _write_into(
 
 #: what the paired comparisons and intervals show (their headers say it too)
 COMPARE_NOTE = ("per-volume Dice %, also for a [dice=pooled] variant; 95% percentile bootstrap intervals; "
-                "W, p: Wilcoxon signed-rank; r_rb: rank-biserial")
+                "W, p: Wilcoxon signed-rank; r_rb: rank-biserial; organ 'all': one pair per query volume, "
+                "its mean over organs")
 INTERVALS_TITLE = "Mean per-volume Dice (%) with 95% bootstrap CI"
 
 

@@ -153,13 +153,14 @@ def comparison_caption(results: Results) -> str:
     if with_published.empty:
         return "No measured method has a published number for the evaluations run."
     pairs = sorted({(m, n) for m, n in zip(with_published["method"], with_published["published_as"])})
-    mapping = ", ".join(f"{method_display(m)} = “{n}”" for m, n in pairs)
+    # only names the table spells otherwise than the figure need saying
+    mapping = "".join(f"; {method_display(m)} = “{n}”" for m, n in pairs if method_display(m) != n)
     tables = ", ".join(str(int(t)) for t in sorted(set(with_published["table"].dropna())))
     panels = with_published.set_index(["train_dataset", "dataset", "setting"]).index
     shown = frame[frame.set_index(["train_dataset", "dataset", "setting"]).index.isin(panels)]
     spread = _spread_sentence(list(shown["n_folds"]))
     return (f"Measured Dice (%) per organ and the mean over organs: bars = mean over folds. {spread} "
             f"White diamonds: the published value of the same method ({PUBLISHED_CITATION}, "
-            f"Table{'s' if ',' in tables else ''} {tables}; {mapping}). Methods without a published counterpart "
+            f"Table{'s' if ',' in tables else ''} {tables}{mapping}). Methods without a published counterpart "
             "are drawn as bars only; a triangle on the axis marks a measured value of (about) zero. "
             "Numbers: tables/published_comparison.csv.")

@@ -90,7 +90,8 @@ def render_html(
                      "and case). Per-volume Dice in %, also for a <code>[dice=pooled]</code> variant (whose table "
                      "score pools the volumes); 95 % percentile bootstrap intervals; W and p: Wilcoxon signed-rank "
                      "test (zero differences dropped); r_rb: matched-pairs rank-biserial correlation (+1: A better "
-                     "on every volume).</p>")
+                     "on every volume). The <code>all</code> rows pair query volumes, each with its mean over organs: "
+                     "a volume's organs share its scan and support, so they are not independent pairs.</p>")
         for a, b, frame in comparisons:
             parts.append(f"<h3>A = {html.escape(a)} vs B = {html.escape(b)}</h3>")
             parts.append(f'<div class="scroll">{frame_to_html(frame)}</div>')

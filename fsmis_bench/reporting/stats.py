@@ -5,6 +5,11 @@ test dataset, setting, fold, organ, case id), Dice averaged over seeds first. Pe
 the Wilcoxon signed-rank test (``scipy.stats.wilcoxon``, zero differences dropped), the
 matched-pairs rank-biserial correlation as effect size, the number of pairs, and percentile
 bootstrap 95 % intervals of each method's mean Dice and of the mean difference.
+
+The ``all`` row pairs query volumes, each with its mean Dice over the organs matched in it:
+the organs of one volume share the scan and the support, so counting each organ of a
+volume as a pair of its own would treat correlated differences as independent and
+overstate the evidence (four organs of four volumes are four pairs, not sixteen).
 """
 
 from __future__ import annotations
@@ -22,16 +27,23 @@ from .collect import Results, eval_label, organ_sort_key, per_case_scores, row_l
 PAIR_KEYS = ["train_dataset", "dataset", "setting", "fold", "organ", "case_id"]
 
 
+def _tie_rounded(differences: np.ndarray) -> np.ndarray:
+    """Differences (Dice points) rounded to 1e-9, so that equal ones reached by other float
+    paths tie (:func:`wilcoxon_test`)."""
+    return np.round(np.asarray(differences, dtype=float), 9)
+
+
 def rank_biserial(differences: np.ndarray) -> float:
     """Matched-pairs rank-biserial correlation ``(T+ - T-) / (T+ + T-)``.
 
     Zero differences are dropped (as the Wilcoxon test does); ranks of ``|d|`` use average
-    ranks for ties. +1: A beats B on every pair, -1: B beats A on every pair.
+    ranks for ties, after the rounding of :func:`wilcoxon_test`. +1: A beats B on every
+    pair, -1: B beats A on every pair.
 
     Args:
         differences: ``(N,)`` paired differences A - B.
     """
-    d = np.asarray(differences, dtype=float)
+    d = _tie_rounded(differences)
     d = d[d != 0]
     if d.size == 0:
         return float("nan")
@@ -70,8 +82,13 @@ def bootstrap_ci(
 
 
 def wilcoxon_test(differences: np.ndarray) -> tuple[float, float]:
-    """(statistic, two-sided p) of the signed-rank test; NaNs when it is undefined."""
-    d = np.asarray(differences, dtype=float)
+    """(statistic, two-sided p) of the signed-rank test; NaNs when it is undefined.
+
+    The differences are rounded to 1e-9 (Dice points) first: equal differences reached by
+    other float paths (a mean over organs, over seeds) then tie, as they do, and scipy
+    picks its tie handling from the data rather than from rounding noise.
+    """
+    d = _tie_rounded(differences)
     if np.count_nonzero(d) == 0:
         return float("nan"), float("nan")
     result = scipy_stats.wilcoxon(d)
@@ -108,7 +125,8 @@ def resolve(per_case: pd.DataFrame, spec: str) -> tuple[str, str]:
 def compare(
     results: Results, a: str, b: str, n_boot: int = 10000, seed: int = 0, level: float = 0.95
 ) -> pd.DataFrame:
-    """Per evaluation and organ (and ``all`` organs): paired statistics of A vs B.
+    """Per evaluation and organ (and ``all``: per query volume, its mean over organs):
+    paired statistics of A vs B.
 
     Dice values in the frame are percent. Returns an empty frame when A and B share no
     query volume.
@@ -124,7 +142,10 @@ def compare(
     for (train, test, setting), evaluation in pairs.groupby(["train_dataset", "dataset", "setting"], sort=True):
         organs = sorted(evaluation["organ"].unique(), key=organ_sort_key)
         for organ in [*organs, "all"]:
-            subset = evaluation if organ == "all" else evaluation[evaluation["organ"] == organ]
+            if organ == "all":  # one pair per query volume (module docstring)
+                subset = evaluation.groupby(["fold", "case_id"], sort=True)[["dice_a", "dice_b"]].mean()
+            else:
+                subset = evaluation[evaluation["organ"] == organ]
             dice_a = subset["dice_a"].to_numpy(dtype=float) * 100
             dice_b = subset["dice_b"].to_numpy(dtype=float) * 100
             diff = dice_a - dice_b

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError
 from ..method import Method
+from ..plugins import plugin_code
 from ..records import atomic_write
 from .checkpoint import (  # load_weights: re-exported for callers of the engine
     WEIGHTS_FILE, CheckpointWriter, clear_training_state, load_training_state, load_weights,
@@ -170,6 +171,7 @@ def train(
     """
     tcfg = cfg.train
     steps = int(tcfg.steps)
+    method_name = str(cfg.method.name)
     accelerator = accelerator or make_accelerator(cfg, int(tcfg.grad_accum))
     setup = prepare_training(method, cfg, accelerator)
     method, optimizer, scheduler = setup.method, setup.optimizer, setup.scheduler
@@ -258,7 +260,8 @@ def train(
                 batches = iter(loader)
                 # A signal only sets stop.requested; the loop ends at a step boundary.
                 while step < steps and not stop_now():
-                    loss = train_step([next(batches) for _ in range(accum)])
+                    with plugin_code("method", method_name, "its training loss"):
+                        loss = train_step([next(batches) for _ in range(accum)])
                     step += 1
                     bar.update(1)
                     log_now = step % log_every == 0 or step == steps
