@@ -29,6 +29,7 @@ _CHOICES = {
     "protocol.train_labels": ("supervoxels", "gt"),
     "protocol.gt_exclusion": ("per_group", "liver_spleen"),
     "protocol.episode_sampler": ("reference", "uniform_pairs"),
+    "protocol.episode_runs": ("reference", "sorted"),
     "protocol.chunk_support": ("matched", "all"),
     "fidelity": ("paper", "code"),
     "device": ("auto", "cpu", "cuda"),

@@ -58,9 +58,12 @@ _UNHASHED = ("results_dir", "data_root", "weights_root", "device", "train.num_wo
 # only reproduced bit for bit by the same kernels.
 # protocol.episode_sampler's earlier rule is `uniform_pairs`: records made before the key
 # existed are found again under it, and a run of today's default gets a hash of its own.
+# Likewise protocol.episode_runs's earlier form is `sorted` (it only applies to the
+# `reference` sampler, and is left out of the hash under `uniform_pairs`).
 _HASHED_UNLESS_DEFAULT = {"train.compile_scope": "model", "method.joint_pass": False, "method.batched_encode": False,
                           "train.fused_clip": False, "train.cudnn_benchmark": False,
-                          "protocol.episode_sampler": "uniform_pairs", "protocol.chunk_support": "matched"}
+                          "protocol.episode_sampler": "uniform_pairs", "protocol.chunk_support": "matched",
+                          "protocol.episode_runs": "sorted"}
 # `method.published_config` names the settings the published numbers were obtained with; it
 # only marks a run that departs from them (non_standard_options) and changes nothing a run
 # computes, so it stays out of the hashes and adding it to a method keeps that method's
@@ -72,7 +75,7 @@ _PUBLISHED_CONFIG_HASHED = frozenset({"adnet", "qnet", "ssl_alpnet"})
 _TRAINING_KEYS = (
     "method", "backbone", "dataset", "setting", "fold", "seed", "pretrained", "fidelity",
     "mixed_precision", "tf32", "train", "protocol.exclusion", "protocol.train_labels", "protocol.gt_exclusion",
-    "protocol.min_fg_pixels", "protocol.episode_sampler", "protocol.test_dataset",
+    "protocol.min_fg_pixels", "protocol.episode_sampler", "protocol.episode_runs", "protocol.test_dataset",
 )
 
 
@@ -129,6 +132,8 @@ def _hashed_config(cfg: DictConfig) -> dict[str, Any]:
     method = data.get("method")
     if isinstance(method, dict) and method.get("name") not in _PUBLISHED_CONFIG_HASHED:
         _drop(data, "method.published_config")
+    if _pick(data, "protocol.episode_sampler") == "uniform_pairs":
+        _drop(data, "protocol.episode_runs")  # that rule draws pairs, not runs
     for key, default in _HASHED_UNLESS_DEFAULT.items():
         if _pick(data, key) == default:
             _drop(data, key)
@@ -211,6 +216,8 @@ def non_standard_options(cfg: DictConfig, random_weights: bool, checkpoint_sha25
             marks.append(f"gt_exclusion={protocol.gt_exclusion}")  # test organs trained on
     if protocol.get("episode_sampler", "reference") != "reference":
         marks.append(f"episode_sampler={protocol.episode_sampler}")
+    elif protocol.get("episode_runs", "sorted") != "reference":  # a record from before the key: sorted
+        marks.append(f"episode_runs={protocol.get('episode_runs', 'sorted')}")
     if int(protocol.supp_idx) != 2:
         marks.append(f"supp_idx={protocol.supp_idx}")
     if int(protocol.n_part) != 3:

@@ -591,6 +591,7 @@ def _execute(p: RunPlan, allow_training: bool, accelerator) -> Path:
                     min_fg_pixels=int(cfg.protocol.min_fg_pixels), augment=bool(cfg.train.augment),
                     image_size=image_size, seed=int(cfg.seed),  # one stream; each process takes its share
                     rule=str(cfg.protocol.episode_sampler), augment_form=method.augment_form(),
+                    runs=str(cfg.protocol.get("episode_runs", "reference")),
                 )
                 train(method, sampler, cfg, ckpt_dir, description=f"train {label}", accelerator=accelerator)
         if not accelerator.is_main_process:

@@ -77,7 +77,6 @@ from torch import nn
 from fsmis_bench import recorded
 from fsmis_bench.errors import ConfigError
 from fsmis_bench.method import EpisodeBatch, Method
-from fsmis_bench.training.augment import AUGMENT_FORMS
 from fsmis_bench.training.precision import selects_cuda
 
 from ._sd_attention import (
@@ -120,6 +119,12 @@ FIDELITY_DEFAULTS: dict[str, dict[str, Any]] = {
     # training augmentation: PROTOCOL.md §5 | the code's Medical.py (one fixed elastic field,
     # gamma on [-1, 1] mapped to [0, 1]; fsmis_bench/training/augment.py)
     "augment_form": {"paper": "standard", "code": "sdfsmis_code"},
+    # that form's mask deformation: the image's field (fsmis-bench's earlier reading) | its
+    # own, the generator's next draws (code: Medical.py hands one RandomState to both calls)
+    "elastic_mask_field": {"paper": "image", "code": "own"},
+    # the relative threshold's values: continuous | uint8 (code: the pipeline returns the
+    # decoded image as uint8, floor(p * 255), and the test script thresholds those levels)
+    "threshold_levels": {"paper": "continuous", "code": "uint8"},
     # The harness-level differences (GT training labels with the shipped liver+spleen
     # exclusion, pooled Dice, legacy setting-2 exclusion, fp32 + TF32, gradient accumulation,
     # linear decay) are set by the config group configs/fidelity/.
@@ -130,6 +135,11 @@ OBJECTIVES = ("ddim_t999", "direct_t999", "degenerate_t1")
 VAE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 QE_FORMS = ("cosine", "fg_bg_softmax")
 THRESHOLDS = ("absolute", "relative")
+THRESHOLD_LEVELS = ("continuous", "uint8")
+ELASTIC_MASK_FIELDS = ("image", "own")
+#: the training augmentation a config may name (augment.py's third form is chosen by
+#: ``elastic_mask_field``)
+CONFIG_AUGMENT_FORMS = ("standard", "sdfsmis_code")
 TRAIN_LATENTS = ("mean", "sample")
 SHOT_POOLINGS = ("after_mlp", "before_mlp")
 QE_SUPPORT_FORMS = ("area_pooled", "bilinear_per_shot")
@@ -287,7 +297,7 @@ def masked_token_average(tokens: torch.Tensor, masks: torch.Tensor, grid: tuple[
 # ---------------------------------------------------------------------------------------
 # masks from the decoded prediction
 # ---------------------------------------------------------------------------------------
-def threshold_decoded(decoded: torch.Tensor, mode: str, value: float) -> torch.Tensor:
+def threshold_decoded(decoded: torch.Tensor, mode: str, value: float, levels: str = "continuous") -> torch.Tensor:
     """Foreground from the decoded prediction of one EP1 chunk.
 
     Args:
@@ -297,6 +307,9 @@ def threshold_decoded(decoded: torch.Tensor, mode: str, value: float) -> torch.T
             the two mask levels); ``relative`` (code): every channel rescaled to [0, 1] as an
             image would be, channel mean ``p > value * max`` with the maximum taken over the
             whole chunk, all slices and channels (default value 0.25).
+        levels: ``relative`` only: ``uint8`` thresholds ``floor(p * 255) / 255``, the
+            levels of the uint8 image the released pipeline returns, as its test script
+            does (a pixel at p = 0.2505 of a chunk whose maximum is 1 is then background).
     Returns:
         ``(Q, H, W)`` bool.
     """
@@ -304,6 +317,8 @@ def threshold_decoded(decoded: torch.Tensor, mode: str, value: float) -> torch.T
         return decoded.mean(dim=1) > value
     if mode == "relative":
         p = ((decoded + 1.0) / 2.0).clamp(0.0, 1.0)
+        if levels == "uint8":
+            p = torch.floor(p * 255.0) / 255.0
         return p.mean(dim=1) > value * p.max().clamp_min(1e-6)
     raise ConfigError(f"unknown threshold {mode!r}", hint=f"method.threshold must be one of {THRESHOLDS}")
 
@@ -349,12 +364,14 @@ class SDFSMISOptions:
     objective: str
     threshold: str
     threshold_value: float
+    threshold_levels: str
     lcc: bool
     train_latents: str
     vtct_shot_pooling: str
     qe_support_form: str
     vtct_preprocess: str
     augment_form: str
+    elastic_mask_field: str
     predict_batch_size: int
     predict_cuda_graph: bool
     joint_pass: bool | str
@@ -411,6 +428,7 @@ class SDFSMIS(Method):
     #: released-code forms found after runs were recorded; the value every earlier run had
     late_options: ClassVar[dict[str, Any]] = {
         "qe_support_form": "area_pooled", "vtct_preprocess": "resize", "augment_form": "standard",
+        "elastic_mask_field": "image", "threshold_levels": "continuous",
     }
 
     @classmethod
@@ -422,6 +440,8 @@ class SDFSMIS(Method):
             "qe_support_form": opts.qe_support_form if opts.qe else "area_pooled",
             "vtct_preprocess": opts.vtct_preprocess if opts.vtct else "resize",
             "augment_form": opts.augment_form,
+            "elastic_mask_field": opts.elastic_mask_field if opts.augment_form == "sdfsmis_code" else "image",
+            "threshold_levels": opts.threshold_levels if opts.threshold == "relative" else "continuous",
         }
 
     def __init__(self, cfg: DictConfig) -> None:
@@ -521,12 +541,14 @@ class SDFSMIS(Method):
             objective=objective,
             threshold=threshold,
             threshold_value=float(threshold_value),
+            threshold_levels=str(pick("threshold_levels")),
             lcc=bool(pick("lcc")),
             train_latents=str(pick("train_latents")),
             vtct_shot_pooling=str(pick("vtct_shot_pooling")),
             qe_support_form=str(pick("qe_support_form")),
             vtct_preprocess=str(pick("vtct_preprocess")),
             augment_form=str(pick("augment_form")),
+            elastic_mask_field=str(pick("elastic_mask_field")),
             predict_batch_size=int(get("predict_batch_size") or 8),
             predict_cuda_graph=bool(get("predict_cuda_graph") or False),
             joint_pass=_auto_or_bool("joint_pass", get("joint_pass")),
@@ -546,7 +568,9 @@ class SDFSMIS(Method):
             ("vtct_shot_pooling", opts.vtct_shot_pooling, SHOT_POOLINGS),
             ("qe_support_form", opts.qe_support_form, QE_SUPPORT_FORMS),
             ("vtct_preprocess", opts.vtct_preprocess, VTCT_PREPROCESSING),
-            ("augment_form", opts.augment_form, AUGMENT_FORMS),
+            ("augment_form", opts.augment_form, CONFIG_AUGMENT_FORMS),
+            ("elastic_mask_field", opts.elastic_mask_field, ELASTIC_MASK_FIELDS),
+            ("threshold_levels", opts.threshold_levels, THRESHOLD_LEVELS),
         ):
             if value not in allowed:
                 raise ConfigError(
@@ -599,6 +623,8 @@ class SDFSMIS(Method):
         return options
 
     def augment_form(self) -> str:
+        if self.options.augment_form == "sdfsmis_code" and self.options.elastic_mask_field == "image":
+            return "sdfsmis_code_shared_field"  # fsmis-bench's earlier reading of the code form
         return self.options.augment_form
 
     def uses_random_weights(self) -> bool:
@@ -859,7 +885,8 @@ class SDFSMIS(Method):
 
     def masks_from_decoded(self, decoded: torch.Tensor) -> torch.Tensor:
         """One chunk's ``(Q, 3, H, W)`` decoded prediction -> ``(Q, H, W)`` bool (threshold, LCC)."""
-        masks = threshold_decoded(decoded, self.options.threshold, self.options.threshold_value)
+        masks = threshold_decoded(decoded, self.options.threshold, self.options.threshold_value,
+                                  self.options.threshold_levels)
         return largest_component(masks) if self.options.lcc else masks
 
     @torch.no_grad()

@@ -208,6 +208,11 @@ def test_comparisons_say_they_are_per_volume_dice(results_dir: Path, tmp_path: P
     assert "A per-volume Dice (95% CI)" in compare and "per-volume Dice %" in compare
     intervals = (out / "tables" / "bootstrap_ci.md").read_text(encoding="utf-8")
     assert "mean per-volume Dice" in intervals
+    # the display tables name methods and organs as the figures do; the CSVs keep the keys
+    assert "| ADNet |" in intervals and "| Liver |" in intervals and "| adnet |" not in intervals
+    assert "| Liver |" in compare
+    csv = pd.read_csv(out / "tables" / "bootstrap_ci.csv")
+    assert "adnet" in set(csv["method"]) and "liver" in set(csv["organ"])
     assert "Mean per-volume Dice" in (out / "report.html").read_text(encoding="utf-8")
 
 

@@ -140,4 +140,4 @@ def test_cli_compare(paired: tuple[Path, dict]) -> None:
     with contextlib.redirect_stdout(buffer):
         assert args.func(args) == 0
     text = buffer.getvalue()
-    assert "A = a, B = b" in text and "| Abd-MRI | 1 | liver | 11 |" in text and "r_rb" in text
+    assert "A = a, B = b" in text and "| Abd-MRI | 1 | Liver | 11 |" in text and "r_rb" in text  # as in the figures

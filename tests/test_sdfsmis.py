@@ -553,6 +553,47 @@ def test_relative_threshold_uses_the_maximum_of_the_whole_chunk():
     assert threshold_decoded(decoded, "relative", 0.25)[0].tolist() == [[True, True, True, True]]
 
 
+def test_relative_threshold_on_the_uint8_levels_the_released_pipeline_returns():
+    """my_test_query.py thresholds the pipeline's uint8 image (``clip(0, 255).astype(uint8)``
+    of ``(x + 1) / 2 * 255``, then ``to_tensor``): ``p`` is floored to a 1/255 level first."""
+    # chunk max p = 1 (x = 1); a pixel at p = 0.2505 passes 0.25 continuously, not as uint8
+    x = torch.tensor([[1.0, 2 * 0.2505 - 1, 2 * 0.2530 - 1]])
+    decoded = x[:, None, None, :].repeat(1, 3, 1, 1)
+    assert threshold_decoded(decoded, "relative", 0.25).tolist() == [[[True, True, True]]]
+    assert threshold_decoded(decoded, "relative", 0.25, "uint8").tolist() == [[[True, False, True]]]
+    # the reference's arithmetic, step by step on the same values
+    levels = np.clip(((decoded.numpy() + 1) / 2) * 255, 0, 255).astype(np.uint8).astype(np.float32) / 255
+    expected = levels.mean(axis=1) > levels.max() * 0.25
+    assert threshold_decoded(decoded, "relative", 0.25, "uint8").numpy().tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize("fidelity, levels, field, form", [
+    ("paper", "continuous", "image", "standard"),
+    ("code", "uint8", "own", "sdfsmis_code"),
+])
+def test_fidelity_sets_the_threshold_levels_and_the_code_forms_mask_field(fidelity, levels, field, form):
+    from omegaconf import OmegaConf
+
+    from fsmis_methods.sdfsmis import SDFSMIS
+
+    opts = SDFSMIS.resolve_options(OmegaConf.create({}), fidelity)
+    assert (opts.threshold_levels, opts.elastic_mask_field, opts.augment_form) == (levels, field, form)
+
+
+def test_the_code_forms_new_options_give_fidelity_code_runs_a_hash_of_their_own():
+    """Runs recorded before these options existed (one elastic field, continuous levels) keep
+    their hashes under the earlier values; fidelity=code now hashes apart from them."""
+    from fsmis_bench.config import compose
+    from fsmis_bench.records import config_hash
+
+    base = ["method=sdfsmis", "backbone=tiny", "pretrained=false"]
+    code = compose([*base, "fidelity=code"])
+    earlier = compose([*base, "fidelity=code", "method.elastic_mask_field=image", "method.threshold_levels=continuous"])
+    assert config_hash(code) != config_hash(earlier)
+    paper = compose(base)
+    assert config_hash(paper) == config_hash(compose([*base, "method.elastic_mask_field=own"]))  # no code form: unused
+
+
 def test_largest_component_per_slice():
     masks = torch.zeros(2, 8, 8, dtype=torch.bool)
     masks[0, :3, :3] = True

@@ -275,6 +275,32 @@ def test_code_form_uses_one_fixed_elastic_field_and_unit_range_gamma():
     np.testing.assert_allclose(gamma, np.clip((image + 1) / 2, 0, 1) ** exponent * 2 - 1, rtol=1e-5, atol=1e-6)
 
 
+def test_code_form_deforms_the_mask_with_the_generators_next_field_as_the_code_does():
+    """Medical.py's ``elastic_transform_pair`` hands one ``RandomState(2025)`` to the image's
+    ``elastic_transform`` and then to the mask's: the image takes draws 1-2, its mask 3-4."""
+    from scipy.ndimage import gaussian_filter
+
+    height, width = 32, 40
+    state = np.random.RandomState(2025)
+    fields = [[gaussian_filter((state.rand(height, width) * 2 - 1), 5, mode="reflect") * 10 for _ in range(2)]
+              for _ in range(2)]  # image (dx, dy), then mask (dx, dy)
+    identity = torch.nn.functional.affine_grid(torch.eye(2, 3)[None], [1, 1, height, width], align_corners=False)
+    for form, mask_field in (("sdfsmis_code", fields[1]), ("sdfsmis_code_shared_field", fields[0])):
+        augmenter = EpisodeAugmenter(rotate_deg=0, translate_px=0, scale=(1, 1), shear_deg=0, form=form)
+        image_grid, mask_grid = augmenter._grids(height, width, np.random.default_rng(0))
+        for grid, (dx, dy) in ((image_grid, fields[0]), (mask_grid, mask_field)):
+            pixels = (grid - identity)[0].numpy() * np.array([width / 2, height / 2])
+            np.testing.assert_allclose(pixels[..., 0], dx, atol=1e-4)
+            np.testing.assert_allclose(pixels[..., 1], dy, atol=1e-4)
+    # so the warped mask is not the warped image's: a disc's edge moves by up to ~2 px
+    yy, xx = np.mgrid[:64, :64]
+    disc = ((yy - 32) ** 2 + (xx - 32) ** 2 < 15 ** 2).astype(np.float32)
+    own = EpisodeAugmenter(form="sdfsmis_code").geometric(disc, disc > 0, np.random.default_rng(3))
+    shared = EpisodeAugmenter(form="sdfsmis_code_shared_field").geometric(disc, disc > 0, np.random.default_rng(3))
+    np.testing.assert_array_equal(own[0], shared[0])  # the image's deformation is the same
+    assert (own[1] != shared[1]).any() and ((shared[0] > 0.5) == shared[1]).mean() > (((own[0] > 0.5) == own[1]).mean())
+
+
 def test_code_form_warps_before_gamma():
     sampler = EpisodeSampler(_Stack(), ["1"], EvalGroup("all", ("liver",)), min_fg_pixels=0, seed=0,
                              augment_form="sdfsmis_code")
@@ -292,3 +318,91 @@ def test_code_form_warps_before_gamma():
     sampler.augmenter = _Order(form="sdfsmis_code")
     sampler.sample()
     assert order == ["geometric", "gamma"]
+
+
+# -- runs of adjacent slices, as the reference code finds them ------------------------------------
+def _reference_subsets(showing: list[int], excluded: list[int]) -> list[list[int]]:
+    """Q-Net's / SD-FSMIS's ``__getitem__`` steps, literally: the slices showing the class
+    (a numpy array), minus those it shares with the excluded ones, through a Python set;
+    then stretches of that list where each slice is the one before it plus one; then only
+    stretches of at least two (one shot + one query)."""
+    sli_idx = np.arange(64)[np.isin(np.arange(64), showing)]
+    sli_idx = list(set(sli_idx) - set(np.intersect1d(sli_idx, np.asarray(excluded, dtype=int))))
+    subsets: list[list[int]] = []
+    for i in range(len(sli_idx)):
+        if not subsets:
+            subsets.append([sli_idx[i]])
+        elif sli_idx[i - 1] + 1 == sli_idx[i]:
+            subsets[-1].append(sli_idx[i])
+        else:
+            subsets.append([sli_idx[i]])
+    return [[int(z) for z in subset] for subset in subsets if len(subset) >= 2]
+
+
+@pytest.mark.parametrize("showing, excluded", [
+    ([2, 3, 4, 5], []),  # below 8 a set iterates sorted: the whole run
+    ([7, 8], []),  # iterates [8, 7]: no run at all
+    ([30, 31, 32, 33], []),  # [32, 33] and [30, 31]: the pair (31, 32) is never drawn
+    (list(range(5, 20)), []),
+    (list(range(10, 40)), [20, 21, 35]),  # setting 2's dropped slices inside the range
+    (list(range(60, 64)) + list(range(0, 3)), []),
+    ([14, 15, 16, 17, 18, 33, 34], [16]),
+])
+def test_runs_follow_the_reference_codes_set_order_literally(showing, excluded):
+    from fsmis_bench.training.episodes import reference_runs
+
+    got = [run.tolist() for run in reference_runs(np.asarray(sorted(showing)), np.asarray(excluded, dtype=int))]
+    assert got == _reference_subsets(showing, excluded)
+
+
+class _Deep(VolumeDataset):
+    """One scan of 40 slices: class 5 in slices 30-33 only (900 px each); each voxel holds its z."""
+
+    label_map = {"liver": 1}
+    test_organs = ("liver",)
+
+    def _case_ids(self):
+        return ["1"]
+
+    def _load(self, case_id, with_supervoxels):
+        label = np.zeros((40, 40, 40), dtype=np.int32)
+        sv = np.zeros_like(label)
+        sv[30:34, 5:35, 5:35] = 5
+        image = np.arange(40, dtype=np.float32)[:, None, None] + np.zeros(label.shape, dtype=np.float32)
+        return Volume(case_id, image, label, sv)
+
+
+@pytest.mark.parametrize("runs, starts", [
+    ("reference", {30: 1 / 2, 32: 1 / 2}),  # runs [32, 33] and [30, 31]: a run, then its only pair
+    ("sorted", {30: 1 / 3, 31: 1 / 3, 32: 1 / 3}),  # one run of three pairs (fsmis-bench before)
+])
+def test_the_sampler_draws_the_reference_codes_runs(runs, starts):
+    sampler = EpisodeSampler(_Deep(), ["1"], EvalGroup("all", ("liver",)), augment=False, min_fg_pixels=200,
+                             norm="none", runs=runs)
+    n = 2000
+    firsts = []
+    for index in range(n):
+        support_image, _, query_image, _ = sampler.episode(index)
+        firsts.append(int(min(support_image[20, 20], query_image[20, 20])))
+    assert set(firsts) == set(starts)
+    for z, share in starts.items():
+        _assert_share(firsts.count(z), n, share)
+
+
+def test_episode_runs_is_hashed_where_it_applies_and_marks_the_earlier_form():
+    from fsmis_bench.config import compose
+    from fsmis_bench.records import config_hash, non_standard_options
+
+    default, earlier = compose([]), compose(["protocol.episode_runs=sorted"])
+    assert config_hash(default) != config_hash(earlier)
+    assert "episode_runs=sorted" in non_standard_options(earlier, False) and not non_standard_options(default, False)
+    # a record from before the key existed ran sorted runs: it hashes as `sorted` does
+    from omegaconf import OmegaConf
+
+    before = OmegaConf.create(OmegaConf.to_container(earlier))
+    del before.protocol["episode_runs"]
+    assert config_hash(before) == config_hash(earlier) and "episode_runs=sorted" in non_standard_options(before, False)
+    # uniform_pairs draws pairs, not runs: the key does not split its records
+    pairs = [compose(["protocol.episode_sampler=uniform_pairs", f"protocol.episode_runs={form}"])
+             for form in ("reference", "sorted")]
+    assert config_hash(pairs[0]) == config_hash(pairs[1])

@@ -23,6 +23,7 @@ from scipy import stats as scipy_stats
 
 from ..errors import FsmisError
 from .collect import Results, eval_label, organ_sort_key, per_case_scores, row_label, run_flags
+from .style import method_label, organ_display
 
 PAIR_KEYS = ["train_dataset", "dataset", "setting", "fold", "organ", "case_id"]
 
@@ -227,10 +228,18 @@ COMPARE_HEADERS = ("A per-volume Dice (95% CI)", "B per-volume Dice (95% CI)", "
 INTERVAL_HEADERS = {"mean": "mean per-volume Dice", "CI low": "95% CI low", "CI high": "95% CI high"}
 
 
+def _shown_row_label(label: str) -> str:
+    """``sdfsmis_qe [tiny]`` (a :func:`row_label`) as the figures name it: ``SD-FSMIS (SII+QE) [tiny]``."""
+    method, _, variant = label.partition(" [")
+    return method_label(method, variant[:-1] if variant.endswith("]") else variant)
+
+
 def format_intervals(frame: pd.DataFrame) -> pd.DataFrame:
-    """Display form of :func:`confidence_intervals`: the headers say the means are of
-    per-volume Dice (also for ``[dice=pooled]`` variants)."""
-    return frame.rename(columns=INTERVAL_HEADERS)
+    """Display form of :func:`confidence_intervals`: methods and organs named as in the
+    figures, and headers that say the means are of per-volume Dice (also for
+    ``[dice=pooled]`` variants). The CSV keeps the registry names."""
+    shown = frame.assign(method=frame["method"].map(_shown_row_label), organ=frame["organ"].map(organ_display))
+    return shown.rename(columns=INTERVAL_HEADERS)
 
 
 def format_compare(frame: pd.DataFrame) -> pd.DataFrame:
@@ -242,7 +251,8 @@ def format_compare(frame: pd.DataFrame) -> pd.DataFrame:
     if frame.empty:
         return pd.DataFrame(columns=["evaluation", "setting", "organ", "n", a_header, b_header, diff_header, "W", "p", "r_rb"])
     return pd.DataFrame({
-        "evaluation": frame["evaluation"], "setting": frame["setting"].astype(str), "organ": frame["organ"],
+        "evaluation": frame["evaluation"], "setting": frame["setting"].astype(str),
+        "organ": [organ if organ == "all" else organ_display(organ) for organ in frame["organ"]],
         "n": frame["n_pairs"].astype(str),
         a_header: [interval(*v) for v in zip(frame["A mean"], frame["A CI low"], frame["A CI high"])],
         b_header: [interval(*v) for v in zip(frame["B mean"], frame["B CI low"], frame["B CI high"])],

@@ -15,7 +15,10 @@ How a draw is made and redrawn (``protocol.episode_sampler``):
   then the pair's first slice within that run. A pair whose larger mask has fewer than
   ``min_fg_pixels`` pixels draws a new class *in the same scan*; only a class without two
   adjacent slices sends the draw to a new scan. So every scan trains on its share of the
-  episodes, whatever fraction of its pairs the size floor rejects.
+  episodes, whatever fraction of its pairs the size floor rejects. The runs are found as
+  that code finds them, in a Python set's order (:func:`reference_runs`; a few true runs
+  are cut, and a few pairs never drawn); ``protocol.episode_runs=sorted`` takes every true
+  run whole, fsmis-bench's earlier reading of the rule.
 * ``uniform_pairs``: fsmis-bench's rule before it followed the reference. A class is drawn
   among those with an adjacent pair, the pair uniformly among all of that class's pairs,
   and a rejected pair draws a new scan, so a scan trained on fewer episodes the more of
@@ -34,10 +37,40 @@ from ..data.base import VolumeDataset, normalise_volume
 from ..errors import DataError
 from ..method import EpisodeBatch
 from ..protocol.settings import EvalGroup, excluded_slices
-from .augment import AUGMENT_FORMS, EpisodeAugmenter
+from .augment import AUGMENT_FORMS, CODE_FORMS, EpisodeAugmenter
 
 
 EPISODE_SAMPLERS = ("reference", "uniform_pairs")
+#: how the reference rule finds a class's runs of adjacent slices (``protocol.episode_runs``)
+EPISODE_RUNS = ("reference", "sorted")
+
+
+def reference_runs(showing: np.ndarray, dropped: np.ndarray) -> list[np.ndarray]:
+    """A class's runs of at least two adjacent kept slices, as Q-Net's and SD-FSMIS's
+    ``__getitem__`` find them: the kept slices are ``list(set(showing) - set(showing ∩
+    dropped))``, which comes in a Python set's iteration order, not sorted, and a run is a
+    stretch of that list in which each slice follows the one before it (``z + 1``).
+
+    A set of small integers iterates in the order of ``z`` modulo its table size, so a true
+    run that crosses the table size is cut in two, and a run met in descending order is no
+    run: kept slices {7, 8} iterate as [8, 7] and give none, {30, 31, 32, 33} give [32, 33]
+    and [30, 31], so the pair (31, 32) is never drawn. Computed with the same expression, on
+    the same numpy integers, so CPython orders them as it orders the reference's.
+
+    Args:
+        showing: ``(N,)`` ascending slices that show the class, dropped ones included.
+        dropped: ascending slices the setting excludes.
+    Returns:
+        the runs, each ``(L,)`` with ``L >= 2``, in the order the reference lists them.
+    """
+    kept = list(set(showing) - set(np.intersect1d(showing, dropped)))
+    runs: list[list[int]] = []
+    for i, z in enumerate(kept):
+        if runs and kept[i - 1] + 1 == z:
+            runs[-1].append(int(z))
+        else:
+            runs.append([int(z)])
+    return [np.asarray(run) for run in runs if len(run) >= 2]
 
 
 @dataclass
@@ -62,6 +95,9 @@ class EpisodeSampler:
         min_fg_pixels: rejection threshold on the larger of the two masks.
         rule: ``"reference"`` or ``"uniform_pairs"``, how a draw is made and redrawn
             (module docstring).
+        runs: the reference rule's runs of adjacent slices: ``"reference"`` as that code
+            finds them (:func:`reference_runs`), ``"sorted"`` every true run whole
+            (fsmis-bench's earlier reading). ``uniform_pairs`` draws pairs, not runs.
         augment_form: ``"standard"`` or ``"sdfsmis_code"`` (:mod:`.augment`; the method's
             :meth:`~fsmis_bench.method.Method.augment_form`).
         augment: gamma on one side, affine + elastic on an independently drawn side.
@@ -84,10 +120,14 @@ class EpisodeSampler:
         seed: int = 0,
         rule: str = "reference",
         augment_form: str = "standard",
+        runs: str = "reference",
     ) -> None:
         if rule not in EPISODE_SAMPLERS:
             raise ValueError(f"episode sampler rule {rule!r}: expected one of {EPISODE_SAMPLERS}")
+        if runs not in EPISODE_RUNS:
+            raise ValueError(f"episode runs {runs!r}: expected one of {EPISODE_RUNS}")
         self.rule = rule
+        self.runs_form = runs
         self.seed = seed
         self.next_episode = 0
         self.rng = np.random.default_rng(seed)
@@ -125,8 +165,11 @@ class EpisodeSampler:
         size floor): such a scan is left out of the draw instead.
         """
         pixels: list[dict[int, int]] = []  # z -> {class: pixel count}, empty for a dropped slice
+        showing: dict[int, list[int]] = {}  # class -> every slice showing it, dropped ones included
         for z in range(classes.shape[0]):
             values, counts = np.unique(classes[z], return_counts=True)
+            for v in values[values != 0]:
+                showing.setdefault(int(v), []).append(z)
             pixels.append({} if dropped[z] else
                           {int(v): int(c) for v, c in zip(values, counts) if v != 0})
         slices: dict[int, list[int]] = {}
@@ -135,8 +178,11 @@ class EpisodeSampler:
                 slices.setdefault(cls, []).append(z)
         runs: dict[int, list[np.ndarray]] = {}
         for cls, zs in slices.items():
-            split = np.split(np.asarray(zs), np.flatnonzero(np.diff(zs) != 1) + 1)
-            runs[cls] = [run for run in split if len(run) >= 2]
+            if self.runs_form == "reference":
+                runs[cls] = reference_runs(np.asarray(showing[cls]), np.flatnonzero(dropped))
+            else:
+                split = np.split(np.asarray(zs), np.flatnonzero(np.diff(zs) != 1) + 1)
+                runs[cls] = [run for run in split if len(run) >= 2]
         pairs = self._adjacent_pairs(classes, dropped)
         if not pairs:
             return None
@@ -194,7 +240,7 @@ class EpisodeSampler:
         slices = [self._fit(case.image[z], first), self._fit(case.image[z + 1], second)]
         if self.rng.uniform() < 0.5:
             slices.reverse()
-        if self.augmenter is not None and self.augmenter.form == "sdfsmis_code":
+        if self.augmenter is not None and self.augmenter.form in CODE_FORMS:
             geometric_side = int(self.rng.uniform() < 0.5)  # that code warps first, then applies gamma
             slices[geometric_side] = self.augmenter.geometric(*slices[geometric_side], self.rng)
             gamma_side = int(self.rng.uniform() < 0.5)  # drawn independently
