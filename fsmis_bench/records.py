@@ -165,6 +165,8 @@ def training_hash(cfg: DictConfig, inputs: dict[str, Any] | None = None) -> str:
     picked = {key: _pick(data, key) for key in _TRAINING_KEYS}
     if inputs is not None:
         picked["inputs"] = {"train_data": inputs.get("train_data"), "weights": inputs.get("weights")}
+        if inputs.get("cpu_threads") is not None:  # CPU runs only (runner.identify)
+            picked["inputs"]["cpu_threads"] = inputs["cpu_threads"]
     return _digest(picked)
 
 

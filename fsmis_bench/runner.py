@@ -56,7 +56,7 @@ from .training.checkpoint import (
 )
 from .training.engine import STEP_FILE, make_accelerator, train
 from .training.episodes import EpisodeSampler
-from .training.precision import precision_of, with_resolved_precision
+from .training.precision import precision_of, selects_cuda, with_resolved_precision
 
 
 def build_dataset(dataset_cfg: DictConfig | dict, data_root: str | None, key: str = "dataset") -> VolumeDataset:
@@ -226,6 +226,10 @@ def identify(cfg: DictConfig, checkpoint: Path | None = None) -> RunIdentity:
         "weights": method.weight_identity(),
         "checkpoint": _external_checkpoint(checkpoint, groups) if checkpoint is not None else None,
     }
+    if not selects_cuda(str(cfg.device)):
+        # a CPU's float sums depend on how many threads share them: a joblib worker (one
+        # thread) and a serial run (all cores) compute other numbers, so they are other runs
+        inputs["cpu_threads"] = torch.get_num_threads()
     return RunIdentity(cfg, run_dir_for(cfg, inputs), inputs, train_dataset, test_dataset, groups, method,
                        checkpoint, generated)
 

@@ -245,6 +245,10 @@ def check_sweep(overrides: list[str]) -> list[tuple[list[str], DictConfig]]:
     composed = [(r, compose(r)) for r in runs]
     if hydra_overrides:
         _hydra_node(runs[0] + hydra_overrides)
+    from .runner import _check_results_writable  # the sweep's own folder lies there too
+
+    for results_dir in {str(cfg.results_dir): cfg for _, cfg in composed}.values():
+        _check_results_writable(results_dir)
     return composed
 
 

@@ -621,3 +621,28 @@ def test_speed_switches_keep_earlier_run_identities():
         assert digest(compose(tiny_gpu)) == digest(on)
         for off in ("method.batched_encode=false", "train.fused_clip=false"):
             assert digest(compose([*tiny_gpu, off])) != digest(on)
+
+
+def test_a_cpu_runs_identity_holds_its_thread_count(results_dir):
+    """A CPU's float sums depend on how many threads share them: a joblib worker (one
+    thread) computes other numbers than a serial run on all cores, so it is another run,
+    never found as the other's "already complete" record."""
+    import torch
+
+    from fsmis_bench.config import compose
+    from fsmis_bench.runner import identify
+
+    cfg = compose(["method=prototype", "dataset=phantom", "device=cpu"])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = identify(cfg)
+        torch.set_num_threads(2)
+        two = identify(cfg)
+    finally:
+        torch.set_num_threads(threads)
+    assert (one.inputs["cpu_threads"], two.inputs["cpu_threads"]) == (1, 2)
+    assert one.run_dir != two.run_dir
+    from fsmis_bench.records import training_hash
+
+    assert training_hash(cfg, one.inputs) != training_hash(cfg, two.inputs)  # nor its trained weights
