@@ -149,10 +149,21 @@ def scan(results_dir: Path) -> list[RunState]:
             path=run_dir, state=state, started_at=started, age_s=age, idle_s=now - _newest_mtime(run_dir),
             method=str(info.get("method", rel[0] if rel else "?")),
             dataset=str(info.get("test_dataset", info.get("dataset", rel[1] if len(rel) > 1 else "?"))),
-            setting=str(info.get("setting", "?")), fold=str(info.get("fold", "?")), seed=str(info.get("seed", "?")),
+            setting=str(info.get("setting", _from_path(rel, "setting"))), fold=str(info.get("fold", _from_path(rel, "fold"))),
+            seed=str(info.get("seed", _from_path(rel, "seed"))),
             progress=(problem or "") if complete else _progress(run_dir, info),
         ))
     return sorted(found, key=lambda r: r.started_at or "")
+
+
+def _from_path(parts: tuple[str, ...], name: str) -> str:
+    """``setting``/``fold``/``seed`` as a run's folder names them
+    (``<method>/<dataset>/setting1/fold0/seed0-<hash>``), for a record whose run.json is
+    unreadable; ``?`` where the path does not say."""
+    for part in parts:
+        if part.startswith(name) and part[len(name):].split("-", 1)[0].isdigit():
+            return part[len(name):].split("-", 1)[0]
+    return "?"
 
 
 def remove_stale(runs: list[RunState]) -> list[Path]:

@@ -31,6 +31,7 @@ import os
 import signal
 import sys
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -249,7 +250,36 @@ def check_sweep(overrides: list[str]) -> list[tuple[list[str], DictConfig]]:
 
     for results_dir in {str(cfg.results_dir): cfg for _, cfg in composed}.values():
         _check_results_writable(results_dir)
+    _check_folds(composed)
     return composed
+
+
+def _check_folds(composed: list[tuple[list[str], DictConfig]]) -> None:
+    """A fold the test dataset does not have stops the sweep before any job, as it stops a
+    single run. A dataset that cannot be built here (its data missing) is left to its jobs,
+    which fail one by one and keep the others' results."""
+    import json
+
+    from .errors import DataError
+    from .runner import build_test_dataset
+
+    datasets: dict[str, Any] = {}
+    for _, cfg in composed:
+        key = json.dumps([OmegaConf.to_container(cfg.get("dataset"), resolve=True),
+                          OmegaConf.to_container(cfg.get("test_dataset"), resolve=True) if cfg.get("test_dataset") else None,
+                          cfg.get("data_root")], default=str, sort_keys=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # each job shows its data's warnings itself
+            if key not in datasets:
+                try:
+                    datasets[key] = build_test_dataset(cfg)
+                except DataError:
+                    datasets[key] = None
+            if datasets[key] is not None:
+                try:
+                    datasets[key].fold_cases(int(cfg.fold))  # a fold it lacks: the run's own ConfigError
+                except DataError:
+                    pass
 
 
 def launch(overrides: list[str], *, command: str = "run", checkpoint: Path | None = None,
@@ -295,7 +325,8 @@ def launch(overrides: list[str], *, command: str = "run", checkpoint: Path | Non
             if r["run_dir"] and r["outcome"] != "failed":
                 print(r["run_dir"])
         if failed:
-            print(f"{len(failed)} of {len(results)} runs failed; finished runs are kept", file=sys.stderr)
+            print(f"{len(failed)} of {len(results)} run{'' if len(results) == 1 else 's'} failed; "
+                  "finished runs are kept", file=sys.stderr)
     return 2 if failed else 0
 
 
@@ -334,7 +365,7 @@ def print_summary(results: list[dict[str, Any]], sweep_dir: str | None = None, f
     file = file or sys.stderr
     counts = {o: sum(r["outcome"] == o for r in results) for o in OUTCOMES}
     print(
-        f"\nsweep summary: {len(results)} runs: {counts['completed']} completed, {counts['resumed']} resumed, "
+        f"\nsweep summary: {len(results)} run{'' if len(results) == 1 else 's'}: {counts['completed']} completed, {counts['resumed']} resumed, "
         f"{counts['skipped']} skipped (already complete), {counts['failed']} failed",
         file=file,
     )

@@ -145,7 +145,7 @@ def test_submitit_job_preempted_mid_training_is_requeued_and_resumes_exactly(tmp
         if sweep.poll() is None:
             sweep.kill()
     assert sweep.returncode == 0, err
-    assert "1 runs: 0 completed, 1 resumed, 0 skipped (already complete), 0 failed" in err
+    assert "1 run: 0 completed, 1 resumed, 0 skipped (already complete), 0 failed" in err
     job_log = "".join(p.read_text() for p in results.glob("_sweeps/*/.submitit/*/*_log.*"))
     assert f"{signal.Signals(preempt).name} received: stopping after the current step" in job_log
     assert "Requeued job" in job_log  # submitit's checkpointing protocol, then a fresh job process

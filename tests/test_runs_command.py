@@ -104,6 +104,13 @@ def test_a_finished_run_with_a_damaged_cases_csv_is_listed_damaged(three_runs, c
     assert cases.exists() and (complete / "COMPLETE").exists()
 
 
+def test_a_run_with_an_unreadable_run_json_takes_setting_fold_and_seed_from_its_path(three_runs):
+    stale = next(three_runs.glob("prototype/phantom/setting1/fold0/seed1-*"))
+    (stale / "run.json").write_text("{ damaged")
+    (found,) = [r for r in scan(three_runs) if r.path == stale]
+    assert (found.method, found.dataset, found.setting, found.fold, found.seed) == ("prototype", "phantom", "1", "0", "1")
+
+
 def test_missing_results_folder_is_one_message(tmp_path, capsys):
     assert main(["runs", "--results", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err

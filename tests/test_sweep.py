@@ -110,6 +110,11 @@ def test_every_config_is_checked_before_anything_runs(tmp_path, capsys):
     assert main(["run", "-m", "method=support_copy,nope", f"results_dir={tmp_path}"]) == 2
     assert "unknown method 'nope'; known methods:" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+    # a fold the dataset lacks, among good ones: refused before any job, as a single run is
+    assert main(["run", "-m", *SUPPORT_COPY, "fold=3,7", f"results_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: fold=7 does not exist for phantom") and "use fold=0..4" in err
+    assert not any(tmp_path.iterdir())
     (tmp_path / "a_file").write_text("x")  # a results folder that is a file: before any job, as a run says it
     assert main(["run", "-m", *SUPPORT_COPY, "fold=0,1", f"results_dir={tmp_path / 'a_file'}"]) == 2
     err = capsys.readouterr().err
