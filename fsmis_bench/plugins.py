@@ -20,9 +20,9 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import traceback
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
