@@ -456,7 +456,8 @@ def execute(cfg: DictConfig, *, allow_training: bool = True, checkpoint: Path | 
         allow_training: False for ``eval``: use a finished training or ``checkpoint``.
         checkpoint: an external ``.safetensors`` checkpoint to evaluate; its content hash
             is part of the run's identity and the run is marked as evaluated from it.
-        status: filled with ``outcome``: ``skipped`` (already complete), ``resumed`` (a
+        status: filled with ``outcome``: ``skipped`` (already complete), ``repaired``
+            (complete, its damaged ``cases.csv`` rebuilt from its parts), ``resumed`` (a
             record was there) or ``completed`` (a new run), for a sweep's summary.
     """
     cfg = as_run_here(cfg)
@@ -471,8 +472,8 @@ def execute(cfg: DictConfig, *, allow_training: bool = True, checkpoint: Path | 
             status["outcome"] = ("skipped" if (run_dir / COMPLETE).exists()
                                  else "resumed" if (run_dir / "run.json").exists() else "completed")
         if (run_dir / COMPLETE).exists():
-            if accelerator.is_main_process:
-                _check_finished(run_dir, ident)
+            if accelerator.is_main_process and _check_finished(run_dir, ident) and status is not None:
+                status["outcome"] = "repaired"
             tqdm.write(f"already complete, not recomputed: {run_dir}", file=sys.stderr)
             return run_dir
         p = plan(cfg, ident, allow_training=allow_training)
@@ -632,9 +633,9 @@ def _found_weights_hint(weights: Path, own: Path) -> str:
     return f"delete {weights} and rerun the same command to train this group again {again}"
 
 
-def _check_finished(run_dir: Path, ident: RunIdentity) -> None:
+def _check_finished(run_dir: Path, ident: RunIdentity) -> bool:
     """Check a finished run's record as ``report`` does; a damaged ``cases.csv`` is rebuilt
-    from the run's evaluation parts (announced on stderr).
+    from the run's evaluation parts (announced on stderr). True if it was rebuilt.
 
     Raises:
         DamagedRecordError: the record is damaged and the parts cannot rebuild it.
@@ -642,11 +643,13 @@ def _check_finished(run_dir: Path, ident: RunIdentity) -> None:
     from .runs_command import record_problem  # the report's own check
 
     if record_problem(run_dir) is None:
-        return
+        return False
     with _exclusive(run_dir):  # no other process rebuilds it at the same time
         problem = record_problem(run_dir)
         if problem is not None:  # (unless one did while we waited)
             rebuild_cases(run_dir, problem, default_groups=_evaluated_groups(ident.cfg, ident.groups))
+            return True
+    return False
 
 
 def _finish(run_dir: Path, p: RunPlan, info: dict) -> None:

@@ -40,7 +40,7 @@ from omegaconf import DictConfig, OmegaConf
 from .errors import ConfigError, FsmisError
 
 #: outcomes in the sweep summary, in table order
-OUTCOMES = ("completed", "resumed", "skipped", "failed")
+OUTCOMES = ("completed", "resumed", "skipped", "repaired", "failed")
 
 # Device claims of this (worker) process, kept for its lifetime: {lock_dir: (device, handle)}.
 _CLAIMED: dict[str, tuple[str, Any]] = {}
@@ -71,7 +71,8 @@ def run_one(cfg: DictConfig, *, allow_training: bool = True, checkpoint: Path | 
     """Run (or resume, or skip) one config; training stops cleanly on the pre-emption signals.
 
     Returns:
-        The record directory and the outcome (``completed``, ``resumed`` or ``skipped``).
+        The record directory and the outcome (``completed``, ``resumed``, ``skipped`` or
+        ``repaired``).
 
     Raises:
         Interrupted: a stop signal arrived; the state at the last step boundary is saved.
@@ -192,8 +193,10 @@ class SweepJob:
                 relative = run_dir.relative_to(Path(str(cfg.results_dir)).expanduser())
                 export_masks(run_dir, Path(self.export_to).expanduser() / relative)
         except FsmisError as exc:
-            result["reason"] = exc.message
+            result["reason"] = exc.message + (f" (hint: {exc.hint})" if exc.hint else "")
             print(f"error: {exc.message}", file=sys.stderr)
+            if exc.hint:
+                print(f"  hint: {exc.hint}", file=sys.stderr)
         except Interrupted as exc:
             _requeue_through_submitit(exc.signum)  # exits the process if submitit requeues
             raise
@@ -366,7 +369,9 @@ def print_summary(results: list[dict[str, Any]], sweep_dir: str | None = None, f
     counts = {o: sum(r["outcome"] == o for r in results) for o in OUTCOMES}
     print(
         f"\nsweep summary: {len(results)} run{'' if len(results) == 1 else 's'}: {counts['completed']} completed, {counts['resumed']} resumed, "
-        f"{counts['skipped']} skipped (already complete), {counts['failed']} failed",
+        f"{counts['skipped']} skipped (already complete), "
+        + (f"{counts['repaired']} repaired (complete, cases.csv rebuilt from its parts), " if counts["repaired"] else "")
+        + f"{counts['failed']} failed",
         file=file,
     )
     if sweep_dir:
