@@ -40,7 +40,7 @@ from omegaconf import DictConfig, OmegaConf
 from .errors import ConfigError, FsmisError
 
 #: outcomes in the sweep summary, in table order
-OUTCOMES = ("completed", "resumed", "skipped", "repaired", "failed")
+OUTCOMES = ("completed", "resumed", "skipped", "repaired", "failed", "interrupted")
 
 # Device claims of this (worker) process, kept for its lifetime: {lock_dir: (device, handle)}.
 _CLAIMED: dict[str, tuple[str, Any]] = {}
@@ -162,6 +162,10 @@ class SweepJob:
         self.devices = devices
         self.export_to = export_to
         self.marked = list(marked or [])
+        #: the outcomes of the jobs run so far, as seen where the job object lives: complete
+        #: for the basic launcher, which calls it in the sweep's own process (its summary
+        #: after an interruption); other launchers call pickled copies of it
+        self.finished: list[dict[str, Any]] = []
 
     def __call__(self, hydra_cfg: DictConfig) -> dict[str, Any]:
         from hydra.core.hydra_config import HydraConfig
@@ -197,14 +201,18 @@ class SweepJob:
             print(f"error: {exc.message}", file=sys.stderr)
             if exc.hint:
                 print(f"  hint: {exc.hint}", file=sys.stderr)
-        except Interrupted as exc:
-            _requeue_through_submitit(exc.signum)  # exits the process if submitit requeues
+        except KeyboardInterrupt as exc:  # Interrupted: saved at a step boundary; else the last checkpoint
+            how = f"stopped by {signal.Signals(exc.signum).name}" if isinstance(exc, Interrupted) else "stopped"
+            self.finished.append({**result, "outcome": "interrupted", "reason": f"{how}; the same command resumes it"})
+            if isinstance(exc, Interrupted):
+                _requeue_through_submitit(exc.signum)  # exits the process if submitit requeues
             raise
         except Exception as exc:  # a bug must not take the other jobs' results with it
             traceback.print_exc()
             result["reason"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
         finally:
             os.chdir(cwd)
+        self.finished.append(result)
         return result
 
 
@@ -311,6 +319,10 @@ def launch(overrides: list[str], *, command: str = "run", checkpoint: Path | Non
             returns = hydra.multirun(
                 config_name="config", task_function=job, overrides=hydra_form + searchpath_override(),
             )
+    except KeyboardInterrupt:
+        if job.finished and os.environ.get("RANK", "0") == "0":  # what was done before the stop
+            print_summary(job.finished, None, not_started=len(composed) - len(job.finished))
+        raise
     except (HydraException, OmegaConfBaseException) as exc:
         raise ConfigError(f"the sweep could not be launched: {_first_line(exc)}") from None
     except Exception as exc:  # the launcher itself (no sbatch here, a job killed outright ...)
@@ -363,15 +375,21 @@ def _sweep_dir(returns: Any) -> str | None:
     return None
 
 
-def print_summary(results: list[dict[str, Any]], sweep_dir: str | None = None, file=None) -> None:
-    """The end-of-sweep table: one line per run (swept values only), outcome, record or reason."""
+def print_summary(results: list[dict[str, Any]], sweep_dir: str | None = None, file=None,
+                  not_started: int = 0) -> None:
+    """The end-of-sweep table: one line per run (swept values only), outcome, record or reason.
+
+    ``not_started``: after an interruption, the runs the sweep did not reach (not listed)."""
     file = file or sys.stderr
     counts = {o: sum(r["outcome"] == o for r in results) for o in OUTCOMES}
+    total = len(results) + not_started
     print(
-        f"\nsweep summary: {len(results)} run{'' if len(results) == 1 else 's'}: {counts['completed']} completed, {counts['resumed']} resumed, "
+        f"\nsweep summary: {total} run{'' if total == 1 else 's'}: {counts['completed']} completed, {counts['resumed']} resumed, "
         f"{counts['skipped']} skipped (already complete), "
         + (f"{counts['repaired']} repaired (complete, cases.csv rebuilt from its parts), " if counts["repaired"] else "")
-        + f"{counts['failed']} failed",
+        + f"{counts['failed']} failed"
+        + (f", {counts['interrupted']} interrupted (saved; the same command resumes)" if counts["interrupted"] else "")
+        + (f", {not_started} not started" if not_started else ""),
         file=file,
     )
     if sweep_dir:
@@ -380,7 +398,8 @@ def print_summary(results: list[dict[str, Any]], sweep_dir: str | None = None, f
     rows = [("job", "outcome", "run", "record / reason")]
     for index, r in enumerate(results):
         shown = [o for o in r["overrides"] if o.split("=", 1)[0] in varying] or r["overrides"]
-        rows.append((str(index), r["outcome"], " ".join(shown), r["reason"] if r["outcome"] == "failed" else r["run_dir"] or ""))
+        rows.append((str(index), r["outcome"], " ".join(shown),
+                     r["reason"] if r["outcome"] in ("failed", "interrupted") else r["run_dir"] or ""))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row[:3], widths)) + "  " + row[3], file=file)

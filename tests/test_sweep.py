@@ -293,3 +293,26 @@ def test_sweep_exports_each_runs_masks_below_its_record_path(tmp_path, results_d
     listings = sorted(p.parent.relative_to(out) for p in out.glob("**/masks.csv"))
     runs = sorted(p.parent.relative_to(results_dir) for p in results_dir.glob("*/*/*/*/*/COMPLETE"))
     assert listings == runs and len(runs) == 2
+
+
+def test_an_interrupted_sweep_says_what_it_finished_and_what_it_did_not(tmp_path, capsys, monkeypatch):
+    from fsmis_bench.training import episodes
+
+    small = ["method=prototype", "dataset=phantom", "dataset.size=64", "dataset.n_slices=16", "method.width=8",
+             "method.feature_dim=16", "train.image_size=64", "train.batch_size=2", "protocol.min_fg_pixels=20",
+             "train.steps=4", "train.checkpoint_every=1", "train.log_every=1"]
+    original, calls = episodes.EpisodeSampler.batch, {"n": 0}
+
+    def interrupted(self, batch_size, **kwargs):  # Ctrl-C at the 7th draw: in the second run
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt
+        return original(self, batch_size, **kwargs)
+
+    monkeypatch.setattr(episodes.EpisodeSampler, "batch", interrupted)
+    assert main(["run", "-m", *small, "seed=0,1,2", f"results_dir={tmp_path}"]) == 130
+    err = capsys.readouterr().err
+    assert ("sweep summary: 3 runs: 1 completed, 0 resumed, 0 skipped (already complete), 0 failed, "
+            "1 interrupted (saved; the same command resumes), 1 not started") in err
+    assert "stopped; the same command resumes it" in err  # a Ctrl-C inside a step: the last checkpoint
+    assert err.rstrip().endswith("interrupted; finished work is kept and the same command resumes")
