@@ -138,11 +138,8 @@ class Entry(Generic[T]):
         """Import (once) and return the factory; an import that fails raises :class:`PluginError`."""
         if self._resolved is None:
             if isinstance(self.target, str):
-                module_name, _, attr = self.target.partition(":")
                 try:
-                    obj = importlib.import_module(module_name)
-                    for part in attr.split("."):
-                        obj = getattr(obj, part)
+                    obj = _import_target(self.target)
                 except Exception as exc:  # noqa: BLE001 - any failure of plugin code
                     raise PluginError(
                         f"{self.described()} cannot be imported from {self.target!r}: {_exception_text(exc)}",
@@ -200,7 +197,8 @@ def missing_config_key(exc: BaseException) -> str | None:
     return None
 
 
-def _import_target(target: str) -> type:
+def _import_target(target: str) -> Any:
+    """The object a ``"module:attr.attr"`` target names (imported)."""
     module_name, _, attr = target.partition(":")
     obj: Any = importlib.import_module(module_name)
     for part in attr.split("."):
