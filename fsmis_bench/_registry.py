@@ -64,6 +64,10 @@ class Display:
             1, 2, ... = lighter), so members of one family stay apart.
         published_names: methods: the names under which the published tables list this
             method (``published_results.csv``), for the measured-vs-published figure.
+        published_backbone: methods: the backbone of the paper's default configuration
+            (``"sd15"`` for SD-FSMIS), i.e. of its published rows that name no backbone. A
+            run on another backbone the paper reports (``sd21``) is compared only with rows
+            naming that backbone; empty: the paper does not say, any backbone compares.
         organ_names: datasets: organ -> display name, for organs outside the built-in list.
     """
 
@@ -72,6 +76,7 @@ class Display:
     family: str = ""
     shade: int = 0
     published_names: tuple[str, ...] = ()
+    published_backbone: str = ""
     organ_names: Mapping[str, str] = field(default_factory=dict)
 
 

@@ -87,6 +87,12 @@ class Method(nn.Module):
     #: hashes, and a run whose numbers the option changes gets its own (an option whose
     #: ``null`` follows ``cfg.fidelity`` would otherwise hash as ``null`` either way).
     late_options: ClassVar[dict[str, Any]] = {}
+    #: whether ``fidelity=code`` describes this method: its harness-level options
+    #: (``configs/fidelity/code.yaml``: GT labels minus liver and spleen, pooled Dice, every
+    #: support slice per chunk, the legacy setting-2 exclusion, 4-step accumulation) are the
+    #: released SD-FSMIS code's protocol. Other methods refuse ``fidelity=code``, which would
+    #: otherwise train and score them under a protocol their own code never used.
+    released_code_protocol: ClassVar[bool] = False
 
     @classmethod
     def late_option_values(cls, cfg: DictConfig) -> dict[str, Any]:

@@ -93,8 +93,19 @@ def build_test_dataset(cfg: DictConfig, train_dataset: VolumeDataset | None = No
 
 def build_method(cfg: DictConfig) -> Method:
     """The method plugin instance for a resolved config (seeded by ``cfg.seed``)."""
+    name = str(cfg.method.name)
+    method_cls = registries().methods.get(name)
+    if str(cfg.get("fidelity", "paper")) == "code" and not getattr(method_cls, "released_code_protocol", False):
+        raise ConfigError(
+            f"fidelity=code is the released SD-FSMIS code's protocol (ground-truth labels minus liver and spleen, pooled "
+            f"Dice, every support slice per chunk, the legacy setting-2 exclusion, 4-step accumulation); it is not "
+            f"{name}'s own code",
+            hint=f"drop fidelity=code; {name}'s own code forms are options of configs/method/{name}.yaml"
+                 + (" (ADNet's released code: method.init=imagenet)" if name == "adnet" else "")
+                 + ", and each protocol option can be set alone (protocol.dice=pooled, ...)",
+        )
     torch.manual_seed(int(cfg.seed))
-    return registries().methods.build(str(cfg.method.name), cfg)
+    return registries().methods.build(name, cfg)
 
 
 @dataclass

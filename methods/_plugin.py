@@ -26,17 +26,18 @@ def fsmis_register_methods(registry) -> None:
         display=Display(name="Prototype"),
     )
     registry.register("sdfsmis", "fsmis_methods.sdfsmis:SDFSMIS", description="SD-FSMIS full: SII + QE + VTCT (paper)",
-                      display=Display(name="SD-FSMIS", published_names=("SD-FSMIS", "SD-FSMIS (SII+QE+VTCT)")))
+                      display=Display(name="SD-FSMIS", published_names=("SD-FSMIS", "SD-FSMIS (SII+QE+VTCT)"),
+                                      published_backbone="sd15"))
     # the ablations are shades of SD-FSMIS's colour, lighter with fewer components
     registry.register("sdfsmis_sii", "fsmis_methods.sdfsmis:SDFSMISSii", description="SD-FSMIS ablation: SII only",
                       display=Display(name="SD-FSMIS (SII)", family="sdfsmis", shade=3,
-                                      published_names=("SD-FSMIS (SII)",)))
+                                      published_names=("SD-FSMIS (SII)",), published_backbone="sd15"))
     registry.register("sdfsmis_qe", "fsmis_methods.sdfsmis:SDFSMISQe", description="SD-FSMIS ablation: SII + QE",
                       display=Display(name="SD-FSMIS (SII+QE)", family="sdfsmis", shade=1,
-                                      published_names=("SD-FSMIS (SII+QE)",)))
+                                      published_names=("SD-FSMIS (SII+QE)",), published_backbone="sd15"))
     registry.register("sdfsmis_vtct", "fsmis_methods.sdfsmis:SDFSMISVtct", description="SD-FSMIS ablation: SII + VTCT",
                       display=Display(name="SD-FSMIS (SII+VTCT)", family="sdfsmis", shade=2,
-                                      published_names=("SD-FSMIS (SII+VTCT)",)))
+                                      published_names=("SD-FSMIS (SII+VTCT)",), published_backbone="sd15"))
     registry.register("ssl_alpnet", "fsmis_methods.ssl_alpnet:SSLALPNet",
                       description="SSL-ALPNet: adaptive local prototype pooling on DeepLabv3-ResNet-101 (ECCV 2020)",
                       display=Display(name="SSL-ALPNet", published_names=("SSL-ALPNet",)))
@@ -48,6 +49,7 @@ def fsmis_register_methods(registry) -> None:
                       display=Display(name="Q-Net", published_names=("Q-Net",)))
     registry.register("diffews", "fsmis_methods.diffews:DiffewS",
                       description="DiffewS: SD U-Net with K/V-bank support attention, one-step (NeurIPS 2024)",
+                      # the paper does not say on which backbone it re-ran DiffewS: any backbone compares
                       display=Display(name="DiffewS", published_names=("DiffewS",)))
 
 

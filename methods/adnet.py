@@ -35,7 +35,8 @@ follow ``cfg.fidelity``):
   pretrained=False)``, which in the torchvision of that time (<= 0.12) still loads the
   *ImageNet* ResNet-101 into the backbone (``pretrained_backbone=True`` by default). So the
   code trains from an ImageNet backbone, not from COCO. ``paper``: ``coco``; ``code``:
-  ``imagenet``.
+  ``imagenet``, chosen with ``method.init=imagenet``: ``fidelity=code`` is the SD-FSMIS
+  code's protocol and is refused for ADNet (:attr:`~fsmis_bench.method.Method.released_code_protocol`).
 
 Protocol differences of the released code (evaluation episodes EP2 by default, support = the
 last scan of the fold) belong to the harness: ``protocol.*``.

@@ -3,8 +3,8 @@
 Zhu et al., "Unleashing the Potential of the Diffusion Model in Few-shot Semantic
 Segmentation" (NeurIPS 2024), as re-implemented for medical data in the SD-FSMIS paper.
 
-DiffewS is SD-FSMIS's predecessor and shares its whole pipeline (``sdfsmis.py``) with these
-choices fixed, whatever ``cfg.fidelity`` says:
+DiffewS is SD-FSMIS's predecessor and shares its whole pipeline (``sdfsmis.py``). The
+method's own choices are fixed, whatever ``cfg.fidelity`` says:
 
 * support pass: support image latent ++ mask latent (8 channels) through ``conv_in_ref``
   (here ``support_conv_in``, Marigold-initialised); query pass: the query latent alone
@@ -16,7 +16,12 @@ choices fixed, whatever ``cfg.fidelity`` says:
 * objective: the degenerate one-step at t = 1 (``x0 = -model_output``), MSE to the mask
   latent, the whole U-Net trained at lr 1e-5;
 * mask: relative threshold 0.25 x the maximum of the decoded prediction over the whole EP1
-  chunk (all slices and channels), no connected-component post-processing.
+  chunk (all slices and channels), no connected-component post-processing (original
+  DiffewS has none; the SD-FSMIS test script adds it to SD-FSMIS's own predictions).
+
+The pipeline's shared forms (posterior sample or mean in training, uint8 threshold levels,
+the augmentation form) follow ``fidelity`` as they do for SD-FSMIS
+(``docs/reference_differences.md``).
 """
 
 from __future__ import annotations

@@ -125,6 +125,11 @@ FIDELITY_DEFAULTS: dict[str, dict[str, Any]] = {
     # the relative threshold's values: continuous | uint8 (code: the pipeline returns the
     # decoded image as uint8, floor(p * 255), and the test script thresholds those levels)
     "threshold_levels": {"paper": "continuous", "code": "uint8"},
+    # VTCT's pooling where the support mask covers no patch grid cell above 0.5 (a small
+    # organ): the resized soft mask weights the average (paper reading: the organ's own
+    # feature) | nothing is pooled, E = MLP(0) (code: FeatureToConditioningMLP.py, hard mask
+    # over its sum + 1e-6)
+    "vtct_empty_mask": {"paper": "soft", "code": "zero"},
     # The harness-level differences (GT training labels with the shipped liver+spleen
     # exclusion, pooled Dice, legacy setting-2 exclusion, fp32 + TF32, gradient accumulation,
     # linear decay) are set by the config group configs/fidelity/.
@@ -137,6 +142,7 @@ QE_FORMS = ("cosine", "fg_bg_softmax")
 THRESHOLDS = ("absolute", "relative")
 THRESHOLD_LEVELS = ("continuous", "uint8")
 ELASTIC_MASK_FIELDS = ("image", "own")
+VTCT_EMPTY_MASKS = ("soft", "zero")
 #: the training augmentation a config may name (augment.py's third form is chosen by
 #: ``elastic_mask_field``)
 CONFIG_AUGMENT_FORMS = ("standard", "sdfsmis_code")
@@ -277,11 +283,13 @@ class VTCTProjector(nn.Module):
         return self.mlp(pooled)
 
 
-def masked_token_average(tokens: torch.Tensor, masks: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+def masked_token_average(tokens: torch.Tensor, masks: torch.Tensor, grid: tuple[int, int],
+                         empty: str = "soft") -> torch.Tensor:
     """Average of the patch tokens under the mask resized to the patch grid and > 0.5.
 
-    A mask too small to cover half of any patch would select nothing; then the resized
-    (soft) mask itself weights the average, so a tiny organ still gives its own feature.
+    A mask too small to cover half of any patch selects nothing. ``empty="soft"``: the
+    resized (soft) mask itself weights the average, so a tiny organ still gives its own
+    feature. ``"zero"`` (code): the average is zero, as the code's sum over ``mask sum + 1e-6``.
 
     Args:
         tokens: ``(N, gh * gw, d)``; masks: ``(N, 1, H, W)`` in {0, 1}.
@@ -290,6 +298,8 @@ def masked_token_average(tokens: torch.Tensor, masks: torch.Tensor, grid: tuple[
     """
     soft = F.interpolate(masks.float(), size=grid, mode="bilinear", align_corners=False).flatten(1)
     hard = (soft > 0.5).to(tokens.dtype)
+    if empty == "zero":
+        return (tokens * hard[..., None]).sum(1) / (hard.sum(1, keepdim=True) + 1e-6)
     weights = torch.where(hard.sum(1, keepdim=True) > 0, hard, soft.to(tokens.dtype))
     return (tokens * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp_min(1e-6)
 
@@ -372,6 +382,7 @@ class SDFSMISOptions:
     vtct_preprocess: str
     augment_form: str
     elastic_mask_field: str
+    vtct_empty_mask: str
     predict_batch_size: int
     predict_cuda_graph: bool
     joint_pass: bool | str
@@ -422,13 +433,16 @@ class SDFSMIS(Method):
     """
 
     input_norm: ClassVar[str] = "minmax"
+    #: configs/fidelity/code.yaml is this code's protocol (DiffewS inherits it: the paper
+    #: re-ran DiffewS in the same pipeline)
+    released_code_protocol: ClassVar[bool] = True
     #: the variant's modules when ``cfg.method`` does not name them.
     default_qe: ClassVar[bool] = True
     default_vtct: ClassVar[bool] = True
     #: released-code forms found after runs were recorded; the value every earlier run had
     late_options: ClassVar[dict[str, Any]] = {
         "qe_support_form": "area_pooled", "vtct_preprocess": "resize", "augment_form": "standard",
-        "elastic_mask_field": "image", "threshold_levels": "continuous",
+        "elastic_mask_field": "image", "threshold_levels": "continuous", "vtct_empty_mask": "soft",
     }
 
     @classmethod
@@ -442,6 +456,7 @@ class SDFSMIS(Method):
             "augment_form": opts.augment_form,
             "elastic_mask_field": opts.elastic_mask_field if opts.augment_form == "sdfsmis_code" else "image",
             "threshold_levels": opts.threshold_levels if opts.threshold == "relative" else "continuous",
+            "vtct_empty_mask": opts.vtct_empty_mask if opts.vtct else "soft",
         }
 
     def __init__(self, cfg: DictConfig) -> None:
@@ -549,6 +564,7 @@ class SDFSMIS(Method):
             vtct_preprocess=str(pick("vtct_preprocess")),
             augment_form=str(pick("augment_form")),
             elastic_mask_field=str(pick("elastic_mask_field")),
+            vtct_empty_mask=str(pick("vtct_empty_mask")),
             predict_batch_size=int(get("predict_batch_size") or 8),
             predict_cuda_graph=bool(get("predict_cuda_graph") or False),
             joint_pass=_auto_or_bool("joint_pass", get("joint_pass")),
@@ -571,6 +587,7 @@ class SDFSMIS(Method):
             ("augment_form", opts.augment_form, CONFIG_AUGMENT_FORMS),
             ("elastic_mask_field", opts.elastic_mask_field, ELASTIC_MASK_FIELDS),
             ("threshold_levels", opts.threshold_levels, THRESHOLD_LEVELS),
+            ("vtct_empty_mask", opts.vtct_empty_mask, VTCT_EMPTY_MASKS),
         ):
             if value not in allowed:
                 raise ConfigError(
@@ -703,7 +720,8 @@ class SDFSMIS(Method):
         b, s = support_images.shape[:2]
         with torch.no_grad():
             tokens = self.image_encoder(support_images.flatten(0, 1).float().expand(-1, 3, -1, -1))
-            pooled = masked_token_average(tokens, support_masks.flatten(0, 1), self.image_encoder.grid)
+            pooled = masked_token_average(tokens, support_masks.flatten(0, 1), self.image_encoder.grid,
+                                          self.options.vtct_empty_mask)
         pooled = pooled.detach().view(b, s, -1)
         if self.options.vtct_shot_pooling == "before_mlp":
             return self.vtct_mlp(pooled.mean(dim=1, keepdim=True))

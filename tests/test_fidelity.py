@@ -42,3 +42,31 @@ def test_fidelity_code_run_records_every_code_form(results_dir):
     assert (info["protocol"]["train_labels"], info["protocol"]["gt_exclusion"]) == ("gt", "liver_spleen")
     assert "gt_exclusion=liver_spleen" in info["non_standard"]
     assert info["protocol"]["chunk_support"] == "all" and "chunk_support=all" in info["non_standard"]
+
+
+@pytest.mark.parametrize("method", ["adnet", "qnet", "ssl_alpnet", "prototype", "support_copy"])
+def test_fidelity_code_is_refused_for_methods_whose_code_is_not_sd_fsmis(method, results_dir, capsys):
+    """configs/fidelity/code.yaml is the SD-FSMIS code's protocol (GT labels minus liver and
+    spleen, pooled Dice, all support slices, legacy exclusion): a classic method run under it
+    would be scored by a protocol its own code never used."""
+    from fsmis_bench.errors import ConfigError
+    from fsmis_bench.runner import build_method
+
+    with pytest.raises(ConfigError, match="released SD-FSMIS code's protocol") as raised:
+        build_method(compose([f"method={method}", "fidelity=code"]))
+    assert "drop fidelity=code" in raised.value.hint
+    assert ("method.init=imagenet" in raised.value.hint) is (method == "adnet")
+    assert main(["run", f"method={method}", "fidelity=code", "train.steps=1"]) != 0
+    err = capsys.readouterr().err
+    assert "fidelity=code" in err and "Traceback" not in err
+    assert not list(results_dir.glob(f"{method}/**/COMPLETE"))
+
+
+@pytest.mark.parametrize("method", ["sdfsmis", "sdfsmis_sii", "diffews"])
+def test_fidelity_code_is_offered_for_the_sd_fsmis_pipeline(method):
+    from fsmis_methods.sdfsmis import SDFSMIS
+
+    from fsmis_bench.plugins import registries
+
+    method_cls = registries().methods.get(method)
+    assert issubclass(method_cls, SDFSMIS) and method_cls.released_code_protocol

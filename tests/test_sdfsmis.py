@@ -23,6 +23,7 @@ from fsmis_methods.sdfsmis import (
     SDFSMISQe,
     SDFSMISSii,
     SDFSMISVtct,
+    SupportContext,
     largest_component,
     masked_average,
     masked_token_average,
@@ -185,6 +186,30 @@ def test_masked_token_average_by_hand():
     assert masked_token_average(tokens, mask, (2, 2)).item() == pytest.approx(0.5)
 
 
+def test_a_mask_below_every_patch_pools_soft_by_default_and_nothing_in_the_code_form():
+    """``FeatureToConditioningMLP.py``: the mask is resized bilinearly to the patch grid,
+    thresholded at > 0.5, and the tokens are summed under it and divided by its sum + 1e-6,
+    so a support mask that covers no patch's centre gives a zero feature."""
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randn(2, 16, 5, generator=generator)  # 4 x 4 grid
+    masks = torch.zeros(2, 1, 32, 32)
+    masks[0, :, 2:4, 2:4] = 1.0  # 4 px at the first patch's centre: 0.25 there after resizing
+    masks[1, :, 0:16, 0:16] = 1.0  # the top-left 2 x 2 patches
+    # the reference's steps on the same inputs
+    resized = F.interpolate(masks, size=(4, 4), mode="bilinear", align_corners=False)
+    hard = (resized > 0.5).float()
+    spatial = tokens.reshape(2, 4, 4, 5).permute(0, 3, 1, 2)
+    expected = (spatial * hard).sum(dim=[2, 3]) / (hard.sum(dim=[2, 3]) + 1e-6)
+    code = masked_token_average(tokens, masks, (4, 4), empty="zero")
+    assert torch.allclose(code, expected, atol=1e-6)
+    assert torch.count_nonzero(code[0]) == 0
+    paper = masked_token_average(tokens, masks, (4, 4))
+    soft = resized[0].flatten()
+    assert torch.allclose(paper[0], (tokens[0] * soft[:, None]).sum(0) / soft.sum(), atol=1e-6)
+    assert torch.allclose(paper[0], tokens[0, 0], atol=1e-6)  # only the first patch has weight
+    assert torch.allclose(paper[1], code[1], atol=1e-5)  # a mask over whole patches: the same
+
+
 # ---------------------------------------------------------------------------------------
 # SII uses the support (both forms)
 # ---------------------------------------------------------------------------------------
@@ -243,6 +268,58 @@ def test_kv_concat_bank_concatenates_shots_along_tokens():
     a = query_output(model, sup, masks, query)
     b = query_output(model, sup.flip(0), masks.flip(0), query)
     assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_kv_concat_read_pass_is_attention_over_query_and_support_tokens_by_hand():
+    """The code's processor (``attention_processor_v2.py``) appends the support's projected
+    keys/values to the query's along the token axis, shots side by side, and attends once:
+    softmax(q [k_q ; k_s1 ; k_s2]^T / sqrt(d)) [v_q ; v_s1 ; v_s2] per head, then ``to_out``."""
+    from diffusers.models.attention_processor import Attention
+
+    from fsmis_methods._sd_attention import KVBankSelfAttnProcessor
+
+    torch.manual_seed(0)
+    heads, head_dim, width = 2, 4, 8
+    attn = Attention(query_dim=width, heads=heads, dim_head=head_dim).eval()
+    processor = KVBankSelfAttnProcessor("block")
+    support = torch.randn(2, 3, width)  # one episode, two shots of 3 tokens
+    query = torch.randn(1, 5, width)
+    bank = AttentionBank()
+    with torch.no_grad():
+        processor(attn, support, bank=bank, bank_mode="write", shots=2)
+        out = processor(attn, query, bank=bank, bank_mode="read", shots=2)
+        tokens = torch.cat([query[0], support[0], support[1]])  # (5 + 3 + 3, C)
+        q, k, v = attn.to_q(query[0]), attn.to_k(tokens), attn.to_v(tokens)
+        per_head = []
+        for h in range(heads):
+            cols = slice(h * head_dim, (h + 1) * head_dim)
+            weights = torch.softmax(q[:, cols] @ k[:, cols].T / head_dim ** 0.5, dim=-1)
+            per_head.append(weights @ v[:, cols])
+        expected = attn.to_out[0](torch.cat(per_head, dim=1))
+    assert out.shape == (1, 5, width)
+    assert torch.allclose(out[0], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("sii", ["kv_concat", "cross_attention"])
+def test_vtct_condition_reaches_the_support_pass_as_well_as_the_query_pass(sii):
+    """PROTOCOL.md §6: E is the ``encoder_hidden_states`` of the support pass and the query
+    pass. Changing E alone (the MLP's last bias) changes what the support pass leaves in the
+    bank, and the query pass reads E itself."""
+    model = build(SDFSMISVtct, {"sii": sii}).eval()
+    sup, masks = images(1, 1), blob_masks(1, seed=1)
+    with torch.no_grad():
+        before = model.encode_support(sup[None], masks[None])
+        model.vtct_mlp.mlp[-1].bias.add_(0.5)
+        after = model.encode_support(sup[None], masks[None])
+    assert torch.allclose(after.conditioning - before.conditioning, torch.full_like(before.conditioning, 0.5), atol=1e-5)
+    changed = [name for name in before.bank.entries
+               if not torch.allclose(before.bank.entries[name][0], after.bank.entries[name][0], atol=1e-6)]
+    assert changed, "the support pass's bank does not depend on E"
+    query = images(1, 9)
+    with torch.no_grad():
+        latents = model.encode_images(query)
+        mixed = SupportContext(before.bank, after.conditioning, before.fg_prototype, before.bg_prototype, before.shots)
+        assert not torch.allclose(model.query_pass(latents, before), model.query_pass(latents, mixed), atol=1e-6)
 
 
 def test_bank_broadcasts_one_support_to_many_queries():
@@ -578,6 +655,7 @@ def test_fidelity_sets_the_threshold_levels_and_the_code_forms_mask_field(fideli
 
     opts = SDFSMIS.resolve_options(OmegaConf.create({}), fidelity)
     assert (opts.threshold_levels, opts.elastic_mask_field, opts.augment_form) == (levels, field, form)
+    assert opts.vtct_empty_mask == {"paper": "soft", "code": "zero"}[fidelity]
 
 
 def test_the_code_forms_new_options_give_fidelity_code_runs_a_hash_of_their_own():
@@ -588,8 +666,13 @@ def test_the_code_forms_new_options_give_fidelity_code_runs_a_hash_of_their_own(
 
     base = ["method=sdfsmis", "backbone=tiny", "pretrained=false"]
     code = compose([*base, "fidelity=code"])
-    earlier = compose([*base, "fidelity=code", "method.elastic_mask_field=image", "method.threshold_levels=continuous"])
+    earlier_forms = ["method.elastic_mask_field=image", "method.threshold_levels=continuous", "method.vtct_empty_mask=soft"]
+    earlier = compose([*base, "fidelity=code", *earlier_forms])
     assert config_hash(code) != config_hash(earlier)
+    for code_form in ("method.elastic_mask_field=own", "method.threshold_levels=uint8", "method.vtct_empty_mask=zero"):
+        key = code_form.split("=")[0]
+        one = compose([*base, "fidelity=code", *[f for f in earlier_forms if not f.startswith(key)], code_form])
+        assert config_hash(one) != config_hash(earlier), code_form  # each alone moves the hash
     paper = compose(base)
     assert config_hash(paper) == config_hash(compose([*base, "method.elastic_mask_field=own"]))  # no code form: unused
 

@@ -731,6 +731,12 @@ def per_case_scores(results: Results) -> pd.DataFrame:
     )
 
 
+def run_backbones(results: Results) -> dict[tuple[str, str], str]:
+    """(method, variant) -> the runs' backbone (``none`` for methods without one)."""
+    runs = results.runs.drop_duplicates(["method", "variant"])
+    return {(m, v): str(b) for m, v, b in zip(runs["method"], runs["variant"], runs["backbone"])}
+
+
 def run_flags(results: Results) -> pd.DataFrame:
     """Per (method, variant): random weights (and why: :func:`random_weights_reason`, the
     reasons ``;``-joined) and non-standard options (union over runs)."""
@@ -830,6 +836,44 @@ def published_backbone(name: str) -> str:
     return name.lower().replace("-", "").replace(".", "") if name else "none"
 
 
+def published_row_applies(method: str, run_backbone: str, row_backbone: str,
+                          published: pd.DataFrame | None = None) -> bool:
+    """Whether a published row of ``method`` on ``row_backbone`` (the CSV's text, empty for
+    the paper's default configuration) is the counterpart of a run on ``run_backbone``.
+
+    A row naming a backbone is the counterpart of runs on that backbone only. A default row
+    is the counterpart of runs on the method's default backbone (``Display.published_backbone``;
+    any backbone where the plugin names none) and of stand-ins the paper never ran (the
+    ``tiny`` CPU backbone), but not of runs on another backbone the paper reports: an SD-2.1
+    run is not compared with the paper's SD-1.5 numbers.
+    """
+    from .style import method_style
+
+    if row_backbone:
+        return published_backbone(row_backbone) == run_backbone
+    default = method_style(method).published_backbone
+    if not default or run_backbone == default:
+        return True
+    published = load_published() if published is None else published
+    reported = {published_backbone(b) for b in published["backbone"] if b}
+    return run_backbone not in reported
+
+
+#: why a setting-2 run is not like-for-like with the published setting-2 numbers
+#: (PROTOCOL.md §4): they were made with the legacy exclusion, runs default to ``any``
+LEGACY_EXCLUSION_NOTE = ("the published setting-2 numbers were made with the legacy exclusion (training drops only "
+                         "slices that show all four test organs at once), which leaves most test-organ slices in "
+                         "training; runs use the stricter exclusion=any unless marked [exclusion=all]")
+
+
+def exclusion_caveat(setting: int, options: str) -> str:
+    """``LEGACY_EXCLUSION_NOTE``'s short form for a run of ``setting`` whose non-standard
+    options are ``options`` (``;``-joined), or ``""`` where the comparison is like-for-like."""
+    if int(setting) != 2 or "exclusion=all" in options.split(";"):
+        return ""
+    return "published: legacy exclusion (all four organs); this run: exclusion=any (stricter)"
+
+
 def _joined(values: pd.Series) -> str:
     """``0,1,2`` from the distinct values (``?`` for unknown ones)."""
     known = sorted({int(v) for v in values if not pd.isna(v)})
@@ -862,6 +906,6 @@ __all__ = [
     "row_label", "per_case_scores", "long_fold_csv", "fold_organ_score", "compute_fold_scores",
     "default_results_dir", "summarise_runs", "run_flags", "PUBLISHED_CITATION",
     "organ_sort_key", "dataset_sort_key", "organ_label", "dataset_label", "eval_label",
-    "published_backbone", "published_name", "config_fingerprint", "published_deviations", "FOLD_CSV_COLUMNS",
+    "published_backbone", "published_name", "published_row_applies", "exclusion_caveat", "run_backbones", "LEGACY_EXCLUSION_NOTE", "config_fingerprint", "published_deviations", "FOLD_CSV_COLUMNS",
     "RUN_COLUMNS", "random_weights_reason", "read_config", "RANDOM_WEIGHTS_NOTES", "random_weights_note",
 ]

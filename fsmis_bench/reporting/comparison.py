@@ -9,7 +9,9 @@ published value of the same method (``published_results.csv``; the method's
 
 Which published row belongs to a run: same method name, training and test dataset and
 setting; the row for the run's backbone where the paper reports several (Table 4), else
-the paper's default configuration (Tables 1-3); the lowest table number wins.
+the paper's default configuration (Tables 1-3) where that is the run's backbone
+(:func:`~.collect.published_row_applies`); the lowest table number wins. Setting-2 rows
+carry a ``caveat``: the published numbers used the legacy exclusion (PROTOCOL.md §4).
 """
 
 from __future__ import annotations
@@ -20,7 +22,17 @@ from dataclasses import dataclass
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from .collect import PUBLISHED_CITATION, Results, load_published, organ_sort_key, published_backbone
+from .collect import (
+    LEGACY_EXCLUSION_NOTE,
+    PUBLISHED_CITATION,
+    Results,
+    exclusion_caveat,
+    load_published,
+    organ_sort_key,
+    published_row_applies,
+    run_backbones,
+    run_flags,
+)
 from .figures import (
     WIDTH_IN,
     _eval_panels,
@@ -57,8 +69,11 @@ def published_values(method: str, backbone: str, train: str, test: str, setting:
                      & (published["test_on"] == test) & (published["setting"] == setting)]
     if rows.empty:
         return {}
-    explicit = rows[(rows["backbone"] != "") & (rows["backbone"].map(published_backbone) == backbone)]
-    rows = explicit if not explicit.empty else rows[rows["backbone"] == ""]
+    applies = rows["backbone"].map(lambda row_backbone: published_row_applies(method, backbone, row_backbone, published))
+    rows = rows[applies.astype(bool)]
+    # the row for the run's own backbone (Table 4) before the default configuration's
+    explicit = rows[rows["backbone"] != ""]
+    rows = explicit if not explicit.empty else rows
     rows = rows.assign(_name=rows["method"].map(names.index)).sort_values(["table", "_name"])
     values: dict[str, PublishedValue] = {}
     for row in rows.itertuples(index=False):
@@ -66,13 +81,8 @@ def published_values(method: str, backbone: str, train: str, test: str, setting:
     return values
 
 
-def _backbones(results: Results) -> dict[tuple[str, str], str]:
-    runs = results.runs.drop_duplicates(["method", "variant"])
-    return {(m, v): str(b) for m, v, b in zip(runs["method"], runs["variant"], runs["backbone"])}
-
-
 COLUMNS = ["method", "variant", "train_dataset", "dataset", "setting", "organ", "measured", "sd", "n_folds",
-           "published", "published_as", "table", "difference"]
+           "published", "published_as", "table", "difference", "caveat"]
 
 
 def comparison_frame(results: Results) -> pd.DataFrame:
@@ -80,13 +90,14 @@ def comparison_frame(results: Results) -> pd.DataFrame:
 
     Columns: :data:`COLUMNS`; ``measured``/``published``/``difference`` in percent
     (``difference`` = measured - published), published columns empty where the paper has
-    no number for the method.
+    no number for the method; ``caveat`` says why a comparison is not like-for-like.
     """
     scores = results.fold_scores
     if scores.empty:
         return pd.DataFrame(columns=COLUMNS)
     published = load_published()
-    backbones = _backbones(results)
+    backbones = run_backbones(results)
+    options = {(m, v): str(o) for m, v, o in run_flags(results)[["method", "variant", "non_standard"]].itertuples(index=False)}
     rows = []
     for train, dataset, setting in _eval_panels(scores):
         data = _select(scores, train, dataset, setting)
@@ -106,6 +117,7 @@ def comparison_frame(results: Results) -> pd.DataFrame:
                     "published_as": value.name if value else "",
                     "table": value.table if value else None,
                     "difference": stat.mean - value.dice if value else math.nan,
+                    "caveat": exclusion_caveat(setting, options.get((method, variant), "")) if value else "",
                 })
     return pd.DataFrame(rows, columns=COLUMNS)
 
@@ -163,4 +175,5 @@ def comparison_caption(results: Results) -> str:
             f"White diamonds: the published value of the same method ({PUBLISHED_CITATION}, "
             f"Table{'s' if ',' in tables else ''} {tables}{mapping}). Methods without a published counterpart "
             "are drawn as bars only; a triangle on the axis marks a measured value of (about) zero. "
-            "Numbers: tables/published_comparison.csv.")
+            + (f"Setting 2 is not like-for-like: {LEGACY_EXCLUSION_NOTE}. " if with_published["caveat"].astype(bool).any() else "")
+            + "Numbers: tables/published_comparison.csv.")

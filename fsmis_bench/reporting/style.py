@@ -172,6 +172,7 @@ class MethodStyle:
     family: str
     shade: int
     published_names: tuple[str, ...] = field(default_factory=tuple)
+    published_backbone: str = ""
 
 
 def method_style(method: str) -> MethodStyle:
@@ -190,6 +191,7 @@ def method_style(method: str) -> MethodStyle:
         family=family,
         shade=int(shade),
         published_names=tuple(registered.published_names),
+        published_backbone=str(getattr(registered, "published_backbone", "") or ""),
     )
 
 

@@ -27,10 +27,14 @@ from .collect import (
     load_published,
     organ_label,
     organ_sort_key,
+    LEGACY_EXCLUSION_NOTE,
+    exclusion_caveat,
     published_backbone,
     published_name,
+    published_row_applies,
     random_weights_note,
     row_label,
+    run_backbones,
     run_flags,
 )
 
@@ -89,6 +93,9 @@ class Row:
             for published rows).
         random_reasons: why a random-weights row has random weights
             (:func:`~.collect.random_weights_reason`), for the legend.
+        backbone: measured rows: the runs' backbone (``sd15``); published rows: the CSV's
+            backbone text, empty for the paper's default configuration.
+        options: measured rows: their non-standard options, ``;``-joined.
     """
 
     labels: dict[str, str]
@@ -99,6 +106,8 @@ class Row:
     notes: list[str] = field(default_factory=list)
     method: str = ""
     random_reasons: list[str] = field(default_factory=list)
+    backbone: str = ""
+    options: str = ""
 
     @property
     def competes(self) -> bool:
@@ -163,6 +172,10 @@ class Table:
             if key == "incomplete":
                 details = "; ".join(note for row in rows for note in row.notes)
                 text = f"{text} ({details})" if details else text
+            if key == "published" and any(int(row.rank_group) == 2 for row in rows) and any(
+                    row.source == "measured" and exclusion_caveat(int(row.rank_group), row.options)
+                    for row in self.rows):
+                text = f"{text}; {LEGACY_EXCLUSION_NOTE}"
             if key == "random_weights":
                 # say what kind: the tiny CPU backbone is not the pretrained architecture at all
                 reasons = sorted({reason for row in rows for reason in row.random_reasons})
@@ -367,6 +380,7 @@ def _measured_rows(
 ) -> list[Row]:
     """One row per (method, variant, setting) of ``scores``; fills ``groups`` with organs."""
     flags = run_flags(results).set_index(["method", "variant"])
+    backbones = run_backbones(results)
     rows = []
     keys = sorted(scores.groupby(["method", "variant", "setting"]).groups, key=lambda k: sort_key(*k))
     for method, variant, setting in keys:
@@ -394,7 +408,8 @@ def _measured_rows(
         labels = {"Method": row_label(method, variant), "Setting": str(setting)}
         labels.update(extra_labels(method, variant))
         reasons = [r for r in str(flag["random_reason"]).split(";") if r]
-        rows.append(Row(labels, values, "measured", markers, int(setting), notes, method, reasons))
+        rows.append(Row(labels, values, "measured", markers, int(setting), notes, method, reasons,
+                        backbone=backbones.get((method, variant), "none"), options=str(flag["non_standard"])))
     return rows
 
 
@@ -416,7 +431,7 @@ def _published_rows(
                 groups.setdefault(key, set()).add(record.organ)
         labels = {"Method": method, "Setting": str(setting)}
         labels.update(extra_labels(method, backbone))
-        rows.append(Row(labels, values, "published", ["published"], int(setting), method=method))
+        rows.append(Row(labels, values, "published", ["published"], int(setting), method=method, backbone=backbone))
     return rows
 
 
@@ -433,8 +448,8 @@ def _ordered_groups(groups: dict[Hashable, set[str]]) -> list[tuple[Hashable, st
 
 def _by_setting(rows: list[Row]) -> list[Row]:
     """Per setting: published rows first (paper order), each directly followed by the
-    measured rows of the same method (:func:`~.collect.published_name`), then the other
-    measured rows."""
+    measured rows of the same method (:func:`~.collect.published_name`) and configuration
+    (:func:`~.collect.published_row_applies`), then the other measured rows."""
     ordered = sorted(rows, key=lambda r: (r.rank_group, r.source != "published"))
     out: list[Row] = []
     placed: set[int] = set()
@@ -446,7 +461,8 @@ def _by_setting(rows: list[Row]) -> list[Row]:
         if row.source == "published":
             for other in ordered:
                 if (other.source == "measured" and id(other) not in placed and other.rank_group == row.rank_group
-                        and published_name(other.method) == row.method):
+                        and published_name(other.method) == row.method
+                        and published_row_applies(other.method, other.backbone, row.backbone)):
                     out.append(other)
                     placed.add(id(other))
     return out
@@ -457,15 +473,20 @@ def published_gap(table: Table) -> pd.DataFrame:
 
     One row per (measured row, column group) where both rows have the organ mean: the
     measured method and variant, its published name, the evaluation, the two means (Dice %),
-    ``gap`` = measured - published, and the measured row's markers (a marked row is not a
-    like-for-like comparison: random weights, reduced budget, missing folds...).
+    ``gap`` = measured - published, the measured row's markers (a marked row is not a
+    like-for-like comparison: random weights, reduced budget, missing folds...) and a
+    ``caveat`` where the protocols differ (setting 2: :data:`~.collect.LEGACY_EXCLUSION_NOTE`).
+    A run on another backbone than the published row's has no counterpart here
+    (:func:`~.collect.published_row_applies`).
     """
-    columns = ["method", "published_as", "evaluation", "setting", "measured_mean", "published_mean", "gap", "markers"]
-    published = {(r.method, r.rank_group): r for r in table.rows if r.source == "published"}
+    columns = ["method", "published_as", "evaluation", "setting", "measured_mean", "published_mean", "gap", "markers",
+               "caveat"]
+    published = [r for r in table.rows if r.source == "published"]
     records = []
     for row in table.rows:
         name = published_name(row.method) if row.source == "measured" else None
-        reference = published.get((name, row.rank_group)) if name else None
+        reference = next((r for r in published if name and r.method == name and r.rank_group == row.rank_group
+                          and published_row_applies(row.method, row.backbone, r.backbone)), None)
         if reference is None:
             continue
         for key, title, _ in table.groups:
@@ -477,6 +498,7 @@ def published_gap(table: Table) -> pd.DataFrame:
                 "setting": int(row.rank_group), "measured_mean": round(mine.mean, 2),
                 "published_mean": round(theirs.mean, 2), "gap": round(mine.mean - theirs.mean, 2),
                 "markers": ";".join(row.markers),
+                "caveat": exclusion_caveat(int(row.rank_group), row.options),
             })
     return pd.DataFrame(records, columns=columns)
 
