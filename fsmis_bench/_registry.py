@@ -68,6 +68,9 @@ class Display:
             (``"sd15"`` for SD-FSMIS), i.e. of its published rows that name no backbone. A
             run on another backbone the paper reports (``sd21``) is compared only with rows
             naming that backbone; empty: the paper does not say, any backbone compares.
+        published_caveat: methods: why a run of this method is not like-for-like with its
+            published numbers even under the standard protocol (reports print it beside
+            the comparison), e.g. the published numbers came from another training scheme.
         organ_names: datasets: organ -> display name, for organs outside the built-in list.
     """
 
@@ -77,6 +80,7 @@ class Display:
     shade: int = 0
     published_names: tuple[str, ...] = ()
     published_backbone: str = ""
+    published_caveat: str = ""
     organ_names: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -121,6 +125,11 @@ class Entry(Generic[T]):
         """What to do about ``exc`` raised by this entry's code: declare a config key it reads
         but no config declares, else :meth:`remedy`."""
         key = missing_config_key(exc)
+        if key is None and self.distribution == BUILTIN_DISTRIBUTION and not isinstance(exc, ImportError):
+            # a built-in that imports but then fails is a fault of fsmis-bench, which no
+            # reinstall mends
+            return ("a fault in fsmis-bench itself, not in your setup: rerun with FSMIS_TRACEBACK=1 for the "
+                    "traceback and report it")
         if key is None:
             return self.remedy()
         try:

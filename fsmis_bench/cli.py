@@ -217,7 +217,14 @@ def _sigterm_interrupts() -> Iterator[None]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(argv[0] if argv else None)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # argparse takes a positional list in one piece: overrides after an option
+        # (`run --export-masks DIR train.steps=20`) are still overrides
+        if isinstance(getattr(args, "overrides", None), list) and not any(e.startswith("-") for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.parse_args(argv)  # argparse's own message for what it does not know
     if not getattr(args, "command", None):
         parser.print_help()
         return 0

@@ -423,6 +423,12 @@ def compose(overrides: list[str] | None = None, *, resolve_datasets: bool = True
             start = next(i for i, line in enumerate(lines) if line.startswith("Available options"))
             options = [line for line in lines[start + 1:] if not line.startswith(("Config search path", "provider="))]
             hint = f"{lines[start].rstrip(':')}: {', '.join(options)}"
+            missing = re.search(r"Could not find '(.+)/([^/']+)'", lines[0])
+            if missing:  # a config group (fidelity, memory, speed, hydra/launcher...): say it as the others do
+                group, name = missing.groups()
+                guess = closest(name, options)
+                raise ConfigError(f"unknown {group} {name!r}" + (f"; did you mean {guess!r}?" if guess else ""),
+                                  hint=f"{group} is one of: {', '.join(options)}") from None
         raise ConfigError(f"invalid configuration: {lines[0]}", hint=hint) from None
     # Hydra puts its own node in composed configs; runs record only ours.
     with_hydra = OmegaConf.to_container(cfg, resolve=False)

@@ -36,7 +36,9 @@ def main_keys() -> str:
         ("dataset", ", ".join(e.name for e in regs.datasets)),
         ("backbone", ", ".join(e.name for e in regs.backbones)),
         ("setting", ", ".join(e.name for e in regs.settings)),
-        ("fidelity", ", ".join(group_options("fidelity"))),
+        ("fidelity", ", ".join(group_options("fidelity")) + "  (code: the SD-FSMIS code's protocol; SD methods)"),
+        ("speed", ", ".join(group_options("speed")) + "  (fast: bf16 autocast + NHWC + compiled GroupNorms)"),
+        ("memory", ", ".join(group_options("memory")) + "  (low: gradient checkpointing + 8-bit AdamW)"),
         ("hydra/launcher", ", ".join(group_options("hydra/launcher"))
          + "  (with -m; joblib/submitit: pip install 'fsmis-bench[launchers]')"),
     ]

@@ -181,6 +181,32 @@ def data_identity_hash(info: dict[str, Any]) -> str:
     return _digest({"train_data": inputs.get("train_data"), "test_data": inputs.get("test_data")})[:8]
 
 
+#: where a weights component was read from: not part of what the weights are
+_WEIGHT_LOCATION_KEYS = ("source", "location", "files", "base")
+
+
+def weights_identity_hash(info: dict[str, Any]) -> str:
+    """Short hash of the pretrained weights a record's run loaded, by content, '' if unknown.
+
+    Each component counts by its digest (and any other property of the weights themselves,
+    e.g. which set of a checkpoint was read), not by the path it was read from: the same
+    files in another folder are the same weights. Runs whose weights differ are never
+    merged by the report.
+    """
+    inputs = info.get("inputs")
+    if not isinstance(inputs, dict) or "weights" not in inputs:
+        return ""
+    weights = inputs.get("weights") or {}
+    if not isinstance(weights, dict):
+        return ""
+    content = {
+        name: {k: v for k, v in component.items() if k not in _WEIGHT_LOCATION_KEYS} if isinstance(component, dict)
+        else component
+        for name, component in weights.items()
+    }
+    return _digest(content)[:8]
+
+
 def test_dataset_name(cfg: DictConfig) -> str:
     return str(cfg.protocol.get("test_dataset") or cfg.dataset.name)
 

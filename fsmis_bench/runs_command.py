@@ -228,7 +228,7 @@ def _run(args: argparse.Namespace) -> int:
     elif shown:
         print(_table(shown, root))
     counts = {s: sum(r.state == s for r in runs) for s in STATES}
-    print(f"{len(runs)} runs under {root}: " + ", ".join(f"{n} {s}" for s, n in counts.items()), file=sys.stderr)
+    print(f"{_runs(len(runs))} under {root}: " + ", ".join(f"{n} {s}" for s, n in counts.items()), file=sys.stderr)
     if counts["damaged"]:
         print("damaged runs are skipped by `report`; running their command again rebuilds cases.csv from the "
               "run's evaluation parts, or says what to do", file=sys.stderr)
@@ -240,7 +240,7 @@ def _run(args: argparse.Namespace) -> int:
     if not shown:
         return 0
     if not args.yes:
-        print(f"would remove {len(shown)} stale runs (their checkpoints too); add --yes to remove them",
+        print(f"would remove {_runs(len(shown), 'stale')} (their checkpoints too); add --yes to remove them",
               file=sys.stderr)
         return 0
     removed = remove_stale(shown)
@@ -249,8 +249,14 @@ def _run(args: argparse.Namespace) -> int:
         print(f"removed {path}", file=sys.stderr)
     kept = len(shown) - len(removed)
     if kept:
-        print(f"{kept} run(s) were picked up or finished meanwhile and are kept", file=sys.stderr)
+        print(f"{_runs(kept)} {'was' if kept == 1 else 'were'} picked up or finished meanwhile and "
+              f"{'is' if kept == 1 else 'are'} kept", file=sys.stderr)
     return 0
+
+
+def _runs(count: int, kind: str = "") -> str:
+    """``1 run``, ``2 stale runs``."""
+    return f"{count} {kind + ' ' if kind else ''}run{'' if count == 1 else 's'}"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

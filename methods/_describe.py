@@ -247,8 +247,12 @@ def format_table(report: dict[str, Any]) -> str:
     out = [title, fmt(header), rule, *body, rule, fmt(lines[-1])]
     if report.get("meta"):
         out.append("note: built on the meta device (--meta): architecture and counts only, no weights loaded")
-    if report["random_weights"]:
-        out.append("note: random weights where pretrained ones are expected (smoke run; results are not comparable)")
+    if report["random_weights"] and not report.get("meta"):
+        if report["backbone"] == "tiny":
+            out.append("note: the tiny backbone has no pretrained weights: random by design, for CPU runs "
+                       "(results are not comparable with the paper's)")
+        else:
+            out.append("note: random weights where pretrained ones are expected (smoke run; results are not comparable)")
     return "\n".join(out)
 
 

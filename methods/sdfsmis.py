@@ -156,7 +156,8 @@ BETA_START, BETA_END = 0.00085, 0.012
 
 def sd_alphas_cumprod() -> torch.Tensor:
     """``alpha_bar_t`` of the SD DDPM schedule, ``(1000,)`` float64 (``alpha_bar_999 = 0.00466``)."""
-    betas = torch.linspace(BETA_START**0.5, BETA_END**0.5, TRAIN_TIMESTEPS, dtype=torch.float64) ** 2
+    # on the CPU whatever the default device (``describe --meta`` builds under "meta")
+    betas = torch.linspace(BETA_START**0.5, BETA_END**0.5, TRAIN_TIMESTEPS, dtype=torch.float64, device="cpu") ** 2
     return torch.cumprod(1.0 - betas, dim=0)
 
 

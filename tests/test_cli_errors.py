@@ -127,3 +127,21 @@ def test_console_script_prints_no_traceback(results_dir):
     )
     assert done.returncode == 2
     assert "Traceback" not in done.stderr and "unknown method 'nope'" in done.stderr
+
+
+@pytest.mark.parametrize("argv", [
+    ["run", "--export-masks", "masks", "method=support_copy", "fold=1", "--cfg", "job"],
+    ["run", "method=support_copy", "--cfg", "job", "fold=1"],
+])
+def test_overrides_after_an_option_are_still_overrides(argv, capsys):
+    """README: `run ... --export-masks DIR`; a user who adds an override after the flag must
+    not get argparse's 'unrecognized arguments'."""
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "name: support_copy" in out and "fold: 1" in out
+
+
+def test_an_unknown_option_is_still_refused(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "method=support_copy", "--bogus"])
+    assert exit_info.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err

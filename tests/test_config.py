@@ -37,10 +37,17 @@ def test_fidelity_code_switches_every_harness_level_difference():
     assert marks == ["exclusion=all", "dice=pooled", "train_labels=gt", "gt_exclusion=liver_spleen", "chunk_support=all"]
 
 
-def test_unknown_preset_lists_the_options():
+@pytest.mark.parametrize("override, message, options", [
+    ("fidelity=codes", "unknown fidelity 'codes'; did you mean 'code'?", "code, paper"),
+    ("speed=fastest", "unknown speed 'fastest'; did you mean 'fast'?", "default, fast"),
+    ("memory=lo", "unknown memory 'lo'; did you mean 'low'?", "default, low"),
+    ("memory=tiny", "unknown memory 'tiny'", "default, low"),
+])
+def test_unknown_preset_lists_the_options(override, message, options):
     with pytest.raises(ConfigError) as info:
-        compose(["fidelity=codes"])
-    assert "code, paper" in info.value.hint
+        compose([override])
+    assert str(info.value) == message or str(info.value).startswith(message)
+    assert options in info.value.hint
 
 
 def test_sweep_expansion():

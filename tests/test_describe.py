@@ -127,7 +127,7 @@ def test_json_report_and_table(method: _HandBuiltDiffusionMethod) -> None:
     vae_line = next(line for line in lines if line.startswith("vae "))
     vae_params = next(r["params"] for r in report["components"] if r["component"] == "vae")
     assert vae_line[:params_end].endswith(f"{vae_params:,}")
-    assert lines[-1].startswith("note: random weights")
+    assert lines[-1].startswith("note: the tiny backbone has no pretrained weights: random by design")
     assert any(line.startswith("total") and f"{report['total_params']:,}" in line for line in lines)
 
 
@@ -174,3 +174,26 @@ def test_meta_flag_refuses_pretrained_weights() -> None:
     args = parser.parse_args(["describe", "method=prototype", "pretrained=true", "--meta"])
     with pytest.raises(ConfigError):
         args.func(args)
+
+
+@pytest.mark.parametrize("method, backbone, total", [
+    ("sdfsmis", "tiny", None),
+    ("diffews", "tiny", None),
+    # PROTOCOL.md §8: SD-1.5's U-Net has 859,520,964 parameters with 4 input channels;
+    # DiffewS adds an 8-channel support conv_in beside it
+    ("diffews", "sd15", 859_520_964),
+])
+def test_the_readme_describe_meta_command_builds_the_diffusion_methods(method, backbone, total, capsys) -> None:
+    """README: ``fsmis-bench describe method=sdfsmis backbone=sd15 --meta --format json``; a
+    schedule computed on the default (meta) device once made every SD build fail here."""
+    parser = argparse.ArgumentParser(prog="fsmis-bench")
+    _describe.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["describe", f"method={method}", f"backbone={backbone}", "--meta", "--format", "json"])
+    assert args.func(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["meta"] is True and report["total_params"] > 0
+    if total is not None:
+        rows = {row["component"]: row["params"] for row in report["components"]}
+        assert rows["unet"] + rows["unet: removed conv_in"] == total  # conv_in moved out of the U-Net
+        assert rows["unet: removed conv_in"] == 4 * 320 * 9 + 320
+        assert rows["vae"] == 83_653_863  # PROTOCOL.md §8

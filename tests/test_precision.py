@@ -64,7 +64,7 @@ def test_resolved_config_is_concrete_and_hashed_by_what_runs(monkeypatch):
 
 
 @pytest.mark.parametrize("device, cuda, asked, expected", [
-    ("auto", True, "auto", True),    # the measured faster kernel with CUDA (README "Speed")
+    ("auto", True, "auto", True),    # the measured faster kernel with CUDA (docs/speed.md)
     ("auto", False, "auto", False),  # a CPU run keeps the plain path (and its hash)
     ("cpu", True, "auto", False),
     ("auto", True, False, False),    # explicit values are kept

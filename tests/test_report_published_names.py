@@ -137,3 +137,24 @@ def test_setting_2_comparisons_say_the_published_numbers_used_the_legacy_exclusi
     assert (LEGACY_EXCLUSION_NOTE in comparison_caption(results)) is caveat
     legend = " ".join(text for _, text in main_table(results).legend())
     assert (LEGACY_EXCLUSION_NOTE in legend) is caveat
+
+
+def test_a_method_whose_published_numbers_came_from_another_training_scheme_is_flagged(tmp_path: Path):
+    """SSL-ALPNet's published numbers come from its own self-supervision (2-D superpixels,
+    same-slice pairs); here every method trains on the shared episodes, and the report says so
+    wherever the two stand side by side."""
+    from fsmis_bench.reporting.comparison import comparison_caption, comparison_frame
+
+    root = tmp_path / "results"
+    for fold in range(5):
+        write_run(root, "ssl_alpnet", "abd_mri", 1, fold, 0, _cases(0.70))
+        write_run(root, "adnet", "abd_mri", 1, fold, 0, _cases(0.70))
+    results = load_results(root)
+    gaps = published_gap(main_table(results)).set_index("published_as")
+    assert "2-D superpixels" in gaps.loc["SSL-ALPNet", "caveat"] and gaps.loc["ADNet", "caveat"] == ""
+    frame = comparison_frame(results)
+    assert frame[frame["method"] == "ssl_alpnet"]["caveat"].str.contains("same slice").all()
+    assert (frame[frame["method"] == "adnet"]["caveat"] == "").all()
+    assert "SSL-ALPNet: its published numbers were trained with its own" in comparison_caption(results)
+    legend = " ".join(text for _, text in main_table(results).legend())
+    assert "SSL-ALPNet: its published" in legend and "legacy exclusion" not in legend

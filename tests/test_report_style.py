@@ -166,6 +166,12 @@ def test_palette_families_and_shades() -> None:
     lightness = [_hls(style.method_colour(m))[1] for m in ("sdfsmis", "sdfsmis_qe", "sdfsmis_vtct", "sdfsmis_sii")]
     assert lightness == sorted(lightness) and len(set(lightness)) == 4
     assert _hls(style.method_colour("sdfsmis_sii"))[0] == pytest.approx(base[0], abs=0.02)
+    # the same order on the dark side (every member off the paper's configuration, as in a
+    # reduced CPU budget), and all of it darker than the standard shades
+    off = "tiny,train.steps=1500"
+    dark = [_hls(style.method_colour(m, off))[1] for m in ("sdfsmis", "sdfsmis_qe", "sdfsmis_vtct", "sdfsmis_sii")]
+    assert dark == sorted(dark) and len(set(dark)) == 4 and max(dark) < min(lightness)
+    assert min(b - a for a, b in zip(dark, dark[1:])) > 0.03  # steps that stay apart
     # variants: darker off the paper's configuration, greyer with random weights
     assert _hls(style.method_colour("sdfsmis", "sd21"))[1] < base[1]
     assert style.method_colour("sdfsmis", "sd15") == style.method_colour("sdfsmis", "")

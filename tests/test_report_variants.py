@@ -219,3 +219,34 @@ def test_records_trained_before_the_reference_sampler_are_marked_and_kept_apart(
     flags = {int(row.fold): row.variant for row in results.runs.itertuples()}
     assert "episode_sampler=uniform_pairs" in flags[1] and "episode_sampler" not in flags[0]
     assert results.fold_scores.groupby("variant").fold.nunique().tolist() == [1, 1]  # two rows, one fold each
+
+
+def _with_weights(run_dir: Path, unet_digest: str, location: str) -> None:
+    info = json.loads((run_dir / "run.json").read_text())
+    info["inputs"] = {"train_data": {"id": "d"}, "test_data": {"id": "d"},
+                      "weights": {"unet": {"source": "runwayml/stable-diffusion-v1-5", "location": location,
+                                           "digest": unet_digest, "layout": "diffusers",
+                                           "files": {"unet/diffusion_pytorch_model.safetensors": unet_digest}}}}
+    (run_dir / "run.json").write_text(json.dumps(info))
+
+
+def test_runs_from_different_pretrained_weights_are_never_averaged_or_superseded(tmp_path: Path) -> None:
+    """The same hub id on two machines can hold other files: the report tells the runs apart
+    by the weights' digests, never by the path they were read from."""
+    root = tmp_path / "results"
+    cases = [("liver", "1", 80, 20, 20)]
+    for fold, digest in ((0, "sha256:aaaa"), (1, "sha256:bbbb")):
+        _with_weights(write_run(root, "sdfsmis", "abd_mri", 1, fold, 0, cases, backbone="sd15"), digest, "/m1/hub")
+    # fold 0 again, the first weights read from another folder, finished later: supersedes
+    later = write_run(root / "elsewhere", "sdfsmis", "abd_mri", 1, 0, 0, [("liver", "1", 90, 10, 10)], backbone="sd15",
+                      finished_at="2026-01-02T00:00:00+00:00")
+    _with_weights(later, "sha256:aaaa", "/m2/copy")
+    moved = root / "sdfsmis" / "abd_mri" / "setting1" / "fold0" / "seed0-later"
+    later.rename(moved)
+    results = load_results(root)
+    variants = dict(zip(results.runs["fold"], results.runs["variant"]))
+    assert variants[0] != variants[1]
+    assert all(v.startswith("sd15,weights=") for v in variants.values())
+    assert results.fold_scores.groupby("variant")["fold"].nunique().tolist() == [1, 1]  # no mean over both
+    superseded = [n for n in results.notes if "superseded" in n]
+    assert len(superseded) == 1 and "weights" in superseded[0] and str(moved) in superseded[0]

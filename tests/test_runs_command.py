@@ -63,11 +63,15 @@ def test_runs_lists_state_age_and_progress(three_runs, capsys):
 def test_remove_stale_needs_yes_and_never_touches_complete_or_running_runs(three_runs, capsys):
     stale = next(three_runs.glob("prototype/phantom/setting1/fold0/seed1-*"))
     assert main(["runs", "--remove-stale"]) == 0
-    assert "would remove 1 stale runs" in capsys.readouterr().err and stale.exists()
+    assert "would remove 1 stale run (their" in capsys.readouterr().err and stale.exists()
     assert main(["runs", "--remove-stale", "--yes"]) == 0
     assert f"removed {stale}" in capsys.readouterr().err
     assert not stale.exists()
     assert sorted(r.state for r in scan(three_runs)) == ["complete", "running"]
+    running = next(three_runs.glob("prototype/phantom/setting1/fold0/seed2-*"))
+    shutil.rmtree(running)
+    assert main(["runs"]) == 0
+    assert "1 run under" in capsys.readouterr().err
 
 
 def test_progress_is_the_resume_point_then_the_phase(three_runs, monkeypatch, capsys):

@@ -375,6 +375,7 @@ def load_results(results_dir: str | Path) -> Results:
     runs, config_notes = _split_by_config(runs, configs)
     notes.extend(config_notes)
     runs = _split_by_data(runs)
+    runs = _split_by_weights(runs)
     runs, superseded = _drop_superseded(runs)
     notes.extend(superseded)
     kept = set(runs["run_dir"])
@@ -393,7 +394,7 @@ def load_results(results_dir: str | Path) -> Results:
 RUN_COLUMNS = [
     "run_dir", "method", "train_dataset", "dataset", "setting", "fold", "seed", "backbone",
     "pretrained", "random_weights", "random_reason", "fidelity", "dice_mode", "steps", "non_standard",
-    "variant", "config_hash", "config_id", "finished_at", "data_id",
+    "variant", "config_hash", "config_id", "finished_at", "data_id", "weights_id",
 ]
 
 
@@ -477,6 +478,7 @@ def _read_run(run_dir: Path) -> tuple[dict, pd.DataFrame, dict[str, Any]]:
         "config_id": config_id,
         "finished_at": str(meta.get("finished_at") or ""),
         "data_id": data_identity_hash(meta),
+        "weights_id": records.weights_identity_hash(meta),
     }
     cases = cases.copy()
     for column in ("tp", "fp", "fn"):
@@ -665,24 +667,34 @@ def _split_by_data(runs: pd.DataFrame) -> pd.DataFrame:
                            lambda group: {i: f"data={d or 'unknown'}" for i, d in group["data_id"].items()})
 
 
+def _split_by_weights(runs: pd.DataFrame) -> pd.DataFrame:
+    """Runs of one method/variant/evaluation that loaded different pretrained weights get
+    different variants, ``weights=<hash8>`` (``weights=unknown`` for records from before
+    weights were recorded): the same hub id or path can hold other files on another machine
+    or after an update, and averaging across them would mix two models silently."""
+    return _split_variants(runs, "weights_id",
+                           lambda group: {i: f"weights={w or 'unknown'}" for i, w in group["weights_id"].items()})
+
+
 def _drop_superseded(runs: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
-    """Keep one run per (method, variant, evaluation, fold, seed, configuration, data): the
-    latest finished.
+    """Keep one run per (method, variant, evaluation, fold, seed, configuration, data,
+    weights): the latest finished.
 
     Only runs configured identically (same :func:`config_fingerprint`) on identical data
-    (same data identity) supersede each other: they differ in nothing that changes a number
-    (e.g. ``train.log_every``, another weights file) and counting both would weigh that fold
-    twice. Runs configured differently are never dropped; :func:`_split_by_config` has made
-    them separate rows.
+    and weights (same data and weights identities) supersede each other: they differ in
+    nothing that changes a number (e.g. ``train.log_every``, the folder the weights were
+    read from) and counting both would weigh that fold twice. Runs configured differently
+    are never dropped; :func:`_split_by_config` has made them separate rows.
     """
     if runs.empty:
         return runs, []
-    identity = ["method", "variant", "train_dataset", "dataset", "setting", "fold", "seed", "config_id", "data_id"]
+    identity = ["method", "variant", "train_dataset", "dataset", "setting", "fold", "seed", "config_id", "data_id",
+                "weights_id"]
     ordered = runs.sort_values(["finished_at", "run_dir"])
     duplicated = ordered.duplicated(identity, keep="last")
     kept = ordered[~ordered.duplicated(identity, keep="last")].set_index(identity)["run_dir"]
     notes = [
-        f"superseded by a later run with the same method, variant, configuration, data, fold and seed: {path} "
+        f"superseded by a later run with the same method, variant, configuration, data, weights, fold and seed: {path} "
         f"(kept {kept.loc[tuple(row)]})"
         for path, row in zip(ordered.loc[duplicated, "run_dir"], ordered.loc[duplicated, identity].itertuples(index=False))
     ]
@@ -866,12 +878,25 @@ LEGACY_EXCLUSION_NOTE = ("the published setting-2 numbers were made with the leg
                          "training; runs use the stricter exclusion=any unless marked [exclusion=all]")
 
 
+EXCLUSION_CAVEAT = "published: legacy exclusion (all four organs); this run: exclusion=any (stricter)"
+
+
 def exclusion_caveat(setting: int, options: str) -> str:
     """``LEGACY_EXCLUSION_NOTE``'s short form for a run of ``setting`` whose non-standard
-    options are ``options`` (``;``-joined), or ``""`` where the comparison is like-for-like."""
+    options are ``options`` (``;``-joined), or ``""`` where the exclusions agree."""
     if int(setting) != 2 or "exclusion=all" in options.split(";"):
         return ""
-    return "published: legacy exclusion (all four organs); this run: exclusion=any (stricter)"
+    return EXCLUSION_CAVEAT
+
+
+def comparison_caveat(method: str, setting: int, options: str) -> str:
+    """Why a run of ``method`` is not like-for-like with its published number: the method's
+    own caveat (``Display.published_caveat``) and :func:`exclusion_caveat`, ``; ``-joined;
+    ``""`` where it is."""
+    from .style import method_style
+
+    parts = [method_style(method).published_caveat, exclusion_caveat(setting, options)]
+    return "; ".join(p for p in parts if p)
 
 
 def _joined(values: pd.Series) -> str:
@@ -906,6 +931,6 @@ __all__ = [
     "row_label", "per_case_scores", "long_fold_csv", "fold_organ_score", "compute_fold_scores",
     "default_results_dir", "summarise_runs", "run_flags", "PUBLISHED_CITATION",
     "organ_sort_key", "dataset_sort_key", "organ_label", "dataset_label", "eval_label",
-    "published_backbone", "published_name", "published_row_applies", "exclusion_caveat", "run_backbones", "LEGACY_EXCLUSION_NOTE", "config_fingerprint", "published_deviations", "FOLD_CSV_COLUMNS",
+    "published_backbone", "published_name", "published_row_applies", "exclusion_caveat", "comparison_caveat", "run_backbones", "LEGACY_EXCLUSION_NOTE", "config_fingerprint", "published_deviations", "FOLD_CSV_COLUMNS",
     "RUN_COLUMNS", "random_weights_reason", "read_config", "RANDOM_WEIGHTS_NOTES", "random_weights_note",
 ]

@@ -26,7 +26,8 @@ from .collect import (
     LEGACY_EXCLUSION_NOTE,
     PUBLISHED_CITATION,
     Results,
-    exclusion_caveat,
+    EXCLUSION_CAVEAT,
+    comparison_caveat,
     load_published,
     organ_sort_key,
     published_row_applies,
@@ -117,7 +118,7 @@ def comparison_frame(results: Results) -> pd.DataFrame:
                     "published_as": value.name if value else "",
                     "table": value.table if value else None,
                     "difference": stat.mean - value.dice if value else math.nan,
-                    "caveat": exclusion_caveat(setting, options.get((method, variant), "")) if value else "",
+                    "caveat": comparison_caveat(method, setting, options.get((method, variant), "")) if value else "",
                 })
     return pd.DataFrame(rows, columns=COLUMNS)
 
@@ -158,6 +159,18 @@ def published_comparison_figure(results: Results, width: float = WIDTH_IN) -> pl
     return lay.fig
 
 
+def _caveat_sentences(with_published: pd.DataFrame) -> str:
+    """The caption's sentences on comparisons that are not like-for-like (``caveat``)."""
+    sentences = []
+    if with_published["caveat"].str.contains(EXCLUSION_CAVEAT, regex=False).any():
+        sentences.append(f"Setting 2 is not like-for-like: {LEGACY_EXCLUSION_NOTE}.")
+    for method in sorted(set(with_published["method"])):
+        caveat = method_style(method).published_caveat
+        if caveat:
+            sentences.append(f"{method_display(method)}: {caveat}.")
+    return "".join(s + " " for s in sentences)
+
+
 def comparison_caption(results: Results) -> str:
     """What the comparison figure shows, with the name mapping and the tables it used."""
     frame = comparison_frame(results)
@@ -175,5 +188,5 @@ def comparison_caption(results: Results) -> str:
             f"White diamonds: the published value of the same method ({PUBLISHED_CITATION}, "
             f"Table{'s' if ',' in tables else ''} {tables}{mapping}). Methods without a published counterpart "
             "are drawn as bars only; a triangle on the axis marks a measured value of (about) zero. "
-            + (f"Setting 2 is not like-for-like: {LEGACY_EXCLUSION_NOTE}. " if with_published["caveat"].astype(bool).any() else "")
+            + _caveat_sentences(with_published)
             + "Numbers: tables/published_comparison.csv.")

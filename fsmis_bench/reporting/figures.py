@@ -58,6 +58,7 @@ from .style import (  # noqa: E402
     text_height_in,
     text_problems,
     text_width_in,
+    variant_display,
     wrap,
 )
 
@@ -69,8 +70,8 @@ MIN_BOX_POINTS = 5
 _ZERO_PCT = 1.0
 _MIN_PANEL_HEIGHT_IN = 1.6
 
-NOTE_NON_STANDARD = ("non-standard option (named in brackets: a protocol option, or a departure from the setup "
-                     "of the published numbers); not comparable with published numbers")
+NOTE_NON_STANDARD = ("non-standard option (named in brackets, or in a \u201cruns with\u201d note: a protocol option, or a "
+                     "departure from the setup of the published numbers); not comparable with published numbers")
 
 #: per variant of a method (in :func:`series_sort_key` order): the first is drawn plain,
 #: the others hatched / with another marker / dashed, so variants differ in greyscale too
@@ -120,6 +121,10 @@ def series_sort_key(method: str, variant: str) -> tuple:
     return (*family_rank, style.shade, variant != "", variant)
 
 
+#: a variant text longer than this, shared by several series, moves to a footnote
+SHARED_VARIANT_CHARS = 24
+
+
 def make_series(results: Results, keys: Iterable[tuple[str, str]], notes: Footnotes,
                 folds: pd.DataFrame | None = None) -> list[Series]:
     """The series of ``keys`` in legend order, with their footnotes registered in ``notes``.
@@ -140,7 +145,16 @@ def make_series(results: Results, keys: Iterable[tuple[str, str]], notes: Footno
             text = f"{n} fold{'s' if n != 1 else ''} on {eval_display(train, dataset)} setting {setting}"
             short.setdefault(text, []).append((method, variant))
     incomplete = {k for keys_ in short.values() for k in keys_}
-    details = [f"{text}: {', '.join(method_label(*k) for k in sorted(ks, key=lambda k: ordered.index(k)))}"
+    # a long variant shared by several series (one reduced CPU recipe for every diffusion
+    # method) is said once, in a footnote, instead of in every label
+    texts = {key: variant_display(key[1]) for key in ordered}
+    shared = {text for text in texts.values()
+              if len(text) > SHARED_VARIANT_CHARS and sum(t == text for t in texts.values()) > 1}
+
+    def label_of(key: tuple[str, str]) -> str:
+        return method_display(key[0]) if texts[key] in shared else method_label(*key)
+
+    details = [f"{text}: {', '.join(label_of(k) for k in sorted(ks, key=lambda k: ordered.index(k)))}"
                for text, ks in short.items()]
     # every variant of a method in the report, in legend order: its rank picks the hatch,
     # marker and line style, the same in every figure of the report
@@ -150,7 +164,7 @@ def make_series(results: Results, keys: Iterable[tuple[str, str]], notes: Footno
         variants.setdefault(method, []).append(variant)
     series = []
     for method, variant in ordered:
-        own = []
+        own = [f"runs with {texts[(method, variant)]}"] if texts[(method, variant)] in shared else []
         if (method, variant) in incomplete:
             own.append(note_incomplete(details))
         if (method, variant) in flags.index:
@@ -161,7 +175,7 @@ def make_series(results: Results, keys: Iterable[tuple[str, str]], notes: Footno
                 own.extend(random_weights_note(reason) for reason in reasons)
             if flag["non_standard"]:
                 own.append(NOTE_NON_STANDARD)
-        label = notes.mark(method_label(method, variant), own)
+        label = notes.mark(label_of((method, variant)), own)
         rank = variants[method].index(variant)
         series.append(Series(method, variant, label, method_colour(method, variant),
                              VARIANT_HATCHES[rank % len(VARIANT_HATCHES)], VARIANT_MARKERS[rank % len(VARIANT_MARKERS)],
@@ -209,7 +223,7 @@ class Footer:
 
     @classmethod
     def plan(cls, handles: Sequence, labels: Sequence[str], notes: Footnotes, width: float,
-             title: str | None = "Method") -> "Footer":
+             title: str | None = None) -> "Footer":
         em = FONT_PT / 72
         wrapped = [wrap(label, width - 0.2 - 2.6 * em) for label in labels]
         ncol = legend_columns(wrapped, width - 0.2)
@@ -265,7 +279,7 @@ class Layout:
 
 
 def layout(n_panels: int, panel_height: float, width: float, handles: Sequence, labels: Sequence[str],
-           notes: Footnotes, legend_title: str | None = "Method", ncols: int | None = None) -> Layout:
+           notes: Footnotes, legend_title: str | None = None, ncols: int | None = None) -> Layout:
     """Panels in one column (single-column width) or two, legend and footnotes below them."""
     if ncols is None:
         ncols = 1 if n_panels == 1 or width < 5 else 2

@@ -116,10 +116,13 @@ ORGAN_NAMES: dict[str, str] = {
 
 #: shade steps: ablation members get lighter, non-standard variants darker: by at least
 #: :data:`_DARKER_BASE` (a step that stays visible in greyscale; the figures add a hatch or
-#: marker per variant on top), and further per ablation shade so ablations stay apart
+#: marker per variant on top). On the dark side the family keeps its order, fewer
+#: components lighter: the full method darkest, the member of shade :data:`_MAX_SHADE`
+#: at :data:`_DARKER_BASE`
 _LIGHTER_STEP = 0.17
 _DARKER_BASE = 0.30
-_DARKER_STEP = 0.12
+_DARKER_STEP = 0.14
+_MAX_SHADE = 3
 
 # -- names ---------------------------------------------------------------------------
 
@@ -173,6 +176,7 @@ class MethodStyle:
     shade: int
     published_names: tuple[str, ...] = field(default_factory=tuple)
     published_backbone: str = ""
+    published_caveat: str = ""
 
 
 def method_style(method: str) -> MethodStyle:
@@ -192,6 +196,7 @@ def method_style(method: str) -> MethodStyle:
         shade=int(shade),
         published_names=tuple(registered.published_names),
         published_backbone=str(getattr(registered, "published_backbone", "") or ""),
+        published_caveat=str(getattr(registered, "published_caveat", "") or ""),
     )
 
 
@@ -289,7 +294,7 @@ def method_colour(method: str, variant: str = "") -> tuple[float, float, float]:
     if is_standard_variant(",".join(t for t in tokens if t not in NOTE_TOKENS)):
         amount = _LIGHTER_STEP * style.shade
     else:
-        amount = -(_DARKER_BASE + _DARKER_STEP * style.shade)
+        amount = -(_DARKER_BASE + _DARKER_STEP * max(0, _MAX_SHADE - style.shade))
     saturation = 0.45 if tokens & NOTE_TOKENS else 1.0
     return shade(style.colour, amount, saturation)
 

@@ -19,16 +19,17 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from .collect import (
+    LEGACY_EXCLUSION_NOTE,
     N_FOLDS,
     PUBLISHED_CITATION,
     Results,
+    comparison_caveat,
     dataset_sort_key,
     eval_label,
+    exclusion_caveat,
     load_published,
     organ_label,
     organ_sort_key,
-    LEGACY_EXCLUSION_NOTE,
-    exclusion_caveat,
     published_backbone,
     published_name,
     published_row_applies,
@@ -37,6 +38,7 @@ from .collect import (
     run_backbones,
     run_flags,
 )
+from .style import method_display, method_style
 
 #: SD-FSMIS ablation methods -> which of (SII, QE, VTCT) they contain (paper Table 3)
 ABLATION_METHODS: dict[str, tuple[bool, bool, bool]] = {
@@ -161,6 +163,22 @@ class Table:
                         ranks[(i, *column)] = 2
         return ranks
 
+    def published_caveats(self) -> list[str]:
+        """Why measured rows shown beside published ones are not like-for-like with them:
+        the legacy setting-2 exclusion, and each such method's own caveat."""
+        published = [row for row in self.rows if row.source == "published"]
+        measured = [row for row in self.rows if row.source == "measured"]
+        caveats = []
+        if any(int(row.rank_group) == 2 for row in published) and any(
+                exclusion_caveat(int(row.rank_group), row.options) for row in measured):
+            caveats.append(LEGACY_EXCLUSION_NOTE)
+        shown = {row.method for row in published}
+        for method in sorted({row.method for row in measured if published_name(row.method) in shown}):
+            caveat = method_style(method).published_caveat
+            if caveat:
+                caveats.append(f"{method_display(method)}: {caveat}")
+        return caveats
+
     def legend(self) -> list[tuple[str, str]]:
         """(marker key, legend text) for each marker used, in a fixed order, with details."""
         lines = []
@@ -172,10 +190,8 @@ class Table:
             if key == "incomplete":
                 details = "; ".join(note for row in rows for note in row.notes)
                 text = f"{text} ({details})" if details else text
-            if key == "published" and any(int(row.rank_group) == 2 for row in rows) and any(
-                    row.source == "measured" and exclusion_caveat(int(row.rank_group), row.options)
-                    for row in self.rows):
-                text = f"{text}; {LEGACY_EXCLUSION_NOTE}"
+            if key == "published":
+                text = "; ".join([text, *self.published_caveats()])
             if key == "random_weights":
                 # say what kind: the tiny CPU backbone is not the pretrained architecture at all
                 reasons = sorted({reason for row in rows for reason in row.random_reasons})
@@ -498,7 +514,7 @@ def published_gap(table: Table) -> pd.DataFrame:
                 "setting": int(row.rank_group), "measured_mean": round(mine.mean, 2),
                 "published_mean": round(theirs.mean, 2), "gap": round(mine.mean - theirs.mean, 2),
                 "markers": ";".join(row.markers),
-                "caveat": exclusion_caveat(int(row.rank_group), row.options),
+                "caveat": comparison_caveat(row.method, int(row.rank_group), row.options),
             })
     return pd.DataFrame(records, columns=columns)
 
