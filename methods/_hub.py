@@ -57,16 +57,36 @@ def repo_folder_name(repo_id: str) -> str:
     return "models--" + repo_id.replace("/", "--")
 
 
-def _cached_snapshot(cache: Path, repo_id: str) -> Path | None:
-    """The snapshot ``refs/main`` points at in one hub cache, through ``huggingface_hub``."""
-    if not (cache / repo_folder_name(repo_id)).is_dir():
-        return None
+def cached_snapshot(cache: Path, repo_id: str) -> tuple[Path | None, str]:
+    """The snapshot ``refs/main`` points at in one hub cache, through ``huggingface_hub``.
+
+    Returns:
+        ``(snapshot, "")``; ``(None, "")`` when the cache has no folder for ``repo_id``; or
+        ``(None, problem)`` when it has one that cannot be used, ``problem`` saying what was
+        found there and what is missing (a download interrupted, or made for one revision only).
+    """
+    repo = cache / repo_folder_name(repo_id)
+    if not repo.is_dir():
+        return None, ""
+    snapshots = sorted(p.name for p in (repo / "snapshots").iterdir()) if (repo / "snapshots").is_dir() else []
+    found = f"snapshots/ holds {', '.join(s[:12] for s in snapshots[:3])}{' ...' if len(snapshots) > 3 else ''}" if snapshots else "snapshots/ is empty or absent"
+    ref = repo / "refs" / "main"
+    if not ref.is_file():
+        refs = sorted(p.name for p in (repo / "refs").iterdir()) if (repo / "refs").is_dir() else []
+        other = f" (refs/ holds {', '.join(refs)})" if refs else ""
+        fix = (f"write the commit of the snapshot to use into {ref}, or point the source at {repo / 'snapshots' / snapshots[0]}"
+               if snapshots else "download it again")
+        return None, f"{repo} has no refs/main naming the snapshot to read{other}; {found}: {fix}"
+    revision = ref.read_text().strip()
+    if not (repo / "snapshots" / revision).is_dir():
+        return None, f"{ref} names the snapshot {revision} but {repo / 'snapshots' / revision} is missing ({found}): download it again"
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id, cache_dir=str(cache), local_files_only=True))
-    except Exception:  # noqa: BLE001 - no refs/main, incomplete snapshot: not usable here
-        return None
+        return Path(snapshot_download(repo_id, cache_dir=str(cache), local_files_only=True)), ""
+    except Exception as exc:  # noqa: BLE001 - huggingface_hub's own reasons for refusing a snapshot
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return None, f"huggingface_hub cannot read the snapshot {revision} in {repo}: {type(exc).__name__}: {text}"
 
 
 def select_repo_files(repo_files: Iterable[str], components: Iterable[tuple[str | None, str]]) -> list[str]:

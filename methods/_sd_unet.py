@@ -99,6 +99,7 @@ def build_unet(
     source: str | None,
     weights_root: str | None,
     cross_attention_dim: int | None = None,
+    prediction_type: str | None = None,
 ) -> nn.Module:
     """Build a ``diffusers.UNet2DConditionModel`` with 4 input channels, trainable (requires_grad).
 
@@ -112,6 +113,8 @@ def build_unet(
             when offline). Relative paths are looked up under ``weights_root`` first.
         weights_root: root of local weights.
         cross_attention_dim: ``d_text``; must match sd15/sd21, free for ``tiny``.
+        prediction_type: what the backbone config says the U-Net predicts (``epsilon`` /
+            ``v_prediction``); a diffusers folder whose ``scheduler/`` says otherwise is refused.
 
     Building under ``with torch.device("meta"):`` gives a weightless model (parameter counts).
     """
@@ -121,7 +124,8 @@ def build_unet(
     if not pretrained or kind == "tiny":
         return _mark(UNet2DConditionModel(**cfg), True)
     what = f"Stable Diffusion U-Net ({kind})"
-    located = locate(what, source, weights_root, hub_id=_hub_hint(source, kind), subfolder="unet", library="diffusers")
+    located = locate(what, source, weights_root, hub_id=_hub_hint(source, kind), subfolder="unet", library="diffusers",
+                     prediction_type=prediction_type)
     if located.kind == "file":
         unet, record = load_diffusers_model(UNet2DConditionModel, located, "unet", cfg, what)
     else:

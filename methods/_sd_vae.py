@@ -11,13 +11,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fsmis_bench.errors import ConfigError
+from fsmis_bench.errors import ConfigError, FsmisError
 from ._sd_single_file import load_diffusers_model
 from ._sd_weights import (
     HUB_IDS,
     LAYOUT_TAESD,
     SD_VAE_SCALING,
     WeightFiles,
+    WeightsNotFound,
     _freeze,
     _hub_hint,
     _mark,
@@ -198,22 +199,72 @@ def sd_vae_config() -> dict[str, Any]:
     )
 
 
+#: the original TAESD release: one file per half, as ``_load_taesd`` looks for them.
+TAESD_FILES = ("taesd_encoder.safetensors", "taesd_decoder.safetensors")
+
+
+def _taesd_shapes(model: nn.Module) -> dict[str, dict[str, tuple[int, ...]]]:
+    """The tensors each original TAESD file must hold, ``{"encoder"|"decoder": {key: shape}}``,
+    under the original keys (see :func:`_taesd_from_original` for the mapping)."""
+    shapes: dict[str, dict[str, tuple[int, ...]]] = {"encoder": {}, "decoder": {}}
+    for key, value in model.state_dict().items():
+        half, _, index, rest = key.split(".", 3)
+        original = f"{index}.{rest}" if half == "encoder" else f"{int(index) + 1}.{rest}"
+        shapes[half][original] = tuple(value.shape)
+    return shapes
+
+
+def _read_taesd_half(path: Path, half: str, shapes: dict[str, dict[str, tuple[int, ...]]]) -> dict[str, Tensor]:
+    """One original TAESD file, checked to be the ``half`` it is named as: one error naming
+    the file for a damaged file, the other half (swapped files) or other tensors."""
+    from safetensors.torch import load_file
+
+    source = f"re-download {path.name} from the {HUB_IDS['taesd']} repo into {path.parent}"
+    try:
+        state = load_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - safetensors' errors on a damaged file are its own Rust types
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise FsmisError(f"TAESD: cannot read {path}: it is truncated or not a safetensors file ({type(exc).__name__}: {text})",
+                         hint=source) from None
+    got = {key: tuple(value.shape) for key, value in state.items()}
+    if got == shapes[half]:
+        return state
+    other = "decoder" if half == "encoder" else "encoder"
+    if got == shapes[other]:
+        raise FsmisError(f"TAESD: {path} holds the tensors of a TAESD {other}, so it is not a TAESD {half} file",
+                         hint=f"did you swap encoder and decoder? {TAESD_FILES[0]} must hold the encoder, "
+                              f"{TAESD_FILES[1]} the decoder")
+    missing = sorted(set(shapes[half]) - set(got))
+    extra = sorted(set(got) - set(shapes[half]))
+    reshaped = sorted(k for k in set(got) & set(shapes[half]) if got[k] != shapes[half][k])
+    counts = [f"{len(keys)} {label}" for keys, label in ((reshaped, "of another shape"), (extra, "not TAESD's"), (missing, "missing"))
+              if keys]
+    example = (f"{reshaped[0]} is {list(got[reshaped[0]])}, not {list(shapes[half][reshaped[0]])}" if reshaped
+               else f"e.g. {(extra + missing)[0]}")
+    raise FsmisError(
+        f"TAESD: {path} is not a TAESD {half} file: of the {len(shapes[half])} tensors it should hold, {', '.join(counts)} ({example})",
+        hint=f"{source}; did you swap encoder and decoder?",
+    )
+
+
 def _taesd_from_original(encoder_file: Path, decoder_file: Path) -> nn.Module:
     """Load the original single-file TAESD release into ``AutoencoderTiny`` (strict).
 
     The original decoder's index 0 is a parameter-free clamp that ``AutoencoderTiny`` folds
-    into its forward, so decoder index ``i`` becomes ``layers.<i-1>``.
+    into its forward, so decoder index ``i`` becomes ``layers.<i-1>``. Each file is checked to
+    hold exactly its half's tensors first, so that a damaged or swapped file gives one error
+    naming it.
     """
     from diffusers import AutoencoderTiny
-    from safetensors.torch import load_file
 
+    model = AutoencoderTiny()
+    shapes = _taesd_shapes(model)
     state: dict[str, Tensor] = {}
-    for key, value in load_file(str(encoder_file)).items():
+    for key, value in _read_taesd_half(encoder_file, "encoder", shapes).items():
         state[f"encoder.layers.{key}"] = value.float()
-    for key, value in load_file(str(decoder_file)).items():
+    for key, value in _read_taesd_half(decoder_file, "decoder", shapes).items():
         index, rest = key.split(".", 1)
         state[f"decoder.layers.{int(index) - 1}.{rest}"] = value.float()
-    model = AutoencoderTiny()
     model.load_state_dict(state, strict=True)
     return model
 
@@ -274,7 +325,7 @@ def _load_taesd(source: str, weights_root: str | None) -> TinyCodec:
     text = os.path.expanduser(source)
     candidates = [Path(text)] if os.path.isabs(text) else ([Path(os.path.expanduser(str(weights_root))) / text] if weights_root else []) + [Path.cwd() / text]
     for base in candidates:
-        enc, dec = base / "taesd_encoder.safetensors", base / "taesd_decoder.safetensors"
+        enc, dec = base / TAESD_FILES[0], base / TAESD_FILES[1]
         if enc.is_file() and dec.is_file():
             base = base.resolve()
             record = WeightFiles(source, str(base), LAYOUT_TAESD, (str(base / enc.name), str(base / dec.name)), str(base))
@@ -284,6 +335,10 @@ def _load_taesd(source: str, weights_root: str | None) -> TinyCodec:
             raise missing_weights(what, source, weights_root, HUB_IDS["taesd"], [str(c) for c in candidates],
                                   detail=f"{base} holds neither taesd_encoder/decoder.safetensors nor a diffusers config.json (it holds {present})",
                                   expected=expected)
-    located = locate(what, source, weights_root, hub_id=HUB_IDS["taesd"], subfolder="vae", library="diffusers", single_file=False)
+    try:
+        located = locate(what, source, weights_root, hub_id=HUB_IDS["taesd"], subfolder="vae", library="diffusers", single_file=False)
+    except WeightsNotFound as exc:  # locate knows the diffusers layout only: name the original files too
+        raise WeightsNotFound(exc.message.replace(exc.expected, expected) if exc.expected else exc.message, exc.hint or "",
+                              searched=exc.searched, expected=expected, reason=exc.reason) from None
     vae, record = load_folder(AutoencoderTiny, what, located, "diffusers", expected)
     return _mark(TinyCodec(vae.float(), random_weights=False), False, record)

@@ -16,7 +16,11 @@ A component's ``source`` (from ``configs/backbone/*.yaml``) is found in this ord
    files this component loads.
 
 Anything else raises one :class:`FsmisError` naming every place searched, the layout that
-was expected and how to get the weights. Every loaded component carries a
+was expected and how to get the weights. A folder is read strictly: its ``config.json`` must
+name the class being built, and a tensor missing, of another shape or left over is an error,
+as is a U-Net whose pipeline's ``scheduler/`` was trained for another ``prediction_type`` than
+the backbone config says. Pickle files (``.bin``, ``.ckpt``) are read weights-only: one holding
+other Python objects is refused, never run. Every loaded component carries a
 :class:`WeightFiles` (``module.weight_files``): the files it was read from, whose digests go
 into the run record (:mod:`._weight_digest`).
 """
@@ -26,6 +30,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
+import re
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,8 +45,8 @@ from fsmis_bench.errors import ConfigError, FsmisError
 from ._hub import (  # noqa: F401 - re-exported: the builders import everything from here
     TOKENIZER_NAMES,
     WEIGHT_NAMES,
-    _cached_snapshot,
     _env_flag,
+    cached_snapshot,
     download_repo,
     hub_cache_dirs,
     hub_offline,
@@ -102,6 +109,9 @@ class WeightFiles:
         layout: one of the ``LAYOUT_*`` names.
         files: absolute paths of the files read.
         base: names in the record are relative to this folder.
+        ema: for a checkpoint holding two sets of the same weights (an original SD file with
+            EMA and non-EMA U-Nets): True when the EMA set was read. None where there was no
+            choice to make.
     """
 
     source: str
@@ -109,14 +119,20 @@ class WeightFiles:
     layout: str
     files: tuple[str, ...]
     base: str
+    ema: bool | None = None
 
     def identity(self) -> dict[str, Any]:
-        """``{"source", "digest", "layout", "location", "files": {name: digest}}``.
+        """``{"source", "digest", "layout", "location", "files": {name: digest}}``, plus
+        ``"ema"`` where a file held two sets of weights (see ``ema``).
 
-        ``digest`` identifies the weights; the other keys say where they were read."""
+        ``digest`` and ``ema`` identify the weights (one file, two sets: the digest alone does
+        not say which were read); the other keys say where they were read."""
         files = {os.path.relpath(f, self.base): file_digest(f) for f in self.files}
-        return {"source": self.source, "digest": combined_digest(files), "layout": self.layout,
-                "location": self.location, "files": files}
+        identity = {"source": self.source, "digest": combined_digest(files), "layout": self.layout,
+                    "location": self.location, "files": files}
+        if self.ema is not None:  # only then: the identities (and run hashes) of all other weights stay as they were
+            identity["ema"] = self.ema
+        return identity
 
 
 def weight_identity_of(components: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -147,13 +163,17 @@ def _freeze(module: nn.Module) -> nn.Module:
 # ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Located:
-    """A source found on disk: ``kind`` ``"dir"`` (model folder, subfolder applied) or ``"file"``."""
+    """A source found on disk: ``kind`` ``"dir"`` (model folder, subfolder applied) or ``"file"``.
+
+    ``prediction_type``: what the backbone config says the U-Net predicts (given to
+    :func:`locate` for a U-Net), checked against a diffusers folder's scheduler."""
 
     kind: str
     path: Path
     layout: str
     source: str
     tried: tuple[str, ...] = field(default=())
+    prediction_type: str | None = None
 
 
 def expected_layout(what: str, subfolder: str | None, library: str, single_file: bool) -> str:
@@ -179,6 +199,9 @@ def missing_weights(what: str, source: Any, weights_root: Any, hub_id: str | Non
     """The one error for weights that are not where the config says."""
     root = str(weights_root) if weights_root else "<weights_root>"
     tried = list(tried)
+    absent = root_problem(weights_root)
+    if absent:  # said first: every other place searched under it was bound to be empty
+        detail = "; ".join(filter(None, [absent, detail]))
     where = f" (searched: {', '.join(tried)})" if tried else ""
     extra = f"; {detail}" if detail else ""
     layout = f"; {expected}" if expected else ""
@@ -187,11 +210,24 @@ def missing_weights(what: str, source: Any, weights_root: Any, hub_id: str | Non
         get = f"download them with `hf download {hub_id} --local-dir {root}/{local}` (and set FSMIS_WEIGHTS_ROOT={root})"
     else:
         get = f"put them under {root}"
+    if absent:  # most often a mistyped root: the weights are elsewhere already
+        get = f"point FSMIS_WEIGHTS_ROOT (or weights_root=) at the folder that holds the weights; or {get}"
     return WeightsNotFound(
         f"{what} weights not found for source {str(source)!r}{where}{extra}{layout}",
         f"{get}, or run `fsmis-bench weights download backbone=...`; or run with pretrained=false for a smoke run with random weights",
         searched=tried, expected=expected, reason=detail,
     )
+
+
+def root_problem(weights_root: Any) -> str:
+    """``""``, or what is wrong with a configured weights root that is not a folder."""
+    if not weights_root:
+        return ""
+    root = Path(os.path.expanduser(str(weights_root)))
+    if root.is_dir():
+        return ""
+    what = "is a file, not a folder" if root.exists() else "does not exist"
+    return f"the weights root {root} (FSMIS_WEIGHTS_ROOT / weights_root) {what}"
 
 
 def _model_folder(base: Path, subfolder: str | None, library: str) -> Path | None:
@@ -203,14 +239,17 @@ def _model_folder(base: Path, subfolder: str | None, library: str) -> Path | Non
 
 
 def locate(what: str, source: Any, weights_root: Any, *, hub_id: str | None, subfolder: str | None,
-           library: str, single_file: bool = True) -> Located:
+           library: str, single_file: bool = True, prediction_type: str | None = None) -> Located:
     """Find ``source`` on disk (or, online, download it). See the module docstring for the order.
 
     Args:
         library: ``diffusers``, ``transformers`` or ``tokenizer`` (which files the folder holds).
         single_file: whether a single file is a valid layout for this component.
+        prediction_type: a U-Net's configured parameterisation, passed on in the result for
+            :func:`load_folder` to check against a folder's ``scheduler/``.
     """
     expected = expected_layout(what, subfolder, library, single_file)
+    prediction = prediction_type
     if source is None or str(source).strip() == "":
         raise missing_weights(what, source, weights_root, hub_id, detail="no source configured", expected=expected)
     text = os.path.expanduser(str(source))
@@ -229,28 +268,35 @@ def locate(what: str, source: Any, weights_root: Any, *, hub_id: str | None, sub
         if path.is_dir():
             folder = _model_folder(path, subfolder, library)
             if folder is not None:
-                return Located("dir", folder.resolve(), LAYOUT_FOLDER, str(source), tuple(tried))
+                return Located("dir", folder.resolve(), LAYOUT_FOLDER, str(source), tuple(tried), prediction)
             incomplete = incomplete or (f"{path} has neither {subfolder + '/' if subfolder else ''}config.json nor config.json"
                                         if library != "tokenizer" else f"{path} has no {subfolder}/ with tokenizer files")
             if not hub_like:  # an explicit folder: no other place is meant
                 raise missing_weights(what, source, weights_root, hub_id, tried, detail=incomplete, expected=expected)
     if hub_like:
+        unusable: list[str] = []  # caches that hold the repo but cannot give this component
         for cache in hub_cache_dirs(weights_root):
             for name in names:
                 tried.append(str(cache / repo_folder_name(name)))
-                snapshot = _cached_snapshot(cache, name)
+                snapshot, problem = cached_snapshot(cache, name)
                 folder = _model_folder(snapshot, subfolder, library) if snapshot else None
                 if folder is not None:
-                    return Located("dir", folder, LAYOUT_HUB_CACHE, str(source), tuple(tried))
-        detail = "the hub is unreachable (or HF_HUB_OFFLINE=1) and the id is in no hub cache"
+                    return Located("dir", folder, LAYOUT_HUB_CACHE, str(source), tuple(tried), prediction)
+                if snapshot is not None:
+                    problem = f"the snapshot {snapshot} has no {subfolder + '/' if subfolder else ''}{'tokenizer files' if library == 'tokenizer' else 'config.json'}"
+                unusable += [problem] if problem else []
+        reach = "the hub is unreachable (or HF_HUB_OFFLINE=1)"
+        detail = (f"{reach}; {'; '.join(unusable)}" if unusable else f"{reach} and the id is in no hub cache")
         if not hub_offline():
+            # a U-Net's scheduler config says what it predicts (checked by load_folder)
+            extra = ["scheduler/scheduler_config.json"] if subfolder == "unet" else []
             try:
-                snapshot = download_repo(text, [(subfolder, library)], local_dir=None)
+                snapshot = download_repo(text, [(subfolder, library)], local_dir=None, extra=extra)
             except Exception as exc:  # noqa: BLE001 - removed, gated or misspelt repos, network errors
                 snapshot, detail = None, f"downloading from the hub failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
             folder = _model_folder(snapshot, subfolder, library) if snapshot else None
             if folder is not None:
-                return Located("dir", folder, LAYOUT_HUB_CACHE, str(source), tuple(tried))
+                return Located("dir", folder, LAYOUT_HUB_CACHE, str(source), tuple(tried), prediction)
             if snapshot:
                 detail = f"the hub repo {text} has no {subfolder or 'model'} files"
         raise missing_weights(what, source, weights_root, hub_id or text, tried, "; ".join(filter(None, [incomplete, detail])), expected)
@@ -260,9 +306,24 @@ def locate(what: str, source: Any, weights_root: Any, *, hub_id: str | None, sub
 # ---------------------------------------------------------------------------------------
 # files of a folder, downloads
 # ---------------------------------------------------------------------------------------
+#: the half-precision variant a hub repo may hold beside the float32 weights (``hf download
+#: --include '*fp16*'`` fetches only it): ``diffusion_pytorch_model.fp16.safetensors``, ...
+VARIANT = "fp16"
+
+
+def variant_name(name: str) -> str:
+    """``diffusion_pytorch_model.safetensors`` -> ``diffusion_pytorch_model.fp16.safetensors``."""
+    stem, extension = name.split(".", 1)
+    return f"{stem}.{VARIANT}.{extension}"
+
+
+def is_variant(path: Path) -> bool:
+    return path.name.split(".")[1:2] == [VARIANT]
+
+
 def weight_files(folder: Path, library: str) -> list[Path]:
     """The files ``library`` reads from a model folder (config first), in its preference order;
-    empty when the folder holds no weights."""
+    without float32 weights, the fp16 variant (unsharded); empty when the folder holds neither."""
     if library == "tokenizer":
         return [folder / n for n in TOKENIZER_NAMES if (folder / n).is_file()]
     for name in WEIGHT_NAMES[library]:
@@ -273,6 +334,10 @@ def weight_files(folder: Path, library: str) -> list[Path]:
                 shards = sorted(set(json.loads(path.read_text()).get("weight_map", {}).values()))
                 files += [folder / s for s in shards]
             return files
+    for name in WEIGHT_NAMES[library]:
+        path = folder / variant_name(name)
+        if not name.endswith(".index.json") and path.is_file():
+            return [folder / "config.json", path]
     return []
 
 
@@ -372,36 +437,230 @@ def quiet_loading() -> Iterator[None]:
         transformers_logging.set_verbosity(levels[1])
 
 
-def load_folder(cls: Any, what: str, located: Located, library: str, expected: str = "", **kwargs: Any) -> tuple[Any, WeightFiles]:
-    """``cls.from_pretrained`` on a located model folder, offline, refusing partial loads.
+_ANNOUNCED: set[str] = set()
 
-    A weights file that lacks some of the model's tensors would leave them freshly initialised;
-    that is an error here, naming the file, not a warning.
+
+def announce(key: str, line: str) -> None:
+    """Print ``line`` on stderr once per process for ``key``: a choice the loader made for the
+    user (which set of weights it read) is said once, not at every build."""
+    if key not in _ANNOUNCED:
+        _ANNOUNCED.add(key)
+        print(line, file=sys.stderr)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
+
+
+#: modules whose names a torch checkpoint's pickle calls on loading, all allowed weights-only
+_TENSOR_MODULES = ("torch", "collections", "builtins", "_codecs", "numpy")
+
+
+def pickled_callables(path: Path, limit: int = 3) -> list[str]:
+    """The first ``limit`` names outside :data:`_TENSOR_MODULES` that unpickling ``path`` would
+    import and call (``posix.system``, ...), read from the opcodes with ``pickletools``: nothing
+    is unpickled. Best effort: module and name of protocol-4 ``STACK_GLOBAL`` come from the
+    strings pushed (or memo-fetched) just before it."""
+    import pickletools
+
+    found: list[str] = []
+    strings: list[str] = []  # the strings pushed, in order
+    memo: dict[int, str | None] = {}
+    top: str | None = None  # the string on top of the stack, when the last push was one
+    try:
+        with open(path, "rb") as handle:
+            for op, arg, _ in pickletools.genops(handle):
+                name = op.name
+                if name == "MEMOIZE" or name.endswith("PUT"):  # memoizes the top, leaves the stack as it is
+                    memo[len(memo) if name == "MEMOIZE" else int(arg)] = top
+                    continue
+                pushed = None
+                if name in ("GLOBAL", "INST"):
+                    found.append(str(arg).replace(" ", "."))
+                elif name == "STACK_GLOBAL" and len(strings) >= 2:
+                    found.append(f"{strings[-2]}.{strings[-1]}")
+                elif isinstance(arg, str) and ("UNICODE" in name or "STRING" in name):
+                    pushed = arg
+                elif name.endswith("GET"):
+                    pushed = memo.get(int(arg))
+                if pushed is not None:
+                    strings.append(pushed)
+                top = pushed
+                if name == "STOP":
+                    break
+    except Exception:  # noqa: BLE001 - a truncated stream: what was read so far is the answer
+        pass
+    unsafe = [name for name in dict.fromkeys(found) if name.split(".")[0] not in _TENSOR_MODULES]
+    return unsafe[:limit]
+
+
+def weights_only_refusal(exc: BaseException, path: Path | None = None) -> str | None:
+    """Why torch's weights-only unpickler refused ``path``, found anywhere in ``exc``'s chain (the
+    libraries re-raise it as ``OSError``): ``"holds non-tensor Python objects (posix.system)"``
+    or similar; None when the file was not refused but is unreadable (truncated, foreign)."""
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [exc]
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        text = str(current)
+        if isinstance(current, pickle.UnpicklingError) and "weights only load failed" in text.lower():
+            found = re.search(r"GLOBAL ([\w.]+)", text)
+            names = [found.group(1)] if found else (pickled_callables(path) if path is not None else [])
+            if names:
+                return f"holds non-tensor Python objects ({', '.join(names)})"
+            # e.g. a plain pickle.dump file (protocol 4 framing is not torch.save's format)
+            return "is a pickle that weights-only loading cannot read (not a plain torch.save state dict)"
+        stack += [current.__cause__, current.__context__]
+    return None
+
+
+def refused_pickle_error(what: str, path: Path, refused: str) -> FsmisError:
+    """The error for a pickle file that weights-only loading refused: not damage, a safety stop."""
+    return FsmisError(
+        f"{what}: {path} {refused}, so it was refused: unpickling it could run code, and only plain tensors "
+        "are read (nothing in the file was run)",
+        hint="use the .safetensors release of these weights; or, only if you trust the file, convert it once "
+             "(torch.load(path, weights_only=False), then safetensors.torch.save_file(state_dict, 'model.safetensors'))",
+    )
+
+
+def read_pickle(path: Path, what: str, hint: str) -> Any:
+    """A ``.ckpt`` / ``.bin`` / ``.pt`` file through ``torch.load(weights_only=True)``
+    (memory-mapped where it is a zip); refused objects and damage give distinct errors."""
+    import zipfile
+
+    import torch
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's note on pickle protocols: the error below says what matters
+            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as exc:  # noqa: BLE001 - truncated, foreign or unsafe files are the user's to fix
+        refused = weights_only_refusal(exc, path)
+        if refused:
+            raise refused_pickle_error(what, path, refused) from None
+        raise FsmisError(f"{what}: cannot read the checkpoint {path}, it is truncated or not a torch checkpoint: "
+                         f"{type(exc).__name__}: {_first_line(exc) or 'the file ends too early'}", hint=hint) from None
+
+
+#: a model read from the folder of a larger model that holds it: (the class's model_type, the
+#: folder's) -> the key prefix of the part read (a CLIP text tower from a full CLIP folder)
+PART_OF = {("clip_text_model", "clip"): "text_model."}
+
+
+def _folder_class(cls: Any, folder: Path, library: str) -> tuple[str | None, str]:
+    """(what the folder's ``config.json`` says it holds, what ``cls`` is) in the library's terms:
+    ``_class_name`` for diffusers, ``model_type`` for transformers."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None, ""  # from_pretrained says what is wrong with it
+    if library == "diffusers":
+        return config.get("_class_name"), cls.__name__
+    return config.get("model_type"), getattr(getattr(cls, "config_class", None), "model_type", "")
+
+
+def _check_class(cls: Any, what: str, folder: Path, library: str, expected: str) -> str | None:
+    """Refuse a folder whose config names another model class; returns the key prefix of the
+    part read when the folder holds a larger model the class is part of (:data:`PART_OF`)."""
+    found, want = _folder_class(cls, folder, library)
+    if not found or not want or found == want:
+        return None
+    if (want, found) in PART_OF:
+        return PART_OF[(want, found)]
+    raise ConfigError(
+        f"{what}: {folder / 'config.json'} is the config of {found}, not of {want} (what this component is)",
+        hint=expected or "point the source at the folder of this component",
+    )
+
+
+def check_prediction_type(located: Located, what: str) -> None:
+    """Refuse a diffusers U-Net whose pipeline's scheduler was trained for another
+    ``prediction_type`` than the backbone config says (:func:`locate`'s ``prediction_type``).
+
+    The scheduler is ``<pipeline>/scheduler/scheduler_config.json`` beside ``unet/``; without one
+    (a lone U-Net folder, a single file) there is nothing to check. A scheduler config without
+    the key means diffusers' default, ``epsilon``.
+    """
+    configured = located.prediction_type
+    scheduler = located.path.parent / "scheduler" / "scheduler_config.json"
+    if configured is None or not scheduler.is_file():
+        return
+    try:
+        trained = str(json.loads(scheduler.read_text()).get("prediction_type") or "epsilon")
+    except (OSError, ValueError, AttributeError):
+        return  # not a scheduler config this check can read; the weights themselves load or fail on their own
+    if trained == configured:
+        return
+    guess = {"epsilon": "is it SD-2.1-base (512 px, epsilon)? ",
+             "v_prediction": "is it SD-2.1 at 768 px (v_prediction)? "}.get(trained, "")
+    raise ConfigError(
+        f"{what}: the weights at {located.path} were trained to predict {trained} ({scheduler} says so), "
+        f"but backbone.prediction_type={configured}: the U-Net's output would be read as the wrong quantity",
+        hint=f"this folder's scheduler says {trained}: {guess}set backbone.prediction_type={trained} if so; "
+             "else point backbone.source at the weights this backbone config is for",
+    )
+
+
+def load_folder(cls: Any, what: str, located: Located, library: str, expected: str = "", **kwargs: Any) -> tuple[Any, WeightFiles]:
+    """``cls.from_pretrained`` on a located model folder, offline, strict.
+
+    Refused, each with one error naming the file: a ``config.json`` of another model class; a
+    weights file that lacks some of the model's tensors (they would be left freshly
+    initialised), holds some of another shape, or holds tensors the model has no place for (a
+    model of another kind, e.g. DINOv2 with registers read as DINOv2: its extra tensors would
+    be dropped); a pickle holding other Python objects; a U-Net whose scheduler says another
+    ``prediction_type`` (:func:`check_prediction_type`). Without float32 weights the fp16
+    variant is read and upcast by the builders (said once on stderr; its digest differs from
+    the float32 file's, so runs on it stay apart in the records).
     """
     folder = located.path
     files = weight_files(folder, library)
     if not files:
+        names = [*WEIGHT_NAMES[library][::2], f"their .{VARIANT} variants"]
+        present = sorted(p.name for p in folder.iterdir())
+        dangling = [p for p in present if (folder / p).is_symlink() and not (folder / p).exists()]
+        holds = (f"{', '.join(dangling)} link{'s' if len(dangling) > 1 else ''} to a missing file (an interrupted download)"
+                 if dangling else f"it holds {', '.join(present[:8])}{' ...' if len(present) > 8 else ''}")
         raise FsmisError(
-            f"{what}: {folder} holds config.json but no weights file (expected {' or '.join(WEIGHT_NAMES[library][::2])})",
+            f"{what}: {folder} holds config.json but no weights file (expected {' or '.join(names)}); {holds}",
             hint=expected or "re-download the component",
         )
-    use_safetensors = files[1].name.split(".")[1] == "safetensors"
+    part = _check_class(cls, what, folder, library, expected)
+    check_prediction_type(located, what)
+    weights = files[1]
+    if is_variant(weights):
+        kwargs["variant"] = VARIANT
+        announce(str(weights), f"{what}: {folder} has only the {VARIANT} variant ({weights.name}); reading it, upcast to "
+                               "float32 (recorded under its own digest)")
+    use_safetensors = ".safetensors" in weights.name
     try:
         with quiet_loading():
             model, info = cls.from_pretrained(str(folder), local_files_only=True, use_safetensors=use_safetensors,
                                               output_loading_info=True, **kwargs)
     except Exception as exc:  # noqa: BLE001 - corrupt or foreign files are the user's to fix
+        refused = weights_only_refusal(exc, weights)
+        if refused:
+            raise refused_pickle_error(what, weights, refused) from None
         raise FsmisError(
-            f"could not load {what} from {files[1]}: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}",
+            f"could not load {what} from {weights}: {type(exc).__name__}: {_first_line(exc)}",
             hint=expected or "re-download the component",
         ) from None
     missing = list(info.get("missing_keys") or [])
     mismatched = list(info.get("mismatched_keys") or [])
-    if missing or mismatched:
-        sample = ", ".join(map(str, (missing + mismatched)[:3]))
+    unexpected = sorted(map(str, info.get("unexpected_keys") or []))
+    if part:  # the other parts of the larger model are not ours to read
+        unexpected = [k for k in unexpected if k.startswith(part)]
+    if missing or mismatched or unexpected:
+        sample = ", ".join(map(str, (missing + mismatched + unexpected)[:3]))
         raise FsmisError(
-            f"{what}: {files[1]} does not fit the model in {folder / 'config.json'} "
-            f"({len(missing)} tensors missing, {len(mismatched)} of another shape, e.g. {sample})",
+            f"{what}: {weights} does not fit the model in {folder / 'config.json'} "
+            f"({len(missing)} tensors missing, {len(mismatched)} of another shape, {len(unexpected)} the model has no place for; "
+            f"e.g. {sample})",
             hint=expected or "the weights and config.json must come from the same model",
         )
     record = WeightFiles(located.source, str(folder), located.layout, tuple(str(f) for f in files), str(folder))

@@ -2,9 +2,12 @@
 
 SD-1.5 conditions on CLIP ViT-L/14's last hidden state; SD-2.1 on OpenCLIP ViT-H/14's
 penultimate layer followed by the final layer norm, which is exactly the last hidden state
-of the 23-layer ``CLIPTextModel`` in its diffusers folder. The tokenizer matters too: SD-1.5
-pads with ``<|endoftext|>``, SD-2.1 with ``!``, so the two give different token ids for the
-same empty prompt; it is always read from the backbone's own ``tokenizer/``.
+of the 23-layer ``CLIPTextModel`` in its diffusers folder. The tokenizer matters too: SD-1.5's
+``tokenizer/special_tokens_map.json`` pads with ``<|endoftext|>`` (id 49407, as OpenAI's CLIP),
+SD-2.x's with ``!`` (id 0, as the ``open_clip`` tokenizer SD-2 was trained with pads with 0;
+diffusers issues #1388, #2201), so the two give different token ids for the same empty prompt
+and 75 of its 77 embeddings differ. The vocabularies are the same, so the other version's
+tokenizer would load without complaint: its pad token is checked against :data:`PAD_TOKENS`.
 
 Layouts: the ``text_encoder/`` + ``tokenizer/`` of a diffusers folder or a hub id (local
 folder, hub cache); or an original single-file checkpoint (its ``cond_stage_model.*``), whose
@@ -35,6 +38,10 @@ from ._sd_weights import (
     locate,
     weight_files,
 )
+
+
+#: the pad token of each SD version's tokenizer (see the module docstring).
+PAD_TOKENS = {"sd15": "<|endoftext|>", "sd21": "!"}
 
 
 def clip_text_config(kind: str) -> dict[str, Any]:
@@ -97,7 +104,9 @@ def locate_tokenizer(kind: str, text_source: str | None, text_located: Located |
         ) from None
 
 
-def load_tokenizer(located: Located, what: str) -> tuple[Any, WeightFiles]:
+def load_tokenizer(located: Located, what: str, kind: str | None = None) -> tuple[Any, WeightFiles]:
+    """The ``CLIPTokenizer`` at ``located`` and its files; with ``kind`` (``sd15``/``sd21``),
+    refused unless it pads as that SD version's tokenizer does (:data:`PAD_TOKENS`)."""
     from transformers import CLIPTokenizer
 
     files = weight_files(located.path, "tokenizer")
@@ -108,6 +117,16 @@ def load_tokenizer(located: Located, what: str) -> tuple[Any, WeightFiles]:
             f"could not load {what} from {located.path}: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}",
             hint=expected_layout(what, "tokenizer", "tokenizer", False),
         ) from None
+    want = PAD_TOKENS.get(kind or "")
+    if want is not None and tokenizer.pad_token != want:
+        other = next((k for k, pad in PAD_TOKENS.items() if pad == tokenizer.pad_token), None)
+        looks = f"the {other} tokenizer's" if other else "no SD version's"
+        raise ConfigError(
+            f"{what}: the tokenizer at {located.path} pads with {tokenizer.pad_token!r}, {looks} pad token; {kind}'s "
+            f"pads with {want!r}, so the empty prompt would be tokenized as {kind} never saw it",
+            hint=f"point backbone.tokenizer_source at the tokenizer/ of {HUB_IDS[kind]} (for a single-file checkpoint: "
+                 "the tokenizer/ beside it must come from the same SD version)",
+        )
     return tokenizer, WeightFiles(located.source, str(located.path), located.layout, tuple(map(str, files)), str(located.path))
 
 
@@ -158,7 +177,7 @@ def load_prompt_embedding(
         return PromptEmbedding(torch.zeros(1, TEXT_TOKENS, int(cross_attention_dim)))
     encoder, encoder_record, located = load_text_encoder(unet_kind, source, weights_root)
     tokenizer_located = locate_tokenizer(unet_kind, source, located, tokenizer_source, weights_root)
-    tokenizer, tokenizer_record = load_tokenizer(tokenizer_located, f"tokenizer ({unet_kind})")
+    tokenizer, tokenizer_record = load_tokenizer(tokenizer_located, f"tokenizer ({unet_kind})", unet_kind)
     ids = tokenizer([prompt], padding="max_length", max_length=TEXT_TOKENS, truncation=True, return_tensors="pt").input_ids
     with torch.no_grad():
         embedding = encoder(ids).last_hidden_state

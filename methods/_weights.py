@@ -7,8 +7,11 @@ where each was found, whether it loads, and fetching what is missing.
 ``check`` loads every component through the same builders a run uses, so "loaded" here means
 a run will load it too; it exits 0 only when all load. Without ``method=`` it checks what any
 diffusion method may need on that backbone (U-Net, VAE, text encoder + tokenizer, the
-fidelity's image encoder). ``download`` fetches, with ``huggingface_hub``, exactly the files
-the loaders read into ``FSMIS_WEIGHTS_ROOT/<source>``, where ``check`` and runs find them.
+fidelity's image encoder); the classic methods (SSL-ALPNet, ADNet, Q-Net) need torchvision's
+ResNet checkpoint instead, checked the same way. ``download`` fetches, with
+``huggingface_hub``, exactly the files the loaders read into ``FSMIS_WEIGHTS_ROOT/<source>``,
+where ``check`` and runs find them (torchvision's files are not on the hub: it says where to
+put them).
 """
 
 from __future__ import annotations
@@ -42,8 +45,9 @@ class Need:
     """One component a configuration needs.
 
     Attributes:
-        name: ``unet``, ``vae``, ``text_encoder``, ``tokenizer`` or ``image_encoder``.
-        kind: the architecture (``sd15``, ``taesd``, ``dinov2_small``, ...).
+        name: ``unet``, ``vae``, ``text_encoder``, ``tokenizer``, ``image_encoder``, or
+            ``encoder`` (a classic method's ResNet).
+        kind: the architecture (``sd15``, ``taesd``, ``dinov2_small``, ``resnet101``, ...).
         source: the configured source.
         random_reason: why no weights are read (random or weight-free by design), else None.
         repo: the hub repo ``download`` fetches it from; ``subfolder``/``library``: which files.
@@ -62,6 +66,8 @@ class Need:
     searched: list[str] = field(default_factory=list)
     expected: str = ""
     record: WeightFiles | None = field(default=None, repr=False)
+    #: a classic method's encoder: ``(init, torchvision file name or None)``
+    torchvision: tuple[str, str | None] | None = None
 
 
 def uses_backbone(method: str | None) -> bool:
@@ -74,6 +80,31 @@ def uses_backbone(method: str | None) -> bool:
 
     cls = registries().methods.get(method)
     return isinstance(cls, type) and issubclass(cls, SDFSMIS)
+
+
+def resnet_method(method: str | None) -> bool:
+    """Whether ``method`` builds a ResNet from torchvision's checkpoints (SSL-ALPNet, ADNet, Q-Net)."""
+    if method is None:
+        return False
+    from fsmis_bench.plugins import registries
+
+    from ._resnet_encoders import ResNetEncoderMethod
+
+    cls = registries().methods.get(method)
+    return isinstance(cls, type) and issubclass(cls, ResNetEncoderMethod)
+
+
+def _encoder_need(cfg: Any) -> Need:
+    """The torchvision checkpoint a classic method's builder reads (``method.init``: null is the
+    paper's COCO start for all three; ``fidelity=code`` is refused for them by the run itself)."""
+    from ._resnet_encoders import ENCODERS, TORCHVISION_FILES
+
+    encoder = str(cfg.method.get("encoder") or "resnet101")
+    init = str(cfg.method.get("init") or "coco")
+    file_name = TORCHVISION_FILES.get((init, ENCODERS.get(encoder, 0)))
+    source = cfg.method.get("encoder_source")
+    off = "pretrained=false: random weights" if not bool(cfg.get("pretrained", True)) else None
+    return Need("encoder", encoder, str(source) if source else file_name, off, library="torchvision", torchvision=(init, file_name))
 
 
 def _uses(cfg: Any, method: str | None, fidelity: str, backbone: sdc.BackboneSources) -> tuple[bool, str | None]:
@@ -92,8 +123,10 @@ def _repo(source: str | None, default_key: str) -> str | None:
 
 
 def needed(cfg: Any, method: str | None = None) -> list[Need]:
-    """The components ``cfg`` (its backbone, fidelity, pretrained) needs, in build order;
-    empty for a method that reads no backbone."""
+    """The components ``cfg`` (its backbone, fidelity, pretrained) needs, in build order: a
+    classic method's ResNet checkpoint; empty for a method that reads no pretrained weights."""
+    if resnet_method(method):
+        return [_encoder_need(cfg)]
     if not uses_backbone(method):
         return []
     fidelity = str(cfg.get("fidelity", "paper"))
@@ -125,12 +158,46 @@ def needed(cfg: Any, method: str | None = None) -> list[Need]:
 # ---------------------------------------------------------------------------------------
 # check
 # ---------------------------------------------------------------------------------------
-def _check_one(need: Need, cfg: Any, backbone: sdc.BackboneSources, text: dict) -> None:
+def _check_encoder(need: Need, cfg: Any) -> None:
+    """Find and load a classic method's torchvision checkpoint as its builder does; fill ``need``."""
+    from ._resnet_encoders import build_resnet_encoder, find_weight_file
+
+    root = cfg.get("weights_root")
+    init, file_name = need.torchvision or ("coco", None)
+    source = cfg.method.get("encoder_source")
+    need.expected = (f"torchvision's {file_name} ({init} {need.kind}) in weights_root, weights_root/torchvision or the torch hub "
+                     "cache, or method.encoder_source=<path>") if file_name else "a torchvision checkpoint at method.encoder_source"
+    try:
+        # without a file name or source there is no such release: the builder says so below
+        path = find_weight_file(file_name or "", source, root) if (file_name or source) else None
+    except FsmisError as exc:
+        need.status, need.detail, need.hint = "MISSING", exc.message, exc.hint or ""
+        return
+    try:
+        # the checkpoint loads strictly into the whole DeepLabv3 (coco) or classifier (imagenet)
+        # whatever the method's dilation and fc: these two do not decide whether it fits
+        built = build_resnet_encoder(need.kind, init, pretrained=True, dilation=(False, True, True), with_fc=False,
+                                     source=source, weights_root=root)
+    except FsmisError as exc:
+        need.status, need.detail, need.hint = "FAILED", exc.message, exc.hint or ""
+        return
+    path = Path(built.weights.path) if built.weights is not None else path
+    assert path is not None
+    need.record = WeightFiles(str(need.source), str(path), "torchvision checkpoint", (str(path),), str(path.parent))
+    need.status, need.detail = "loaded", f"{path}  [torchvision checkpoint, init={init}]"
+
+
+def _check_one(need: Need, cfg: Any, backbone: sdc.BackboneSources | None, text: dict) -> None:
     """Load one component through the builders a run uses; fill ``need``'s status."""
+    if need.name == "encoder":
+        _check_encoder(need, cfg)
+        return
+    assert backbone is not None
     root = cfg.get("weights_root")
     loaders: dict[str, Callable[[], Any]] = {
         "unet": lambda: sdc.build_unet(need.kind, pretrained=True, source=need.source, weights_root=root,
-                                       cross_attention_dim=backbone.cross_attention_dim).weight_files,
+                                       cross_attention_dim=backbone.cross_attention_dim,
+                                       prediction_type=backbone.prediction_type).weight_files,
         "vae": lambda: sdc.build_vae(need.kind, pretrained=True, source=need.source, weights_root=root).weight_files,
         "image_encoder": lambda: sdc.build_image_encoder(need.kind, pretrained=True, source=need.source, weights_root=root).weight_files,
     }
@@ -139,10 +206,11 @@ def _check_one(need: Need, cfg: Any, backbone: sdc.BackboneSources, text: dict) 
             _, record, text["located"] = load_text_encoder(need.kind, need.source, root)
         elif need.name == "tokenizer":
             located = locate_tokenizer(need.kind, backbone.text_encoder_source, text.get("located"), backbone.tokenizer_source, root)
-            _, record = load_tokenizer(located, f"tokenizer ({need.kind})")
+            _, record = load_tokenizer(located, f"tokenizer ({need.kind})", need.kind)
         else:
             record = loaders[need.name]()
-        need.status, need.record, need.detail = "loaded", record, f"{record.location}  [{record.layout}]"
+        ema = ", EMA weights" if record.ema else ""
+        need.status, need.record, need.detail = "loaded", record, f"{record.location}  [{record.layout}{ema}]"
     except WeightsNotFound as exc:
         need.status, need.detail, need.hint = "MISSING", exc.reason or "not found", exc.hint or ""
         need.searched, need.expected = exc.searched, exc.expected
@@ -150,29 +218,14 @@ def _check_one(need: Need, cfg: Any, backbone: sdc.BackboneSources, text: dict) 
         need.status, need.detail, need.hint = "FAILED", exc.message, exc.hint or ""
 
 
-def _prediction_note(cfg: Any, backbone: sdc.BackboneSources, needs: list[Need]) -> str | None:
-    """The scheduler the weights were trained with, where a diffusers folder says it."""
-    unet = next((n for n in needs if n.name == "unet" and n.record is not None), None)
-    if unet is None or "folder" not in unet.record.layout and "hub" not in unet.record.layout:
-        return None
-    scheduler = Path(unet.record.location).parent / "scheduler" / "scheduler_config.json"
-    if not scheduler.is_file():
-        return None
-    trained = json.loads(scheduler.read_text()).get("prediction_type")
-    if trained and trained != backbone.prediction_type:
-        return (f"note: these weights were trained with prediction_type={trained} but backbone.prediction_type="
-                f"{backbone.prediction_type}; set backbone.prediction_type={trained} for the paper's DDIM t=999 read-out")
-    return None
-
-
 def check(cfg: Any, method: str | None, overrides: list[str], digests: bool, as_json: bool) -> int:
     """Print where each needed component was found and whether it loads; 0 only if all do."""
-    if not uses_backbone(method):
-        print(f"method={method} reads no pretrained backbone weights")
+    needs = needed(cfg, method)
+    if not needs and not uses_backbone(method):
+        print(f"method={method} reads no pretrained weights")
         return 0
     fidelity = str(cfg.get("fidelity", "paper"))
-    backbone = sdc.backbone_sources(cfg.backbone, fidelity)
-    needs = needed(cfg, method)
+    backbone = sdc.backbone_sources(cfg.backbone, fidelity) if uses_backbone(method) else None
     text_cache: dict = {}
     for need in needs:
         if need.random_reason:
@@ -188,7 +241,8 @@ def check(cfg: Any, method: str | None, overrides: list[str], digests: bool, as_
         return 2 if bad else 0
     root = cfg.get("weights_root")
     scope = f"method={method}" if method else "(what any diffusion method needs)"
-    print(f"weights for backbone={backbone.name} fidelity={fidelity} pretrained={str(cfg.get('pretrained', True)).lower()} {scope}")
+    of = f"backbone={backbone.name} " if backbone else ""
+    print(f"weights for {of}fidelity={fidelity} pretrained={str(cfg.get('pretrained', True)).lower()} {scope}")
     print(f"  weights_root  {root or '(unset: set FSMIS_WEIGHTS_ROOT)'}")
     print(f"  hub caches    {', '.join(map(str, hub_cache_dirs(root)))} (hub {'offline' if hub_offline() else 'online'})")
     pad = " " * 17
@@ -203,6 +257,8 @@ def check(cfg: Any, method: str | None, overrides: list[str], digests: bool, as_
                 print(f"{pad}{'searched' if index == 0 else '':<8}  {place}")
             shown.setdefault(tuple(n.searched), n.name)
             print(f"{pad}why       {n.detail}")
+            if n.torchvision:  # not on the hub: `weights download` cannot fetch it, the hint says how
+                print(f"{pad}hint      {n.hint}")
         elif n.status == "FAILED":
             print(f"{pad}error     {n.detail}")
             print(f"{pad}hint      {n.hint}")
@@ -211,9 +267,10 @@ def check(cfg: Any, method: str | None, overrides: list[str], digests: bool, as_
         if digests and n.record:
             for name, digest in n.record.identity()["files"].items():
                 print(f"{pad}{digest}  {name}")
-    note = _prediction_note(cfg, backbone, needs)
-    if note:
-        print(note)
+    if bad and backbone is None:  # a classic method: torchvision's file, not the hub
+        print(f"{len(bad)} of {len(needs)} components did not load ({', '.join(n.name for n in bad)}); see the hint above, "
+              "or point method.encoder_source at the checkpoint, then rerun this check.")
+        return 2
     if bad:
         print(f"{len(bad)} of {len(needs)} components did not load ({', '.join(n.name for n in bad)}). Download them into "
               "FSMIS_WEIGHTS_ROOT (on a machine with network) with")
@@ -287,6 +344,12 @@ def _found(need: Need, cfg: Any, backbone: sdc.BackboneSources) -> bool:
 
 def download(cfg: Any, method: str | None, overrides: list[str], dry_run: bool, force: bool) -> int:
     """Fetch what is missing, then run :func:`check`."""
+    if resnet_method(method):  # torchvision's checkpoints are not on the hub
+        status = check(cfg, method, overrides, digests=False, as_json=False)
+        if status:
+            print("torchvision's checkpoints are served by download.pytorch.org, not the Hugging Face hub: "
+                  "`weights download` does not fetch them; the hint above says where to put the file")
+        return status
     fetches, skipped = download_plan(cfg, method, force)
     for name in skipped:
         print(f"  {name}: already found, not downloaded (--force to fetch anyway)")

@@ -482,6 +482,7 @@ class SDFSMIS(Method):
         self.unet = build_unet(
             backbone.unet, pretrained=pretrained, source=backbone.source,
             weights_root=weights_root, cross_attention_dim=backbone.cross_attention_dim,
+            prediction_type=backbone.prediction_type,
         )
         latent_channels = self.vae.latent_channels
         if self.unet.config.in_channels != latent_channels:

@@ -301,6 +301,27 @@ def save_single_file(path: Path, kind: str, components: dict[str, nn.Module]) ->
     return path
 
 
+def save_single_file_with_ema(path: Path, kind: str, components: dict[str, nn.Module], ema_unet: nn.Module,
+                              drop_ema: int = 0) -> Path:
+    """The full original release (``v1-5-pruned.safetensors`` / ``.ckpt``): the trained U-Net under
+    ``model.diffusion_model.*`` (``components["unet"]``) and its EMA (``ema_unet``) under
+    ``model_ema.*``, named as LDM's ``LitEma`` registers them: ``model_ema.`` + the parameter's
+    path in ``LatentDiffusion.model`` (``diffusion_model.<...>``) with its dots removed.
+    ``drop_ema``: leave out the EMA copy of that many tensors (an incomplete file)."""
+    state = original_state(kind, components)
+    ema = unet_to_original(ema_unet.state_dict(), dict(ema_unet.config))
+    kept = sorted(ema)[drop_ema:]
+    state.update({"model_ema." + key.removeprefix("model.").replace(".", ""): ema[key].contiguous() for key in kept})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state, str(path))
+    else:
+        torch.save({"state_dict": state, "global_step": 0}, str(path))
+    return path
+
+
 def sha256(path: Path) -> str:
     return "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()
 

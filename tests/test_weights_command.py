@@ -138,3 +138,72 @@ def test_download_needs_a_destination(monkeypatch: pytest.MonkeyPatch, capsys: p
 ])
 def test_select_repo_files(files: list[str], components: list, expected: list[str]) -> None:
     assert select_repo_files(files, components) == expected
+
+
+# -- what `check` says beyond "found": classic methods, damaged TAESD, a scheduler that disagrees ----------
+@pytest.mark.parametrize("method", ["adnet", "qnet", "ssl_alpnet"])
+def test_check_a_classic_method_lists_its_torchvision_file(method: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr("fsmis_methods._resnet_encoders._host_answers", lambda url, timeout=1.5: False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    assert main(["weights", "check", f"method={method}", f"weights_root={tmp_path}"]) == 2
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.split()[:1] == ["encoder"])
+    assert row.split()[1] == "MISSING" and "deeplabv3_resnet101_coco-586e9e4e.pth" in row
+    assert str(tmp_path / "torchvision" / "deeplabv3_resnet101_coco-586e9e4e.pth") in out  # where it was looked for
+    assert "download.pytorch.org/models/deeplabv3_resnet101_coco-586e9e4e.pth" in out
+    assert main(["weights", "check", f"method={method}", "pretrained=false"]) == 0
+
+
+def test_check_a_classic_method_loads_the_file_it_finds(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    from fsmis_methods._resnet_encoders import ResNet
+
+    torch.manual_seed(0)
+    path = tmp_path / "resnet18_imagenet.pth"
+    torch.save(ResNet(18).state_dict(), path)
+    overrides = ["method=adnet", "method.encoder=resnet18", "method.init=imagenet", f"method.encoder_source={path}"]
+    assert main(["weights", "check", *overrides]) == 0
+    out = capsys.readouterr().out
+    assert str(path) in out and "loaded" in out and "all components load" in out
+    torch.save({"conv1.weight": torch.zeros(1)}, path)  # another architecture: FAILED, not found
+    assert main(["weights", "check", *overrides]) == 2
+    assert "FAILED" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("damage", ["truncated", "swapped"])
+def test_check_tiny_with_a_damaged_taesd_file_names_it(damage: str, real_weights_root: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "root" / "taesd"
+    folder.mkdir(parents=True)
+    names = ["taesd_encoder.safetensors", "taesd_decoder.safetensors"]
+    for name, shipped in zip(names, names[::-1] if damage == "swapped" else names):
+        (folder / name).write_bytes((real_weights_root / "taesd" / shipped).read_bytes())
+    if damage == "truncated":
+        (folder / names[0]).write_bytes((folder / names[0]).read_bytes()[:100_000])
+    assert main(["weights", "check", "backbone=tiny", f"weights_root={tmp_path / 'root'}"]) == 2
+    out = capsys.readouterr().out
+    assert str(folder / names[0]) in out and "Traceback" not in out
+    assert ("re-download" in out) if damage == "truncated" else ("did you swap encoder and decoder" in out)
+
+
+def test_check_a_folder_trained_for_another_prediction_type_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    L.use_tiny_architectures(monkeypatch)
+    pipe = L.save_pipeline(tmp_path / "sd21-base", "sd21", L.build_components("sd21"))
+    scheduler = pipe / "scheduler" / "scheduler_config.json"
+    scheduler.write_text(json.dumps(dict(json.loads(scheduler.read_text()), prediction_type="epsilon")))
+    args = ["weights", "check", "method=diffews", "backbone=sd21", f"backbone.source={pipe}", "backbone.cross_attention_dim=32"]
+    assert main(args) == 2
+    out = capsys.readouterr().out
+    assert any(line.split()[:2] == ["unet", "FAILED"] for line in out.splitlines())
+    assert "set backbone.prediction_type=epsilon" in out
+    assert main(args + ["backbone.prediction_type=epsilon"]) == 0
+
+
+def test_check_says_when_the_weights_root_does_not_exist(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["weights", "check", "backbone=tiny", f"weights_root={tmp_path / 'nope'}"]) == 2
+    out = capsys.readouterr().out
+    assert f"the weights root {tmp_path / 'nope'}" in out and "does not exist" in out
+    assert "taesd_encoder.safetensors" in out
