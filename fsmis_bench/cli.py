@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import io
 import os
 import re
 import signal
@@ -249,6 +250,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         print("interrupted; finished work is kept and the same command resumes", file=sys.stderr)
         return int(getattr(exc, "exit_code", 130))  # 128 + the signal's number
+    except BrokenPipeError:
+        # the reader of our output left (`... | head`): not an error of ours. Later writes,
+        # and the interpreter's flush at exit, go nowhere instead of raising again.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError, io.UnsupportedOperation):  # stdout is not a file descriptor
+            pass
+        return 0
 
 
 _finished_commands = 0

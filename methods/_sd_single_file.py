@@ -34,7 +34,8 @@ from torch import Tensor, nn
 
 from fsmis_bench.errors import FsmisError
 
-from ._sd_weights import LAYOUT_SINGLE_FILE, Located, WeightFiles, announce, quiet_loading, read_pickle
+from ._pickle_safety import read_pickle
+from ._sd_weights import LAYOUT_SINGLE_FILE, Located, WeightFiles, announce, quiet_loading
 
 #: key prefix of each component in an original checkpoint.
 PREFIXES = {"unet": "model.diffusion_model.", "vae": "first_stage_model.", "text_encoder": "cond_stage_model."}

@@ -145,3 +145,16 @@ def test_an_unknown_option_is_still_refused(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["run", "method=support_copy", "--bogus"])
     assert exit_info.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback():
+    """`fsmis-bench check-data ... | head`: the pipe closes under a long output."""
+    code = ("import sys\nfrom fsmis_bench import cli\n"
+            "def long_listing(args):\n    for i in range(200000):\n        print('line', i)\n"
+            "cli._list = long_listing\nsys.exit(cli.main(['list']))\n")
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout.readline().startswith(b"line")
+    process.stdout.close()  # as `head` does
+    err = process.stderr.read().decode()
+    assert process.wait(timeout=120) == 0
+    assert "Traceback" not in err and "BrokenPipe" not in err
