@@ -290,7 +290,10 @@ def original_state(kind: str, components: dict[str, nn.Module]) -> dict[str, Ten
 
 def save_single_file(path: Path, kind: str, components: dict[str, nn.Module]) -> Path:
     """An original-layout checkpoint: ``.safetensors`` flat, ``.ckpt`` as ``{"state_dict": ...}``."""
-    state = original_state(kind, components)
+    return _write_original(path, original_state(kind, components))
+
+
+def _write_original(path: Path, state: dict[str, torch.Tensor]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
@@ -312,14 +315,7 @@ def save_single_file_with_ema(path: Path, kind: str, components: dict[str, nn.Mo
     ema = unet_to_original(ema_unet.state_dict(), dict(ema_unet.config))
     kept = sorted(ema)[drop_ema:]
     state.update({"model_ema." + key.removeprefix("model.").replace(".", ""): ema[key].contiguous() for key in kept})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
-
-        save_file(state, str(path))
-    else:
-        torch.save({"state_dict": state, "global_step": 0}, str(path))
-    return path
+    return _write_original(path, state)
 
 
 def sha256(path: Path) -> str:
@@ -332,3 +328,21 @@ def same_tensors(a: nn.Module, b: nn.Module) -> bool:
     sa = {k.removeprefix("text_model."): v for k, v in sa.items() if not k.endswith("position_ids")}
     sb = {k.removeprefix("text_model."): v for k, v in sb.items() if not k.endswith("position_ids")}
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k].to(sa[k].dtype)) for k in sa)
+
+
+def go_offline(tmp_path: Path, monkeypatch, tiny: bool = True):
+    """The hub offline with an empty cache, digests cached under ``tmp_path`` and (``tiny``)
+    the tiny architectures; a generator for an autouse fixture (clears the caches after)."""
+    from fsmis_methods import _sd_components as sdc
+    from fsmis_methods import _weight_digest
+
+    if tiny:
+        use_tiny_architectures(monkeypatch)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf_cache"))
+    monkeypatch.setenv("FSMIS_CACHE_DIR", str(tmp_path / "fsmis_cache"))
+    sdc.hub_offline.cache_clear()
+    _weight_digest.forget_memo()
+    yield
+    sdc.hub_offline.cache_clear()
+    _weight_digest.forget_memo()

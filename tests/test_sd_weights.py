@@ -24,15 +24,7 @@ LAYOUTS = ("folder", "hub_cache", "safetensors", "ckpt")
 @pytest.fixture(autouse=True)
 def offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """Tiny architectures, an empty hub cache, the hub offline, digests cached under tmp."""
-    L.use_tiny_architectures(monkeypatch)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf_cache"))
-    monkeypatch.setenv("FSMIS_CACHE_DIR", str(tmp_path / "fsmis_cache"))
-    sdc.hub_offline.cache_clear()
-    _weight_digest.forget_memo()
-    yield
-    sdc.hub_offline.cache_clear()
-    _weight_digest.forget_memo()
+    yield from L.go_offline(tmp_path, monkeypatch)
 
 
 @pytest.fixture(scope="module")

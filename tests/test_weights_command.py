@@ -11,19 +11,12 @@ import pytest
 import sd_layouts as L
 from fsmis_bench.cli import main
 from fsmis_methods import _sd_components as sdc
-from fsmis_methods import _weight_digest
 from fsmis_methods._hub import select_repo_files
 
 
 @pytest.fixture(autouse=True)
 def offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf_cache"))
-    monkeypatch.setenv("FSMIS_CACHE_DIR", str(tmp_path / "fsmis_cache"))
-    sdc.hub_offline.cache_clear()
-    _weight_digest.forget_memo()
-    yield
-    sdc.hub_offline.cache_clear()
+    yield from L.go_offline(tmp_path, monkeypatch, tiny=False)
 
 
 def test_check_tiny_passes_with_the_shipped_taesd(real_weights_root: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -19,22 +19,13 @@ import torch
 import sd_layouts as L
 from fsmis_bench.errors import ConfigError, FsmisError
 from fsmis_methods import _sd_components as sdc
-from fsmis_methods import _weight_digest
 from fsmis_methods._text_encoder import load_text_encoder
 
 
 @pytest.fixture(autouse=True)
 def offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """Tiny architectures, an empty hub cache, the hub offline, digests cached under tmp."""
-    L.use_tiny_architectures(monkeypatch)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf_cache"))
-    monkeypatch.setenv("FSMIS_CACHE_DIR", str(tmp_path / "fsmis_cache"))
-    sdc.hub_offline.cache_clear()
-    _weight_digest.forget_memo()
-    yield
-    sdc.hub_offline.cache_clear()
-    _weight_digest.forget_memo()
+    yield from L.go_offline(tmp_path, monkeypatch)
 
 
 @pytest.fixture(scope="module")
