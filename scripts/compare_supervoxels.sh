@@ -5,22 +5,26 @@
 # Generates our ADNet-recipe supervoxels for CHAOS into $WORK/sv, then trains and evaluates
 # `prototype` on the five abd_mri folds with each set (same seed, same budget) and prints
 # both report tables. STEPS (default 300) sets the training budget of every run;
-# EPISODE_SAMPLER (default reference) the training episodes' rule (docs/supervoxels.md's
-# figures were made with uniform_pairs, the rule before fsmis-bench followed the reference code).
+# EPISODE_SAMPLER (default reference) and EPISODE_RUNS (default reference) the training
+# episodes' rule. docs/supervoxels.md's tables were made with EPISODE_RUNS=sorted (before
+# fsmis-bench read a class's runs as the reference code does), its last paragraph with
+# EPISODE_SAMPLER=uniform_pairs (before it followed the reference sampler).
 set -euo pipefail
 : "${FSMIS_DATA_ROOT:?set FSMIS_DATA_ROOT to the folder holding CHAOST2/}"
 WORK="${WORK:-results/supervoxel_comparison}"
 STEPS="${STEPS:-300}"
 FOLDS="${FOLDS:-0,1,2,3,4}"
 EPISODE_SAMPLER="${EPISODE_SAMPLER:-reference}"
+EPISODE_RUNS="${EPISODE_RUNS:-reference}"
 
 time fsmis-bench supervoxels abd_mri --root "$FSMIS_DATA_ROOT" --out "$WORK/sv" --workers 2 \
     --compare-to "$FSMIS_DATA_ROOT/CHAOST2/supervoxels_5000"
 
 FSMIS_RESULTS_DIR="$WORK/reference" fsmis-bench run -m method=prototype dataset=abd_mri fold="$FOLDS" \
-    train.steps="$STEPS" protocol.episode_sampler="$EPISODE_SAMPLER"
+    train.steps="$STEPS" protocol.episode_sampler="$EPISODE_SAMPLER" protocol.episode_runs="$EPISODE_RUNS"
 FSMIS_RESULTS_DIR="$WORK/ours" fsmis-bench run -m method=prototype dataset=abd_mri fold="$FOLDS" \
-    train.steps="$STEPS" protocol.episode_sampler="$EPISODE_SAMPLER" dataset.supervoxel_dir="$(cd "$WORK/sv" && pwd)"
+    train.steps="$STEPS" protocol.episode_sampler="$EPISODE_SAMPLER" protocol.episode_runs="$EPISODE_RUNS" \
+    dataset.supervoxel_dir="$(cd "$WORK/sv" && pwd)"
 
 for which in reference ours; do
   echo "## prototype trained on the $which supervoxels"
