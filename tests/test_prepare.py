@@ -113,19 +113,36 @@ def _orthonormal(direction: tuple[float, ...]) -> tuple[float, ...]:
     return tuple((q * np.sign(np.diag(r))).ravel())
 
 
-def write_cmr_raw(raw: Path, ids: tuple[int, ...] = (1, 2), shape=(4, 40, 36)) -> None:
-    """MS-CMRSeg-like patient<N>_C0.nii.gz + _manual with labels 200/500/600, oblique axes."""
-    folder = raw / "C0LET2_nii45_for_challenge19" / "c0t2lge"
-    folder.mkdir(parents=True)
+def write_cmr_raw(
+    raw: Path,
+    ids: tuple[int, ...] = (1, 2),
+    shape=(4, 40, 36),
+    flat: bool = False,
+    unlabelled: tuple[int, ...] = (),
+    dtype=np.int16,
+) -> None:
+    """MS-CMRSeg-like patient<N>_C0.nii.gz + _manual with labels 200/500/600, oblique axes.
+
+    The release layout: images in ``C0LET2_nii45_for_challenge19/c0t2lge/``, labels in the
+    sibling ``c0gt/``; ``flat`` puts the labels beside the images instead. ``unlabelled``
+    ids get an image only (the release's test scans).
+    """
+    base = raw / "C0LET2_nii45_for_challenge19"
     rng = np.random.default_rng(0)
     for number in ids:
-        image = rng.integers(0, 100, size=shape).astype(np.int16)
+        image = rng.integers(0, 100, size=shape).astype(dtype)
+        if np.issubdtype(dtype, np.floating):
+            image = image + rng.random(shape).astype(dtype)
         label = np.zeros(shape, dtype=np.int16)
         label[:, 10:22, 8:20] = 200
         label[:, 13:19, 11:17] = 500
         label[:, 24:32, 20:30] = 600
         image[label > 0] += 500
         for suffix, array in (("", image), ("_manual", label)):
+            if suffix and number in unlabelled:
+                continue
+            folder = base / ("c0t2lge" if not suffix or flat else "c0gt")
+            folder.mkdir(parents=True, exist_ok=True)
             itk = sitk.GetImageFromArray(array)
             itk.SetSpacing((1.5, 1.4, 8.0))
             itk.SetDirection(_orthonormal(CMR_DIRECTION))
@@ -141,6 +158,11 @@ def run_cli(*argv: str) -> int:
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(list(argv))
     return args.func(args)
+
+
+def prepared_files(folder: Path) -> list[str]:
+    """The image and label files of a prepared folder (not its classmap_*.json or records)."""
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(("image_", "label_")))
 
 
 def centroid_physical(image: sitk.Image, mask_zyx: np.ndarray) -> np.ndarray:
@@ -168,7 +190,7 @@ def chaos_prepared(tmp_path_factory):
 def test_chaos_geometry_matches_the_prepared_convention(chaos_prepared):
     base, _ = chaos_prepared
     folder = base / "root" / "CHAOST2" / "chaos_MR_T2_normalized"
-    assert sorted(p.name for p in folder.iterdir()) == [
+    assert prepared_files(folder) == [
         "image_1.nii.gz",
         "image_3.nii.gz",
         "label_1.nii.gz",
@@ -177,8 +199,9 @@ def test_chaos_geometry_matches_the_prepared_convention(chaos_prepared):
     nii = nib.load(folder / "image_1.nii.gz")
     assert nii.header.get_data_dtype() == np.float64
     assert nib.load(folder / "label_1.nii.gz").header.get_data_dtype() == np.float64
-    # 5 slices at 7.7 mm stay 5; 280 x 288 mm at 1.25 mm -> 224 x 230, padded to 256 x 256
-    assert nii.shape == (256, 256, CHAOS_SLICES)
+    # the reference's grid: int(n * old / new + 1) voxels per axis, so 5 slices at 7.7 mm
+    # become 6 and 280 x 288 mm at 1.25 mm 225 x 231, padded to 256 x 256
+    assert nii.shape == (256, 256, CHAOS_SLICES + 1)
     assert np.allclose(nii.header.get_zooms(), (1.25, 1.25, 7.7))
     image = sitk.ReadImage(str(folder / "image_1.nii.gz"))
     # the direction of the distributed CHAOS files (ITK "LAS")
@@ -202,8 +225,9 @@ def test_chaos_labels_land_where_they_were_in_patient_space(chaos_prepared):
     # orientation as in the real data: liver (patient right, anterior) at low x, high y
     z, y, x = np.nonzero(label == 1)
     assert x.mean() < 128 < y.mean()
-    # spleen only in the most superior slice, which is the last one
+    # spleen only in the most superior scanned slice; the extra last slice lies past the scan
     assert np.nonzero(label == 4)[0].tolist() == [CHAOS_SLICES - 1] * int((label == 4).sum())
+    assert not label[-1].any()
 
 
 def test_chaos_intensities_are_clipped_integers(chaos_prepared):
@@ -238,7 +262,7 @@ def test_chaos_resume_and_force(chaos_prepared, capsys):
         run_cli("prepare", "abd_mri", "--raw", str(raw), "--out", str(root), "--force", "--no-progress") == 0
     )
     assert "2 written" in capsys.readouterr().out
-    assert sitk.ReadImage(str(image_path)).GetSize() == (256, 256, CHAOS_SLICES)
+    assert sitk.ReadImage(str(image_path)).GetSize() == (256, 256, CHAOS_SLICES + 1)
 
 
 def test_chaos_corrupt_dicom_and_mask_are_named_and_skipped(tmp_path, capsys):
@@ -254,7 +278,7 @@ def test_chaos_corrupt_dicom_and_mask_are_named_and_skipped(tmp_path, capsys):
     assert "IMG-0004-00003.dcm" in out and "FAILED case 2" in out
     assert "IMG-0004-00002.png" in out and "unexpected mask grey values [90]" in out
     folder = tmp_path / "root" / "CHAOST2" / "chaos_MR_T2_normalized"
-    assert sorted(p.name for p in folder.iterdir()) == ["image_1.nii.gz", "label_1.nii.gz"]
+    assert prepared_files(folder) == ["image_1.nii.gz", "label_1.nii.gz"]
 
 
 def test_interrupted_write_leaves_no_file(tmp_path, monkeypatch):
@@ -280,15 +304,16 @@ def test_btcv_window_crop_resample(tmp_path):
         run_cli("prepare", "abd_ct", "--raw", str(raw), "--out", str(tmp_path / "root"), "--no-progress") == 0
     )
     folder = tmp_path / "root" / "SABS" / "sabs_CT_normalized"
-    assert sorted(p.name for p in folder.iterdir()) == [
+    # the reference numbers the scans 0, 1, ... in file order (img0001 -> image_0)
+    assert prepared_files(folder) == [
+        "image_0.nii.gz",
         "image_1.nii.gz",
-        "image_2.nii.gz",
+        "label_0.nii.gz",
         "label_1.nii.gz",
-        "label_2.nii.gz",
     ]
-    image_img = sitk.ReadImage(str(folder / "image_1.nii.gz"))
-    label_img = sitk.ReadImage(str(folder / "label_1.nii.gz"))
-    assert nib.load(folder / "image_1.nii.gz").shape == (256, 256, 4)
+    image_img = sitk.ReadImage(str(folder / "image_0.nii.gz"))
+    label_img = sitk.ReadImage(str(folder / "label_0.nii.gz"))
+    assert nib.load(folder / "image_0.nii.gz").shape == (256, 256, 4)
     assert np.allclose(image_img.GetSpacing(), (0.8 * 32 / 256, 0.8 * 32 / 256, 3.0))
     image = sitk.GetArrayFromImage(image_img)
     label = sitk.GetArrayFromImage(label_img)
@@ -313,12 +338,13 @@ def test_btcv_label_grid_mismatch_is_reported(tmp_path, capsys):
     code = run_cli("prepare", "abd_ct", "--raw", str(raw), "--out", str(tmp_path / "root"), "--no-progress")
     out = capsys.readouterr().out
     assert code == 2 and "label0002.nii.gz" in out and "does not match" in out and "1 written" in out
+    assert "FAILED case 1:" in out  # img0002 is the second scan: id 1
 
 
 # -- card_mri (MS-CMRSeg) -----------------------------------------------------------------------
 
 
-def test_cmr_inplane_resample_keeps_orientation_and_labels(tmp_path):
+def test_cmr_resample_keeps_orientation_and_labels(tmp_path):
     raw = tmp_path / "MS-CMRSeg"
     write_cmr_raw(raw)
     assert (
@@ -328,23 +354,25 @@ def test_cmr_inplane_resample_keeps_orientation_and_labels(tmp_path):
     folder = tmp_path / "root" / "CMR" / "cmr_MR_normalized"
     image_img = sitk.ReadImage(str(folder / "image_2.nii.gz"))
     label_img = sitk.ReadImage(str(folder / "label_2.nii.gz"))
-    assert nib.load(folder / "image_2.nii.gz").shape == (256, 256, 4)
+    # 4 slices at 8 mm: int(4 * 8 / 7.99 + 1) = 5 slices at 7.99 mm, the last past the scan
+    assert nib.load(folder / "image_2.nii.gz").shape == (256, 256, 5)
     assert nib.load(folder / "label_2.nii.gz").header.get_data_dtype() == np.float64
-    assert np.allclose(image_img.GetSpacing(), (1.25, 1.25, 8.0))
+    assert np.allclose(image_img.GetSpacing(), (1.25, 1.25, 7.99))
     assert np.allclose(image_img.GetDirection(), _orthonormal(CMR_DIRECTION), atol=1e-5)
     label = sitk.GetArrayFromImage(label_img)
     assert set(np.unique(label)) == {0, 200, 500, 600}
+    assert not label[-1].any() and not sitk.GetArrayFromImage(image_img)[-1].any()
     raw_label = sitk.ReadImage(str(next(raw.rglob("patient2_C0_manual.nii.gz"))))
     for value in (200, 500, 600):
         expected = centroid_physical(raw_label, sitk.GetArrayFromImage(raw_label) == value)
         assert np.allclose(centroid_physical(label_img, label == value), expected, atol=1.0)
     image = sitk.GetArrayFromImage(image_img)
-    assert image.min() == 0 and np.all(image == np.rint(image))
+    assert image.min() == 0 and np.all(image == np.rint(image))  # an integer scan stays integer
 
 
 def test_cmr_unknown_label_value_and_missing_label(tmp_path, capsys):
     raw = tmp_path / "MS-CMRSeg"
-    write_cmr_raw(raw, ids=(1, 2, 3))
+    write_cmr_raw(raw, ids=(1, 2, 3), flat=True)
     folder = next(raw.rglob("patient1_C0.nii.gz")).parent
     bad = sitk.ReadImage(str(folder / "patient2_C0_manual.nii.gz"))
     array = sitk.GetArrayFromImage(bad)
@@ -354,11 +382,13 @@ def test_cmr_unknown_label_value_and_missing_label(tmp_path, capsys):
     sitk.WriteImage(fixed, str(folder / "patient2_C0_manual.nii.gz"))
     (folder / "patient3_C0_manual.nii.gz").unlink()
     code = run_cli("prepare", "card_mri", "--raw", str(raw), "--out", str(tmp_path / "root"), "--no-progress")
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
     assert code == 2
-    assert "patient2_C0_manual.nii.gz: unexpected label values [88.0]" in out
-    assert "patient3_C0_manual.nii.gz: manual label file missing" in out
-    assert "1 written" in out
+    assert "patient2_C0_manual.nii.gz: unexpected label values [88.0]" in captured.out
+    # an image without a label is a scan the release does not label: a note, not a failure
+    assert "FAILED case 3" not in captured.out
+    assert "skipped 1 C0 image(s) without a manual label (patient 3)" in captured.err
+    assert "1 written" in captured.out and "1 failed" in captured.out
 
 
 def test_prepare_rejects_a_wrong_raw_folder(tmp_path):

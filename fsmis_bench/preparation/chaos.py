@@ -1,20 +1,29 @@
 """CHAOS MR T2-SPIR (``abd_mri``): DICOM series + PNG masks -> prepared NIfTI.
 
-Raw layout (the ``CHAOS_Train_Sets`` release)::
+Raw layout (the ``CHAOS_Train_Sets`` release; its zip unpacks as ``Train_Sets/MR/...``)::
 
-    <raw>/MR/<pid>/T2SPIR/DICOM_anon/*.dcm
-    <raw>/MR/<pid>/T2SPIR/Ground/*.png      one mask per slice, named like its DICOM file
+    <MR>/<pid>/T2SPIR/DICOM_anon/*.dcm
+    <MR>/<pid>/T2SPIR/Ground/*.png      one mask per slice, named like its DICOM file
 
-Recipe: slices sorted along the slice normal; array axes reoriented to the prepared data's
-convention (x to the patient's left, y to anterior, z to superior: ITK "LAS", which is
-what the distributed files carry); mask grey values 63/126/189/252 -> 1/2/3/4 (liver,
-right kidney, left kidney, spleen; CHAOS's tolerance bands accepted); intensities above
-the 99.5th percentile clipped; resampled to 1.25 x 1.25 x 7.7 mm (image linear, label
-nearest); centre crop/pad to 256 x 256; image rounded to integers; both stored float64.
+``--raw`` may be the ``MR`` folder or a folder up to three levels above it (the one used is
+printed). Patient ``<pid>`` becomes ``image_<pid>``, as in the reference
+(``dcm_img_to_nii.sh`` names the files after the patient folders).
+
+Recipe (Q-Net ``data/CHAOST2/image_normalize.ipynb``, SSL-ALPNet's same notebook): slices
+sorted along the slice normal; array axes reoriented to the prepared data's convention
+(x to the patient's left, y to anterior, z to superior: ITK "LAS", which is what the
+distributed files carry); mask grey values 63/126/189/252 -> 1/2/3/4 (liver, right
+kidney, left kidney, spleen; CHAOS's tolerance bands accepted); intensities above the
+99.5th percentile clipped in the scan's own integer type; resampled to 1.25 x 1.25 x 7.7 mm
+on the reference's grid (``int(n * old / new + 1)`` voxels per axis, so most scans end with
+an all-zero slice), the image linearly in its integer type (truncated, as there), the
+labels value by value (:func:`~.common.resample_labels_to_spacing`); centre crop/pad to
+256 x 256 (image padded with its minimum); both stored float64.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -23,14 +32,21 @@ import SimpleITK as sitk
 from .common import (
     RawCase,
     RawDataError,
+    RawRelease,
     as_float64,
-    center_crop_pad_xy,
-    clip_top_percent,
+    clip_top_percent_keep_type,
+    crop_pad_like_reference,
+    ignored_note,
+    is_harmless_entry,
+    is_inside,
+    resample_labels_to_spacing,
     resample_to_spacing,
 )
 
 TARGET_SPACING_XYZ = (1.25, 1.25, 7.7)
 ORIENTATION = "LAS"
+#: How many folder levels below ``--raw`` are searched for the ``MR`` folder.
+MR_SEARCH_DEPTH = 3
 #: CHAOS ground-truth grey bands -> label value (the challenge states the bands, centred
 #: on 63, 126, 189, 252).
 GREY_BANDS: tuple[tuple[int, int, int], ...] = (
@@ -41,38 +57,103 @@ GREY_BANDS: tuple[tuple[int, int, int], ...] = (
 )
 
 
-def _mr_dir(raw: Path) -> Path:
-    if (raw / "MR").is_dir():
-        return raw / "MR"
-    if any((d / "T2SPIR").is_dir() for d in raw.iterdir() if d.is_dir()):
-        return raw
-    raise RawDataError(f"{raw}: no MR/<patient>/T2SPIR folders (expected the CHAOS_Train_Sets release)")
+def _holds_patients(folder: Path) -> bool:
+    try:
+        return any(d.is_dir() and (d / "T2SPIR").is_dir() for d in folder.iterdir())
+    except OSError:
+        return False
 
 
-def find_cases(raw: Path) -> tuple[list[RawCase], list[tuple[str, str]]]:
-    """Patients under ``raw``; returns cases and discovery problems ``(id, message)``."""
+def find_mr_dir(raw: Path, exclude: Sequence[Path] = ()) -> Path:
+    """The folder of ``<pid>/T2SPIR`` patients: ``raw`` or an ``MR`` folder below it.
+
+    The release zip unpacks as ``Train_Sets/MR/<pid>`` (and users unpack it into a folder
+    of their own), so ``MR`` folders up to :data:`MR_SEARCH_DEPTH` levels down are found;
+    the shallowest wins, and two at the same depth are refused.
+    """
     raw = Path(raw)
-    mr = _mr_dir(raw)
-    cases: list[RawCase] = []
-    problems: list[tuple[str, str]] = []
-    for patient in sorted(
-        (d for d in mr.iterdir() if d.is_dir()), key=lambda d: (not d.name.isdigit(), d.name)
-    ):
-        if not patient.name.isdigit():
-            problems.append((patient.name, f"{patient}: patient folder name is not a number; skipped"))
+    if _holds_patients(raw):
+        return raw
+    level = [raw]
+    for _ in range(MR_SEARCH_DEPTH):
+        found: list[Path] = []
+        below: list[Path] = []
+        for folder in level:
+            try:
+                children = sorted(folder.iterdir())
+            except OSError:
+                continue
+            for child in children:
+                if not child.is_dir() or is_harmless_entry(child) or is_inside(child, exclude):
+                    continue
+                (found if child.name == "MR" and _holds_patients(child) else below).append(child)
+        if len(found) > 1:
+            raise RawDataError(
+                f"{raw}: several CHAOS MR folders: {', '.join(str(f) for f in found)}",
+                hint="pass the MR folder to prepare with --raw",
+            )
+        if found:
+            return found[0]
+        level = below
+    raise RawDataError(
+        f"{raw}: no MR/<patient>/T2SPIR folders within {MR_SEARCH_DEPTH} levels "
+        "(expected the CHAOS_Train_Sets release)",
+        hint="point --raw at the unpacked CHAOS_Train_Sets folder (it holds Train_Sets/MR/<patient>/T2SPIR)",
+    )
+
+
+def find_cases(raw: Path, exclude: Sequence[Path] = ()) -> RawRelease:
+    """Patients under ``raw``, with discovery problems and notes.
+
+    Args:
+        raw: the ``--raw`` folder.
+        exclude: folders never read (the output folder when it lies inside ``raw``).
+    Raises:
+        RawDataError: no MR folder, or two patient folders meaning the same patient.
+    """
+    raw = Path(raw)
+    mr = find_mr_dir(raw, exclude)
+    release = RawRelease(notes=[f"reading CHAOS patients from {mr}"])
+    ignored: list[str] = []
+    folders: dict[str, Path] = {}
+    for entry in sorted(mr.iterdir()):
+        if is_inside(entry, exclude):
+            continue  # our own output folder: never a patient, not worth a note
+        if is_harmless_entry(entry) or not entry.is_dir():
+            ignored.append(entry.name + ("/" if entry.is_dir() else ""))
             continue
-        case_id = str(int(patient.name))
-        series = patient / "T2SPIR"
-        cases.append(RawCase(case_id, str(series), lambda series=series: load_case(series)))
-    return cases, problems
+        if not entry.name.isdigit():
+            if (entry / "T2SPIR").is_dir():  # looks like a patient: a misnamed one is a failure
+                release.problems.append((entry.name, f"{entry}: patient folder name is not a number; skipped"))
+            else:
+                ignored.append(entry.name + "/")
+            continue
+        case_id = str(int(entry.name))
+        if case_id in folders:
+            # "1" and "01" would both be written as image_1: which one is meant is unknowable
+            raise RawDataError(
+                f"{mr}: patient folders {folders[case_id].name!r} and {entry.name!r} both mean patient {case_id}",
+                hint="keep one of them in the MR folder (move the other away) and run again",
+            )
+        folders[case_id] = entry
+    for case_id in sorted(folders, key=int):
+        series = folders[case_id] / "T2SPIR"
+        release.cases.append(
+            RawCase(case_id, str(series), lambda series=series: load_case(series), origin=folders[case_id].name)
+        )
+    note = ignored_note(ignored)
+    if note:
+        release.notes.append(f"{note} (in {mr})")
+    return release
 
 
 def _read_slice(path: Path):
+    """Pixels as stored (with rescale slope and intercept), orientation, position, spacing."""
     import pydicom
 
     try:
         ds = pydicom.dcmread(str(path))
-        pixels = ds.pixel_array.astype(np.float64)
+        pixels = ds.pixel_array
         orientation = np.array([float(v) for v in ds.ImageOrientationPatient], dtype=float)
         position = np.array([float(v) for v in ds.ImagePositionPatient], dtype=float)
         spacing = [float(v) for v in ds.PixelSpacing]
@@ -86,7 +167,7 @@ def _read_slice(path: Path):
         )
     slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
     intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
-    return pixels * slope + intercept, orientation, position, spacing
+    return pixels, orientation, position, spacing, (slope, intercept)
 
 
 def _read_mask(path: Path, shape: tuple[int, int]) -> np.ndarray:
@@ -119,14 +200,24 @@ def load_case(series: Path) -> tuple[sitk.Image, sitk.Image]:
         raise RawDataError(f"{dicom_dir}: folder missing")
     if not ground_dir.is_dir():
         raise RawDataError(f"{ground_dir}: folder missing")
-    dicom_files = sorted(p for p in dicom_dir.iterdir() if p.suffix.lower() == ".dcm")
+    dicom_files = sorted(p for p in dicom_dir.iterdir() if p.suffix.lower() == ".dcm" and not p.name.startswith("."))
     if not dicom_files:
         raise RawDataError(f"{dicom_dir}: no .dcm files")
-    masks = {p.stem: p for p in ground_dir.iterdir() if p.suffix.lower() == ".png"}
+    masks = {p.stem: p for p in ground_dir.iterdir() if p.suffix.lower() == ".png" and not p.name.startswith(".")}
+    # a mask without its slice means a slice is missing; at either end of the series the
+    # positions stay even, so nothing else would notice and the volume would come out
+    # one slice short of the reference
+    orphans = sorted(set(masks) - {p.stem for p in dicom_files})
+    if orphans:
+        names = ", ".join(f"{stem}.png" for stem in orphans[:5]) + (" ..." if len(orphans) > 5 else "")
+        raise RawDataError(
+            f"{ground_dir}: no DICOM slice in {dicom_dir.name}/ for the mask(s) {names}: "
+            "the series is incomplete; restore the missing .dcm file(s) from the release"
+        )
 
     slices = [(path, *_read_slice(path)) for path in dicom_files]
     first_orientation = slices[0][2]
-    for path, pixels, orientation, _, spacing in slices:
+    for path, pixels, orientation, _, spacing, _ in slices:
         if not np.allclose(orientation, first_orientation, atol=1e-4):
             raise RawDataError(f"{path}: slice orientation differs from the rest of the series")
         if pixels.shape != slices[0][1].shape or not np.allclose(spacing, slices[0][4], atol=1e-4):
@@ -153,6 +244,11 @@ def load_case(series: Path) -> tuple[sitk.Image, sitk.Image]:
             f"{ground_dir}: no mask for {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else "")
         )
     volume = np.stack([s[1] for s in slices])  # (Z, rows, cols)
+    rescales = {s[5] for s in slices}
+    if rescales != {(1.0, 0.0)} or not np.issubdtype(volume.dtype, np.integer):
+        # only a real rescale makes the values non-integer; otherwise the stored integer
+        # type is kept, as in the reference's NIfTI conversion
+        volume = np.stack([s[1].astype(np.float64) * s[5][0] + s[5][1] for s in slices])
     labels = np.stack([_read_mask(masks[s[0].stem], s[1].shape) for s in slices])
 
     row_spacing, col_spacing = slices[0][4]
@@ -170,10 +266,9 @@ def prepare_volume(image: sitk.Image, label: sitk.Image) -> tuple[sitk.Image, si
     """Orient, clip, resample and crop one raw CHAOS volume (SimpleITK images)."""
     image = sitk.DICOMOrient(image, ORIENTATION)
     label = sitk.DICOMOrient(label, ORIENTATION)
-    clipped = sitk.GetImageFromArray(clip_top_percent(sitk.GetArrayFromImage(image).astype(np.float64)))
+    clipped = sitk.GetImageFromArray(clip_top_percent_keep_type(sitk.GetArrayFromImage(image)))
     clipped.CopyInformation(image)
     image = resample_to_spacing(clipped, TARGET_SPACING_XYZ, sitk.sitkLinear)
-    label = resample_to_spacing(label, TARGET_SPACING_XYZ, sitk.sitkNearestNeighbor)
-    image = center_crop_pad_xy(image)
-    label = center_crop_pad_xy(label)
-    return as_float64(image, round_values=True), as_float64(label)
+    label = resample_labels_to_spacing(label, TARGET_SPACING_XYZ)
+    image, label = crop_pad_like_reference(image, label)
+    return as_float64(image), as_float64(label)

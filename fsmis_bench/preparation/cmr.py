@@ -1,18 +1,28 @@
 """MS-CMRSeg 2019 bSSFP (``card_mri``): raw NIfTI -> prepared NIfTI.
 
-Raw layout: ``patient<N>_C0.nii.gz`` with ``patient<N>_C0_manual.nii.gz`` beside it,
-anywhere below ``<raw>`` (the release nests them in one or two folders). Label values
-200 (LV myocardium), 500 (LV blood pool), 600 (RV) are kept as they are.
+Raw layout: the release unpacks as ``C0LET2_nii45_for_challenge19/c0t2lge/patient<N>_C0.nii.gz``
+(45 bSSFP scans, with the T2 and LGE ones) and the labels of 35 of them as
+``C0LET2_nii45_for_challenge19/c0gt/patient<N>_C0_manual.nii.gz``. Images are found anywhere
+below ``<raw>``; a label is taken from beside its image or from a ``c0gt/`` folder next to
+it (``.nii`` or ``.nii.gz``). Images without a label are skipped with one note. Label
+values 200 (LV myocardium), 500 (LV blood pool), 600 (RV) are kept as they are; patient
+``<N>`` becomes ``image_<N>``.
 
-Recipe (as for CHAOS, without touching the slice axis): intensities above the 99.5th
-percentile clipped; resampled in-plane to 1.25 x 1.25 mm, slice spacing unchanged (image
-linear, label nearest); centre crop/pad to 256 x 256; image rounded to integers; both
-stored float64. The scanner's (oblique) orientation is kept, as in the distributed files.
+Recipe (Q-Net ``data/CMR/image_normalize.ipynb``): intensities above the 99.5th percentile
+clipped in the scan's own pixel type; resampled to 1.25 x 1.25 x 7.99 mm (``NEW_SPA`` there,
+for every scan: all 35 distributed files have 7.99 mm slices) on the reference's grid
+(``int(n * old / new + 1)`` voxels per axis, so most scans end with an all-zero slice), the
+image linearly in its own pixel type (an integer scan is truncated to integers by the cast,
+a float scan stays float, as in the distributed files), the labels value by value
+(:func:`~.common.resample_labels_to_spacing`); centre crop/pad to 256 x 256 (image padded
+with its minimum); both stored float64. The scanner's (oblique) orientation is kept, as in
+the distributed files.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,52 +31,124 @@ import SimpleITK as sitk
 from .common import (
     RawCase,
     RawDataError,
+    RawRelease,
     as_float64,
-    center_crop_pad_xy,
-    clip_top_percent,
+    clip_top_percent_keep_type,
+    crop_pad_like_reference,
+    is_inside,
     read_nifti,
+    resample_labels_to_spacing,
     resample_to_spacing,
     same_grid,
 )
 
-TARGET_IN_PLANE_SPACING = 1.25
+TARGET_SPACING_XYZ = (1.25, 1.25, 7.99)
 LABEL_VALUES = (0, 200, 500, 600)
+#: Folder of the bSSFP labels in the release (beside ``c0t2lge/``).
+LABEL_FOLDER = "c0gt"
 _IMAGE_NAME = re.compile(r"^patient(\d+)_C0\.nii(\.gz)?$")
 
 
-def find_cases(raw: Path) -> tuple[list[RawCase], list[tuple[str, str]]]:
-    """bSSFP scans below ``raw``; returns cases and discovery problems ``(id, message)``."""
+def _skipped_path(path: Path, raw: Path, exclude: Sequence[Path]) -> bool:
+    """Copies the release does not hold: macOS resource forks, hidden folders, our output."""
+    parts = path.relative_to(raw).parts
+    return any(p == "__MACOSX" or p.startswith(".") for p in parts) or is_inside(path, exclude)
+
+
+def find_label(image_path: Path, raw: Path) -> Path | None:
+    """The manual label of a C0 image: beside it, or in a ``c0gt/`` folder near it.
+
+    Looked for, in order: the image's folder, its ``c0gt/`` subfolder, a ``c0gt/`` beside
+    the image's folder (the release layout), and a ``c0gt/`` one level further up, never
+    above ``raw``; each as ``.nii.gz`` and ``.nii``.
+    """
+    stem = image_path.name.split(".nii")[0] + "_manual"
+    raw = Path(raw).resolve()
+    folders = [image_path.parent, image_path.parent / LABEL_FOLDER]
+    for up in (image_path.parent.parent, image_path.parent.parent.parent):
+        if up.resolve() == raw or raw in up.resolve().parents:
+            folders.append(up / LABEL_FOLDER)
+    for folder in folders:
+        for suffix in (".nii.gz", ".nii"):
+            candidate = folder / f"{stem}{suffix}"
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def _ranges(numbers: list[int]) -> str:
+    """``[1, 2, 3, 7]`` -> ``"1-3, 7"``."""
+    spans: list[list[int]] = []
+    for n in sorted(numbers):
+        if spans and n == spans[-1][1] + 1:
+            spans[-1][1] = n
+        else:
+            spans.append([n, n])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+
+
+def find_cases(raw: Path, exclude: Sequence[Path] = ()) -> RawRelease:
+    """Labelled bSSFP scans below ``raw``, with discovery problems and notes.
+
+    Args:
+        raw: the ``--raw`` folder.
+        exclude: folders never read (the output folder when it lies inside ``raw``).
+    Raises:
+        RawDataError: no C0 image, or none with a label.
+    """
     raw = Path(raw)
     if not raw.is_dir():
         raise RawDataError(f"{raw}: folder does not exist")
     found: dict[str, Path] = {}
-    problems: list[tuple[str, str]] = []
+    release = RawRelease()
     for path in sorted(raw.rglob("patient*_C0.nii*")):
         match = _IMAGE_NAME.match(path.name)
-        if not match:
+        if not match or _skipped_path(path, raw, exclude):
             continue
         case_id = str(int(match.group(1)))
         if case_id in found:
-            problems.append(
+            release.problems.append(
                 (case_id, f"{path}: second copy of patient {case_id} (first: {found[case_id]}); skipped")
             )
             continue
         found[case_id] = path
-    if not found and not problems:
-        raise RawDataError(f"{raw}: no patient<N>_C0.nii.gz files (expected the MS-CMRSeg bSSFP release)")
-    cases = []
+    if not found and not release.problems:
+        raise RawDataError(
+            f"{raw}: no patient<N>_C0.nii.gz files (expected the MS-CMRSeg bSSFP release)",
+            hint="point --raw at the unpacked C0LET2_nii45_for_challenge19 folder",
+        )
+    unlabelled: list[int] = []
     for case_id in sorted(found, key=int):
         path = found[case_id]
-        suffix = ".nii.gz" if path.name.endswith(".gz") else ".nii"
-        label_path = path.with_name(path.name[: -len(suffix)] + "_manual" + suffix)
-        cases.append(RawCase(case_id, str(path), lambda i=path, l=label_path: load_case(i, l)))
-    return cases, problems
+        label_path = find_label(path, raw)
+        if label_path is None:
+            unlabelled.append(int(case_id))
+            continue
+        release.cases.append(
+            RawCase(
+                case_id,
+                str(path),
+                lambda i=path, l=label_path: load_case(i, l),
+                origin=path.name.split(".nii")[0],
+            )
+        )
+    if unlabelled and not release.cases and not release.problems:
+        raise RawDataError(
+            f"{raw}: none of the {len(unlabelled)} C0 images has a manual label "
+            f"(patient<N>_C0_manual.nii.gz beside it or in a {LABEL_FOLDER}/ folder)",
+            hint=f"unpack the release's {LABEL_FOLDER}/ folder too (it sits beside c0t2lge/)",
+        )
+    if unlabelled:
+        # the release labels patients 1-35 of 45: the others are its test scans
+        release.notes.append(
+            f"skipped {len(unlabelled)} C0 image(s) without a manual label (patient {_ranges(unlabelled)}); "
+            "the MS-CMRSeg release labels 35 of its 45 bSSFP scans"
+        )
+    return release
 
 
 def load_case(image_path: Path, label_path: Path) -> tuple[sitk.Image, sitk.Image]:
     """Read one bSSFP scan and its manual labels and return the prepared ``(image, label)``."""
-    if not label_path.exists():
-        raise RawDataError(f"{label_path}: manual label file missing for {image_path.name}")
     image = read_nifti(image_path)
     label = read_nifti(label_path)
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
@@ -83,10 +165,10 @@ def load_case(image_path: Path, label_path: Path) -> tuple[sitk.Image, sitk.Imag
 
 
 def prepare_volume(image: sitk.Image, label: sitk.Image) -> tuple[sitk.Image, sitk.Image]:
-    """Clip, resample in-plane and crop one bSSFP volume (SimpleITK images)."""
-    clipped = sitk.GetImageFromArray(clip_top_percent(sitk.GetArrayFromImage(image).astype(np.float64)))
+    """Clip, resample and crop one bSSFP volume (SimpleITK images)."""
+    clipped = sitk.GetImageFromArray(clip_top_percent_keep_type(sitk.GetArrayFromImage(image)))
     clipped.CopyInformation(image)
-    spacing = (TARGET_IN_PLANE_SPACING, TARGET_IN_PLANE_SPACING, None)
-    image = resample_to_spacing(clipped, spacing, sitk.sitkLinear)
-    label = resample_to_spacing(sitk.Cast(label, sitk.sitkInt16), spacing, sitk.sitkNearestNeighbor)
-    return as_float64(center_crop_pad_xy(image), round_values=True), as_float64(center_crop_pad_xy(label))
+    image = resample_to_spacing(clipped, TARGET_SPACING_XYZ, sitk.sitkLinear)
+    label = resample_labels_to_spacing(label, TARGET_SPACING_XYZ)
+    image, label = crop_pad_like_reference(image, label)
+    return as_float64(image), as_float64(label)

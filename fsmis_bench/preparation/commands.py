@@ -32,20 +32,61 @@ def _root_from(args: argparse.Namespace) -> Path:
 
 def run_prepare(args: argparse.Namespace) -> int:
     from . import btcv, chaos, cmr
-    from .common import RawDataError, prepare_cases
+    from ._io import case_id_of
+    from .classmaps import missing_classmaps, write_classmaps
+    from .common import RawDataError, is_inside, prepare_cases, remove_if_empty
 
     facts = dataset_facts(args.dataset)
     raw = Path(args.raw).expanduser()
     if not raw.is_dir():
         raise DataError(f"raw folder {raw} does not exist", hint="pass the unpacked release with --raw")
     module = {"abd_mri": chaos, "abd_ct": btcv, "card_mri": cmr}[args.dataset]
+    out_root = Path(args.out).expanduser()
+    dataset_dir = out_root / facts.folder
+    out_dir = facts.image_dir(out_root)
+    # what this command writes is never read as raw data, even when --out lies inside
+    # --raw (a second run would otherwise trip over the first one's output)
+    exclude = [dataset_dir]
+    if out_root.resolve() != raw.resolve() and is_inside(out_root, [raw]):
+        exclude.append(out_root)
     try:
-        cases, problems = module.find_cases(raw)
+        release = module.find_cases(raw, exclude=exclude)
     except RawDataError as error:
-        raise DataError(str(error), hint="check --raw: it must point at the unpacked release") from None
-    out_dir = facts.image_dir(Path(args.out).expanduser())
-    summary = prepare_cases(cases, out_dir, force=args.force, progress=not args.no_progress, failed=problems)
+        raise DataError(
+            str(error), hint=error.hint or "check --raw: it must point at the unpacked release"
+        ) from None
+    for note in release.notes:
+        print(f"note: {note}", file=sys.stderr)
+    created = [p for p in (out_dir, dataset_dir, out_root) if not p.exists()]  # deepest first
+    summary = prepare_cases(
+        release.cases, out_dir, force=args.force, progress=not args.no_progress, failed=release.problems
+    )
     print(summary.format())
+    if summary.stale_supervoxels:
+        folders = sorted({p.parent.name + "/" for p in summary.stale_supervoxels})
+        ids = sorted({case_id_of(p) or "?" for p in summary.stale_supervoxels}, key=lambda i: (len(i), i))
+        print(
+            f"removed the supervoxels of the {len(ids)} rewritten case(s) {', '.join(ids)} from "
+            f"{', '.join(folders)} (made from the old images); `fsmis-bench supervoxels {args.dataset} "
+            f"--root {out_root}` or the next run makes them again"
+        )
+    if summary.unrecorded and args.dataset == "abd_ct":
+        print(
+            f"warning: {len(summary.unrecorded)} existing case(s) in {out_dir} have no record of their raw "
+            "scan and were kept; abd_ct ids now follow the reference numbering (image_0..image_29 in file "
+            "order, not the BTCV numbers): if an older fsmis-bench prepared this folder, pass --force",
+            file=sys.stderr,
+        )
+    if not summary.written and not summary.skipped:
+        remove_if_empty(created)  # nothing came of it: leave no empty folders behind
+    elif summary.written or missing_classmaps(args.dataset, out_dir):
+        try:
+            written = write_classmaps(args.dataset, out_dir)
+        except RuntimeError as error:
+            print(f"warning: classmap_*.json not written: {error}", file=sys.stderr)
+        else:
+            if written:
+                print(f"slice index files {', '.join(p.name for p in written)} written (SSL-ALPNet / Q-Net loaders)")
     if not summary.ok:
         print(
             f"{len(summary.failed)} raw case(s) could not be prepared (named above); the others are done. "
@@ -138,9 +179,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="convert a raw public release into the prepared layout",
         description=(
             "Convert a raw release (CHAOS DICOM, BTCV NIfTI, MS-CMRSeg NIfTI) into "
-            "<out>/<DATASET>/<images>/image_<id>.nii.gz + label_<id>.nii.gz. Finished cases "
-            "are skipped, so an interrupted run resumes; existing files are only replaced "
-            "with --force."
+            "<out>/<DATASET>/<images>/image_<id>.nii.gz + label_<id>.nii.gz and the "
+            "classmap_<n>.json slice indexes, with the reference notebooks' recipe. Finished "
+            "cases are skipped, so an interrupted run resumes; existing files are only replaced "
+            "with --force, which also removes the rewritten cases' supervoxels. Files that hold "
+            "no scan (__MACOSX, .DS_Store, notes) are passed over with a note; MS-CMRSeg scans "
+            "without a label are skipped."
         ),
     )
     prepare.add_argument("dataset", choices=PREPARERS)
