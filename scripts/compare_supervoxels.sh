@@ -6,9 +6,8 @@
 # `prototype` on the five abd_mri folds with each set (same seed, same budget) and prints
 # both report tables. STEPS (default 300) sets the training budget of every run;
 # EPISODE_SAMPLER (default reference) and EPISODE_RUNS (default reference) the training
-# episodes' rule. docs/supervoxels.md's tables were made with EPISODE_RUNS=sorted (before
-# fsmis-bench read a class's runs as the reference code does), its last paragraph with
-# EPISODE_SAMPLER=uniform_pairs (before it followed the reference sampler).
+# episodes' rule. docs/supervoxels.md's tables were made by an earlier checkout with the rule
+# EPISODE_RUNS=sorted now names, its last paragraph with EPISODE_SAMPLER=uniform_pairs.
 set -euo pipefail
 : "${FSMIS_DATA_ROOT:?set FSMIS_DATA_ROOT to the folder holding CHAOST2/}"
 WORK="${WORK:-results/supervoxel_comparison}"
