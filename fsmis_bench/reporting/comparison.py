@@ -70,7 +70,7 @@ def published_values(method: str, backbone: str, train: str, test: str, setting:
                      & (published["test_on"] == test) & (published["setting"] == setting)]
     if rows.empty:
         return {}
-    applies = rows["backbone"].map(lambda row_backbone: published_row_applies(method, backbone, row_backbone, published))
+    applies = rows["backbone"].map(lambda row_backbone: published_row_applies(method, backbone, row_backbone))
     rows = rows[applies.astype(bool)]
     # the row for the run's own backbone (Table 4) before the default configuration's
     explicit = rows[rows["backbone"] != ""]
