@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from contextlib import nullcontext
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -25,6 +25,17 @@ class OrganEpisodes:
     organ: str
     support: SupportSlices
     queries: list[QueryCase]
+    #: fold scans neither support nor query because they lack the organ (recorded, warned)
+    absent: list[str] = field(default_factory=list)
+
+    def support_record(self) -> dict[str, list]:
+        """The support as ``run.json`` records it: its scans and, per scan, the z index of
+        the slice each query chunk reads."""
+        return {
+            "cases": list(self.support.case_ids),
+            "slices": [[int(z) for z in self.support.slice_indices[:, shot]]
+                       for shot in range(self.support.slice_indices.shape[1])],
+        }
 
 
 #: what :meth:`Method.predict` must return, for messages

@@ -273,7 +273,9 @@ def plan(cfg: DictConfig, identity: RunIdentity | None = None, *, allow_training
                 n_part=int(cfg.protocol.n_part), n_shot=int(cfg.protocol.n_shot),
                 norm=method_cls.input_norm,
             )
-            episodes[group.name].append(OrganEpisodes(organ, support, queries[:max_queries]))
+            seen = {*support.case_ids, *(q.case_id for q in queries)}
+            absent = [c for c in fold_cases if c not in seen]
+            episodes[group.name].append(OrganEpisodes(organ, support, queries[:max_queries], absent))
     groups = [g for g in groups if episodes[g.name]]  # as _evaluated_groups names them
     episodes = {g.name: episodes[g.name] for g in groups}
     supports = sorted({c for organ_eps in episodes.values() for e in organ_eps for c in e.support.case_ids})
@@ -289,6 +291,18 @@ def plan(cfg: DictConfig, identity: RunIdentity | None = None, *, allow_training
         for case_id in _training_cases(p):
             p.train_dataset.load(case_id, with_supervoxels=with_sv)
     return p
+
+
+def _fold_line(p: RunPlan) -> str:
+    """One line naming the scans the run tests with, so a wrong support shows at a glance:
+    ``abd_mri fold 4: support scan 37; query scans 1 36 38 39``."""
+    every = [e for g in p.groups for e in p.episodes[g.name]]
+    supports = list(dict.fromkeys(c for e in every for c in e.support.case_ids))
+    queries = list(dict.fromkeys(q.case_id for e in every for q in e.queries))
+    line = (f"{p.test_dataset.name} fold {int(p.cfg.fold)}: support scan{'s' if len(supports) > 1 else ''} "
+            f"{' '.join(supports)}; query scans {' '.join(queries)}")
+    absent = sorted({f"{c} ({e.organ})" for e in every for c in e.absent})
+    return line + (f"; without the organ, not scored: {', '.join(absent)}" if absent else "")
 
 
 def _evaluated_groups(cfg: DictConfig, groups: list[EvalGroup]) -> list[str]:
@@ -435,6 +449,9 @@ def _prepare_dir(p: RunPlan, random_weights: bool, method_options: dict | None =
         "weights_from": "external_checkpoint" if checkpoint else ("training" if ident.method.needs_training else "none"),
         "inputs": ident.inputs,
         "evaluated": {e.organ: [q.case_id for q in e.queries] for g in p.groups for e in p.episodes[g.name]},
+        # the support scans and slices each organ read, and fold scans left out for lacking it
+        "supports": {e.organ: e.support_record() for g in p.groups for e in p.episodes[g.name]},
+        "absent": {e.organ: e.absent for g in p.groups for e in p.episodes[g.name] if e.absent},
         # the evaluation groups, each recorded in parts/cases_<group>.csv (`runs` shows how many are done)
         "groups": [g.name for g in p.groups],
         "supervoxels_generated": [{**ident.supervoxels_generated, "at": now()}] if ident.supervoxels_generated else [],
@@ -577,6 +594,8 @@ def _execute(p: RunPlan, allow_training: bool, accelerator) -> Path:
     probe = ident.method
     info = (_prepare_dir(p, probe.uses_random_weights(), probe.resolved_options())
             if accelerator.is_main_process else {})
+    if accelerator.is_main_process:
+        tqdm.write(_fold_line(p), file=sys.stderr)
     image_size = int(cfg.train.image_size) if cfg.train.get("image_size") else None
     for group in p.groups:
         part_cases = run_dir / "parts" / f"cases_{group.name}.csv"

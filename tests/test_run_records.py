@@ -44,8 +44,9 @@ def _info(run_dir: Path) -> dict:
 
 
 def _nifti_folder(folder: Path, n: int = 10, nan_in: str | None = None, brighter: bool = False,
-                  label_map: str = "{liver:1}") -> list[str]:
-    """``image_<i>``/``label_<i>`` pairs (i = 1..n) with a liver (1) and a spleen (2)."""
+                  label_map: str = "{liver:1}", no_liver_in: str | None = None) -> list[str]:
+    """``image_<i>``/``label_<i>`` pairs (i = 1..n) with a liver (1) and a spleen (2), except
+    in ``no_liver_in`` (a label file's stem), which shows the spleen only."""
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for i in range(1, n + 1):
@@ -53,6 +54,8 @@ def _nifti_folder(folder: Path, n: int = 10, nan_in: str | None = None, brighter
         label = np.zeros((32, 32, 8), dtype=np.uint8)
         label[8:20, 8:20, 2:7] = 1
         label[22:30, 22:30, 1:7] = 2
+        if no_liver_in == f"label_{i}":
+            label[label == 1] = 0
         image[label > 0] += 40 * label[label > 0]
         if nan_in == f"image_{i}":
             image[10:12, 10:12, 3] = np.nan
@@ -239,6 +242,22 @@ def test_the_report_keeps_runs_on_different_data_apart(tmp_path, results_dir):
     variants = sorted(results.runs["variant"])
     assert variants[0] != variants[1] and all(v.startswith("data=") for v in variants)
     assert results.fold_scores.groupby("variant").size().tolist() == [1, 1]
+
+
+def test_the_record_names_the_support_and_a_query_without_the_organ_is_said_not_dropped(
+        tmp_path, results_dir, capsys):
+    args = _nifti_folder(tmp_path / "scans", label_map="{liver:1,spleen:2}", no_liver_in="label_2")
+    assert main(["run", "method=support_copy", *args]) == 0  # fold 0 = ids 1, 2, 3; supp_idx 2 -> 3
+    err = capsys.readouterr().err
+    assert "fold 0: support scan 3; query scans 1 2; without the organ, not scored: 2 (liver)" in err
+    assert "query scan 2 shows no liver, so it is left out of liver's mean" in err
+    info = _info(_run_dirs(results_dir)[0])
+    assert info["evaluated"] == {"liver": ["1"], "spleen": ["1", "2"]}
+    assert info["absent"] == {"liver": ["2"]}
+    # every scan shows the liver in z 2..6 (C = 5) and the spleen in z 1..6 (C = 6): int(p * C)
+    # at p = 1/6, 1/2, 5/6 picks positions 0, 2, 4 and 1, 3, 5
+    assert info["supports"] == {"liver": {"cases": ["3"], "slices": [[2, 4, 6]]},
+                                "spleen": {"cases": ["3"], "slices": [[2, 4, 6]]}}
 
 
 # -- 6. non-finite values stop the run before training, naming the file ----------------------

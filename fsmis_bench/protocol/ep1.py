@@ -155,7 +155,15 @@ def build_test_episodes(
         organ_mask = volume.organ_mask(value)
         kept = _labelled_slices(organ_mask)
         if len(kept) == 0:
-            # A query without the organ has no defined 3-D Dice under EP1; the field skips it.
+            # Its Dice is 0/0. The reference codes average that NaN into the organ's mean
+            # (Q-Net, ADNet, SSL-ALPNet), which then reads NaN; the pooled Dice ignores it.
+            # A number is more useful than NaN, so the scan is left out, said and recorded.
+            warnings.warn(
+                f"{dataset.name}: query scan {case_id} shows no {organ}, so it is left out of {organ}'s "
+                f"mean (the reference codes would report NaN for {organ}); run.json lists it under "
+                "'absent'. Check this scan's label file if it should show the organ",
+                DataWarning, 2,
+            )
             continue
         normalised = normalise_volume(volume.image, norm)
         queries.append(
