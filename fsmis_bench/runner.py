@@ -632,6 +632,11 @@ def _execute(p: RunPlan, allow_training: bool, accelerator) -> Path:
         if not accelerator.is_main_process:
             continue
         method.to(accelerator.device)
+        if bool(cfg.train.get("channels_last", False)):
+            # The layout training left the weights in. Weights read back from a checkpoint (a
+            # resumed run, `eval`) come in NCHW, whose convolutions round differently: in it a
+            # resumed run's masks differed from the uninterrupted run's by a few voxels.
+            method.to(memory_format=torch.channels_last)
         rows, predictions = evaluate(
             method, p.episodes[group.name], device=accelerator.device, image_size=image_size,
             autocast=accelerator.autocast, keep_predictions=bool(cfg.protocol.save_predictions),

@@ -201,3 +201,17 @@ def test_a_run_directory_has_one_writer(results_dir, capsys):
         assert main(argv) == 2
         assert "being computed by another process" in capsys.readouterr().err
     assert main(argv) == 0  # the lock goes with its holder
+
+
+def test_evaluating_a_saved_checkpoint_gives_the_in_process_masks(results_dir):
+    # prototype trains in NHWC on a CPU (train.channels_last); weights read back from a file
+    # must be evaluated in the same layout, or a few voxels round the other way
+    argv = [*SMALL, "dataset.size=128", "train.image_size=128", "method.width=16", "train.steps=6"]
+    assert main(["run", *argv]) == 0
+    (trained,) = _run_dirs(results_dir)
+    assert main(["eval", *argv, f"checkpoint={trained}"]) == 0
+    (external,) = [d for d in _run_dirs(results_dir) if d != trained]
+    counts = ["organ", "case_id", "tp", "fp", "fn"]
+    in_process = pd.read_csv(trained / "cases.csv")[counts].sort_values(["organ", "case_id"])
+    from_file = pd.read_csv(external / "cases.csv")[counts].sort_values(["organ", "case_id"])
+    assert in_process.to_numpy().tolist() == from_file.to_numpy().tolist()
