@@ -16,7 +16,7 @@ from matplotlib.container import ErrorbarContainer  # noqa: E402
 from matplotlib.text import Text  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from fsmis_bench.errors import FsmisError  # noqa: E402
+from fsmis_bench.errors import DataError, FsmisError  # noqa: E402
 from fsmis_bench.reporting import figures, style  # noqa: E402
 from fsmis_bench.reporting.collect import load_results  # noqa: E402
 from fsmis_bench.reporting.qualitative import (  # noqa: E402
@@ -153,7 +153,7 @@ def test_predictions_roundtrip_and_qualitative_panels(results_root: Path, tmp_pa
     assert "skipped" in notes[0]
 
     def broken(name: str):
-        raise FsmisError("no data root")
+        raise DataError("no data root")
 
     assert write_qualitative(results, tmp_path, broken, log=notes.append) == {}
     assert "data not available" in notes[-1]

@@ -68,9 +68,9 @@ def test_html_is_self_contained(report: Path) -> None:
     assert len(sources) == 6 and all(s.startswith("data:image/png;base64,") for s in sources)
     assert "http://" not in page and "https://" not in page and "<link" not in page
     assert 'id="table-main"' in page and "SD-FSMIS†" in page and "arXiv 2604.03134" in page
-    assert "adnet [random_weights]*§" in page  # one fold: incomplete and random
+    assert "ADNet*§" in page  # one fold: incomplete and random
     assert "1 unfinished run(s)" in page and "seed7" in page
-    assert "A = sdfsmis [sd15] vs B = adnet" in page
+    assert "A = SD-FSMIS [SD-1.5] vs B = ADNet" in page  # named as in the tables and figures
     # captions say what the error bars are; the published comparison names its source
     assert "±1 standard deviation across folds" in page and "White diamonds: the published value" in page
 

@@ -44,16 +44,18 @@ def test_every_mapped_name_has_published_rows():
 def test_measured_rows_stand_beside_their_published_rows(records: Path):
     table = main_table(load_results(records))
     labels = [row.labels["Method"] for row in table.rows if row.rank_group == 1]
+    sources = [row.source for row in table.rows if row.rank_group == 1]
     adnet = labels.index("ADNet")
-    assert labels[adnet + 1] == "adnet"
+    assert sources[adnet] == "published" and (labels[adnet + 1], sources[adnet + 1]) == ("ADNet", "measured")
     qnet = labels.index("Q-Net")
-    assert labels[qnet + 1] == "qnet [random_weights,train.steps=300]"
+    assert labels[qnet + 1] == "Q-Net [train.steps=300]"  # random weights: the § marker, as in the figures
     # rows without a published counterpart follow the published block
-    assert labels.index("prototype") > max(adnet, qnet)
+    assert labels.index("Prototype") > max(adnet, qnet)
     markdown = table.to_markdown()
     lines = [line for line in markdown.splitlines() if line.startswith("| ")]
     first = [line.split("|")[1].strip() for line in lines]
-    assert first[first.index("ADNet†") + 1] == "adnet"
+    assert first[first.index("ADNet†") + 1] == "ADNet"
+    assert first[first.index("Q-Net†") + 1] == "Q-Net [train.steps=300]*§‡"
 
 
 def test_published_gap_is_measured_minus_published(records: Path):
@@ -68,7 +70,7 @@ def test_published_gap_is_measured_minus_published(records: Path):
     qnet = gaps.loc["Q-Net"]
     assert qnet["published_mean"] == 81.02 and qnet["gap"] == pytest.approx(40.0 - 81.02)
     assert qnet["markers"] == "incomplete;random_weights;non_standard"
-    assert "prototype" not in set(gaps["method"])
+    assert "Prototype" not in set(gaps["method"])
 
 
 def test_report_writes_the_gap_table(records: Path, tmp_path: Path):
@@ -110,12 +112,12 @@ def test_a_run_is_compared_with_the_published_numbers_of_its_own_backbone(backbo
 def test_the_gap_table_skips_runs_on_another_published_backbone(backbone_records: Path):
     table = main_table(load_results(backbone_records))
     gaps = published_gap(table)
-    assert not gaps["method"].str.contains("sd21").any()
-    assert gaps["method"].str.contains("sd15").sum() == 2  # Abd-MRI and Abd-CT
+    assert not gaps["method"].str.contains("SD-2.1").any()
+    assert gaps["method"].str.contains("SD-1.5").sum() == 2  # Abd-MRI and Abd-CT
     labels = [row.labels["Method"] for row in table.rows]
     block = labels.index("SD-FSMIS")
     # the SD-2.1 run does not stand in the SD-FSMIS (SD-1.5) block
-    assert "sd21" not in labels[block + 1] and "sd21" not in labels[block + 2]
+    assert "SD-2.1" not in labels[block + 1] and "SD-2.1" not in labels[block + 2]
 
 
 @pytest.mark.parametrize(("options", "caveat"), [((), True), (("exclusion=all",), False)])

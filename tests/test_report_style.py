@@ -146,8 +146,10 @@ def test_colours_are_identical_across_reports_with_different_methods(tmp_path: P
     # and the same colour in every figure of a report
     for label in shared:
         assert len({colours[label] for colours in [*first.values(), *second.values()] if label in colours}) == 1
-    assert second["organ_dice"]["SD-FSMIS [SD-1.5]"] == tuple(round(c, 4) for c in style.method_colour("sdfsmis", "sd15"))
+    assert second["organ_dice"]["SD-FSMIS [SD-1.5]"] == tuple(round(c, 4) for c in style.method_colour("sdfsmis"))
     assert second["organ_dice"]["SD-FSMIS (SII+QE) [SD-1.5]"] != second["organ_dice"]["SD-FSMIS [SD-1.5]"]
+    # a variant (random weights, another backbone) has its method's colour
+    assert second["organ_dice"]["SD-FSMIS [tiny]"] == second["organ_dice"]["SD-FSMIS [SD-1.5]"]
 
 
 def _hls(colour) -> tuple[float, float, float]:
@@ -161,21 +163,12 @@ def test_palette_families_and_shades() -> None:
     for method in ("ssl_alpnet", "adnet", "qnet"):  # the classic methods have their own colours too
         assert style.method_style(method).colour == style.METHOD_COLOURS[method]
     assert len(set(style.METHOD_COLOURS.values())) == len(style.METHOD_COLOURS)
-    # ablations: the family's hue, lighter with fewer components
+    # ablations: the family's hue, lighter with fewer components, in steps that stay apart
     base = _hls(style.method_colour("sdfsmis"))
     lightness = [_hls(style.method_colour(m))[1] for m in ("sdfsmis", "sdfsmis_qe", "sdfsmis_vtct", "sdfsmis_sii")]
-    assert lightness == sorted(lightness) and len(set(lightness)) == 4
+    assert lightness == sorted(lightness) and min(b - a for a, b in zip(lightness, lightness[1:])) > 0.05
     assert _hls(style.method_colour("sdfsmis_sii"))[0] == pytest.approx(base[0], abs=0.02)
-    # the same order on the dark side (every member off the paper's configuration, as in a
-    # reduced CPU budget), and all of it darker than the standard shades
-    off = "tiny,train.steps=1500"
-    dark = [_hls(style.method_colour(m, off))[1] for m in ("sdfsmis", "sdfsmis_qe", "sdfsmis_vtct", "sdfsmis_sii")]
-    assert dark == sorted(dark) and len(set(dark)) == 4 and max(dark) < min(lightness)
-    assert min(b - a for a, b in zip(dark, dark[1:])) > 0.03  # steps that stay apart
-    # variants: darker off the paper's configuration, greyer with random weights
-    assert _hls(style.method_colour("sdfsmis", "sd21"))[1] < base[1]
-    assert style.method_colour("sdfsmis", "sd15") == style.method_colour("sdfsmis", "")
-    assert _hls(style.method_colour("sdfsmis", "tiny,random_weights"))[2] < _hls(style.method_colour("sdfsmis", "tiny"))[2]
+    assert lightness[-1] < 0.9  # the palest member is still a colour on white
     # unknown plugins: stable, from the extra colours
     colour = style.method_colour(LONG_PLUGIN_METHOD)
     assert colour == style.method_colour(LONG_PLUGIN_METHOD)

@@ -122,22 +122,26 @@ def test_main_table_values_std_and_markers(records: Path) -> None:
     # competing rows: alpha, beta, sdfsmis [sd15] (80/80/80) and [sd21] (70/70/70)
     assert md_row(markdown, "alpha") == ["alpha", "1", "60.00 ± 0.00", "<u>74.00 ± 3.16</u>", "67.00 ± 1.58"]
     assert md_row(markdown, "beta") == ["beta", "1", "**90.00 ± 0.00**", "60.00 ± 0.00", "<u>75.00 ± 0.00</u>"]
-    assert md_row(markdown, "sdfsmis [sd15]") == ["sdfsmis [sd15]", "1", "<u>80.00 ± 0.00</u>", "**80.00 ± 0.00**", "**80.00 ± 0.00**"]
+    # measured rows are named as in the figures (display names, backbones as shown there)
+    assert md_row(markdown, "SD-FSMIS [SD-1.5]") == ["SD-FSMIS [SD-1.5]", "1", "<u>80.00 ± 0.00</u>", "**80.00 ± 0.00**",
+                                                     "**80.00 ± 0.00**"]
     # marked rows are shown but never highlighted, even when their numbers are higher
     assert md_row(markdown, "alpha [dice=pooled]‡")[3] == "90.91 ± 0.00"
-    assert md_row(markdown, "alpha [random_weights]§")[3] == "96.00 ± 0.00"
+    assert md_row(markdown, "alpha§")[3] == "96.00 ± 0.00"  # random weights: the marker, as the figures' footnote
     assert md_row(markdown, "gamma*")[3] == "98.00 ± 0.00"
     assert "* incomplete" in markdown and "gamma, Abd-MRI setting 1: 3/5 folds" in markdown
     assert "§ random weights" in markdown and "‡ non-standard" in markdown
     # cross-domain runs and ablation-only variants stay out of the main table
-    assert not any(line.startswith("| sdfsmis_qe") for line in markdown.splitlines())
+    assert not any(line.startswith("| SD-FSMIS (SII+QE)") for line in markdown.splitlines())
     assert sum(line.startswith("| alpha |") for line in markdown.splitlines()) == 1
-    frame = table.to_frame().set_index("Method")
+    frame = table.to_frame().set_index("key")  # the record names, as in fold_scores.csv and --compare
     assert frame.loc["alpha", "Abd-MRI|liver"] == pytest.approx(74.0)
     assert frame.loc["alpha", "Abd-MRI|liver|std"] == pytest.approx(math.sqrt(10), abs=1e-4)
     assert frame.loc["gamma", "markers"] == "incomplete"
     assert frame.loc["alpha [random_weights]", "markers"] == "random_weights"
+    assert frame.loc["alpha [random_weights]", "Method"] == "alpha"
     assert frame.loc["alpha [dice=pooled]", "markers"] == "non_standard"
+    assert frame.loc["sdfsmis [sd15]", "Method"] == "SD-FSMIS [SD-1.5]"
 
 
 def test_latex_booktabs_highlighting(records: Path) -> None:
@@ -146,11 +150,11 @@ def test_latex_booktabs_highlighting(records: Path) -> None:
         assert command in latex
     alpha = next(l for l in latex.splitlines() if l.startswith("alpha &"))
     assert alpha == "alpha & 1 & 60.00 & \\underline{74.00} & 67.00 \\\\"
-    sd15 = next(l for l in latex.splitlines() if l.startswith("sdfsmis [sd15] &"))
-    assert sd15 == "sdfsmis [sd15] & 1 & \\underline{80.00} & \\textbf{80.00} & \\textbf{80.00} \\\\"
+    sd15 = next(l for l in latex.splitlines() if l.startswith("SD-FSMIS [SD-1.5] &"))
+    assert sd15 == "SD-FSMIS [SD-1.5] & 1 & \\underline{80.00} & \\textbf{80.00} & \\textbf{80.00} \\\\"
     assert "alpha [dice=pooled]\\textsuperscript{\\ddag}" in latex
     assert "gamma\\textsuperscript{*}" in latex
-    assert "alpha [random\\_weights]\\textsuperscript{\\S}" in latex
+    assert "alpha\\textsuperscript{\\S}" in latex
 
 
 def test_published_rows_are_marked_and_compete(records: Path) -> None:
@@ -182,19 +186,19 @@ def test_cross_domain_ablation_backbone_tables(records: Path) -> None:
 
     ablation = ablation_table(results).to_markdown()
     assert md_header(ablation)[:5] == ["Method", "Setting", "SII", "QE", "VTCT"]
-    assert md_row(ablation, "sdfsmis_qe [sd15]")[2:5] == ["✓", "✓", ""]
-    assert md_row(ablation, "sdfsmis [sd15]")[2:5] == ["✓", "✓", "✓"]
+    assert md_row(ablation, "SD-FSMIS (SII+QE) [SD-1.5]")[2:5] == ["✓", "✓", ""]
+    assert md_row(ablation, "SD-FSMIS [SD-1.5]")[2:5] == ["✓", "✓", "✓"]
     assert md_row(ablation, "SD-FSMIS (SII+VTCT)†")[2:5] == ["✓", "", "✓"]
     assert md_row(ablation, "SD-FSMIS (SII)†")[2:5] == ["✓", "", ""]
     assert "\\checkmark" in ablation_table(results).to_latex()
 
     backbone = backbone_table(results).to_markdown()
     header = md_header(backbone)
-    assert md_row(backbone, "sdfsmis [sd15]")[2] == "SD-1.5"
-    assert md_row(backbone, "sdfsmis [sd21]")[header.index("Abd-MRI Liver")] == "<u>70.00</u>"
+    assert md_row(backbone, "SD-FSMIS [SD-1.5]")[2] == "SD-1.5"
+    assert md_row(backbone, "SD-FSMIS [SD-2.1]")[header.index("Abd-MRI Liver")] == "<u>70.00</u>"
     published_rows = [l for l in backbone.splitlines() if l.startswith("| SD-FSMIS† |")]
     assert [r.split("|")[3].strip() for r in published_rows] == ["SD-1.5", "SD-2.1"]
-    assert "sdfsmis_qe" not in backbone  # one backbone only: nothing to compare
+    assert "SII+QE" not in backbone  # one backbone only: nothing to compare
 
 
 def test_long_csv(records: Path) -> None:

@@ -47,7 +47,7 @@ def test_runs_trained_with_other_settings_are_separate_rows(tmp_path: Path) -> N
     folds = results.fold_scores.groupby("variant")["fold"].apply(lambda s: sorted(set(s))).to_dict()
     assert folds == {"train.steps=40": [0, 1], "train.steps=60": [2]}
     labels = [row.labels["Method"] for row in main_table(results, include_published=False).rows]
-    assert labels == ["prototype [train.steps=40]", "prototype [train.steps=60]"]
+    assert labels == ["Prototype [train.steps=40]", "Prototype [train.steps=60]"]
     assert not results.notes
 
 

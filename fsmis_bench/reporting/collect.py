@@ -363,6 +363,9 @@ def load_results(results_dir: str | Path) -> Results:
         run_rows.append(row)
         case_frames.append(cases)
         configs[row["run_dir"]] = settings
+        mismatch = folder_hash_note(run_dir, row["config_hash"])
+        if mismatch:
+            notes.append(mismatch)
         log_path = run_dir / "train_log.csv"
         if log_path.is_file():
             try:
@@ -376,7 +379,8 @@ def load_results(results_dir: str | Path) -> Results:
     notes.extend(config_notes)
     runs = _split_by_data(runs)
     runs = _split_by_weights(runs)
-    runs, superseded = _drop_superseded(runs)
+    mean_dice = {str(frame["run_dir"].iloc[0]): float(frame["dice"].mean()) for frame in case_frames}
+    runs, superseded = _drop_superseded(runs, mean_dice)
     notes.extend(superseded)
     kept = set(runs["run_dir"])
     if case_frames:
@@ -676,7 +680,28 @@ def _split_by_weights(runs: pd.DataFrame) -> pd.DataFrame:
                            lambda group: {i: f"weights={w or 'unknown'}" for i, w in group["weights_id"].items()})
 
 
-def _drop_superseded(runs: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+def folder_hash_note(run_dir: Path, config_hash: str) -> str | None:
+    """A note when the hash in a run folder's name (``seed0-<hash8>``) is not the start of
+    its ``run.json`` ``config_hash``: a copied or renamed folder, whose name no longer says
+    which configuration it holds (and a rerun would not find it). None when they agree, or
+    when either is missing."""
+    _, dash, suffix = run_dir.name.partition("-")
+    if not dash or not suffix or not config_hash or config_hash.startswith(suffix):
+        return None
+    return (f"{run_dir}: the folder name's hash {suffix} is not its run.json config_hash {config_hash[:8]} "
+            "(a copied or renamed run folder?)")
+
+
+def _dice_differ_text(mean_dice: dict[str, float], dropped: str, kept: str) -> str:
+    """``; their Dice differ (...)`` when two runs that should be identical are not, else ``""``."""
+    a, b = mean_dice.get(dropped), mean_dice.get(kept)
+    if a is None or b is None or abs(a - b) <= DICE_TOLERANCE:
+        return ""
+    return (f"; their Dice differ (mean over cases.csv {a:.4f} superseded, {b:.4f} kept): the same configuration "
+            "gave other numbers (nondeterminism, or a record edited by hand)")
+
+
+def _drop_superseded(runs: pd.DataFrame, mean_dice: dict[str, float] | None = None) -> tuple[pd.DataFrame, list[str]]:
     """Keep one run per (method, variant, evaluation, fold, seed, configuration, data,
     weights): the latest finished.
 
@@ -685,9 +710,14 @@ def _drop_superseded(runs: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     nothing that changes a number (e.g. ``train.log_every``, the folder the weights were
     read from) and counting both would weigh that fold twice. Runs configured differently
     are never dropped; :func:`_split_by_config` has made them separate rows.
+
+    Args:
+        mean_dice: run folder -> its mean Dice over ``cases.csv``; the note says when a
+            superseded run's differs from the kept one's (they should be equal).
     """
     if runs.empty:
         return runs, []
+    mean_dice = mean_dice or {}
     identity = ["method", "variant", "train_dataset", "dataset", "setting", "fold", "seed", "config_id", "data_id",
                 "weights_id"]
     ordered = runs.sort_values(["finished_at", "run_dir"])
@@ -695,7 +725,7 @@ def _drop_superseded(runs: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     kept = ordered[~ordered.duplicated(identity, keep="last")].set_index(identity)["run_dir"]
     notes = [
         f"superseded by a later run with the same method, variant, configuration, data, weights, fold and seed: {path} "
-        f"(kept {kept.loc[tuple(row)]})"
+        f"(kept {kept.loc[tuple(row)]})" + _dice_differ_text(mean_dice, path, kept.loc[tuple(row)])
         for path, row in zip(ordered.loc[duplicated, "run_dir"], ordered.loc[duplicated, identity].itertuples(index=False))
     ]
     return ordered[~duplicated].sort_index().reset_index(drop=True), notes
@@ -892,14 +922,43 @@ def exclusion_caveat(setting: int, options: str) -> str:
     return EXCLUSION_CAVEAT
 
 
-def comparison_caveat(method: str, setting: int, options: str) -> str:
-    """Why a run of ``method`` is not like-for-like with its published number: the method's
-    own caveat (``Display.published_caveat``) and :func:`exclusion_caveat`, ``; ``-joined;
-    ``""`` where it is."""
+#: short forms of :data:`RANDOM_WEIGHTS_NOTES` for a caveat cell (``; ``-joined, so none
+#: holds a ``;``)
+RANDOM_WEIGHTS_CAVEATS: dict[str, str] = {
+    "tiny": "random weights: the tiny CPU backbone trained from scratch, not the pretrained SD architecture",
+    "pretrained=false": "random weights (pretrained=false)",
+    "missing": "random weights: the pretrained weights were not found",
+}
+
+
+def comparison_caveat(method: str, setting: int, options: str, random_reasons: str = "",
+                      n_folds: int | None = None) -> str:
+    """Why a run of ``method`` is not like-for-like with its published number, ``; ``-joined,
+    ``""`` where it is: what the figures' footnotes mark, so that the CSV a caption points to
+    says it too.
+
+    Args:
+        options: the run's non-standard options (``;``-joined): a reduced budget
+            (``train.steps=30``) or a protocol option; ``exclusion=all`` is left out (it is
+            the published setting-2 exclusion, see :func:`exclusion_caveat`).
+        random_reasons: why it has random weights (:func:`random_weights_reason`, ``;``-joined).
+        n_folds: folds behind the value; fewer than :data:`N_FOLDS` are said.
+    Returns:
+        the method's own caveat (``Display.published_caveat``), random weights, the
+        non-standard options, missing folds and :func:`exclusion_caveat`.
+    """
     from .style import method_style
 
-    parts = [method_style(method).published_caveat, exclusion_caveat(setting, options)]
-    return "; ".join(p for p in parts if p)
+    reasons = [r for r in random_reasons.split(";") if r]
+    departures = [o for o in options.split(";") if o and o != "exclusion=all"]
+    parts = [
+        method_style(method).published_caveat,
+        *(RANDOM_WEIGHTS_CAVEATS.get(r, "random weights") for r in reasons),
+        "non-standard: " + ", ".join(departures) if departures else "",
+        f"{n_folds} of {N_FOLDS} folds" if n_folds is not None and n_folds < N_FOLDS else "",
+        exclusion_caveat(setting, options),
+    ]
+    return "; ".join(dict.fromkeys(p for p in parts if p))
 
 
 def _joined(values: pd.Series) -> str:

@@ -33,12 +33,14 @@ from .collect import (
     load_results,
     long_fold_csv,
     per_case_scores,
+    row_label,
     summarise_runs,
 )
 from .comparison import comparison_frame
 from .html import render_html
 from .qualitative import (
     DatasetLoader,
+    Orientation,
     check_slices,
     default_loader,
     parse_slices,
@@ -170,13 +172,16 @@ def write_report(
         width: figure width, ``"double"`` (7 in), ``"single"`` (3.5 in) or inches.
         zoom: crop the qualitative panels to a square around each organ.
         names: display-name overrides (``{"nifti_folder": "Hospital CT"}``) for methods,
-            datasets, organs and backbones, in figures and table headers.
+            datasets, organs and backbones, wherever the report shows them: figures, table
+            rows and headers, comparisons, intervals (the CSV files keep the record names; the
+            tables' CSV in a ``key`` column).
     Returns:
         ``out_dir``.
     Raises:
         FsmisError: before anything is written: a missing results folder, a non-empty
             ``out_dir`` without ``force``, an unknown method in ``compare``, slices that name
-            an organ or case no run evaluated, or ``n_boot`` < 1.
+            an organ or case no run evaluated, or ``n_boot`` < 1; once the images are
+            loaded, a slice outside its volume (``out_dir`` is left as it was).
     """
     if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
         raise FsmisError(f"n_boot must be a whole number >= 1, not {n_boot!r}",
@@ -236,13 +241,14 @@ def _write_into(
     zoom: bool,
 ) -> None:
     """Every table, figure and the HTML page of ``results`` into the (empty) folder ``out``."""
-    for text in results.notes:
-        log(f"note: {text}")
     tables_dir, figures_dir = out / "tables", out / "figures"
     tables_dir.mkdir(exist_ok=True)
     notes: list[str] = []
-    if results.empty:
+    if results.empty:  # the first thing to say: every other note follows from it
         notes.append(f"No finished runs under {results.root}; only published numbers are shown.")
+        log(f"note: no finished runs under {results.root}; only published numbers are shown")
+    for text in results.notes:
+        log(f"note: {text}")
     if results.unfinished:
         notes.append(f"{len(results.unfinished)} unfinished run(s) (no COMPLETE marker) are not counted; see Runs.")
 
@@ -271,13 +277,17 @@ def _write_into(
     for a, b in pairs:
         frame = stats.compare(results, a, b, n_boot=n_boot)
         shown = stats.format_compare(frame)
-        stem = f"compare_{_slug(a)}_vs_{_slug(b)}"
+        stem = f"compare_{_slug(a)}_vs_{_slug(b)}"  # file names and the CSV keep the record names
         frame.to_csv(tables_dir / f"{stem}.csv", index=False)
-        (tables_dir / f"{stem}.md").write_text(f"**A = {a} vs B = {b}** ({COMPARE_NOTE})\n\n" + frame_to_markdown(shown),
-                                               encoding="utf-8")
+        # the headers name A and B as the tables and figures do
+        keys = [row_label(*stats.resolve(per_case, spec)) for spec in (a, b)]
+        name_a, name_b = (stats.shown_row_labels(keys)[key] for key in keys)
+        (tables_dir / f"{stem}.md").write_text(f"**A = {name_a} vs B = {name_b}** ({COMPARE_NOTE})\n\n"
+                                               + frame_to_markdown(shown), encoding="utf-8")
         (tables_dir / f"{stem}.tex").write_text(
-            frame_to_latex(shown, f"{a} vs {b}: paired comparison of per-volume Dice (%)", stem), encoding="utf-8")
-        comparisons.append((frame["A"].iloc[0] if len(frame) else a, frame["B"].iloc[0] if len(frame) else b, shown))
+            frame_to_latex(shown, f"{name_a} vs {name_b}: paired comparison of per-volume Dice (%)", stem),
+            encoding="utf-8")
+        comparisons.append((name_a, name_b, shown))
     intervals = stats.confidence_intervals(results, n_boot=n_boot)
     if not intervals.empty:
         shown_intervals = stats.format_intervals(intervals)
@@ -290,29 +300,33 @@ def _write_into(
         shown_intervals = intervals
     steps.update()
 
+    def note(text: str) -> None:
+        notes.append(text.removeprefix("note: "))
+        log(text)
+
     problems: list[str] = []
     figures = figures_module.write_figures(results, figures_dir, width=width, problems=problems)
     comparison = comparison_frame(results)
     if comparison["published"].notna().any():
         comparison.to_csv(tables_dir / "published_comparison.csv", index=False)
+    elif not results.empty:  # a figure the reader looks for: say why it is not there
+        note("note: published_comparison figure and table not written: no measured method has a published number "
+             "for the evaluations run (methods, datasets and settings of the SD-FSMIS paper's Tables 1-4)")
     steps.update()
     # without a data root the loader is still tried: file-free datasets (phantom) need none,
     # the others fail to load and the figure is skipped with a note
     loader = dataset_loader or default_loader(data_root)
-
-    def note(text: str) -> None:
-        notes.append(text.removeprefix("note: "))
-        log(text)
-
-    qualitative = write_qualitative(results, figures_dir, loader, named_slices, log=note, zoom=zoom,
-                                    width=width, problems=problems)
+    orientations: dict[str, list[Orientation]] = {}
+    qualitative = {} if results.empty else write_qualitative(
+        results, figures_dir, loader, named_slices, log=note, zoom=zoom, width=width, problems=problems,
+        orientations=orientations)
     for problem in problems:  # the layout is meant to make this impossible; say so if not
         note(f"note: figure text overlaps or is cut off ({problem})")
     steps.update()
 
     captions = {name: figures_module.caption(name, results) for name in figures}
     for name in qualitative:
-        captions[name] = qualitative_caption(results, name, zoom)
+        captions[name] = qualitative_caption(results, name, zoom, orientations.get(name))
     page = render_html(results, tables, {**figures, **qualitative}, captions, comparisons, shown_intervals,
                        run_summary, notes)
     (out / REPORT_HTML).write_text(page, encoding="utf-8")
@@ -349,6 +363,12 @@ def _run(args: argparse.Namespace) -> int:
         )
         print(out / REPORT_HTML)
         return 0
+    with renamed(_parse_names(args.rename)):  # the tables on stdout name methods as a report would
+        return _print_tables(args, results_dir, compare)
+
+
+def _print_tables(args: argparse.Namespace, results_dir: Path, compare: list[tuple[str, str]] | None) -> int:
+    """``report`` without ``--out``: the tables (or one comparison, or the long CSV) on stdout."""
     results = load_results(results_dir)
     if results.empty:
         _log(f"note: no finished runs under {results_dir}")
@@ -415,7 +435,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="allow --out to be a non-empty folder: the files of an earlier report there are "
                              "replaced (stale ones removed), other files are kept")
     parser.add_argument("--compare", nargs=2, metavar=("A", "B"),
-                        help="paired per-organ statistics of two methods (name or 'method [variant]')")
+                        help="paired per-organ statistics of two methods (name or 'method [variant]', or the name "
+                             "the tables show)")
     parser.add_argument("--slices", default=None,
                         help="qualitative slices as [dataset:]organ:case_id:z,... (default: per organ the largest "
                              "ground-truth slice of fold 0's first query case); without a dataset a slice applies "
@@ -427,8 +448,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--zoom", action="store_true",
                         help="qualitative figure: crop every panel to a square around its organ")
     parser.add_argument("--rename", action="append", metavar="NAME=TEXT",
-                        help='display name in figures and table headers, e.g. --rename nifti_folder="Hospital CT" '
-                             "(repeatable; methods, datasets, organs, backbones)")
+                        help='display name wherever the report shows the name (figures, tables, comparisons), e.g. '
+                             '--rename nifti_folder="Hospital CT" (repeatable; methods, datasets, organs, backbones; '
+                             "the CSV files keep the record names)")
     parser.add_argument("--std", action="store_true", help="show ± std across folds in the tables")
     parser.add_argument("--no-published", action="store_true", help="leave the published numbers out of the tables")
     parser.add_argument("--n-boot", type=_positive_int, default=10000, metavar="N",

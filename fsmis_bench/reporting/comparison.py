@@ -11,7 +11,9 @@ Which published row belongs to a run: same method name, training and test datase
 setting; the row for the run's backbone where the paper reports several (Table 4), else
 the paper's default configuration (Tables 1-3) where that is the run's backbone
 (:func:`~.collect.published_row_applies`); the lowest table number wins. Setting-2 rows
-carry a ``caveat``: the published numbers used the legacy exclusion (PROTOCOL.md §4).
+carry a ``caveat``: the published numbers used the legacy exclusion (PROTOCOL.md §4); so do
+rows with random weights, non-standard options (a reduced budget) or missing folds, the
+things the figure's footnotes mark (:func:`~.collect.comparison_caveat`).
 """
 
 from __future__ import annotations
@@ -98,7 +100,7 @@ def comparison_frame(results: Results) -> pd.DataFrame:
         return pd.DataFrame(columns=COLUMNS)
     published = load_published()
     backbones = run_backbones(results)
-    options = {(m, v): str(o) for m, v, o in run_flags(results)[["method", "variant", "non_standard"]].itertuples(index=False)}
+    flags = run_flags(results).set_index(["method", "variant"])
     rows = []
     for train, dataset, setting in _eval_panels(scores):
         data = _select(scores, train, dataset, setting)
@@ -118,9 +120,18 @@ def comparison_frame(results: Results) -> pd.DataFrame:
                     "published_as": value.name if value else "",
                     "table": value.table if value else None,
                     "difference": stat.mean - value.dice if value else math.nan,
-                    "caveat": comparison_caveat(method, setting, options.get((method, variant), "")) if value else "",
+                    "caveat": _caveat(flags, method, variant, setting, stat.n) if value else "",
                 })
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def _caveat(flags: pd.DataFrame, method: str, variant: str, setting: int, n_folds: int) -> str:
+    """:func:`~.collect.comparison_caveat` of one measured value, from its runs' flags
+    (:func:`~.collect.run_flags`, indexed by method and variant)."""
+    if (method, variant) not in flags.index:
+        return comparison_caveat(method, setting, "", n_folds=n_folds)
+    flag = flags.loc[(method, variant)]
+    return comparison_caveat(method, setting, str(flag["non_standard"]), str(flag["random_reason"]), n_folds)
 
 
 def published_comparison_figure(results: Results, width: float = WIDTH_IN) -> plt.Figure | None:

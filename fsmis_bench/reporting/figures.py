@@ -10,9 +10,11 @@ Statistics are drawn only where they exist: error bars and bands need at least t
 (or runs), a box needs at least :data:`MIN_BOX_POINTS` volumes (fewer are drawn as points),
 and a value of zero is drawn as a marker on the axis, never as an invisible bar.
 
-Variants of one method share its hue; besides their lightness they are told apart by a
-hatch (bars), a marker shape (points) and a line style (curves), so they stay apart in
-greyscale print (:func:`make_series`).
+A method has one colour (:func:`~.style.method_colour`), whatever its variant. What the
+colour does not say is drawn with patterns that survive greyscale print
+(:func:`make_series`): a series that is not like-for-like with the paper (random weights, a
+non-standard option) and a method's second, third... variant are hatched (bars), drawn with
+another marker shape (points; hollow for the not-like-for-like ones) and dashed (curves).
 """
 
 from __future__ import annotations
@@ -73,8 +75,8 @@ _MIN_PANEL_HEIGHT_IN = 1.6
 NOTE_NON_STANDARD = ("non-standard option (named in brackets, or in a \u201cruns with\u201d note: a protocol option, or a "
                      "departure from the setup of the published numbers); not comparable with published numbers")
 
-#: per variant of a method (in :func:`series_sort_key` order): the first is drawn plain,
-#: the others hatched / with another marker / dashed, so variants differ in greyscale too
+#: per pattern index (:func:`pattern_indices`): 0 is drawn plain (no hatch, a circle, a solid
+#: line), the others hatched / with another marker / dashed, so they differ in greyscale too
 VARIANT_HATCHES = ("", "////", "\\\\\\\\", "xxxx", "....", "++++", "oooo")
 VARIANT_MARKERS = ("o", "s", "D", "v", "P", "X", "h")
 VARIANT_LINESTYLES = ("-", "--", "-.", ":", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 2)), (0, (8, 2)))
@@ -93,10 +95,12 @@ class Series:
 
     Attributes:
         label: display name with footnote marks.
-        colour: :func:`~.style.method_colour` (a function of the two names only).
-        hatch, marker, linestyle: how this variant differs from the method's other variants
-            in the report (index ``rank`` of :data:`VARIANT_HATCHES` etc.).
-        rank: position among the variants of its method in the report (0: drawn plain).
+        colour: :func:`~.style.method_colour` (a function of the method's name only).
+        hatch, marker, linestyle: the pattern of index ``pattern`` (:data:`VARIANT_HATCHES`
+            etc.).
+        pattern: :func:`pattern_indices` (0: drawn plain).
+        hollow: not like-for-like with the paper (random weights or a non-standard option):
+            its points are drawn hollow.
     """
 
     method: str
@@ -106,11 +110,23 @@ class Series:
     hatch: str = ""
     marker: str = "o"
     linestyle: object = "-"
-    rank: int = 0
+    pattern: int = 0
+    hollow: bool = False
 
     @property
     def key(self) -> tuple[str, str]:
         return (self.method, self.variant)
+
+    @property
+    def marker_face(self) -> object:
+        """The points' fill: white for a hollow series, else its colour."""
+        return "white" if self.hollow else self.colour
+
+    @property
+    def marker_edge(self) -> tuple[float, float, float]:
+        """The points' outline: the colour itself on a hollow marker (its only colour), else
+        the darker outline of :func:`~.style.edge_colour`."""
+        return self.colour if self.hollow else edge_colour(self.colour)
 
 
 def series_sort_key(method: str, variant: str) -> tuple:
@@ -123,6 +139,29 @@ def series_sort_key(method: str, variant: str) -> tuple:
 
 #: a variant text longer than this, shared by several series, moves to a footnote
 SHARED_VARIANT_CHARS = 24
+
+
+def pattern_indices(keys: Iterable[tuple[str, str]], marked: set[tuple[str, str]]) -> dict[tuple[str, str], int]:
+    """(method, variant) -> the index of its hatch, marker and line style.
+
+    0 (plain) only for the first unmarked variant of each method, in :func:`series_sort_key`
+    order; every other series (a ``marked`` one: random weights or a non-standard option;
+    a method's second, third... variant) gets the next index of its family, so that the
+    patterned series of one family (the SD-FSMIS ablations on a reduced budget, whose
+    shades are close) differ from each other in greyscale too.
+    """
+    plain: set[str] = set()
+    counts: dict[str, int] = {}
+    indices = {}
+    for method, variant in sorted(set(keys), key=lambda k: series_sort_key(*k)):
+        if (method, variant) not in marked and method not in plain:
+            plain.add(method)
+            indices[(method, variant)] = 0
+            continue
+        family = method_style(method).family
+        counts[family] = counts.get(family, 0) + 1
+        indices[(method, variant)] = counts[family]
+    return indices
 
 
 def make_series(results: Results, keys: Iterable[tuple[str, str]], notes: Footnotes,
@@ -156,12 +195,11 @@ def make_series(results: Results, keys: Iterable[tuple[str, str]], notes: Footno
 
     details = [f"{text}: {', '.join(label_of(k) for k in sorted(ks, key=lambda k: ordered.index(k)))}"
                for text, ks in short.items()]
-    # every variant of a method in the report, in legend order: its rank picks the hatch,
-    # marker and line style, the same in every figure of the report
-    variants: dict[str, list[str]] = {}
-    for method, variant in sorted(set(zip(results.runs["method"], results.runs["variant"])) | set(ordered),
-                                  key=lambda k: series_sort_key(*k)):
-        variants.setdefault(method, []).append(variant)
+    # patterns over every series of the report, not only the figure's: the same in every
+    # figure of the report
+    marked = {key for key, random, options in zip(flags.index, flags["random_weights"], flags["non_standard"])
+              if random or options}
+    patterns = pattern_indices(set(zip(results.runs["method"], results.runs["variant"])) | set(ordered), marked)
     series = []
     for method, variant in ordered:
         own = [f"runs with {texts[(method, variant)]}"] if texts[(method, variant)] in shared else []
@@ -176,10 +214,10 @@ def make_series(results: Results, keys: Iterable[tuple[str, str]], notes: Footno
             if flag["non_standard"]:
                 own.append(NOTE_NON_STANDARD)
         label = notes.mark(label_of((method, variant)), own)
-        rank = variants[method].index(variant)
-        series.append(Series(method, variant, label, method_colour(method, variant),
-                             VARIANT_HATCHES[rank % len(VARIANT_HATCHES)], VARIANT_MARKERS[rank % len(VARIANT_MARKERS)],
-                             VARIANT_LINESTYLES[rank % len(VARIANT_LINESTYLES)], rank))
+        index = patterns[(method, variant)]
+        series.append(Series(method, variant, label, method_colour(method),
+                             VARIANT_HATCHES[index % len(VARIANT_HATCHES)], VARIANT_MARKERS[index % len(VARIANT_MARKERS)],
+                             VARIANT_LINESTYLES[index % len(VARIANT_LINESTYLES)], index, (method, variant) in marked))
     return series
 
 
@@ -308,9 +346,9 @@ def bar_handles(series: Sequence[Series]) -> list:
 
 
 def point_handles(series: Sequence[Series]) -> list:
-    """Legend markers: colour and shape as the points."""
-    return [plt.Line2D([0], [0], color=s.colour, marker=s.marker, markersize=5, markeredgecolor=edge_colour(s.colour),
-                       markeredgewidth=0.5, linestyle="none")
+    """Legend markers: colour, shape and fill as the points."""
+    return [plt.Line2D([0], [0], color=s.colour, marker=s.marker, markersize=5, markerfacecolor=s.marker_face,
+                       markeredgecolor=s.marker_edge, markeredgewidth=0.9 if s.hollow else 0.5, linestyle="none")
             for s in series]
 
 
@@ -483,8 +521,8 @@ def volume_distribution_figure(results: Results, width: float = WIDTH_IN) -> plt
                         size, alpha = 3.2, 0.95
                     xs = x + _jitter(len(values), i * 1000 + j, step * 0.28)
                     ax.plot(xs, values, linestyle="none", marker=s.marker, markersize=size, alpha=alpha,
-                            color=s.colour, markeredgecolor=edge_colour(s.colour), markeredgewidth=0.3,
-                            clip_on=False, zorder=4)
+                            color=s.colour, markerfacecolor=s.marker_face, markeredgecolor=s.marker_edge,
+                            markeredgewidth=0.7 if s.hollow else 0.3, clip_on=False, zorder=4)
             ax.set_xlim(-0.5, len(organs) - 0.5)
             dice_panel(ax, lay, organs, (train, dataset, setting), "Dice per volume (%)")
         lay.finish()
@@ -664,8 +702,8 @@ def train_loss_figure(results: Results, weight: float = 0.9, width: float = WIDT
                     every = max(1, len(mean) // 6)
                     start = trainings.index(key) * every // len(trainings)
                     ax.plot(mean.index, mean.to_numpy(), color=s.colour, linewidth=1.0, linestyle=s.linestyle, zorder=3,
-                            marker=marker, markersize=3, markevery=(start, every),
-                            markeredgecolor=edge_colour(s.colour), markeredgewidth=0.4)
+                            marker=marker, markersize=3, markevery=(start, every), markerfacecolor=s.marker_face,
+                            markeredgecolor=s.marker_edge, markeredgewidth=0.6 if s.hollow else 0.4)
                     if sd.notna().any():
                         ax.fill_between(mean.index, (mean - sd).to_numpy(), (mean + sd).to_numpy(), color=s.colour,
                                         alpha=0.2, linewidth=0, zorder=2)

@@ -10,13 +10,19 @@ wrapped to the room they have, so no two texts overlap whatever the names.
   folders (``nifti_folder``) and cross-domain test sets load as they were evaluated.
 - Slices are shown in radiological orientation (patient's right on the viewer's left,
   anterior or superior at the top) from the scan's affine (``Volume.affine``), with the
-  pixel aspect from its spacing; without an affine, as stored.
+  pixel aspect from its spacing; without an affine, as stored. An oblique slice (a cardiac
+  short-axis one) is shown as the nearest standard plane, which for a sagittal one puts
+  anterior on the viewer's left; the caption says which planes a figure shows
+  (:func:`qualitative_caption`).
+- The whole figure, legend and footnotes included, is at most :data:`~.style.MAX_HEIGHT_IN`
+  tall: the panels shrink to make room.
 - ``zoom=True`` crops every column to a square around its organ.
 - Ground truth: sky-blue contour; prediction: orange (a colourblind-safe pair).
 
 Slices are chosen reproducibly: per organ, the kept query slice with the largest
 ground-truth area in the first query case (in fold order) of the first fold, or named by
-the user as ``[dataset:]organ:case_id:z``.
+the user as ``[dataset:]organ:case_id:z``; a named slice outside its volume is refused
+(:class:`SliceOutsideVolume`), as a named case that no run evaluated is.
 """
 
 from __future__ import annotations
@@ -33,7 +39,8 @@ import numpy as np
 import pandas as pd
 
 from .. import records
-from ..errors import FsmisError
+from .._registry import PluginError
+from ..errors import ConfigError, DataError, FsmisError, UnknownNameError
 from .collect import Results, dataset_sort_key, organ_sort_key
 from .figures import Series, make_series, save_figure
 from .style import (
@@ -41,6 +48,7 @@ from .style import (
     FONT_PT,
     MAX_HEIGHT_IN,
     Footnotes,
+    dataset_display,
     eval_display,
     organ_display,
     paper_style,
@@ -106,7 +114,8 @@ def check_slices(results: Results, named: Sequence[tuple[str | None, str, str, i
 
     A slice must name a dataset some run was tested on (when it names one), an organ those
     runs evaluated and a query case they evaluated for that organ, and a slice index >= 0
-    (whether it lies inside the volume is known only once the image is loaded).
+    (whether it lies inside the volume is known only once the image is loaded: then
+    :class:`SliceOutsideVolume` refuses it the same way).
 
     Raises:
         FsmisError: the slices that cannot be shown, each with why.
@@ -202,6 +211,8 @@ class Orientation:
         flip_rows, flip_cols: then reverse the row / column order.
         aspect: displayed pixel height / width (from the spacing).
         plane: ``axial``, ``coronal``, ``sagittal`` (nearest standard plane) or ``stored``.
+        oblique: the slice normal is more than :data:`OBLIQUE_DEGREES` off the plane's axis
+            (cardiac short axis): the directions on screen are only roughly those of ``plane``.
     """
 
     transpose: bool = False
@@ -209,6 +220,7 @@ class Orientation:
     flip_cols: bool = False
     aspect: float = 1.0
     plane: str = "stored"
+    oblique: bool = False
 
     def apply(self, array: np.ndarray) -> np.ndarray:
         out = array.T if self.transpose else array
@@ -226,6 +238,10 @@ _SCREEN = {
     1: ("coronal", 0, -1, 2, -1),  # right = patient left; down = inferior (-z)
     0: ("sagittal", 1, -1, 2, -1),  # right = posterior (anterior on the left); down = inferior
 }
+
+
+#: a slice whose normal is further than this from its nearest standard plane's axis is oblique
+OBLIQUE_DEGREES = 20.0
 
 
 def display_orientation(affine: np.ndarray | None, spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> Orientation:
@@ -254,10 +270,11 @@ def display_orientation(affine: np.ndarray | None, spacing: Sequence[float] = (1
                                           key=lambda axes: sum(cosines[i, a] for i, a in enumerate(axes)))
     plane, right_axis, right_sign, down_axis, down_sign = _SCREEN[normal_axis]
     row_sign, col_sign = np.sign(rows[row_axis]), np.sign(cols[col_axis])
+    oblique = bool(cosines[2, normal_axis] < np.cos(np.radians(OBLIQUE_DEGREES)))
     if col_axis == right_axis:
-        return Orientation(False, row_sign != down_sign, col_sign != right_sign, row_mm / col_mm, plane)
+        return Orientation(False, row_sign != down_sign, col_sign != right_sign, row_mm / col_mm, plane, oblique)
     # the stored rows run left-right on screen: transpose, then the old rows are columns
-    return Orientation(True, col_sign != down_sign, row_sign != right_sign, col_mm / row_mm, plane)
+    return Orientation(True, col_sign != down_sign, row_sign != right_sign, col_mm / row_mm, plane, oblique)
 
 
 def crop_box(mask: np.ndarray, aspect: float = 1.0, margin: float = 0.6, minimum: int = 24) -> tuple[slice, slice]:
@@ -390,23 +407,52 @@ def _key(index: int) -> str:
     return letters
 
 
-def _grid_size(n_rows: int, n_cols: int, width: float, label_w: float, header: float) -> float:
+def _grid_size(n_rows: int, n_cols: int, width: float, label_w: float, header: float, footer: float) -> float:
+    """The panel side that fits the width and, with ``header`` above and ``footer`` below
+    the grid, :data:`~.style.MAX_HEIGHT_IN`."""
     by_width = (width - label_w - 0.05 - _GAP_IN * n_cols) / n_cols
-    by_height = (MAX_HEIGHT_IN - header - 0.05 - _GAP_IN * n_rows) / n_rows
+    by_height = (MAX_HEIGHT_IN - header - footer - 0.05 - _GAP_IN * n_rows) / n_rows
     return max(0.2, min(by_width, by_height, _MAX_PANEL_IN))
+
+
+def _footer_height(text: str) -> float:
+    """The room the footnotes (and letter keys) take under the grid, in inches."""
+    return (text_height_in(text) + 0.12) if text else 0.0
+
+
+class SliceOutsideVolume(FsmisError):
+    """A slice named with ``--slices`` lies outside its volume: refused like a case that no run
+    evaluated (:func:`check_slices`), not drawn around."""
+
+
+def _check_inside(choices: Sequence[SliceChoice], depths: dict[str, int], dataset_name: str) -> None:
+    """Every named slice within its volume's ``depths[case_id]`` slices, all problems in one error.
+
+    Raises:
+        SliceOutsideVolume: the slices outside, each with the valid range.
+    """
+    problems = [f"{c.organ}:{c.case_id}:{c.z}: case {c.case_id} of {dataset_name} has slices 0-{depths[c.case_id] - 1}"
+                for c in choices if not 0 <= c.z < depths[c.case_id]]
+    if problems:
+        raise SliceOutsideVolume("cannot show the qualitative slices: " + "; ".join(problems),
+                                 hint="pick z within the range named (slices count from 0 along the scan's slice axis)")
 
 
 def qualitative_figure(
     results: Results, dataset: str, setting: int, dataset_obj: object,
     named: Sequence[tuple[str | None, str, str, int]] = (), *,
     train_dataset: str | None = None, zoom: bool = False, width: float = DOUBLE_COLUMN_IN,
-    log: Callable[[str], None] | None = None,
+    log: Callable[[str], None] | None = None, orientations: list[Orientation] | None = None,
 ):
     """The figure for one evaluation, or None when there is nothing to show.
 
     Args:
         log: told about a chosen slice that no run predicted (not a kept query slice of
             the case, or predictions not saved), which shows as "no prediction" panels.
+        orientations: when given, collects how each column's slice is displayed (for the
+            caption: :func:`qualitative_caption`).
+    Raises:
+        SliceOutsideVolume: a named slice lies outside its volume.
     """
     import matplotlib.pyplot as plt
 
@@ -429,14 +475,15 @@ def qualitative_figure(
     series: list[Series] = make_series(results, zip(runs["method"], runs["variant"]), notes, scores)
     label_map = getattr(dataset_obj, "label_map", {})
 
+    volumes = {c.case_id: dataset_obj.load(c.case_id) for c in choices}
+    _check_inside(choices, {case: v.image.shape[0] for case, v in volumes.items()}, dataset_display(dataset))
     # panels[choice index][0 = ground truth, 1.. = series]
     panels: list[list[_Panel]] = []
     for choice in choices:
-        volume = dataset_obj.load(choice.case_id)
-        if not 0 <= choice.z < volume.image.shape[0]:
-            raise FsmisError(f"slice {choice.z} is outside case {choice.case_id} ({volume.image.shape[0]} slices)",
-                             hint="pick z within the volume's slices")
+        volume = volumes[choice.case_id]
         orientation = display_orientation(getattr(volume, "affine", None), getattr(volume, "spacing", (1, 1, 1)))
+        if orientations is not None:
+            orientations.append(orientation)
         image = orientation.apply(_display(np.asarray(volume.image[choice.z], dtype=float)))
         truth = orientation.apply(np.asarray(volume.label[choice.z]) == label_map.get(choice.organ, -1))
         window = crop_box(truth, orientation.aspect) if zoom else (slice(None), slice(None))
@@ -459,17 +506,17 @@ def qualitative_figure(
     slice_names = [f"{organ_display(c.organ)}\ncase {c.case_id}, slice {c.z}" for c in choices]
     n_methods, n_slices = len(method_names), len(choices)
 
-    def plan(methods_as_rows: bool, names: list[str]) -> _Plan:
+    def plan(methods_as_rows: bool, names: list[str], footer: float) -> _Plan:
         rows, cols = (names, slice_names) if methods_as_rows else (slice_names, names)
         cap = min(1.5, width * 0.28)
         row_labels = [wrap(t, cap - 0.08) for t in rows]
         label_w = min(cap, max(widest_line_in(t) for t in row_labels) + 0.1)  # no wider than needed
         # column titles are wrapped to the panel width, which depends on their height: iterate
-        size = _grid_size(len(rows), len(cols), width, label_w, 0.0)
+        size = _grid_size(len(rows), len(cols), width, label_w, 0.0, footer)
         for _ in range(3):
             col_titles = [wrap(t, size) for t in cols]
             header = _LEGEND_IN + max(text_height_in(t) for t in col_titles) + 0.08
-            size = _grid_size(len(rows), len(cols), width, label_w, header)
+            size = _grid_size(len(rows), len(cols), width, label_w, header, footer)
         col_titles = [wrap(t, size) for t in cols]
         header = _LEGEND_IN + max(text_height_in(t) for t in col_titles) + 0.08
         # readable: a row label stays within its row (or it runs into the next one), no word
@@ -479,10 +526,10 @@ def qualitative_figure(
                 and max(t.count("\n") + 1 for t in col_titles) <= _MAX_TITLE_LINES)
         return _Plan(methods_as_rows, size, label_w, header, row_labels, col_titles, fits)
 
-    def choose(names: list[str]) -> _Plan:
+    def choose(names: list[str], footer: float) -> _Plan:
         # methods as rows and organs as columns, or the transpose when that gives larger
         # panels; a layout whose labels fit beats one whose labels do not
-        as_rows, transposed = plan(True, names), plan(False, names)
+        as_rows, transposed = plan(True, names, footer), plan(False, names, footer)
         larger = transposed.size > as_rows.size * (1 + _TRANSPOSE_GAIN)
         if as_rows.fits and (not transposed.fits or not larger):
             return as_rows
@@ -490,17 +537,18 @@ def qualitative_figure(
             return transposed
         return max((as_rows, transposed), key=lambda p: p.size)
 
-    chosen = choose(method_names)
-    key_lines: list[str] = []
+    # the footnotes are laid out first: the panels get the height that is left
+    footnotes = "\n".join(wrap(line, width - 0.2) for line in notes.lines())
+    chosen = choose(method_names, _footer_height(footnotes))
     if not chosen.fits:  # names too long for any layout: letters in the grid, the names below it
         keys = [_key(i) for i in range(len(series))]
         key_lines = [f"{key}: {s.label}" for key, s in zip(keys, series)]
-        chosen = choose(["Ground truth", *keys])
+        footnotes = "\n".join(wrap(line, width - 0.2) for line in key_lines + notes.lines())
+        chosen = choose(["Ground truth", *keys], _footer_height(footnotes))
     methods_as_rows, size, label_w, header = chosen.methods_as_rows, chosen.size, chosen.label_w, chosen.header
     row_labels, col_titles = chosen.row_labels, chosen.col_titles
     n_rows, n_cols = (n_methods, n_slices) if methods_as_rows else (n_slices, n_methods)
-    footnotes = "\n".join(wrap(line, width - 0.2) for line in key_lines + notes.lines())
-    footer = (text_height_in(footnotes) + 0.12) if footnotes else 0.0
+    footer = _footer_height(footnotes)
     grid_w = label_w + n_cols * (size + _GAP_IN)
     height = header + n_rows * (size + _GAP_IN) + footer + 0.05
     with paper_style():
@@ -568,14 +616,60 @@ def _evaluations(with_predictions: pd.DataFrame) -> dict[str, tuple[str, str, in
     return out
 
 
-def qualitative_caption(results: Results, name: str, zoom: bool = False) -> str:
-    """The caption of qualitative figure ``name`` (as written by :func:`write_qualitative`)."""
+#: what is where on screen, per displayed plane (:data:`_SCREEN`, radiological convention)
+PLANE_DIRECTIONS = {
+    "axial": "patient's right on the viewer's left, anterior at the top",
+    "coronal": "patient's right on the viewer's left, superior at the top",
+    "sagittal": "anterior on the viewer's left, superior at the top",
+}
+
+
+def orientation_sentence(orientations: Sequence[Orientation] | None) -> str:
+    """How the figure's slices are displayed, in words, from the orientations it used; the
+    generic sentence when they are not known."""
+    if orientations is None:
+        return ("Slices in radiological orientation where the scan's affine is known (patient's right on the "
+                "viewer's left), else as stored.")
+    planes = sorted({o.plane for o in orientations if o.plane in PLANE_DIRECTIONS},
+                    key=list(PLANE_DIRECTIONS).index)
+    shown = "; ".join(f"{plane}: {PLANE_DIRECTIONS[plane]}" for plane in planes)
+    parts = []
+    if any(o.oblique for o in orientations):
+        parts.append(f"The slices are oblique (e.g. cardiac short axis); each is shown as its nearest standard plane "
+                     f"({shown}), so these directions are only approximate.")
+    elif planes:
+        parts.append(f"Radiological orientation ({shown}).")
+    if any(o.plane == "stored" for o in orientations):
+        parts.append("Slices without a known affine are shown as stored.")
+    return " ".join(parts)
+
+
+def qualitative_caption(results: Results, name: str, zoom: bool = False,
+                        orientations: Sequence[Orientation] | None = None) -> str:
+    """The caption of qualitative figure ``name`` (as written by :func:`write_qualitative`).
+
+    Args:
+        orientations: how its slices were displayed (:func:`write_qualitative` collects
+            them); None: the generic sentence.
+    """
     train, dataset, setting = _evaluations(_with_predictions(results))[name]
     return (f"Qualitative results, {eval_display(train, dataset)}, setting {setting}: per organ, the query slice "
-            "with the largest ground-truth area in the first query case of the first fold, in radiological "
-            "orientation where the scan's affine is known (patient's right on the viewer's left). Ground truth: "
-            "sky-blue contour (dashed under the predictions); prediction: orange contour"
+            "with the largest ground-truth area in the first query case of the first fold. "
+            + orientation_sentence(orientations)
+            + " Ground truth: sky-blue contour (dashed under the predictions); prediction: orange contour"
             + ("; every column cropped around its organ." if zoom else "."))
+
+
+def _data_errors() -> tuple[type[BaseException], ...]:
+    """What loading a test dataset raises when its data or the run's config cannot be used:
+    no data root, missing or damaged files (``DataError``, ``OSError``), options the dataset
+    refuses (``ConfigError``), a dataset plugin that is not installed (``UnknownNameError``)
+    and a ``config.yaml`` that cannot be parsed (YAML, OmegaConf). Nothing else: a
+    ``NameError`` taken for missing data once hid a bug behind "data not available"."""
+    from omegaconf.errors import OmegaConfBaseException
+    from yaml import YAMLError
+
+    return (DataError, ConfigError, UnknownNameError, OSError, OmegaConfBaseException, YAMLError)
 
 
 def write_qualitative(
@@ -588,9 +682,18 @@ def write_qualitative(
     zoom: bool = False,
     width: float = DOUBLE_COLUMN_IN,
     problems: list[str] | None = None,
+    orientations: dict[str, list[Orientation]] | None = None,
 ) -> dict[str, Path]:
     """One figure per evaluation (training -> test dataset) with predictions, at its lowest
-    setting; name -> PNG. Datasets that cannot be loaded are skipped with a printed note."""
+    setting; name -> PNG. Datasets whose data cannot be loaded are skipped with a printed note.
+
+    Args:
+        orientations: when given, collects figure name -> how its slices were displayed.
+    Raises:
+        SliceOutsideVolume: a slice named in ``named`` lies outside its volume.
+        PluginError, and any other exception: a bug (in this code or a plugin), never
+            taken for missing data.
+    """
     written: dict[str, Path] = {}
     if loader is None:
         log("note: qualitative figure skipped: no data root (pass --data-root or set FSMIS_DATA_ROOT)")
@@ -605,14 +708,17 @@ def write_qualitative(
         first_run = str(mine.sort_values(["fold", "method", "seed"])["run_dir"].iloc[0])
         try:
             dataset_obj = _load_dataset(loader, dataset, first_run)
-        except Exception as exc:  # noqa: BLE001 - missing data must never abort the report
+        except _data_errors() as exc:  # missing data must never abort the report
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             log(f"note: qualitative figure for {eval_display(train, dataset)} skipped: data not available ({reason})")
             continue
+        used: list[Orientation] = []
         try:
             fig = qualitative_figure(results, dataset, setting, dataset_obj, named, train_dataset=train, zoom=zoom,
-                                     width=width, log=log)
-        except FsmisError as exc:  # a named slice outside its volume, a damaged file
+                                     width=width, log=log, orientations=used)
+        except (SliceOutsideVolume, PluginError):  # the user's typo, a bug: not a figure to skip quietly
+            raise
+        except FsmisError as exc:  # a damaged file
             log(f"note: qualitative figure for {eval_display(train, dataset)} skipped: {str(exc).splitlines()[0]}")
             continue
         except OSError as exc:  # files that fail to load lazily
@@ -623,4 +729,6 @@ def write_qualitative(
             log(f"note: qualitative figure for {eval_display(train, dataset)} skipped: no matching slices with predictions")
             continue
         written[name] = save_figure(fig, out_dir, name, problems=problems)
+        if orientations is not None:
+            orientations[name] = used
     return written

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -100,18 +102,26 @@ def labels(per_case: pd.DataFrame) -> list[tuple[str, str]]:
     return sorted({(m, v) for m, v in zip(per_case["method"], per_case["variant"])})
 
 
+def _squeezed(text: str) -> str:
+    return re.sub(r"\s+", "", text)
+
+
 def resolve(per_case: pd.DataFrame, spec: str) -> tuple[str, str]:
-    """``method`` or ``method [variant]`` (spaces optional) -> (method, variant).
+    """``method`` or ``method [variant]`` (spaces optional) -> (method, variant); also the
+    name the tables and figures show (``SD-FSMIS (SII+QE) [tiny]``), where it names one.
 
     Raises:
-        FsmisError: unknown, or a bare method name with several variants.
+        FsmisError: unknown, or a name with several variants.
     """
     known = labels(per_case)
-    wanted = re.sub(r"\s+", "", spec)
+    wanted = _squeezed(spec)
     for method, variant in known:
-        if re.sub(r"\s+", "", row_label(method, variant)) == wanted:
+        if _squeezed(row_label(method, variant)) == wanted:
             return method, variant
-    candidates = [(m, v) for m, v in known if m == wanted]
+    shown = [(m, v) for m, v in known if _squeezed(method_label(m, v)) == wanted]
+    if len(shown) == 1:
+        return shown[0]
+    candidates = shown or [(m, v) for m, v in known if m == wanted]
     choices = ", ".join(repr(row_label(m, v)) for m, v in known) or "none"
     if len(candidates) == 1:
         return candidates[0]
@@ -228,17 +238,28 @@ COMPARE_HEADERS = ("A per-volume Dice (95% CI)", "B per-volume Dice (95% CI)", "
 INTERVAL_HEADERS = {"mean": "mean per-volume Dice", "CI low": "95% CI low", "CI high": "95% CI high"}
 
 
-def _shown_row_label(label: str) -> str:
+def shown_row_label(label: str) -> str:
     """``sdfsmis_qe [tiny]`` (a :func:`row_label`) as the figures name it: ``SD-FSMIS (SII+QE) [tiny]``."""
     method, _, variant = label.partition(" [")
     return method_label(method, variant[:-1] if variant.endswith("]") else variant)
 
 
+def shown_row_labels(keys: Sequence[str]) -> dict[str, str]:
+    """:func:`row_label` -> :func:`shown_row_label` for several rows shown together without
+    footnote marks: where two rows would show alike (a random-weights variant beside the
+    standard run, which tables and figures tell apart by a marker), those keep their
+    record labels, so that no two rows read the same."""
+    shown = {key: shown_row_label(key) for key in dict.fromkeys(keys)}
+    counts = Counter(shown.values())
+    return {key: text if counts[text] == 1 else key for key, text in shown.items()}
+
+
 def format_intervals(frame: pd.DataFrame) -> pd.DataFrame:
     """Display form of :func:`confidence_intervals`: methods and organs named as in the
-    figures, and headers that say the means are of per-volume Dice (also for
-    ``[dice=pooled]`` variants). The CSV keeps the registry names."""
-    shown = frame.assign(method=frame["method"].map(_shown_row_label), organ=frame["organ"].map(organ_display))
+    figures (:func:`shown_row_labels`), and headers that say the means are of per-volume
+    Dice (also for ``[dice=pooled]`` variants). The CSV keeps the registry names."""
+    names = shown_row_labels(list(frame["method"]))
+    shown = frame.assign(method=frame["method"].map(names), organ=frame["organ"].map(organ_display))
     return shown.rename(columns=INTERVAL_HEADERS)
 
 

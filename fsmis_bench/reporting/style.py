@@ -4,13 +4,16 @@
   exactly that width, text at :data:`FONT_PT` points, so a figure drops into a paper column
   without rescaling its fonts.
 - Fonts: TrueType (Type 42) embedded in PDF and PostScript, editable in a vector editor.
-- Colours: one colour per method that never depends on which other methods a report holds:
-  a fixed colourblind-safe table (Okabe & Ito) for the built-in methods, the colour a plugin
-  registers, or else a colour picked from the name's CRC-32. Ablations and variants of a
-  method are shades of its colour: lighter for the ablation members (``Display.shade``),
-  darker for non-standard variants (another backbone, code fidelity, protocol options,
-  another configuration), greyed for random weights; the figures also hatch the bars,
-  change the marker and dash the line of a method's second, third... variant.
+- Colours: one colour per method, a function of the method's name only, so it never depends
+  on which other runs a report holds: a fixed colourblind-safe table (Okabe & Ito) for the
+  built-in methods, the colour a plugin registers, or else a colour picked from the name's
+  CRC-32. The ablation members of a family are lighter shades of its colour
+  (``Display.shade``: SD-FSMIS darkest, then (SII+QE), (SII+VTCT), (SII)). A variant
+  (another backbone, configuration or protocol option) or random weights never change the
+  colour: darkening or greying them made different methods look alike (near-black bars) and
+  a run's colour change with the report's other runs. The figures show them by means that
+  survive greyscale instead (``figures.make_series``): hatched bars, hollow or other-shaped
+  markers and dashed lines, besides the footnote marks.
 - Names: the registry's ``Display`` names (plugins register their own), else the raw name;
   ``--rename`` in the report overrides either.
 - Notes: random weights, incomplete and non-standard runs are superscript footnote numbers
@@ -19,7 +22,6 @@
 
 from __future__ import annotations
 
-import colorsys
 import zlib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -114,15 +116,11 @@ ORGAN_NAMES: dict[str, str] = {
     "mean": "Mean",
 }
 
-#: shade steps: ablation members get lighter, non-standard variants darker: by at least
-#: :data:`_DARKER_BASE` (a step that stays visible in greyscale; the figures add a hatch or
-#: marker per variant on top). On the dark side the family keeps its order, fewer
-#: components lighter: the full method darkest, the member of shade :data:`_MAX_SHADE`
-#: at :data:`_DARKER_BASE`
-_LIGHTER_STEP = 0.17
-_DARKER_BASE = 0.30
-_DARKER_STEP = 0.14
-_MAX_SHADE = 3
+#: how much lighter (mixed with white) each ablation shade step is: fewer components,
+#: lighter. 0.2 keeps neighbouring members of the SD-FSMIS family apart in greyscale
+#: (luminance contrast about 1.25 per step, on top of their different patterns where they
+#: are patterned) and its palest member (shade 3) still visible on white with its outline
+_LIGHTER_STEP = 0.2
 
 # -- names ---------------------------------------------------------------------------
 
@@ -230,7 +228,7 @@ def eval_display(train_dataset: str, dataset: str) -> str:
     return f"{dataset_display(train_dataset)} → {dataset_display(dataset)}"
 
 
-#: variant tokens that are the paper's configuration (no shade change, no text)
+#: variant tokens that are the paper's configuration (:func:`is_standard_variant`)
 STANDARD_TOKENS = frozenset({"sd15"})
 #: variant tokens that become footnotes instead of text
 NOTE_TOKENS = frozenset({"random_weights"})
@@ -272,31 +270,23 @@ def to_rgb(colour: str) -> tuple[float, float, float]:
     return tuple(float(c) for c in _to_rgb(colour))  # type: ignore[return-value]
 
 
-def shade(colour: str | tuple[float, float, float], amount: float, saturation: float = 1.0) -> tuple[float, float, float]:
-    """Mix with white (``amount > 0``) or black (``amount < 0``); scale the saturation."""
+def shade(colour: str | tuple[float, float, float], amount: float) -> tuple[float, float, float]:
+    """Mix with white (``amount > 0``) or black (``amount < 0``)."""
     r, g, b = to_rgb(colour) if isinstance(colour, str) else colour
-    hue, lightness, sat = colorsys.rgb_to_hls(r, g, b)
-    sat *= saturation
-    r, g, b = colorsys.hls_to_rgb(hue, lightness, sat)
     target = 1.0 if amount > 0 else 0.0
     mix = min(abs(amount), 0.95)
     return (r + (target - r) * mix, g + (target - g) * mix, b + (target - b) * mix)
 
 
-def method_colour(method: str, variant: str = "") -> tuple[float, float, float]:
-    """The colour of one (method, variant): a function of these two names only.
+def method_colour(method: str) -> tuple[float, float, float]:
+    """The colour of every series of ``method``: its family's colour, lighter by ``shade``
+    steps for an ablation member.
 
-    The family colour, lighter by ``shade`` steps for ablation members; non-standard
-    variants take the darker side instead; random weights are half-saturated.
+    A function of the method's name only: every variant of a method (backbone, settings,
+    random weights) has it, in every figure of every report, whatever else the report holds.
     """
     style = method_style(method)
-    tokens = set(variant_tokens(variant))
-    if is_standard_variant(",".join(t for t in tokens if t not in NOTE_TOKENS)):
-        amount = _LIGHTER_STEP * style.shade
-    else:
-        amount = -(_DARKER_BASE + _DARKER_STEP * max(0, _MAX_SHADE - style.shade))
-    saturation = 0.45 if tokens & NOTE_TOKENS else 1.0
-    return shade(style.colour, amount, saturation)
+    return shade(style.colour, _LIGHTER_STEP * style.shade)
 
 
 def edge_colour(colour: tuple[float, float, float]) -> tuple[float, float, float]:
@@ -378,11 +368,26 @@ def _pieces(word: str) -> list[str]:
     return pieces + ([current] if current else [])
 
 
+#: a hyphenated break leaves at least this many characters for the next line where it can
+#: (``parench-`` / ``yma``, not ``parenchy-`` / ``ma``)
+_MIN_TAIL = 3
+
+
+def _hyphenated_head(word: str, width_in: float, points: float) -> str:
+    """The longest head of ``word`` that fits ``width_in`` with a hyphen after it, hyphen
+    included, leaving :data:`_MIN_TAIL` characters where possible; at least one character,
+    and never all of ``word``."""
+    fitting = [i for i in range(1, len(word)) if text_width_in(word[:i] + "-", points) <= width_in] or [1]
+    cut = max([i for i in fitting if len(word) - i >= _MIN_TAIL] or fitting)
+    return word[:cut] + "-"
+
+
 def wrap(text: str, width_in: float, points: float = FONT_PT) -> str:
     """``text`` broken into lines no wider than ``width_in`` when drawn at ``points``.
 
-    Breaks at spaces, then inside long words after ``_ - / , = .``, then anywhere. Existing
-    line breaks are kept; no-break spaces (U+00A0, U+202F) never break.
+    Breaks at spaces, then inside long words after ``_ - / , = .``, then anywhere with a
+    hyphen (``parenchy-`` / ``ma``, never a bare ``parenchym`` / ``a``). Existing line breaks
+    are kept; no-break spaces (U+00A0, U+202F) never break.
     """
     width_in = max(width_in, text_width_in("MM", points))
     lines: list[str] = []
@@ -404,11 +409,9 @@ def wrap(text: str, width_in: float, points: float = FONT_PT) -> str:
                 if line:
                     lines.append(line)
                     line = ""
-                while text_width_in(piece, points) > width_in:  # no separator left: break anywhere
-                    cut = max(1, max(i for i in range(1, len(piece) + 1)
-                                     if text_width_in(piece[:i], points) <= width_in or i == 1))
-                    lines.append(piece[:cut])
-                    piece = piece[cut:]
+                while text_width_in(piece, points) > width_in:  # no separator left: hyphenate anywhere
+                    lines.append(_hyphenated_head(piece, width_in, points))
+                    piece = piece[len(lines[-1]) - 1:]
                 line = piece
         lines.append(line)
     return "\n".join(lines)

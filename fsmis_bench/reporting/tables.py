@@ -6,6 +6,12 @@ over folds of the fold's organ score (optionally ± the standard deviation acros
 the ``Mean`` column is the mean over the organs. Per column and setting, the best value is
 bold and the second underlined; only published numbers and measured rows without markers
 compete, so an incomplete or non-standard run can never look like the winner.
+
+Measured rows are named as the figures and the bootstrap intervals name them
+(:func:`~.style.method_label`: ``SD-FSMIS (SII+QE) [tiny]``, ``--rename`` applied), so one
+report calls a method one thing everywhere; the CSV adds the ``key`` that the
+machine-readable files and ``--compare`` use (:func:`~.collect.row_label`:
+``sdfsmis_qe [tiny,random_weights]``).
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from .collect import (
     run_backbones,
     run_flags,
 )
-from .style import method_display, method_style
+from .style import method_display, method_label, method_style
 
 #: SD-FSMIS ablation methods -> which of (SII, QE, VTCT) they contain (paper Table 3)
 ABLATION_METHODS: dict[str, tuple[bool, bool, bool]] = {
@@ -98,6 +104,7 @@ class Row:
         backbone: measured rows: the runs' backbone (``sd15``); published rows: the CSV's
             backbone text, empty for the paper's default configuration.
         options: measured rows: their non-standard options, ``;``-joined.
+        variant: measured rows: the run records' variant key (the label shows its display form).
     """
 
     labels: dict[str, str]
@@ -110,6 +117,13 @@ class Row:
     random_reasons: list[str] = field(default_factory=list)
     backbone: str = ""
     options: str = ""
+    variant: str = ""
+
+    @property
+    def key(self) -> str:
+        """Measured rows: ``method [variant]`` as the CSV files and ``--compare`` name them;
+        published rows: empty."""
+        return row_label(self.method, self.variant) if self.source == "measured" else ""
 
     @property
     def competes(self) -> bool:
@@ -291,12 +305,14 @@ class Table:
         return "\n".join(lines).replace("✓", "\\checkmark") + "\n"
 
     def to_frame(self) -> pd.DataFrame:
-        """Wide frame: label columns, source, markers, then ``<group>|<organ>`` (and ``|std``)."""
+        """Wide frame: label columns, source, markers, key (:attr:`Row.key`), then
+        ``<group>|<organ>`` (and ``|std``)."""
         records = []
         for row in self.rows:
             record: dict[str, object] = {col: row.labels.get(col, "") for col in self.label_columns}
             record["source"] = row.source
             record["markers"] = ";".join(row.markers)
+            record["key"] = row.key
             for key, title, organs in self.groups:
                 for organ in organs:
                     cell = row.values.get((key, organ))
@@ -412,7 +428,8 @@ def _measured_rows(
                 values[(key, organ)] = cell
             if n_folds < N_FOLDS:
                 incomplete = True
-                notes.append(f"{row_label(method, variant)}, {eval_label(train, test)} setting {setting}: {n_folds}/{N_FOLDS} folds")
+                notes.append(f"{method_label(method, variant)}, {eval_label(train, test)} setting {setting}: "
+                             f"{n_folds}/{N_FOLDS} folds")
         markers = []
         if incomplete:
             markers.append("incomplete")
@@ -421,11 +438,12 @@ def _measured_rows(
             markers.append("random_weights")
         if flag["non_standard"]:
             markers.append("non_standard")
-        labels = {"Method": row_label(method, variant), "Setting": str(setting)}
+        labels = {"Method": method_label(method, variant), "Setting": str(setting)}
         labels.update(extra_labels(method, variant))
         reasons = [r for r in str(flag["random_reason"]).split(";") if r]
         rows.append(Row(labels, values, "measured", markers, int(setting), notes, method, reasons,
-                        backbone=backbones.get((method, variant), "none"), options=str(flag["non_standard"])))
+                        backbone=backbones.get((method, variant), "none"), options=str(flag["non_standard"]),
+                        variant=variant))
     return rows
 
 
@@ -491,7 +509,9 @@ def published_gap(table: Table) -> pd.DataFrame:
     measured method and variant, its published name, the evaluation, the two means (Dice %),
     ``gap`` = measured - published, the measured row's markers (a marked row is not a
     like-for-like comparison: random weights, reduced budget, missing folds...) and a
-    ``caveat`` where the protocols differ (setting 2: :data:`~.collect.LEGACY_EXCLUSION_NOTE`).
+    ``caveat`` saying why in words (:func:`~.collect.comparison_caveat`: the method's own
+    caveat, random weights, non-standard options, setting 2's
+    :data:`~.collect.LEGACY_EXCLUSION_NOTE`).
     A run on another backbone than the published row's has no counterpart here
     (:func:`~.collect.published_row_applies`).
     """
@@ -514,7 +534,7 @@ def published_gap(table: Table) -> pd.DataFrame:
                 "setting": int(row.rank_group), "measured_mean": round(mine.mean, 2),
                 "published_mean": round(theirs.mean, 2), "gap": round(mine.mean - theirs.mean, 2),
                 "markers": ";".join(row.markers),
-                "caveat": comparison_caveat(row.method, int(row.rank_group), row.options),
+                "caveat": comparison_caveat(row.method, int(row.rank_group), row.options, ";".join(row.random_reasons)),
             })
     return pd.DataFrame(records, columns=columns)
 
