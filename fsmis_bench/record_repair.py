@@ -42,14 +42,18 @@ def rebuild_cases(run_dir: Path, problem: str, *, default_groups: list[str]) -> 
 
     cases_path, parts = run_dir / "cases.csv", run_dir / "parts"
     move_away = f"move {run_dir} away and rerun the same command to compute the run again"
+    # run.json is rewritten by an unfinished run's rerun, which then reuses the trained
+    # weights and the evaluation parts: nothing is computed again
+    rewrite = (f"delete {run_dir / 'run.json'} and {run_dir / COMPLETE} and rerun the same command: the record "
+               "is written again from the run's trained weights and evaluation parts, nothing is trained again")
     try:
         info = read_json(run_dir / "run.json")
     except (OSError, ValueError) as exc:
         raise DamagedRecordError(f"the record {run_dir / 'run.json'} of a finished run is damaged ({exc})",
-                                 hint=move_away) from None
+                                 hint=rewrite) from None
     if not isinstance(info, dict):
         raise DamagedRecordError(f"the record {run_dir / 'run.json'} of a finished run holds no record",
-                                 hint=move_away)
+                                 hint=rewrite)
     groups = info.get("groups") or default_groups
     redo = (f"delete {run_dir / COMPLETE}{{}} and rerun the same command: the evaluation is done again, with "
             "the trained weights kept")

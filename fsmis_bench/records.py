@@ -19,7 +19,9 @@ import errno
 import hashlib
 import json
 import os
+import inspect
 import platform
+import subprocess
 import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -316,6 +318,60 @@ def package_versions() -> dict[str, str]:
         if origin.distribution and origin.distribution not in versions:
             versions[origin.distribution] = origin.version
     return versions
+
+
+def code_identity(method_cls: type | None = None) -> dict[str, Any]:
+    """Which code computed a run, for ``run.json``: the fsmis-bench checkout's git commit
+    and whether it had uncommitted changes (``None`` outside a git checkout, e.g. a wheel),
+    and a digest of the file that defines the method's class. The package version alone
+    does not say it: it stays the same across many commits, and an edited plugin keeps its
+    version."""
+    package_dir = Path(__file__).resolve().parent
+    git: dict[str, Any] | None = None
+    try:
+        commit = subprocess.run(["git", "-C", str(package_dir), "rev-parse", "HEAD"], capture_output=True,
+                                text=True, timeout=10)
+        if commit.returncode == 0:
+            changes = subprocess.run(["git", "-C", str(package_dir), "status", "--porcelain", "--untracked-files=no"],
+                                     capture_output=True, text=True, timeout=10)
+            git = {"commit": commit.stdout.strip(), "dirty": bool(changes.stdout.strip()) if changes.returncode == 0 else None}
+    except (OSError, subprocess.SubprocessError):
+        git = None
+    out: dict[str, Any] = {"fsmis_bench_git": git}
+    if method_cls is not None:
+        out["method_file_sha256"] = method_file_digest(method_cls)
+    return out
+
+
+def method_file_digest(method_cls: type) -> str | None:
+    """SHA-256 of the source file defining ``method_cls`` (``None`` where it has none)."""
+    try:
+        return file_digest(Path(inspect.getfile(method_cls)))
+    except (TypeError, OSError):
+        return None
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def machine_identity(device: str) -> dict[str, Any]:
+    """The processor (and accelerator) a run computed on, for ``run.json``: a trained
+    model's numbers depend on them (other kernels round differently)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    out: dict[str, Any] = {"cpu": cpu, "cpu_count": os.cpu_count(), "device": device}
+    if device.startswith("cuda"):
+        import torch
+
+        out["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return out
 
 
 def registered_by(cfg: DictConfig) -> dict[str, dict[str, str]]:

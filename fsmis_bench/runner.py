@@ -47,12 +47,13 @@ from .protocol.metrics import fold_organ_scores
 from .protocol.settings import EvalGroup, eval_groups
 from .record_repair import DamagedRecordError, part_cases, rebuild_cases  # noqa: F401 (DamagedRecordError re-exported)
 from .records import (
-    CASE_COLUMNS, COMPLETE, atomic_write, can_write_in, config_hash, load_predictions, nearest_existing,
-    non_standard_options, now, package_versions, read_json, registered_by, run_dir_for, save_predictions,
+    CASE_COLUMNS, COMPLETE, atomic_write, can_write_in, code_identity, config_hash, load_predictions,
+    machine_identity, method_file_digest, nearest_existing, non_standard_options, now, package_versions, read_json, registered_by, run_dir_for, save_predictions,
     test_dataset_name, training_hash, write_error, write_json, writing_to,
 )
 from .training.checkpoint import (
-    LEGACY_FILES, STATE_FILE, WEIGHTS_FILE, CheckpointError, load_weights, read_metadata, refuse_legacy,
+    LEGACY_FILES, STATE_FILE, WEIGHTS_FILE, CheckpointError, clear_training_state, load_weights, read_metadata,
+    refuse_legacy,
 )
 from .training.engine import STEP_FILE, make_accelerator, train
 from .training.episodes import EpisodeSampler
@@ -407,11 +408,17 @@ def _find_checkpoint(cfg: DictConfig, inputs: dict, run_dir: Path, group: str) -
     return None
 
 
-def _prepare_dir(p: RunPlan, random_weights: bool, method_options: dict | None = None) -> dict:
+def _prepare_dir(p: RunPlan, random_weights: bool, method_options: dict | None = None, device: str = "cpu") -> dict:
     cfg, run_dir, ident = p.cfg, p.run_dir, p.identity
     assert ident is not None
     full_hash = config_hash(cfg, ident.inputs)
     info_path = run_dir / "run.json"
+    if info_path.exists() and _unreadable_record(info_path):
+        # An unfinished run's record holds nothing its rerun does not write again (its
+        # checkpoints and parts are separate files), so it is rewritten rather than refused.
+        warnings.warn(f"{info_path} was damaged (unreadable JSON): written again; the run resumes "
+                      "from its checkpoints and parts", DataWarning, 2)
+        info_path.unlink()
     if info_path.exists():
         info = read_json(info_path)
         if info.get("config_hash") != full_hash:
@@ -423,6 +430,10 @@ def _prepare_dir(p: RunPlan, random_weights: bool, method_options: dict | None =
             info.setdefault("supervoxels_generated", []).append({**ident.supervoxels_generated, "at": now()})
             write_json(info_path, info)
         info.setdefault("groups", [g.name for g in p.groups])  # records made before it was recorded
+        # a resumed run may go on with other code or on another machine: each resumption says which
+        info.setdefault("resumed", []).append({"at": now(), "code": code_identity(type(ident.method)),
+                                               "machine": machine_identity(device)})
+        write_json(info_path, info)
         return info
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
@@ -456,6 +467,8 @@ def _prepare_dir(p: RunPlan, random_weights: bool, method_options: dict | None =
         "groups": [g.name for g in p.groups],
         "supervoxels_generated": [{**ident.supervoxels_generated, "at": now()}] if ident.supervoxels_generated else [],
         "versions": package_versions(),
+        "code": code_identity(type(ident.method)),
+        "machine": machine_identity(device),
         "registered_by": registered_by(cfg),
         "started_at": now(),
         "finished_at": None,
@@ -463,6 +476,42 @@ def _prepare_dir(p: RunPlan, random_weights: bool, method_options: dict | None =
     }
     write_json(info_path, info)
     return info
+
+
+def _warn_if_other_code(run_dir: Path, ident: RunIdentity) -> None:
+    """Say so when a finished run kept as it is was computed by another version of its
+    method's code (another plugin release, or an edited method file): the hash covers the
+    config and the inputs, not the code, so a rerun does not compute it again."""
+    try:
+        info = read_json(run_dir / "run.json")
+    except (OSError, ValueError):
+        return
+    if not isinstance(info, dict):
+        return
+    method_cls = type(ident.method)
+    then = ((info.get("registered_by") or {}).get("method") or {})
+    now_entry = registered_by(ident.cfg).get("method", {})
+    differences = []
+    if then.get("version") and now_entry.get("version") and then["version"] != now_entry["version"]:
+        differences.append(f"{now_entry.get('distribution') or 'its package'} {then['version']} then, "
+                           f"{now_entry['version']} installed")
+    recorded = (info.get("code") or {}).get("method_file_sha256")
+    current = method_file_digest(method_cls)
+    if recorded and current and recorded != current:
+        differences.append(f"the file defining {method_cls.__name__} has changed since")
+    if differences:
+        warnings.warn(
+            f"{run_dir} was computed by other code of method {info.get('method')} ({'; '.join(differences)}); "
+            "its record is kept and its numbers are the old code's. To compute it with this code, pass another "
+            "results_dir= (or move that folder away)", DataWarning, 2,
+        )
+
+
+def _unreadable_record(path: Path) -> bool:
+    try:
+        return not isinstance(read_json(path), dict)
+    except (ValueError, UnicodeDecodeError):
+        return True
 
 
 def _check_results_writable(cfg: DictConfig) -> None:
@@ -503,6 +552,8 @@ def execute(cfg: DictConfig, *, allow_training: bool = True, checkpoint: Path | 
             if accelerator.is_main_process and _check_finished(run_dir, ident) and status is not None:
                 status["outcome"] = "repaired"
             tqdm.write(f"already complete, not recomputed: {run_dir}", file=sys.stderr)
+            if accelerator.is_main_process:
+                _warn_if_other_code(run_dir, ident)
             return run_dir
         p = plan(cfg, ident, allow_training=allow_training)
         with _exclusive(run_dir, accelerator.is_main_process):
@@ -550,6 +601,7 @@ def _exclusive(run_dir: Path, main_process: bool = True) -> Iterator[None]:
         return
     created = _missing_folders(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    locked = False
     try:
         with open(run_dir / ".lock", "w") as handle:
             try:
@@ -559,9 +611,13 @@ def _exclusive(run_dir: Path, main_process: bool = True) -> Iterator[None]:
                     f"{run_dir} is being computed by another process right now",
                     hint="let that process finish; rerunning afterwards reuses its result",
                 ) from None
+            locked = True
             yield
     except BaseException:
-        if created and not _holds_work(run_dir):
+        # Only the lock's holder may remove the folder: a process refused here may have
+        # seen it missing a moment before the holder created it, and the holder's run
+        # holds nothing computed yet in its first steps.
+        if locked and created and not _holds_work(run_dir):
             shutil.rmtree(run_dir, ignore_errors=True)
             for folder in created[1:]:
                 try:
@@ -592,7 +648,7 @@ def _execute(p: RunPlan, allow_training: bool, accelerator) -> Path:
     if (run_dir / COMPLETE).exists():  # finished by another process while we planned
         return run_dir
     probe = ident.method
-    info = (_prepare_dir(p, probe.uses_random_weights(), probe.resolved_options())
+    info = (_prepare_dir(p, probe.uses_random_weights(), probe.resolved_options(), str(accelerator.device))
             if accelerator.is_main_process else {})
     if accelerator.is_main_process:
         tqdm.write(_fold_line(p), file=sys.stderr)
@@ -711,6 +767,12 @@ def _finish(run_dir: Path, p: RunPlan, info: dict) -> None:
              if (f := run_dir / "checkpoints" / g.name / STEP_FILE).exists()}
     if steps:  # which step trained (train.cuda_graph is not hashed: it does not change the numbers)
         info["training_step"] = steps
+    for g in p.groups:
+        folder = run_dir / "checkpoints" / g.name
+        if (folder / WEIGHTS_FILE).exists() and (folder / STATE_FILE).exists():
+            # left when a stop came between writing the final weights and clearing the
+            # resume state (10 GB for SD-1.5); the final weights supersede it
+            clear_training_state(folder)
     info.update(finished_at=now(), status="complete")
     write_json(run_dir / "run.json", info)
     atomic_write(run_dir / COMPLETE, now() + "\n")

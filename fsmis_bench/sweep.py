@@ -320,8 +320,18 @@ def launch(overrides: list[str], *, command: str = "run", checkpoint: Path | Non
                 config_name="config", task_function=job, overrides=hydra_form + searchpath_override(),
             )
     except KeyboardInterrupt:
-        if job.finished and os.environ.get("RANK", "0") == "0":  # what was done before the stop
-            print_summary(job.finished, None, not_started=len(composed) - len(job.finished))
+        if os.environ.get("RANK", "0") == "0":
+            if job.finished:  # what was done before the stop (the basic launcher runs jobs here)
+                print_summary(job.finished, None, not_started=len(composed) - len(job.finished))
+            elif any(o.startswith("hydra/launcher=") for o in hydra_overrides):
+                # the jobs ran in other processes, whose outcomes this one never saw
+                results_dir = Path(str(composed[0][1].results_dir))
+                print(f"the launcher ran the jobs in other processes: `fsmis-bench runs {results_dir}` lists "
+                      "which finished and which stopped", file=sys.stderr)
+                if any(o.startswith("hydra/launcher=submitit") for o in hydra_overrides):
+                    print("submitit's jobs may still be running (a stop signal sent to this process alone does "
+                          "not reach them): rerun the same command once `fsmis-bench runs` shows none running",
+                          file=sys.stderr)
         raise
     except (HydraException, OmegaConfBaseException) as exc:
         raise ConfigError(f"the sweep could not be launched: {_first_line(exc)}") from None

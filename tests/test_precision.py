@@ -18,7 +18,9 @@ from fsmis_bench.training.precision import Precision, resolve_precision, with_re
     "device, cuda, mixed, tf32, expected",
     [
         ("cpu", False, "auto", "auto", Precision("no", False)),
-        ("cpu", False, "no", True, Precision("no", True)),  # explicit values are kept (no effect on a CPU)
+        ("cpu", False, "no", True, Precision("no", False)),  # no TF32 off CUDA: the record says what ran
+        ("auto", False, "no", True, Precision("no", False)),
+        ("cuda", True, "no", True, Precision("no", True)),
         ("cpu", False, "bf16", "auto", Precision("bf16", False)),
         ("auto", True, "auto", "auto", Precision("no", True)),  # the measured default: fp32 + TF32
         ("cuda", True, "auto", False, Precision("no", False)),
@@ -94,8 +96,8 @@ def test_accelerator_follows_the_resolved_precision():
         assert accelerator.mixed_precision == "bf16" and accelerator.device.type == "cpu"
         assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, False)
         accelerator = make_accelerator(compose(["device=cpu", "fidelity=code"]))
-        assert accelerator.mixed_precision == "no"
-        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
+        assert accelerator.mixed_precision == "no"  # its tf32=true resolves to false off CUDA
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, False)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 

@@ -4,6 +4,7 @@ the run (issue 9). Each test fails on a harness that lacks the guarantee it name
 from __future__ import annotations
 
 import errno
+import inspect
 import json
 import os
 import pickle
@@ -670,3 +671,41 @@ def test_a_cpu_runs_identity_holds_its_thread_count(results_dir):
     from fsmis_bench.records import training_hash
 
     assert training_hash(cfg, one.inputs) != training_hash(cfg, two.inputs)  # nor its trained weights
+
+
+def test_the_record_names_the_code_and_machine_and_a_rerun_says_when_the_code_changed(
+        tmp_path, results_dir, capsys):
+    args = _nifti_folder(tmp_path / "scans")
+    assert main(["run", "method=support_copy", *args]) == 0
+    (run_dir,) = _run_dirs(results_dir)
+    info = _info(run_dir)
+    import fsmis_bench.records as records_module
+    from methods.support_copy import SupportCopy
+
+    assert info["code"]["method_file_sha256"] == records_module.file_digest(Path(inspect.getfile(SupportCopy)))
+    assert set(info["code"]) == {"fsmis_bench_git", "method_file_sha256"}
+    assert info["machine"]["device"] == "cpu" and info["machine"]["cpu"]
+    capsys.readouterr()
+    assert main(["run", "method=support_copy", *args]) == 0  # the same code: kept, nothing to say
+    assert "other code" not in capsys.readouterr().err
+    info["code"]["method_file_sha256"] = "0" * 64  # as if the method's file had been edited since
+    (run_dir / "run.json").write_text(json.dumps(info))
+    assert main(["run", "method=support_copy", *args]) == 0
+    err = capsys.readouterr().err
+    assert "already complete, not recomputed" in err
+    assert "was computed by other code of method support_copy (the file defining SupportCopy has changed" in err
+
+
+def test_an_unfinished_run_with_a_damaged_record_is_rewritten_and_resumes(tmp_path, results_dir, capsys):
+    args = _nifti_folder(tmp_path / "scans")
+    assert main(["run", "method=support_copy", *args]) == 0
+    (run_dir,) = _run_dirs(results_dir)
+    finished = (run_dir / "cases.csv").read_bytes()
+    (run_dir / "COMPLETE").unlink()
+    (run_dir / "cases.csv").unlink()
+    (run_dir / "run.json").write_text((run_dir / "run.json").read_text()[:200])  # truncated
+    capsys.readouterr()
+    assert main(["run", "method=support_copy", *args]) == 0
+    err = capsys.readouterr().err
+    assert "was damaged (unreadable JSON): written again" in err and "Traceback" not in err
+    assert (run_dir / "cases.csv").read_bytes() == finished and _info(run_dir)["status"] == "complete"

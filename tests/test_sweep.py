@@ -316,3 +316,19 @@ def test_an_interrupted_sweep_says_what_it_finished_and_what_it_did_not(tmp_path
             "1 interrupted (saved; the same command resumes), 1 not started") in err
     assert "stopped; the same command resumes it" in err  # a Ctrl-C inside a step: the last checkpoint
     assert err.rstrip().endswith("interrupted; finished work is kept and the same command resumes")
+
+
+@pytest.mark.parametrize("launcher, says_still_running", [("joblib", False), ("submitit_local", True)])
+def test_an_interrupted_parallel_sweep_points_to_the_runs_listing(launcher, says_still_running, tmp_path, capsys,
+                                                                  monkeypatch):
+    from hydra._internal.hydra import Hydra
+
+    def stopped(*args, **kwargs):  # the stop reaches the launching process while its jobs run elsewhere
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Hydra, "multirun", stopped)
+    argv = ["run", "-m", *SUPPORT_COPY, "seed=0,1", f"hydra/launcher={launcher}", f"results_dir={tmp_path}"]
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert f"`fsmis-bench runs {tmp_path}` lists which finished and which stopped" in err
+    assert ("submitit's jobs may still be running" in err) == says_still_running

@@ -15,9 +15,10 @@ The defaults (``auto``):
   trains in fp32 as well.
 * CPU: fp32, TF32 off (it does not exist there).
 
-Only ``auto`` is resolved; explicit values are kept as given, so resolving is idempotent
-and a resolved config hashes the same on every machine (an explicit ``tf32=true`` on a CPU
-is recorded as asked and has no effect).
+``auto`` is resolved, and ``tf32=true`` off CUDA becomes ``false``: TF32 does not exist
+there, and a record saying ``fp32+tf32`` for a CPU run would claim a precision that never
+ran (``fidelity=code`` sets it, as the released code's ``--allow_tf32`` does). Resolving is
+idempotent.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def resolve_precision(device: str, mixed_precision: str, tf32: bool | str) -> Pr
         raise ConfigError(f"mixed_precision={mixed_precision!r} is not allowed", hint="use auto, no, bf16 or fp16")
     if tf32 not in ("auto", True, False):
         raise ConfigError(f"tf32={tf32!r} is not allowed", hint="use auto, true or false")
-    return Precision(mixed, cuda if tf32 == "auto" else bool(tf32))
+    return Precision(mixed, cuda if tf32 == "auto" else bool(tf32) and cuda)
 
 
 def precision_of(cfg: DictConfig) -> Precision:
