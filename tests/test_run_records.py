@@ -709,3 +709,22 @@ def test_an_unfinished_run_with_a_damaged_record_is_rewritten_and_resumes(tmp_pa
     err = capsys.readouterr().err
     assert "was damaged (unreadable JSON): written again" in err and "Traceback" not in err
     assert (run_dir / "cases.csv").read_bytes() == finished and _info(run_dir)["status"] == "complete"
+
+
+def test_a_process_refused_by_the_lock_never_removes_the_holders_folder(tmp_path, monkeypatch):
+    import fcntl
+
+    from fsmis_bench import runner
+    from fsmis_bench.errors import ConfigError
+
+    run_dir = tmp_path / "prototype" / "fold0" / "seed0-abcdef12"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("x: 1\n")  # the holder's first files: nothing computed yet
+    # the refused process had seen the folder missing a moment before the holder made it
+    monkeypatch.setattr(runner, "_missing_folders", lambda path: [run_dir, run_dir.parent])
+    with open(run_dir / ".lock", "w") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(ConfigError, match="being computed by another process"):
+            with runner._exclusive(run_dir):
+                pass
+        assert (run_dir / "config.yaml").exists() and (run_dir / ".lock").exists()
