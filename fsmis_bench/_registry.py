@@ -237,13 +237,18 @@ class Registry(Generic[T]):
     Args:
         kind: what the registry holds, used in error messages (e.g. ``"method"``).
         base: ``"module:Class"``: what :meth:`build` must return (None: anything).
+        contract: ``"module:function"`` that :meth:`build` calls with the registered class
+            before building it and with the built object after:
+            ``[(what is wrong, what to change)]``, empty when nothing is (e.g.
+            :func:`fsmis_bench.method.contract_problems`; None: no check).
     """
 
-    def __init__(self, kind: str, base: str | None = None) -> None:
+    def __init__(self, kind: str, base: str | None = None, contract: str | None = None) -> None:
         self.kind = kind
         #: ``"module:Class"`` every built object must be an instance of (imported when first
         #: needed, so that a registry costs no heavy import), e.g. the method base class
         self.base = base
+        self.contract = contract
         self._entries: dict[str, Entry[T]] = {}
 
     def register(
@@ -302,7 +307,9 @@ class Registry(Generic[T]):
 
         An :class:`~fsmis_bench.errors.FsmisError` the factory raises (a plugin's own
         message for its user) passes unchanged; any other exception becomes a
-        :class:`PluginError` naming the entry and the plugin that registered it.
+        :class:`PluginError` naming the entry and the plugin that registered it. So does a
+        class or built object that breaks the registry's ``contract`` (checked on the class
+        before it is built, so before any weights load, and on the built object).
         """
         entry = self.entry(name)
         factory = entry.load()
@@ -310,6 +317,8 @@ class Registry(Generic[T]):
         if base is not None and isinstance(factory, type) and not issubclass(factory, base):
             raise PluginError(f"{entry.described()} registers {_qualified(factory)}, which is not a subclass of "
                               f"{_qualified(base)}", hint=f"register a {base.__name__} subclass; {entry.remedy()}")
+        if isinstance(factory, type):
+            self._check_contract(entry, factory)
         try:
             built = factory(*args, **kwargs)
         except FsmisError:
@@ -321,7 +330,22 @@ class Registry(Generic[T]):
             raise PluginError(f"{entry.described()} is registered as {entry.target!r}, which built a "
                               f"{_qualified(type(built))}, not a {_qualified(base)}",
                               hint=f"register a {base.__name__} subclass (or a factory returning one); {entry.remedy()}")
+        self._check_contract(entry, built)
         return built
+
+    def _check_contract(self, entry: Entry[T], obj: Any) -> None:
+        """Raise one :class:`PluginError` listing how ``obj`` (the registered class, or what it
+        built) breaks :attr:`contract`, with what to change."""
+        if not self.contract:
+            return
+        problems = _import_target(self.contract)(obj)
+        if not problems:
+            return
+        owner = _qualified(obj if isinstance(obj, type) else type(obj))
+        raise PluginError(
+            f"{entry.described()} breaks the {self.kind} contract: {owner}: " + "; ".join(p for p, _ in problems),
+            hint="; ".join([*(fix for _, fix in problems), entry.remedy()]),
+        )
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries

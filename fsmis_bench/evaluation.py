@@ -41,8 +41,8 @@ class OrganEpisodes:
 #: what :meth:`Method.predict` must return, for messages
 PREDICT_CONTRACT = (
     "Method.predict(support_images (S, 1, H, W), support_masks (S, 1, H, W), query_images (Q, 1, H, W)) "
-    "must return a (Q, H, W) torch.bool tensor: one foreground mask per query slice, at the query images' "
-    "size; threshold scores inside predict (e.g. `return probabilities[:, 0] > 0.5`)"
+    "must return a (Q, H, W) torch.bool tensor on the query images' device (or the CPU): one foreground mask per query slice, "
+    "at the query images' size; threshold scores inside predict (e.g. `return probabilities[:, 0] > 0.5`)"
 )
 
 
@@ -56,7 +56,8 @@ def _method_name(method: Method) -> str:
     return str(name) if name else type(method).__name__
 
 
-def check_prediction(method: Method, mask: object, queries: int, size: tuple[int, int]) -> None:
+def check_prediction(method: Method, mask: object, queries: int, size: tuple[int, int],
+                     device: torch.device | str | None = None) -> None:
     """Refuse a :meth:`Method.predict` output that breaks the contract.
 
     Args:
@@ -64,23 +65,34 @@ def check_prediction(method: Method, mask: object, queries: int, size: tuple[int
             it must be a ``(queries, H, W)`` bool tensor. Nothing is thresholded, broadcast
             or guessed: a float mask (0.5 would be a guess, NaN would become background),
             a ``(1, H, W)`` mask (broadcast over every slice) or one mask too few is an error.
+        device: the query images' device, which the mask must be on too, or the CPU (None:
+            any); a mask on another device (``meta``, which holds no data) is an error.
     Raises:
         PluginError: naming the method, the plugin and distribution that registered it, and
             what it returned, with the contract as the hint.
     """
+    expected = torch.device(device) if device is not None else None
     if isinstance(mask, torch.Tensor):
         shape = tuple(mask.shape)
-        if mask.dtype == torch.bool and shape == (queries, *size):
+        # the CPU too: a mask copied out early is as good as one on the query's device
+        on_device = expected is None or mask.device.type == "cpu" or _same_device(mask.device, expected)
+        if mask.dtype == torch.bool and shape == (queries, *size) and on_device:
             return
-        got = f"a {mask.dtype} tensor of shape {shape}"
+        got = f"a {mask.dtype} tensor of shape {shape}" + ("" if on_device else f" on device {mask.device}")
     else:
         got = f"a {type(mask).__name__}"
     raise PluginError(
         f"{origin_of('method', _method_name(method))} broke the predict contract: it returned {got} "
         f"for {queries} query slices of {size[0]}x{size[1]} "
-        f"(expected torch.bool of shape ({queries}, {size[0]}, {size[1]}))",
+        f"(expected torch.bool of shape ({queries}, {size[0]}, {size[1]})"
+        + (f" on device {expected})" if expected is not None else ")"),
         hint=PREDICT_CONTRACT,
     )
+
+
+def _same_device(got: torch.device, expected: torch.device) -> bool:
+    """``cuda:0`` is ``cuda`` (a device without an index is the current one)."""
+    return got.type == expected.type and (got.index is None or expected.index is None or got.index == expected.index)
 
 
 @torch.no_grad()
@@ -118,13 +130,14 @@ def predict_case(
         support_images = resize_slices(torch.from_numpy(np.ascontiguousarray(images)), image_size)
         support_masks = resize_slices(torch.from_numpy(masks.astype(np.float32)), image_size, nearest=True)
         query_images = resize_slices(torch.from_numpy(query.images[lo:hi]), image_size)
+        query_input = query_images.unsqueeze(1).to(device)
         with plugin_code("method", _method_name(method), "predict"), (autocast() if autocast is not None else nullcontext()):
             mask = method.predict(
                 support_images.unsqueeze(1).to(device),
                 support_masks.unsqueeze(1).to(device),
-                query_images.unsqueeze(1).to(device),
+                query_input,
             )
-        check_prediction(method, mask, hi - lo, tuple(query_images.shape[-2:]))
+        check_prediction(method, mask, hi - lo, tuple(query_images.shape[-2:]), query_input.device)
         mask = mask.float().cpu()
         if tuple(mask.shape[-2:]) != (height, width):
             mask = resize_slices(mask, (height, width), nearest=True)

@@ -62,6 +62,10 @@ class EpisodeBatch:
 #: diffusers' U-Net/VAE residual block and torchvision-style ResNet blocks
 REGION_CLASS_NAMES = ("ResnetBlock2D", "Bottleneck", "BasicBlock")
 
+#: the values :attr:`Method.input_norm` may take (:func:`fsmis_bench.data.base.normalise_volume`):
+#: per-volume z-score, min-max to [-1, 1], or the intensities as stored
+INPUT_NORMS = ("zscore", "minmax", "none")
+
 
 class Method(nn.Module):
     """Base class of all method plugins.
@@ -79,7 +83,8 @@ class Method(nn.Module):
 
     #: False for training-free methods: the engine skips training entirely.
     needs_training: ClassVar[bool] = True
-    #: per-volume intensity normalisation the method expects: "zscore" or "minmax".
+    #: per-volume intensity normalisation the method expects: one of :data:`INPUT_NORMS`
+    #: (``"zscore"``, ``"minmax"`` to [-1, 1], ``"none"``: the intensities as stored).
     input_norm: ClassVar[str] = "zscore"
     #: ``cfg.method`` options added after runs of the method were recorded, with the value
     #: every earlier run had. A run's hash holds such an option as :meth:`late_option_values`
@@ -218,3 +223,61 @@ class Method(nn.Module):
     def uses_random_weights(self) -> bool:
         """True when a component that should be pretrained was built with random weights."""
         return False
+
+
+def contract_problems(method: type[Method] | Method) -> list[tuple[str, str]]:
+    """How a method class, or a built method, breaks the contract the engine relies on:
+    ``[(what is wrong, what to change)]``, empty when nothing is.
+
+    :meth:`fsmis_bench._registry.Registry.build` checks the class before constructing it and
+    the built object after, so each of these stops the command with one
+    :class:`~fsmis_bench.plugins.PluginError` before anything is trained or written:
+
+    * ``predict`` is not overridden (every method is evaluated);
+    * ``input_norm`` is not one of :data:`INPUT_NORMS`;
+    * built only: a trainable method (``needs_training``) overrides neither ``training_loss``
+      nor ``forward``;
+    * built only: the method or one of its submodules overrides ``get_extra_state``: a
+      checkpoint holds trainable parameters and buffers only
+      (:func:`fsmis_bench.training.checkpoint.trainable_state`), so such state would be lost
+      on resuming and in the saved weights.
+    """
+    cls = method if isinstance(method, type) else type(method)
+    problems: list[tuple[str, str]] = []
+    if getattr(cls, "predict", Method.predict) is Method.predict:
+        problems.append((
+            "it does not override predict",
+            "define predict(self, support_images, support_masks, query_images) returning a (Q, H, W) torch.bool "
+            "mask per query slice",
+        ))
+    norm = getattr(method, "input_norm", None)
+    if norm not in INPUT_NORMS:
+        from ._registry import closest  # the registry imports no method: imported when needed
+
+        close = closest(str(norm), list(INPUT_NORMS)) if isinstance(norm, str) else None
+        problems.append((
+            f"its input_norm is {norm!r}",
+            (f"did you mean {close!r}? " if close else "")
+            + "set the class attribute input_norm to one of " + ", ".join(repr(n) for n in INPUT_NORMS)
+            + " (per-volume z-score, min-max to [-1, 1], or the intensities as stored)",
+        ))
+    if isinstance(method, type):
+        return problems
+    if (method.needs_training and getattr(cls, "training_loss", Method.training_loss) is Method.training_loss
+            and getattr(cls, "forward", Method.forward) is Method.forward):
+        problems.append((
+            "it is trainable (needs_training is true) but does not override training_loss",
+            "define training_loss(self, batch) returning a 0-dim loss tensor, or set needs_training = False for "
+            "a method that trains nothing",
+        ))
+    extra = [f"its submodule {qualified!r} ({type(module).__name__})" if qualified else "it"
+             for qualified, module in method.named_modules()
+             if getattr(type(module), "get_extra_state", nn.Module.get_extra_state) is not nn.Module.get_extra_state]
+    if extra:
+        problems.append((
+            f"{' and '.join(extra)} override{'s' if len(extra) == 1 else ''} get_extra_state, whose state a checkpoint "
+            "does not save (a resumed training would go on without it, and the saved weights would lack it)",
+            "keep every state that training changes in a trainable parameter or a registered buffer "
+            "(self.register_buffer(name, tensor); an EMA or teacher copy too) and remove get_extra_state",
+        ))
+    return problems

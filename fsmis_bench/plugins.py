@@ -11,8 +11,9 @@ and implements any of the hooks below.
 
 A plugin that fails (its import raises, a hook raises) stops every command with one
 :class:`PluginError` naming the entry point and the distribution that installed it, never a
-traceback; a config file a plugin ships but that another file of the same name hides warns
-(:class:`PluginWarning`).
+traceback; so does a ``@hookimpl`` whose name is no hook below (``fsmis_register_method``),
+which pluggy would otherwise never call. A config file a plugin ships but that another file
+of the same name hides warns (:class:`PluginWarning`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ from typing import Any
 
 import pluggy
 
-from ._registry import BUILTIN_DISTRIBUTION, Display, PluginError, Registry, _exception_text, missing_config_key, remedy
+from ._registry import (
+    BUILTIN_DISTRIBUTION, Display, PluginError, Registry, _exception_text, closest, missing_config_key, remedy,
+)
 from .errors import DataWarning, FsmisError
 
 PROJECT = "fsmis_bench"
@@ -153,7 +156,36 @@ def plugin_manager() -> pluggy.PluginManager:
     for plugin, name in _extra_plugins:
         if pm.get_plugin(name) is None:
             _register(pm, plugin, PluginOrigin(name))
+    _check_hook_names(pm)
     return pm
+
+
+#: the hooks a plugin may implement (:class:`HookSpecs`)
+HOOK_NAMES = tuple(sorted(name for name in vars(HookSpecs) if name.startswith("fsmis_")))
+
+
+def _check_hook_names(pm: pluggy.PluginManager) -> None:
+    """pluggy's ``check_pending``: a ``@hookimpl`` whose name is no hook of :class:`HookSpecs`
+    (``fsmis_register_method``) would never be called, so its plugin would silently register
+    nothing. Raised as one :class:`PluginError` naming the plugin, its distribution and the
+    hook it probably meant."""
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        unknown = [(name, impl) for name, caller in vars(pm.hook).items()
+                   if callable(getattr(caller, "has_spec", None)) and not caller.has_spec()
+                   for impl in caller.get_hookimpls() if not impl.optionalhook]
+        if not unknown:  # pluggy found something else: its own words
+            raise PluginError(f"a plugin cannot be registered: {exc}",
+                              hint="the hooks and their arguments: fsmis_bench/plugins.py") from exc
+        name, impl = unknown[0]
+        origin = _origins.get(impl.plugin_name) or PluginOrigin(impl.plugin_name)
+        close = closest(name, list(HOOK_NAMES))
+        raise PluginError(
+            f"{origin} implements the hook {name!r}, which fsmis-bench does not have, so it would never be called",
+            hint=(f"did you mean {close!r}? " if close else "") + f"the hooks are {', '.join(HOOK_NAMES)}; "
+                 + origin.remedy(),
+        ) from exc
 
 
 def _load_entry_points(pm: pluggy.PluginManager) -> None:
@@ -214,7 +246,7 @@ def registries() -> Registries:
     """
     pm = plugin_manager()
     regs = Registries(
-        methods=Registry("method", base="fsmis_bench.method:Method"),
+        methods=Registry("method", base="fsmis_bench.method:Method", contract="fsmis_bench.method:contract_problems"),
         datasets=Registry("dataset", base="fsmis_bench.data.base:VolumeDataset"),
         backbones=Registry("backbone"),
         settings=Registry("setting"),

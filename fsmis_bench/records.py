@@ -104,13 +104,27 @@ def _pick(data: dict[str, Any], dotted: str) -> Any:
     return data
 
 
-def _hashed_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
-    """The inputs as hashed: an external checkpoint counts by content, not by path."""
+def _hashed_inputs(inputs: dict[str, Any], legacy: bool = False) -> dict[str, Any]:
+    """The inputs as hashed: an external checkpoint and the pretrained weights count by
+    content, not by where they were read from (``legacy``: the weights with their paths,
+    as records made before 2026-11-27 hashed them; see :func:`weights_content`)."""
     hashed = dict(inputs)
     checkpoint = hashed.get("checkpoint")
     if checkpoint:
         hashed["checkpoint"] = {"sha256": checkpoint["sha256"]}
+    if not legacy and "weights" in hashed:
+        hashed["weights"] = weights_content(hashed["weights"])
     return hashed
+
+
+def weights_content(weights: Any) -> Any:
+    """A record's ``inputs.weights`` without where each component was read from: the same
+    files in another folder (another node of a cluster, a moved cache) are the same weights,
+    the same run and the same training."""
+    if not isinstance(weights, dict):
+        return weights
+    return {name: {k: v for k, v in component.items() if k not in _WEIGHT_LOCATION_KEYS}
+            if isinstance(component, dict) else component for name, component in weights.items()}
 
 
 def _late_method_options(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -147,26 +161,29 @@ def _hashed_config(cfg: DictConfig) -> dict[str, Any]:
     return data
 
 
-def config_hash(cfg: DictConfig, inputs: dict[str, Any] | None = None) -> str:
+def config_hash(cfg: DictConfig, inputs: dict[str, Any] | None = None, legacy: bool = False) -> str:
     """SHA-256 of the resolved config without paths and device choice, plus ``inputs``.
 
     Args:
         inputs: the run's inputs as recorded in ``run.json`` (``train_data``,
             ``test_data``, ``weights``, ``checkpoint``); see :func:`fsmis_bench.runner.identify`.
+        legacy: the hash of records made before the weights counted by content alone.
     """
     data = _hashed_config(cfg)
     if inputs is not None:
-        data["inputs"] = _hashed_inputs(inputs)
+        data["inputs"] = _hashed_inputs(inputs, legacy)
     return _digest(data)
 
 
-def training_hash(cfg: DictConfig, inputs: dict[str, Any] | None = None) -> str:
+def training_hash(cfg: DictConfig, inputs: dict[str, Any] | None = None, legacy: bool = False) -> str:
     """SHA-256 of only what decides the trained weights: training keys, training data,
-    pretrained weights."""
+    pretrained weights (by content; ``legacy``: with their paths, as earlier records)."""
     data = _hashed_config(cfg)
     picked = {key: _pick(data, key) for key in _TRAINING_KEYS}
     if inputs is not None:
-        picked["inputs"] = {"train_data": inputs.get("train_data"), "weights": inputs.get("weights")}
+        weights = inputs.get("weights")
+        picked["inputs"] = {"train_data": inputs.get("train_data"),
+                            "weights": weights if legacy or weights is None else weights_content(weights)}
         if inputs.get("cpu_threads") is not None:  # CPU runs only (runner.identify)
             picked["inputs"]["cpu_threads"] = inputs["cpu_threads"]
     return _digest(picked)
@@ -201,20 +218,16 @@ def weights_identity_hash(info: dict[str, Any]) -> str:
     weights = inputs.get("weights") or {}
     if not isinstance(weights, dict):
         return ""
-    content = {
-        name: {k: v for k, v in component.items() if k not in _WEIGHT_LOCATION_KEYS} if isinstance(component, dict)
-        else component
-        for name, component in weights.items()
-    }
-    return _digest(content)[:8]
+    return _digest(weights_content(weights))[:8]
 
 
 def test_dataset_name(cfg: DictConfig) -> str:
     return str(cfg.protocol.get("test_dataset") or cfg.dataset.name)
 
 
-def run_dir_for(cfg: DictConfig, inputs: dict[str, Any] | None = None) -> Path:
-    """The record directory of the run that ``cfg`` (with ``inputs``) describes."""
+def run_dir_for(cfg: DictConfig, inputs: dict[str, Any] | None = None, legacy: bool = False) -> Path:
+    """The record directory of the run that ``cfg`` (with ``inputs``) describes
+    (``legacy``: where a record made before the weights counted by content lies)."""
     test = test_dataset_name(cfg)
     dataset = test if test == cfg.dataset.name else f"{cfg.dataset.name}_to_{test}"
     return (
@@ -223,7 +236,7 @@ def run_dir_for(cfg: DictConfig, inputs: dict[str, Any] | None = None) -> Path:
         / dataset
         / f"setting{cfg.setting}"
         / f"fold{cfg.fold}"
-        / f"seed{cfg.seed}-{config_hash(cfg, inputs)[:8]}"
+        / f"seed{cfg.seed}-{config_hash(cfg, inputs, legacy)[:8]}"
     )
 
 

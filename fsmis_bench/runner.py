@@ -48,8 +48,8 @@ from .protocol.settings import EvalGroup, eval_groups
 from .record_repair import DamagedRecordError, part_cases, rebuild_cases  # noqa: F401 (DamagedRecordError re-exported)
 from .records import (
     CASE_COLUMNS, COMPLETE, atomic_write, can_write_in, code_identity, config_hash, load_predictions,
-    machine_identity, method_file_digest, nearest_existing, non_standard_options, now, package_versions, read_json, registered_by, run_dir_for, save_predictions,
-    test_dataset_name, training_hash, write_error, write_json, writing_to,
+    machine_identity, method_file_digest, nearest_existing, non_standard_options, now, package_versions, read_json,
+    registered_by, run_dir_for, save_predictions, test_dataset_name, training_hash, write_error, write_json, writing_to,
 )
 from .training.checkpoint import (
     LEGACY_FILES, STATE_FILE, WEIGHTS_FILE, CheckpointError, clear_training_state, load_weights, read_metadata,
@@ -123,6 +123,8 @@ class RunIdentity:
             path, SHA-256 and step (None without ``checkpoint=``).
         method: the method built for ``cfg`` (reused for the first evaluation group).
         supervoxels_generated: what :meth:`ensure_supervoxels` generated for this run.
+        legacy_hash: ``run_dir`` is a record made while the weights' paths were hashed
+            (before 2026-11-27), kept and resumed under that hash.
     """
 
     cfg: DictConfig
@@ -134,6 +136,7 @@ class RunIdentity:
     method: Method
     checkpoint: Path | None = None
     supervoxels_generated: dict | None = None
+    legacy_hash: bool = False
 
 
 @dataclass
@@ -242,8 +245,15 @@ def identify(cfg: DictConfig, checkpoint: Path | None = None) -> RunIdentity:
         # a CPU's float sums depend on how many threads share them: a joblib worker (one
         # thread) and a serial run (all cores) compute other numbers, so they are other runs
         inputs["cpu_threads"] = torch.get_num_threads()
-    return RunIdentity(cfg, run_dir_for(cfg, inputs), inputs, train_dataset, test_dataset, groups, method,
-                       checkpoint, generated)
+    run_dir, legacy = run_dir_for(cfg, inputs), False
+    if not run_dir.exists() and inputs.get("weights"):
+        # Records made while the weights' folder was hashed stay where they are and are
+        # found, finished or to resume, from the folder they were read from then.
+        earlier = run_dir_for(cfg, inputs, legacy=True)
+        if earlier != run_dir and earlier.exists():
+            run_dir, legacy = earlier, True
+    return RunIdentity(cfg, run_dir, inputs, train_dataset, test_dataset, groups, method,
+                       checkpoint, generated, legacy)
 
 
 def plan(cfg: DictConfig, identity: RunIdentity | None = None, *, allow_training: bool = True) -> RunPlan:
@@ -396,11 +406,11 @@ def _find_checkpoint(cfg: DictConfig, inputs: dict, run_dir: Path, group: str) -
             )
     if (own / WEIGHTS_FILE).exists():
         return own / WEIGHTS_FILE
-    wanted = training_hash(cfg, inputs)
+    wanted = {training_hash(cfg, inputs), training_hash(cfg, inputs, legacy=True)}  # earlier records: the latter
     for info in sorted(run_dir.parent.glob("*/run.json")):
         candidate = info.parent / "checkpoints" / group / WEIGHTS_FILE
         try:
-            same = read_json(info).get("training_hash") == wanted
+            same = read_json(info).get("training_hash") in wanted
         except (OSError, ValueError):
             continue  # a damaged sibling record is no source of weights
         if candidate.exists() and same:
@@ -411,7 +421,7 @@ def _find_checkpoint(cfg: DictConfig, inputs: dict, run_dir: Path, group: str) -
 def _prepare_dir(p: RunPlan, random_weights: bool, method_options: dict | None = None, device: str = "cpu") -> dict:
     cfg, run_dir, ident = p.cfg, p.run_dir, p.identity
     assert ident is not None
-    full_hash = config_hash(cfg, ident.inputs)
+    full_hash = config_hash(cfg, ident.inputs, ident.legacy_hash)
     info_path = run_dir / "run.json"
     if info_path.exists() and _unreadable_record(info_path):
         # An unfinished run's record holds nothing its rerun does not write again (its
@@ -454,7 +464,7 @@ def _prepare_dir(p: RunPlan, random_weights: bool, method_options: dict | None =
         "protocol": OmegaConf.to_container(cfg.protocol, resolve=True),
         "non_standard": non_standard_options(cfg, random_weights, checkpoint["sha256"] if checkpoint else None),
         "config_hash": full_hash,
-        "training_hash": training_hash(cfg, ident.inputs),
+        "training_hash": training_hash(cfg, ident.inputs, ident.legacy_hash),
         # Where the weights come from: trained by this run (or a sibling with the same
         # training hash), or an external checkpoint, which never counts as a `run`.
         "weights_from": "external_checkpoint" if checkpoint else ("training" if ident.method.needs_training else "none"),

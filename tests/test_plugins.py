@@ -14,7 +14,7 @@ from fsmis_bench import plugins
 from fsmis_bench._registry import PluginError, Registry
 from fsmis_bench.cli import main
 from fsmis_bench.errors import NameCollisionError, UnknownNameError
-from fsmis_bench.method import EpisodeBatch
+from fsmis_bench.method import EpisodeBatch, contract_problems
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "threshold_plugin"
 
@@ -122,6 +122,7 @@ def test_method_contract(name):
     torch.manual_seed(0)
     method = build_method(_method_overrides(name))
     assert method.input_norm in ("zscore", "minmax")
+    assert contract_problems(method) == []  # what building a third-party method checks
     size = 64
     support_images = torch.randn(1, 1, size, size)
     support_masks = torch.zeros(1, 1, size, size)
@@ -141,3 +142,35 @@ def test_method_contract(name):
         assert loss.ndim == 0 and torch.isfinite(loss)
         loss.backward()
         assert any(p.grad is not None for g in groups for p in g["params"])
+
+
+@pytest.mark.parametrize("meta, random", [
+    # the record's own random_weights (the method's uses_random_weights()) decides
+    ({"pretrained": False, "random_weights": False}, False),  # pretrained=false on a method without pretrained weights
+    ({"pretrained": True, "random_weights": True}, True),  # e.g. the tiny backbone
+    ({"pretrained": False, "random_weights": True}, True),
+    # a record written before random_weights existed: pretrained=false meant random weights
+    ({"pretrained": False}, True),
+    ({"pretrained": True}, False),
+    ({}, False),
+])
+def test_random_weights_come_from_the_record(meta, random):
+    from fsmis_bench.reporting.collect import is_random
+
+    assert is_random(meta) is random
+
+
+def test_python_m_fsmis_bench_is_the_cli(monkeypatch, capsys):
+    """`python -m fsmis_bench ...` where the console script is not installed (a venv that sees
+    fsmis-bench through a .pth file)."""
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", ["fsmis_bench", "list"])
+    with pytest.raises(SystemExit) as info:
+        runpy.run_module("fsmis_bench", run_name="__main__")
+    assert info.value.code == 0
+    assert "support_copy" in capsys.readouterr().out
+    monkeypatch.setattr(sys, "argv", ["fsmis_bench", "run", "method=no_such_method"])
+    with pytest.raises(SystemExit) as info:
+        runpy.run_module("fsmis_bench", run_name="__main__")
+    assert info.value.code == 2  # the CLI's own exit status

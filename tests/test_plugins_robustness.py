@@ -105,7 +105,10 @@ def _fails(argv: list[str], capsys: pytest.CaptureFixture[str], *expected: str) 
     """Run the CLI; it must exit 2 with one message holding every ``expected`` text."""
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "Traceback" not in err, err
+    # a run may say what it reads first (its fold's scans); then the one message, no traceback
+    assert ("\n" + err).count("\nerror: ") == 1 and "Traceback" not in err, err
+    err = err[err.index("error: "):]
+    assert err.startswith("error: ")
     for text in expected:
         assert text in err, err
     return err
@@ -360,7 +363,15 @@ def test_predict_output_must_be_q_h_w_bool(mask, got):
     check_prediction(_Named(), torch.zeros(3, 8, 8, dtype=torch.bool), 3, (8, 8))  # the contract passes
 
 
+def test_predict_output_must_be_on_the_query_images_device():
+    with pytest.raises(PluginError, match=r"returned a torch.bool tensor of shape \(3, 8, 8\) on device meta for 3 "
+                       r"query slices of 8x8 \(expected torch.bool of shape \(3, 8, 8\) on device cpu\)"):
+        check_prediction(_Named(), torch.ones(3, 8, 8, dtype=torch.bool, device="meta"), 3, (8, 8), torch.device("cpu"))
+    check_prediction(_Named(), torch.ones(3, 8, 8, dtype=torch.bool), 3, (8, 8), torch.device("cpu"))
+
+
 @pytest.mark.parametrize("output, got", [
+    ("torch.ones(q, h, w, dtype=torch.bool, device='meta')", "on device meta"),  # holds no data to copy out
     ("torch.full((q, h, w), 0.7)", "torch.float32 tensor of shape"),
     ("torch.full((q, h, w), float('nan'))", "torch.float32"),
     ("torch.ones(q, 1, h, w, dtype=torch.bool)", "shape ("),
@@ -523,3 +534,121 @@ def test_a_registered_target_must_build_a_method(install, capsys, results_dir):
            "which is not a subclass of fsmis_bench.method.Method", "hint: register a Method subclass")
     _fails(["run", "method=dict_factory"], capsys, "which built a builtins.dict, not a fsmis_bench.method.Method")
     assert not results_dir.exists()
+
+
+# -- the method contract, checked when the method is built ------------------------------------
+CONTRACT_PLUGIN = '''
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from fsmis_bench.method import Method
+from fsmis_bench.plugins import hookimpl
+
+
+class Counter(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def get_extra_state(self):
+        return {{"count": self.count}}
+
+    def set_extra_state(self, state):
+        self.count = state["count"]
+
+
+class Broken(Method):
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.conv = torch.nn.Conv2d(1, 1, 3, padding=1)
+        {init}
+
+    def training_loss(self, batch):
+        return F.binary_cross_entropy_with_logits(self.conv(batch.query_images), batch.query_masks)
+
+    def predict(self, support_images, support_masks, query_images):
+        return self.conv(query_images)[:, 0] > 0
+
+    {attribute}  # last: it may undo a method above
+
+
+@hookimpl
+def fsmis_register_methods(registry):
+    registry.register("{name}", Broken)
+
+
+@hookimpl
+def fsmis_config_dirs():
+    return [str(Path(__file__).parent / "configs")]
+'''
+
+
+@pytest.mark.parametrize("attribute, init, expected", [
+    # refused from the class, before it is built (the constructor would load the weights)
+    ("predict = Method.predict", "raise RuntimeError('the constructor ran')",
+     ["pkg_contract.Broken: it does not override predict", "hint: define predict(self, support_images, "
+      "support_masks, query_images) returning a (Q, H, W) torch.bool mask"]),
+    ("training_loss = Method.training_loss", "pass",
+     ["it is trainable (needs_training is true) but does not override training_loss",
+      "define training_loss(self, batch) returning a 0-dim loss tensor, or set needs_training = False"]),
+    ("input_norm = 'min_max'", "raise RuntimeError('the constructor ran')",
+     ["its input_norm is 'min_max'", "did you mean 'minmax'? set the class attribute input_norm to one of "
+      "'zscore', 'minmax', 'none'"]),
+    ("input_norm = None", "pass", ["its input_norm is None", "one of 'zscore', 'minmax', 'none'"]),
+    # state that a checkpoint does not save (trainable_state: trainable parameters and buffers)
+    ("get_extra_state = lambda self: {'calls': 1}", "pass",
+     ["it overrides get_extra_state, whose state a checkpoint does not save",
+      "keep every state that training changes in a trainable parameter or a registered buffer"]),
+    ("pass", "self.counter = Counter()",
+     ["its submodule 'counter' (Counter) overrides get_extra_state", "an EMA or teacher copy too"]),
+])
+def test_a_method_that_breaks_the_contract_is_refused_when_it_is_built(attribute, init, expected, install, capsys,
+                                                                       results_dir):
+    install("fsmis-contract", "0.4.0", "pkg_contract",
+            CONTRACT_PLUGIN.format(name="contract_method", attribute=attribute, init=init),
+            {"method/contract_method.yaml": "# @package _global_\nmethod:\n  name: contract_method\n"})
+    err = _fails(["run", "method=contract_method", "fold=1", "protocol.max_queries=1"], capsys,
+                 "method 'contract_method' (plugin 'pkg_contract' of fsmis-contract 0.4.0) breaks the method contract",
+                 *expected, "pip uninstall fsmis-contract")
+    assert "the constructor ran" not in err
+    assert not results_dir.exists()  # refused before anything is trained or written
+
+
+@pytest.mark.parametrize("loss, expected", [
+    ("return F.binary_cross_entropy_with_logits(logits, batch.query_masks, reduction='none')",
+     "broke the training_loss contract: it returned a torch.float32 tensor of shape (1, 1, 32, 32), not a scalar loss"),
+    ("return float(logits.mean())", "broke the training_loss contract: it returned a float, not a scalar loss"),
+    ("return logits.mean() * float('nan')",
+     "non-finite loss at step 1: the loss that method 'loss_method' (plugin 'pkg_loss_method' of "
+     "fsmis-loss-method 0.2.0) returned from its training_loss was NaN or infinite"),
+])
+def test_a_training_loss_that_is_not_a_finite_scalar_names_the_method(loss, expected, install, capsys, results_dir,
+                                                                      monkeypatch):
+    monkeypatch.setenv("FSMIS_NO_PROGRESS", "1")
+    _trained_plugin(install, "loss_method", loss=loss)
+    _fails(["run", "method=loss_method", "fold=1", "protocol.max_queries=1"], capsys,
+           "method 'loss_method' (plugin 'pkg_loss_method' of fsmis-loss-method 0.2.0)", expected)
+    assert not list(results_dir.glob("**/final.safetensors"))
+
+
+@pytest.mark.parametrize("hook, meant", [
+    ("fsmis_register_method", "fsmis_register_methods"),  # the final s
+    ("fsmis_config_dir", "fsmis_config_dirs"),
+    ("register_methods", "fsmis_register_methods"),
+])
+def test_a_misspelled_hook_is_named_with_the_one_meant(hook, meant, install, capsys):
+    install("fsmis-hook-typo", "0.1.0", "pkg_hooktypo", f"""
+        from fsmis_bench.plugins import hookimpl
+
+        @hookimpl
+        def {hook}(registry):
+            registry.register("never_registered", object)
+    """)
+    _fails(["list"], capsys,
+           f"plugin 'pkg_hooktypo' of fsmis-hook-typo 0.1.0 implements the hook '{hook}', which fsmis-bench does not "
+           "have, so it would never be called",
+           f"hint: did you mean '{meant}'? the hooks are fsmis_config_dirs, fsmis_register_backbones, "
+           "fsmis_register_datasets, fsmis_register_methods, fsmis_register_settings",
+           "pip uninstall fsmis-hook-typo")

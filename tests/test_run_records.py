@@ -24,6 +24,7 @@ from fsmis_bench.config import compose
 from fsmis_bench.data.base import Volume
 from fsmis_bench.errors import DataError
 from fsmis_bench.reporting.collect import load_results
+from fsmis_bench.records import run_dir_for
 from fsmis_bench.runner import identify
 
 SMALL = [
@@ -680,7 +681,7 @@ def test_the_record_names_the_code_and_machine_and_a_rerun_says_when_the_code_ch
     (run_dir,) = _run_dirs(results_dir)
     info = _info(run_dir)
     import fsmis_bench.records as records_module
-    from methods.support_copy import SupportCopy
+    from fsmis_methods.support_copy import SupportCopy
 
     assert info["code"]["method_file_sha256"] == records_module.file_digest(Path(inspect.getfile(SupportCopy)))
     assert set(info["code"]) == {"fsmis_bench_git", "method_file_sha256"}
@@ -728,3 +729,36 @@ def test_a_process_refused_by_the_lock_never_removes_the_holders_folder(tmp_path
             with runner._exclusive(run_dir):
                 pass
         assert (run_dir / "config.yaml").exists() and (run_dir / ".lock").exists()
+
+
+def _weights_at(folder: str) -> dict:
+    """A weight identity as the SD loaders record it, read from ``folder``."""
+    return {"unet": {"source": folder, "digest": "sha256:" + "ab" * 32, "layout": "diffusers",
+                     "location": f"{folder}/unet", "files": {"model.safetensors": "sha256:" + "cd" * 32}}}
+
+
+def test_the_same_weights_in_another_folder_are_the_same_run_and_earlier_records_are_still_found(
+        tmp_path, results_dir, monkeypatch):
+    from fsmis_bench.records import config_hash, training_hash
+    from fsmis_methods.support_copy import SupportCopy
+
+    args = ["method=support_copy", *_nifti_folder(tmp_path / "scans")]
+    monkeypatch.setattr(SupportCopy, "weight_identity", lambda self: _weights_at("/nodeA/weights"))
+    on_a = identify(compose(args))
+    monkeypatch.setattr(SupportCopy, "weight_identity", lambda self: _weights_at("/nodeB/cache"))
+    on_b = identify(compose(args))
+    assert on_a.run_dir == on_b.run_dir and not on_b.legacy_hash
+    assert training_hash(on_a.cfg, on_a.inputs) == training_hash(on_b.cfg, on_b.inputs)
+    # other content is another run
+    other = _weights_at("/nodeB/cache")
+    other["unet"]["digest"] = "sha256:" + "ef" * 32
+    assert config_hash(on_b.cfg, {**on_b.inputs, "weights": other}) != config_hash(on_b.cfg, on_b.inputs)
+    # a record made while the folder was hashed is found where it lies, and resumed there
+    earlier = run_dir_for(on_b.cfg, on_b.inputs, legacy=True)
+    assert earlier != on_b.run_dir
+    earlier.mkdir(parents=True)
+    found = identify(compose(args))
+    assert found.run_dir == earlier and found.legacy_hash
+    assert main(["run", *args]) == 0
+    assert _info(earlier)["config_hash"] == config_hash(found.cfg, found.inputs, legacy=True)
+    assert _info(earlier)["status"] == "complete" and not on_b.run_dir.exists()

@@ -101,7 +101,13 @@ def variant_key(meta: dict) -> str:
 
 
 def is_random(meta: dict) -> bool:
-    return bool(meta.get("random_weights")) or meta.get("pretrained") is False
+    """Whether a run's weights were random: its record's ``random_weights`` (what the method's
+    ``uses_random_weights()`` said) where the record has it, so that ``pretrained=false`` on a
+    method without pretrained weights (``prototype``, a plugin) is not random weights; a
+    record written before that field by ``pretrained: false``."""
+    if meta.get("random_weights") is not None:
+        return bool(meta["random_weights"])
+    return meta.get("pretrained") is False
 
 
 def non_standard_options(meta: dict) -> list[str]:

@@ -297,6 +297,7 @@ class TrainStep:
         for batch in batches:
             with accelerator.accumulate(method), accelerator.autocast():
                 loss = method(batch)  # forward == training_loss; through the DDP wrapper
+                self._check_loss(loss)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and self.fused_clip:
                     core_optimizer(optimizer).grad_scale = clip_divisor(method.parameters(), self.grad_clip)
@@ -310,6 +311,34 @@ class TrainStep:
             part = loss.detach().float() / len(batches)
             total = part if total is None else total + part
         return total
+
+    def _described(self) -> str:
+        """``"method 'x' (plugin 'p' of dist 1.0)"``: the method being trained, for messages."""
+        method = self.accelerator.unwrap_model(self.method)
+        method = getattr(method, "_orig_mod", method)  # a torch.compile wrapper's module
+        name = _method_name(method)
+        try:
+            from ..plugins import origin_of  # late: the plugins import the method plugins
+
+            return origin_of("method", name)
+        except Exception:  # noqa: BLE001 - a message must not fail
+            return f"method {name!r}"
+
+    def _check_loss(self, loss: object) -> None:
+        """Refuse a training loss that is not a 0-dim float tensor (its shape and dtype only:
+        no device sync, and a recorded or compiled step checks it while recording)."""
+        if isinstance(loss, torch.Tensor) and loss.ndim == 0 and loss.is_floating_point():
+            return
+        got = (f"a {loss.dtype} tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor)
+               else f"a {type(loss).__name__}")
+        from ..plugins import PluginError  # late: the plugins import the method plugins
+
+        raise PluginError(
+            f"{self._described()} broke the training_loss contract: it returned {got}, not a scalar loss",
+            hint="Method.training_loss(batch) must return a 0-dim float tensor that is differentiable w.r.t. the "
+                 "trained parameters: reduce a per-pixel or per-episode loss inside training_loss "
+                 "(e.g. `.mean()`, or reduction='mean')",
+        )
 
     def _count(self, total: torch.Tensor) -> None:
         self.scheduler.step()
@@ -326,6 +355,8 @@ class TrainStep:
         first = int(self._first_nonfinite)
         if first >= 0:
             raise TrainingError(
-                f"non-finite loss at step {self.first_step + first}",
-                hint="lower the learning rate or check the training data; rerunning resumes from the last checkpoint",
+                f"non-finite loss at step {self.first_step + first}: the loss that {self._described()} returned "
+                "from its training_loss was NaN or infinite",
+                hint="lower the learning rate, check the training data, or check the method's training_loss "
+                     "(a division by an empty mask, a log of 0); rerunning resumes from the last checkpoint",
             )
