@@ -15,8 +15,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 from matplotlib.colors import to_rgb  # noqa: E402
-from matplotlib.legend import Legend  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
+from test_report_figure_variants import _legend  # noqa: E402
 
 from fsmis_bench.reporting import figures, style  # noqa: E402
 from fsmis_bench.reporting.collect import load_results  # noqa: E402
@@ -51,15 +51,6 @@ def _luminance(colour) -> float:
 def _contrast(a, b) -> float:
     high, low = sorted((_luminance(a), _luminance(b)), reverse=True)
     return (high + 0.05) / (low + 0.05)
-
-
-def _legend(fig: plt.Figure) -> dict[str, object]:
-    """Legend label (without footnote marks, wrapped lines joined) -> its handle."""
-    out = {}
-    for legend in fig.findobj(Legend):
-        for handle, text in zip(legend.legend_handles, legend.get_texts()):
-            out[text.get_text().split("\u00a0")[0].replace("\n", " ")] = handle
-    return out
 
 
 def _colour(handle) -> tuple[float, ...]:
