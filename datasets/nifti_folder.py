@@ -53,6 +53,7 @@ other). ``check-data nifti_folder`` reports the same through the same reader.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import re
 import sys
 import warnings
@@ -67,7 +68,7 @@ from fsmis_bench.data.nifti import (
     AS_STORED, CANONICAL_ORIENTATION, NiftiVolume, check_orientation, load_nifti, nifti_path, numeric_sort,
     to_source_array,
 )
-from fsmis_bench.data.options import read_label_map
+from fsmis_bench.data.options import organ_suggestions, read_label_map
 from fsmis_bench.errors import ConfigError, DataError, DataWarning
 from fsmis_bench.protocol.folds import folds_for
 
@@ -86,6 +87,16 @@ OBLIQUE_DEGREES = 25.0
 #: a support and a query whose axes (as read) lie further apart than this (degrees) show
 #: the patient turned or mirrored against each other
 PAIR_DEGREES = 45.0
+#: a label (or supervoxel) grid whose voxel centres lie further than this from the image's,
+#: in image voxels along the image's axes, anywhere in the volume, is another grid: a
+#: tolerance in voxels, not in mm, so it holds whatever the origin's distance (a table
+#: position of -1500 mm), and it bounds a rotation by the shift it causes at the far corner
+GRID_VOXELS = 0.1
+#: after its intensity recipe, a scan with more than this share of its voxels at the top
+#: of the CT window (above 275 HU) is an MRI or a raw CT windowed as Hounsfield units
+SATURATED_SHARE = 0.5
+#: ... or with less than this share inside the window: nothing left to segment
+INSIDE_WINDOW_SHARE = 0.01
 
 
 @dataclass
@@ -154,12 +165,17 @@ class NiftiFolder(VolumeDataset):
             )
         unknown = [o for o in label_map if o not in ORGANS]
         if unknown:
+            suggestions = ", ".join(f"{a} -> {b}" for a, b in organ_suggestions(unknown, ORGANS).items())
             raise ConfigError(
-                f"{key}.label_map names organs outside the vocabulary: {unknown}",
-                hint=f"use names from: {', '.join(ORGANS)}",
+                f"{key}.label_map names organs outside the vocabulary: {unknown}"
+                + (f"; did you mean {suggestions}?" if suggestions else ""),
+                hint=f"organ names are lower case with underscores, from: {', '.join(ORGANS)}",
             )
         self.label_map = label_map
-        self.test_organs = tuple(options.get("test_organs") or self.label_map)
+        test_organs = options.get("test_organs")
+        if isinstance(test_organs, str):  # +test_organs=liver: one organ, not its letters
+            test_organs = [test_organs]
+        self.test_organs = tuple(test_organs or self.label_map)
         missing_organs = [o for o in self.test_organs if o not in self.label_map]
         if missing_organs:
             raise ConfigError(f"{key}.test_organs {missing_organs} are not in the label map {self.label_map}")
@@ -363,11 +379,17 @@ class NiftiFolder(VolumeDataset):
                 "cannot tell them apart (nor can the id order)",
             )
         ids = list(images)
-        missing = [i for i in ids if not nifti_path(self.folder, f"label_{i}").exists()]
+        # a label that is a broken link or a folder is there: reading it names the problem
+        missing = [i for i in ids if not _present(nifti_path(self.folder, f"label_{i}"))]
         if missing:
+            padded = {i: o for i in missing for o in labels if o not in images and _same_number(i, o)}
             raise DataError(
-                f"nifti_folder: images without labels in {self.folder}: {missing[:5]}",
-                hint="each image_<id>.nii.gz needs a label_<id>.nii.gz",
+                f"nifti_folder: images without labels in {self.folder}: {missing[:5]}"
+                + (f"; labels with the same number but another zero-padding are there: "
+                   f"{', '.join(f'image_{i} / label_{o}' for i, o in list(padded.items())[:3])}" if padded else ""),
+                hint=("ids must match exactly: rename the labels (or the images) to one spelling, e.g. "
+                      f"label_{next(iter(padded.values()))} -> label_{next(iter(padded))}" if padded else
+                      "each image_<id>.nii.gz needs a label_<id>.nii.gz"),
             )
         if not ids:
             raise DataError(
@@ -420,9 +442,14 @@ class NiftiFolder(VolumeDataset):
 
     def _read_supervoxels(self, case_id: str, image: NiftiVolume) -> np.ndarray:
         if not self.supervoxel_dir:
+            key = self.config_key
             raise DataError(
-                "nifti_folder has no supervoxels configured",
-                hint=f"set {self.config_key}.supervoxels=<folder>, or use protocol.train_labels=gt",
+                "nifti_folder has no supervoxels configured: self-supervised training on it "
+                "(protocol.train_labels=supervoxels) needs pseudo-labels, and `fsmis-bench supervoxels` makes them "
+                "only for the built-in datasets",
+                hint=f"train on its labels with protocol.train_labels=gt, or train on a built-in dataset and test on "
+                f"this folder (dataset=abd_mri protocol.test_dataset=nifti_folder, its options under test_dataset.), "
+                f"or give {key}.supervoxels=<folder of superpix-MIDDLE_<id>.nii.gz, each on its image's grid>",
             )
         sv_dir = Path(str(self.supervoxel_dir)).expanduser()
         if not sv_dir.is_absolute():
@@ -432,15 +459,30 @@ class NiftiFolder(VolumeDataset):
         return supervoxels.array
 
     def _check_same_grid(self, case_id: str, image: NiftiVolume, other: NiftiVolume, what: str) -> None:
-        tolerance = 1e-3 * max(1.0, float(np.abs(image.affine[:3, 3]).max()))
-        if other.array.shape != image.array.shape or not np.allclose(other.affine, image.affine, atol=tolerance):
+        """Refuse a label (or supervoxel) file that does not cover the image voxel for voxel.
+
+        The grids must have one shape and no voxel centre more than :data:`GRID_VOXELS`
+        image voxels away from the image's (:func:`_grid_offset`); a file whose header
+        names no orientation while the other's does is named as such (its grid is a guess).
+        """
+        if other.array.shape == image.array.shape and _grid_offset(image, other) <= GRID_VOXELS:
+            return
+        if image.has_orientation != other.has_orientation:
+            missing, has = (what, "image") if image.has_orientation else ("image", what)
             raise DataError(
-                f"nifti_folder: case {case_id}: the {what} grid ({other.array.shape}, "
-                f"{''.join(other.source_axcodes)}) does not match the image ({image.array.shape}, "
-                f"{''.join(image.source_axcodes)}): {_grid_difference(image, other, what)}",
-                hint=f"the {what} file must cover the image voxel for voxel (same size and affine); "
+                f"nifti_folder: case {case_id}: the {missing} header names no orientation (qform and sform codes 0), "
+                f"the {has}'s does, so their grids cannot be matched ({_grid_difference(image, other, what)})",
+                hint=f"write the {missing} again with the {has}'s affine and header (e.g. nibabel: "
+                f"nib.Nifti1Image(data, reference.affine, reference.header)); "
                 f"check it with `fsmis-bench check-data nifti_folder --path {self.folder}`",
             )
+        raise DataError(
+            f"nifti_folder: case {case_id}: the {what} grid ({other.array.shape}, "
+            f"{''.join(other.source_axcodes)}) does not match the image ({image.array.shape}, "
+            f"{''.join(image.source_axcodes)}): {_grid_difference(image, other, what)}",
+            hint=f"the {what} file must cover the image voxel for voxel (same size and affine, within "
+            f"{GRID_VOXELS:g} voxel); check it with `fsmis-bench check-data nifti_folder --path {self.folder}`",
+        )
 
     def _warn_about_geometry(self, case_id: str, image: NiftiVolume) -> None:
         where = f"nifti_folder scan {case_id}"
@@ -541,6 +583,11 @@ class NiftiFolder(VolumeDataset):
         return self.load(case_id).modality if option == "auto" else option
 
     def _intensities(self, case_id: str, pixels: np.ndarray) -> tuple[str, np.ndarray]:
+        """The scan's modality and its pixels after its intensity recipe.
+
+        Warnings here read ``nifti_folder scan <id>: <what>`` with nothing scan-specific in
+        ``<what>``, so the CLI prints one line for every scan they hold for.
+        """
         option = self.modality_option
         guessed = guess_modality(pixels)
         if isinstance(option, dict):
@@ -549,20 +596,51 @@ class NiftiFolder(VolumeDataset):
             modality = guessed
         elif option in ("ct", "mri"):
             modality = option
-            mismatch = modality_mismatch(option, pixels)
+            mismatch = modality_mismatch(option, pixels, guessed)
             if mismatch:
                 warnings.warn(f"nifti_folder scan {case_id}: {mismatch}", DataWarning, stacklevel=3)
         else:
             if guessed == "ct":
                 warnings.warn(
-                    f"nifti_folder scan {case_id} holds Hounsfield-like values (min {float(pixels.min()):g}) but "
-                    f"{self.config_key}.modality=none passes them on as stored; set modality=ct or auto to "
-                    "apply the benchmark's CT window", DataWarning, stacklevel=3,
+                    f"nifti_folder scan {case_id}: holds Hounsfield units (air near -1000 around soft tissue in "
+                    f"-200..300) but {self.config_key}.modality=none passes them on as stored; set "
+                    f"{self.config_key}.modality=ct or auto to apply the benchmark's CT window",
+                    DataWarning, stacklevel=3,
                 )
             return guessed, pixels
         from fsmis_bench.preparation.common import INTENSITY_RECIPES
 
-        return modality, INTENSITY_RECIPES[modality](pixels).astype(np.float32)
+        prepared = INTENSITY_RECIPES[modality](pixels).astype(np.float32)
+        self._check_prepared(case_id, option, modality, prepared)
+        return modality, prepared
+
+    def _check_prepared(self, case_id: str, option: str, modality: str, prepared: np.ndarray) -> None:
+        """Refuse a scan its intensity recipe leaves constant or mostly saturated: the model
+        would see no anatomy (an MRI shifted below -125 and named ct is all 0), and its Dice
+        would measure the recipe, not the method."""
+        low, high = float(prepared.min()), float(prepared.max())
+        problem = None
+        if low == high:
+            problem = f"constant (every voxel {low:g})"
+        elif modality == "ct":
+            top = np.count_nonzero(prepared >= 255.0) / prepared.size
+            inside = np.count_nonzero((prepared > 0.0) & (prepared < 255.0)) / prepared.size
+            if top > SATURATED_SHARE:
+                problem = f"mostly saturated ({100 * top:.0f} % of its voxels above 275 HU, all shown as 255)"
+            elif inside < INSIDE_WINDOW_SHARE:
+                problem = f"mostly saturated (only {100 * inside:.2f} % of its voxels inside [-125, 275] HU)"
+        if problem is None:
+            return
+        key = self.config_key
+        how = "auto picked ct" if option == "auto" else f"{key}.modality={option}"
+        name = nifti_path(self.folder, f"image_{case_id}").name
+        raise DataError(
+            f"nifti_folder: case {case_id}: {name} is {problem} after the {modality} intensity recipe ({how}): "
+            "there is nothing left to segment",
+            hint=f"name the modality its values have: {key}.modality=none (as stored), ct (Hounsfield units) or mri, "
+            f"for this scan alone {key}.modality={{{case_id}:none,<id>:...}}; a CT stored without its rescale needs "
+            "its scl_slope/scl_inter back first",
+        )
 
     # -- what the harness asks besides volumes ---------------------------------------------
     def slice_digests(self, case_id: str) -> dict[bytes, int]:
@@ -581,7 +659,7 @@ class NiftiFolder(VolumeDataset):
         geometry = self.geometry[case_id]
         data = to_source_array(array, geometry.transform)
         if len(geometry.file_shape) > 3 and data.shape == geometry.file_shape[:3]:
-            data = data.reshape(geometry.file_shape)  # a 4-D file with a 4th axis of length 1
+            data = data.reshape(geometry.file_shape)  # a 4-D (5-D) file with axes of length 1 after the third
         header = nib.load(str(geometry.image_path)).header
         image = nib.Nifti1Image(data, geometry.source_affine)
         image.set_qform(header.get_qform(), code=int(header["qform_code"]))
@@ -624,6 +702,30 @@ def _read_affine(geometry: CaseGeometry, orientation: str) -> np.ndarray:
     return geometry.source_affine @ ornt.inv_ornt_aff(transform, geometry.source_shape)
 
 
+def _present(path: Path) -> bool:
+    """A file, folder or link (even a broken one) at ``path``."""
+    return path.exists() or path.is_symlink()
+
+
+def _same_number(first: str, second: str) -> bool:
+    """``01`` and ``1``: two spellings of one number."""
+    return first != second and first.isdigit() and second.isdigit() and int(first) == int(second)
+
+
+def _grid_offset(image: NiftiVolume, other: NiftiVolume) -> float:
+    """Largest distance, in image voxels along the image's axes, between a voxel centre of
+    ``other``'s grid and the same voxel of ``image``'s (same shape), over the 8 corners.
+
+    Affines are linear in the voxel index, so the corners bound every voxel: a shift of the
+    origin, another voxel size and a rotation all count by how far they move a voxel.
+    """
+    shape = np.asarray(image.array.shape, dtype=np.float64) - 1
+    corners = np.array([[*(shape * bits), 1.0] for bits in itertools.product((0, 1), repeat=3)]).T
+    moved = (np.asarray(other.affine, dtype=np.float64) - np.asarray(image.affine, dtype=np.float64)) @ corners
+    voxels = np.linalg.solve(np.asarray(image.affine, dtype=np.float64)[:3, :3], moved[:3])
+    return float(np.abs(voxels).max())
+
+
 def _grid_difference(image: NiftiVolume, other: NiftiVolume, what: str) -> str:
     """How two grids differ, in words (sizes, voxel sizes, axes, origin)."""
     def size(volume: NiftiVolume) -> str:
@@ -636,14 +738,14 @@ def _grid_difference(image: NiftiVolume, other: NiftiVolume, what: str) -> str:
         parts.append(f"voxel sizes {' x '.join(f'{s:g}' for s in other.spacing)} mm vs "
                      f"{' x '.join(f'{s:g}' for s in image.spacing)} mm (z, y, x)")
     angle = axis_rotation(other.affine, image.affine)
-    if angle > 0.1:
-        parts.append(f"axes {angle:.1f} degrees apart")
+    if angle > 0.01:
+        parts.append(f"axes {angle:.2f} degrees apart")
     shift = other.affine[:3, 3] - image.affine[:3, 3]
-    if np.abs(shift).max() > 1e-3:
+    if np.abs(shift).max() > 1e-4:
         voxels = np.linalg.lstsq(image.affine[:3, :3], shift, rcond=None)[0]  # (z, y, x) voxels
         parts.append(f"origin shifted by ({', '.join(f'{v:+.2f}' for v in shift)}) mm, "
                      f"({', '.join(f'{v:+.2f}' for v in voxels)}) voxels (z, y, x)")
-    return "same size, but " + "; ".join(parts or ["affines differ"])
+    return "same size, but " + "; ".join(parts or [f"voxels up to {_grid_offset(image, other):.2f} voxels apart"])
 
 
 def _digest_files(paths: list[Path]) -> str:

@@ -158,6 +158,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 #: "<subject> scan <id>: <what>", the form of the data warnings about one scan
 _PER_SCAN = re.compile(r"(?P<subject>.*\bscan) (?P<case>\S+): (?P<what>.+)", re.DOTALL)
+#: "<dataset>: support scan <id> and query scan <id> <what>", the form of the warnings about
+#: a support/query pair (shared slices, modality, voxel size, axes): grouped by support
+_PER_PAIR = re.compile(r"(?P<subject>.*\bsupport scan \S+ and query scan) (?P<case>\S+) (?P<what>.+)", re.DOTALL)
 
 
 class _DataWarnings:
@@ -166,7 +169,10 @@ class _DataWarnings:
     A warning about one scan that says what an earlier one said about another scan
     (``nifti_folder scan 2: label values [5] are not in the label map ...``) is held back,
     and :meth:`flush` names those scans in one line: a folder of 40 scans with one mistake
-    gives two lines, not 40, before the error that names the cause."""
+    gives two lines, not 40, before the error that names the cause. A warning about a
+    support and a query (``... support scan 3 and query scan 2 share 1 identical slices``)
+    is held back the same way when it says of another query of that support what it said
+    of an earlier one."""
 
     def __init__(self) -> None:
         self.repeats: dict[tuple[str, str], list[str]] = {}
@@ -175,7 +181,7 @@ class _DataWarnings:
         if not issubclass(category, DataWarning):
             sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
             return
-        match = _PER_SCAN.fullmatch(str(message))
+        match = _PER_PAIR.fullmatch(str(message)) or _PER_SCAN.fullmatch(str(message))
         if match is not None:
             key = (match["subject"], match["what"])
             if key in self.repeats:

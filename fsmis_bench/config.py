@@ -384,6 +384,14 @@ def compose(overrides: list[str] | None = None, *, resolve_datasets: bool = True
     from omegaconf.errors import OmegaConfBaseException
 
     overrides = [_add_or_replace(o) for o in overrides or []]
+    for override in overrides:
+        key, _, value = override.lstrip("+~").partition("=")
+        if key.endswith("label_map") and value.strip().startswith("{"):
+            # Hydra's parser keeps the last of two equal keys without a word: an organ named
+            # twice (a typo for another) would score one organ's voxels under another's name
+            from .data.options import read_label_map
+
+            read_label_map(value)
     given = _split(overrides)
     regs = registries()
     for key, attr in _GROUPS.items():

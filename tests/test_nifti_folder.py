@@ -215,7 +215,7 @@ def _hu(i: int, image: np.ndarray) -> np.ndarray:
     if i != 2:
         return image
     hu = image - 60.0  # soft tissue around 40..160 HU
-    hu[:, :2, :] = -1000.0
+    hu[:, :2, :] = image[:, :2, :] - 1100.0  # air, noisy as real air: a constant border plane would be padding
     hu[:3, 5, :] = 1200.0
     return hu
 
@@ -244,7 +244,7 @@ def test_modality_applies_the_benchmark_recipe(tmp_path, modality, expected_moda
 
 def test_hounsfield_units_without_a_modality_warn_and_bad_values_fail(tmp_path):
     folder = make_folder(tmp_path / "scans", n=2, image_fn=_hu)
-    with pytest.warns(DataWarning, match="scan 2 holds Hounsfield-like values .* modality=ct or auto"):
+    with pytest.warns(DataWarning, match="scan 2: holds Hounsfield units .*modality=ct or auto"):
         load_dataset("nifti_folder", path=str(folder), label_map=LABEL_MAP).load("2")
     with pytest.raises(ConfigError, match="modality='pet' is unknown"):
         load_dataset("nifti_folder", path=str(folder), label_map=LABEL_MAP, modality="pet")

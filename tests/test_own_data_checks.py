@@ -9,6 +9,7 @@ so each test takes a second or two.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import nibabel as nib
@@ -562,3 +563,274 @@ def test_scans_is_refused_for_a_run_on_a_built_in_dataset(tmp_path, results_dir,
     assert main(["export", str(run_json.parent), "--out", str(tmp_path / "m"), "--scans", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "--scans applies to runs tested on nifti_folder" in err and "--data-root" in err
+
+
+# -- second audit: modality guess, label maps, grids, messages, grouping, padding ---------------
+def _body(image: np.ndarray) -> np.ndarray:
+    """A disc-shaped body across the slices (air around it in the corners)."""
+    x, y = np.meshgrid(np.arange(SHAPE[0]), np.arange(SHAPE[1]), indexing="ij")
+    return ((x - 11.5) ** 2 + (y - 11.5) ** 2 < 12.5 ** 2)[..., None] & np.ones(image.shape, bool)
+
+
+def _padded(image: np.ndarray) -> np.ndarray:
+    """An MRI resampled onto a wider grid: border strips of the fill value -1024."""
+    image = image.copy()
+    image[:2], image[-2:] = -1024.0, -1024.0
+    return image
+
+
+def _ct(image: np.ndarray, air: str = "noisy") -> np.ndarray:
+    """Hounsfield units: soft tissue 40..160 HU in a disc, air around it (noisy, or exactly
+    -1024 as many CTs clip it), and a bone bar."""
+    hu = np.where(_body(image), image - 60.0, image - 1100.0 if air == "noisy" else -1024.0)
+    hu[10:13, 10:13, :] = 1200.0
+    return hu.astype(np.float32)
+
+
+def _store_scaled(path: Path, data: np.ndarray) -> None:
+    """A CT stored as uint16 with its rescale in the header (scl_slope 1, scl_inter -1024)."""
+    image = nib.Nifti1Image(np.rint(data + 1024).astype(np.uint16), LAS)
+    image.header.set_slope_inter(1.0, -1024.0)
+    nib.save(image, str(path))
+
+
+@pytest.mark.parametrize("image_fn, guessed", [
+    (lambda i, x: x, "mri"),
+    (lambda i, x: _padded(x), "mri"),                    # padding-only negatives are no Hounsfield units
+    (lambda i, x: x - 5000.0, "mri"),                    # an MRI shifted by an offset
+    (lambda i, x: _ct(x), "ct"),                          # HU with air around the body
+    (lambda i, x: _ct(x, air="clipped"), "ct"),           # air exactly -1024, also in the corners
+])
+def test_modality_auto_needs_hounsfield_structure_not_a_low_minimum(tmp_path, image_fn, guessed):
+    folder = make_folder(tmp_path / "scans", image_fn=image_fn)
+    assert load_dataset("nifti_folder", path=str(folder), label_map=LABEL_MAP, modality="auto").load("1").modality == \
+        guessed
+    with warnings_recorded() as caught:  # modality=none warns on Hounsfield units only
+        load_dataset("nifti_folder", path=str(folder), label_map=LABEL_MAP).load("1")
+    assert any("holds Hounsfield units" in m for m in caught) == (guessed == "ct")
+
+
+def test_a_ct_stored_with_its_rescale_in_the_header_is_ct(tmp_path):
+    folder = make_folder(tmp_path / "scans")
+    for i in (1, 2, 3):
+        _store_scaled(folder / f"image_{i}.nii.gz", _ct(_scan(i)[0]))
+    volume = load_dataset("nifti_folder", path=str(folder), label_map=LABEL_MAP, modality="auto").load("1")
+    assert volume.modality == "ct" and volume.image.min() == 0 and volume.image.max() == 255  # windowed HU
+
+
+@pytest.mark.parametrize("modality, message", [
+    ("ct", r"case 1: image_1.nii.gz is constant \(every voxel 0\) after the ct intensity recipe "
+           r"\(test_dataset.modality=ct\)"),
+    ("{1:ct,2:mri,3:mri}", r"case 1: image_1.nii.gz is constant \(every voxel 0\) after the ct intensity recipe"),
+])
+def test_a_scan_its_recipe_leaves_constant_is_refused(tmp_path, capsys, results_dir, modality, message):
+    """An MRI shifted below the CT window, named ct: every voxel would be 0."""
+    folder = make_folder(tmp_path / "scans", image_fn=lambda i, x: x - 5000.0)
+    assert main(["run", *_args(folder, f"test_dataset.modality={modality}")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len([line for line in err.splitlines() if line.startswith("error:")]) == 1
+    assert re.search(message, err)
+    assert "modality=none (as stored), ct (Hounsfield units) or mri" in err
+    assert main(_check(folder, "--modality", "ct")) == 2
+    out = capsys.readouterr().out
+    assert "is constant (every voxel 0) after the ct intensity recipe" in out and "FAILED" in out
+    # an MRI named ct with most of its body above the window: refused as mostly saturated
+    bright = make_folder(tmp_path / "bright", image_fn=lambda i, x: x + 250.0)
+    with pytest.raises(DataError, match=r"is mostly saturated \(100 % of its voxels above 275 HU, all shown as 255\)"):
+        with warnings_recorded():
+            load_dataset("nifti_folder", path=str(bright), label_map=LABEL_MAP, modality="ct").load("1")
+
+
+@pytest.mark.parametrize("write, message", [
+    (lambda d: (d / "dup.yaml").write_text("liver: 1\nspleen: 2\nliver: 4\n") and d / "dup.yaml",
+     r"dup.yaml names 'liver' twice \(lines 1 and 3\)"),
+    (lambda d: (d / "dup.json").write_text('{"liver": 1,\n "spleen": 2,\n "liver": 4}') and d / "dup.json",
+     r"dup.json names 'liver' twice \(lines 1 and 3\)"),
+    (lambda d: "{liver:1,spleen:2,liver:4}", r"names 'liver' twice: only the last value would be kept"),
+    (lambda d: "{'liver':1,spleen:2,liver:4}", r"names 'liver' twice"),
+])
+def test_a_label_map_naming_an_organ_twice_is_refused(tmp_path, capsys, write, message):
+    value = write(tmp_path)
+    with pytest.raises(ConfigError, match=message) as error:
+        read_label_map(str(value))
+    assert "give each organ once" in error.value.hint
+    folder = make_folder(tmp_path / "scans")
+    assert main(_check(folder, label_map=str(value))) == 2
+    assert "twice" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text, result", [
+    ('{"1": "liver", "2": "spleen"}', r"is inverted: it maps label values to organ names .* turn it round: "
+                                      r"\{liver:1,spleen:2\}"),
+    ('{"channel_names": {"0": "CT"}, "labels": {"background": 0, "liver": 1, "spleen": 2}, "file_ending": ".nii.gz"}',
+     {"liver": 1, "spleen": 2}),
+    ('{"modality": {"0": "MRI"}, "labels": {"0": "background", "1": "liver", "2": "spleen"}, "numTraining": 3}',
+     r"labels of the nnU-Net dataset.json .* is inverted.* turn it round: \{liver:1,spleen:2\}"),
+    ('{"channel_names": {"0": "CT"}, "labels": {"background": 0, "liver": [1, 2]}, "file_ending": ".nii.gz"}',
+     r"gives regions \(liver: \[1, 2\]\), not one label value per organ"),
+])
+def test_label_maps_of_other_forms_are_read_or_named(tmp_path, text, result):
+    (tmp_path / "map.json").write_text(text)
+    if isinstance(result, dict):
+        assert read_label_map(str(tmp_path / "map.json")) == result
+        return
+    with pytest.raises(ConfigError) as error:
+        read_label_map(str(tmp_path / "map.json"))
+    assert re.search(result, f"{error.value.message} hint: {error.value.hint}")
+
+
+def test_organ_names_near_the_vocabulary_get_a_did_you_mean(tmp_path):
+    folder = make_folder(tmp_path / "scans")
+    with pytest.raises(ConfigError, match=r"did you mean Liver -> liver, kidney_right -> right_kidney, "
+                                          r"left kidney -> left_kidney\?") as error:
+        load_dataset("nifti_folder", path=str(folder), label_map={"Liver": 1, "kidney_right": 2, "left kidney": 3})
+    assert "lower case with underscores" in error.value.hint
+
+
+def _moved(affine: np.ndarray, voxels_x: float = 0.0, degrees: float = 0.0) -> np.ndarray:
+    out = affine.copy()
+    out[:3, 3] += out[:3, 0] * voxels_x
+    return _rotation_z(degrees) @ out
+
+
+@pytest.mark.parametrize("origin_z, change, refused", [
+    (-1500.0, dict(voxels_x=1.0), r"origin shifted by \(-1.25, \+0.00, \+0.00\) mm"),  # 1.5 mm passed at -1500
+    (-1500.0, dict(degrees=1.0), r"axes 1.00 degrees apart"),
+    (0.0, dict(degrees=1.0), r"axes 1.00 degrees apart"),
+    (-1500.0, dict(voxels_x=0.05), None),                                                # within 0.1 voxel
+    (-1500.0, dict(voxels_x=1e-4, degrees=1e-4), None),                                  # float noise
+])
+def test_a_label_grid_tolerance_in_voxels_whatever_the_origin(tmp_path, origin_z, change, refused):
+    base = LAS.copy()
+    base[2, 3] = origin_z
+    folder = make_folder(tmp_path / "scans", affines={i: base for i in (1, 2, 3)})
+    _store(folder / "label_2.nii.gz", _scan(2)[1], _moved(base, **change))
+    dataset = load_dataset("nifti_folder", path=str(folder), label_map=LABEL_MAP)
+    if refused is None:
+        dataset.load("2")
+        return
+    with pytest.raises(DataError, match=r"case 2: the label grid .* does not match the image .*" + refused):
+        dataset.load("2")
+
+
+def _without_orientation(path: Path) -> None:
+    image = nib.load(str(path))
+    bare = nib.Nifti1Image(np.asarray(image.dataobj), None)
+    bare.header.set_qform(None, code=0)
+    bare.header.set_sform(None, code=0)
+    bare.header.set_zooms(image.header.get_zooms())
+    nib.save(bare, str(path))
+
+
+def _gzip_swap(folder: Path, name: str, new_name: str, compress: bool) -> None:
+    import gzip
+
+    data = (folder / name).read_bytes()
+    (folder / name).unlink()
+    (folder / new_name).write_bytes(gzip.compress(gzip.decompress(data)) if compress else gzip.decompress(data))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: ((d / "label_2.nii.gz").unlink(), (d / "label_2.nii.gz").symlink_to(d / "gone.nii.gz")),
+     r"label_2.nii.gz is a link to a file that does not exist"),
+    (lambda d: _without_orientation(d / "label_2.nii.gz"),
+     r"case 2: the label header names no orientation \(qform and sform codes 0\), the image's does"),
+    (lambda d: [(d / f"image_{i}.nii.gz").rename(d / f"image_0{i}.nii.gz") for i in (1, 2, 3)],
+     r"images without labels in .*: \['01', '02', '03'\]; labels with the same number but another "
+     r"zero-padding are there: image_01 / label_1"),
+    (lambda d: _gzip_swap(d, "image_2.nii.gz", "image_2.nii.gz", compress=False),
+     r"image_2.nii.gz: it is not gzip-compressed although its name ends in .gz .* hint: rename it to image_2.nii "),
+    (lambda d: (d / "image_2.nii.gz").rename(d / "image_2.nii"),
+     r"image_2.nii: it is gzip-compressed although its name ends in .nii .* hint: rename it to image_2.nii.gz"),
+    (lambda d: nib.save(nib.Nifti1Image(_scan(2)[0][:, :, 3], LAS), str(d / "image_2.nii.gz")),
+     r"image_2.nii.gz holds a 2-D array of shape \(24, 24\).*a single slice is read when stored as \(x, y, 1\)"),
+])
+def test_messages_name_what_is_wrong_with_a_file(tmp_path, capsys, damage, message):
+    folder = make_folder(tmp_path / "scans")
+    damage(folder)
+    with pytest.raises(DataError) as error:
+        dataset = load_dataset("nifti_folder", path=str(folder), label_map=LABEL_MAP)
+        for case in dataset.case_ids():
+            dataset.load(case)
+    assert re.search(message, f"{error.value.message} hint: {error.value.hint}")
+    assert main(_check(folder)) == 2
+    assert "FAILED" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("shape", [(*SHAPE, 1, 1), (*SHAPE[:2], 1)])
+def test_a_5d_file_of_one_volume_and_a_single_slice_are_read(tmp_path, results_dir, shape):
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for i in (1, 2, 3):
+        image, label = _scan(i)
+        image, label = image[..., :shape[2]], np.zeros(label[..., :shape[2]].shape, np.int16)
+        label[3:9, 4:12, :] = 1  # liver in every slice
+        nib.save(nib.Nifti1Image(image.reshape(shape), LAS), str(folder / f"image_{i}.nii.gz"))
+        nib.save(nib.Nifti1Image(label.reshape(shape), LAS), str(folder / f"label_{i}.nii.gz"))
+    dataset = load_dataset("nifti_folder", path=str(folder), label_map="{liver:1}")
+    assert dataset.load("1").image.shape == (shape[2], SHAPE[1], SHAPE[0])
+    assert dataset.source_nifti("1", np.zeros(dataset.load("1").image.shape, np.uint8)).shape == shape
+    assert main(_check(folder, label_map="{liver:1}")) == 0
+
+
+def test_test_organs_given_as_one_name_is_one_organ(tmp_path):
+    folder = make_folder(tmp_path / "scans")
+    dataset = load_dataset("nifti_folder", path=str(folder), label_map=LABEL_MAP, test_organs="liver")
+    assert dataset.test_organs == ("liver",)
+    cfg = compose(_args(folder, "+test_dataset.test_organs=liver"))
+    from fsmis_bench.runner import plan
+
+    assert [g.organs for g in plan(cfg).groups] == [("liver",)]
+
+
+def test_warnings_about_hounsfield_units_and_shared_slices_are_one_line_for_all_scans(tmp_path, capsys, results_dir):
+    """Every scan the same CT (a copy task): one line per warning, the other scans named after it."""
+    folder = make_folder(tmp_path / "scans", n=5, image_fn=lambda i, x: _ct(_scan(1)[0]),
+                         label_fn=lambda i, label: _scan(1)[1])
+    assert main(["run", *_args(folder)]) == 0
+    err = capsys.readouterr().err.splitlines()
+    hounsfield = [line for line in err if "holds Hounsfield units" in line]
+    assert hounsfield[0].startswith("warning: nifti_folder scan 1: holds Hounsfield units")
+    assert hounsfield[1].startswith("warning: the same for nifti_folder scans 2, 3, 4, 5: holds Hounsfield units")
+    shared = [line for line in err if "identical slices" in line]
+    assert shared[0].startswith("warning: nifti_folder: support scan 3 and query scan 1 share 8 identical slices")
+    assert shared[1].startswith("warning: the same for nifti_folder: support scan 3 and query scans 2, 4, 5: share 8")
+    assert len(hounsfield) == len(shared) == 2
+
+
+def test_slices_of_padding_only_are_not_shared_slices(tmp_path):
+    from fsmis_bench.data.consistency import informative_slice
+    from fsmis_bench.runner import plan
+
+    plane = np.zeros((24, 24), np.float32)
+    strip = plane.copy()
+    strip[:2] = -1024.0
+    assert not informative_slice(plane) and not informative_slice(strip)
+    assert informative_slice(_scan(1)[0][..., 0].astype(np.float32))
+
+    def empty_ends(i, image):  # each scan's first slice all zero but for the padding strip
+        image = _padded(image)
+        image[2:-2, :, 0] = 0.0
+        return image
+
+    folder = make_folder(tmp_path / "scans", image_fn=empty_ends)
+    with warnings_recorded() as caught:
+        plan(compose(_args(folder)))
+    assert not any("identical slices" in m for m in caught)
+
+
+def test_in_domain_training_on_supervoxels_says_how_to_train_without_them(tmp_path):
+    folder = make_folder(tmp_path / "scans")
+    dataset = load_dataset("nifti_folder", path=str(folder), label_map=LABEL_MAP)
+    with pytest.raises(DataError, match=r"`fsmis-bench supervoxels` makes them only for the built-in") as error:
+        dataset.load("1", with_supervoxels=True)
+    assert "protocol.train_labels=gt" in error.value.hint and "protocol.test_dataset=nifti_folder" in error.value.hint
+
+
+def test_an_organ_named_twice_on_the_command_line_is_refused_before_hydra_drops_one():
+    from fsmis_bench.config import compose
+    from fsmis_bench.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="names 'liver' twice"):
+        compose(["dataset=nifti_folder", "dataset.path=/nowhere",
+                 "dataset.label_map={liver:1,right_kidney:2,left_kidney:3,liver:4}"], resolve_datasets=False)

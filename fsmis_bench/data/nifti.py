@@ -47,7 +47,8 @@ class NiftiVolume:
             world axis it is taken for (:func:`obliquity_of`); 0 for a scan stored along
             the patient's axes, up to about 55 for one rotated 45 degrees about two axes.
         file_shape: the file's full array shape (``(i, j, k, 1)`` for a 4-D file whose
-            fourth axis is a singleton), to write masks back in the same form.
+            fourth axis is a singleton; ``(i, j, k, 1, 1)`` for a 5-D one), to write masks
+            back in the same form.
     """
 
     array: np.ndarray
@@ -142,7 +143,8 @@ def load_nifti(path: Path, dtype: type = np.float32, orientation: str = AS_STORE
     resampled with linear interpolation is refused, not rounded).
 
     Raises:
-        DataError: the file is missing, truncated, not a 3-D NIfTI, holds NaN/inf voxels,
+        DataError: the file is missing, truncated, not a 3-D NIfTI (axes after the third
+            of length 1 are dropped), holds NaN/inf voxels,
             has voxel sizes of 0 in its header, a degenerate affine, or (labels)
             non-integer values.
     """
@@ -169,6 +171,10 @@ def load_nifti(path: Path, dtype: type = np.float32, orientation: str = AS_STORE
             affine = np.asarray(image.affine, dtype=np.float64)
         has_orientation = bool(int(image.header["qform_code"]) or int(image.header["sform_code"]))
     except Exception as exc:  # nibabel raises many types for damaged files
+        misnamed = _misnamed_compression(path)
+        if misnamed:
+            raise DataError(f"cannot read {path}: it is {misnamed[0]} (the reader goes by the name)",
+                            hint=misnamed[1]) from None
         raise DataError(
             f"cannot read {path}: {type(exc).__name__}: {exc}",
             hint="the file is damaged or not NIfTI: restore it or write it again from its source "
@@ -200,11 +206,15 @@ def load_nifti(path: Path, dtype: type = np.float32, orientation: str = AS_STORE
                 f"{path} holds {finite.size - np.count_nonzero(finite)} non-finite voxels (NaN or inf)",
                 hint="repair or re-prepare this file (`fsmis-bench check-data` lists every damaged file)",
             )
-    if data.ndim == 4 and data.shape[-1] == 1:
-        data = data[..., 0]
+    if data.ndim > 3 and all(n == 1 for n in data.shape[3:]):
+        data = data.reshape(data.shape[:3])  # (x, y, z, 1) or (x, y, z, 1, 1): one volume
     if data.ndim != 3:
-        raise DataError(f"{path} holds a {data.ndim}-D array of shape {data.shape}; a 3-D volume is expected",
-                        hint="store one volume per file (a 4-D file may only have a 4th axis of length 1)")
+        raise DataError(
+            f"{path} holds a {data.ndim}-D array of shape {data.shape}; a 3-D volume is expected"
+            + (" (a single slice is read when stored as (x, y, 1))" if data.ndim == 2 else ""),
+            hint="store the slice with a third axis of length 1 (e.g. numpy's data[..., None])"
+            if data.ndim < 3 else "store one volume per file (axes after the third may only have length 1)",
+        )
     if not all(np.isfinite(z) and z > 0 for z in zooms):
         raise DataError(f"{path}: voxel sizes {zooms} are not positive", hint="fix the header's pixdim")
     source_ornt = ornt.io_orientation(affine)
@@ -248,6 +258,29 @@ def load_nifti(path: Path, dtype: type = np.float32, orientation: str = AS_STORE
         obliquity=obliquity_of(affine),
         file_shape=file_shape,
     )
+
+
+def _misnamed_compression(path: Path) -> tuple[str, str] | None:
+    """``(what, hint)`` when a ``.nii.gz`` file is not gzip-compressed, or a ``.nii`` file
+    is: nibabel picks its reader by the name, so the file is refused as damaged."""
+    import gzip
+
+    try:
+        with open(path, "rb") as handle:
+            gzipped = handle.read(2) == b"\x1f\x8b"
+        with (gzip.open if gzipped else open)(path, "rb") as handle:
+            size = handle.read(4)
+    except (OSError, EOFError):
+        return None
+    # a NIfTI-1 or -2 header starts with its size, 348 or 540, in either byte order
+    if len(size) < 4 or {int.from_bytes(size, "little"), int.from_bytes(size, "big")}.isdisjoint({348, 540}):
+        return None
+    if path.name.endswith(".nii.gz") and not gzipped:
+        return ("not gzip-compressed although its name ends in .gz",
+                f"rename it to {path.name[:-3]} (or compress it with gzip)")
+    if path.name.endswith(".nii") and gzipped:
+        return "gzip-compressed although its name ends in .nii", f"rename it to {path.name}.gz"
+    return None
 
 
 def _raw_pixdim(path: Path) -> list[float]:
