@@ -250,3 +250,35 @@ def test_runs_from_different_pretrained_weights_are_never_averaged_or_superseded
     assert results.fold_scores.groupby("variant")["fold"].nunique().tolist() == [1, 1]  # no mean over both
     superseded = [n for n in results.notes if "superseded" in n]
     assert len(superseded) == 1 and "weights" in superseded[0] and str(moved) in superseded[0]
+
+
+def _released_by(run_dir: Path, distribution: str, version: str) -> Path:
+    """Say in ``run.json`` which release of which package registered the run's method."""
+    info = json.loads((run_dir / "run.json").read_text())
+    info["registered_by"] = {"method": {"name": info["method"], "plugin": "pkg", "distribution": distribution,
+                                        "version": version}}
+    (run_dir / "run.json").write_text(json.dumps(info))
+    return run_dir
+
+
+def test_runs_of_two_releases_of_a_plugin_are_never_averaged_or_superseded(tmp_path: Path) -> None:
+    """A plugin's release is not in a run's hash (a rerun keeps the old record and warns):
+    a fold of 0.1.0 and a fold of 0.2.0 stay two rows, and neither replaces the other."""
+    root = tmp_path / "results"
+    _released_by(_run(root, 0, 0.8, _train(40), method="minicos"), "fsmis-minicos", "0.1.0")
+    _released_by(_run(root, 1, 0.0, _train(40), method="minicos"), "fsmis-minicos", "0.2.0")
+    later = _run(root / "b", 0, 0.1, _train(40), method="minicos", finished_at="2026-01-02T00:00:00+00:00")
+    moved = root / "minicos" / "abd_mri" / "setting1" / "fold0" / "seed0-later"
+    _released_by(later, "fsmis-minicos", "0.2.0").rename(moved)
+    results = load_results(root)
+    variants = sorted(set(results.runs["variant"]))
+    assert variants == ["code=fsmis-minicos-0.1.0", "code=fsmis-minicos-0.2.0"]
+    assert not [n for n in results.notes if "superseded" in n]
+    by_variant = results.fold_scores.groupby("variant")["fold"].apply(lambda f: sorted(set(f))).to_dict()
+    assert by_variant == {"code=fsmis-minicos-0.1.0": [0], "code=fsmis-minicos-0.2.0": [0, 1]}
+    # fsmis-bench's own methods are not split by its version
+    assert results.runs.loc[0, "code_id"].startswith("fsmis-minicos")
+    own = tmp_path / "own"
+    _released_by(_run(own, 0, 0.8, _train(40)), "fsmis-bench", "0.1.0")
+    _released_by(_run(own, 1, 0.8, _train(40)), "fsmis-bench", "0.2.0")
+    assert set(load_results(own).runs["variant"]) == {""}

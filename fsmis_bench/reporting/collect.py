@@ -385,6 +385,7 @@ def load_results(results_dir: str | Path) -> Results:
     notes.extend(config_notes)
     runs = _split_by_data(runs)
     runs = _split_by_weights(runs)
+    runs = _split_by_plugin_release(runs)
     mean_dice = {str(frame["run_dir"].iloc[0]): float(frame["dice"].mean()) for frame in case_frames}
     runs, superseded = _drop_superseded(runs, mean_dice)
     notes.extend(superseded)
@@ -404,7 +405,7 @@ def load_results(results_dir: str | Path) -> Results:
 RUN_COLUMNS = [
     "run_dir", "method", "train_dataset", "dataset", "setting", "fold", "seed", "backbone",
     "pretrained", "random_weights", "random_reason", "fidelity", "dice_mode", "steps", "non_standard",
-    "variant", "config_hash", "config_id", "finished_at", "data_id", "weights_id",
+    "variant", "config_hash", "config_id", "finished_at", "data_id", "weights_id", "code_id",
 ]
 
 
@@ -489,6 +490,7 @@ def _read_run(run_dir: Path) -> tuple[dict, pd.DataFrame, dict[str, Any]]:
         "finished_at": str(meta.get("finished_at") or ""),
         "data_id": data_identity_hash(meta),
         "weights_id": records.weights_identity_hash(meta),
+        "code_id": plugin_release(meta),
     }
     cases = cases.copy()
     for column in ("tp", "fp", "fn"):
@@ -686,6 +688,26 @@ def _split_by_weights(runs: pd.DataFrame) -> pd.DataFrame:
                            lambda group: {i: f"weights={w or 'unknown'}" for i, w in group["weights_id"].items()})
 
 
+def plugin_release(meta: dict[str, Any]) -> str:
+    """``<distribution>-<version>`` of the third-party package whose plugin registered a
+    record's method (``run.json`` ``registered_by``), ``""`` for fsmis-bench's own methods
+    and records that do not say. A plugin's release is not part of a run's hash, so two
+    releases' runs of one configuration would otherwise be averaged into one row."""
+    entry = (meta.get("registered_by") or {}).get("method") or {}
+    distribution = entry.get("distribution") if isinstance(entry, dict) else None
+    if not distribution or distribution == "fsmis-bench":
+        return ""
+    return f"{distribution}-{entry.get('version') or 'unknown'}"
+
+
+def _split_by_plugin_release(runs: pd.DataFrame) -> pd.DataFrame:
+    """Runs of one method/variant/evaluation computed by different releases of the plugin
+    that registered the method get different variants, ``code=<distribution>-<version>``:
+    a new release may compute other numbers for the same configuration."""
+    return _split_variants(runs, "code_id",
+                           lambda group: {i: f"code={c or 'unknown'}" for i, c in group["code_id"].items()})
+
+
 def folder_hash_note(run_dir: Path, config_hash: str) -> str | None:
     """A note when the hash in a run folder's name (``seed0-<hash8>``) is not the start of
     its ``run.json`` ``config_hash``: a copied or renamed folder, whose name no longer says
@@ -725,12 +747,13 @@ def _drop_superseded(runs: pd.DataFrame, mean_dice: dict[str, float] | None = No
         return runs, []
     mean_dice = mean_dice or {}
     identity = ["method", "variant", "train_dataset", "dataset", "setting", "fold", "seed", "config_id", "data_id",
-                "weights_id"]
+                "weights_id", "code_id"]
     ordered = runs.sort_values(["finished_at", "run_dir"])
     duplicated = ordered.duplicated(identity, keep="last")
     kept = ordered[~ordered.duplicated(identity, keep="last")].set_index(identity)["run_dir"]
     notes = [
-        f"superseded by a later run with the same method, variant, configuration, data, weights, fold and seed: {path} "
+        f"superseded by a later run with the same method, variant, configuration, data, weights, plugin release, "
+        f"fold and seed: {path} "
         f"(kept {kept.loc[tuple(row)]})" + _dice_differ_text(mean_dice, path, kept.loc[tuple(row)])
         for path, row in zip(ordered.loc[duplicated, "run_dir"], ordered.loc[duplicated, identity].itertuples(index=False))
     ]
