@@ -339,21 +339,28 @@ def code_identity(method_cls: type | None = None) -> dict[str, Any]:
     and a digest of the file that defines the method's class. The package version alone
     does not say it: it stays the same across many commits, and an edited plugin keeps its
     version."""
-    package_dir = Path(__file__).resolve().parent
-    git: dict[str, Any] | None = None
-    try:
-        commit = subprocess.run(["git", "-C", str(package_dir), "rev-parse", "HEAD"], capture_output=True,
-                                text=True, timeout=10)
-        if commit.returncode == 0:
-            changes = subprocess.run(["git", "-C", str(package_dir), "status", "--porcelain", "--untracked-files=no"],
-                                     capture_output=True, text=True, timeout=10)
-            git = {"commit": commit.stdout.strip(), "dirty": bool(changes.stdout.strip()) if changes.returncode == 0 else None}
-    except (OSError, subprocess.SubprocessError):
-        git = None
-    out: dict[str, Any] = {"fsmis_bench_git": git}
+    out: dict[str, Any] = {"fsmis_bench_git": git_state(Path(__file__).resolve().parent)}
     if method_cls is not None:
         out["method_file_sha256"] = method_file_digest(method_cls)
     return out
+
+
+def git_state(package_dir: Path) -> dict[str, Any] | None:
+    """``{"commit", "dirty"}`` of the git checkout that tracks ``package_dir/__init__.py``,
+    ``None`` elsewhere: an installed copy can lie inside some other repository (a project's
+    ``.venv``), whose commit says nothing about it."""
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", str(package_dir), *args], capture_output=True, text=True, timeout=10)
+
+    try:
+        if git("ls-files", "--error-unmatch", "__init__.py").returncode != 0:
+            return None
+        commit, changes = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if commit.returncode != 0:
+        return None
+    return {"commit": commit.stdout.strip(), "dirty": bool(changes.stdout.strip()) if changes.returncode == 0 else None}
 
 
 def method_file_digest(method_cls: type) -> str | None:

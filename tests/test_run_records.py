@@ -762,3 +762,27 @@ def test_the_same_weights_in_another_folder_are_the_same_run_and_earlier_records
     assert main(["run", *args]) == 0
     assert _info(earlier)["config_hash"] == config_hash(found.cfg, found.inputs, legacy=True)
     assert _info(earlier)["status"] == "complete" and not on_b.run_dir.exists()
+
+
+def test_the_recorded_commit_is_only_that_of_a_checkout_tracking_the_package(tmp_path):
+    import subprocess
+
+    from fsmis_bench.records import git_state
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-C", str(tmp_path), "-c", "user.email=t@t", "-c", "user.name=t", *args],
+                       check=True, capture_output=True)
+
+    git("init", "-q")
+    for name in ("tracked", "installed"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text("")
+    git("add", "tracked")
+    git("commit", "-q", "-m", "x")
+    state = git_state(tmp_path / "tracked")
+    assert state is not None and len(state["commit"]) == 40 and state["dirty"] is False
+    (tmp_path / "tracked" / "__init__.py").write_text("x = 1\n")
+    assert git_state(tmp_path / "tracked")["dirty"] is True
+    # a copy that merely lies inside another repository (a project's .venv) has no commit
+    assert git_state(tmp_path / "installed") is None
+    assert git_state(tmp_path.parent / "nowhere") is None
