@@ -243,3 +243,16 @@ def test_oblique_slices_are_not_captioned_as_radiological(tmp_path: Path) -> Non
     assert plane in caption and "radiological orientation (patient's right" not in caption
     if plane == "sagittal":
         assert "anterior on the viewer's left" in caption and "patient's right on the viewer's left" not in caption
+
+
+def test_a_finished_run_without_its_record_is_named_not_skipped_silently(tmp_path):
+    from fsmis_bench.reporting.collect import load_results
+    from fsmis_bench.reporting.synthetic import write_run
+
+    root = tmp_path / "results"
+    kept = write_run(root, "prototype", "abd_mri", 1, 0, 0, [("liver", "1", 80, 20, 20)])
+    lost = write_run(root, "prototype", "abd_mri", 1, 1, 0, [("liver", "8", 80, 20, 20)])
+    (lost / "run.json").unlink()
+    results = load_results(root)
+    assert list(results.runs["run_dir"]) == [str(kept)]
+    assert any(f"skipped {lost}: finished, but its run.json is missing" in note for note in results.notes)

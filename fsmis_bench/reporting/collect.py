@@ -353,6 +353,10 @@ def load_results(results_dir: str | Path) -> Results:
     train_logs: dict[str, pd.DataFrame] = {}
     configs: dict[str, dict[str, Any]] = {}
 
+    for marker in sorted(root.rglob("COMPLETE")):
+        if not (marker.parent / "run.json").exists():
+            notes.append(f"skipped {marker.parent}: finished, but its run.json is missing (rerun its command "
+                         "after deleting COMPLETE: the record is written again from its weights and parts)")
     for run_json in sorted(root.rglob("run.json")):
         run_dir = run_json.parent
         if not (run_dir / "COMPLETE").exists():
