@@ -20,6 +20,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from .data.base import INPUT_NORMS  # the values of Method.input_norm (normalise_volume's modes)
+
 
 @dataclass
 class EpisodeBatch:
@@ -62,9 +64,6 @@ class EpisodeBatch:
 #: diffusers' U-Net/VAE residual block and torchvision-style ResNet blocks
 REGION_CLASS_NAMES = ("ResnetBlock2D", "Bottleneck", "BasicBlock")
 
-#: the values :attr:`Method.input_norm` may take (:func:`fsmis_bench.data.base.normalise_volume`):
-#: per-volume z-score, min-max to [-1, 1], or the intensities as stored
-INPUT_NORMS = ("zscore", "minmax", "none")
 
 
 class Method(nn.Module):

@@ -365,14 +365,12 @@ def git_state(package_dir: Path) -> dict[str, Any] | None:
 
 def method_file_digest(method_cls: type) -> str | None:
     """SHA-256 of the source file defining ``method_cls`` (``None`` where it has none)."""
+    from .data.digest import file_sha256
+
     try:
-        return file_digest(Path(inspect.getfile(method_cls)))
-    except (TypeError, OSError):
+        return file_sha256(inspect.getfile(method_cls))
+    except (TypeError, FsmisError):  # a class without a source file; an unreadable one
         return None
-
-
-def file_digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def machine_identity(device: str) -> dict[str, Any]:

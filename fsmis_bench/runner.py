@@ -423,14 +423,14 @@ def _prepare_dir(p: RunPlan, random_weights: bool, method_options: dict | None =
     assert ident is not None
     full_hash = config_hash(cfg, ident.inputs, ident.legacy_hash)
     info_path = run_dir / "run.json"
-    if info_path.exists() and _unreadable_record(info_path):
+    info = _record_or_none(info_path)
+    if info is None and info_path.exists():
         # An unfinished run's record holds nothing its rerun does not write again (its
         # checkpoints and parts are separate files), so it is rewritten rather than refused.
         warnings.warn(f"{info_path} was damaged (unreadable JSON): written again; the run resumes "
                       "from its checkpoints and parts", DataWarning, 2)
         info_path.unlink()
-    if info_path.exists():
-        info = read_json(info_path)
+    if info is not None:
         if info.get("config_hash") != full_hash:
             raise ConfigError(
                 f"{run_dir} holds a run with another config (hash prefix collision)",
@@ -438,7 +438,6 @@ def _prepare_dir(p: RunPlan, random_weights: bool, method_options: dict | None =
             )
         if ident.supervoxels_generated:
             info.setdefault("supervoxels_generated", []).append({**ident.supervoxels_generated, "at": now()})
-            write_json(info_path, info)
         info.setdefault("groups", [g.name for g in p.groups])  # records made before it was recorded
         # a resumed run may go on with other code or on another machine: each resumption says which
         info.setdefault("resumed", []).append({"at": now(), "code": code_identity(type(ident.method)),
@@ -492,11 +491,8 @@ def _warn_if_other_code(run_dir: Path, ident: RunIdentity) -> None:
     """Say so when a finished run kept as it is was computed by another version of its
     method's code (another plugin release, or an edited method file): the hash covers the
     config and the inputs, not the code, so a rerun does not compute it again."""
-    try:
-        info = read_json(run_dir / "run.json")
-    except (OSError, ValueError):
-        return
-    if not isinstance(info, dict):
+    info = _record_or_none(run_dir / "run.json")
+    if info is None:
         return
     method_cls = type(ident.method)
     then = ((info.get("registered_by") or {}).get("method") or {})
@@ -517,11 +513,13 @@ def _warn_if_other_code(run_dir: Path, ident: RunIdentity) -> None:
         )
 
 
-def _unreadable_record(path: Path) -> bool:
+def _record_or_none(path: Path) -> dict | None:
+    """``run.json`` as a dict; None when it is missing or damaged (not JSON, not a mapping)."""
     try:
-        return not isinstance(read_json(path), dict)
-    except (ValueError, UnicodeDecodeError):
-        return True
+        info = read_json(path)
+    except (FileNotFoundError, ValueError, UnicodeDecodeError):
+        return None
+    return info if isinstance(info, dict) else None
 
 
 def _check_results_writable(cfg: DictConfig) -> None:

@@ -104,6 +104,10 @@ def _non_finite(array: np.ndarray) -> int:
     return 0 if finite.all() else int(finite.size - np.count_nonzero(finite))
 
 
+#: the modes of :func:`normalise_volume`, a method's ``input_norm``
+INPUT_NORMS = ("zscore", "minmax", "none")
+
+
 def normalise_volume(image: np.ndarray, mode: str) -> np.ndarray:
     """Per-volume intensity normalisation applied before slicing.
 
@@ -121,7 +125,7 @@ def normalise_volume(image: np.ndarray, mode: str) -> np.ndarray:
         return (image - lo) / max(hi - lo, 1e-6) * 2.0 - 1.0
     if mode == "none":
         return image
-    raise ValueError(f"unknown normalisation {mode!r}; use zscore, minmax or none")
+    raise ValueError(f"unknown normalisation {mode!r}; use one of {', '.join(INPUT_NORMS)}")
 
 
 class VolumeDataset(ABC):
