@@ -116,7 +116,7 @@ def main() -> None:
     restore_s = time.perf_counter() - began
     _adamw_step(resumed, resumed_optimizer)
     _sync(device)
-    identical = all(torch.equal(a, b) for a, b in zip(live, resumed))
+    next_step_identical = all(torch.equal(a, b) for a, b in zip(live, resumed))
     rng_identical = torch.equal(loaded["rng"]["torch"], state["rng"]["torch"]) and all(
         torch.equal(a, b) for a, b in zip(loaded["rng"].get("cuda", []), state["rng"].get("cuda", [])))
     shutil.rmtree(out, ignore_errors=True)
@@ -158,7 +158,7 @@ def main() -> None:
         "save_s": round(save_s, 2),
         "load_s": round(load_s, 2),
         "restore_to_device_s": round(restore_s, 2),
-        "next_step_identical": identical,
+        "next_step_identical": next_step_identical,
         "rng_identical": rng_identical,
         "background_stall_s": background["pinned"]["stall_s"],  # the default writer, buffers made
         "background_total_s": background["pinned"]["total_s"],
@@ -166,7 +166,7 @@ def main() -> None:
         "background_state_identical": background_identical,
     }
     print(json.dumps(result))
-    if not (identical and rng_identical and background_identical):
+    if not (next_step_identical and rng_identical and background_identical):
         sys.exit(1)
 
 

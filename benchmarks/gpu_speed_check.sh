@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU speed checks still open, as one script for one lent GPU session (at most 590 s on
+# The GPU speed checks still open, as one script for one lent GPU session (at most 580 s on
 # an H100; the timeouts are caps). Every comparison is within one machine: each part reruns
 # its own reference. What earlier sessions measured is in docs/measurements/ (README there);
 # this script's files have names of their own, so copying them there overwrites none.
@@ -13,15 +13,17 @@
 #      candidate default if its losses stay within TF32's drift); the tiny backbone likewise.
 #   3. Inference: every variant again, a bf16 VAE with 64-slice recorded chunks, and NHWC
 #      with compiled GroupNorms (as `speed=fast` leaves them for the evaluation).
-#   4. Where the default steps' time goes: the kernel time and top kernels of the eager
-#      default step (--profile), the floor for the recorded one, SD-1.5 and the tiny
-#      backbone (whose 14 ms stand against the 10 ms that 100 steps/s needs).
-#   5. The whole engine through `fsmis-bench run`: SD-1.5 (random weights) on the embedded
-#      phantom, 1000 steps with a resume state every 500, DataLoader workers, evaluation:
-#      what a 15k-step fold costs end to end, from train_log.csv's elapsed times.
+#   4. The whole engine through `fsmis-bench run`: SD-1.5 (random weights) on the embedded
+#      phantom, 500 steps with a resume state every 250, DataLoader workers, evaluation,
+#      once with the defaults and once with `speed=fast`: what a 15k-step fold costs end to
+#      end, from train_log.csv's elapsed times. (The kernel profiles of the default steps,
+#      `--profile`, were left out of this run for time.)
 #
 # Usage (on the GPU machine, from the repository root; OUT defaults to ./gpu_speed_out):
 #   OUT=/some/dir bash benchmarks/gpu_speed_check.sh
+#   PARTS="checkpoint runs" OUT=/some/dir bash benchmarks/gpu_speed_check.sh   # some parts only
+# (parts: checkpoint, defaults, tiny, predict, runs; all but tiny by default, which the
+# defaults part times when its budget allows)
 # It writes at most seven files and one log, gpu_speed_log.txt: eight files, the most a lent
 # machine returns.
 set -u
@@ -30,6 +32,8 @@ OUT="${OUT:-gpu_speed_out}"
 mkdir -p "$OUT"
 export FSMIS_NO_PROGRESS=1
 PY="${PYTHON:-python3}"
+PARTS=" ${PARTS:-checkpoint defaults predict runs} "
+wants() { [[ "$PARTS" == *" $1 "* ]]; }
 LOG="$OUT/gpu_speed_log.txt"
 check() {  # check <seconds> <json name> <args...>: one gpu_engine_check run, its log appended
   local limit=$1 name=$2
@@ -43,26 +47,38 @@ check() {  # check <seconds> <json name> <args...>: one gpu_engine_check run, it
     | grep -v "not selected" || tail -5 "$LOG"
 }
 
-echo "=== gpu_checkpoint_pinned_h100: gpu_checkpoint_check.py --out /tmp/fsmis_ckpt" >> "$LOG"
-timeout 100 "$PY" benchmarks/gpu_checkpoint_check.py --out /tmp/fsmis_ckpt > "$OUT/gpu_checkpoint_pinned_h100.json" 2>> "$LOG"
-echo "gpu_checkpoint_pinned_h100 rc=$?" | tee -a "$LOG"; cat "$OUT/gpu_checkpoint_pinned_h100.json"
-check 150 gpu_defaults_h100 --steps 40 --warmup 2 --tiny-steps 100 --budget-s 145 --compile-budget-s 30 \
+if wants checkpoint; then
+  echo "=== gpu_checkpoint_pinned_h100: gpu_checkpoint_check.py --out /tmp/fsmis_ckpt" >> "$LOG"
+  timeout 100 "$PY" benchmarks/gpu_checkpoint_check.py --out /tmp/fsmis_ckpt > "$OUT/gpu_checkpoint_pinned_h100.json" 2>> "$LOG"
+  echo "gpu_checkpoint_pinned_h100 rc=$?" | tee -a "$LOG"; cat "$OUT/gpu_checkpoint_pinned_h100.json"
+fi
+wants defaults && check 150 gpu_defaults_h100 --steps 40 --warmup 2 --tiny-steps 100 --budget-s 145 --compile-budget-s 30 \
   --only tf32_fused_joint_graph tf32_fused_joint_batched_fclip_graph bf16_autocast_nhwc_joint_graph \
   tf32_fused_nhwc_joint_batched_fclip_graph tf32_fused_nhwc_joint_batched_fclip_norms_graph \
   bf16_autocast_nhwc_joint_batched_fclip_norms_graph tiny_joint_graph tiny_joint_batched_fclip_graph
-check 90 gpu_predict_h100 --steps 3 --warmup 1 --budget-s 85 --only predict
-check 60 gpu_profile_h100 --steps 8 --warmup 2 --tiny-steps 30 --profile 3 --budget-s 55 \
-  --only tf32_fused_joint_batched_fclip tiny_joint_batched_fclip tiny_joint_batched_fclip_graph
-# the whole engine: a fresh results folder, the package's defaults with CUDA
-RUN_DIR=/tmp/fsmis_run_check
-rm -rf "$RUN_DIR"
-echo "=== gpu_run_h100: fsmis-bench run method=sdfsmis backbone=sd15 pretrained=false dataset=phantom train.steps=1000 train.checkpoint_every=500" >> "$LOG"
-START=$SECONDS
-timeout 155 "$PY" -m fsmis_bench.cli run method=sdfsmis backbone=sd15 pretrained=false dataset=phantom device=cuda \
-  train.steps=1000 train.checkpoint_every=500 train.log_every=250 results_dir="$RUN_DIR" >> "$LOG" 2>&1
-echo "gpu_run_h100 rc=$? wall_s=$((SECONDS - START))" | tee -a "$LOG"
-for f in train_log.csv run.json; do
-  found=$(find "$RUN_DIR" -name "$f" 2>/dev/null | head -1)
-  [ -n "$found" ] && cp "$found" "$OUT/gpu_run_h100_$f"
-done
-cat "$OUT/gpu_run_h100_train_log.csv" 2>/dev/null
+wants tiny && check 60 gpu_tiny_h100 --steps 40 --warmup 2 --tiny-steps 100 --budget-s 55 \
+  --only tiny_joint_graph tiny_joint_batched_fclip_graph
+wants predict && check 90 gpu_predict_h100 --steps 3 --warmup 1 --budget-s 85 --only predict
+# the whole engine: `fsmis-bench run` with the package's defaults with CUDA, then with
+# speed=fast, each in a fresh results folder: 500 steps with a resume state every 250
+engine_run() {  # engine_run <name> <extra overrides...>
+  local name=$1
+  shift
+  local run_dir=/tmp/fsmis_run_$name
+  rm -rf "$run_dir"
+  echo "=== $name: fsmis-bench run method=sdfsmis backbone=sd15 pretrained=false dataset=phantom train.steps=500 train.checkpoint_every=250 $*" >> "$LOG"
+  local start=$SECONDS
+  timeout 120 "$PY" -P -m fsmis_bench.cli run method=sdfsmis backbone=sd15 pretrained=false dataset=phantom device=cuda \
+    train.steps=500 train.checkpoint_every=250 train.log_every=100 results_dir="$run_dir" "$@" >> "$LOG" 2>&1
+  echo "$name rc=$? wall_s=$((SECONDS - start))" | tee -a "$LOG"
+  for f in train_log.csv run.json; do
+    local found
+    found=$(find "$run_dir" -name "$f" 2>/dev/null | head -1)
+    [ -n "$found" ] && cp "$found" "$OUT/${name}_$f"
+  done
+  cat "$OUT/${name}_train_log.csv" 2>/dev/null
+}
+if wants runs; then
+  engine_run gpu_run_default_h100
+  engine_run gpu_run_fast_h100 speed=fast
+fi

@@ -75,8 +75,19 @@ _BOOLEANS = ("pretrained", "train.augment", "protocol.save_predictions")
 
 
 def config_dir() -> Path:
-    """The built-in configs, wherever the package is installed."""
-    return Path(str(resources.files("fsmis_bench.configs")))
+    """The built-in configs, wherever the package is installed.
+
+    The wheel installs the repository's ``configs/`` as ``fsmis_bench.configs``. Python run
+    from a checkout's root imports the checkout's ``fsmis_bench/`` instead of the installed
+    package, and that folder has no ``configs``: its configs are the ``configs/`` beside it.
+    """
+    try:
+        return Path(str(resources.files("fsmis_bench.configs")))
+    except ModuleNotFoundError:
+        beside = Path(__file__).resolve().parents[1] / "configs"
+        if beside.is_dir():
+            return beside
+        raise
 
 
 def expand_sweep(overrides: list[str]) -> list[list[str]]:

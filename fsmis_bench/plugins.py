@@ -303,9 +303,9 @@ def _warn_about_hidden_configs(regs: Registries) -> None:
     read, so a plugin shipping ``method/prototype.yaml`` changes nothing that
     ``method=prototype`` runs.
     """
-    from importlib import resources
+    from .config import config_dir
 
-    builtin = Path(str(resources.files("fsmis_bench.configs")))
+    builtin = config_dir()
     first: dict[str, tuple[Path, str]] = {}  # "method/x.yaml" -> (file, who shipped it)
     for path in sorted(builtin.glob("*/*.yaml")):
         relative = path.relative_to(builtin).as_posix()

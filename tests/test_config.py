@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from fsmis_bench.config import compose, config_dir, expand_sweep
@@ -64,3 +66,23 @@ def test_hashes_ignore_paths_and_training_hash_ignores_evaluation_options(tmp_pa
     assert config_hash(base) != config_hash(pooled) and training_hash(base) == training_hash(pooled)
     assert training_hash(base) != training_hash(compose(["method=prototype", "train.steps=7"]))
     assert run_dir_for(base).parent == run_dir_for(pooled).parent  # siblings: same method/dataset/setting/fold
+
+
+def test_config_dir_of_a_checkout_imported_over_the_installed_package(monkeypatch):
+    """`python -m fsmis_bench.cli` run from a checkout's root imports the checkout's
+    fsmis_bench, which has no `configs` subpackage (the wheel maps the top-level configs/
+    there): a lent H100 failed every run that way. The configs beside it serve."""
+    from importlib import resources
+
+    from fsmis_bench import config
+
+    real_files = resources.files
+
+    def without_configs_package(anchor):
+        if anchor == "fsmis_bench.configs":
+            raise ModuleNotFoundError("No module named 'fsmis_bench.configs'")
+        return real_files(anchor)
+
+    monkeypatch.setattr(config.resources, "files", without_configs_package)
+    assert config_dir() == Path(config.__file__).resolve().parents[1] / "configs"
+    assert compose(["method=prototype"]).method.name == "prototype"

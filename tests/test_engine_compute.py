@@ -209,6 +209,64 @@ def _norm_stack() -> torch.nn.Sequential:
     )
 
 
+@pytest.mark.parametrize("scope", ["norms", "blocks", "model"])
+def test_uncompile_method_gives_back_the_plain_modules(monkeypatch, scope):
+    """The evaluation runs the plain modules, as ``eval`` from the weights does: every scope
+    is undone in place, the state dict and the outputs are the plain module's."""
+    from fsmis_bench.training.step import uncompile_method
+
+    monkeypatch.setattr(step_module, "COMPILE_BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    plain = _norm_stack()
+    compiled = _norm_stack()
+    compiled.load_state_dict(plain.state_dict())
+    keys = list(compiled.state_dict())
+    if scope == "blocks":
+        monkeypatch.setattr(compiled, "compile_regions", lambda: [compiled[0], compiled[3]], raising=False)
+    compile_method(compiled, "default", scope)
+    x = torch.randn(2, 4, 12, 12)
+    compiled(x)  # compiled and run once
+    restored = uncompile_method(compiled)
+    assert restored == {"norms": 3, "blocks": 2, "model": 1}[scope]
+    assert [type(m) for m in compiled] == [type(m) for m in plain]
+    assert all(getattr(m, "_compiled_call_impl", None) is None for m in compiled.modules())
+    assert not any(hasattr(m, "compiled_group_norm") for m in compiled.modules())
+    assert list(compiled.state_dict()) == keys
+    counters.clear()
+    assert torch.equal(compiled(x), plain(x))  # bit for bit: the eager kernels again
+    assert counters["stats"]["unique_graphs"] == 0  # and nothing compiled on the way
+    assert uncompile_method(compiled) == 0
+
+
+@pytest.mark.slow
+def test_a_run_compiled_for_training_is_evaluated_with_plain_modules(monkeypatch, results_dir):
+    """``train.compile_scope=norms`` (``speed=fast``) compiles the GroupNorms for the step;
+    the evaluation after it gets the plain ones, as a resumed run or ``eval`` does."""
+    from fsmis_bench import runner
+    from fsmis_bench.cli import main
+    from fsmis_bench.training.compiled_norms import CompiledGroupNorm
+
+    monkeypatch.setattr(step_module, "COMPILE_BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    seen = []
+    real_evaluate = runner.evaluate
+
+    def spying_evaluate(method, *args, **kwargs):
+        seen.append(sorted({type(m).__name__ for m in method.modules() if isinstance(m, torch.nn.GroupNorm)}))
+        return real_evaluate(method, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "evaluate", spying_evaluate)
+    trained = []
+    real_train = runner.train
+    monkeypatch.setattr(runner, "train", lambda method, *a, **k: (real_train(method, *a, **k), trained.append(
+        any(isinstance(m, CompiledGroupNorm) for m in method.modules())))[0])
+    argv = ["run", *TINY_SD, "dataset=phantom", "dataset.size=64", "dataset.n_slices=16", "protocol.min_fg_pixels=20", "train.steps=2",
+            "train.compile=default", "train.compile_scope=norms", "protocol.organs=[liver]", "protocol.max_queries=1"]
+    assert main(argv) == 0
+    assert trained == [True]  # the step did run the compiled GroupNorms
+    assert seen == [["GroupNorm"]]
+
+
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_norms_scope_shares_one_graph_across_shapes_and_keeps_the_layout(monkeypatch, channels_last):
     """``train.compile_scope=norms``: GroupNorms of three widths and two spatial sizes run

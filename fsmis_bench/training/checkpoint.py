@@ -21,11 +21,9 @@ arbitrary code.
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import os
-import re
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +32,6 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from ..errors import FsmisError
 from ..method import Method
@@ -154,22 +151,21 @@ class HostStaging:
         self._free_from = 0
 
 
-def _encode(obj: Any, path: str, tensors: dict[str, torch.Tensor], storages: set[int], copy: bool = False,
+def _encode(obj: Any, path: str, tensors: dict[str, torch.Tensor], copy: bool = False,
             staging: HostStaging | None = None) -> Any:
     """``obj`` as JSON data, with every tensor / array moved into ``tensors`` under ``path``
     (``copy``: host copies even of CPU tensors, which ``.cpu()`` would return as they are;
-    ``staging``: those copies in its buffers)."""
+    ``staging``: those copies in its buffers, still being filled until it synchronises).
+
+    Nothing here reads a staged buffer: its copy may not have landed yet. Tensors that share
+    memory (tied weights, the views of one page-locked chunk) are fine, since
+    :func:`write_tensor_file` writes each tensor's own bytes."""
     if isinstance(obj, torch.Tensor):
         key = path if path not in tensors else f"{path}#{len(tensors)}"
         if staging is not None:
-            tensor = staging.copy(key, obj.detach())
+            tensors[key] = staging.copy(key, obj.detach())
         else:
-            tensor = obj.detach().to("cpu", copy=True) if copy else obj.detach().cpu()
-        storage = tensor.untyped_storage().data_ptr()
-        if not tensor.is_contiguous() or storage in storages or tensor.numel() == 0:
-            tensor = tensor.contiguous().clone()  # safetensors refuses shared or strided storage
-        storages.add(tensor.untyped_storage().data_ptr())
-        tensors[key] = tensor
+            tensors[key] = obj.detach().to("cpu", copy=True) if copy else obj.detach().cpu()
         return {"__tensor__": key}
     if isinstance(obj, np.ndarray):
         key = path if path not in tensors else f"{path}#{len(tensors)}"
@@ -179,7 +175,7 @@ def _encode(obj: Any, path: str, tensors: dict[str, torch.Tensor], storages: set
         return obj.item()
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
-    more = (tensors, storages, copy, staging)
+    more = (tensors, copy, staging)
     if isinstance(obj, tuple):
         return {"__tuple__": [_encode(v, f"{path}/{i}", *more) for i, v in enumerate(obj)]}
     if isinstance(obj, list):
@@ -272,23 +268,49 @@ def _read(path: Path, with_tensors: bool, hint: str | None = None) -> tuple[dict
     return tensors, metadata
 
 
-#: how safetensors (Rust) reports an operating-system error: "... I/O error: No space left
-#: on device (os error 28)"
-_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+#: safetensors' names of the dtypes a checkpoint holds
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
 
 
-def _os_error(exc: SafetensorError, path: Path) -> OSError | None:
-    """A failed write that safetensors reports as a SafetensorError (which is no OSError),
-    as the OSError it was (errno kept, ``path`` named), so that callers handle a full disk
-    or a read-only folder as for any other file; None for an error that is not I/O."""
-    text = str(exc)
-    match = _OS_ERROR.search(text)
-    if match:
-        code = int(match.group(1))
-        return OSError(code, os.strerror(code), str(path))
-    if "I/O error" in text or "io error" in text.lower():
-        return OSError(errno.EIO, text, str(path))
-    return None
+def write_tensor_file(tensors: dict[str, torch.Tensor], filename: str, metadata: dict[str, str] | None = None) -> None:
+    """Write ``tensors`` (on the CPU) as a safetensors file, each tensor's bytes streamed
+    from where it lies.
+
+    ``safetensors.torch.save_file`` refuses tensors that share a storage, which the views of
+    :class:`HostStaging`'s page-locked chunks all do, and first builds a copy of every tensor
+    in memory (10 GB more for an SD-1.5 resume state). The format is small: an 8-byte
+    little-endian header length, a JSON header (``dtype``, ``shape``, ``data_offsets`` per
+    tensor, ``__metadata__``) padded with spaces to 8 bytes, then the tensors' bytes back to
+    back, widest dtype first so that every tensor is aligned. ``safe_open`` reads it back.
+
+    Raises:
+        OSError: the write failed (a full disk: errno ENOSPC).
+        TypeError: a tensor of a dtype safetensors has no name for.
+    """
+    order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for key in order:
+        tensor = tensors[key]
+        if tensor.dtype not in _SAFETENSORS_DTYPES:
+            raise TypeError(f"cannot store {key!r} of dtype {tensor.dtype} in a checkpoint")
+        size = tensor.numel() * tensor.element_size()
+        header[key] = {"dtype": _SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                       "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with open(filename, "wb") as file:
+        file.write(len(encoded).to_bytes(8, "little"))
+        file.write(encoded)
+        for key in order:
+            tensor = tensors[key]
+            if tensor.numel():
+                file.write(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
 
 
 def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
@@ -296,14 +318,8 @@ def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: d
     file and raises an OSError naming ``path`` (a full disk: errno ENOSPC)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        try:
-            save_file(tensors, str(tmp), metadata=metadata)
-        except SafetensorError as exc:
-            error = _os_error(exc, path)
-            if error is None:
-                raise
-            raise error from None
-        os.chmod(tmp, new_file_mode())  # safetensors creates its files 0600
+        write_tensor_file(tensors, str(tmp), metadata=metadata)
+        os.chmod(tmp, new_file_mode())
         os.replace(tmp, path)
     except OSError as exc:
         if exc.filename is None:
@@ -337,7 +353,7 @@ def trainable_state(method: Method) -> dict[str, torch.Tensor]:
 def save_weights(path: Path, method: Method, step: int) -> None:
     """Write ``final.safetensors``: the trainable state of ``method`` after ``step`` steps."""
     tensors: dict[str, torch.Tensor] = {}
-    _encode({k: v for k, v in trainable_state(method).items()}, "model", tensors, set())
+    _encode({k: v for k, v in trainable_state(method).items()}, "model", tensors)
     metadata = {"format": FORMAT, "kind": WEIGHTS_KIND, "version": str(VERSION), "step": str(int(step)),
                 "method": type(method).__name__}
     _write_safetensors(Path(path), tensors, metadata)
@@ -419,7 +435,7 @@ def encode_training_state(state: dict[str, Any], *, copy: bool = False,
     ``copy``, nothing in it shares memory with ``state`` (training may go on meanwhile), and
     with ``staging`` too, its tensors are in those buffers, every copy landed."""
     tensors: dict[str, torch.Tensor] = {}
-    document = _encode(state, "state", tensors, set(), copy, staging)
+    document = _encode(state, "state", tensors, copy, staging)
     if staging is not None:
         staging.synchronize()
     return EncodedState(int(state["step"]), tensors, document)

@@ -78,3 +78,16 @@ def compile_group_norms(module: nn.Module, mode: str, backend: str) -> list[nn.G
         norm.__class__ = CompiledGroupNorm
         norm.compiled_group_norm = compiled
     return norms
+
+
+def restore_group_norms(module: nn.Module) -> list[nn.GroupNorm]:
+    """Undo :func:`compile_group_norms`: every switched GroupNorm is a plain one again.
+
+    Returns:
+        the modules switched back.
+    """
+    restored = [m for m in module.modules() if isinstance(m, CompiledGroupNorm)]
+    for norm in restored:
+        norm.__class__ = nn.GroupNorm
+        del norm.compiled_group_norm
+    return restored

@@ -43,7 +43,7 @@ from omegaconf import DictConfig
 
 from ..errors import ConfigError, FsmisError
 from ..method import EpisodeBatch, Method
-from .compiled_norms import compile_group_norms
+from .compiled_norms import compile_group_norms, restore_group_norms
 from .precision import fused_clip_applies
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
@@ -160,10 +160,13 @@ def compile_method(method: Method, mode: str, scope: str = "model") -> list[torc
       and compilation takes a few blocks' time instead of the whole network's. A block that
       specialises on its own attributes compiles its own graph, which is why SD-FSMIS leaves
       out its transformer blocks (they look their support-bank entry up by layer name). The
-      code between the blocks runs eagerly, and the regions stay compiled for evaluation too.
+      code between the blocks runs eagerly.
       ``train.compile`` off: nothing is compiled, whatever the scope.
     * ``norms``: every ``nn.GroupNorm`` of the method runs one compiled function with dynamic
-      shapes (:func:`~.compiled_norms.compile_group_norms`), for training and evaluation.
+      shapes (:func:`~.compiled_norms.compile_group_norms`).
+
+    Every scope compiles for training only: :func:`uncompile_method` undoes it before the
+    evaluation.
 
     Like ``train.compile``, ``blocks`` and ``norms`` are part of the run's hash: they change
     the generated kernels, hence the rounding, not the model. ``model``, the value every
@@ -202,6 +205,27 @@ def compile_method(method: Method, mode: str, scope: str = "model") -> list[torc
     for region in regions:
         region.compile(mode=mode, backend=COMPILE_BACKEND, dynamic=False)
     return regions
+
+
+def uncompile_method(method: torch.nn.Module) -> int:
+    """Undo :func:`compile_method` in place (any scope): the evaluation runs the plain modules.
+
+    Why: a run resumed after its training, and ``eval`` from its weights, evaluate modules
+    that were never compiled, and compiled kernels round differently, so an in-process
+    evaluation of compiled modules gave other masks than those. Compiling for inference also
+    costs time the step never paid back: under ``speed=fast`` on an H100 the evaluation of the
+    embedded phantom recompiled its GroupNorms (other batch sizes, no autograd) for over 35 s
+    and was cut off (``docs/measurements/gpu_speed_log5_h100.txt``).
+
+    Returns:
+        how many modules were switched back (0: nothing was compiled).
+    """
+    restored = len(restore_group_norms(method))
+    for module in method.modules():
+        if getattr(module, "_compiled_call_impl", None) is not None:  # nn.Module.compile's compiled __call__
+            module._compiled_call_impl = None
+            restored += 1
+    return restored
 
 
 def _allow_recompiles(wanted: int) -> None:
