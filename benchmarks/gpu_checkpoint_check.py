@@ -63,7 +63,35 @@ def _parameters(total: int, device: torch.device) -> list[torch.nn.Parameter]:
         shapes.append(shape)
         count += size
     gen = torch.Generator(device="cpu").manual_seed(0)
-    return [torch.nn.Parameter((torch.randn(s, generator=gen) * 0.02).to(device)) for s in shapes]
+    params = [torch.nn.Parameter((torch.randn(s, generator=gen) * 0.02).to(device)) for s in shapes]
+    # the layouts and dtypes a run's state also holds: NHWC weights (train.channels_last), bf16
+    # ones (train.weight_dtype=bfloat16); each goes through the page-locked copies its own way
+    nhwc = (torch.randn(64, 32, 3, 3, generator=gen) * 0.02).to(device).contiguous(memory_format=torch.channels_last)
+    bf16 = (torch.randn(1280, generator=gen) * 0.02).to(device, torch.bfloat16)
+    return [*params, torch.nn.Parameter(nhwc), torch.nn.Parameter(bf16)]
+
+
+def _snapshot(state: Any) -> Any:
+    """A deep copy of ``state`` whose tensors are host clones (what a file must hold)."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {k: _snapshot(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_snapshot(v) for v in state)
+    return state
+
+
+def _same(written: Any, saved: Any) -> bool:
+    """``written`` (read back from a file) holds exactly ``saved``: values, dtypes, shapes."""
+    if isinstance(saved, torch.Tensor):
+        return isinstance(written, torch.Tensor) and written.dtype == saved.dtype and torch.equal(written, saved)
+    if isinstance(saved, dict):
+        return isinstance(written, dict) and written.keys() == saved.keys() and all(
+            _same(written[k], v) for k, v in saved.items())
+    if isinstance(saved, (list, tuple)):
+        return len(written) == len(saved) and all(_same(w, v) for w, v in zip(written, saved))
+    return written == saved
 
 
 def _adamw_step(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer) -> None:
@@ -107,7 +135,8 @@ def main() -> None:
     load_s = time.perf_counter() - began
 
     # a resumed run: fresh parameters and optimiser, filled from the checkpoint
-    resumed = [torch.nn.Parameter(loaded["model"][f"p{i}"].to(device)) for i in range(len(params))]
+    # (in each parameter's own layout, as the engine loads a state into the prepared model)
+    resumed = [torch.nn.Parameter(torch.empty_like(p).copy_(loaded["model"][f"p{i}"])) for i, p in enumerate(params)]
     resumed_optimizer = torch.optim.AdamW(resumed, lr=1e-5, weight_decay=1e-2)
     began = time.perf_counter()
     resumed_optimizer.load_state_dict(loaded["optimizer"])
@@ -128,9 +157,9 @@ def main() -> None:
     for label, pinned, saves in (("pageable", False, 1), ("pinned", True, 2)):
         writer = CheckpointWriter(out, background=True, pinned=pinned)
         for save in range(saves):
-            saved_weights = [p.detach().clone() for p in params]
             state = {"model": {f"p{i}": p for i, p in enumerate(params)}, "optimizer": optimizer.state_dict(),
                      "rng": rng_state(), "step": 2 + save, "log": [], "seconds": 2.0}
+            saved = _snapshot(state)
             began = time.perf_counter()
             writer.save(state)
             stall_s = time.perf_counter() - began
@@ -139,7 +168,8 @@ def main() -> None:
             writer.wait()
             total_s = time.perf_counter() - began
             written = load_training_state(out)
-            identical = all(torch.equal(written["model"][f"p{i}"], w.cpu()) for i, w in enumerate(saved_weights))
+            # every tensor: weights (NHWC and bf16 ones too), AdamW moments and steps, RNG states
+            identical = _same(written, saved)
             name = f"{label}_first" if saves > 1 and save == 0 else label
             background[name] = {"stall_s": round(stall_s, 2), "total_s": round(total_s, 2), "identical": identical}
             _log(f"background save ({name}): the step waited {stall_s:.1f} s of {total_s:.1f} s")

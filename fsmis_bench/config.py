@@ -77,17 +77,24 @@ _BOOLEANS = ("pretrained", "train.augment", "protocol.save_predictions")
 def config_dir() -> Path:
     """The built-in configs, wherever the package is installed.
 
-    The wheel installs the repository's ``configs/`` as ``fsmis_bench.configs``. Python run
-    from a checkout's root imports the checkout's ``fsmis_bench/`` instead of the installed
-    package, and that folder has no ``configs``: its configs are the ``configs/`` beside it.
+    Raises:
+        ConfigError: ``fsmis_bench`` was imported from a checkout over an installed wheel.
+            The wheel installs the repository's ``configs/`` as ``fsmis_bench.configs``;
+            Python started in a checkout's root imports that checkout's ``fsmis_bench/``
+            first, which has no such subpackage, while ``fsmis_methods`` and
+            ``fsmis_datasets`` still come from the wheel: two versions of the code in one
+            run, so it is refused (a lent H100 ran into it with ``python -m``).
     """
     try:
         return Path(str(resources.files("fsmis_bench.configs")))
     except ModuleNotFoundError:
-        beside = Path(__file__).resolve().parents[1] / "configs"
-        if beside.is_dir():
-            return beside
-        raise
+        package = Path(__file__).resolve().parent
+        raise ConfigError(
+            f"fsmis_bench was imported from {package}, a checkout, over an installed fsmis-bench: "
+            "its configs and methods would come from two versions of the code",
+            hint="start Python with -P (python -P -m fsmis_bench ...) or from another folder, "
+                 "or install the checkout itself (pip install -e .)",
+        ) from None
 
 
 def expand_sweep(overrides: list[str]) -> list[list[str]]:

@@ -153,6 +153,8 @@ def test_the_tensor_file_writer_round_trips_every_dtype_shared_storage_and_odd_s
         "u8": torch.arange(3, dtype=torch.uint8), "bool": torch.tensor([True, False, True]),
         "empty": torch.zeros(0, 4), "strided": torch.randn(4, 6)[:, ::2],
         "view_a": chunk[0:8].view(torch.float32), "view_b": chunk[16:24].view(torch.int16),  # one storage
+        "u16": torch.arange(4, dtype=torch.int32).to(torch.uint16), "f8": torch.randn(3).to(torch.float8_e4m3fn),
+        "nhwc": torch.randn(1, 3, 2, 2).contiguous(memory_format=torch.channels_last),
     }
     path = tmp_path / "t.safetensors"
     checkpoint.write_tensor_file(tensors, str(path), metadata={"step": "3"})
@@ -164,6 +166,42 @@ def test_the_tensor_file_writer_round_trips_every_dtype_shared_storage_and_odd_s
             assert back.dtype == tensor.dtype and back.shape == tensor.shape and torch.equal(back, tensor), key
     with pytest.raises(TypeError, match="complex64"):
         checkpoint.write_tensor_file({"c": torch.zeros(2, dtype=torch.complex64)}, str(tmp_path / "c"))
+
+
+@pytest.mark.parametrize("fails", ["open", "chmod", "json"])
+def test_a_refused_write_names_the_checkpoint_not_its_temporary_file(fails, tmp_path, monkeypatch):
+    """open() and chmod() of the hidden temporary file fail naming it; the user is told the
+    file they know."""
+    import errno
+
+    from fsmis_bench.training import checkpoint
+
+    def refuse(target, *args, **kwargs):
+        raise PermissionError(errno.EPERM, "Operation not permitted", str(target))
+
+    if fails == "open":
+        monkeypatch.setattr(checkpoint, "write_tensor_file", lambda tensors, filename, metadata=None: refuse(filename))
+    elif fails == "chmod":
+        monkeypatch.setattr(checkpoint.os, "chmod", refuse)
+    else:
+        monkeypatch.setattr(type(tmp_path), "write_text", lambda self, text: refuse(self))
+    with pytest.raises(PermissionError) as caught:
+        save_training_state(tmp_path, {"step": 2, "w": torch.zeros(2)})
+    named = "last.json" if fails == "json" else "last-00000002.safetensors"
+    assert caught.value.filename == str(tmp_path / named) and caught.value.errno == errno.EPERM
+    assert not list(tmp_path.glob(".*"))  # no temporary file left
+
+
+@pytest.mark.parametrize("metadata, tensors, match", [
+    ({"step": 3}, {"w": torch.zeros(1)}, "text to text"),
+    (None, {"__metadata__": torch.zeros(1)}, "__metadata__"),
+])
+def test_the_tensor_file_writer_refuses_what_safetensors_could_not_read(metadata, tensors, match, tmp_path):
+    from fsmis_bench.training import checkpoint
+
+    with pytest.raises(TypeError, match=match):
+        checkpoint.write_tensor_file(tensors, str(tmp_path / "t"), metadata=metadata)
+    assert not (tmp_path / "t").exists()
 
 
 def test_a_background_save_writes_the_staged_copies_only_after_they_landed(tmp_path, monkeypatch):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from fsmis_bench.config import compose, config_dir, expand_sweep
@@ -68,15 +66,14 @@ def test_hashes_ignore_paths_and_training_hash_ignores_evaluation_options(tmp_pa
     assert run_dir_for(base).parent == run_dir_for(pooled).parent  # siblings: same method/dataset/setting/fold
 
 
-def test_config_dir_of_a_checkout_imported_over_the_installed_package(monkeypatch):
+def test_a_checkout_imported_over_the_installed_package_is_refused_clearly(monkeypatch):
     """`python -m fsmis_bench.cli` run from a checkout's root imports the checkout's
     fsmis_bench, which has no `configs` subpackage (the wheel maps the top-level configs/
-    there): a lent H100 failed every run that way. The configs beside it serve."""
-    from importlib import resources
-
+    there), while the methods still come from the wheel: a lent H100 failed every run that
+    way with a traceback. It is one clear error now, saying what to do."""
     from fsmis_bench import config
 
-    real_files = resources.files
+    real_files = config.resources.files
 
     def without_configs_package(anchor):
         if anchor == "fsmis_bench.configs":
@@ -84,5 +81,6 @@ def test_config_dir_of_a_checkout_imported_over_the_installed_package(monkeypatc
         return real_files(anchor)
 
     monkeypatch.setattr(config.resources, "files", without_configs_package)
-    assert config_dir() == Path(config.__file__).resolve().parents[1] / "configs"
-    assert compose(["method=prototype"]).method.name == "prototype"
+    with pytest.raises(ConfigError, match="two versions of the code") as caught:
+        config_dir()
+    assert "python -P" in caught.value.hint and "pip install -e ." in caught.value.hint

@@ -238,6 +238,31 @@ def test_uncompile_method_gives_back_the_plain_modules(monkeypatch, scope):
     assert uncompile_method(compiled) == 0
 
 
+def test_compiled_norms_leave_a_plugins_own_group_norm_and_uncompile_only_what_they_compiled(monkeypatch):
+    """A GroupNorm subclass with a forward of its own keeps it (the compiled function
+    computes nn.GroupNorm's); a module the method compiled itself stays compiled."""
+    from fsmis_bench.training.compiled_norms import CompiledGroupNorm
+    from fsmis_bench.training.step import uncompile_method
+
+    class ScaledNorm(torch.nn.GroupNorm):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    class PlainSubclass(torch.nn.GroupNorm):
+        pass
+
+    monkeypatch.setattr(step_module, "COMPILE_BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 1), ScaledNorm(4, 8), PlainSubclass(4, 8),
+                                torch.nn.Conv2d(8, 8, 1))
+    model[3].compile(backend="aot_eager")  # the method's own choice, e.g. for its inference
+    norms = compile_method(model, "default", "norms")
+    assert norms == [model[2]] and type(model[1]) is ScaledNorm and type(model[2]) is CompiledGroupNorm
+    assert uncompile_method(model) == 1
+    assert type(model[2]) is PlainSubclass and type(model[1]) is ScaledNorm
+    assert model[3]._compiled_call_impl is not None
+
+
 @pytest.mark.slow
 def test_a_run_compiled_for_training_is_evaluated_with_plain_modules(monkeypatch, results_dir):
     """``train.compile_scope=norms`` (``speed=fast``) compiles the GroupNorms for the step;

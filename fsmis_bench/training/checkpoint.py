@@ -273,6 +273,7 @@ _SAFETENSORS_DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
     torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+    **{getattr(torch, f"uint{bits}"): f"U{bits}" for bits in (16, 32, 64) if hasattr(torch, f"uint{bits}")},
 }
 
 
@@ -289,10 +290,16 @@ def write_tensor_file(tensors: dict[str, torch.Tensor], filename: str, metadata:
 
     Raises:
         OSError: the write failed (a full disk: errno ENOSPC).
-        TypeError: a tensor of a dtype safetensors has no name for.
+        TypeError: a tensor of a dtype safetensors has no name for, metadata that is not
+            text to text, or a tensor named ``__metadata__`` (nothing is written then).
     """
+    metadata = dict(metadata or {})
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise TypeError(f"safetensors metadata maps text to text, not {metadata!r}")
+    if "__metadata__" in tensors:
+        raise TypeError("a tensor cannot be named '__metadata__' in a safetensors file")
     order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
-    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
     offset = 0
     for key in order:
         tensor = tensors[key]
@@ -322,11 +329,23 @@ def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: d
         os.chmod(tmp, new_file_mode())
         os.replace(tmp, path)
     except OSError as exc:
-        if exc.filename is None:
-            exc.filename = str(path)  # a failed write() names no file; say which one
-        raise
+        renamed = _naming(exc, path)
+        if renamed is None:
+            raise
+        raise renamed from exc
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _naming(exc: OSError, path: Path) -> OSError | None:
+    """``exc`` as an error naming ``path`` (None: it does already, or has no errno). A failed
+    write() names no file, a failed open() or chmod() the hidden temporary file, which means
+    nothing to the user."""
+    if exc.errno is None and exc.filename is None:
+        exc.filename = str(path)
+    if exc.filename == str(path) or exc.errno is None:
+        return None
+    return OSError(exc.errno, exc.strerror, str(path))  # the errno's subclass (PermissionError, ...)
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -335,9 +354,10 @@ def _write_text(path: Path, text: str) -> None:
         tmp.write_text(text)
         os.replace(tmp, path)
     except OSError as exc:
-        if exc.filename is None:
-            exc.filename = str(path)
-        raise
+        renamed = _naming(exc, path)
+        if renamed is None:
+            raise
+        raise renamed from exc
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -67,27 +67,31 @@ def group_norms(module: nn.Module) -> list[nn.GroupNorm]:
 def compile_group_norms(module: nn.Module, mode: str, backend: str) -> list[nn.GroupNorm]:
     """Switch every GroupNorm of ``module`` to one ``torch.compile``-d function (in place).
 
+    A subclass with a forward of its own (a plugin's) is left as it is: the compiled
+    function computes ``nn.GroupNorm``'s, not its.
+
     Returns:
         the switched modules (empty when ``module`` has no GroupNorm: nothing changes).
     """
-    norms = group_norms(module)
+    norms = [m for m in group_norms(module) if type(m).forward is nn.GroupNorm.forward]
     if not norms:
         return []
     compiled = torch.compile(_group_norm, mode=mode, backend=backend, dynamic=True)
     for norm in norms:
+        norm.plain_class = type(norm)
         norm.__class__ = CompiledGroupNorm
         norm.compiled_group_norm = compiled
     return norms
 
 
-def restore_group_norms(module: nn.Module) -> list[nn.GroupNorm]:
-    """Undo :func:`compile_group_norms`: every switched GroupNorm is a plain one again.
+def restore_group_norms(norms: list[nn.Module]) -> list[nn.GroupNorm]:
+    """Undo :func:`compile_group_norms` for ``norms``: each is of its own class again.
 
     Returns:
-        the modules switched back.
+        the modules switched back (those of ``norms`` that were switched).
     """
-    restored = [m for m in module.modules() if isinstance(m, CompiledGroupNorm)]
+    restored = [m for m in norms if isinstance(m, CompiledGroupNorm)]
     for norm in restored:
-        norm.__class__ = nn.GroupNorm
+        norm.__class__ = norm.__dict__.pop("plain_class", nn.GroupNorm)
         del norm.compiled_group_norm
     return restored

@@ -178,6 +178,16 @@ def compile_method(method: Method, mode: str, scope: str = "model") -> list[torc
     Raises:
         ConfigError: ``blocks`` on a method without regions, ``norms`` on one without GroupNorm.
     """
+    compiled = _compile_scope(method, mode, scope)
+    method.__dict__.setdefault(_COMPILED_FOR_TRAINING, []).extend(compiled)  # for uncompile_method
+    return compiled
+
+
+#: where :func:`compile_method` notes the modules it compiled, on the method itself
+_COMPILED_FOR_TRAINING = "_fsmis_compiled_for_training"
+
+
+def _compile_scope(method: Method, mode: str, scope: str) -> list[torch.nn.Module]:
     if scope == "model":
         method.compile(mode=mode, backend=COMPILE_BACKEND, dynamic=False)
         return [method]
@@ -215,16 +225,21 @@ def uncompile_method(method: torch.nn.Module) -> int:
     evaluation of compiled modules gave other masks than those. Compiling for inference also
     costs time the step never paid back: under ``speed=fast`` on an H100 the evaluation of the
     embedded phantom recompiled its GroupNorms (other batch sizes, no autograd) for over 35 s
-    and was cut off (``docs/measurements/gpu_speed_log5_h100.txt``).
+    and was cut off (``docs/measurements/gpu_speed_log5_h100.txt``). Only what
+    :func:`compile_method` changed is undone (a method's own compiled inference stays), and
+    dynamo's caches are dropped with it, compiled graphs and their memory pools included.
 
     Returns:
         how many modules were switched back (0: nothing was compiled).
     """
-    restored = len(restore_group_norms(method))
-    for module in method.modules():
+    compiled = method.__dict__.pop(_COMPILED_FOR_TRAINING, [])
+    restored = len(restore_group_norms(compiled))
+    for module in compiled:
         if getattr(module, "_compiled_call_impl", None) is not None:  # nn.Module.compile's compiled __call__
             module._compiled_call_impl = None
             restored += 1
+    if restored:
+        torch._dynamo.reset()
     return restored
 
 
