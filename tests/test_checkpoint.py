@@ -204,6 +204,61 @@ def test_the_tensor_file_writer_refuses_what_safetensors_could_not_read(metadata
     assert not (tmp_path / "t").exists()
 
 
+def test_bit_sum_is_exact_whatever_the_layout_and_dtype():
+    from fsmis_bench.training.checkpoint import bit_sum
+
+    nchw = torch.randn(2, 3, 4, 5)
+    assert int(bit_sum(nchw)) == int(bit_sum(nchw.contiguous(memory_format=torch.channels_last)))
+    assert int(bit_sum(nchw)) == int(bit_sum(nchw.flip(0)))  # the order of the additions does not matter
+    changed = nchw.clone()
+    changed[1, 2, 3, 4] = torch.nextafter(changed[1, 2, 3, 4], torch.tensor(float("inf")))  # one ulp
+    assert int(bit_sum(changed)) != int(bit_sum(nchw))
+    for tensor in (torch.tensor(True), torch.tensor(3.0), torch.zeros(0, 3), torch.randn(5).bfloat16(),
+                   torch.randn(5).to(torch.float8_e4m3fn), torch.arange(4, dtype=torch.int32).to(torch.uint16),
+                   torch.tensor([2**62, 2**62, 2**62], dtype=torch.int64)):  # the last wraps
+        assert bit_sum(tensor).dtype == torch.int64 and bit_sum(tensor).dim() == 0
+
+
+@pytest.mark.parametrize("damage", ["copy never landed", "flipped byte on disk"])
+def test_a_resume_state_that_does_not_hold_the_saved_values_is_refused(damage, tmp_path):
+    """last.json keeps each tensor's checksum, taken from the live state (on its device);
+    a state whose file holds other values, from a faulty host copy (the page-locked bug of
+    the eighth H100 session) or a damaged disk, is refused, never resumed from."""
+    from fsmis_bench.training import checkpoint
+
+    state = {"step": 5, "w": torch.randn(64), "b": torch.randn(8), "rng": torch.arange(4, dtype=torch.uint8)}
+    if damage == "copy never landed":
+        class LostCopy(checkpoint.HostStaging):
+            def synchronize(self):
+                self._buffers["state/b"].zero_()  # this copy did not land
+
+        writer = checkpoint.CheckpointWriter(tmp_path, background=True)
+        writer.staging = LostCopy(pinned=False)
+        writer.save(state)
+        writer.close()
+    else:
+        save_training_state(tmp_path, state)
+        tensor_file = next(tmp_path.glob("last-*.safetensors"))
+        data = bytearray(tensor_file.read_bytes())
+        data[-3] ^= 0x10  # in the last tensor's bytes
+        tensor_file.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="does not hold the state that was saved") as caught:
+        load_training_state(tmp_path)
+    assert "restart this training from step 0" in caught.value.hint
+    save_training_state(tmp_path, state)  # a sound state loads
+    assert torch.equal(load_training_state(tmp_path)["b"], state["b"])
+
+
+def test_a_resume_state_without_checksums_still_loads(tmp_path):
+    """States written before the checksums existed resume as before."""
+    save_training_state(tmp_path, {"step": 2, "w": torch.ones(3)})
+    document = json.loads((tmp_path / "last.json").read_text())
+    assert set(document["checksums"]) == {"state/w"}
+    del document["checksums"]
+    (tmp_path / "last.json").write_text(json.dumps(document))
+    assert torch.equal(load_training_state(tmp_path)["w"], torch.ones(3))
+
+
 def test_a_background_save_writes_the_staged_copies_only_after_they_landed(tmp_path, monkeypatch):
     """With CUDA, the page-locked copies are queued and land at ``synchronize``; all of a
     state's buffers are views of the same chunks. The encoding once cloned every view after

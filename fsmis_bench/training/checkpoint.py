@@ -151,17 +151,36 @@ class HostStaging:
         self._free_from = 0
 
 
+#: integer views of each element size: a checksum of a tensor's bits needs no float rounding
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def bit_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """A checksum of ``tensor``'s values: the sum of its elements' bit patterns as integers
+    (int64, wrapping), a 0-d tensor on its device. Integer sums are exact, so the order of
+    the additions (a device's reduction, a host's, an NHWC layout's) does not change it."""
+    bits = tensor.detach()
+    if bits.numel() == 0:
+        return torch.zeros((), dtype=torch.int64, device=bits.device)
+    if bits.dtype is torch.bool:
+        bits = bits.to(torch.uint8)
+    return bits.view(_BITS[bits.element_size()]).sum(dtype=torch.int64)
+
+
 def _encode(obj: Any, path: str, tensors: dict[str, torch.Tensor], copy: bool = False,
-            staging: HostStaging | None = None) -> Any:
+            staging: HostStaging | None = None, sums: dict[str, torch.Tensor] | None = None) -> Any:
     """``obj`` as JSON data, with every tensor / array moved into ``tensors`` under ``path``
     (``copy``: host copies even of CPU tensors, which ``.cpu()`` would return as they are;
-    ``staging``: those copies in its buffers, still being filled until it synchronises).
+    ``staging``: those copies in its buffers, still being filled until it synchronises;
+    ``sums``: each tensor's :func:`bit_sum`, taken where the tensor lies, under its key).
 
     Nothing here reads a staged buffer: its copy may not have landed yet. Tensors that share
     memory (tied weights, the views of one page-locked chunk) are fine, since
     :func:`write_tensor_file` writes each tensor's own bytes."""
     if isinstance(obj, torch.Tensor):
         key = path if path not in tensors else f"{path}#{len(tensors)}"
+        if sums is not None:
+            sums[key] = bit_sum(obj)
         if staging is not None:
             tensors[key] = staging.copy(key, obj.detach())
         else:
@@ -175,7 +194,7 @@ def _encode(obj: Any, path: str, tensors: dict[str, torch.Tensor], copy: bool = 
         return obj.item()
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
-    more = (tensors, copy, staging)
+    more = (tensors, copy, staging, sums)
     if isinstance(obj, tuple):
         return {"__tuple__": [_encode(v, f"{path}/{i}", *more) for i, v in enumerate(obj)]}
     if isinstance(obj, list):
@@ -447,6 +466,7 @@ class EncodedState:
     step: int
     tensors: dict[str, torch.Tensor]
     document: Any
+    checksums: dict[str, int] | None = None  # each tensor's bit_sum, taken from the live state
 
 
 def encode_training_state(state: dict[str, Any], *, copy: bool = False,
@@ -455,10 +475,22 @@ def encode_training_state(state: dict[str, Any], *, copy: bool = False,
     ``copy``, nothing in it shares memory with ``state`` (training may go on meanwhile), and
     with ``staging`` too, its tensors are in those buffers, every copy landed."""
     tensors: dict[str, torch.Tensor] = {}
-    document = _encode(state, "state", tensors, copy, staging)
+    sums: dict[str, torch.Tensor] = {}
+    document = _encode(state, "state", tensors, copy, staging, sums)
     if staging is not None:
         staging.synchronize()
-    return EncodedState(int(state["step"]), tensors, document)
+    return EncodedState(int(state["step"]), tensors, document, _to_ints(sums))
+
+
+def _to_ints(sums: dict[str, torch.Tensor]) -> dict[str, int]:
+    """The checksums as Python ints: one host transfer per device, not one per tensor."""
+    by_device: dict[torch.device, list[str]] = {}
+    for key, value in sums.items():
+        by_device.setdefault(value.device, []).append(key)
+    ints: dict[str, int] = {}
+    for keys in by_device.values():
+        ints.update(zip(keys, torch.stack([sums[k] for k in keys]).tolist()))
+    return ints
 
 
 def save_training_state(directory: Path, state: dict[str, Any]) -> Path:
@@ -481,6 +513,8 @@ def write_training_state(directory: Path, state: EncodedState) -> Path:
     _write_safetensors(directory / tensor_file, tensors,
                        {"format": FORMAT, "kind": STATE_KIND, "version": str(VERSION), "step": str(step)})
     document = {"format": FORMAT, "kind": STATE_KIND, "version": VERSION, "tensors": tensor_file, "state": encoded}
+    if state.checksums is not None:
+        document["checksums"] = state.checksums
     try:
         _write_text(directory / STATE_FILE, json.dumps(document) + "\n")
     except BaseException:
@@ -519,6 +553,13 @@ def load_training_state(directory: Path) -> dict[str, Any] | None:
         hint=f"delete {directory / tensor_file} and {path}, then rerun the same command: this training "
              "restarts from step 0",
     )
+    checksums = document.get("checksums")
+    if isinstance(checksums, dict):  # states written before checksums have none
+        for key, tensor in tensors.items():
+            if key in checksums and int(bit_sum(tensor)) != checksums[key]:
+                raise CheckpointError(
+                    f"resume state {directory / tensor_file} does not hold the state that was saved: {key} "
+                    "differs from the training's values (a damaged file, or a faulty write)", hint=hint)
     try:
         return _decode(document["state"], tensors)
     except (KeyError, TypeError) as exc:
