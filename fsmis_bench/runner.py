@@ -56,9 +56,9 @@ from .training.checkpoint import (
     refuse_legacy,
 )
 from .training.engine import STEP_FILE, make_accelerator, train
-from .training.step import uncompile_method
 from .training.episodes import EpisodeSampler
 from .training.precision import precision_of, selects_cuda, with_resolved_precision
+from .training.step import uncompile_method
 
 
 def build_dataset(dataset_cfg: DictConfig | dict, data_root: str | None, key: str = "dataset") -> VolumeDataset:
@@ -697,7 +697,7 @@ def _execute(p: RunPlan, allow_training: bool, accelerator) -> Path:
         if not accelerator.is_main_process:
             continue
         method.to(accelerator.device)
-        uncompile_method(method)  # evaluated as `eval` and a resumed run evaluate it: never compiled
+        uncompile_method(method)  # the plain modules, as `eval` and a resumed run evaluate
         if bool(cfg.train.get("channels_last", False)):
             # The layout training left the weights in. Weights read back from a checkpoint (a
             # resumed run, `eval`) come in NCHW, whose convolutions round differently: in it a

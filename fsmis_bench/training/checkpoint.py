@@ -8,7 +8,9 @@ Two kinds of checkpoint, both written through temporary files and renames:
   torch RNG states, the loss log and the elapsed time. Every tensor (RNG states as uint8
   tensors) goes into the safetensors file; the small state into the JSON file, which is
   written last and names its tensor file. A crash between the two writes therefore leaves
-  the previous complete pair in place.
+  the previous complete pair in place. The JSON file also keeps a checksum of each tensor,
+  taken from the live state, so a tensor file that does not hold the saved values (a faulty
+  copy, a damaged disk) is refused at resume.
 - **Weights** (``final.safetensors``): the trained parameters and buffers under
   ``model/<name>``, with the step in the file's metadata. ``eval checkpoint=`` takes such
   a file (or the tensor file of a resume state).
