@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU speed checks still open, as one script for one lent GPU session (at most 610 s on
+# The GPU speed checks still open, as one script for one lent GPU session (at most 620 s on
 # an H100; the timeouts are caps). Every comparison is within one machine: each part reruns
 # its own reference. What earlier sessions measured is in docs/measurements/ (README there);
 # this script's files have names of their own, so copying them there overwrites none.
@@ -100,5 +100,5 @@ engine_run() {  # engine_run <seconds> <name> <extra overrides...>
 }
 if wants runs; then
   engine_run 110 gpu_run_default_h100  # 79 s in the eighth session
-  engine_run 170 gpu_run_fast_h100 speed=fast  # 75 s of training (43 s compiling) + ~37 s around it
+  engine_run 170 gpu_run_fast_h100 speed=fast  # 75 s of training (43 s compiling and recording) + ~37 s around it
 fi

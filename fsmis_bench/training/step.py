@@ -224,8 +224,9 @@ def uncompile_method(method: torch.nn.Module) -> int:
     that were never compiled, and compiled kernels round differently, so an in-process
     evaluation of compiled modules gave other masks than those. Compiling for inference also
     costs time the step never paid back: under ``speed=fast`` on an H100 the evaluation of the
-    embedded phantom recompiled its GroupNorms (other batch sizes, no autograd) for over 35 s
-    and was cut off (``docs/measurements/gpu_speed_log5_h100.txt``). Only what
+    embedded phantom, its GroupNorms still compiled (they recompile for other batch sizes and
+    without autograd), had not finished some 20 s after training, where the default run's
+    took 9 s, and was cut off (``docs/measurements/gpu_run_fast_h100_run.json``). Only what
     :func:`compile_method` changed is undone (a method's own compiled inference stays), and
     dynamo's caches are dropped with it, compiled graphs and their memory pools included.
 
