@@ -28,7 +28,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
 
 import numpy as np
 import pandas as pd
@@ -66,6 +66,16 @@ _HASHED_UNLESS_DEFAULT = {"train.compile_scope": "model", "method.joint_pass": F
                           "train.fused_clip": False, "train.cudnn_benchmark": False,
                           "protocol.episode_sampler": "uniform_pairs", "protocol.chunk_support": "matched",
                           "protocol.episode_runs": "sorted"}
+# The checkpoint and logging cadence change no number (a resumed run is exact, and the loss
+# is read, not altered, at a logging step), so they stay out of the hash: a run resumed with
+# another `train.checkpoint_every` is the same run. Records made before 2026-11-28 hashed them.
+_CADENCE = ("train.checkpoint_every", "train.log_every")
+#: How a record's hash was formed, newest first; :func:`run_dir_for` finds earlier records
+#: under the form they were made with. ``current``: the cadence left out, the pretrained
+#: weights by content. ``cadence``: the cadence hashed (records made before 2026-11-28).
+#: ``weight_paths``: also the weights with the folders they were read from (before 2026-11-27).
+HashForm = Literal["current", "cadence", "weight_paths"]
+HASH_FORMS: tuple[HashForm, ...] = ("current", "cadence", "weight_paths")
 # `method.published_config` names the settings the published numbers were obtained with; it
 # only marks a run that departs from them (non_standard_options) and changes nothing a run
 # computes, so it stays out of the hashes and adding it to a method keeps that method's
@@ -104,15 +114,15 @@ def _pick(data: dict[str, Any], dotted: str) -> Any:
     return data
 
 
-def _hashed_inputs(inputs: dict[str, Any], legacy: bool = False) -> dict[str, Any]:
+def _hashed_inputs(inputs: dict[str, Any], form: HashForm = "current") -> dict[str, Any]:
     """The inputs as hashed: an external checkpoint and the pretrained weights count by
-    content, not by where they were read from (``legacy``: the weights with their paths,
-    as records made before 2026-11-27 hashed them; see :func:`weights_content`)."""
+    content, not by where they were read from (form ``weight_paths``: the weights with
+    their paths, as records made before 2026-11-27 hashed them; see :func:`weights_content`)."""
     hashed = dict(inputs)
     checkpoint = hashed.get("checkpoint")
     if checkpoint:
         hashed["checkpoint"] = {"sha256": checkpoint["sha256"]}
-    if not legacy and "weights" in hashed:
+    if form != "weight_paths" and "weights" in hashed:
         hashed["weights"] = weights_content(hashed["weights"])
     return hashed
 
@@ -141,9 +151,11 @@ def _late_method_options(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any
     return dict(method_cls.late_options), method_cls.late_option_values(cfg)
 
 
-def _hashed_config(cfg: DictConfig) -> dict[str, Any]:
+def _hashed_config(cfg: DictConfig, form: HashForm = "current") -> dict[str, Any]:
+    if form not in HASH_FORMS:
+        raise ValueError(f"unknown hash form {form!r}; known: {HASH_FORMS}")
     data = _plain(cfg)
-    for key in _UNHASHED:
+    for key in _UNHASHED + (_CADENCE if form == "current" else ()):
         _drop(data, key)
     method = data.get("method")
     if isinstance(method, dict) and method.get("name") not in _PUBLISHED_CONFIG_HASHED:
@@ -161,29 +173,30 @@ def _hashed_config(cfg: DictConfig) -> dict[str, Any]:
     return data
 
 
-def config_hash(cfg: DictConfig, inputs: dict[str, Any] | None = None, legacy: bool = False) -> str:
-    """SHA-256 of the resolved config without paths and device choice, plus ``inputs``.
+def config_hash(cfg: DictConfig, inputs: dict[str, Any] | None = None, form: HashForm = "current") -> str:
+    """SHA-256 of the resolved config without paths, device choice and cadence, plus ``inputs``.
 
     Args:
         inputs: the run's inputs as recorded in ``run.json`` (``train_data``,
             ``test_data``, ``weights``, ``checkpoint``); see :func:`fsmis_bench.runner.identify`.
-        legacy: the hash of records made before the weights counted by content alone.
+        form: the hash as records made at an earlier time formed it (:data:`HashForm`).
     """
-    data = _hashed_config(cfg)
+    data = _hashed_config(cfg, form)
     if inputs is not None:
-        data["inputs"] = _hashed_inputs(inputs, legacy)
+        data["inputs"] = _hashed_inputs(inputs, form)
     return _digest(data)
 
 
-def training_hash(cfg: DictConfig, inputs: dict[str, Any] | None = None, legacy: bool = False) -> str:
+def training_hash(cfg: DictConfig, inputs: dict[str, Any] | None = None, form: HashForm = "current") -> str:
     """SHA-256 of only what decides the trained weights: training keys, training data,
-    pretrained weights (by content; ``legacy``: with their paths, as earlier records)."""
-    data = _hashed_config(cfg)
+    pretrained weights (by content; ``form``: as earlier records formed it, :data:`HashForm`)."""
+    data = _hashed_config(cfg, form)
     picked = {key: _pick(data, key) for key in _TRAINING_KEYS}
     if inputs is not None:
         weights = inputs.get("weights")
+        by_path = form == "weight_paths" or weights is None
         picked["inputs"] = {"train_data": inputs.get("train_data"),
-                            "weights": weights if legacy or weights is None else weights_content(weights)}
+                            "weights": weights if by_path else weights_content(weights)}
         if inputs.get("cpu_threads") is not None:  # CPU runs only (runner.identify)
             picked["inputs"]["cpu_threads"] = inputs["cpu_threads"]
     return _digest(picked)
@@ -225,9 +238,9 @@ def test_dataset_name(cfg: DictConfig) -> str:
     return str(cfg.protocol.get("test_dataset") or cfg.dataset.name)
 
 
-def run_dir_for(cfg: DictConfig, inputs: dict[str, Any] | None = None, legacy: bool = False) -> Path:
+def run_dir_for(cfg: DictConfig, inputs: dict[str, Any] | None = None, form: HashForm = "current") -> Path:
     """The record directory of the run that ``cfg`` (with ``inputs``) describes
-    (``legacy``: where a record made before the weights counted by content lies)."""
+    (``form``: where a record made under an earlier hash form lies, :data:`HashForm`)."""
     test = test_dataset_name(cfg)
     dataset = test if test == cfg.dataset.name else f"{cfg.dataset.name}_to_{test}"
     return (
@@ -236,7 +249,7 @@ def run_dir_for(cfg: DictConfig, inputs: dict[str, Any] | None = None, legacy: b
         / dataset
         / f"setting{cfg.setting}"
         / f"fold{cfg.fold}"
-        / f"seed{cfg.seed}-{config_hash(cfg, inputs, legacy)[:8]}"
+        / f"seed{cfg.seed}-{config_hash(cfg, inputs, form)[:8]}"
     )
 
 
@@ -458,8 +471,32 @@ def new_file_mode() -> int:
     return 0o666 & ~mask
 
 
+def durable_replace(tmp: str | Path, path: str | Path) -> None:
+    """Rename the written file ``tmp`` to ``path`` so that a machine that goes down (a node
+    lost on a cluster, not only a killed process) leaves either the old file or the whole
+    new one: the bytes reach the disk before the rename, and the rename before return.
+
+    Without the first flush a file system may commit the rename before the data, and a
+    resume state's ``last.json`` could then name a state file of zeros."""
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    try:
+        folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    except OSError:
+        return  # a folder that cannot be opened for reading: the rename stands as the OS keeps it
+    try:
+        os.fsync(folder)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):  # file systems that sync no folders
+            raise
+    finally:
+        os.close(folder)
+
+
 def atomic_write(path: Path, data: bytes | str) -> None:
-    """Write via a temporary file and rename, so a crash never leaves half a file.
+    """Write via a temporary file and rename (:func:`durable_replace`), so a crash never
+    leaves half a file.
 
     The file gets the permissions of an ordinary new file (0666 minus the umask), and a
     failed write removes its temporary file.
@@ -471,7 +508,7 @@ def atomic_write(path: Path, data: bytes | str) -> None:
         with os.fdopen(fd, mode) as handle:
             os.fchmod(handle.fileno(), new_file_mode())  # mkstemp creates 0600
             handle.write(data)
-        os.replace(tmp, path)
+        durable_replace(tmp, path)
     except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -505,7 +542,7 @@ def save_predictions(path: Path, predictions: dict[tuple[str, str], tuple[np.nda
     tmp = path.with_name(f".{path.name}.tmp.npz")
     try:
         np.savez_compressed(tmp, **arrays)
-        os.replace(tmp, path)
+        durable_replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -47,7 +47,7 @@ from .protocol.metrics import fold_organ_scores
 from .protocol.settings import EvalGroup, eval_groups
 from .record_repair import DamagedRecordError, part_cases, rebuild_cases  # noqa: F401 (DamagedRecordError re-exported)
 from .records import (
-    CASE_COLUMNS, COMPLETE, atomic_write, can_write_in, code_identity, config_hash, load_predictions,
+    CASE_COLUMNS, COMPLETE, HASH_FORMS, HashForm, atomic_write, can_write_in, code_identity, config_hash, load_predictions,
     machine_identity, method_file_digest, nearest_existing, non_standard_options, now, package_versions, read_json,
     registered_by, run_dir_for, save_predictions, test_dataset_name, training_hash, write_error, write_json, writing_to,
 )
@@ -124,8 +124,8 @@ class RunIdentity:
             path, SHA-256 and step (None without ``checkpoint=``).
         method: the method built for ``cfg`` (reused for the first evaluation group).
         supervoxels_generated: what :meth:`ensure_supervoxels` generated for this run.
-        legacy_hash: ``run_dir`` is a record made while the weights' paths were hashed
-            (before 2026-11-27), kept and resumed under that hash.
+        hash_form: how ``run_dir``'s hash was formed: ``current``, or that of a record
+            made earlier (:data:`fsmis_bench.records.HashForm`), kept and resumed under it.
     """
 
     cfg: DictConfig
@@ -137,7 +137,7 @@ class RunIdentity:
     method: Method
     checkpoint: Path | None = None
     supervoxels_generated: dict | None = None
-    legacy_hash: bool = False
+    hash_form: HashForm = "current"
 
 
 @dataclass
@@ -246,15 +246,26 @@ def identify(cfg: DictConfig, checkpoint: Path | None = None) -> RunIdentity:
         # a CPU's float sums depend on how many threads share them: a joblib worker (one
         # thread) and a serial run (all cores) compute other numbers, so they are other runs
         inputs["cpu_threads"] = torch.get_num_threads()
-    run_dir, legacy = run_dir_for(cfg, inputs), False
-    if not run_dir.exists() and inputs.get("weights"):
-        # Records made while the weights' folder was hashed stay where they are and are
-        # found, finished or to resume, from the folder they were read from then.
-        earlier = run_dir_for(cfg, inputs, legacy=True)
-        if earlier != run_dir and earlier.exists():
-            run_dir, legacy = earlier, True
+    run_dir, form = _record_dir(cfg, inputs)
     return RunIdentity(cfg, run_dir, inputs, train_dataset, test_dataset, groups, method,
-                       checkpoint, generated, legacy)
+                       checkpoint, generated, form)
+
+
+def _record_dir(cfg: DictConfig, inputs: dict[str, Any]) -> tuple[Path, HashForm]:
+    """``(run_dir, hash form)``: today's folder, or that of an existing record made
+    while the hash was formed otherwise (the cadence hashed; the weights' folders hashed).
+    Such records stay where they are and are found, finished or to resume, under the
+    settings they were made with."""
+    current = run_dir_for(cfg, inputs)
+    if current.exists():
+        return current, "current"
+    for form in HASH_FORMS[1:]:
+        if form == "weight_paths" and not inputs.get("weights"):
+            continue  # without weights that form equals `cadence`
+        earlier = run_dir_for(cfg, inputs, form)
+        if earlier != current and earlier.exists():
+            return earlier, form
+    return current, "current"
 
 
 def plan(cfg: DictConfig, identity: RunIdentity | None = None, *, allow_training: bool = True) -> RunPlan:
@@ -407,7 +418,7 @@ def _find_checkpoint(cfg: DictConfig, inputs: dict, run_dir: Path, group: str) -
             )
     if (own / WEIGHTS_FILE).exists():
         return own / WEIGHTS_FILE
-    wanted = {training_hash(cfg, inputs), training_hash(cfg, inputs, legacy=True)}  # earlier records: the latter
+    wanted = {training_hash(cfg, inputs, form) for form in HASH_FORMS}  # earlier records: as they formed it
     for info in sorted(run_dir.parent.glob("*/run.json")):
         candidate = info.parent / "checkpoints" / group / WEIGHTS_FILE
         try:
@@ -422,7 +433,7 @@ def _find_checkpoint(cfg: DictConfig, inputs: dict, run_dir: Path, group: str) -
 def _prepare_dir(p: RunPlan, random_weights: bool, method_options: dict | None = None, device: str = "cpu") -> dict:
     cfg, run_dir, ident = p.cfg, p.run_dir, p.identity
     assert ident is not None
-    full_hash = config_hash(cfg, ident.inputs, ident.legacy_hash)
+    full_hash = config_hash(cfg, ident.inputs, ident.hash_form)
     info_path = run_dir / "run.json"
     info = _record_or_none(info_path)
     if info is None and info_path.exists():
@@ -464,7 +475,7 @@ def _prepare_dir(p: RunPlan, random_weights: bool, method_options: dict | None =
         "protocol": OmegaConf.to_container(cfg.protocol, resolve=True),
         "non_standard": non_standard_options(cfg, random_weights, checkpoint["sha256"] if checkpoint else None),
         "config_hash": full_hash,
-        "training_hash": training_hash(cfg, ident.inputs, ident.legacy_hash),
+        "training_hash": training_hash(cfg, ident.inputs, ident.hash_form),
         # Where the weights come from: trained by this run (or a sibling with the same
         # training hash), or an external checkpoint, which never counts as a `run`.
         "weights_from": "external_checkpoint" if checkpoint else ("training" if ident.method.needs_training else "none"),

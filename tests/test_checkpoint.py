@@ -484,3 +484,33 @@ def test_close_on_a_raising_path_waits_without_replacing_the_error(tmp_path, mon
         finally:
             writer.close()
     assert list(tmp_path.glob("last*")) == []
+
+
+def test_a_resume_state_reaches_the_disk_before_the_file_that_names_it(tmp_path, monkeypatch):
+    """A machine that goes down (not only a killed process) must never leave ``last.json``
+    naming a state file whose bytes were not yet written: each file is flushed before its
+    rename, and its folder after it."""
+    from fsmis_bench import records
+
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.path.basename(str(dst))))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(records.os, "fsync", fsync)
+    monkeypatch.setattr(records.os, "replace", replace)
+    save_training_state(tmp_path, {"step": 2, "weights": torch.ones(3)})
+    renamed = [name for kind, name in events if kind == "replace"]
+    assert renamed[-1] == "last.json" and len(renamed) >= 2  # the state file first, then the file naming it
+    for name in renamed:
+        at = events.index(("replace", name))
+        flushed = events[at - 1]
+        assert flushed[0] == "fsync" and os.path.basename(flushed[1]).startswith(f".{name}")  # its own bytes
+        assert events[at + 1] == ("fsync", str(tmp_path))  # then the folder holding the new name
+    assert load_training_state(tmp_path)["step"] == 2

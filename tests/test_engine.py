@@ -215,3 +215,60 @@ def test_evaluating_a_saved_checkpoint_gives_the_in_process_masks(results_dir):
     in_process = pd.read_csv(trained / "cases.csv")[counts].sort_values(["organ", "case_id"])
     from_file = pd.read_csv(external / "cases.csv")[counts].sort_values(["organ", "case_id"])
     assert in_process.to_numpy().tolist() == from_file.to_numpy().tolist()
+
+
+def test_another_checkpoint_or_log_cadence_is_the_same_run_and_resumes_it(results_dir, tmp_path, monkeypatch, capsys):
+    from fsmis_bench.training import episodes
+
+    calls = {"n": 0}
+    original = episodes.EpisodeSampler.batch
+
+    def interrupted(self, batch_size):
+        calls["n"] += 1
+        if calls["n"] == 4:  # Ctrl-C while step 4 draws its batch
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, batch_size)
+
+    monkeypatch.setattr(episodes.EpisodeSampler, "batch", interrupted)
+    assert main(["run", *SMALL, "train.steps=6", "train.checkpoint_every=2", "train.log_every=1"]) == 130
+    monkeypatch.setattr(episodes.EpisodeSampler, "batch", original)
+    capsys.readouterr()
+    # resumed with another cadence: the same folder, from its saved state
+    assert main(["run", *SMALL, "train.steps=6", "train.checkpoint_every=5", "train.log_every=3"]) == 0
+    assert "resuming" in capsys.readouterr().err
+    (run_dir,) = _run_dirs(results_dir)
+    # and the numbers of an uninterrupted run with the default cadence
+    monkeypatch.setenv("FSMIS_RESULTS_DIR", str(tmp_path / "reference"))
+    assert main(["run", *SMALL, "train.steps=6"]) == 0
+    (reference,) = _run_dirs(tmp_path / "reference")
+    assert reference.name == run_dir.name
+    assert (reference / "cases.csv").read_bytes() == (run_dir / "cases.csv").read_bytes()
+    assert json.loads((reference / "run.json").read_text())["training_hash"] == \
+        json.loads((run_dir / "run.json").read_text())["training_hash"]
+
+
+def test_a_record_made_while_the_cadence_was_hashed_is_found_and_reused(results_dir, capsys):
+    from fsmis_bench.config import compose
+    from fsmis_bench.records import config_hash, run_dir_for
+    from fsmis_bench.runner import identify
+
+    argv = [*SMALL, "train.steps=2", "train.checkpoint_every=1"]
+    assert main(["run", *argv]) == 0
+    (made,) = _run_dirs(results_dir)
+    ident = identify(compose(argv))
+    # move the finished record to where a version that hashed the cadence put it
+    earlier = run_dir_for(ident.cfg, ident.inputs, "cadence")
+    assert earlier != made
+    earlier.parent.mkdir(parents=True, exist_ok=True)
+    made.rename(earlier)
+    info = json.loads((earlier / "run.json").read_text())
+    info["config_hash"] = config_hash(ident.cfg, ident.inputs, "cadence")
+    (earlier / "run.json").write_text(json.dumps(info))
+    found = identify(compose(argv))
+    assert found.run_dir == earlier and found.hash_form == "cadence"
+    capsys.readouterr()
+    assert main(["run", *argv]) == 0
+    assert "already complete, not recomputed" in capsys.readouterr().err
+    assert _run_dirs(results_dir) == [earlier]
+    # under another cadence it is not that record (its hash held the cadence): a run of its own
+    assert identify(compose([*SMALL, "train.steps=2", "train.checkpoint_every=7"])).run_dir == made

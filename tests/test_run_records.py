@@ -749,20 +749,20 @@ def test_the_same_weights_in_another_folder_are_the_same_run_and_earlier_records
     on_a = identify(compose(args))
     monkeypatch.setattr(SupportCopy, "weight_identity", lambda self: _weights_at("/nodeB/cache"))
     on_b = identify(compose(args))
-    assert on_a.run_dir == on_b.run_dir and not on_b.legacy_hash
+    assert on_a.run_dir == on_b.run_dir and on_b.hash_form == "current"
     assert training_hash(on_a.cfg, on_a.inputs) == training_hash(on_b.cfg, on_b.inputs)
     # other content is another run
     other = _weights_at("/nodeB/cache")
     other["unet"]["digest"] = "sha256:" + "ef" * 32
     assert config_hash(on_b.cfg, {**on_b.inputs, "weights": other}) != config_hash(on_b.cfg, on_b.inputs)
     # a record made while the folder was hashed is found where it lies, and resumed there
-    earlier = run_dir_for(on_b.cfg, on_b.inputs, legacy=True)
+    earlier = run_dir_for(on_b.cfg, on_b.inputs, "weight_paths")
     assert earlier != on_b.run_dir
     earlier.mkdir(parents=True)
     found = identify(compose(args))
-    assert found.run_dir == earlier and found.legacy_hash
+    assert found.run_dir == earlier and found.hash_form == "weight_paths"
     assert main(["run", *args]) == 0
-    assert _info(earlier)["config_hash"] == config_hash(found.cfg, found.inputs, legacy=True)
+    assert _info(earlier)["config_hash"] == config_hash(found.cfg, found.inputs, "weight_paths")
     assert _info(earlier)["status"] == "complete" and not on_b.run_dir.exists()
 
 

@@ -37,7 +37,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..errors import FsmisError
 from ..method import Method
-from ..records import new_file_mode
+from ..records import durable_replace, new_file_mode
 
 FORMAT = "fsmis-bench"
 WEIGHTS_KIND = "weights"
@@ -348,7 +348,7 @@ def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: d
     try:
         write_tensor_file(tensors, str(tmp), metadata=metadata)
         os.chmod(tmp, new_file_mode())
-        os.replace(tmp, path)
+        durable_replace(tmp, path)
     except OSError as exc:
         renamed = _naming(exc, path)
         if renamed is None:
@@ -373,7 +373,7 @@ def _write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         tmp.write_text(text)
-        os.replace(tmp, path)
+        durable_replace(tmp, path)
     except OSError as exc:
         renamed = _naming(exc, path)
         if renamed is None:
