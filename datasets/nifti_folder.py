@@ -13,7 +13,9 @@ with the same keys under ``test_dataset.``)::
       folds: null                      # null | [[positions], ...] | loo | all
       fold_ids: null                   # [[scan ids], ...]: folds by id instead of position
       support: null                    # a scan id: the support of every fold
-      supervoxels: null                # sibling folder of superpix-MIDDLE_<id>.nii.gz
+      supervoxels: null                # null | auto | a folder of superpix-MIDDLE_<id>.nii.gz
+      n_supervoxels: 5000              # auto: the 3-D Felzenszwalb minimum size, in voxels
+      supervoxels_out: null            # auto: where they go (default <path>/supervoxels_<n>)
 
 **Orientation.** Every scan (and its label, each by its own affine) is brought to
 ``orientation`` before slicing, by axis permutations and flips only. The default ``LAS`` is
@@ -40,6 +42,15 @@ training (in-domain) on all other scans.
 
 The path may be absolute, relative to the working directory, or relative to ``data_root``.
 
+**Supervoxels.** Self-supervised training (``protocol.train_labels=supervoxels``, the
+default of ADNet, Q-Net and SSL-ALPNet) needs pseudo-labels. ``supervoxels: auto`` makes the
+missing ones with the recipe the built-in datasets use (ADNet's 3-D Felzenszwalb,
+``n_supervoxels`` voxels at least, :func:`fsmis_bench.preparation.supervoxels_3d`), on each
+scan as the methods see it (reoriented, after its intensity recipe), and writes them on the
+scan's own grid and header, so that they overlay it in any viewer and are read back like
+supervoxels made elsewhere. Generation is announced and listed in ``run.json``; the files'
+digest is part of the run's identity. A folder given instead is read, never written.
+
 **Checks.** Each scan is refused when it cannot be used as it is (unreadable, not 3-D,
 NaN, a constant image, labels that are not whole numbers, a label on another grid, two
 files for one id) and warned about when it can be used but may not mean what the user
@@ -54,13 +65,16 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import os
 import re
 import sys
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from fsmis_bench.data.base import ORGANS, Volume, VolumeDataset
 from fsmis_bench.data.consistency import axis_rotation, guess_modality, modality_mismatch, slice_digests
@@ -71,6 +85,7 @@ from fsmis_bench.data.nifti import (
 from fsmis_bench.data.options import organ_suggestions, read_label_map
 from fsmis_bench.errors import ConfigError, DataError, DataWarning
 from fsmis_bench.protocol.folds import folds_for
+from fsmis_bench.records import can_write_in, durable_replace
 
 MODALITIES = ("none", "ct", "mri", "auto")
 _IMAGE_NAME = re.compile(r"image_(.+?)\.nii(\.gz)?")
@@ -92,6 +107,8 @@ PAIR_DEGREES = 45.0
 #: tolerance in voxels, not in mm, so it holds whatever the origin's distance (a table
 #: position of -1500 mm), and it bounds a rotation by the shift it causes at the far corner
 GRID_VOXELS = 0.1
+#: ``supervoxels: auto``'s minimum supervoxel size in voxels: ADNet's for the abdomen (1000 for CMR)
+DEFAULT_SUPERVOXEL_SIZE = 5000
 #: after its intensity recipe, a scan with more than this share of its voxels at the top
 #: of the CT window (above 275 HU) is an MRI or a raw CT windowed as Hounsfield units
 SATURATED_SHARE = 0.5
@@ -191,6 +208,11 @@ class NiftiFolder(VolumeDataset):
                               hint="use loo, all (one fold of every scan), or lists of positions")
         self.support = None if _missing(options.get("support")) else str(options["support"])
         self.supervoxel_dir = options.get("supervoxels")
+        self.n_supervoxels = int(options.get("n_supervoxels") or DEFAULT_SUPERVOXEL_SIZE)
+        if self.n_supervoxels < 1:
+            raise ConfigError(f"{key}.n_supervoxels must be a positive voxel count, got {self.n_supervoxels}",
+                              hint=f"e.g. {key}.n_supervoxels={DEFAULT_SUPERVOXEL_SIZE} (ADNet's abdominal size)")
+        self.supervoxels_out = options.get("supervoxels_out")
         self.geometry: dict[str, CaseGeometry] = {}
         self._digests: dict[str, dict[bytes, int]] = {}
         self._label_values: dict[str, set[int]] = {}
@@ -440,21 +462,79 @@ class NiftiFolder(VolumeDataset):
         modality, pixels = self._intensities(case_id, image.array)
         return Volume(case_id, pixels, label.array, supervoxels, image.spacing, image.affine, modality)
 
+    @property
+    def supervoxel_folder(self) -> Path | None:
+        """Where the pseudo-labels are read from (None: none configured): ``auto``'s folder,
+        or the one given (relative: beside the scans' folder)."""
+        if _missing(self.supervoxel_dir):
+            return None
+        if str(self.supervoxel_dir) == "auto":
+            if _missing(self.supervoxels_out):
+                return self.folder / f"supervoxels_{self.n_supervoxels}"
+            given = Path(str(self.supervoxels_out)).expanduser()
+        else:
+            given = Path(str(self.supervoxel_dir)).expanduser()
+        return given if given.is_absolute() else self.folder.parent / given
+
+    def ensure_supervoxels(self) -> dict | None:
+        """With ``supervoxels: auto``, make the scans' missing pseudo-labels (see the module's
+        docstring); announced on stderr.
+
+        Returns:
+            what was generated (folder, cases, recipe, size, time) for the run record; None
+            when nothing was missing or the folder is not ``auto``'s.
+        Raises:
+            DataError: the folder cannot be written (with where to write instead).
+        """
+        folder = self.supervoxel_folder
+        if str(self.supervoxel_dir) != "auto" or folder is None:
+            return None
+        ids = self.case_ids()
+        missing = [c for c in ids if not _supervoxel_path(folder, c).exists()]
+        if not missing:
+            return None
+        key = self.config_key
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            pass  # named below with what to do
+        if not folder.is_dir() or not can_write_in(folder):
+            raise DataError(
+                f"nifti_folder: {len(missing)} scans lack supervoxels and {folder} cannot be written",
+                hint=f"let them be written elsewhere: {key}.supervoxels_out=<a writable folder>",
+            )
+        print(f"nifti_folder: {len(missing)} of {len(ids)} scans have no supervoxels in {folder}; generating them "
+              f"now (ADNet 3-D Felzenszwalb, n_sv={self.n_supervoxels}; this takes a while per scan, and the new "
+              "pseudo-labels become part of the run's identity)", file=sys.stderr, flush=True)
+        from fsmis_bench.preparation.supervoxels import supervoxels_3d  # late: SimpleITK, scikit-image
+
+        began = time.time()
+        bar = tqdm(missing, desc="supervoxels", unit="scan", file=sys.stderr,
+                   disable=os.environ.get("FSMIS_NO_PROGRESS") == "1")
+        for case_id in bar:
+            volume = self.load(case_id)
+            segments = supervoxels_3d(volume.image, volume.spacing, self.n_supervoxels)
+            _save_nifti(self.source_nifti(case_id, segments.astype(np.int32)),
+                        _supervoxel_path(folder, case_id))
+        return {"folder": str(folder), "cases": missing, "recipe": "felzenszwalb3d",
+                "n_supervoxels": self.n_supervoxels, "seconds": round(time.time() - began, 1)}
+
     def _read_supervoxels(self, case_id: str, image: NiftiVolume) -> np.ndarray:
-        if not self.supervoxel_dir:
-            key = self.config_key
+        key = self.config_key
+        folder = self.supervoxel_folder
+        if folder is None:
             raise DataError(
                 "nifti_folder has no supervoxels configured: self-supervised training on it "
-                "(protocol.train_labels=supervoxels) needs pseudo-labels, and `fsmis-bench supervoxels` makes them "
-                "only for the built-in datasets",
-                hint=f"train on its labels with protocol.train_labels=gt, or train on a built-in dataset and test on "
-                f"this folder (dataset=abd_mri protocol.test_dataset=nifti_folder, its options under test_dataset.), "
-                f"or give {key}.supervoxels=<folder of superpix-MIDDLE_<id>.nii.gz, each on its image's grid>",
+                "(protocol.train_labels=supervoxels) needs pseudo-labels",
+                hint=f"add {key}.supervoxels=auto to make them (ADNet's recipe, written beside the scans), "
+                f"or give {key}.supervoxels=<folder of superpix-MIDDLE_<id>.nii.gz, each on its image's grid>, "
+                "or train on its labels with protocol.train_labels=gt",
             )
-        sv_dir = Path(str(self.supervoxel_dir)).expanduser()
-        if not sv_dir.is_absolute():
-            sv_dir = self.folder.parent / sv_dir
-        supervoxels = load_nifti(nifti_path(sv_dir, f"superpix-MIDDLE_{case_id}"), np.int32, self.orientation)
+        path = _supervoxel_path(folder, case_id)
+        if not path.exists():
+            raise DataError(f"nifti_folder: case {case_id} has no supervoxels: {path} is missing",
+                            hint=f"add the file, or use {key}.supervoxels=auto to make the missing ones")
+        supervoxels = load_nifti(path, np.int32, self.orientation)
         self._check_same_grid(case_id, image, supervoxels, "supervoxels")
         return supervoxels.array
 
@@ -684,11 +764,10 @@ class NiftiFolder(VolumeDataset):
             "files_sha256": _digest_files(files),
             "with_supervoxels": bool(with_supervoxels),
         }
-        if with_supervoxels and self.supervoxel_dir:
-            sv_dir = Path(str(self.supervoxel_dir)).expanduser()
-            sv_dir = sv_dir if sv_dir.is_absolute() else self.folder.parent / sv_dir
+        sv_dir = self.supervoxel_folder
+        if with_supervoxels and sv_dir is not None:
             identity["supervoxels"] = str(sv_dir.resolve())
-            identity["supervoxels_sha256"] = _digest_files([nifti_path(sv_dir, f"superpix-MIDDLE_{i}") for i in ids])
+            identity["supervoxels_sha256"] = _digest_files([_supervoxel_path(sv_dir, i) for i in ids])
         return identity
 
 
@@ -760,3 +839,21 @@ def _digest_files(paths: list[Path]) -> str:
                     one.update(block)
             total.update(one.digest())
     return total.hexdigest()
+
+
+def _supervoxel_path(folder: Path, case_id: str) -> Path:
+    from fsmis_bench.preparation.supervoxels import SUPERVOXEL_PREFIX  # late: SimpleITK, scikit-image
+
+    return nifti_path(folder, f"{SUPERVOXEL_PREFIX}{case_id}")
+
+
+def _save_nifti(image, path: Path) -> None:
+    """Write through a temporary file and a rename: a stopped generation leaves no half file."""
+    import nibabel as nib
+
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    try:
+        nib.save(image, str(tmp))
+        durable_replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -422,3 +422,57 @@ def test_chaos_files_through_nifti_folder_are_bit_identical_in_any_orientation(r
         nib.save(nib.Nifti1Image(data, source.affine @ inv_ornt_aff(transform, source.shape)), str(copy / f"{kind}_3.nii.gz"))
     flipped = load_dataset("nifti_folder", path=str(copy), label_map={"liver": 1}).load("3")
     assert np.array_equal(flipped.image, reference.image) and np.array_equal(flipped.label, reference.label)
+
+
+# -- 6. supervoxels for self-supervised training -------------------------------------------
+def test_auto_supervoxels_lie_on_each_scans_own_grid_whatever_its_orientation(tmp_path):
+    def scan_one(i, image):  # every scan holds scan 1's image; 2 and 3 are stored turned and mirrored
+        return _scan(1)[0]
+
+    folder = make_folder(tmp_path / "scans", n=3, orientations={2: ("PSR", "PSR"), 3: ("IRP", "IRP")},
+                         image_fn=scan_one)
+    dataset = load_dataset("nifti_folder", path=str(folder), label_map=LABEL_MAP, supervoxels="auto",
+                           n_supervoxels=20)
+    sv_dir = folder / "supervoxels_20"
+    generated = dataset.ensure_supervoxels()
+    assert generated["cases"] == ["1", "2", "3"] and generated["folder"] == str(sv_dir)
+    assert generated["recipe"] == "felzenszwalb3d" and generated["n_supervoxels"] == 20
+    for i in (1, 2, 3):  # written as the scan's file is stored: its shape, affine and orientation codes
+        image = nib.load(str(folder / f"image_{i}.nii.gz"))
+        written = nib.load(str(sv_dir / f"superpix-MIDDLE_{i}.nii.gz"))
+        assert written.shape == image.shape and np.allclose(written.affine, image.affine)
+        assert written.get_data_dtype() == np.int32
+    read = [dataset.load(str(i), with_supervoxels=True).supervoxels for i in (1, 2, 3)]
+    assert read[0].shape == dataset.load("1").image.shape and len(np.unique(read[0])) > 3
+    # the same anatomy, stored three ways, gets the same pseudo-labels once read
+    np.testing.assert_array_equal(read[0], read[1])
+    np.testing.assert_array_equal(read[0], read[2])
+    written_at = [p.stat().st_mtime_ns for p in sorted(sv_dir.iterdir())]
+    assert dataset.ensure_supervoxels() is None  # nothing missing: nothing made again
+    assert [p.stat().st_mtime_ns for p in sorted(sv_dir.iterdir())] == written_at
+    identity = dataset.identity(with_supervoxels=True)
+    assert identity["supervoxels"] == str(sv_dir.resolve()) and len(identity["supervoxels_sha256"]) == 64
+
+
+def test_own_scans_train_on_auto_supervoxels_recorded_in_the_run(tmp_path, results_dir, capsys):
+    folder = make_folder(tmp_path / "scans", n=10)
+    argv = ["run", "method=prototype", "dataset=nifti_folder", f"dataset.path={folder}",
+            f"+dataset.label_map={LABEL_MAP}", "dataset.supervoxels=auto", "dataset.n_supervoxels=20",
+            "method.width=8", "method.feature_dim=16", "train.image_size=32", "train.steps=2",
+            "protocol.min_fg_pixels=5"]
+    # without pseudo-labels: one error that says how to get them
+    assert main(argv[:5] + argv[7:]) == 2
+    assert "dataset.supervoxels=auto" in capsys.readouterr().err
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert main([*argv, f"dataset.supervoxels_out={blocker / 'sv'}"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot be written" in err and "dataset.supervoxels_out=<a writable folder>" in err and "Traceback" not in err
+    assert main(argv) == 0
+    assert "10 of 10 scans have no supervoxels" in capsys.readouterr().err
+    info = json.loads(next(results_dir.glob("prototype/nifti_folder/*/*/*/run.json")).read_text())
+    assert info["supervoxels_generated"][0]["cases"] == [str(i) for i in range(1, 11)]
+    assert info["status"] == "complete" and len(info["inputs"]["train_data"]["supervoxels_sha256"]) == 64
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "already complete" in capsys.readouterr().err  # the same pseudo-labels: the same run

@@ -822,9 +822,14 @@ def test_slices_of_padding_only_are_not_shared_slices(tmp_path):
 def test_in_domain_training_on_supervoxels_says_how_to_train_without_them(tmp_path):
     folder = make_folder(tmp_path / "scans")
     dataset = load_dataset("nifti_folder", path=str(folder), label_map=LABEL_MAP)
-    with pytest.raises(DataError, match=r"`fsmis-bench supervoxels` makes them only for the built-in") as error:
+    with pytest.raises(DataError, match=r"no supervoxels configured") as error:
         dataset.load("1", with_supervoxels=True)
-    assert "protocol.train_labels=gt" in error.value.hint and "protocol.test_dataset=nifti_folder" in error.value.hint
+    assert "dataset.supervoxels=auto" in error.value.hint and "protocol.train_labels=gt" in error.value.hint
+    given = load_dataset("nifti_folder", path=str(folder), label_map=LABEL_MAP, supervoxels=str(tmp_path / "sv"))
+    with pytest.raises(DataError, match=r"case 1 has no supervoxels: .*superpix-MIDDLE_1.nii.gz is missing") as error:
+        given.load("1", with_supervoxels=True)
+    assert "supervoxels=auto" in error.value.hint
+    assert given.ensure_supervoxels() is None and not (tmp_path / "sv").exists()  # a given folder is never written
 
 
 def test_an_organ_named_twice_on_the_command_line_is_refused_before_hydra_drops_one():
