@@ -673,7 +673,10 @@ def main(argv: list[str] | None = None) -> int:
                   "tiny_joint_batched_fclip": [fused, joint, batched, fclip],  # eager: its kernel time with --profile
                   "tiny_joint_batched_fclip_graph": [fused, joint, batched, fclip, graph],  # the default with CUDA
                   "tiny_joint_norms_graph": [fused, joint, *norms, graph],
-                  "tiny_blocks_graph": [fused, *blocks, graph]}
+                  "tiny_blocks_graph": [fused, *blocks, graph],
+                  # every U-Net block compiled: inductor fuses the elementwise kernels around the
+                  # matmuls and convolutions, the candidate for a step bound by its ~1,700 kernels
+                  "tiny_joint_batched_fclip_blocks_graph": [fused, joint, batched, fclip, *blocks, graph]}
     tiny = _build(tiny_base, device) if selected(*tiny_names) else None
     for name, overrides in tiny_names.items():
         measure(name, overrides, "no", True, result["tiny"], model=tiny, config=tiny_base, steps=args.tiny_steps,

@@ -22,9 +22,11 @@
 # Usage (on the GPU machine, from the repository root; OUT defaults to ./gpu_speed_out):
 #   OUT=/some/dir bash benchmarks/gpu_speed_check.sh
 #   PARTS="checkpoint runs" OUT=/some/dir bash benchmarks/gpu_speed_check.sh   # some parts only
-# (parts: checkpoint, defaults, tiny, predict, profile, runs; by default all but tiny, which
-# the defaults part times when its budget allows, and profile: the kernel time and top kernels
-# of the eager default steps, SD-1.5 and tiny, the floor of the recorded ones)
+# (parts: checkpoint, defaults, tiny, predict, profile, runs; by default all but tiny: the
+# default tiny step against the same step with every U-Net block compiled, fewer and fused
+# kernels for a step bound by their count, ~100 s of compilation allowed; and profile: the
+# kernel time and top kernels of the eager default steps, SD-1.5 and tiny, the floor of the
+# recorded ones)
 # The default parts write seven files and one log, gpu_speed_log.txt: eight files, the most a
 # lent machine returns; with tiny or profile, leave other parts out (each check writes one
 # file, the checkpoint part one, the runs four).
@@ -74,8 +76,8 @@ wants defaults && check 150 gpu_defaults_h100 --steps 40 --warmup 2 --tiny-steps
   --only tf32_fused_joint_graph tf32_fused_joint_batched_fclip_graph bf16_autocast_nhwc_joint_graph \
   tf32_fused_nhwc_joint_batched_fclip_graph tf32_fused_nhwc_joint_batched_fclip_norms_graph \
   bf16_autocast_nhwc_joint_batched_fclip_norms_graph tiny_joint_graph tiny_joint_batched_fclip_graph
-wants tiny && check 60 gpu_tiny_h100 --steps 40 --warmup 2 --tiny-steps 100 --budget-s 55 \
-  --only tiny_joint_graph tiny_joint_batched_fclip_graph
+wants tiny && check 170 gpu_tiny_h100 --steps 40 --warmup 2 --tiny-steps 100 --budget-s 165 --compile-budget-s 100 \
+  --only tiny_joint_batched_fclip_graph tiny_joint_batched_fclip_blocks_graph
 wants profile && check 60 gpu_profile_h100 --steps 8 --warmup 2 --tiny-steps 30 --profile 3 --budget-s 55 \
   --only tf32_fused_joint_batched_fclip tiny_joint_batched_fclip tiny_joint_batched_fclip_graph
 wants predict && check 90 gpu_predict_h100 --steps 3 --warmup 1 --budget-s 85 --only predict

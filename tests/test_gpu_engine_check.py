@@ -92,7 +92,8 @@ def test_cpu_smoke_mode_runs_every_variant(capsys, tmp_path, monkeypatch):
                  "bf16_autocast_nhwc_joint_norms_graph", "bf16_autocast_nhwc_joint_fclip_norms_graph",
                  "tiny_joint_norms_graph", "tf32_fused_joint_batched_fclip_graph",
                  "bf16_autocast_nhwc_joint_batched_fclip_norms_graph", "tiny_joint_batched_fclip_graph",
-                 "tf32_fused_nhwc_joint_batched_fclip_graph", "tf32_fused_nhwc_joint_batched_fclip_norms_graph"}
+                 "tf32_fused_nhwc_joint_batched_fclip_graph", "tf32_fused_nhwc_joint_batched_fclip_norms_graph",
+                 "tiny_joint_batched_fclip_blocks_graph"}
     assert set(result["skipped"]) == cuda_only
 
 
