@@ -20,6 +20,10 @@ with the affine changed to match), except scan 8's intensities:
 
 ``--labels-like-images`` stores each label in its image's orientation (scan 5's as RPI), so
 the folder can also be read with ``orientation=as_stored``, i.e. used as delivered.
+
+``--all`` takes all 20 CHAOS scans instead, intensities as they are, each stored in one of
+:data:`CYCLE`'s orientations in turn (its label in another), to train on the folder in-domain
+(``scripts/own_scans_supervoxels.sh``).
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ import numpy as np
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
 
 LAYOUT = {"1": ("LAS", "LAS"), "2": ("RAS", "RAS"), "3": ("PIR", "PIR"), "5": ("RPI", "ASL"), "8": ("LPS", "LPS")}
+#: ``--all``: (image, label) orientations given to the scans in id order, in turn
+CYCLE = (("LAS", "LAS"), ("RAS", "RAS"), ("PIR", "PIR"), ("RPI", "ASL"), ("LPS", "LPS"), ("SAL", "IRP"))
 
 
 def reoriented(image: nib.Nifti1Image, data: np.ndarray, axcodes: str) -> nib.Nifti1Image:
@@ -48,26 +54,32 @@ def hounsfield_like(mri: np.ndarray) -> np.ndarray:
     return np.rint(hu).astype(np.int16)
 
 
-def main(data_root: Path, out: Path, labels_like_images: bool = False) -> None:
+def main(data_root: Path, out: Path, labels_like_images: bool = False, every_scan: bool = False) -> None:
     chaos = data_root / "CHAOST2" / "chaos_MR_T2_normalized"
     out.mkdir(parents=True, exist_ok=False)
-    for case, (image_codes, label_codes) in LAYOUT.items():
+    layout = LAYOUT
+    if every_scan:
+        ids = sorted((p.name[len("image_"):-len(".nii.gz")] for p in chaos.glob("image_*.nii.gz")), key=int)
+        layout = {case: CYCLE[i % len(CYCLE)] for i, case in enumerate(ids)}
+    for case, (image_codes, label_codes) in layout.items():
         label_codes = image_codes if labels_like_images else label_codes
         image = nib.load(str(chaos / f"image_{case}.nii.gz"))
         label = nib.load(str(chaos / f"label_{case}.nii.gz"))
         pixels = np.asarray(image.dataobj)
-        if case == "8":
+        if case == "8" and not every_scan:
             pixels = hounsfield_like(pixels)
         suffix = ".nii" if case == "2" else ".nii.gz"
         nib.save(reoriented(image, pixels, image_codes), str(out / f"image_{case}{suffix}"))
         nib.save(reoriented(label, np.asarray(label.dataobj).astype(np.uint8), label_codes),
                  str(out / f"label_{case}{suffix}"))
-        print(f"{case}: image {image_codes}, label {label_codes}" + (", Hounsfield-like" if case == "8" else ""))
+        print(f"{case}: image {image_codes}, label {label_codes}"
+              + (", Hounsfield-like" if case == "8" and not every_scan else ""))
 
 
 if __name__ == "__main__":
     flags = [a for a in sys.argv[1:] if a.startswith("--")]
     paths = [a for a in sys.argv[1:] if not a.startswith("--")]
-    if len(paths) != 2 or set(flags) - {"--labels-like-images"}:
+    if len(paths) != 2 or set(flags) - {"--labels-like-images", "--all"}:
         sys.exit(__doc__)
-    main(Path(paths[0]), Path(paths[1]), labels_like_images=bool(flags))
+    main(Path(paths[0]), Path(paths[1]), labels_like_images="--labels-like-images" in flags,
+         every_scan="--all" in flags)
