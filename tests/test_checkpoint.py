@@ -424,6 +424,11 @@ def test_host_staging_packs_page_locked_buffers_into_chunks(monkeypatch):
     assert staging.reserved_bytes == sum(allocated)
     staging.release()
     assert staging.reserved_bytes == 0 and staging.nbytes == 0
+    # an empty tensor first locks nothing: the first chunk comes with the first byte
+    empty = staging._carve(torch.Size((0, 4)), torch.float32)
+    assert tuple(empty.shape) == (0, 4) and allocated == [4096, 16384] and staging.reserved_bytes == 0
+    staging._carve(torch.Size((2,)), torch.float32)
+    assert allocated == [4096, 16384, 4096]
 
 
 def test_host_staging_falls_back_to_ordinary_memory_when_none_can_be_page_locked(monkeypatch):

@@ -114,6 +114,8 @@ class HostStaging:
         """A ``shape``/``dtype`` view into the page-locked chunks (a new chunk where the last
         one has no room left)."""
         nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if nbytes == 0:  # nothing is copied into it: no chunk is locked for it
+            return torch.empty(shape, dtype=dtype)
         start = -(-self._free_from // self.ALIGN) * self.ALIGN
         if not self._chunks or start + nbytes > self._chunks[-1].numel():
             size = max(self.chunk_bytes, 1 << max(nbytes - 1, 0).bit_length())
