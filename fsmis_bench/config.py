@@ -28,7 +28,7 @@ _CHOICES = {
     "protocol.exclusion": ("any", "all"),
     "protocol.train_labels": ("supervoxels", "gt"),
     "protocol.gt_exclusion": ("per_group", "liver_spleen"),
-    "protocol.episode_sampler": ("reference", "uniform_pairs"),
+    "protocol.episode_sampler": ("reference", "uniform_pairs", "same_slice"),
     "protocol.episode_runs": ("reference", "sorted"),
     "protocol.chunk_support": ("matched", "all"),
     "fidelity": ("paper", "code"),

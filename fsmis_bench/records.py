@@ -160,8 +160,8 @@ def _hashed_config(cfg: DictConfig, form: HashForm = "current") -> dict[str, Any
     method = data.get("method")
     if isinstance(method, dict) and method.get("name") not in _PUBLISHED_CONFIG_HASHED:
         _drop(data, "method.published_config")
-    if _pick(data, "protocol.episode_sampler") == "uniform_pairs":
-        _drop(data, "protocol.episode_runs")  # that rule draws pairs, not runs
+    if _pick(data, "protocol.episode_sampler") in ("uniform_pairs", "same_slice"):
+        _drop(data, "protocol.episode_runs")  # those rules draw pairs or slices, not runs
     for key, default in _HASHED_UNLESS_DEFAULT.items():
         if _pick(data, key) == default:
             _drop(data, key)

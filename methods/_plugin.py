@@ -42,8 +42,9 @@ def fsmis_register_methods(registry) -> None:
                       description="SSL-ALPNet: adaptive local prototype pooling on DeepLabv3-ResNet-101 (ECCV 2020)",
                       display=Display(name="SSL-ALPNet", published_names=("SSL-ALPNet",), published_caveat=(
                           "its published numbers were trained with its own self-supervision (2-D superpixels, "
-                          "support and query the same slice under two augmentations); every method here trains on the "
-                          "shared ADNet-family episodes (PROTOCOL.md §5)")))
+                          "support and query the same slice under two augmentations), which "
+                          "protocol.episode_sampler=same_slice follows (marked non-standard); otherwise it trains, as "
+                          "every method here does, on the shared ADNet-family episodes (PROTOCOL.md §5)")))
     registry.register("adnet", "fsmis_methods.adnet:ADNet",
                       description="ADNet: one foreground prototype, anomaly score vs a learned threshold (MedIA 2022)",
                       display=Display(name="ADNet", published_names=("ADNet",)))

@@ -43,7 +43,9 @@ Choices the released code leaves open, made here:
 Differences of the harness, not of this file: SSL-ALPNet trains on 2-D superpixels with the
 support and query cut from the *same* slice under two augmentations, and evaluates with the
 last fold scan as support; this benchmark trains every method on the ADNet-family episodes
-(PROTOCOL.md §5, 3-D supervoxels, adjacent slices) and evaluates EP1 with ``protocol.supp_idx``
+(PROTOCOL.md §5, 3-D supervoxels, adjacent slices) unless ``protocol.episode_sampler=same_slice``
+asks for SSL-ALPNet's own scheme (on the 2-D superpixels of ``fsmis-bench supervoxels --method
+felzenszwalb2d --n-sv 400``, given as ``dataset.supervoxel_dir``), and evaluates EP1 with ``protocol.supp_idx``
 and the ``linspace`` chunks (SSL-ALPNet's own test splits by z-range). On CT (``abd_ct``) the
 released code normalises with one mean and standard deviation over the training fold's scans;
 here every volume is z-scored on its own (docs/reference_differences.md).

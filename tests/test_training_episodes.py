@@ -406,3 +406,88 @@ def test_episode_runs_is_hashed_where_it_applies_and_marks_the_earlier_form():
     pairs = [compose(["protocol.episode_sampler=uniform_pairs", f"protocol.episode_runs={form}"])
              for form in ("reference", "sorted")]
     assert config_hash(pairs[0]) == config_hash(pairs[1])
+
+
+class _Slices(VolumeDataset):
+    """One scan of six slices whose voxels name their slice (value z): slice 0 shows no
+    class, slices 1-5 show class 5 (30 x 30 px), slice 2 also class 8 (10 x 10 px); the liver
+    (label 1) lies in slice 3."""
+
+    label_map = {"liver": 1}
+    test_organs = ("liver",)
+
+    def _case_ids(self):
+        return ["1"]
+
+    def _load(self, case_id, with_supervoxels):
+        label = np.zeros((6, 40, 40), dtype=np.int32)
+        label[3, 0:4, 0:4] = 1
+        sv = np.zeros_like(label)
+        sv[1:6, 5:35, 5:35] = 5
+        sv[2, 36:40, 0:10] = 8
+        image = np.arange(6, dtype=np.float32)[:, None, None] + np.zeros(label.shape, dtype=np.float32)
+        return Volume(case_id, image, label, sv)
+
+
+def _same_slice_draws(group, n=6000):
+    sampler = EpisodeSampler(_Slices(), ["1"], group, augment=False, norm="none", rule="same_slice",
+                             min_fg_pixels=10_000)  # no floor in this rule: every class passes
+    draws = []
+    for index in range(n):
+        support_image, support_mask, query_image, query_mask = sampler.episode(index)
+        # two copies of one slice and one class
+        assert np.array_equal(support_image, query_image) and np.array_equal(support_mask, query_mask)
+        z = int(support_image[0, 0])
+        classes = _Slices().load("1", with_supervoxels=True).supervoxels[z]
+        (cls,) = np.unique(classes[support_mask])
+        assert np.array_equal(support_mask, classes == cls)
+        draws.append((z, int(cls)))
+    return draws
+
+
+def test_same_slice_draws_slices_as_ssl_alpnets_code_does():
+    n = 6000
+    draws = _same_slice_draws(EvalGroup("all", ("liver",)), n)
+    slices = [z for z, _ in draws]
+    # uniform over the six slices, but the empty slice 0 hands its draws to slice 1
+    assert slices.count(0) == 0
+    _assert_share(slices.count(1), n, 2 / 6)
+    for z in (2, 3, 4, 5):
+        _assert_share(slices.count(z), n, 1 / 6)
+    # in slice 2 the class is drawn uniformly between its two
+    in_two = [cls for z, cls in draws if z == 2]
+    _assert_share(in_two.count(8), len(in_two), 1 / 2)
+
+
+def test_same_slice_redraws_an_excluded_slice_over_all_but_the_last():
+    n = 6000
+    slices = [z for z, _ in _same_slice_draws(EvalGroup("liver", ("liver",), ("liver",), "any"), n)]
+    # slice 3 (liver) is excluded: its draws go again to U{0..4}, which resolves to slice 1
+    # (itself or via empty slice 0) half the time and to 2 or 4 a quarter each, never to 5
+    assert slices.count(3) == 0
+    _assert_share(slices.count(1), n, 2 / 6 + 1 / 6 * 1 / 2)
+    _assert_share(slices.count(2), n, 1 / 6 + 1 / 6 * 1 / 4)
+    _assert_share(slices.count(4), n, 1 / 6 + 1 / 6 * 1 / 4)
+    _assert_share(slices.count(5), n, 1 / 6)
+
+
+def test_same_slice_augments_each_copy_on_its_own_and_is_reproducible():
+    sampler = EpisodeSampler(_Slices(), ["1"], EvalGroup("all", ("liver",)), norm="none", rule="same_slice")
+    differ = 0
+    for index in range(20):
+        episode = sampler.episode(index)
+        assert all(np.array_equal(a, b) for a, b in zip(episode, sampler.episode(index)))
+        support_image, support_mask, query_image, query_mask = episode
+        differ += not np.array_equal(support_mask, query_mask)
+        assert support_mask.dtype == query_mask.dtype == bool  # (class 8 at the edge may be shifted out)
+    assert differ >= 18  # two independent affine + elastic draws
+
+
+def test_same_slice_is_hashed_marked_and_leaves_the_runs_key_out():
+    from fsmis_bench.config import compose
+    from fsmis_bench.records import config_hash, non_standard_options
+
+    same = [compose(["protocol.episode_sampler=same_slice", f"protocol.episode_runs={form}"])
+            for form in ("reference", "sorted")]
+    assert config_hash(same[0]) == config_hash(same[1]) != config_hash(compose([]))
+    assert non_standard_options(same[1], False) == ["episode_sampler=same_slice"]

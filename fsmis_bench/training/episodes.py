@@ -23,6 +23,18 @@ How a draw is made and redrawn (``protocol.episode_sampler``):
   among those with an adjacent pair, the pair uniformly among all of that class's pairs,
   and a rejected pair draws a new scan, so a scan trained on fewer episodes the more of
   its pairs the floor rejects. Kept so that earlier runs can be reproduced.
+* ``same_slice``: SSL-ALPNet's own scheme (``dataloaders/GenericSuperDatasetv2.py`` of its
+  released code), meant for its 2-D superpixels (``fsmis-bench supervoxels --method
+  felzenszwalb2d --n-sv 400``). Support and query are two copies of *one* slice, each
+  augmented on its own, affine + elastic and then gamma (that code's ``num_rep = 2``
+  transforms; its parameters are the ``standard`` form's). The slice is drawn uniformly
+  among all slices of the training scans, one table in scan order: a slice without a class
+  passes the draw to the next one in the table, a slice the setting excludes redraws
+  uniformly (as that code does, over all but the table's last slice: its bound is
+  exclusive), and the class is drawn uniformly among those the slice shows. No size floor
+  (``min_fg_pixels`` is not applied: that code has none). Its id draw, ``randint(1, max)``
+  over the slice's ids, can also name an id that its masking emptied (an empty mask) and
+  never names the highest one; here the draw is among the ids the slice shows.
 """
 
 from __future__ import annotations
@@ -40,7 +52,7 @@ from ..protocol.settings import EvalGroup, excluded_slices
 from .augment import AUGMENT_FORMS, CODE_FORMS, EpisodeAugmenter
 
 
-EPISODE_SAMPLERS = ("reference", "uniform_pairs")
+EPISODE_SAMPLERS = ("reference", "uniform_pairs", "same_slice")
 #: how the reference rule finds a class's runs of adjacent slices (``protocol.episode_runs``)
 EPISODE_RUNS = ("reference", "sorted")
 
@@ -81,6 +93,8 @@ class _Case:
     class_ids: np.ndarray  # every class of the scan's training labels, ascending
     slice_counts: dict[int, int]  # class -> number of kept slices showing it
     runs: dict[int, list[np.ndarray]]  # class -> runs of >= 2 consecutive kept slices showing it
+    slice_classes: list[np.ndarray] | None = None  # same_slice: z -> the classes slice z shows
+    dropped: np.ndarray | None = None  # same_slice: (Z,) slices the setting excludes
 
 
 class EpisodeSampler:
@@ -149,6 +163,8 @@ class EpisodeSampler:
             case = self._index(classes, dropped)
             if case is not None:
                 self.cases.append(_Case(normalise_volume(volume.image, norm), classes, **case))
+        #: same_slice: every slice of every scan, in scan order, as ``(case, z)``
+        self.slice_table = [(case, z) for case in self.cases for z in range(case.image.shape[0])]
         if not self.cases:
             raise DataError(
                 f"no training episode can be drawn from {len(cases)} {dataset.name} scans "
@@ -164,6 +180,12 @@ class EpisodeSampler:
         on to another scan (no class shows in two kept slices, or every pair is below the
         size floor): such a scan is left out of the draw instead.
         """
+        if self.rule == "same_slice":
+            shown = [np.setdiff1d(np.unique(plane), [0]) for plane in classes]
+            if not any(len(ids) and not drop for ids, drop in zip(shown, dropped)):
+                return None  # no kept slice shows a class: no draw can end here
+            return {"pairs": {}, "class_ids": np.unique(np.concatenate(shown)), "slice_counts": {}, "runs": {},
+                    "slice_classes": shown, "dropped": np.asarray(dropped, dtype=bool)}
         pixels: list[dict[int, int]] = []  # z -> {class: pixel count}, empty for a dropped slice
         showing: dict[int, list[int]] = {}  # class -> every slice showing it, dropped ones included
         for z in range(classes.shape[0]):
@@ -234,6 +256,8 @@ class EpisodeSampler:
     # -- drawing ------------------------------------------------------------------------
     def sample(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """One episode: support image, support mask, query image, query mask, each ``(H, W)``."""
+        if self.rule == "same_slice":
+            return self._sample_same_slice()
         draw = self._draw_reference if self.rule == "reference" else self._draw_uniform_pairs
         case, cls, z = draw()
         first, second = case.classes[z] == cls, case.classes[z + 1] == cls
@@ -278,6 +302,34 @@ class EpisodeSampler:
             "no training episode was drawn in 100000 scan draws",
             hint="lower protocol.min_fg_pixels, or check the training labels",
         )
+
+    def _sample_same_slice(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Two copies of one slice and class, each augmented on its own (SSL-ALPNet)."""
+        case, cls, z = self._draw_same_slice()
+        copies = [self._fit(case.image[z], case.classes[z] == cls) for _ in range(2)]
+        if self.augmenter is not None:
+            for side, (image, mask) in enumerate(copies):  # support first, as that code's buffer
+                image, mask = self.augmenter.geometric(image, mask, self.rng)
+                copies[side] = (self.augmenter.gamma(image, self.rng), mask)
+        (support_image, support_mask), (query_image, query_mask) = copies
+        return support_image, support_mask, query_image, query_mask
+
+    def _draw_same_slice(self) -> tuple[_Case, int, int]:
+        """``(scan, class, z)`` by SSL-ALPNet's rule (module docstring)."""
+        table = self.slice_table
+        index = int(self.rng.integers(len(table)))
+        for _ in range(100_000):
+            case, z = table[index]
+            shown = case.slice_classes[z]
+            if not len(shown):
+                index = (index + 1) % len(table)  # that code takes the next slice of its table
+                continue
+            if case.dropped[z]:
+                index = int(self.rng.integers(max(len(table) - 1, 1)))  # ... and redraws an excluded one
+                continue
+            return case, int(shown[self.rng.integers(len(shown))]), z
+        raise DataError("no training slice was drawn in 100000 draws",
+                        hint="check the training labels and the setting's excluded organs")
 
     def _draw_uniform_pairs(self) -> tuple[_Case, int, int]:
         """``(scan, class, z)`` by fsmis-bench's earlier rule: a rejected pair draws a new scan."""
