@@ -123,22 +123,31 @@ def test_interrupted_run_resumes_exactly(uninterrupted, tmp_path, signum, exit_c
     assert (uninterrupted / "cases.csv").read_bytes() == (run_b / "cases.csv").read_bytes()
 
 
-@pytest.mark.parametrize("writes", ["train.async_checkpoint=false", "train.async_checkpoint=true"],
-                         ids=["in-step", "background"])
-def test_interrupt_saves_a_checkpoint_at_the_step_boundary(writes, results_dir, monkeypatch, capsys):
+def _ctrl_c_at_step(step: int, monkeypatch):
+    """Send SIGINT to this process while training step ``step`` draws its batch; returns the
+    sampler's own ``batch`` (to put back)."""
     from fsmis_bench.training import episodes
-    from fsmis_bench.training.checkpoint import load_training_state
 
     calls = {"n": 0}
     original = episodes.EpisodeSampler.batch
 
     def interrupted(self, batch_size):
         calls["n"] += 1
-        if calls["n"] == 3:  # Ctrl-C while step 3 draws its batch
+        if calls["n"] == step:
             os.kill(os.getpid(), signal.SIGINT)
         return original(self, batch_size)
 
     monkeypatch.setattr(episodes.EpisodeSampler, "batch", interrupted)
+    return original
+
+
+@pytest.mark.parametrize("writes", ["train.async_checkpoint=false", "train.async_checkpoint=true"],
+                         ids=["in-step", "background"])
+def test_interrupt_saves_a_checkpoint_at_the_step_boundary(writes, results_dir, monkeypatch, capsys):
+    from fsmis_bench.training import episodes
+    from fsmis_bench.training.checkpoint import load_training_state
+
+    original = _ctrl_c_at_step(3, monkeypatch)
     assert main(["run", *SMALL, "train.steps=6", writes]) == 130
     (checkpoint_dir,) = {p.parent for p in results_dir.glob("**/checkpoints/all/last.json")}
     state = load_training_state(checkpoint_dir)
@@ -220,16 +229,7 @@ def test_evaluating_a_saved_checkpoint_gives_the_in_process_masks(results_dir):
 def test_another_checkpoint_or_log_cadence_is_the_same_run_and_resumes_it(results_dir, tmp_path, monkeypatch, capsys):
     from fsmis_bench.training import episodes
 
-    calls = {"n": 0}
-    original = episodes.EpisodeSampler.batch
-
-    def interrupted(self, batch_size):
-        calls["n"] += 1
-        if calls["n"] == 4:  # Ctrl-C while step 4 draws its batch
-            os.kill(os.getpid(), signal.SIGINT)
-        return original(self, batch_size)
-
-    monkeypatch.setattr(episodes.EpisodeSampler, "batch", interrupted)
+    original = _ctrl_c_at_step(4, monkeypatch)
     assert main(["run", *SMALL, "train.steps=6", "train.checkpoint_every=2", "train.log_every=1"]) == 130
     monkeypatch.setattr(episodes.EpisodeSampler, "batch", original)
     capsys.readouterr()
