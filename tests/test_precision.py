@@ -26,6 +26,8 @@ from fsmis_bench.training.precision import Precision, resolve_precision, with_re
         ("cuda", True, "auto", False, Precision("no", False)),
         ("auto", True, "bf16", "auto", Precision("bf16", True)),
         ("auto", True, "fp16", False, Precision("fp16", False)),
+        ("cpu", False, "fp16", "auto", Precision("no", False)),  # no fp16 autocast on a CPU: it runs fp32
+        ("auto", False, "fp16", True, Precision("no", False)),
         ("auto", False, "auto", "auto", Precision("no", False)),
     ],
 )
@@ -147,3 +149,18 @@ def test_gpu_precision_check_smoke_runs_on_cpu(capsys):
     assert fp32["finite"] and bf16["finite"] and fp32["step_median_s"] > 0
     assert fp32["first_loss"] == pytest.approx(bf16["first_loss"], rel=0.05)  # same weights, same episode
     assert result["fastest"] in result["results"] and min(result["eval_loss_vs_best"].values()) == 1.0
+
+
+def test_fp16_on_a_cpu_is_the_fp32_run_and_says_so(capsys, monkeypatch):
+    """A CPU has no fp16 autocast (accelerate runs the step in fp32, the same losses bit for
+    bit: tests/test_engine_compute.py): such a run is the fp32 run, recorded and hashed so."""
+    from fsmis_bench.config import compose
+    from fsmis_bench.records import config_hash
+    from fsmis_bench.training import engine
+
+    fp16, fp32 = compose(["mixed_precision=fp16", "device=cpu"]), compose(["device=cpu"])
+    assert with_resolved_precision(fp16).mixed_precision == "no" and config_hash(fp16) == config_hash(fp32)
+    monkeypatch.setitem(engine._SAID, "fp16", False)
+    engine.make_accelerator(fp16)
+    engine.make_accelerator(fp16)
+    assert capsys.readouterr().err.count("a CPU has no fp16 autocast, so this run computes in fp32") == 1

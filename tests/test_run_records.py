@@ -633,7 +633,7 @@ def test_speed_switches_keep_earlier_run_identities():
         assert digest(clipped_inside) != digest(clipped_outside)
         assert digest(compose(fused)) == digest(clipped_inside)  # fused_clip=auto: inside a fused AdamW
         # the master-weight AdamW and fp16's scaler keep it outside
-        for other in (["train.weight_dtype=bfloat16", "mixed_precision=bf16"], ["mixed_precision=fp16"]):
+        for other in (["train.weight_dtype=bfloat16", "mixed_precision=bf16"], ["mixed_precision=fp16", "device=cuda"]):
             assert digest(compose([*fused, *other])) == digest(compose([*fused, *other, "train.fused_clip=false"]))
     timed = compose(["method=sdfsmis", "backbone=tiny", "pretrained=false", "train.cudnn_benchmark=true"])
     assert training_hash(timed) != training_hash(cfg) and config_hash(timed) != config_hash(cfg)

@@ -46,6 +46,10 @@ from .cuda_graph import make_train_step
 from .step import ComputeOptions, TrainingError, TrainStep, micro_batches, prepare_method  # noqa: F401 (TrainingError re-exported)
 
 
+#: notes printed once per process
+_SAID = {"fp16": False}
+
+
 def make_accelerator(cfg: DictConfig, grad_accum: int = 1):
     """An ``accelerate.Accelerator`` honouring ``device`` and the resolved precision
     (``mixed_precision`` autocast, TF32 on or off: :mod:`.precision`); sets
@@ -55,6 +59,10 @@ def make_accelerator(cfg: DictConfig, grad_accum: int = 1):
 
     precision = precision_of(cfg)
     use_cpu = not uses_cuda(str(cfg.get("device", "auto")))
+    if str(cfg.get("mixed_precision")) == "fp16" and precision.mixed_precision == "no" and not _SAID["fp16"]:
+        _SAID["fp16"] = True
+        print("mixed_precision=fp16: a CPU has no fp16 autocast, so this run computes in fp32 and is "
+              "recorded as fp32 (use bf16 for CPU autocast)", file=sys.stderr)
     apply_tf32(precision.tf32)
     apply_cudnn_benchmark(bool(OmegaConf.select(cfg, "train.cudnn_benchmark") or False))
     shared = AcceleratorState._shared_state

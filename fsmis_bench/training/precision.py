@@ -17,8 +17,10 @@ The defaults (``auto``):
 
 ``auto`` is resolved, and ``tf32=true`` off CUDA becomes ``false``: TF32 does not exist
 there, and a record saying ``fp32+tf32`` for a CPU run would claim a precision that never
-ran (``fidelity=code`` sets it, as the released code's ``--allow_tf32`` does). Resolving is
-idempotent.
+ran (``fidelity=code`` sets it, as the released code's ``--allow_tf32`` does). Likewise
+``mixed_precision=fp16`` off CUDA becomes ``no``: a CPU has no fp16 autocast, accelerate runs
+such a step in fp32 (the same losses, bit for bit), and the record and hash say so.
+Resolving is idempotent.
 """
 
 from __future__ import annotations
@@ -78,6 +80,8 @@ def resolve_precision(device: str, mixed_precision: str, tf32: bool | str) -> Pr
         raise ConfigError(f"mixed_precision={mixed_precision!r} is not allowed", hint="use auto, no, bf16 or fp16")
     if tf32 not in ("auto", True, False):
         raise ConfigError(f"tf32={tf32!r} is not allowed", hint="use auto, true or false")
+    if mixed == "fp16" and not cuda:
+        mixed = "no"  # what runs: no fp16 autocast on a CPU (the module docstring)
     return Precision(mixed, cuda if tf32 == "auto" else bool(tf32) and cuda)
 
 
