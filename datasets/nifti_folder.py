@@ -15,7 +15,7 @@ with the same keys under ``test_dataset.``)::
       support: null                    # a scan id: the support of every fold
       supervoxels: null                # null | auto | a folder of superpix-MIDDLE_<id>.nii.gz
       n_supervoxels: 5000              # auto: the 3-D Felzenszwalb minimum size, in voxels
-      supervoxels_out: null            # auto: where they go (default <path>/supervoxels_<n>)
+      supervoxels_out: null            # auto: where they go (default <path>/supervoxels_<n>; relative: beside path)
 
 **Orientation.** Every scan (and its label, each by its own affine) is brought to
 ``orientation`` before slicing, by axis permutations and flips only. The default ``LAS`` is
@@ -49,7 +49,9 @@ missing ones with the recipe the built-in datasets use (ADNet's 3-D Felzenszwalb
 scan as the methods see it (reoriented, after its intensity recipe), and writes them on the
 scan's own grid and header, so that they overlay it in any viewer and are read back like
 supervoxels made elsewhere. Generation is announced and listed in ``run.json``; the files'
-digest is part of the run's identity. A folder given instead is read, never written.
+digest is part of the run's identity. Each file's header names what it was made from, so one
+made from another scan file or with other settings is made again, and a file ``auto`` did not
+make is never overwritten. A folder given instead is read, never written.
 
 **Checks.** Each scan is refused when it cannot be used as it is (unreadable, not 3-D,
 NaN, a constant image, labels that are not whole numbers, a label on another grid, two
@@ -65,6 +67,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import os
 import re
 import sys
@@ -79,6 +82,7 @@ from tqdm import tqdm
 
 from fsmis_bench.data.base import ORGANS, Volume, VolumeDataset
 from fsmis_bench.data.consistency import axis_rotation, guess_modality, modality_mismatch, slice_digests
+from fsmis_bench.data.digest import file_sha256
 from fsmis_bench.data.nifti import (
     AS_STORED, CANONICAL_ORIENTATION, NiftiVolume, check_orientation, load_nifti, nifti_path, numeric_sort,
     to_source_array,
@@ -209,10 +213,12 @@ class NiftiFolder(VolumeDataset):
                               hint="use loo, all (one fold of every scan), or lists of positions")
         self.support = None if _missing(options.get("support")) else str(options["support"])
         self.supervoxel_dir = options.get("supervoxels")
-        self.n_supervoxels = int(options.get("n_supervoxels") or DEFAULT_SUPERVOXEL_SIZE)
-        if self.n_supervoxels < 1:
-            raise ConfigError(f"{key}.n_supervoxels must be a positive voxel count, got {self.n_supervoxels}",
+        size = options.get("n_supervoxels", DEFAULT_SUPERVOXEL_SIZE)
+        size = DEFAULT_SUPERVOXEL_SIZE if size is None else size
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ConfigError(f"{key}.n_supervoxels must be a whole, positive voxel count, got {size!r}",
                               hint=f"e.g. {key}.n_supervoxels={DEFAULT_SUPERVOXEL_SIZE} (ADNet's abdominal size)")
+        self.n_supervoxels = size
         self.supervoxels_out = options.get("supervoxels_out")
         self.geometry: dict[str, CaseGeometry] = {}
         self._digests: dict[str, dict[bytes, int]] = {}
@@ -477,53 +483,114 @@ class NiftiFolder(VolumeDataset):
             given = Path(str(self.supervoxel_dir)).expanduser()
         return given if given.is_absolute() else self.folder.parent / given
 
+    def supervoxel_provenance(self, case_id: str) -> str:
+        """What ``supervoxels: auto`` makes scan ``case_id``'s pseudo-labels from, as the short
+        digest written into each file's header (``descrip``): the recipe and its size, the
+        orientation and intensity recipe the scan is read with, and the image file's bytes."""
+        option = self.modality_option
+        made_from = {"recipe": "felzenszwalb3d", "n_supervoxels": self.n_supervoxels, "orientation": self.orientation,
+                     "modality": option[case_id] if isinstance(option, dict) else option,
+                     "image_sha256": file_sha256(nifti_path(self.folder, f"image_{case_id}"))}
+        return hashlib.sha256(json.dumps(made_from, sort_keys=True).encode()).hexdigest()[:16]
+
+    def supervoxel_state(self, case_id: str) -> str:
+        """With ``supervoxels: auto``, where scan ``case_id``'s pseudo-labels stand: ``missing``,
+        ``current`` (made from this scan with these settings), ``stale`` (made otherwise: a run
+        makes them again) or ``foreign`` (not made by ``auto``: a run refuses the folder)."""
+        folder = self.supervoxel_folder
+        mark = _made_from(_supervoxel_path(folder, case_id)) if folder is not None else None
+        if mark is None:
+            return "missing"
+        if mark == "":
+            return "foreign"
+        return "current" if mark == self.supervoxel_provenance(case_id) else "stale"
+
     def ensure_supervoxels(self) -> dict | None:
-        """With ``supervoxels: auto``, make the scans' missing pseudo-labels (see the module's
-        docstring); announced on stderr.
+        """With ``supervoxels: auto``, make the pseudo-labels that are missing, or that were made
+        from another scan file or with other settings (each file's header names what it was
+        made from: :meth:`supervoxel_provenance`); see the module's docstring. Announced on
+        stderr, with a progress bar. Scans are segmented in threads, as many at once as the
+        cores and the free memory allow; a Ctrl-C keeps the files already made.
 
         Returns:
             what was generated (folder, cases, recipe, size, time) for the run record; None
-            when nothing was missing or the folder is not ``auto``'s.
+            when nothing was to be made or the folder is not ``auto``'s.
         Raises:
-            DataError: the folder cannot be written (with where to write instead).
+            DataError: the folder cannot be written (with where to write instead), or holds
+                files that ``auto`` did not make (it never overwrites those).
         """
         folder = self.supervoxel_folder
         if str(self.supervoxel_dir) != "auto" or folder is None:
             return None
-        ids = self.case_ids()
-        missing = [c for c in ids if not _supervoxel_path(folder, c).exists()]
-        if not missing:
-            return None
         key = self.config_key
+        ids = self.case_ids()
+        made_from = {c: self.supervoxel_provenance(c) for c in ids}
+        states = {c: self.supervoxel_state(c) for c in ids}
+        foreign = [c for c in ids if states[c] == "foreign"]
+        if foreign:
+            raise DataError(
+                f"nifti_folder: {folder} holds supervoxels that supervoxels=auto did not make (scans {foreign[:5]}); "
+                "it never overwrites them",
+                hint=f"read them as they are with {key}.supervoxels={folder}, or move them away to have them made, "
+                f"or let auto write elsewhere: {key}.supervoxels_out=<a folder>",
+            )
+        todo = [c for c in ids if states[c] != "current"]
+        if not todo:
+            return None
+        stale = [c for c in todo if states[c] == "stale"]
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError:
             pass  # named below with what to do
         if not folder.is_dir() or not can_write_in(folder):
             raise DataError(
-                f"nifti_folder: {len(missing)} scans lack supervoxels and {folder} cannot be written",
-                hint=f"let them be written elsewhere: {key}.supervoxels_out=<a writable folder>",
+                f"nifti_folder: {len(todo)} scans lack supervoxels and {folder} cannot be written",
+                hint=f"let them be written elsewhere: {key}.supervoxels_out=<a writable folder> (relative: beside "
+                f"{self.folder})",
             )
-        print(f"nifti_folder: {len(missing)} of {len(ids)} scans have no supervoxels in {folder}; generating them "
-              f"now (ADNet 3-D Felzenszwalb, n_sv={self.n_supervoxels}; this takes a while per scan, and the new "
-              "pseudo-labels become part of the run's identity)", file=sys.stderr, flush=True)
+        print(f"nifti_folder: {len(todo) - len(stale)} of {len(ids)} scans have no supervoxels in {folder}"
+              + (f", and {len(stale)} were made from another scan file or with other settings (scans {stale[:5]})"
+                 if stale else "")
+              + f"; making them now (ADNet 3-D Felzenszwalb, n_sv={self.n_supervoxels}; this takes a while per "
+              "scan, and the new pseudo-labels become part of the run's identity)", file=sys.stderr, flush=True)
         from fsmis_bench.preparation.supervoxels import supervoxels_3d  # late: SimpleITK, scikit-image
 
         began = time.time()
-        bar = tqdm(total=len(missing), desc="supervoxels", unit="scan", file=sys.stderr,
+        volumes = {c: self.load(c) for c in todo}
+        largest = max(v.image.size for v in volumes.values())
+        workers = _segmentation_workers(len(todo), largest)
+        bar = tqdm(total=len(todo), desc="supervoxels", unit="scan", file=sys.stderr,
                    disable=os.environ.get("FSMIS_NO_PROGRESS") == "1")
-        # The segmentation (numba, without the GIL) runs in threads, one scan per core; the
-        # scans are read and written here, so each file is whole before the next one starts.
-        with ThreadPoolExecutor(max_workers=max(1, min(os.cpu_count() or 1, len(missing)))) as pool:
-            pending = {pool.submit(supervoxels_3d, self.load(c).image, self.load(c).spacing, self.n_supervoxels): c
-                       for c in missing}
+        written: list[str] = []
+
+        def write(case_id: str, segments: np.ndarray) -> None:
+            image = self.source_nifti(case_id, segments.astype(np.int32))
+            image.header["descrip"] = f"{_PROVENANCE_MARK}{made_from[case_id]}".encode()
+            _save_nifti(image, _supervoxel_path(folder, case_id))
+            written.append(case_id)
+            bar.update()
+
+        # The segmentation (numba, without the GIL) runs in threads; the scans are written
+        # here, one whole file after another.
+        pool = ThreadPoolExecutor(max_workers=workers)
+        pending = {pool.submit(supervoxels_3d, volumes[c].image, volumes[c].spacing, self.n_supervoxels): c
+                   for c in todo}
+        try:
             for done in as_completed(pending):
-                case_id = pending[done]
-                _save_nifti(self.source_nifti(case_id, done.result().astype(np.int32)),
-                            _supervoxel_path(folder, case_id))
-                bar.update()
+                write(pending[done], done.result())
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)  # the scans in progress end (a thread cannot be stopped)
+            for future, case_id in pending.items():
+                if case_id not in written and future.done() and not future.cancelled() and future.exception() is None:
+                    write(case_id, future.result())
+            bar.close()
+            print(f"nifti_folder: stopped with {len(written)} of {len(todo)} scans' supervoxels made; the next run "
+                  "makes the rest", file=sys.stderr, flush=True)
+            raise
+        finally:
+            pool.shutdown(wait=True)
         bar.close()
-        return {"folder": str(folder), "cases": missing, "recipe": "felzenszwalb3d",
+        return {"folder": str(folder), "cases": todo, "remade": stale, "recipe": "felzenszwalb3d",
                 "n_supervoxels": self.n_supervoxels, "seconds": round(time.time() - began, 1)}
 
     def _read_supervoxels(self, case_id: str, image: NiftiVolume) -> np.ndarray:
@@ -540,7 +607,8 @@ class NiftiFolder(VolumeDataset):
         path = _supervoxel_path(folder, case_id)
         if not path.exists():
             raise DataError(f"nifti_folder: case {case_id} has no supervoxels: {path} is missing",
-                            hint=f"add the file, or use {key}.supervoxels=auto to make the missing ones")
+                            hint=f"add the file, or let {key}.supervoxels=auto make the scans' pseudo-labels "
+                            f"(in {self.folder}/supervoxels_<n>, or in {key}.supervoxels_out)")
         supervoxels = load_nifti(path, np.int32, self.orientation)
         self._check_same_grid(case_id, image, supervoxels, "supervoxels")
         return supervoxels.array
@@ -852,6 +920,41 @@ def _supervoxel_path(folder: Path, case_id: str) -> Path:
     from fsmis_bench.preparation.supervoxels import SUPERVOXEL_PREFIX  # late: SimpleITK, scikit-image
 
     return nifti_path(folder, f"{SUPERVOXEL_PREFIX}{case_id}")
+
+
+#: the start of the ``descrip`` header field of a file ``supervoxels: auto`` made
+_PROVENANCE_MARK = "fsmis-bench supervoxels=auto "
+#: peak memory of ADNet's 3-D Felzenszwalb per voxel of a scan (its graph's 13 edges per
+#: voxel; measured about 270 bytes on a 192 x 192 x 48 scan)
+_SEGMENTATION_BYTES_PER_VOXEL = 300
+
+
+def _made_from(path: Path) -> str | None:
+    """The provenance digest in a supervoxel file's header: None without a file, "" for a
+    file that ``supervoxels: auto`` did not make."""
+    if not path.exists():
+        return None
+    import nibabel as nib
+
+    try:
+        descrip = nib.load(str(path)).header["descrip"].item().decode(errors="replace")
+    except Exception:  # noqa: BLE001 - an unreadable file is not one auto made; reading it later names it
+        return ""
+    return descrip[len(_PROVENANCE_MARK):].strip() if descrip.startswith(_PROVENANCE_MARK) else ""
+
+
+def _segmentation_workers(scans: int, largest_voxels: int) -> int:
+    """Scans to segment at once: one per core, as long as their graphs fit the free memory."""
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):  # not Linux: one per core
+        return max(1, min(os.cpu_count() or 1, scans))
+    fits = free // max(1, _SEGMENTATION_BYTES_PER_VOXEL * largest_voxels)
+    if fits < 1:
+        print(f"nifti_folder: a scan of {largest_voxels} voxels needs about "
+              f"{_SEGMENTATION_BYTES_PER_VOXEL * largest_voxels / 2**30:.1f} GiB to segment, more than the "
+              f"{free / 2**30:.1f} GiB free", file=sys.stderr, flush=True)
+    return max(1, min(os.cpu_count() or 1, scans, fits))
 
 
 def _save_nifti(image, path: Path) -> None:

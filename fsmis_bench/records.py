@@ -76,6 +76,24 @@ _CADENCE = ("train.checkpoint_every", "train.log_every")
 #: ``weight_paths``: also the weights with the folders they were read from (before 2026-11-27).
 HashForm = Literal["current", "cadence", "weight_paths"]
 HASH_FORMS: tuple[HashForm, ...] = ("current", "cadence", "weight_paths")
+# Dataset options added after records existed, per dataset, with the value every earlier run
+# had: left out of the hash at that value, and wherever they change nothing. nifti_folder's
+# `n_supervoxels` and `supervoxels_out` only act with `supervoxels: auto`.
+_DATASET_KEYS_UNLESS_DEFAULT: dict[str, dict[str, Any]] = {
+    "nifti_folder": {"n_supervoxels": 5000, "supervoxels_out": None},
+}
+
+
+def comparable_dataset(node: Any) -> Any:
+    """A ``dataset`` (or ``test_dataset``) config as hashed and compared between runs:
+    without options added later that are at their earlier value or act on nothing."""
+    if not isinstance(node, dict):
+        return node
+    late = _DATASET_KEYS_UNLESS_DEFAULT.get(str(node.get("name")), {})
+    inactive = node.get("supervoxels") != "auto"
+    return {k: v for k, v in node.items() if k not in late or (v != late[k] and not inactive)}
+
+
 # `method.published_config` names the settings the published numbers were obtained with; it
 # only marks a run that departs from them (non_standard_options) and changes nothing a run
 # computes, so it stays out of the hashes and adding it to a method keeps that method's
@@ -165,6 +183,9 @@ def _hashed_config(cfg: DictConfig, form: HashForm = "current") -> dict[str, Any
     for key, default in _HASHED_UNLESS_DEFAULT.items():
         if _pick(data, key) == default:
             _drop(data, key)
+    for node in ("dataset", "test_dataset"):
+        if isinstance(data.get(node), dict):
+            data[node] = comparable_dataset(data[node])
     earlier, resolved = _late_method_options(cfg)
     for name, value in earlier.items():
         data["method"].pop(name, None)

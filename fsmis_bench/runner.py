@@ -47,7 +47,7 @@ from .protocol.metrics import fold_organ_scores
 from .protocol.settings import EvalGroup, eval_groups
 from .record_repair import DamagedRecordError, part_cases, rebuild_cases  # noqa: F401 (DamagedRecordError re-exported)
 from .records import (
-    CASE_COLUMNS, COMPLETE, HASH_FORMS, HashForm, atomic_write, can_write_in, code_identity, config_hash, load_predictions,
+    CASE_COLUMNS, COMPLETE, HASH_FORMS, HashForm, atomic_write, comparable_dataset, can_write_in, code_identity, config_hash, load_predictions,
     machine_identity, method_file_digest, nearest_existing, non_standard_options, now, package_versions, read_json,
     registered_by, run_dir_for, save_predictions, test_dataset_name, training_hash, write_error, write_json, writing_to,
 )
@@ -202,8 +202,15 @@ def _check_checkpoint_source(cfg: DictConfig, checkpoint: Path) -> None:
                               hint=f"pass a finished run's directory or its checkpoints/<group>/{WEIGHTS_FILE}")
         return  # a checkpoint from elsewhere: nothing to compare with
     trained = OmegaConf.load(run_dir / "config.yaml")
+
+    def compared(config: DictConfig, key: str) -> Any:
+        value = OmegaConf.select(config, key)
+        if key == "dataset" and isinstance(value, DictConfig):  # options added since change nothing there
+            return comparable_dataset(OmegaConf.to_container(value, resolve=True))
+        return value
+
     for key in ("method", "backbone", "pretrained", "dataset"):
-        if OmegaConf.select(trained, key) != OmegaConf.select(cfg, key):
+        if compared(trained, key) != compared(cfg, key):
             was = OmegaConf.select(trained, key)
             was = was.get("name", was) if isinstance(was, DictConfig) else was
             hint = (

@@ -18,7 +18,7 @@ from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, 
 from fsmis_bench.api import load_dataset
 from fsmis_bench.cli import main
 from fsmis_bench.config import compose, is_sweep
-from fsmis_bench.errors import ConfigError, DataWarning
+from fsmis_bench.errors import ConfigError, DataError, DataWarning
 from fsmis_bench.protocol.metrics import confusion_counts, dice_from_counts
 
 SHAPE_XYZ = (24, 20, 10)
@@ -476,3 +476,103 @@ def test_own_scans_train_on_auto_supervoxels_recorded_in_the_run(tmp_path, resul
     capsys.readouterr()
     assert main(argv) == 0
     assert "already complete" in capsys.readouterr().err  # the same pseudo-labels: the same run
+
+
+def _auto(folder: Path, **options):
+    return load_dataset("nifti_folder", path=str(folder), label_map=LABEL_MAP, supervoxels="auto",
+                        **{"n_supervoxels": 20, **options})
+
+
+def test_auto_supervoxels_made_otherwise_are_made_again_and_foreign_ones_never_overwritten(tmp_path, capsys):
+    folder = make_folder(tmp_path / "scans", n=3)
+    out = tmp_path / "sv"
+    assert _auto(folder, supervoxels_out=str(out)).ensure_supervoxels()["cases"] == ["1", "2", "3"]
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+    # another size into the same folder: all made again, announced, not silently reused
+    again = _auto(folder, supervoxels_out=str(out), n_supervoxels=40).ensure_supervoxels()
+    assert again["cases"] == again["remade"] == ["1", "2", "3"]
+    assert "3 were made from another scan file or with other settings" in capsys.readouterr().err
+    assert all(first[p.name] != p.read_bytes() for p in out.iterdir())
+    # a scan file replaced: only its pseudo-labels are made again
+    image, _ = _scan(7)
+    _save(folder, "image_2", image)
+    assert _auto(folder, supervoxels_out=str(out), n_supervoxels=40).ensure_supervoxels()["cases"] == ["2"]
+    # files auto did not make are refused, not overwritten
+    foreign = tmp_path / "theirs"
+    foreign.mkdir()
+    (foreign / "superpix-MIDDLE_1.nii.gz").write_bytes((out / "superpix-MIDDLE_1.nii.gz").read_bytes())
+    nib.save(nib.Nifti1Image(np.zeros(SHAPE_XYZ, np.int32), LAS_AFFINE), str(foreign / "superpix-MIDDLE_2.nii.gz"))
+    with pytest.raises(DataError, match=r"did not make \(scans \['2'\]\)") as error:
+        _auto(folder, supervoxels_out=str(foreign), n_supervoxels=40).ensure_supervoxels()
+    assert f"dataset.supervoxels={foreign}" in error.value.hint
+    assert not (foreign / "superpix-MIDDLE_3.nii.gz").exists()
+
+
+@pytest.mark.parametrize("value", [0, -5, 2.7, "abc", True])
+def test_n_supervoxels_must_be_a_positive_whole_number(tmp_path, value):
+    folder = make_folder(tmp_path / "scans", n=3)
+    with pytest.raises(ConfigError, match="n_supervoxels must be a whole, positive voxel count"):
+        _auto(folder, n_supervoxels=value)
+
+
+def test_a_stopped_generation_keeps_the_scans_made_and_the_next_run_makes_the_rest(tmp_path, monkeypatch, capsys):
+    from fsmis_bench.preparation import supervoxels as recipe
+
+    folder = make_folder(tmp_path / "scans", n=4)
+    real = recipe.supervoxels_3d
+
+    def stopped_at_scan_3(image, spacing, n):
+        if float(image[0, 0, 0]) == float(_auto(folder).load("3").image[0, 0, 0]):
+            raise KeyboardInterrupt  # as a Ctrl-C would reach the run while scan 3 is segmented
+        return real(image, spacing, n)
+
+    monkeypatch.setattr(recipe, "supervoxels_3d", stopped_at_scan_3)
+    with pytest.raises(KeyboardInterrupt):
+        _auto(folder).ensure_supervoxels()
+    made = sorted(p.name for p in (folder / "supervoxels_20").iterdir())
+    assert "superpix-MIDDLE_3.nii.gz" not in made and all(not name.startswith(".") for name in made)
+    assert f"stopped with {len(made)} of 4 scans' supervoxels made" in capsys.readouterr().err
+    monkeypatch.setattr(recipe, "supervoxels_3d", real)
+    rest = _auto(folder).ensure_supervoxels()["cases"]
+    assert sorted(rest + [n[len("superpix-MIDDLE_"):-len(".nii.gz")] for n in made]) == ["1", "2", "3", "4"]
+
+
+def test_runs_and_checkpoints_made_before_the_supervoxel_options_are_found(tmp_path):
+    """Records written before nifti_folder had n_supervoxels and supervoxels_out hold configs
+    without them: they hash, and are accepted as a checkpoint's source, as today's configs
+    with those options at their defaults (or inactive without supervoxels=auto)."""
+    from omegaconf import OmegaConf
+
+    from fsmis_bench.records import config_hash
+    from fsmis_bench.runner import _check_checkpoint_source
+
+    folder = make_folder(tmp_path / "scans", n=3)
+    args = ["method=prototype", "dataset=nifti_folder", f"dataset.path={folder}", f"dataset.label_map={LABEL_MAP}"]
+    today = compose(args)
+    before = OmegaConf.create(OmegaConf.to_container(today))
+    del before.dataset["n_supervoxels"], before.dataset["supervoxels_out"]
+    assert config_hash(before) == config_hash(today) == config_hash(compose([*args, "dataset.n_supervoxels=300"]))
+    auto = compose([*args, "dataset.supervoxels=auto"])
+    assert config_hash(compose([*args, "dataset.supervoxels=auto", "dataset.n_supervoxels=300"])) != config_hash(auto)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    OmegaConf.save(before, run_dir / "config.yaml")
+    _check_checkpoint_source(today, run_dir)  # the same dataset: accepted
+
+
+def test_check_data_says_what_supervoxels_auto_would_make(tmp_path, capsys):
+    from fsmis_bench.preparation.check import check_nifti_folder
+
+    folder = make_folder(tmp_path / "scans", n=3)
+
+    def states(**extra):
+        report = check_nifti_folder(folder, LABEL_MAP, supervoxels="auto", **extra)
+        return report.ok, [row.supervoxels for row in report.rows]
+
+    assert states(n_supervoxels=20) == (True, ["to be made"] * 3)
+    _auto(folder).ensure_supervoxels()
+    assert states(n_supervoxels=20) == (True, ["ok"] * 3)
+    assert states(n_supervoxels=40) == (True, ["to be made"] * 3)  # another folder: supervoxels_40
+    assert main(["check-data", "nifti_folder", "--path", str(folder), "--label-map", LABEL_MAP,
+                 "--supervoxels", "auto", "--n-sv", "20"]) == 0
+    assert "to be made" not in capsys.readouterr().out

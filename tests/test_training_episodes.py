@@ -491,3 +491,32 @@ def test_same_slice_is_hashed_marked_and_leaves_the_runs_key_out():
             for form in ("reference", "sorted")]
     assert config_hash(same[0]) == config_hash(same[1]) != config_hash(compose([]))
     assert non_standard_options(same[1], False) == ["episode_sampler=same_slice"]
+
+
+class _SlicesAndBlank(_Slices):
+    """``_Slices``'s scan 1, and a scan 2 of six slices that show no class."""
+
+    def _case_ids(self):
+        return ["1", "2"]
+
+    def _load(self, case_id, with_supervoxels):
+        volume = super()._load("1", with_supervoxels)
+        if case_id == "2":
+            volume.supervoxels[:] = 0
+            volume.label[:] = 0
+        return Volume(case_id, volume.image, volume.label, volume.supervoxels)
+
+
+def test_same_slice_keeps_a_scan_without_a_drawable_slice_in_the_table_as_that_code_does():
+    sampler = EpisodeSampler(_SlicesAndBlank(), ["1", "2"], EvalGroup("all", ("liver",)), augment=False,
+                             norm="none", rule="same_slice")
+    assert len(sampler.slice_table) == 12
+    n = 6000
+    slices = [int(sampler.episode(i)[0][0, 0]) for i in range(n)]
+    # scan 2's six slices pass their draws on, the last wrapping to scan 1's empty slice 0,
+    # so scan 1's slice 1 takes its own, slice 0's and all six: 8 of 12
+    _assert_share(slices.count(1), n, 8 / 12)
+    for z in (2, 3, 4, 5):
+        _assert_share(slices.count(z), n, 1 / 12)
+    with pytest.raises(DataError, match="no training episode can be drawn"):
+        EpisodeSampler(_SlicesAndBlank(), ["2"], EvalGroup("all", ("liver",)), rule="same_slice")

@@ -280,6 +280,7 @@ def check_nifti_folder(
     modality=None,
     orientation: str | None = None,
     supervoxels: str | None = None,
+    n_supervoxels: int | None = None,
     data_root: Path | None = None,
 ) -> CheckReport:
     """Verify a folder of ``image_<id>`` / ``label_<id>`` NIfTI pairs for ``nifti_folder``.
@@ -295,7 +296,8 @@ def check_nifti_folder(
         label_map: organ -> label value (a mapping, mapping text or a YAML/JSON file).
         modality: ``none`` | ``ct`` | ``mri`` | ``auto`` | mapping; default ``none``.
         orientation: axis codes or ``as_stored``; default the plugin's (``LAS``).
-        supervoxels: the pseudo-label folder, if training will use one.
+        supervoxels: the pseudo-label folder, if training will use one; ``auto``: whether a
+            run would make them (``n_supervoxels``: their size, default the plugin's).
     Returns:
         A :class:`CheckReport`; problems stop a run, warnings do not.
     Raises:
@@ -309,6 +311,9 @@ def check_nifti_folder(
                "supervoxels": supervoxels}
     if orientation:
         options["orientation"] = orientation
+    if n_supervoxels is not None:
+        options["n_supervoxels"] = n_supervoxels
+    auto = supervoxels == "auto"
     options = dataset_cls.resolve_options(options, str(data_root) if data_root else None)
     dataset = dataset_cls(str(data_root) if data_root else None, **options)
     dataset.registered_name = "nifti_folder"
@@ -346,7 +351,7 @@ def check_nifti_folder(
         report.rows.append(row)
         with _DataWarnings() as caught:
             try:
-                volume = dataset.load(case_id, with_supervoxels=bool(supervoxels))
+                volume = dataset.load(case_id, with_supervoxels=bool(supervoxels) and not auto)
             except DataError as error:
                 row.problems.append(short(error.message))
                 volume = None
@@ -364,7 +369,15 @@ def check_nifti_folder(
                         else f"{recipe} (auto)" if dataset.modality_option == "auto" else recipe)
         row.labels = sorted(dataset.label_values(case_id))
         row.missing_organs = [o for o in dataset.test_organs if dataset.label_map[o] not in set(row.labels)]
-        if supervoxels:
+        if auto:  # what a run with supervoxels=auto does with this scan's pseudo-labels
+            state = dataset.supervoxel_state(case_id)
+            row.supervoxels = {"missing": "to be made", "current": "ok", "stale": "to be remade",
+                               "foreign": "not auto's"}[state]
+            if state == "foreign":
+                row.problems.append(f"supervoxels in {short(str(dataset.supervoxel_folder))} were not made by "
+                                    "supervoxels=auto: a run refuses to overwrite them")
+                report.problems.extend(f"case {case_id}: {p}" for p in row.problems)
+        elif supervoxels:
             row.supervoxels = "ok"
     report.warnings.extend(_folder_warnings(dataset, loaded))
     for organ in dataset.test_organs:

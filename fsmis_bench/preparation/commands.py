@@ -144,7 +144,7 @@ def run_check_data(args: argparse.Namespace) -> int:
         root = args.root or os.environ.get(DATA_ROOT_ENV)
         report = check_nifti_folder(
             Path(args.path), args.label_map, modality=_modality_arg(args.modality), orientation=args.orientation,
-            supervoxels=args.supervoxels, data_root=Path(root) if root else None,
+            supervoxels=args.supervoxels, n_supervoxels=args.n_sv, data_root=Path(root) if root else None,
         )
         print(format_report(report))
         return 0 if report.ok else 2
@@ -251,5 +251,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     folder.add_argument("--modality", help="none (default) | ct | mri | auto | '{<id>:ct,<id>:mri}'")
     folder.add_argument("--orientation", help="axis codes the scans are brought to (default LAS), or as_stored")
-    folder.add_argument("--supervoxels", help="pseudo-label folder (sibling of --path), if training uses one")
+    folder.add_argument("--supervoxels", help="pseudo-label folder (beside --path when relative), if training uses "
+                        "one, or auto: which a run would make (their size: --n-sv)")
     check.set_defaults(func=run_check_data)

@@ -27,14 +27,21 @@ How a draw is made and redrawn (``protocol.episode_sampler``):
   released code), meant for its 2-D superpixels (``fsmis-bench supervoxels --method
   felzenszwalb2d --n-sv 400``). Support and query are two copies of *one* slice, each
   augmented on its own, affine + elastic and then gamma (that code's ``num_rep = 2``
-  transforms; its parameters are the ``standard`` form's). The slice is drawn uniformly
-  among all slices of the training scans, one table in scan order: a slice without a class
-  passes the draw to the next one in the table, a slice the setting excludes redraws
-  uniformly (as that code does, over all but the table's last slice: its bound is
-  exclusive), and the class is drawn uniformly among those the slice shows. No size floor
-  (``min_fg_pixels`` is not applied: that code has none). Its id draw, ``randint(1, max)``
-  over the slice's ids, can also name an id that its masking emptied (an empty mask) and
-  never names the highest one; here the draw is among the ids the slice shows.
+  transforms), with the method's augmentation form (the ``standard`` form has that code's
+  ``sabs_aug`` ranges; its affine shears about the image corner, this one about the centre).
+  The slice is drawn as that code's SABS loader draws it: uniformly among all slices of the
+  training scans, one table in scan order (a scan none of whose slices can end a draw
+  included); a slice without a class passes the draw to the next one in the table (wrapping
+  at its end), a slice the setting excludes redraws uniformly over all but the table's last
+  slice (its bound is exclusive); the class is drawn uniformly among those the slice shows.
+  No size floor (``min_fg_pixels`` is not applied: that code has none). Not followed: its
+  CHAOS loader draws from 1000 indices modulo the table (``fix_length``), which gives the
+  table's first ``1000 - N`` slices twice the weight of the rest; its class draw,
+  ``randint(1, max)`` over the slice's ids, never names the highest and names an id its
+  renumbering left empty (an empty mask in at least 1 in ``max - 1`` episodes); and its
+  augmentation parameters, drawn from numpy's global generator in worker processes that
+  all start from one state, repeat across workers and epochs. Here episode ``j`` draws from
+  its own generator.
 """
 
 from __future__ import annotations
@@ -165,6 +172,8 @@ class EpisodeSampler:
                 self.cases.append(_Case(normalise_volume(volume.image, norm), classes, **case))
         #: same_slice: every slice of every scan, in scan order, as ``(case, z)``
         self.slice_table = [(case, z) for case in self.cases for z in range(case.image.shape[0])]
+        if rule == "same_slice" and not any(len(c.slice_classes[z]) and not c.dropped[z] for c, z in self.slice_table):
+            self.cases = []  # no kept slice shows a class: no draw can end
         if not self.cases:
             raise DataError(
                 f"no training episode can be drawn from {len(cases)} {dataset.name} scans "
@@ -181,9 +190,8 @@ class EpisodeSampler:
         size floor): such a scan is left out of the draw instead.
         """
         if self.rule == "same_slice":
+            # every scan stays in the table, as in that code, even one where no draw can end
             shown = [np.setdiff1d(np.unique(plane), [0]) for plane in classes]
-            if not any(len(ids) and not drop for ids, drop in zip(shown, dropped)):
-                return None  # no kept slice shows a class: no draw can end here
             return {"pairs": {}, "class_ids": np.unique(np.concatenate(shown)), "slice_counts": {}, "runs": {},
                     "slice_classes": shown, "dropped": np.asarray(dropped, dtype=bool)}
         pixels: list[dict[int, int]] = []  # z -> {class: pixel count}, empty for a dropped slice
