@@ -413,6 +413,23 @@ def _groups_to_train(p: RunPlan, allow_training: bool) -> list[str]:
     return wanted
 
 
+def _with_its_cadence(cfg: DictConfig, inputs: dict, sibling: Path) -> set[str]:
+    """The training hashes of earlier forms that ``cfg`` has with ``sibling``'s checkpoint and
+    logging cadence, which those forms hashed although it changes no number (empty where
+    the sibling's config cannot be read or has the same cadence)."""
+    try:
+        trained = OmegaConf.load(sibling / "config.yaml")
+    except Exception:  # noqa: BLE001 - an unreadable sibling is no source of weights
+        return set()
+    cadence = {key: OmegaConf.select(trained, f"train.{key}") for key in ("checkpoint_every", "log_every")}
+    if any(v is None for v in cadence.values()) or all(cfg.train.get(k) == v for k, v in cadence.items()):
+        return set()
+    theirs = cfg.copy()
+    with open_dict(theirs):
+        theirs.train.update(cadence)
+    return {training_hash(theirs, inputs, form) for form in HASH_FORMS[1:]}
+
+
 def _find_checkpoint(cfg: DictConfig, inputs: dict, run_dir: Path, group: str) -> Path | None:
     """A finished training with the same training config and inputs, in this or a sibling run."""
     own = run_dir / "checkpoints" / group
@@ -429,7 +446,8 @@ def _find_checkpoint(cfg: DictConfig, inputs: dict, run_dir: Path, group: str) -
     for info in sorted(run_dir.parent.glob("*/run.json")):
         candidate = info.parent / "checkpoints" / group / WEIGHTS_FILE
         try:
-            same = read_json(info).get("training_hash") in wanted
+            recorded = read_json(info).get("training_hash")
+            same = recorded in wanted or (candidate.exists() and recorded in _with_its_cadence(cfg, inputs, info.parent))
         except (OSError, ValueError):
             continue  # a damaged sibling record is no source of weights
         if candidate.exists() and same:

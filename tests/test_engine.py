@@ -272,3 +272,25 @@ def test_a_record_made_while_the_cadence_was_hashed_is_found_and_reused(results_
     assert _run_dirs(results_dir) == [earlier]
     # under another cadence it is not that record (its hash held the cadence): a run of its own
     assert identify(compose([*SMALL, "train.steps=2", "train.checkpoint_every=7"])).run_dir == made
+
+
+def test_a_training_recorded_with_its_cadence_hashed_serves_an_evaluation_under_another_cadence(results_dir, capsys):
+    from fsmis_bench.config import compose
+    from fsmis_bench.records import config_hash, run_dir_for, training_hash
+    from fsmis_bench.runner import identify
+
+    argv = [*SMALL, "train.steps=3", "train.checkpoint_every=7"]
+    assert main(["run", *argv]) == 0
+    (made,) = _run_dirs(results_dir)
+    ident = identify(compose(argv))
+    earlier = run_dir_for(ident.cfg, ident.inputs, "cadence")  # as a version that hashed the cadence made it
+    earlier.parent.mkdir(parents=True, exist_ok=True)
+    made.rename(earlier)
+    info = json.loads((earlier / "run.json").read_text())
+    info.update(config_hash=config_hash(ident.cfg, ident.inputs, "cadence"),
+                training_hash=training_hash(ident.cfg, ident.inputs, "cadence"))
+    (earlier / "run.json").write_text(json.dumps(info))
+    capsys.readouterr()
+    # another evaluation option, the default cadence: that training's weights, not a new training
+    assert main(["eval", *SMALL, "train.steps=3", "protocol.n_part=2"]) == 0
+    assert "using trained weights" in capsys.readouterr().err
