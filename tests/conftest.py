@@ -79,3 +79,13 @@ def pytest_configure(config: pytest.Config) -> None:
         import torch
 
         torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _hydra_left_as_found():
+    """A test that leaves Hydra's global state initialised breaks every later sweep in its
+    process (``GlobalHydra is already initialized``): name it, not the sweep."""
+    yield
+    from hydra.core.global_hydra import GlobalHydra
+
+    assert not GlobalHydra.instance().is_initialized(), "this test left Hydra's global state initialised"
