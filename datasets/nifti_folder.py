@@ -493,17 +493,18 @@ class NiftiFolder(VolumeDataset):
                      "image_sha256": file_sha256(nifti_path(self.folder, f"image_{case_id}"))}
         return hashlib.sha256(json.dumps(made_from, sort_keys=True).encode()).hexdigest()[:16]
 
-    def supervoxel_state(self, case_id: str) -> str:
+    def supervoxel_state(self, case_id: str, provenance: str | None = None) -> str:
         """With ``supervoxels: auto``, where scan ``case_id``'s pseudo-labels stand: ``missing``,
         ``current`` (made from this scan with these settings), ``stale`` (made otherwise: a run
-        makes them again) or ``foreign`` (not made by ``auto``: a run refuses the folder)."""
+        makes them again) or ``foreign`` (not made by ``auto``: a run refuses the folder).
+        ``provenance``: :meth:`supervoxel_provenance`, where the caller has it already."""
         folder = self.supervoxel_folder
         mark = _made_from(_supervoxel_path(folder, case_id)) if folder is not None else None
         if mark is None:
             return "missing"
         if mark == "":
             return "foreign"
-        return "current" if mark == self.supervoxel_provenance(case_id) else "stale"
+        return "current" if mark == (provenance or self.supervoxel_provenance(case_id)) else "stale"
 
     def ensure_supervoxels(self) -> dict | None:
         """With ``supervoxels: auto``, make the pseudo-labels that are missing, or that were made
@@ -525,7 +526,7 @@ class NiftiFolder(VolumeDataset):
         key = self.config_key
         ids = self.case_ids()
         made_from = {c: self.supervoxel_provenance(c) for c in ids}
-        states = {c: self.supervoxel_state(c) for c in ids}
+        states = {c: self.supervoxel_state(c, made_from[c]) for c in ids}
         foreign = [c for c in ids if states[c] == "foreign"]
         if foreign:
             raise DataError(

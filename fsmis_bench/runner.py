@@ -47,8 +47,8 @@ from .protocol.metrics import fold_organ_scores
 from .protocol.settings import EvalGroup, eval_groups
 from .record_repair import DamagedRecordError, part_cases, rebuild_cases  # noqa: F401 (DamagedRecordError re-exported)
 from .records import (
-    CASE_COLUMNS, COMPLETE, HASH_FORMS, HashForm, atomic_write, comparable_dataset, can_write_in, code_identity, config_hash, load_predictions,
-    machine_identity, method_file_digest, nearest_existing, non_standard_options, now, package_versions, read_json,
+    CASE_COLUMNS, COMPLETE, HASH_FORMS, HashForm, atomic_write, can_write_in, code_identity, comparable_dataset,
+    config_hash, load_predictions, machine_identity, method_file_digest, nearest_existing, non_standard_options, now, package_versions, read_json,
     registered_by, run_dir_for, save_predictions, test_dataset_name, training_hash, write_error, write_json, writing_to,
 )
 from .training.checkpoint import (

@@ -314,7 +314,7 @@ class EpisodeSampler:
     def _sample_same_slice(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Two copies of one slice and class, each augmented on its own (SSL-ALPNet)."""
         case, cls, z = self._draw_same_slice()
-        copies = [self._fit(case.image[z], case.classes[z] == cls) for _ in range(2)]
+        copies = [self._fit(case.image[z], case.classes[z] == cls)] * 2  # augmentation makes new arrays
         if self.augmenter is not None:
             for side, (image, mask) in enumerate(copies):  # support first, as that code's buffer
                 image, mask = self.augmenter.geometric(image, mask, self.rng)
