@@ -283,6 +283,18 @@ class Registry(Generic[T]):
                 f"{self.kind} {name!r} is registered twice: by {other.origin} and by {entry.origin}",
                 hint=hint,
             )
+        shown = entry.display.name or name
+        for other in self._entries.values():
+            if (other.display.name or other.name).casefold() == shown.casefold():
+                # reports group rows by the shown name: two methods under one name would share
+                # a row label, a colour and a legend entry. The message names the third-party
+                # entry first (fsmis-bench owns the built-in names), whichever registered first.
+                new, old = (other, entry) if entry.distribution == BUILTIN_DISTRIBUTION else (entry, other)
+                raise NameCollisionError(
+                    f"{self.kind} {new.name!r} of {new.origin} would be shown in reports as "
+                    f"{new.display.name or new.name!r}, the name {self.kind} {old.name!r} of {old.origin} is shown under",
+                    hint="give it another display name: registry.register(..., display=Display(name=...))",
+                )
         self._entries[name] = entry
 
     def entry(self, name: str) -> Entry[T]:

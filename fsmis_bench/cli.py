@@ -105,7 +105,10 @@ def _list(args: argparse.Namespace) -> int:
     from .plugins import registries
 
     rows = [
-        {"kind": kind, "name": entry.name, "plugin": entry.plugin, "description": entry.description}
+        {"kind": kind, "name": entry.name,
+         "plugin": (f"{entry.plugin_name} ({entry.distribution} {entry.version})".replace(" )", ")")
+                    if entry.distribution else entry.plugin_name),
+         "distribution": entry.distribution, "version": entry.version, "description": entry.description}
         for kind, registry in registries().all().items()
         for entry in registry
     ]
@@ -247,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         _leave_together()
         return code
     except FsmisError as exc:
+        _end_progress_bars()
         if os.environ.get("FSMIS_TRACEBACK") == "1":  # for whoever debugs the plugin or the harness
             traceback.print_exception(exc)
         print(f"error: {exc.message}", file=sys.stderr)
@@ -254,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  hint: {exc.hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
+        _end_progress_bars()
         print("interrupted; finished work is kept and the same command resumes", file=sys.stderr)
         return int(getattr(exc, "exit_code", 130))  # 128 + the signal's number
     except BrokenPipeError:
@@ -264,6 +269,20 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError, io.UnsupportedOperation):  # stdout is not a file descriptor
             pass
         return 0
+
+
+def _end_progress_bars() -> None:
+    """Close the progress bars an error left open, so its message starts on a line of its
+    own instead of after the bar's last ``\r``-drawn state."""
+    if "tqdm" not in sys.modules:
+        return
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        try:
+            bar.close()
+        except Exception:  # noqa: BLE001 - an error message must not fail
+            pass
 
 
 _finished_commands = 0

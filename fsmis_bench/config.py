@@ -16,10 +16,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from ._registry import closest
-from .errors import ConfigError
+from .errors import ConfigError, FsmisError, UnknownNameError
 from .plugins import origin_of, registries
 
 _GROUPS = {"method": "methods", "dataset": "datasets", "backbone": "backbones"}
@@ -228,6 +229,23 @@ def _config_file(group: str, name: str) -> Path | None:
     return None
 
 
+def _unregistered(group: str, name: str, unknown: UnknownNameError) -> FsmisError:
+    """An unknown name whose config a plugin ships nevertheless: its plugin most likely
+    forgot to register it, which the list of known names alone would not say."""
+    path = _config_file(group, name)
+    if path is None or Path(path).parent.parent == config_dir():
+        return unknown
+    origin = registries().config_dir_plugins.get(Path(path).parent.parent)
+    shipped = f"{origin} ships {path}" if origin is not None else f"{path} exists"
+    hook = {"method": "fsmis_register_methods", "dataset": "fsmis_register_datasets",
+            "backbone": "fsmis_register_backbones"}[group]
+    return ConfigError(
+        f"{unknown.message}; {shipped}, but no plugin registers a {group} named {name!r}",
+        hint=f"register it in the plugin's {hook} hook: registry.register({name!r}, <its class or "
+             "'module:Class'>, description=...)",
+    )
+
+
 def _require_config(group: str, name: str) -> Path:
     """The config file of a registered name; a plugin that registered the name but ships no
     ``<group>/<name>.yaml`` where Hydra looks is named, with what it must ship."""
@@ -414,7 +432,10 @@ def compose(overrides: list[str] | None = None, *, resolve_datasets: bool = True
     regs = registries()
     for key, attr in _GROUPS.items():
         if key in given:
-            getattr(regs, attr).entry(given[key])  # raises with the known names
+            try:
+                getattr(regs, attr).entry(given[key])  # raises with the known names
+            except UnknownNameError as exc:
+                raise _unregistered(key, given[key], exc) from None
             _require_config(key, given[key])  # a plugin that registered the name but ships no config
     if "setting" in given:
         regs.settings.entry(given["setting"])
@@ -435,6 +456,11 @@ def compose(overrides: list[str] | None = None, *, resolve_datasets: bool = True
                 more.append(f"backbone={default_backbone}")
             if more:
                 cfg = hydra_compose("config", overrides=overrides + extra + more)
+    except yaml.YAMLError as exc:  # a config file (a plugin's, or one edited by hand) that is no YAML
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{mark.name}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "a config file"
+        raise ConfigError(f"cannot read {where}: {getattr(exc, 'problem', None) or exc}",
+                          hint="fix the YAML syntax there (brackets, quotes, indentation)") from None
     except (HydraException, OmegaConfBaseException) as exc:
         lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
         unknown = re.match(r"Could not override '([^']+)'", lines[0]) if lines else None
@@ -461,10 +487,13 @@ def compose(overrides: list[str] | None = None, *, resolve_datasets: bool = True
     with_hydra.pop("hydra", None)
     cfg = OmegaConf.create(with_hydra)
     _refuse_added_or_deleted(overrides + test_options, extra)
-    _check_method_option_types(cfg, overrides, extra)
-    if resolve_datasets:
-        _resolve_dataset_options(cfg)
-    validate(cfg)
+    try:
+        _check_method_option_types(cfg, overrides, extra)
+        if resolve_datasets:
+            _resolve_dataset_options(cfg)
+        validate(cfg)
+    except OmegaConfBaseException as exc:  # a key read before validate() resolves the whole config
+        raise _unresolvable(exc) from None
     return cfg
 
 
@@ -617,4 +646,23 @@ def validate(cfg: DictConfig) -> None:
     organs = cfg.protocol.get("organs")
     if organs is not None and (not OmegaConf.is_list(organs) or not all(isinstance(o, str) for o in organs)):
         raise ConfigError(f"protocol.organs={organs!r} is not a list of organ names", hint="e.g. protocol.organs=[liver]")
-    OmegaConf.resolve(cfg)
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as exc:
+        try:  # resolve() does not say which key; resolving into a container does
+            OmegaConf.to_container(cfg, resolve=True)
+        except OmegaConfBaseException as keyed:
+            exc = keyed
+        raise _unresolvable(exc) from None
+
+
+def _unresolvable(exc: Exception) -> ConfigError:
+    """A ``${...}`` in some config file naming a key that does not exist (or another value
+    OmegaConf cannot resolve), as one error naming the key."""
+    key = getattr(exc, "full_key", "") or "a config key"
+    reason = (getattr(exc, "msg", None) or str(exc)).strip().splitlines()[0]
+    return ConfigError(f"{key} cannot be resolved: {reason}",
+                       hint=f"fix the ${{...}} interpolation that sets {key} in its config file "
+                            "(`fsmis-bench run ... --cfg job` prints the config), or set the key yourself")

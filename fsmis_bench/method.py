@@ -235,7 +235,7 @@ def contract_problems(method: type[Method] | Method) -> list[tuple[str, str]]:
     * ``predict`` is not overridden (every method is evaluated);
     * ``input_norm`` is not one of :data:`INPUT_NORMS`;
     * built only: a trainable method (``needs_training``) overrides neither ``training_loss``
-      nor ``forward``;
+      nor ``forward``, or has no parameter that requires a gradient;
     * built only: the method or one of its submodules overrides ``get_extra_state``: a
       checkpoint holds trainable parameters and buffers only
       (:func:`fsmis_bench.training.checkpoint.trainable_state`), so such state would be lost
@@ -268,6 +268,12 @@ def contract_problems(method: type[Method] | Method) -> list[tuple[str, str]]:
             "it is trainable (needs_training is true) but does not override training_loss",
             "define training_loss(self, batch) returning a 0-dim loss tensor, or set needs_training = False for "
             "a method that trains nothing",
+        ))
+    if method.needs_training and not any(p.requires_grad for p in method.parameters()):
+        problems.append((
+            "it is trainable (needs_training is true) but has no trainable parameter",
+            "create its layers in __init__ (as attributes, nn.Module or nn.Parameter) with requires_grad left on, "
+            "or set needs_training = False for a method that trains nothing",
         ))
     extra = [f"its submodule {qualified!r} ({type(module).__name__})" if qualified else "it"
              for qualified, module in method.named_modules()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+import re
 import traceback
 import warnings
 from collections.abc import Iterator
@@ -156,6 +157,9 @@ def plugin_manager() -> pluggy.PluginManager:
     for plugin, name in _extra_plugins:
         if pm.get_plugin(name) is None:
             _register(pm, plugin, PluginOrigin(name))
+        elif name in _origins and _origins[name].distribution:
+            raise PluginError(f"register_plugin({name!r}): {_origins[name]} already has that name",
+                              hint="register the in-process plugin under another name")
     _check_hook_names(pm)
     return pm
 
@@ -192,10 +196,13 @@ def _load_entry_points(pm: pluggy.PluginManager) -> None:
     """pluggy's ``load_setuptools_entrypoints``, with each failure named by its plugin."""
     for dist in list(importlib.metadata.distributions()):
         for ep in dist.entry_points:
-            if ep.group != ENTRY_POINT_GROUP or pm.has_plugin(ep.name) or pm.is_blocked(ep.name):
+            if ep.group != ENTRY_POINT_GROUP or pm.is_blocked(ep.name):
                 continue
             origin = PluginOrigin(ep.name, dist.metadata["Name"] or "", dist.version or "",
                                   f"{ep.name} = {ep.value}")
+            if pm.has_plugin(ep.name):
+                _refuse_shared_name(_origins[ep.name], origin)
+                continue  # the same distribution found twice on the path: the first one imports
             try:
                 plugin = ep.load()
             except Exception as exc:  # noqa: BLE001 - any failure of plugin code
@@ -205,6 +212,25 @@ def _load_entry_points(pm: pluggy.PluginManager) -> None:
                     hint=origin.remedy(),
                 ) from exc
             _register(pm, plugin, origin)
+
+
+def _refuse_shared_name(first: PluginOrigin, second: PluginOrigin) -> None:
+    """Two distributions advertising one plugin name: pluggy keeps one plugin per name, so
+    the other's methods and datasets would vanish (which one depends on the install order)."""
+    if _normalised(first.distribution) == _normalised(second.distribution):
+        return
+    raise PluginError(
+        f"two installed packages advertise a plugin named {first.name!r}: {first.distribution} {first.version} "
+        f"({first.entry_point}) and {second.distribution} {second.version} ({second.entry_point}); "
+        "only one of them could be loaded",
+        hint=f"plugin names are global: give one of them another entry-point name in its pyproject.toml "
+             f'([project.entry-points."{ENTRY_POINT_GROUP}"], e.g. its distribution\'s name) and reinstall it, '
+             f"or pip uninstall one",
+    )
+
+
+def _normalised(distribution: str) -> str:
+    return re.sub(r"[-_.]+", "-", distribution).lower()
 
 
 def _register(pm: pluggy.PluginManager, plugin: Any, origin: PluginOrigin) -> None:

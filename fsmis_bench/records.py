@@ -23,6 +23,7 @@ import inspect
 import platform
 import subprocess
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
@@ -370,13 +371,116 @@ def package_versions() -> dict[str, str]:
 def code_identity(method_cls: type | None = None) -> dict[str, Any]:
     """Which code computed a run, for ``run.json``: the fsmis-bench checkout's git commit
     and whether it had uncommitted changes (``None`` outside a git checkout, e.g. a wheel),
-    and a digest of the file that defines the method's class. The package version alone
-    does not say it: it stays the same across many commits, and an edited plugin keeps its
-    version."""
+    a digest of the file that defines the method's class, and digests of that file and of
+    every module of its package that it imports, directly or through another
+    (``method_code_files``: module -> SHA-256; ``method_code_sha256``: one over them all). The package version alone does not
+    say it: it stays the same across many commits, and an edited plugin keeps its version."""
     out: dict[str, Any] = {"fsmis_bench_git": git_state(Path(__file__).resolve().parent)}
     if method_cls is not None:
         out["method_file_sha256"] = method_file_digest(method_cls)
+        modules = method_code_digests(method_cls)
+        if modules:
+            out["method_code_sha256"] = _modules_digest(modules)
+            out["method_code_files"] = modules
     return out
+
+
+def code_differences(recorded: dict[str, Any], method_cls: type) -> list[str]:
+    """How the code that made a record (its ``code`` entry) differs from ``method_cls``'s
+    code now, in words (empty where it does not, or where the record does not say).
+    Records from before ``method_code_sha256`` are compared by the class's file alone."""
+    then = recorded.get("method_code_files")
+    if isinstance(then, dict) and then:
+        now = method_code_digests(method_cls)
+        changed = sorted(name for name in set(then) | set(now) if then.get(name) != now.get(name))
+        return [f"its code has changed since ({', '.join(changed)})"] if now and changed else []
+    before, current = recorded.get("method_file_sha256"), method_file_digest(method_cls)
+    if before and current and before != current:
+        return [f"the file defining {method_cls.__name__} has changed since"]
+    return []
+
+
+def method_code_digests(method_cls: type) -> dict[str, str]:
+    """SHA-256 of each file of :func:`method_code_files`, by module name."""
+    from .data.digest import file_sha256
+
+    out = {}
+    for name, path in method_code_files(method_cls).items():
+        try:
+            out[name] = file_sha256(path)
+        except FsmisError:  # unreadable: not part of what can be compared
+            continue
+    return dict(sorted(out.items()))
+
+
+def method_code_files(method_cls: type) -> dict[str, Path]:
+    """The file defining ``method_cls`` and the modules of the same top-level package it
+    imports, transitively (read from their source, nothing imported), by module name:
+    ``{"fsmis_audit.method": Path(...), "fsmis_audit._net": Path(...)}``. Empty where the
+    class has no source file. A helper module is part of the method's code as much as the
+    class's own file: an edit to it changes the numbers."""
+    import ast
+    import importlib.util
+    import sys
+
+    module_name = method_cls.__module__
+    top = module_name.split(".")[0]
+    found: dict[str, Path] = {}
+    pending = [module_name]
+    while pending:
+        name = pending.pop()
+        if name in found:
+            continue
+        module = sys.modules.get(name)
+        origin = getattr(module, "__file__", None)
+        if origin is None:
+            try:
+                spec = importlib.util.find_spec(name)
+            except (ImportError, ValueError):
+                continue
+            origin = spec.origin if spec is not None else None
+        if not origin or not str(origin).endswith(".py"):
+            continue
+        path = Path(origin)
+        try:
+            tree = ast.parse(path.read_bytes())
+        except (OSError, SyntaxError, ValueError):
+            continue
+        found[name] = path
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                pending += [alias.name for alias in node.names if alias.name.split(".")[0] == top]
+            elif isinstance(node, ast.ImportFrom):
+                base = ("." * node.level + (node.module or "")) if node.level else (node.module or "")
+                try:
+                    resolved = importlib.util.resolve_name(base, package) if node.level else base
+                except (ImportError, ValueError):
+                    continue
+                if resolved.split(".")[0] != top:
+                    continue
+                pending.append(resolved)
+                # `from . import _net`: a submodule named like the imported name
+                pending += [f"{resolved}.{alias.name}" for alias in node.names
+                            if _is_module(f"{resolved}.{alias.name}")]
+    return found
+
+
+def _is_module(name: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError, AttributeError):
+        return False
+
+
+def _modules_digest(modules: dict[str, str]) -> str:
+    """One SHA-256 over each module's name and its file's SHA-256, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(modules):
+        digest.update(f"{name}\0{modules[name]}\n".encode())
+    return digest.hexdigest()
 
 
 def git_state(package_dir: Path) -> dict[str, Any] | None:
@@ -581,14 +685,25 @@ def load_predictions(run_dir: Path) -> dict[tuple[str, str], tuple[np.ndarray, n
     if not path.exists():
         return {}
     out = {}
-    with np.load(path) as data:
-        keys = {name.rsplit("/", 1)[0] for name in data.files}
-        for key in sorted(keys):
-            organ, case_id = key.split("/", 1)
-            shape = tuple(int(s) for s in data[f"{key}/shape"])
-            bits = np.unpackbits(data[f"{key}/bits"], count=int(np.prod(shape)))
-            out[(organ, case_id)] = (data[f"{key}/slices"], bits.reshape(shape).astype(bool))
+    try:
+        with np.load(path) as data:  # never allow_pickle: an object array is refused, not run
+            keys = {name.rsplit("/", 1)[0] for name in data.files}
+            for key in sorted(keys):
+                organ, case_id = key.split("/", 1)
+                shape = tuple(int(s) for s in data[f"{key}/shape"])
+                bits = np.unpackbits(data[f"{key}/bits"], count=int(np.prod(shape)))
+                out[(organ, case_id)] = (data[f"{key}/slices"], bits.reshape(shape).astype(bool))
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+        raise DamagedPredictionsError(
+            f"{path} cannot be read ({type(exc).__name__}: {exc}): a damaged or foreign predictions file",
+            hint=f"delete it; for a run folder's predictions.npz, delete {path.parent / COMPLETE} too and rerun "
+                 "the run's command, which writes it again from the run's parts without computing anything",
+        ) from None
     return out
+
+
+class DamagedPredictionsError(FsmisError):
+    """A ``predictions.npz`` that is not one :func:`save_predictions` wrote (truncated, foreign)."""
 
 
 # -- reading records ----------------------------------------------------------------------

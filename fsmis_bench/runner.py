@@ -48,7 +48,7 @@ from .protocol.settings import EvalGroup, eval_groups
 from .record_repair import DamagedRecordError, part_cases, rebuild_cases  # noqa: F401 (DamagedRecordError re-exported)
 from .records import (
     CASE_COLUMNS, COMPLETE, HASH_FORMS, HashForm, atomic_write, can_write_in, code_identity, comparable_dataset,
-    config_hash, load_predictions, machine_identity, method_file_digest, nearest_existing, non_standard_options, now, package_versions, read_json,
+    config_hash, code_differences, load_predictions, machine_identity, nearest_existing, non_standard_options, now, package_versions, read_json,
     registered_by, run_dir_for, save_predictions, test_dataset_name, training_hash, write_error, write_json, writing_to,
 )
 from .training.checkpoint import (
@@ -526,28 +526,49 @@ def _prepare_dir(p: RunPlan, random_weights: bool, method_options: dict | None =
 
 def _warn_if_other_code(run_dir: Path, ident: RunIdentity) -> None:
     """Say so when a finished run kept as it is was computed by another version of its
-    method's code (another plugin release, or an edited method file): the hash covers the
+    method's code (another plugin release, or an edited method module): the hash covers the
     config and the inputs, not the code, so a rerun does not compute it again."""
     info = _record_or_none(run_dir / "run.json")
-    if info is None:
-        return
-    method_cls = type(ident.method)
-    then = ((info.get("registered_by") or {}).get("method") or {})
-    now_entry = registered_by(ident.cfg).get("method", {})
-    differences = []
-    if then.get("version") and now_entry.get("version") and then["version"] != now_entry["version"]:
-        differences.append(f"{now_entry.get('distribution') or 'its package'} {then['version']} then, "
-                           f"{now_entry['version']} installed")
-    recorded = (info.get("code") or {}).get("method_file_sha256")
-    current = method_file_digest(method_cls)
-    if recorded and current and recorded != current:
-        differences.append(f"the file defining {method_cls.__name__} has changed since")
+    differences = _other_code(info, ident) if info is not None else []
     if differences:
         warnings.warn(
             f"{run_dir} was computed by other code of method {info.get('method')} ({'; '.join(differences)}); "
             "its record is kept and its numbers are the old code's. To compute it with this code, pass another "
             "results_dir= (or move that folder away)", DataWarning, 2,
         )
+
+
+def _other_code(info: dict, ident: RunIdentity) -> list[str]:
+    """How the code that made the record ``info`` differs from the method's code now."""
+    then = ((info.get("registered_by") or {}).get("method") or {})
+    now_entry = registered_by(ident.cfg).get("method", {})
+    differences = []
+    if then.get("version") and now_entry.get("version") and then["version"] != now_entry["version"]:
+        differences.append(f"{now_entry.get('distribution') or 'its package'} {then['version']} then, "
+                           f"{now_entry['version']} installed")
+    return differences + code_differences(info.get("code") or {}, type(ident.method))
+
+
+def _weights_trained_by(weights: Path, run_dir: Path, ident: RunIdentity) -> dict | None:
+    """Which run trained the weights a run found in a sibling folder, for its ``run.json``
+    (``weights_trained_by``: that run's folder, code and plugin release), with a warning
+    where its code differs from the method's code now: the sibling's training is reused as
+    it is (the hash covers config and inputs, not code), so this run evaluates the old
+    code's weights with the new code. None for the run's own weights."""
+    trainer = weights.parent.parent.parent  # <run>/checkpoints/<group>/final.safetensors
+    if trainer == run_dir:
+        return None
+    info = _record_or_none(trainer / "run.json") or {}
+    differences = _other_code(info, ident) if info else []
+    if differences:
+        warnings.warn(
+            f"the trained weights {weights} were trained by other code of method {info.get('method')} "
+            f"({'; '.join(differences)}); this run evaluates them with the code installed now and records "
+            "which code trained them (weights_trained_by in run.json). To train with this code, pass another "
+            "results_dir= (or move that training's folder away)", DataWarning, 2,
+        )
+    return {"run": trainer.name, "code": info.get("code"),
+            "registered_by": (info.get("registered_by") or {}).get("method")}
 
 
 def _record_or_none(path: Path) -> dict | None:
@@ -714,6 +735,11 @@ def _execute(p: RunPlan, allow_training: bool, accelerator) -> Path:
                 hint = None if ident.checkpoint else _found_weights_hint(existing, ckpt_dir)
                 step = load_weights(method, existing, hint=hint)
                 tqdm.write(f"using trained weights {existing} (step {step})", file=sys.stderr)
+                if accelerator.is_main_process and not ident.checkpoint:
+                    trained_by = _weights_trained_by(existing, run_dir, ident)
+                    if trained_by is not None:
+                        info.setdefault("weights_trained_by", {})[group.name] = trained_by
+                        write_json(run_dir / "run.json", info)  # a stop before the end keeps it
             elif not allow_training:
                 raise ConfigError(
                     f"no trained checkpoint for {label}",

@@ -326,7 +326,7 @@ def launch(overrides: list[str], *, command: str = "run", checkpoint: Path | Non
             elif any(o.startswith("hydra/launcher=") for o in hydra_overrides):
                 # the jobs ran in other processes, whose outcomes this one never saw
                 results_dir = Path(str(composed[0][1].results_dir))
-                print(f"the launcher ran the jobs in other processes: `fsmis-bench runs {results_dir}` lists "
+                print(f"the launcher ran the jobs in other processes: `fsmis-bench runs --results {results_dir}` lists "
                       "which finished and which stopped", file=sys.stderr)
                 if any(o.startswith("hydra/launcher=submitit") for o in hydra_overrides):
                     print("submitit's jobs may still be running (a stop signal sent to this process alone does "

@@ -244,6 +244,10 @@ def format_table(report: dict[str, Any]) -> str:
     else:
         weights = "no weights" if report["total_params"] == 0 else "no pretrained weights (trained from scratch)"
     title = f"{report['method']}  backbone={report['backbone']}  {weights}  fidelity={report['fidelity']}"
+    origin = report.get("registered_by") or {}
+    if origin.get("plugin"):
+        release = f"{origin.get('distribution', '')} {origin.get('version', '')}".strip()
+        title += f"  plugin={origin['plugin']}" + (f" ({release})" if release else "")
     out = [title, fmt(header), rule, *body, rule, fmt(lines[-1])]
     if report.get("meta"):
         out.append("note: built on the meta device (--meta): architecture and counts only, no weights loaded")
@@ -274,6 +278,10 @@ def _run(args: argparse.Namespace) -> int:
         method = build_method(overrides)
     report = describe_report(method, overrides)
     report["meta"] = bool(args.meta)
+    from fsmis_bench.records import registered_by
+
+    # which plugin and package release the method comes from, as run.json records it
+    report["registered_by"] = registered_by(method.cfg)["method"]
     if args.format == "json":
         print(json.dumps(report, indent=2))
     else:

@@ -158,3 +158,22 @@ def test_a_reader_that_leaves_early_gets_no_traceback():
     err = process.stderr.read().decode()
     assert process.wait(timeout=120) == 0
     assert "Traceback" not in err and "BrokenPipe" not in err
+
+
+def test_an_error_starts_its_own_line_after_a_progress_bar_left_open(capsys, monkeypatch):
+    """A bar drawn with ``\\r`` and no newline, then the error: the message must not be glued
+    to the bar's last state."""
+    from tqdm import tqdm
+
+    from fsmis_bench import cli
+    from fsmis_bench.errors import ConfigError
+
+    def failing(args):
+        bar = tqdm(total=50, desc="train", file=sys.stderr, disable=False)
+        bar.update(7)  # an exception leaves it open, as a failing training step does
+        raise ConfigError("the method failed", hint="fix it")
+
+    monkeypatch.setattr(cli, "_list", failing)
+    assert main(["list"]) == 2
+    err = capsys.readouterr().err
+    assert "\nerror: the method failed\n  hint: fix it\n" in err and "train" in err

@@ -162,7 +162,10 @@ def test_the_title_says_pretrained_only_for_methods_that_load_weights(name, weig
     args = parser.parse_args(["describe", f"method={name}"])
     assert args.func(args) == 0
     title = capsys.readouterr().out.splitlines()[0]
-    assert title == f"{name}  backbone=none  {weights}  fidelity=paper"
+    from importlib.metadata import version
+
+    assert title == (f"{name}  backbone=none  {weights}  fidelity=paper  "
+                     f"plugin=builtin_methods (fsmis-bench {version('fsmis-bench')})")
 
 
 def test_meta_flag_refuses_pretrained_weights() -> None:

@@ -69,7 +69,11 @@ def test_out_of_tree_plugin_end_to_end(installed_example_plugin, results_dir, ca
     entry = plugins.registries().methods.entry("intensity_window")
     assert entry.plugin == "threshold (fsmis-threshold-plugin)"
     assert main(["list"]) == 0
-    assert "intensity_window" in capsys.readouterr().out
+    listed = capsys.readouterr().out
+    (line,) = [row for row in listed.splitlines() if " intensity_window " in row]
+    assert f"threshold (fsmis-threshold-plugin {entry.version})" in line and entry.version
+    assert main(["describe", "method=intensity_window"]) == 0
+    assert f"plugin=threshold (fsmis-threshold-plugin {entry.version})" in capsys.readouterr().out.splitlines()[0]
     assert main(["run", "method=intensity_window", "dataset=phantom", "fold=1"]) == 0
     (cases,) = results_dir.glob("intensity_window/phantom/setting1/fold1/*/cases.csv")
     assert (cases.parent / "COMPLETE").exists()

@@ -8,6 +8,7 @@ dist-info with an entry point in the group, on sys.path (no pip, no subprocess).
 from __future__ import annotations
 
 import importlib
+import json
 import math
 import sys
 import textwrap
@@ -65,14 +66,16 @@ def _reload() -> None:
 
 @pytest.fixture()
 def install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Install]:
-    """``install(dist, version, module, source, configs={"method/x.yaml": text})``: a plugin
-    package plus its dist-info (entry point ``module = module``), found on sys.path."""
+    """``install(dist, version, module, source, configs={"method/x.yaml": text}, entry=None)``:
+    a plugin package plus its dist-info (entry point ``<entry or module> = module``), found on
+    sys.path."""
     site = tmp_path / "site"
     site.mkdir()
     monkeypatch.syspath_prepend(str(site))
     modules: list[str] = []
 
-    def _install(dist: str, version: str, module: str, source: str, configs: dict[str, str] | None = None) -> None:
+    def _install(dist: str, version: str, module: str, source: str, configs: dict[str, str] | None = None,
+                 entry: str | None = None) -> None:
         package = site / module
         package.mkdir()
         (package / "__init__.py").write_text(textwrap.dedent(source))
@@ -83,7 +86,7 @@ def install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Install
         info = site / f"{dist.replace('-', '_')}-{version}.dist-info"
         info.mkdir()
         (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
-        (info / "entry_points.txt").write_text(f"[fsmis_bench.plugins]\n{module} = {module}\n")
+        (info / "entry_points.txt").write_text(f"[fsmis_bench.plugins]\n{entry or module} = {module}\n")
         modules.append(module)
         importlib.invalidate_caches()
         _reload()
@@ -162,6 +165,32 @@ def test_name_collision_names_both_distributions(install, capsys):
     assert hint.endswith("pip uninstall fsmis-bad-collide")  # the built-in name stays
 
 
+def test_display_name_of_another_method_is_refused(install, capsys):
+    """Reports group rows by the shown name: a plugin method shown as "Prototype" would be
+    merged with the built-in prototype's rows."""
+    source = METHOD_PLUGIN.format(name="tinyproto", output=BOOL_OUTPUT).replace(
+        'description="test plugin")', 'description="test plugin", display=Display(name="prototype"))').replace(
+        "from fsmis_bench.plugins import hookimpl", "from fsmis_bench.plugins import Display, hookimpl")
+    install("fsmis-same-display", "0.1.0", "pkg_same_display", source)
+    _fails(["list"], capsys, "method 'tinyproto' of plugin 'pkg_same_display' of fsmis-same-display 0.1.0 would be "
+           "shown in reports as 'prototype', the name method 'prototype' of plugin 'builtin_methods'",
+           "give it another display name")
+
+
+@pytest.mark.parametrize("entry", ["threshold", "builtin_methods"])
+def test_two_packages_advertising_one_plugin_name_are_refused(install, entry, capsys):
+    """pluggy keeps one plugin per name: the other package's methods would vanish, or every
+    built-in one (an entry point named like fsmis-bench's own)."""
+    source = METHOD_PLUGIN.format(name="{name}", output=BOOL_OUTPUT)
+    install("fsmis-first-copy", "0.1.0", "pkg_first", source.replace("{name}", "first_method"), entry=entry)
+    install("fsmis-second-copy", "0.2.0", "pkg_second", source.replace("{name}", "second_method"), entry=entry)
+    err = _fails(["list"], capsys, f"two installed packages advertise a plugin named {entry!r}",
+                 "only one of them could be loaded", "another entry-point name in its pyproject.toml")
+    assert "fsmis-second-copy 0.2.0" in err or "fsmis-first-copy 0.1.0" in err
+    if entry == "threshold":
+        assert "fsmis-first-copy 0.1.0 (threshold = pkg_first)" in err and "fsmis-second-copy 0.2.0" in err
+
+
 def test_config_hidden_by_a_builtin_one_warns(install, capsys):
     install("fsmis-bad-shadow", "0.1.0", "pkg_shadow", """
         from pathlib import Path
@@ -197,6 +226,34 @@ def test_method_registered_without_a_config_names_its_plugin(install, capsys, re
            "method 'nocfg_method' (plugin 'pkg_nocfg' of fsmis-bad-nocfg 0.1.0) has no config",
            "its plugin returns no folder from an fsmis_config_dirs hook", "must ship method/nocfg_method.yaml",
            "in a folder that its fsmis_config_dirs hook returns")
+    assert not results_dir.exists()
+
+
+def test_a_method_whose_config_a_plugin_ships_but_never_registers_is_named(install, capsys, results_dir):
+    install("fsmis-forgot", "0.1.0", "pkg_forgot", """
+        from pathlib import Path
+        from fsmis_bench.plugins import hookimpl
+
+        @hookimpl
+        def fsmis_config_dirs():
+            return [str(Path(__file__).parent / "configs")]
+    """, {"method/forgot_method.yaml": "# @package _global_\nmethod:\n  name: forgot_method\n"})
+    _fails(["run", "method=forgot_method"], capsys, "unknown method 'forgot_method'",
+           "plugin 'pkg_forgot' of fsmis-forgot 0.1.0 ships ", "pkg_forgot/configs/method/forgot_method.yaml, but no "
+           "plugin registers a method named 'forgot_method'", "hint: register it in the plugin's "
+           "fsmis_register_methods hook: registry.register('forgot_method'")
+    assert not results_dir.exists()
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("[8", ["cannot read ", "pkg_yaml_method/configs/method/yaml_method.yaml, line ",
+            "hint: fix the YAML syntax there"]),
+    ("${oops}", ["method.width cannot be resolved: Interpolation key 'oops' not found",
+                 "fix the ${...} interpolation that sets method.width in its config file"]),
+])
+def test_a_config_file_that_cannot_be_read_or_resolved_is_one_line(value, expected, install, capsys, results_dir):
+    _method_plugin(install, "yaml_method", config=f"# @package _global_\nmethod:\n  name: yaml_method\n  width: {value}\n")
+    _fails(["run", "method=yaml_method"], capsys, *expected)
     assert not results_dir.exists()
 
 
@@ -603,6 +660,10 @@ def fsmis_config_dirs():
       "keep every state that training changes in a trainable parameter or a registered buffer"]),
     ("pass", "self.counter = Counter()",
      ["its submodule 'counter' (Counter) overrides get_extra_state", "an EMA or teacher copy too"]),
+    # the optimiser would get an empty parameter list
+    ("pass", "self.conv.requires_grad_(False)",
+     ["it is trainable (needs_training is true) but has no trainable parameter",
+      "or set needs_training = False for a method that trains nothing"]),
 ])
 def test_a_method_that_breaks_the_contract_is_refused_when_it_is_built(attribute, init, expected, install, capsys,
                                                                        results_dir):
@@ -620,6 +681,8 @@ def test_a_method_that_breaks_the_contract_is_refused_when_it_is_built(attribute
     ("return F.binary_cross_entropy_with_logits(logits, batch.query_masks, reduction='none')",
      "broke the training_loss contract: it returned a torch.float32 tensor of shape (1, 1, 32, 32), not a scalar loss"),
     ("return float(logits.mean())", "broke the training_loss contract: it returned a float, not a scalar loss"),
+    ("return logits.mean().detach()", "broke the training_loss contract: it returned a tensor without a gradient "
+     "(computed under torch.no_grad, detached, or from no trained parameter), not a scalar loss"),
     ("return logits.mean() * float('nan')",
      "non-finite loss at step 1: the loss that method 'loss_method' (plugin 'pkg_loss_method' of "
      "fsmis-loss-method 0.2.0) returned from its training_loss was NaN or infinite"),
@@ -652,3 +715,50 @@ def test_a_misspelled_hook_is_named_with_the_one_meant(hook, meant, install, cap
            f"hint: did you mean '{meant}'? the hooks are fsmis_config_dirs, fsmis_register_backbones, "
            "fsmis_register_datasets, fsmis_register_methods, fsmis_register_settings",
            "pip uninstall fsmis-hook-typo")
+
+
+# -- which code computed a run -------------------------------------------------------------------
+def test_an_edited_helper_module_of_a_plugin_is_named_when_its_results_are_reused(install, capsys, results_dir,
+                                                                                 monkeypatch, tmp_path):
+    """The method's code is the class's file and every module of its package that it imports:
+    an edit to a helper is named when a finished run is kept, and when its trained weights
+    are reused by another evaluation (which records the training's code)."""
+    monkeypatch.setenv("FSMIS_NO_PROGRESS", "1")
+    _trained_plugin(install, "helper_method", init="from ._net import SCALE")
+    helper = tmp_path / "site" / "pkg_helper_method" / "_net.py"
+    helper.write_text("SCALE = 1.0\n")
+    args = ["run", "method=helper_method", "fold=1", "protocol.max_queries=1"]
+    assert main(args) == 0
+    (run_dir,) = [p.parent for p in results_dir.glob("helper_method/**/run.json")]
+    code = json.loads((run_dir / "run.json").read_text())["code"]
+    assert sorted(code["method_code_files"]) == ["pkg_helper_method", "pkg_helper_method._net"]
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "other code" not in capsys.readouterr().err  # nothing changed: nothing to say
+
+    helper.write_text("SCALE = 1.0  # tuned\n")
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "already complete, not recomputed" in err
+    assert "was computed by other code of method helper_method (its code has changed since (pkg_helper_method._net))" in err
+
+    assert main([*args, "protocol.dice=pooled"]) == 0  # another evaluation of the same training
+    err = capsys.readouterr().err
+    assert f"using trained weights {run_dir}" in err
+    assert "were trained by other code of method helper_method (its code has changed since (pkg_helper_method._net))" in err
+    (pooled,) = [p.parent for p in results_dir.glob("helper_method/**/run.json") if p.parent != run_dir]
+    trained_by = json.loads((pooled / "run.json").read_text())["weights_trained_by"]
+    assert trained_by == {"all": {"run": run_dir.name, "code": code, "registered_by": {
+        "name": "helper_method", "plugin": "pkg_helper_method", "distribution": "fsmis-helper-method",
+        "version": "0.2.0"}}}
+
+
+def test_a_report_names_the_release_that_trained_reused_weights():
+    from fsmis_bench.reporting.collect import plugin_release
+
+    meta = {"registered_by": {"method": {"distribution": "fsmis-mine", "version": "0.2.0"}}}
+    assert plugin_release(meta) == "fsmis-mine-0.2.0"
+    meta["weights_trained_by"] = {"all": {"registered_by": {"distribution": "fsmis-mine", "version": "0.2.0"}}}
+    assert plugin_release(meta) == "fsmis-mine-0.2.0"
+    meta["weights_trained_by"] = {"all": {"registered_by": {"distribution": "fsmis-mine", "version": "0.1.0"}}}
+    assert plugin_release(meta) == "fsmis-mine-0.2.0 (weights 0.1.0)"

@@ -159,3 +159,24 @@ def test_predictions_roundtrip_and_qualitative_panels(results_root: Path, tmp_pa
     assert "data not available" in notes[-1]
     written = write_qualitative(results, tmp_path, lambda name: DATASET, log=notes.append)
     assert written["qualitative_abd_mri"].is_file()
+
+
+def test_a_damaged_predictions_file_is_named_and_its_run_left_out_of_the_figure(results_root: Path,
+                                                                               tmp_path: Path) -> None:
+    import shutil
+
+    from fsmis_bench.records import DamagedPredictionsError
+
+    root = tmp_path / "results"
+    shutil.copytree(results_root, root)
+    results = load_results(root)
+    run = results.runs[(results.runs["method"] == "m1") & (results.runs["fold"] == 0) & (results.runs["setting"] == 1)]
+    damaged = Path(run["run_dir"].item()) / "predictions.npz"
+    damaged.write_bytes(damaged.read_bytes()[:200])  # truncated
+    with pytest.raises(DamagedPredictionsError, match="cannot be read .*a damaged or foreign predictions file"):
+        load_predictions(damaged.parent)
+    notes: list[str] = []
+    written = write_qualitative(results, tmp_path / "out", lambda name: DATASET, log=notes.append)
+    assert written["qualitative_abd_mri"].is_file()  # the other runs are still drawn
+    (said,) = [n for n in notes if str(damaged) in n]
+    assert said.startswith("note: qualitative figure: skipped the predictions of ") and "hint: delete it" in said

@@ -227,6 +227,57 @@ def test_plugins_bring_their_own_display(plugin) -> None:
     assert style.dataset_display("nifti_folder") == "NIfTI folder"
 
 
+class _BadColourPlugin:
+    @hookimpl
+    def fsmis_register_methods(self, registry) -> None:
+        registry.register("bluish_plugin", object, description="test", display=Display(colour="bluish"))
+
+
+def test_a_colour_matplotlib_cannot_draw_is_named_once_and_replaced() -> None:
+    from fsmis_bench.errors import DataWarning
+
+    plugins.register_plugin(_BadColourPlugin(), "bad_colour_test")
+    try:
+        with pytest.warns(DataWarning, match=r"method 'bluish_plugin' \(plugin 'bad_colour_test'\) registers the "
+                                             r"colour 'bluish', which matplotlib cannot draw"):
+            colour = style.method_colour("bluish_plugin")
+        assert any(colour == pytest.approx(to_rgb(c)) for c in style.EXTRA_COLOURS)  # the palette's
+    finally:
+        plugins.unregister_plugin("bad_colour_test")
+
+
+def test_plugins_that_cannot_be_loaded_are_said_once(monkeypatch) -> None:
+    from fsmis_bench.errors import DataWarning
+    from fsmis_bench.plugins import PluginError
+
+    def broken():
+        raise PluginError("plugin 'audit' of fsmis-audit 0.1.0 failed to load")
+
+    monkeypatch.setattr(plugins, "registries", broken)
+    with pytest.warns(DataWarning, match="without display names or colours, because the plugins cannot be loaded: "
+                                         "plugin 'audit' of fsmis-audit 0.1.0 failed to load"):
+        assert style.method_label("prototype") == "prototype"
+
+
+class _TypoPlugin:
+    @hookimpl
+    def fsmis_register_methods(self, registry) -> None:
+        registry.register("typo_plugin", object, description="test", display=Display(published_names=("PANNet",)))
+
+
+def test_a_published_name_no_published_row_has_is_said() -> None:
+    from fsmis_bench.errors import DataWarning
+
+    plugins.register_plugin(_TypoPlugin(), "typo_test")
+    try:
+        with pytest.warns(DataWarning, match=r"method 'typo_plugin' names 'PANNet' in its Display\(published_names="
+                                             r"\.\.\.\), but the published tables hold no method of that name, .*"
+                                             r"\(did you mean 'PANet'\?\)"):
+            assert published_values("typo_plugin", "none", "abd_mri", "abd_mri", 1) == {}
+    finally:
+        plugins.unregister_plugin("typo_test")
+
+
 def test_footnotes_are_numbered_and_never_split_from_the_name() -> None:
     notes = style.Footnotes()
     first = notes.mark("SD-FSMIS [tiny]", ["random weights", "incomplete"])

@@ -686,17 +686,26 @@ def test_the_record_names_the_code_and_machine_and_a_rerun_says_when_the_code_ch
 
     source = Path(inspect.getfile(SupportCopy)).read_bytes()
     assert info["code"]["method_file_sha256"] == hashlib.sha256(source).hexdigest()
-    assert set(info["code"]) == {"fsmis_bench_git", "method_file_sha256"}
+    assert set(info["code"]) == {"fsmis_bench_git", "method_file_sha256", "method_code_sha256", "method_code_files"}
+    assert info["code"]["method_code_files"] == {"fsmis_methods.support_copy": hashlib.sha256(source).hexdigest()}
     assert info["machine"]["device"] == "cpu" and info["machine"]["cpu"]
     capsys.readouterr()
     assert main(["run", "method=support_copy", *args]) == 0  # the same code: kept, nothing to say
     assert "other code" not in capsys.readouterr().err
-    info["code"]["method_file_sha256"] = "0" * 64  # as if the method's file had been edited since
+    info["code"]["method_code_files"]["fsmis_methods.support_copy"] = "0" * 64  # as if edited since
     (run_dir / "run.json").write_text(json.dumps(info))
     assert main(["run", "method=support_copy", *args]) == 0
     err = capsys.readouterr().err
     assert "already complete, not recomputed" in err
-    assert "was computed by other code of method support_copy (the file defining SupportCopy has changed" in err
+    assert "was computed by other code of method support_copy (its code has changed since " \
+           "(fsmis_methods.support_copy))" in err
+    # a record from before the modules were recorded: compared by the class's file
+    for key in ("method_code_files", "method_code_sha256"):
+        del info["code"][key]
+    info["code"]["method_file_sha256"] = "0" * 64
+    (run_dir / "run.json").write_text(json.dumps(info))
+    assert main(["run", "method=support_copy", *args]) == 0
+    assert "(the file defining SupportCopy has changed since)" in capsys.readouterr().err
 
 
 def test_an_unfinished_run_with_a_damaged_record_is_rewritten_and_resumes(tmp_path, results_dir, capsys):

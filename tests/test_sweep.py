@@ -330,5 +330,9 @@ def test_an_interrupted_parallel_sweep_points_to_the_runs_listing(launcher, says
     argv = ["run", "-m", *SUPPORT_COPY, "seed=0,1", f"hydra/launcher={launcher}", f"results_dir={tmp_path}"]
     assert main(argv) == 130
     err = capsys.readouterr().err
-    assert f"`fsmis-bench runs {tmp_path}` lists which finished and which stopped" in err
+    assert f"`fsmis-bench runs --results {tmp_path}` lists which finished and which stopped" in err
     assert ("submitit's jobs may still be running" in err) == says_still_running
+    import shlex
+
+    hinted = err.split("`fsmis-bench ", 1)[1].split("`", 1)[0]
+    assert main(shlex.split(hinted)) == 0  # the command it names works as given

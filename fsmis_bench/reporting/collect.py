@@ -695,13 +695,19 @@ def _split_by_weights(runs: pd.DataFrame) -> pd.DataFrame:
 def plugin_release(meta: dict[str, Any]) -> str:
     """``<distribution>-<version>`` of the third-party package whose plugin registered a
     record's method (``run.json`` ``registered_by``), ``""`` for fsmis-bench's own methods
-    and records that do not say. A plugin's release is not part of a run's hash, so two
+    and records that do not say; ``"<distribution>-0.2.0 (weights 0.1.0)"`` where the run
+    evaluated weights that another release trained (``weights_trained_by``). A plugin's release is not part of a run's hash, so two
     releases' runs of one configuration would otherwise be averaged into one row."""
     entry = (meta.get("registered_by") or {}).get("method") or {}
     distribution = entry.get("distribution") if isinstance(entry, dict) else None
     if not distribution or distribution == "fsmis-bench":
         return ""
-    return f"{distribution}-{entry.get('version') or 'unknown'}"
+    release = f"{distribution}-{entry.get('version') or 'unknown'}"
+    # weights reused from a sibling training made by another release: both releases count
+    trainers = {str((t.get("registered_by") or {}).get("version") or "unknown")
+                for t in (meta.get("weights_trained_by") or {}).values() if isinstance(t, dict)}
+    trained = sorted(trainers - {str(entry.get("version") or "unknown")})
+    return release + (f" (weights {', '.join(trained)})" if trained else "")
 
 
 def _split_by_plugin_release(runs: pd.DataFrame) -> pd.DataFrame:

@@ -68,6 +68,7 @@ def published_values(method: str, backbone: str, train: str, test: str, setting:
     if not names:
         return {}
     published = load_published() if published is None else published
+    _say_unknown_names(method, names, sorted(set(published["method"])))
     rows = published[published["method"].isin(names) & (published["train_on"] == train)
                      & (published["test_on"] == test) & (published["setting"] == setting)]
     if rows.empty:
@@ -82,6 +83,20 @@ def published_values(method: str, backbone: str, train: str, test: str, setting:
     for row in rows.itertuples(index=False):
         values.setdefault(str(row.organ), PublishedValue(float(row.dice), int(row.table), str(row.method)))
     return values
+
+
+def _say_unknown_names(method: str, names: list[str], known: list[str]) -> None:
+    """A published name that no published row has (a typo in a plugin's ``Display``) would
+    leave the method without its published numbers silently: said once per report."""
+    from .._registry import closest
+    from .style import _warn_once
+
+    for name in names:
+        if name not in known:
+            guess = closest(name, known)
+            _warn_once(f"method {method!r} names {name!r} in its Display(published_names=...), but the published "
+                       "tables hold no method of that name, so none of its published numbers is compared"
+                       + (f" (did you mean {guess!r}?)" if guess else f"; they hold: {', '.join(known)}"))
 
 
 COLUMNS = ["method", "variant", "train_dataset", "dataset", "setting", "organ", "measured", "sd", "n_folds",

@@ -465,7 +465,12 @@ def qualitative_figure(
 
     def predictions(run_dir: str) -> Predictions:
         if run_dir not in cache:
-            cache[run_dir] = load_predictions(run_dir)
+            try:
+                cache[run_dir] = load_predictions(run_dir)
+            except records.DamagedPredictionsError as exc:  # its panels show "no prediction"
+                cache[run_dir] = {}
+                (log or print)(f"note: qualitative figure: skipped the predictions of {exc.message} "
+                               f"(hint: {exc.hint})")
         return cache[run_dir]
 
     notes = Footnotes()

@@ -22,6 +22,7 @@
 
 from __future__ import annotations
 
+import warnings
 import zlib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from .._registry import Display
+from ..errors import DataWarning
 
 #: figure widths of a two-column paper page, in inches
 SINGLE_COLUMN_IN = 3.5
@@ -152,11 +154,42 @@ def _registry_displays() -> dict[str, dict[str, Display]]:
         from ..plugins import registries
 
         regs = registries()
-    except Exception:  # noqa: BLE001 - a broken third-party plugin must not break a report
+    except Exception as exc:  # noqa: BLE001 - a broken third-party plugin must not break a report
+        _warn_once(f"the report names every method, dataset and backbone by its registered name, without "
+                   f"display names or colours, because the plugins cannot be loaded: {exc}")
         return {}
     if _displays_cache[0] is not regs:
         _displays_cache[:] = [regs, {kind: {e.name: e.display for e in registry} for kind, registry in regs.all().items()}]
     return _displays_cache[1]
+
+
+_said: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """One warning per process (a report asks for styles many times)."""
+    if message not in _said:
+        _said.add(message)
+        warnings.warn(message, DataWarning, 3)
+
+
+def _valid_colour(colour: str, method: str) -> str:
+    """``colour`` where matplotlib can draw it, else ``""`` (the palette's) with a warning
+    naming the plugin that registered it: ``list`` and ``run`` never draw a colour, so a
+    report is the first to find out."""
+    from matplotlib.colors import is_color_like
+
+    if not colour or is_color_like(colour):
+        return colour
+    try:
+        from ..plugins import origin_of
+
+        who = origin_of("method", method)
+    except Exception:  # noqa: BLE001 - a message must not fail
+        who = f"method {method!r}"
+    _warn_once(f"{who} registers the colour {colour!r}, which matplotlib cannot draw; the report uses a palette "
+               "colour instead (fix its Display(colour=...): a name such as 'tab:blue' or a hex code such as '#1f77b4')")
+    return ""
 
 
 def _display(kind: str, name: str) -> Display:
@@ -182,9 +215,9 @@ def method_style(method: str) -> MethodStyle:
     registered = _display("method", method)
     family = registered.family or method
     shade = registered.shade
-    colour = registered.colour
+    colour = _valid_colour(registered.colour, method)
     if not colour:
-        head = _display("method", family).colour if family != method else ""
+        head = _valid_colour(_display("method", family).colour, family) if family != method else ""
         colour = head or METHOD_COLOURS.get(family) or EXTRA_COLOURS[zlib.crc32(family.encode()) % len(EXTRA_COLOURS)]
     return MethodStyle(
         name=method,

@@ -367,10 +367,12 @@ class TrainStep:
     def _check_loss(self, loss: object) -> None:
         """Refuse a training loss that is not a 0-dim float tensor (its shape and dtype only:
         no device sync, and a recorded or compiled step checks it while recording)."""
-        if isinstance(loss, torch.Tensor) and loss.ndim == 0 and loss.is_floating_point():
+        if isinstance(loss, torch.Tensor) and loss.ndim == 0 and loss.is_floating_point() and loss.requires_grad:
             return
         got = (f"a {loss.dtype} tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor)
                else f"a {type(loss).__name__}")
+        if isinstance(loss, torch.Tensor) and loss.ndim == 0 and loss.is_floating_point():
+            got = "a tensor without a gradient (computed under torch.no_grad, detached, or from no trained parameter)"
         from ..plugins import PluginError  # late: the plugins import the method plugins
 
         raise PluginError(
@@ -398,5 +400,6 @@ class TrainStep:
                 f"non-finite loss at step {self.first_step + first}: the loss that {self._described()} returned "
                 "from its training_loss was NaN or infinite",
                 hint="lower the learning rate, check the training data, or check the method's training_loss "
-                     "(a division by an empty mask, a log of 0); rerunning resumes from the last checkpoint",
+                     "(a division by an empty mask, a log of 0); a rerun resumes from the last checkpoint saved "
+                     "before that step, if any, and with the same config and code meets the same loss",
             )
