@@ -97,7 +97,11 @@ class _RunHelp(argparse.Action):
 
         parser.print_help()
         print()
-        print(main_keys())
+        try:
+            print(main_keys())
+        except FsmisError as exc:  # the keys come from the configs, which may be refused
+            print(f"error: {exc.message}" + (f"\n  hint: {exc.hint}" if exc.hint else ""), file=sys.stderr)
+            parser.exit(2)
         parser.exit()
 
 

@@ -7,6 +7,7 @@ registries first, so an unknown name lists the known ones instead of a Hydra tra
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import re
@@ -87,7 +88,7 @@ def config_dir() -> Path:
             run, so it is refused (a lent H100 ran into it with ``python -m``).
     """
     try:
-        return Path(str(resources.files("fsmis_bench.configs")))
+        found = Path(str(resources.files("fsmis_bench.configs")))
     except ModuleNotFoundError:
         package = Path(__file__).resolve().parent
         raise ConfigError(
@@ -96,6 +97,29 @@ def config_dir() -> Path:
             hint="start Python with -P (python -P -m fsmis_bench ...) or from another folder, "
                  "or install the checkout itself (pip install -e .)",
         ) from None
+    _check_one_tree()
+    return found
+
+
+@functools.lru_cache(maxsize=1)
+def _check_one_tree() -> None:
+    """``fsmis_bench`` and the built-in methods and datasets from one installation: in a
+    checkout they lie side by side (``methods/``, ``datasets/``), in a wheel likewise in
+    site-packages. Python started in a second checkout's root imports that checkout's
+    ``fsmis_bench`` while ``pip install -e`` of the first still serves the methods."""
+    import importlib.util
+
+    harness = Path(__file__).resolve().parent.parent
+    for name in ("fsmis_methods", "fsmis_datasets"):
+        spec = importlib.util.find_spec(name)
+        origin = Path(spec.origin).resolve().parent.parent if spec is not None and spec.origin else None
+        if origin is not None and origin != harness:
+            raise ConfigError(
+                f"fsmis_bench was imported from {harness} but the built-in {name} from {origin}: "
+                "two copies of the code in one run",
+                hint=f"run from a folder outside {harness} (or with python -P), or install this copy "
+                     f"(pip install -e {harness})",
+            )
 
 
 def expand_sweep(overrides: list[str]) -> list[list[str]]:
@@ -214,8 +238,49 @@ def _split(overrides: list[str]) -> dict[str, str]:
                 hint="arguments are key=value overrides, e.g. method=prototype dataset=abd_mri fold=0",
             )
         key, value = item.split("=", 1)
+        if not key.lstrip("+~"):
+            raise ConfigError(f"cannot read the argument {item!r}: it names no key",
+                              hint="arguments are key=value overrides, e.g. fold=0")
         pairs[key.lstrip("+~")] = value
     return pairs
+
+
+def _group_options(group: str) -> list[str]:
+    """The configs of a config group (``memory`` -> ``["low"]``), empty for a key that is no group."""
+    names = set()
+    for folder in (config_dir(), *registries().config_dirs):
+        if (Path(folder) / group).is_dir():
+            names |= {p.stem for p in (Path(folder) / group).glob("*.y*ml")}
+    return sorted(names)
+
+
+def _not_a_config_name(overrides: list[str], exc: Exception) -> ConfigError:
+    """Hydra's ``Config group override must be a string`` (``memory=true``, ``fidelity=1``),
+    as one error naming the override and the group's configs."""
+    for item in overrides:
+        key, _, value = item.lstrip("+~").partition("=")
+        options = _group_options(key)
+        if options and value not in options:
+            return ConfigError(f"{key}={value}: {key} is a config group, and {value!r} is none of its configs",
+                               hint=f"{key} is one of: {', '.join(options)}")
+    return ConfigError(f"invalid configuration: {exc}", hint="check the override names (`fsmis-bench run --help`)")
+
+
+@functools.lru_cache(maxsize=1)
+def _base_config() -> DictConfig:
+    """``config.yaml`` as written (its sections, before any group is composed in)."""
+    return OmegaConf.load(Path(config_dir()) / "config.yaml")
+
+
+def _check_sections(cfg: DictConfig, given: dict[str, str]) -> None:
+    """A section of keys (``protocol``, ``train``) replaced by one value (``protocol=null``)
+    would fail later in some unrelated check; refused here with what to do instead."""
+    for key, value in given.items():
+        if "." not in key and key in cfg and not OmegaConf.is_dict(cfg[key]) and not _group_options(key):
+            if OmegaConf.is_dict(OmegaConf.select(_base_config(), key)):
+                raise ConfigError(f"{key}={value} replaces the whole section {key} with one value",
+                                  hint=f"set its keys instead, e.g. {key}.<key>=<value> "
+                                       "(`fsmis-bench run --help` lists the main ones)")
 
 
 def _config_file(group: str, name: str) -> Path | None:
@@ -448,6 +513,7 @@ def compose(overrides: list[str] | None = None, *, resolve_datasets: bool = True
     try:
         with _beside_running_hydra(), initialize_config_dir(config_dir=str(config_dir()), version_base=None):
             cfg = hydra_compose("config", overrides=overrides + extra)
+            _check_sections(cfg, given)
             _check_group_name(cfg, given, "method")
             _check_group_name(cfg, given, "dataset")
             more = _test_dataset_overrides(cfg, test_options)
@@ -456,6 +522,10 @@ def compose(overrides: list[str] | None = None, *, resolve_datasets: bool = True
                 more.append(f"backbone={default_backbone}")
             if more:
                 cfg = hydra_compose("config", overrides=overrides + extra + more)
+    except ValueError as exc:
+        if "Config group override must be a string" not in str(exc):
+            raise
+        raise _not_a_config_name(overrides, exc) from None
     except yaml.YAMLError as exc:  # a config file (a plugin's, or one edited by hand) that is no YAML
         mark = getattr(exc, "problem_mark", None)
         where = f"{mark.name}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "a config file"

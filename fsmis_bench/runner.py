@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from .data.base import VolumeDataset
 from .data.consistency import shared_slices, slice_digests, spacing_mismatch
 from .data.digest import file_sha256, files_sha256
-from .errors import ConfigError, DataWarning
+from .errors import ConfigError, DataWarning, FsmisError
 from .evaluation import OrganEpisodes, evaluate
 from .method import Method
 from .plugins import registries
@@ -604,20 +604,34 @@ def execute(cfg: DictConfig, *, allow_training: bool = True, checkpoint: Path | 
             record was there) or ``completed`` (a new run), for a sweep's summary.
     """
     cfg = as_run_here(cfg)
-    _check_results_writable(cfg)
+    try:
+        _check_results_writable(cfg)
+        read_only = None
+    except FsmisError as exc:  # enough to show a finished run there; refused for anything else
+        folder = Path(str(cfg.results_dir)).expanduser()
+        if not (folder.is_dir() and any(folder.glob("*/*/setting*/fold*/*/" + COMPLETE))):
+            raise  # no finished run to show: before any data is read
+        read_only = exc
     results = Path(str(cfg.results_dir)).expanduser()
     accelerator = make_accelerator(cfg, int(cfg.train.grad_accum))
     with writing_to(results):
         with accelerator.main_process_first():  # supervoxels, if they must be made, are made once
             ident = identify(cfg, checkpoint)
         run_dir = ident.run_dir
+        if read_only is not None and not (run_dir / COMPLETE).exists():
+            raise read_only
         if status is not None:
             status["outcome"] = ("skipped" if (run_dir / COMPLETE).exists()
                                  else "resumed" if (run_dir / "run.json").exists() else "completed")
         if (run_dir / COMPLETE).exists():
-            if accelerator.is_main_process and _check_finished(run_dir, ident) and status is not None:
+            if (accelerator.is_main_process and read_only is None and _check_finished(run_dir, ident)
+                    and status is not None):
                 status["outcome"] = "repaired"
             tqdm.write(f"already complete, not recomputed: {run_dir}", file=sys.stderr)
+            try:
+                tqdm.write(_dice_summary(pd.read_csv(run_dir / "cases.csv"), str(cfg.protocol.dice)), file=sys.stderr)
+            except (OSError, ValueError, KeyError):  # a damaged cases.csv is named by `runs` and `report`
+                pass
             if accelerator.is_main_process:
                 _warn_if_other_code(run_dir, ident)
             return run_dir
@@ -848,6 +862,10 @@ def _finish(run_dir: Path, p: RunPlan, info: dict) -> None:
     info.update(finished_at=now(), status="complete")
     write_json(run_dir / "run.json", info)
     atomic_write(run_dir / COMPLETE, now() + "\n")
-    summary = fold_organ_scores(cases, str(p.cfg.protocol.dice)).set_index("organ")["dice"]
-    tqdm.write(f"done: {run_dir} (Dice, {p.cfg.protocol.dice})\n" + summary.to_string(float_format=lambda v: f"{v:.4f}"),
-               file=sys.stderr)
+    tqdm.write(f"done: {run_dir} " + _dice_summary(cases, str(p.cfg.protocol.dice)), file=sys.stderr)
+
+
+def _dice_summary(cases: pd.DataFrame, dice: str) -> str:
+    """``(Dice, per_volume)`` and one line per organ: what a finished run prints."""
+    summary = fold_organ_scores(cases, dice).set_index("organ")["dice"]
+    return f"(Dice, {dice})\n" + summary.to_string(float_format=lambda v: f"{v:.4f}")

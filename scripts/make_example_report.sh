@@ -36,7 +36,15 @@ first=$!
   tiny_sd sdfsmis_qe,sdfsmis_vtct,diffews
 } &
 second=$!
-wait "$first" "$second"
+# `wait A B` returns B's status only: each lane is waited for and checked on its own, so a
+# failed lane never leaves a report of partial results
+failed=0
+wait "$first" || failed=1
+wait "$second" || failed=1
+if [ "$failed" != 0 ]; then
+  echo "a lane of runs failed (its error is above); no report written. Rerunning resumes the finished runs." >&2
+  exit 1
+fi
 
 fsmis-bench report --out "$OUT" --force
 # Keep the small, viewable files in the repository; the PDF/LaTeX twins are regenerated.

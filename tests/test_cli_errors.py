@@ -63,6 +63,15 @@ def _folder_args(folder: Path) -> list[str]:
          r"unknown option 'method.widht'.*did you mean method.width\? method=prototype declares its options in "
          r"\S*configs/method/prototype.yaml"),
         (["run", "method=sdfsmis", "backbone=sd16"], r"unknown backbone 'sd16'.*did you mean 'sd15'\?"),
+        # a value where a config group or a section of keys belongs
+        (["run", "memory=true"], r"memory=true: memory is a config group, and 'true' is none of its configs.*"
+                                 r"memory is one of: default, low"),
+        (["run", "fidelity=1"], r"fidelity=1: fidelity is a config group.*code, paper"),
+        (["run", "speed=null"], r"speed=null: speed is a config group"),
+        (["run", "protocol=null"], r"protocol=null replaces the whole section protocol with one value.*"
+                                   r"protocol.<key>=<value>"),
+        (["run", "train=5"], r"train=5 replaces the whole section train"),
+        (["run", "=5"], r"cannot read the argument '=5': it names no key"),
     ],
 )
 def test_bad_arguments(argv, message, capsys, results_dir):

@@ -84,3 +84,26 @@ def test_a_checkout_imported_over_the_installed_package_is_refused_clearly(monke
     with pytest.raises(ConfigError, match="two versions of the code") as caught:
         config_dir()
     assert "python -P" in caught.value.hint and "pip install -e ." in caught.value.hint
+
+
+def test_a_second_checkout_over_an_editable_install_is_refused(tmp_path, monkeypatch):
+    """`python -m fsmis_bench` in another checkout's root imports that checkout's fsmis_bench
+    while the editable install still serves the methods: refused, never mixed."""
+    import importlib.machinery
+    import importlib.util
+
+    from fsmis_bench import config
+    from fsmis_bench.errors import ConfigError
+
+    config._check_one_tree.__wrapped__()  # this checkout: one tree
+    other = tmp_path / "first_checkout" / "methods" / "__init__.py"
+    real = importlib.util.find_spec
+
+    def elsewhere(name, *args):
+        if name == "fsmis_methods":
+            return importlib.machinery.ModuleSpec(name, None, origin=str(other))
+        return real(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", elsewhere)
+    with pytest.raises(ConfigError, match=r"the built-in fsmis_methods from .*first_checkout: two copies of the code"):
+        config._check_one_tree.__wrapped__()

@@ -48,7 +48,13 @@ def test_run_writes_a_complete_record_and_is_not_recomputed(results_dir, capsys)
     before = (run_dir / "cases.csv").stat().st_mtime_ns
     capsys.readouterr()
     assert main(argv) == 0
-    assert "already complete, not recomputed" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "already complete, not recomputed" in err
+    # the kept run's Dice, as its first computation printed them
+    summary = err.split("already complete, not recomputed: ", 1)[1].split("\n", 1)[1]
+    assert summary.startswith("(Dice, per_volume)\n")
+    liver = float(next(line for line in summary.splitlines() if line.startswith("liver")).split()[1])
+    assert liver == pytest.approx(cases[cases.organ == "liver"].dice.mean(), abs=5e-5)
     assert (run_dir / "cases.csv").stat().st_mtime_ns == before
     # Another config never overwrites: a new directory appears beside the first.
     assert main([*argv, "seed=1"]) == 0

@@ -390,6 +390,21 @@ def test_a_read_only_results_folder_is_named_before_any_data_is_read(tmp_path, c
     assert list(results.iterdir()) == []
 
 
+def test_a_finished_run_in_a_read_only_results_folder_is_shown_and_nothing_else_runs(results_dir, capsys,
+                                                                                    monkeypatch):
+    assert main(["run", "method=support_copy"]) == 0
+    import fsmis_bench.runner as runner
+
+    real_check = runner.can_write_in
+    monkeypatch.setattr(runner, "can_write_in", lambda folder: folder != results_dir and real_check(folder))
+    capsys.readouterr()
+    assert main(["run", "method=support_copy"]) == 0  # nothing to write: its Dice are shown
+    err = capsys.readouterr().err
+    assert "already complete, not recomputed" in err and "(Dice, per_volume)" in err
+    assert main(["run", "method=support_copy", "seed=1"]) == 2  # a new run needs the folder
+    assert f"cannot write to {results_dir}" in capsys.readouterr().err
+
+
 def test_a_failed_record_write_names_the_folder_and_leaves_no_run_behind(results_dir, capsys, monkeypatch):
     import tempfile
 
