@@ -713,8 +713,9 @@ class NiftiFolder(VolumeDataset):
         nearest axes and show the patient turned 90 degrees. The advice names the other
         reading when it would bring the two together.
         """
-        self.load(first)
-        self.load(second)
+        for case_id in (first, second):
+            if case_id not in self.geometry:  # read once: a released scan is not read again
+                self.load(case_id)
         a, b = self.geometry[first], self.geometry[second]
         angle = axis_rotation(_read_affine(a, self.orientation), _read_affine(b, self.orientation))
         if angle <= PAIR_DEGREES:
@@ -820,6 +821,9 @@ class NiftiFolder(VolumeDataset):
         image = nib.Nifti1Image(data, geometry.source_affine)
         image.set_qform(header.get_qform(), code=int(header["qform_code"]))
         image.set_sform(header.get_sform(), code=int(header["sform_code"]))
+        # the scan's units: a header in metres read as millimetres would put the mask 1000x
+        # too small in a viewer that honours them (ITK)
+        image.header.set_xyzt_units(*header.get_xyzt_units())
         return image
 
     def identity(self, *, with_supervoxels: bool) -> dict:

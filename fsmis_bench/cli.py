@@ -74,6 +74,13 @@ def _run(args: argparse.Namespace) -> int:
     if args.multirun:  # Hydra's multirun: any launcher plugin (hydra/launcher=joblib, submitit_slurm ...)
         return launch(overrides, command=args.command, checkpoint=checkpoint, export_to=args.export_masks)
     if is_sweep(overrides):
+        from .config import names_a_path
+
+        paths = [o for o in overrides if "," in o and names_a_path(o)]
+        if paths:  # a folder named "scans,v2": a path, not two values
+            key, _, value = paths[0].partition("=")
+            raise FsmisError(f"{paths[0]}: the comma makes two values of one path",
+                             hint=f"quote the path: \"{key}='{value}'\" (quotes inside the shell's own)")
         raise FsmisError("comma-separated values describe a sweep", hint="add -m to run every combination")
     if split_overrides(overrides)[1]:
         raise FsmisError("hydra.* and hydra/... overrides set how a sweep is launched",

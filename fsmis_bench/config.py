@@ -245,6 +245,13 @@ def _split(overrides: list[str]) -> dict[str, str]:
     return pairs
 
 
+def names_a_path(override: str) -> bool:
+    """Whether an override sets a path (``dataset.path``, ``results_dir``, ``data_root``, ...)."""
+    key = override.partition("=")[0].lstrip("+~")
+    last = key.rsplit(".", 1)[-1]
+    return last in ("path", "results_dir", "data_root", "weights_root", "checkpoint") or last.endswith(("_dir", "_path"))
+
+
 def _group_options(group: str) -> list[str]:
     """The configs of a config group (``memory`` -> ``["low"]``), empty for a key that is no group."""
     names = set()
@@ -551,6 +558,11 @@ def compose(overrides: list[str] | None = None, *, resolve_datasets: bool = True
                 guess = closest(name, options)
                 raise ConfigError(f"unknown {group} {name!r}" + (f"; did you mean {guess!r}?" if guess else ""),
                                   hint=f"{group} is one of: {', '.join(options)}") from None
+        odd = [o for o in overrides + test_options
+               if names_a_path(o) and re.search(r"[^A-Za-z0-9_/.\-~+:@%]", o.partition("=")[2])]
+        if odd:  # "scans(1)", "scän": Hydra's grammar reads an unquoted path as an expression
+            key, _, value = odd[0].partition("=")
+            hint = f"quote the path: \"{key}='{value}'\" (quotes inside the shell's own)"
         raise ConfigError(f"invalid configuration: {lines[0]}", hint=hint) from None
     # Hydra puts its own node in composed configs; runs record only ours.
     with_hydra = OmegaConf.to_container(cfg, resolve=False)

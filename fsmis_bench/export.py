@@ -293,6 +293,16 @@ def _export(run_dir: Path, out_dir: Path, dataset, predictions: dict, complete: 
                         hint="restore the files the run read")
     dtype = _label_dtype([int(dataset.label_map.get(o, 0)) for organs in by_case.values() for o in organs])
 
+    names: dict[str, str] = {}  # file name -> what it holds
+    for case_id, organs in by_case.items():
+        for name, holds in [(f"pred_{case_id}.nii.gz", f"scan {case_id}'s organs")] + [
+                (f"pred_{case_id}_{organ}.nii.gz", f"scan {case_id}'s {organ}") for organ in organs]:
+            if name in names:  # scan ids "1" and "1_liver"
+                raise DataError(f"{names[name]} and {holds} would both be written as {name}",
+                                hint="rename one scan's files (image_<id>, label_<id>) so that no id is another "
+                                     "id followed by _<organ>, and run again")
+            names[name] = holds
+
     summary = ExportSummary(run_dir, out_dir, complete=complete)
     for case_id in sorted(by_case, key=dataset.case_ids().index):
         shape = dataset.load(case_id).image.shape
@@ -311,6 +321,7 @@ def _export(run_dir: Path, out_dir: Path, dataset, predictions: dict, complete: 
                 "recorded_dice": recorded.get((organ, case_id), float("nan")),
             })
         _save(dataset.source_nifti(case_id, combined.astype(dtype)), out_dir / f"pred_{case_id}.nii.gz")
+        dataset.release(case_id)  # one scan at a time, whatever the folder's size
     atomic_write(out_dir / "masks.csv", pd.DataFrame(summary.rows).to_csv(index=False))
     return summary
 

@@ -72,6 +72,12 @@ def _folder_args(folder: Path) -> list[str]:
                                    r"protocol.<key>=<value>"),
         (["run", "train=5"], r"train=5 replaces the whole section train"),
         (["run", "=5"], r"cannot read the argument '=5': it names no key"),
+        # a folder name Hydra's grammar reads otherwise: quote it
+        (["run", "dataset=nifti_folder", "dataset.path=/data/scans,v2"],
+         r"the comma makes two values of one path.*quote the path: \"dataset.path='/data/scans,v2'\""),
+        (["run", "dataset=nifti_folder", "dataset.path=/data/scans(1)"],
+         r"quote the path: \"dataset.path='/data/scans\(1\)'\""),
+        (["run", "dataset=nifti_folder", "dataset.path=/data/sc\u00e4n"], r"quote the path: \"dataset.path='/data/sc\u00e4n'\""),
     ],
 )
 def test_bad_arguments(argv, message, capsys, results_dir):

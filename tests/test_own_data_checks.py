@@ -664,8 +664,9 @@ def test_a_label_map_naming_an_organ_twice_is_refused(tmp_path, capsys, write, m
                                       r"\{liver:1,spleen:2\}"),
     ('{"channel_names": {"0": "CT"}, "labels": {"background": 0, "liver": 1, "spleen": 2}, "file_ending": ".nii.gz"}',
      {"liver": 1, "spleen": 2}),
+    # nnU-Net v1 and the Medical Segmentation Decathlon write value -> name: read as such
     ('{"modality": {"0": "MRI"}, "labels": {"0": "background", "1": "liver", "2": "spleen"}, "numTraining": 3}',
-     r"labels of the nnU-Net dataset.json .* is inverted.* turn it round: \{liver:1,spleen:2\}"),
+     {"liver": 1, "spleen": 2}),
     ('{"channel_names": {"0": "CT"}, "labels": {"background": 0, "liver": [1, 2]}, "file_ending": ".nii.gz"}',
      r"gives regions \(liver: \[1, 2\]\), not one label value per organ"),
 ])
@@ -839,3 +840,64 @@ def test_an_organ_named_twice_on_the_command_line_is_refused_before_hydra_drops_
     with pytest.raises(ConfigError, match="names 'liver' twice"):
         compose(["dataset=nifti_folder", "dataset.path=/nowhere",
                  "dataset.label_map={liver:1,right_kidney:2,left_kidney:3,liver:4}"], resolve_datasets=False)
+
+
+# -- audit: check-data names the support that stops a run; memory; export names and units ------
+def test_check_data_names_a_support_scan_that_lacks_an_organ_as_the_run_does(tmp_path, capsys, results_dir):
+    """Scan 3 is the default support (position 2 of the one fold): without spleen the run
+    stops, and check-data must not say OK."""
+    folder = make_folder(tmp_path / "scans", label_fn=lambda i, label: np.where(label == 2, 0, label) if i == 3
+                         else label)
+    assert main(_check(folder)) == 2
+    out = capsys.readouterr().out
+    assert "scan 3 is the support of fold 0 (at position protocol.supp_idx=2) but shows no spleen: a run of fold 0 " \
+           "stops before it trains" in out
+    assert main(["run", *_args(folder)]) == 2
+    assert "support scan 3 shows spleen in 0 slices" in capsys.readouterr().err
+    assert main(["run", *_args(folder, "protocol.supp_idx=0")]) == 0  # the other support the hint names
+
+
+def test_check_data_holds_one_scan_at_a_time(tmp_path, monkeypatch):
+    """A folder of large CTs must not stay in memory whole while it is checked."""
+    from fsmis_bench.plugins import registries
+    from fsmis_bench.preparation.check import check_nifti_folder
+
+    folder = make_folder(tmp_path / "scans", n=4)
+    cls = registries().datasets.get("nifti_folder")
+    held = []
+    real_load = cls._load
+
+    def counting(self, case_id, with_supervoxels):
+        held.append(len(self._cache))
+        return real_load(self, case_id, with_supervoxels)
+
+    monkeypatch.setattr(cls, "_load", counting)
+    report = check_nifti_folder(folder, LABEL_MAP)
+    assert report.ok and len(held) == 4 and max(held) == 0
+
+
+def test_export_refuses_two_scans_whose_masks_would_share_a_file_name(tmp_path, results_dir, capsys):
+    folder = make_folder(tmp_path / "scans")
+    for kind in ("image", "label"):
+        (folder / f"{kind}_2.nii.gz").rename(folder / f"{kind}_1_liver.nii.gz")
+    assert main(["run", *_args(folder)]) == 0
+    capsys.readouterr()
+    assert main(["export", str(_run_dir(results_dir)), "--out", str(tmp_path / "masks")]) == 2
+    err = capsys.readouterr().err
+    assert "would both be written as pred_1_liver.nii.gz" in err and "rename one scan's files" in err
+    assert not (tmp_path / "masks").exists()
+
+
+def test_exported_masks_keep_the_scans_spatial_units(tmp_path, results_dir):
+    folder = make_folder(tmp_path / "scans")
+    for path in folder.glob("*.nii.gz"):  # a header in metres
+        image = nib.load(str(path))
+        metres = image.affine.copy()
+        metres[:3] /= 1000.0
+        stored = nib.Nifti1Image(np.asarray(image.dataobj), metres)
+        stored.header.set_xyzt_units("meter", "sec")
+        nib.save(stored, str(path))
+    out = tmp_path / "masks"
+    assert main(["run", *_args(folder), "--export-masks", str(out)]) == 0
+    for name in ("pred_1.nii.gz", "pred_1_liver.nii.gz"):
+        assert nib.load(str(out / name)).header.get_xyzt_units() == ("meter", "sec")

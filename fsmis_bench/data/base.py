@@ -225,6 +225,13 @@ class VolumeDataset(ABC):
                 raise DataError(f"{self.name}: {exc.message}", hint=exc.hint) from None
         return self._cache[key]
 
+    def release(self, case_id: str) -> None:
+        """Let go of the cached volume ``case_id`` (read again by the next :meth:`load`): for
+        a pass over every scan that needs each one once (``check-data``, ``export``), whose
+        memory would otherwise grow with the folder."""
+        for key in ((case_id, False), (case_id, True)):
+            self._cache.pop(key, None)
+
     @property
     def name(self) -> str:
         return getattr(self, "registered_name", type(self).__name__)

@@ -124,13 +124,15 @@ def _refuse_inverted(value: Mapping, where: str) -> None:
 
 
 def _from_nnunet(value: Mapping, where: str) -> Mapping:
-    """The ``labels`` of an nnU-Net ``dataset.json``, when they are a plain ``name: value``
-    map (nnU-Net v2); the background (value 0) is left out. Region lists and v1's inverted
-    ``{"0": "background"}`` form are refused with the map to give instead."""
+    """The ``labels`` of an nnU-Net ``dataset.json``: v2's ``name: value`` map, or v1's (and the
+    Medical Segmentation Decathlon's) ``value: name`` map, turned round; the background
+    (value 0) is left out. Region lists are refused with the map to give instead."""
     if not (isinstance(value.get("labels"), Mapping) and set(value) - {"labels"} <= _NNUNET_KEYS):
         return value
     labels = value["labels"]
-    _refuse_inverted(labels, f"the labels of the nnU-Net dataset.json {where}")
+    if labels and all(_integer_text(k) for k in labels) and all(isinstance(v, str) for v in labels.values()):
+        # nnU-Net v1 (and the Medical Segmentation Decathlon) write value -> name: read as such
+        labels = {v: int(str(k)) for k, v in labels.items()}
     regions = {k: v for k, v in labels.items() if isinstance(v, (list, tuple))}
     if regions:
         name = next(iter(regions))

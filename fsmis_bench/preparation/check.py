@@ -359,7 +359,9 @@ def check_nifti_folder(
         if volume is None:
             report.problems.extend(f"case {case_id}: {p}" for p in row.problems)
             continue
-        loaded.append(volume)
+        # what the checks across scans need; the voxels are let go (a folder of large CTs
+        # would otherwise stay in memory whole, 7.5 bytes per voxel)
+        loaded.append(_Summary(case_id, tuple(volume.spacing), volume.modality))
         geometry = dataset.geometry[case_id]
         row.shape = tuple(int(s) for s in volume.image.shape)
         row.spacing = tuple(round(float(s), 3) for s in volume.spacing)
@@ -379,7 +381,19 @@ def check_nifti_folder(
                 report.problems.extend(f"case {case_id}: {p}" for p in row.problems)
         elif supervoxels:
             row.supervoxels = "ok"
+        del volume
+        dataset.release(case_id)
     report.warnings.extend(_folder_warnings(dataset, loaded))
+    rows = {r.case_id: r for r in report.rows if r.shape}
+    for fold, support in _fold_supports(dataset, folds, supp_idx).items():
+        lacking = [o for o in dataset.test_organs if support in rows and o in rows[support].missing_organs]
+        if lacking:
+            report.problems.append(
+                f"scan {support} is the support of fold {fold} "
+                + ("(support=)" if dataset.support is not None else f"(at position protocol.supp_idx={supp_idx})")
+                + f" but shows no {', '.join(lacking)}: a run of fold {fold} stops before it trains; name another "
+                "support scan with support=<id>, or move the support's position with protocol.supp_idx=<i>"
+            )
     for organ in dataset.test_organs:
         if loaded and all(organ in r.missing_organs for r in report.rows if r.shape):
             values = sorted(set().union(*(set(r.labels) for r in report.rows if r.shape)))
@@ -388,6 +402,32 @@ def check_nifti_folder(
                 f"the label files hold the values {values or 'none'}",
             )
     return report
+
+
+@dataclass(frozen=True)
+class _Summary:
+    """What :func:`_folder_warnings` compares across scans."""
+
+    case_id: str
+    spacing: tuple[float, ...]
+    modality: str
+
+
+def _fold_supports(dataset, folds: list, supp_idx: int) -> dict[int, str]:
+    """fold -> the support scan a run of it uses by default (the named support, or the fold
+    scan at ``supp_idx``); folds too small for ``supp_idx`` are warned about apart."""
+    if dataset.support is not None or dataset._folds == "loo":
+        try:
+            support = dataset._support_id(dataset.case_ids())
+        except Exception:  # noqa: BLE001 - a wrong support= is reported where the options are
+            return {}
+        return {k: support for k in range(len(folds)) if support in dataset.fold_cases(k)}
+    out = {}
+    for k in range(len(folds)):
+        cases = dataset.fold_cases(k)
+        if -len(cases) <= supp_idx < len(cases):
+            out[k] = cases[supp_idx]
+    return out
 
 
 def _default_supp_idx() -> int:
