@@ -114,6 +114,8 @@ PAIR_DEGREES = 45.0
 GRID_VOXELS = 0.1
 #: ``supervoxels: auto``'s minimum supervoxel size in voxels: ADNet's for the abdomen (1000 for CMR)
 DEFAULT_SUPERVOXEL_SIZE = 5000
+#: fewer pseudo-labels than this in a scan are warned about (ADNet's CHAOS scans get 21-29)
+FEW_SUPERVOXELS = 5
 #: after its intensity recipe, a scan with more than this share of its voxels at the top
 #: of the CT window (above 275 HU) is an MRI or a raw CT windowed as Hounsfield units
 SATURATED_SHARE = 0.5
@@ -445,9 +447,20 @@ class NiftiFolder(VolumeDataset):
     def _read(self, stem: str, dtype) -> NiftiVolume:
         return load_nifti(nifti_path(self.folder, stem), dtype, self.orientation)
 
+    def _read_onto(self, path: Path, image: NiftiVolume) -> NiftiVolume:
+        """A label or supervoxel file in the image's axis order. Read ``as_stored``, a label
+        stored in another orientation (the same voxels, axes permuted or flipped) is turned
+        onto the image's stored axes, as the canonical reading turns both; a header without
+        orientation cannot be turned and is read as stored."""
+        other = load_nifti(path, np.int32, self.orientation)
+        if (self.orientation == AS_STORED and image.has_orientation and other.has_orientation
+                and other.source_axcodes != image.source_axcodes):
+            return load_nifti(path, np.int32, "".join(image.source_axcodes))
+        return other
+
     def _load(self, case_id: str, with_supervoxels: bool) -> Volume:
         image = self._read(f"image_{case_id}", np.float32)
-        label = self._read(f"label_{case_id}", np.int32)
+        label = self._read_onto(nifti_path(self.folder, f"label_{case_id}"), image)
         self._check_same_grid(case_id, image, label, "label")
         low, high = float(image.array.min()), float(image.array.max())
         if low == high:
@@ -563,8 +576,12 @@ class NiftiFolder(VolumeDataset):
         bar = tqdm(total=len(todo), desc="supervoxels", unit="scan", file=sys.stderr,
                    disable=os.environ.get("FSMIS_NO_PROGRESS") == "1")
         written: list[str] = []
+        few: dict[str, int] = {}  # scans whose pseudo-labels hardly divide the body
 
         def write(case_id: str, segments: np.ndarray) -> None:
+            count = int(np.count_nonzero(np.unique(segments)))
+            if count < FEW_SUPERVOXELS:
+                few[case_id] = count
             image = self.source_nifti(case_id, segments.astype(np.int32))
             image.header["descrip"] = f"{_PROVENANCE_MARK}{made_from[case_id]}".encode()
             _save_nifti(image, _supervoxel_path(folder, case_id))
@@ -591,6 +608,17 @@ class NiftiFolder(VolumeDataset):
         finally:
             pool.shutdown(wait=True)
         bar.close()
+        if few:
+            smallest = min(int(volumes[c].image.size) for c in few)
+            warnings.warn(
+                f"{self.name}: supervoxels=auto made fewer than {FEW_SUPERVOXELS} supervoxels in scan"
+                f"{'s' if len(few) > 1 else ''} {', '.join(f'{c} ({few[c]})' for c in todo if c in few)}: each holds "
+                f"{self.n_supervoxels} voxels at least ({self.config_key}.n_supervoxels), a large share of scans of "
+                f"{smallest} voxels, so self-supervised training has almost nothing to tell apart; lower it "
+                f"(e.g. {self.config_key}.n_supervoxels={max(1, smallest // 50)}) or train on the labels "
+                "(protocol.train_labels=gt)",
+                DataWarning, 2,
+            )
         return {"folder": str(folder), "cases": todo, "remade": stale, "recipe": "felzenszwalb3d",
                 "n_supervoxels": self.n_supervoxels, "seconds": round(time.time() - began, 1)}
 
@@ -610,7 +638,7 @@ class NiftiFolder(VolumeDataset):
             raise DataError(f"nifti_folder: case {case_id} has no supervoxels: {path} is missing",
                             hint=f"add the file, or let {key}.supervoxels=auto make the scans' pseudo-labels "
                             f"(in {self.folder}/supervoxels_<n>, or in {key}.supervoxels_out)")
-        supervoxels = load_nifti(path, np.int32, self.orientation)
+        supervoxels = self._read_onto(path, image)
         self._check_same_grid(case_id, image, supervoxels, "supervoxels")
         return supervoxels.array
 

@@ -89,7 +89,13 @@ def _run(args: argparse.Namespace) -> int:
     if os.environ.get("RANK", "0") == "0":  # one line per run, also under `accelerate launch`/torchrun
         print(run_dir)
         if args.export_masks:
-            export_masks(run_dir, Path(args.export_masks).expanduser())
+            try:
+                export_masks(run_dir, Path(args.export_masks).expanduser())
+            except FsmisError as exc:  # the run itself is finished and kept
+                exc.hint = ((exc.hint + "; ") if exc.hint else "") + (
+                    f"the run is saved in {run_dir}: `fsmis-bench export {run_dir} --out DIR` writes its masks "
+                    "without computing anything again")
+                raise
     return 0
 
 
@@ -190,6 +196,7 @@ class _DataWarnings:
 
     def __init__(self) -> None:
         self.repeats: dict[tuple[str, str], list[str]] = {}
+        self.first: dict[tuple[str, str], str] = {}
 
     def show(self, message, category, filename, lineno, file=None, line=None) -> None:
         if not issubclass(category, DataWarning):
@@ -199,17 +206,22 @@ class _DataWarnings:
         if match is not None:
             key = (match["subject"], match["what"])
             if key in self.repeats:
-                self.repeats[key].append(match["case"])
+                if match["case"] != self.first[key]:  # the first is named in its own line
+                    self.repeats[key].append(match["case"])
                 return
             self.repeats[key] = []
+            self.first[key] = match["case"]
         print(f"warning: {message}", file=sys.stderr)
 
     def flush(self) -> None:
         for (subject, what), cases in self.repeats.items():
+            cases = list(dict.fromkeys(cases))  # a scan read twice (training, then evaluation) is named once
             if cases:
-                short = what if len(what) <= 70 else what[:67].rstrip() + "..."
-                print(f"warning: the same for {subject}s {', '.join(cases)}: {short}", file=sys.stderr)
+                # whole, not cut: it is printed after the run's own output, far from the first line
+                print(f"warning: the same for {subject}{'s' if len(cases) > 1 else ''} {', '.join(cases)}: {what}",
+                      file=sys.stderr)
         self.repeats.clear()
+        self.first.clear()
 
 
 @contextmanager

@@ -192,3 +192,23 @@ def test_an_error_starts_its_own_line_after_a_progress_bar_left_open(capsys, mon
     assert main(["list"]) == 2
     err = capsys.readouterr().err
     assert "\nerror: the method failed\n  hint: fix it\n" in err and "train" in err
+
+
+def test_grouped_data_warnings_name_each_scan_once_in_full(capsys):
+    """Scans read twice (training, then evaluation) are named once, the first scan not again,
+    one scan as "scan", and the sentence whole (it is printed far from its first line)."""
+    from fsmis_bench.cli import _DataWarnings
+    from fsmis_bench.errors import DataWarning
+
+    long = "the header names no orientation (qform and sform codes 0), so it is read as LAS and may be laid out wrongly"
+    shown = _DataWarnings()
+    for case in ("2", "3", "5", "3", "5", "2"):
+        shown.show(f"nifti_folder scan {case}: {long}", DataWarning, "x.py", 1)
+    for case in ("7", "8"):
+        shown.show(f"nifti_folder scan {case}: holds Hounsfield units", DataWarning, "x.py", 1)
+    shown.flush()
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [f"warning: nifti_folder scan 2: {long}",
+                     "warning: nifti_folder scan 7: holds Hounsfield units",
+                     f"warning: the same for nifti_folder scans 3, 5: {long}",
+                     "warning: the same for nifti_folder scan 8: holds Hounsfield units"]

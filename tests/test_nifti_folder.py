@@ -578,3 +578,20 @@ def test_check_data_says_what_supervoxels_auto_would_make(tmp_path, capsys):
     assert main(["check-data", "nifti_folder", "--path", str(folder), "--label-map", LABEL_MAP,
                  "--supervoxels", "auto", "--n-sv", "20"]) == 0
     assert "to be made" not in capsys.readouterr().out
+
+
+def test_supervoxels_too_large_for_the_scans_are_said_by_check_data_and_the_run(tmp_path):
+    """At the abdominal default of 5000 voxels, scans of a few thousand voxels get one
+    supervoxel: the body. Said before (check-data) and after making them."""
+    from fsmis_bench.errors import DataWarning
+    from fsmis_bench.preparation.check import check_nifti_folder
+
+    folder = make_folder(tmp_path / "scans", n=3)
+    report = check_nifti_folder(folder, LABEL_MAP, supervoxels="auto")
+    assert report.ok and any("hold at most 0 supervoxels of 5000 voxels (--n-sv)" in w for w in report.warnings)
+    dataset = load_dataset("nifti_folder", path=str(folder), label_map=LABEL_MAP, supervoxels="auto")
+    with pytest.warns(DataWarning, match=r"supervoxels=auto made fewer than 5 supervoxels in scans 1 \(\d\), "
+                                         r"2 \(\d\), 3 \(\d\): each holds 5000 voxels at least"):
+        dataset.ensure_supervoxels()
+    small = check_nifti_folder(folder, LABEL_MAP, supervoxels="auto", n_supervoxels=20)
+    assert not any("supervoxels of" in w for w in small.warnings)

@@ -901,3 +901,37 @@ def test_exported_masks_keep_the_scans_spatial_units(tmp_path, results_dir):
     assert main(["run", *_args(folder), "--export-masks", str(out)]) == 0
     for name in ("pred_1.nii.gz", "pred_1_liver.nii.gz"):
         assert nib.load(str(out / name)).header.get_xyzt_units() == ("meter", "sec")
+
+
+def test_as_stored_reads_a_label_stored_in_another_axis_order_onto_its_image(tmp_path):
+    """The same voxels, the label's file in another orientation than its image's: read as
+    stored, the label is turned onto the image's axes (as the canonical reading turns both)."""
+    plain = make_folder(tmp_path / "plain")
+    turned = tmp_path / "turned"
+    turned.mkdir()
+    for i in (1, 2, 3):
+        image, label = _scan(i)
+        _store(turned / f"image_{i}.nii.gz", image, LAS, "RAS")
+        _store(turned / f"label_{i}.nii.gz", label, LAS, "PIR")
+    expected = load_dataset("nifti_folder", path=str(plain), label_map=LABEL_MAP, orientation="as_stored")
+    read = load_dataset("nifti_folder", path=str(turned), label_map=LABEL_MAP, orientation="as_stored")
+    for case in ("1", "2", "3"):
+        volume = read.load(case)
+        ras = np.flip(expected.load(case).label, axis=2)  # the images themselves: RAS against LAS
+        np.testing.assert_array_equal(volume.label, ras)
+    assert main(_check(turned, "--orientation", "as_stored")) == 0
+
+
+def test_an_export_that_fails_after_the_run_points_to_the_saved_run(tmp_path, results_dir, capsys, monkeypatch):
+    import fsmis_bench.export as export_module
+
+    def failing(run_dir, out_dir, **kwargs):
+        raise DataError(f"cannot write to {out_dir}: the disk is full")
+
+    monkeypatch.setattr(export_module, "export_masks", failing)
+    folder = make_folder(tmp_path / "scans")
+    assert main(["run", *_args(folder), "--export-masks", str(tmp_path / "masks")]) == 2
+    err = capsys.readouterr().err
+    run_dir = _run_dir(results_dir)
+    assert (run_dir / "COMPLETE").exists()
+    assert f"the run is saved in {run_dir}: `fsmis-bench export {run_dir} --out DIR` writes its masks" in err

@@ -375,6 +375,12 @@ def check_nifti_folder(
             state = dataset.supervoxel_state(case_id)
             row.supervoxels = {"missing": "to be made", "current": "ok", "stale": "to be remade",
                                "foreign": "not auto's"}[state]
+            most = volume.image.size // dataset.n_supervoxels  # supervoxels hold n_supervoxels voxels at least
+            if most < FEW_SUPERVOXELS:
+                report.warnings.append(
+                    f"case {case_id}: {volume.image.size} voxels hold at most {most} supervoxels of "
+                    f"{dataset.n_supervoxels} voxels (--n-sv): self-supervised training would have almost nothing "
+                    f"to tell apart; a smaller size, e.g. --n-sv {max(1, volume.image.size // 50)}")
             if state == "foreign":
                 row.problems.append(f"supervoxels in {short(str(dataset.supervoxel_folder))} were not made by "
                                     "supervoxels=auto: a run refuses to overwrite them")
@@ -428,6 +434,10 @@ def _fold_supports(dataset, folds: list, supp_idx: int) -> dict[int, str]:
         if -len(cases) <= supp_idx < len(cases):
             out[k] = cases[supp_idx]
     return out
+
+
+#: as ``nifti_folder``'s warning after it made them
+FEW_SUPERVOXELS = 5
 
 
 def _default_supp_idx() -> int:
