@@ -50,7 +50,11 @@ def _run(args: argparse.Namespace) -> int:
     from .sweep import export_masks, launch, run_one, show_config, split_overrides
 
     overrides = list(args.overrides)
+    _refuse_repeated_keys(overrides)
     checkpoint = None
+    if args.command == "run" and any(o.startswith("checkpoint=") for o in overrides):
+        raise FsmisError("checkpoint= is an option of `fsmis-bench eval`: `run` trains its own weights",
+                         hint="evaluate a checkpoint with `fsmis-bench eval ... checkpoint=PATH`")
     if args.command == "eval":
         kept = []
         for item in overrides:
@@ -97,6 +101,17 @@ def _run(args: argparse.Namespace) -> int:
                     "without computing anything again")
                 raise
     return 0
+
+
+def _refuse_repeated_keys(overrides: list[str]) -> None:
+    """``fold=1 fold=2``: Hydra would keep the last without a word."""
+    seen: dict[str, str] = {}
+    for item in overrides:
+        key = item.partition("=")[0].lstrip("+~")
+        if "=" in item and key in seen:
+            raise FsmisError(f"{key} is given twice ({seen[key]} and {item})",
+                             hint=f"give it once; to run both, sweep: -m {key}=<a>,<b>")
+        seen[key] = item
 
 
 class _RunHelp(argparse.Action):

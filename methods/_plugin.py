@@ -15,7 +15,7 @@ def fsmis_register_methods(registry) -> None:
     registry.register(
         "support_copy",
         "fsmis_methods.support_copy:SupportCopy",
-        description="training-free: each query slice gets the support's mask (protocol floor)",
+        description="training-free: each query chunk gets the support's mask (protocol floor)",
         display=Display(name="Support copy"),
     )
     registry.register(

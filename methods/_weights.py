@@ -397,7 +397,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "weights",
         help="check which pretrained weights a configuration needs and whether they load; download them",
-        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        description=__doc__.split("\n\n")[0].replace("``", "`") if __doc__ else None,  # no reST markup in --help
     )
     parser.add_argument("action", choices=("check", "download"))
     parser.add_argument("overrides", nargs="*", help="config overrides: backbone=sd15|sd21|tiny [fidelity=code] [method=...]")

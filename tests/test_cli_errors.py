@@ -72,6 +72,8 @@ def _folder_args(folder: Path) -> list[str]:
                                    r"protocol.<key>=<value>"),
         (["run", "train=5"], r"train=5 replaces the whole section train"),
         (["run", "=5"], r"cannot read the argument '=5': it names no key"),
+        (["run", "fold=1", "fold=2"], r"fold is given twice \(fold=1 and fold=2\).*-m fold=<a>,<b>"),
+        (["run", "checkpoint=/x.safetensors"], r"checkpoint= is an option of `fsmis-bench eval`"),
         # a folder name Hydra's grammar reads otherwise: quote it
         (["run", "dataset=nifti_folder", "dataset.path=/data/scans,v2"],
          r"the comma makes two values of one path.*quote the path: \"dataset.path='/data/scans,v2'\""),

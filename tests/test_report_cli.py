@@ -226,3 +226,12 @@ def test_long_variant_labels_give_short_distinct_file_names():
     first, second = _slug(long.format(1500)), _slug(long.format(1501))
     assert len(first) == len(second) == 48 and first != second  # differing only at the end
     assert first.startswith("sdfsmis-tiny-method.lr-0.001")
+
+
+def test_a_rename_that_matches_nothing_is_said_with_the_close_name(results_dir: Path, capsys) -> None:
+    assert main(["report", "--results", str(results_dir), "--rename", "adnte=ADNet (ours)",
+                 "--rename", "liver=Liver"]) == 0
+    err = capsys.readouterr().err
+    assert "note: --rename adnte=... matches no method, dataset, organ or backbone of this report; did you mean " \
+           "'adnet'?" in err
+    assert "--rename liver" not in err  # an organ of the report: renamed, nothing to say

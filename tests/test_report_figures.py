@@ -180,3 +180,16 @@ def test_a_damaged_predictions_file_is_named_and_its_run_left_out_of_the_figure(
     assert written["qualitative_abd_mri"].is_file()  # the other runs are still drawn
     (said,) = [n for n in notes if str(damaged) in n]
     assert said.startswith("note: qualitative figure: skipped the predictions of ") and "hint: delete it" in said
+
+
+def test_a_prediction_touching_or_filling_the_frame_is_outlined_within_the_image() -> None:
+    from fsmis_bench.reporting.qualitative import _contour
+
+    for mask in (np.ones((40, 50), bool), np.pad(np.ones((20, 20), bool), ((0, 20), (0, 30)))):
+        fig, ax = plt.subplots()
+        ax.imshow(np.zeros((40, 50)))
+        limits = ax.get_xlim(), ax.get_ylim()
+        _contour(ax, mask, "orange")
+        assert ax.collections, "no outline drawn"  # before, a full mask drew nothing
+        assert (ax.get_xlim(), ax.get_ylim()) == limits  # the frame is the image's
+        plt.close(fig)

@@ -192,6 +192,7 @@ def write_report(
         out = Path(out_dir).expanduser()
         figure_width = WIDTHS[width] if isinstance(width, str) else float(width)
         results = load_results(results_dir)
+        _say_unmatched_renames(names, results)
         named_slices = parse_slices(slices)
         check_slices(results, named_slices)
         pairs = list(compare) if compare else stats.default_pairs(results)
@@ -367,9 +368,27 @@ def _run(args: argparse.Namespace) -> int:
         return _print_tables(args, results_dir, compare)
 
 
+def _say_unmatched_renames(names: dict[str, str] | None, results) -> None:
+    """A ``--rename`` whose name no method, dataset, organ or backbone of the report has (a
+    typo) would change nothing without a word: said in a note, with the close names."""
+    if not names or results.empty:
+        return
+    from .._registry import closest
+
+    runs, scores = results.runs, results.fold_scores
+    known = sorted({*runs["method"], *runs["dataset"], *runs["train_dataset"], *runs["backbone"], *scores["organ"]}
+                   - {"", "none"})
+    for name in names:
+        if name not in known:
+            guess = closest(name, known)
+            _log(f"note: --rename {name}=... matches no method, dataset, organ or backbone of this report"
+                 + (f"; did you mean {guess!r}?" if guess else f" (they are: {', '.join(known)})"))
+
+
 def _print_tables(args: argparse.Namespace, results_dir: Path, compare: list[tuple[str, str]] | None) -> int:
     """``report`` without ``--out``: the tables (or one comparison, or the long CSV) on stdout."""
     results = load_results(results_dir)
+    _say_unmatched_renames(_parse_names(args.rename), results)
     if results.empty:
         _log(f"note: no finished runs under {results_dir}")
     if results.unfinished:

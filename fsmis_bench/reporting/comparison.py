@@ -43,7 +43,10 @@ from .figures import (
     _spread_sentence,
     bar_handles,
     dice_panel,
+    ZERO_LABEL,
+    _ZERO_PCT,
     draw_bars,
+    zero_handle,
     fold_stats,
     layout,
     make_series,
@@ -164,16 +167,19 @@ def published_comparison_figure(results: Results, width: float = WIDTH_IN) -> pl
     notes = Footnotes()
     series = make_series(results, zip(shown_scores["method"], shown_scores["variant"]), notes, shown_scores)
     labels = [s.label for s in series] + ["published value (same method)"]
+    stats_of = {panel: fold_stats(_select(shown_scores, *panel), with_mean=True) for panel in panels}
+    zero = any(stat.mean < _ZERO_PCT for stats in stats_of.values() for stat in stats.values())
     with paper_style():
         handles = bar_handles(series) + [plt.Line2D([0], [0], **PUBLISHED_MARKER)]
+        if zero:  # the triangles say what they are in the figure itself
+            handles, labels = handles + [zero_handle()], labels + [ZERO_LABEL]
         lay = layout(len(panels), 2.1, width, handles, labels, notes)
         for ax, (train, dataset, setting) in zip(lay.axes, panels):
             data = _select(frame, train, dataset, setting)
             organs = sorted(set(data["organ"]) - {"mean"}, key=organ_sort_key)
             categories = organs + (["mean"] if (data["organ"] == "mean").any() else [])
             shown = [s for s in series if ((data["method"] == s.method) & (data["variant"] == s.variant)).any()]
-            stats = fold_stats(_select(shown_scores, train, dataset, setting), with_mean=True)
-            positions = draw_bars(ax, categories, shown, stats)
+            positions = draw_bars(ax, categories, shown, stats_of[(train, dataset, setting)])
             for row in data.itertuples(index=False):
                 x = positions.get((row.method, row.variant, row.organ))
                 if x is not None and not math.isnan(row.published):

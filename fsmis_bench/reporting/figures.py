@@ -430,6 +430,16 @@ def draw_bars(ax: plt.Axes, categories: Sequence[str], series: Sequence[Series],
     return positions
 
 
+#: the legend entry of :func:`zero_marker`, in every figure that draws one
+ZERO_LABEL = f"about 0 (under {_ZERO_PCT:g} %)"
+
+
+def zero_handle():
+    """A grey :func:`zero_marker` for the legend: the figure explains its own triangles."""
+    return plt.Line2D([0], [0], marker="^", markersize=4, color="#777777", markeredgecolor=edge_colour("#777777"),
+                      markeredgewidth=0.5, linestyle="none")
+
+
 def zero_marker(ax: plt.Axes, x: float, colour) -> None:
     """A value of (about) zero: a marker sitting on the axis, drawn over the spine."""
     ax.plot([x], [0], marker="^", markersize=4, color=colour, markeredgecolor=edge_colour(colour),
@@ -470,13 +480,17 @@ def organ_dice_figure(results: Results, width: float = WIDTH_IN) -> plt.Figure |
     notes = Footnotes()
     series = make_series(results, zip(scores["method"], scores["variant"]), notes)
     panels = _eval_panels(scores)
+    stats = {panel: fold_stats(_select(scores, *panel)) for panel in panels}
+    handles, labels = bar_handles(series), [s.label for s in series]
+    if any(stat.mean < _ZERO_PCT for panel in stats.values() for stat in panel.values()):
+        handles, labels = handles + [zero_handle()], labels + [ZERO_LABEL]
     with paper_style():
-        lay = layout(len(panels), 2.0, width, bar_handles(series), [s.label for s in series], notes)
+        lay = layout(len(panels), 2.0, width, handles, labels, notes)
         for ax, (train, dataset, setting) in zip(lay.axes, panels):
             data = _select(scores, train, dataset, setting)
             organs = sorted(data["organ"].unique(), key=organ_sort_key)
             shown = [s for s in series if ((data["method"] == s.method) & (data["variant"] == s.variant)).any()]
-            draw_bars(ax, organs, shown, fold_stats(data))
+            draw_bars(ax, organs, shown, stats[(train, dataset, setting)])
             dice_panel(ax, lay, organs, (train, dataset, setting))
         lay.finish()
     return lay.fig

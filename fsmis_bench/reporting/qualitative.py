@@ -306,8 +306,15 @@ def _display(image: np.ndarray) -> np.ndarray:
 
 
 def _contour(ax, mask: np.ndarray, colour: str, style: str = "solid", width: float = 1.0) -> None:
-    if mask.any() and not mask.all():
-        ax.contour(mask.astype(float), levels=[0.5], colors=[colour], linewidths=width, linestyles=[style])
+    """The mask's outline. Padded by a pixel of background, so a mask that touches the frame
+    (or fills it) is outlined along the frame too, not left open or drawn as nothing."""
+    if mask.any():
+        padded = np.pad(mask.astype(float), 1)
+        rows, cols = np.arange(-1, mask.shape[0] + 1), np.arange(-1, mask.shape[1] + 1)
+        limits = ax.get_xlim(), ax.get_ylim()
+        ax.contour(cols, rows, padded, levels=[0.5], colors=[colour], linewidths=width, linestyles=[style])
+        ax.set_xlim(*limits[0])  # the padding must not widen the image's frame
+        ax.set_ylim(*limits[1])
 
 
 # -- choosing slices ------------------------------------------------------------------
@@ -580,6 +587,9 @@ def qualitative_figure(
                                 transform=ax.transAxes, fontsize=FONT_PT)
                     else:
                         _contour(ax, panel.prediction, PREDICTION_COLOUR, width=1.1)
+                        if panel.prediction.all():  # its outline is the frame: say it
+                            ax.text(0.04, 0.04, "whole slice" if size >= 0.9 else "all", ha="left", va="bottom",
+                                    color=PREDICTION_COLOUR, transform=ax.transAxes, fontsize=FONT_PT)
                 ax.set_xticks([])
                 ax.set_yticks([])
                 ax.grid(False)
