@@ -50,7 +50,7 @@ def _run(args: argparse.Namespace) -> int:
     from .sweep import export_masks, launch, run_one, show_config, split_overrides
 
     overrides = list(args.overrides)
-    _refuse_repeated_keys(overrides)
+    _say_repeated_keys(overrides)
     checkpoint = None
     if args.command == "run" and any(o.startswith("checkpoint=") for o in overrides):
         raise FsmisError("checkpoint= is an option of `fsmis-bench eval`: `run` trains its own weights",
@@ -103,14 +103,15 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _refuse_repeated_keys(overrides: list[str]) -> None:
-    """``fold=1 fold=2``: Hydra would keep the last without a word."""
+def _say_repeated_keys(overrides: list[str]) -> None:
+    """``fold=1 fold=2``: Hydra keeps the last, which scripts rely on (defaults in a variable,
+    then an override), so it stays; but not without a word."""
     seen: dict[str, str] = {}
     for item in overrides:
         key = item.partition("=")[0].lstrip("+~")
-        if "=" in item and key in seen:
-            raise FsmisError(f"{key} is given twice ({seen[key]} and {item})",
-                             hint=f"give it once; to run both, sweep: -m {key}=<a>,<b>")
+        if "=" in item and key in seen and seen[key] != item:
+            print(f"note: {key} is given twice ({seen[key]}, then {item}): the last is used; to run both, "
+                  f"sweep with -m {key}=<a>,<b>", file=sys.stderr)
         seen[key] = item
 
 

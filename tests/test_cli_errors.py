@@ -72,7 +72,6 @@ def _folder_args(folder: Path) -> list[str]:
                                    r"protocol.<key>=<value>"),
         (["run", "train=5"], r"train=5 replaces the whole section train"),
         (["run", "=5"], r"cannot read the argument '=5': it names no key"),
-        (["run", "fold=1", "fold=2"], r"fold is given twice \(fold=1 and fold=2\).*-m fold=<a>,<b>"),
         (["run", "checkpoint=/x.safetensors"], r"checkpoint= is an option of `fsmis-bench eval`"),
         # a folder name Hydra's grammar reads otherwise: quote it
         (["run", "dataset=nifti_folder", "dataset.path=/data/scans,v2"],
@@ -214,3 +213,12 @@ def test_grouped_data_warnings_name_each_scan_once_in_full(capsys):
                      "warning: nifti_folder scan 7: holds Hounsfield units",
                      f"warning: the same for nifti_folder scans 3, 5: {long}",
                      "warning: the same for nifti_folder scan 8: holds Hounsfield units"]
+
+
+def test_a_key_given_twice_is_said_and_the_last_used(capsys):
+    """Scripts keep defaults in a variable and override one after it: Hydra's last value wins,
+    with a note."""
+    assert main(["run", "--cfg", "job", "fold=1", "method=support_copy", "fold=2"]) == 0
+    captured = capsys.readouterr()
+    assert "\nfold: 2\n" in captured.out
+    assert "note: fold is given twice (fold=1, then fold=2): the last is used" in captured.err
