@@ -80,7 +80,8 @@ def _run(args: argparse.Namespace) -> int:
     if is_sweep(overrides):
         from .config import names_a_path
 
-        paths = [o for o in overrides if "," in o and names_a_path(o)]
+        paths = [o for o in overrides if "," in o and names_a_path(o)
+                 and not o.partition("=")[2].startswith(("'", '"'))]  # a quoted path is one value
         if paths:  # a folder named "scans,v2": a path, not two values
             key, _, value = paths[0].partition("=")
             raise FsmisError(f"{paths[0]}: the comma makes two values of one path",
@@ -106,9 +107,14 @@ def _run(args: argparse.Namespace) -> int:
 def _say_repeated_keys(overrides: list[str]) -> None:
     """``fold=1 fold=2``: Hydra keeps the last, which scripts rely on (defaults in a variable,
     then an override), so it stays; but not without a word."""
+    if os.environ.get("RANK", "0") != "0":  # one note per run, also under `accelerate launch`/torchrun
+        return
     seen: dict[str, str] = {}
     for item in overrides:
         key = item.partition("=")[0].lstrip("+~")
+        if item.startswith("~") or key in seen and seen[key].startswith("~"):
+            seen[key] = item  # a deletion, then the key added again: not a repeat
+            continue
         if "=" in item and key in seen and seen[key] != item:
             print(f"note: {key} is given twice ({seen[key]}, then {item}): the last is used; to run both, "
                   f"sweep with -m {key}=<a>,<b>", file=sys.stderr)
@@ -138,16 +144,17 @@ def _list(args: argparse.Namespace) -> int:
     from .plugins import registries
 
     rows = [
-        {"kind": kind, "name": entry.name,
-         "plugin": (f"{entry.plugin_name} ({entry.distribution} {entry.version})".replace(" )", ")")
-                    if entry.distribution else entry.plugin_name),
-         "distribution": entry.distribution, "version": entry.version, "description": entry.description}
+        {"kind": kind, "name": entry.name, "plugin": entry.plugin, "distribution": entry.distribution,
+         "version": entry.version, "description": entry.description}
         for kind, registry in registries().all().items()
         for entry in registry
     ]
     if args.format == "json":
         print(json.dumps(rows, indent=2))
         return 0
+    for row in rows:  # the table names the release too: "builtin_methods (fsmis-bench 0.1.0)"
+        if row["distribution"]:
+            row["plugin"] = f"{row['plugin'].split(' (')[0]} ({row['distribution']} {row['version']})".replace(" )", ")")
     widths = {k: max(len(k), *(len(r[k]) for r in rows)) for k in ("kind", "name", "plugin")}
     header = "  ".join(k.ljust(widths[k]) for k in widths) + "  description"
     print(header)

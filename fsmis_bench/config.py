@@ -245,6 +245,9 @@ def _split(overrides: list[str]) -> dict[str, str]:
     return pairs
 
 
+_GENERIC_HINT = "check the override names (`fsmis-bench list`)"
+
+
 def names_a_path(override: str) -> bool:
     """Whether an override sets a path (``dataset.path``, ``results_dir``, ``data_root``, ...)."""
     key = override.partition("=")[0].lstrip("+~")
@@ -529,10 +532,6 @@ def compose(overrides: list[str] | None = None, *, resolve_datasets: bool = True
                 more.append(f"backbone={default_backbone}")
             if more:
                 cfg = hydra_compose("config", overrides=overrides + extra + more)
-    except ValueError as exc:
-        if "Config group override must be a string" not in str(exc):
-            raise
-        raise _not_a_config_name(overrides, exc) from None
     except yaml.YAMLError as exc:  # a config file (a plugin's, or one edited by hand) that is no YAML
         mark = getattr(exc, "problem_mark", None)
         where = f"{mark.name}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "a config file"
@@ -544,7 +543,7 @@ def compose(overrides: list[str] | None = None, *, resolve_datasets: bool = True
         if unknown:
             raise _unknown_key(unknown.group(1), _base_keys(overrides + test_options, extra), added=False,
                                overrides=overrides) from None
-        hint = "check the override names (`fsmis-bench list`)"
+        hint = _GENERIC_HINT
         present = re.search(r"An item is already at '([^']+)'", lines[0]) if lines else None
         if present:
             hint = f"{present.group(1)} exists: set it without the '+'"
@@ -558,12 +557,21 @@ def compose(overrides: list[str] | None = None, *, resolve_datasets: bool = True
                 guess = closest(name, options)
                 raise ConfigError(f"unknown {group} {name!r}" + (f"; did you mean {guess!r}?" if guess else ""),
                                   hint=f"{group} is one of: {', '.join(options)}") from None
+        interpolated = [o for o in overrides + test_options if "${" in o.partition("=")[2]]
+        if interpolated and "interpolation" in str(exc).lower() and hint == _GENERIC_HINT:
+            hint = (f"{interpolated[0]}: its ${{...}} names something that does not exist (an unset environment "
+                    "variable, a key that is not there); set it, or give the value itself")
         odd = [o for o in overrides + test_options
-               if names_a_path(o) and re.search(r"[^A-Za-z0-9_/.\-~+:@%]", o.partition("=")[2])]
-        if odd:  # "scans(1)", "scän": Hydra's grammar reads an unquoted path as an expression
+               if names_a_path(o) and not o.partition("=")[2].startswith(("'", '"')) and "${" not in o
+               and re.search(r"[^A-Za-z0-9_/.\-~+:@%]", o.partition("=")[2])]
+        if odd and hint == _GENERIC_HINT:  # "scans(1)", "scän": an unquoted path read as an expression
             key, _, value = odd[0].partition("=")
             hint = f"quote the path: \"{key}='{value}'\" (quotes inside the shell's own)"
         raise ConfigError(f"invalid configuration: {lines[0]}", hint=hint) from None
+    except ValueError as exc:  # after OmegaConf's own errors, which are ValueErrors too
+        if "Config group override must be a string" not in str(exc):
+            raise
+        raise _not_a_config_name(overrides, exc) from None
     # Hydra puts its own node in composed configs; runs record only ours.
     with_hydra = OmegaConf.to_container(cfg, resolve=False)
     with_hydra.pop("hydra", None)

@@ -415,33 +415,27 @@ def method_code_digests(method_cls: type) -> dict[str, str]:
 
 def method_code_files(method_cls: type) -> dict[str, Path]:
     """The file defining ``method_cls`` and the modules of the same top-level package it
-    imports, transitively (read from their source, nothing imported), by module name:
-    ``{"fsmis_audit.method": Path(...), "fsmis_audit._net": Path(...)}``. Empty where the
-    class has no source file. A helper module is part of the method's code as much as the
-    class's own file: an edit to it changes the numbers."""
+    imports, transitively, by module name: ``{"fsmis_audit.method": Path(...),
+    "fsmis_audit._net": Path(...)}``. Read from their source and found on disk beside the
+    package, so nothing is imported (an import the method never runs, under ``if
+    TYPE_CHECKING`` or in a function, may fail or cost). Empty where the class has no source
+    file. A helper module is part of the method's code as much as the class's own file: an
+    edit to it changes the numbers."""
     import ast
-    import importlib.util
     import sys
 
     module_name = method_cls.__module__
     top = module_name.split(".")[0]
+    roots = [Path(p) for p in getattr(sys.modules.get(top), "__path__", None) or ()]
     found: dict[str, Path] = {}
     pending = [module_name]
     while pending:
         name = pending.pop()
         if name in found:
             continue
-        module = sys.modules.get(name)
-        origin = getattr(module, "__file__", None)
-        if origin is None:
-            try:
-                spec = importlib.util.find_spec(name)
-            except (ImportError, ValueError):
-                continue
-            origin = spec.origin if spec is not None else None
-        if not origin or not str(origin).endswith(".py"):
+        path = _module_source(name, top, roots)
+        if path is None:
             continue
-        path = Path(origin)
         try:
             tree = ast.parse(path.read_bytes())
         except (OSError, SyntaxError, ValueError):
@@ -452,27 +446,37 @@ def method_code_files(method_cls: type) -> dict[str, Path]:
             if isinstance(node, ast.Import):
                 pending += [alias.name for alias in node.names if alias.name.split(".")[0] == top]
             elif isinstance(node, ast.ImportFrom):
-                base = ("." * node.level + (node.module or "")) if node.level else (node.module or "")
-                try:
-                    resolved = importlib.util.resolve_name(base, package) if node.level else base
-                except (ImportError, ValueError):
+                if node.level:  # `from . import x`, `from ..a import b`
+                    parts = package.split(".")
+                    if node.level - 1 >= len(parts):
+                        continue
+                    base = ".".join(parts[:len(parts) - (node.level - 1)] + ([node.module] if node.module else []))
+                else:
+                    base = node.module or ""
+                if base.split(".")[0] != top:
                     continue
-                if resolved.split(".")[0] != top:
-                    continue
-                pending.append(resolved)
-                # `from . import _net`: a submodule named like the imported name
-                pending += [f"{resolved}.{alias.name}" for alias in node.names
-                            if _is_module(f"{resolved}.{alias.name}")]
+                # `from pkg import _net` names a submodule, `from pkg._net import ACT` a module
+                pending += [base] + [f"{base}.{alias.name}" for alias in node.names]
     return found
 
 
-def _is_module(name: str) -> bool:
-    import importlib.util
+def _module_source(name: str, top: str, roots: list[Path]) -> Path | None:
+    """The ``.py`` file of module ``name`` (of package ``top``, found under its ``roots``),
+    or of a loaded module without a package; None where there is none (a name imported from
+    a module rather than a submodule, an extension module)."""
+    import sys
 
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError, AttributeError):
-        return False
+    module = sys.modules.get(name)
+    if not roots:  # a single-module plugin, a script, a notebook: its own file only
+        origin = getattr(module, "__file__", None)
+        return Path(origin) if origin and str(origin).endswith(".py") else None
+    relative = name.split(".")[1:]
+    for root in roots:
+        for candidate in (root.joinpath(*relative).with_suffix(".py") if relative else None,
+                          root.joinpath(*relative, "__init__.py")):
+            if candidate is not None and candidate.is_file():
+                return candidate
+    return None
 
 
 def _modules_digest(modules: dict[str, str]) -> str:

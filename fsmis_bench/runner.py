@@ -609,8 +609,9 @@ def execute(cfg: DictConfig, *, allow_training: bool = True, checkpoint: Path | 
         read_only = None
     except FsmisError as exc:  # enough to show a finished run there; refused for anything else
         folder = Path(str(cfg.results_dir)).expanduser()
-        if not (folder.is_dir() and any(folder.glob("*/*/setting*/fold*/*/" + COMPLETE))):
-            raise  # no finished run to show: before any data is read
+        finished = f"{cfg.method.name}/*/setting{cfg.setting}/fold{cfg.fold}/seed{cfg.seed}-*/{COMPLETE}"
+        if not (folder.is_dir() and any(folder.glob(finished))):
+            raise  # no finished run of this method, fold and seed to show: refused before any data is read
         read_only = exc
     results = Path(str(cfg.results_dir)).expanduser()
     accelerator = make_accelerator(cfg, int(cfg.train.grad_accum))

@@ -73,6 +73,11 @@ def _folder_args(folder: Path) -> list[str]:
         (["run", "train=5"], r"train=5 replaces the whole section train"),
         (["run", "=5"], r"cannot read the argument '=5': it names no key"),
         (["run", "checkpoint=/x.safetensors"], r"checkpoint= is an option of `fsmis-bench eval`"),
+        # a ${...} in an override that names nothing: one line, not OmegaConf's traceback
+        (["run", "results_dir=${oc.env:FSMIS_SURELY_UNSET}/r"],
+         r"Environment variable 'FSMIS_SURELY_UNSET' not found.*its \$\{...\} names something that does not exist"),
+        (["run", "protocol=${nope}"], r"Interpolation key 'nope' not found"),
+        (["run", "seed=${nope}"], r"Interpolation key 'nope' not found"),
         # a folder name Hydra's grammar reads otherwise: quote it
         (["run", "dataset=nifti_folder", "dataset.path=/data/scans,v2"],
          r"the comma makes two values of one path.*quote the path: \"dataset.path='/data/scans,v2'\""),

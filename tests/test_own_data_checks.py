@@ -667,6 +667,8 @@ def test_a_label_map_naming_an_organ_twice_is_refused(tmp_path, capsys, write, m
     # nnU-Net v1 and the Medical Segmentation Decathlon write value -> name: read as such
     ('{"modality": {"0": "MRI"}, "labels": {"0": "background", "1": "liver", "2": "spleen"}, "numTraining": 3}',
      {"liver": 1, "spleen": 2}),
+    ('{"modality": {"0": "MRI"}, "labels": {"0": "background", "1": "liver", "2": "liver"}, "numTraining": 3}',
+     r"names 'liver' for two label values.*give each organ once"),
     ('{"channel_names": {"0": "CT"}, "labels": {"background": 0, "liver": [1, 2]}, "file_ending": ".nii.gz"}',
      r"gives regions \(liver: \[1, 2\]\), not one label value per organ"),
 ])
@@ -848,10 +850,10 @@ def test_check_data_names_a_support_scan_that_lacks_an_organ_as_the_run_does(tmp
     stops, and check-data must not say OK."""
     folder = make_folder(tmp_path / "scans", label_fn=lambda i, label: np.where(label == 2, 0, label) if i == 3
                          else label)
-    assert main(_check(folder)) == 2
+    assert main(_check(folder)) == 0  # a warning: a folder that only trains a model draws no support
     out = capsys.readouterr().out
-    assert "scan 3 is the support of fold 0 (at position protocol.supp_idx=2) but shows no spleen: a run of fold 0 " \
-           "stops before it trains" in out
+    assert "scan 3 is the support of fold 0 (at position protocol.supp_idx=2) but shows no spleen: a run that " \
+           "evaluates fold 0 of this folder stops before it trains" in out
     assert main(["run", *_args(folder)]) == 2
     assert "support scan 3 shows spleen in 0 slices" in capsys.readouterr().err
     assert main(["run", *_args(folder, "protocol.supp_idx=0")]) == 0  # the other support the hint names

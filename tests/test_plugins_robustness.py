@@ -681,8 +681,8 @@ def test_a_method_that_breaks_the_contract_is_refused_when_it_is_built(attribute
     ("return F.binary_cross_entropy_with_logits(logits, batch.query_masks, reduction='none')",
      "broke the training_loss contract: it returned a torch.float32 tensor of shape (1, 1, 32, 32), not a scalar loss"),
     ("return float(logits.mean())", "broke the training_loss contract: it returned a float, not a scalar loss"),
-    ("return logits.mean().detach()", "broke the training_loss contract: it returned a tensor without a gradient "
-     "(computed under torch.no_grad, detached, or from no trained parameter), not a scalar loss"),
+    ("return logits.mean().detach()", "broke the training_loss contract: it returned a scalar without a gradient "
+     "(computed under torch.no_grad, detached, or from no trained parameter)"),
     ("return logits.mean() * float('nan')",
      "non-finite loss at step 1: the loss that method 'loss_method' (plugin 'pkg_loss_method' of "
      "fsmis-loss-method 0.2.0) returned from its training_loss was NaN or infinite"),

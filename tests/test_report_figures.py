@@ -179,7 +179,7 @@ def test_a_damaged_predictions_file_is_named_and_its_run_left_out_of_the_figure(
     written = write_qualitative(results, tmp_path / "out", lambda name: DATASET, log=notes.append)
     assert written["qualitative_abd_mri"].is_file()  # the other runs are still drawn
     (said,) = [n for n in notes if str(damaged) in n]
-    assert said.startswith("note: qualitative figure: skipped the predictions of ") and "hint: delete it" in said
+    assert said.startswith("note: qualitative figure: a run's predictions are left out: ") and "hint: delete it" in said
 
 
 def test_a_prediction_touching_or_filling_the_frame_is_outlined_within_the_image() -> None:

@@ -401,8 +401,16 @@ def test_a_finished_run_in_a_read_only_results_folder_is_shown_and_nothing_else_
     assert main(["run", "method=support_copy"]) == 0  # nothing to write: its Dice are shown
     err = capsys.readouterr().err
     assert "already complete, not recomputed" in err and "(Dice, per_volume)" in err
-    assert main(["run", "method=support_copy", "seed=1"]) == 2  # a new run needs the folder
+    before = sorted(p.relative_to(results_dir) for p in results_dir.rglob("*"))
+    import fsmis_bench.runner as runner_module
+
+    def no_identify(*args, **kwargs):
+        raise AssertionError("data read for a run that cannot be written")
+
+    monkeypatch.setattr(runner_module, "identify", no_identify)
+    assert main(["run", "method=support_copy", "seed=1"]) == 2  # a new run needs the folder: refused first
     assert f"cannot write to {results_dir}" in capsys.readouterr().err
+    assert sorted(p.relative_to(results_dir) for p in results_dir.rglob("*")) == before
 
 
 def test_a_failed_record_write_names_the_folder_and_leaves_no_run_behind(results_dir, capsys, monkeypatch):

@@ -132,6 +132,11 @@ def _from_nnunet(value: Mapping, where: str) -> Mapping:
     labels = value["labels"]
     if labels and all(_integer_text(k) for k in labels) and all(isinstance(v, str) for v in labels.values()):
         # nnU-Net v1 (and the Medical Segmentation Decathlon) write value -> name: read as such
+        names = [str(v) for k, v in labels.items() if int(str(k)) != 0]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:  # turned round, one of the values would be dropped
+            raise ConfigError(f"the nnU-Net dataset.json {where} names {twice[0]!r} for two label values",
+                              hint="give each organ once (one label value per organ)")
         labels = {v: int(str(k)) for k, v in labels.items()}
     regions = {k: v for k, v in labels.items() if isinstance(v, (list, tuple))}
     if regions:

@@ -393,12 +393,12 @@ def check_nifti_folder(
     rows = {r.case_id: r for r in report.rows if r.shape}
     for fold, support in _fold_supports(dataset, folds, supp_idx).items():
         lacking = [o for o in dataset.test_organs if support in rows and o in rows[support].missing_organs]
-        if lacking:
-            report.problems.append(
-                f"scan {support} is the support of fold {fold} "
-                + ("(support=)" if dataset.support is not None else f"(at position protocol.supp_idx={supp_idx})")
-                + f" but shows no {', '.join(lacking)}: a run of fold {fold} stops before it trains; name another "
-                "support scan with support=<id>, or move the support's position with protocol.supp_idx=<i>"
+        if lacking:  # a warning: a folder that only trains a model draws no support from it
+            report.warnings.append(
+                f"scan {support} is the support of fold {fold} (at position protocol.supp_idx={supp_idx}) but "
+                f"shows no {', '.join(lacking)}: a run that evaluates fold {fold} of this folder stops before it "
+                "trains; name another support scan with support=<id>, or move the support's position with "
+                "protocol.supp_idx=<i>"
             )
     for organ in dataset.test_organs:
         if loaded and all(organ in r.missing_organs for r in report.rows if r.shape):
@@ -420,14 +420,11 @@ class _Summary:
 
 
 def _fold_supports(dataset, folds: list, supp_idx: int) -> dict[int, str]:
-    """fold -> the support scan a run of it uses by default (the named support, or the fold
-    scan at ``supp_idx``); folds too small for ``supp_idx`` are warned about apart."""
+    """fold -> the support scan a run of it uses with the default folds and ``supp_idx`` (the
+    first of several shots); folds too small for ``supp_idx`` are warned about apart. Empty
+    with a named support or leave-one-out folds, which check-data does not set."""
     if dataset.support is not None or dataset._folds == "loo":
-        try:
-            support = dataset._support_id(dataset.case_ids())
-        except Exception:  # noqa: BLE001 - a wrong support= is reported where the options are
-            return {}
-        return {k: support for k in range(len(folds)) if support in dataset.fold_cases(k)}
+        return {}
     out = {}
     for k in range(len(folds)):
         cases = dataset.fold_cases(k)

@@ -476,7 +476,7 @@ def qualitative_figure(
                 cache[run_dir] = load_predictions(run_dir)
             except records.DamagedPredictionsError as exc:  # its panels show "no prediction"
                 cache[run_dir] = {}
-                (log or print)(f"note: qualitative figure: skipped the predictions of {exc.message} "
+                (log or print)(f"note: qualitative figure: a run's predictions are left out: {exc.message} "
                                f"(hint: {exc.hint})")
         return cache[run_dir]
 

@@ -369,14 +369,15 @@ class TrainStep:
         no device sync, and a recorded or compiled step checks it while recording)."""
         if isinstance(loss, torch.Tensor) and loss.ndim == 0 and loss.is_floating_point() and loss.requires_grad:
             return
-        got = (f"a {loss.dtype} tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor)
-               else f"a {type(loss).__name__}")
+        got = (f"a {loss.dtype} tensor of shape {tuple(loss.shape)}, not a scalar loss"
+               if isinstance(loss, torch.Tensor) else f"a {type(loss).__name__}, not a scalar loss")
         if isinstance(loss, torch.Tensor) and loss.ndim == 0 and loss.is_floating_point():
-            got = "a tensor without a gradient (computed under torch.no_grad, detached, or from no trained parameter)"
+            got = ("a scalar without a gradient (computed under torch.no_grad, detached, or from no trained "
+                   "parameter)")
         from ..plugins import PluginError  # late: the plugins import the method plugins
 
         raise PluginError(
-            f"{self._described()} broke the training_loss contract: it returned {got}, not a scalar loss",
+            f"{self._described()} broke the training_loss contract: it returned {got}",
             hint="Method.training_loss(batch) must return a 0-dim float tensor that is differentiable w.r.t. the "
                  "trained parameters: reduce a per-pixel or per-episode loss inside training_loss "
                  "(e.g. `.mean()`, or reduction='mean')",
