@@ -937,3 +937,13 @@ def test_an_export_that_fails_after_the_run_points_to_the_saved_run(tmp_path, re
     run_dir = _run_dir(results_dir)
     assert (run_dir / "COMPLETE").exists()
     assert f"the run is saved in {run_dir}: `fsmis-bench export {run_dir} --out DIR` writes its masks" in err
+
+
+def test_check_data_names_its_own_flags_in_label_map_errors(tmp_path, capsys):
+    folder = make_folder(tmp_path / "scans")
+    assert main(_check(folder, label_map="{Liver:1}")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --label-map names organs outside the vocabulary") and "dataset.label_map" not in err
+    assert main(_check(folder, label_map="{liver:0}")) == 2
+    err = capsys.readouterr().err
+    assert "--label-map '{liver:1,spleen:2}'" in err and "dataset.label_map" not in err

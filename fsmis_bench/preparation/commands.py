@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
-from ..errors import DataError
+from ..errors import DataError, FsmisError
 from .facts import DATASET_FACTS, dataset_facts
 
 PREPARERS = ("abd_mri", "abd_ct", "card_mri")
@@ -142,10 +143,14 @@ def run_check_data(args: argparse.Namespace) -> int:
                 hint="e.g. fsmis-bench check-data nifti_folder --path my_scans --label-map '{liver:1,spleen:2}'",
             )
         root = args.root or os.environ.get(DATA_ROOT_ENV)
-        report = check_nifti_folder(
-            Path(args.path), args.label_map, modality=_modality_arg(args.modality), orientation=args.orientation,
-            supervoxels=args.supervoxels, n_supervoxels=args.n_sv, data_root=Path(root) if root else None,
-        )
+        try:
+            report = check_nifti_folder(
+                Path(args.path), args.label_map, modality=_modality_arg(args.modality), orientation=args.orientation,
+                supervoxels=args.supervoxels, n_supervoxels=args.n_sv, data_root=Path(root) if root else None,
+            )
+        except FsmisError as exc:  # the plugin names its run options; here they are this command's flags
+            exc.message, exc.hint = _as_flags(exc.message), _as_flags(exc.hint or "") or None
+            raise
         print(format_report(report))
         return 0 if report.ok else 2
     for option in ("path", "label_map", "modality", "orientation", "supervoxels"):
@@ -159,6 +164,21 @@ def run_check_data(args: argparse.Namespace) -> int:
     )
     print(format_report(report))
     return 0 if report.ok else 2
+
+
+#: a run's option -> check-data's flag, in messages
+_FLAGS = {"dataset.label_map": "--label-map", "dataset.path": "--path", "dataset.modality": "--modality",
+          "dataset.orientation": "--orientation", "dataset.supervoxels": "--supervoxels",
+          "dataset.n_supervoxels": "--n-sv"}
+
+
+def _as_flags(text: str) -> str:
+    """A message about ``dataset.label_map=...`` as check-data's ``--label-map ...``."""
+    text = re.sub(r"'\+?dataset\.label_map=", "--label-map '", text)
+    for option, flag in _FLAGS.items():
+        text = re.sub(rf"\+?{re.escape(option)}=", f"{flag} ", text)
+        text = text.replace(option, flag)
+    return text
 
 
 def _modality_arg(text: str | None):
