@@ -227,3 +227,15 @@ def test_a_key_given_twice_is_said_and_the_last_used(capsys):
     captured = capsys.readouterr()
     assert "\nfold: 2\n" in captured.out
     assert "note: fold is given twice (fold=1, then fold=2): the last is used" in captured.err
+
+
+@pytest.mark.parametrize("argv, known", [
+    (["check-data", "abd_mrri"], "abd_ct, abd_mri, card_mri, nifti_folder"),
+    (["supervoxels", "abd_mrri"], "abd_ct, abd_mri, card_mri"),
+    (["prepare", "abd_mrri", "--raw", "x", "--out", "y"], "abd_mri"),
+])
+def test_a_dataset_typo_in_the_data_commands_is_one_line_with_the_close_name(argv, known, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown dataset 'abd_mrri'; did you mean 'abd_mri'?") and known in err
+    assert "usage:" not in err

@@ -37,6 +37,7 @@ def run_prepare(args: argparse.Namespace) -> int:
     from .classmaps import missing_classmaps, write_classmaps
     from .common import RawDataError, is_inside, prepare_cases, remove_if_empty
 
+    _known_dataset(args.dataset, list(PREPARERS))
     facts = dataset_facts(args.dataset)
     raw = Path(args.raw).expanduser()
     if not raw.is_dir():
@@ -101,6 +102,7 @@ def run_prepare(args: argparse.Namespace) -> int:
 def run_supervoxels(args: argparse.Namespace) -> int:
     from .supervoxels import compare_supervoxels, format_comparison, generate_supervoxels
 
+    _known_dataset(args.dataset, sorted(DATASET_FACTS))
     facts = dataset_facts(args.dataset)
     root = _root_from(args)
     n_sv = args.n_sv or (facts.n_sv if args.method == "felzenszwalb3d" else 400)
@@ -136,6 +138,7 @@ def run_supervoxels(args: argparse.Namespace) -> int:
 def run_check_data(args: argparse.Namespace) -> int:
     from .check import check_dataset, check_nifti_folder, format_report
 
+    _known_dataset(args.dataset, [*sorted(DATASET_FACTS), "nifti_folder"])
     if args.dataset == "nifti_folder":
         if not args.path or not args.label_map:
             raise DataError(
@@ -181,6 +184,17 @@ def _as_flags(text: str) -> str:
     return text
 
 
+def _known_dataset(name: str, known: list[str]) -> None:
+    """One line with the close name for a dataset these commands do not know (argparse's
+    ``choices`` would print its usage text first)."""
+    if name not in known:
+        from .._registry import closest
+
+        guess = closest(name, known)
+        raise DataError(f"unknown dataset {name!r}" + (f"; did you mean {guess!r}?" if guess else ""),
+                        hint=f"one of: {', '.join(known)}")
+
+
 def _modality_arg(text: str | None):
     """``--modality``: a name, or a per-scan mapping in override syntax (``{1:ct,2:mri}``)."""
     if text and text.strip().startswith("{"):
@@ -207,7 +221,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "without a label are skipped."
         ),
     )
-    prepare.add_argument("dataset", choices=PREPARERS)
+    prepare.add_argument("dataset", metavar="{" + ",".join(PREPARERS) + "}")
     prepare.add_argument(
         "--raw", required=True, help="unpacked release (CHAOS_Train_Sets, BTCV RawData, MS-CMRSeg folder)"
     )
@@ -227,7 +241,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "kept unless --force."
         ),
     )
-    supervoxels.add_argument("dataset", choices=names)
+    supervoxels.add_argument("dataset", metavar="{" + ",".join(names) + "}")
     supervoxels.add_argument("--root", help=f"data root (default: ${DATA_ROOT_ENV})")
     supervoxels.add_argument(
         "--n-sv", type=int, default=None, help="min_size (default 5000 abdomen, 1000 cardiac; 400 for 2-D)"
@@ -258,7 +272,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "identical slices (warnings, which do not fail the check)."
         ),
     )
-    check.add_argument("dataset", choices=[*names, "nifti_folder"])
+    check.add_argument("dataset", metavar="{" + ",".join([*names, "nifti_folder"]) + "}")
     check.add_argument("--root", help=f"data root (default: ${DATA_ROOT_ENV})")
     check.add_argument(
         "--n-sv", type=int, default=None, help="supervoxel folder suffix (default: the dataset's)"
