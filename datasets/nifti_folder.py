@@ -144,6 +144,9 @@ def _missing(value) -> bool:
 class NiftiFolder(VolumeDataset):
     """``image_<id>.nii[.gz]`` / ``label_<id>.nii[.gz]`` pairs in one folder."""
 
+    #: fewer pseudo-labels per scan than this are warned about, by the run and by check-data
+    few_supervoxels = FEW_SUPERVOXELS
+
     @classmethod
     def resolve_options(cls, options: dict, data_root: str | None) -> dict:
         """Label-map files become the mapping; a folder found under the working directory

@@ -135,7 +135,7 @@ class _RunHelp(argparse.Action):
         try:
             print(main_keys())
         except FsmisError as exc:  # the keys come from the configs, which may be refused
-            print(f"error: {exc.message}" + (f"\n  hint: {exc.hint}" if exc.hint else ""), file=sys.stderr)
+            print(f"error: {exc}", file=sys.stderr)  # its message, and its hint on a line of its own
             parser.exit(2)
         parser.exit()
 

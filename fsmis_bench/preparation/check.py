@@ -376,7 +376,7 @@ def check_nifti_folder(
             row.supervoxels = {"missing": "to be made", "current": "ok", "stale": "to be remade",
                                "foreign": "not auto's"}[state]
             most = volume.image.size // dataset.n_supervoxels  # supervoxels hold n_supervoxels voxels at least
-            if most < FEW_SUPERVOXELS:
+            if most < dataset.few_supervoxels:
                 report.warnings.append(
                     f"case {case_id}: {volume.image.size} voxels hold at most {most} supervoxels of "
                     f"{dataset.n_supervoxels} voxels (--n-sv): self-supervised training would have almost nothing "
@@ -431,10 +431,6 @@ def _fold_supports(dataset, folds: list, supp_idx: int) -> dict[int, str]:
         if -len(cases) <= supp_idx < len(cases):
             out[k] = cases[supp_idx]
     return out
-
-
-#: as ``nifti_folder``'s warning after it made them
-FEW_SUPERVOXELS = 5
 
 
 def _default_supp_idx() -> int:
