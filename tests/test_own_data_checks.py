@@ -947,3 +947,79 @@ def test_check_data_names_its_own_flags_in_label_map_errors(tmp_path, capsys):
     assert main(_check(folder, label_map="{liver:0}")) == 2
     err = capsys.readouterr().err
     assert "--label-map '{liver:1,spleen:2}'" in err and "dataset.label_map" not in err
+
+
+# -- check-data picks the supports a run with the same options picks -----------------------------
+_NO_SPLEEN_IN_4 = {"label_fn": lambda i, label: np.where(label == 2, 0, label) if i == 4 else label}
+
+
+@pytest.mark.parametrize(
+    ("check_flags", "run_overrides", "said"),
+    [
+        # the second of two shots (positions 2 and 3 of the one fold) lacks the spleen
+        (["--n-shot", "2"], ["protocol.n_shot=2"],
+         "scan 4 is the support (shot 2) of fold 0 (at position protocol.supp_idx=2 + 1) but shows no spleen"),
+        (["--supp-idx", "3"], ["protocol.supp_idx=3"],
+         "scan 4 is the support of fold 0 (at position protocol.supp_idx=3) but shows no spleen"),
+        (["--support", "4"], ["+test_dataset.support=4"],
+         "scan 4 is the support of fold 0 (named with support=) but shows no spleen"),
+    ],
+    ids=["second-shot", "supp-idx", "named"],
+)
+def test_check_data_fails_a_support_it_was_asked_about_that_stops_the_run(
+        tmp_path, capsys, results_dir, check_flags, run_overrides, said):
+    folder = make_folder(tmp_path / "scans", n=4, **_NO_SPLEEN_IN_4)
+    assert main(_check(folder)) == 0  # the default support (scan 3) shows both organs
+    capsys.readouterr()
+    assert main(_check(folder, *check_flags)) == 2
+    out = capsys.readouterr().out
+    assert said in out and "FAILED: 1 problem(s)" in out
+    assert main(["run", *_args(folder, *run_overrides)]) == 2  # the run stops as check-data said
+    assert "support scan 4 shows spleen in 0 slices" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flags", "said"),
+    [
+        (["--support", "9"], "fold 0: support='9' is not a scan in"),
+        (["--supp-idx", "7"], "fold 0: a fold of 4 scans stops a run with protocol.supp_idx=7 (the support at "
+                              "position 7); run with protocol.supp_idx=<0..3>"),
+        (["--n-shot", "4"], "fold 0: a fold of 4 scans leaves no query scan beside protocol.n_shot=4 support scans"),
+    ],
+    ids=["unknown-support", "supp-idx-outside", "no-query-left"],
+)
+def test_check_data_fails_supports_a_run_cannot_draw(tmp_path, capsys, flags, said):
+    folder = make_folder(tmp_path / "scans", n=4)
+    assert main(_check(folder, *flags)) == 2
+    assert said in capsys.readouterr().out
+
+
+def test_check_data_says_a_support_shared_by_folds_once(tmp_path, capsys):
+    folder = make_folder(tmp_path / "scans", n=4, **_NO_SPLEEN_IN_4)
+    assert main(_check(folder, "--folds", "loo", "--support", "4")) == 2
+    out = capsys.readouterr().out
+    assert out.count("scan 4 is the support") == 1
+    assert "scan 4 is the support of folds 0, 1, 2 (named with support=) but shows no spleen: a run that evaluates " \
+           "one of these folds of this folder stops before it trains; name another support scan with support=<id>\n" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["--n-shot", "0"], "error: --n-shot 0: a run needs one support scan at least"),
+        (["--test-organs", "[kidney]"], "error: --test-organs ['kidney'] are not in the label map"),
+    ],
+    ids=["no-shot", "unknown-organ"],
+)
+def test_check_data_support_flags_refuse_bad_values_in_one_line(tmp_path, capsys, argv, said):
+    folder = make_folder(tmp_path / "scans", n=4)
+    assert main(_check(folder, *argv)) == 2
+    err = capsys.readouterr().err
+    assert said in err and "Traceback" not in err
+
+
+def test_check_data_support_flags_belong_to_nifti_folder(tmp_path, capsys):
+    assert main(["check-data", "abd_mri", "--root", str(tmp_path), "--n-shot", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "--n-shot is an option of check-data nifti_folder" in err
+    assert "folds and support scans are the protocol's" in err

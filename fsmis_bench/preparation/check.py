@@ -282,6 +282,12 @@ def check_nifti_folder(
     supervoxels: str | None = None,
     n_supervoxels: int | None = None,
     data_root: Path | None = None,
+    folds=None,
+    fold_ids=None,
+    support: str | None = None,
+    test_organs=None,
+    supp_idx: int | None = None,
+    n_shot: int | None = None,
 ) -> CheckReport:
     """Verify a folder of ``image_<id>`` / ``label_<id>`` NIfTI pairs for ``nifti_folder``.
 
@@ -298,6 +304,12 @@ def check_nifti_folder(
         orientation: axis codes or ``as_stored``; default the plugin's (``LAS``).
         supervoxels: the pseudo-label folder, if training will use one; ``auto``: whether a
             run would make them (``n_supervoxels``: their size, default the plugin's).
+        folds, fold_ids, support, test_organs: the plugin's options of the same names.
+        supp_idx, n_shot: the run's ``protocol.supp_idx`` (default the built-in config's)
+            and ``protocol.n_shot`` (default 1): every support scan they pick in every fold
+            must show every test organ, or a run of that fold stops. A support that would
+            stop a run is a warning (a folder that only trains a model draws none), and a
+            problem when the support was asked for (``support``, ``supp_idx`` or ``n_shot``).
     Returns:
         A :class:`CheckReport`; problems stop a run, warnings do not.
     Raises:
@@ -313,6 +325,9 @@ def check_nifti_folder(
         options["orientation"] = orientation
     if n_supervoxels is not None:
         options["n_supervoxels"] = n_supervoxels
+    for key, value in (("folds", folds), ("fold_ids", fold_ids), ("support", support), ("test_organs", test_organs)):
+        if value is not None:
+            options[key] = value
     auto = supervoxels == "auto"
     options = dataset_cls.resolve_options(options, str(data_root) if data_root else None)
     dataset = dataset_cls(str(data_root) if data_root else None, **options)
@@ -335,16 +350,15 @@ def check_nifti_folder(
         f"{len(ids)} scans in one fold: a test set for a model trained elsewhere (protocol.test_dataset=nifti_folder); "
         "training on it needs folds=loo"
     )
-    supp_idx = _default_supp_idx()
-    if dataset.support is None and dataset._folds != "loo":
-        small = [k for k, fold in enumerate(folds) if len(set(fold)) <= supp_idx]
-        if small:
-            size = len(set(folds[small[0]]))
-            report.warnings.append(
-                f"fold {small[0]} holds {size} scans: a run with the default protocol.supp_idx={supp_idx} (the support "
-                f"at position {supp_idx}) stops on it; run with protocol.supp_idx=<0..{size - 1}>, or name the "
-                "support scan with support=<id>"
-            )
+    given_supp_idx = supp_idx is not None
+    supp_idx = _default_supp_idx() if supp_idx is None else int(supp_idx)
+    if n_shot is not None and n_shot < 1:
+        raise ConfigError(f"protocol.n_shot={n_shot}: a run needs one support scan at least",
+                          hint="protocol.n_shot=<1..fold size - 1>")
+    # a support the user asked about that stops a run fails the check; the default one warns
+    asked = report.problems if (given_supp_idx or n_shot is not None or support is not None) else report.warnings
+    supports, unusable = _fold_supports(dataset, folds, supp_idx, n_shot or 1, given_supp_idx)
+    asked.extend(unusable)
     loaded = []
     for case_id in ids:
         row = CaseRow(case_id=case_id)
@@ -391,15 +405,23 @@ def check_nifti_folder(
         dataset.release(case_id)
     report.warnings.extend(_folder_warnings(dataset, loaded))
     rows = {r.case_id: r for r in report.rows if r.shape}
-    for fold, support in _fold_supports(dataset, folds, supp_idx).items():
-        lacking = [o for o in dataset.test_organs if support in rows and o in rows[support].missing_organs]
-        if lacking:  # a warning: a folder that only trains a model draws no support from it
-            report.warnings.append(
-                f"scan {support} is the support of fold {fold} (at position protocol.supp_idx={supp_idx}) but "
-                f"shows no {', '.join(lacking)}: a run that evaluates fold {fold} of this folder stops before it "
-                "trains; name another support scan with support=<id>, or move the support's position with "
-                "protocol.supp_idx=<i>"
-            )
+    lacking_supports: dict[tuple, list[int]] = {}  # (scan, shot, shots, organs lacking) -> folds
+    for fold, scans in supports.items():
+        for shot, scan in enumerate(scans):
+            lacking = tuple(o for o in dataset.test_organs if scan in rows and o in rows[scan].missing_organs)
+            if lacking:  # a warning: a folder that only trains a model draws no support from it
+                lacking_supports.setdefault((scan, shot, len(scans), lacking), []).append(fold)
+    for (scan, shot, shots, lacking), folds_of in lacking_supports.items():  # after the scans' own rows
+        where = ("named with support=" if dataset.support is not None
+                 else "the first scan, with folds=loo" if dataset._folds == "loo"
+                 else f"at position protocol.supp_idx={supp_idx}" + (f" + {shot}" if shot else ""))
+        these = f"fold{'s' if len(folds_of) > 1 else ''} {', '.join(map(str, folds_of))}"
+        asked.append(
+            f"scan {scan} is the support{f' (shot {shot + 1})' if shots > 1 else ''} of {these} ({where}) but shows "
+            f"no {', '.join(lacking)}: a run that evaluates {'one of these folds' if len(folds_of) > 1 else these} "
+            "of this folder stops before it trains; name another support scan with support=<id>" + (
+                "" if dataset.support is not None else ", or move the support's position with protocol.supp_idx=<i>")
+        )
     for organ in dataset.test_organs:
         if loaded and all(organ in r.missing_organs for r in report.rows if r.shape):
             values = sorted(set().union(*(set(r.labels) for r in report.rows if r.shape)))
@@ -419,18 +441,40 @@ class _Summary:
     modality: str
 
 
-def _fold_supports(dataset, folds: list, supp_idx: int) -> dict[int, str]:
-    """fold -> the support scan a run of it uses with the default folds and ``supp_idx`` (the
-    first of several shots); folds too small for ``supp_idx`` are warned about apart. Empty
-    with a named support or leave-one-out folds, which check-data does not set."""
-    if dataset.support is not None or dataset._folds == "loo":
-        return {}
-    out = {}
+def _fold_supports(dataset, folds: list, supp_idx: int, n_shot: int, given: bool) -> tuple[dict, list[str]]:
+    """fold -> the support scans (one per shot) a run of it uses, found as a run finds them
+    (the plugin's fixed support, else ``supp_idx`` and the next scans); and, apart, what
+    stops a run of a fold before any support is drawn (a fold too small for ``supp_idx``
+    or ``n_shot``, a named support outside a fold), each said once for all its folds."""
+    from ..errors import ConfigError
+    from ..protocol.ep1 import support_case_positions
+
+    out: dict[int, list[str]] = {}
+    stopped: dict[str, list[int]] = {}  # what stops a run -> the folds it stops
     for k in range(len(folds)):
         cases = dataset.fold_cases(k)
-        if -len(cases) <= supp_idx < len(cases):
-            out[k] = cases[supp_idx]
-    return out
+        try:
+            fixed = dataset.fold_support(k)
+        except ConfigError as error:  # a named support outside this fold
+            stopped.setdefault(error.message.replace("dataset.support=", "support=")
+                               + (f" ({error.hint})" if error.hint else ""), []).append(k)
+            continue
+        if fixed is None and not -len(cases) <= supp_idx < len(cases):
+            default = "" if given else "the default "
+            stopped.setdefault(
+                f"a fold of {len(cases)} scans stops a run with {default}protocol.supp_idx={supp_idx} (the support "
+                f"at position {supp_idx}); run with protocol.supp_idx=<0..{len(cases) - 1}>, or name the support "
+                "scan with support=<id>", []).append(k)
+            continue
+        if n_shot >= len(cases):
+            stopped.setdefault(
+                f"a fold of {len(cases)} scans leaves no query scan beside protocol.n_shot={n_shot} support scans, so "
+                f"a run of it stops; use protocol.n_shot=<1..{len(cases) - 1}>", []).append(k)
+            continue
+        positions = support_case_positions(len(cases), supp_idx if fixed is None else cases.index(fixed), n_shot)
+        out[k] = [cases[p] for p in positions]
+    unusable = [f"fold{'s' if len(ks) > 1 else ''} {', '.join(map(str, ks))}: {why}" for why, ks in stopped.items()]
+    return out, unusable
 
 
 def _default_supp_idx() -> int:

@@ -150,17 +150,21 @@ def run_check_data(args: argparse.Namespace) -> int:
             report = check_nifti_folder(
                 Path(args.path), args.label_map, modality=_modality_arg(args.modality), orientation=args.orientation,
                 supervoxels=args.supervoxels, n_supervoxels=args.n_sv, data_root=Path(root) if root else None,
+                folds=_override_arg(args.folds), fold_ids=_override_arg(args.fold_ids), support=args.support,
+                test_organs=_override_arg(args.test_organs), supp_idx=args.supp_idx, n_shot=args.n_shot,
             )
         except FsmisError as exc:  # the plugin names its run options; here they are this command's flags
             exc.message, exc.hint = _as_flags(exc.message), _as_flags(exc.hint or "") or None
             raise
         print(format_report(report))
         return 0 if report.ok else 2
-    for option in ("path", "label_map", "modality", "orientation", "supervoxels"):
-        if getattr(args, option):
+    for option in ("path", "label_map", "modality", "orientation", "supervoxels", "folds", "fold_ids", "support",
+                   "test_organs", "supp_idx", "n_shot"):
+        if getattr(args, option) is not None:
             raise DataError(
                 f"--{option.replace('_', '-')} is an option of check-data nifti_folder",
-                hint=f"{args.dataset} reads its layout under --root",
+                hint=f"{args.dataset} reads its layout under --root" if option not in _SUPPORT_FLAGS else
+                f"{args.dataset}'s folds and support scans are the protocol's, and every one shows its test organs",
             )
     report = check_dataset(
         args.dataset, _root_from(args), require_supervoxels=not args.no_supervoxels, n_sv=args.n_sv
@@ -169,10 +173,15 @@ def run_check_data(args: argparse.Namespace) -> int:
     return 0 if report.ok else 2
 
 
+#: check-data nifti_folder's flags that pick support scans (dests)
+_SUPPORT_FLAGS = ("folds", "fold_ids", "support", "test_organs", "supp_idx", "n_shot")
+
 #: a run's option -> check-data's flag, in messages
 _FLAGS = {"dataset.label_map": "--label-map", "dataset.path": "--path", "dataset.modality": "--modality",
           "dataset.orientation": "--orientation", "dataset.supervoxels": "--supervoxels",
-          "dataset.n_supervoxels": "--n-sv"}
+          "dataset.n_supervoxels": "--n-sv", "dataset.folds": "--folds", "dataset.fold_ids": "--fold-ids",
+          "dataset.support": "--support", "dataset.test_organs": "--test-organs", "protocol.supp_idx": "--supp-idx",
+          "protocol.n_shot": "--n-shot"}
 
 
 def _as_flags(text: str) -> str:
@@ -198,6 +207,16 @@ def _known_dataset(name: str, known: list[str]) -> None:
 def _modality_arg(text: str | None):
     """``--modality``: a name, or a per-scan mapping in override syntax (``{1:ct,2:mri}``)."""
     if text and text.strip().startswith("{"):
+        from ..data.options import parse_override_value
+
+        return parse_override_value(text)
+    return text
+
+
+def _override_arg(text: str | None):
+    """A flag given as a run gives the same option: a name (``loo``) or a list in override
+    syntax (``[[0,1,2],[3,4,5]]``, ``[liver,spleen]``)."""
+    if text and text.strip().startswith("["):
         from ..data.options import parse_override_value
 
         return parse_override_value(text)
@@ -287,4 +306,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     folder.add_argument("--orientation", help="axis codes the scans are brought to (default LAS), or as_stored")
     folder.add_argument("--supervoxels", help="pseudo-label folder (beside --path when relative), if training uses "
                         "one, or auto: which a run would make (their size: --n-sv)")
+    folder.add_argument("--folds", help="null (default) | all | loo | '[[0,1,2],[3,4,5]]' (scan positions)")
+    folder.add_argument("--fold-ids", help="folds by scan id, e.g. '[[p01,p02,p03],[p03,p04,p05]]'")
+    folder.add_argument("--support", help="a scan id: the support of every fold")
+    folder.add_argument("--test-organs", help="the organs evaluated, e.g. '[liver,spleen]' (default: every organ "
+                        "of --label-map)")
+    protocol = check.add_argument_group(
+        "support scans (the same options as protocol.* in a run): each one a run would draw must show every test organ")
+    protocol.add_argument("--supp-idx", type=int, default=None,
+                          help="the support's position in each fold (default: the config's protocol.supp_idx)")
+    protocol.add_argument("--n-shot", type=int, default=None, help="support scans per fold: --supp-idx and the next ones (default 1)")
     check.set_defaults(func=run_check_data)
