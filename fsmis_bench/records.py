@@ -308,6 +308,12 @@ def non_standard_options(cfg: DictConfig, random_weights: bool, checkpoint_sha25
         marks.append("organs=" + "+".join(protocol.organs))
     if protocol.get("max_queries") is not None:
         marks.append(f"max_queries={protocol.max_queries}")
+    # the training episodes of every reference code (PROTOCOL.md §5): records from before
+    # these keys were recorded hold them all the same (the config.yaml beside them)
+    if protocol.get("min_fg_pixels") is not None and int(protocol.min_fg_pixels) != 200:
+        marks.append(f"min_fg_pixels={protocol.min_fg_pixels}")
+    if cfg.get("train") is not None and cfg.train.get("augment") is False:
+        marks.append("augment=false")
     marks += published_config_deviations(cfg)
     if random_weights:
         marks.append("random_weights")
@@ -318,15 +324,21 @@ def non_standard_options(cfg: DictConfig, random_weights: bool, checkpoint_sha25
 
 def published_config_deviations(cfg: DictConfig) -> list[str]:
     """``key=value`` for every key of ``method.published_config`` (the configuration the
-    published numbers were obtained with: encoder, budget, ...) that this run changes."""
+    published numbers were obtained with: encoder, budget, the method's mechanics...) that
+    this run changes. A ``method.`` option left ``null`` is the method's default, which is
+    the published one (ADNet's ``init``); a value given where the published one is ``null``
+    (resolved per setting, e.g. Q-Net's ``path_weight``) counts as a change."""
     published = cfg.method.get("published_config") if cfg.get("method") is not None else None
     if not published:
         return []
-    return [
-        f"{key}={OmegaConf.select(cfg, key)}"
-        for key, value in published.items()
-        if OmegaConf.select(cfg, key) != value
-    ]
+    marks = []
+    for key, value in published.items():
+        mine = OmegaConf.select(cfg, key)
+        if mine is None and value is not None and key.startswith("method."):
+            continue
+        if mine != value:
+            marks.append(f"{key}={mine}")
+    return marks
 
 
 def nearest_existing(path: Path) -> Path:

@@ -21,12 +21,14 @@ torchvision so that its checkpoints fit.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -430,6 +432,14 @@ class ResNetEncoderMethod(Method):
 
     def uses_random_weights(self) -> bool:
         return self.encoder.random_weights
+
+    def resolved_options(self) -> dict[str, Any]:
+        """``cfg.method`` with every option as the method resolved it (ADNet's ``init``
+        null -> ``coco``, Q-Net's ``path_weight`` null -> its setting's value), for run.json."""
+        options = super().resolved_options()
+        if dataclasses.is_dataclass(self.options):
+            options.update(dataclasses.asdict(self.options))
+        return options
 
 
 __all__ = [

@@ -156,6 +156,46 @@ def test_departures_from_the_published_configuration_are_marked():
     ]
 
 
+
+@pytest.mark.parametrize(
+    ("overrides", "marks"),
+    [
+        # the training episodes every reference draws (PROTOCOL.md §5), for any method
+        (["method=adnet", "train.augment=false"], ["augment=false"]),
+        (["method=prototype", "protocol.min_fg_pixels=0"], ["min_fg_pixels=0"]),
+        # the mechanics and recipe of each reference, beyond its budget
+        (["method=adnet", "method.align_weight=0", "method.threshold_loss_weight=0", "method.bg_weight=1.0"],
+         ["method.bg_weight=1.0", "method.threshold_loss_weight=0", "method.align_weight=0"]),
+        (["method=adnet", "train.momentum=0", "train.lr_step_every=500", "train.grad_clip=1.0"],
+         ["train.momentum=0", "train.lr_step_every=500", "train.grad_clip=1.0"]),
+        (["method=adnet", "method.init=imagenet"], ["method.init=imagenet"]),
+        (["method=adnet", "method.init=coco"], []),  # what null means: the same run
+        (["method=qnet", "method.path_weight=0.5"], ["method.path_weight=0.5"]),
+        (["method=ssl_alpnet", "method.pool_window_test=4", "method.class_weights=[1,1]", "method.threshold=0.5"],
+         ["method.threshold=0.5", "method.pool_window_test=4", "method.class_weights=[1, 1]"]),
+        (["method=ssl_alpnet", "method.class_weights=[0.05,1.0]"], []),
+        (["method=sdfsmis", "method.qe_tau=0.5"], ["method.qe_tau=0.5"]),
+    ],
+    ids=["augment", "min-fg", "adnet-losses", "adnet-optimiser", "adnet-imagenet", "adnet-coco", "qnet-alpha",
+         "alpnet-mechanics", "alpnet-same-weights", "sdfsmis-tau"],
+)
+def test_a_changed_reference_mechanic_is_marked(overrides, marks):
+    """Each of these changes the reference's numbers: a report must not show the run as standard."""
+    assert non_standard_options(compose(overrides), False) == marks
+
+
+@pytest.mark.parametrize(("name", "overrides", "resolved"), [
+    ("adnet", [], {"init": "coco"}),
+    ("qnet", [], {"path_weight": 0.9}),
+    ("qnet", ["setting=2"], {"path_weight": 0.6}),
+])
+def test_run_records_the_options_the_method_resolved(name, overrides, resolved):
+    method = build_method([f"method={name}", "pretrained=false", "method.encoder=resnet18", *overrides])
+    options = method.resolved_options()
+    assert {key: options[key] for key in resolved} == resolved
+    assert options["encoder"] == "resnet18"  # the options the method does not resolve stay as composed
+
+
 # -- SSL-ALPNet: adaptive local prototypes ---------------------------------------------------
 def _feature_map() -> tuple[torch.Tensor, torch.Tensor]:
     """Channel 0 = 0..15 row-major on a 4 x 4 grid, channel 1 = 1; mask: the top-left 2 x 2
