@@ -73,10 +73,12 @@ _HASHED_UNLESS_DEFAULT = {"train.compile_scope": "model", "method.joint_pass": F
 _CADENCE = ("train.checkpoint_every", "train.log_every")
 #: How a record's hash was formed, newest first; :func:`run_dir_for` finds earlier records
 #: under the form they were made with. ``current``: the cadence left out, the pretrained
-#: weights by content. ``cadence``: the cadence hashed (records made before 2026-11-28).
+#: weights by content. ``weight_layout``: the weights' file layout hashed as well (a hub
+#: cache and a ``save_pretrained`` folder of the same files were two runs; records made
+#: before 2026-11-28 04:00 UTC). ``cadence``: also the cadence hashed (before 2026-11-28).
 #: ``weight_paths``: also the weights with the folders they were read from (before 2026-11-27).
-HashForm = Literal["current", "cadence", "weight_paths"]
-HASH_FORMS: tuple[HashForm, ...] = ("current", "cadence", "weight_paths")
+HashForm = Literal["current", "weight_layout", "cadence", "weight_paths"]
+HASH_FORMS: tuple[HashForm, ...] = ("current", "weight_layout", "cadence", "weight_paths")
 # Dataset options added after records existed, per dataset, with the value every earlier run
 # had: left out of the hash at that value, and wherever they change nothing. nifti_folder's
 # `n_supervoxels` and `supervoxels_out` only act with `supervoxels: auto`.
@@ -142,17 +144,20 @@ def _hashed_inputs(inputs: dict[str, Any], form: HashForm = "current") -> dict[s
     if checkpoint:
         hashed["checkpoint"] = {"sha256": checkpoint["sha256"]}
     if form != "weight_paths" and "weights" in hashed:
-        hashed["weights"] = weights_content(hashed["weights"])
+        hashed["weights"] = weights_content(hashed["weights"], with_layout=form != "current")
     return hashed
 
 
-def weights_content(weights: Any) -> Any:
-    """A record's ``inputs.weights`` without where each component was read from: the same
-    files in another folder (another node of a cluster, a moved cache) are the same weights,
-    the same run and the same training."""
+def weights_content(weights: Any, with_layout: bool = False) -> Any:
+    """A record's ``inputs.weights`` without where and how each component was stored: the
+    same files in another folder (another node of a cluster, a moved cache) or in another
+    layout (a hub cache, a ``save_pretrained`` folder) are the same weights, the same run and
+    the same training. ``with_layout``: keep the layout, as hashes made before 2026-11-28
+    04:00 UTC did."""
     if not isinstance(weights, dict):
         return weights
-    return {name: {k: v for k, v in component.items() if k not in _WEIGHT_LOCATION_KEYS}
+    dropped = _WEIGHT_LOCATION_KEYS if not with_layout else tuple(k for k in _WEIGHT_LOCATION_KEYS if k != "layout")
+    return {name: {k: v for k, v in component.items() if k not in dropped}
             if isinstance(component, dict) else component for name, component in weights.items()}
 
 
@@ -174,7 +179,7 @@ def _hashed_config(cfg: DictConfig, form: HashForm = "current") -> dict[str, Any
     if form not in HASH_FORMS:
         raise ValueError(f"unknown hash form {form!r}; known: {HASH_FORMS}")
     data = _plain(cfg)
-    for key in _UNHASHED + (_CADENCE if form == "current" else ()):
+    for key in _UNHASHED + (_CADENCE if form in ("current", "weight_layout") else ()):
         _drop(data, key)
     method = data.get("method")
     if isinstance(method, dict) and method.get("name") not in _PUBLISHED_CONFIG_HASHED:
@@ -218,7 +223,7 @@ def training_hash(cfg: DictConfig, inputs: dict[str, Any] | None = None, form: H
         weights = inputs.get("weights")
         by_path = form == "weight_paths" or weights is None
         picked["inputs"] = {"train_data": inputs.get("train_data"),
-                            "weights": weights if by_path else weights_content(weights)}
+                            "weights": weights if by_path else weights_content(weights, with_layout=form != "current")}
         if inputs.get("cpu_threads") is not None:  # CPU runs only (runner.identify)
             picked["inputs"]["cpu_threads"] = inputs["cpu_threads"]
     return _digest(picked)
@@ -235,8 +240,9 @@ def data_identity_hash(info: dict[str, Any]) -> str:
     return _digest({"train_data": inputs.get("train_data"), "test_data": inputs.get("test_data")})[:8]
 
 
-#: where a weights component was read from: not part of what the weights are
-_WEIGHT_LOCATION_KEYS = ("source", "location", "files", "base")
+#: where and how a weights component was stored: not part of what the weights are (the
+#: digest, and ``ema`` for a file holding two sets, are)
+_WEIGHT_LOCATION_KEYS = ("source", "location", "files", "base", "layout")
 
 
 def weights_identity_hash(info: dict[str, Any]) -> str:

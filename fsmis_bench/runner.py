@@ -267,8 +267,8 @@ def _record_dir(cfg: DictConfig, inputs: dict[str, Any]) -> tuple[Path, HashForm
     if current.exists():
         return current, "current"
     for form in HASH_FORMS[1:]:
-        if form == "weight_paths" and not inputs.get("weights"):
-            continue  # without weights that form equals `cadence`
+        if form in ("weight_paths", "weight_layout") and not inputs.get("weights"):
+            continue  # without weights these forms equal `cadence` and `current`
         earlier = run_dir_for(cfg, inputs, form)
         if earlier != current and earlier.exists():
             return earlier, form

@@ -37,6 +37,8 @@ from torch import nn
 from fsmis_bench.errors import ConfigError, FsmisError
 from fsmis_bench.method import Method
 
+from ._pickle_safety import read_pickle
+
 #: blocks per stage and block type of each supported depth.
 RESNET_LAYERS: dict[int, tuple[str, tuple[int, int, int, int]]] = {
     18: ("basic", (2, 2, 2, 2)),
@@ -291,10 +293,8 @@ def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], WeightFile]:
             f"{path} is damaged or not the released file: its SHA-256 starts {sha[:8]}, its name says {prefix.group(1)}",
             hint="download it again",
         )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a truncated file, a pickle with code in it, ...
-        raise FsmisError(f"cannot read {path}: {exc}", hint="download it again; only plain state dicts load") from None
+    # a pickle with code in it is refused as such (a safety stop), a truncated file as damage
+    state = read_pickle(path, "the ResNet encoder weights", hint="download it again; only plain state dicts load")
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     return state, WeightFile(str(path), sha)

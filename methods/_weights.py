@@ -356,6 +356,13 @@ def download(cfg: Any, method: str | None, overrides: list[str], dry_run: bool, 
     if not fetches:
         print("nothing to download")
         return 0
+    if not dry_run and hub_offline():  # at once, not after huggingface_hub's retries (half a minute)
+        raise FsmisError(
+            f"cannot download {', '.join(f.repo for f in fetches)}: the hub is unreachable from here (or "
+            "HF_HUB_OFFLINE=1 is set)",
+            hint="download on a machine with network access to huggingface.co (fsmis-bench weights download "
+                 f"{' '.join(overrides)}) and copy $FSMIS_WEIGHTS_ROOT here; --dry-run lists what goes where",
+        )
     for fetch in fetches:
         print(f"  {fetch.repo} ({', '.join(fetch.names)}) -> {fetch.local_dir}")
         if dry_run:

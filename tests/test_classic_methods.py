@@ -117,6 +117,36 @@ def test_checkpoint_file_loads_with_identity_and_hash_check(tmp_path):
         build_resnet_encoder("resnet18", "imagenet", pretrained=True, dilation=(False, False, False), with_fc=True, source=str(bad))
 
 
+
+class _RunsCode:
+    """Unpickling this runs a shell command, as a malicious checkpoint would."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_an_encoder_file_with_code_in_it_is_refused_as_such_and_nothing_runs(tmp_path):
+    marker = tmp_path / "ran"
+    evil = tmp_path / "evil_resnet.pth"
+    torch.save({"conv1.weight": torch.zeros(1), "payload": _RunsCode(marker)}, evil)
+    with pytest.raises(FsmisError) as error:
+        build_resnet_encoder("resnet18", "imagenet", pretrained=True, dilation=(False, False, False), with_fc=True,
+                             source=str(evil))
+    assert "holds non-tensor Python objects (posix.system), so it was refused" in error.value.message
+    assert "nothing in the file was run" in error.value.message and "\n" not in error.value.message
+    assert not marker.exists()
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(_write_checkpoint(tmp_path, "whole", ResNet(18).state_dict()).read_bytes()[:5000])
+    with pytest.raises(FsmisError, match="truncated or not a torch checkpoint"):
+        build_resnet_encoder("resnet18", "imagenet", pretrained=True, dilation=(False, False, False), with_fc=True,
+                             source=str(truncated))
+
+
 def test_missing_weights_say_where_to_put_them(tmp_path, monkeypatch):
     monkeypatch.setattr("fsmis_methods._resnet_encoders._host_answers", lambda url, timeout=1.5: False)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))

@@ -798,6 +798,36 @@ def test_the_same_weights_in_another_folder_are_the_same_run_and_earlier_records
     assert _info(earlier)["status"] == "complete" and not on_b.run_dir.exists()
 
 
+def test_the_same_weights_in_another_layout_are_the_same_run_and_earlier_records_are_still_found(
+        tmp_path, results_dir, monkeypatch):
+    """`weights download` writes a save_pretrained folder, `hf download` a hub cache: the same
+    files either way, so one run, one training and one report row."""
+    from fsmis_bench.records import training_hash, weights_identity_hash
+    from fsmis_methods.support_copy import SupportCopy
+
+    args = ["method=support_copy", *_nifti_folder(tmp_path / "scans")]
+    in_folder = _weights_at("/root/stable-diffusion-v1-5")
+    in_folder["unet"]["layout"] = "folder (save_pretrained)"
+    in_cache = _weights_at("/root/hub/models--sd")
+    in_cache["unet"]["layout"] = "hub cache"
+    monkeypatch.setattr(SupportCopy, "weight_identity", lambda self: in_folder)
+    from_folder = identify(compose(args))
+    monkeypatch.setattr(SupportCopy, "weight_identity", lambda self: in_cache)
+    from_cache = identify(compose(args))
+    assert from_folder.run_dir == from_cache.run_dir
+    assert training_hash(from_folder.cfg, from_folder.inputs) == training_hash(from_cache.cfg, from_cache.inputs)
+    assert (weights_identity_hash({"inputs": from_folder.inputs})
+            == weights_identity_hash({"inputs": from_cache.inputs}) != "")
+    # a record made while the layout was hashed is found where it lies, and resumed there
+    earlier = run_dir_for(from_cache.cfg, from_cache.inputs, "weight_layout")
+    assert earlier != from_cache.run_dir
+    earlier.mkdir(parents=True)
+    found = identify(compose(args))
+    assert found.run_dir == earlier and found.hash_form == "weight_layout"
+    assert main(["run", *args]) == 0
+    assert _info(earlier)["status"] == "complete" and not from_cache.run_dir.exists()
+
+
 def test_the_recorded_commit_is_only_that_of_a_checkout_tracking_the_package(tmp_path):
     import subprocess
 

@@ -11,6 +11,7 @@ import pytest
 import sd_layouts as L
 from fsmis_bench.cli import main
 from fsmis_methods import _sd_components as sdc
+from fsmis_methods import _weights as weights_module
 from fsmis_methods._hub import select_repo_files
 
 
@@ -89,6 +90,7 @@ def test_download_fetches_exactly_what_the_loaders_read(tmp_path: Path, monkeypa
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    monkeypatch.setattr(weights_module, "hub_offline", lambda: False)  # "the hub" above is reachable
     root = tmp_path / "root"
     assert main(["weights", "download", "backbone=sd15", f"weights_root={root}", "--dry-run"]) == 0
     assert calls == [] and not root.exists()
@@ -105,6 +107,24 @@ def test_download_fetches_exactly_what_the_loaders_read(tmp_path: Path, monkeypa
     # a second download finds everything and fetches nothing
     assert main(["weights", "download", "backbone=sd15", f"weights_root={root}"]) == 0
     assert len(calls) == 2 and "nothing to download" in capsys.readouterr().out
+
+
+def test_download_without_the_hub_stops_at_once_with_what_to_do(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """Not after huggingface_hub's retries (about half a minute): the hub is checked first."""
+    import huggingface_hub
+
+    class FakeApi:
+        def list_repo_files(self, repo_id: str) -> list[str]:
+            raise AssertionError("the hub was contacted")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", FakeApi().list_repo_files)
+    monkeypatch.setattr(weights_module, "hub_offline", lambda: True)
+    assert main(["weights", "download", "backbone=tiny", f"weights_root={tmp_path / 'root'}"]) == 2
+    err = capsys.readouterr().err
+    assert "error: cannot download madebyollin/taesd: the hub is unreachable from here" in err
+    assert "fsmis-bench weights download backbone=tiny" in err and "Traceback" not in err
 
 
 def test_download_needs_a_destination(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
