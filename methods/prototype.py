@@ -2,8 +2,11 @@
 
 Support features are masked-average-pooled into a foreground and a background prototype;
 each query position is classified by scaled cosine similarity to the two. Training adds
-PANet's prototype-alignment loss (the query's predicted mask, used as a support, must
-segment the support back). Fast enough for CPU.
+an alignment loss after PANet's idea (the query's prediction, used as a support, must
+segment the support back), in a form of its own: the soft foreground probability (PANet:
+the argmax mask), the first shot only, masks pooled to the feature grid (PANet: features
+upsampled to the mask). A baseline of this benchmark, not a reproduction of PANet. Fast
+enough for CPU.
 """
 
 from __future__ import annotations

@@ -289,19 +289,23 @@ def masked_token_average(tokens: torch.Tensor, masks: torch.Tensor, grid: tuple[
     """Average of the patch tokens under the mask resized to the patch grid and > 0.5.
 
     A mask too small to cover half of any patch selects nothing. ``empty="soft"``: the
-    resized (soft) mask itself weights the average, so a tiny organ still gives its own
-    feature. ``"zero"`` (code): the average is zero, as the code's sum over ``mask sum + 1e-6``.
+    fraction of each patch the mask covers weights the average instead, so a tiny organ
+    still gives its own feature. ``"zero"`` (code): the average is zero, as the code's sum
+    over ``mask sum + 1e-6``.
 
     Args:
         tokens: ``(N, gh * gw, d)``; masks: ``(N, 1, H, W)`` in {0, 1}.
     Returns:
         ``(N, d)``.
     """
-    soft = F.interpolate(masks.float(), size=grid, mode="bilinear", align_corners=False).flatten(1)
-    hard = (soft > 0.5).to(tokens.dtype)
+    resized = F.interpolate(masks.float(), size=grid, mode="bilinear", align_corners=False).flatten(1)
+    hard = (resized > 0.5).to(tokens.dtype)
     if empty == "zero":
         return (tokens * hard[..., None]).sum(1) / (hard.sum(1, keepdim=True) + 1e-6)
-    weights = torch.where(hard.sum(1, keepdim=True) > 0, hard, soft.to(tokens.dtype))
+    # bilinear resizing reads 2 of every 16 pixels (256 -> 16, no antialiasing): a small organ
+    # between them would vanish from the fallback too, so it counts what each patch covers
+    covered = F.interpolate(masks.float(), size=grid, mode="area").flatten(1).to(tokens.dtype)
+    weights = torch.where(hard.sum(1, keepdim=True) > 0, hard, covered)
     return (tokens * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp_min(1e-6)
 
 

@@ -204,10 +204,24 @@ def test_a_mask_below_every_patch_pools_soft_by_default_and_nothing_in_the_code_
     assert torch.allclose(code, expected, atol=1e-6)
     assert torch.count_nonzero(code[0]) == 0
     paper = masked_token_average(tokens, masks, (4, 4))
-    soft = resized[0].flatten()
-    assert torch.allclose(paper[0], (tokens[0] * soft[:, None]).sum(0) / soft.sum(), atol=1e-6)
     assert torch.allclose(paper[0], tokens[0, 0], atol=1e-6)  # only the first patch has weight
     assert torch.allclose(paper[1], code[1], atol=1e-5)  # a mask over whole patches: the same
+
+
+def test_the_soft_fallback_sees_an_organ_between_the_pixels_bilinear_resizing_reads():
+    """256 -> 16 bilinear (no antialiasing) reads only pixels 16 i + 7 and 16 i + 8: an organ
+    between them is all zero after resizing, but the paper form must still pool its patches,
+    weighted by how much of each the mask covers."""
+    generator = torch.Generator().manual_seed(1)
+    tokens = torch.randn(1, 256, 3, generator=generator)  # 16 x 16 grid
+    masks = torch.zeros(1, 1, 256, 256)
+    masks[..., 33:38, 17:23] = 1.0  # 5 x 6 px inside patch (2, 1), missing rows 39/40 and columns 23/24
+    masks[..., 48:51, 16:22] = 1.0  # 3 x 6 px inside patch (3, 1)
+    assert F.interpolate(masks, size=(16, 16), mode="bilinear", align_corners=False).max() == 0
+    assert torch.count_nonzero(masked_token_average(tokens, masks, (16, 16), empty="zero")) == 0
+    paper = masked_token_average(tokens, masks, (16, 16))
+    expected = (30 * tokens[0, 2 * 16 + 1] + 18 * tokens[0, 3 * 16 + 1]) / 48
+    assert torch.allclose(paper[0], expected, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------
