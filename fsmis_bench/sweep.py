@@ -266,13 +266,15 @@ def check_sweep(overrides: list[str]) -> list[tuple[list[str], DictConfig]]:
 
 
 def _check_folds(composed: list[tuple[list[str], DictConfig]]) -> None:
-    """A fold the test dataset does not have stops the sweep before any job, as it stops a
+    """A fold the test dataset does not have, or a setting it does not define (setting 2 on
+    a dataset without setting-2 organ groups), stops the sweep before any job, as it stops a
     single run. A dataset that cannot be built here (its data missing) is left to its jobs,
     which fail one by one and keep the others' results."""
     import json
 
     from .errors import DataError
-    from .runner import build_test_dataset
+    from .protocol.settings import eval_groups
+    from .runner import build_dataset, build_test_dataset
 
     datasets: dict[str, Any] = {}
     for _, cfg in composed:
@@ -283,12 +285,16 @@ def _check_folds(composed: list[tuple[list[str], DictConfig]]) -> None:
             warnings.simplefilter("ignore")  # each job shows its data's warnings itself
             if key not in datasets:
                 try:
-                    datasets[key] = build_test_dataset(cfg)
+                    train = build_dataset(cfg.dataset, cfg.data_root)
+                    datasets[key] = (train, build_test_dataset(cfg, train))
                 except DataError:
                     datasets[key] = None
             if datasets[key] is not None:
+                train, test = datasets[key]
+                eval_groups(train, test, int(cfg.setting), str(cfg.protocol.exclusion),  # the run's own ConfigError
+                            str(cfg.protocol.train_labels), str(cfg.protocol.get("gt_exclusion", "per_group")))
                 try:
-                    datasets[key].fold_cases(int(cfg.fold))  # a fold it lacks: the run's own ConfigError
+                    test.fold_cases(int(cfg.fold))  # a fold it lacks: the run's own ConfigError
                 except DataError:
                     pass
 

@@ -115,6 +115,15 @@ def test_every_config_is_checked_before_anything_runs(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: fold=7 does not exist for phantom") and "use fold=0..4" in err
     assert not any(tmp_path.iterdir())
+    # a setting the dataset does not define (card_mri has no setting 2), among good ones
+    from fsmis_datasets.phantom import Phantom
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Phantom, "setting2_groups", ())
+        assert main(["run", "-m", *SUPPORT_COPY, "setting=1,2", f"results_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: setting 2 is defined for the abdominal datasets only; phantom has no")
+    assert not any(tmp_path.iterdir())
     (tmp_path / "a_file").write_text("x")  # a results folder that is a file: before any job, as a run says it
     assert main(["run", "-m", *SUPPORT_COPY, "fold=0,1", f"results_dir={tmp_path / 'a_file'}"]) == 2
     err = capsys.readouterr().err
