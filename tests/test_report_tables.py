@@ -69,9 +69,10 @@ def records(tmp_path_factory: pytest.TempPathFactory) -> Path:
                                                             vol("spleen", "1", 0.9), vol("spleen", "2", 0.9)])
             write_record(root, "beta", "abd_mri", 1, 0, 1, [vol("liver", "1", 0.7), vol("liver", "2", 0.7),
                                                             vol("spleen", "1", 0.9), vol("spleen", "2", 0.9)])
-        else:
-            write_record(root, "beta", "abd_mri", 1, fold, 0, [vol("liver", "1", 0.6), vol("liver", "2", 0.6),
-                                                               vol("spleen", "1", 0.9), vol("spleen", "2", 0.9)])
+        else:  # two seeds on every fold: a row averaging unequal seed counts is marked (test_report_audit.py)
+            for seed in (0, 1):
+                write_record(root, "beta", "abd_mri", 1, fold, seed, [vol("liver", "1", 0.6), vol("liver", "2", 0.6),
+                                                                      vol("spleen", "1", 0.9), vol("spleen", "2", 0.9)])
         # pooled Dice, non-standard: liver pooled = 200/220; per-volume mean would be 0.807
         write_record(root, "alpha", "abd_mri", 1, fold, 0,
                      [("liver", "1", 10, 0, 10), ("liver", "2", 90, 10, 0), vol("spleen", "1", 0.5), vol("spleen", "2", 0.5)],

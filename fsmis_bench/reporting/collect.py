@@ -20,6 +20,7 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
@@ -34,7 +35,8 @@ from ..errors import FsmisError
 from ..records import data_identity_hash
 from .style import dataset_display, eval_display, organ_display
 
-#: folds of every dataset in the EP1 protocol (PROTOCOL.md §2)
+#: folds of the built-in datasets in the EP1 protocol (PROTOCOL.md §2), and of any dataset
+#: whose record does not say how many it has (:func:`dataset_fold_count`)
 N_FOLDS = 5
 
 #: organ order in tables and figures: the paper's abdominal order, then cardiac, then the rest
@@ -258,12 +260,7 @@ def published_deviations(method: str, config: dict[str, Any] | None) -> list[str
         return []  # not a resolved run config (a hand-written or synthetic record)
     recorded = config["method"].get("published_config")
     published = list(recorded.items()) if isinstance(recorded, dict) and recorded else list(shipped_published_config(method))
-    marks = []
-    for key, value in published:
-        found, current = _lookup(config, key)
-        if found and current != value:
-            marks.append(f"{key}={current}")
-    return marks
+    return records.published_marks(published, lambda key: _lookup(config, key))
 
 
 def _label_value(value: Any) -> str:
@@ -281,6 +278,50 @@ def _label_value(value: Any) -> str:
 
 def row_label(method: str, variant: str) -> str:
     return method if not variant else f"{method} [{variant}]"
+
+
+def dataset_fold_count(meta: dict[str, Any]) -> int:
+    """How many folds the test dataset of a record has, as its record says.
+
+    A row of a table is complete when it has every fold of the dataset it evaluated: five
+    for the built-in datasets, but one for a ``nifti_folder`` of fewer than ten scans (a test
+    set), one per other scan with ``folds=loo``. Read, in this order: ``inputs.test_data``
+    ``n_folds`` (a count a dataset may record), its ``folds`` (``nifti_folder`` records the
+    scan ids of each fold), the fixed folds of the built-in preprocessed datasets
+    (:data:`fsmis_bench.protocol.folds.FOLDS`), the phantom's (from its recorded
+    ``n_cases``, as it defines them); else :data:`N_FOLDS`, so that a record made before
+    the dataset recorded its folds counts as before.
+    """
+    from ..protocol.folds import FOLDS, folds_for
+
+    inputs = meta.get("inputs")
+    test_data = inputs.get("test_data") if isinstance(inputs, dict) else None
+    test_data = test_data if isinstance(test_data, dict) else {}
+    count = test_data.get("n_folds")
+    if isinstance(count, int) and not isinstance(count, bool) and count > 0:
+        return count
+    folds = test_data.get("folds")
+    if isinstance(folds, list) and folds:
+        return len(folds)
+    name = str(test_data.get("name") or meta.get("test_dataset") or meta.get("dataset") or "")
+    if name in FOLDS:
+        return len(FOLDS[name])
+    if name == "phantom":  # its folds follow its size (datasets/phantom.py), 10 scans unless set
+        options = test_data.get("options")
+        n_cases = options.get("n_cases", 10) if isinstance(options, dict) else 10
+        try:
+            return len(folds_for(int(n_cases)))
+        except (TypeError, ValueError, FsmisError):
+            return N_FOLDS
+    return N_FOLDS
+
+
+def cpu_thread_count(meta: dict[str, Any]) -> int | None:
+    """The torch thread count a CPU run recorded (``inputs.cpu_threads``), None where it
+    recorded none (a GPU run, an older record)."""
+    inputs = meta.get("inputs")
+    threads = inputs.get("cpu_threads") if isinstance(inputs, dict) else None
+    return int(threads) if isinstance(threads, int) and not isinstance(threads, bool) else None
 
 
 @dataclass
@@ -385,6 +426,8 @@ def load_results(results_dir: str | Path) -> Results:
 
     runs = pd.DataFrame(run_rows, columns=RUN_COLUMNS)
     runs["steps"] = runs["steps"].astype("Int64")  # whole numbers, empty where unknown
+    runs["cpu_threads"] = runs["cpu_threads"].astype("Int64")  # empty for GPU runs and older records
+    runs["dataset_folds"] = runs["dataset_folds"].astype("int64")
     runs, config_notes = _split_by_config(runs, configs)
     notes.extend(config_notes)
     runs = _split_by_data(runs)
@@ -393,6 +436,7 @@ def load_results(results_dir: str | Path) -> Results:
     mean_dice = {str(frame["run_dir"].iloc[0]): float(frame["dice"].mean()) for frame in case_frames}
     runs, superseded = _drop_superseded(runs, mean_dice)
     notes.extend(superseded)
+    notes.extend(mixed_thread_notes(runs))
     kept = set(runs["run_dir"])
     if case_frames:
         cases = pd.concat(case_frames, ignore_index=True)
@@ -410,6 +454,7 @@ RUN_COLUMNS = [
     "run_dir", "method", "train_dataset", "dataset", "setting", "fold", "seed", "backbone",
     "pretrained", "random_weights", "random_reason", "fidelity", "dice_mode", "steps", "non_standard",
     "variant", "config_hash", "config_id", "finished_at", "data_id", "weights_id", "code_id",
+    "dataset_folds", "cpu_threads",
 ]
 
 
@@ -495,6 +540,8 @@ def _read_run(run_dir: Path) -> tuple[dict, pd.DataFrame, dict[str, Any]]:
         "data_id": data_identity_hash(meta),
         "weights_id": records.weights_identity_hash(meta),
         "code_id": plugin_release(meta),
+        "dataset_folds": dataset_fold_count(meta),
+        "cpu_threads": cpu_thread_count(meta),
     }
     cases = cases.copy()
     for column in ("tp", "fp", "fn"):
@@ -730,13 +777,39 @@ def folder_hash_note(run_dir: Path, config_hash: str) -> str | None:
             "(a copied or renamed run folder?)")
 
 
-def _dice_differ_text(mean_dice: dict[str, float], dropped: str, kept: str) -> str:
-    """``; their Dice differ (...)`` when two runs that should be identical are not, else ``""``."""
+def _dice_differ_text(mean_dice: dict[str, float], dropped: str, kept: str, threads_differ: bool = False) -> str:
+    """``; their Dice differ (...)`` when two runs that should be identical are not, else ``""``.
+
+    Args:
+        threads_differ: the two recorded different CPU thread counts, which explains
+            differing last digits (a CPU's float sums depend on how many threads share them).
+    """
     a, b = mean_dice.get(dropped), mean_dice.get(kept)
     if a is None or b is None or abs(a - b) <= DICE_TOLERANCE:
         return ""
-    return (f"; their Dice differ (mean over cases.csv {a:.4f} superseded, {b:.4f} kept): the same configuration "
-            "gave other numbers (nondeterminism, or a record edited by hand)")
+    why = ("as expected from their CPU thread counts (a CPU's float sums depend on how many threads share them)"
+           if threads_differ else "the same configuration gave other numbers (nondeterminism, or a record edited by hand)")
+    return f"; their Dice differ (mean over cases.csv {a:.4f} superseded, {b:.4f} kept): {why}"
+
+
+def _threads_text(threads: object) -> str:
+    """``2 CPU threads``, ``1 CPU thread``; ``no CPU thread count`` where none was recorded."""
+    if threads is None or pd.isna(threads):
+        return "no CPU thread count"
+    return f"{int(threads)} CPU thread{'s' if int(threads) != 1 else ''}"
+
+
+def _superseded_note(path: str, kept: str, threads: tuple[object, object], mean_dice: dict[str, float]) -> str:
+    """The note on one superseded record; says so where the two differ in CPU thread count
+    (which the identity of a superseding run leaves out on purpose, see :func:`_drop_superseded`)."""
+    dropped_threads, kept_threads = threads
+    if _threads_text(dropped_threads) != _threads_text(kept_threads):
+        return (f"superseded by a later run with the same method, variant, configuration, data, weights, plugin release, "
+                f"fold and seed that differs only in its CPU thread count: {path} ({_threads_text(dropped_threads)}, "
+                f"not counted; kept {kept}, {_threads_text(kept_threads)})"
+                + _dice_differ_text(mean_dice, path, kept, threads_differ=True))
+    return (f"superseded by a later run with the same method, variant, configuration, data, weights, plugin release, "
+            f"fold and seed: {path} (kept {kept})" + _dice_differ_text(mean_dice, path, kept))
 
 
 def _drop_superseded(runs: pd.DataFrame, mean_dice: dict[str, float] | None = None) -> tuple[pd.DataFrame, list[str]]:
@@ -748,6 +821,13 @@ def _drop_superseded(runs: pd.DataFrame, mean_dice: dict[str, float] | None = No
     nothing that changes a number (e.g. ``train.log_every``, the folder the weights were
     read from) and counting both would weigh that fold twice. Runs configured differently
     are never dropped; :func:`_split_by_config` has made them separate rows.
+
+    The CPU thread count (``inputs.cpu_threads``) is part of a run's record identity but not
+    of this one: it changes only a CPU run's rounding (last digits), not what was computed,
+    so two runs of one fold and seed that differ in it are the same measurement twice, and
+    counting both would weigh that fold twice. The later is kept and the note says that the
+    thread count is the difference (:func:`mixed_thread_notes` says where a row's folds
+    used different counts).
 
     Args:
         mean_dice: run folder -> its mean Dice over ``cases.csv``; the note says when a
@@ -761,13 +841,91 @@ def _drop_superseded(runs: pd.DataFrame, mean_dice: dict[str, float] | None = No
     ordered = runs.sort_values(["finished_at", "run_dir"])
     duplicated = ordered.duplicated(identity, keep="last")
     kept = ordered[~ordered.duplicated(identity, keep="last")].set_index(identity)["run_dir"]
-    notes = [
-        f"superseded by a later run with the same method, variant, configuration, data, weights, plugin release, "
-        f"fold and seed: {path} "
-        f"(kept {kept.loc[tuple(row)]})" + _dice_differ_text(mean_dice, path, kept.loc[tuple(row)])
-        for path, row in zip(ordered.loc[duplicated, "run_dir"], ordered.loc[duplicated, identity].itertuples(index=False))
-    ]
+    threads = dict(zip(ordered["run_dir"], ordered["cpu_threads"])) if "cpu_threads" in ordered else {}
+    notes = []
+    for path, row in zip(ordered.loc[duplicated, "run_dir"], ordered.loc[duplicated, identity].itertuples(index=False)):
+        keeper = kept.loc[tuple(row)]
+        notes.append(_superseded_note(path, keeper, (threads.get(path), threads.get(keeper)), mean_dice))
     return ordered[~duplicated].sort_index().reset_index(drop=True), notes
+
+
+#: the columns of one table row's evaluation: a (method, variant) in one evaluation and setting
+EVAL_ROW_KEY = ["method", "variant", "train_dataset", "dataset", "setting"]
+
+
+def _folds_text(values: dict[int, str], describe: Callable[[str], str]) -> str:
+    """``fold 0: seeds 0,1; folds 1,2: seed 0``: folds grouped by ``describe(value)``."""
+    by_text: dict[str, list[int]] = {}
+    for fold in sorted(values):
+        by_text.setdefault(describe(values[fold]), []).append(fold)
+    return "; ".join(f"fold{'s' if len(folds) > 1 else ''} {','.join(map(str, folds))}: {text}"
+                     for text, folds in by_text.items())
+
+
+def mixed_thread_notes(runs: pd.DataFrame) -> list[str]:
+    """A note per table row whose folds were computed with different CPU thread counts.
+
+    The thread count does not split rows (it changes only a CPU run's rounding, not what it
+    computes), but the README counts it as part of a run's identity, so a row that mixes
+    counts says so rather than silently; runs without a recorded count (GPU runs, older
+    records) are named too where others have one.
+    """
+    if runs.empty or "cpu_threads" not in runs:
+        return []
+    notes = []
+    for (method, variant, train, dataset, setting), group in runs.groupby(EVAL_ROW_KEY, sort=True):
+        counts = {_threads_text(t) for t in group["cpu_threads"]}
+        if len(counts) < 2:
+            continue
+        per_fold = {int(fold): " and ".join(sorted({_threads_text(t) for t in of_fold["cpu_threads"]}))
+                    for fold, of_fold in group.groupby("fold")}
+        notes.append(f"{row_label(method, variant)}, {eval_label(train, dataset)} setting {setting}: its runs were "
+                     f"computed with different CPU thread counts ({_folds_text(per_fold, str)}); averaged in one row, "
+                     "since the thread count changes only a CPU run's last digits, not what it computes")
+    return notes
+
+
+def seeds_per_fold(runs: pd.DataFrame) -> dict[tuple, dict[int, tuple[int, ...]]]:
+    """(method, variant, train_dataset, dataset, setting) -> fold -> its seeds, sorted."""
+    if runs.empty:
+        return {}
+    out: dict[tuple, dict[int, tuple[int, ...]]] = {}
+    for key, group in runs.groupby([*EVAL_ROW_KEY, "fold"], sort=True):
+        *row, fold = key
+        out.setdefault(tuple(row), {})[int(fold)] = tuple(sorted({int(s) for s in group["seed"]}))
+    return out
+
+
+def uneven_seeds(seeds: dict[int, tuple[int, ...]]) -> bool:
+    """Whether the folds of one row were averaged over different numbers of seeds."""
+    return len({len(s) for s in seeds.values()}) > 1
+
+
+def seeds_text(seeds: dict[int, tuple[int, ...]]) -> str:
+    """``fold 0: seeds 0,1; folds 1,2: seed 0``: which folds have which seeds."""
+    return _folds_text({fold: ",".join(map(str, s)) for fold, s in seeds.items()},
+                       lambda text: f"seed{'s' if ',' in text else ''} {text}")
+
+
+def uneven_seed_rows(results: "Results") -> dict[tuple, str]:
+    """(method, variant, train_dataset, dataset, setting) -> :func:`seeds_text`, for every
+    evaluation of a row whose folds have unequal seed counts: its fold scores, each the mean
+    over that fold's seeds, average a several-seed fold with a one-seed fold (the mean
+    weighs them alike), so it is neither the one-seed nor the several-seed protocol."""
+    return {key: seeds_text(seeds) for key, seeds in seeds_per_fold(results.runs).items() if uneven_seeds(seeds)}
+
+
+def expected_folds(results: "Results") -> dict[tuple, int]:
+    """(method, variant, train_dataset, dataset, setting) -> the folds of its test dataset
+    (:func:`dataset_fold_count`; the most its runs record; :data:`N_FOLDS` for runs frames
+    without the column)."""
+    runs = results.runs
+    if runs.empty:
+        return {}
+    if "dataset_folds" not in runs:
+        return {tuple(key): N_FOLDS for key in runs[EVAL_ROW_KEY].drop_duplicates().itertuples(index=False)}
+    counts = runs.groupby(EVAL_ROW_KEY, sort=True)["dataset_folds"].max()
+    return {tuple(key): int(n) for key, n in counts.items()}
 
 
 def compute_fold_scores(runs: pd.DataFrame, cases: pd.DataFrame) -> pd.DataFrame:
@@ -848,7 +1006,9 @@ def long_fold_csv(results: Results) -> pd.DataFrame:
     """The ``--format csv`` output: organ score per fold, long format, Dice in 0..1.
 
     Columns :data:`FOLD_CSV_COLUMNS`: ``dice`` is the fold's organ score (per the run's
-    ``protocol.dice``) averaged over ``n_seeds`` seeds; ``markers`` lists ``incomplete``,
+    ``protocol.dice``) averaged over ``n_seeds`` seeds; ``markers`` lists ``incomplete``
+    (fewer folds than the test dataset has, :func:`dataset_fold_count`), ``uneven_seeds``
+    (the row's folds have different numbers of seeds, :func:`uneven_seed_rows`),
     ``random_weights`` and ``non_standard:<options>``, ``;``-separated.
     """
     scores = results.fold_scores.copy()
@@ -859,14 +1019,17 @@ def long_fold_csv(results: Results) -> pd.DataFrame:
         ])
     scores = scores.merge(flags, on=["method", "variant"], how="left")
     complete = _fold_counts(scores)
-    scores = scores.merge(complete, on=["method", "variant", "train_dataset", "dataset", "setting"])
+    scores = scores.merge(complete, on=EVAL_ROW_KEY)
+    wanted, uneven = expected_folds(results), uneven_seed_rows(results)
+    keys = list(zip(*(scores[c] for c in EVAL_ROW_KEY)))
     scores["markers"] = [
         ";".join(m for m, on in (
-            ("incomplete", n < N_FOLDS),
+            ("incomplete", n < wanted.get(key, N_FOLDS)),
+            ("uneven_seeds", key in uneven),
             ("random_weights", bool(r)),
             ("non_standard:" + ns if ns else "", bool(ns)),
         ) if on)
-        for n, r, ns in zip(scores["n_folds"], scores["random_weights"], scores["non_standard"])
+        for key, n, r, ns in zip(keys, scores["n_folds"], scores["random_weights"], scores["non_standard"])
     ]
     scores["_organ"] = scores["organ"].map(organ_sort_key)
     scores["_dataset"] = scores["dataset"].map(dataset_sort_key)
@@ -952,6 +1115,21 @@ LEGACY_EXCLUSION_NOTE = ("the published setting-2 numbers were made with the leg
 
 EXCLUSION_CAVEAT = "published: legacy exclusion (all four organs); this run: exclusion=any (stricter)"
 
+#: the non-standard option that is the published setting-2 numbers' own rule
+LEGACY_EXCLUSION_OPTION = "exclusion=all"
+
+#: what a footnote says of a run whose only non-standard option is :data:`LEGACY_EXCLUSION_OPTION`:
+#: not the benchmark's standard protocol, but the rule of the published setting-2 numbers, so
+#: the generic "not comparable with published numbers" would say the opposite of the truth
+EXCLUSION_ALL_NOTE = ("[exclusion=all]: the legacy setting-2 exclusion (training drops only slices that show all "
+                      "four test organs at once), not the benchmark's standard, stricter exclusion=any, but the "
+                      "rule the published setting-2 numbers used, so comparable with them")
+
+
+def only_legacy_exclusion(options: str) -> bool:
+    """Whether ``options`` (``;``-joined non-standard options) are exclusion=all alone."""
+    return [o for o in options.split(";") if o] == [LEGACY_EXCLUSION_OPTION]
+
 
 def exclusion_caveat(setting: int, options: str) -> str:
     """``LEGACY_EXCLUSION_NOTE``'s short form for a run of ``setting`` whose non-standard
@@ -971,7 +1149,7 @@ RANDOM_WEIGHTS_CAVEATS: dict[str, str] = {
 
 
 def comparison_caveat(method: str, setting: int, options: str, random_reasons: str = "",
-                      n_folds: int | None = None) -> str:
+                      n_folds: int | None = None, of_folds: int = N_FOLDS) -> str:
     """Why a run of ``method`` is not like-for-like with its published number, ``; ``-joined,
     ``""`` where it is: what the figures' footnotes mark, so that the CSV a caption points to
     says it too.
@@ -981,7 +1159,8 @@ def comparison_caveat(method: str, setting: int, options: str, random_reasons: s
             (``train.steps=30``) or a protocol option; ``exclusion=all`` is left out (it is
             the published setting-2 exclusion, see :func:`exclusion_caveat`).
         random_reasons: why it has random weights (:func:`random_weights_reason`, ``;``-joined).
-        n_folds: folds behind the value; fewer than :data:`N_FOLDS` are said.
+        n_folds: folds behind the value; fewer than ``of_folds`` are said.
+        of_folds: the folds of the evaluated dataset (:func:`dataset_fold_count`).
     Returns:
         the method's own caveat (``Display.published_caveat``), random weights, the
         non-standard options, missing folds and :func:`exclusion_caveat`.
@@ -994,7 +1173,7 @@ def comparison_caveat(method: str, setting: int, options: str, random_reasons: s
         method_style(method).published_caveat,
         *(RANDOM_WEIGHTS_CAVEATS.get(r, "random weights") for r in reasons),
         "non-standard: " + ", ".join(departures) if departures else "",
-        f"{n_folds} of {N_FOLDS} folds" if n_folds is not None and n_folds < N_FOLDS else "",
+        f"{n_folds} of {of_folds} folds" if n_folds is not None and n_folds < of_folds else "",
         exclusion_caveat(setting, options),
     ]
     return "; ".join(dict.fromkeys(p for p in parts if p))
@@ -1009,7 +1188,12 @@ def _joined(values: pd.Series) -> str:
 
 def summarise_runs(results: Results) -> pd.DataFrame:
     """One row per (method, variant, evaluation): folds, seeds, training steps and run count,
-    for the report's Runs section."""
+    for the report's Runs section.
+
+    ``seeds`` lists the seeds (``0,1``) where every fold has the same ones, else which
+    folds have which (``fold 0: seeds 0,1; fold 1: seed 0``, :func:`seeds_text`): the row
+    averages folds over unequal seed counts, which a plain list would hide.
+    """
     columns = ["method", "variant", "train_dataset", "dataset", "setting", "folds", "seeds", "steps", "runs"]
     if results.runs.empty:
         return pd.DataFrame(columns=columns)
@@ -1024,6 +1208,11 @@ def summarise_runs(results: Results) -> pd.DataFrame:
         )
         .reset_index()
     )
+    per_fold = seeds_per_fold(results.runs)
+    summary["seeds"] = [
+        seeds_text(per_fold[key]) if key in per_fold and len({s for s in per_fold[key].values()}) > 1 else text
+        for key, text in zip(zip(*(summary[c] for c in keys)), summary["seeds"])
+    ]
     return summary[columns]
 
 
@@ -1034,4 +1223,6 @@ __all__ = [
     "organ_sort_key", "dataset_sort_key", "organ_label", "dataset_label", "eval_label",
     "published_backbone", "published_name", "published_row_applies", "exclusion_caveat", "comparison_caveat", "run_backbones", "LEGACY_EXCLUSION_NOTE", "config_fingerprint", "published_deviations", "FOLD_CSV_COLUMNS",
     "RUN_COLUMNS", "random_weights_reason", "read_config", "RANDOM_WEIGHTS_NOTES", "random_weights_note",
+    "dataset_fold_count", "expected_folds", "uneven_seed_rows", "seeds_per_fold", "seeds_text", "mixed_thread_notes",
+    "EXCLUSION_ALL_NOTE", "LEGACY_EXCLUSION_OPTION", "only_legacy_exclusion", "EVAL_ROW_KEY",
 ]

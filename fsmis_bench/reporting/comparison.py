@@ -26,10 +26,12 @@ import pandas as pd
 
 from .collect import (
     LEGACY_EXCLUSION_NOTE,
+    N_FOLDS,
     PUBLISHED_CITATION,
     Results,
     EXCLUSION_CAVEAT,
     comparison_caveat,
+    expected_folds,
     load_published,
     organ_sort_key,
     published_row_applies,
@@ -39,6 +41,7 @@ from .collect import (
 from .figures import (
     WIDTH_IN,
     _eval_panels,
+    _panel_name,
     _select,
     _spread_sentence,
     bar_handles,
@@ -52,6 +55,9 @@ from .figures import (
     make_series,
 )
 from .style import Footnotes, method_display, method_style, paper_style
+
+#: the footnote of a setting-2 panel: its diamonds were made with the legacy exclusion
+SETTING2_NOTE = "setting 2: " + LEGACY_EXCLUSION_NOTE
 
 PUBLISHED_MARKER = {"marker": "D", "markersize": 4.2, "markerfacecolor": "white", "markeredgecolor": "black",
                     "markeredgewidth": 0.8, "linestyle": "none"}
@@ -119,6 +125,7 @@ def comparison_frame(results: Results) -> pd.DataFrame:
     published = load_published()
     backbones = run_backbones(results)
     flags = run_flags(results).set_index(["method", "variant"])
+    wanted = expected_folds(results)
     rows = []
     for train, dataset, setting in _eval_panels(scores):
         data = _select(scores, train, dataset, setting)
@@ -138,18 +145,24 @@ def comparison_frame(results: Results) -> pd.DataFrame:
                     "published_as": value.name if value else "",
                     "table": value.table if value else None,
                     "difference": stat.mean - value.dice if value else math.nan,
-                    "caveat": _caveat(flags, method, variant, setting, stat.n) if value else "",
+                    "caveat": _caveat(flags, method, variant, setting, stat.n,
+                                      wanted.get((method, variant, train, dataset, setting), N_FOLDS)) if value else "",
                 })
-    return pd.DataFrame(rows, columns=COLUMNS)
+    frame = pd.DataFrame(rows, columns=COLUMNS)
+    # a table number, never "1.0": whole numbers, empty where the paper has no value
+    frame["table"] = frame["table"].astype("Int64")
+    return frame
 
 
-def _caveat(flags: pd.DataFrame, method: str, variant: str, setting: int, n_folds: int) -> str:
+def _caveat(flags: pd.DataFrame, method: str, variant: str, setting: int, n_folds: int, of_folds: int = N_FOLDS) -> str:
     """:func:`~.collect.comparison_caveat` of one measured value, from its runs' flags
-    (:func:`~.collect.run_flags`, indexed by method and variant)."""
+    (:func:`~.collect.run_flags`, indexed by method and variant); ``of_folds``: the folds of
+    the dataset evaluated."""
     if (method, variant) not in flags.index:
-        return comparison_caveat(method, setting, "", n_folds=n_folds)
+        return comparison_caveat(method, setting, "", n_folds=n_folds, of_folds=of_folds)
     flag = flags.loc[(method, variant)]
-    return comparison_caveat(method, setting, str(flag["non_standard"]), str(flag["random_reason"]), n_folds)
+    return comparison_caveat(method, setting, str(flag["non_standard"]), str(flag["random_reason"]), n_folds,
+                             of_folds)
 
 
 def published_comparison_figure(results: Results, width: float = WIDTH_IN) -> plt.Figure | None:
@@ -166,6 +179,12 @@ def published_comparison_figure(results: Results, width: float = WIDTH_IN) -> pl
     shown_scores = results.fold_scores.merge(pd.DataFrame(panels, columns=["train_dataset", "dataset", "setting"]))
     notes = Footnotes()
     series = make_series(results, zip(shown_scores["method"], shown_scores["variant"]), notes, shown_scores)
+    # a setting-2 panel compares with numbers made under the legacy exclusion: said under the
+    # figure (a pasted PNG has no HTML caption), marked on the panels it concerns
+    titles = {panel: _panel_name(*panel) for panel in panels}
+    for panel in panels:
+        if panel[2] == 2:
+            titles[panel] = notes.mark(titles[panel], [SETTING2_NOTE])
     labels = [s.label for s in series] + ["published value (same method)"]
     stats_of = {panel: fold_stats(_select(shown_scores, *panel), with_mean=True) for panel in panels}
     zero = any(stat.mean < _ZERO_PCT for stats in stats_of.values() for stat in stats.values())
@@ -186,7 +205,7 @@ def published_comparison_figure(results: Results, width: float = WIDTH_IN) -> pl
                     ax.plot([x], [row.published], zorder=6, clip_on=False, **PUBLISHED_MARKER)
             if "mean" in categories:
                 ax.axvline(len(organs) - 0.5, color="#999999", linewidth=0.6, linestyle=":", zorder=1)
-            dice_panel(ax, lay, categories, (train, dataset, setting))
+            dice_panel(ax, lay, categories, (train, dataset, setting), title=titles[(train, dataset, setting)])
         lay.finish()
     return lay.fig
 

@@ -33,9 +33,13 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from .collect import (  # noqa: E402
+    EXCLUSION_ALL_NOTE,
     N_FOLDS,
     Results,
     dataset_sort_key,
+    expected_folds,
+    only_legacy_exclusion,
+    uneven_seed_rows,
     organ_sort_key,
     per_case_scores,
     random_weights_note,
@@ -51,6 +55,7 @@ from .style import (  # noqa: E402
     edge_colour,
     eval_display,
     legend_columns,
+    line_colour,
     method_colour,
     method_display,
     method_label,
@@ -71,9 +76,15 @@ MIN_BOX_POINTS = 5
 #: bars lower than this (percent of the axis) also get a marker on the axis
 _ZERO_PCT = 1.0
 _MIN_PANEL_HEIGHT_IN = 1.6
+#: the flattest panel drawn, where even two columns of :data:`_MIN_PANEL_HEIGHT_IN` would
+#: not fit a page
+_MIN_PANEL_HEIGHT_IN_CROWDED = 1.2
 
 NOTE_NON_STANDARD = ("non-standard option (named in brackets, or in a \u201cruns with\u201d note: a protocol option, or a "
                      "departure from the setup of the published numbers); not comparable with published numbers")
+#: the footnote of a series whose only non-standard option is exclusion=all, the rule of the
+#: published setting-2 numbers: :data:`NOTE_NON_STANDARD` would say the opposite for it
+NOTE_LEGACY_EXCLUSION = EXCLUSION_ALL_NOTE + " (but not with standard runs)"
 
 #: per pattern index (:func:`pattern_indices`): 0 is drawn plain (no hatch, a circle, a solid
 #: line), the others hatched / with another marker / dashed, so they differ in greyscale too
@@ -83,7 +94,15 @@ VARIANT_LINESTYLES = ("-", "--", "-.", ":", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 2))
 
 
 def note_incomplete(details: Sequence[str]) -> str:
-    text = f"incomplete: fewer than {N_FOLDS} folds"
+    """The footnote of incomplete series; ``details``: how many folds each has, where."""
+    text = "incomplete: fewer folds than the test dataset has"
+    return f"{text} ({'; '.join(details)})" if details else text
+
+
+def note_uneven_seeds(details: Sequence[str]) -> str:
+    """The footnote of series whose folds ran with unequal numbers of seeds (``details``:
+    which folds have which seeds, where)."""
+    text = ("unequal seeds across folds: each fold is the mean over its own seeds, and the folds are weighed alike")
     return f"{text} ({'; '.join(details)})" if details else text
 
 
@@ -169,21 +188,33 @@ def make_series(results: Results, keys: Iterable[tuple[str, str]], notes: Footno
     """The series of ``keys`` in legend order, with their footnotes registered in ``notes``.
 
     Args:
-        folds: the fold scores the figure draws (default: all); a series with fewer than
-            :data:`N_FOLDS` folds in any evaluation there is marked incomplete.
+        folds: the fold scores the figure draws (default: all); a series with fewer folds
+            than its test dataset has (:func:`~.collect.expected_folds`) in any evaluation
+            there is marked incomplete, one whose folds there ran with unequal seed counts
+            (:func:`~.collect.uneven_seed_rows`) is marked too.
     """
     flags = run_flags(results).set_index(["method", "variant"])
     scores = results.fold_scores if folds is None else folds
     counts = scores.groupby(["method", "variant", "train_dataset", "dataset", "setting", "organ"])["fold"].nunique()
     per_eval = counts.groupby(["method", "variant", "train_dataset", "dataset", "setting"]).min()
     ordered = sorted(set(keys), key=lambda k: series_sort_key(*k))
+    wanted, uneven_rows = expected_folds(results), uneven_seed_rows(results)
     # "1 fold on Abd-MRI setting 1" -> the series that have that few there
     short: dict[str, list[tuple[str, str]]] = {}
+    # "Abd-MRI setting 1: fold 0: seeds 0,1; fold 1: seed 0" -> the series seeded so there
+    uneven: dict[str, list[tuple[str, str]]] = {}
     for (method, variant, train, dataset, setting), n in sorted(per_eval.items(), key=lambda kv: kv[1]):
-        if n < N_FOLDS and (method, variant) in ordered:
-            text = f"{n} fold{'s' if n != 1 else ''} on {eval_display(train, dataset)} setting {setting}"
+        if (method, variant) not in ordered:
+            continue
+        of_folds = wanted.get((method, variant, train, dataset, setting), N_FOLDS)
+        if n < of_folds:
+            text = f"{n} of {of_folds} fold{'s' if of_folds != 1 else ''} on {eval_display(train, dataset)} setting {setting}"
             short.setdefault(text, []).append((method, variant))
+        seeds = uneven_rows.get((method, variant, train, dataset, setting))
+        if seeds:
+            uneven.setdefault(f"{eval_display(train, dataset)} setting {setting}, {seeds}", []).append((method, variant))
     incomplete = {k for keys_ in short.values() for k in keys_}
+    unevenly_seeded = {k for keys_ in uneven.values() for k in keys_}
     # a long variant shared by several series (one reduced CPU recipe for every diffusion
     # method) is said once, in a footnote, instead of in every label
     texts = {key: variant_display(key[1]) for key in ordered}
@@ -195,6 +226,8 @@ def make_series(results: Results, keys: Iterable[tuple[str, str]], notes: Footno
 
     details = [f"{text}: {', '.join(label_of(k) for k in sorted(ks, key=lambda k: ordered.index(k)))}"
                for text, ks in short.items()]
+    seed_details = [f"{', '.join(label_of(k) for k in sorted(ks, key=lambda k: ordered.index(k)))} on {text}"
+                    for text, ks in uneven.items()]
     # patterns over every series of the report, not only the figure's: the same in every
     # figure of the report
     marked = {key for key, random, options in zip(flags.index, flags["random_weights"], flags["non_standard"])
@@ -205,6 +238,8 @@ def make_series(results: Results, keys: Iterable[tuple[str, str]], notes: Footno
         own = [f"runs with {texts[(method, variant)]}"] if texts[(method, variant)] in shared else []
         if (method, variant) in incomplete:
             own.append(note_incomplete(details))
+        if (method, variant) in unevenly_seeded:
+            own.append(note_uneven_seeds(seed_details))
         if (method, variant) in flags.index:
             flag = flags.loc[(method, variant)]
             if bool(flag["random_weights"]):
@@ -212,7 +247,9 @@ def make_series(results: Results, keys: Iterable[tuple[str, str]], notes: Footno
                 reasons = [r for r in str(flag["random_reason"]).split(";") if r] or [""]
                 own.extend(random_weights_note(reason) for reason in reasons)
             if flag["non_standard"]:
-                own.append(NOTE_NON_STANDARD)
+                # exclusion=all alone is the published setting-2 rule: say that, not "not comparable"
+                own.append(NOTE_LEGACY_EXCLUSION if only_legacy_exclusion(str(flag["non_standard"]))
+                           else NOTE_NON_STANDARD)
         label = notes.mark(label_of((method, variant)), own)
         index = patterns[(method, variant)]
         series.append(Series(method, variant, label, method_colour(method),
@@ -318,13 +355,25 @@ class Layout:
 
 def layout(n_panels: int, panel_height: float, width: float, handles: Sequence, labels: Sequence[str],
            notes: Footnotes, legend_title: str | None = None, ncols: int | None = None) -> Layout:
-    """Panels in one column (single-column width) or two, legend and footnotes below them."""
+    """Panels in one column (single-column width) or two, legend and footnotes below them.
+
+    At single-column width the panels go into two columns where one column of readable
+    panels (:data:`_MIN_PANEL_HEIGHT_IN`) would make the figure taller than a page
+    (:data:`~.style.MAX_HEIGHT_IN`): six training-loss panels in one column were 13.8 in
+    tall. Only where two columns are still too tall do the panels get flatter than that
+    minimum, down to :data:`_MIN_PANEL_HEIGHT_IN_CROWDED`.
+    """
+    footer = Footer.plan(handles, labels, notes, width, legend_title)
     if ncols is None:
         ncols = 1 if n_panels == 1 or width < 5 else 2
+        if ncols == 1 and n_panels > 1 and n_panels * _MIN_PANEL_HEIGHT_IN + footer.height > MAX_HEIGHT_IN:
+            ncols = 2
     nrows = math.ceil(n_panels / ncols)
-    footer = Footer.plan(handles, labels, notes, width, legend_title)
-    # flatter panels rather than a figure taller than a page (down to a readable minimum)
-    panel_height = min(panel_height, max(_MIN_PANEL_HEIGHT_IN, (MAX_HEIGHT_IN - footer.height) / nrows))
+    # flatter panels rather than a figure taller than a page (down to a readable minimum, and
+    # below it to a crowded one only where the figure would not fit a page otherwise)
+    room = (MAX_HEIGHT_IN - footer.height) / nrows
+    floor = _MIN_PANEL_HEIGHT_IN if room >= _MIN_PANEL_HEIGHT_IN else _MIN_PANEL_HEIGHT_IN_CROWDED
+    panel_height = min(panel_height, max(floor, room))
     panels_height = panel_height * nrows
     fig = plt.figure(figsize=(width, panels_height + footer.height), layout="constrained")
     if footer.height > 0:
@@ -460,11 +509,13 @@ def _select(frame: pd.DataFrame, train: str, dataset: str, setting: int) -> pd.D
     return frame[(frame["train_dataset"] == train) & (frame["dataset"] == dataset) & (frame["setting"] == setting)]
 
 
-def dice_panel(ax, lay, categories: list[str], panel: tuple[str, str, int], y_label: str = "Dice (%)") -> None:
+def dice_panel(ax, lay, categories: list[str], panel: tuple[str, str, int], y_label: str = "Dice (%)",
+               title: str | None = None) -> None:
     """Label one Dice panel of an evaluation: organ names under the categories, the panel's
-    dataset and setting as its title, a 0-100 % axis, no vertical grid."""
+    dataset and setting as its title (``title``: that name with footnote marks), a 0-100 %
+    axis, no vertical grid."""
     category_labels(ax, [organ_display(c) for c in categories], lay.panel_width)
-    panel_title(ax, _panel_name(*panel), lay.panel_width)
+    panel_title(ax, title or _panel_name(*panel), lay.panel_width)
     lay.y_label(ax, y_label)
     ax.set_ylim(0, 100)
     ax.grid(axis="x", visible=False)
@@ -524,12 +575,15 @@ def volume_distribution_figure(results: Results, width: float = WIDTH_IN) -> plt
                         continue
                     x = j - group / 2 + step * (i + 0.5)
                     if len(values) >= MIN_BOX_POINTS:
+                        # the series' own colour, as in the legend: the darker outline of bars
+                        # (edge_colour) turned Prototype's sky blue into DiffewS's blue
+                        line = line_colour(s.colour)
                         ax.boxplot(values, positions=[x], widths=step * 0.75, showfliers=False, whis=1.5,
                                    patch_artist=True, manage_ticks=False, zorder=2,
-                                   boxprops={"facecolor": "none", "edgecolor": edge_colour(s.colour), "linewidth": 0.6},
-                                   medianprops={"color": edge_colour(s.colour), "linewidth": 0.9},
-                                   whiskerprops={"color": edge_colour(s.colour), "linewidth": 0.6},
-                                   capprops={"color": edge_colour(s.colour), "linewidth": 0.6})
+                                   boxprops={"facecolor": "none", "edgecolor": line, "linewidth": 0.8},
+                                   medianprops={"color": line, "linewidth": 1.3},
+                                   whiskerprops={"color": line, "linewidth": 0.7},
+                                   capprops={"color": line, "linewidth": 0.7})
                         size, alpha = 2.0, 0.6
                     else:
                         size, alpha = 3.2, 0.95

@@ -42,7 +42,7 @@ from .. import records
 from .._registry import PluginError
 from ..errors import ConfigError, DataError, FsmisError, UnknownNameError
 from .collect import Results, dataset_sort_key, organ_sort_key
-from .figures import Series, make_series, save_figure
+from .figures import Series, drawn_height_in, make_series, save_figure
 from .style import (
     DOUBLE_COLUMN_IN,
     FONT_PT,
@@ -423,8 +423,10 @@ def _grid_size(n_rows: int, n_cols: int, width: float, label_w: float, header: f
 
 
 def _footer_height(text: str) -> float:
-    """The room the footnotes (and letter keys) take under the grid, in inches."""
-    return (text_height_in(text) + 0.12) if text else 0.0
+    """The room the footnotes (and letter keys) take under the grid, in inches: the larger of
+    the nominal line height and the height as drawn at screen resolution, where hinting
+    makes each line a little taller (a block of twenty lines outgrew the nominal one)."""
+    return (max(text_height_in(text), drawn_height_in(text)) + 0.12) if text else 0.0
 
 
 class SliceOutsideVolume(FsmisError):
@@ -551,12 +553,21 @@ def qualitative_figure(
 
     # the footnotes are laid out first: the panels get the height that is left
     footnotes = "\n".join(wrap(line, width - 0.2) for line in notes.lines())
-    chosen = choose(method_names, _footer_height(footnotes))
+    grid_names = method_names
+    key_lines: list[str] = []
+    chosen = choose(grid_names, _footer_height(footnotes))
     if not chosen.fits:  # names too long for any layout: letters in the grid, the names below it
         keys = [_key(i) for i in range(len(series))]
         key_lines = [f"{key}: {s.label}" for key, s in zip(keys, series)]
+        grid_names = ["Ground truth", *keys]
         footnotes = "\n".join(wrap(line, width - 0.2) for line in key_lines + notes.lines())
-        chosen = choose(["Ground truth", *keys], _footer_height(footnotes))
+        chosen = choose(grid_names, _footer_height(footnotes))
+    # small panels show symbols instead of words ("∅" for "empty"): a pasted figure must
+    # explain them itself, so they get a line under the grid, and the grid is laid out again
+    symbol_lines = _symbol_lines(panels, chosen.size)
+    if symbol_lines:
+        footnotes = "\n".join(wrap(line, width - 0.2) for line in key_lines + notes.lines() + symbol_lines)
+        chosen = choose(grid_names, _footer_height(footnotes))
     methods_as_rows, size, label_w, header = chosen.methods_as_rows, chosen.size, chosen.label_w, chosen.header
     row_labels, col_titles = chosen.row_labels, chosen.col_titles
     n_rows, n_cols = (n_methods, n_slices) if methods_as_rows else (n_slices, n_methods)
@@ -580,15 +591,15 @@ def qualitative_figure(
                 else:
                     _contour(ax, panel.truth, TRUTH_COLOUR, style=(0, (2.5, 1.5)), width=0.7)
                     if panel.prediction is None:
-                        ax.text(0.5, 0.5, "no\nprediction" if size >= 0.9 else "n/a", ha="center", va="center",
+                        ax.text(0.5, 0.5, "no\nprediction" if size >= _WORDS_MIN_IN else "n/a", ha="center", va="center",
                                 color="white", transform=ax.transAxes, fontsize=FONT_PT)
                     elif not panel.prediction.any():
-                        ax.text(0.04, 0.04, "empty" if size >= 0.9 else "∅", ha="left", va="bottom", color="white",
+                        ax.text(0.04, 0.04, "empty" if size >= _WORDS_MIN_IN else "∅", ha="left", va="bottom", color="white",
                                 transform=ax.transAxes, fontsize=FONT_PT)
                     else:
                         _contour(ax, panel.prediction, PREDICTION_COLOUR, width=1.1)
                         if panel.prediction.all():  # its outline is the frame: say it
-                            ax.text(0.04, 0.04, "whole slice" if size >= 0.9 else "all", ha="left", va="bottom",
+                            ax.text(0.04, 0.04, "whole slice" if size >= _WORDS_MIN_IN else "all", ha="left", va="bottom",
                                     color=PREDICTION_COLOUR, transform=ax.transAxes, fontsize=FONT_PT)
                 ax.set_xticks([])
                 ax.set_yticks([])
@@ -608,6 +619,32 @@ def qualitative_figure(
         if footnotes:  # one text block: its lines cannot overlap each other
             fig.text(0.01, (footer - 0.04) / height, footnotes, ha="left", va="top", fontsize=FONT_PT)
     return fig
+
+
+#: below this panel size (inches) the panel notes are symbols, not words
+_WORDS_MIN_IN = 0.9
+#: symbol -> what it means, for the footnotes of small panels (:func:`_symbol_lines`)
+PANEL_SYMBOLS = {
+    "∅": "∅: empty prediction (the method predicted no voxel of the organ in this slice)",
+    "n/a": "n/a: no prediction saved for this slice",
+    "all": "all: the whole slice was predicted as the organ",
+}
+
+
+def _symbol_lines(panels: Sequence[Sequence[_Panel]], size: float) -> list[str]:
+    """The footnote lines for the symbols that panels of ``size`` inches will show."""
+    if size >= _WORDS_MIN_IN:
+        return []
+    shown = set()
+    for column in panels:
+        for panel in column[1:]:
+            if panel.prediction is None:
+                shown.add("n/a")
+            elif not panel.prediction.any():
+                shown.add("∅")
+            elif panel.prediction.all():
+                shown.add("all")
+    return [text for symbol, text in PANEL_SYMBOLS.items() if symbol in shown]
 
 
 def figure_name(train_dataset: str, dataset: str) -> str:
@@ -672,7 +709,9 @@ def qualitative_caption(results: Results, name: str, zoom: bool = False,
             "with the largest ground-truth area in the first query case of the first fold. "
             + orientation_sentence(orientations)
             + " Ground truth: sky-blue contour (dashed under the predictions); prediction: orange contour"
-            + ("; every column cropped around its organ." if zoom else "."))
+            + ("; every column cropped around its organ." if zoom else ".")
+            + " A panel marked \u201cempty\u201d (\u2205 in small panels) holds an empty prediction: no voxel of "
+              "the organ was predicted in that slice.")
 
 
 def _data_errors() -> tuple[type[BaseException], ...]:

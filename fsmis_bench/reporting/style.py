@@ -327,6 +327,26 @@ def edge_colour(colour: tuple[float, float, float]) -> tuple[float, float, float
     return shade(colour, -0.35)
 
 
+#: above this luminance (0 black .. 1 white) a thin line of a colour is hard to see on white
+PALE_LUMINANCE = 0.72
+
+
+def luminance(colour: tuple[float, float, float] | str) -> float:
+    """Relative luminance (WCAG, linearised sRGB), 0 for black, 1 for white."""
+    def linear(c: float) -> float:
+        return c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4
+
+    r, g, b = (linear(c) for c in (to_rgb(colour) if isinstance(colour, str) else colour))
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+
+def line_colour(colour: tuple[float, float, float]) -> tuple[float, float, float]:
+    """The colour of a series drawn as thin lines only (box outlines): its own colour, so it
+    matches the legend and stays apart from its neighbours (darkened, Prototype's sky blue
+    became DiffewS's blue), darkened a little only where it is too pale to see on white."""
+    return colour if luminance(colour) <= PALE_LUMINANCE else shade(colour, -0.2)
+
+
 # -- footnotes ------------------------------------------------------------------------
 
 SUPERSCRIPTS = str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹")

@@ -45,6 +45,7 @@ def write_run(
     predictions: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] | None = None,
     config: Mapping[str, object] | None = None,
     finished_at: str = "2026-01-01T01:00:00+00:00",
+    inputs: Mapping[str, object] | None = None,
 ) -> Path:
     """Write one run record.
 
@@ -56,6 +57,8 @@ def write_run(
             identity keys (e.g. ``{"train": {"steps": 40}}``; ``{"method": {"name": ...}}``
             replaces the method's name by a config node), and hashed into the folder name.
         finished_at: the record's finishing time (which of two identical runs is the later).
+        inputs: the record's ``inputs`` (e.g. ``{"cpu_threads": 2}``, or a ``test_data``
+            identity with its ``folds``); none by default, as records before identities.
     Returns:
         the run folder.
     """
@@ -77,6 +80,8 @@ def write_run(
         "finished_at": finished_at if complete else None,
         "status": "complete" if complete else "running",
     }
+    if inputs is not None:
+        meta["inputs"] = dict(inputs)
     (run_dir / "config.yaml").write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in config.items()))
     (run_dir / "run.json").write_text(json.dumps(meta, indent=2))
     rows = []

@@ -5,7 +5,8 @@ rendered to Markdown, LaTeX (booktabs), CSV and HTML. Values are Dice in percent
 over folds of the fold's organ score (optionally ± the standard deviation across folds);
 the ``Mean`` column is the mean over the organs. Per column and setting, the best value is
 bold and the second underlined; only published numbers and measured rows without markers
-compete, so an incomplete or non-standard run can never look like the winner.
+compete, so an incomplete, unevenly seeded or non-standard run can never look like the
+winner, and a column with fewer than two competing values has no best at all.
 
 Measured rows are named as the figures and the bootstrap intervals name them
 (:func:`~.style.method_label`: ``SD-FSMIS (SII+QE) [tiny]``, ``--rename`` applied), so one
@@ -25,11 +26,15 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from .collect import (
+    EXCLUSION_ALL_NOTE,
     LEGACY_EXCLUSION_NOTE,
     N_FOLDS,
     PUBLISHED_CITATION,
     Results,
     comparison_caveat,
+    expected_folds,
+    only_legacy_exclusion,
+    uneven_seed_rows,
     dataset_sort_key,
     eval_label,
     exclusion_caveat,
@@ -70,12 +75,18 @@ class Marker:
 
 MARKERS: dict[str, Marker] = {
     "published": Marker("†", r"\textsuperscript{\dag}", f"published numbers from {PUBLISHED_CITATION}; not measured here"),
-    "incomplete": Marker("*", r"\textsuperscript{*}", f"incomplete: fewer than {N_FOLDS} folds (or not every organ) finished"),
+    "incomplete": Marker("*", r"\textsuperscript{*}", "incomplete: not every fold of the test dataset "
+                         f"({N_FOLDS} for the built-in datasets) or not every organ finished"),
+    "uneven_seeds": Marker("¶", r"\textsuperscript{\P}", "unequal seeds: the row's folds ran with different numbers of "
+                           "seeds, each fold's score is the mean over its own seeds and the row weighs the folds alike"),
     "random_weights": Marker("§", r"\textsuperscript{\S}", "random weights: not initialised from pretrained weights"),
     "non_standard": Marker("‡", r"\textsuperscript{\ddag}", "non-standard option: a protocol option, or a departure from the "
                            "setup of the published numbers (e.g. fewer training steps), named in brackets after the method"),
 }
-MARKER_ORDER = ("published", "incomplete", "random_weights", "non_standard")
+MARKER_ORDER = ("published", "incomplete", "uneven_seeds", "random_weights", "non_standard")
+
+#: the ranking rule, said where a marked row could look like a fair competitor (exclusion=all)
+NOT_RANKED = "still marked, so not ranked for best and second, as no marked measured row is"
 
 
 @dataclass
@@ -105,6 +116,9 @@ class Row:
             backbone text, empty for the paper's default configuration.
         options: measured rows: their non-standard options, ``;``-joined.
         variant: measured rows: the run records' variant key (the label shows its display form).
+        seed_notes: measured rows with unequal seeds across folds: which folds have which.
+        fold_counts: measured rows: group key -> (folds behind the organ mean, folds of the
+            test dataset), for :func:`published_gap`'s caveat.
     """
 
     labels: dict[str, str]
@@ -118,6 +132,8 @@ class Row:
     backbone: str = ""
     options: str = ""
     variant: str = ""
+    seed_notes: list[str] = field(default_factory=list)
+    fold_counts: dict[Hashable, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def key(self) -> str:
@@ -157,7 +173,8 @@ class Table:
     def ranks(self) -> dict[tuple[int, Hashable, str], int]:
         """(row index, group key, organ) -> 1 for best, 2 for second, among competing rows.
 
-        Values are compared as displayed (2 decimals), so ties share the rank.
+        Values are compared as displayed (2 decimals), so ties share the rank. A column with
+        fewer than two competing values ranks nothing: a lone row is not "the best".
         """
         ranks: dict[tuple[int, Hashable, str], int] = {}
         rank_groups = {row.rank_group for row in self.rows}
@@ -169,6 +186,8 @@ class Table:
                     for i in members
                     if column in self.rows[i].values and not math.isnan(self.rows[i].values[column].mean)
                 }
+                if len(shown) < 2:
+                    continue
                 distinct = sorted(set(shown.values()), reverse=True)
                 for i, value in shown.items():
                     if value == distinct[0]:
@@ -204,6 +223,16 @@ class Table:
             if key == "incomplete":
                 details = "; ".join(note for row in rows for note in row.notes)
                 text = f"{text} ({details})" if details else text
+            if key == "uneven_seeds":
+                text = f"{text} ({'; '.join(note for row in rows for note in row.seed_notes)})"
+            if key == "non_standard":
+                legacy = [row for row in rows if only_legacy_exclusion(row.options)]
+                # exclusion=all is the published setting-2 rule: "a departure from the setup of
+                # the published numbers" would say the opposite for rows marked by it alone
+                parts = [text] if len(legacy) < len(rows) else []
+                if legacy:
+                    parts += [EXCLUSION_ALL_NOTE, NOT_RANKED]
+                text = "; ".join(parts)
             if key == "published":
                 text = "; ".join([text, *self.published_caveats()])
             if key == "random_weights":
@@ -369,7 +398,7 @@ _TEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "
                 "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\^{}",
                 "→": r"$\rightarrow$", "’": "'", "‘": "`", "“": "``", "”": "''", "–": "--", "—": "---",
                 "−": "$-$", "±": r"$\pm$", "·": r"$\cdot$", "×": r"$\times$", "≥": r"$\geq$", "≤": r"$\leq$",
-                "…": r"\dots{}", "†": r"\dag{}", "‡": r"\ddag{}", "§": r"\S{}", "✓": r"\checkmark{}",
+                "…": r"\dots{}", "†": r"\dag{}", "‡": r"\ddag{}", "§": r"\S{}", "¶": r"\P{}", "✓": r"\checkmark{}",
                 "\u00a0": "~", "\u202f": r"\,", "°": r"$^\circ$", "µ": r"$\mu$"}
 
 
@@ -413,26 +442,38 @@ def _measured_rows(
     """One row per (method, variant, setting) of ``scores``; fills ``groups`` with organs."""
     flags = run_flags(results).set_index(["method", "variant"])
     backbones = run_backbones(results)
+    wanted, uneven = expected_folds(results), uneven_seed_rows(results)
     rows = []
     keys = sorted(scores.groupby(["method", "variant", "setting"]).groups, key=lambda k: sort_key(*k))
     for method, variant, setting in keys:
         subset = scores[(scores["method"] == method) & (scores["variant"] == variant) & (scores["setting"] == setting)]
         values: dict[tuple[Hashable, str], Cell] = {}
-        notes = []
+        notes: list[str] = []
+        seed_notes: list[str] = []
+        fold_counts: dict[Hashable, tuple[int, int]] = {}
         incomplete = False
         for (train, test), evaluation in subset.groupby(["train_dataset", "dataset"]):
             key = group_key(train, test)
-            cells, n_folds, _ = _cells_for(evaluation)
+            cells, n_folds, n_mean_folds = _cells_for(evaluation)
             groups.setdefault(key, set()).update(o for o in cells if o != "mean")
             for organ, cell in cells.items():
                 values[(key, organ)] = cell
-            if n_folds < N_FOLDS:
+            # the folds of the dataset evaluated, as its runs recorded them (one for a small
+            # nifti_folder test set), not the five of the built-in datasets
+            of_folds = wanted.get((method, variant, train, test, setting), N_FOLDS)
+            fold_counts[key] = (n_mean_folds, of_folds)
+            where = f"{method_label(method, variant)}, {eval_label(train, test)} setting {setting}"
+            if n_folds < of_folds:
                 incomplete = True
-                notes.append(f"{method_label(method, variant)}, {eval_label(train, test)} setting {setting}: "
-                             f"{n_folds}/{N_FOLDS} folds")
+                notes.append(f"{where}: {n_folds}/{of_folds} folds")
+            seeds = uneven.get((method, variant, train, test, setting))
+            if seeds:
+                seed_notes.append(f"{where}: {seeds}")
         markers = []
         if incomplete:
             markers.append("incomplete")
+        if seed_notes:
+            markers.append("uneven_seeds")
         flag = flags.loc[(method, variant)]
         if bool(flag["random_weights"]):
             markers.append("random_weights")
@@ -443,7 +484,7 @@ def _measured_rows(
         reasons = [r for r in str(flag["random_reason"]).split(";") if r]
         rows.append(Row(labels, values, "measured", markers, int(setting), notes, method, reasons,
                         backbone=backbones.get((method, variant), "none"), options=str(flag["non_standard"]),
-                        variant=variant))
+                        variant=variant, seed_notes=seed_notes, fold_counts=fold_counts))
     return rows
 
 
@@ -534,7 +575,9 @@ def published_gap(table: Table) -> pd.DataFrame:
                 "setting": int(row.rank_group), "measured_mean": round(mine.mean, 2),
                 "published_mean": round(theirs.mean, 2), "gap": round(mine.mean - theirs.mean, 2),
                 "markers": ";".join(row.markers),
-                "caveat": comparison_caveat(row.method, int(row.rank_group), row.options, ";".join(row.random_reasons)),
+                # the folds behind the mean, as published_comparison.csv says them
+                "caveat": comparison_caveat(row.method, int(row.rank_group), row.options, ";".join(row.random_reasons),
+                                            *row.fold_counts.get(key, (None, N_FOLDS))),
             })
     return pd.DataFrame(records, columns=columns)
 
