@@ -260,7 +260,8 @@ def identify(cfg: DictConfig, checkpoint: Path | None = None) -> RunIdentity:
 
 def _record_dir(cfg: DictConfig, inputs: dict[str, Any]) -> tuple[Path, HashForm]:
     """``(run_dir, hash form)``: today's folder, or that of an existing record made
-    while the hash was formed otherwise (the cadence hashed; the weights' folders hashed).
+    while the hash was formed otherwise (the weights' layout hashed; the cadence hashed; the
+    weights' folders hashed).
     Such records stay where they are and are found, finished or to resume, under the
     settings they were made with."""
     current = run_dir_for(cfg, inputs)
@@ -427,7 +428,7 @@ def _with_its_cadence(cfg: DictConfig, inputs: dict, sibling: Path) -> set[str]:
     theirs = cfg.copy()
     with open_dict(theirs):
         theirs.train.update(cadence)
-    return {training_hash(theirs, inputs, form) for form in HASH_FORMS[1:]}
+    return {training_hash(theirs, inputs, form) for form in HASH_FORMS if form in ("cadence", "weight_paths")}
 
 
 def _find_checkpoint(cfg: DictConfig, inputs: dict, run_dir: Path, group: str) -> Path | None:

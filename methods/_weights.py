@@ -37,6 +37,7 @@ from ._sd_weights import (
     hub_offline,
     locate,
 )
+from ._hub import _env_flag
 from ._text_encoder import load_text_encoder, load_tokenizer, locate_tokenizer
 
 
@@ -356,7 +357,10 @@ def download(cfg: Any, method: str | None, overrides: list[str], dry_run: bool, 
     if not fetches:
         print("nothing to download")
         return 0
-    if not dry_run and hub_offline():  # at once, not after huggingface_hub's retries (half a minute)
+    # at once, not after huggingface_hub's retries (half a minute); a proxy or a mirror
+    # (HF_ENDPOINT) may reach the hub where the direct probe cannot, so then the download tries
+    proxied = any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HF_ENDPOINT"))
+    if not dry_run and hub_offline() and (not proxied or _env_flag("HF_HUB_OFFLINE")):
         raise FsmisError(
             f"cannot download {', '.join(f.repo for f in fetches)}: the hub is unreachable from here (or "
             "HF_HUB_OFFLINE=1 is set)",

@@ -126,10 +126,12 @@ FIDELITY_DEFAULTS: dict[str, dict[str, Any]] = {
     # decoded image as uint8, floor(p * 255), and the test script thresholds those levels)
     "threshold_levels": {"paper": "continuous", "code": "uint8"},
     # VTCT's pooling where the support mask covers no patch grid cell above 0.5 (a small
-    # organ): the resized soft mask weights the average (paper reading: the organ's own
-    # feature) | nothing is pooled, E = MLP(0) (code: FeatureToConditioningMLP.py, hard mask
-    # over its sum + 1e-6)
-    "vtct_empty_mask": {"paper": "soft", "code": "zero"},
+    # organ): the fraction of each patch the mask covers weights the average (paper reading:
+    # the organ's own feature) | nothing is pooled, E = MLP(0) (code: FeatureToConditioningMLP.py,
+    # hard mask over its sum + 1e-6). `soft`, the bilinearly resized mask as weights, is the
+    # earlier paper reading (records made before 2026-11-28 04:30 UTC): bilinear resizing
+    # without antialiasing reads 2 of every 16 pixels and loses most small organs too
+    "vtct_empty_mask": {"paper": "soft_area", "code": "zero"},
     # The harness-level differences (GT training labels with the shipped liver+spleen
     # exclusion, pooled Dice, legacy setting-2 exclusion, fp32 + TF32, gradient accumulation,
     # linear decay) are set by the config group configs/fidelity/.
@@ -142,7 +144,7 @@ QE_FORMS = ("cosine", "fg_bg_softmax")
 THRESHOLDS = ("absolute", "relative")
 THRESHOLD_LEVELS = ("continuous", "uint8")
 ELASTIC_MASK_FIELDS = ("image", "own")
-VTCT_EMPTY_MASKS = ("soft", "zero")
+VTCT_EMPTY_MASKS = ("soft_area", "soft", "zero")
 #: the training augmentation a config may name (augment.py's third form is chosen by
 #: ``elastic_mask_field``)
 CONFIG_AUGMENT_FORMS = ("standard", "sdfsmis_code")
@@ -285,13 +287,14 @@ class VTCTProjector(nn.Module):
 
 
 def masked_token_average(tokens: torch.Tensor, masks: torch.Tensor, grid: tuple[int, int],
-                         empty: str = "soft") -> torch.Tensor:
+                         empty: str = "soft_area") -> torch.Tensor:
     """Average of the patch tokens under the mask resized to the patch grid and > 0.5.
 
-    A mask too small to cover half of any patch selects nothing. ``empty="soft"``: the
+    A mask too small to cover half of any patch selects nothing. ``empty="soft_area"``: the
     fraction of each patch the mask covers weights the average instead, so a tiny organ
-    still gives its own feature. ``"zero"`` (code): the average is zero, as the code's sum
-    over ``mask sum + 1e-6``.
+    still gives its own feature. ``"soft"``: the bilinearly resized mask weights it (the
+    earlier reading, kept for its records). ``"zero"`` (code): the average is zero, as the
+    code's sum over ``mask sum + 1e-6``.
 
     Args:
         tokens: ``(N, gh * gw, d)``; masks: ``(N, 1, H, W)`` in {0, 1}.
@@ -302,9 +305,11 @@ def masked_token_average(tokens: torch.Tensor, masks: torch.Tensor, grid: tuple[
     hard = (resized > 0.5).to(tokens.dtype)
     if empty == "zero":
         return (tokens * hard[..., None]).sum(1) / (hard.sum(1, keepdim=True) + 1e-6)
-    # bilinear resizing reads 2 of every 16 pixels (256 -> 16, no antialiasing): a small organ
-    # between them would vanish from the fallback too, so it counts what each patch covers
-    covered = F.interpolate(masks.float(), size=grid, mode="area").flatten(1).to(tokens.dtype)
+    if empty == "soft":
+        covered = resized.to(tokens.dtype)
+    else:  # bilinear resizing reads 2 of every 16 pixels (256 -> 16, no antialiasing): a small
+        # organ between them would vanish from the fallback too, so it counts what each patch covers
+        covered = F.interpolate(masks.float(), size=grid, mode="area").flatten(1).to(tokens.dtype)
     weights = torch.where(hard.sum(1, keepdim=True) > 0, hard, covered)
     return (tokens * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp_min(1e-6)
 

@@ -117,7 +117,6 @@ def test_checkpoint_file_loads_with_identity_and_hash_check(tmp_path):
         build_resnet_encoder("resnet18", "imagenet", pretrained=True, dilation=(False, False, False), with_fc=True, source=str(bad))
 
 
-
 class _RunsCode:
     """Unpickling this runs a shell command, as a malicious checkpoint would."""
 
@@ -186,7 +185,6 @@ def test_departures_from_the_published_configuration_are_marked():
     ]
 
 
-
 @pytest.mark.parametrize(
     ("overrides", "marks"),
     [
@@ -199,6 +197,7 @@ def test_departures_from_the_published_configuration_are_marked():
         (["method=adnet", "train.momentum=0", "train.lr_step_every=500", "train.grad_clip=1.0"],
          ["train.momentum=0", "train.lr_step_every=500", "train.grad_clip=1.0"]),
         (["method=adnet", "method.init=imagenet"], ["method.init=imagenet"]),
+        (["method=adnet"], []),
         (["method=adnet", "method.init=coco"], []),  # what null means: the same run
         (["method=qnet", "method.path_weight=0.5"], ["method.path_weight=0.5"]),
         (["method=ssl_alpnet", "method.pool_window_test=4", "method.class_weights=[1,1]", "method.threshold=0.5"],
@@ -206,12 +205,26 @@ def test_departures_from_the_published_configuration_are_marked():
         (["method=ssl_alpnet", "method.class_weights=[0.05,1.0]"], []),
         (["method=sdfsmis", "method.qe_tau=0.5"], ["method.qe_tau=0.5"]),
     ],
-    ids=["augment", "min-fg", "adnet-losses", "adnet-optimiser", "adnet-imagenet", "adnet-coco", "qnet-alpha",
+    ids=["augment", "min-fg", "adnet-losses", "adnet-optimiser", "adnet-imagenet", "adnet-default", "adnet-coco", "qnet-alpha",
          "alpnet-mechanics", "alpnet-same-weights", "sdfsmis-tau"],
 )
 def test_a_changed_reference_mechanic_is_marked(overrides, marks):
     """Each of these changes the reference's numbers: a report must not show the run as standard."""
-    assert non_standard_options(compose(overrides), False) == marks
+    cfg = compose(overrides)
+    assert non_standard_options(cfg, False) == marks
+    # a report recomputes the published-setup marks from the run's config.yaml: the same ones
+    from omegaconf import OmegaConf
+
+    from fsmis_bench.records import published_config_deviations
+    from fsmis_bench.reporting.collect import published_deviations
+
+    as_saved = OmegaConf.to_container(cfg, resolve=True)
+    assert published_deviations(str(cfg.method.name), as_saved) == published_config_deviations(cfg)
+
+
+def test_episode_options_are_not_marked_for_a_method_that_trains_nothing():
+    cfg = compose(["method=support_copy", "protocol.min_fg_pixels=10", "train.augment=false"])
+    assert non_standard_options(cfg, False) == []
 
 
 @pytest.mark.parametrize(("name", "overrides", "resolved"), [

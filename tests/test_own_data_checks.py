@@ -1008,8 +1008,9 @@ def test_check_data_says_a_support_shared_by_folds_once(tmp_path, capsys):
     [
         (["--n-shot", "0"], "error: --n-shot 0: a run needs one support scan at least"),
         (["--test-organs", "[kidney]"], "error: --test-organs ['kidney'] are not in the label map"),
+        (["--fold-ids", "1,2"], "error: --fold-ids 1,2: a list of folds is needed"),
     ],
-    ids=["no-shot", "unknown-organ"],
+    ids=["no-shot", "unknown-organ", "fold-ids-not-a-list"],
 )
 def test_check_data_support_flags_refuse_bad_values_in_one_line(tmp_path, capsys, argv, said):
     folder = make_folder(tmp_path / "scans", n=4)
@@ -1023,3 +1024,16 @@ def test_check_data_support_flags_belong_to_nifti_folder(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--n-shot is an option of check-data nifti_folder" in err
     assert "folds and support scans are the protocol's" in err
+
+
+def test_check_data_says_supp_idx_moves_no_fixed_support(tmp_path, capsys):
+    """With folds=loo the support is the first scan whatever protocol.supp_idx says: no advice
+    to move it, and --supp-idx neither fails the check nor goes unsaid."""
+    folder = make_folder(tmp_path / "scans", n=4, label_fn=lambda i, label: np.where(label == 2, 0, label) if i == 1
+                         else label)
+    assert main(_check(folder, "--folds", "loo", "--supp-idx", "1")) == 0
+    out = capsys.readouterr().out
+    assert "--supp-idx 1 is not used: the support of every fold is the first scan, with folds=loo" in out
+    assert "scan 1 is the support of folds 0, 1, 2 (the first scan, with folds=loo)" in out
+    assert "protocol.supp_idx=<i>" not in out
+    assert main(_check(folder, "--folds", "null")) == 0  # null, as the help lists it: the default folds

@@ -828,6 +828,33 @@ def test_the_same_weights_in_another_layout_are_the_same_run_and_earlier_records
     assert _info(earlier)["status"] == "complete" and not from_cache.run_dir.exists()
 
 
+#: config and training hashes of runs as fsmis-bench formed them at bc4c8db (2026-11-28), by
+#: the code of that commit: a change to a method's config or to the hashing that moves one of
+#: these makes every record of that kind unfindable (a rerun trains again in a new folder)
+_EARLIER_HASHES = {
+    ("method=adnet",): ("cf96cfe3", "b334f68d"),
+    ("method=qnet",): ("6f266822", "cc4f459f"),
+    ("method=ssl_alpnet",): ("38939020", "c8157d4d"),
+    # the VTCT fallback of that time (`soft`, now a value of its own beside the default `soft_area`)
+    ("method=sdfsmis", "backbone=tiny", "pretrained=false", "method.vtct_empty_mask=soft"): ("529664a5", "715a1e5e"),
+}
+
+
+@pytest.mark.parametrize("overrides", list(_EARLIER_HASHES), ids=lambda o: " ".join(o))
+def test_records_made_earlier_keep_their_hashes(overrides):
+    from fsmis_bench.records import config_hash, training_hash
+
+    cfg = compose(list(overrides))
+    assert (config_hash(cfg)[:8], training_hash(cfg)[:8]) == _EARLIER_HASHES[overrides]
+
+
+def test_the_area_fallback_of_vtct_hashes_apart_from_the_earlier_one():
+    from fsmis_bench.records import config_hash
+
+    earlier = compose(["method=sdfsmis", "backbone=tiny", "pretrained=false", "method.vtct_empty_mask=soft"])
+    assert config_hash(compose(["method=sdfsmis", "backbone=tiny", "pretrained=false"])) != config_hash(earlier)
+
+
 def test_the_recorded_commit_is_only_that_of_a_checkout_tracking_the_package(tmp_path):
     import subprocess
 

@@ -222,6 +222,8 @@ def test_the_soft_fallback_sees_an_organ_between_the_pixels_bilinear_resizing_re
     paper = masked_token_average(tokens, masks, (16, 16))
     expected = (30 * tokens[0, 2 * 16 + 1] + 18 * tokens[0, 3 * 16 + 1]) / 48
     assert torch.allclose(paper[0], expected, atol=1e-6)
+    # the earlier reading, kept for its records, pools nothing here
+    assert torch.count_nonzero(masked_token_average(tokens, masks, (16, 16), empty="soft")) == 0
 
 
 # ---------------------------------------------------------------------------------------
@@ -669,7 +671,7 @@ def test_fidelity_sets_the_threshold_levels_and_the_code_forms_mask_field(fideli
 
     opts = SDFSMIS.resolve_options(OmegaConf.create({}), fidelity)
     assert (opts.threshold_levels, opts.elastic_mask_field, opts.augment_form) == (levels, field, form)
-    assert opts.vtct_empty_mask == {"paper": "soft", "code": "zero"}[fidelity]
+    assert opts.vtct_empty_mask == {"paper": "soft_area", "code": "zero"}[fidelity]
 
 
 def test_the_code_forms_new_options_give_fidelity_code_runs_a_hash_of_their_own():

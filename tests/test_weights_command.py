@@ -121,10 +121,17 @@ def test_download_without_the_hub_stops_at_once_with_what_to_do(tmp_path: Path, 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", FakeApi().list_repo_files)
     monkeypatch.setattr(weights_module, "hub_offline", lambda: True)
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HF_ENDPOINT", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
     assert main(["weights", "download", "backbone=tiny", f"weights_root={tmp_path / 'root'}"]) == 2
     err = capsys.readouterr().err
     assert "error: cannot download madebyollin/taesd: the hub is unreachable from here" in err
     assert "fsmis-bench weights download backbone=tiny" in err and "Traceback" not in err
+    # behind a proxy the direct probe proves nothing: the download itself tries (and says why it failed)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+    assert main(["weights", "download", "backbone=tiny", f"weights_root={tmp_path / 'root'}"]) == 2
+    err = capsys.readouterr().err
+    assert "downloading madebyollin/taesd failed: AssertionError: the hub was contacted" in err
 
 
 def test_download_needs_a_destination(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:

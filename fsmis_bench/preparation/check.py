@@ -355,8 +355,13 @@ def check_nifti_folder(
     if n_shot is not None and n_shot < 1:
         raise ConfigError(f"protocol.n_shot={n_shot}: a run needs one support scan at least",
                           hint="protocol.n_shot=<1..fold size - 1>")
+    fixed = dataset.support is not None or dataset._folds == "loo"  # protocol.supp_idx then moves nothing
+    if given_supp_idx and fixed:
+        report.warnings.append(f"--supp-idx {supp_idx} is not used: the support of every fold is "
+                               + ("named with --support" if dataset.support is not None else "the first scan, with folds=loo"))
     # a support the user asked about that stops a run fails the check; the default one warns
-    asked = report.problems if (given_supp_idx or n_shot is not None or support is not None) else report.warnings
+    asked = report.problems if ((given_supp_idx and not fixed) or n_shot is not None or support is not None) \
+        else report.warnings
     supports, unusable = _fold_supports(dataset, folds, supp_idx, n_shot or 1, given_supp_idx)
     asked.extend(unusable)
     loaded = []
@@ -420,7 +425,7 @@ def check_nifti_folder(
             f"scan {scan} is the support{f' (shot {shot + 1})' if shots > 1 else ''} of {these} ({where}) but shows "
             f"no {', '.join(lacking)}: a run that evaluates {'one of these folds' if len(folds_of) > 1 else these} "
             "of this folder stops before it trains; name another support scan with support=<id>" + (
-                "" if dataset.support is not None else ", or move the support's position with protocol.supp_idx=<i>")
+                "" if fixed else ", or move the support's position with protocol.supp_idx=<i>")
         )
     for organ in dataset.test_organs:
         if loaded and all(organ in r.missing_organs for r in report.rows if r.shape):

@@ -12,7 +12,7 @@ import re
 import sys
 from pathlib import Path
 
-from ..errors import DataError, FsmisError
+from ..errors import ConfigError, DataError, FsmisError
 from .facts import DATASET_FACTS, dataset_facts
 
 PREPARERS = ("abd_mri", "abd_ct", "card_mri")
@@ -150,7 +150,8 @@ def run_check_data(args: argparse.Namespace) -> int:
             report = check_nifti_folder(
                 Path(args.path), args.label_map, modality=_modality_arg(args.modality), orientation=args.orientation,
                 supervoxels=args.supervoxels, n_supervoxels=args.n_sv, data_root=Path(root) if root else None,
-                folds=_override_arg(args.folds), fold_ids=_override_arg(args.fold_ids), support=args.support,
+                folds=_override_arg(args.folds), fold_ids=_override_arg(args.fold_ids, "--fold-ids", list_only=True),
+                support=args.support,
                 test_organs=_override_arg(args.test_organs), supp_idx=args.supp_idx, n_shot=args.n_shot,
             )
         except FsmisError as exc:  # the plugin names its run options; here they are this command's flags
@@ -213,9 +214,14 @@ def _modality_arg(text: str | None):
     return text
 
 
-def _override_arg(text: str | None):
-    """A flag given as a run gives the same option: a name (``loo``) or a list in override
-    syntax (``[[0,1,2],[3,4,5]]``, ``[liver,spleen]``)."""
+def _override_arg(text: str | None, flag: str = "", list_only: bool = False):
+    """A flag given as a run gives the same option: ``null``, a name (``loo``) or a list in
+    override syntax (``[[0,1,2],[3,4,5]]``, ``[liver,spleen]``); ``list_only``: a list or
+    nothing (``--fold-ids``)."""
+    if text is not None and text.strip() == "null":
+        return None
+    if list_only and text is not None and not text.strip().startswith("["):
+        raise ConfigError(f"{flag} {text}: a list of folds is needed", hint=f"e.g. {flag} '[[p01,p02,p03],[p03,p04,p05]]'")
     if text and text.strip().startswith("["):
         from ..data.options import parse_override_value
 
