@@ -788,14 +788,22 @@ def test_the_same_weights_in_another_folder_are_the_same_run_and_earlier_records
     other["unet"]["digest"] = "sha256:" + "ef" * 32
     assert config_hash(on_b.cfg, {**on_b.inputs, "weights": other}) != config_hash(on_b.cfg, on_b.inputs)
     # a record made while the folder was hashed is found where it lies, and resumed there
-    earlier = run_dir_for(on_b.cfg, on_b.inputs, "weight_paths")
-    assert earlier != on_b.run_dir
+    _found_and_resumed_under("weight_paths", args, on_b)
+
+
+def _found_and_resumed_under(form: str, args: list[str], today) -> None:
+    """A record made when hashes had the earlier ``form`` is found where it lies, not under
+    ``today``'s folder, and a run finishes it there under that hash."""
+    from fsmis_bench.records import config_hash
+
+    earlier = run_dir_for(today.cfg, today.inputs, form)
+    assert earlier != today.run_dir
     earlier.mkdir(parents=True)
     found = identify(compose(args))
-    assert found.run_dir == earlier and found.hash_form == "weight_paths"
+    assert found.run_dir == earlier and found.hash_form == form
     assert main(["run", *args]) == 0
-    assert _info(earlier)["config_hash"] == config_hash(found.cfg, found.inputs, "weight_paths")
-    assert _info(earlier)["status"] == "complete" and not on_b.run_dir.exists()
+    assert _info(earlier)["config_hash"] == config_hash(found.cfg, found.inputs, form)
+    assert _info(earlier)["status"] == "complete" and not today.run_dir.exists()
 
 
 def test_the_same_weights_in_another_layout_are_the_same_run_and_earlier_records_are_still_found(
@@ -819,13 +827,7 @@ def test_the_same_weights_in_another_layout_are_the_same_run_and_earlier_records
     assert (weights_identity_hash({"inputs": from_folder.inputs})
             == weights_identity_hash({"inputs": from_cache.inputs}) != "")
     # a record made while the layout was hashed is found where it lies, and resumed there
-    earlier = run_dir_for(from_cache.cfg, from_cache.inputs, "weight_layout")
-    assert earlier != from_cache.run_dir
-    earlier.mkdir(parents=True)
-    found = identify(compose(args))
-    assert found.run_dir == earlier and found.hash_form == "weight_layout"
-    assert main(["run", *args]) == 0
-    assert _info(earlier)["status"] == "complete" and not from_cache.run_dir.exists()
+    _found_and_resumed_under("weight_layout", args, from_cache)
 
 
 #: config and training hashes of runs as fsmis-bench formed them at bc4c8db (2026-11-28), by
