@@ -148,7 +148,7 @@ def run_check_data(args: argparse.Namespace) -> int:
         root = args.root or os.environ.get(DATA_ROOT_ENV)
         try:
             report = check_nifti_folder(
-                Path(args.path), args.label_map, modality=_modality_arg(args.modality), orientation=args.orientation,
+                Path(args.path), args.label_map, modality=_override_arg(args.modality), orientation=args.orientation,
                 supervoxels=args.supervoxels, n_supervoxels=args.n_sv, data_root=Path(root) if root else None,
                 folds=_override_arg(args.folds), fold_ids=_override_arg(args.fold_ids, "--fold-ids", list_only=True),
                 support=args.support,
@@ -205,24 +205,15 @@ def _known_dataset(name: str, known: list[str]) -> None:
                         hint=f"one of: {', '.join(known)}")
 
 
-def _modality_arg(text: str | None):
-    """``--modality``: a name, or a per-scan mapping in override syntax (``{1:ct,2:mri}``)."""
-    if text and text.strip().startswith("{"):
-        from ..data.options import parse_override_value
-
-        return parse_override_value(text)
-    return text
-
-
 def _override_arg(text: str | None, flag: str = "", list_only: bool = False):
-    """A flag given as a run gives the same option: ``null``, a name (``loo``) or a list in
-    override syntax (``[[0,1,2],[3,4,5]]``, ``[liver,spleen]``); ``list_only``: a list or
-    nothing (``--fold-ids``)."""
+    """A flag given as a run gives the same option: ``null``, a name (``loo``, ``ct``), or a
+    list or mapping in override syntax (``[[0,1,2],[3,4,5]]``, ``[liver,spleen]``,
+    ``{1:ct,2:mri}``); ``list_only``: a list or nothing (``--fold-ids``)."""
     if text is not None and text.strip() == "null":
         return None
     if list_only and text is not None and not text.strip().startswith("["):
         raise ConfigError(f"{flag} {text}: a list of folds is needed", hint=f"e.g. {flag} '[[p01,p02,p03],[p03,p04,p05]]'")
-    if text and text.strip().startswith("["):
+    if text and text.strip().startswith(("[", "{")):
         from ..data.options import parse_override_value
 
         return parse_override_value(text)
