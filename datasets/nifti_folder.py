@@ -209,13 +209,10 @@ class NiftiFolder(VolumeDataset):
         self.setting2_groups = tuple(tuple(g) for g in (options.get("setting2_groups") or ()))
         self.orientation = check_orientation(options.get("orientation") or CANONICAL_ORIENTATION)
         self.modality_option = self._check_modality(options.get("modality"))
-        self._folds = options.get("folds")
-        self._fold_ids = options.get("fold_ids")
+        self._folds = _check_folds(options.get("folds"), key, by_id=False)
+        self._fold_ids = _check_folds(options.get("fold_ids"), key, by_id=True)
         if self._folds and self._fold_ids:
             raise ConfigError(f"give {key}.folds (positions) or {key}.fold_ids (scan ids), not both")
-        if isinstance(self._folds, str) and self._folds not in ("loo", "all"):
-            raise ConfigError(f"{key}.folds={self._folds!r} is unknown",
-                              hint="use loo, all (one fold of every scan), or lists of positions")
         self.support = None if _missing(options.get("support")) else str(options["support"])
         self.supervoxel_dir = options.get("supervoxels")
         size = options.get("n_supervoxels", DEFAULT_SUPERVOXEL_SIZE)
@@ -641,7 +638,19 @@ class NiftiFolder(VolumeDataset):
             raise DataError(f"nifti_folder: case {case_id} has no supervoxels: {path} is missing",
                             hint=f"add the file, or let {key}.supervoxels=auto make the scans' pseudo-labels "
                             f"(in {self.folder}/supervoxels_<n>, or in {key}.supervoxels_out)")
-        supervoxels = self._read_onto(path, image)
+        try:
+            supervoxels = self._read_onto(path, image)
+        except DataError as error:
+            # the reader's advice for a damaged file names `fsmis-bench prepare`, which makes
+            # no supervoxels: say what makes this one again
+            if path.is_file() and error.message.startswith("cannot read"):
+                error.hint = (
+                    f"delete {path}: the next run with {key}.supervoxels=auto makes it again"
+                    if str(self.supervoxel_dir) == "auto" else
+                    f"restore {path.name} (a given folder is read, never written), or let {key}.supervoxels=auto "
+                    "make the scans' pseudo-labels instead"
+                )
+            raise
         self._check_same_grid(case_id, image, supervoxels, "supervoxels")
         return supervoxels.array
 
@@ -880,6 +889,70 @@ class NiftiFolder(VolumeDataset):
             identity["supervoxels"] = str(sv_dir.resolve())
             identity["supervoxels_sha256"] = _digest_files([_supervoxel_path(sv_dir, i) for i in ids])
         return identity
+
+
+def _override_text(value) -> str:
+    """``value`` as the command line writes it: ``[[0,1],[2,3]]``, not ``[[0, 1], [2, 3]]``."""
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_override_text(v) for v in value) + "]"
+    return str(value)
+
+
+def _check_folds(value, key: str, *, by_id: bool):
+    """The ``folds`` (``by_id``: ``fold_ids``) option as given, refused unless it is one of
+    the forms the fold split reads: nothing (``null``, the default split), ``loo`` or ``all``
+    (``folds`` only), or a list of folds, each a list of scan positions (``folds``: whole
+    numbers, in id order) or scan ids (``fold_ids``).
+
+    A flat ``[0,1,2]`` or a count ``3`` would otherwise stop the run (or check-data) deep
+    inside the fold split with a Python error, after the folder was read.
+
+    Raises:
+        ConfigError: another form, with the list of lists to write instead.
+    """
+    option = f"{key}.{'fold_ids' if by_id else 'folds'}"
+    if value is None or value in ("", "???") or (isinstance(value, (list, tuple)) and not value):
+        return value
+    what = "scan ids" if by_id else "scan positions (0, 1, ... in id order)"
+    example = "[[1,2,3],[3,4,5]]" if by_id else "[[0,1,2],[3,4,5]]"
+    forms = f"{option} takes a list of folds, each a list of {what}, e.g. {option}={example}"
+    if isinstance(value, str):
+        if not by_id and value in ("loo", "all"):
+            return value
+        raise ConfigError(
+            f"{option}={value!r} is unknown" + ("" if by_id else ": it is loo, all, or a list of folds"),
+            hint=f"{forms}" + (f"; for leave-one-out use {key}.folds=loo" if by_id else
+                               "; loo makes one fold per query scan, all one fold of every scan"),
+        )
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(
+            f"{option}={_override_text(value)} is not a list of folds",
+            hint=f"{forms}" + ("" if by_id else f"; or {key}.folds=loo, all, or null (the default split)"),
+        )
+    flat = [entry for entry in value if not isinstance(entry, (list, tuple))]
+    if flat:
+        one_fold = len(flat) == len(value) and all(isinstance(e, (str, int)) and not isinstance(e, bool) for e in value)
+        raise ConfigError(
+            f"{option}={_override_text(value)} is not a list of folds: each fold is a list of its own "
+            f"({flat[0]!r} is not)",
+            hint=f"{forms}" + (f"; one fold of these scans is {option}=[{_override_text(value)}]" if one_fold else ""),
+        )
+    for number, fold in enumerate(value):
+        if not fold:
+            raise ConfigError(f"{option}: fold {number} is empty", hint=f"{forms}; leave the empty one out")
+        for entry in fold:
+            if by_id:
+                bad = isinstance(entry, bool) or not isinstance(entry, (str, int, float))
+            else:
+                bad = isinstance(entry, bool) or not (isinstance(entry, int)
+                                                      or (isinstance(entry, str) and entry.strip().isdigit()))
+            if bad:
+                raise ConfigError(
+                    f"{option}: fold {number} holds {_override_text(entry)}, not a "
+                    + ("scan id" if by_id else "scan position (a whole number from 0, in id order)"),
+                    hint=forms + ("" if by_id else f"; to name scans by their ids use {key}.fold_ids instead"),
+                )
+    return value
 
 
 def _read_affine(geometry: CaseGeometry, orientation: str) -> np.ndarray:

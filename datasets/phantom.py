@@ -39,6 +39,7 @@ class Phantom(VolumeDataset):
     label_map = {"liver": 1, "right_kidney": 2, "left_kidney": 3, "spleen": 4}
     test_organs = ("spleen", "liver", "left_kidney", "right_kidney")
     setting2_groups = (("liver", "spleen"), ("left_kidney", "right_kidney"))
+    has_file_geometry = False
 
     def __init__(self, root=None, **options) -> None:
         super().__init__(None, **options)

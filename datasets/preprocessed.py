@@ -178,7 +178,15 @@ class PreprocessedLayout(VolumeDataset):
                     hint=f"generate them with `fsmis-bench supervoxels {self.name} --root <data_root>`, "
                     "or train with protocol.train_labels=gt",
                 )
-            supervoxels, _ = read_nifti(path, np.int32)
+            try:
+                supervoxels, _ = read_nifti(path, np.int32)
+            except DataError as error:
+                if error.message.startswith("cannot read"):  # `prepare` makes no supervoxels: say what does
+                    from fsmis_bench.preparation.supervoxels import damaged_file_advice
+
+                    error.hint = damaged_file_advice(path, self.name, self.image_root.parent.parent,
+                                                     self.n_supervoxels)
+                raise
         return Volume(case_id, image.array, label, supervoxels, image.spacing, image.affine, self.modality)
 
 

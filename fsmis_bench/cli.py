@@ -86,11 +86,17 @@ def _run(args: argparse.Namespace) -> int:
             key, _, value = paths[0].partition("=")
             raise FsmisError(f"{paths[0]}: the comma makes two values of one path",
                              hint=f"quote the path: \"{key}='{value}'\" (quotes inside the shell's own)")
-        raise FsmisError("comma-separated values describe a sweep", hint="add -m to run every combination")
+        raise FsmisError("sweep values (a,b, range(), choice(), glob()) describe several runs",
+                         hint="add -m to run every combination")
     if split_overrides(overrides)[1]:
         raise FsmisError("hydra.* and hydra/... overrides set how a sweep is launched",
                          hint="add -m (a sweep of one run is fine)")
-    run_dir, _ = run_one(compose(overrides), allow_training=args.command == "run", checkpoint=checkpoint)
+    cfg = compose(overrides)
+    if args.export_masks:
+        from .export import check_exportable
+
+        check_exportable(cfg)
+    run_dir, _ = run_one(cfg, allow_training=args.command == "run", checkpoint=checkpoint)
     if os.environ.get("RANK", "0") == "0":  # one line per run, also under `accelerate launch`/torchrun
         print(run_dir)
         if args.export_masks:
@@ -303,6 +309,16 @@ def main(argv: list[str] | None = None) -> int:
         if exc.hint:
             print(f"  hint: {exc.hint}", file=sys.stderr)
         return 2
+    except (MemoryError, RuntimeError) as exc:
+        if not _out_of_memory(exc):
+            raise
+        _end_progress_bars()
+        said = " ".join(str(exc).split())[:300] or type(exc).__name__
+        print(f"error: out of memory ({said})", file=sys.stderr)
+        print("  hint: lower train.image_size or train.batch_size, or use memory=low for the diffusion methods "
+              "(each is another run); the same command on a machine with more memory resumes this run from its "
+              "last checkpoint", file=sys.stderr)
+        return 2
     except KeyboardInterrupt as exc:
         _end_progress_bars()
         print("interrupted; finished work is kept and the same command resumes", file=sys.stderr)
@@ -315,6 +331,15 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError, io.UnsupportedOperation):  # stdout is not a file descriptor
             pass
         return 0
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """True for the host's or an accelerator's out-of-memory error (torch raises a
+    ``RuntimeError`` for both, ``torch.OutOfMemoryError`` on CUDA)."""
+    if isinstance(exc, MemoryError):
+        return True
+    text = str(exc)
+    return "out of memory" in text.lower() or "can't allocate memory" in text
 
 
 def _end_progress_bars() -> None:

@@ -71,6 +71,8 @@ _INTEGERS = {
     "train.lr_step_every": 1,
 }
 _NULLABLE = ("protocol.max_queries", "train.image_size")
+# Integer options with a greatest allowed value: torch and numpy take 64-bit signed seeds.
+_MOST = {"seed": 2**63 - 1}
 # Non-negative real options.
 _REALS = ("train.grad_clip", "train.weight_decay", "train.momentum", "train.lr_gamma")
 _BOOLEANS = ("pretrained", "train.augment", "protocol.save_predictions")
@@ -138,7 +140,14 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
     for override in parsed:
         key = override.get_key_element()
         if override.is_sweep_override():
-            values = list(override.sweep_string_iterator())
+            try:
+                values = list(override.sweep_string_iterator())
+            except Exception:  # noqa: BLE001 - Hydra's own errors name its internals, not the value
+                raise ConfigError(
+                    f"{override.input_line}: fsmis-bench cannot enumerate this sweep",
+                    hint="list the values (`key=a,b,c`), or use range(start,stop[,step]) or choice(a,b); "
+                         "glob() and interval() need Hydra's config search or a sweeper plugin",
+                ) from None
         else:
             values = [override.get_value_element_as_str()]
         choices.append([f"{key}={v}" for v in values])
@@ -184,12 +193,32 @@ def _base_keys(overrides: list[str], extra: list[str]) -> set[str]:
     return set(_dotted_keys(_declared(overrides, extra)))
 
 
+def _close_key(key: str, known: set[str]) -> str | None:
+    """The known key ``key`` is most likely a typo of. In a section that exists only its own
+    keys are candidates, compared by their last part: over whole keys the shared
+    ``method.`` would make ``method.foo`` a typo of ``method.lr``."""
+    parent, _, leaf = key.rpartition(".")
+    if parent and parent in known:
+        siblings = {k.rpartition(".")[2] for k in known if k.rpartition(".")[0] == parent}
+        found = closest(leaf, siblings)
+        return f"{parent}.{found}" if found else None
+    return closest(key, {k for k in known if not key.startswith(k + ".")})
+
+
 def _unknown_key(key: str, known: set[str], added: bool, overrides: list[str] | None = None) -> ConfigError:
-    close = closest(key, known)
+    close = _close_key(key, known)
     suggestion = f"did you mean {close}? " if close else ""
     group = key.split(".", 1)[0]
-    chosen = _split(overrides or []).get(group) if group in ("method", "dataset") else None
+    chosen = (_split(overrides or []).get(group) or _default_choice(group)) if group in ("method", "dataset") else None
     where = _config_file(group, str(chosen)) if chosen else None
+    if group == "method" and not added and "." in key:
+        others = _methods_declaring(key.split(".", 1)[1])
+        if others:  # another method's option: a typo suggestion from this method's keys would mislead
+            return ConfigError(
+                f"unknown option {key!r} for method={chosen}",
+                hint=f"{key} is an option of " + ", ".join(f"method={m}" for m in others)
+                + (f"; method={chosen} declares its options in {where}" if where is not None else ""),
+            )
     if where is not None and not added:  # the file that declares this method's (dataset's) options
         return ConfigError(f"unknown option {key!r}",
                            hint=suggestion + f"{group}={chosen} declares its options in {where}")
@@ -291,6 +320,32 @@ def _check_sections(cfg: DictConfig, given: dict[str, str]) -> None:
                 raise ConfigError(f"{key}={value} replaces the whole section {key} with one value",
                                   hint=f"set its keys instead, e.g. {key}.<key>=<value> "
                                        "(`fsmis-bench run --help` lists the main ones)")
+
+
+def _methods_declaring(option: str) -> list[str]:
+    """The methods whose config declares ``method.<option>``, itself or through the method
+    configs its defaults list builds on (``sdfsmis_qe`` on ``sdfsmis``)."""
+    files: dict[str, Path] = {}
+    for folder in (config_dir(), *registries().config_dirs):
+        for path in sorted((Path(folder) / "method").glob("*.y*ml")):
+            files.setdefault(path.stem, path)
+    absent = object()
+
+    def declares(name: str, seen: frozenset[str]) -> bool:
+        if name not in files or name in seen:
+            return False
+        try:
+            raw = OmegaConf.load(files[name])
+        except Exception:  # noqa: BLE001 - a plugin's unreadable file is reported where it is used
+            return False
+        if not isinstance(raw, DictConfig):
+            return False
+        if OmegaConf.select(raw, f"method.{option}", default=absent) is not absent:
+            return True
+        bases = [item for item in raw.get("defaults") or [] if isinstance(item, str) and item != "_self_"]
+        return any(declares(base.lstrip("/").rsplit("/", 1)[-1], seen | {name}) for base in bases)
+
+    return [name for name in sorted(files) if declares(name, frozenset())]
 
 
 def _config_file(group: str, name: str) -> Path | None:
@@ -724,6 +779,8 @@ def validate(cfg: DictConfig) -> None:
             if key == "fold":
                 raise ConfigError(f"fold={value} does not exist", hint="use fold=0..4 (five folds, PROTOCOL.md §2)")
             raise ConfigError(f"{key}={value} is not allowed", hint=f"{key} must be at least {least}")
+        if key in _MOST and value > _MOST[key]:
+            raise ConfigError(f"{key}={value} is not allowed", hint=f"{key} must be at most {_MOST[key]}")
     for key in _REALS:
         value = OmegaConf.select(cfg, key)
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0 or value == float("inf"):
@@ -746,6 +803,13 @@ def validate(cfg: DictConfig) -> None:
         except OmegaConfBaseException as keyed:
             exc = keyed
         raise _unresolvable(exc) from None
+    results = cfg.get("results_dir")
+    if results is None or not str(results).strip():  # `results_dir=$OUT` with OUT unset
+        raise ConfigError(
+            f"results_dir={'null' if results is None else repr(str(results))} names no folder: the records would "
+            "land in the working directory, where `runs` and `report` do not look",
+            hint="give a folder (results_dir=results), or leave it out for $FSMIS_RESULTS_DIR or ./results",
+        )
 
 
 def _unresolvable(exc: Exception) -> ConfigError:

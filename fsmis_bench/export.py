@@ -40,10 +40,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from omegaconf import DictConfig
 
 from .data.base import ORGANS
 from .errors import DataError, DataWarning
-from .records import atomic_write, can_write_in, load_predictions, nearest_existing, new_file_mode, read_json
+from .records import (
+    atomic_write, can_write_in, load_predictions, nearest_existing, new_file_mode, read_json, read_run_config,
+)
 
 #: the files an export writes (and ``--force`` replaces)
 EXPORTED = ("pred_*.nii.gz", "masks.csv")
@@ -102,14 +105,10 @@ def export_masks(run_dir: str | Path, out_dir: str | Path, *, data_root: str | N
             (without ``force``), a folder that cannot be written, or test files that changed
             since the run.
     """
-    from omegaconf import OmegaConf
-
     from .runner import build_test_dataset
 
     run_dir, out_dir = Path(run_dir).expanduser(), Path(out_dir).expanduser()
-    if not (run_dir / "config.yaml").is_file():
-        raise DataError(f"{run_dir} is not a run directory (no config.yaml)",
-                        hint="pass a directory printed by `fsmis-bench run` (results/<method>/...)")
+    cfg = read_run_config(run_dir)  # refused before anything is written
     check_export_target(out_dir, force=force, run_dir=run_dir)
     predictions, complete = _predictions(run_dir)
     if not predictions:
@@ -118,7 +117,6 @@ def export_masks(run_dir: str | Path, out_dir: str | Path, *, data_root: str | N
             hint="evaluate again with protocol.save_predictions=true (the default), e.g. `fsmis-bench eval` "
             "with the run's overrides",
         )
-    cfg = OmegaConf.load(run_dir / "config.yaml")
     if data_root:
         cfg.data_root = str(data_root)
     _point_at_scans(cfg, scans, run_dir, out_dir)
@@ -154,12 +152,35 @@ def _point_at_scans(cfg, scans: str | None, run_dir: Path, out_dir: Path) -> Non
             raise DataError(f"--scans applies to runs tested on nifti_folder; {run_dir.name} was tested on "
                             f"{node.get('name') if node is not None else cfg.protocol.test_dataset}",
                             hint="for a built-in dataset moved elsewhere, use --data-root")
-        node.path = str(Path(scans).expanduser().resolve())
+        folder = Path(scans).expanduser()
+        if not folder.is_dir():  # named here: the dataset would name test_dataset.path, which the user did not set
+            raise DataError(f"--scans {scans}: {'is a file, not a folder' if folder.exists() else 'does not exist'}",
+                            hint="name the folder that holds the scans the run read (image_*.nii.gz, label_*.nii.gz)")
+        node.path = str(folder.resolve())
         return
     if own_folder and node.get("path") and Path(str(node.path)).is_absolute() and not Path(str(node.path)).is_dir():
         raise DataError(f"the scan folder this run read, {node.path}, is not there any more",
                         hint=f"name where it is now: `fsmis-bench export {run_dir} --out {out_dir} --scans <folder>` "
                         "(the files must be those the run read)")
+
+
+def check_exportable(cfg: DictConfig) -> None:
+    """Refuse ``--export-masks`` before a run whose test dataset has no scan files to write
+    masks in the grid of (:attr:`~fsmis_bench.data.base.VolumeDataset.has_file_geometry`).
+
+    Raises:
+        DataError: the phantom, or a plugin dataset made in memory.
+    """
+    from .plugins import registries
+
+    node = cfg.get("test_dataset") or cfg.dataset
+    name = str(node.name)
+    if not getattr(registries().datasets.get(name), "has_file_geometry", True):
+        raise DataError(
+            f"--export-masks: {name} is made in memory, so it has no scan files to write masks in the grid of",
+            hint="drop --export-masks, or run on scans read from files (e.g. dataset=nifti_folder "
+                 "dataset.path=DIR, or protocol.test_dataset=nifti_folder test_dataset.path=DIR)",
+        )
 
 
 def check_export_target(out_dir: Path, *, force: bool = False, run_dir: Path | None = None,
@@ -197,8 +218,14 @@ def _check_same_data(run_dir: Path, dataset) -> None:
     """Refuse a test dataset whose files differ from those the run read (``run.json``)."""
     try:
         recorded = (read_json(run_dir / "run.json").get("inputs") or {}).get("test_data") or {}
-    except (OSError, ValueError, AttributeError):
-        return  # an old or damaged record: nothing to compare with
+    except (OSError, ValueError, AttributeError) as exc:
+        # said, not refused: the masks are the run's, only the check of the scans is lost
+        with warnings.catch_warnings():  # the caller silences the data warnings of reading the scans, not this
+            warnings.simplefilter("always", DataWarning)
+            warnings.warn(f"{run_dir / 'run.json'} is unreadable ({type(exc).__name__}), so the scans cannot be "
+                          "checked against those the run read: the masks are written for the files as they are now",
+                          DataWarning, 2)
+        return
     digests = {k: v for k, v in recorded.items() if k.endswith("sha256")}
     if not digests:
         return

@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from .errors import FsmisError, UnknownNameError
+from .errors import DataError, FsmisError, UnknownNameError
 from .training.precision import with_resolved_precision
 
 CASE_COLUMNS = [
@@ -702,6 +702,51 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 def read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
+
+
+#: the sections a resolved run config has that rebuild its datasets (``export``, ``eval
+#: checkpoint=``); a report's fingerprint needs any mapping that is not empty
+RUN_CONFIG_KEYS = ("method", "dataset", "setting", "fold")
+
+
+def run_config_problem(run_dir: Path, needed: tuple[str, ...] = ()) -> str | None:
+    """Why a run's ``config.yaml`` cannot be used (damaged YAML, bytes that are not text,
+    an empty file, a list, a section in ``needed`` missing), or None when it reads as a run
+    config or is absent (records from before runs wrote it)."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.exists():
+        return None
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as exc:  # noqa: BLE001 - YAML, decoding and OmegaConf errors all mean damaged
+        said = " ".join(str(exc).split()) or type(exc).__name__  # YAML errors span several lines
+        return f"config.yaml is unreadable ({said[:200]})"
+    if not isinstance(cfg, DictConfig):
+        return "config.yaml does not hold a run config (not a mapping)"
+    if not cfg:
+        return "config.yaml is empty"
+    missing = [key for key in needed if key not in cfg]
+    return f"config.yaml lacks {missing}" if missing else None
+
+
+def read_run_config(run_dir: Path) -> DictConfig:
+    """A run's resolved ``config.yaml``, which rebuilds its datasets and method.
+
+    Raises:
+        DataError: there is none, or it is damaged (:func:`run_config_problem`).
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise DataError(f"{run_dir} is not a run directory (no config.yaml)",
+                         hint="pass a directory printed by `fsmis-bench run` (results/<method>/...)")
+    problem = run_config_problem(run_dir, RUN_CONFIG_KEYS)
+    if problem is not None:
+        raise DataError(
+            f"{run_dir}: {problem}",
+            hint="run the run's own command again (`fsmis-bench run` with the overrides it was made with): a "
+                 "finished run writes its config.yaml again, nothing is recomputed; or restore the file from a copy",
+        )
+    return OmegaConf.load(run_dir / "config.yaml")
 
 
 # -- predictions ----------------------------------------------------------------------

@@ -48,7 +48,7 @@ from .protocol.settings import EvalGroup, eval_groups
 from .record_repair import DamagedRecordError, part_cases, rebuild_cases  # noqa: F401 (DamagedRecordError re-exported)
 from .records import (
     CASE_COLUMNS, COMPLETE, HASH_FORMS, HashForm, atomic_write, can_write_in, code_identity, comparable_dataset,
-    config_hash, code_differences, load_predictions, machine_identity, nearest_existing, non_standard_options, now, package_versions, read_json,
+    config_hash, code_differences, load_predictions, machine_identity, nearest_existing, non_standard_options, now, package_versions, read_json, read_run_config, run_config_problem,
     registered_by, run_dir_for, save_predictions, test_dataset_name, training_hash, write_error, write_json, writing_to,
 )
 from .training.checkpoint import (
@@ -201,7 +201,7 @@ def _check_checkpoint_source(cfg: DictConfig, checkpoint: Path) -> None:
             raise ConfigError(f"{checkpoint} is not a run directory (no config.yaml)",
                               hint=f"pass a finished run's directory or its checkpoints/<group>/{WEIGHTS_FILE}")
         return  # a checkpoint from elsewhere: nothing to compare with
-    trained = OmegaConf.load(run_dir / "config.yaml")
+    trained = read_run_config(run_dir)  # a damaged one is named, never read as "another method"
 
     def compared(config: DictConfig, key: str) -> Any:
         value = OmegaConf.select(config, key)
@@ -748,7 +748,7 @@ def _execute(p: RunPlan, allow_training: bool, accelerator) -> Path:
             if existing is not None:
                 # weights the user passed are judged as passed; weights found in a run folder
                 # are the run's own, so the hint says what to delete to train them again
-                hint = None if ident.checkpoint else _found_weights_hint(existing, ckpt_dir)
+                hint = None if ident.checkpoint else _found_weights_hint(existing, ckpt_dir, allow_training)
                 step = load_weights(method, existing, hint=hint)
                 tqdm.write(f"using trained weights {existing} (step {step})", file=sys.stderr)
                 if accelerator.is_main_process and not ident.checkpoint:
@@ -801,15 +801,17 @@ def _execute(p: RunPlan, allow_training: bool, accelerator) -> Path:
     return run_dir
 
 
-def _found_weights_hint(weights: Path, own: Path) -> str:
+def _found_weights_hint(weights: Path, own: Path, trains: bool = True) -> str:
     """What to do about damaged weights found in a run folder (this run's or an identical
-    training's): delete them, and the group is trained again."""
+    training's): delete them, and the group is trained again. ``trains``: False under
+    ``eval``, which never trains, so the training is ``fsmis-bench run``'s."""
+    command = "rerun the same command" if trains else "run the same overrides with `fsmis-bench run`"
     if weights.parent != own:
-        return (f"delete {weights} (the weights of an identical training, in {weights.parents[2]}) and rerun the "
-                "same command to train this group again from step 0")
+        return (f"delete {weights} (the weights of an identical training, in {weights.parents[2]}) and {command} "
+                "to train this group again from step 0")
     resume = own / STATE_FILE
     again = f"from its last checkpoint ({resume})" if resume.exists() else "from step 0"
-    return f"delete {weights} and rerun the same command to train this group again {again}"
+    return f"delete {weights} and {command} to train this group again {again}"
 
 
 def _check_finished(run_dir: Path, ident: RunIdentity) -> bool:
@@ -821,6 +823,7 @@ def _check_finished(run_dir: Path, ident: RunIdentity) -> bool:
     """
     from .runs_command import record_problem  # the report's own check
 
+    _rewrite_damaged_config(run_dir, ident)
     if record_problem(run_dir) is None:
         return False
     with _exclusive(run_dir):  # no other process rebuilds it at the same time
@@ -829,6 +832,27 @@ def _check_finished(run_dir: Path, ident: RunIdentity) -> bool:
             rebuild_cases(run_dir, problem, default_groups=_evaluated_groups(ident.cfg, ident.groups))
             return True
     return False
+
+
+def _rewrite_damaged_config(run_dir: Path, ident: RunIdentity) -> None:
+    """Write a finished run's damaged ``config.yaml`` again from this command's config
+    (announced on stderr). It is the run's config when ``run.json`` records this command's
+    hash: the file only serves ``export``, ``eval checkpoint=`` and the report's
+    fingerprints, so nothing is recomputed. Left as it is otherwise, for ``report`` and
+    ``runs`` to name."""
+    problem = run_config_problem(run_dir)
+    if problem is None:
+        return
+    try:
+        recorded = read_json(run_dir / "run.json").get("config_hash")
+    except (OSError, ValueError, AttributeError):  # the record's own damage is named by the check after this
+        return
+    if recorded != config_hash(ident.cfg, ident.inputs, ident.hash_form):
+        return
+    with _exclusive(run_dir):
+        if run_config_problem(run_dir) is not None:
+            atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(ident.cfg))
+            tqdm.write(f"{run_dir}: {problem}; written again from this command's config", file=sys.stderr)
 
 
 def _finish(run_dir: Path, p: RunPlan, info: dict) -> None:

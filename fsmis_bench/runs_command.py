@@ -127,23 +127,18 @@ def scan(results_dir: Path) -> list[RunState]:
 
     results_dir = Path(results_dir)
     if not results_dir.is_dir():
-        raise FsmisError(f"results folder {results_dir} does not exist",
+        what = "is a file, not a folder" if results_dir.exists() else "does not exist"
+        raise FsmisError(f"results folder {results_dir} {what}",
                          hint="pass --results, or set FSMIS_RESULTS_DIR")
     dirs = {p.parent for p in results_dir.glob("**/run.json")} | {p.parent for p in results_dir.glob("**/.lock")}
     now = time.time()
     found = []
     for run_dir in sorted(dirs):
-        info = {}
-        if (run_dir / "run.json").exists():
-            try:
-                info = json.loads((run_dir / "run.json").read_text())
-            except (OSError, json.JSONDecodeError):
-                info = {}
+        info = _read_info(run_dir)
         complete = (run_dir / COMPLETE).exists()
         problem = record_problem(run_dir) if complete else None
         state = ("damaged" if problem else "complete") if complete else "running" if lock_is_held(run_dir) else "stale"
-        started = info.get("started_at")
-        age = now - datetime.fromisoformat(started).timestamp() if started else None
+        started, age = _started(info, now)
         rel = run_dir.relative_to(results_dir).parts
         found.append(RunState(
             path=run_dir, state=state, started_at=started, age_s=age, idle_s=now - _newest_mtime(run_dir),
@@ -156,6 +151,29 @@ def scan(results_dir: Path) -> list[RunState]:
     return sorted(found, key=lambda r: r.started_at or "")
 
 
+def _read_info(run_dir: Path) -> dict:
+    """``run_dir/run.json`` as a dict; empty where it is missing, unreadable (damaged JSON,
+    bytes that are not UTF-8) or holds no record (a JSON list): such a run is still listed,
+    named from its folder, and a finished one is ``damaged`` (:func:`record_problem`)."""
+    try:
+        info = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _started(info: dict, now: float) -> tuple[str | None, float | None]:
+    """(``started_at`` as recorded, the run's age in seconds); (None, None) where the
+    record has no start time it can be read as (an edited or damaged record)."""
+    started = info.get("started_at")
+    if not isinstance(started, str):
+        return None, None
+    try:
+        return started, now - datetime.fromisoformat(started).timestamp()
+    except ValueError:
+        return started, None
+
+
 def _from_path(parts: tuple[str, ...], name: str) -> str:
     """``setting``/``fold``/``seed`` as a run's folder names them
     (``<method>/<dataset>/setting1/fold0/seed0-<hash>``), for a record whose run.json is
@@ -166,23 +184,33 @@ def _from_path(parts: tuple[str, ...], name: str) -> str:
     return "?"
 
 
-def remove_stale(runs: list[RunState]) -> list[Path]:
-    """Delete stale run directories; a run that completed or was picked up meanwhile is kept."""
+def remove_stale(runs: list[RunState], failed: list[tuple[Path, OSError]] | None = None) -> list[Path]:
+    """Delete stale run directories; a run that completed or was picked up meanwhile is kept.
+
+    Args:
+        failed: filled with the runs that could not be deleted (a read-only folder, a file
+            another user owns) and why; the others are still deleted.
+    """
     from .records import COMPLETE
 
     removed = []
     for run in runs:
         if run.state != "stale":
             continue
-        lock = run.path / ".lock"
-        with open(lock, "a") as handle:  # hold the run's lock while deleting: nobody can start it now
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue
-            if (run.path / COMPLETE).exists():
-                continue
-            shutil.rmtree(run.path)
+        try:
+            with open(run.path / ".lock", "a") as handle:  # held while deleting: nobody can start it now
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue
+                if (run.path / COMPLETE).exists():
+                    continue
+                shutil.rmtree(run.path)
+        except OSError as exc:
+            if failed is None:
+                raise
+            failed.append((run.path, exc))
+            continue
         removed.append(run.path)
     return removed
 
@@ -230,8 +258,8 @@ def _run(args: argparse.Namespace) -> int:
     counts = {s: sum(r.state == s for r in runs) for s in STATES}
     print(f"{_runs(len(runs))} under {root}: " + ", ".join(f"{n} {s}" for s, n in counts.items()), file=sys.stderr)
     if counts["damaged"]:
-        print("damaged runs are skipped by `report`; running their command again rebuilds cases.csv from the "
-              "run's evaluation parts, or says what to do", file=sys.stderr)
+        print("damaged runs are skipped by `report`; running their command again repairs the record (cases.csv "
+              "from the run's evaluation parts, config.yaml from the command), or says what to do", file=sys.stderr)
     if not args.remove_stale:
         if counts["stale"]:
             print("stale runs resume when their command is run again; `fsmis-bench runs --remove-stale --yes` "
@@ -243,10 +271,20 @@ def _run(args: argparse.Namespace) -> int:
         print(f"would remove {_runs(len(shown), 'stale')} (their checkpoints too); add --yes to remove them",
               file=sys.stderr)
         return 0
-    removed = remove_stale(shown)
+    failed: list[tuple[Path, OSError]] = []
+    removed = remove_stale(shown, failed)
     for path in removed:
         _prune_empty_parents(path, root)
         print(f"removed {path}", file=sys.stderr)
+    if failed:
+        first_path, first_error = failed[0]
+        raise FsmisError(
+            f"{_runs(len(failed), 'stale')} could not be removed, e.g. {first_path} "
+            f"({first_error.strerror or first_error})",
+            hint="check that the results folder is writable by you (a read-only mount, another user's "
+                 "files), then run the same command again; " + (f"{_runs(len(removed))} removed before that"
+                                                                 if removed else "nothing was removed"),
+        )
     kept = len(shown) - len(removed)
     if kept:
         print(f"{_runs(kept)} {'was' if kept == 1 else 'were'} picked up or finished meanwhile and "

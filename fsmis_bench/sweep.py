@@ -171,6 +171,7 @@ class SweepJob:
         from hydra.core.hydra_config import HydraConfig
 
         from .config import compose
+        from .export import check_exportable
         from .training.interrupt import Interrupted
 
         if multiprocessing.get_start_method(allow_none=True) == "loky":
@@ -188,6 +189,8 @@ class SweepJob:
         os.chdir(self.launch_dir)
         try:
             cfg = compose(overrides)  # exactly what `fsmis-bench run <overrides>` runs
+            if self.export_to:
+                check_exportable(cfg)
             run_dir, outcome = run_one(
                 cfg, allow_training=self.command == "run",
                 checkpoint=Path(self.checkpoint) if self.checkpoint else None,
@@ -442,7 +445,8 @@ def show_config(overrides: list[str], which: str, multirun: bool) -> None:
     run_overrides, hydra_overrides = split_overrides(overrides)
     if which in ("job", "all"):
         if not multirun and is_sweep(run_overrides):
-            raise ConfigError("comma-separated values describe a sweep", hint="add -m to run every combination")
+            raise ConfigError("sweep values (a,b, range(), choice(), glob()) describe several runs",
+                              hint="add -m to run every combination")
         runs = check_sweep(overrides) if multirun else [(run_overrides, compose(run_overrides))]
         for run, cfg in runs:
             if len(runs) > 1:

@@ -186,3 +186,29 @@ def test_truncated_supervoxels_are_reported(tmp_path):
     report = check_dataset("abd_ct", root)
     assert report.rows[1].supervoxels == "unreadable"
     assert any("case 1: superpix-MIDDLE_1.nii.gz cannot be read (damaged gzip" in p for p in report.problems)
+    # what remakes it: not `prepare` (it makes no supervoxels), and the supervoxels command
+    # keeps a file that exists unless --force
+    problem = next(p for p in report.problems if "superpix-MIDDLE_1" in p)
+    assert f"delete {sv} and make it again with `fsmis-bench supervoxels abd_ct --root {root}`" in problem
+    assert "--force" in problem and "prepare" not in problem
+    from fsmis_bench.runner import build_dataset  # a run reading it gives the same advice
+
+    with pytest.raises(DataError) as raised:
+        build_dataset({"name": "abd_ct"}, str(root)).load("1", with_supervoxels=True)
+    assert f"delete {sv} and make it again with `fsmis-bench supervoxels abd_ct --root {root}`" in raised.value.hint
+
+
+def test_a_file_given_for_a_folder_is_said_to_be_a_file(tmp_path, monkeypatch):
+    """check-data --root / supervoxels --root / prepare --raw naming a file said the path
+    "does not exist"."""
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("")
+    monkeypatch.delenv("FSMIS_DATA_ROOT", raising=False)
+    for argv in (["check-data", "abd_mri", "--root", str(a_file)], ["supervoxels", "abd_mri", "--root", str(a_file)]):
+        with pytest.raises(DataError, match=f"data root {a_file} is a file, not a folder"):
+            run_cli(*argv)
+    with pytest.raises(DataError, match=f"raw folder {a_file} is a file, not a folder"):
+        run_cli("prepare", "abd_mri", "--raw", str(a_file), "--out", str(tmp_path / "out"))
+    with pytest.raises(DataError, match=f"data root {tmp_path / 'nowhere'} does not exist"):
+        run_cli("check-data", "abd_mri", "--root", str(tmp_path / "nowhere"))
+    assert not (tmp_path / "out").exists()

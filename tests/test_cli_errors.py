@@ -38,7 +38,14 @@ def _folder_args(folder: Path) -> list[str]:
         (["run", "setting=3"], "unknown setting '3'"),
         (["run", "protocol.dice=mean"], "protocol.dice='mean' is not allowed"),
         (["run", "nonsense"], "cannot read the argument 'nonsense'"),
-        (["run", "method=support_copy", "fold=0,1"], "comma-separated values describe a sweep"),
+        (["run", "method=support_copy", "fold=0,1"], r"sweep values \(a,b, range\(\), choice\(\), glob\(\)\) describe"),
+        (["run", "method=glob(proto*)"], r"describe several runs.*add -m"),
+        # Hydra's sweeps that need its config search or a sweeper: named, not Hydra's internals
+        (["run", "-m", "method=glob(proto*)"], r"method=glob\(proto\*\): fsmis-bench cannot enumerate.*range"),
+        (["run", "-m", "method.lr=interval(0.1,0.2)"], r"cannot enumerate this sweep"),
+        (["run", "results_dir="], r"results_dir='' names no folder.*leave it out for \$FSMIS_RESULTS_DIR"),
+        (["run", "results_dir=null"], r"results_dir=null names no folder"),
+        (["run", "seed=18446744073709551616"], r"seed=18446744073709551616 is not allowed.*at most 9223372036854775807"),
         # every option is checked before data or disk is touched (no "running" folder)
         (["run", "train.steps=0"], r"train.steps=0 is not allowed.*at least 1"),
         (["run", "train.checkpoint_every=0"], r"train.checkpoint_every=0 is not allowed"),
@@ -62,6 +69,11 @@ def _folder_args(folder: Path) -> list[str]:
         (["run", "method=prototype", "method.widht=8"],
          r"unknown option 'method.widht'.*did you mean method.width\? method=prototype declares its options in "
          r"\S*configs/method/prototype.yaml"),
+        # another method's option: named as such, not "did you mean method.name?"
+        (["run", "method.vae_dtype=bfloat16"],
+         r"unknown option 'method.vae_dtype' for method=prototype.*is an option of method=diffews, method=sdfsmis, "
+         r"method=sdfsmis_qe.*method=prototype declares its options in \S*prototype.yaml"),
+        (["run", "method.foo=1"], r"unknown option 'method.foo'\n  hint: method=prototype declares"),
         (["run", "method=sdfsmis", "backbone=sd16"], r"unknown backbone 'sd16'.*did you mean 'sd15'\?"),
         # a value where a config group or a section of keys belongs
         (["run", "memory=true"], r"memory=true: memory is a config group, and 'true' is none of its configs.*"
@@ -93,6 +105,34 @@ def test_bad_arguments(argv, message, capsys, results_dir):
     assert __import__("re").search(message, err, __import__("re").S), err
     assert "Traceback" not in err
     assert not results_dir.exists()
+
+
+@pytest.mark.parametrize("raised", [
+    RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 40000000000 bytes"),
+    MemoryError(),
+    RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+])
+def test_running_out_of_memory_is_one_error_that_says_what_to_lower(raised, capsys, monkeypatch, results_dir):
+    from fsmis_bench import runner
+
+    def exhausted(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(runner, "execute", exhausted)
+    assert main(["run", "method=support_copy", "dataset.size=64"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: out of memory") and "train.image_size" in err and "Traceback" not in err
+
+
+def test_another_runtime_error_is_not_taken_for_memory(monkeypatch, results_dir):
+    from fsmis_bench import runner
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    monkeypatch.setattr(runner, "execute", broken)
+    with pytest.raises(RuntimeError, match="shapes"):
+        main(["run", "method=support_copy", "dataset.size=64"])
 
 
 def test_missing_data_root(capsys, results_dir, tmp_path, monkeypatch):

@@ -294,6 +294,49 @@ def test_label_map_from_a_file_is_recorded_as_the_mapping(tmp_path, suffix, text
         compose(["dataset=nifti_folder", f"dataset.path={folder}", f"dataset.label_map={tmp_path / 'bad.yaml'}"])
 
 
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be-bom", "utf-8-sig", "utf-8"])
+def test_label_map_file_in_utf16_or_with_a_byte_order_mark_is_read(tmp_path, capsys, encoding):
+    """PowerShell's `>` and Notepad's "Unicode" write UTF-16 with a byte-order mark; Notepad's
+    UTF-8 may start with one: each is the same mapping, by check-data and a run alike."""
+    folder = make_folder(tmp_path / "scans", n=3)
+    text = "# Leber und Milz (organs of the vocabulary)\nliver: 1\nspleen: 2\n"
+    data = b"\xfe\xff" + text.encode("utf-16-be") if encoding == "utf-16-be-bom" else text.encode(encoding)
+    (tmp_path / "map.yaml").write_bytes(data)
+    cfg = compose(["dataset=nifti_folder", f"dataset.path={folder}", f"dataset.label_map={tmp_path / 'map.yaml'}"])
+    assert dict(cfg.dataset.label_map) == {"liver": 1, "spleen": 2}
+    assert main(["check-data", "nifti_folder", "--path", str(folder), "--label-map", str(tmp_path / "map.yaml")]) == 0
+    assert "label map {'liver': 1, 'spleen': 2}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("data, seen", [
+    ("# Leber für Patienten\nliver: 1\n".encode("latin-1"), "byte 0xfc on line 1"),
+    (bytes(range(128, 256)), "byte 0x80 on line 1"),
+    ("liver: 1\n".encode("utf-16")[:-1], "starts with a UTF-16 byte-order mark but is not UTF-16 text"),
+])
+def test_label_map_file_in_another_encoding_is_one_error_naming_the_file(tmp_path, capsys, results_dir, data, seen):
+    folder = make_folder(tmp_path / "scans", n=3)
+    label_map = tmp_path / "map.yaml"
+    label_map.write_bytes(data)
+    assert main(["check-data", "nifti_folder", "--path", str(folder), "--label-map", str(label_map)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: label map file {label_map} " in err and seen in err and "hint: save it as UTF-8" in err
+    assert "Traceback" not in err and "UnicodeDecodeError" not in err
+    argv = ["run", "method=support_copy", "protocol.test_dataset=nifti_folder", f"test_dataset.path={folder}",
+            f"+test_dataset.label_map={label_map}"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"error: label map file {label_map} " in err and "Traceback" not in err
+    assert not results_dir.exists()
+
+
+def test_label_map_given_as_a_folder_says_it_is_a_folder(tmp_path, capsys):
+    folder = make_folder(tmp_path / "scans", n=3)
+    assert main(["check-data", "nifti_folder", "--path", str(folder), "--label-map", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: label map '{tmp_path}' is a folder, not a file" in err and "neither" not in err
+    assert "the YAML/JSON file in it" in err
+
+
 # -- 5. small datasets ----------------------------------------------------------------------
 def test_small_folders_get_one_fold_and_clear_hints(tmp_path, results_dir, capsys):
     folder = make_folder(tmp_path / "scans", n=3)
@@ -325,6 +368,49 @@ def test_folds_by_position_by_id_and_leave_one_out(tmp_path):
     loo = load_dataset("nifti_folder", path=str(folder), label_map=LABEL_MAP, folds="loo", support="3")
     assert [loo.fold_cases(k) for k in range(3)] == [["1", "3"], ["2", "3"], ["3", "4"]]
     assert loo.fold_support(1) == "3" and loo.train_cases(1) == ["1", "4"]
+
+
+@pytest.mark.parametrize("option, value, message, suggestion", [
+    ("folds", [0, 1, 2], "dataset.folds=[0,1,2] is not a list of folds", "dataset.folds=[[0,1,2]]"),
+    ("fold_ids", [1, 2, 3], "dataset.fold_ids=[1,2,3] is not a list of folds", "dataset.fold_ids=[[1,2,3]]"),
+    ("folds", 3, "dataset.folds=3 is not a list of folds", "dataset.folds=loo, all, or null"),
+    ("folds", 0, "dataset.folds=0 is not a list of folds", "dataset.folds=loo, all, or null"),
+    ("folds", [[0, 1], 2], "is not a list of folds: each fold is a list of its own (2 is not)", "[[0,1,2],[3,4,5]]"),
+    ("folds", [[0, "a"]], "dataset.folds: fold 0 holds a, not a scan position", "use dataset.fold_ids instead"),
+    ("folds", [[0, 1.5]], "fold 0 holds 1.5, not a scan position", "[[0,1,2],[3,4,5]]"),
+    ("folds", [[0, 1], []], "dataset.folds: fold 1 is empty", "leave the empty one out"),
+    ("fold_ids", "loo", "dataset.fold_ids='loo' is unknown", "for leave-one-out use dataset.folds=loo"),
+    ("folds", "abc", "dataset.folds='abc' is unknown: it is loo, all, or a list of folds", "[[0,1,2],[3,4,5]]"),
+])
+def test_folds_not_given_as_lists_of_lists_are_one_clear_error(tmp_path, option, value, message, suggestion):
+    """A flat list or a count stopped the fold split with "'int' object is not iterable";
+    each form is refused when the dataset is made, with the list of lists to write."""
+    folder = make_folder(tmp_path / "scans", n=4)
+    with pytest.raises(ConfigError) as error:
+        load_dataset("nifti_folder", path=str(folder), label_map=LABEL_MAP, **{option: value})
+    assert message in error.value.message
+    assert suggestion in error.value.hint
+
+
+def test_flat_folds_are_one_error_in_check_data_and_in_a_run(tmp_path, capsys, results_dir):
+    folder = make_folder(tmp_path / "scans", n=4)
+    check = ["check-data", "nifti_folder", "--path", str(folder), "--label-map", LABEL_MAP]
+    for flag, value in (("--folds", "[0,1,2]"), ("--fold-ids", "[1,2,3]")):
+        assert main([*check, flag, value]) == 2
+        err = capsys.readouterr().err
+        assert f"error: {flag} {value} is not a list of folds" in err
+        assert f"one fold of these scans is {flag} [{value}]" in err
+        assert "Traceback" not in err and "dataset." not in err
+    run = ["run", "method=support_copy", "protocol.test_dataset=nifti_folder", f"test_dataset.path={folder}",
+           f"+test_dataset.label_map={LABEL_MAP}"]
+    for override in ("test_dataset.folds=[0,1,2]", "test_dataset.fold_ids=[1,2,3]", "test_dataset.folds=3"):
+        assert main([*run, override]) == 2
+        err = capsys.readouterr().err
+        assert f"error: {override} is not a list of folds" in err and "Traceback" not in err
+    assert not results_dir.exists()
+    # the forms the option takes still work
+    assert main([*check, "--folds", "[[0,1,2]]"]) == 0 and main([*check, "--folds", "loo"]) == 0
+    assert main([*check, "--folds", "null"]) == 0 and main([*check, "--fold-ids", "[[1,2,3]]"]) == 0
 
 
 def test_leave_one_out_trains_in_domain_and_uses_the_chosen_support(tmp_path, results_dir):
@@ -506,6 +592,26 @@ def test_auto_supervoxels_made_otherwise_are_made_again_and_foreign_ones_never_o
         _auto(folder, supervoxels_out=str(foreign), n_supervoxels=40).ensure_supervoxels()
     assert f"dataset.supervoxels={foreign}" in error.value.hint
     assert not (foreign / "superpix-MIDDLE_3.nii.gz").exists()
+
+
+@pytest.mark.filterwarnings("ignore::fsmis_bench.errors.DataWarning")  # the tiny scans' field of view
+def test_a_damaged_supervoxel_file_says_what_makes_it_again_not_prepare(tmp_path):
+    """The reader's advice for a damaged file names `fsmis-bench prepare`, which makes no
+    supervoxels: auto's file is deleted to be made again; a given folder's is restored."""
+    folder = make_folder(tmp_path / "scans", n=3)
+    out = tmp_path / "sv"
+    _auto(folder, supervoxels_out=str(out)).ensure_supervoxels()
+    damaged = out / "superpix-MIDDLE_2.nii.gz"
+    damaged.write_bytes(damaged.read_bytes()[:200])
+    with pytest.raises(DataError, match="cannot read") as error:
+        _auto(folder, supervoxels_out=str(out)).load("2", with_supervoxels=True)
+    assert error.value.hint == f"delete {damaged}: the next run with dataset.supervoxels=auto makes it again"
+    given = load_dataset("nifti_folder", path=str(folder), label_map=LABEL_MAP, supervoxels=str(out))
+    with pytest.raises(DataError, match="cannot read") as error:
+        given.load("2", with_supervoxels=True)
+    assert "restore superpix-MIDDLE_2.nii.gz" in error.value.hint and "prepare" not in error.value.hint
+    damaged.unlink()
+    assert _auto(folder, supervoxels_out=str(out)).ensure_supervoxels()["cases"] == ["2"]  # as the hint says
 
 
 @pytest.mark.parametrize("value", [0, -5, 2.7, "abc", True])

@@ -280,6 +280,16 @@ def test_export_masks_is_checked_before_the_run(tmp_path, results_dir, capsys, m
     assert "is not writable" in capsys.readouterr().err and not results_dir.exists()
 
 
+def test_export_masks_of_a_dataset_made_in_memory_is_refused_before_the_run(tmp_path, results_dir, capsys):
+    """The phantom has no scan files: its masks used to fail after the run, with a hint to
+    `fsmis-bench export`, which fails the same way."""
+    out = tmp_path / "masks"
+    assert main(["run", "method=support_copy", "dataset.size=64", "--export-masks", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "phantom is made in memory" in err and "drop --export-masks" in err and "Traceback" not in err
+    assert not results_dir.exists() and not out.exists()
+
+
 def test_writability_is_found_by_writing_not_by_permission_bits(tmp_path):
     from fsmis_bench.records import can_write_in
 
@@ -548,6 +558,9 @@ def test_an_export_finds_a_moved_scan_folder_through_scans_and_checks_its_files(
     err = capsys.readouterr().err
     assert f"the scan folder this run read, {folder}, is not there any more" in err
     assert f"fsmis-bench export {run_dir} --out {out} --scans <folder>" in err and not out.exists()
+    assert main(["export", str(run_dir), "--out", str(out), "--scans", str(tmp_path / "nosuch")]) == 2
+    err = capsys.readouterr().err  # the flag the user gave, not the dataset's test_dataset.path
+    assert f"--scans {tmp_path / 'nosuch'}: does not exist" in err and "test_dataset.path" not in err
     assert main(["export", str(run_dir), "--out", str(out), "--scans", str(moved)]) == 0
     assert (out / "pred_1.nii.gz").is_file()
     image, label = _scan(9)  # another scan in the moved folder: refused, as for the folder itself
@@ -555,6 +568,17 @@ def test_an_export_finds_a_moved_scan_folder_through_scans_and_checks_its_files(
     _store(moved / "label_1.nii.gz", label)
     assert main(["export", str(run_dir), "--out", str(tmp_path / "other"), "--scans", str(moved)]) == 2
     assert "changed since the run" in capsys.readouterr().err
+
+
+def test_an_export_of_a_run_with_a_damaged_run_json_says_the_scans_are_unchecked(tmp_path, results_dir, capsys):
+    folder = make_folder(tmp_path / "scans")
+    assert main(["run", *_args(folder)]) == 0
+    run_dir = _run_dir(results_dir)
+    (run_dir / "run.json").write_text("{ damaged")
+    capsys.readouterr()
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "masks")]) == 0
+    assert "run.json is unreadable (JSONDecodeError), so the scans cannot be checked" in capsys.readouterr().err
+    assert (tmp_path / "masks" / "pred_1.nii.gz").is_file()
 
 
 def test_scans_is_refused_for_a_run_on_a_built_in_dataset(tmp_path, results_dir, capsys):

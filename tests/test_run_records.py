@@ -517,6 +517,9 @@ def test_damaged_weights_found_in_a_run_folder_get_a_hint_about_that_folder(dama
     assert f"hint: delete {weights} and rerun the same command to train this group again from step 0" in err
     assert "pass a final.safetensors" not in err and "use a final.safetensors" not in err
     assert weights.exists()  # nothing is removed
+    assert main(["eval", *SMALL]) == 2  # eval never trains: the training is `run`'s
+    err = capsys.readouterr().err
+    assert f"hint: delete {weights} and run the same overrides with `fsmis-bench run` to train" in err
 
 
 def test_a_damaged_cases_csv_of_a_finished_run_is_rebuilt_from_its_parts(results_dir, capsys):

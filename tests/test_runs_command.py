@@ -115,10 +115,73 @@ def test_a_run_with_an_unreadable_run_json_takes_setting_fold_and_seed_from_its_
     assert (found.method, found.dataset, found.setting, found.fold, found.seed) == ("prototype", "phantom", "1", "0", "1")
 
 
+@pytest.mark.parametrize("content", [b"[1]", b"\xff\xfe\x00garbage\x9c", b'{"started_at": "yesterday"}',
+                                     b'{"started_at": 12}'])
+def test_runs_lists_a_run_json_that_is_no_record_instead_of_failing(three_runs, capsys, content):
+    """`runs` is the command that finds damaged records: a run.json holding JSON that is no
+    record, bytes that are not UTF-8 or a start time that is no date must not stop it."""
+    complete = next(three_runs.glob("prototype/phantom/setting1/fold0/seed0-*"))
+    stale = next(three_runs.glob("prototype/phantom/setting1/fold0/seed1-*"))
+    for run_dir in (complete, stale):
+        (run_dir / "run.json").write_bytes(content)
+    found = {r.path: r for r in scan(three_runs)}
+    assert found[complete].state == "damaged" and found[stale].state == "stale"
+    assert found[stale].seed == "1" and found[stale].age_s is None
+    assert main(["runs"]) == 0
+    assert "1 running, 1 stale, 1 damaged" in capsys.readouterr().err
+
+
+def test_remove_stale_in_a_folder_it_cannot_write_is_one_error(three_runs, capsys, monkeypatch):
+    from fsmis_bench import runs_command
+
+    stale = next(three_runs.glob("prototype/phantom/setting1/fold0/seed1-*"))
+
+    def read_only(path, *args, **kwargs):
+        raise OSError(30, "Read-only file system", str(path))
+
+    monkeypatch.setattr(runs_command.shutil, "rmtree", read_only)
+    assert main(["runs", "--remove-stale", "--yes"]) == 2
+    err = capsys.readouterr().err
+    assert "error: 1 stale run could not be removed" in err and str(stale) in err and "Read-only" in err
+    assert "writable" in err and "Traceback" not in err and stale.exists()
+
+
+@pytest.mark.parametrize("content", ["method: [unclosed\n", "- a\n- b\n", ""])
+def test_a_finished_runs_damaged_config_yaml_is_named_then_written_again_by_its_command(
+        three_runs, capsys, tmp_path, content):
+    """A damaged config.yaml was read as "another method" by `eval checkpoint=`, raised
+    tracebacks in `export`, and the run was listed complete and reported as config=unknown."""
+    complete = next(three_runs.glob("prototype/phantom/setting1/fold0/seed0-*"))
+    config = complete / "config.yaml"
+    written = config.read_text()
+    config.write_text(content)
+    (found,) = [r for r in scan(three_runs) if r.path == complete]
+    assert found.state == "damaged" and "config.yaml" in found.progress
+    capsys.readouterr()
+    for command in (["export", str(complete), "--out", str(tmp_path / "masks")],
+                    ["eval", *SMALL, f"checkpoint={complete}", f"results_dir={tmp_path / 'evaluated'}"]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert f"{complete}: config.yaml" in err and "run the run's own command again" in err, command
+        assert "Traceback" not in err and "another method" not in err
+    assert not (tmp_path / "masks").exists() and not (tmp_path / "evaluated").exists()
+    main(["report", "--format", "csv", "--out", str(tmp_path / "report")])
+    assert f"skipped {complete}: config.yaml" in capsys.readouterr().err
+    assert main(["run", *SMALL]) == 0  # the same command: nothing recomputed, the file written again
+    err = capsys.readouterr().err
+    assert "written again from this command's config" in err and "already complete, not recomputed" in err
+    assert config.read_text() == written
+    assert [r.state for r in scan(three_runs) if r.path == complete] == ["complete"]
+
+
 def test_missing_results_folder_is_one_message(tmp_path, capsys):
     assert main(["runs", "--results", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: results folder") and "hint:" in err
+    assert err.startswith("error: results folder") and "does not exist" in err and "hint:" in err
+    (tmp_path / "a_file").write_text("x")
+    for command in ("runs", "report"):
+        assert main([command, "--results", str(tmp_path / "a_file")]) == 2
+        assert "a_file is a file, not a folder" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("seconds, shown", [(None, "?"), (5, "5s"), (61, "1m"), (7200, "2h"), (90000, "1d")])

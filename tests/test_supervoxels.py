@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 import numpy as np
@@ -186,6 +187,66 @@ def test_compare_table_of_identical_folders(tmp_path, capsys):
     rows = compare_supervoxels(tmp_path / "root" / "CHAOST2" / "supervoxels_100", ref)
     assert [r["case"] for r in rows] == ["1", "2"]
     assert all(r["ours_n"] == r["ref_n"] and r["best_iou"] == 1.0 and r["body_agree"] == 1.0 for r in rows)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--n-sv", "0"], "--n-sv must be a positive integer (the smallest supervoxel, in voxels), got 0"),
+    (["--n-sv", "-5"], "--n-sv must be a positive integer"),
+    (["--spacing", "0", "1.25", "1.25"], "three positive voxel sizes in mm (z, y, x), got 0 1.25 1.25"),
+    (["--spacing", "7.7", "-1", "1.25"], "got 7.7 -1 1.25"),
+    (["--spacing", "nan", "1.25", "1.25"], "got nan 1.25 1.25"),
+])
+def test_supervoxels_refuses_a_size_or_spacing_that_is_not_positive(tmp_path, monkeypatch, flags, message):
+    """--n-sv 0 fell back to the default unsaid, --spacing 0 1 1 segmented with a 0 mm slice
+    spacing: both are refused before anything is read or computed."""
+    from fsmis_bench.errors import ConfigError, FsmisError
+    from fsmis_bench.preparation import supervoxels as recipe
+
+    write_dataset(tmp_path / "root" / "CMR" / "cmr_MR_normalized", ids=(1,))
+    monkeypatch.setattr(recipe, "_one_volume", lambda job: pytest.fail("a volume was computed"))
+    with pytest.raises(FsmisError, match=re.escape(message)) as error:
+        run_cli("supervoxels", "card_mri", "--root", str(tmp_path / "root"), "--workers", "1", "--no-progress", *flags)
+    assert isinstance(error.value, (ConfigError, DataError)) and error.value.hint
+    assert not (tmp_path / "root" / "CMR" / "supervoxels_1000").exists()
+    with pytest.raises(DataError, match="three positive voxel sizes"):  # the library refuses it too
+        generate_supervoxels(tmp_path / "root" / "CMR" / "cmr_MR_normalized", tmp_path / "sv", 100,
+                             spacing_zyx=(7.7, 0.0, 1.25), progress=False)
+
+
+def test_supervoxels_out_a_file_or_a_read_only_folder_is_one_error_before_any_volume(tmp_path, monkeypatch):
+    """--out naming a file raised FileExistsError; a read-only --out computed every volume
+    first and then failed each with the NIfTI writer's lines."""
+    from fsmis_bench import records
+    from fsmis_bench.preparation import supervoxels as recipe
+
+    root = tmp_path / "root"
+    images = write_dataset(root / "CMR" / "cmr_MR_normalized", ids=(1, 2))
+    blocker = tmp_path / "a_file.txt"
+    blocker.write_text("keep me")
+    computed = []
+    real_one_volume = recipe._one_volume
+    monkeypatch.setattr(recipe, "_one_volume", lambda job: computed.append(job[0]) or real_one_volume(job))
+    base = ["supervoxels", "card_mri", "--root", str(root), "--n-sv", "100", "--workers", "1", "--no-progress"]
+    for out in (blocker, blocker / "sub"):
+        with pytest.raises(DataError, match=f"cannot write supervoxels to {re.escape(str(out))}: "
+                                            f"{re.escape(str(blocker))} is a file, not a folder") as error:
+            run_cli(*base, "--out", str(out))
+        assert "--out" in error.value.hint
+    assert blocker.read_text() == "keep me"
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    real_check = records.can_write_in  # root may write anywhere: the check itself stands in for a read-only mount
+    monkeypatch.setattr(records, "can_write_in", lambda folder: Path(folder) != read_only and real_check(folder))
+    for out in (read_only, read_only / "sv"):
+        with pytest.raises(DataError, match=f"{re.escape(str(read_only))} is not writable") as error:
+            run_cli(*base, "--out", str(out))
+        assert "--out <a writable folder>" in error.value.hint
+    assert computed == [] and not list(read_only.iterdir())
+    # a complete folder is only read, so a read-only one is fine
+    generate_supervoxels(images, tmp_path / "done", 100, workers=1, progress=False)
+    monkeypatch.setattr(records, "can_write_in", lambda folder: False)
+    assert run_cli(*base, "--out", str(tmp_path / "done")) == 0
+    assert computed == ["1", "2"]  # made by generate_supervoxels above, none by the command
 
 
 def test_best_match_iou_and_stats():

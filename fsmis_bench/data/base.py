@@ -148,6 +148,9 @@ class VolumeDataset(ABC):
     #: setting-2 organ groups: training for a group drops slices showing its organs
     setting2_groups: ClassVar[tuple[tuple[str, ...], ...]] = ()
     modality: ClassVar[str] = "mri"
+    #: False for datasets made in memory (the phantom): no scan file gives a grid that
+    #: predicted masks could be written back in, so ``--export-masks`` is refused up front
+    has_file_geometry: ClassVar[bool] = True
 
     def __init__(self, root: str | Path | None = None, **options) -> None:
         self.root = Path(root).expanduser() if root not in (None, "", "null") else None

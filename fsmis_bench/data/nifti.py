@@ -178,7 +178,8 @@ def load_nifti(path: Path, dtype: type = np.float32, orientation: str = AS_STORE
         raise DataError(
             f"cannot read {path}: {type(exc).__name__}: {exc}",
             hint="the file is damaged or not NIfTI: restore it or write it again from its source "
-                 "(for a public dataset's folder, re-run `fsmis-bench prepare`)",
+                 "(for a public dataset's folder, delete it and re-run `fsmis-bench prepare`, which keeps "
+                 "the files that are there; or `prepare --force`)",
         ) from None
     for message in messages:
         if "pixdim" in message and "non-zero" in message:

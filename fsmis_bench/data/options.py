@@ -9,6 +9,7 @@ was seen and what is expected: a wrong map records one organ's Dice under anothe
 
 from __future__ import annotations
 
+import codecs
 import difflib
 import re
 from collections.abc import Iterable, Mapping
@@ -27,6 +28,45 @@ _LABEL_MAP_HINT = (
 _NNUNET_KEYS = {"channel_names", "modality", "file_ending", "numTraining", "numTest", "name", "description",
                 "tensorImageSize", "reference", "licence", "release", "training", "test", "regions_class_order",
                 "overwrite_image_reader_writer", "dataset_name"}
+
+
+#: byte-order marks, the codec that reads past them and the encoding's name; UTF-32's
+#: first, as UTF-16's starts it
+_BYTE_ORDER_MARKS = ((codecs.BOM_UTF32_LE, "utf-32", "UTF-32"), (codecs.BOM_UTF32_BE, "utf-32", "UTF-32"),
+                     (codecs.BOM_UTF8, "utf-8-sig", "UTF-8"), (codecs.BOM_UTF16_LE, "utf-16", "UTF-16"),
+                     (codecs.BOM_UTF16_BE, "utf-16", "UTF-16"))
+
+
+def _read_text(path: Path) -> str:
+    """The text of a label-map file: UTF-8, with or without a byte-order mark, or UTF-16
+    (or UTF-32) with one, as PowerShell's ``>`` and Notepad's "Unicode" write it.
+
+    Without a mark the bytes must be UTF-8: a guess at another 8-bit encoding (Latin-1,
+    Windows-1252) could read an organ name wrong without a word.
+
+    Raises:
+        ConfigError: the file cannot be read, or is not text in one of these encodings.
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"label map file {path} cannot be read: {exc.strerror or exc}",
+                          hint="make it readable, or give the mapping itself, e.g. '{liver:1,spleen:2}'") from None
+    codec, name = next(((c, n) for mark, c, n in _BYTE_ORDER_MARKS if data.startswith(mark)), ("utf-8", None))
+    try:
+        return data.decode(codec)
+    except UnicodeDecodeError as exc:
+        if name is None:
+            line = data[:exc.start].count(b"\n") + 1
+            what = (f"is not UTF-8 text (byte 0x{data[exc.start]:02x} on line {line}): it was saved in another "
+                    "encoding (Latin-1, Windows-1252), or is not a text file")
+        else:
+            what = f"starts with a {name} byte-order mark but is not {name} text from byte {exc.start} on (cut short?)"
+        raise ConfigError(
+            f"label map file {path} {what}",
+            hint="save it as UTF-8 (an editor's 'save with encoding', or `iconv -f latin1 -t utf-8`); UTF-16 with a "
+            "byte-order mark, as PowerShell and Notepad write it, is read as well",
+        ) from None
 
 
 def _load_unique_yaml(path: Path) -> Any:
@@ -49,7 +89,7 @@ def _load_unique_yaml(path: Path) -> Any:
                 lines[key] = line
             return super().construct_mapping(node, deep=deep)
 
-    return yaml.load(path.read_text(), Loader=UniqueKeys)  # noqa: S506 - a SafeLoader subclass
+    return yaml.load(_read_text(path), Loader=UniqueKeys)  # noqa: S506 - a SafeLoader subclass
 
 
 def _top_level_keys(text: str) -> list[str]:
@@ -195,6 +235,9 @@ def read_label_map(value: Any) -> dict[str, int]:
             if not isinstance(value, Mapping):
                 raise ConfigError(f"label map file {path} holds no mapping", hint=_LABEL_MAP_HINT)
             value = _from_nnunet(value, str(path))
+        elif path.is_dir():
+            raise ConfigError(f"label map {text!r} is a folder, not a file",
+                              hint="give the YAML/JSON file in it, not the folder; or " + _LABEL_MAP_HINT)
         else:
             raise ConfigError(f"label map {text!r} is neither a mapping nor an existing file", hint=_LABEL_MAP_HINT)
     if not isinstance(value, Mapping):

@@ -29,6 +29,15 @@ def sorted_case_ids(image_dir: Path) -> list[str]:
     return sorted((i for i in ids if i is not None), key=int)
 
 
+def not_a_folder(path: Path) -> str:
+    """Why ``path``, which is not a folder, cannot be used as one, as the end of a sentence
+    that names it: a file given for a folder is not a path that "does not exist"."""
+    path = Path(path)
+    if path.is_symlink() and not path.exists():
+        return "is a link to something that does not exist"
+    return "is a file, not a folder" if path.exists() else "does not exist"
+
+
 def write_image_atomic(image: sitk.Image, path: Path) -> None:
     """Write ``image`` to ``path`` through a temporary file and a rename.
 

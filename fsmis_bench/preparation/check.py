@@ -22,9 +22,9 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
-from ._io import case_id_of, gzip_problem, sorted_case_ids
+from ._io import case_id_of, gzip_problem, not_a_folder, sorted_case_ids
 from .facts import DATASET_FACTS, DatasetFacts, dataset_facts
-from .supervoxels import supervoxel_path
+from .supervoxels import damaged_file_advice, remake_command, supervoxel_path
 
 __all__ = ["DATASET_FACTS", "CaseRow", "CheckReport", "check_dataset", "format_report"]
 
@@ -102,7 +102,10 @@ def _geometry_differs(a, b) -> str | None:
     return None
 
 
-def _check_case(facts: DatasetFacts, image_dir: Path, sv_dir: Path | None, case_id: str) -> CaseRow:
+def _check_case(facts: DatasetFacts, image_dir: Path, sv_dir: Path | None, case_id: str,
+                root: Path | None = None, n_sv: int | None = None) -> CaseRow:
+    """One case's row; ``root`` and ``n_sv`` (the data root and supervoxel size checked)
+    name the command that remakes a damaged supervoxel file."""
     row = CaseRow(case_id=case_id)
     image_path = image_dir / f"image_{case_id}.nii.gz"
     label_path = image_dir / f"label_{case_id}.nii.gz"
@@ -164,7 +167,8 @@ def _check_case(facts: DatasetFacts, image_dir: Path, sv_dir: Path | None, case_
                 sv_size = _read_info(sv_path).GetSize()[::-1]
             except RuntimeError as error:
                 row.supervoxels = "unreadable"
-                row.problems.append(f"{sv_path.name} cannot be read ({str(error).strip().splitlines()[-1]})")
+                advice = f": {damaged_file_advice(sv_path, facts.name, root, n_sv)}" if root is not None else ""
+                row.problems.append(f"{sv_path.name} cannot be read ({str(error).strip().splitlines()[-1]}){advice}")
             else:
                 if tuple(sv_size) != image_array.shape:
                     row.supervoxels = f"shape {tuple(sv_size)}"
@@ -195,7 +199,7 @@ def check_dataset(
     report = CheckReport(dataset=name, root=root)
     image_dir = facts.image_dir(root)
     if not image_dir.is_dir():
-        report.problems.append(f"folder {image_dir} does not exist")
+        report.problems.append(f"folder {image_dir} {not_a_folder(image_dir)}")
         return report
     ids = sorted_case_ids(image_dir)
     if not ids:
@@ -208,14 +212,14 @@ def check_dataset(
     sv_dir = facts.supervoxel_dir(root, n_sv) if require_supervoxels else None
     if sv_dir is not None and not sv_dir.is_dir():
         report.problems.append(
-            f"supervoxel folder {sv_dir} does not exist "
-            f"(make it with `fsmis-bench supervoxels {name} --root {root}`)"
+            f"supervoxel folder {sv_dir} {not_a_folder(sv_dir)} "
+            f"(make it with `{remake_command(name, root, n_sv)}`)"
         )
         sv_dir_for_rows = None
     else:
         sv_dir_for_rows = sv_dir
     for case_id in ids:
-        row = _check_case(facts, image_dir, sv_dir_for_rows, case_id)
+        row = _check_case(facts, image_dir, sv_dir_for_rows, case_id, root, n_sv)
         if sv_dir is not None and sv_dir_for_rows is None:
             row.supervoxels = "missing"
         report.rows.append(row)

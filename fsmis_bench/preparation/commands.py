@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from ..errors import ConfigError, DataError, FsmisError
+from ._io import not_a_folder
 from .facts import DATASET_FACTS, dataset_facts
 
 PREPARERS = ("abd_mri", "abd_ct", "card_mri")
@@ -26,7 +27,7 @@ def _root_from(args: argparse.Namespace) -> Path:
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DataError(
-            f"data root {root} does not exist", hint="pass the folder holding CHAOST2/, SABS/, CMR/"
+            f"data root {root} {not_a_folder(root)}", hint="pass the folder holding CHAOST2/, SABS/, CMR/"
         )
     return root
 
@@ -41,7 +42,8 @@ def run_prepare(args: argparse.Namespace) -> int:
     facts = dataset_facts(args.dataset)
     raw = Path(args.raw).expanduser()
     if not raw.is_dir():
-        raise DataError(f"raw folder {raw} does not exist", hint="pass the unpacked release with --raw")
+        raise DataError(f"raw folder {raw} {not_a_folder(raw)}",
+                        hint="pass the unpacked release with --raw (the folder it unpacked to, not a .zip)")
     module = {"abd_mri": chaos, "abd_ct": btcv, "card_mri": cmr}[args.dataset]
     out_root = Path(args.out).expanduser()
     dataset_dir = out_root / facts.folder
@@ -100,16 +102,21 @@ def run_prepare(args: argparse.Namespace) -> int:
 
 
 def run_supervoxels(args: argparse.Namespace) -> int:
-    from .supervoxels import compare_supervoxels, format_comparison, generate_supervoxels
+    from .supervoxels import check_spacing, compare_supervoxels, format_comparison, generate_supervoxels
 
     _known_dataset(args.dataset, sorted(DATASET_FACTS))
     facts = dataset_facts(args.dataset)
+    if args.n_sv is not None and args.n_sv < 1:  # 0 would otherwise fall back to the default unsaid
+        raise ConfigError(f"--n-sv must be a positive integer (the smallest supervoxel, in voxels), got {args.n_sv}",
+                          hint=f"e.g. --n-sv {facts.n_sv}, or leave it out for the dataset's default")
+    if args.spacing:
+        check_spacing(args.spacing)
     root = _root_from(args)
     n_sv = args.n_sv or (facts.n_sv if args.method == "felzenszwalb3d" else 400)
     image_dir = facts.image_dir(root)
     if not image_dir.is_dir():
         raise DataError(
-            f"{image_dir} does not exist", hint=f"prepare it with `fsmis-bench prepare {args.dataset}`"
+            f"{image_dir} {not_a_folder(image_dir)}", hint=f"prepare it with `fsmis-bench prepare {args.dataset}`"
         )
     out_dir = Path(args.out).expanduser() if args.out else facts.supervoxel_dir(root, n_sv)
     run = generate_supervoxels(

@@ -18,6 +18,7 @@ spacing, zero origin): only the array matters and it matches the image voxel for
 from __future__ import annotations
 
 import multiprocessing
+import numbers
 import os
 import sys
 import time
@@ -41,6 +42,23 @@ SUPERVOXEL_PREFIX = "superpix-MIDDLE_"
 
 def supervoxel_path(out_dir: Path, case_id: str) -> Path:
     return Path(out_dir) / f"{SUPERVOXEL_PREFIX}{case_id}.nii.gz"
+
+
+def remake_command(dataset: str, root: Path, n_sv: int | None = None) -> str:
+    """The ``fsmis-bench supervoxels`` command that makes the missing supervoxel files of a
+    prepared dataset again (``--n-sv`` only when not the dataset's own size)."""
+    from .facts import dataset_facts
+
+    size = f" --n-sv {n_sv}" if n_sv is not None and n_sv != dataset_facts(dataset).n_sv else ""
+    return f"fsmis-bench supervoxels {dataset} --root {root}{size}"
+
+
+def damaged_file_advice(path: Path, dataset: str, root: Path, n_sv: int | None = None) -> str:
+    """What to do about the damaged (truncated, not NIfTI) supervoxel file ``path`` of a
+    prepared dataset. ``prepare`` is not it: it makes no supervoxels; and the supervoxels
+    command keeps every file that exists unless ``--force``, which remakes them all."""
+    return (f"delete {path} and make it again with `{remake_command(dataset, root, n_sv)}` (it makes the "
+            "missing files only; with --force it remakes every scan's)")
 
 
 def scale_to_255(image: np.ndarray) -> np.ndarray:
@@ -212,17 +230,22 @@ def generate_supervoxels(
         force: recompute cases whose output exists (otherwise they are skipped).
         spacing_zyx: override the spacing read from each image header.
         progress: show a progress bar (never when ``FSMIS_NO_PROGRESS=1``).
+    Raises:
+        DataError: an unknown method, ``n_sv`` or a spacing that is not positive, no images,
+            or an ``out_dir`` that is (or lies under) a file or cannot be written, the last
+            before any volume is computed.
     """
     if method not in METHODS:
         raise DataError(f"unknown supervoxel method {method!r}", hint=f"use one of {', '.join(METHODS)}")
-    if n_sv < 1:
+    if isinstance(n_sv, bool) or not isinstance(n_sv, numbers.Integral) or n_sv < 1:
         raise DataError(f"n_sv must be a positive voxel count, got {n_sv}", hint="e.g. --n-sv 5000")
+    if spacing_zyx is not None:
+        check_spacing(spacing_zyx)
     image_dir, out_dir = Path(image_dir), Path(out_dir)
     ids = sorted_case_ids(image_dir)
     if not ids:
         raise DataError(f"no image_<id>.nii.gz files in {image_dir}", hint="prepare the dataset first")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_partials(out_dir)
+    _check_folder(out_dir, writable=False)
     run = SupervoxelRun(out_dir=out_dir)
     jobs = []
     for case_id in ids:
@@ -231,6 +254,10 @@ def generate_supervoxels(
             run.skipped.append(case_id)
             continue
         jobs.append((case_id, image_dir / f"image_{case_id}.nii.gz", target, n_sv, method, spacing_zyx))
+    if jobs:  # a complete folder is only read: it may be read-only
+        _check_folder(out_dir, writable=True)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_partials(out_dir)
     if method == "felzenszwalb3d" and not HAVE_NUMBA and jobs:
         print(
             "warning: numba is not installed; 3-D supervoxels run in pure Python and take "
@@ -267,6 +294,38 @@ def generate_supervoxels(
         else:
             run.failed.append((case_id, message))
     return run
+
+
+def check_spacing(spacing_zyx) -> tuple[float, float, float]:
+    """``(z, y, x)`` voxel sizes in mm that the 3-D segmentation can weigh its edges by.
+
+    Raises:
+        DataError: not three finite, positive numbers (the edge costs are weighed by the
+            ratio of the slice spacing to the in-plane one: a 0 mm slice spacing makes
+            every edge across slices free, and a 0 mm in-plane one divides by zero).
+    """
+    values = tuple(spacing_zyx)
+    numeric = [isinstance(v, numbers.Real) and not isinstance(v, bool) for v in values]
+    if len(values) != 3 or not all(ok and np.isfinite(v) and v > 0 for ok, v in zip(numeric, values, strict=True)):
+        raise DataError(f"a spacing must be three positive voxel sizes in mm (z, y, x), got "
+                        f"{' '.join(f'{v:g}' if ok else repr(v) for ok, v in zip(numeric, values, strict=True))}",
+                        hint="e.g. --spacing 7.7 1.25 1.25, or leave it out to use each image header's spacing")
+    return tuple(float(v) for v in values)
+
+
+def _check_folder(out_dir: Path, *, writable: bool) -> None:
+    """Refuse an ``out_dir`` that is (or lies under) a file, or, with ``writable``, one whose
+    nearest existing folder cannot be written: said once, before any volume is computed,
+    instead of once per volume after it was."""
+    from ..records import can_write_in, nearest_existing  # late: spawned workers import this module
+
+    existing = nearest_existing(out_dir)
+    if not existing.is_dir():
+        raise DataError(f"cannot write supervoxels to {out_dir}: {existing} is a file, not a folder",
+                        hint="give a folder with --out (it is created if needed), or move the file away")
+    if writable and not can_write_in(existing):
+        raise DataError(f"cannot write supervoxels to {out_dir}: {existing} is not writable",
+                        hint="make it writable, or write them elsewhere with --out <a writable folder>")
 
 
 def ensure_supervoxels(

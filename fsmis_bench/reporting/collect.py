@@ -384,7 +384,7 @@ def load_results(results_dir: str | Path) -> Results:
     root = Path(results_dir).expanduser()
     if not root.is_dir():
         raise FsmisError(
-            f"results folder {root} does not exist",
+            f"results folder {root} {'is a file, not a folder' if root.exists() else 'does not exist'}",
             hint="pass --results DIR or set FSMIS_RESULTS_DIR to the folder `fsmis-bench run` wrote to",
         )
     run_rows: list[dict] = []
@@ -491,6 +491,9 @@ def _read_run(run_dir: Path) -> tuple[dict, pd.DataFrame, dict[str, Any]]:
     problem = check_cases(cases, meta)
     if problem:
         raise DamagedRun(problem)
+    problem = records.run_config_problem(run_dir)
+    if problem:  # its settings are unknown: a row beside intact runs would be `config=unknown`
+        raise DamagedRun(f"{problem}; running the run's command again writes it again")
     protocol = meta.get("protocol") or {}
     test_dataset = meta.get("test_dataset") or meta.get("dataset")
     config = read_config(run_dir)
@@ -712,8 +715,10 @@ def _split_by_config(runs: pd.DataFrame, settings: dict[str, dict[str, Any]]) ->
             runs.at[index, "variant"] = f"{variant},{tag}" if variant else tag
         if not named_by_settings:
             for cid in sorted(known):
+                # without `differing`, the other configuration is that of records with no config.yaml
                 notes.append(f"{row_label(method, variant)} [config={cid}]: "
-                             + ", ".join(setting_text(known[cid], name) for name in differing))
+                             + (", ".join(setting_text(known[cid], name) for name in differing) if differing
+                                else "differs from the config=unknown runs, which have no config.yaml to say how"))
     return runs, notes
 
 
