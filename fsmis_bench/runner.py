@@ -48,7 +48,7 @@ from .protocol.settings import EvalGroup, eval_groups
 from .record_repair import DamagedRecordError, part_cases, rebuild_cases  # noqa: F401 (DamagedRecordError re-exported)
 from .records import (
     CASE_COLUMNS, COMPLETE, HASH_FORMS, HashForm, atomic_write, can_write_in, code_identity, comparable_dataset,
-    config_hash, code_differences, load_predictions, machine_identity, nearest_existing, non_standard_options, now, package_versions, read_json, read_run_config, run_config_problem,
+    config_hash, code_differences, load_predictions, machine_identity, nearest_existing, non_standard_options, now, package_versions, read_json, read_run_config, run_config_problem, RUN_CONFIG_KEYS,
     registered_by, run_dir_for, save_predictions, test_dataset_name, training_hash, write_error, write_json, writing_to,
 )
 from .training.checkpoint import (
@@ -840,7 +840,7 @@ def _rewrite_damaged_config(run_dir: Path, ident: RunIdentity) -> None:
     hash: the file only serves ``export``, ``eval checkpoint=`` and the report's
     fingerprints, so nothing is recomputed. Left as it is otherwise, for ``report`` and
     ``runs`` to name."""
-    problem = run_config_problem(run_dir)
+    problem = run_config_problem(run_dir, RUN_CONFIG_KEYS)  # as `export` and `eval checkpoint=` read it
     if problem is None:
         return
     try:
@@ -850,7 +850,7 @@ def _rewrite_damaged_config(run_dir: Path, ident: RunIdentity) -> None:
     if recorded != config_hash(ident.cfg, ident.inputs, ident.hash_form):
         return
     with _exclusive(run_dir):
-        if run_config_problem(run_dir) is not None:
+        if run_config_problem(run_dir, RUN_CONFIG_KEYS) is not None:
             atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(ident.cfg))
             tqdm.write(f"{run_dir}: {problem}; written again from this command's config", file=sys.stderr)
 

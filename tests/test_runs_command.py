@@ -174,6 +174,20 @@ def test_a_finished_runs_damaged_config_yaml_is_named_then_written_again_by_its_
     assert [r.state for r in scan(three_runs) if r.path == complete] == ["complete"]
 
 
+def test_a_config_yaml_cut_short_that_still_parses_is_written_again_by_the_runs_command(three_runs, capsys, tmp_path):
+    """`export` refuses a config without its sections and asks for the run's command, so
+    that command must write it again, not only a config that does not parse."""
+    complete = next(three_runs.glob("prototype/phantom/setting1/fold0/seed0-*"))
+    config = complete / "config.yaml"
+    written = config.read_text()
+    config.write_text("setting: 1\nfold: 0\n")
+    assert main(["export", str(complete), "--out", str(tmp_path / "masks")]) == 2
+    assert "config.yaml lacks ['method', 'dataset']" in capsys.readouterr().err
+    assert main(["run", *SMALL]) == 0
+    assert "written again from this command's config" in capsys.readouterr().err
+    assert config.read_text() == written
+
+
 def test_missing_results_folder_is_one_message(tmp_path, capsys):
     assert main(["runs", "--results", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err
