@@ -673,6 +673,30 @@ def durable_replace(tmp: str | Path, path: str | Path) -> None:
         os.close(folder)
 
 
+#: the mark in the name of a file being written (``.<name>.tmp-<suffix>``) until its rename
+UNFINISHED_MARK = ".tmp-"
+
+
+def remove_unfinished_writes(directory: Path, recursive: bool = False) -> list[Path]:
+    """Delete the temporary files of writes that never finished in ``directory``.
+
+    A process killed while it wrote (``kill -9``, a node lost) leaves its temporary file
+    (``.<name>.tmp-<suffix>``; an SD-1.5 resume state is 10.3 GB) that nothing would ever
+    name again, and that would make the run's record differ from an uninterrupted one. Only
+    one process works on a run (its lock), so once it holds the lock, every such file in the
+    run's folder is a dead process's.
+
+    Returns:
+        the files removed, sorted.
+    """
+    pattern = f".*{UNFINISHED_MARK}*"
+    found = Path(directory).rglob(pattern) if recursive else Path(directory).glob(pattern)
+    removed = sorted(p for p in found if p.is_file())
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed
+
+
 def atomic_write(path: Path, data: bytes | str) -> None:
     """Write via a temporary file and rename (:func:`durable_replace`), so a crash never
     leaves half a file.
@@ -682,7 +706,8 @@ def atomic_write(path: Path, data: bytes | str) -> None:
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     mode = "wb" if isinstance(data, bytes) else "w"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    # the ``.tmp-`` mark lets a later process tell a killed write from a file of the run
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{UNFINISHED_MARK}")
     try:
         with os.fdopen(fd, mode) as handle:
             os.fchmod(handle.fileno(), new_file_mode())  # mkstemp creates 0600

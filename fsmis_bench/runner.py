@@ -47,9 +47,11 @@ from .protocol.metrics import fold_organ_scores
 from .protocol.settings import EvalGroup, eval_groups
 from .record_repair import DamagedRecordError, part_cases, rebuild_cases  # noqa: F401 (DamagedRecordError re-exported)
 from .records import (
-    CASE_COLUMNS, COMPLETE, HASH_FORMS, HashForm, atomic_write, can_write_in, code_identity, comparable_dataset,
-    config_hash, code_differences, load_predictions, machine_identity, nearest_existing, non_standard_options, now, package_versions, read_json, read_run_config, run_config_problem, RUN_CONFIG_KEYS,
-    registered_by, run_dir_for, save_predictions, test_dataset_name, training_hash, write_error, write_json, writing_to,
+    CASE_COLUMNS, COMPLETE, HASH_FORMS, RUN_CONFIG_KEYS, HashForm, atomic_write, can_write_in, code_differences,
+    code_identity, comparable_dataset, config_hash, load_predictions, machine_identity, nearest_existing,
+    non_standard_options, now, package_versions, read_json, read_run_config, registered_by,
+    remove_unfinished_writes, run_config_problem, run_dir_for, save_predictions, test_dataset_name, training_hash,
+    write_error, write_json, writing_to,
 )
 from .training.checkpoint import (
     LEGACY_FILES, STATE_FILE, WEIGHTS_FILE, CheckpointError, clear_training_state, load_weights, read_metadata,
@@ -694,6 +696,9 @@ def _exclusive(run_dir: Path, main_process: bool = True) -> Iterator[None]:
                     hint="let that process finish; rerunning afterwards reuses its result",
                 ) from None
             locked = True
+            for leftover in remove_unfinished_writes(run_dir, recursive=True):
+                tqdm.write(f"removed {leftover.relative_to(run_dir)}, a write that an interrupted "
+                           f"process left unfinished ({run_dir})", file=sys.stderr)
             yield
     except BaseException:
         # Only the lock's holder may remove the folder: a process refused here may have

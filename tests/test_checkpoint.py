@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from fsmis_bench.training.checkpoint import (
-    CheckpointError, clear_training_state, load_training_state, read_safetensors, remove_unfinished_writes,
-    save_training_state,
+    CheckpointError, clear_training_state, load_training_state, read_safetensors, save_training_state,
 )
+from fsmis_bench.records import remove_unfinished_writes
 from fsmis_bench.training.interrupt import Interrupted, StopRequest
 
 

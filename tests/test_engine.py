@@ -165,10 +165,11 @@ def test_interrupt_saves_a_checkpoint_at_the_step_boundary(writes, results_dir, 
     assert not (checkpoint_dir / "last.json").exists() and (checkpoint_dir / "final.safetensors").exists()
 
 
-def test_a_write_left_unfinished_by_a_killed_process_is_removed_on_resume(results_dir, monkeypatch, capsys):
-    """``kill -9`` during a checkpoint write leaves its temporary file (10.3 GB for SD-1.5).
-    The resumed training removes it, says so, and the run ends as an uninterrupted one's
-    folder does (which is what the SIGKILL case of the resume test compares)."""
+def test_writes_left_unfinished_by_a_killed_process_are_removed_on_resume(results_dir, monkeypatch, capsys):
+    """``kill -9`` during a write leaves its temporary file: a checkpoint's (10.3 GB for
+    SD-1.5) or a record's (the training log, ``run.json``). The resumed run removes each,
+    says so, and ends as an uninterrupted one's folder does (which is what the SIGKILL case
+    of the resume test compares)."""
     from fsmis_bench.training import episodes
 
     original = episodes.EpisodeSampler.batch
@@ -183,14 +184,21 @@ def test_a_write_left_unfinished_by_a_killed_process_is_removed_on_resume(result
     monkeypatch.setattr(episodes.EpisodeSampler, "batch", interrupted)
     assert main(["run", *SMALL, "train.steps=6"]) == 130
     (checkpoint_dir,) = {p.parent for p in results_dir.glob("**/checkpoints/all/last.json")}
-    leftover = checkpoint_dir / ".last-00000004.safetensors.tmp-4242"  # what the kill left mid-write
-    leftover.write_bytes(b"partial")
+    run_dir = checkpoint_dir.parent.parent
+    leftovers = [checkpoint_dir / ".last-00000004.safetensors.tmp-4242",  # what the kill left mid-write
+                 checkpoint_dir / ".train_log.csv.tmp-x52i_oyd", run_dir / ".run.json.tmp-ab3_9xyz"]
+    for leftover in leftovers:
+        leftover.write_bytes(b"partial")
+    (run_dir / ".notes").write_text("a hidden file of the user's")
     monkeypatch.setattr(episodes.EpisodeSampler, "batch", original)
     capsys.readouterr()
     assert main(["run", *SMALL, "train.steps=6"]) == 0
-    assert "removed .last-00000004.safetensors.tmp-4242, a checkpoint write" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    for leftover in leftovers:
+        assert f"removed {leftover.relative_to(run_dir)}, a write that an interrupted process left" in err
     assert sorted(p.name for p in checkpoint_dir.iterdir()) == ["final.safetensors", "train_log.csv",
                                                                  "train_step.json"]
+    assert (run_dir / ".notes").exists() and not list(run_dir.rglob("*.tmp-*"))
 
 
 def test_smoke_subset_is_evaluated_and_marked(results_dir):

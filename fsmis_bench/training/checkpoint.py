@@ -37,7 +37,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..errors import FsmisError
 from ..method import Method
-from ..records import durable_replace, new_file_mode
+from ..records import UNFINISHED_MARK, durable_replace, new_file_mode
 
 FORMAT = "fsmis-bench"
 WEIGHTS_KIND = "weights"
@@ -346,7 +346,7 @@ def write_tensor_file(tensors: dict[str, torch.Tensor], filename: str, metadata:
 def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Write through a temporary file and a rename; a failed write removes the temporary
     file and raises an OSError naming ``path`` (a full disk: errno ENOSPC)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}{UNFINISHED_MARK}{os.getpid()}")
     try:
         write_tensor_file(tensors, str(tmp), metadata=metadata)
         os.chmod(tmp, new_file_mode())
@@ -372,7 +372,7 @@ def _naming(exc: OSError, path: Path) -> OSError | None:
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}{UNFINISHED_MARK}{os.getpid()}")
     try:
         tmp.write_text(text)
         durable_replace(tmp, path)
@@ -568,23 +568,6 @@ def load_training_state(directory: Path) -> dict[str, Any] | None:
         return _decode(document["state"], tensors)
     except (KeyError, TypeError) as exc:
         raise CheckpointError(f"resume state {path} does not match {tensor_file}: {exc}", hint=hint) from None
-
-
-def remove_unfinished_writes(directory: Path) -> list[Path]:
-    """Delete the temporary files of writes that never finished in ``directory``.
-
-    A process killed while it wrote a checkpoint (``kill -9``, a node lost) leaves its
-    temporary file (``.<name>.tmp-<pid>``; an SD-1.5 resume state is 10.3 GB) that nothing
-    would ever name again. Only one process works on a run (its lock), so when a training
-    starts, every such file in its checkpoint folder is a dead process's.
-
-    Returns:
-        the files removed.
-    """
-    removed = sorted(Path(directory).glob(".*.tmp-*"))
-    for path in removed:
-        path.unlink(missing_ok=True)
-    return removed
 
 
 def clear_training_state(directory: Path) -> None:

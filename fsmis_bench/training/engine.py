@@ -32,10 +32,10 @@ from tqdm.auto import tqdm
 from ..errors import ConfigError
 from ..method import Method
 from ..plugins import plugin_code
-from ..records import atomic_write
+from ..records import atomic_write, remove_unfinished_writes
 from .checkpoint import (  # load_weights: re-exported for callers of the engine
     WEIGHTS_FILE, CheckpointWriter, clear_training_state, load_training_state, load_weights,
-    remove_unfinished_writes, rng_state, save_weights, set_rng_state, trainable_state,
+    rng_state, save_weights, set_rng_state, trainable_state,
 )
 from .episodes import EpisodeSampler
 from .loader import EpisodeLoader, resolve_num_workers
