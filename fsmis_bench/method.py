@@ -91,6 +91,11 @@ class Method(nn.Module):
     #: hashes, and a run whose numbers the option changes gets its own (an option whose
     #: ``null`` follows ``cfg.fidelity`` would otherwise hash as ``null`` either way).
     late_options: ClassVar[dict[str, Any]] = {}
+    #: ``cfg.method`` options read only when predicting (chunk size, thresholds, test-time
+    #: refinement): they change the masks, not the trained weights, so they stay out of the
+    #: training hash and ``eval`` may change them on a trained checkpoint (they stay in the
+    #: run's own hash: another threshold is another run).
+    inference_options: ClassVar[tuple[str, ...]] = ("predict_batch_size", "predict_cuda_graph")
     #: whether ``fidelity=code`` describes this method: its harness-level options
     #: (``configs/fidelity/code.yaml``: GT labels minus liver and spleen, pooled Dice, every
     #: support slice per chunk, the legacy setting-2 exclusion, 4-step accumulation) are the

@@ -168,14 +168,31 @@ def weights_content(weights: Any, with_layout: bool = False) -> Any:
             if isinstance(component, dict) else component for name, component in weights.items()}
 
 
-def _late_method_options(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(earlier values, resolved values)`` of the method's late options
-    (:attr:`fsmis_bench.method.Method.late_options`); empty for an unknown method."""
+def method_class(cfg: DictConfig) -> Any:
+    """The method plugin class ``cfg`` names; None for a method not installed here."""
     from .plugins import registries  # late: the registry imports the method plugins
 
     try:
-        method_cls = registries().methods.get(str(cfg.method.name))
-    except UnknownNameError:  # a method that is not installed here: nothing to resolve
+        return registries().methods.get(str(cfg.method.name))
+    except UnknownNameError:
+        return None
+
+
+def inference_options(cfg: DictConfig) -> tuple[str, ...]:
+    """The ``cfg.method`` options read only when predicting
+    (:attr:`fsmis_bench.method.Method.inference_options`); those of the base class for a
+    method not installed here."""
+    from .method import Method
+
+    method_cls = method_class(cfg)
+    return tuple((method_cls or Method).inference_options)
+
+
+def _late_method_options(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(earlier values, resolved values)`` of the method's late options
+    (:attr:`fsmis_bench.method.Method.late_options`); empty for an unknown method."""
+    method_cls = method_class(cfg)
+    if method_cls is None:  # a method that is not installed here: nothing to resolve
         return {}, {}
     if not method_cls.late_options:
         return {}, {}
@@ -224,10 +241,19 @@ def config_hash(cfg: DictConfig, inputs: dict[str, Any] | None = None, form: Has
     return _digest(data)
 
 
-def training_hash(cfg: DictConfig, inputs: dict[str, Any] | None = None, form: HashForm = "current") -> str:
+def training_hash(cfg: DictConfig, inputs: dict[str, Any] | None = None, form: HashForm = "current",
+                  with_inference_options: bool = False) -> str:
     """SHA-256 of only what decides the trained weights: training keys, training data,
-    pretrained weights (by content; ``form``: as earlier records formed it, :data:`HashForm`)."""
+    pretrained weights (by content; ``form``: as earlier records formed it, :data:`HashForm`).
+
+    The method's options read only when predicting (:func:`inference_options`) are left
+    out: a checkpoint serves an evaluation under another threshold or chunk size.
+    ``with_inference_options``: hashed too, as records made before 2026-11-28 10:00 UTC did.
+    """
     data = _hashed_config(cfg, form)
+    if not with_inference_options and isinstance(data.get("method"), dict):
+        for name in inference_options(cfg):
+            data["method"].pop(name, None)
     picked = {key: _pick(data, key) for key in _TRAINING_KEYS}
     if inputs is not None:
         weights = inputs.get("weights")

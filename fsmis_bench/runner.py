@@ -50,7 +50,7 @@ from .records import (
     CASE_COLUMNS, COMPLETE, HASH_FORMS, RUN_CONFIG_KEYS, HashForm, atomic_write, can_write_in, code_differences,
     code_identity, comparable_dataset, config_hash, load_predictions, machine_identity, nearest_existing,
     non_standard_options, now, package_versions, read_json, read_run_config, registered_by,
-    remove_unfinished_writes, run_config_problem, run_dir_for, save_predictions, test_dataset_name, training_hash,
+    inference_options, method_class, remove_unfinished_writes, run_config_problem, run_dir_for, save_predictions, test_dataset_name, training_hash,
     write_error, write_json, writing_to,
 )
 from .training.checkpoint import (
@@ -209,21 +209,50 @@ def _check_checkpoint_source(cfg: DictConfig, checkpoint: Path) -> None:
         value = OmegaConf.select(config, key)
         if key == "dataset" and isinstance(value, DictConfig):  # options added since change nothing there
             return comparable_dataset(OmegaConf.to_container(value, resolve=True))
+        if key == "method" and isinstance(value, DictConfig):  # options read when predicting may differ
+            plain = OmegaConf.to_container(value, resolve=True)
+            return {k: v for k, v in plain.items() if k not in inference_options(config)}
         return value
 
     for key in ("method", "backbone", "pretrained", "dataset"):
-        if compared(trained, key) != compared(cfg, key):
+        theirs, ours = compared(trained, key), compared(cfg, key)
+        if theirs == ours:
+            continue
+        if isinstance(theirs, dict) and isinstance(ours, dict) and theirs.get("name") == ours.get("name"):
+            # the same method or dataset with other options: say which
+            earlier = dict(getattr(method_class(cfg), "late_options", {})) if key == "method" else {}
+            changed = _changed_options(theirs, ours, earlier)
+            if not changed:
+                continue
+            message = (f"{checkpoint} was trained with "
+                       + ", ".join(f"{key}.{name}={was}" for name, (was, _) in changed.items())
+                       + "; this evaluation asks for "
+                       + ", ".join(f"{key}.{name}={asked}" for name, (_, asked) in changed.items()))
+        else:
             was = OmegaConf.select(trained, key)
             was = was.get("name", was) if isinstance(was, DictConfig) else was
-            hint = (
-                f"keep dataset={trained.dataset.name} (the training data) and choose the data to test on with "
-                f"protocol.test_dataset=<name>, e.g. protocol.test_dataset=nifti_folder test_dataset.path=<folder>"
-                if key == "dataset" else f"evaluate it with the {key} it was trained with"
-            )
-            raise ConfigError(
-                f"{checkpoint} was trained with another {key} ({key}={was}) than this evaluation asks for",
-                hint=hint,
-            )
+            message = f"{checkpoint} was trained with another {key} ({key}={was}) than this evaluation asks for"
+        if key == "dataset":
+            hint = (f"keep dataset={trained.dataset.name} (the training data) and choose the data to test on with "
+                    f"protocol.test_dataset=<name>, e.g. protocol.test_dataset=nifti_folder test_dataset.path=<folder>")
+        elif key == "method":
+            hint = ("evaluate it with the options it was trained with; only the options read when predicting "
+                    f"({', '.join(inference_options(cfg))}) may differ")
+        else:
+            hint = f"evaluate it with the {key} it was trained with"
+        raise ConfigError(message, hint=hint)
+
+
+def _changed_options(theirs: dict, ours: dict, earlier: dict) -> dict[str, tuple[Any, Any]]:
+    """``{option: (trained value, asked value)}`` for the options that differ. An option added
+    since the training (absent from its config) had the value every earlier run had
+    (``earlier``, the method's late options), or is a new switch left unset (null)."""
+    changed = {}
+    for name in sorted(set(theirs) | set(ours)):
+        was, asked = theirs.get(name, earlier.get(name)), ours.get(name, earlier.get(name))
+        if was != asked and not (name not in theirs and asked is None):
+            changed[name] = (was, asked)
+    return changed
 
 
 def identify(cfg: DictConfig, checkpoint: Path | None = None) -> RunIdentity:
@@ -416,21 +445,30 @@ def _groups_to_train(p: RunPlan, allow_training: bool) -> list[str]:
     return wanted
 
 
-def _with_its_cadence(cfg: DictConfig, inputs: dict, sibling: Path) -> set[str]:
+def _with_its_unhashed_options(cfg: DictConfig, inputs: dict, sibling: Path) -> set[str]:
     """The training hashes of earlier forms that ``cfg`` has with ``sibling``'s checkpoint and
-    logging cadence, which those forms hashed although it changes no number (empty where
-    the sibling's config cannot be read or has the same cadence)."""
+    logging cadence and its inference-only method options (:func:`inference_options`), which
+    those forms hashed although they change no trained weight (empty where the sibling's
+    config cannot be read or has the same values)."""
     try:
         trained = OmegaConf.load(sibling / "config.yaml")
     except Exception:  # noqa: BLE001 - an unreadable sibling is no source of weights
         return set()
-    cadence = {key: OmegaConf.select(trained, f"train.{key}") for key in ("checkpoint_every", "log_every")}
-    if any(v is None for v in cadence.values()) or all(cfg.train.get(k) == v for k, v in cadence.items()):
+    if not isinstance(trained, DictConfig):
+        return set()
+    theirs_values = {f"train.{key}": OmegaConf.select(trained, f"train.{key}")
+                     for key in ("checkpoint_every", "log_every")}
+    theirs_values.update({f"method.{name}": OmegaConf.select(trained, f"method.{name}")
+                          for name in inference_options(cfg)})
+    changed = {key: value for key, value in theirs_values.items()
+               if value is not None and OmegaConf.select(cfg, key) != value}
+    if not changed:
         return set()
     theirs = cfg.copy()
     with open_dict(theirs):
-        theirs.train.update(cadence)
-    return {training_hash(theirs, inputs, form) for form in HASH_FORMS if form in ("cadence", "weight_paths")}
+        for key, value in changed.items():
+            OmegaConf.update(theirs, key, value, merge=False)
+    return {training_hash(theirs, inputs, form, with_inference_options=True) for form in HASH_FORMS}
 
 
 def _find_checkpoint(cfg: DictConfig, inputs: dict, run_dir: Path, group: str) -> Path | None:
@@ -445,12 +483,14 @@ def _find_checkpoint(cfg: DictConfig, inputs: dict, run_dir: Path, group: str) -
             )
     if (own / WEIGHTS_FILE).exists():
         return own / WEIGHTS_FILE
-    wanted = {training_hash(cfg, inputs, form) for form in HASH_FORMS}  # earlier records: as they formed it
+    # earlier records: as they formed it
+    wanted = {training_hash(cfg, inputs, form, hashed) for form in HASH_FORMS for hashed in (False, True)}
     for info in sorted(run_dir.parent.glob("*/run.json")):
         candidate = info.parent / "checkpoints" / group / WEIGHTS_FILE
         try:
             recorded = read_json(info).get("training_hash")
-            same = recorded in wanted or (candidate.exists() and recorded in _with_its_cadence(cfg, inputs, info.parent))
+            same = recorded in wanted or (
+                candidate.exists() and recorded in _with_its_unhashed_options(cfg, inputs, info.parent))
         except (OSError, ValueError):
             continue  # a damaged sibling record is no source of weights
         if candidate.exists() and same:

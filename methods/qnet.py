@@ -55,7 +55,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from fsmis_bench.errors import ConfigError
-from fsmis_bench.method import EpisodeBatch
+from fsmis_bench.method import EpisodeBatch, Method
 
 from ._resnet_encoders import BuiltEncoder, encoder_from_cfg, grey_to_rgb, ResNetEncoderMethod
 from .adnet import anomaly_scores, foreground_probability, probability_nll, sum_of_nonempty, two_class, upsampled_masked_average
@@ -197,6 +197,8 @@ class QNet(ResNetEncoderMethod):
     """Q-Net (``method/qnet.yaml``)."""
 
     input_norm: ClassVar[str] = "zscore"
+    #: the test-time prototype refinement is not part of training (Method.inference_options)
+    inference_options: ClassVar[tuple[str, ...]] = (*Method.inference_options, "refine_iterations", "refine_lr")
 
     def __init__(self, cfg: DictConfig) -> None:
         super().__init__(cfg)

@@ -446,6 +446,9 @@ class SDFSMIS(Method):
     #: configs/fidelity/code.yaml is this code's protocol (DiffewS inherits it: the paper
     #: re-ran DiffewS in the same pipeline)
     released_code_protocol: ClassVar[bool] = True
+    #: how the decoded prediction becomes a mask: read at test time only (Method.inference_options)
+    inference_options: ClassVar[tuple[str, ...]] = (
+        *Method.inference_options, "threshold", "threshold_value", "threshold_levels", "lcc")
     #: the variant's modules when ``cfg.method`` does not name them.
     default_qe: ClassVar[bool] = True
     default_vtct: ClassVar[bool] = True

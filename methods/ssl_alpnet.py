@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
-from fsmis_bench.method import EpisodeBatch
+from fsmis_bench.method import EpisodeBatch, Method
 
 from ._resnet_encoders import DeepLabFeatures, encoder_from_cfg, ResNetEncoderMethod
 
@@ -147,6 +147,8 @@ class SSLALPNet(ResNetEncoderMethod):
     """SSL-ALPNet (``method/ssl_alpnet.yaml``)."""
 
     input_norm: ClassVar[str] = "zscore"
+    #: the pooling window at test time (Method.inference_options)
+    inference_options: ClassVar[tuple[str, ...]] = (*Method.inference_options, "pool_window_test")
 
     def __init__(self, cfg: DictConfig) -> None:
         super().__init__(cfg)

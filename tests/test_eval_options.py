@@ -1,0 +1,91 @@
+"""`eval` may change the method options read only when predicting (thresholds, chunk size,
+test-time refinement) on a trained checkpoint; every option training reads still names
+another training."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from fsmis_bench.cli import main
+from fsmis_bench.config import compose
+from fsmis_bench.records import config_hash, inference_options, training_hash
+
+# method: (its inference-only options with another value, a training option with another value);
+# a change of several overrides is written with spaces
+INFERENCE_TABLE = {
+    "sdfsmis": (["method.threshold=relative", "method.threshold_value=0.4",
+                 "method.threshold=relative method.threshold_levels=uint8",  # uint8 levels: relative only
+                 "method.lcc=true", "method.predict_batch_size=3"], "method.qe_tau=0.5"),
+    "diffews": (["method.predict_batch_size=3"], "method.lr=2e-5"),
+    "qnet": (["method.refine_iterations=0", "method.refine_lr=0.1", "method.predict_batch_size=3"],
+             "method.scale=10"),
+    "ssl_alpnet": (["method.pool_window_test=4", "method.predict_batch_size=3"], "method.pool_window_train=2"),
+    "adnet": (["method.predict_batch_size=3"], "method.steepness=1.0"),
+}
+
+
+@pytest.mark.parametrize("method", sorted(INFERENCE_TABLE))
+def test_inference_options_change_the_run_but_not_its_training(method):
+    changes, training_change = INFERENCE_TABLE[method]
+    base = compose([f"method={method}"])
+    changed = {o.split("=")[0].removeprefix("method.") for change in changes for o in change.split()}
+    assert changed <= set(inference_options(base))
+    for change in changes:
+        other = compose([f"method={method}", *change.split()])
+        assert training_hash(other) == training_hash(base), change
+        assert config_hash(other) != config_hash(base), change  # another threshold is another run
+        # records made before the split hashed them: those hashes still tell them apart
+        assert training_hash(other, with_inference_options=True) != training_hash(base, with_inference_options=True)
+    trained_otherwise = compose([f"method={method}", training_change])
+    assert training_hash(trained_otherwise) != training_hash(base)
+
+
+QNET = ["method=qnet", "dataset=phantom", "dataset.size=64", "dataset.n_slices=16", "pretrained=false",
+        "method.encoder=resnet18", "method.feature_dim=16", "train.image_size=64", "train.steps=2",
+        "protocol.min_fg_pixels=20", "method.refine_iterations=1"]
+
+
+def _run_dirs(results: Path) -> list[Path]:
+    return sorted(p.parent for p in results.glob("**/run.json"))
+
+
+@pytest.fixture
+def trained_qnet(results_dir: Path, capsys) -> Path:
+    assert main(["run", *QNET]) == 0
+    capsys.readouterr()
+    (run_dir,) = _run_dirs(results_dir)
+    return run_dir
+
+
+def test_eval_with_another_test_time_option_reuses_the_weights(trained_qnet, results_dir, capsys):
+    assert main(["eval", *QNET, "method.refine_iterations=0", "method.predict_batch_size=3"]) == 0
+    assert f"using trained weights {trained_qnet}" in capsys.readouterr().err
+    (evaluated,) = [d for d in _run_dirs(results_dir) if d != trained_qnet]
+    assert not (evaluated / "checkpoints").exists()
+    assert json.loads((evaluated / "run.json").read_text())["weights_trained_by"]["all"]["run"] == trained_qnet.name
+    # an option training reads is another training: nothing to evaluate
+    assert main(["eval", *QNET, "method.scale=10"]) == 2
+    assert "no trained checkpoint" in capsys.readouterr().err
+
+
+def test_eval_of_a_checkpoint_names_the_training_option_that_differs(trained_qnet, capsys):
+    assert main(["eval", *QNET, f"checkpoint={trained_qnet}", "method.refine_iterations=0"]) == 0
+    capsys.readouterr()
+    assert main(["eval", *QNET, f"checkpoint={trained_qnet}", "method.scale=10"]) == 2
+    err = capsys.readouterr().err
+    assert "was trained with method.scale=20.0; this evaluation asks for method.scale=10" in err
+    assert "refine_iterations" in err  # the hint lists what may differ
+
+
+def test_a_record_that_hashed_its_test_time_options_still_serves_another_one(trained_qnet, results_dir, capsys):
+    """Records made before the split hashed every method option into the training hash."""
+    info = json.loads((trained_qnet / "run.json").read_text())
+    cfg = OmegaConf.load(trained_qnet / "config.yaml")
+    info["training_hash"] = training_hash(cfg, info["inputs"], with_inference_options=True)
+    (trained_qnet / "run.json").write_text(json.dumps(info))
+    assert main(["eval", *QNET, "method.refine_iterations=0"]) == 0
+    assert f"using trained weights {trained_qnet}" in capsys.readouterr().err
