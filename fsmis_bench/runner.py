@@ -456,12 +456,12 @@ def _with_its_unhashed_options(cfg: DictConfig, inputs: dict, sibling: Path) -> 
         return set()
     if not isinstance(trained, DictConfig):
         return set()
-    theirs_values = {f"train.{key}": OmegaConf.select(trained, f"train.{key}")
-                     for key in ("checkpoint_every", "log_every")}
-    theirs_values.update({f"method.{name}": OmegaConf.select(trained, f"method.{name}")
-                          for name in inference_options(cfg)})
+    absent = object()  # a key its config lacks (added since): nothing to take over
+    keys = [f"train.{key}" for key in ("checkpoint_every", "log_every")]
+    keys += [f"method.{name}" for name in inference_options(cfg)]
+    theirs_values = {key: OmegaConf.select(trained, key, default=absent) for key in keys}
     changed = {key: value for key, value in theirs_values.items()
-               if value is not None and OmegaConf.select(cfg, key) != value}
+               if value is not absent and OmegaConf.select(cfg, key, default=absent) != value}
     if not changed:
         return set()
     theirs = cfg.copy()

@@ -89,3 +89,15 @@ def test_a_record_that_hashed_its_test_time_options_still_serves_another_one(tra
     (trained_qnet / "run.json").write_text(json.dumps(info))
     assert main(["eval", *QNET, "method.refine_iterations=0"]) == 0
     assert f"using trained weights {trained_qnet}" in capsys.readouterr().err
+
+
+def test_a_null_test_time_option_of_an_earlier_record_is_taken_over_as_null(trained_qnet, capsys):
+    """An earlier record's option left null (the method's own default) is what its hash held."""
+    config = OmegaConf.load(trained_qnet / "config.yaml")
+    config.method.refine_lr = None
+    OmegaConf.save(config, trained_qnet / "config.yaml")
+    info = json.loads((trained_qnet / "run.json").read_text())
+    info["training_hash"] = training_hash(config, info["inputs"], with_inference_options=True)
+    (trained_qnet / "run.json").write_text(json.dumps(info))
+    assert main(["eval", *QNET, "method.refine_lr=0.5"]) == 0
+    assert f"using trained weights {trained_qnet}" in capsys.readouterr().err
