@@ -567,12 +567,14 @@ class NiftiFolder(VolumeDataset):
                  if stale else "")
               + f"; making them now (ADNet 3-D Felzenszwalb, n_sv={self.n_supervoxels}; this takes a while per "
               "scan, and the new pseudo-labels become part of the run's identity)", file=sys.stderr, flush=True)
-        from fsmis_bench.preparation.supervoxels import supervoxels_3d  # late: SimpleITK, scikit-image
+        from fsmis_bench.preparation.supervoxels import (  # late: SimpleITK, scikit-image
+            segmentation_workers, supervoxels_3d,
+        )
 
         began = time.time()
         volumes = {c: self.load(c) for c in todo}
         largest = max(v.image.size for v in volumes.values())
-        workers = _segmentation_workers(len(todo), largest)
+        workers = segmentation_workers(os.cpu_count() or 1, len(todo), largest, "nifti_folder")
         bar = tqdm(total=len(todo), desc="supervoxels", unit="scan", file=sys.stderr,
                    disable=os.environ.get("FSMIS_NO_PROGRESS") == "1")
         written: list[str] = []
@@ -1033,9 +1035,6 @@ def _supervoxel_path(folder: Path, case_id: str) -> Path:
 
 #: the start of the ``descrip`` header field of a file ``supervoxels: auto`` made
 _PROVENANCE_MARK = "fsmis-bench supervoxels=auto "
-#: peak memory of ADNet's 3-D Felzenszwalb per voxel of a scan (its graph's 13 edges per
-#: voxel; measured about 270 bytes on a 192 x 192 x 48 scan)
-_SEGMENTATION_BYTES_PER_VOXEL = 300
 
 
 def _made_from(path: Path) -> str | None:
@@ -1050,20 +1049,6 @@ def _made_from(path: Path) -> str | None:
     except Exception:  # noqa: BLE001 - an unreadable file is not one auto made; reading it later names it
         return ""
     return descrip[len(_PROVENANCE_MARK):].strip() if descrip.startswith(_PROVENANCE_MARK) else ""
-
-
-def _segmentation_workers(scans: int, largest_voxels: int) -> int:
-    """Scans to segment at once: one per core, as long as their graphs fit the free memory."""
-    try:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, AttributeError):  # not Linux: one per core
-        return max(1, min(os.cpu_count() or 1, scans))
-    fits = free // max(1, _SEGMENTATION_BYTES_PER_VOXEL * largest_voxels)
-    if fits < 1:
-        print(f"nifti_folder: a scan of {largest_voxels} voxels needs about "
-              f"{_SEGMENTATION_BYTES_PER_VOXEL * largest_voxels / 2**30:.1f} GiB to segment, more than the "
-              f"{free / 2**30:.1f} GiB free", file=sys.stderr, flush=True)
-    return max(1, min(os.cpu_count() or 1, scans, fits))
 
 
 def _save_nifti(image, path: Path) -> None:

@@ -271,3 +271,59 @@ def test_supervoxels_on_one_real_cmr_scan_resemble_the_reference(real_data_root)
     n_ours, n_ref = supervoxel_stats(ours).count, supervoxel_stats(reference).count
     assert abs(n_ours - n_ref) <= max(3, 0.2 * n_ref)
     assert best_match_iou(reference, ours) > 0.6
+
+
+GiB = 2**30
+
+
+@pytest.mark.parametrize("requested, scans, free_gib, expected, said", [
+    (4, 10, None, 4, None),  # the system says nothing: as asked
+    (4, 2, 64, 2, None),  # never more workers than scans
+    (4, 10, 64, 4, None),  # 4 x 2.8 GiB fit
+    (4, 10, 6, 2, "2 scan(s) at a time instead of 4"),
+    (4, 10, 1, 1, "more than the 1.0 GiB free"),  # tried alone all the same: swap may carry it
+])
+def test_as_many_scans_are_segmented_at_once_as_their_graphs_fit(monkeypatch, capsys, requested, scans, free_gib,
+                                                                  expected, said):
+    from fsmis_bench.preparation import supervoxels
+
+    monkeypatch.setattr(supervoxels, "free_memory", lambda: None if free_gib is None else free_gib * GiB)
+    voxels = 10_000_000  # about 2.8 GiB of graph at 300 bytes per voxel
+    assert supervoxels.segmentation_workers(requested, scans, voxels, "supervoxels") == expected
+    err = capsys.readouterr().err
+    assert (said in err) if said else err == ""
+
+
+def test_a_worker_ended_by_the_system_is_one_error_and_keeps_the_scans_written(tmp_path, monkeypatch):
+    """An out-of-memory kill of a worker process breaks the pool: one error naming what is
+    kept and how to go on, never a wait for ever (multiprocessing.Pool's behaviour)."""
+    from concurrent.futures import Future, ThreadPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    from fsmis_bench.preparation import supervoxels
+
+    class KilledAfterTwo(ThreadPoolExecutor):
+        """Runs the first two scans; the third one's worker is 'killed'."""
+
+        def __init__(self, max_workers, mp_context):
+            super().__init__(max_workers=1)
+            self.submitted = 0
+
+        def submit(self, fn, *args):
+            self.submitted += 1
+            if self.submitted <= 2:
+                return super().submit(fn, *args)
+            broken: Future = Future()
+            broken.set_exception(BrokenProcessPool("a child process terminated abruptly"))
+            return broken
+
+    monkeypatch.setattr(supervoxels, "ProcessPoolExecutor", KilledAfterTwo)
+    images = write_dataset(tmp_path / "DS" / "imgs", ids=(1, 2, 3))
+    with pytest.raises(DataError) as caught:
+        generate_supervoxels(images, tmp_path / "sv", 100, workers=2, progress=False)
+    assert "ended from outside" in str(caught.value) and "of 3 scans were written" in str(caught.value)
+    assert "--workers 1" in caught.value.hint
+    written = sorted(p.name for p in (tmp_path / "sv").iterdir())
+    assert written == ["superpix-MIDDLE_1.nii.gz", "superpix-MIDDLE_2.nii.gz"]
+    rerun = generate_supervoxels(images, tmp_path / "sv", 100, workers=1, progress=False)
+    assert rerun.skipped == ["1", "2"] and rerun.written == ["3"]

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import multiprocessing
 import numbers
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 import os
 import sys
 import time
@@ -38,6 +40,49 @@ METHODS: tuple[str, ...] = ("felzenszwalb3d", "felzenszwalb2d")
 #: Body-mask threshold on the 0..255 image (ADNet's ``fg_thresh``).
 FOREGROUND_THRESHOLD: float = 10.0
 SUPERVOXEL_PREFIX = "superpix-MIDDLE_"
+#: peak memory of the 3-D segmentation per voxel of a scan: its graph's 13 edges per voxel,
+#: each with a float32 cost, an int64 place in the sort order and its sorted cost (measured
+#: 256-272 bytes on scans of 2.6 and 6.6 M voxels; a 512 x 512 x 200 CT needs about 15 GiB)
+SEGMENTATION_BYTES_PER_VOXEL = 300
+
+
+def free_memory() -> int | None:
+    """Bytes of physical memory free now; None where the system does not say."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def segmentation_workers(requested: int, scans: int, largest_voxels: int, who: str) -> int:
+    """Scans to segment at once (3-D): at most ``requested`` and ``scans``, and only as many
+    as their graphs fit the free memory. A scan larger than the free memory is said on
+    stderr (by ``who``): it is still tried, one at a time, as swap may carry it."""
+    workers = max(1, min(requested, scans))
+    free = free_memory()
+    if free is None:
+        return workers
+    need = SEGMENTATION_BYTES_PER_VOXEL * largest_voxels
+    fits = free // max(1, need)
+    if fits < 1:
+        print(f"{who}: a scan of {largest_voxels} voxels needs about {need / 2**30:.1f} GiB to segment, more "
+              f"than the {free / 2**30:.1f} GiB free; trying one scan at a time (crop or resample the scans "
+              "if the system ends it)", file=sys.stderr, flush=True)
+    elif fits < workers:
+        print(f"{who}: {fits} scan(s) at a time instead of {workers}: each needs about {need / 2**30:.1f} GiB "
+              f"and {free / 2**30:.1f} GiB are free", file=sys.stderr, flush=True)
+    return max(1, min(workers, fits))
+
+
+def _voxel_count(image_path: Path) -> int:
+    """Voxels of a NIfTI file, from its header (0 where it cannot be read: the worker names it)."""
+    try:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(image_path))
+        reader.ReadImageInformation()
+        return int(np.prod(reader.GetSize()))
+    except RuntimeError:
+        return 0
 
 
 def supervoxel_path(out_dir: Path, case_id: str) -> Path:
@@ -275,17 +320,32 @@ def generate_supervoxels(
         disable=not progress or not jobs or os.environ.get("FSMIS_NO_PROGRESS") == "1",
         file=sys.stderr,
     )
+    if method == "felzenszwalb3d" and workers > 1 and len(jobs) > 1:
+        largest = max(_voxel_count(Path(job[1])) for job in jobs)
+        workers = segmentation_workers(workers, len(jobs), largest, "supervoxels")
     if workers <= 1 or len(jobs) <= 1:
         for job in jobs:
             results.append(_one_volume(job))
             bar.update()
     else:
-        # spawn, not fork: the caller may hold threads (torch, BLAS) that fork would copy
+        # spawn, not fork: the caller may hold threads (torch, BLAS) that fork would copy. An
+        # executor, not a Pool: a worker the system ends (out of memory) breaks it with an
+        # error, where a Pool would wait for that worker's result for ever.
         context = multiprocessing.get_context("spawn")
-        with context.Pool(processes=min(workers, len(jobs))) as pool:
-            for result in pool.imap_unordered(_one_volume, jobs):
-                results.append(result)
-                bar.update()
+        with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=context) as pool:
+            try:
+                for done in as_completed([pool.submit(_one_volume, job) for job in jobs]):
+                    results.append(done.result())
+                    bar.update()
+            except BrokenProcessPool:
+                bar.close()
+                written = sum(1 for r in results if r[1] == "written")
+                raise DataError(
+                    f"a supervoxel worker process was ended from outside (most likely by the system, for "
+                    f"lack of memory) after {written} of {len(jobs)} scans were written to {out_dir}",
+                    hint="the written scans are kept; run the same command again with --workers 1 to make the "
+                    "rest one at a time",
+                ) from None
     bar.close()
     run.seconds = time.perf_counter() - start
     for case_id, status, message, _ in sorted(results, key=lambda r: int(r[0])):
