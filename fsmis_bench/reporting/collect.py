@@ -12,6 +12,8 @@ Everything downstream (tables, statistics, figures) works on the frames built he
 - ``cases``: one row per (run, organ, query volume).
 - ``fold_scores``: one row per (row key, fold, organ): the fold's organ score following the
   run's ``protocol.dice``, averaged over seeds (``n_seeds`` kept).
+- ``absent``: one row per (run, organ, query scan) that the run left out of the organ's
+  mean because the scan does not show the organ (``run.json`` ``absent``).
 """
 
 from __future__ import annotations
@@ -337,6 +339,9 @@ class Results:
         unfinished: run folders without the COMPLETE marker.
         notes: problems found while reading (skipped or superseded runs).
         train_logs: run folder -> its ``train_log.csv`` frame.
+        absent: one row per (finished run, organ, query scan) left out of that organ's mean
+            because the scan does not show the organ (columns :data:`ABSENT_COLUMNS`); its
+            Dice would be 0/0, so ``cases`` has no row for it (:func:`absent_volumes`).
     """
 
     root: Path
@@ -346,6 +351,7 @@ class Results:
     unfinished: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     train_logs: dict[str, pd.DataFrame] = field(default_factory=dict)
+    absent: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=ABSENT_COLUMNS))
 
     @property
     def empty(self) -> bool:
@@ -393,6 +399,7 @@ def load_results(results_dir: str | Path) -> Results:
     notes: list[str] = []
     train_logs: dict[str, pd.DataFrame] = {}
     configs: dict[str, dict[str, Any]] = {}
+    absent_rows: list[dict[str, str]] = []
 
     for marker in sorted(root.rglob("COMPLETE")):
         if not (marker.parent / "run.json").exists():
@@ -414,6 +421,8 @@ def load_results(results_dir: str | Path) -> Results:
         run_rows.append(row)
         case_frames.append(cases)
         configs[row["run_dir"]] = settings
+        absent_rows += [{"run_dir": row["run_dir"], "organ": organ, "case_id": case}
+                        for organ, case in _absent_scans(run_dir)]
         mismatch = folder_hash_note(run_dir, row["config_hash"])
         if mismatch:
             notes.append(mismatch)
@@ -446,7 +455,28 @@ def load_results(results_dir: str | Path) -> Results:
         cases = pd.DataFrame(columns=[*CASE_COLUMNS, "variant", "run_dir"])
     train_logs = {k: v for k, v in train_logs.items() if k in kept}
     fold_scores = compute_fold_scores(runs, cases)
-    return Results(root, runs, cases, fold_scores, unfinished, notes, train_logs)
+    absent = pd.DataFrame(absent_rows, columns=["run_dir", "organ", "case_id"]).merge(
+        runs[["run_dir", *EVAL_ROW_KEY, "fold", "seed"]], on="run_dir")[ABSENT_COLUMNS]
+    return Results(root, runs, cases, fold_scores, unfinished, notes, train_logs, absent)
+
+
+#: the columns of ``Results.absent``
+ABSENT_COLUMNS = ["run_dir", "method", "variant", "train_dataset", "dataset", "setting", "fold", "seed", "organ",
+                  "case_id"]
+
+
+def _absent_scans(run_dir: Path) -> list[tuple[str, str]]:
+    """(organ, case id) for every query scan the run left out of an organ's mean because the
+    scan does not show the organ (``run.json`` ``absent``: organ -> case ids; EP1 warns as it
+    leaves one out, ``protocol/ep1.py``). Empty for records without the field; a malformed
+    one reads as empty, since it only adds a footnote."""
+    try:
+        absent = _read_run_json(run_dir).get("absent")
+    except (OSError, ValueError, AttributeError):
+        return []
+    if not isinstance(absent, dict):
+        return []
+    return [(str(organ), str(case)) for organ, cases in absent.items() if isinstance(cases, list) for case in cases]
 
 
 #: the columns of ``Results.runs`` (and ``tables/runs.csv``)
@@ -964,15 +994,51 @@ def compute_fold_scores(runs: pd.DataFrame, cases: pd.DataFrame) -> pd.DataFrame
 
 
 def per_case_scores(results: Results) -> pd.DataFrame:
-    """Per (method, variant, evaluation, fold, organ, case_id): Dice averaged over seeds."""
+    """Per (method, variant, evaluation, fold, organ, case_id): Dice averaged over seeds.
+
+    ``seeds`` lists the seeds averaged (``0,1,2``), ``n_seeds`` counts them. Two rows of
+    this frame are not a pair unless their seeds agree: a volume's mean over three trainings
+    beside another method's single training differs by training variance as well as by
+    method. The paired statistics pair the seed-level rows instead
+    (:func:`fsmis_bench.reporting.stats.pair_volumes`).
+    """
     keys = ["method", "variant", "train_dataset", "dataset", "setting", "fold", "organ", "case_id"]
     if results.cases.empty:
-        return pd.DataFrame(columns=[*keys, "dice", "n_seeds"])
+        return pd.DataFrame(columns=[*keys, "dice", "n_seeds", "seeds"])
     return (
         results.cases.groupby(keys, sort=True)
-        .agg(dice=("dice", "mean"), n_seeds=("seed", "nunique"))
+        .agg(dice=("dice", "mean"), n_seeds=("seed", "nunique"),
+             seeds=("seed", lambda s: ",".join(str(v) for v in sorted({int(x) for x in s}))))
         .reset_index()
     )
+
+
+def absent_volumes(results: Results) -> dict[tuple, dict[str, dict[int, tuple[str, ...]]]]:
+    """(method, variant, train_dataset, dataset, setting) -> organ -> fold -> the query scans
+    left out of that organ's score in that fold for not showing it (``Results.absent``; the
+    same for every seed of a fold, as it is a property of the data)."""
+    out: dict[tuple, dict[str, dict[int, tuple[str, ...]]]] = {}
+    absent = results.absent
+    if absent.empty:
+        return out
+    for key, group in absent.groupby([*EVAL_ROW_KEY, "organ", "fold"], sort=True):
+        *row, organ, fold = key
+        cases = tuple(sorted(set(group["case_id"].astype(str)), key=_case_sort_key))
+        out.setdefault(tuple(row), {}).setdefault(str(organ), {})[int(fold)] = cases
+    return out
+
+
+def _case_sort_key(case: str) -> tuple[int, int | str]:
+    """Numeric case ids in numeric order (``2`` before ``10``), then the others."""
+    return (0, int(case)) if case.isdigit() else (1, case)
+
+
+def absent_text(folds: dict[int, tuple[str, ...]]) -> str:
+    """``2 query volumes left out (fold 0: scan 5; fold 3: scan 12)`` for one organ of a row."""
+    n = sum(len(cases) for cases in folds.values())
+    where = "; ".join(f"fold {fold}: scan{'s' if len(cases) > 1 else ''} {', '.join(cases)}"
+                      for fold, cases in sorted(folds.items()))
+    return f"{n} query volume{'s' if n != 1 else ''} left out ({where})"
 
 
 def run_backbones(results: Results) -> dict[tuple[str, str], str]:
@@ -1230,4 +1296,5 @@ __all__ = [
     "RUN_COLUMNS", "random_weights_reason", "read_config", "RANDOM_WEIGHTS_NOTES", "random_weights_note",
     "dataset_fold_count", "expected_folds", "uneven_seed_rows", "seeds_per_fold", "seeds_text", "mixed_thread_notes",
     "EXCLUSION_ALL_NOTE", "LEGACY_EXCLUSION_OPTION", "only_legacy_exclusion", "EVAL_ROW_KEY",
+    "ABSENT_COLUMNS", "absent_volumes", "absent_text",
 ]

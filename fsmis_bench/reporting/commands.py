@@ -28,8 +28,12 @@ from . import figures as figures_module
 from . import stats
 from .collect import (
     FOLD_CSV_COLUMNS,
+    EVAL_ROW_KEY,
     Results,
+    absent_text,
+    absent_volumes,
     default_results_dir,
+    eval_label,
     load_results,
     long_fold_csv,
     per_case_scores,
@@ -47,7 +51,7 @@ from .qualitative import (
     qualitative_caption,
     write_qualitative,
 )
-from .style import DOUBLE_COLUMN_IN, SINGLE_COLUMN_IN, renamed
+from .style import DOUBLE_COLUMN_IN, SINGLE_COLUMN_IN, organ_display, renamed
 from .tables import all_tables, frame_to_latex, frame_to_markdown, published_gap
 
 #: ``--width`` values
@@ -195,7 +199,8 @@ def write_report(
         _say_unmatched_renames(names, results)
         named_slices = parse_slices(slices)
         check_slices(results, named_slices)
-        pairs = list(compare) if compare else stats.default_pairs(results)
+        pair_notes: list[str] = []
+        pairs = list(compare) if compare else stats.default_pairs(results, pair_notes)
         # resolve the comparison names before writing anything, so a typo leaves no half report
         per_case = per_case_scores(results)
         for a, b in pairs:
@@ -207,7 +212,7 @@ def write_report(
         except OSError as exc:
             raise _write_failure(exc, out) from None
         try:
-            _write_into(staging, results, per_case, pairs, named_slices, data_root=data_root,
+            _write_into(staging, results, per_case, pairs, pair_notes, named_slices, data_root=data_root,
                         show_std=show_std, include_published=include_published, dataset_loader=dataset_loader,
                         n_boot=n_boot, log=log, width=figure_width, zoom=zoom)
             _install(staging, out)
@@ -230,6 +235,7 @@ def _write_into(
     results: Results,
     per_case: pd.DataFrame,
     pairs: Sequence[tuple[str, str]],
+    pair_notes: Sequence[str],
     named_slices: Sequence[tuple[str | None, str, str, int]],
     *,
     data_root: str | Path | None,
@@ -252,6 +258,16 @@ def _write_into(
         log(f"note: {text}")
     if results.unfinished:
         notes.append(f"{len(results.unfinished)} unfinished run(s) (no COMPLETE marker) are not counted; see Runs.")
+    for text in pair_notes:  # why an automatic comparison is not there
+        notes.append(text)
+        log(f"note: {text}")
+    if not results.absent.empty:
+        left_out = len(results.absent[[*EVAL_ROW_KEY, "fold", "organ", "case_id"]].drop_duplicates())
+        text = (f"{left_out} query volume{'s' if left_out != 1 else ''} left out of an organ's score because the "
+                "scan does not show that organ (its Dice would be 0/0; the reference codes would average a NaN); "
+                "the ° notes under the tables and the notes under the bootstrap intervals say which")
+        notes.append(text)
+        log(f"note: {text}")
 
     # on a terminal the bar goes when done; in a log it stays, ended by a newline, so that
     # what is printed next starts a line of its own
@@ -278,25 +294,31 @@ def _write_into(
     for a, b in pairs:
         frame = stats.compare(results, a, b, n_boot=n_boot)
         shown = stats.format_compare(frame)
+        pairing_notes = stats.comparison_notes(results, a, b, frame)
         stem = f"compare_{_slug(a)}_vs_{_slug(b)}"  # file names and the CSV keep the record names
         frame.to_csv(tables_dir / f"{stem}.csv", index=False)
         # the headers name A and B as the tables and figures do
         keys = [row_label(*stats.resolve(per_case, spec)) for spec in (a, b)]
         name_a, name_b = (stats.shown_row_labels(keys)[key] for key in keys)
         (tables_dir / f"{stem}.md").write_text(f"**A = {name_a} vs B = {name_b}** ({COMPARE_NOTE})\n\n"
-                                               + frame_to_markdown(shown), encoding="utf-8")
+                                               + frame_to_markdown(shown) + _notes_markdown(pairing_notes),
+                                               encoding="utf-8")
         (tables_dir / f"{stem}.tex").write_text(
-            frame_to_latex(shown, f"{name_a} vs {name_b}: paired comparison of per-volume Dice (%)", stem),
+            frame_to_latex(shown, f"{name_a} vs {name_b}: paired comparison of per-volume Dice (%). {COMPARE_NOTE}"
+                           + "".join(f" {text}." for text in pairing_notes), stem),
             encoding="utf-8")
-        comparisons.append((name_a, name_b, shown))
+        comparisons.append((name_a, name_b, shown, pairing_notes))
     intervals = stats.confidence_intervals(results, n_boot=n_boot)
     if not intervals.empty:
         shown_intervals = stats.format_intervals(intervals)
         intervals.to_csv(tables_dir / "bootstrap_ci.csv", index=False)
+        interval_notes = [INTERVALS_NOTE, *_absent_interval_notes(results)]
         (tables_dir / "bootstrap_ci.md").write_text(
-            f"**{INTERVALS_TITLE}**\n\n" + frame_to_markdown(shown_intervals, "{:.2f}"), encoding="utf-8")
+            f"**{INTERVALS_TITLE}**\n\n" + frame_to_markdown(shown_intervals, "{:.2f}") + _notes_markdown(interval_notes),
+            encoding="utf-8")
         (tables_dir / "bootstrap_ci.tex").write_text(
-            frame_to_latex(shown_intervals, INTERVALS_TITLE, "bootstrap_ci", "{:.2f}"), encoding="utf-8")
+            frame_to_latex(shown_intervals, f"{INTERVALS_TITLE}. " + " ".join(f"{t}." for t in interval_notes),
+                           "bootstrap_ci", "{:.2f}"), encoding="utf-8")
     else:
         shown_intervals = intervals
     steps.update()
@@ -336,10 +358,33 @@ def _write_into(
 
 
 #: what the paired comparisons and intervals show (their headers say it too)
-COMPARE_NOTE = ("per-volume Dice %, also for a [dice=pooled] variant; 95% percentile bootstrap intervals; "
-                "W, p: Wilcoxon signed-rank; r_rb: rank-biserial; organ 'all': one pair per query volume, "
-                "its mean over organs")
+COMPARE_NOTE = ("per-volume Dice %, also for a [dice=pooled] variant, mean over the paired (fold, scan) evaluations; "
+                "paired on the same volumes and the same training seeds (seeds: those paired, on both sides); "
+                "n: query scans, each one pair (a scan that is a query in two folds counts once); 95% percentile "
+                "bootstrap intervals resampling scans; W, p: Wilcoxon signed-rank over the n scans, so p is over "
+                "volumes and does not include training variance across seeds; r_rb: rank-biserial; organ 'all': "
+                "one pair per query volume, its mean over organs")
 INTERVALS_TITLE = "Mean per-volume Dice (%) with 95% bootstrap CI"
+#: what the intervals' n columns mean and what the bootstrap resamples
+INTERVALS_NOTE = ("mean over the (fold, scan) evaluations, each the mean over its seeds; n scans: distinct query "
+                  "scans; n (fold, scan): evaluations (the folds overlap by one scan, PROTOCOL.md §2, so a scan can "
+                  "be a query in two folds); the bootstrap resamples scans, all evaluations of a scan together")
+
+
+def _notes_markdown(notes: Sequence[str]) -> str:
+    """Notes below a Markdown table, one paragraph each."""
+    return "".join(f"\nNote: {text}\n" for text in notes)
+
+
+def _absent_interval_notes(results: Results) -> list[str]:
+    """Per interval row that lacks volumes a scan did not show the organ in: how many, which."""
+    notes = []
+    for (method, variant, train, test, setting), organs in absent_volumes(results).items():
+        for organ, folds in organs.items():
+            notes.append(f"{stats.shown_row_label(row_label(method, variant))}, {eval_label(train, test)} setting "
+                         f"{setting}, {organ_display(organ)}: {absent_text(folds)}: the scan shows no "
+                         f"{organ_display(organ)} (Dice 0/0)")
+    return notes
 
 
 def _parse_names(items: Sequence[str] | None) -> dict[str, str]:
@@ -397,8 +442,9 @@ def _print_tables(args: argparse.Namespace, results_dir: Path, compare: list[tup
         _log(f"note: {text}")
     if compare:
         frame = stats.compare(results, *compare[0], n_boot=args.n_boot)
-        if frame.empty:
-            _log(f"note: {compare[0][0]} and {compare[0][1]} share no query volumes")
+        pairing_notes = stats.comparison_notes(results, *compare[0], frame)
+        for text in pairing_notes:
+            _log(f"note: {text}")
         if args.format == "csv":
             sys.stdout.write(frame.to_csv(index=False))
         elif args.format == "latex":
@@ -407,7 +453,7 @@ def _print_tables(args: argparse.Namespace, results_dir: Path, compare: list[tup
                                             "compare"))
         else:
             sys.stdout.write(f"A = {args.compare[0]}, B = {args.compare[1]} ({COMPARE_NOTE})\n\n")
-            sys.stdout.write(frame_to_markdown(stats.format_compare(frame)))
+            sys.stdout.write(frame_to_markdown(stats.format_compare(frame)) + _notes_markdown(pairing_notes))
         return 0
     if args.format == "csv":
         sys.stdout.write(long_fold_csv(results).to_csv(index=False))

@@ -816,6 +816,15 @@ def _spread_sentence(n_folds: Sequence[int]) -> str:
     return text + "."
 
 
+def _scan_in_two_folds(results: Results) -> bool:
+    """Whether a row's query scan was evaluated in more than one fold (overlapping folds)."""
+    cases = results.cases
+    if cases.empty:
+        return False
+    keys = ["method", "variant", "train_dataset", "dataset", "setting", "organ", "case_id"]
+    return bool((cases.groupby(keys)["fold"].nunique() > 1).any())
+
+
 def caption(name: str, results: Results) -> str:
     """What figure ``name`` shows, in words, for these results (the HTML caption)."""
     scores = results.fold_scores
@@ -828,8 +837,12 @@ def caption(name: str, results: Results) -> str:
 
         return comparison_caption(results)
     if name == "volume_distribution":
-        return (f"Dice per query volume (%), seeds averaged: every volume is a point; a box (median, quartiles, "
-                f"whiskers to 1.5 IQR) only where a method has at least {MIN_BOX_POINTS} volumes.")
+        twice = ("; a scan that is a query in two folds (the folds overlap by one scan) is a point per fold"
+                 if _scan_in_two_folds(results) else "")
+        absent = ("; scans that do not show an organ are left out of it (see the tables' ° notes)"
+                  if not results.absent.empty else "")
+        return (f"Dice per query volume (%), seeds averaged: every volume is a point{twice}{absent}; a box (median, "
+                f"quartiles, whiskers to 1.5 IQR) only where a method has at least {MIN_BOX_POINTS} volumes.")
     if name == "setting_drop":
         drops = setting_drops(results)
         spread = _spread_sentence(list(drops["n"])) if not drops.empty else ""

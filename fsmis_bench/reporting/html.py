@@ -49,7 +49,7 @@ def render_html(
     tables: Sequence[Table],
     figures: dict[str, Path],
     captions: dict[str, str],
-    comparisons: Sequence[tuple[str, str, pd.DataFrame]] = (),
+    comparisons: Sequence[tuple[str, str, pd.DataFrame, Sequence[str]]] = (),
     intervals: pd.DataFrame | None = None,
     run_summary: pd.DataFrame | None = None,
     notes: Sequence[str] = (),
@@ -59,7 +59,8 @@ def render_html(
     Args:
         tables: built tables (empty ones are left out).
         figures: name -> PNG path; embedded in the page.
-        comparisons: (A, B, display frame of :func:`stats.format_compare`).
+        comparisons: (A, B, display frame of :func:`stats.format_compare`, its notes:
+            :func:`stats.comparison_notes`).
         intervals: bootstrap intervals per method and organ.
         run_summary: folds, seeds and training steps per method variant and evaluation.
         notes: things the reader must know (skipped figures, unfinished runs).
@@ -86,19 +87,30 @@ def render_html(
         parts.append(f'<div class="scroll">{table.to_html()}</div>')
     parts.append('<h2 id="statistics">Statistics</h2>')
     if comparisons:
-        parts.append("<p>Paired comparisons over the same query volumes (matched on dataset, setting, fold, organ "
-                     "and case). Per-volume Dice in %, also for a <code>[dice=pooled]</code> variant (whose table "
-                     "score pools the volumes); 95 % percentile bootstrap intervals; W and p: Wilcoxon signed-rank "
-                     "test (zero differences dropped); r_rb: matched-pairs rank-biserial correlation (+1: A better "
-                     "on every volume). The <code>all</code> rows pair query volumes, each with its mean over organs: "
-                     "a volume's organs share its scan and support, so they are not independent pairs.</p>")
-        for a, b, frame in comparisons:
+        parts.append("<p>Paired comparisons over the same query volumes and the same training seeds (matched on "
+                     "dataset, setting, fold, seed, organ and case; <code>seeds</code>: the seeds paired, the same on "
+                     "both sides; seeds only one side ran are left out, as the notes say). Per-volume Dice in %, "
+                     "also for a <code>[dice=pooled]</code> variant (whose table score pools the volumes), mean over "
+                     "the paired (fold, scan) evaluations; n: query scans, each one pair (the folds overlap by one "
+                     "scan, so a scan can be a query in two folds; it counts once); 95 % percentile bootstrap "
+                     "intervals resampling scans; W and p: Wilcoxon signed-rank test over the n scans (zero "
+                     "differences dropped): p is over volumes and does not include training variance across seeds; "
+                     "r_rb: matched-pairs rank-biserial correlation (+1: A better on every scan). The "
+                     "<code>all</code> rows pair query volumes, each with its mean over organs: a volume's organs "
+                     "share its scan and support, so they are not independent pairs.</p>")
+        for a, b, frame, pair_notes in comparisons:
             parts.append(f"<h3>A = {html.escape(a)} vs B = {html.escape(b)}</h3>")
-            parts.append(f'<div class="scroll">{frame_to_html(frame)}</div>')
+            if not frame.empty:
+                parts.append(f'<div class="scroll">{frame_to_html(frame)}</div>')
+            for note in pair_notes:
+                parts.append(f'<p class="note">{html.escape(note)}</p>')
     else:
         parts.append("<p>No two methods share query volumes; nothing to compare.</p>")
     if intervals is not None and not intervals.empty:
         parts.append("<h3>Mean per-volume Dice (%) with 95 % bootstrap intervals</h3>")
+        parts.append("<p>Means over the (fold, scan) evaluations, each the mean over its seeds; n scans: distinct "
+                     "query scans; n (fold, scan): evaluations (the folds overlap by one scan, so a scan can be a "
+                     "query in two folds); the bootstrap resamples scans, all evaluations of a scan together.</p>")
         parts.append(f'<div class="scroll">{frame_to_html(intervals, "{:.2f}")}</div>')
     parts.append('<h2 id="figures">Figures</h2>')
     for name, path in figures.items():

@@ -1,15 +1,30 @@
 """Statistics the papers do not report: paired tests and bootstrap intervals.
 
-Two methods are compared over the same query volumes: rows matched on (train dataset,
-test dataset, setting, fold, organ, case id), Dice averaged over seeds first. Per organ:
-the Wilcoxon signed-rank test (``scipy.stats.wilcoxon``, zero differences dropped), the
-matched-pairs rank-biserial correlation as effect size, the number of pairs, and percentile
-bootstrap 95 % intervals of each method's mean Dice and of the mean difference.
+Two methods are compared over the same query volumes *and the same training seeds*: rows
+matched on (train dataset, test dataset, setting, fold, seed, organ, case id), then each
+volume's Dice averaged over the seeds both sides share (:func:`pair_volumes`). A volume's
+mean over three seeds beside another method's single seed would differ by training variance
+as well as by method; where the seed sets differ only the shared seeds are paired and the
+comparison says so, and where none is shared there is no comparison.
+
+The unit of every test and interval is the query scan. The folds of the protocol overlap
+by one scan (PROTOCOL.md §2: abd_mri scan 4 is a query in folds 0 and 1, scan 0 in folds
+0 and 4), so a scan can be evaluated twice, by two models with two supports; those two
+evaluations share the anatomy and are not independent. So the Wilcoxon signed-rank test
+(``scipy.stats.wilcoxon``, zero differences dropped) and the matched-pairs rank-biserial
+correlation take one pair per scan (its differences averaged over the folds that evaluated
+it), ``n_pairs`` counts scans, and the percentile bootstrap 95 % intervals resample scans
+(all evaluations of a scan together, :func:`bootstrap_ci` with ``clusters``) while the means
+stay the means over the paired (fold, scan) evaluations.
 
 The ``all`` row pairs query volumes, each with its mean Dice over the organs matched in it:
 the organs of one volume share the scan and the support, so counting each organ of a
 volume as a pair of its own would treat correlated differences as independent and
 overstate the evidence (four organs of four volumes are four pairs, not sixteen).
+
+A p-value here is over volumes: it says how consistently A beats B on these volumes with
+these trained models, not whether another training run would agree (training variance
+across seeds is not in it).
 """
 
 from __future__ import annotations
@@ -18,16 +33,27 @@ import math
 import re
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 from scipy import stats as scipy_stats
 
 from ..errors import FsmisError
-from .collect import Results, eval_label, organ_sort_key, per_case_scores, row_label, run_flags
+from .collect import Results, eval_label, organ_sort_key, per_case_scores, row_label, run_flags, seeds_text
 from .style import method_label, organ_display
 
+#: one query volume of one evaluation
 PAIR_KEYS = ["train_dataset", "dataset", "setting", "fold", "organ", "case_id"]
+#: one query volume as one trained model segmented it: what two sides pair on
+SEED_PAIR_KEYS = [*PAIR_KEYS, "seed"]
+EVALUATION_KEYS = ["train_dataset", "dataset", "setting"]
+
+#: variant parts (non-standard options) that change how a fold's score aggregates its
+#: volumes but no volume's Dice: ``protocol.dice=pooled`` re-evaluates the same masks. Two
+#: variants that differ only in these have equal per-volume Dice by construction, so
+#: :func:`default_pairs` does not compare them.
+PER_VOLUME_NEUTRAL_OPTIONS = frozenset({"dice=pooled"})
 
 
 def _tie_rounded(differences: np.ndarray) -> np.ndarray:
@@ -56,15 +82,24 @@ def rank_biserial(differences: np.ndarray) -> float:
 
 
 def bootstrap_ci(
-    values: np.ndarray, n_boot: int = 10000, level: float = 0.95, seed: int = 0
+    values: np.ndarray, n_boot: int = 10000, level: float = 0.95, seed: int = 0,
+    clusters: Sequence[object] | np.ndarray | None = None,
 ) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean.
+
+    With ``clusters`` the resampling unit is the cluster (a query scan): whole clusters are
+    drawn with replacement and each resample's mean is the mean over all the values of the
+    clusters drawn. A scan evaluated in two folds (the folds overlap, PROTOCOL.md §2) then
+    counts as one draw, not as two independent volumes, which would make the interval too
+    narrow. When every cluster holds one value this is the plain bootstrap, bit for bit.
 
     Args:
         values: ``(N,)`` one value per query volume (or per pair, for differences).
         n_boot: resamples.
         level: coverage, e.g. 0.95.
         seed: the resampling is reproducible for a given seed.
+        clusters: ``(N,)`` the cluster of each value (e.g. its case id); None: every value
+            its own.
     Returns:
         (low, high); NaNs for an empty input.
     """
@@ -73,12 +108,26 @@ def bootstrap_ci(
         return float("nan"), float("nan")
     rng = np.random.default_rng(seed)
     means = np.empty(n_boot)
-    # chunks keep memory bounded for large N
-    chunk = max(1, 2_000_000 // x.size)
-    for start in range(0, n_boot, chunk):
-        stop = min(n_boot, start + chunk)
-        idx = rng.integers(0, x.size, size=(stop - start, x.size))
-        means[start:stop] = x[idx].mean(axis=1)
+    if clusters is not None:
+        labels_of = pd.factorize(pd.Series(list(clusters)))[0]
+        if len(labels_of) != x.size:
+            raise ValueError(f"{len(labels_of)} cluster labels for {x.size} values")
+        n_clusters = int(labels_of.max()) + 1
+    if clusters is None or n_clusters == x.size:
+        # chunks keep memory bounded for large N
+        chunk = max(1, 2_000_000 // x.size)
+        for start in range(0, n_boot, chunk):
+            stop = min(n_boot, start + chunk)
+            idx = rng.integers(0, x.size, size=(stop - start, x.size))
+            means[start:stop] = x[idx].mean(axis=1)
+    else:
+        sums = np.bincount(labels_of, weights=x, minlength=n_clusters)
+        counts = np.bincount(labels_of, minlength=n_clusters).astype(float)
+        chunk = max(1, 2_000_000 // n_clusters)
+        for start in range(0, n_boot, chunk):
+            stop = min(n_boot, start + chunk)
+            idx = rng.integers(0, n_clusters, size=(stop - start, n_clusters))
+            means[start:stop] = sums[idx].sum(axis=1) / counts[idx].sum(axis=1)
     alpha = (1 - level) / 2
     low, high = np.quantile(means, [alpha, 1 - alpha])
     return float(low), float(high)
@@ -133,80 +182,254 @@ def resolve(per_case: pd.DataFrame, spec: str) -> tuple[str, str]:
     )
 
 
-def compare(
-    results: Results, a: str, b: str, n_boot: int = 10000, seed: int = 0, level: float = 0.95
-) -> pd.DataFrame:
-    """Per evaluation and organ (and ``all``: per query volume, its mean over organs):
-    paired statistics of A vs B.
+def _seed_sets_text(per_fold: dict[int, tuple[int, ...]]) -> str:
+    """``seeds 0,1`` where every fold has the same seeds, else which folds have which
+    (:func:`~.collect.seeds_text`); ``none`` for no fold."""
+    if not per_fold:
+        return "none"
+    distinct = set(per_fold.values())
+    if len(distinct) == 1:
+        (seeds,) = distinct
+        return f"seed{'s' if len(seeds) > 1 else ''} {','.join(map(str, seeds))}"
+    return seeds_text(per_fold)
 
-    Dice values in the frame are percent. Returns an empty frame when A and B share no
-    query volume.
+
+def _on_folds(frame: pd.DataFrame, evaluation: tuple, folds: set[int]) -> pd.DataFrame:
+    """The rows of ``frame`` in one evaluation (train_dataset, dataset, setting) and ``folds``."""
+    train, test, setting = evaluation
+    return frame[(frame["train_dataset"] == train) & (frame["dataset"] == test) & (frame["setting"] == setting)
+                 & frame["fold"].isin(folds)]
+
+
+def _seeds_by_fold(frame: pd.DataFrame) -> dict[int, tuple[int, ...]]:
+    return {int(fold): tuple(sorted({int(s) for s in group["seed"]})) for fold, group in frame.groupby("fold")}
+
+
+@dataclass
+class Pairing:
+    """The query volumes two rows (method variants) share, at the seeds they share.
+
+    Attributes:
+        pairs: one row per (evaluation, fold, organ, case id) with ``dice_a``, ``dice_b``
+            (0..1, each the mean over the shared seeds) and ``seeds`` (those seeds, ``0,1``).
+        seeds: evaluation (train_dataset, dataset, setting) -> ``{"used": ..., "A": ...,
+            "B": ...}``: the seeds paired and the seeds each side has on the shared folds, as
+            text (``seeds 0,1`` or ``fold 0: seeds 0,1; fold 4: seed 0``).
+        notes: per evaluation, where the seed sets differ (which seeds were left out) or
+            share no seed (not compared).
     """
+
+    pairs: pd.DataFrame
+    seeds: dict[tuple, dict[str, str]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def pair_volumes(results: Results, key_a: tuple[str, str], key_b: tuple[str, str]) -> Pairing:
+    """Match A's and B's per-case rows on (evaluation, fold, seed, organ, case id).
+
+    A volume is paired only at the seeds both sides ran: seed ``s`` of A against seed ``s``
+    of B (the same fold's training set and support, another method), then averaged over
+    those seeds. Seeds that only one side ran are left out and said in :attr:`Pairing.notes`;
+    an evaluation whose shared volumes share no seed is not compared (no pairs), and the
+    notes say that too, rather than pairing one training of A with another of B.
+
+    Args:
+        key_a, key_b: (method, variant) of each side (:func:`resolve`).
+    """
+    cases = results.cases
+    columns = [*PAIR_KEYS, "dice_a", "dice_b", "seeds"]
+    if cases.empty:
+        return Pairing(pd.DataFrame(columns=columns))
+
+    def side(key: tuple[str, str]) -> pd.DataFrame:
+        rows = cases[(cases["method"] == key[0]) & (cases["variant"] == key[1])]
+        return rows.groupby(SEED_PAIR_KEYS, sort=True)["dice"].mean().reset_index()
+
+    side_a, side_b = side(key_a), side(key_b)
+    matched = side_a.merge(side_b, on=SEED_PAIR_KEYS, suffixes=("_a", "_b"))
+    shared_volumes = side_a[PAIR_KEYS].drop_duplicates().merge(side_b[PAIR_KEYS].drop_duplicates(), on=PAIR_KEYS)
+    seeds: dict[tuple, dict[str, str]] = {}
+    notes: list[str] = []
+    for evaluation, volumes in shared_volumes.groupby(EVALUATION_KEYS, sort=True):
+        train, test, setting = evaluation
+        where = f"{eval_label(train, test)} setting {int(setting)}"
+        folds = set(volumes["fold"])
+        seeds_a, seeds_b, used = (_seeds_by_fold(_on_folds(frame, evaluation, folds))
+                                  for frame in (side_a, side_b, matched))
+        if not used:
+            notes.append(f"{where}: not compared: A ({_seed_sets_text(seeds_a)}) and B ({_seed_sets_text(seeds_b)}) "
+                         "evaluated the same query volumes but share no training seed, and pairing one training "
+                         "of A with another of B would count training variance as a difference between them; "
+                         "run a seed that both have")
+            continue
+        seeds[tuple(evaluation)] = {"used": _seed_sets_text(used), "A": _seed_sets_text(seeds_a),
+                                    "B": _seed_sets_text(seeds_b)}
+        if seeds_a != used or seeds_b != used:
+            unpaired = sorted(folds - set(used))
+            left_out = []
+            for name, own in (("A", seeds_a), ("B", seeds_b)):
+                extra = {fold: tuple(s for s in own[fold] if s not in used.get(fold, ())) for fold in own}
+                extra = {fold: seeds for fold, seeds in extra.items() if seeds}
+                if extra:
+                    left_out.append(f"{name}'s {seeds_text(extra)}")
+            notes.append(f"{where}: the seed sets differ (A: {_seed_sets_text(seeds_a)}; B: "
+                         f"{_seed_sets_text(seeds_b)}), so only the shared ones are paired ({_seed_sets_text(used)})"
+                         + (f"; left out: {', '.join(left_out)}" if left_out else "")
+                         + (f" (fold{'s' if len(unpaired) > 1 else ''} {','.join(map(str, unpaired))}: no shared "
+                            "seed, its volumes not compared)" if unpaired else ""))
+    if matched.empty:
+        return Pairing(pd.DataFrame(columns=columns), seeds, notes)
+    pairs = (matched.groupby(PAIR_KEYS, sort=True)
+             .agg(dice_a=("dice_a", "mean"), dice_b=("dice_b", "mean"),
+                  seeds=("seed", lambda s: ",".join(str(v) for v in sorted({int(x) for x in s}))))
+             .reset_index())
+    return Pairing(pairs[columns], seeds, notes)
+
+
+def _sides(results: Results, a: str, b: str) -> tuple[tuple[str, str], tuple[str, str]]:
     per_case = per_case_scores(results)
     key_a, key_b = resolve(per_case, a), resolve(per_case, b)
     if key_a == key_b:
         raise FsmisError(f"{a!r} and {b!r} name the same runs", hint="compare two different methods or variants")
-    side_a = per_case[(per_case["method"] == key_a[0]) & (per_case["variant"] == key_a[1])]
-    side_b = per_case[(per_case["method"] == key_b[0]) & (per_case["variant"] == key_b[1])]
-    pairs = side_a[[*PAIR_KEYS, "dice"]].merge(side_b[[*PAIR_KEYS, "dice"]], on=PAIR_KEYS, suffixes=("_a", "_b"))
+    return key_a, key_b
+
+
+#: the columns of :func:`compare`
+COMPARE_COLUMNS = [
+    "A", "B", "evaluation", "setting", "organ", "n_pairs", "n_evaluations", "seeds", "A seeds", "B seeds",
+    "A mean", "A CI low", "A CI high", "B mean", "B CI low", "B CI high", "diff mean", "diff CI low",
+    "diff CI high", "W", "p", "rank-biserial r",
+]
+
+
+def compare(
+    results: Results, a: str, b: str, n_boot: int = 10000, seed: int = 0, level: float = 0.95
+) -> pd.DataFrame:
+    """Per evaluation and organ (and ``all``: per query volume, its mean over organs):
+    paired statistics of A vs B over the volumes and seeds both have (:func:`pair_volumes`).
+
+    Dice values in the frame are percent. ``n_pairs``: the query scans paired (the unit of
+    the test, module docstring); ``n_evaluations``: the (fold, scan) evaluations behind the
+    means; ``seeds``: the seeds paired, the same on both sides; ``A seeds``/``B seeds``: the
+    seeds each side has on those folds. Means are over the (fold, scan) evaluations,
+    intervals resample scans, W/p/r are over one difference per scan. Returns an empty
+    frame when A and B share no query volume at a common seed (:func:`comparison_notes`
+    says why).
+    """
+    key_a, key_b = _sides(results, a, b)
+    pairing = pair_volumes(results, key_a, key_b)
     rows = []
-    for (train, test, setting), evaluation in pairs.groupby(["train_dataset", "dataset", "setting"], sort=True):
+    for evaluation_key, evaluation in pairing.pairs.groupby(EVALUATION_KEYS, sort=True):
+        train, test, setting = evaluation_key
+        seeds = pairing.seeds[tuple(evaluation_key)]
         organs = sorted(evaluation["organ"].unique(), key=organ_sort_key)
         for organ in [*organs, "all"]:
             if organ == "all":  # one pair per query volume (module docstring)
-                subset = evaluation.groupby(["fold", "case_id"], sort=True)[["dice_a", "dice_b"]].mean()
+                subset = evaluation.groupby(["fold", "case_id"], sort=True)[["dice_a", "dice_b"]].mean().reset_index()
             else:
                 subset = evaluation[evaluation["organ"] == organ]
+            scans = subset["case_id"].astype(str).to_numpy()
             dice_a = subset["dice_a"].to_numpy(dtype=float) * 100
             dice_b = subset["dice_b"].to_numpy(dtype=float) * 100
             diff = dice_a - dice_b
-            statistic, p_value = wilcoxon_test(diff)
-            ci_a = bootstrap_ci(dice_a, n_boot, level, seed)
-            ci_b = bootstrap_ci(dice_b, n_boot, level, seed)
-            ci_d = bootstrap_ci(diff, n_boot, level, seed)
+            # one difference per scan: a scan evaluated in two folds is one pair, not two
+            per_scan = pd.Series(diff).groupby(scans, sort=True).mean().to_numpy()
+            statistic, p_value = wilcoxon_test(per_scan)
+            ci_a = bootstrap_ci(dice_a, n_boot, level, seed, clusters=scans)
+            ci_b = bootstrap_ci(dice_b, n_boot, level, seed, clusters=scans)
+            ci_d = bootstrap_ci(diff, n_boot, level, seed, clusters=scans)
             rows.append({
                 "A": row_label(*key_a), "B": row_label(*key_b),
                 "evaluation": eval_label(train, test), "setting": int(setting), "organ": organ,
-                "n_pairs": int(len(diff)),
+                "n_pairs": int(len(per_scan)), "n_evaluations": int(len(diff)),
+                "seeds": seeds["used"], "A seeds": seeds["A"], "B seeds": seeds["B"],
                 "A mean": float(dice_a.mean()), "A CI low": ci_a[0], "A CI high": ci_a[1],
                 "B mean": float(dice_b.mean()), "B CI low": ci_b[0], "B CI high": ci_b[1],
                 "diff mean": float(diff.mean()), "diff CI low": ci_d[0], "diff CI high": ci_d[1],
-                "W": statistic, "p": p_value, "rank-biserial r": rank_biserial(diff),
+                "W": statistic, "p": p_value, "rank-biserial r": rank_biserial(per_scan),
             })
-    return pd.DataFrame(rows, columns=[
-        "A", "B", "evaluation", "setting", "organ", "n_pairs", "A mean", "A CI low", "A CI high",
-        "B mean", "B CI low", "B CI high", "diff mean", "diff CI low", "diff CI high", "W", "p",
-        "rank-biserial r",
-    ])
+    return pd.DataFrame(rows, columns=COMPARE_COLUMNS)
+
+
+def _options(variant: str) -> frozenset[str]:
+    return frozenset(part for part in variant.split(",") if part)
+
+
+def differ_only_in_aggregation(key_a: tuple[str, str], key_b: tuple[str, str]) -> bool:
+    """Whether two rows are one method's runs that differ only in options that change no
+    volume's Dice (:data:`PER_VOLUME_NEUTRAL_OPTIONS`: ``[dice=pooled]`` re-evaluates the
+    same trained models' masks), so their per-volume Dice are equal by construction."""
+    if key_a == key_b or key_a[0] != key_b[0]:
+        return False
+    a, b = _options(key_a[1]), _options(key_b[1])
+    return bool(a ^ b) and (a ^ b) <= PER_VOLUME_NEUTRAL_OPTIONS
+
+
+def comparison_notes(results: Results, a: str, b: str, frame: pd.DataFrame | None = None) -> list[str]:
+    """What a reader of the comparison of A and B must know besides its table: seeds left
+    out or not shared (:func:`pair_volumes`), an evaluation with a scan in two folds, and why
+    there is nothing to compare where there is not.
+
+    Args:
+        frame: :func:`compare`'s result, where the caller has it (to say where a scan was
+            evaluated in two folds).
+    """
+    key_a, key_b = _sides(results, a, b)
+    pairing = pair_volumes(results, key_a, key_b)
+    notes = list(pairing.notes)
+    if differ_only_in_aggregation(key_a, key_b):
+        notes.append("A and B differ only in how a fold's score aggregates its volumes (protocol.dice), not in any "
+                     "volume's Dice: their per-volume Dice are equal, so there is nothing to test")
+    if frame is not None and not frame.empty:
+        twice = frame[(frame["organ"] == "all") & (frame["n_evaluations"] > frame["n_pairs"])]
+        for row in twice.itertuples(index=False):
+            notes.append(f"{row.evaluation} setting {row.setting}: {row.n_evaluations} (fold, scan) evaluations of "
+                         f"{row.n_pairs} scans (the folds overlap by one scan, PROTOCOL.md §2): each scan is one "
+                         "pair and one bootstrap draw")
+    if pairing.pairs.empty and not pairing.notes:
+        notes.append("A and B share no query volume (no evaluation, fold, organ and case in common)")
+    return notes
 
 
 def confidence_intervals(results: Results, n_boot: int = 10000, seed: int = 0, level: float = 0.95) -> pd.DataFrame:
     """Per method variant, evaluation, setting and organ: mean Dice (%) over query volumes
-    with its percentile bootstrap interval."""
+    (each the mean over its seeds) with its percentile bootstrap interval.
+
+    The mean is over the (fold, scan) evaluations; the bootstrap resamples scans, all
+    evaluations of one scan together (a scan is a query in two folds where the folds
+    overlap, PROTOCOL.md §2), so ``n_volumes`` counts distinct scans and ``n_evaluations``
+    the (fold, scan) evaluations."""
     per_case = per_case_scores(results)
     rows = []
     keys = ["method", "variant", "train_dataset", "dataset", "setting", "organ"]
     for (method, variant, train, test, setting, organ), group in per_case.groupby(keys, sort=True):
         dice = group["dice"].to_numpy(dtype=float) * 100
-        low, high = bootstrap_ci(dice, n_boot, level, seed)
+        scans = group["case_id"].astype(str).to_numpy()
+        low, high = bootstrap_ci(dice, n_boot, level, seed, clusters=scans)
         rows.append({
             "method": row_label(method, variant), "evaluation": eval_label(train, test), "setting": int(setting),
-            "organ": organ, "n_volumes": int(dice.size), "mean": float(dice.mean()), "CI low": low, "CI high": high,
+            "organ": organ, "n_volumes": int(len(set(scans))), "n_evaluations": int(dice.size),
+            "mean": float(dice.mean()), "CI low": low, "CI high": high,
         })
-    frame = pd.DataFrame(rows, columns=["method", "evaluation", "setting", "organ", "n_volumes", "mean", "CI low", "CI high"])
+    frame = pd.DataFrame(rows, columns=["method", "evaluation", "setting", "organ", "n_volumes", "n_evaluations",
+                                        "mean", "CI low", "CI high"])
     if not frame.empty:
         frame["_o"] = frame["organ"].map(organ_sort_key)
         frame = frame.sort_values(["evaluation", "setting", "method", "_o"]).drop(columns="_o").reset_index(drop=True)
     return frame
 
 
-def default_pairs(results: Results) -> list[tuple[str, str]]:
+def default_pairs(results: Results, notes: list[str] | None = None) -> list[tuple[str, str]]:
     """The report's comparisons: a reference variant against every other variant it shares
-    query volumes with.
+    query volumes with, at a common training seed.
 
     The reference is the unmarked variant (no random weights, no non-standard option)
     evaluated on the most (evaluation, setting, organ) combinations, ties broken by the
     higher mean per-volume Dice; so it is the broadest comparison, not a cherry-pick.
+    Left out, with a line in ``notes``: a variant that differs from the reference only in
+    :data:`PER_VOLUME_NEUTRAL_OPTIONS` (``[dice=pooled]``: the same masks, so equal
+    per-volume Dice and a test of nothing), and one whose volumes in common with the
+    reference share no seed (:func:`pair_volumes` would pair nothing).
     """
     per_case = per_case_scores(results)
     if per_case.empty:
@@ -219,14 +442,29 @@ def default_pairs(results: Results) -> list[tuple[str, str]]:
     means = grouped["dice"].mean()
     candidates = [key for key in means.index if key in clean] or list(means.index)
     best = max(candidates, key=lambda key: (coverage[key], means[key]))
+    cases = results.cases
     pairs = []
-    best_cases = per_case[(per_case["method"] == best[0]) & (per_case["variant"] == best[1])][PAIR_KEYS]
+    best_cases = cases[(cases["method"] == best[0]) & (cases["variant"] == best[1])]
     for key in means.index:
         if key == best:
             continue
-        other = per_case[(per_case["method"] == key[0]) & (per_case["variant"] == key[1])][PAIR_KEYS]
-        if not best_cases.merge(other, on=PAIR_KEYS).empty:
-            pairs.append((row_label(*best), row_label(*key)))
+        other = cases[(cases["method"] == key[0]) & (cases["variant"] == key[1])]
+        if best_cases[PAIR_KEYS].drop_duplicates().merge(other[PAIR_KEYS].drop_duplicates(), on=PAIR_KEYS).empty:
+            continue
+        if differ_only_in_aggregation(best, key):
+            if notes is not None:
+                notes.append(f"{shown_row_label(row_label(*key))} is not compared with {shown_row_label(row_label(*best))}: "
+                             "it re-evaluates the same "
+                             "masks with another Dice aggregation (protocol.dice), so their per-volume Dice are equal")
+            continue
+        if best_cases[SEED_PAIR_KEYS].drop_duplicates().merge(other[SEED_PAIR_KEYS].drop_duplicates(),
+                                                               on=SEED_PAIR_KEYS).empty:
+            if notes is not None:
+                notes.append(f"{shown_row_label(row_label(*key))} is not compared with {shown_row_label(row_label(*best))}: "
+                             "they evaluated the same "
+                             "query volumes but share no training seed")
+            continue
+        pairs.append((row_label(*best), row_label(*key)))
     return pairs
 
 
@@ -235,7 +473,8 @@ def default_pairs(results: Results) -> list[tuple[str, str]]:
 #: pairs are single volumes), so the headers say so.
 COMPARE_HEADERS = ("A per-volume Dice (95% CI)", "B per-volume Dice (95% CI)", "A − B (95% CI)")
 #: display headers of the bootstrap intervals (:func:`format_intervals`)
-INTERVAL_HEADERS = {"mean": "mean per-volume Dice", "CI low": "95% CI low", "CI high": "95% CI high"}
+INTERVAL_HEADERS = {"mean": "mean per-volume Dice", "CI low": "95% CI low", "CI high": "95% CI high",
+                    "n_volumes": "n scans", "n_evaluations": "n (fold, scan)"}
 
 
 def shown_row_label(label: str) -> str:
@@ -264,17 +503,21 @@ def format_intervals(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def format_compare(frame: pd.DataFrame) -> pd.DataFrame:
-    """Display form: ``mean [low, high]`` strings (per-volume Dice %), p in scientific notation."""
+    """Display form: ``mean [low, high]`` strings (per-volume Dice %), p in scientific notation;
+    ``n``: the scans paired (the unit of the test), ``seeds``: the seeds paired, the same on
+    both sides (:func:`pair_volumes`)."""
     def interval(mean: float, low: float, high: float) -> str:
         return f"{mean:.2f} [{low:.2f}, {high:.2f}]"
 
     a_header, b_header, diff_header = COMPARE_HEADERS
     if frame.empty:
-        return pd.DataFrame(columns=["evaluation", "setting", "organ", "n", a_header, b_header, diff_header, "W", "p", "r_rb"])
+        return pd.DataFrame(columns=["evaluation", "setting", "organ", "n", "seeds", a_header, b_header, diff_header,
+                                     "W", "p", "r_rb"])
     return pd.DataFrame({
         "evaluation": frame["evaluation"], "setting": frame["setting"].astype(str),
         "organ": [organ if organ == "all" else organ_display(organ) for organ in frame["organ"]],
         "n": frame["n_pairs"].astype(str),
+        "seeds": [text.removeprefix("seeds ").removeprefix("seed ") for text in frame["seeds"]],
         a_header: [interval(*v) for v in zip(frame["A mean"], frame["A CI low"], frame["A CI high"])],
         b_header: [interval(*v) for v in zip(frame["B mean"], frame["B CI low"], frame["B CI high"])],
         diff_header: [interval(*v) for v in zip(frame["diff mean"], frame["diff CI low"], frame["diff CI high"])],

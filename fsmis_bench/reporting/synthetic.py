@@ -46,6 +46,7 @@ def write_run(
     config: Mapping[str, object] | None = None,
     finished_at: str = "2026-01-01T01:00:00+00:00",
     inputs: Mapping[str, object] | None = None,
+    absent: Mapping[str, Sequence[str]] | None = None,
 ) -> Path:
     """Write one run record.
 
@@ -59,6 +60,8 @@ def write_run(
         finished_at: the record's finishing time (which of two identical runs is the later).
         inputs: the record's ``inputs`` (e.g. ``{"cpu_threads": 2}``, or a ``test_data``
             identity with its ``folds``); none by default, as records before identities.
+        absent: the record's ``absent``: organ -> query case ids left out of that organ's
+            mean because the scan does not show it (give them no row in ``cases``).
     Returns:
         the run folder.
     """
@@ -82,6 +85,8 @@ def write_run(
     }
     if inputs is not None:
         meta["inputs"] = dict(inputs)
+    if absent is not None:
+        meta["absent"] = {organ: [str(case) for case in cases] for organ, cases in absent.items()}
     (run_dir / "config.yaml").write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in config.items()))
     (run_dir / "run.json").write_text(json.dumps(meta, indent=2))
     rows = []

@@ -5,8 +5,9 @@ rendered to Markdown, LaTeX (booktabs), CSV and HTML. Values are Dice in percent
 over folds of the fold's organ score (optionally ± the standard deviation across folds);
 the ``Mean`` column is the mean over the organs. Per column and setting, the best value is
 bold and the second underlined; only published numbers and measured rows without markers
-compete, so an incomplete, unevenly seeded or non-standard run can never look like the
-winner, and a column with fewer than two competing values has no best at all.
+compete (the ° note on volumes left out for not showing the organ aside: every method's
+score leaves them out alike), so an incomplete, unevenly seeded or non-standard run can
+never look like the winner, and a column with fewer than two competing values has no best at all.
 
 Measured rows are named as the figures and the bootstrap intervals name them
 (:func:`~.style.method_label`: ``SD-FSMIS (SII+QE) [tiny]``, ``--rename`` applied), so one
@@ -31,6 +32,8 @@ from .collect import (
     N_FOLDS,
     PUBLISHED_CITATION,
     Results,
+    absent_text,
+    absent_volumes,
     comparison_caveat,
     expected_folds,
     only_legacy_exclusion,
@@ -82,8 +85,14 @@ MARKERS: dict[str, Marker] = {
     "random_weights": Marker("§", r"\textsuperscript{\S}", "random weights: not initialised from pretrained weights"),
     "non_standard": Marker("‡", r"\textsuperscript{\ddag}", "non-standard option: a protocol option, or a departure from the "
                            "setup of the published numbers (e.g. fewer training steps), named in brackets after the method"),
+    "absent": Marker("°", r"\textsuperscript{$\circ$}", "query volumes left out of an organ's score because the scan "
+                     "does not show the organ (own data): its Dice would be 0/0, which the reference codes average "
+                     "into the mean as NaN; the organ's score is over the other volumes"),
 }
-MARKER_ORDER = ("published", "incomplete", "uneven_seeds", "random_weights", "non_standard")
+MARKER_ORDER = ("published", "incomplete", "uneven_seeds", "random_weights", "non_standard", "absent")
+#: markers that inform without keeping a row from competing for best and second: a volume
+#: that does not show the organ is left out of every method's score alike (it is the data)
+INFORMATIONAL_MARKERS = frozenset({"absent"})
 
 #: the ranking rule, said where a marked row could look like a fair competitor (exclusion=all)
 NOT_RANKED = "still marked, so not ranked for best and second, as no marked measured row is"
@@ -119,6 +128,8 @@ class Row:
         seed_notes: measured rows with unequal seeds across folds: which folds have which.
         fold_counts: measured rows: group key -> (folds behind the organ mean, folds of the
             test dataset), for :func:`published_gap`'s caveat.
+        absent_notes: measured rows: per cell that leaves out volumes whose scan does not
+            show the organ, how many and which (:func:`~.collect.absent_volumes`).
     """
 
     labels: dict[str, str]
@@ -134,6 +145,7 @@ class Row:
     variant: str = ""
     seed_notes: list[str] = field(default_factory=list)
     fold_counts: dict[Hashable, tuple[int, int]] = field(default_factory=dict)
+    absent_notes: list[str] = field(default_factory=list)
 
     @property
     def key(self) -> str:
@@ -143,7 +155,7 @@ class Row:
 
     @property
     def competes(self) -> bool:
-        return self.source == "published" or not self.markers
+        return self.source == "published" or not set(self.markers) - INFORMATIONAL_MARKERS
 
 
 @dataclass
@@ -225,6 +237,8 @@ class Table:
                 text = f"{text} ({details})" if details else text
             if key == "uneven_seeds":
                 text = f"{text} ({'; '.join(note for row in rows for note in row.seed_notes)})"
+            if key == "absent":
+                text = f"{text} ({'; '.join(note for row in rows for note in row.absent_notes)})"
             if key == "non_standard":
                 legacy = [row for row in rows if only_legacy_exclusion(row.options)]
                 # exclusion=all is the published setting-2 rule: "a departure from the setup of
@@ -443,6 +457,7 @@ def _measured_rows(
     flags = run_flags(results).set_index(["method", "variant"])
     backbones = run_backbones(results)
     wanted, uneven = expected_folds(results), uneven_seed_rows(results)
+    absent = absent_volumes(results)
     rows = []
     keys = sorted(scores.groupby(["method", "variant", "setting"]).groups, key=lambda k: sort_key(*k))
     for method, variant, setting in keys:
@@ -450,6 +465,7 @@ def _measured_rows(
         values: dict[tuple[Hashable, str], Cell] = {}
         notes: list[str] = []
         seed_notes: list[str] = []
+        absent_notes: list[str] = []
         fold_counts: dict[Hashable, tuple[int, int]] = {}
         incomplete = False
         for (train, test), evaluation in subset.groupby(["train_dataset", "dataset"]):
@@ -469,6 +485,9 @@ def _measured_rows(
             seeds = uneven.get((method, variant, train, test, setting))
             if seeds:
                 seed_notes.append(f"{where}: {seeds}")
+            for organ, folds in absent.get((method, variant, train, test, setting), {}).items():
+                if (key, organ) in values:  # an organ left out of every volume has no cell to annotate
+                    absent_notes.append(f"{where}, {organ_label(organ)}: {absent_text(folds)}")
         markers = []
         if incomplete:
             markers.append("incomplete")
@@ -479,12 +498,14 @@ def _measured_rows(
             markers.append("random_weights")
         if flag["non_standard"]:
             markers.append("non_standard")
+        if absent_notes:
+            markers.append("absent")
         labels = {"Method": method_label(method, variant), "Setting": str(setting)}
         labels.update(extra_labels(method, variant))
         reasons = [r for r in str(flag["random_reason"]).split(";") if r]
         rows.append(Row(labels, values, "measured", markers, int(setting), notes, method, reasons,
                         backbone=backbones.get((method, variant), "none"), options=str(flag["non_standard"]),
-                        variant=variant, seed_notes=seed_notes, fold_counts=fold_counts))
+                        variant=variant, seed_notes=seed_notes, fold_counts=fold_counts, absent_notes=absent_notes))
     return rows
 
 
