@@ -160,3 +160,36 @@ def test_a_method_whose_published_numbers_came_from_another_training_scheme_is_f
     assert "SSL-ALPNet: its published numbers were trained with its own" in comparison_caption(results)
     legend = " ".join(text for _, text in main_table(results).legend())
     assert "SSL-ALPNet: its published" in legend and "legacy exclusion" not in legend
+
+
+@pytest.mark.parametrize("mean, organs, note", [
+    (32.86, [36.04, 49.55, 20.67, 21.19], "the published mean 32.86 is not the average of the published organ "
+                                          "values (31.86)"),  # PANet, Abd-CT, Table 1
+    (38.53, [40.58, 50.40, 30.99, 32.19], ""),  # PANet, Abd-MRI: 38.54 unrounded, within the rounding
+    (50.0, [50.0], ""),  # one organ: nothing to average
+])
+def test_a_printed_mean_that_is_not_its_organs_average_is_said(mean, organs, note):
+    from fsmis_bench.reporting.collect import printed_mean_note
+
+    assert printed_mean_note(mean, organs).startswith(note) if note else printed_mean_note(mean, organs) == ""
+
+
+def test_the_published_mean_slip_reaches_the_comparison_and_the_gap_table(tmp_path: Path):
+    """DiffewS on Abd-CT, setting 1 (Table 1): 78.8 printed, its organs average 78.62."""
+    from fsmis_bench.reporting.comparison import comparison_caption, comparison_frame
+
+    published = load_published()
+    diffews = published[(published["method"] == "DiffewS") & (published["table"] == 1) & (published["setting"] == 1)
+                         & (published["test_on"] == "abd_ct")]
+    organs = diffews[diffews["organ"] != "mean"]["dice"]
+    printed = diffews[diffews["organ"] == "mean"]["dice"].item()
+    assert abs(organs.mean() - printed) > 0.1  # the slip the note is about
+    root = tmp_path / "results"
+    write_run(root, "diffews", "abd_ct", 1, 0, 0, _cases(0.7), backbone="sd21")
+    results = load_results(root)
+    frame = comparison_frame(results).set_index("organ")
+    assert f"the published mean {printed:.2f} is not the average" in frame.loc["mean", "caveat"]
+    assert "not the average" not in frame.loc["liver", "caveat"]
+    assert "a slip in the paper's table" in comparison_caption(results)
+    gap = published_gap(main_table(results)).set_index("published_as").loc["DiffewS"]
+    assert f"({organs.mean():.2f}), as printed in the paper" in gap["caveat"]

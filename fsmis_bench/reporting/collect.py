@@ -22,7 +22,7 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
@@ -1219,6 +1219,26 @@ RANDOM_WEIGHTS_CAVEATS: dict[str, str] = {
 }
 
 
+#: how far (Dice %) a printed mean may lie from the average of the printed organ values,
+#: which are rounded to two decimals themselves
+_PRINTED_ROUNDING = 0.011
+#: the words of :func:`printed_mean_note` that a caption looks for
+PRINTED_MEAN_NOTE = "is not the average of the published organ values"
+
+
+def printed_mean_note(mean: float, organs: Sequence[float]) -> str:
+    """A caveat where a paper's printed mean is not the average of its printed organ values
+    ('' otherwise, or with fewer than two organs). A measured mean is the organ average, so
+    its difference from such a printed mean is partly the paper's own arithmetic (e.g. PANet
+    on Abd-CT in SD-FSMIS Table 1: 32.86 printed, 31.86 the average of its four organs)."""
+    if len(organs) < 2:
+        return ""
+    average = sum(organs) / len(organs)
+    if abs(average - mean) <= _PRINTED_ROUNDING:
+        return ""
+    return f"the published mean {mean:.2f} {PRINTED_MEAN_NOTE} ({average:.2f}), as printed in the paper"
+
+
 def comparison_caveat(method: str, setting: int, options: str, random_reasons: str = "",
                       n_folds: int | None = None, of_folds: int = N_FOLDS) -> str:
     """Why a run of ``method`` is not like-for-like with its published number, ``; ``-joined,
@@ -1292,7 +1312,7 @@ __all__ = [
     "row_label", "per_case_scores", "long_fold_csv", "fold_organ_score", "compute_fold_scores",
     "default_results_dir", "summarise_runs", "run_flags", "PUBLISHED_CITATION",
     "organ_sort_key", "dataset_sort_key", "organ_label", "dataset_label", "eval_label",
-    "published_backbone", "published_name", "published_row_applies", "exclusion_caveat", "comparison_caveat", "run_backbones", "LEGACY_EXCLUSION_NOTE", "config_fingerprint", "published_deviations", "FOLD_CSV_COLUMNS",
+    "published_backbone", "published_name", "published_row_applies", "exclusion_caveat", "comparison_caveat", "printed_mean_note", "PRINTED_MEAN_NOTE", "run_backbones", "LEGACY_EXCLUSION_NOTE", "config_fingerprint", "published_deviations", "FOLD_CSV_COLUMNS",
     "RUN_COLUMNS", "random_weights_reason", "read_config", "RANDOM_WEIGHTS_NOTES", "random_weights_note",
     "dataset_fold_count", "expected_folds", "uneven_seed_rows", "seeds_per_fold", "seeds_text", "mixed_thread_notes",
     "EXCLUSION_ALL_NOTE", "LEGACY_EXCLUSION_OPTION", "only_legacy_exclusion", "EVAL_ROW_KEY",

@@ -31,6 +31,8 @@ from .collect import (
     Results,
     EXCLUSION_CAVEAT,
     comparison_caveat,
+    PRINTED_MEAN_NOTE,
+    printed_mean_note,
     expected_folds,
     load_published,
     organ_sort_key,
@@ -135,9 +137,16 @@ def comparison_frame(results: Results) -> pd.DataFrame:
                                          published)
             organs = sorted({o for (m, v, o) in stats if (m, v) == (method, variant)},
                             key=lambda o: (o == "mean", organ_sort_key(o)))
+            printed_mean = (printed_mean_note(reference["mean"].dice,
+                                              [v.dice for organ, v in reference.items() if organ != "mean"])
+                            if "mean" in reference else "")
             for organ in organs:
                 stat = stats[(method, variant, organ)]
                 value = reference.get(organ)
+                caveat = (_caveat(flags, method, variant, setting, stat.n,
+                                  wanted.get((method, variant, train, dataset, setting), N_FOLDS)) if value else "")
+                if organ == "mean" and value and printed_mean:
+                    caveat = "; ".join(part for part in (caveat, printed_mean) if part)
                 rows.append({
                     "method": method, "variant": variant, "train_dataset": train, "dataset": dataset,
                     "setting": setting, "organ": organ, "measured": stat.mean, "sd": stat.sd, "n_folds": stat.n,
@@ -145,8 +154,7 @@ def comparison_frame(results: Results) -> pd.DataFrame:
                     "published_as": value.name if value else "",
                     "table": value.table if value else None,
                     "difference": stat.mean - value.dice if value else math.nan,
-                    "caveat": _caveat(flags, method, variant, setting, stat.n,
-                                      wanted.get((method, variant, train, dataset, setting), N_FOLDS)) if value else "",
+                    "caveat": caveat,
                 })
     frame = pd.DataFrame(rows, columns=COLUMNS)
     # a table number, never "1.0": whole numbers, empty where the paper has no value
@@ -215,6 +223,9 @@ def _caveat_sentences(with_published: pd.DataFrame) -> str:
     sentences = []
     if with_published["caveat"].str.contains(EXCLUSION_CAVEAT, regex=False).any():
         sentences.append(f"Setting 2 is not like-for-like: {LEGACY_EXCLUSION_NOTE}.")
+    if with_published["caveat"].str.contains(PRINTED_MEAN_NOTE, regex=False).any():
+        sentences.append("Where a published mean is not the average of its published organ values (a slip in the "
+                         "paper's table), the measured mean is still the organ average; published_gap notes it.")
     for method in sorted(set(with_published["method"])):
         caveat = method_style(method).published_caveat
         if caveat:

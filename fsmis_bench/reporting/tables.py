@@ -35,6 +35,7 @@ from .collect import (
     absent_text,
     absent_volumes,
     comparison_caveat,
+    printed_mean_note,
     expected_folds,
     only_legacy_exclusion,
     uneven_seed_rows,
@@ -591,14 +592,17 @@ def published_gap(table: Table) -> pd.DataFrame:
             mine, theirs = row.values.get((key, "mean")), reference.values.get((key, "mean"))
             if mine is None or theirs is None or math.isnan(mine.mean):
                 continue
+            caveat = comparison_caveat(row.method, int(row.rank_group), row.options, ";".join(row.random_reasons),
+                                       *row.fold_counts.get(key, (None, N_FOLDS)))
+            printed = printed_mean_note(theirs.mean, [cell.mean for (group, organ), cell in reference.values.items()
+                                                      if group == key and organ != "mean"])
             records.append({
                 "method": row.labels["Method"], "published_as": name, "evaluation": title,
                 "setting": int(row.rank_group), "measured_mean": round(mine.mean, 2),
                 "published_mean": round(theirs.mean, 2), "gap": round(mine.mean - theirs.mean, 2),
                 "markers": ";".join(row.markers),
                 # the folds behind the mean, as published_comparison.csv says them
-                "caveat": comparison_caveat(row.method, int(row.rank_group), row.options, ";".join(row.random_reasons),
-                                            *row.fold_counts.get(key, (None, N_FOLDS))),
+                "caveat": "; ".join(part for part in (caveat, printed) if part),
             })
     return pd.DataFrame(records, columns=columns)
 
