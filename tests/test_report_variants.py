@@ -98,12 +98,12 @@ def test_an_option_left_null_matches_a_record_made_before_it_existed(tmp_path: P
     _run(tmp_path, 1, 0.4, {**_train(40), "method": {"name": "prototype", "lr": 0.001, "new_option": None}})
     _run(tmp_path, 2, 0.4, {**_train(40), "method": {"name": "prototype", "lr": 0.001, "new_option": "other"}})
     variants = load_results(tmp_path).runs.groupby("variant")["fold"].apply(sorted).to_dict()
-    assert variants == {"method.new_option=unset": [0, 1], "method.new_option=other": [2]}
+    assert variants == {"method.new_option=default": [0, 1], "method.new_option=other": [2]}
 
 
 def test_a_switch_at_its_default_is_labelled_with_its_value(tmp_path: Path) -> None:
     """A switch added after records existed leaves a run's fingerprint at its default (so older
-    records stay alike): the label names the value the run had, not "unset"."""
+    records stay alike): the label names the value the run had, not "default"."""
     _run(tmp_path, 0, 0.4, _train(40))  # a record from before the switch
     _run(tmp_path, 1, 0.4, _train(40, fused_clip=False))
     _run(tmp_path, 2, 0.4, _train(40, fused_clip=True))

@@ -692,10 +692,12 @@ def _split_variants(runs: pd.DataFrame, column: str, tags_of) -> pd.DataFrame:
 def _absent_label(name: str) -> str:
     """The label of a setting a run's fingerprint lacks: a switch added after records existed
     is left out at its default (:func:`config_fingerprint`), which is what the run had; any
-    other option was null or unknown to the record."""
+    other option was null (the method's own default, e.g. SD-FSMIS's threshold following
+    ``fidelity``) or unknown to the record (made before the option existed: the default of
+    that time)."""
     if name in records._HASHED_UNLESS_DEFAULT:
         return _label_value(records._HASHED_UNLESS_DEFAULT[name])
-    return "unset"
+    return "default"
 
 
 def _split_by_config(runs: pd.DataFrame, settings: dict[str, dict[str, Any]]) -> tuple[pd.DataFrame, list[str]]:
