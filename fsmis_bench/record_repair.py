@@ -9,6 +9,7 @@ delete so that the next run computes it again.
 
 from __future__ import annotations
 
+import io
 import sys
 from pathlib import Path
 
@@ -26,6 +27,35 @@ class DamagedRecordError(FsmisError):
 def part_cases(run_dir: Path, groups: list[str]) -> list[pd.DataFrame]:
     """Each group's ``parts/cases_<group>.csv``."""
     return [pd.read_csv(run_dir / "parts" / f"cases_{g}.csv", dtype={"case_id": str}) for g in groups]
+
+
+def part_problem(path: Path, evaluated: dict[str, list[str]]) -> str | None:
+    """Why ``parts/cases_<group>.csv`` cannot stand for its group's evaluation, or None.
+
+    ``evaluated``: the group's organs and their query volumes (``run.json`` ``evaluated``
+    for the group). A part is written whole (atomically) with a final newline, so one that
+    is empty, ends mid-row, lacks columns or rows, or fails the report's checks was damaged
+    after it was written; the runner evaluates that group again rather than finishing the
+    run with it.
+    """
+    from .reporting.collect import check_cases
+
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        return f"unreadable ({type(exc).__name__}: {exc})"
+    if not text.strip():
+        return "empty"
+    if not text.endswith("\n"):
+        return "cut short in the middle of a row"
+    try:
+        frame = pd.read_csv(io.StringIO(text), dtype={"case_id": str})
+    except ValueError as exc:  # pandas' parser and empty-data errors
+        return f"unreadable ({type(exc).__name__}: {exc})"
+    problem = check_cases(frame, {"evaluated": evaluated})
+    if problem is None:
+        return None
+    return problem.replace("cases.csv row", "row", 1).replace("cases.csv ", "", 1)
 
 
 def rebuild_cases(run_dir: Path, problem: str, *, default_groups: list[str]) -> None:

@@ -19,17 +19,21 @@ from __future__ import annotations
 
 import copy
 import fcntl
+import io
 import json
 import os
+import re
 import shutil
 import sys
 import warnings
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -504,10 +508,15 @@ def _prepare_dir(p: RunPlan, random_weights: bool, method_options: dict | None =
     full_hash = config_hash(cfg, ident.inputs, ident.hash_form)
     info_path = run_dir / "run.json"
     info = _record_or_none(info_path)
+    kept: dict[str, Any] | None = None
     if info is None and info_path.exists():
         # An unfinished run's record holds nothing its rerun does not write again (its
-        # checkpoints and parts are separate files), so it is rewritten rather than refused.
-        warnings.warn(f"{info_path} was damaged (unreadable JSON): written again; the run resumes "
+        # checkpoints and parts are separate files), so it is rewritten rather than refused;
+        # its history (start, resumptions) is kept where it can still be read.
+        kept = _readable_history(info_path)
+        lost = ("its history is kept" if {"resumed", "code", "machine"} <= kept.keys()
+                else "what it said of the run's history is kept, the rest recorded as unknown")
+        warnings.warn(f"{info_path} was damaged (unreadable JSON): written again ({lost}); the run resumes "
                       "from its checkpoints and parts", DataWarning, 2)
         info_path.unlink()
     if info is not None:
@@ -563,8 +572,42 @@ def _prepare_dir(p: RunPlan, random_weights: bool, method_options: dict | None =
         "finished_at": None,
         "status": "running",
     }
+    if kept is not None:  # a damaged record written again: this process resumes the run
+        info["started_at"] = kept.get("started_at") or "unknown (run.json was damaged)"
+        info["supervoxels_generated"] = kept.get("supervoxels_generated", []) + info["supervoxels_generated"]
+        info.update({key: kept[key] for key in ("code", "machine") if key in kept})  # the start's
+        lost = [what for key, what in (("resumed", "its earlier resumptions"), ("code", "the code that started it"),
+                                       ("machine", "the machine that started it")) if key not in kept]
+        earlier = kept.get("resumed", [])
+        if lost:  # recorded as lost, not silently begun again (`code`/`machine` above are then this process's)
+            earlier = [*earlier, {"at": now(), "lost": f"unknown (run.json was damaged): {', '.join(lost)}"}]
+        info["resumed"] = [*earlier, {"at": now(), "code": code_identity(type(ident.method)),
+                                      "machine": machine_identity(device)}]
     write_json(info_path, info)
     return info
+
+
+def _readable_history(path: Path) -> dict[str, Any]:
+    """What a damaged ``run.json`` (cut short, a bad byte) still says of the run's history:
+    its top-level ``started_at``, ``code``, ``machine``, ``resumed`` and
+    ``supervoxels_generated``, each where its value can be read whole; missing keys are lost."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return {}
+    decoder, kept = json.JSONDecoder(), {}
+    wanted = {"started_at": str, "code": dict, "machine": dict, "resumed": list, "supervoxels_generated": list}
+    for key, kind in wanted.items():
+        found = re.search(rf'^  "{key}": ', text, re.MULTILINE)  # write_json's top level (indent 2)
+        if found is None:
+            continue
+        try:
+            value = decoder.raw_decode(text, found.end())[0]
+        except ValueError:
+            continue
+        if isinstance(value, kind) and (kind is not list or all(isinstance(v, dict) for v in value)):
+            kept[key] = value
+    return kept
 
 
 def _warn_if_other_code(run_dir: Path, ident: RunIdentity) -> None:
@@ -783,7 +826,12 @@ def _execute(p: RunPlan, allow_training: bool, accelerator) -> Path:
     for group in p.groups:
         part_cases = run_dir / "parts" / f"cases_{group.name}.csv"
         if part_cases.exists():
-            continue
+            damage = _part_damage(p, group)
+            if damage is None:
+                continue
+            if accelerator.is_main_process:
+                tqdm.write(f"{damage}: evaluating {_label(p, group)} again (its trained weights are kept)",
+                           file=sys.stderr)
         method = probe if group is p.groups[0] else build_method(cfg)
         label = _label(p, group)
         ckpt_dir = run_dir / "checkpoints" / group.name
@@ -846,6 +894,29 @@ def _execute(p: RunPlan, allow_training: bool, accelerator) -> Path:
     return run_dir
 
 
+def _part_damage(p: RunPlan, group: EvalGroup) -> str | None:
+    """What is wrong with an unfinished run's evaluation part of ``group`` (its
+    ``parts/cases_<group>.csv``, or the ``parts/predictions_<group>.npz`` beside it), worded
+    as one line naming the file; None when the part stands. Every process of a run decides
+    the same from the same files, so they train and skip the same groups."""
+    from .record_repair import part_problem
+
+    parts = p.run_dir / "parts"
+    cases = parts / f"cases_{group.name}.csv"
+    evaluated = {e.organ: [q.case_id for q in e.queries] for e in p.episodes[group.name]}
+    problem = part_problem(cases, evaluated)
+    if problem is not None:
+        return f"{cases} is damaged ({problem})"
+    predictions = parts / f"predictions_{group.name}.npz"
+    if predictions.exists():
+        try:  # the zip's directory, at its end: a file cut short has none
+            with np.load(predictions) as data:
+                data.files  # noqa: B018
+        except (OSError, EOFError, ValueError, zipfile.BadZipFile) as exc:
+            return f"{predictions} is damaged ({type(exc).__name__}: {exc})"
+    return None
+
+
 def _found_weights_hint(weights: Path, own: Path, trains: bool = True) -> str:
     """What to do about damaged weights found in a run folder (this run's or an identical
     training's): delete them, and the group is trained again. ``trains``: False under
@@ -902,7 +973,7 @@ def _rewrite_damaged_config(run_dir: Path, ident: RunIdentity) -> None:
 
 def _finish(run_dir: Path, p: RunPlan, info: dict) -> None:
     parts = run_dir / "parts"
-    cases = pd.concat(part_cases(run_dir, [g.name for g in p.groups]))
+    cases = _checked_parts(run_dir, p, info)  # never COMPLETE over a damaged part
     atomic_write(run_dir / "cases.csv", cases[CASE_COLUMNS].to_csv(index=False))
     predictions = {}
     for g in p.groups:
@@ -914,13 +985,12 @@ def _finish(run_dir: Path, p: RunPlan, info: dict) -> None:
     logs = []
     for g in p.groups:
         log_path = run_dir / "checkpoints" / g.name / "train_log.csv"
-        if log_path.exists():
-            log = pd.read_csv(log_path)
+        if log_path.exists() and (log := _group_log(log_path)) is not None:
             log.insert(0, "group", g.name)
             logs.append(log)
     if logs:
         atomic_write(run_dir / "train_log.csv", pd.concat(logs).to_csv(index=False))
-    steps = {g.name: json.loads(f.read_text()) for g in p.groups
+    steps = {g.name: _step_record(f) for g in p.groups
              if (f := run_dir / "checkpoints" / g.name / STEP_FILE).exists()}
     if steps:  # which step trained (train.cuda_graph is not hashed: it does not change the numbers)
         info["training_step"] = steps
@@ -934,6 +1004,63 @@ def _finish(run_dir: Path, p: RunPlan, info: dict) -> None:
     write_json(run_dir / "run.json", info)
     atomic_write(run_dir / COMPLETE, now() + "\n")
     tqdm.write(f"done: {run_dir} " + _dice_summary(cases, str(p.cfg.protocol.dice)), file=sys.stderr)
+
+
+def _checked_parts(run_dir: Path, p: RunPlan, info: dict) -> pd.DataFrame:
+    """The run's evaluation parts put together, checked as ``report`` checks ``cases.csv``.
+
+    :func:`_execute` evaluates a damaged part again, so this only fails when a part was
+    damaged while the run evaluated the others.
+
+    Raises:
+        DamagedRecordError: a part cannot be read or fails the checks.
+    """
+    from .reporting.collect import check_cases
+
+    files = [run_dir / "parts" / f"cases_{g.name}.csv" for g in p.groups]
+    redo = (f"rerun the same command: a damaged part's group is evaluated again with its trained weights "
+            f"({', '.join(str(f) for f in files)})")
+    try:
+        cases = pd.concat(part_cases(run_dir, [g.name for g in p.groups]))
+    except (OSError, ValueError) as exc:
+        raise DamagedRecordError(f"the evaluation parts of {run_dir} cannot be read ({type(exc).__name__}: {exc})",
+                                 hint=redo) from None
+    problem = check_cases(cases, info)
+    if problem is not None:
+        raise DamagedRecordError(f"the evaluation parts of {run_dir} are damaged (put together, "
+                                 f"{problem}); the run is not marked complete", hint=redo)
+    return cases
+
+
+def _group_log(path: Path) -> pd.DataFrame | None:
+    """A group's ``checkpoints/<group>/train_log.csv`` for the run's ``train_log.csv``; a
+    damaged one is said so in one line and left out (None), or cut back to its whole rows."""
+    try:
+        text = path.read_text()
+        if text and not text.endswith("\n"):
+            text = text[: text.rfind("\n") + 1]
+            tqdm.write(f"{path} was cut short: its last, incomplete row is left out of train_log.csv",
+                       file=sys.stderr)
+        return pd.read_csv(io.StringIO(text))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        tqdm.write(f"{path} is damaged ({type(exc).__name__}: {exc}): this group's losses are left out of "
+                   "train_log.csv (the trained weights do not depend on it)", file=sys.stderr)
+        return None
+
+
+def _step_record(path: Path) -> dict | str:
+    """A group's ``train_step.json`` (which step trained) for ``run.json``; a damaged one is
+    said so in one line and recorded as unknown (it changes no number)."""
+    try:
+        step = json.loads(path.read_text())
+        if isinstance(step, dict):
+            return step
+        problem = "not a JSON object"
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        problem = f"{type(exc).__name__}: {exc}"
+    tqdm.write(f"{path} is damaged ({problem}): run.json records this group's training step as unknown "
+               "(it changes no number)", file=sys.stderr)
+    return f"unknown ({STEP_FILE} was damaged)"
 
 
 def _dice_summary(cases: pd.DataFrame, dice: str) -> str:

@@ -51,6 +51,9 @@ class RunState:
     fold: str
     seed: str
     progress: str  # where an unfinished run resumes, e.g. "step 250, eval 0/1"; a damaged run's problem
+    #: what tells this run from others listed with the same method, dataset, setting, fold and
+    #: seed: the config values that differ (``train.lr=0.001``), or its config hash prefix
+    differs: str = ""
 
 
 def lock_is_held(run_dir: Path) -> bool:
@@ -148,7 +151,63 @@ def scan(results_dir: Path) -> list[RunState]:
             seed=str(info.get("seed", _from_path(rel, "seed"))),
             progress=(problem or "") if complete else _progress(run_dir, info),
         ))
+    _tell_apart(found)
     return sorted(found, key=lambda r: r.started_at or "")
+
+
+def _tell_apart(runs: list[RunState]) -> None:
+    """Fill ``differs`` for runs that would otherwise read the same in the listing: those
+    of one folder (same method, dataset, setting, fold and seed; only the config hash in
+    their names differs). It holds the values of their ``config.yaml`` that differ among them
+    and change a run's numbers (``method.lr=0.001``, at most three), else (an unreadable
+    config, or other data with the same config) the config hash prefix."""
+    from . import records
+
+    ignored = set(getattr(records, "_UNHASHED", ())) | set(getattr(records, "_CADENCE", ()))
+    groups: dict[tuple[str, ...], list[RunState]] = {}
+    for r in runs:
+        groups.setdefault((str(r.path.parent), r.method, r.dataset, r.setting, r.fold, r.seed), []).append(r)
+    for same in groups.values():
+        if len(same) < 2:
+            continue
+        configs = [_flat_config(r.path) for r in same]
+        readable = [c for c in configs if c is not None]
+        keys = sorted({k for c in readable for k in c} - ignored)
+        differing = [k for k in keys if len({repr(c.get(k, "<absent>")) for c in readable}) > 1]
+        for r, config in zip(same, configs):
+            if config is not None and differing:
+                shown = [f"{k}={_value_text(config.get(k, '<absent>'))}" for k in differing[:3]]
+                r.differs = " ".join(shown) + (f" (+{len(differing) - 3} more)" if len(differing) > 3 else "")
+            else:
+                r.differs = "config " + r.path.name.rsplit("-", 1)[-1]
+
+
+def _flat_config(run_dir: Path) -> dict[str, object] | None:
+    """A run's ``config.yaml`` as ``{dotted.key: value}``; None when it cannot be read."""
+    import yaml
+
+    try:
+        config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    flat: dict[str, object] = {}
+
+    def walk(node: object, prefix: str) -> None:
+        if isinstance(node, dict) and node:
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            flat[prefix[:-1]] = node
+
+    walk(config, "")
+    return flat
+
+
+def _value_text(value: object) -> str:
+    text = "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _read_info(run_dir: Path) -> dict:
@@ -241,7 +300,9 @@ def _table(runs: list[RunState], root: Path) -> str:
          r.progress, str(r.path.relative_to(root)))
         for r in runs
     ]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    if any(r.differs for r in runs):  # runs that would read the same: what tells them apart
+        rows = [(*row[:8], cell, *row[8:]) for row, cell in zip(rows, ["differs", *(r.differs for r in runs)])]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
 
 

@@ -28,8 +28,10 @@ from __future__ import annotations
 import fcntl
 import multiprocessing
 import os
+import shlex
 import signal
 import sys
+import time
 import traceback
 import warnings
 from pathlib import Path
@@ -322,6 +324,7 @@ def launch(overrides: list[str], *, command: str = "run", checkpoint: Path | Non
     hydra_form, marked = _for_hydra(overrides)
     job = SweepJob(command, str(checkpoint) if checkpoint else None, os.getcwd(), devices, export_to, marked)
     print(f"sweep of {len(composed)} runs; every config checked", file=sys.stderr)
+    began = time.time()
     try:
         with initialize_config_dir(config_dir=str(config_dir()), job_name="fsmis-bench", version_base=None):
             hydra = GlobalHydra.instance().hydra
@@ -333,22 +336,26 @@ def launch(overrides: list[str], *, command: str = "run", checkpoint: Path | Non
             if job.finished:  # what was done before the stop (the basic launcher runs jobs here)
                 print_summary(job.finished, None, not_started=len(composed) - len(job.finished))
             elif any(o.startswith("hydra/launcher=") for o in hydra_overrides):
-                # the jobs ran in other processes, whose outcomes this one never saw
-                results_dir = Path(str(composed[0][1].results_dir))
-                print(f"the launcher ran the jobs in other processes: `fsmis-bench runs --results {results_dir}` lists "
-                      "which finished and which stopped", file=sys.stderr)
+                # the jobs ran in other processes, whose outcomes this one never saw: their records say
+                results_dir = Path(str(composed[0][1].results_dir)).expanduser()
+                print(f"the sweep was interrupted; the launcher ran its jobs in other processes. "
+                      f"{_written_since(results_dir, began)}", file=sys.stderr)
                 if any(o.startswith("hydra/launcher=submitit") for o in hydra_overrides):
                     print("submitit's jobs may still be running (a stop signal sent to this process alone does "
-                          "not reach them): rerun the same command once `fsmis-bench runs` shows none running",
-                          file=sys.stderr)
+                          f"not reach them): rerun the same command once `{_runs_command(results_dir)}` shows none "
+                          "running", file=sys.stderr)
+            print(f"to resume, run the same command: {_same_command(command, overrides, checkpoint, export_to)}",
+                  file=sys.stderr)
         raise
     except (HydraException, OmegaConfBaseException) as exc:
         raise ConfigError(f"the sweep could not be launched: {_first_line(exc)}") from None
     except Exception as exc:  # the launcher itself (no sbatch here, a job killed outright ...)
+        results_dir = Path(str(composed[0][1].results_dir)).expanduser()
         raise FsmisError(
-            f"the launcher stopped: {type(exc).__name__}: {_first_line(exc)}",
-            hint=f"finished runs are kept (`fsmis-bench runs`); job folders and logs are under "
-                 f"{Path(str(composed[0][1].results_dir)) / '_sweeps'}",
+            f"the launcher stopped: {type(exc).__name__}: {_first_line(exc)}. {_written_since(results_dir, began)}",
+            hint=f"finished runs are kept and the same command resumes the others: "
+                 f"{_same_command(command, overrides, checkpoint, export_to)} (`{_runs_command(results_dir)}` lists "
+                 f"every run's state; job folders and logs are under {results_dir / '_sweeps'})",
         ) from None
     results = [_job_result(r) for batch in returns for r in batch]
     failed = [r for r in results if r["outcome"] == "failed"]
@@ -362,6 +369,57 @@ def launch(overrides: list[str], *, command: str = "run", checkpoint: Path | Non
             print(f"{len(failed)} of {len(results)} run{'' if len(results) == 1 else 's'} failed; "
                   "finished runs are kept", file=sys.stderr)
     return 2 if failed else 0
+
+
+def _same_command(command: str, overrides: list[str], checkpoint: Path | None, export_to: str | None) -> str:
+    """The sweep's command line, as the user can paste it to resume the sweep."""
+    words = ["fsmis-bench", command, "-m", *overrides]
+    if checkpoint is not None:
+        words.append(f"checkpoint={checkpoint}")
+    if export_to:
+        words += ["--export-masks", export_to]
+    return shlex.join(words)
+
+
+def _runs_command(results_dir: Path) -> str:
+    """``fsmis-bench runs`` for the sweep's results folder (``--results`` unless it is the default)."""
+    from .reporting.collect import default_results_dir
+
+    try:
+        default = Path(default_results_dir()).expanduser().resolve() == results_dir.resolve()
+    except (OSError, RuntimeError):
+        default = False
+    return "fsmis-bench runs" if default else shlex.join(["fsmis-bench", "runs", "--results", str(results_dir)])
+
+
+def _written_since(results_dir: Path, began: float) -> str:
+    """What the sweep's jobs left under ``results_dir`` since it ``began``: the runs they
+    finished and those they stopped (which resume), as the records say; one sentence."""
+    from .records import COMPLETE
+    from .runs_command import _newest_mtime
+
+    finished, stopped = [], []
+    try:
+        for record in sorted(results_dir.glob("**/run.json")):
+            run_dir = record.parent
+            if "_sweeps" in run_dir.relative_to(results_dir).parts:
+                continue
+            done = run_dir / COMPLETE
+            if done.exists():
+                if done.stat().st_mtime >= began:
+                    finished.append(run_dir)
+            elif _newest_mtime(run_dir) >= began:
+                stopped.append(run_dir)
+    except OSError:
+        pass
+
+    def listed(runs: list[Path]) -> str:
+        names = [str(r.relative_to(results_dir)) for r in runs[:6]]
+        return ": " + ", ".join(names) + (f" and {len(runs) - 6} more" if len(runs) > 6 else "") if runs else ""
+
+    return (f"Under {results_dir} since the sweep started, {len(finished)} run{'' if len(finished) == 1 else 's'} "
+            f"finished{listed(finished)}; {len(stopped)} stopped before the end{listed(stopped)} (kept; each "
+            f"resumes from its last checkpoint). `{_runs_command(results_dir)}` lists every run's state.")
 
 
 def _first_line(exc: BaseException) -> str:

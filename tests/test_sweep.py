@@ -339,8 +339,10 @@ def test_an_interrupted_parallel_sweep_points_to_the_runs_listing(launcher, says
     argv = ["run", "-m", *SUPPORT_COPY, "seed=0,1", f"hydra/launcher={launcher}", f"results_dir={tmp_path}"]
     assert main(argv) == 130
     err = capsys.readouterr().err
-    assert f"`fsmis-bench runs --results {tmp_path}` lists which finished and which stopped" in err
+    assert "the sweep was interrupted" in err
+    assert f"`fsmis-bench runs --results {tmp_path}` lists every run's state" in err
     assert ("submitit's jobs may still be running" in err) == says_still_running
+    assert f"to resume, run the same command: fsmis-bench {' '.join(argv)}\n" in err
     import shlex
 
     hinted = err.split("`fsmis-bench ", 1)[1].split("`", 1)[0]

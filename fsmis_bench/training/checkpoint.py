@@ -398,7 +398,10 @@ def save_weights(path: Path, method: Method, step: int) -> None:
     tensors: dict[str, torch.Tensor] = {}
     _encode({k: v for k, v in trainable_state(method).items()}, "model", tensors)
     metadata = {"format": FORMAT, "kind": WEIGHTS_KIND, "version": str(VERSION), "step": str(int(step)),
-                "method": type(method).__name__}
+                "method": type(method).__name__,
+                # each tensor's bit_sum, checked on every load: a flipped bit in finished
+                # weights is refused, not evaluated (files written before have none)
+                "checksums": json.dumps({k: int(bit_sum(v)) for k, v in tensors.items()}, sort_keys=True)}
     _write_safetensors(Path(path), tensors, metadata)
 
 
@@ -418,6 +421,7 @@ def load_weights(method: Method, checkpoint: Path, *, hint: str | None = None) -
             or shapes that do not fit.
     """
     tensors, metadata = read_safetensors(checkpoint, hint=hint)
+    _check_weight_sums(checkpoint, tensors, metadata, hint)
     state = {k[len(_MODEL_PREFIX):]: v for k, v in tensors.items() if k.startswith(_MODEL_PREFIX)}
     if not state:
         raise CheckpointError(
@@ -448,6 +452,27 @@ def load_weights(method: Method, checkpoint: Path, *, hint: str | None = None) -
         return int(metadata.get("step", 0))
     except ValueError:
         return 0
+
+
+def _check_weight_sums(checkpoint: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+                       hint: str | None) -> None:
+    """Refuse weights whose values are not the ones written (the checksums that
+    :func:`save_weights` put in the file's metadata; a file without them is not checked)."""
+    fix = hint or f"delete {checkpoint} (or copy it again from where it came from) and train it again"
+    if "checksums" not in metadata:
+        return
+    try:
+        sums = json.loads(metadata["checksums"])
+        if not isinstance(sums, dict):
+            raise ValueError("not a JSON object")
+    except ValueError:
+        raise CheckpointError(f"{checkpoint} is damaged: the checksums in its header cannot be read",
+                              hint=fix) from None
+    for key, tensor in tensors.items():
+        if key in sums and int(bit_sum(tensor)) != sums[key]:
+            raise CheckpointError(
+                f"{checkpoint} does not hold the weights that were written: {key} differs from its checksum "
+                "(a damaged file, e.g. a flipped bit on disk or a faulty copy)", hint=fix)
 
 
 # -- resume state ------------------------------------------------------------------------

@@ -56,6 +56,11 @@ class Interrupted(KeyboardInterrupt):
         super().__init__(signal.Signals(signum).name)
         self.signum = int(signum)
 
+    def __reduce__(self):
+        # pickled by its signal number: a joblib job's stop reaches the sweep's process as
+        # this exception (the default, from the signal's name, failed to un-pickle there)
+        return (type(self), (self.signum,))
+
     @property
     def exit_code(self) -> int:
         """The shell's convention for a process ended by a signal: 128 + its number."""

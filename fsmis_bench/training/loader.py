@@ -18,6 +18,8 @@ Episode ``j`` of a run is drawn from its own generator, seeded by ``(seed, j)``
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -26,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..errors import ConfigError
 from ..method import EpisodeBatch
 from .episodes import EpisodeSampler
+from .interrupt import stop_signals
 
 #: micro-batches each worker keeps ready
 PREFETCH_FACTOR = 4
@@ -45,6 +48,40 @@ def resolve_num_workers(value: int | str, cuda: bool) -> int:
     if workers < 0 or isinstance(value, bool):
         raise ConfigError(f"train.num_workers={value!r} is not allowed", hint="use auto or an integer >= 0")
     return workers
+
+
+#: signals a worker leaves to the main process: a terminal's Ctrl-C, GNU ``timeout`` and
+#: Slurm signal the whole process group, and only the main process decides how to stop
+_WORKER_IGNORED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def _leave_signals_to_the_main_process(worker_id: int) -> None:
+    """A DataLoader worker's ``worker_init_fn``: stop signals sent to the process group are
+    the main process's to act on (it saves at the next step boundary, then shuts the
+    workers down), so a worker ignores them. Without this a worker dies on the group's
+    SIGTERM (torch's own handler) and the main process fails mid-step with no checkpoint,
+    and a worker that inherited the main process's Python handler prints its "received"
+    line again.
+
+    SIGTERM from the parent itself (torch's and multiprocessing's ``terminate()`` of a
+    worker that did not exit) still ends the worker: SIGTERM is blocked and a thread takes
+    it with its sender. A worker whose parent dies exits through torch's watchdog.
+    Seeding is untouched: torch seeds each worker before this runs, and every episode
+    draws from its own generator anyway.
+    """
+    others = tuple(s for s in set(_WORKER_IGNORED) | set(stop_signals()) if s != signal.SIGTERM)
+    for signum in others:
+        signal.signal(signum, signal.SIG_IGN)
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def take_sigterm() -> None:
+        while True:
+            info = signal.sigwaitinfo({signal.SIGTERM})
+            if info.si_pid == parent:
+                os._exit(0)  # as torch's worker handler does for its parent's SIGTERM
+
+    threading.Thread(target=take_sigterm, name="fsmis-worker-sigterm", daemon=True).start()
 
 
 class EpisodeStream(Dataset):
@@ -105,6 +142,7 @@ class EpisodeLoader:
             pin_memory=self.pin,
             prefetch_factor=PREFETCH_FACTOR if num_workers else None,
             persistent_workers=False,
+            worker_init_fn=_leave_signals_to_the_main_process if num_workers else None,
         )
 
     def __iter__(self) -> Iterator[EpisodeBatch]:
