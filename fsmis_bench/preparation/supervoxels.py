@@ -41,8 +41,9 @@ METHODS: tuple[str, ...] = ("felzenszwalb3d", "felzenszwalb2d")
 FOREGROUND_THRESHOLD: float = 10.0
 SUPERVOXEL_PREFIX = "superpix-MIDDLE_"
 #: peak memory of the 3-D segmentation per voxel of a scan: its graph's 13 edges per voxel,
-#: each with a float32 cost, an int64 place in the sort order and its sorted cost (measured
-#: 256-272 bytes on scans of 2.6 and 6.6 M voxels; a 512 x 512 x 200 CT needs about 15 GiB)
+#: each with a float32 cost, an int64 place in the sort order and its sorted cost
+#: (benchmarks/supervoxel_memory.py: 256-272 bytes on scans of 2.6 and 6.6 M voxels; a
+#: 512 x 512 x 200 CT needs about 15 GiB)
 SEGMENTATION_BYTES_PER_VOXEL = 300
 
 
