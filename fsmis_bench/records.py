@@ -814,7 +814,8 @@ def save_predictions(path: Path, predictions: dict[tuple[str, str], tuple[np.nda
         arrays[f"{key}/shape"] = np.asarray(pred.shape, dtype=np.int32)
         arrays[f"{key}/bits"] = np.packbits(np.asarray(pred, dtype=bool).ravel())
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.npz")
+    # numpy adds .npz to a name without it; the mark lets a later process remove a killed write
+    tmp = path.with_name(f".{path.name}{UNFINISHED_MARK}{os.getpid()}.npz")
     try:
         np.savez_compressed(tmp, **arrays)
         durable_replace(tmp, path)

@@ -215,17 +215,26 @@ def _check_checkpoint_source(cfg: DictConfig, checkpoint: Path) -> None:
             return comparable_dataset(OmegaConf.to_container(value, resolve=True))
         if key == "method" and isinstance(value, DictConfig):  # options read when predicting may differ
             plain = OmegaConf.to_container(value, resolve=True)
+            # An option added after a run (a late option) had its earlier value in a config
+            # that lacks it, and a null one follows `fidelity`: both compared as they act.
+            method_cls = method_class(config)
+            if method_cls is not None and method_cls.late_options:
+                resolved = method_cls.late_option_values(config)
+                for name, earlier in method_cls.late_options.items():
+                    plain[name] = resolved[name] if name in value else earlier
             return {k: v for k, v in plain.items() if k not in inference_options(config)}
         return value
 
-    for key in ("method", "backbone", "pretrained", "dataset"):
+    method_cls = method_class(cfg)
+    # the null options of a method with a released-code form follow `fidelity`
+    follows_fidelity = ("fidelity",) if getattr(method_cls, "released_code_protocol", False) else ()
+    for key in (*follows_fidelity, "method", "backbone", "pretrained", "dataset"):  # the root cause first
         theirs, ours = compared(trained, key), compared(cfg, key)
         if theirs == ours:
             continue
         if isinstance(theirs, dict) and isinstance(ours, dict) and theirs.get("name") == ours.get("name"):
             # the same method or dataset with other options: say which
-            earlier = dict(getattr(method_class(cfg), "late_options", {})) if key == "method" else {}
-            changed = _changed_options(theirs, ours, earlier)
+            changed = _changed_options(theirs, ours)
             if not changed:
                 continue
             message = (f"{checkpoint} was trained with "
@@ -242,18 +251,22 @@ def _check_checkpoint_source(cfg: DictConfig, checkpoint: Path) -> None:
         elif key == "method":
             hint = ("evaluate it with the options it was trained with; only the options read when predicting "
                     f"({', '.join(inference_options(cfg))}) may differ")
+        elif key == "fidelity":
+            hint = (f"evaluate it with fidelity={trained.get('fidelity')}, the form of the method it was trained "
+                    "in; the other fidelity's protocol options can still be given one by one (e.g. protocol.dice=pooled)")
         else:
             hint = f"evaluate it with the {key} it was trained with"
         raise ConfigError(message, hint=hint)
 
 
-def _changed_options(theirs: dict, ours: dict, earlier: dict) -> dict[str, tuple[Any, Any]]:
-    """``{option: (trained value, asked value)}`` for the options that differ. An option added
-    since the training (absent from its config) had the value every earlier run had
-    (``earlier``, the method's late options), or is a new switch left unset (null)."""
+def _changed_options(theirs: dict, ours: dict) -> dict[str, tuple[Any, Any]]:
+    """``{option: (trained value, asked value)}`` for the options that differ. An option
+    absent from the training's config and left null here is a switch added since, at the
+    default every earlier run had (the method's late options come resolved, see
+    :func:`_check_checkpoint_source`)."""
     changed = {}
     for name in sorted(set(theirs) | set(ours)):
-        was, asked = theirs.get(name, earlier.get(name)), ours.get(name, earlier.get(name))
+        was, asked = theirs.get(name), ours.get(name)
         if was != asked and not (name not in theirs and asked is None):
             changed[name] = (was, asked)
     return changed
@@ -838,6 +851,8 @@ def _execute(p: RunPlan, allow_training: bool, accelerator) -> Path:
         if method.needs_training:
             existing = (_checkpoint_for(ident.checkpoint, group.name) if ident.checkpoint
                         else _find_checkpoint(cfg, ident.inputs, run_dir, group.name))
+            if existing is not None and not accelerator.is_main_process:
+                continue  # nothing to train, and only the main process evaluates
             if existing is not None:
                 # weights the user passed are judged as passed; weights found in a run folder
                 # are the run's own, so the hint says what to delete to train them again

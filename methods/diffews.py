@@ -30,6 +30,8 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from fsmis_bench.method import Method
+
 from .sdfsmis import SDFSMIS, SDFSMISOptions
 
 #: the options DiffewS fixes (the rest — batch size, checkpointing, lr — come from cfg.method).
@@ -49,6 +51,8 @@ class DiffewS(SDFSMIS):
 
     default_qe = False
     default_vtct = False
+    #: its mask rule is fixed (DIFFEWS_FIXED), so only the chunk size is an option of its own
+    inference_options = Method.inference_options
 
     @classmethod
     def resolve_options(cls, method_cfg: DictConfig, fidelity: str) -> SDFSMISOptions:

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from fsmis_bench.cli import main
@@ -42,6 +43,47 @@ def test_inference_options_change_the_run_but_not_its_training(method):
         assert training_hash(other, with_inference_options=True) != training_hash(base, with_inference_options=True)
     trained_otherwise = compose([f"method={method}", training_change])
     assert training_hash(trained_otherwise) != training_hash(base)
+
+
+#: the architecture of each method small enough for a CPU step
+SMALL_ARCH = {"sdfsmis": ["backbone=tiny"], "diffews": ["backbone=tiny"], "qnet": ["method.encoder=resnet18"],
+              "ssl_alpnet": ["method.encoder=resnet18"], "adnet": ["method.encoder=resnet18"]}
+
+
+@pytest.mark.parametrize("method", sorted(INFERENCE_TABLE))
+def test_training_reads_none_of_the_inference_options(method):
+    """What makes leaving them out of the training hash safe: the same initial weights, the
+    same episode and the same random draws give the same loss and the same gradients, bit
+    for bit, whatever the inference options say (all changed at once). Every option a method
+    lists is in the table (bar the CUDA-only predict_cuda_graph, which no hash holds)."""
+    from fsmis_bench.api import build_method
+    from fsmis_bench.method import EpisodeBatch
+
+    changes, _ = INFERENCE_TABLE[method]
+    base = [f"method={method}", "pretrained=false", "train.image_size=64", *SMALL_ARCH[method]]
+    listed = set(inference_options(compose(base))) - {"predict_cuda_graph"}
+    assert listed <= {o.split("=")[0].removeprefix("method.") for c in changes for o in c.split()}
+    changed = dict(o.split("=") for c in changes for o in c.split())  # the last value of each option
+
+    generator = torch.Generator().manual_seed(0)
+    masks = (torch.rand(2, 1, 1, 64, 64, generator=generator) > 0.6).float()
+    batch = EpisodeBatch(torch.randn(2, 1, 1, 64, 64, generator=generator), masks,
+                         torch.randn(2, 1, 64, 64, generator=generator), masks[:, 0].clone())
+
+    def loss_and_grads(overrides: list[str]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        torch.manual_seed(0)
+        model = build_method(overrides)
+        model.train()
+        torch.manual_seed(1)
+        drawn = EpisodeBatch(*batch.tensors()[:4], host_draws=model.host_draws(batch))
+        loss = model.training_loss(drawn)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    loss, grads = loss_and_grads(base)
+    other_loss, other_grads = loss_and_grads([*base, *(f"{k}={v}" for k, v in changed.items())])
+    assert grads and torch.equal(loss, other_loss)
+    assert len(grads) == len(other_grads) and all(torch.equal(a, b) for a, b in zip(grads, other_grads))
 
 
 QNET = ["method=qnet", "dataset=phantom", "dataset.size=64", "dataset.n_slices=16", "pretrained=false",
@@ -101,3 +143,33 @@ def test_a_null_test_time_option_of_an_earlier_record_is_taken_over_as_null(trai
     (trained_qnet / "run.json").write_text(json.dumps(info))
     assert main(["eval", *QNET, "method.refine_lr=0.5"]) == 0
     assert f"using trained weights {trained_qnet}" in capsys.readouterr().err
+
+
+SDFSMIS = ["method=sdfsmis", "backbone=tiny", "pretrained=false", "dataset=phantom", "dataset.size=64",
+           "dataset.n_slices=12", "train.image_size=64", "train.steps=1", "protocol.min_fg_pixels=20"]
+
+
+@pytest.fixture
+def trained_sdfsmis(results_dir: Path, capsys) -> Path:
+    assert main(["run", *SDFSMIS]) == 0
+    capsys.readouterr()
+    (run_dir,) = _run_dirs(results_dir)
+    return run_dir
+
+
+def test_eval_of_a_checkpoint_compares_the_forms_its_null_options_took(trained_sdfsmis, capsys):
+    """SD-FSMIS's null options follow `fidelity`, and an option a training's config lacks had
+    the value of its time: a checkpoint trained in another form is refused, not evaluated."""
+    assert main(["eval", *SDFSMIS, f"checkpoint={trained_sdfsmis}", "method.threshold=relative"]) == 0
+    capsys.readouterr()
+    assert main(["eval", *SDFSMIS, f"checkpoint={trained_sdfsmis}", "fidelity=code"]) == 2
+    err = capsys.readouterr().err
+    assert "was trained with another fidelity (fidelity=paper)" in err and "protocol.dice=pooled" in err
+    # a record made before method.vtct_empty_mask existed trained with its earlier form, `soft`
+    config = OmegaConf.load(trained_sdfsmis / "config.yaml")
+    del config.method["vtct_empty_mask"]
+    OmegaConf.save(config, trained_sdfsmis / "config.yaml")
+    assert main(["eval", *SDFSMIS, f"checkpoint={trained_sdfsmis}"]) == 2
+    assert ("was trained with method.vtct_empty_mask=soft; this evaluation asks for "
+            "method.vtct_empty_mask=soft_area") in capsys.readouterr().err
+    assert main(["eval", *SDFSMIS, f"checkpoint={trained_sdfsmis}", "method.vtct_empty_mask=soft"]) == 0

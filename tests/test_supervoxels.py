@@ -297,7 +297,7 @@ def test_as_many_scans_are_segmented_at_once_as_their_graphs_fit(monkeypatch, ca
 def test_a_worker_ended_by_the_system_is_one_error_and_keeps_the_scans_written(tmp_path, monkeypatch):
     """An out-of-memory kill of a worker process breaks the pool: one error naming what is
     kept and how to go on, never a wait for ever (multiprocessing.Pool's behaviour)."""
-    from concurrent.futures import Future, ThreadPoolExecutor
+    from concurrent.futures import Future, ThreadPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool
 
     from fsmis_bench.preparation import supervoxels
@@ -307,12 +307,13 @@ def test_a_worker_ended_by_the_system_is_one_error_and_keeps_the_scans_written(t
 
         def __init__(self, max_workers, mp_context):
             super().__init__(max_workers=1)
-            self.submitted = 0
+            self.started: list[Future] = []
 
         def submit(self, fn, *args):
-            self.submitted += 1
-            if self.submitted <= 2:
-                return super().submit(fn, *args)
+            if len(self.started) < 2:
+                self.started.append(super().submit(fn, *args))
+                return self.started[-1]
+            wait(self.started)  # the kill comes after the first two scans were written
             broken: Future = Future()
             broken.set_exception(BrokenProcessPool("a child process terminated abruptly"))
             return broken
@@ -327,3 +328,37 @@ def test_a_worker_ended_by_the_system_is_one_error_and_keeps_the_scans_written(t
     assert written == ["superpix-MIDDLE_1.nii.gz", "superpix-MIDDLE_2.nii.gz"]
     rerun = generate_supervoxels(images, tmp_path / "sv", 100, workers=1, progress=False)
     assert rerun.skipped == ["1", "2"] and rerun.written == ["3"]
+
+
+def test_a_stop_ends_the_workers_at_once_and_runs_no_queued_scan(tmp_path, monkeypatch):
+    """Ctrl-C while scans are queued: the command stops now, not after every queued scan
+    (minutes each on real scans), and leaves no worker process behind."""
+    import psutil
+
+    from fsmis_bench.preparation import supervoxels
+
+    real_as_completed = supervoxels.as_completed
+
+    def stopped_after_the_first(futures):
+        for done in real_as_completed(futures):
+            yield done
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(supervoxels, "as_completed", stopped_after_the_first)
+    images = write_dataset(tmp_path / "DS" / "imgs", ids=tuple(range(1, 13)), shape=(12, 40, 40))
+    with pytest.raises(KeyboardInterrupt):
+        generate_supervoxels(images, tmp_path / "sv", 100, workers=2, progress=False)
+    written = list((tmp_path / "sv").glob("superpix-MIDDLE_*.nii.gz"))
+    assert 1 <= len(written) <= 4  # the first, perhaps those in flight; never the queue of 12
+    workers = [p for p in psutil.Process().children(recursive=True) if "resource_tracker" not in " ".join(p.cmdline())]
+    assert workers == []
+
+
+def test_free_memory_is_capped_by_the_cgroup_limit(tmp_path):
+    from fsmis_bench.preparation.supervoxels import _cgroup_room
+
+    (tmp_path / "memory.max").write_text("max\n")
+    assert _cgroup_room(tmp_path) is None
+    (tmp_path / "memory.max").write_text(f"{8 * GiB}\n")
+    (tmp_path / "memory.current").write_text(f"{3 * GiB}\n")
+    assert _cgroup_room(tmp_path) == 5 * GiB

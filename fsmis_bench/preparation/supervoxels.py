@@ -48,10 +48,38 @@ SEGMENTATION_BYTES_PER_VOXEL = 300
 
 
 def free_memory() -> int | None:
-    """Bytes of physical memory free now; None where the system does not say."""
+    """Bytes of memory a new computation can take now; None where the system does not say.
+
+    Linux's ``MemAvailable`` (free memory plus the page cache it can reclaim: a server with
+    a warm file cache has little strictly free memory), capped by the room left under the
+    cgroup's limit (a container or a Slurm job may be given less than the machine has).
+    """
+    available = None
     try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, AttributeError):
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    if available is None:
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, AttributeError):
+            return None
+    room = _cgroup_room()
+    return available if room is None else min(available, room)
+
+
+def _cgroup_room(root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """Bytes left under this process's cgroup (v2) memory limit; None without a limit."""
+    try:
+        limit = (root / "memory.max").read_text().strip()
+        if limit == "max":
+            return None
+        return max(0, int(limit) - int((root / "memory.current").read_text().strip()))
+    except (OSError, ValueError):
         return None
 
 
@@ -333,20 +361,27 @@ def generate_supervoxels(
         # executor, not a Pool: a worker the system ends (out of memory) breaks it with an
         # error, where a Pool would wait for that worker's result for ever.
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=context) as pool:
-            try:
-                for done in as_completed([pool.submit(_one_volume, job) for job in jobs]):
-                    results.append(done.result())
-                    bar.update()
-            except BrokenProcessPool:
-                bar.close()
-                written = sum(1 for r in results if r[1] == "written")
-                raise DataError(
-                    f"a supervoxel worker process was ended from outside (most likely by the system, for "
-                    f"lack of memory) after {written} of {len(jobs)} scans were written to {out_dir}",
-                    hint="the written scans are kept; run the same command again with --workers 1 to make the "
-                    "rest one at a time",
-                ) from None
+        pool = ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=context)
+        try:
+            for done in as_completed([pool.submit(_one_volume, job) for job in jobs]):
+                results.append(done.result())
+                bar.update()
+        except BrokenProcessPool:
+            _stop(pool)
+            bar.close()
+            written = sum(1 for r in results if r[1] == "written")
+            raise DataError(
+                f"a supervoxel worker process was ended from outside (most likely by the system, for "
+                f"lack of memory) after {written} of {len(jobs)} scans were written to {out_dir}",
+                hint="the written scans are kept; run the same command again with --workers 1 to make the "
+                "rest one at a time",
+            ) from None
+        except BaseException:
+            # Ctrl-C or an error: stop now, not after every queued scan (minutes each). The
+            # scans being made are lost (their files are written whole or not at all).
+            _stop(pool)
+            raise
+        pool.shutdown(wait=True)
     bar.close()
     run.seconds = time.perf_counter() - start
     for case_id, status, message, _ in sorted(results, key=lambda r: int(r[0])):
@@ -355,6 +390,17 @@ def generate_supervoxels(
         else:
             run.failed.append((case_id, message))
     return run
+
+
+def _stop(pool: ProcessPoolExecutor) -> None:
+    """End a process pool's workers and drop its queued jobs without waiting for them."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())  # no public handle on them
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    for process in processes:
+        process.join(timeout=5)
 
 
 def check_spacing(spacing_zyx) -> tuple[float, float, float]:
