@@ -265,6 +265,33 @@ def training_hash(cfg: DictConfig, inputs: dict[str, Any] | None = None, form: H
     return _digest(picked)
 
 
+#: training keys an evaluation of another run's weights compares apart (the method, its data)
+#: or may change (precision: how the evaluation computes; the data tested on)
+_COMPARED_APART = ("method", "dataset", "protocol.test_dataset", "mixed_precision", "tf32", "backbone",
+                   "pretrained", "fidelity")
+
+
+def training_settings(cfg: DictConfig) -> dict[str, Any]:
+    """The settings that shaped a training, as the training hash holds them, by dotted key
+    (``train.steps``, ``seed``, ``protocol.episode_sampler``...), without the method, the
+    datasets, the backbone, the fidelity and the precision (see :data:`_COMPARED_APART`).
+    Two runs whose settings differ here trained different weights."""
+    data = _hashed_config(cfg)
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                walk(f"{prefix}.{key}", inner)
+        else:
+            flat[prefix] = value
+
+    for key in _TRAINING_KEYS:
+        if key not in _COMPARED_APART:
+            walk(key, _pick(data, key))
+    return flat
+
+
 def data_identity_hash(info: dict[str, Any]) -> str:
     """Short hash of a record's data identity (training and test data), '' if unknown.
 

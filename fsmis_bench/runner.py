@@ -54,7 +54,7 @@ from .records import (
     CASE_COLUMNS, COMPLETE, HASH_FORMS, RUN_CONFIG_KEYS, HashForm, atomic_write, can_write_in, code_differences,
     code_identity, comparable_dataset, config_hash, load_predictions, machine_identity, nearest_existing,
     non_standard_options, now, package_versions, read_json, read_run_config, registered_by,
-    inference_options, method_class, remove_unfinished_writes, run_config_problem, run_dir_for, save_predictions, test_dataset_name, training_hash,
+    inference_options, method_class, remove_unfinished_writes, training_settings, run_config_problem, run_dir_for, save_predictions, test_dataset_name, training_hash,
     write_error, write_json, writing_to,
 )
 from .training.checkpoint import (
@@ -257,6 +257,28 @@ def _check_checkpoint_source(cfg: DictConfig, checkpoint: Path) -> None:
         else:
             hint = f"evaluate it with the {key} it was trained with"
         raise ConfigError(message, hint=hint)
+    # the training's own settings: another value would be recorded (and reported) as if the
+    # weights had been trained with it
+    try:
+        theirs = training_settings(trained)
+    except Exception:  # noqa: BLE001 - a config of an older layout: nothing to compare with
+        return
+    changed = _changed_options(theirs, training_settings(cfg))
+    if changed:
+        # said as each config has it (the hashed form leaves a switch at its default out)
+        def shown(config: DictConfig, key: str) -> Any:
+            return OmegaConf.select(config, key, default="(unset)")
+
+        # a key that only the hashed form tells apart (left out under another rule) goes unsaid
+        changed = [k for k in changed if shown(trained, k) != shown(cfg, k)] or list(changed)
+
+        raise ConfigError(
+            f"{checkpoint} was trained with " + ", ".join(f"{k}={shown(trained, k)}" for k in changed)
+            + "; this evaluation asks for " + ", ".join(f"{k}={shown(cfg, k)}" for k in changed),
+            hint="give the training options that run had (its config.yaml): the evaluation's record holds them "
+            "as the weights' training; only evaluation options (protocol.dice, protocol.chunk_support, "
+            "protocol.test_dataset, ...) and the method's options read when predicting may differ",
+        )
 
 
 def _changed_options(theirs: dict, ours: dict) -> dict[str, tuple[Any, Any]]:

@@ -173,3 +173,23 @@ def test_eval_of_a_checkpoint_compares_the_forms_its_null_options_took(trained_s
     assert ("was trained with method.vtct_empty_mask=soft; this evaluation asks for "
             "method.vtct_empty_mask=soft_area") in capsys.readouterr().err
     assert main(["eval", *SDFSMIS, f"checkpoint={trained_sdfsmis}", "method.vtct_empty_mask=soft"]) == 0
+
+
+@pytest.mark.parametrize("asked, named", [
+    (["train.steps=7"], "train.steps=2; this evaluation asks for train.steps=7"),
+    (["seed=3"], "seed=0; this evaluation asks for seed=3"),
+    (["fold=1"], "fold=0; this evaluation asks for fold=1"),  # its test scans were training scans
+    (["protocol.episode_sampler=uniform_pairs"], "protocol.episode_sampler=reference; this evaluation asks for "
+                                                 "protocol.episode_sampler=uniform_pairs"),
+])
+def test_eval_of_a_run_refuses_another_training_setting(trained_qnet, capsys, asked, named):
+    """Its record would hold the asked setting as the weights' training (and the report count
+    the run as, e.g., another seed)."""
+    assert main(["eval", *QNET, f"checkpoint={trained_qnet}", *asked]) == 2
+    err = capsys.readouterr().err
+    assert named in err and "only evaluation options" in err
+
+
+def test_eval_of_a_run_takes_evaluation_options_and_precision(trained_qnet):
+    assert main(["eval", *QNET, f"checkpoint={trained_qnet}", "protocol.dice=pooled", "protocol.chunk_support=all",
+                 "mixed_precision=no"]) == 0

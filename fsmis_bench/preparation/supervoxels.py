@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import multiprocessing
 import numbers
+import signal
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 import os
@@ -361,7 +362,8 @@ def generate_supervoxels(
         # executor, not a Pool: a worker the system ends (out of memory) breaks it with an
         # error, where a Pool would wait for that worker's result for ever.
         context = multiprocessing.get_context("spawn")
-        pool = ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=context)
+        pool = ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=context,
+                                   initializer=_leave_ctrl_c_to_the_main_process)
         try:
             for done in as_completed([pool.submit(_one_volume, job) for job in jobs]):
                 results.append(done.result())
@@ -390,6 +392,13 @@ def generate_supervoxels(
         else:
             run.failed.append((case_id, message))
     return run
+
+
+def _leave_ctrl_c_to_the_main_process() -> None:
+    """A worker's initializer: a terminal's Ctrl-C reaches the whole process group, and the
+    main process ends the workers itself (:func:`_stop`); a worker that took it too would
+    print a traceback of its own."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _stop(pool: ProcessPoolExecutor) -> None:

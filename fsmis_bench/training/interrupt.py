@@ -103,8 +103,9 @@ class StopRequest:
             raise KeyboardInterrupt  # Ctrl-C twice: the user wants out now
         if self.received is None:
             name = signal.Signals(signum).name
-            print(f"\n{name} received: stopping after the current step (Ctrl-C again stops at once)",
-                  file=sys.stderr, flush=True)
+            # a second Ctrl-C stops at once; said only to whoever can press it
+            again = " (Ctrl-C again stops at once)" if signum == signal.SIGINT else ""
+            print(f"\n{name} received: stopping after the current step{again}", file=sys.stderr, flush=True)
         self.received = signum
 
     def stop(self) -> Interrupted:
