@@ -237,10 +237,13 @@ def _check_checkpoint_source(cfg: DictConfig, checkpoint: Path) -> None:
             changed = _changed_options(theirs, ours)
             if not changed:
                 continue
+            def shown(value: Any) -> str:  # a null option is the method's default (or follows fidelity)
+                return "null (the default)" if value is None else str(value)
+
             message = (f"{checkpoint} was trained with "
-                       + ", ".join(f"{key}.{name}={was}" for name, (was, _) in changed.items())
+                       + ", ".join(f"{key}.{name}={shown(was)}" for name, (was, _) in changed.items())
                        + "; this evaluation asks for "
-                       + ", ".join(f"{key}.{name}={asked}" for name, (_, asked) in changed.items()))
+                       + ", ".join(f"{key}.{name}={shown(asked)}" for name, (_, asked) in changed.items()))
         else:
             was = OmegaConf.select(trained, key)
             was = was.get("name", was) if isinstance(was, DictConfig) else was
@@ -585,7 +588,7 @@ def _prepare_dir(p: RunPlan, random_weights: bool, method_options: dict | None =
         "precision": precision_of(cfg).as_record(),
         "method_options": method_options or {},
         "protocol": OmegaConf.to_container(cfg.protocol, resolve=True),
-        "non_standard": non_standard_options(cfg, random_weights, checkpoint["sha256"] if checkpoint else None),
+        "non_standard": _marks(cfg, random_weights, checkpoint["sha256"] if checkpoint else None),
         "config_hash": full_hash,
         "training_hash": training_hash(cfg, ident.inputs, ident.hash_form),
         # Where the weights come from: trained by this run (or a sibling with the same
@@ -620,6 +623,30 @@ def _prepare_dir(p: RunPlan, random_weights: bool, method_options: dict | None =
                                       "machine": machine_identity(device)}]
     write_json(info_path, info)
     return info
+
+
+def _marks(cfg: DictConfig, random_weights: bool, checkpoint_sha256: str | None) -> list[str]:
+    """The run's departures from the standard setup (:func:`non_standard_options`), and for an
+    external checkpoint its test-time options (:func:`_inference_marks`)."""
+    marks = non_standard_options(cfg, random_weights, checkpoint_sha256)
+    if checkpoint_sha256:
+        marks += [mark for mark in _inference_marks(cfg) if mark not in marks]
+    return marks
+
+
+def _inference_marks(cfg: DictConfig) -> list[str]:
+    """``method.<option>=<value>`` for each option read only when predicting that differs
+    from the method's defaults: an evaluation of an external checkpoint is a report row of
+    its own, and nothing else would tell its reader that, e.g., another threshold made its
+    masks (beside another row, the report names such options itself)."""
+    from .config import compose  # late: the config module is the CLI's
+
+    try:
+        defaults = compose([f"method={cfg.method.name}"]).method
+    except FsmisError:  # a plugin method whose config cannot be composed alone
+        return []
+    return [f"method.{name}={cfg.method.get(name)}" for name in inference_options(cfg)
+            if name != "predict_cuda_graph" and cfg.method.get(name) != defaults.get(name)]
 
 
 def _readable_history(path: Path) -> dict[str, Any]:

@@ -193,3 +193,16 @@ def test_eval_of_a_run_refuses_another_training_setting(trained_qnet, capsys, as
 def test_eval_of_a_run_takes_evaluation_options_and_precision(trained_qnet):
     assert main(["eval", *QNET, f"checkpoint={trained_qnet}", "protocol.dice=pooled", "protocol.chunk_support=all",
                  "mixed_precision=no"]) == 0
+
+
+def test_an_external_checkpoints_row_names_its_test_time_options(trained_qnet, results_dir):
+    """Alone in its report row (marked external_checkpoint=...), nothing else would say that
+    another test-time refinement made its masks."""
+    assert main(["eval", *QNET, f"checkpoint={trained_qnet}", "method.refine_iterations=0"]) == 0
+    (evaluated,) = [d for d in _run_dirs(results_dir) if d != trained_qnet]
+    marks = json.loads((evaluated / "run.json").read_text())["non_standard"]
+    assert marks.count("method.refine_iterations=0") == 1  # also a departure from the published setup
+    assert any(m.startswith("external_checkpoint=") for m in marks)
+    assert main(["eval", *QNET, f"checkpoint={trained_qnet}", "method.refine_lr=0.1"]) == 0
+    (other,) = [d for d in _run_dirs(results_dir) if d not in (trained_qnet, evaluated)]
+    assert "method.refine_lr=0.1" in json.loads((other / "run.json").read_text())["non_standard"]

@@ -84,6 +84,19 @@ def test_a_three_seed_row_is_paired_with_a_one_seed_row_on_the_shared_seed(tmp_p
     assert "left out: A's fold 0: seeds 1,2" in notes[0]
 
 
+def test_folds_and_evaluations_only_one_side_ran_are_said_to_be_left_out(tmp_path: Path) -> None:
+    for fold in (0, 1):
+        _write(tmp_path, "a", fold, 0, _a_values(0))
+    _write(tmp_path, "b", 0, 0, _b_values())
+    write_run(tmp_path, "a", "card_mri", 1, 0, 0, [("lv_bp", "1", *_dice_counts(0.5))])
+    results = load_results(tmp_path)
+    row = compare(results, "a", "b", n_boot=50).set_index("organ").loc["liver"]
+    assert row["n_evaluations"] == len(CASES)  # fold 0's volumes only
+    notes = comparison_notes(results, "a", "b")
+    assert "Abd-MRI setting 1: not paired, the other side did not evaluate them: A's fold 1" in notes
+    assert "Card-MRI setting 1: only A evaluated it: not compared" in notes
+
+
 def test_rows_that_share_no_seed_are_not_compared(tmp_path: Path) -> None:
     _write(tmp_path, "a", 0, 1, _a_values(1))
     _write(tmp_path, "b", 0, 0, _b_values())

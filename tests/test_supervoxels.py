@@ -305,7 +305,7 @@ def test_a_worker_ended_by_the_system_is_one_error_and_keeps_the_scans_written(t
     class KilledAfterTwo(ThreadPoolExecutor):
         """Runs the first two scans; the third one's worker is 'killed'."""
 
-        def __init__(self, max_workers, mp_context):
+        def __init__(self, max_workers, mp_context, initializer=None):
             super().__init__(max_workers=1)
             self.started: list[Future] = []
 

@@ -249,7 +249,7 @@ def pair_volumes(results: Results, key_a: tuple[str, str], key_b: tuple[str, str
     matched = side_a.merge(side_b, on=SEED_PAIR_KEYS, suffixes=("_a", "_b"))
     shared_volumes = side_a[PAIR_KEYS].drop_duplicates().merge(side_b[PAIR_KEYS].drop_duplicates(), on=PAIR_KEYS)
     seeds: dict[tuple, dict[str, str]] = {}
-    notes: list[str] = []
+    notes: list[str] = _unpaired_notes(side_a, side_b, shared_volumes)
     for evaluation, volumes in shared_volumes.groupby(EVALUATION_KEYS, sort=True):
         train, test, setting = evaluation
         where = f"{eval_label(train, test)} setting {int(setting)}"
@@ -284,6 +284,32 @@ def pair_volumes(results: Results, key_a: tuple[str, str], key_b: tuple[str, str
                   seeds=("seed", lambda s: ",".join(str(v) for v in sorted({int(x) for x in s}))))
              .reset_index())
     return Pairing(pairs[columns], seeds, notes)
+
+
+def _unpaired_notes(side_a: pd.DataFrame, side_b: pd.DataFrame, shared: pd.DataFrame) -> list[str]:
+    """Notes on what only one side evaluated, left out of the pairs: whole evaluations, and
+    folds of a shared evaluation (a mean over fewer folds is not the row's table mean)."""
+    notes = []
+    evaluations = sorted({tuple(k) for frame in (side_a, side_b) for k in frame[EVALUATION_KEYS].itertuples(index=False)})
+    for evaluation in evaluations:
+        train, test, setting = evaluation
+        where = f"{eval_label(train, test)} setting {int(setting)}"
+        folds = {name: set(_on_evaluation(frame, evaluation)["fold"]) for name, frame in (("A", side_a), ("B", side_b))}
+        paired = set(_on_evaluation(shared, evaluation)["fold"])
+        if not paired:
+            alone = [name for name, own in folds.items() if own]
+            notes.append(f"{where}: only {alone[0]} evaluated it: not compared")
+            continue
+        left_out = [f"{name}'s fold{'s' if len(own - paired) > 1 else ''} {','.join(map(str, sorted(own - paired)))}"
+                    for name, own in folds.items() if own - paired]
+        if left_out:
+            notes.append(f"{where}: not paired, the other side did not evaluate them: {'; '.join(left_out)}")
+    return notes
+
+
+def _on_evaluation(frame: pd.DataFrame, evaluation: tuple) -> pd.DataFrame:
+    train, test, setting = evaluation
+    return frame[(frame["train_dataset"] == train) & (frame["dataset"] == test) & (frame["setting"] == setting)]
 
 
 def _sides(results: Results, a: str, b: str) -> tuple[tuple[str, str], tuple[str, str]]:
