@@ -15,15 +15,8 @@ import pytest
 
 from fsmis_bench.cli import main
 
-SMALL = [
-    "method=prototype", "dataset=phantom", "dataset.size=64", "dataset.n_slices=16",
-    "method.width=8", "method.feature_dim=16", "train.image_size=64", "train.batch_size=2",
-    "protocol.min_fg_pixels=20",
-]
-
-
-def _run_dirs(results: Path) -> list[Path]:
-    return sorted(p.parent for p in results.glob("**/run.json"))
+from tiny_runs import SMALL
+from tiny_runs import run_dirs as _run_dirs
 
 
 def test_run_writes_a_complete_record_and_is_not_recomputed(results_dir, capsys):

@@ -19,15 +19,8 @@ from torch.utils.data import DataLoader, Dataset
 from fsmis_bench.cli import main
 from fsmis_bench.training.loader import _leave_signals_to_the_main_process
 
-SMALL = [
-    "method=prototype", "dataset=phantom", "dataset.size=64", "dataset.n_slices=16",
-    "method.width=8", "method.feature_dim=16", "train.image_size=64", "train.batch_size=2",
-    "protocol.min_fg_pixels=20",
-]
-
-
-def _run_dirs(results: Path) -> list[Path]:
-    return sorted(p.parent for p in results.glob("**/run.json"))
+from tiny_runs import SMALL
+from tiny_runs import run_dirs as _run_dirs
 
 
 def _files(run_dir: Path) -> list[str]:
@@ -221,12 +214,16 @@ HISTORY = [{"at": "2026-11-01T00:00:00+00:00", "code": {"fsmis_bench_git": {"com
             "machine": {"processor": "earlier"}}]
 
 
-def test_a_damaged_run_json_keeps_the_history_it_still_holds(parts_written, capsys):
-    run_dir, _ = parts_written
+def _with_history(run_dir: Path) -> tuple[Path, dict, str]:
+    """The run's record, as a dict with :data:`HISTORY` and as the text write_json makes."""
     record = run_dir / "run.json"
     info = json.loads(record.read_text())
     info["resumed"] = HISTORY
-    text = json.dumps(info, indent=2) + "\n"
+    return record, info, json.dumps(info, indent=2) + "\n"
+
+
+def test_a_damaged_run_json_keeps_the_history_it_still_holds(parts_written, capsys):
+    record, info, text = _with_history(parts_written[0])
     record.write_text("x" + text[1:])  # a bad first byte: no JSON, every value still there
     capsys.readouterr()
     assert main(ARGV) == 0
@@ -239,11 +236,7 @@ def test_a_damaged_run_json_keeps_the_history_it_still_holds(parts_written, caps
 
 
 def test_a_run_json_cut_short_records_its_history_as_lost(parts_written, capsys):
-    run_dir, _ = parts_written
-    record = run_dir / "run.json"
-    info = json.loads(record.read_text())
-    info["resumed"] = HISTORY
-    text = json.dumps(info, indent=2) + "\n"
+    record, info, text = _with_history(parts_written[0])
     record.write_text(text[: text.index('"resumed"') + 30])  # cut inside the history
     capsys.readouterr()
     assert main(ARGV) == 0
@@ -254,7 +247,7 @@ def test_a_run_json_cut_short_records_its_history_as_lost(parts_written, capsys)
     assert set(this) == {"at", "code", "machine"}
     assert again["started_at"] == info["started_at"]  # written before the cut
     # the next resumption appends to the history as to any other
-    (run_dir / "COMPLETE").unlink()
+    (record.parent / "COMPLETE").unlink()
     assert main(ARGV) == 0
     assert len(json.loads(record.read_text())["resumed"]) == 3
 
