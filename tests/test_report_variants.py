@@ -282,3 +282,16 @@ def test_runs_of_two_releases_of_a_plugin_are_never_averaged_or_superseded(tmp_p
     _released_by(_run(own, 0, 0.8, _train(40)), "fsmis-bench", "0.1.0")
     _released_by(_run(own, 1, 0.8, _train(40)), "fsmis-bench", "0.2.0")
     assert set(load_results(own).runs["variant"]) == {""}
+
+
+def test_a_late_option_is_told_apart_as_it_acted(tmp_path: Path) -> None:
+    """SD-FSMIS's VTCT fallback for empty masks: a record made before the option existed ran
+    `soft`; a run leaving it null ran today's `soft_area` (under fidelity=paper). Two forms,
+    two rows, named by what they ran; never averaged as one configuration."""
+    earlier = {**_train(40), "fidelity": "paper", "method": {"name": "sdfsmis", "lr": 1e-5}}
+    today = {**_train(40), "fidelity": "paper", "method": {"name": "sdfsmis", "lr": 1e-5, "vtct_empty_mask": None}}
+    _run(tmp_path, 0, 0.4, earlier, method="sdfsmis", backbone="tiny")
+    _run(tmp_path, 1, 0.5, today, method="sdfsmis", backbone="tiny")
+    variants = load_results(tmp_path).runs.groupby("variant")["fold"].apply(sorted).to_dict()
+    named = {variant.rsplit(",", 1)[-1]: folds for variant, folds in variants.items()}
+    assert named == {"method.vtct_empty_mask=soft": [0], "method.vtct_empty_mask=soft_area": [1]}

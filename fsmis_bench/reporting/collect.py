@@ -225,11 +225,35 @@ def config_fingerprint(config: dict[str, Any] | None) -> tuple[str, dict[str, An
         found, value = _lookup(data, key)
         if found and value == default:
             records._drop(data, key)
+    _resolve_late_options(config, data)
     # a null option means "the method's default" (often resolved from `fidelity`), which is
     # also what a record made before the option existed ran with: both count as unset
     flat = {key: value for key, value in _flatten(data).items() if value is not None}
     digest = hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:8]
     return digest, flat
+
+
+def _resolve_late_options(config: dict[str, Any], data: dict[str, Any]) -> None:
+    """Put a method's late options (:attr:`fsmis_bench.method.Method.late_options`) into
+    ``data`` as they acted: a record made before an option existed ran with its earlier
+    value, a null one with what it resolves to (e.g. from ``fidelity``). Else a record of
+    the earlier form and a run of today's default would count as one configuration, and be
+    averaged into one row."""
+    from omegaconf import OmegaConf
+
+    method = config.get("method")
+    if not isinstance(method, dict) or not isinstance(data.get("method"), dict):
+        return
+    run_config = OmegaConf.create(config)
+    method_cls = records.method_class(run_config)
+    if method_cls is None or not method_cls.late_options:
+        return
+    try:
+        resolved = method_cls.late_option_values(run_config)
+    except Exception:  # noqa: BLE001 - a config of an older layout: left as it is
+        return
+    for name, earlier in method_cls.late_options.items():
+        data["method"][name] = resolved[name] if name in method else earlier
 
 
 @lru_cache(maxsize=None)
