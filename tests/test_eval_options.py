@@ -15,6 +15,8 @@ from fsmis_bench.cli import main
 from fsmis_bench.config import compose
 from fsmis_bench.records import config_hash, inference_options, training_hash
 
+from tiny_runs import run_dirs as _run_dirs
+
 # method: (its inference-only options with another value, a training option with another value);
 # a change of several overrides is written with spaces
 INFERENCE_TABLE = {
@@ -91,16 +93,17 @@ QNET = ["method=qnet", "dataset=phantom", "dataset.size=64", "dataset.n_slices=1
         "protocol.min_fg_pixels=20", "method.refine_iterations=1"]
 
 
-def _run_dirs(results: Path) -> list[Path]:
-    return sorted(p.parent for p in results.glob("**/run.json"))
+def _trained(argv: list[str], results_dir: Path, capsys) -> Path:
+    """The record folder of ``fsmis-bench run`` with ``argv``, the only run under ``results_dir``."""
+    assert main(["run", *argv]) == 0
+    capsys.readouterr()
+    (run_dir,) = _run_dirs(results_dir)
+    return run_dir
 
 
 @pytest.fixture
 def trained_qnet(results_dir: Path, capsys) -> Path:
-    assert main(["run", *QNET]) == 0
-    capsys.readouterr()
-    (run_dir,) = _run_dirs(results_dir)
-    return run_dir
+    return _trained(QNET, results_dir, capsys)
 
 
 def test_eval_with_another_test_time_option_reuses_the_weights(trained_qnet, results_dir, capsys):
@@ -151,10 +154,7 @@ SDFSMIS = ["method=sdfsmis", "backbone=tiny", "pretrained=false", "dataset=phant
 
 @pytest.fixture
 def trained_sdfsmis(results_dir: Path, capsys) -> Path:
-    assert main(["run", *SDFSMIS]) == 0
-    capsys.readouterr()
-    (run_dir,) = _run_dirs(results_dir)
-    return run_dir
+    return _trained(SDFSMIS, results_dir, capsys)
 
 
 def test_eval_of_a_checkpoint_compares_the_forms_its_null_options_took(trained_sdfsmis, capsys):
