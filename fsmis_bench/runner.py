@@ -929,6 +929,7 @@ def _execute(p: RunPlan, allow_training: bool, accelerator) -> Path:
                     runs=str(cfg.protocol.get("episode_runs", "reference")),
                 )
                 train(method, sampler, cfg, ckpt_dir, description=f"train {label}", accelerator=accelerator)
+                del sampler  # its index of every training scan; the next group builds its own
         if not accelerator.is_main_process:
             continue
         method.to(accelerator.device)

@@ -117,15 +117,51 @@ def normalise_volume(image: np.ndarray, mode: str) -> np.ndarray:
     Returns:
         ``(Z, H, W)`` float32.
     """
-    image = image.astype(np.float32, copy=False)
-    if mode == "zscore":
-        return (image - image.mean()) / max(float(image.std()), 1e-6)
-    if mode == "minmax":
-        lo, hi = float(image.min()), float(image.max())
-        return (image - lo) / max(hi - lo, 1e-6) * 2.0 - 1.0
-    if mode == "none":
-        return image
-    raise ValueError(f"unknown normalisation {mode!r}; use one of {', '.join(INPUT_NORMS)}")
+    return Normalisation.of(image, mode)(image)
+
+
+@dataclass(frozen=True)
+class Normalisation:
+    """A volume's normalisation (:func:`normalise_volume`) kept as its statistics, to apply to
+    any part of the volume.
+
+    ``Normalisation.of(image, mode)(image[z])`` is exactly ``normalise_volume(image, mode)[z]``:
+    the statistics are the whole volume's, and the rest is elementwise float32 arithmetic in
+    the same order. So the episode sampler normalises only the slices it draws, instead of
+    holding a normalised copy of every training scan beside the dataset's own (twice the
+    memory of a large CT folder), and EP1 only the slices it evaluates.
+
+    Attributes:
+        mode: one of :data:`INPUT_NORMS`.
+        offset: subtracted first (zscore: the mean, a float32 scalar; minmax: the minimum).
+        scale: divided by next (zscore: the standard deviation; minmax: the range; >= 1e-6).
+    """
+
+    mode: str
+    offset: float | np.floating = 0.0
+    scale: float = 1.0
+
+    @classmethod
+    def of(cls, image: np.ndarray, mode: str) -> Normalisation:
+        """The normalisation of the ``(Z, H, W)`` volume ``image``."""
+        if mode not in INPUT_NORMS:
+            raise ValueError(f"unknown normalisation {mode!r}; use one of {', '.join(INPUT_NORMS)}")
+        image = image.astype(np.float32, copy=False)
+        if mode == "zscore":
+            return cls(mode, image.mean(), max(float(image.std()), 1e-6))
+        if mode == "minmax":
+            lo, hi = float(image.min()), float(image.max())
+            return cls(mode, lo, max(hi - lo, 1e-6))
+        return cls(mode)
+
+    def __call__(self, part: np.ndarray) -> np.ndarray:
+        """``part`` (any shape, e.g. one ``(H, W)`` slice) normalised, float32."""
+        part = part.astype(np.float32, copy=False)
+        if self.mode == "zscore":
+            return (part - self.offset) / self.scale
+        if self.mode == "minmax":
+            return (part - self.offset) / self.scale * 2.0 - 1.0
+        return part
 
 
 class VolumeDataset(ABC):

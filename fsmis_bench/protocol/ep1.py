@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..data.base import VolumeDataset, normalise_volume
+from ..data.base import Normalisation, VolumeDataset
 from ..errors import ConfigError, DataError, DataWarning
 
 
@@ -136,8 +136,8 @@ def build_test_episodes(
                 DataWarning, 2,
             )
         chosen = labelled[support_positions(len(labelled), n_part)]
-        normalised = normalise_volume(volume.image, norm)
-        images.append(normalised[chosen])
+        # the whole volume's statistics, applied to the chosen slices only
+        images.append(Normalisation.of(volume.image, norm)(volume.image[chosen]))
         masks.append(organ_mask[chosen])
         indices.append(chosen)
     support = SupportSlices(
@@ -165,12 +165,11 @@ def build_test_episodes(
                 DataWarning, 2,
             )
             continue
-        normalised = normalise_volume(volume.image, norm)
         queries.append(
             QueryCase(
                 case_id=case_id,
                 slice_indices=kept,
-                images=normalised[kept],
+                images=Normalisation.of(volume.image, norm)(volume.image[kept]),
                 masks=organ_mask[kept],
                 edges=chunk_edges(len(kept), n_part),
             )

@@ -52,7 +52,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data.base import VolumeDataset, normalise_volume
+from ..data.base import Normalisation, VolumeDataset
 from ..errors import DataError
 from ..method import EpisodeBatch
 from ..protocol.settings import EvalGroup, excluded_slices
@@ -94,8 +94,10 @@ def reference_runs(showing: np.ndarray, dropped: np.ndarray) -> list[np.ndarray]
 
 @dataclass
 class _Case:
-    image: np.ndarray  # (Z, H, W) normalised
-    classes: np.ndarray  # (Z, H, W) class map (supervoxel ids or GT values)
+    # The scan's arrays are the dataset's own (not copies): a folder of large CTs is held once.
+    image: np.ndarray  # (Z, H, W) intensities as the dataset holds them
+    normalise: Normalisation  # the volume's normalisation, applied to each drawn slice
+    classes: np.ndarray  # (Z, H, W) map in which `classes[z] == c` is class c's mask, for every drawn c
     pairs: dict[int, np.ndarray]  # class -> (P,) z of pairs (z, z + 1) both containing it
     class_ids: np.ndarray  # every class of the scan's training labels, ascending
     slice_counts: dict[int, int]  # class -> number of kept slices showing it
@@ -163,13 +165,16 @@ class EpisodeSampler:
             dropped = excluded_slices(volume.label, values, group.exclusion)
             self.excluded_slice_count += int(dropped.sum())
             if train_labels == "supervoxels":
-                classes = volume.supervoxels
+                classes = masks_of = volume.supervoxels
             else:
                 keep = [dataset.label_map[o] for o in group.train_organs if o in dataset.label_map]
                 classes = np.where(np.isin(volume.label, keep), volume.label, 0)
+                # every class drawn is one of `keep`, whose masks the label map gives as they
+                # are: the sampler keeps the dataset's label, not a second map of the scan
+                masks_of = volume.label
             case = self._index(classes, dropped)
             if case is not None:
-                self.cases.append(_Case(normalise_volume(volume.image, norm), classes, **case))
+                self.cases.append(_Case(volume.image, Normalisation.of(volume.image, norm), masks_of, **case))
         #: same_slice: every slice of every scan, in scan order, as ``(case, z)``
         self.slice_table = [(case, z) for case in self.cases for z in range(case.image.shape[0])]
         if rule == "same_slice" and not any(len(c.slice_classes[z]) and not c.dropped[z] for c, z in self.slice_table):
@@ -269,7 +274,7 @@ class EpisodeSampler:
         draw = self._draw_reference if self.rule == "reference" else self._draw_uniform_pairs
         case, cls, z = draw()
         first, second = case.classes[z] == cls, case.classes[z + 1] == cls
-        slices = [self._fit(case.image[z], first), self._fit(case.image[z + 1], second)]
+        slices = [self._fit(case.normalise(case.image[at]), mask) for at, mask in ((z, first), (z + 1, second))]
         if self.rng.uniform() < 0.5:
             slices.reverse()
         if self.augmenter is not None and self.augmenter.form in CODE_FORMS:
@@ -314,7 +319,7 @@ class EpisodeSampler:
     def _sample_same_slice(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Two copies of one slice and class, each augmented on its own (SSL-ALPNet)."""
         case, cls, z = self._draw_same_slice()
-        copies = [self._fit(case.image[z], case.classes[z] == cls)] * 2  # augmentation makes new arrays
+        copies = [self._fit(case.normalise(case.image[z]), case.classes[z] == cls)] * 2  # augmentation makes new arrays
         if self.augmenter is not None:
             for side, (image, mask) in enumerate(copies):  # support first, as that code's buffer
                 image, mask = self.augmenter.geometric(image, mask, self.rng)
