@@ -109,6 +109,13 @@ class Method(nn.Module):
         method_cfg = cfg.get("method") or {}
         return {name: method_cfg.get(name, earlier) for name, earlier in cls.late_options.items()}
 
+    @classmethod
+    def option_values(cls, cfg: DictConfig) -> dict[str, Any]:
+        """``cfg.method``'s options as the method resolves the ``null`` (and missing) ones, e.g.
+        from ``cfg.fidelity``; default: none resolved. Reports name a run's settings by these
+        values, so that a ``null`` option and the value it stands for are one configuration."""
+        return {}
+
     def __init__(self, cfg: DictConfig) -> None:
         super().__init__()
         self.cfg = cfg

@@ -472,6 +472,13 @@ class SDFSMIS(Method):
             "vtct_empty_mask": opts.vtct_empty_mask if opts.vtct else "soft",
         }
 
+    @classmethod
+    def option_values(cls, cfg: DictConfig) -> dict[str, Any]:
+        """Every option :meth:`resolve_options` fills from ``fidelity`` or its own default
+        (``vtct_encoder``, which the backbone decides, stays unresolved)."""
+        options = asdict(cls.resolve_options(cfg.method, str(cfg.get("fidelity", "paper"))))
+        return {name: value for name, value in options.items() if value is not None}
+
     def __init__(self, cfg: DictConfig) -> None:
         super().__init__(cfg)
         self.fidelity = str(cfg.get("fidelity", "paper"))

@@ -295,3 +295,22 @@ def test_a_late_option_is_told_apart_as_it_acted(tmp_path: Path) -> None:
     variants = load_results(tmp_path).runs.groupby("variant")["fold"].apply(sorted).to_dict()
     named = {variant.rsplit(",", 1)[-1]: folds for variant, folds in variants.items()}
     assert named == {"method.vtct_empty_mask=soft": [0], "method.vtct_empty_mask=soft_area": [1]}
+
+
+def test_a_null_option_is_named_by_the_value_it_resolves_to(tmp_path: Path) -> None:
+    """SD-FSMIS's threshold is null by default and follows `fidelity` (`absolute` under the
+    paper reading). A run leaving it null and one asking for `absolute` ran alike: one row.
+    A run asking for `relative` is another row, and both are named by the values, not by
+    `default`."""
+    base = {**_train(40), "fidelity": "paper"}
+    left_null = {**base, "method": {"name": "sdfsmis", "lr": 1e-5, "threshold": None}}
+    explicit = {**base, "method": {"name": "sdfsmis", "lr": 1e-5, "threshold": "absolute"}}
+    relative = {**base, "method": {"name": "sdfsmis", "lr": 1e-5, "threshold": "relative"}}
+    _run(tmp_path, 0, 0.4, left_null, method="sdfsmis", backbone="tiny")
+    _run(tmp_path, 1, 0.4, explicit, method="sdfsmis", backbone="tiny")
+    _run(tmp_path, 2, 0.5, relative, method="sdfsmis", backbone="tiny")
+    variants = load_results(tmp_path).runs.groupby("variant")["fold"].apply(sorted).to_dict()
+    named = {",".join(variant.split(",")[-2:]): folds for variant, folds in variants.items()}
+    # the threshold's value follows the threshold (0 absolute, 0.25 relative): named too
+    assert named == {"method.threshold=absolute,method.threshold_value=0": [0, 1],
+                        "method.threshold=relative,method.threshold_value=0.25": [2]}

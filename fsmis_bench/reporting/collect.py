@@ -226,8 +226,9 @@ def config_fingerprint(config: dict[str, Any] | None) -> tuple[str, dict[str, An
         if found and value == default:
             records._drop(data, key)
     _resolve_late_options(config, data)
-    # a null option means "the method's default" (often resolved from `fidelity`), which is
-    # also what a record made before the option existed ran with: both count as unset
+    _resolve_null_options(config, data)
+    # a null option the method does not resolve means "the method's default", which is also
+    # what a record made before the option existed ran with: both count as unset
     flat = {key: value for key, value in _flatten(data).items() if value is not None}
     digest = hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:8]
     return digest, flat
@@ -254,6 +255,33 @@ def _resolve_late_options(config: dict[str, Any], data: dict[str, Any]) -> None:
         return
     for name, earlier in method_cls.late_options.items():
         data["method"][name] = resolved[name] if name in method else earlier
+
+
+def _resolve_null_options(config: dict[str, Any], data: dict[str, Any]) -> None:
+    """Put the method options that are ``null`` (or that a record made before them lacks) into
+    ``data`` as the method resolves them (:meth:`fsmis_bench.method.Method.option_values`,
+    e.g. SD-FSMIS's threshold from ``fidelity``): a run of ``method.threshold=null`` and one of
+    the value it stands for are one configuration, and a row is named by the value
+    (``method.threshold=absolute``), not by ``default``. Options left out of the fingerprint
+    and the late ones (:func:`_resolve_late_options`) are not touched."""
+    from omegaconf import OmegaConf
+
+    method = data.get("method")
+    if not isinstance(config.get("method"), dict) or not isinstance(method, dict):
+        return
+    run_config = OmegaConf.create(config)
+    method_cls = records.method_class(run_config)
+    if method_cls is None:
+        return
+    try:
+        resolved = method_cls.option_values(run_config)
+    except Exception:  # noqa: BLE001 - a config of an older layout: left as it is
+        return
+    kept_out = {key.split(".", 1)[1] for key in (*FINGERPRINT_LEFT_OUT, *records._HASHED_UNLESS_DEFAULT)
+                if key.startswith("method.")}
+    for name, value in resolved.items():
+        if name not in kept_out and name not in method_cls.late_options and method.get(name) is None:
+            method[name] = value
 
 
 @lru_cache(maxsize=None)
@@ -716,9 +744,9 @@ def _split_variants(runs: pd.DataFrame, column: str, tags_of) -> pd.DataFrame:
 def _absent_label(name: str) -> str:
     """The label of a setting a run's fingerprint lacks: a switch added after records existed
     is left out at its default (:func:`config_fingerprint`), which is what the run had; any
-    other option was null (the method's own default, e.g. SD-FSMIS's threshold following
-    ``fidelity``) or unknown to the record (made before the option existed: the default of
-    that time)."""
+    other option was null (the method's own default, where the method does not resolve it:
+    :meth:`~fsmis_bench.method.Method.option_values`) or unknown to the record (made before
+    the option existed: the default of that time)."""
     if name in records._HASHED_UNLESS_DEFAULT:
         return _label_value(records._HASHED_UNLESS_DEFAULT[name])
     return "default"
