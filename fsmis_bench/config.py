@@ -515,6 +515,19 @@ def _check_learning_rates(cfg: DictConfig) -> None:
                               hint=f"method.{key} is a learning rate: a finite number > 0, e.g. method.{key}=1e-4")
 
 
+def _check_predict_batch_size(cfg: DictConfig) -> None:
+    """``method.predict_batch_size`` (the base class's inference option, where a method
+    declares it) must be a whole number >= 1: 0 would stop a run after its training."""
+    node = cfg.get("method")
+    if not isinstance(node, DictConfig) or "predict_batch_size" not in node:
+        return
+    value = OmegaConf.select(cfg, "method.predict_batch_size", throw_on_resolution_failure=False)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"method.predict_batch_size={value!r} is not allowed",
+                          hint="method.predict_batch_size is how many query slices are predicted at once: "
+                          "a whole number >= 1, e.g. method.predict_batch_size=8")
+
+
 def searchpath_override() -> list[str]:
     """The ``hydra.searchpath`` override that adds the plugins' config dirs (empty if none)."""
     dirs = registries().config_dirs
@@ -786,6 +799,7 @@ def validate(cfg: DictConfig) -> None:
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0 or value == float("inf"):
             raise ConfigError(f"{key}={value!r} is not allowed", hint=f"{key} must be a finite number >= 0")
     _check_learning_rates(cfg)
+    _check_predict_batch_size(cfg)
     for key in _BOOLEANS:
         value = OmegaConf.select(cfg, key)
         if not isinstance(value, bool):

@@ -333,6 +333,10 @@ def test_method_name_cannot_be_overridden(capsys, results_dir):
      "declares method.vae_dtype as text"),
     (["method=sdfsmis", "backbone=tiny", "method.joint_pass=yes"],
      "declares method.joint_pass as auto, true or false"),
+    # 0 used to fail after training (ADNet's split) or read as 8 (SD-FSMIS's `or 8`)
+    (["method=adnet", "pretrained=false", "method.predict_batch_size=0"], "method.predict_batch_size=0 is not allowed"),
+    (["method=sdfsmis", "backbone=tiny", "method.predict_batch_size=0"], "method.predict_batch_size=0 is not allowed"),
+    (["method=qnet", "pretrained=false", "method.predict_batch_size=-2"], "method.predict_batch_size=-2 is not allowed"),
 ])
 def test_method_options_are_checked_before_anything_is_written(argv, message, capsys, results_dir):
     err = _fails(["run", *argv], capsys, message)
