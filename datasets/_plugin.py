@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from fsmis_bench.plugins import Display, hookimpl
+from typing import TYPE_CHECKING, Any
+
+from fsmis_bench.plugins import Display, Registry, hookimpl
+
+if TYPE_CHECKING:  # annotations only: the datasets are registered by name and imported when built
+    from fsmis_bench.data import VolumeDataset
 
 
 @hookimpl
-def fsmis_register_datasets(registry) -> None:
+def fsmis_register_datasets(registry: Registry[VolumeDataset]) -> None:
     registry.register("abd_mri", "fsmis_datasets.preprocessed:AbdominalMRI",
                       description="CHAOS T2-SPIR, 20 scans (CHAOST2/ layout)", display=Display(name="Abd-MRI"))
     registry.register("abd_ct", "fsmis_datasets.preprocessed:AbdominalCT",
@@ -23,7 +28,7 @@ def fsmis_register_datasets(registry) -> None:
 
 
 @hookimpl
-def fsmis_register_settings(registry) -> None:
+def fsmis_register_settings(registry: Registry[Any]) -> None:
     registry.register("1", None,
                       description="train on all non-fold scans; test organs may appear unlabelled")
     registry.register("2", None,

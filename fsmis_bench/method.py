@@ -185,6 +185,8 @@ class Method(nn.Module):
             (:func:`fsmis_bench.evaluation.check_prediction`) and stops the run with an error
             naming the method's plugin on anything else: float scores are not thresholded,
             a ``(1, H, W)`` mask is not broadcast, ``(Q, 1, H, W)`` is not squeezed.
+
+        Called in ``eval()`` mode under ``torch.no_grad()``.
         """
         raise NotImplementedError
 

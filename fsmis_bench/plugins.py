@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
@@ -35,6 +35,10 @@ from ._registry import (
     BUILTIN_DISTRIBUTION, Display, PluginError, Registry, _exception_text, closest, missing_config_key, remedy,
 )
 from .errors import DataWarning, FsmisError
+
+if TYPE_CHECKING:  # for annotations only: the registries name their base classes by string, loaded lazily
+    from .data.base import VolumeDataset
+    from .method import Method
 
 PROJECT = "fsmis_bench"
 ENTRY_POINT_GROUP = "fsmis_bench.plugins"
@@ -47,7 +51,7 @@ class HookSpecs:
     """The hooks a plugin may implement. Every hook is optional."""
 
     @hookspec
-    def fsmis_register_methods(self, registry: Registry) -> None:
+    def fsmis_register_methods(self, registry: Registry[Method]) -> None:
         """Register method classes (subclasses of :class:`fsmis_bench.method.Method`).
 
         ``registry.register(name, target, description=..., display=Display(...))``: the
@@ -56,7 +60,7 @@ class HookSpecs:
         """
 
     @hookspec
-    def fsmis_register_datasets(self, registry: Registry) -> None:
+    def fsmis_register_datasets(self, registry: Registry[VolumeDataset]) -> None:
         """Register dataset classes (subclasses of :class:`fsmis_bench.data.VolumeDataset`).
 
         The optional ``display=Display(name=..., organ_names={...})`` names the dataset and
@@ -64,11 +68,11 @@ class HookSpecs:
         """
 
     @hookspec
-    def fsmis_register_backbones(self, registry: Registry) -> None:
+    def fsmis_register_backbones(self, registry: Registry[Any]) -> None:
         """Register backbone names (config groups under ``backbone/``) with a description."""
 
     @hookspec
-    def fsmis_register_settings(self, registry: Registry) -> None:
+    def fsmis_register_settings(self, registry: Registry[Any]) -> None:
         """Register evaluation settings (``setting=`` values) with a description."""
 
     @hookspec
@@ -113,10 +117,11 @@ class PluginOrigin:
 class Registries:
     """Every registry, filled by all loaded plugins."""
 
-    methods: Registry
-    datasets: Registry
-    backbones: Registry
-    settings: Registry
+    methods: Registry[Method]
+    datasets: Registry[VolumeDataset]
+    #: backbones and settings register names (config groups) with a description, no class
+    backbones: Registry[Any]
+    settings: Registry[Any]
     config_dirs: list[Path]
     #: which plugin returned each of :attr:`config_dirs` (its hook's folders, in order)
     config_dir_plugins: dict[Path, PluginOrigin] = field(default_factory=dict)

@@ -24,7 +24,6 @@ import platform
 import subprocess
 import tempfile
 import zipfile
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -32,7 +31,6 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator, Literal
 
 import numpy as np
-import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from .errors import DataError, FsmisError, UnknownNameError
@@ -882,27 +880,3 @@ def load_predictions(run_dir: Path) -> dict[tuple[str, str], tuple[np.ndarray, n
 
 class DamagedPredictionsError(FsmisError):
     """A ``predictions.npz`` that is not one :func:`save_predictions` wrote (truncated, foreign)."""
-
-
-# -- reading records ----------------------------------------------------------------------
-@dataclass
-class RunRecord:
-    """A run directory as read back from disk."""
-
-    path: Path
-    info: dict[str, Any]
-
-    @property
-    def complete(self) -> bool:
-        return (self.path / COMPLETE).exists()
-
-    def cases(self) -> pd.DataFrame:
-        return pd.read_csv(self.path / "cases.csv", dtype={"case_id": str})
-
-
-def iter_runs(results_dir: Path, include_incomplete: bool = False) -> Iterator[RunRecord]:
-    """Every run under ``results_dir`` (finished ones only, by default)."""
-    for info_path in sorted(Path(results_dir).glob("**/run.json")):
-        record = RunRecord(info_path.parent, read_json(info_path))
-        if include_incomplete or record.complete:
-            yield record

@@ -7,11 +7,16 @@ tables use (``published_results.csv``); its colour comes from the fixed palette 
 
 from __future__ import annotations
 
-from fsmis_bench.plugins import Display, hookimpl
+from typing import TYPE_CHECKING, Any
+
+from fsmis_bench.plugins import Display, Registry, hookimpl
+
+if TYPE_CHECKING:  # annotations only: the methods are registered by name and imported when built
+    from fsmis_bench.method import Method
 
 
 @hookimpl
-def fsmis_register_methods(registry) -> None:
+def fsmis_register_methods(registry: Registry[Method]) -> None:
     registry.register(
         "support_copy",
         "fsmis_methods.support_copy:SupportCopy",
@@ -58,7 +63,7 @@ def fsmis_register_methods(registry) -> None:
 
 
 @hookimpl
-def fsmis_register_backbones(registry) -> None:
+def fsmis_register_backbones(registry: Registry[Any]) -> None:
     registry.register("none", None, description="no diffusion backbone")
     registry.register("tiny", None, description="tiny U-Net + TAESD + tiny encoder, for CPU", display=Display(name="tiny"))
     registry.register("sd15", None, description="Stable Diffusion 1.5 (paper default)", display=Display(name="SD-1.5"))

@@ -22,7 +22,6 @@ torchvision so that its checkpoints fit.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import re
 import socket
@@ -38,6 +37,7 @@ from fsmis_bench.errors import ConfigError, FsmisError
 from fsmis_bench.method import Method
 
 from ._pickle_safety import read_pickle
+from ._weight_digest import file_digest
 
 #: blocks per stage and block type of each supported depth.
 RESNET_LAYERS: dict[int, tuple[str, tuple[int, int, int, int]]] = {
@@ -229,20 +229,10 @@ class WeightFile:
         return {"source": self.path, "digest": f"sha256:{self.sha256}"}
 
 
-_DIGESTS: dict[tuple[str, int, int], str] = {}
-
-
 def file_sha256(path: Path) -> str:
-    """SHA-256 of a file (cached per path, size and mtime: runs build one method per group)."""
-    stat = path.stat()
-    key = (str(path), stat.st_size, stat.st_mtime_ns)
-    if key not in _DIGESTS:
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-        _DIGESTS[key] = digest.hexdigest()
-    return _DIGESTS[key]
+    """SHA-256 (hex) of a weight file, cached per path, size and mtime across processes like
+    the SD weights' (:func:`._weight_digest.file_digest`): runs build one method per group."""
+    return file_digest(path).split(":", 1)[1]
 
 
 def _host_answers(url: str, timeout: float = 1.5) -> bool:

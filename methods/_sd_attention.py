@@ -88,11 +88,6 @@ class AttentionBank:
             return tuple(t.expand(batch, -1, -1) for t in tensors)
         raise RuntimeError(f"support bank holds {stored_batch} episodes but the query batch is {batch}")
 
-    def detached(self) -> AttentionBank:
-        """A copy whose tensors are cut from the autograd graph (inference caches)."""
-        out = AttentionBank()
-        out.entries = {k: tuple(t.detach() for t in v) for k, v in self.entries.items()}
-        return out
 
 
 def bank_kwargs(bank: AttentionBank | None, mode: BankMode, shots: int = 1) -> dict:

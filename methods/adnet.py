@@ -234,7 +234,9 @@ class ADNet(ResNetEncoderMethod):
         return loss
 
     @torch.no_grad()
-    def predict(self, support_images, support_masks, query_images) -> torch.Tensor:
+    def predict(
+        self, support_images: torch.Tensor, support_masks: torch.Tensor, query_images: torch.Tensor
+    ) -> torch.Tensor:
         """Support ``(S, 1, H, W)`` encoded once; query slices ``(Q, 1, H, W)`` in batches."""
         prototype = self.support_prototype(self.encode(support_images)[None], support_masks[None])
         masks = []

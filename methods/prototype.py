@@ -120,7 +120,9 @@ class PrototypeNet(Method):
             loss = loss + self.align_weight * F.cross_entropy(back, batch.support_masks[:, 0, 0].long())
         return loss
 
-    def predict(self, support_images, support_masks, query_images) -> torch.Tensor:
+    def predict(
+        self, support_images: torch.Tensor, support_masks: torch.Tensor, query_images: torch.Tensor
+    ) -> torch.Tensor:
         """Support ``(S, 1, H, W)`` is shared by every query slice ``(Q, 1, H, W)``."""
         support_features = self.encoder(support_images)
         foreground = masked_average(support_features, support_masks).mean(0)

@@ -280,7 +280,9 @@ class QNet(ResNetEncoderMethod):
         return sum_of_nonempty(losses, foreground.sum((1, 2, 3)) > 0, b)
 
     @torch.no_grad()
-    def predict(self, support_images, support_masks, query_images) -> torch.Tensor:
+    def predict(
+        self, support_images: torch.Tensor, support_masks: torch.Tensor, query_images: torch.Tensor
+    ) -> torch.Tensor:
         """Support encoded once; each query slice gets its own ``T`` and, with
         ``refine_iterations > 0``, its own refined prototype per path."""
         o = self.options

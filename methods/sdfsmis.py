@@ -84,7 +84,6 @@ from ._sd_attention import (
     AttentionBank,
     bank_kwargs,
     install_support_attention,
-    support_attention_parameters,
 )
 from ._sd_components import (
     VTCT_PREPROCESSING,
@@ -633,10 +632,6 @@ class SDFSMIS(Method):
         support bank under their own layer name, so compiled whole each would specialise on
         it: one compilation per block and pass instead of one per shape."""
         return [m for m in self.modules() if type(m).__name__ in ("ResnetBlock2D", "FeedForward")]
-
-    def added_attention_parameters(self) -> list[nn.Parameter]:
-        """The SII layers (empty for ``kv_concat``)."""
-        return support_attention_parameters(self.unet)
 
     def components(self) -> dict[str, nn.Module]:
         parts: dict[str, nn.Module] = {"unet": self.unet, "vae": self.vae}

@@ -227,7 +227,9 @@ class SSLALPNet(ResNetEncoderMethod):
         return loss
 
     @torch.no_grad()
-    def predict(self, support_images, support_masks, query_images) -> torch.Tensor:
+    def predict(
+        self, support_images: torch.Tensor, support_masks: torch.Tensor, query_images: torch.Tensor
+    ) -> torch.Tensor:
         """Support ``(S, 1, H, W)`` -> prototypes once (test window); queries ``(Q, 1, H, W)`` in batches."""
         support = self.encoder(support_images)
         background, foreground = self.prototypes(support, self.to_grid(support_masks, tuple(support.shape[-2:])))

@@ -16,7 +16,9 @@ from fsmis_bench.method import Method
 class SupportCopy(Method):
     needs_training = False
 
-    def predict(self, support_images, support_masks, query_images) -> torch.Tensor:
+    def predict(
+        self, support_images: torch.Tensor, support_masks: torch.Tensor, query_images: torch.Tensor
+    ) -> torch.Tensor:
         """``(Q, H, W)``: the (first shot's) support mask for every query slice."""
         support_mask = support_masks[0, 0] > 0.5
         return support_mask.expand(query_images.shape[0], *support_mask.shape).clone()

@@ -8,7 +8,6 @@ import re
 import zlib
 from pathlib import Path
 
-import numpy as np
 import SimpleITK as sitk
 
 #: Marker in the names of half-written files; a crashed run leaves only these behind.
@@ -64,14 +63,6 @@ def remove_stale_partials(folder: Path) -> list[Path]:
         path.unlink(missing_ok=True)
         removed.append(path)
     return removed
-
-
-def array_to_image(array: np.ndarray, reference: sitk.Image | None) -> sitk.Image:
-    """``(Z, Y, X)`` array -> SimpleITK image with ``reference``'s geometry (if given)."""
-    image = sitk.GetImageFromArray(array)
-    if reference is not None:
-        image.CopyInformation(reference)
-    return image
 
 
 def gzip_problem(path: Path) -> str | None:

@@ -13,13 +13,15 @@ from pathlib import Path
 import torch
 
 from fsmis_bench.method import Method
-from fsmis_bench.plugins import Display, hookimpl
+from fsmis_bench.plugins import Display, Registry, hookimpl
 
 
 class IntensityWindow(Method):
     needs_training = False
 
-    def predict(self, support_images, support_masks, query_images) -> torch.Tensor:
+    def predict(
+        self, support_images: torch.Tensor, support_masks: torch.Tensor, query_images: torch.Tensor
+    ) -> torch.Tensor:
         foreground = support_images[support_masks > 0.5]
         low = torch.quantile(foreground, float(self.cfg.method.low))
         high = torch.quantile(foreground, float(self.cfg.method.high))
@@ -27,7 +29,7 @@ class IntensityWindow(Method):
 
 
 @hookimpl
-def fsmis_register_methods(registry) -> None:
+def fsmis_register_methods(registry: Registry[Method]) -> None:
     # `display` is optional: how report figures name and colour the method (and, for a
     # re-implementation of a published method, `published_names=("PANet",)` puts the
     # paper's number beside the measured one)
