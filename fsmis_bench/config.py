@@ -606,36 +606,7 @@ def compose(overrides: list[str] | None = None, *, resolve_datasets: bool = True
         raise ConfigError(f"cannot read {where}: {getattr(exc, 'problem', None) or exc}",
                           hint="fix the YAML syntax there (brackets, quotes, indentation)") from None
     except (HydraException, OmegaConfBaseException) as exc:
-        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-        unknown = re.match(r"Could not override '([^']+)'", lines[0]) if lines else None
-        if unknown:
-            raise _unknown_key(unknown.group(1), _base_keys(overrides + test_options, extra), added=False,
-                               overrides=overrides) from None
-        hint = _GENERIC_HINT
-        present = re.search(r"An item is already at '([^']+)'", lines[0]) if lines else None
-        if present:
-            hint = f"{present.group(1)} exists: set it without the '+'"
-        if any(line.startswith("Available options") for line in lines):
-            start = next(i for i, line in enumerate(lines) if line.startswith("Available options"))
-            options = [line for line in lines[start + 1:] if not line.startswith(("Config search path", "provider="))]
-            hint = f"{lines[start].rstrip(':')}: {', '.join(options)}"
-            missing = re.search(r"Could not find '(.+)/([^/']+)'", lines[0])
-            if missing:  # a config group (fidelity, memory, speed, hydra/launcher...): say it as the others do
-                group, name = missing.groups()
-                guess = closest(name, options)
-                raise ConfigError(f"unknown {group} {name!r}" + (f"; did you mean {guess!r}?" if guess else ""),
-                                  hint=f"{group} is one of: {', '.join(options)}") from None
-        interpolated = [o for o in overrides + test_options if "${" in o.partition("=")[2]]
-        if interpolated and "interpolation" in str(exc).lower() and hint == _GENERIC_HINT:
-            hint = (f"{interpolated[0]}: its ${{...}} names something that does not exist (an unset environment "
-                    "variable, a key that is not there); set it, or give the value itself")
-        odd = [o for o in overrides + test_options
-               if names_a_path(o) and not o.partition("=")[2].startswith(("'", '"')) and "${" not in o
-               and re.search(r"[^A-Za-z0-9_/.\-~+:@%]", o.partition("=")[2])]
-        if odd and hint == _GENERIC_HINT:  # "scans(1)", "scän": an unquoted path read as an expression
-            key, _, value = odd[0].partition("=")
-            hint = f"quote the path: \"{key}='{value}'\" (quotes inside the shell's own)"
-        raise ConfigError(f"invalid configuration: {lines[0]}", hint=hint) from None
+        raise _hydra_error(exc, overrides, test_options, extra) from None
     except ValueError as exc:  # after OmegaConf's own errors, which are ValueErrors too
         if "Config group override must be a string" not in str(exc):
             raise
@@ -653,6 +624,42 @@ def compose(overrides: list[str] | None = None, *, resolve_datasets: bool = True
     except OmegaConfBaseException as exc:  # a key read before validate() resolves the whole config
         raise _unresolvable(exc) from None
     return cfg
+
+
+def _hydra_error(exc: Exception, overrides: list[str], test_options: list[str], extra: list[str]) -> ConfigError:
+    """One clear error for what Hydra or OmegaConf raised while composing: an unknown key or
+    config group (with the closest name), a key added twice, an interpolation that names
+    nothing, an unquoted path read as an expression."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    unknown = re.match(r"Could not override '([^']+)'", lines[0]) if lines else None
+    if unknown:
+        return _unknown_key(unknown.group(1), _base_keys(overrides + test_options, extra), added=False,
+                            overrides=overrides)
+    hint = _GENERIC_HINT
+    present = re.search(r"An item is already at '([^']+)'", lines[0]) if lines else None
+    if present:
+        hint = f"{present.group(1)} exists: set it without the '+'"
+    if any(line.startswith("Available options") for line in lines):
+        start = next(i for i, line in enumerate(lines) if line.startswith("Available options"))
+        options = [line for line in lines[start + 1:] if not line.startswith(("Config search path", "provider="))]
+        hint = f"{lines[start].rstrip(':')}: {', '.join(options)}"
+        missing = re.search(r"Could not find '(.+)/([^/']+)'", lines[0])
+        if missing:  # a config group (fidelity, memory, speed, hydra/launcher...): say it as the others do
+            group, name = missing.groups()
+            guess = closest(name, options)
+            return ConfigError(f"unknown {group} {name!r}" + (f"; did you mean {guess!r}?" if guess else ""),
+                               hint=f"{group} is one of: {', '.join(options)}")
+    interpolated = [o for o in overrides + test_options if "${" in o.partition("=")[2]]
+    if interpolated and "interpolation" in str(exc).lower() and hint == _GENERIC_HINT:
+        hint = (f"{interpolated[0]}: its ${{...}} names something that does not exist (an unset environment "
+                "variable, a key that is not there); set it, or give the value itself")
+    odd = [o for o in overrides + test_options
+           if names_a_path(o) and not o.partition("=")[2].startswith(("'", '"')) and "${" not in o
+           and re.search(r"[^A-Za-z0-9_/.\-~+:@%]", o.partition("=")[2])]
+    if odd and hint == _GENERIC_HINT:  # "scans(1)", "scän": an unquoted path read as an expression
+        key, _, value = odd[0].partition("=")
+        hint = f"quote the path: \"{key}='{value}'\" (quotes inside the shell's own)"
+    return ConfigError(f"invalid configuration: {lines[0]}", hint=hint)
 
 
 def _refuse_added_or_deleted(overrides: list[str], extra: list[str]) -> None:
