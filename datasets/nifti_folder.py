@@ -483,6 +483,11 @@ class NiftiFolder(VolumeDataset):
         return Volume(case_id, pixels, label.array, supervoxels, image.spacing, image.affine, modality)
 
     @property
+    def leave_one_out(self) -> bool:
+        """``folds=loo``: every fold's support is the same scan, whatever ``protocol.supp_idx``."""
+        return self._folds == "loo"
+
+    @property
     def supervoxel_folder(self) -> Path | None:
         """Where the pseudo-labels are read from (None: none configured): ``auto``'s folder,
         or the one given (relative: beside the scans' folder)."""

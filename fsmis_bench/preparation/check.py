@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -332,7 +333,6 @@ def check_nifti_folder(
     for key, value in (("folds", folds), ("fold_ids", fold_ids), ("support", support), ("test_organs", test_organs)):
         if value is not None:
             options[key] = value
-    auto = supervoxels == "auto"
     options = dataset_cls.resolve_options(options, str(data_root) if data_root else None)
     dataset = dataset_cls(str(data_root) if data_root else None, **options)
     dataset.registered_name = "nifti_folder"
@@ -359,7 +359,7 @@ def check_nifti_folder(
     if n_shot is not None and n_shot < 1:
         raise ConfigError(f"protocol.n_shot={n_shot}: a run needs one support scan at least",
                           hint="protocol.n_shot=<1..fold size - 1>")
-    fixed = dataset.support is not None or dataset._folds == "loo"  # protocol.supp_idx then moves nothing
+    fixed = dataset.support is not None or dataset.leave_one_out  # protocol.supp_idx then moves nothing
     if given_supp_idx and fixed:
         report.warnings.append(f"--supp-idx {supp_idx} is not used: the support of every fold is "
                                + ("named with --support" if dataset.support is not None else "the first scan, with folds=loo"))
@@ -368,69 +368,10 @@ def check_nifti_folder(
         else report.warnings
     supports, unusable = _fold_supports(dataset, folds, supp_idx, n_shot or 1, given_supp_idx)
     asked.extend(unusable)
-    loaded = []
-    for case_id in ids:
-        row = CaseRow(case_id=case_id)
-        report.rows.append(row)
-        with _DataWarnings() as caught:
-            try:
-                volume = dataset.load(case_id, with_supervoxels=bool(supervoxels) and not auto)
-            except DataError as error:
-                row.problems.append(short(error.message))
-                volume = None
-        report.warnings.extend(f"case {case_id}: {short(str(w.message))}" for w in caught)
-        if volume is None:
-            report.problems.extend(f"case {case_id}: {p}" for p in row.problems)
-            continue
-        # what the checks across scans need; the voxels are let go (a folder of large CTs
-        # would otherwise stay in memory whole, 7.5 bytes per voxel)
-        loaded.append(_Summary(case_id, tuple(volume.spacing), volume.modality))
-        geometry = dataset.geometry[case_id]
-        row.shape = tuple(int(s) for s in volume.image.shape)
-        row.spacing = tuple(round(float(s), 3) for s in volume.spacing)
-        row.orientation = f"{''.join(geometry.source_axcodes)} -> {dataset.orientation}"
-        recipe = dataset.recipe_of(case_id)
-        row.modality = (f"as stored ({volume.modality}-like)" if recipe == "none"
-                        else f"{recipe} (auto)" if dataset.modality_option == "auto" else recipe)
-        row.labels = sorted(dataset.label_values(case_id))
-        row.missing_organs = [o for o in dataset.test_organs if dataset.label_map[o] not in set(row.labels)]
-        if auto:  # what a run with supervoxels=auto does with this scan's pseudo-labels
-            state = dataset.supervoxel_state(case_id)
-            row.supervoxels = {"missing": "to be made", "current": "ok", "stale": "to be remade",
-                               "foreign": "not auto's"}[state]
-            most = volume.image.size // dataset.n_supervoxels  # supervoxels hold n_supervoxels voxels at least
-            if most < dataset.few_supervoxels:
-                report.warnings.append(
-                    f"case {case_id}: {volume.image.size} voxels hold at most {most} supervoxels of "
-                    f"{dataset.n_supervoxels} voxels (--n-sv): self-supervised training would have almost nothing "
-                    f"to tell apart; a smaller size, e.g. --n-sv {max(1, volume.image.size // 50)}")
-            if state == "foreign":
-                row.problems.append(f"supervoxels in {short(str(dataset.supervoxel_folder))} were not made by "
-                                    "supervoxels=auto: a run refuses to overwrite them")
-                report.problems.extend(f"case {case_id}: {p}" for p in row.problems)
-        elif supervoxels:
-            row.supervoxels = "ok"
-        del volume
-        dataset.release(case_id)
+    loaded = [summary for case_id in ids
+              if (summary := _check_scan(dataset, case_id, report, short, supervoxels)) is not None]
     report.warnings.extend(_folder_warnings(dataset, loaded))
-    rows = {r.case_id: r for r in report.rows if r.shape}
-    lacking_supports: dict[tuple, list[int]] = {}  # (scan, shot, shots, organs lacking) -> folds
-    for fold, scans in supports.items():
-        for shot, scan in enumerate(scans):
-            lacking = tuple(o for o in dataset.test_organs if scan in rows and o in rows[scan].missing_organs)
-            if lacking:  # a warning: a folder that only trains a model draws no support from it
-                lacking_supports.setdefault((scan, shot, len(scans), lacking), []).append(fold)
-    for (scan, shot, shots, lacking), folds_of in lacking_supports.items():  # after the scans' own rows
-        where = ("named with support=" if dataset.support is not None
-                 else "the first scan, with folds=loo" if dataset._folds == "loo"
-                 else f"at position protocol.supp_idx={supp_idx}" + (f" + {shot}" if shot else ""))
-        these = f"fold{'s' if len(folds_of) > 1 else ''} {', '.join(map(str, folds_of))}"
-        asked.append(
-            f"scan {scan} is the support{f' (shot {shot + 1})' if shots > 1 else ''} of {these} ({where}) but shows "
-            f"no {', '.join(lacking)}: a run that evaluates {'one of these folds' if len(folds_of) > 1 else these} "
-            "of this folder stops before it trains; name another support scan with support=<id>" + (
-                "" if fixed else ", or move the support's position with protocol.supp_idx=<i>")
-        )
+    asked.extend(_lacking_supports(dataset, supports, report.rows, supp_idx, fixed))
     for organ in dataset.test_organs:
         if loaded and all(organ in r.missing_organs for r in report.rows if r.shape):
             values = sorted(set().union(*(set(r.labels) for r in report.rows if r.shape)))
@@ -439,6 +380,84 @@ def check_nifti_folder(
                 f"the label files hold the values {values or 'none'}",
             )
     return report
+
+
+def _check_scan(dataset, case_id: str, report: CheckReport, short: Callable[[str], str],
+                supervoxels: str | None) -> _Summary | None:
+    """Read one scan as a run reads it, add its row (and its problems and warnings) to
+    ``report``, and let its voxels go (a folder of large CTs would otherwise stay in memory
+    whole, 7.5 bytes per voxel). Returns what the checks across scans need, None when the
+    scan cannot be read."""
+    from ..errors import DataError
+
+    auto = supervoxels == "auto"
+    row = CaseRow(case_id=case_id)
+    report.rows.append(row)
+    with _DataWarnings() as caught:
+        try:
+            volume = dataset.load(case_id, with_supervoxels=bool(supervoxels) and not auto)
+        except DataError as error:
+            row.problems.append(short(error.message))
+            volume = None
+    report.warnings.extend(f"case {case_id}: {short(str(w.message))}" for w in caught)
+    if volume is None:
+        report.problems.extend(f"case {case_id}: {p}" for p in row.problems)
+        return None
+    summary = _Summary(case_id, tuple(volume.spacing), volume.modality)
+    geometry = dataset.geometry[case_id]
+    row.shape = tuple(int(s) for s in volume.image.shape)
+    row.spacing = tuple(round(float(s), 3) for s in volume.spacing)
+    row.orientation = f"{''.join(geometry.source_axcodes)} -> {dataset.orientation}"
+    recipe = dataset.recipe_of(case_id)
+    row.modality = (f"as stored ({volume.modality}-like)" if recipe == "none"
+                    else f"{recipe} (auto)" if dataset.modality_option == "auto" else recipe)
+    row.labels = sorted(dataset.label_values(case_id))
+    row.missing_organs = [o for o in dataset.test_organs if dataset.label_map[o] not in set(row.labels)]
+    if auto:  # what a run with supervoxels=auto does with this scan's pseudo-labels
+        state = dataset.supervoxel_state(case_id)
+        row.supervoxels = {"missing": "to be made", "current": "ok", "stale": "to be remade",
+                           "foreign": "not auto's"}[state]
+        most = volume.image.size // dataset.n_supervoxels  # supervoxels hold n_supervoxels voxels at least
+        if most < dataset.few_supervoxels:
+            report.warnings.append(
+                f"case {case_id}: {volume.image.size} voxels hold at most {most} supervoxels of "
+                f"{dataset.n_supervoxels} voxels (--n-sv): self-supervised training would have almost nothing "
+                f"to tell apart; a smaller size, e.g. --n-sv {max(1, volume.image.size // 50)}")
+        if state == "foreign":
+            row.problems.append(f"supervoxels in {short(str(dataset.supervoxel_folder))} were not made by "
+                                "supervoxels=auto: a run refuses to overwrite them")
+            report.problems.extend(f"case {case_id}: {p}" for p in row.problems)
+    elif supervoxels:
+        row.supervoxels = "ok"
+    del volume
+    dataset.release(case_id)
+    return summary
+
+
+def _lacking_supports(dataset, supports: dict[int, list[str]], rows: list[CaseRow], supp_idx: int,
+                      fixed: bool) -> list[str]:
+    """One line per support scan that lacks a test organ, with every fold it is drawn for
+    (a run of such a fold stops before it trains)."""
+    read = {r.case_id: r for r in rows if r.shape}
+    lacking_supports: dict[tuple, list[int]] = {}  # (scan, shot, shots, organs lacking) -> folds
+    for fold, scans in supports.items():
+        for shot, scan in enumerate(scans):
+            lacking = tuple(o for o in dataset.test_organs if scan in read and o in read[scan].missing_organs)
+            if lacking:
+                lacking_supports.setdefault((scan, shot, len(scans), lacking), []).append(fold)
+    lines = []
+    for (scan, shot, shots, lacking), folds_of in lacking_supports.items():
+        where = ("named with support=" if dataset.support is not None
+                 else "the first scan, with folds=loo" if dataset.leave_one_out
+                 else f"at position protocol.supp_idx={supp_idx}" + (f" + {shot}" if shot else ""))
+        these = f"fold{'s' if len(folds_of) > 1 else ''} {', '.join(map(str, folds_of))}"
+        lines.append(
+            f"scan {scan} is the support{f' (shot {shot + 1})' if shots > 1 else ''} of {these} ({where}) but shows "
+            f"no {', '.join(lacking)}: a run that evaluates {'one of these folds' if len(folds_of) > 1 else these} "
+            "of this folder stops before it trains; name another support scan with support=<id>" + (
+                "" if fixed else ", or move the support's position with protocol.supp_idx=<i>")
+        )
+    return lines
 
 
 @dataclass(frozen=True)
