@@ -216,6 +216,12 @@ def train(
 
     writer = CheckpointWriter(checkpoint_dir, background=_writes_in_background(tcfg, accelerator.device))
 
+    method.train()
+    began = time.time()
+    step = start
+    train_step = make_train_step(setup.options, method, optimizer, scheduler, accelerator,
+                                 grad_clip=float(tcfg.grad_clip), first_step=start)
+
     def save(step: int, seconds: float) -> None:
         # With several processes all are at this step boundary and send their RNG states.
         per_process = _gather_rng_states(accelerator)
@@ -235,11 +241,6 @@ def train(
         })
         _write_log(checkpoint_dir / "train_log.csv", log)
 
-    method.train()
-    began = time.time()
-    step = start
-    train_step = make_train_step(setup.options, method, optimizer, scheduler, accelerator,
-                                 grad_clip=float(tcfg.grad_clip), first_step=start)
     loader = EpisodeLoader(
         sampler, batch_size, start=start * accum, stop=steps * accum, device=accelerator.device,
         num_workers=resolve_num_workers(tcfg.get("num_workers", 0), accelerator.device.type == "cuda"),
