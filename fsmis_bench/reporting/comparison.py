@@ -10,10 +10,10 @@ published value of the same method (``published_results.csv``; the method's
 Which published row belongs to a run: same method name, training and test dataset and
 setting; the row for the run's backbone where the paper reports several (Table 4), else
 the paper's default configuration (Tables 1-3) where that is the run's backbone
-(:func:`~.collect.published_row_applies`); the lowest table number wins. Setting-2 rows
+(:func:`~.published.published_row_applies`); the lowest table number wins. Setting-2 rows
 carry a ``caveat``: the published numbers used the legacy exclusion (PROTOCOL.md §4); so do
 rows with random weights, non-standard options (a reduced budget) or missing folds, the
-things the figure's footnotes mark (:func:`~.collect.comparison_caveat`).
+things the figure's footnotes mark (:func:`~.published.comparison_caveat`).
 """
 
 from __future__ import annotations
@@ -25,18 +25,9 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from .collect import (
-    LEGACY_EXCLUSION_NOTE,
-    N_FOLDS,
-    PUBLISHED_CITATION,
     Results,
-    EXCLUSION_CAVEAT,
-    comparison_caveat,
-    PRINTED_MEAN_NOTE,
-    printed_mean_note,
     expected_folds,
-    load_published,
     organ_sort_key,
-    published_row_applies,
     run_backbones,
     run_flags,
 )
@@ -56,6 +47,17 @@ from .figures import (
     layout,
     make_series,
 )
+from .published import (
+    EXCLUSION_CAVEAT,
+    LEGACY_EXCLUSION_NOTE,
+    PRINTED_MEAN_NOTE,
+    PUBLISHED_CITATION,
+    comparison_caveat,
+    load_published,
+    printed_mean_note,
+    published_row_applies,
+)
+from .rows import N_FOLDS
 from .style import Footnotes, method_display, method_style, paper_style
 
 #: the footnote of a setting-2 panel: its diamonds were made with the legacy exclusion
@@ -163,7 +165,7 @@ def comparison_frame(results: Results) -> pd.DataFrame:
 
 
 def _caveat(flags: pd.DataFrame, method: str, variant: str, setting: int, n_folds: int, of_folds: int = N_FOLDS) -> str:
-    """:func:`~.collect.comparison_caveat` of one measured value, from its runs' flags
+    """:func:`~.published.comparison_caveat` of one measured value, from its runs' flags
     (:func:`~.collect.run_flags`, indexed by method and variant); ``of_folds``: the folds of
     the dataset evaluated."""
     if (method, variant) not in flags.index:

@@ -33,18 +33,16 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from .collect import (  # noqa: E402
-    EXCLUSION_ALL_NOTE,
-    N_FOLDS,
     Results,
     dataset_sort_key,
     expected_folds,
-    only_legacy_exclusion,
     uneven_seed_rows,
     organ_sort_key,
     per_case_scores,
-    random_weights_note,
     run_flags,
 )
+from .published import EXCLUSION_ALL_NOTE, only_legacy_exclusion  # noqa: E402
+from .rows import N_FOLDS, random_weights_note  # noqa: E402
 from .style import (  # noqa: E402
     DOUBLE_COLUMN_IN,
     FONT_PT,

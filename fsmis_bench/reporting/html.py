@@ -11,7 +11,8 @@ from pathlib import Path
 import pandas as pd
 
 from .. import __version__
-from .collect import PUBLISHED_CITATION, Results
+from .collect import Results
+from .published import PUBLISHED_CITATION
 from .tables import Table, frame_to_html
 
 _CSS = """

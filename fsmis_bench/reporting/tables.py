@@ -12,7 +12,7 @@ never look like the winner, and a column with fewer than two competing values ha
 Measured rows are named as the figures and the bootstrap intervals name them
 (:func:`~.style.method_label`: ``SD-FSMIS (SII+QE) [tiny]``, ``--rename`` applied), so one
 report calls a method one thing everywhere; the CSV adds the ``key`` that the
-machine-readable files and ``--compare`` use (:func:`~.collect.row_label`:
+machine-readable files and ``--compare`` use (:func:`~.rows.row_label`:
 ``sdfsmis_qe [tiny,random_weights]``).
 """
 
@@ -27,32 +27,32 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from .collect import (
-    EXCLUSION_ALL_NOTE,
-    LEGACY_EXCLUSION_NOTE,
-    N_FOLDS,
-    PUBLISHED_CITATION,
     Results,
     absent_text,
     absent_volumes,
-    comparison_caveat,
-    printed_mean_note,
     expected_folds,
-    only_legacy_exclusion,
     uneven_seed_rows,
     dataset_sort_key,
     eval_label,
-    exclusion_caveat,
-    load_published,
     organ_label,
     organ_sort_key,
-    published_backbone,
-    published_name,
-    published_row_applies,
-    random_weights_note,
-    row_label,
     run_backbones,
     run_flags,
 )
+from .published import (
+    EXCLUSION_ALL_NOTE,
+    LEGACY_EXCLUSION_NOTE,
+    PUBLISHED_CITATION,
+    comparison_caveat,
+    exclusion_caveat,
+    load_published,
+    only_legacy_exclusion,
+    printed_mean_note,
+    published_backbone,
+    published_name,
+    published_row_applies,
+)
+from .rows import N_FOLDS, random_weights_note, row_label
 from .style import method_display, method_label, method_style
 
 #: SD-FSMIS ablation methods -> which of (SII, QE, VTCT) they contain (paper Table 3)
@@ -121,7 +121,7 @@ class Row:
         method: the method's name (run records' name for measured rows, the published name
             for published rows).
         random_reasons: why a random-weights row has random weights
-            (:func:`~.collect.random_weights_reason`), for the legend.
+            (:func:`~.rows.random_weights_reason`), for the legend.
         backbone: measured rows: the runs' backbone (``sd15``); published rows: the CSV's
             backbone text, empty for the paper's default configuration.
         options: measured rows: their non-standard options, ``;``-joined.
@@ -545,8 +545,8 @@ def _ordered_groups(groups: dict[Hashable, set[str]]) -> list[tuple[Hashable, st
 
 def _by_setting(rows: list[Row]) -> list[Row]:
     """Per setting: published rows first (paper order), each directly followed by the
-    measured rows of the same method (:func:`~.collect.published_name`) and configuration
-    (:func:`~.collect.published_row_applies`), then the other measured rows."""
+    measured rows of the same method (:func:`~.published.published_name`) and configuration
+    (:func:`~.published.published_row_applies`), then the other measured rows."""
     ordered = sorted(rows, key=lambda r: (r.rank_group, r.source != "published"))
     out: list[Row] = []
     placed: set[int] = set()
@@ -572,11 +572,11 @@ def published_gap(table: Table) -> pd.DataFrame:
     measured method and variant, its published name, the evaluation, the two means (Dice %),
     ``gap`` = measured - published, the measured row's markers (a marked row is not a
     like-for-like comparison: random weights, reduced budget, missing folds...) and a
-    ``caveat`` saying why in words (:func:`~.collect.comparison_caveat`: the method's own
+    ``caveat`` saying why in words (:func:`~.published.comparison_caveat`: the method's own
     caveat, random weights, non-standard options, setting 2's
-    :data:`~.collect.LEGACY_EXCLUSION_NOTE`).
+    :data:`~.published.LEGACY_EXCLUSION_NOTE`).
     A run on another backbone than the published row's has no counterpart here
-    (:func:`~.collect.published_row_applies`).
+    (:func:`~.published.published_row_applies`).
     """
     columns = ["method", "published_as", "evaluation", "setting", "measured_mean", "published_mean", "gap", "markers",
                "caveat"]
