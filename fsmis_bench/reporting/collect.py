@@ -36,7 +36,7 @@ import pandas as pd
 from .. import records
 from ..data.base import ORGANS
 from ..errors import FsmisError
-from ..records import data_identity_hash
+from ..records import CASE_COLUMNS, data_identity_hash
 # the names that moved to .published and .rows are imported here, private ones included, so
 # that ``collect.<name>`` keeps working for code written before the split
 from .published import (  # noqa: F401 - re-exported
@@ -99,15 +99,6 @@ ORGAN_ORDER: tuple[str, ...] = ORGANS
 #: dataset order in tables
 DATASET_ORDER: tuple[str, ...] = ("abd_mri", "abd_ct", "card_mri", "nifti_folder", "phantom")
 
-#: the columns that identify one table row of measured results (besides setting/datasets)
-ROW_KEY = ("method", "variant")
-#: the columns that identify one evaluation (a column group of a table)
-EVAL_KEY = ("train_dataset", "dataset", "setting")
-
-CASE_COLUMNS = (
-    "method", "dataset", "train_dataset", "setting", "fold", "seed",
-    "organ", "case_id", "dice", "tp", "fp", "fn",
-)
 
 
 def organ_sort_key(organ: str) -> tuple[int, str]:

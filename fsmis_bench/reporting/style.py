@@ -261,8 +261,6 @@ def eval_display(train_dataset: str, dataset: str) -> str:
     return f"{dataset_display(train_dataset)} → {dataset_display(dataset)}"
 
 
-#: variant tokens that are the paper's configuration (:func:`is_standard_variant`)
-STANDARD_TOKENS = frozenset({"sd15"})
 #: variant tokens that become footnotes instead of text
 NOTE_TOKENS = frozenset({"random_weights"})
 
@@ -289,10 +287,6 @@ def method_label(method: str, variant: str = "") -> str:
     shown = variant_display(variant)
     name = method_display(method)
     return f"{name} [{shown}]" if shown else name
-
-
-def is_standard_variant(variant: str) -> bool:
-    return all(token in STANDARD_TOKENS for token in variant_tokens(variant))
 
 
 # -- colours --------------------------------------------------------------------------

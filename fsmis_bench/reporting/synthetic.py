@@ -18,11 +18,7 @@ import numpy as np
 import pandas as pd
 
 from ..data.base import Volume
-from ..records import save_predictions
-
-#: cases.csv column order of the engine
-CASES_HEADER = ["method", "dataset", "train_dataset", "setting", "fold", "seed", "organ",
-                "case_id", "dice", "tp", "fp", "fn"]
+from ..records import CASE_COLUMNS, save_predictions  # cases.csv's columns, as the engine writes them
 
 
 def write_run(
@@ -94,7 +90,7 @@ def write_run(
         denominator = 2 * tp + fp + fn
         rows.append([method, dataset, train_dataset, setting, fold, seed, organ, str(case_id),
                      2 * tp / denominator if denominator else 1.0, tp, fp, fn])
-    pd.DataFrame(rows, columns=CASES_HEADER).to_csv(run_dir / "cases.csv", index=False)
+    pd.DataFrame(rows, columns=CASE_COLUMNS).to_csv(run_dir / "cases.csv", index=False)
     if train_log is not None:
         train_log.to_csv(run_dir / "train_log.csv", index=False)
     if predictions is not None:
