@@ -89,6 +89,25 @@ def test_variants_of_a_method_have_different_hatches(variants, name: str) -> Non
     plt.close(fig)
 
 
+def test_many_variants_of_a_method_are_all_drawn_apart(tmp_path: Path) -> None:
+    """A sweep over the support position gives one method ten variants: the seventh used to
+    wrap round to the plain pattern, so a non-standard row looked like the standard one."""
+    root = tmp_path / "results"
+    _write(root, "support_copy", 0, 0.5)
+    for k in range(10):
+        _write(root, "support_copy", 0, 0.4 + k / 100, non_standard=[f"supp_idx={k}"])
+    fig = figures.organ_dice_figure(load_results(root))
+    legend = {label: handle for label, handle in _legend(fig).items() if label.startswith("Support copy")}
+    assert len(legend) == 11
+    hatches = [handle.get_hatch() or "" for handle in legend.values()]
+    assert len(set(hatches)) == 11 and hatches.count("") == 1
+    assert not legend["Support copy"].get_hatch()  # the standard row alone is plain
+    plt.close(fig)
+    patterns = [figures.variant_pattern(index) for index in range(37)]
+    assert len({pattern[0] for pattern in patterns[:22]}) == 22  # hatches: plain, 6 single, 15 pairs
+    assert len({(pattern[1], str(pattern[2])) for pattern in patterns}) == 37  # markers with line styles
+
+
 def test_variants_of_a_method_have_different_point_markers(variants) -> None:
     fig = figures.volume_distribution_figure(variants)
     legend = _legend(fig)

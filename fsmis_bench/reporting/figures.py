@@ -89,6 +89,25 @@ NOTE_LEGACY_EXCLUSION = EXCLUSION_ALL_NOTE + " (but not with standard runs)"
 VARIANT_HATCHES = ("", "////", "\\\\\\\\", "xxxx", "....", "++++", "oooo")
 VARIANT_MARKERS = ("o", "s", "D", "v", "P", "X", "h")
 VARIANT_LINESTYLES = ("-", "--", "-.", ":", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 2)), (0, (8, 2)))
+#: the hatches of pattern 1, 2, ...: each single one, then each two of them overlaid
+_PATTERN_HATCHES = VARIANT_HATCHES[1:] + tuple(
+    first + second for i, first in enumerate(VARIANT_HATCHES[1:]) for second in VARIANT_HATCHES[i + 2:])
+
+
+def variant_pattern(index: int) -> tuple[str, str, str | tuple]:
+    """(hatch, marker, line style) of pattern ``index`` (:func:`pattern_indices`).
+
+    0 is plain; no other index is. Patterns 1-21 have hatches of their own (the 6 single
+    ones, then the 15 overlaid pairs) and 1-36 (marker, line style) pairs of their own, so
+    a method with many variants (a sweep over ``protocol.supp_idx``) never draws two of them
+    alike, nor a marked one like the plain, standard one.
+    """
+    if index == 0:
+        return VARIANT_HATCHES[0], VARIANT_MARKERS[0], VARIANT_LINESTYLES[0]
+    step = index - 1
+    others = len(VARIANT_MARKERS) - 1
+    return (_PATTERN_HATCHES[step % len(_PATTERN_HATCHES)], VARIANT_MARKERS[1 + step % others],
+            VARIANT_LINESTYLES[1 + (step // others + step) % others])
 
 
 def note_incomplete(details: Sequence[str]) -> str:
@@ -113,8 +132,7 @@ class Series:
     Attributes:
         label: display name with footnote marks.
         colour: :func:`~.style.method_colour` (a function of the method's name only).
-        hatch, marker, linestyle: the pattern of index ``pattern`` (:data:`VARIANT_HATCHES`
-            etc.).
+        hatch, marker, linestyle: the pattern of index ``pattern`` (:func:`variant_pattern`).
         pattern: :func:`pattern_indices` (0: drawn plain).
         hollow: not like-for-like with the paper (random weights or a non-standard option):
             its points are drawn hollow.
@@ -250,9 +268,8 @@ def make_series(results: Results, keys: Iterable[tuple[str, str]], notes: Footno
                            else NOTE_NON_STANDARD)
         label = notes.mark(label_of((method, variant)), own)
         index = patterns[(method, variant)]
-        series.append(Series(method, variant, label, method_colour(method),
-                             VARIANT_HATCHES[index % len(VARIANT_HATCHES)], VARIANT_MARKERS[index % len(VARIANT_MARKERS)],
-                             VARIANT_LINESTYLES[index % len(VARIANT_LINESTYLES)], index, (method, variant) in marked))
+        series.append(Series(method, variant, label, method_colour(method), *variant_pattern(index), index,
+                             (method, variant) in marked))
     return series
 
 
