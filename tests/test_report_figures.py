@@ -120,6 +120,19 @@ def test_default_slice_is_largest_area_of_first_query_case(results_root: Path) -
         assert areas[choice.z] == areas.max()
 
 
+def test_default_slice_is_of_a_case_every_row_evaluated(tmp_path: Path) -> None:
+    """A row run with protocol.supp_idx=0 has case "1" (fold 0's first) as its support and
+    no prediction for it: the default case is the first one both rows evaluated."""
+    fold = DATASET.fold_cases(0)
+    for supp_idx, non_standard in ((2, ()), (0, ("supp_idx=0",))):
+        queries = [case for i, case in enumerate(fold) if i != supp_idx]
+        write_run(tmp_path, "support_copy", "abd_mri", 1, 0, 0,
+                  [(organ, case, *counts_for_dice(0.5)) for organ in ("liver", "spleen") for case in queries],
+                  non_standard=non_standard)
+    chosen = choose_slices(load_results(tmp_path), "abd_mri", 1, DATASET)
+    assert {choice.case_id for choice in chosen} == {fold[1]}
+
+
 def test_parse_slices() -> None:
     assert parse_slices("liver:1:4, abd_mri:spleen:3:5") == [(None, "liver", "1", 4), ("abd_mri", "spleen", "3", 5)]
     assert parse_slices(None) == []

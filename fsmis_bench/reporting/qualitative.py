@@ -20,8 +20,8 @@ wrapped to the room they have, so no two texts overlap whatever the names.
 - Ground truth: sky-blue contour; prediction: orange (a colourblind-safe pair).
 
 Slices are chosen reproducibly: per organ, the kept query slice with the largest
-ground-truth area in the first query case (in fold order) of the first fold, or named by
-the user as ``[dataset:]organ:case_id:z``; a named slice outside its volume is refused
+ground-truth area in the first query case (in fold order) of the first fold that every
+row evaluated (rows with another support scan lack their support), or named by the user as ``[dataset:]organ:case_id:z``; a named slice outside its volume is refused
 (:class:`SliceOutsideVolume`), as a named case that no run evaluated is.
 """
 
@@ -349,7 +349,8 @@ def choose_slices(
     Named slices apply where this evaluation's runs evaluated their organ and case (and, for
     a slice that names a dataset, only to that test dataset): a slice without a dataset
     never puts a liver column on a cardiac figure. Without a named slice that applies, the
-    default: per organ the largest ground-truth slice of the first fold's first query case.
+    default: per organ the largest ground-truth slice of the first fold's first query case
+    that every row evaluated (else its first query case).
     """
     cases = results.cases
     cases = cases[(cases["dataset"] == dataset) & (cases["train_dataset"] == (train_dataset or dataset))
@@ -368,9 +369,15 @@ def choose_slices(
     for organ in sorted(cases["organ"].unique(), key=organ_sort_key):
         if organ not in label_map:
             continue
-        order = _fold_order(dataset_obj, first_fold, list(cases.loc[cases["organ"] == organ, "case_id"]))
+        of_organ = cases[cases["organ"] == organ]
+        order = _fold_order(dataset_obj, first_fold, list(of_organ["case_id"]))
         if not order:
             continue
+        # a case every row evaluated, where there is one: a row with another support scan
+        # (protocol.supp_idx) has no prediction for its own support
+        rows = of_organ.groupby(["method", "variant"], sort=False)["case_id"].agg(set)
+        everyones = [case for case in order if all(case in evaluated_by for evaluated_by in rows)]
+        order = everyones or order
         volume = dataset_obj.load(order[0])
         area = (np.asarray(volume.label) == label_map[organ]).sum(axis=(1, 2))
         if area.max() == 0:
@@ -706,7 +713,7 @@ def qualitative_caption(results: Results, name: str, zoom: bool = False,
     """
     train, dataset, setting = _evaluations(_with_predictions(results))[name]
     return (f"Qualitative results, {eval_display(train, dataset)}, setting {setting}: per organ, the query slice "
-            "with the largest ground-truth area in the first query case of the first fold. "
+            "with the largest ground-truth area in the first query case of the first fold that every row evaluated. "
             + orientation_sentence(orientations)
             + " Ground truth: sky-blue contour (dashed under the predictions); prediction: orange contour"
             + ("; every column cropped around its organ." if zoom else ".")
