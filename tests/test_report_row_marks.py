@@ -124,6 +124,22 @@ def test_a_row_whose_folds_used_different_thread_counts_is_noted(tmp_path: Path)
     assert len(load_results(tmp_path).runs) == 4  # one row: nothing split, nothing dropped
 
 
+def test_a_row_whose_folds_ran_different_code_of_the_method_is_noted(tmp_path: Path) -> None:
+    """A run is kept when its method's code changes, so a row can mix folds run before and
+    after an edit: said with the folds of each version; records that do not say are left out."""
+    for fold, code in ((0, "a" * 64), (1, "a" * 64), (2, "b" * 64), (3, None)):
+        run_dir = write_run(tmp_path, "prototype", "abd_mri", 1, fold, 0, _cases(0.5, fold))
+        if code:
+            info = json.loads((run_dir / "run.json").read_text())
+            info["code"] = {"method_code_sha256": code}
+            (run_dir / "run.json").write_text(json.dumps(info))
+    results = load_results(tmp_path)
+    (note,) = [n for n in results.notes if "different code of the method" in n]
+    assert note.startswith("prototype, Abd-MRI setting 1: its runs ran different code of the method "
+                           "(folds 0,1: method code aaaaaaaa; fold 2: method code bbbbbbbb;")
+    assert len(results.runs) == 4 and set(results.runs["method_code"]) == {"aaaaaaaa", "bbbbbbbb", ""}
+
+
 # -- exclusion=all is the published setting-2 rule ---------------------------------
 
 @pytest.fixture(scope="module")

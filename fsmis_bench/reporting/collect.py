@@ -288,6 +288,7 @@ def load_results(results_dir: str | Path) -> Results:
     runs, superseded = _drop_superseded(runs, mean_dice)
     notes.extend(superseded)
     notes.extend(mixed_thread_notes(runs))
+    notes.extend(mixed_code_notes(runs))
     kept = set(runs["run_dir"])
     if case_frames:
         cases = pd.concat(case_frames, ignore_index=True)
@@ -326,7 +327,7 @@ RUN_COLUMNS = [
     "run_dir", "method", "train_dataset", "dataset", "setting", "fold", "seed", "backbone",
     "pretrained", "random_weights", "random_reason", "fidelity", "dice_mode", "steps", "non_standard",
     "variant", "config_hash", "config_id", "finished_at", "data_id", "weights_id", "code_id",
-    "dataset_folds", "cpu_threads",
+    "dataset_folds", "cpu_threads", "method_code",
 ]
 
 
@@ -413,6 +414,7 @@ def _read_run(run_dir: Path) -> tuple[dict, pd.DataFrame, dict[str, Any]]:
         "code_id": plugin_release(meta),
         "dataset_folds": dataset_fold_count(meta),
         "cpu_threads": cpu_thread_count(meta),
+        "method_code": method_code_id(meta),
     }
     cases = cases.copy()
     for column in ("tp", "fp", "fn"):
@@ -557,6 +559,40 @@ def mixed_thread_notes(runs: pd.DataFrame) -> list[str]:
         notes.append(f"{row_label(method, variant)}, {eval_label(train, dataset)} setting {setting}: its runs were "
                      f"computed with different CPU thread counts ({_folds_text(per_fold, str)}); averaged in one row, "
                      "since the thread count changes only a CPU run's last digits, not what it computes")
+    return notes
+
+
+def method_code_id(meta: dict[str, Any]) -> str:
+    """The first 8 hex digits of the SHA-256 of the method's code a record ran (``run.json``
+    ``code.method_code_sha256``: its file and the modules of its package it imports); ``""``
+    for records that do not say."""
+    code = meta.get("code")
+    digest = code.get("method_code_sha256") if isinstance(code, dict) else None
+    return str(digest)[:8] if digest else ""
+
+
+def mixed_code_notes(runs: pd.DataFrame) -> list[str]:
+    """A note per table row whose folds ran different code of their method.
+
+    A run is identified by its configuration and inputs, not by its code (a finished run is
+    kept when the code changes), so a row can average folds computed before and after an
+    edit of the method. Such a row is not split (most edits change no number), but said, with
+    the folds of each version; records that do not name their code are left out.
+    """
+    if runs.empty or "method_code" not in runs:
+        return []
+    notes = []
+    for (method, variant, train, dataset, setting), group in runs.groupby(EVAL_ROW_KEY, sort=True):
+        known = group[group["method_code"] != ""]
+        if known["method_code"].nunique() < 2:
+            continue
+        per_fold = {int(fold): " and ".join(sorted(set(of_fold["method_code"])))
+                    for fold, of_fold in known.groupby("fold")}
+        notes.append(f"{row_label(method, variant)}, {eval_label(train, dataset)} setting {setting}: its runs ran "
+                     f"different code of the method ({_folds_text(per_fold, lambda c: f'method code {c}')}; "
+                     "run.json code.method_code_sha256); averaged in one row, since a run is identified by its "
+                     "configuration and inputs: rerun the older folds (remove their run folders first) if the "
+                     "change could move a number")
     return notes
 
 
@@ -799,7 +835,7 @@ __all__ = [
     "organ_sort_key", "dataset_sort_key", "organ_label", "dataset_label", "eval_label",
     "published_backbone", "published_name", "published_row_applies", "exclusion_caveat", "comparison_caveat", "printed_mean_note", "PRINTED_MEAN_NOTE", "run_backbones", "LEGACY_EXCLUSION_NOTE", "config_fingerprint", "published_deviations", "FOLD_CSV_COLUMNS",
     "RUN_COLUMNS", "random_weights_reason", "read_config", "RANDOM_WEIGHTS_NOTES", "random_weights_note",
-    "dataset_fold_count", "expected_folds", "uneven_seed_rows", "seeds_per_fold", "seeds_text", "mixed_thread_notes",
+    "dataset_fold_count", "expected_folds", "uneven_seed_rows", "seeds_per_fold", "seeds_text", "mixed_thread_notes", "mixed_code_notes", "method_code_id",
     "EXCLUSION_ALL_NOTE", "LEGACY_EXCLUSION_OPTION", "only_legacy_exclusion", "EVAL_ROW_KEY",
     "ABSENT_COLUMNS", "absent_volumes", "absent_text",
 ]
