@@ -276,7 +276,24 @@ def _sigterm_interrupts() -> Iterator[None]:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+#: what a Ctrl-C leaves, by command (others: nothing to say beyond "interrupted")
+_INTERRUPTED = {
+    **dict.fromkeys(("run", "eval", "supervoxels", "prepare"),
+                    "interrupted; finished work is kept and the same command resumes"),
+    **dict.fromkeys(("report", "export"),
+                    "interrupted; nothing was written (what was there is unchanged): run the same command again"),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # while starting (imports, plugins), before a command ran
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(argv[0] if argv else None)
     args, extra = parser.parse_known_args(argv)
@@ -321,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as exc:
         _end_progress_bars()
-        print("interrupted; finished work is kept and the same command resumes", file=sys.stderr)
+        print(_INTERRUPTED.get(args.command, "interrupted"), file=sys.stderr)
         return int(getattr(exc, "exit_code", 130))  # 128 + the signal's number
     except BrokenPipeError:
         # the reader of our output left (`... | head`): not an error of ours. Later writes,

@@ -279,3 +279,34 @@ def test_a_dataset_typo_in_the_data_commands_is_one_line_with_the_close_name(arg
     err = capsys.readouterr().err
     assert err.startswith("error: unknown dataset 'abd_mrri'; did you mean 'abd_mri'?") and known in err
     assert "usage:" not in err
+
+
+@pytest.mark.parametrize("command, said", [
+    ("report", "interrupted; nothing was written (what was there is unchanged): run the same command again"),
+    ("runs", "interrupted"),
+])
+def test_ctrl_c_says_what_each_command_leaves(command, said, monkeypatch, capsys, tmp_path) -> None:
+    """A report is written whole or not at all: it does not resume, so it does not say so."""
+    from fsmis_bench import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    parser = cli.build_parser(command)
+    for subcommand in parser._subparsers._group_actions[0].choices.values():  # each interrupted at once
+        subcommand.set_defaults(func=interrupted)
+    monkeypatch.setattr(cli, "build_parser", lambda first: parser)
+    assert main([command, "--results", str(tmp_path)]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == said
+
+
+def test_ctrl_c_while_starting_is_one_line(monkeypatch, capsys) -> None:
+    from fsmis_bench import cli
+
+    def interrupted(first):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert main(["report"]) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == "interrupted" and "Traceback" not in err
