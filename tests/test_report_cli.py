@@ -203,7 +203,9 @@ def test_a_damaged_run_note_shows_the_cell_not_a_repr(tmp_path: Path) -> None:
 
 
 def test_comparisons_say_they_are_per_volume_dice(results_dir: Path, tmp_path: Path) -> None:
-    out = _report(results_dir, tmp_path / "out", compare=[("adnet", "ssl_alpnet")])
+    # rows typed by their displayed names: the file is named by the records' names all the same
+    out = _report(results_dir, tmp_path / "out", compare=[("ADNet", "SSL-ALPNet")])
+    assert sorted(p.name for p in (out / "tables").glob("compare_*.md")) == ["compare_adnet_vs_ssl_alpnet.md"]
     compare = (out / "tables" / "compare_adnet_vs_ssl_alpnet.md").read_text(encoding="utf-8")
     assert "A per-volume Dice (95% CI)" in compare and "per-volume Dice %" in compare
     intervals = (out / "tables" / "bootstrap_ci.md").read_text(encoding="utf-8")

@@ -295,10 +295,12 @@ def _write_into(
         frame = stats.compare(results, a, b, n_boot=n_boot)
         shown = stats.format_compare(frame)
         pairing_notes = stats.comparison_notes(results, a, b, frame)
-        stem = f"compare_{_slug(a)}_vs_{_slug(b)}"  # file names and the CSV keep the record names
+        keys = [row_label(*stats.resolve(per_case, spec)) for spec in (a, b)]
+        # the file is named by the records' names, however the rows were typed (a displayed
+        # name, a record name): one comparison, one file
+        stem = f"compare_{_slug(keys[0])}_vs_{_slug(keys[1])}"
         frame.to_csv(tables_dir / f"{stem}.csv", index=False)
         # the headers name A and B as the tables and figures do
-        keys = [row_label(*stats.resolve(per_case, spec)) for spec in (a, b)]
         name_a, name_b = (stats.shown_row_labels(keys)[key] for key in keys)
         (tables_dir / f"{stem}.md").write_text(f"**A = {name_a} vs B = {name_b}** ({COMPARE_NOTE})\n\n"
                                                + frame_to_markdown(shown) + _notes_markdown(pairing_notes),
