@@ -377,10 +377,10 @@ def test_a_read_only_results_folder_is_named_before_any_data_is_read(tmp_path, c
     if os.geteuid() != 0:
         results.chmod(0o555)
     else:  # root writes anywhere: make the check see what an ordinary user would
-        import fsmis_bench.runner as runner
+        import fsmis_bench.run_folder as run_folder
 
-        real_check = runner.can_write_in
-        monkeypatch.setattr(runner, "can_write_in", lambda folder: folder != results and real_check(folder))
+        real_check = run_folder.can_write_in
+        monkeypatch.setattr(run_folder, "can_write_in", lambda folder: folder != results and real_check(folder))
     try:
         assert main(["run", "method=support_copy"]) == 2
     finally:
@@ -393,10 +393,10 @@ def test_a_read_only_results_folder_is_named_before_any_data_is_read(tmp_path, c
 def test_a_finished_run_in_a_read_only_results_folder_is_shown_and_nothing_else_runs(results_dir, capsys,
                                                                                     monkeypatch):
     assert main(["run", "method=support_copy"]) == 0
-    import fsmis_bench.runner as runner
+    import fsmis_bench.run_folder as run_folder
 
-    real_check = runner.can_write_in
-    monkeypatch.setattr(runner, "can_write_in", lambda folder: folder != results_dir and real_check(folder))
+    real_check = run_folder.can_write_in
+    monkeypatch.setattr(run_folder, "can_write_in", lambda folder: folder != results_dir and real_check(folder))
     capsys.readouterr()
     assert main(["run", "method=support_copy"]) == 0  # nothing to write: its Dice are shown
     err = capsys.readouterr().err
@@ -752,18 +752,18 @@ def test_an_unfinished_run_with_a_damaged_record_is_rewritten_and_resumes(tmp_pa
 def test_a_process_refused_by_the_lock_never_removes_the_holders_folder(tmp_path, monkeypatch):
     import fcntl
 
-    from fsmis_bench import runner
+    from fsmis_bench import run_folder
     from fsmis_bench.errors import ConfigError
 
     run_dir = tmp_path / "prototype" / "fold0" / "seed0-abcdef12"
     run_dir.mkdir(parents=True)
     (run_dir / "config.yaml").write_text("x: 1\n")  # the holder's first files: nothing computed yet
     # the refused process had seen the folder missing a moment before the holder made it
-    monkeypatch.setattr(runner, "_missing_folders", lambda path: [run_dir, run_dir.parent])
+    monkeypatch.setattr(run_folder, "_missing_folders", lambda path: [run_dir, run_dir.parent])
     with open(run_dir / ".lock", "w") as holder:
         fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
         with pytest.raises(ConfigError, match="being computed by another process"):
-            with runner._exclusive(run_dir):
+            with run_folder._exclusive(run_dir):
                 pass
         assert (run_dir / "config.yaml").exists() and (run_dir / ".lock").exists()
 
