@@ -16,6 +16,7 @@ raises :class:`RecordWriteError` naming the folder and the cause.
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -401,13 +402,33 @@ def _trains(cfg: DictConfig) -> bool:
 
 
 def published_config_deviations(cfg: DictConfig) -> list[str]:
-    """``key=value`` for every key of ``method.published_config`` (the configuration the
-    published numbers were obtained with: encoder, budget, the method's mechanics...) that
-    this run changes (:func:`published_marks`)."""
-    published = cfg.method.get("published_config") if cfg.get("method") is not None else None
-    if not published:
+    """``key=value`` for every key of the method's reference configuration that this run
+    changes (:func:`published_marks`): ``method.published_config`` (the configuration the
+    published numbers were obtained with: encoder, budget, the method's mechanics...), or,
+    for a trainable method without one, its shipped training budget (:func:`shipped_train_steps`),
+    so that a reduced-budget run is never shown and ranked as the method itself."""
+    if cfg.get("method") is None:
         return []
-    return published_marks(published.items(), lambda key: (True, OmegaConf.select(cfg, key)))
+    published = cfg.method.get("published_config")
+    if published:
+        reference = list(published.items())
+    else:
+        steps = shipped_train_steps(str(cfg.method.name)) if _trains(cfg) else None
+        reference = [("train.steps", steps)] if steps is not None else []
+    return published_marks(reference, lambda key: (True, OmegaConf.select(cfg, key)))
+
+
+@functools.lru_cache(maxsize=None)
+def shipped_train_steps(method: str) -> int | None:
+    """``train.steps`` as ``method=<method>`` composes it with this installation's configs (the
+    method's own default budget); None where it cannot be composed (an uninstalled plugin)."""
+    try:
+        from .config import compose  # late: the config module reads the registries
+
+        steps = compose([f"method={method}"], resolve_datasets=False).train.get("steps")
+    except Exception:  # noqa: BLE001 - nothing to compare with
+        return None
+    return int(steps) if isinstance(steps, int) and not isinstance(steps, bool) else None
 
 
 def published_marks(published: Iterable[tuple[str, Any]], lookup: Callable[[str], tuple[bool, Any]]) -> list[str]:

@@ -16,7 +16,7 @@ import pytest
 from fsmis_bench.cli import main
 from fsmis_bench.errors import FsmisError
 from fsmis_bench.reporting import commands, figures, write_report
-from fsmis_bench.reporting.collect import FOLD_CSV_COLUMNS, load_results
+from fsmis_bench.reporting.collect import FOLD_CSV_COLUMNS, load_results, select_rows
 from fsmis_bench.reporting.qualitative import choose_slices, parse_slices
 from fsmis_bench.reporting.synthetic import SyntheticDataset, counts_for_dice, write_run
 
@@ -237,3 +237,26 @@ def test_a_rename_that_matches_nothing_is_said_with_the_close_name(results_dir: 
     assert "note: --rename adnte=... matches no method, dataset, organ or backbone of this report; did you mean " \
            "'adnet'?" in err
     assert "--rename liver" not in err  # an organ of the report: renamed, nothing to say
+
+
+def test_rows_selects_what_the_report_holds(tmp_path: Path, capsys) -> None:
+    for method, score in (("prototype", 0.5), ("support_copy", 0.4), ("adnet", 0.6)):
+        write_run(tmp_path, method, "abd_mri", 1, 0, 0, [("liver", "1", *counts_for_dice(score))])
+    write_run(tmp_path, "prototype", "abd_mri", 1, 0, 0, [("liver", "1", *counts_for_dice(0.55))],
+              non_standard=["dice=pooled"], dice="pooled")
+    results = load_results(tmp_path)
+    # a method by its displayed name: every row of it; one row as --compare names it
+    chosen = select_rows(results, ["Prototype", "adnet"])
+    assert set(zip(chosen.runs["method"], chosen.runs["variant"])) == {
+        ("prototype", ""), ("prototype", "dice=pooled"), ("adnet", "")}
+    assert set(chosen.cases["method"]) == {"prototype", "adnet"} and set(chosen.fold_scores["method"]) == {"prototype", "adnet"}
+    only = select_rows(results, ["prototype [dice=pooled]"])
+    assert list(only.runs["variant"]) == ["dice=pooled"]
+    with pytest.raises(FsmisError, match="--rows 'protoype' names no row") as raised:
+        select_rows(results, ["protoype"])
+    assert "'prototype'" in raised.value.hint and "'support_copy'" in raised.value.hint
+    from fsmis_bench.cli import main
+
+    assert main(["report", "--results", str(tmp_path), "--rows", "support_copy", "--no-published"]) == 0
+    out = capsys.readouterr().out
+    assert "Support copy" in out and "Prototype" not in out and "ADNet" not in out

@@ -73,14 +73,25 @@ def test_only_identically_configured_runs_supersede_each_other(tmp_path: Path) -
     assert str(first) in note and f"kept {second}" in note
 
 
+def test_a_run_below_its_methods_own_budget_is_marked(tmp_path: Path) -> None:
+    """prototype has no published numbers, so no published_config: its shipped budget (800
+    steps) is the reference, and a shorter run is never shown or ranked as the method."""
+    _run(tmp_path, 0, 0.4, {**_train(800), "method": {"name": "prototype", "lr": 0.001}})
+    _run(tmp_path, 1, 0.4, {**_train(300), "method": {"name": "prototype", "lr": 0.001}})
+    runs = load_results(tmp_path).runs.set_index("fold")
+    assert runs.loc[0, "non_standard"] == "" and runs.loc[1, "non_standard"] == "train.steps=300"
+    assert runs.loc[1, "variant"] == "train.steps=300"
+
+
 def test_row_labels_name_the_differing_keys_or_the_fingerprint(tmp_path: Path) -> None:
-    _run(tmp_path / "a", 0, 0.4, {**_train(40), "method": {"name": "prototype", "lr": 0.001}})
-    _run(tmp_path / "a", 1, 0.4, {**_train(60), "method": {"name": "prototype", "lr": 0.01}})
+    # at prototype's own budget (800 steps), which no mark names
+    _run(tmp_path / "a", 0, 0.4, {**_train(800), "method": {"name": "prototype", "lr": 0.001}})
+    _run(tmp_path / "a", 1, 0.4, {**_train(800, batch_size=2), "method": {"name": "prototype", "lr": 0.01}})
     assert sorted(set(load_results(tmp_path / "a").runs["variant"])) == [
-        "method.lr=0.001,train.steps=40", "method.lr=0.01,train.steps=60"]
+        "method.lr=0.001,train.batch_size=4", "method.lr=0.01,train.batch_size=2"]
     # more than three keys differ: the fingerprint, not a label longer than the table
-    _run(tmp_path / "b", 0, 0.4, _train(40, batch_size=1, image_size=64, grad_clip=1.0))
-    _run(tmp_path / "b", 1, 0.4, _train(60, batch_size=2, image_size=96, grad_clip=0.5))
+    _run(tmp_path / "b", 0, 0.4, _train(800, batch_size=1, image_size=64, grad_clip=1.0))
+    _run(tmp_path / "b", 1, 0.4, _train(800, batch_size=2, image_size=96, grad_clip=0.5, warmup_steps=10))
     variants = sorted(set(load_results(tmp_path / "b").runs["variant"]))
     assert len(variants) == 2 and all(re.fullmatch(r"config=[0-9a-f]{8}", v) for v in variants)
 
@@ -94,9 +105,9 @@ def test_paths_device_and_cadence_never_split_a_row(tmp_path: Path) -> None:
 
 
 def test_an_option_left_null_matches_a_record_made_before_it_existed(tmp_path: Path) -> None:
-    _run(tmp_path, 0, 0.4, {**_train(40), "method": {"name": "prototype", "lr": 0.001}})
-    _run(tmp_path, 1, 0.4, {**_train(40), "method": {"name": "prototype", "lr": 0.001, "new_option": None}})
-    _run(tmp_path, 2, 0.4, {**_train(40), "method": {"name": "prototype", "lr": 0.001, "new_option": "other"}})
+    _run(tmp_path, 0, 0.4, {**_train(800), "method": {"name": "prototype", "lr": 0.001}})
+    _run(tmp_path, 1, 0.4, {**_train(800), "method": {"name": "prototype", "lr": 0.001, "new_option": None}})
+    _run(tmp_path, 2, 0.4, {**_train(800), "method": {"name": "prototype", "lr": 0.001, "new_option": "other"}})
     variants = load_results(tmp_path).runs.groupby("variant")["fold"].apply(sorted).to_dict()
     assert variants == {"method.new_option=default": [0, 1], "method.new_option=other": [2]}
 
@@ -314,3 +325,13 @@ def test_a_null_option_is_named_by_the_value_it_resolves_to(tmp_path: Path) -> N
     # the threshold's value follows the threshold (0 absolute, 0.25 relative): named too
     assert named == {"method.threshold=absolute,method.threshold_value=0": [0, 1],
                         "method.threshold=relative,method.threshold_value=0.25": [2]}
+
+
+def test_a_new_record_marks_a_run_below_its_methods_own_budget() -> None:
+    from fsmis_bench.config import compose
+    from fsmis_bench.records import non_standard_options
+
+    assert "train.steps=300" in non_standard_options(compose(["method=prototype", "train.steps=300"]), False, None)
+    assert non_standard_options(compose(["method=prototype"]), False, None) == []
+    # a method that trains nothing has no budget to fall short of
+    assert non_standard_options(compose(["method=support_copy", "train.steps=5"]), False, None) == []

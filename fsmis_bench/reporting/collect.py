@@ -26,8 +26,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +91,7 @@ from .rows import (  # noqa: F401 - re-exported
     row_label,
     variant_key,
 )
-from .style import dataset_display, eval_display, organ_display
+from .style import dataset_display, eval_display, method_display, method_label, organ_display
 
 #: organ order in tables and figures: the paper's abdominal order, then cardiac, then the rest
 ORGAN_ORDER: tuple[str, ...] = ORGANS
@@ -198,6 +198,46 @@ class Results:
     @property
     def empty(self) -> bool:
         return self.runs.empty
+
+
+def select_rows(results: Results, specs: Sequence[str]) -> Results:
+    """``results`` with only the rows ``specs`` name (``report --rows``), for figures and tables
+    of a chosen few.
+
+    A spec names every row of a method by its record or displayed name (``prototype``,
+    ``Prototype``), or one row as ``--compare`` does (``method [variant]``, or the name the
+    tables show, ``SD-FSMIS (SII+QE) [tiny]``); spaces do not matter.
+
+    Raises:
+        FsmisError: a spec that names no row, with the rows there are.
+    """
+    known = sorted(set(zip(results.runs["method"], results.runs["variant"])))
+
+    def squeezed(text: str) -> str:
+        return "".join(text.split())
+
+    chosen: set[tuple[str, str]] = set()
+    for spec in specs:
+        wanted = squeezed(spec)
+        rows = ([k for k in known if wanted in (k[0], squeezed(method_display(k[0])))]
+                or [k for k in known if squeezed(row_label(*k)) == wanted]
+                or [k for k in known if squeezed(method_label(*k)) == wanted])
+        if not rows:
+            names = ", ".join(repr(row_label(*k)) for k in known) or "none"
+            raise FsmisError(f"--rows {spec!r} names no row of {results.root}", hint=f"the rows are: {names}")
+        chosen.update(rows)
+    keep = [(m, v) in chosen for m, v in zip(results.runs["method"], results.runs["variant"])]
+    runs = results.runs[keep].reset_index(drop=True)
+    kept = set(runs["run_dir"])
+    scores = results.fold_scores
+    in_rows = [(m, v) in chosen for m, v in zip(scores["method"], scores["variant"])]
+    return replace(
+        results, runs=runs,
+        cases=results.cases[results.cases["run_dir"].isin(kept)].reset_index(drop=True),
+        fold_scores=scores[in_rows].reset_index(drop=True),
+        train_logs={path: log for path, log in results.train_logs.items() if path in kept},
+        absent=results.absent[results.absent["run_dir"].isin(kept)].reset_index(drop=True),
+    )
 
 
 def default_results_dir() -> Path:
@@ -835,7 +875,7 @@ __all__ = [
     "organ_sort_key", "dataset_sort_key", "organ_label", "dataset_label", "eval_label",
     "published_backbone", "published_name", "published_row_applies", "exclusion_caveat", "comparison_caveat", "printed_mean_note", "PRINTED_MEAN_NOTE", "run_backbones", "LEGACY_EXCLUSION_NOTE", "config_fingerprint", "published_deviations", "FOLD_CSV_COLUMNS",
     "RUN_COLUMNS", "random_weights_reason", "read_config", "RANDOM_WEIGHTS_NOTES", "random_weights_note",
-    "dataset_fold_count", "expected_folds", "uneven_seed_rows", "seeds_per_fold", "seeds_text", "mixed_thread_notes", "mixed_code_notes", "method_code_id",
+    "dataset_fold_count", "expected_folds", "uneven_seed_rows", "seeds_per_fold", "seeds_text", "mixed_thread_notes", "mixed_code_notes", "method_code_id", "select_rows",
     "EXCLUSION_ALL_NOTE", "LEGACY_EXCLUSION_OPTION", "only_legacy_exclusion", "EVAL_ROW_KEY",
     "ABSENT_COLUMNS", "absent_volumes", "absent_text",
 ]

@@ -38,6 +38,7 @@ from .collect import (
     long_fold_csv,
     per_case_scores,
     row_label,
+    select_rows,
     summarise_runs,
 )
 from .comparison import comparison_frame
@@ -152,6 +153,7 @@ def write_report(
     width: str | float = "double",
     zoom: bool = False,
     names: dict[str, str] | None = None,
+    rows: Sequence[str] | None = None,
 ) -> Path:
     """Write the full report of ``results_dir`` into ``out_dir``.
 
@@ -179,6 +181,8 @@ def write_report(
             datasets, organs and backbones, wherever the report shows them: figures, table
             rows and headers, comparisons, intervals (the CSV files keep the record names; the
             tables' CSV in a ``key`` column).
+        rows: report only these rows (:func:`~.collect.select_rows`: a method, or one row as
+            ``compare`` names it); default every row.
     Returns:
         ``out_dir``.
     Raises:
@@ -195,7 +199,7 @@ def write_report(
     with renamed(names):  # display-name overrides for every figure drawn below
         out = Path(out_dir).expanduser()
         figure_width = WIDTHS[width] if isinstance(width, str) else float(width)
-        results = load_results(results_dir)
+        results = _selected(load_results(results_dir), rows)
         _say_unmatched_renames(names, results)
         named_slices = parse_slices(slices)
         check_slices(results, named_slices)
@@ -407,12 +411,22 @@ def _run(args: argparse.Namespace) -> int:
         out = write_report(
             results_dir, args.out, data_root=args.data_root, force=args.force, compare=compare,
             slices=args.slices, show_std=args.std, include_published=not args.no_published, n_boot=args.n_boot,
-            width=args.width, zoom=args.zoom, names=_parse_names(args.rename),
+            width=args.width, zoom=args.zoom, names=_parse_names(args.rename), rows=args.rows,
         )
         print(out / REPORT_HTML)
         return 0
     with renamed(_parse_names(args.rename)):  # the tables on stdout name methods as a report would
         return _print_tables(args, results_dir, compare)
+
+
+def _selected(results: Results, rows: Sequence[str] | None) -> Results:
+    """``results`` reduced to ``rows`` (``--rows``); all of them without."""
+    if not rows:
+        return results
+    chosen = select_rows(results, rows)
+    _log(f"note: --rows: {len(set(zip(chosen.runs['method'], chosen.runs['variant'])))} of "
+         f"{len(set(zip(results.runs['method'], results.runs['variant'])))} rows reported")
+    return chosen
 
 
 def _say_unmatched_renames(names: dict[str, str] | None, results) -> None:
@@ -434,7 +448,7 @@ def _say_unmatched_renames(names: dict[str, str] | None, results) -> None:
 
 def _print_tables(args: argparse.Namespace, results_dir: Path, compare: list[tuple[str, str]] | None) -> int:
     """``report`` without ``--out``: the tables (or one comparison, or the long CSV) on stdout."""
-    results = load_results(results_dir)
+    results = _selected(load_results(results_dir), args.rows)
     _say_unmatched_renames(_parse_names(args.rename), results)
     if results.empty:
         _log(f"note: no finished runs under {results_dir}")
@@ -518,6 +532,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help='display name wherever the report shows the name (figures, tables, comparisons), e.g. '
                              '--rename nifti_folder="Hospital CT" (repeatable; methods, datasets, organs, backbones; '
                              "the CSV files keep the record names)")
+    parser.add_argument("--rows", nargs="+", metavar="ROW",
+                        help="report only these rows, e.g. --rows prototype 'SD-FSMIS [tiny]': a method (every row "
+                             "of it) or one row as --compare names it; the tables, statistics and figures hold "
+                             "only them (default: every row)")
     parser.add_argument("--std", action="store_true", help="show ± std across folds in the tables")
     parser.add_argument("--no-published", action="store_true", help="leave the published numbers out of the tables")
     parser.add_argument("--n-boot", type=_positive_int, default=10000, metavar="N",

@@ -29,7 +29,6 @@ import matplotlib
 matplotlib.use("Agg")  # reports are written headless; never open a window
 
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
@@ -796,7 +795,6 @@ def train_loss_figure(results: Results, weight: float = 0.9, width: float = WIDT
             title = method_display(method)
             panel_title(ax, title if several else f"{title} · {_training_name(*trainings[0])}", lay.panel_width)
             ax.set_xlabel("training step")
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # a short run's ticks are whole steps
             lay.y_label(ax, f"loss (EMA {weight:g})")
         lay.finish()
     return lay.fig

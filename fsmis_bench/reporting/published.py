@@ -176,10 +176,12 @@ def comparison_caveat(method: str, setting: int, options: str, random_reasons: s
 
 @lru_cache(maxsize=None)
 def shipped_published_config(method: str) -> tuple[tuple[str, Any], ...]:
-    """The ``published_config`` of ``method`` as this installation ships it (empty if none).
+    """The ``published_config`` of ``method`` as this installation ships it; for a trainable
+    method without one, ``(("train.steps", its shipped budget),)``; empty if neither.
 
-    Used for records written before the method had one, so that a reduced-budget run is
-    marked in reports whenever it ran.
+    Used for records that do not hold one (written before the method had one, or of a method
+    without published numbers), so that a reduced-budget run is marked in reports whenever
+    it ran (:func:`fsmis_bench.records.published_config_deviations`).
     """
     try:
         from omegaconf import OmegaConf
@@ -190,7 +192,11 @@ def shipped_published_config(method: str) -> tuple[tuple[str, Any], ...]:
     except Exception:  # noqa: BLE001 - an uninstalled plugin or a broken config: nothing to compare
         return ()
     published = cfg.method.get("published_config")
-    return tuple(OmegaConf.to_container(published).items()) if published else ()  # type: ignore[union-attr]
+    if published:
+        return tuple(OmegaConf.to_container(published).items())  # type: ignore[union-attr]
+    # a trainable method without published numbers: its shipped budget is the reference
+    steps = records.shipped_train_steps(method) if records._trains(cfg) else None
+    return (("train.steps", steps),) if steps is not None else ()
 
 
 def published_deviations(method: str, config: dict[str, Any] | None) -> list[str]:
