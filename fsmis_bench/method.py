@@ -124,10 +124,11 @@ class Method(nn.Module):
     def param_groups(self) -> list[dict[str, Any]]:
         """Optimiser parameter groups: ``[{"name": str, "params": [...], "lr": float}]``.
 
-        The default trains every parameter that requires grad at ``cfg.method.lr``.
+        The default trains every parameter that requires grad at ``cfg.method.lr``, which the
+        method's yaml must declare (a rate no config names would not be recorded).
         """
         params = [p for p in self.parameters() if p.requires_grad]
-        return [{"name": "all", "params": params, "lr": float(self.cfg.method.get("lr", 1e-4))}]
+        return [{"name": "all", "params": params, "lr": float(self.cfg.method.lr)}]
 
     def training_loss(self, batch: EpisodeBatch) -> torch.Tensor:
         """Scalar loss on one batch of episodes.

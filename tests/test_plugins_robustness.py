@@ -539,6 +539,20 @@ def test_an_undeclared_config_key_a_plugin_reads_is_one_line_at_the_plugins_own_
     assert "omegaconf" not in err
 
 
+def test_the_default_param_groups_need_a_declared_learning_rate(install, capsys, results_dir, monkeypatch, tmp_path):
+    """The default optimiser groups read method.lr: a yaml without it used to train at 1e-4,
+    a rate no record named (and method.lr= on the command line was refused as unknown)."""
+    monkeypatch.setenv("FSMIS_NO_PROGRESS", "1")
+    name = "no_lr"
+    config = f"# @package _global_\nmethod:\n  name: {name}\ntrain:\n  steps: 2\n  batch_size: 1\n  image_size: 32\n"
+    install("fsmis-no-lr", "0.2.0", f"pkg_{name}", TRAINED_PLUGIN.format(name=name, init="pass", loss="pass",
+                                                                         predict="pass"), {f"method/{name}.yaml": config})
+    _fails(["run", f"method={name}", "fold=1", "protocol.max_queries=1"], capsys,
+           f"method '{name}' (plugin 'pkg_{name}' of fsmis-no-lr 0.2.0) failed in its param_groups",
+           "it reads the config key 'method.lr', which no config declares",
+           f"hint: declare method.lr with a default in {tmp_path}/site/pkg_{name}/configs/method/{name}.yaml")
+
+
 def test_an_exception_in_a_plugins_predict_is_one_line_and_keeps_the_trained_weights(install, capsys, results_dir,
                                                                                     monkeypatch):
     monkeypatch.setenv("FSMIS_NO_PROGRESS", "1")

@@ -134,7 +134,9 @@ def prepare_training(method: Method, cfg: DictConfig, accelerator) -> Training:
     accelerator.gradient_accumulation_steps = accum  # `batched` folds the accumulation into the batch
     method.to(accelerator.device)
     prepare_method(method, options, str(accelerator.mixed_precision))
-    optimizer = make_optimizer(method.param_groups(), tcfg)
+    with plugin_code("method", str(cfg.method.name), "its param_groups"):
+        groups = method.param_groups()
+    optimizer = make_optimizer(groups, tcfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _schedule(str(tcfg.schedule), steps, int(tcfg.warmup_steps),
                              int(tcfg.get("lr_step_every", 1000)), float(tcfg.get("lr_gamma", 1.0)))

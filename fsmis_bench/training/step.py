@@ -376,11 +376,15 @@ class TrainStep:
                    "parameter)")
         from ..plugins import PluginError  # late: the plugins import the method plugins
 
+        if isinstance(loss, torch.Tensor) and loss.ndim == 0 and loss.is_floating_point():
+            remedy = ("compute it from the trained parameters' outputs, outside torch.no_grad and without "
+                      "`.detach()` or `.item()`")
+        else:
+            remedy = "reduce a per-pixel or per-episode loss inside training_loss (e.g. `.mean()`, or reduction='mean')"
         raise PluginError(
             f"{self._described()} broke the training_loss contract: it returned {got}",
             hint="Method.training_loss(batch) must return a 0-dim float tensor that is differentiable w.r.t. the "
-                 "trained parameters: reduce a per-pixel or per-episode loss inside training_loss "
-                 "(e.g. `.mean()`, or reduction='mean')",
+                 f"trained parameters: {remedy}",
         )
 
     def _count(self, total: torch.Tensor) -> None:
