@@ -289,3 +289,15 @@ def test_box_outlines_keep_the_series_colour(tmp_path: Path) -> None:
     plt.close(fig)
     wanted = {tuple(round(c, 3) for c in style.method_colour(m)) for m in ("prototype", "diffews")}
     assert edges == wanted  # each box in its legend colour, not a darker outline near another series'
+
+
+def test_an_external_checkpoint_row_counts_the_weights_steps(tmp_path: Path) -> None:
+    """`eval checkpoint=model.safetensors` runs with the default config (train.steps 800 for
+    prototype); the weights trained 20 steps, and that is what the runs table says."""
+    run_dir = write_run(tmp_path, "prototype", "abd_mri", 1, 0, 0, _cases(0.5), config={"train": {"steps": 800}},
+                        non_standard=["external_checkpoint=0e6cd2e1"])
+    info = json.loads((run_dir / "run.json").read_text())
+    info["weights_from"] = "external_checkpoint"
+    info.setdefault("inputs", {})["checkpoint"] = {"path": "/x/model.safetensors", "sha256": "0e6c" * 16, "step": 20}
+    (run_dir / "run.json").write_text(json.dumps(info))
+    assert load_results(tmp_path).runs["steps"].tolist() == [20]

@@ -426,6 +426,11 @@ def _read_run(run_dir: Path) -> tuple[dict, pd.DataFrame, dict[str, Any]]:
     found, steps = _lookup(config or {}, "train.steps")
     if meta.get("weights_from") == "none":
         steps, found = 0, True  # a method that trains nothing (support_copy) took no steps, whatever the config says
+    elif meta.get("weights_from") == "external_checkpoint":
+        # the weights' own steps (an eval of a bare file runs with the default config, whose
+        # train.steps trained nothing); unknown where its groups were trained for different steps
+        steps = checkpoint_steps(meta)
+        found = steps is not None
     backbone = str(meta.get("backbone") or "none")
     pretrained = bool(meta.get("pretrained", True))
     row = {
@@ -600,6 +605,19 @@ def mixed_thread_notes(runs: pd.DataFrame) -> list[str]:
                      f"computed with different CPU thread counts ({_folds_text(per_fold, str)}); averaged in one row, "
                      "since the thread count changes only a CPU run's last digits, not what it computes")
     return notes
+
+
+def checkpoint_steps(meta: dict[str, Any]) -> int | None:
+    """The training steps of the weights an ``eval checkpoint=`` record evaluated
+    (``inputs.checkpoint``: a file's ``step``, or every group's alike); None when unknown."""
+    checkpoint = (meta.get("inputs") or {}).get("checkpoint")
+    if not isinstance(checkpoint, dict):
+        return None
+    groups = checkpoint.get("groups")
+    found = ({g.get("step") for g in groups.values() if isinstance(g, dict)} if isinstance(groups, dict)
+             else {checkpoint.get("step")})
+    step = found.pop() if len(found) == 1 else None
+    return int(step) if isinstance(step, int) and not isinstance(step, bool) else None
 
 
 def method_code_id(meta: dict[str, Any]) -> str:
