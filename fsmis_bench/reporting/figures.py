@@ -79,7 +79,8 @@ _MIN_PANEL_HEIGHT_IN = 1.6
 _MIN_PANEL_HEIGHT_IN_CROWDED = 1.2
 
 NOTE_NON_STANDARD = ("non-standard option (named in brackets, or in a \u201cruns with\u201d note: a protocol option, or a "
-                     "departure from the setup of the published numbers); not comparable with published numbers")
+                     "departure from the setup of the published numbers, or from a method's own default budget); not comparable "
+                     "with published numbers")
 #: the footnote of a series whose only non-standard option is exclusion=all, the rule of the
 #: published setting-2 numbers: :data:`NOTE_NON_STANDARD` would say the opposite for it
 NOTE_LEGACY_EXCLUSION = EXCLUSION_ALL_NOTE + " (but not with standard runs)"

@@ -85,7 +85,8 @@ MARKERS: dict[str, Marker] = {
                            "seeds, each fold's score is the mean over its own seeds and the row weighs the folds alike"),
     "random_weights": Marker("§", r"\textsuperscript{\S}", "random weights: not initialised from pretrained weights"),
     "non_standard": Marker("‡", r"\textsuperscript{\ddag}", "non-standard option: a protocol option, or a departure from the "
-                           "setup of the published numbers (e.g. fewer training steps), named in brackets after the method"),
+                           "setup of the published numbers (e.g. fewer training steps; for a method without "
+                           "published numbers, from its own default budget), named in brackets after the method"),
     "absent": Marker("°", r"\textsuperscript{$\circ$}", "query volumes left out of an organ's score because the scan "
                      "does not show the organ (own data): its Dice would be 0/0, which the reference codes average "
                      "into the mean as NaN; the organ's score is over the other volumes"),
