@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .method import Method
+from .method import Method, method_name
 from .plugins import PluginError, origin_of, plugin_code
 from .protocol.ep1 import QueryCase, SupportSlices
 from .protocol.metrics import confusion_counts, dice_from_counts
@@ -46,16 +46,6 @@ PREDICT_CONTRACT = (
 )
 
 
-def _method_name(method: Method) -> str:
-    """The name ``method`` was registered (and configured) under, else its class name."""
-    cfg = getattr(method, "cfg", None)
-    try:
-        name = cfg.method.name if cfg is not None else None  # type: ignore[union-attr]
-    except Exception:  # noqa: BLE001 - a config without method.name
-        name = None
-    return str(name) if name else type(method).__name__
-
-
 def check_prediction(method: Method, mask: object, queries: int, size: tuple[int, int],
                      device: torch.device | str | None = None) -> None:
     """Refuse a :meth:`Method.predict` output that breaks the contract.
@@ -82,7 +72,7 @@ def check_prediction(method: Method, mask: object, queries: int, size: tuple[int
     else:
         got = f"a {type(mask).__name__}"
     raise PluginError(
-        f"{origin_of('method', _method_name(method))} broke the predict contract: it returned {got} "
+        f"{origin_of('method', method_name(method))} broke the predict contract: it returned {got} "
         f"for {queries} query slices of {size[0]}x{size[1]} "
         f"(expected torch.bool of shape ({queries}, {size[0]}, {size[1]})"
         + (f" on device {expected})" if expected is not None else ")"),
@@ -131,7 +121,7 @@ def predict_case(
         support_masks = resize_slices(torch.from_numpy(masks.astype(np.float32)), image_size, nearest=True)
         query_images = resize_slices(torch.from_numpy(query.images[lo:hi]), image_size)
         query_input = query_images.unsqueeze(1).to(device)
-        with plugin_code("method", _method_name(method), "predict"), (autocast() if autocast is not None else nullcontext()):
+        with plugin_code("method", method_name(method), "predict"), (autocast() if autocast is not None else nullcontext()):
             mask = method.predict(
                 support_images.unsqueeze(1).to(device),
                 support_masks.unsqueeze(1).to(device),

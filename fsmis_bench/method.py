@@ -239,6 +239,17 @@ class Method(nn.Module):
         return False
 
 
+def method_name(method: Method) -> str:
+    """The name ``method`` was registered and configured under (``cfg.method.name``), else its
+    class name: what messages call it."""
+    cfg = getattr(method, "cfg", None)
+    try:
+        name = cfg.method.get("name") if cfg is not None else None  # type: ignore[union-attr]
+    except Exception:  # noqa: BLE001 - a config without a method section
+        name = None
+    return str(name) if name else type(method).__name__
+
+
 def contract_problems(method: type[Method] | Method) -> list[tuple[str, str]]:
     """How a method class, or a built method, breaks the contract the engine relies on:
     ``[(what is wrong, what to change)]``, empty when nothing is.

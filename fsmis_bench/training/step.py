@@ -42,7 +42,7 @@ import torch
 from omegaconf import DictConfig
 
 from ..errors import ConfigError, FsmisError
-from ..method import EpisodeBatch, Method
+from ..method import EpisodeBatch, Method, method_name
 from .compiled_norms import compile_group_norms, restore_group_norms
 from .precision import fused_clip_applies
 
@@ -197,7 +197,7 @@ def _compile_scope(method: Method, mode: str, scope: str) -> list[torch.nn.Modul
         _allow_recompiles(NORM_RECOMPILES)
         norms = compile_group_norms(method, mode, COMPILE_BACKEND)
         if not norms:
-            raise ConfigError(f"train.compile_scope=norms: method {_method_name(method)} has no GroupNorm to compile",
+            raise ConfigError(f"train.compile_scope=norms: method {method_name(method)} has no GroupNorm to compile",
                               hint="use train.compile_scope=model (the whole training forward)")
         return norms
     if scope != "blocks":
@@ -205,7 +205,7 @@ def _compile_scope(method: Method, mode: str, scope: str) -> list[torch.nn.Modul
     regions = method.compile_regions()
     if not regions:
         raise ConfigError(
-            f"train.compile_scope=blocks: method {_method_name(method)} has no repeated blocks to compile",
+            f"train.compile_scope=blocks: method {method_name(method)} has no repeated blocks to compile",
             hint="use train.compile_scope=model (the whole training forward)",
         )
     # Each compiled variant (shape, grad mode) is one cache entry of its class's forward,
@@ -252,13 +252,6 @@ def _allow_recompiles(wanted: int) -> None:
     limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
     ceiling = getattr(config, "accumulated_recompile_limit", getattr(config, "accumulated_cache_size_limit", 256))
     setattr(config, limit, max(getattr(config, limit), min(wanted, ceiling)))
-
-
-def _method_name(method: Method) -> str:
-    """The plugin name a user typed (``method.name``), else the class name."""
-    method_cfg = getattr(method, "cfg", None)
-    name = method_cfg.method.get("name") if isinstance(method_cfg, DictConfig) and "method" in method_cfg else None
-    return str(name or type(method).__name__)
 
 
 class TrainStep:
@@ -356,7 +349,7 @@ class TrainStep:
         """``"method 'x' (plugin 'p' of dist 1.0)"``: the method being trained, for messages."""
         method = self.accelerator.unwrap_model(self.method)
         method = getattr(method, "_orig_mod", method)  # a torch.compile wrapper's module
-        name = _method_name(method)
+        name = method_name(method)
         try:
             from ..plugins import origin_of  # late: the plugins import the method plugins
 
