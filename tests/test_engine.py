@@ -25,7 +25,9 @@ def test_run_writes_a_complete_record_and_is_not_recomputed(results_dir, capsys)
     (run_dir,) = _run_dirs(results_dir)
     assert run_dir.relative_to(results_dir).parts[:4] == ("prototype", "phantom", "setting1", "fold0")
     info = json.loads((run_dir / "run.json").read_text())
-    assert info["status"] == "complete" and info["non_standard"] == ["min_fg_pixels=20"] and info["random_weights"] is False
+    # 4 steps, below prototype's own 800: marked as the reduced budget it is
+    assert info["status"] == "complete" and info["non_standard"] == ["min_fg_pixels=20", "train.steps=4"]
+    assert info["random_weights"] is False
     assert len(info["config_hash"]) == 64 and "torch" in info["versions"]
     cases = pd.read_csv(run_dir / "cases.csv")
     assert list(cases.columns[:8]) == ["method", "dataset", "train_dataset", "setting", "fold", "seed", "organ", "case_id"]
