@@ -12,7 +12,6 @@ JSON line each: voxels, the dataset's resident memory, what the sampler added ab
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 

@@ -522,6 +522,8 @@ def _check_predict_batch_size(cfg: DictConfig) -> None:
     if not isinstance(node, DictConfig) or "predict_batch_size" not in node:
         return
     value = OmegaConf.select(cfg, "method.predict_batch_size", throw_on_resolution_failure=False)
+    if value is None:
+        return  # a plugin that declares it null reads null as its own default (types: _check_method_option_types)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"method.predict_batch_size={value!r} is not allowed",
                           hint="method.predict_batch_size is how many query slices are predicted at once: "

@@ -402,33 +402,59 @@ def _trains(cfg: DictConfig) -> bool:
 
 
 def published_config_deviations(cfg: DictConfig) -> list[str]:
-    """``key=value`` for every key of the method's reference configuration that this run
-    changes (:func:`published_marks`): ``method.published_config`` (the configuration the
-    published numbers were obtained with: encoder, budget, the method's mechanics...), or,
-    for a trainable method without one, its shipped training budget (:func:`shipped_train_steps`),
-    so that a reduced-budget run is never shown and ranked as the method itself."""
-    if cfg.get("method") is None:
-        return []
-    published = cfg.method.get("published_config")
-    if published:
-        reference = list(published.items())
-    else:
-        steps = shipped_train_steps(str(cfg.method.name)) if _trains(cfg) else None
-        reference = [("train.steps", steps)] if steps is not None else []
-    return published_marks(reference, lambda key: (True, OmegaConf.select(cfg, key)))
+    """``key=value`` for every key of the method's reference configuration
+    (:func:`reference_config`: ``method.published_config``, the configuration the published
+    numbers were obtained with, or a trainable method's own budget) that this run changes
+    (:func:`published_marks`): a reduced-budget run is never shown and ranked as the method."""
+    return published_marks(reference_config(cfg).items(), lambda key: (True, OmegaConf.select(cfg, key)))
 
 
 @functools.lru_cache(maxsize=None)
 def shipped_train_steps(method: str) -> int | None:
-    """``train.steps`` as ``method=<method>`` composes it with this installation's configs (the
-    method's own default budget); None where it cannot be composed (an uninstalled plugin)."""
-    try:
-        from .config import compose  # late: the config module reads the registries
+    """The ``train.steps`` that ``method``'s own config file sets (``method/<name>.yaml``, or a
+    method config it names in its ``defaults``): its reference budget. None where the file
+    sets none (the general default, 1000, was chosen for no method) or cannot be read."""
+    import yaml
 
-        steps = compose([f"method={method}"], resolve_datasets=False).train.get("steps")
-    except Exception:  # noqa: BLE001 - nothing to compare with
+    from .config import _config_file  # late: the config module reads the registries
+
+    def steps_in(name: str, seen: frozenset[str]) -> int | None:
+        path = _config_file("method", name)
+        if path is None or name in seen:
+            return None
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError):
+            return None
+        train = data.get("train") if isinstance(data, dict) else None
+        steps = train.get("steps") if isinstance(train, dict) else None
+        if isinstance(steps, int) and not isinstance(steps, bool):
+            return steps
+        inherited = [d for d in (data.get("defaults") or []) if isinstance(d, str) and d != "_self_"]
+        for parent in reversed(inherited):  # the last one listed wins, as Hydra merges them
+            found = steps_in(parent, seen | {name})
+            if found is not None:
+                return found
         return None
-    return int(steps) if isinstance(steps, int) and not isinstance(steps, bool) else None
+
+    try:
+        return steps_in(method, frozenset())
+    except Exception:  # noqa: BLE001 - an uninstalled plugin: nothing to compare with
+        return None
+
+
+def reference_config(cfg: DictConfig) -> dict[str, Any]:
+    """What a run's marks judge it against (:func:`published_config_deviations`), recorded in
+    ``run.json`` so that reports judge it as it was judged: the method's ``published_config``,
+    or, for a trainable method without one, ``{"train.steps": <its own yaml's budget>}``;
+    empty where there is neither."""
+    if cfg.get("method") is None:
+        return {}
+    published = cfg.method.get("published_config")
+    if published:
+        return dict(OmegaConf.to_container(published))  # type: ignore[arg-type]
+    steps = shipped_train_steps(str(cfg.method.name)) if _trains(cfg) else None
+    return {"train.steps": steps} if steps is not None else {}
 
 
 def published_marks(published: Iterable[tuple[str, Any]], lookup: Callable[[str], tuple[bool, Any]]) -> list[str]:

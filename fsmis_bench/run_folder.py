@@ -34,7 +34,7 @@ from .record_repair import DamagedRecordError, part_cases, rebuild_cases
 from .records import (
     CASE_COLUMNS, COMPLETE, RUN_CONFIG_KEYS, atomic_write, can_write_in, code_differences, code_identity,
     config_hash, inference_options, load_predictions, machine_identity, nearest_existing, non_standard_options,
-    now, package_versions, read_json, registered_by, remove_unfinished_writes, run_config_problem,
+    now, package_versions, read_json, reference_config, registered_by, remove_unfinished_writes, run_config_problem,
     save_predictions, test_dataset_name, training_hash, write_error, write_json,
 )
 from .training.checkpoint import STATE_FILE, WEIGHTS_FILE, clear_training_state
@@ -165,6 +165,8 @@ def _prepare_dir(p: RunPlan, random_weights: bool, method_options: dict | None =
         "method_options": method_options or {},
         "protocol": OmegaConf.to_container(cfg.protocol, resolve=True),
         "non_standard": _marks(cfg, random_weights, checkpoint["sha256"] if checkpoint else None),
+        # what the marks judged the run against: reports judge it the same, whatever ships later
+        "reference_config": reference_config(cfg),
         "config_hash": full_hash,
         "training_hash": training_hash(cfg, ident.inputs, ident.hash_form),
         # Where the weights come from: trained by this run (or a sibling with the same

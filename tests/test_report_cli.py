@@ -245,18 +245,28 @@ def test_rows_selects_what_the_report_holds(tmp_path: Path, capsys) -> None:
     write_run(tmp_path, "prototype", "abd_mri", 1, 0, 0, [("liver", "1", *counts_for_dice(0.55))],
               non_standard=["dice=pooled"], dice="pooled")
     results = load_results(tmp_path)
-    # a method by its displayed name: every row of it; one row as --compare names it
+    # one row as --compare names it (a method alone: its plain row); with *, every row that fits
     chosen = select_rows(results, ["Prototype", "adnet"])
-    assert set(zip(chosen.runs["method"], chosen.runs["variant"])) == {
-        ("prototype", ""), ("prototype", "dice=pooled"), ("adnet", "")}
+    assert set(zip(chosen.runs["method"], chosen.runs["variant"])) == {("prototype", ""), ("adnet", "")}
     assert set(chosen.cases["method"]) == {"prototype", "adnet"} and set(chosen.fold_scores["method"]) == {"prototype", "adnet"}
     only = select_rows(results, ["prototype [dice=pooled]"])
     assert list(only.runs["variant"]) == ["dice=pooled"]
+    every = select_rows(results, ["prototype*"])
+    assert set(every.runs["variant"]) == {"", "dice=pooled"} and set(every.runs["method"]) == {"prototype"}
     with pytest.raises(FsmisError, match="--rows 'protoype' names no row") as raised:
         select_rows(results, ["protoype"])
     assert "'prototype'" in raised.value.hint and "'support_copy'" in raised.value.hint
+    assert set(select_rows(results, ["SUPPORT  COPY"]).runs["method"]) == {"support_copy"}  # case, spaces
+    # a plugin's method named like another's displayed name: refused, not both taken
+    write_run(tmp_path, "ADNET", "abd_mri", 1, 0, 0, [("liver", "1", *counts_for_dice(0.3))])
+    with pytest.raises(FsmisError, match="names the rows of several methods"):
+        select_rows(load_results(tmp_path), ["adnet"])
     from fsmis_bench.cli import main
 
     assert main(["report", "--results", str(tmp_path), "--rows", "support_copy", "--no-published"]) == 0
     out = capsys.readouterr().out
     assert "Support copy" in out and "Prototype" not in out and "ADNet" not in out
+    # a compared row that --rows left out is said as such
+    assert main(["report", "--results", str(tmp_path), "--rows", "support_copy", "--compare", "support_copy",
+                 "prototype"]) == 2
+    assert "--compare names 'prototype', which is not among the rows chosen with --rows" in capsys.readouterr().err

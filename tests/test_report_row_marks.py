@@ -294,10 +294,32 @@ def test_box_outlines_keep_the_series_colour(tmp_path: Path) -> None:
 def test_an_external_checkpoint_row_counts_the_weights_steps(tmp_path: Path) -> None:
     """`eval checkpoint=model.safetensors` runs with the default config (train.steps 800 for
     prototype); the weights trained 20 steps, and that is what the runs table says."""
-    run_dir = write_run(tmp_path, "prototype", "abd_mri", 1, 0, 0, _cases(0.5), config={"train": {"steps": 800}},
+    run_dir = write_run(tmp_path, "prototype", "abd_mri", 1, 0, 0, _cases(0.5),
+                        config={"train": {"steps": 800}, "method": {"name": "prototype", "lr": 0.001}},
                         non_standard=["external_checkpoint=0e6cd2e1"])
     info = json.loads((run_dir / "run.json").read_text())
     info["weights_from"] = "external_checkpoint"
     info.setdefault("inputs", {})["checkpoint"] = {"path": "/x/model.safetensors", "sha256": "0e6c" * 16, "step": 20}
     (run_dir / "run.json").write_text(json.dumps(info))
-    assert load_results(tmp_path).runs["steps"].tolist() == [20]
+    runs = load_results(tmp_path).runs
+    assert runs["steps"].tolist() == [20]
+    # and the weights' 20 steps, not the config's 800, are what its budget is judged by
+    assert runs["non_standard"].tolist() == ["external_checkpoint=0e6cd2e1;train.steps=20"]
+
+
+def test_a_budget_is_judged_against_the_reference_its_record_holds(tmp_path: Path) -> None:
+    """prototype's own budget has changed before (1000, 500, 800): a record is judged against
+    the budget its run.json recorded, so that runs made alike stay one row when it changes."""
+    for fold, (steps, reference, recorded) in enumerate([(10, 10, []), (10, 800, ["train.steps=10"]),
+                                                         (800, 800, []), (10, None, [])]):
+        run_dir = write_run(tmp_path, "prototype", "abd_mri", 1, fold, 0, _cases(0.5, fold),
+                            config={"train": {"steps": steps}, "method": {"name": "prototype", "lr": 0.001}},
+                            non_standard=recorded)
+        if reference is not None:
+            info = json.loads((run_dir / "run.json").read_text())
+            info["reference_config"] = {"train.steps": reference}
+            (run_dir / "run.json").write_text(json.dumps(info))
+    marks = load_results(tmp_path).runs.set_index("fold")["non_standard"].to_dict()
+    # fold 0: made when the default was 10; fold 1 and 3 (a record of before reference_config:
+    # today's 800) fell short of theirs
+    assert marks == {0: "", 1: "train.steps=10", 2: "", 3: "train.steps=10"}

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -54,6 +55,8 @@ from .published import (  # noqa: F401 - re-exported
     only_legacy_exclusion,
     printed_mean_note,
     published_backbone,
+    checkpoint_steps,
+    judged_reference,
     published_deviations,
     published_name,
     published_row_applies,
@@ -204,9 +207,11 @@ def select_rows(results: Results, specs: Sequence[str]) -> Results:
     """``results`` with only the rows ``specs`` name (``report --rows``), for figures and tables
     of a chosen few.
 
-    A spec names every row of a method by its record or displayed name (``prototype``,
-    ``Prototype``), or one row as ``--compare`` does (``method [variant]``, or the name the
-    tables show, ``SD-FSMIS (SII+QE) [tiny]``); spaces do not matter.
+    A spec names one row as ``--compare`` does (``prototype`` is its plain row;
+    ``method [variant]``, or the name the tables show, ``SD-FSMIS (SII+QE) [tiny]``), else
+    every row of the method it names (a method without a plain row); ``*`` stands for any
+    text (``prototype*``: every row of prototype). Spaces and case do not matter. The notes
+    (:attr:`Results.notes`) stay those of the whole folder.
 
     Raises:
         FsmisError: a spec that names no row, with the rows there are.
@@ -214,17 +219,28 @@ def select_rows(results: Results, specs: Sequence[str]) -> Results:
     known = sorted(set(zip(results.runs["method"], results.runs["variant"])))
 
     def squeezed(text: str) -> str:
-        return "".join(text.split())
+        return "".join(text.split()).casefold()
 
+    def named(row: tuple[str, str]) -> tuple[str, str]:
+        return squeezed(row_label(*row)), squeezed(method_label(*row))
+
+    names = ", ".join(repr(row_label(*k)) for k in known) or "none"
     chosen: set[tuple[str, str]] = set()
     for spec in specs:
         wanted = squeezed(spec)
-        rows = ([k for k in known if wanted in (k[0], squeezed(method_display(k[0])))]
-                or [k for k in known if squeezed(row_label(*k)) == wanted]
-                or [k for k in known if squeezed(method_label(*k)) == wanted])
+        if "*" in wanted:  # `prototype*`: every row whose name fits
+            pattern = re.compile(".*".join(re.escape(part) for part in wanted.split("*")))
+            rows = [k for k in known if any(pattern.fullmatch(name) for name in named(k))]
+        else:  # one row as --compare names it, else every row of the method named
+            rows = ([k for k in known if squeezed(row_label(*k)) == wanted]
+                    or [k for k in known if squeezed(method_label(*k)) == wanted]
+                    or [k for k in known if wanted in (squeezed(k[0]), squeezed(method_display(k[0])))])
         if not rows:
-            names = ", ".join(repr(row_label(*k)) for k in known) or "none"
             raise FsmisError(f"--rows {spec!r} names no row of {results.root}", hint=f"the rows are: {names}")
+        methods = sorted({method for method, _ in rows})
+        if len(methods) > 1:  # one method's record name is another's displayed name
+            raise FsmisError(f"--rows {spec!r} names the rows of several methods ({', '.join(methods)})",
+                             hint=f"name one row as the list has it: {names}")
         chosen.update(rows)
     keep = [(m, v) in chosen for m, v in zip(results.runs["method"], results.runs["variant"])]
     runs = results.runs[keep].reset_index(drop=True)
@@ -420,8 +436,13 @@ def _read_run(run_dir: Path) -> tuple[dict, pd.DataFrame, dict[str, Any]]:
         flags.append("episode_sampler=uniform_pairs")
     config_id, settings = config_fingerprint(config)
     # a departure from the published setup is non-standard whenever the run was made: records
-    # written before the method declared its published_config are judged by the shipped one
-    flags += [m for m in published_deviations(str(meta["method"]), config) if m not in flags]
+    # written before the method declared its published_config are judged by the shipped one.
+    # The marks of the reference's keys are judged again here, not taken as recorded (an
+    # external checkpoint's steps are its weights')
+    if config is not None and isinstance(config.get("method"), dict):
+        judged = {key for key, _ in judged_reference(str(meta["method"]), config, meta)}
+        flags = [f for f in flags if f.partition("=")[0] not in judged]
+    flags += [m for m in published_deviations(str(meta["method"]), config, meta) if m not in flags]
     meta = {**meta, "non_standard": flags}
     found, steps = _lookup(config or {}, "train.steps")
     if meta.get("weights_from") == "none":
@@ -605,19 +626,6 @@ def mixed_thread_notes(runs: pd.DataFrame) -> list[str]:
                      f"computed with different CPU thread counts ({_folds_text(per_fold, str)}); averaged in one row, "
                      "since the thread count changes only a CPU run's last digits, not what it computes")
     return notes
-
-
-def checkpoint_steps(meta: dict[str, Any]) -> int | None:
-    """The training steps of the weights an ``eval checkpoint=`` record evaluated
-    (``inputs.checkpoint``: a file's ``step``, or every group's alike); None when unknown."""
-    checkpoint = (meta.get("inputs") or {}).get("checkpoint")
-    if not isinstance(checkpoint, dict):
-        return None
-    groups = checkpoint.get("groups")
-    found = ({g.get("step") for g in groups.values() if isinstance(g, dict)} if isinstance(groups, dict)
-             else {checkpoint.get("step")})
-    step = found.pop() if len(found) == 1 else None
-    return int(step) if isinstance(step, int) and not isinstance(step, bool) else None
 
 
 def method_code_id(meta: dict[str, Any]) -> str:

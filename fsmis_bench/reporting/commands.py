@@ -199,7 +199,7 @@ def write_report(
     with renamed(names):  # display-name overrides for every figure drawn below
         out = Path(out_dir).expanduser()
         figure_width = WIDTHS[width] if isinstance(width, str) else float(width)
-        results = _selected(load_results(results_dir), rows)
+        results = _selected(load_results(results_dir), rows, compare)
         _say_unmatched_renames(names, results)
         named_slices = parse_slices(slices)
         check_slices(results, named_slices)
@@ -419,11 +419,25 @@ def _run(args: argparse.Namespace) -> int:
         return _print_tables(args, results_dir, compare)
 
 
-def _selected(results: Results, rows: Sequence[str] | None) -> Results:
-    """``results`` reduced to ``rows`` (``--rows``); all of them without."""
+def _selected(results: Results, rows: Sequence[str] | None,
+              compare: Sequence[tuple[str, str]] | None = None) -> Results:
+    """``results`` reduced to ``rows`` (``--rows``); all of them without.
+
+    Raises:
+        FsmisError: a ``compare`` row that ``rows`` left out (said as such, not as a row
+            that has no runs).
+    """
     if not rows:
         return results
     chosen = select_rows(results, rows)
+    kept = per_case_scores(chosen)
+    for spec in [name for pair in compare or () for name in pair]:
+        try:
+            stats.resolve(kept, spec)
+        except FsmisError:
+            stats.resolve(per_case_scores(results), spec)  # a row that does not exist at all: that error
+            raise FsmisError(f"--compare names {spec!r}, which is not among the rows chosen with --rows",
+                             hint="add it to --rows, or leave --rows out") from None
     _log(f"note: --rows: {len(set(zip(chosen.runs['method'], chosen.runs['variant'])))} of "
          f"{len(set(zip(results.runs['method'], results.runs['variant'])))} rows reported")
     return chosen
@@ -448,7 +462,7 @@ def _say_unmatched_renames(names: dict[str, str] | None, results) -> None:
 
 def _print_tables(args: argparse.Namespace, results_dir: Path, compare: list[tuple[str, str]] | None) -> int:
     """``report`` without ``--out``: the tables (or one comparison, or the long CSV) on stdout."""
-    results = _selected(load_results(results_dir), args.rows)
+    results = _selected(load_results(results_dir), args.rows, compare)
     _say_unmatched_renames(_parse_names(args.rename), results)
     if results.empty:
         _log(f"note: no finished runs under {results_dir}")
@@ -533,9 +547,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              '--rename nifti_folder="Hospital CT" (repeatable; methods, datasets, organs, backbones; '
                              "the CSV files keep the record names)")
     parser.add_argument("--rows", nargs="+", metavar="ROW",
-                        help="report only these rows, e.g. --rows prototype 'SD-FSMIS [tiny]': a method (every row "
-                             "of it) or one row as --compare names it; the tables, statistics and figures hold "
-                             "only them (default: every row)")
+                        help="report only these rows, e.g. --rows prototype 'SD-FSMIS*': one row as --compare "
+                             "names it (a method alone: its plain row), or with * every row that fits; the measured rows of the tables, statistics "
+                             "and figures are only these (the published rows stay: --no-published leaves them out; "
+                             "the notes are the whole folder's) (default: every row)")
     parser.add_argument("--std", action="store_true", help="show ± std across folds in the tables")
     parser.add_argument("--no-published", action="store_true", help="leave the published numbers out of the tables")
     parser.add_argument("--n-boot", type=_positive_int, default=10000, metavar="N",

@@ -90,16 +90,31 @@ NOTE_LEGACY_EXCLUSION = EXCLUSION_ALL_NOTE + " (but not with standard runs)"
 VARIANT_HATCHES = ("", "////", "\\\\\\\\", "xxxx", "....", "++++", "oooo")
 VARIANT_MARKERS = ("o", "s", "D", "v", "P", "X", "h")
 VARIANT_LINESTYLES = ("-", "--", "-.", ":", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 2)), (0, (8, 2)))
-#: the hatches of pattern 1, 2, ...: each single one, then each two of them overlaid
-_PATTERN_HATCHES = VARIANT_HATCHES[1:] + tuple(
-    first + second for i, first in enumerate(VARIANT_HATCHES[1:]) for second in VARIANT_HATCHES[i + 2:])
+#: the line families a hatch character draws: ``x`` is ``/`` and ``\`` overlaid, so a pair
+#: holding both, or ``x`` with either, would draw like ``xxxx``
+_HATCH_LINES = {"/": {"/"}, "\\": {"\\"}, "x": {"/", "\\"}, "+": {"|", "-"}, ".": {"."}, "o": {"o"}}
+
+
+def hatch_lines(hatch: str) -> frozenset[str]:
+    """What ``hatch`` draws, as the set of its line families (equal sets look alike)."""
+    return frozenset(line for char in hatch for line in _HATCH_LINES.get(char, {char}))
+
+
+#: the hatches of pattern 1, 2, ...: each single one, then each two of them overlaid that
+#: draw something no earlier one draws
+_PATTERN_HATCHES: tuple[str, ...] = ()
+for _hatch in VARIANT_HATCHES[1:] + tuple(first + second for i, first in enumerate(VARIANT_HATCHES[1:])
+                                          for second in VARIANT_HATCHES[i + 2:]):
+    if hatch_lines(_hatch) not in {hatch_lines(h) for h in _PATTERN_HATCHES}:
+        _PATTERN_HATCHES += (_hatch,)
 
 
 def variant_pattern(index: int) -> tuple[str, str, str | tuple]:
     """(hatch, marker, line style) of pattern ``index`` (:func:`pattern_indices`).
 
-    0 is plain; no other index is. Patterns 1-21 have hatches of their own (the 6 single
-    ones, then the 15 overlaid pairs) and 1-36 (marker, line style) pairs of their own, so
+    0 is plain; no other index is. Patterns 1-18 have hatches of their own (the 6 single
+    ones, then the 12 overlaid pairs that draw something else) and 1-36 (marker, line
+    style) pairs of their own, so
     a method with many variants (a sweep over ``protocol.supp_idx``) never draws two of them
     alike, nor a marked one like the plain, standard one.
     """

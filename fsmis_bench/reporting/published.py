@@ -199,18 +199,52 @@ def shipped_published_config(method: str) -> tuple[tuple[str, Any], ...]:
     return (("train.steps", steps),) if steps is not None else ()
 
 
-def published_deviations(method: str, config: dict[str, Any] | None) -> list[str]:
-    """``key=value`` for every key of the method's ``published_config`` that the run changed.
+def checkpoint_steps(meta: dict[str, Any]) -> int | None:
+    """The training steps of the weights an ``eval checkpoint=`` record evaluated
+    (``inputs.checkpoint``: a file's ``step``, or every group's alike); None when unknown."""
+    checkpoint = (meta.get("inputs") or {}).get("checkpoint")
+    if not isinstance(checkpoint, dict):
+        return None
+    groups = checkpoint.get("groups")
+    found = ({g.get("step") for g in groups.values() if isinstance(g, dict)} if isinstance(groups, dict)
+             else {checkpoint.get("step")})
+    step = found.pop() if len(found) == 1 else None
+    return int(step) if isinstance(step, int) and not isinstance(step, bool) else None
+
+
+def judged_reference(method: str, config: dict[str, Any], meta: dict[str, Any]) -> list[tuple[str, Any]]:
+    """What a record's marks are judged against: the ``published_config`` its config holds,
+    else the ``reference_config`` its ``run.json`` recorded (a method's own budget, as it was
+    when the run was made), else what ships now (:func:`shipped_published_config`)."""
+    recorded = config["method"].get("published_config") if isinstance(config.get("method"), dict) else None
+    if isinstance(recorded, dict) and recorded:
+        return list(recorded.items())
+    if isinstance(meta.get("reference_config"), dict):
+        return list(meta["reference_config"].items())
+    return list(shipped_published_config(method))
+
+
+def published_deviations(method: str, config: dict[str, Any] | None, meta: dict[str, Any] | None = None) -> list[str]:
+    """``key=value`` for every key of the record's reference configuration
+    (:func:`judged_reference`) that the run changed.
 
     The same marks as :func:`fsmis_bench.records.published_config_deviations` writes into
-    new records, recomputed from the run's ``config.yaml`` against the ``published_config``
-    it recorded, else the one shipped now; keys the config lacks are not judged.
+    new records, recomputed from the run's ``config.yaml``; keys the config lacks are not
+    judged. An ``eval checkpoint=`` record's ``train.steps`` are its weights' own
+    (:func:`checkpoint_steps`; not judged where unknown): its config's trained nothing.
     """
     if not config or not isinstance(config.get("method"), dict):
         return []  # not a resolved run config (a hand-written or synthetic record)
-    recorded = config["method"].get("published_config")
-    published = list(recorded.items()) if isinstance(recorded, dict) and recorded else list(shipped_published_config(method))
-    return records.published_marks(published, lambda key: _lookup(config, key))
+    meta = meta or {}
+    external = meta.get("weights_from") == "external_checkpoint"
+    weights_steps = checkpoint_steps(meta) if external else None
+
+    def lookup(key: str) -> tuple[bool, Any]:
+        if external and key == "train.steps":
+            return weights_steps is not None, weights_steps
+        return _lookup(config, key)
+
+    return records.published_marks(judged_reference(method, config, meta), lookup)
 
 
 __all__ = [
@@ -218,5 +252,5 @@ __all__ = [
     "published_row_applies", "LEGACY_EXCLUSION_NOTE", "EXCLUSION_CAVEAT", "LEGACY_EXCLUSION_OPTION",
     "EXCLUSION_ALL_NOTE", "only_legacy_exclusion", "exclusion_caveat", "RANDOM_WEIGHTS_CAVEATS",
     "PRINTED_MEAN_NOTE", "printed_mean_note", "comparison_caveat", "shipped_published_config",
-    "published_deviations",
+    "published_deviations", "judged_reference", "checkpoint_steps",
 ]

@@ -183,7 +183,9 @@ class EpisodeSampler:
             raise DataError(
                 f"no training episode can be drawn from {len(cases)} {dataset.name} scans "
                 f"(labels={train_labels}, excluded organs={list(group.excluded_organs)})",
-                hint="check the supervoxels (`fsmis-bench check-data`) or the setting",
+                hint=("check the supervoxels (`fsmis-bench check-data`) or the setting" if train_labels == "supervoxels"
+                      else "check the label files (each training organ in two adjacent slices, at least "
+                           f"protocol.min_fg_pixels={min_fg_pixels} pixels in one of them) or the setting"),
             )
 
     def _index(self, classes: np.ndarray, dropped: np.ndarray) -> dict | None:
