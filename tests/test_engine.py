@@ -27,6 +27,7 @@ def test_run_writes_a_complete_record_and_is_not_recomputed(results_dir, capsys)
     info = json.loads((run_dir / "run.json").read_text())
     # 4 steps, below prototype's own 800: marked as the reduced budget it is
     assert info["status"] == "complete" and info["non_standard"] == ["min_fg_pixels=20", "train.steps=4"]
+    assert info["reference_config"] == {"train.steps": 800}  # what reports judge this record against
     assert info["random_weights"] is False
     assert len(info["config_hash"]) == 64 and "torch" in info["versions"]
     cases = pd.read_csv(run_dir / "cases.csv")
