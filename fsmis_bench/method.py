@@ -261,7 +261,8 @@ def contract_problems(method: type[Method] | Method) -> list[tuple[str, str]]:
     * ``predict`` is not overridden (every method is evaluated);
     * ``input_norm`` is not one of :data:`INPUT_NORMS`;
     * built only: a trainable method (``needs_training``) overrides neither ``training_loss``
-      nor ``forward``, or has no parameter that requires a gradient;
+      nor ``forward``, or has no parameter that requires a gradient, or keeps the default
+      ``param_groups`` without declaring ``method.lr``;
     * built only: the method or one of its submodules overrides ``get_extra_state``: a
       checkpoint holds trainable parameters and buffers only
       (:func:`fsmis_bench.training.checkpoint.trainable_state`), so such state would be lost
@@ -294,6 +295,13 @@ def contract_problems(method: type[Method] | Method) -> list[tuple[str, str]]:
             "it is trainable (needs_training is true) but does not override training_loss",
             "define training_loss(self, batch) returning a 0-dim loss tensor, or set needs_training = False for "
             "a method that trains nothing",
+        ))
+    method_cfg = getattr(getattr(method, "cfg", None), "method", None)
+    if (method.needs_training and getattr(cls, "param_groups", Method.param_groups) is Method.param_groups
+            and method_cfg is not None and "lr" not in method_cfg):
+        problems.append((
+            "it trains with the default param_groups, which read method.lr, but its config declares no method.lr",
+            "declare method.lr (e.g. lr: 1.0e-3) in the method's yaml, or override param_groups",
         ))
     if method.needs_training and not any(p.requires_grad for p in method.parameters()):
         problems.append((

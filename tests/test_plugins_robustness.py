@@ -548,9 +548,10 @@ def test_the_default_param_groups_need_a_declared_learning_rate(install, capsys,
     install("fsmis-no-lr", "0.2.0", f"pkg_{name}", TRAINED_PLUGIN.format(name=name, init="pass", loss="pass",
                                                                          predict="pass"), {f"method/{name}.yaml": config})
     _fails(["run", f"method={name}", "fold=1", "protocol.max_queries=1"], capsys,
-           f"method '{name}' (plugin 'pkg_{name}' of fsmis-no-lr 0.2.0) failed in its param_groups",
-           "it reads the config key 'method.lr', which no config declares",
-           f"hint: declare method.lr with a default in {tmp_path}/site/pkg_{name}/configs/method/{name}.yaml")
+           f"method '{name}' (plugin 'pkg_{name}' of fsmis-no-lr 0.2.0) breaks the method contract",
+           "it trains with the default param_groups, which read method.lr, but its config declares no method.lr",
+           "hint: declare method.lr (e.g. lr: 1.0e-3) in the method's yaml, or override param_groups")
+    assert not results_dir.exists()  # refused when the method is built, before anything is written
 
 
 def test_an_exception_in_a_plugins_predict_is_one_line_and_keeps_the_trained_weights(install, capsys, results_dir,
