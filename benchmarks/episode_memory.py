@@ -12,8 +12,8 @@ JSON line each: voxels, the dataset's resident memory, what the sampler added ab
 from __future__ import annotations
 
 import argparse
-import subprocess
-import sys
+
+from _child import run_children
 
 _CHILD = """
 import json, sys, time
@@ -74,15 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", default="120x512x512", help="each scan as DEPTHxHEIGHTxWIDTH")
     parser.add_argument("--labels", nargs="+", default=["gt", "supervoxels"], choices=["gt", "supervoxels"])
     args = parser.parse_args(argv)
-    for labels in args.labels:
-        shape = args.size.lower().split("x")
-        done = subprocess.run([sys.executable, "-c", _CHILD, labels, str(args.scans), *shape],
-                              capture_output=True, text=True)
-        if done.returncode != 0:
-            print(done.stderr, file=sys.stderr)
-            return done.returncode
-        print(done.stdout.strip(), flush=True)
-    return 0
+    shape = args.size.lower().split("x")
+    return run_children(_CHILD, ([labels, str(args.scans), *shape] for labels in args.labels))
 
 
 if __name__ == "__main__":

@@ -14,9 +14,8 @@ segment at once.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
+
+from _child import run_children
 
 _CHILD = """
 import json, resource, sys, time
@@ -42,14 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", nargs="+", default=["40x256x256", "100x256x256"],
                         help="volumes as DEPTHxHEIGHTxWIDTH")
     args = parser.parse_args(argv)
-    for size in args.sizes:
-        shape = size.lower().split("x")
-        done = subprocess.run([sys.executable, "-c", _CHILD, *shape], capture_output=True, text=True)
-        if done.returncode != 0:
-            print(done.stderr, file=sys.stderr)
-            return done.returncode
-        print(done.stdout.strip(), flush=True)
-    return 0
+    return run_children(_CHILD, (size.lower().split("x") for size in args.sizes))
 
 
 if __name__ == "__main__":

@@ -100,13 +100,18 @@ def hatch_lines(hatch: str) -> frozenset[str]:
     return frozenset(line for char in hatch for line in _HATCH_LINES.get(char, {char}))
 
 
-#: the hatches of pattern 1, 2, ...: each single one, then each two of them overlaid that
-#: draw something no earlier one draws
-_PATTERN_HATCHES: tuple[str, ...] = ()
-for _hatch in VARIANT_HATCHES[1:] + tuple(first + second for i, first in enumerate(VARIANT_HATCHES[1:])
-                                          for second in VARIANT_HATCHES[i + 2:]):
-    if hatch_lines(_hatch) not in {hatch_lines(h) for h in _PATTERN_HATCHES}:
-        _PATTERN_HATCHES += (_hatch,)
+def _distinct_hatches() -> tuple[str, ...]:
+    """The hatches of pattern 1, 2, ...: each single one, then each two of them overlaid that
+    draw something no earlier one draws."""
+    singles = VARIANT_HATCHES[1:]
+    kept: list[str] = []
+    for hatch in singles + tuple(first + second for i, first in enumerate(singles) for second in singles[i + 1:]):
+        if hatch_lines(hatch) not in {hatch_lines(h) for h in kept}:
+            kept.append(hatch)
+    return tuple(kept)
+
+
+_PATTERN_HATCHES = _distinct_hatches()
 
 
 def variant_pattern(index: int) -> tuple[str, str, str | tuple]:
